@@ -1,0 +1,1 @@
+"""AD-style template enrollment front-end. Not built yet: see the AD-style issue."""

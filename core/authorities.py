@@ -1,0 +1,980 @@
+"""Certificate authorities: creation, lifecycle, bring-your-own-parent, signing material."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
+
+from pkigate.core.audit import Actor, AuditLog
+from pkigate.core.errors import (
+    BadRequestError,
+    CANotActiveError,
+    IdempotencyConflictError,
+    InvalidCertificateError,
+    InvalidStateError,
+    KeyBackendError,
+    NotFoundError,
+    PkigateError,
+    PolicyViolationError,
+)
+from pkigate.core.keys import KeyBackend
+from pkigate.core.model import (
+    CAPrivateKey,
+    CAStatus,
+    CAType,
+    KeyAlgorithm,
+    SigningAlgorithm,
+    UsageMode,
+    Validity,
+    ValidityType,
+)
+from pkigate.core.names import NamePolicy, check_dn, format_dn
+from pkigate.core.store import CARecord, Store
+from pkigate.core.templates import key_usage_extension
+
+MAX_HIERARCHY_DEPTH = 5
+RESTORE_DAYS_MIN, RESTORE_DAYS_MAX = 7, 30
+DEFAULT_ROOT_VALIDITY = Validity(ValidityType.YEARS, 10)
+DEFAULT_SUBORDINATE_VALIDITY = Validity(ValidityType.YEARS, 5)
+IDEMPOTENCY_WINDOW = timedelta(minutes=5)
+MAX_TAGS = 50
+
+
+@dataclass(frozen=True)
+class CASettings:
+    """Per-CA settings that shape what it issues.
+
+    URLs go into issued certificates when set; ``name_constraints`` is enforced on every
+    request (and also read from the CA certificate's own nameConstraints extension).
+    """
+
+    crl_url: str | None = None
+    ocsp_url: str | None = None
+    ca_issuers_url: str | None = None
+    name_constraints: NamePolicy | None = None
+    backdate_seconds: int = 300
+    truncate_validity: bool = False
+
+    _KEYS = (
+        "crl_url",
+        "ocsp_url",
+        "ca_issuers_url",
+        "name_constraints",
+        "backdate_seconds",
+        "truncate_validity",
+    )
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CASettings:
+        unknown = set(data) - set(cls._KEYS) - {"revocation"}
+        if unknown:
+            raise BadRequestError(f"unknown CA setting(s): {', '.join(sorted(unknown))}")
+        for key in ("crl_url", "ocsp_url", "ca_issuers_url"):
+            value = data.get(key)
+            if value is not None and (
+                not isinstance(value, str)
+                or not value.startswith(("http://", "https://", "ldap://"))
+            ):
+                raise BadRequestError(f"{key} must be an http(s) or ldap URL")
+        backdate = data.get("backdate_seconds", 300)
+        if not isinstance(backdate, int) or not 0 <= backdate <= 86400:
+            raise BadRequestError("backdate_seconds must be an integer between 0 and 86400")
+        constraints = data.get("name_constraints")
+        return cls(
+            crl_url=data.get("crl_url"),
+            ocsp_url=data.get("ocsp_url"),
+            ca_issuers_url=data.get("ca_issuers_url"),
+            name_constraints=NamePolicy.from_settings(constraints, "the CA's name constraints")
+            if constraints
+            else None,
+            backdate_seconds=backdate,
+            truncate_validity=bool(data.get("truncate_validity")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "crl_url": self.crl_url,
+            "ocsp_url": self.ocsp_url,
+            "ca_issuers_url": self.ca_issuers_url,
+            "name_constraints": self.name_constraints.to_settings()
+            if self.name_constraints
+            else None,
+            "backdate_seconds": self.backdate_seconds,
+            "truncate_validity": self.truncate_validity,
+        }
+
+
+@dataclass(frozen=True)
+class CASpec:
+    """What an operator asks for when creating a CA."""
+
+    type: CAType
+    subject: x509.Name
+    key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_prime256v1
+    signing_algorithm: SigningAlgorithm | None = None
+    usage_mode: UsageMode = UsageMode.GENERAL_PURPOSE
+    validity: Validity | None = None
+    parent_ca_id: str | None = None
+    path_length: int | None = None
+    settings: CASettings = field(default_factory=CASettings)
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(
+            repr(
+                (
+                    self.type,
+                    format_dn(self.subject),
+                    self.key_algorithm,
+                    self.signing_algorithm,
+                    self.usage_mode,
+                    self.validity,
+                    self.parent_ca_id,
+                    self.path_length,
+                    self.settings,
+                    sorted(self.tags.items()),
+                )
+            ).encode()
+        ).hexdigest()
+
+
+@dataclass(frozen=True)
+class CAView:
+    """A CA as the CLI and API show it: the stored record, its tags, its effective status."""
+
+    record: CARecord
+    tags: Mapping[str, str]
+    status: CAStatus
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.record
+
+        def iso(moment: datetime | None) -> str | None:
+            return moment.isoformat() if moment else None
+
+        return {
+            "id": r.id,
+            "type": r.type,
+            "status": self.status.value,
+            "subject": r.subject,
+            "key_algorithm": r.key_algorithm,
+            "signing_algorithm": r.signing_algorithm,
+            "usage_mode": r.usage_mode,
+            "parent_id": r.parent_id,
+            "not_before": iso(r.not_before),
+            "not_after": iso(r.not_after),
+            "created_at": iso(r.created_at),
+            "updated_at": iso(r.updated_at),
+            "restore_until": iso(r.restore_until),
+            "failure_reason": r.failure_reason,
+            "settings": dict(r.settings),
+            "serial": format(x509.load_der_x509_certificate(r.certificate_der).serial_number, "x")
+            if r.certificate_der
+            else None,
+            "tags": dict(self.tags),
+        }
+
+
+@dataclass(frozen=True)
+class SigningMaterial:
+    """Everything needed to sign as one ACTIVE CA, parsed once and cached per CA version."""
+
+    ca_id: str
+    key_id: str
+    key_algorithm: KeyAlgorithm
+    signing_algorithm: SigningAlgorithm
+    usage_mode: UsageMode
+    private_key: CAPrivateKey
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # this CA first, then its issuers up to the root
+    path_length: int | None
+    name_policies: tuple[NamePolicy, ...]
+    backdate: timedelta
+    truncate_validity: bool
+    issued_extensions: tuple[x509.Extension[x509.ExtensionType], ...]
+
+
+# The core hands a subordinate's CSR to its parent through this (wired by pkigate.core.Core),
+# so that the parent's issuance is stored and audited like any other.
+SubordinateSigner = Callable[[str, bytes, int, Validity, Actor], tuple[bytes, str]]
+
+
+def effective_status(record: CARecord, now: datetime) -> CAStatus:
+    status = CAStatus(record.status)
+    if (
+        status in (CAStatus.ACTIVE, CAStatus.DISABLED)
+        and record.not_after
+        and record.not_after <= now
+    ):
+        return CAStatus.EXPIRED
+    return status
+
+
+def load_certificates(data: bytes | str | None) -> list[x509.Certificate]:
+    """PEM bundle or a single DER certificate."""
+    if not data:
+        return []
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        if b"-----BEGIN" in raw:
+            return x509.load_pem_x509_certificates(raw)
+        return [x509.load_der_x509_certificate(raw)]
+    except ValueError as exc:
+        raise InvalidCertificateError(f"cannot parse certificate: {exc}") from None
+
+
+def _pem(certificates: Sequence[x509.Certificate]) -> str:
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certificates)
+
+
+def _public_der(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def _path_length(certificate: x509.Certificate) -> tuple[bool, int | None]:
+    try:
+        bc = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False, None
+    return bc.ca, bc.path_length
+
+
+def _can_sign_certificates(certificate: x509.Certificate) -> bool:
+    try:
+        ku = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ku.key_cert_sign
+
+
+def validate_ca_chain(
+    certificate: x509.Certificate, chain: Sequence[x509.Certificate], now: datetime
+) -> None:
+    """Check that ``certificate`` (a CA's) chains through ``chain`` to a self-signed root.
+
+    ``chain`` runs issuer first. Signatures, CA flags, key usage, validity and every
+    issuer's path length are checked, the last counting the CA being imported.
+    """
+    path = [certificate, *chain]
+    for index, cert in enumerate(path):
+        if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
+            raise InvalidCertificateError(
+                f"certificate {format_dn(cert.subject)!r} is not valid now "
+                f"({cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d})"
+            )
+        is_ca, path_length = _path_length(cert)
+        if not is_ca or not _can_sign_certificates(cert):
+            raise InvalidCertificateError(f"{format_dn(cert.subject)!r} is not a CA certificate")
+        # Certificates below this one that are CAs: those between it and the imported CA,
+        # plus the imported CA itself.
+        if index > 0 and path_length is not None and path_length < index:
+            raise InvalidCertificateError(
+                f"path length {path_length} of {format_dn(cert.subject)!r} does not allow "
+                f"{index} CA certificate(s) below it"
+            )
+        issuer = path[index + 1] if index + 1 < len(path) else cert
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            what = (
+                "is not self-signed"
+                if issuer is cert
+                else f"is not signed by {format_dn(issuer.subject)!r}"
+            )
+            raise InvalidCertificateError(
+                f"chain does not validate: {format_dn(cert.subject)!r} {what}"
+            ) from None
+
+
+class AuthorityService:
+    def __init__(
+        self, store: Store, keys: KeyBackend, audit: AuditLog, clock: Callable[[], datetime]
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self._audit = audit
+        self._clock = clock
+        self._cache: dict[str, tuple[datetime, SigningMaterial]] = {}
+        self._cache_lock = threading.Lock()
+        self.subordinate_signer: SubordinateSigner | None = None
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, ca_id: str) -> CARecord:
+        with self._store.read() as conn:
+            record = self._store.get_ca(conn, ca_id)
+        if record is None:
+            raise NotFoundError(f"no CA with id {ca_id}")
+        return record
+
+    def describe(self, ca_id: str) -> CAView:
+        with self._store.read() as conn:
+            record = self._store.get_ca(conn, ca_id)
+            if record is None:
+                raise NotFoundError(f"no CA with id {ca_id}")
+            tags = self._store.tags_of(conn, ca_id)
+        return CAView(record, tags, effective_status(record, self._clock()))
+
+    def list_cas(self, status: CAStatus | None = None) -> list[CAView]:
+        now = self._clock()
+        with self._store.read() as conn:
+            views = [
+                CAView(r, self._store.tags_of(conn, r.id), effective_status(r, now))
+                for r in self._store.list_cas(conn)
+            ]
+        return [v for v in views if status is None or v.status == status]
+
+    def csr_pem(self, ca_id: str) -> str:
+        record = self.get(ca_id)
+        if record.csr_der is None:
+            raise InvalidStateError(f"CA {ca_id} has no CSR (ROOT CAs are self-signed)")
+        csr = x509.load_der_x509_csr(record.csr_der)
+        return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+    def certificate_pem(self, ca_id: str) -> tuple[str, str]:
+        """The CA's certificate and its chain above it (issuer first), both PEM."""
+        record = self.get(ca_id)
+        if record.certificate_der is None:
+            raise InvalidStateError(f"CA {ca_id} has no certificate yet ({record.status})")
+        certificate = x509.load_der_x509_certificate(record.certificate_der)
+        return _pem([certificate]), record.chain_pem or ""
+
+    # -- creation ------------------------------------------------------------------------
+
+    def create(self, spec: CASpec, actor: Actor, idempotency_token: str | None = None) -> CAView:
+        now = self._clock()
+        try:
+            if idempotency_token:
+                earlier = self._idempotent_ca(idempotency_token, spec, now)
+                if earlier is not None:
+                    return self.describe(earlier)
+            ca_id = self._create(spec, actor, idempotency_token, now)
+        except PkigateError as exc:
+            self._audit.record_alone(
+                actor,
+                "ca.create",
+                "ca/-",
+                result="failure",
+                at=now,
+                parameters={
+                    "error": exc.code,
+                    "message": exc.message,
+                    "subject": format_dn(spec.subject),
+                },
+            )
+            raise
+        return self.describe(ca_id)
+
+    def _validate_spec(self, spec: CASpec) -> SigningAlgorithm:
+        signing = spec.signing_algorithm or SigningAlgorithm.default_for(spec.key_algorithm)
+        signing.check_key(spec.key_algorithm)
+        if not len(spec.subject):
+            raise BadRequestError("a CA needs a subject with at least one attribute")
+        check_dn(spec.subject)
+        if spec.type == CAType.ROOT and spec.parent_ca_id:
+            raise BadRequestError("a ROOT CA has no parent")
+        if spec.path_length is not None and not 0 <= spec.path_length <= 3:
+            raise BadRequestError("path_length must be 0..3 (the catalogue's CA templates)")
+        if len(spec.tags) > MAX_TAGS:
+            raise BadRequestError(f"at most {MAX_TAGS} tags")
+        return signing
+
+    def _create(self, spec: CASpec, actor: Actor, token: str | None, now: datetime) -> str:
+        signing = self._validate_spec(spec)
+        parent: SigningMaterial | None = None
+        if spec.parent_ca_id:
+            parent = self.signing_material(spec.parent_ca_id, now)
+            self._check_room_below(parent)
+        ca_id, key_id = str(uuid.uuid4()), uuid.uuid4().hex
+        subject_der = spec.subject.public_bytes()
+        with self._store.write() as conn:
+            if token:
+                self._claim_token(conn, token, spec, ca_id, now)
+            self._store.insert_key(
+                conn, key_id, self._keys.name, spec.key_algorithm.value, None, now
+            )
+            self._store.insert_ca(
+                conn,
+                id=ca_id,
+                type=spec.type.value,
+                status=CAStatus.CREATING.value,
+                key_id=key_id,
+                key_algorithm=spec.key_algorithm.value,
+                signing_algorithm=signing.value,
+                usage_mode=spec.usage_mode.value,
+                subject=format_dn(spec.subject),
+                subject_der=subject_der,
+                parent_id=spec.parent_ca_id,
+                settings=spec.settings.to_json(),
+                created_at=now,
+                updated_at=now,
+            )
+            self._store.set_tags(conn, ca_id, spec.tags)
+        try:
+            blob = self._keys.generate(key_id, spec.key_algorithm)
+            key = self._keys.load(key_id, blob)
+            with self._store.write() as conn:
+                self._store.set_key_blob(conn, key_id, blob)
+            if spec.type == CAType.ROOT:
+                self._self_sign(ca_id, key_id, spec, signing, key, actor, now)
+            else:
+                csr = self._make_csr(spec, signing, key)
+                with self._store.write() as conn:
+                    self._store.update_ca(
+                        conn,
+                        ca_id,
+                        status=CAStatus.PENDING_CERTIFICATE.value,
+                        csr_der=csr,
+                        updated_at=now,
+                    )
+                    self._audit.record(
+                        conn,
+                        actor,
+                        "ca.create",
+                        f"ca/{ca_id}",
+                        at=now,
+                        parameters=self._create_params(spec, signing, key_id, "csr"),
+                    )
+                if parent is not None:
+                    self._sign_by_parent(ca_id, spec, parent, csr, actor, now)
+        except PkigateError as exc:
+            self._fail(ca_id, exc.message, now)
+            raise
+        except Exception as exc:
+            self._fail(ca_id, f"{type(exc).__name__}: {exc}", now)
+            raise
+        return ca_id
+
+    def _create_params(
+        self, spec: CASpec, signing: SigningAlgorithm, key_id: str, key_use: str
+    ) -> dict[str, Any]:
+        return {
+            "type": spec.type.value,
+            "subject": format_dn(spec.subject),
+            "key_algorithm": spec.key_algorithm.value,
+            "signing_algorithm": signing.value,
+            "usage_mode": spec.usage_mode.value,
+            "parent": spec.parent_ca_id,
+            "key_id": key_id,
+            "key_use": key_use,
+            "tags": dict(spec.tags),
+        }
+
+    def _fail(self, ca_id: str, reason: str, now: datetime) -> None:
+        with self._store.write() as conn:
+            record = self._store.get_ca(conn, ca_id)
+            if record is not None and record.status in (
+                CAStatus.CREATING.value,
+                CAStatus.PENDING_CERTIFICATE.value,
+            ):
+                self._store.update_ca(
+                    conn,
+                    ca_id,
+                    status=CAStatus.FAILED.value,
+                    failure_reason=reason[:1000],
+                    updated_at=now,
+                )
+
+    def _check_room_below(self, parent: SigningMaterial) -> None:
+        if len(parent.chain) + 1 > MAX_HIERARCHY_DEPTH:
+            raise PolicyViolationError(
+                f"a hierarchy has at most {MAX_HIERARCHY_DEPTH} levels; the parent is at "
+                f"level {len(parent.chain)}"
+            )
+        if parent.path_length == 0:
+            raise PolicyViolationError("the parent CA has path length 0: it cannot certify CAs")
+
+    def _self_sign(
+        self,
+        ca_id: str,
+        key_id: str,
+        spec: CASpec,
+        signing: SigningAlgorithm,
+        key: CAPrivateKey,
+        actor: Actor,
+        now: datetime,
+    ) -> None:
+        validity = spec.validity or DEFAULT_ROOT_VALIDITY
+        not_after = validity.not_after(now).replace(microsecond=0)
+        not_before = (now - timedelta(seconds=spec.settings.backdate_seconds)).replace(
+            microsecond=0
+        )
+        public_key = key.public_key()
+        ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+        serial = x509.random_serial_number()
+        builder = (
+            x509.CertificateBuilder(
+                issuer_name=spec.subject,
+                subject_name=spec.subject,
+                public_key=public_key,
+                serial_number=serial,
+                not_valid_before=not_before,
+                not_valid_after=not_after,
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=spec.path_length), True)
+            .add_extension(
+                key_usage_extension({"digitalSignature", "keyCertSign", "cRLSign"}), True
+            )
+            .add_extension(ski, False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False
+            )
+        )
+        certificate = builder.sign(key, signing.hash_algorithm())
+        with self._store.write() as conn:
+            self._store.update_ca(
+                conn,
+                ca_id,
+                status=CAStatus.ACTIVE.value,
+                certificate_der=certificate.public_bytes(serialization.Encoding.DER),
+                chain_pem="",
+                not_before=certificate.not_valid_before_utc,
+                not_after=certificate.not_valid_after_utc,
+                updated_at=now,
+            )
+            self._audit.record(
+                conn,
+                actor,
+                "ca.create",
+                f"ca/{ca_id}",
+                at=now,
+                parameters={
+                    **self._create_params(spec, signing, key_id, "self-signed certificate"),
+                    "serial": format(serial, "x"),
+                    "not_after": not_after,
+                },
+            )
+
+    def _make_csr(self, spec: CASpec, signing: SigningAlgorithm, key: CAPrivateKey) -> bytes:
+        builder = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(spec.subject)
+            .add_extension(
+                x509.BasicConstraints(ca=True, path_length=spec.path_length), critical=True
+            )
+        )
+        csr = builder.sign(key, signing.hash_algorithm())
+        return csr.public_bytes(serialization.Encoding.DER)
+
+    def _sign_by_parent(
+        self,
+        ca_id: str,
+        spec: CASpec,
+        parent: SigningMaterial,
+        csr: bytes,
+        actor: Actor,
+        now: datetime,
+    ) -> None:
+        if self.subordinate_signer is None:
+            raise InvalidStateError("no subordinate signer is wired into this core")
+        wanted = spec.path_length if spec.path_length is not None else 0
+        if parent.path_length is not None and wanted >= parent.path_length:
+            raise PolicyViolationError(
+                f"the parent CA's path length {parent.path_length} allows at most "
+                f"{parent.path_length - 1} below the new CA"
+            )
+        der, chain_pem = self.subordinate_signer(
+            parent.ca_id, csr, wanted, spec.validity or DEFAULT_SUBORDINATE_VALIDITY, actor
+        )
+        self.import_certificate(ca_id, der, chain_pem.encode(), actor)
+
+    # -- bring your own parent -----------------------------------------------------------
+
+    def import_certificate(
+        self, ca_id: str, certificate_data: bytes, chain_data: bytes | None, actor: Actor
+    ) -> CAView:
+        now = self._clock()
+        try:
+            self._import(ca_id, certificate_data, chain_data, actor, now)
+        except PkigateError as exc:
+            self._audit.record_alone(
+                actor,
+                "ca.import_certificate",
+                f"ca/{ca_id}",
+                result="failure",
+                at=now,
+                parameters={"error": exc.code, "message": exc.message},
+            )
+            raise
+        return self.describe(ca_id)
+
+    def _import(
+        self,
+        ca_id: str,
+        certificate_data: bytes,
+        chain_data: bytes | None,
+        actor: Actor,
+        now: datetime,
+    ) -> None:
+        record = self.get(ca_id)
+        if record.status not in (
+            CAStatus.PENDING_CERTIFICATE.value,
+            CAStatus.ACTIVE.value,
+            CAStatus.DISABLED.value,
+        ):
+            raise InvalidStateError(f"CA {ca_id} is {record.status}; cannot import a certificate")
+        certificates = load_certificates(certificate_data)
+        if len(certificates) != 1:
+            raise InvalidCertificateError("give exactly one CA certificate (the chain separately)")
+        certificate = certificates[0]
+        chain = load_certificates(chain_data)
+        key = self._load_key(record)
+        if _public_der(certificate.public_key()) != _public_der(key.public_key()):
+            raise InvalidCertificateError("the certificate's public key is not this CA's key")
+        self_signed = certificate.issuer == certificate.subject and not chain
+        if record.type == CAType.SUBORDINATE.value and self_signed:
+            raise InvalidCertificateError("a SUBORDINATE CA needs a certificate from a parent")
+        if not self_signed and not chain:
+            raise InvalidCertificateError("the chain up to the root is required")
+        validate_ca_chain(certificate, chain, now)
+        with self._store.write() as conn:
+            self._store.update_ca(
+                conn,
+                ca_id,
+                status=CAStatus.ACTIVE.value
+                if record.status == CAStatus.PENDING_CERTIFICATE.value
+                else record.status,
+                certificate_der=certificate.public_bytes(serialization.Encoding.DER),
+                chain_pem=_pem(chain),
+                subject=format_dn(certificate.subject),
+                subject_der=certificate.subject.public_bytes(),
+                not_before=certificate.not_valid_before_utc,
+                not_after=certificate.not_valid_after_utc,
+                updated_at=now,
+            )
+            self._audit.record(
+                conn,
+                actor,
+                "ca.import_certificate",
+                f"ca/{ca_id}",
+                at=now,
+                parameters={
+                    "serial": format(certificate.serial_number, "x"),
+                    "issuer": format_dn(certificate.issuer),
+                    "not_after": certificate.not_valid_after_utc,
+                },
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def update_status(self, ca_id: str, status: CAStatus, actor: Actor) -> CAView:
+        now = self._clock()
+
+        def change(record: CARecord) -> dict[str, Any]:
+            current = effective_status(record, now)
+            allowed = {
+                (CAStatus.ACTIVE, CAStatus.DISABLED),
+                (CAStatus.DISABLED, CAStatus.ACTIVE),
+                (CAStatus.ACTIVE, CAStatus.ACTIVE),
+                (CAStatus.DISABLED, CAStatus.DISABLED),
+            }
+            if (current, status) not in allowed:
+                raise InvalidStateError(
+                    f"CA {ca_id} is {current.value}; status can only change between ACTIVE "
+                    "and DISABLED"
+                )
+            return {"status": status.value}
+
+        self._change(ca_id, actor, "ca.update", change, {"status": status.value}, now)
+        return self.describe(ca_id)
+
+    def update_settings(self, ca_id: str, settings: CASettings, actor: Actor) -> CAView:
+        now = self._clock()
+        self._change(
+            ca_id,
+            actor,
+            "ca.update",
+            lambda _r: {"settings": settings.to_json()},
+            {"settings": settings.to_json()},
+            now,
+        )
+        return self.describe(ca_id)
+
+    def delete(self, ca_id: str, restore_days: int, actor: Actor) -> CAView:
+        now = self._clock()
+
+        def change(record: CARecord) -> dict[str, Any]:
+            if not RESTORE_DAYS_MIN <= restore_days <= RESTORE_DAYS_MAX:
+                raise BadRequestError(
+                    f"restore window must be {RESTORE_DAYS_MIN}-{RESTORE_DAYS_MAX} days"
+                )
+            current = effective_status(record, now)
+            if current == CAStatus.ACTIVE:
+                raise InvalidStateError(f"CA {ca_id} is ACTIVE; disable it before deleting")
+            if current == CAStatus.DELETED:
+                raise InvalidStateError(f"CA {ca_id} is already deleted")
+            return {
+                "status": CAStatus.DELETED.value,
+                "status_before_delete": record.status,
+                "deleted_at": now,
+                "restore_until": now + timedelta(days=restore_days),
+            }
+
+        self._change(ca_id, actor, "ca.delete", change, {"restore_days": restore_days}, now)
+        return self.describe(ca_id)
+
+    def restore(self, ca_id: str, actor: Actor) -> CAView:
+        now = self._clock()
+
+        def change(record: CARecord) -> dict[str, Any]:
+            if record.status != CAStatus.DELETED.value:
+                raise InvalidStateError(f"CA {ca_id} is {record.status}, not DELETED")
+            if record.restore_until is None or record.restore_until <= now:
+                raise InvalidStateError(
+                    f"the restore window of CA {ca_id} has ended; its key is destroyed"
+                )
+            return {
+                "status": record.status_before_delete or CAStatus.DISABLED.value,
+                "status_before_delete": None,
+                "deleted_at": None,
+                "restore_until": None,
+            }
+
+        self._change(ca_id, actor, "ca.restore", change, {}, now)
+        return self.describe(ca_id)
+
+    def tag(
+        self, ca_id: str, add: Mapping[str, str], remove: Sequence[str], actor: Actor
+    ) -> CAView:
+        now = self._clock()
+        for key, value in add.items():
+            if not key or len(key) > 128 or len(value) > 256:
+                raise BadRequestError("tag keys are 1-128 characters, values at most 256")
+        try:
+            with self._store.write() as conn:
+                if self._store.get_ca(conn, ca_id) is None:
+                    raise NotFoundError(f"no CA with id {ca_id}")
+                self._store.set_tags(conn, ca_id, add)
+                self._store.remove_tags(conn, ca_id, remove)
+                if len(self._store.tags_of(conn, ca_id)) > MAX_TAGS:
+                    raise BadRequestError(f"at most {MAX_TAGS} tags")
+                self._audit.record(
+                    conn,
+                    actor,
+                    "ca.tag",
+                    f"ca/{ca_id}",
+                    at=now,
+                    parameters={"add": dict(add), "remove": list(remove)},
+                )
+        except PkigateError as exc:
+            self._audit.record_alone(
+                actor,
+                "ca.tag",
+                f"ca/{ca_id}",
+                result="failure",
+                at=now,
+                parameters={"error": exc.code, "message": exc.message},
+            )
+            raise
+        return self.describe(ca_id)
+
+    def _change(
+        self,
+        ca_id: str,
+        actor: Actor,
+        action: str,
+        change: Callable[[CARecord], dict[str, Any]],
+        parameters: Mapping[str, Any],
+        now: datetime,
+    ) -> None:
+        """Read, decide and write in one serialized transaction, audited either way."""
+        try:
+            with self._store.write() as conn:
+                record = self._store.get_ca(conn, ca_id)
+                if record is None:
+                    raise NotFoundError(f"no CA with id {ca_id}")
+                values = change(record)
+                self._store.update_ca(conn, ca_id, updated_at=now, **values)
+                self._audit.record(
+                    conn,
+                    actor,
+                    action,
+                    f"ca/{ca_id}",
+                    at=now,
+                    parameters={**parameters, "from": record.status},
+                )
+        except PkigateError as exc:
+            self._audit.record_alone(
+                actor,
+                action,
+                f"ca/{ca_id}",
+                result="failure",
+                at=now,
+                parameters={**parameters, "error": exc.code, "message": exc.message},
+            )
+            raise
+
+    def purge_expired_deletions(self, actor: Actor) -> list[str]:
+        """Destroy the keys of CAs whose restore window has ended; returns their ids."""
+        now = self._clock()
+        purged = []
+        with self._store.write() as conn:
+            for record in self._store.list_cas(conn, status=CAStatus.DELETED.value):
+                if record.restore_until is None or record.restore_until > now:
+                    continue
+                if self._store.key_blob(conn, record.key_id) is None:
+                    continue
+                self._store.destroy_key(conn, record.key_id, now)
+                self._audit.record(
+                    conn,
+                    actor,
+                    "ca.key.destroy",
+                    f"ca/{record.id}",
+                    at=now,
+                    parameters={"key_id": record.key_id},
+                )
+                purged.append(record.id)
+        for record_id in purged:
+            with self._cache_lock:
+                self._cache.pop(record_id, None)
+        return purged
+
+    # -- idempotency ---------------------------------------------------------------------
+
+    def _idempotent_ca(self, token: str, spec: CASpec, now: datetime) -> str | None:
+        with self._store.read() as conn:
+            entry = self._store.idempotency_entry(
+                conn, "ca.create", token, now - IDEMPOTENCY_WINDOW
+            )
+        if entry is None:
+            return None
+        if entry[0] != spec.fingerprint():
+            raise IdempotencyConflictError(
+                "this idempotency token was used in the last 5 minutes with different input"
+            )
+        return entry[1]
+
+    def _claim_token(self, conn: Any, token: str, spec: CASpec, ca_id: str, now: datetime) -> None:
+        if self._store.idempotency_entry(conn, "ca.create", token, now - IDEMPOTENCY_WINDOW):
+            raise IdempotencyConflictError("this idempotency token is being used right now")
+        self._store.put_idempotency_entry(
+            conn, "ca.create", token, spec.fingerprint(), ca_id, now, now - IDEMPOTENCY_WINDOW
+        )
+
+    # -- signing -------------------------------------------------------------------------
+
+    def _load_key(self, record: CARecord) -> CAPrivateKey:
+        with self._store.read() as conn:
+            blob = self._store.key_blob(conn, record.key_id)
+        if not blob:
+            raise KeyBackendError(f"the key of CA {record.id} has been destroyed")
+        return self._keys.load(record.key_id, blob)
+
+    def signing_material(
+        self, ca_id: str, now: datetime, require_active: bool = True
+    ) -> SigningMaterial:
+        with self._store.read() as conn:
+            record = self._store.get_ca(conn, ca_id)
+        if record is None:
+            raise NotFoundError(f"no CA with id {ca_id}")
+        status = effective_status(record, now)
+        if require_active and status != CAStatus.ACTIVE:
+            raise CANotActiveError(f"CA {ca_id} is {status.value}, not ACTIVE")
+        if record.certificate_der is None:
+            raise CANotActiveError(f"CA {ca_id} has no certificate")
+        cached = self._cache.get(ca_id)
+        if cached is not None and cached[0] == record.updated_at:
+            return cached[1]
+        material = self._build_material(record)
+        with self._cache_lock:
+            self._cache[ca_id] = (record.updated_at, material)
+        return material
+
+    def _build_material(self, record: CARecord) -> SigningMaterial:
+        assert record.certificate_der is not None
+        certificate = x509.load_der_x509_certificate(record.certificate_der)
+        chain = (certificate, *load_certificates(record.chain_pem))
+        settings = CASettings.from_json(record.settings)
+        policies = [settings.name_constraints] if settings.name_constraints else []
+        for index, cert in enumerate(chain):
+            try:
+                ext = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+            except x509.ExtensionNotFound:
+                continue
+            policies.append(
+                NamePolicy.from_extension(
+                    ext, f"the name constraints of {'this CA' if index == 0 else 'its issuer'}"
+                )
+            )
+        _, path_length = _path_length(certificate)
+        return SigningMaterial(
+            ca_id=record.id,
+            key_id=record.key_id,
+            key_algorithm=KeyAlgorithm(record.key_algorithm),
+            signing_algorithm=SigningAlgorithm(record.signing_algorithm),
+            usage_mode=UsageMode(record.usage_mode),
+            private_key=self._load_key(record),
+            certificate=certificate,
+            chain=chain,
+            path_length=path_length,
+            name_policies=tuple(policies),
+            backdate=timedelta(seconds=settings.backdate_seconds),
+            truncate_validity=settings.truncate_validity,
+            issued_extensions=tuple(_issued_extensions(certificate, settings)),
+        )
+
+
+def _issued_extensions(
+    ca_certificate: x509.Certificate, settings: CASettings
+) -> list[x509.Extension[x509.ExtensionType]]:
+    """AKI, CRL distribution point and AIA that go into everything this CA issues."""
+    try:
+        ski = ca_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_certificate.public_key())  # type: ignore[arg-type]
+    extensions: list[x509.Extension[x509.ExtensionType]] = [
+        x509.Extension(ExtensionOID.AUTHORITY_KEY_IDENTIFIER, False, aki)
+    ]
+    if settings.crl_url:
+        extensions.append(
+            x509.Extension(
+                ExtensionOID.CRL_DISTRIBUTION_POINTS,
+                False,
+                x509.CRLDistributionPoints(
+                    [
+                        x509.DistributionPoint(
+                            [x509.UniformResourceIdentifier(settings.crl_url)], None, None, None
+                        )
+                    ]
+                ),
+            )
+        )
+    access = []
+    if settings.ocsp_url:
+        access.append(
+            x509.AccessDescription(
+                AuthorityInformationAccessOID.OCSP,
+                x509.UniformResourceIdentifier(settings.ocsp_url),
+            )
+        )
+    if settings.ca_issuers_url:
+        access.append(
+            x509.AccessDescription(
+                AuthorityInformationAccessOID.CA_ISSUERS,
+                x509.UniformResourceIdentifier(settings.ca_issuers_url),
+            )
+        )
+    if access:
+        extensions.append(
+            x509.Extension(
+                ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+                False,
+                x509.AuthorityInformationAccess(access),
+            )
+        )
+    return extensions

@@ -1,0 +1,104 @@
+"""Typed errors raised by the core.
+
+Front-ends map these onto their protocol's errors in one place each (ACME problem
+documents, SCEP failInfo, SOAP faults, JSON errors for the API). Every error carries a
+stable machine-readable ``code`` and a message meant for a human operator.
+"""
+
+from __future__ import annotations
+
+
+class PkigateError(Exception):
+    """Base class of every error the core raises on purpose."""
+
+    code = "internalError"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequestError(PkigateError):
+    """The caller's input is malformed or inconsistent."""
+
+    code = "badRequest"
+
+
+class BadCSRError(BadRequestError):
+    """The PKCS#10 request cannot be parsed, is too large, or its signature does not verify."""
+
+    code = "badCSR"
+
+
+class WeakKeyError(BadRequestError):
+    """The public key is of an unsupported type, too small, or otherwise unsafe."""
+
+    code = "badPublicKey"
+
+
+class UnsupportedAlgorithmError(BadRequestError):
+    """A key or signing algorithm that pkigate does not offer, or of the wrong family."""
+
+    code = "badAlgorithm"
+
+
+class InvalidValidityError(BadRequestError):
+    """A validity that is malformed, in the past, or beyond what the CA or template allows."""
+
+    code = "badValidity"
+
+
+class PolicyViolationError(PkigateError):
+    """The request is well formed but the CA's or template's policy forbids it."""
+
+    code = "policyViolation"
+
+
+class NotAuthorizedError(PkigateError):
+    """The requester is not allowed to do this."""
+
+    code = "unauthorized"
+
+
+class NotFoundError(PkigateError):
+    """A CA, certificate or template that does not exist."""
+
+    code = "notFound"
+
+
+class UnknownTemplateError(NotFoundError):
+    code = "unknownTemplate"
+
+
+class InvalidStateError(PkigateError):
+    """The resource is in a lifecycle state that does not allow the operation."""
+
+    code = "invalidState"
+
+
+class CANotActiveError(InvalidStateError):
+    code = "caNotActive"
+
+
+class IdempotencyConflictError(PkigateError):
+    """The same idempotency token was used earlier with different input."""
+
+    code = "idempotencyConflict"
+
+
+class InvalidCertificateError(BadRequestError):
+    """An imported CA certificate or chain that cannot be accepted."""
+
+    code = "invalidCertificate"
+
+
+class KeyBackendError(PkigateError):
+    """The key backend cannot produce or use a CA key (wrong key-encryption key, destroyed key)."""
+
+    code = "keyUnavailable"
+
+
+class ConflictError(PkigateError):
+    """The operation conflicts with the current state (already revoked, duplicate)."""
+
+    code = "conflict"

@@ -1,0 +1,347 @@
+"""The one entry point every front-end uses: ``Issuer.issue(IssuanceRequest)``.
+
+verify CSR -> check key -> resolve template (template > API > CSR) -> policy (names,
+validity, structure) -> build -> sign -> store + audit in one transaction.
+Refusals raise a typed error and are audited; nothing is stored for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtensionOID
+
+from pkigate.core.audit import Actor, AuditLog
+from pkigate.core.authorities import AuthorityService, SigningMaterial
+from pkigate.core.errors import (
+    BadCSRError,
+    IdempotencyConflictError,
+    PkigateError,
+    PolicyViolationError,
+)
+from pkigate.core.model import CertificateStatus, SigningAlgorithm, Validity
+from pkigate.core.names import NamePolicy, format_dn, format_general_name
+from pkigate.core.passthrough import ApiPassthrough
+from pkigate.core.policy import check_contents, check_public_key, compute_validity
+from pkigate.core.store import CertificateRecord, Store
+from pkigate.core.templates import Template, TemplateCatalogue, TemplateKind, resolve_contents
+
+MAX_CSR_BYTES = 32 * 1024
+IDEMPOTENCY_WINDOW = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who asks, through which connector, with what authorization evidence.
+
+    ``evidence`` is recorded in the audit event: the ACME account and validated
+    identifiers, the SCEP challenge id, the directory principal and its groups.
+    """
+
+    principal: str
+    connector: str = "cli"
+    evidence: Mapping[str, str] = field(default_factory=dict)
+    request_id: str | None = None
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(self.principal, self.connector, self.request_id)
+
+
+@dataclass(frozen=True)
+class IssuanceRequest:
+    """What a front-end hands the core.
+
+    ``csr`` may be PEM or DER bytes or an already parsed request; the core verifies its
+    signature either way. ``api_passthrough`` carries the names and extensions the
+    authorizer vouches for (used only with a template that accepts them).
+    """
+
+    ca_id: str
+    csr: bytes | x509.CertificateSigningRequest
+    validity: Validity
+    requester: Requester
+    template: str = "EndEntityCertificate/V1"
+    api_passthrough: ApiPassthrough | None = None
+    signing_algorithm: SigningAlgorithm | None = None
+    idempotency_token: str | None = None
+    correlation_id: str | None = None
+    allowed_names: NamePolicy | None = None
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # issuing CA first, root last
+    record: CertificateRecord
+
+    @property
+    def serial(self) -> str:
+        return self.record.serial
+
+    def pem(self) -> str:
+        return self.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    def chain_pem(self) -> str:
+        return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in self.chain)
+
+
+def parse_csr(data: bytes | x509.CertificateSigningRequest) -> x509.CertificateSigningRequest:
+    """Parse (PEM or DER, at most 32 KiB) and verify the request's self-signature."""
+    if isinstance(data, x509.CertificateSigningRequest):
+        csr = data
+    else:
+        if len(data) > MAX_CSR_BYTES:
+            raise BadCSRError(f"CSR is {len(data)} bytes; at most {MAX_CSR_BYTES} accepted")
+        try:
+            if data.lstrip().startswith(b"-----BEGIN"):
+                csr = x509.load_pem_x509_csr(data)
+            else:
+                csr = x509.load_der_x509_csr(data)
+        except ValueError as exc:
+            raise BadCSRError(f"CSR cannot be parsed: {exc}") from None
+    try:
+        valid = csr.is_signature_valid
+    except Exception as exc:  # unsupported signature algorithms raise from the backend
+        raise BadCSRError(f"CSR signature cannot be checked: {exc}") from None
+    if not valid:
+        raise BadCSRError("CSR signature does not verify")
+    return csr
+
+
+def csr_der(csr: x509.CertificateSigningRequest) -> bytes:
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+class Issuer:
+    def __init__(
+        self,
+        store: Store,
+        authorities: AuthorityService,
+        templates: TemplateCatalogue,
+        audit: AuditLog,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._authorities = authorities
+        self._templates = templates
+        self._audit = audit
+        self._clock = clock
+
+    def issue(self, request: IssuanceRequest) -> IssuedCertificate:
+        now = self._clock()
+        try:
+            return self._issue(request, now)
+        except PkigateError as exc:
+            self._audit.record_alone(
+                request.requester.actor,
+                "certificate.issue",
+                f"ca/{request.ca_id}",
+                result="failure",
+                at=now,
+                parameters={
+                    "error": exc.code,
+                    "message": exc.message,
+                    "template": request.template,
+                    "correlation_id": request.correlation_id,
+                    **request.requester.evidence,
+                },
+            )
+            raise
+
+    def _issue(self, request: IssuanceRequest, now: datetime) -> IssuedCertificate:
+        template = self._templates.get(request.template)
+        csr = parse_csr(request.csr)
+        check_public_key(csr.public_key())
+        material = self._authorities.signing_material(request.ca_id, now)
+        signing_algorithm = request.signing_algorithm or material.signing_algorithm
+        signing_algorithm.check_key(material.key_algorithm)
+        token_hash = _request_hash(request, csr) if request.idempotency_token else ""
+        if request.idempotency_token:
+            earlier = self._idempotent_result(request, token_hash, now)
+            if earlier is not None:
+                return earlier
+
+        self._check_template_for_ca(template, material)
+        contents = resolve_contents(template, csr, request.api_passthrough)
+        for policy in (*material.name_policies, template.allowed_names, request.allowed_names):
+            if policy is not None:
+                policy.check(contents.subject, contents.sans)
+        window = compute_validity(
+            request.validity,
+            now=now,
+            backdate=material.backdate,
+            usage_mode=material.usage_mode,
+            ca_not_before=material.certificate.not_valid_before_utc,
+            ca_not_after=material.certificate.not_valid_after_utc,
+            truncate_to_ca=material.truncate_validity,
+        )
+        extensions = list(contents.extensions)
+        if contents.sans:
+            # RFC 5280 4.2.1.6: with an empty subject the SAN extension must be critical.
+            extensions.append(
+                x509.Extension(
+                    ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+                    not len(contents.subject),
+                    x509.SubjectAlternativeName(contents.sans),
+                )
+            )
+        check_contents(contents.subject, contents.sans, extensions)
+
+        builder = x509.CertificateBuilder(
+            issuer_name=material.certificate.subject,
+            subject_name=contents.subject,
+            public_key=csr.public_key(),
+            serial_number=x509.random_serial_number(),
+            not_valid_before=window.not_before,
+            not_valid_after=window.not_after,
+        )
+        for ext in extensions:
+            builder = builder.add_extension(ext.value, ext.critical)
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False
+        )
+        for ext in material.issued_extensions:
+            builder = builder.add_extension(ext.value, ext.critical)
+        certificate = builder.sign(material.private_key, signing_algorithm.hash_algorithm())
+        der = certificate.public_bytes(serialization.Encoding.DER)
+
+        with self._store.write() as conn:
+            if request.idempotency_token:
+                earlier_ref = self._store.idempotency_entry(
+                    conn, _scope(request), request.idempotency_token, now - IDEMPOTENCY_WINDOW
+                )
+                if earlier_ref is not None:
+                    # Another request with this token won the race; ours is discarded unsent.
+                    conn.rollback()
+                    result = self._idempotent_result(request, token_hash, now)
+                    assert result is not None
+                    return result
+            record_id = self._store.insert_certificate(
+                conn,
+                ca_id=material.ca_id,
+                serial=format(certificate.serial_number, "x"),
+                subject=format_dn(contents.subject),
+                sans=[format_general_name(n) for n in contents.sans],
+                not_before=window.not_before,
+                not_after=window.not_after,
+                issued_at=now,
+                template=template.name,
+                requester=request.requester.principal,
+                connector=request.requester.connector,
+                correlation_id=request.correlation_id,
+                status=CertificateStatus.ISSUED.value,
+                fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+                der=der,
+            )
+            if request.idempotency_token:
+                self._store.put_idempotency_entry(
+                    conn,
+                    _scope(request),
+                    request.idempotency_token,
+                    token_hash,
+                    str(record_id),
+                    now,
+                    now - IDEMPOTENCY_WINDOW,
+                )
+            self._audit.record(
+                conn,
+                request.requester.actor,
+                "certificate.issue",
+                f"ca/{material.ca_id}",
+                at=now,
+                parameters={
+                    "serial": format(certificate.serial_number, "x"),
+                    "template": template.name,
+                    "subject": format_dn(contents.subject),
+                    "not_after": window.not_after,
+                    "key_id": material.key_id,
+                    "signing_algorithm": signing_algorithm.value,
+                    "correlation_id": request.correlation_id,
+                    **request.requester.evidence,
+                },
+            )
+            record = CertificateRecord(
+                id=record_id,
+                ca_id=material.ca_id,
+                serial=format(certificate.serial_number, "x"),
+                subject=format_dn(contents.subject),
+                sans=[format_general_name(n) for n in contents.sans],
+                not_before=window.not_before,
+                not_after=window.not_after,
+                issued_at=now,
+                template=template.name,
+                requester=request.requester.principal,
+                connector=request.requester.connector,
+                correlation_id=request.correlation_id,
+                status=CertificateStatus.ISSUED.value,
+                revoked_at=None,
+                revocation_reason=None,
+                fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+                der=der,
+            )
+        return IssuedCertificate(certificate, material.chain, record)
+
+    def _check_template_for_ca(self, template: Template, material: SigningMaterial) -> None:
+        if template.kind == TemplateKind.ROOT_CA:
+            raise PolicyViolationError(
+                f"template {template.name} is for self-signed roots; create a ROOT CA instead"
+            )
+        if template.kind != TemplateKind.SUBORDINATE_CA:
+            return
+        ca_path_length = material.path_length
+        if ca_path_length is not None and (
+            template.path_length is None or template.path_length >= ca_path_length
+        ):
+            raise PolicyViolationError(
+                f"this CA has path length {ca_path_length}; it cannot issue a CA certificate "
+                f"with {template.name}"
+            )
+
+    def _idempotent_result(
+        self, request: IssuanceRequest, token_hash: str, now: datetime
+    ) -> IssuedCertificate | None:
+        assert request.idempotency_token is not None
+        with self._store.read() as conn:
+            entry = self._store.idempotency_entry(
+                conn, _scope(request), request.idempotency_token, now - IDEMPOTENCY_WINDOW
+            )
+            if entry is None:
+                return None
+            stored_hash, ref = entry
+            if stored_hash != token_hash:
+                raise IdempotencyConflictError(
+                    "this idempotency token was used in the last 5 minutes with different input"
+                )
+            record = self._store.get_certificate_by_id(conn, int(ref))
+        assert record is not None
+        material = self._authorities.signing_material(request.ca_id, now, require_active=False)
+        return IssuedCertificate(x509.load_der_x509_certificate(record.der), material.chain, record)
+
+
+def _scope(request: IssuanceRequest) -> str:
+    return f"issue:{request.ca_id}"[:64]
+
+
+def _request_hash(request: IssuanceRequest, csr: x509.CertificateSigningRequest) -> str:
+    digest = hashlib.sha256()
+    digest.update(csr_der(csr))
+    digest.update(
+        json.dumps(
+            [
+                request.template,
+                request.validity.to_json(),
+                repr(request.api_passthrough),
+                request.signing_algorithm,
+                request.requester.principal,
+            ],
+            default=str,
+        ).encode()
+    )
+    return digest.hexdigest()

@@ -1,0 +1,303 @@
+"""Distinguished names, subject alternative names and name constraints."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID, ObjectIdentifier
+
+from pkigate.core.errors import BadRequestError, PolicyViolationError
+
+# Attribute names accepted in DN strings beyond cryptography's defaults (C, CN, DC, L, O,
+# OU, ST, STREET, UID). Any other attribute can be given by dotted OID: "1.2.3.4=value".
+DN_ATTRIBUTE_NAMES: dict[str, ObjectIdentifier] = {
+    "serialNumber": NameOID.SERIAL_NUMBER,
+    "SERIALNUMBER": NameOID.SERIAL_NUMBER,
+    "title": NameOID.TITLE,
+    "T": NameOID.TITLE,
+    "givenName": NameOID.GIVEN_NAME,
+    "GN": NameOID.GIVEN_NAME,
+    "surname": NameOID.SURNAME,
+    "SN": NameOID.SURNAME,
+    "initials": NameOID.INITIALS,
+    "pseudonym": NameOID.PSEUDONYM,
+    "generationQualifier": NameOID.GENERATION_QUALIFIER,
+    "emailAddress": NameOID.EMAIL_ADDRESS,
+    "E": NameOID.EMAIL_ADDRESS,
+    "localityName": NameOID.LOCALITY_NAME,
+    "organizationName": NameOID.ORGANIZATION_NAME,
+    "organizationalUnitName": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "commonName": NameOID.COMMON_NAME,
+    "countryName": NameOID.COUNTRY_NAME,
+    "stateOrProvinceName": NameOID.STATE_OR_PROVINCE_NAME,
+}
+
+# RFC 5280 upper bounds (Appendix A, ub-*) that validators and pkilint enforce.
+_UPPER_BOUNDS = {
+    NameOID.COMMON_NAME: 64,
+    NameOID.ORGANIZATION_NAME: 64,
+    NameOID.ORGANIZATIONAL_UNIT_NAME: 64,
+    NameOID.LOCALITY_NAME: 128,
+    NameOID.STATE_OR_PROVINCE_NAME: 128,
+    NameOID.SERIAL_NUMBER: 64,
+    NameOID.TITLE: 64,
+    NameOID.EMAIL_ADDRESS: 255,
+}
+
+UPN_OID = ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
+
+
+def parse_dn(text: str) -> x509.Name:
+    """Parse an RFC 4514 distinguished name, with a clear error and RFC 5280 bounds checked."""
+    if not text.strip():
+        return x509.Name([])
+    try:
+        name = x509.Name.from_rfc4514_string(text, DN_ATTRIBUTE_NAMES)
+    except ValueError as exc:
+        raise BadRequestError(f"cannot parse distinguished name {text!r}: {exc}") from None
+    check_dn(name)
+    return name
+
+
+def check_dn(name: x509.Name) -> None:
+    for attribute in name:
+        value = attribute.value
+        if not isinstance(value, str):
+            continue
+        if not value:
+            raise BadRequestError(f"empty value for {attribute.oid._name} in subject")
+        if attribute.oid == NameOID.COUNTRY_NAME and (len(value) != 2 or not value.isalpha()):
+            raise BadRequestError(f"country must be a two-letter code, got {value!r}")
+        limit = _UPPER_BOUNDS.get(attribute.oid)
+        if limit and len(value) > limit:
+            raise BadRequestError(
+                f"{attribute.oid._name} is {len(value)} characters; RFC 5280 allows {limit}"
+            )
+
+
+def format_dn(name: x509.Name) -> str:
+    return name.rfc4514_string(
+        {NameOID.SERIAL_NUMBER: "serialNumber", NameOID.EMAIL_ADDRESS: "emailAddress"}
+    )
+
+
+def format_general_name(name: x509.GeneralName) -> str:
+    """One SAN as ``TYPE:value``, stable enough to search for in the store."""
+    if isinstance(name, x509.DNSName):
+        return f"DNS:{name.value}"
+    if isinstance(name, x509.IPAddress):
+        return f"IP:{name.value}"
+    if isinstance(name, x509.RFC822Name):
+        return f"email:{name.value}"
+    if isinstance(name, x509.UniformResourceIdentifier):
+        return f"URI:{name.value}"
+    if isinstance(name, x509.DirectoryName):
+        return f"dirName:{format_dn(name.value)}"
+    if isinstance(name, x509.RegisteredID):
+        return f"RID:{name.value.dotted_string}"
+    if isinstance(name, x509.OtherName):
+        if name.type_id == UPN_OID:
+            return f"UPN:{decode_upn(name.value)}"
+        return f"otherName:{name.type_id.dotted_string}"
+    return repr(name)
+
+
+def upn_other_name(upn: str) -> x509.OtherName:
+    """The Microsoft UPN otherName: a UTF8String wrapped in the [0] EXPLICIT of otherName."""
+    encoded = upn.encode()
+    return x509.OtherName(UPN_OID, b"\x0c" + _der_length(len(encoded)) + encoded)
+
+
+def decode_upn(value: bytes) -> str:
+    if not value or value[0] != 0x0C:
+        return value.hex()
+    length, offset = _read_der_length(value, 1)
+    return value[offset : offset + length].decode(errors="replace")
+
+
+def _der_length(length: int) -> bytes:
+    if length < 0x80:
+        return bytes([length])
+    raw = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+def _read_der_length(data: bytes, offset: int) -> tuple[int, int]:
+    first = data[offset]
+    if first < 0x80:
+        return first, offset + 1
+    count = first & 0x7F
+    return int.from_bytes(data[offset + 1 : offset + 1 + count], "big"), offset + 1 + count
+
+
+def _dns_within(name: str, suffix: str) -> bool:
+    name, suffix = name.lower().rstrip("."), suffix.lower().rstrip(".")
+    if suffix.startswith("."):
+        return name.endswith(suffix)
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _email_within(address: str, constraint: str) -> bool:
+    constraint = constraint.lower()
+    address = address.lower()
+    if "@" in constraint:
+        return address == constraint
+    return _dns_within(address.rpartition("@")[2], constraint)
+
+
+@dataclass(frozen=True)
+class NamePolicy:
+    """Which names a CA or template may certify (RFC 5280 4.2.1.10 semantics).
+
+    An empty ``permitted_*`` list leaves that name type unconstrained; anything matching
+    an ``excluded_*`` entry is refused. DNS entries match the domain and its subdomains
+    (a leading dot: subdomains only). ``allow_wildcards`` governs ``*.`` DNS names.
+    """
+
+    permitted_dns: tuple[str, ...] = ()
+    excluded_dns: tuple[str, ...] = ()
+    permitted_ip: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    excluded_ip: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    permitted_email: tuple[str, ...] = ()
+    excluded_email: tuple[str, ...] = ()
+    allow_wildcards: bool = True
+    source: str = field(default="policy", compare=False)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, object], source: str) -> NamePolicy:
+        def strings(key: str) -> tuple[str, ...]:
+            value = settings.get(key) or []
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise BadRequestError(f"name constraint {key} must be a list of strings")
+            return tuple(value)
+
+        try:
+            return cls(
+                permitted_dns=strings("permitted_dns"),
+                excluded_dns=strings("excluded_dns"),
+                permitted_ip=tuple(ipaddress.ip_network(v) for v in strings("permitted_ip")),
+                excluded_ip=tuple(ipaddress.ip_network(v) for v in strings("excluded_ip")),
+                permitted_email=strings("permitted_email"),
+                excluded_email=strings("excluded_email"),
+                allow_wildcards=bool(settings.get("allow_wildcards", True)),
+                source=source,
+            )
+        except ValueError as exc:
+            raise BadRequestError(f"bad IP range in name constraints: {exc}") from None
+
+    def to_settings(self) -> dict[str, object]:
+        return {
+            "permitted_dns": list(self.permitted_dns),
+            "excluded_dns": list(self.excluded_dns),
+            "permitted_ip": [str(n) for n in self.permitted_ip],
+            "excluded_ip": [str(n) for n in self.excluded_ip],
+            "permitted_email": list(self.permitted_email),
+            "excluded_email": list(self.excluded_email),
+            "allow_wildcards": self.allow_wildcards,
+        }
+
+    @classmethod
+    def from_extension(cls, ext: x509.NameConstraints, source: str) -> NamePolicy:
+        def split(
+            subtrees: Iterable[x509.GeneralName] | None,
+        ) -> tuple[list[str], list[ipaddress.IPv4Network | ipaddress.IPv6Network], list[str]]:
+            dns: list[str] = []
+            ips: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+            emails: list[str] = []
+            for name in subtrees or ():
+                if isinstance(name, x509.DNSName):
+                    dns.append(name.value)
+                elif isinstance(name, x509.IPAddress) and not isinstance(
+                    name.value, ipaddress.IPv4Address | ipaddress.IPv6Address
+                ):
+                    ips.append(name.value)
+                elif isinstance(name, x509.RFC822Name):
+                    emails.append(name.value)
+            return dns, ips, emails
+
+        p_dns, p_ip, p_email = split(ext.permitted_subtrees)
+        e_dns, e_ip, e_email = split(ext.excluded_subtrees)
+        return cls(
+            tuple(p_dns),
+            tuple(e_dns),
+            tuple(p_ip),
+            tuple(e_ip),
+            tuple(p_email),
+            tuple(e_email),
+            source=source,
+        )
+
+    def to_extension(self) -> x509.NameConstraints | None:
+        permitted: list[x509.GeneralName] = [
+            *(x509.DNSName(d) for d in self.permitted_dns),
+            *(x509.IPAddress(n) for n in self.permitted_ip),
+            *(x509.RFC822Name(e) for e in self.permitted_email),
+        ]
+        excluded: list[x509.GeneralName] = [
+            *(x509.DNSName(d) for d in self.excluded_dns),
+            *(x509.IPAddress(n) for n in self.excluded_ip),
+            *(x509.RFC822Name(e) for e in self.excluded_email),
+        ]
+        if not permitted and not excluded:
+            return None
+        return x509.NameConstraints(
+            permitted_subtrees=permitted or None, excluded_subtrees=excluded or None
+        )
+
+    def check(self, subject: x509.Name, sans: Sequence[x509.GeneralName]) -> None:
+        """Raise :class:`PolicyViolationError` naming the first name this policy forbids."""
+        for name in sans:
+            if isinstance(name, x509.DNSName):
+                self._check_dns(name.value)
+            elif isinstance(name, x509.IPAddress):
+                self._check_ip(name.value)
+            elif isinstance(name, x509.RFC822Name):
+                self._check_email(name.value)
+        # Relying parties that still read the CN as a host name apply constraints to it.
+        for attribute in subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+            value = str(attribute.value)
+            try:
+                self._check_ip(ipaddress.ip_address(value))
+            except ValueError:
+                if _looks_like_dns(value):
+                    self._check_dns(value)
+        for attribute in subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS):
+            self._check_email(str(attribute.value))
+
+    def _refuse(self, kind: str, value: str) -> None:
+        raise PolicyViolationError(f"{kind} {value!r} is not allowed by {self.source}")
+
+    def _check_dns(self, value: str) -> None:
+        if value.startswith("*.") and not self.allow_wildcards:
+            self._refuse("wildcard DNS name", value)
+        bare = value[2:] if value.startswith("*.") else value
+        if any(_dns_within(bare, s) for s in self.excluded_dns):
+            self._refuse("DNS name", value)
+        if self.permitted_dns and not any(_dns_within(bare, s) for s in self.permitted_dns):
+            self._refuse("DNS name", value)
+
+    def _check_ip(self, value: object) -> None:
+        if not isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            return
+        if any(value in n for n in self.excluded_ip if n.version == value.version):
+            self._refuse("IP address", str(value))
+        if self.permitted_ip and not any(
+            value in n for n in self.permitted_ip if n.version == value.version
+        ):
+            self._refuse("IP address", str(value))
+
+    def _check_email(self, value: str) -> None:
+        if any(_email_within(value, c) for c in self.excluded_email):
+            self._refuse("email address", value)
+        if self.permitted_email and not any(_email_within(value, c) for c in self.permitted_email):
+            self._refuse("email address", value)
+
+
+def _looks_like_dns(value: str) -> bool:
+    labels = value.rstrip(".").split(".")
+    return len(labels) > 1 and all(
+        label and all(ch.isalnum() or ch in "-*_" for ch in label) for label in labels
+    )

@@ -1,0 +1,86 @@
+"""The core assembled: store, keys, audit, authorities, templates and the issuer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from pkigate.core.audit import Actor, AuditLog
+from pkigate.core.authorities import AuthorityService
+from pkigate.core.issuance import IssuanceRequest, IssuedCertificate, Issuer, Requester
+from pkigate.core.keys import KeyEncryptionKey, SoftwareKeyBackend
+from pkigate.core.model import Validity
+from pkigate.core.store import Store, sqlite_url
+from pkigate.core.templates import TemplateCatalogue
+
+DATA_DIR_ENV = "PKIGATE_HOME"
+DATABASE_URL_ENV = "PKIGATE_DATABASE_URL"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or "pkigate-data").resolve()
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Core:
+    """One process's handle on pkigate's state. Cheap to share between threads."""
+
+    data_dir: Path
+    store: Store
+    kek: KeyEncryptionKey
+    audit: AuditLog
+    authorities: AuthorityService
+    templates: TemplateCatalogue
+    issuer: Issuer
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path | None = None,
+        database_url: str | None = None,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> Core:
+        """Open (creating on first use) the data directory and database."""
+        data_dir = (data_dir or default_data_dir()).resolve()
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        url = (
+            database_url or os.environ.get(DATABASE_URL_ENV) or sqlite_url(data_dir / "pkigate.db")
+        )
+        store = Store.open(url)
+        kek = KeyEncryptionKey.load_or_create(data_dir)
+        audit = AuditLog(store, kek)
+        authorities = AuthorityService(store, SoftwareKeyBackend(kek), audit, clock)
+        templates = TemplateCatalogue()
+        issuer = Issuer(store, authorities, templates, audit, clock)
+        core = cls(data_dir, store, kek, audit, authorities, templates, issuer)
+        authorities.subordinate_signer = core._sign_subordinate
+        return core
+
+    def issue(self, request: IssuanceRequest) -> IssuedCertificate:
+        return self.issuer.issue(request)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _sign_subordinate(
+        self, parent_id: str, csr: bytes, path_length: int, validity: Validity, actor: Actor
+    ) -> tuple[bytes, str]:
+        issued = self.issue(
+            IssuanceRequest(
+                ca_id=parent_id,
+                csr=csr,
+                validity=validity,
+                template=f"SubordinateCACertificate_PathLen{path_length}/V1",
+                requester=Requester(actor.principal, actor.connector, request_id=actor.request_id),
+            )
+        )
+        return issued.certificate.public_bytes(serialization.Encoding.DER), issued.chain_pem()

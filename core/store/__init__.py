@@ -1,0 +1,410 @@
+"""The storage authority: every read and write of pkigate's state goes through here.
+
+SQLAlchemy stays inside this package. Callers open a transaction with :meth:`Store.write`
+or :meth:`Store.read` and pass the connection to the typed methods, so one business
+operation (sign, store the certificate, append the audit event) commits or rolls back as
+a whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from pkigate.core.store import schema
+from pkigate.core.store.engine import (
+    create_store_engine,
+    migrate,
+    read_transaction,
+    sqlite_url,
+    write_transaction,
+)
+
+__all__ = [
+    "AuditEventRecord",
+    "CARecord",
+    "CertificateRecord",
+    "IntegrityError",
+    "Store",
+    "sqlite_url",
+]
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back naive; everything pkigate stores is UTC."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _utc(moment: datetime | None) -> datetime:
+    value = as_utc(moment)
+    assert value is not None
+    return value
+
+
+@dataclass(frozen=True)
+class CARecord:
+    id: str
+    type: str
+    status: str
+    status_before_delete: str | None
+    key_id: str
+    key_algorithm: str
+    signing_algorithm: str
+    usage_mode: str
+    subject: str
+    subject_der: bytes
+    parent_id: str | None
+    certificate_der: bytes | None
+    chain_pem: str | None
+    csr_der: bytes | None
+    not_before: datetime | None
+    not_after: datetime | None
+    settings: Mapping[str, Any]
+    failure_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+    restore_until: datetime | None
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    id: int
+    ca_id: str
+    serial: str
+    subject: str
+    sans: Sequence[str]
+    not_before: datetime
+    not_after: datetime
+    issued_at: datetime
+    template: str
+    requester: str
+    connector: str
+    correlation_id: str | None
+    status: str
+    revoked_at: datetime | None
+    revocation_reason: str | None
+    fingerprint_sha256: str
+    der: bytes
+
+
+@dataclass(frozen=True)
+class AuditEventRecord:
+    seq: int
+    event_id: str
+    at: datetime
+    actor: str
+    connector: str
+    action: str
+    resource: str
+    parameters: str
+    result: str
+    request_id: str | None
+    prev_mac: str
+    mac: str
+
+
+def _ca(row: Any) -> CARecord:
+    values = dict(row._mapping)
+    values["settings"] = json.loads(values["settings"] or "{}")
+    for name in (
+        "not_before",
+        "not_after",
+        "created_at",
+        "updated_at",
+        "deleted_at",
+        "restore_until",
+    ):
+        values[name] = as_utc(values[name])
+    return CARecord(**values)
+
+
+def _certificate(row: Any) -> CertificateRecord:
+    values = dict(row._mapping)
+    values["sans"] = json.loads(values["sans"])
+    for name in ("not_before", "not_after", "issued_at", "revoked_at"):
+        values[name] = as_utc(values[name])
+    return CertificateRecord(**values)
+
+
+class Store:
+    """pkigate's state in one SQL database (SQLite file by default, PostgreSQL by URL)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        engine = create_store_engine(url)
+        migrate(engine)
+        return cls(engine)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        with write_transaction(self.engine) as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with read_transaction(self.engine) as conn:
+            yield conn
+
+    def ping(self) -> None:
+        with self.read() as conn:
+            conn.execute(select(1))
+
+    # -- CA keys -------------------------------------------------------------------------
+
+    def insert_key(
+        self,
+        conn: Connection,
+        key_id: str,
+        backend: str,
+        algorithm: str,
+        blob: bytes | None,
+        now: datetime,
+    ) -> None:
+        conn.execute(
+            insert(schema.ca_keys).values(
+                id=key_id, backend=backend, algorithm=algorithm, blob=blob, created_at=now
+            )
+        )
+
+    def set_key_blob(self, conn: Connection, key_id: str, blob: bytes) -> None:
+        conn.execute(update(schema.ca_keys).where(schema.ca_keys.c.id == key_id).values(blob=blob))
+
+    def key_blob(self, conn: Connection, key_id: str) -> bytes | None:
+        return conn.execute(
+            select(schema.ca_keys.c.blob).where(schema.ca_keys.c.id == key_id)
+        ).scalar_one_or_none()
+
+    def destroy_key(self, conn: Connection, key_id: str, now: datetime) -> None:
+        conn.execute(
+            update(schema.ca_keys)
+            .where(schema.ca_keys.c.id == key_id)
+            .values(blob=None, destroyed_at=now)
+        )
+
+    # -- Authorities ---------------------------------------------------------------------
+
+    def insert_ca(self, conn: Connection, **values: Any) -> None:
+        values["settings"] = json.dumps(values.get("settings") or {}, sort_keys=True)
+        conn.execute(insert(schema.authorities).values(**values))
+
+    def update_ca(self, conn: Connection, ca_id: str, **values: Any) -> None:
+        if "settings" in values:
+            values["settings"] = json.dumps(values["settings"], sort_keys=True)
+        conn.execute(
+            update(schema.authorities).where(schema.authorities.c.id == ca_id).values(**values)
+        )
+
+    def get_ca(self, conn: Connection, ca_id: str) -> CARecord | None:
+        row = conn.execute(
+            select(schema.authorities).where(schema.authorities.c.id == ca_id)
+        ).first()
+        return _ca(row) if row is not None else None
+
+    def list_cas(self, conn: Connection, status: str | None = None) -> list[CARecord]:
+        query = select(schema.authorities).order_by(schema.authorities.c.created_at)
+        if status:
+            query = query.where(schema.authorities.c.status == status)
+        return [_ca(row) for row in conn.execute(query)]
+
+    def children_of(self, conn: Connection, ca_id: str) -> list[str]:
+        return list(
+            conn.execute(
+                select(schema.authorities.c.id).where(schema.authorities.c.parent_id == ca_id)
+            ).scalars()
+        )
+
+    # -- Tags ----------------------------------------------------------------------------
+
+    def set_tags(self, conn: Connection, resource_id: str, new_tags: Mapping[str, str]) -> None:
+        if not new_tags:
+            return
+        conn.execute(
+            delete(schema.tags).where(
+                and_(
+                    schema.tags.c.resource_id == resource_id, schema.tags.c.key.in_(list(new_tags))
+                )
+            )
+        )
+        conn.execute(
+            insert(schema.tags),
+            [{"resource_id": resource_id, "key": k, "value": v} for k, v in new_tags.items()],
+        )
+
+    def remove_tags(self, conn: Connection, resource_id: str, keys: Sequence[str]) -> None:
+        conn.execute(
+            delete(schema.tags).where(
+                and_(schema.tags.c.resource_id == resource_id, schema.tags.c.key.in_(list(keys)))
+            )
+        )
+
+    def tags_of(self, conn: Connection, resource_id: str) -> dict[str, str]:
+        rows = conn.execute(
+            select(schema.tags.c.key, schema.tags.c.value)
+            .where(schema.tags.c.resource_id == resource_id)
+            .order_by(schema.tags.c.key)
+        )
+        return {key: value for key, value in rows}
+
+    # -- Certificates --------------------------------------------------------------------
+
+    def insert_certificate(self, conn: Connection, *, sans: Sequence[str], **values: Any) -> int:
+        result = conn.execute(
+            insert(schema.certificates).values(sans=json.dumps(list(sans)), **values)
+        )
+        key = result.inserted_primary_key
+        assert key is not None
+        return int(key[0])
+
+    def get_certificate(
+        self, conn: Connection, ca_id: str, serial: str
+    ) -> CertificateRecord | None:
+        row = conn.execute(
+            select(schema.certificates).where(
+                and_(schema.certificates.c.ca_id == ca_id, schema.certificates.c.serial == serial)
+            )
+        ).first()
+        return _certificate(row) if row is not None else None
+
+    def get_certificate_by_id(self, conn: Connection, row_id: int) -> CertificateRecord | None:
+        row = conn.execute(
+            select(schema.certificates).where(schema.certificates.c.id == row_id)
+        ).first()
+        return _certificate(row) if row is not None else None
+
+    def list_certificates(
+        self,
+        conn: Connection,
+        *,
+        ca_id: str | None = None,
+        status: str | None = None,
+        expiring_before: datetime | None = None,
+        not_expired_at: datetime | None = None,
+        limit: int | None = None,
+        after_id: int = 0,
+    ) -> list[CertificateRecord]:
+        c = schema.certificates.c
+        query = select(schema.certificates).where(c.id > after_id).order_by(c.id)
+        if ca_id:
+            query = query.where(c.ca_id == ca_id)
+        if status:
+            query = query.where(c.status == status)
+        if expiring_before is not None:
+            query = query.where(c.not_after <= expiring_before)
+        if not_expired_at is not None:
+            query = query.where(c.not_after > not_expired_at)
+        if limit:
+            query = query.limit(limit)
+        return [_certificate(row) for row in conn.execute(query)]
+
+    def count_certificates(self, conn: Connection, ca_id: str | None = None) -> int:
+        query = select(func.count()).select_from(schema.certificates)
+        if ca_id:
+            query = query.where(schema.certificates.c.ca_id == ca_id)
+        return int(conn.execute(query).scalar_one())
+
+    def update_certificate(self, conn: Connection, row_id: int, **values: Any) -> None:
+        conn.execute(
+            update(schema.certificates).where(schema.certificates.c.id == row_id).values(**values)
+        )
+
+    # -- Idempotency ---------------------------------------------------------------------
+
+    def idempotency_entry(
+        self, conn: Connection, scope: str, token: str, newer_than: datetime
+    ) -> tuple[str, str] | None:
+        t = schema.idempotency.c
+        row = conn.execute(
+            select(t.request_hash, t.result_ref).where(
+                and_(t.scope == scope, t.token == token, t.created_at > newer_than)
+            )
+        ).first()
+        return (row[0], row[1]) if row is not None else None
+
+    def put_idempotency_entry(
+        self,
+        conn: Connection,
+        scope: str,
+        token: str,
+        request_hash: str,
+        result_ref: str,
+        now: datetime,
+        older_than: datetime,
+    ) -> None:
+        t = schema.idempotency.c
+        # An expired entry for the same token is simply replaced.
+        conn.execute(
+            delete(schema.idempotency).where(
+                and_(t.scope == scope, t.token == token, t.created_at <= older_than)
+            )
+        )
+        conn.execute(
+            insert(schema.idempotency).values(
+                scope=scope,
+                token=token,
+                request_hash=request_hash,
+                result_ref=result_ref,
+                created_at=now,
+            )
+        )
+
+    # -- Audit ---------------------------------------------------------------------------
+
+    def lock_audit_head(self, conn: Connection, genesis_mac: str) -> tuple[int, str]:
+        """The chain head, locked until the transaction ends (created on first use)."""
+        query = select(schema.audit_head.c.seq, schema.audit_head.c.mac).where(
+            schema.audit_head.c.id == 1
+        )
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            conn.execute(insert(schema.audit_head).values(id=1, seq=0, mac=genesis_mac))
+            return 0, genesis_mac
+        return int(row[0]), str(row[1])
+
+    def audit_head(self, conn: Connection) -> tuple[int, str] | None:
+        row = conn.execute(select(schema.audit_head.c.seq, schema.audit_head.c.mac)).first()
+        return (int(row[0]), str(row[1])) if row is not None else None
+
+    def append_audit_event(self, conn: Connection, **values: Any) -> None:
+        conn.execute(insert(schema.audit_events).values(**values))
+        conn.execute(
+            update(schema.audit_head)
+            .where(schema.audit_head.c.id == 1)
+            .values(seq=values["seq"], mac=values["mac"])
+        )
+
+    def iter_audit_events(self, conn: Connection, batch: int = 5000) -> Iterator[AuditEventRecord]:
+        last = -1
+        c = schema.audit_events.c
+        while True:
+            rows = conn.execute(
+                select(schema.audit_events).where(c.seq > last).order_by(c.seq).limit(batch)
+            ).all()
+            for row in rows:
+                values = dict(row._mapping)
+                values["at"] = _utc(values["at"])
+                yield AuditEventRecord(**values)
+            if len(rows) < batch:
+                return
+            last = rows[-1].seq

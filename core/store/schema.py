@@ -1,0 +1,145 @@
+"""The store's tables. Changes go through an alembic migration in ``migrations/versions``."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+Timestamp = DateTime(timezone=True)
+
+ca_keys = Table(
+    "ca_keys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("backend", String(32), nullable=False),
+    Column("algorithm", String(32), nullable=False),
+    # Opaque to the store: AES-256-GCM sealed PKCS#8 for the software backend, a token
+    # label for PKCS#11. NULL once the key has been destroyed.
+    Column("blob", LargeBinary, nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("destroyed_at", Timestamp, nullable=True),
+)
+
+authorities = Table(
+    "authorities",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("type", String(16), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("status_before_delete", String(32), nullable=True),
+    Column("key_id", String(64), ForeignKey("ca_keys.id"), nullable=False),
+    Column("key_algorithm", String(32), nullable=False),
+    Column("signing_algorithm", String(32), nullable=False),
+    Column("usage_mode", String(32), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("subject_der", LargeBinary, nullable=False),
+    Column("parent_id", String(64), ForeignKey("authorities.id"), nullable=True),
+    Column("certificate_der", LargeBinary, nullable=True),
+    # DER certificates above this CA's, issuer first, concatenated as PEM.
+    Column("chain_pem", Text, nullable=True),
+    Column("csr_der", LargeBinary, nullable=True),
+    Column("not_before", Timestamp, nullable=True),
+    Column("not_after", Timestamp, nullable=True),
+    # JSON: CRL/OCSP/AIA URLs, name constraints, backdate, truncate-validity.
+    Column("settings", Text, nullable=False, server_default="{}"),
+    Column("failure_reason", Text, nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    Column("deleted_at", Timestamp, nullable=True),
+    Column("restore_until", Timestamp, nullable=True),
+)
+
+tags = Table(
+    "tags",
+    metadata,
+    Column("resource_id", String(64), primary_key=True),
+    Column("key", String(128), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
+
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ca_id", String(64), ForeignKey("authorities.id"), nullable=False),
+    # Lower-case hex without leading zeros, as `openssl x509 -serial` shows it.
+    Column("serial", String(64), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("sans", Text, nullable=False),
+    Column("not_before", Timestamp, nullable=False),
+    Column("not_after", Timestamp, nullable=False),
+    Column("issued_at", Timestamp, nullable=False),
+    Column("template", String(128), nullable=False),
+    Column("requester", Text, nullable=False),
+    Column("connector", String(128), nullable=False),
+    Column("correlation_id", String(256), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("revoked_at", Timestamp, nullable=True),
+    Column("revocation_reason", String(32), nullable=True),
+    Column("fingerprint_sha256", String(64), nullable=False),
+    Column("der", LargeBinary, nullable=False),
+    UniqueConstraint("ca_id", "serial", name="uq_certificates_ca_serial"),
+    Index("ix_certificates_ca_status", "ca_id", "status"),
+    Index("ix_certificates_not_after", "not_after"),
+)
+
+idempotency = Table(
+    "idempotency",
+    metadata,
+    Column("scope", String(64), primary_key=True),
+    Column("token", String(128), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("result_ref", String(128), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column(
+        "seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
+    ),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("at", Timestamp, nullable=False),
+    Column("actor", String(256), nullable=False),
+    Column("connector", String(128), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("resource", String(256), nullable=False),
+    Column("parameters", Text, nullable=False),
+    Column("result", String(16), nullable=False),
+    Column("request_id", String(64), nullable=True),
+    Column("prev_mac", String(64), nullable=False),
+    Column("mac", String(64), nullable=False),
+    Index("ix_audit_events_resource", "resource"),
+)
+
+# One row (id = 1): the last sequence number and MAC. Every append locks it, so the chain
+# is extended by one writer at a time, and a truncated tail is detectable.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
+    Column("mac", String(64), nullable=False),
+)

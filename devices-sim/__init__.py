@@ -1,0 +1,1 @@
+"""Device simulator driving every front-end over real HTTP. Not built yet."""

@@ -1,0 +1,1 @@
+"""Composition root: CLI, configuration and (later) the HTTP gateway."""

@@ -1,0 +1,659 @@
+"""`pkigate`: the administrator's command line.
+
+Verbs follow the managed private CA's (`ca create | list | describe | csr |
+import-certificate | certificate | update | delete | restore | tag`, `cert issue | get |
+list`, `audit verify | report`). Human-readable output by default, ``--json`` for scripts;
+on error one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
+from functools import wraps
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from pkigate.core import (
+    Actor,
+    CASettings,
+    CASpec,
+    CAStatus,
+    CAType,
+    CAView,
+    Core,
+    IssuanceRequest,
+    KeyAlgorithm,
+    Requester,
+    SigningAlgorithm,
+    UsageMode,
+    Validity,
+)
+from pkigate.core.audit import render_report, report_rows
+from pkigate.core.errors import BadRequestError, PkigateError
+from pkigate.core.model import parse_enum
+from pkigate.core.names import parse_dn
+from pkigate.core.passthrough import parse_api_passthrough
+from pkigate.core.service import utc_now
+from pkigate.core.store import CertificateRecord
+from pkigate.core.templates import describe as describe_template
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+EXIT_ERROR = 1
+
+
+class State:
+    """Lazily opened core, so `--help` works without a data directory."""
+
+    def __init__(self, data_dir: Path | None, database_url: str | None, as_json: bool) -> None:
+        self.data_dir = data_dir
+        self.database_url = database_url
+        self.as_json = as_json
+        self._core: Core | None = None
+
+    @property
+    def core(self) -> Core:
+        if self._core is None:
+            self._core = Core.open(self.data_dir, self.database_url)
+            self._core.authorities.purge_expired_deletions(self.actor)
+        return self._core
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(f"cli:{getpass.getuser()}", "cli")
+
+    def emit(self, data: Any, human: str | Callable[[], str]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2, default=str))
+        else:
+            click.echo(human() if callable(human) else human)
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn the core's typed errors into one line on stderr and exit status 1."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except PkigateError as exc:
+            click.echo(f"error: {exc.message} [{exc.code}]", err=True)
+            sys.exit(EXIT_ERROR)
+
+    return wrapper
+
+
+@click.group()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    envvar="PKIGATE_HOME",
+    help="Data directory (default ./pkigate-data or $PKIGATE_HOME).",
+)
+@click.option(
+    "--database-url",
+    envvar="PKIGATE_DATABASE_URL",
+    help="SQLAlchemy URL; default SQLite in the data directory.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.version_option(package_name="pkigate")
+@click.pass_context
+def main(
+    ctx: click.Context, data_dir: Path | None, database_url: str | None, as_json: bool
+) -> None:
+    """pkigate: a private certificate authority with enrollment gateways."""
+    ctx.obj = State(data_dir, database_url, as_json)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _read(path: str) -> bytes:
+    return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+
+
+def _key_values(pairs: Iterable[str], what: str) -> dict[str, str]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BadRequestError(f"{what} must be KEY=VALUE, got {pair!r}")
+        result[key] = value
+    return result
+
+
+def normalize_serial(serial: str) -> str:
+    cleaned = serial.replace(":", "").strip().lower().removeprefix("0x").lstrip("0") or "0"
+    try:
+        int(cleaned, 16)
+    except ValueError:
+        raise BadRequestError(f"serial {serial!r} is not hexadecimal") from None
+    return cleaned
+
+
+def _ca_line(view: CAView) -> str:
+    r = view.record
+    expires = f"{r.not_after:%Y-%m-%d}" if r.not_after else "-"
+    return f"{r.id}  {r.type:<11} {view.status.value:<19} {expires}  {r.subject}"
+
+
+def _ca_details(view: CAView) -> str:
+    data = view.to_json()
+    lines = [
+        f"{key + ':':<20}{value}" for key, value in data.items() if key not in ("settings", "tags")
+    ]
+    lines += [f"{'tag ' + k + ':':<20}{v}" for k, v in data["tags"].items()]
+    lines += [f"{k + ':':<20}{v}" for k, v in data["settings"].items() if v not in (None, False)]
+    return "\n".join(lines)
+
+
+def _certificate_json(record: CertificateRecord, with_pem: bool = False) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "ca_id": record.ca_id,
+        "serial": record.serial,
+        "subject": record.subject,
+        "sans": list(record.sans),
+        "not_before": record.not_before.isoformat(),
+        "not_after": record.not_after.isoformat(),
+        "issued_at": record.issued_at.isoformat(),
+        "template": record.template,
+        "requester": record.requester,
+        "connector": record.connector,
+        "status": record.status,
+        "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
+        "revocation_reason": record.revocation_reason,
+        "fingerprint_sha256": record.fingerprint_sha256,
+    }
+    if with_pem:
+        data["certificate_pem"] = (
+            x509.load_der_x509_certificate(record.der)
+            .public_bytes(serialization.Encoding.PEM)
+            .decode()
+        )
+    return data
+
+
+def _certificate_line(record: CertificateRecord) -> str:
+    return (
+        f"{record.serial:<40} {record.status:<8} {record.not_after:%Y-%m-%d}  "
+        f"{record.template:<36} {record.subject}"
+    )
+
+
+def _parse_duration(text: str) -> timedelta:
+    validity = Validity.parse(text)
+    now = utc_now()
+    return validity.not_after(now) - now
+
+
+# -- ca ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def ca() -> None:
+    """Create and manage certificate authorities."""
+
+
+def _choices(values: Sequence[Any]) -> click.Choice[str]:
+    return click.Choice([str(v) for v in values])
+
+
+@ca.command("create")
+@click.option("--type", "ca_type", type=_choices(list(CAType)), required=True)
+@click.option("--subject", required=True, help='RFC 4514 DN, e.g. "CN=Example Root,O=Example"')
+@click.option(
+    "--key-algorithm", type=_choices(list(KeyAlgorithm)), default="EC_prime256v1", show_default=True
+)
+@click.option(
+    "--signing-algorithm",
+    type=_choices(list(SigningAlgorithm)),
+    help="Default: SHA-2 of the key's size with the key's family.",
+)
+@click.option(
+    "--usage-mode", type=_choices(list(UsageMode)), default="GENERAL_PURPOSE", show_default=True
+)
+@click.option("--validity", help="e.g. 10y, 60m, 3650d, END_DATE:20351231235959")
+@click.option("--parent", "parent_id", help="Sign the new SUBORDINATE with this pkigate CA.")
+@click.option("--path-length", type=click.IntRange(0, 3))
+@click.option("--crl-url")
+@click.option("--ocsp-url")
+@click.option("--ca-issuers-url")
+@click.option(
+    "--name-constraints",
+    type=click.Path(exists=True, dir_okay=False),
+    help="JSON file: permitted_dns, excluded_dns, permitted_ip, ...",
+)
+@click.option("--backdate-seconds", type=click.IntRange(0, 86400), default=300, show_default=True)
+@click.option(
+    "--truncate-validity",
+    is_flag=True,
+    help="Cut leaf validity at the CA's notAfter instead of refusing.",
+)
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
+@click.option("--idempotency-token")
+@pass_state
+@reports_errors
+def ca_create(
+    state: State,
+    ca_type: str,
+    subject: str,
+    key_algorithm: str,
+    signing_algorithm: str | None,
+    usage_mode: str,
+    validity: str | None,
+    parent_id: str | None,
+    path_length: int | None,
+    crl_url: str | None,
+    ocsp_url: str | None,
+    ca_issuers_url: str | None,
+    name_constraints: str | None,
+    backdate_seconds: int,
+    truncate_validity: bool,
+    tags: tuple[str, ...],
+    idempotency_token: str | None,
+) -> None:
+    """Create a ROOT (self-signed) or SUBORDINATE CA.
+
+    A SUBORDINATE without --parent waits in PENDING_CERTIFICATE: export its CSR with
+    `pkigate ca csr`, have it signed elsewhere, then `pkigate ca import-certificate`.
+    """
+    settings = CASettings.from_json(
+        {
+            "crl_url": crl_url,
+            "ocsp_url": ocsp_url,
+            "ca_issuers_url": ca_issuers_url,
+            "name_constraints": json.loads(Path(name_constraints).read_text())
+            if name_constraints
+            else None,
+            "backdate_seconds": backdate_seconds,
+            "truncate_validity": truncate_validity,
+        }
+    )
+    spec = CASpec(
+        type=CAType(ca_type),
+        subject=parse_dn(subject),
+        key_algorithm=KeyAlgorithm(key_algorithm),
+        signing_algorithm=SigningAlgorithm(signing_algorithm) if signing_algorithm else None,
+        usage_mode=UsageMode(usage_mode),
+        validity=Validity.parse(validity) if validity else None,
+        parent_ca_id=parent_id,
+        path_length=path_length,
+        settings=settings,
+        tags=_key_values(tags, "--tag"),
+    )
+    view = state.core.authorities.create(spec, state.actor, idempotency_token)
+    state.emit(view.to_json(), lambda: _ca_details(view))
+
+
+@ca.command("list")
+@click.option("--status", type=_choices(list(CAStatus)))
+@pass_state
+@reports_errors
+def ca_list(state: State, status: str | None) -> None:
+    """List CAs with their status and expiry."""
+    views = state.core.authorities.list_cas(CAStatus(status) if status else None)
+    state.emit(
+        [v.to_json() for v in views], lambda: "\n".join(_ca_line(v) for v in views) or "no CAs"
+    )
+
+
+@ca.command("describe")
+@click.argument("ca_id")
+@pass_state
+@reports_errors
+def ca_describe(state: State, ca_id: str) -> None:
+    """Show one CA."""
+    view = state.core.authorities.describe(ca_id)
+    state.emit(view.to_json(), lambda: _ca_details(view))
+
+
+@ca.command("csr")
+@click.argument("ca_id")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the PEM CSR here.")
+@pass_state
+@reports_errors
+def ca_csr(state: State, ca_id: str, out: str | None) -> None:
+    """Export a SUBORDINATE CA's CSR (PEM) for signing by an outside parent."""
+    pem = state.core.authorities.csr_pem(ca_id)
+    if out:
+        Path(out).write_text(pem)
+    state.emit({"ca_id": ca_id, "csr_pem": pem}, pem.rstrip() if not out else f"wrote {out}")
+
+
+@ca.command("import-certificate")
+@click.argument("ca_id")
+@click.option(
+    "--certificate",
+    "certificate_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+)
+@click.option(
+    "--chain",
+    "chain_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM bundle of the issuers, the direct issuer first, up to the root.",
+)
+@pass_state
+@reports_errors
+def ca_import_certificate(
+    state: State, ca_id: str, certificate_path: str, chain_path: str | None
+) -> None:
+    """Install a CA certificate signed elsewhere (bring your own parent)."""
+    view = state.core.authorities.import_certificate(
+        ca_id, _read(certificate_path), _read(chain_path) if chain_path else None, state.actor
+    )
+    state.emit(view.to_json(), lambda: _ca_details(view))
+
+
+@ca.command("certificate")
+@click.argument("ca_id")
+@pass_state
+@reports_errors
+def ca_certificate(state: State, ca_id: str) -> None:
+    """Print the CA's certificate followed by its chain (PEM)."""
+    certificate, chain = state.core.authorities.certificate_pem(ca_id)
+    state.emit({"certificate_pem": certificate, "chain_pem": chain}, (certificate + chain).rstrip())
+
+
+@ca.command("update")
+@click.argument("ca_id")
+@click.option("--status", type=click.Choice(["ACTIVE", "DISABLED"]), required=True)
+@pass_state
+@reports_errors
+def ca_update(state: State, ca_id: str, status: str) -> None:
+    """Enable or disable a CA."""
+    view = state.core.authorities.update_status(ca_id, CAStatus(status), state.actor)
+    state.emit(view.to_json(), lambda: _ca_line(view))
+
+
+@ca.command("delete")
+@click.argument("ca_id")
+@click.option(
+    "--restore-days",
+    type=int,
+    default=30,
+    show_default=True,
+    help="Days (7-30) during which `pkigate ca restore` can undo this.",
+)
+@pass_state
+@reports_errors
+def ca_delete(state: State, ca_id: str, restore_days: int) -> None:
+    """Delete a CA that is not ACTIVE; its key is destroyed after the restore window."""
+    view = state.core.authorities.delete(ca_id, restore_days, state.actor)
+    state.emit(view.to_json(), lambda: _ca_line(view))
+
+
+@ca.command("restore")
+@click.argument("ca_id")
+@pass_state
+@reports_errors
+def ca_restore(state: State, ca_id: str) -> None:
+    """Undo a deletion within its restore window."""
+    view = state.core.authorities.restore(ca_id, state.actor)
+    state.emit(view.to_json(), lambda: _ca_line(view))
+
+
+@ca.command("tag")
+@click.argument("ca_id")
+@click.argument("tags", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--remove", multiple=True, metavar="KEY")
+@pass_state
+@reports_errors
+def ca_tag(state: State, ca_id: str, tags: tuple[str, ...], remove: tuple[str, ...]) -> None:
+    """Add, change or remove tags on a CA; with no arguments, list them."""
+    authorities = state.core.authorities
+    view = (
+        authorities.tag(ca_id, _key_values(tags, "tag"), list(remove), state.actor)
+        if tags or remove
+        else authorities.describe(ca_id)
+    )
+    state.emit(
+        dict(view.tags), lambda: "\n".join(f"{k}={v}" for k, v in view.tags.items()) or "no tags"
+    )
+
+
+# -- cert --------------------------------------------------------------------------------------
+
+
+@main.group()
+def cert() -> None:
+    """Issue and look up certificates."""
+
+
+@cert.command("issue")
+@click.option("--ca", "ca_id", required=True)
+@click.option(
+    "--csr",
+    "csr_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+)
+@click.option("--template", default="EndEntityCertificate/V1", show_default=True)
+@click.option("--validity", default="30d", show_default=True)
+@click.option(
+    "--api-passthrough",
+    type=click.Path(exists=True, dir_okay=False),
+    help="JSON file with subject, sans, key_usage, extended_key_usage, ...",
+)
+@click.option("--signing-algorithm", type=_choices(list(SigningAlgorithm)))
+@click.option("--idempotency-token")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the certificate (PEM).")
+@click.option(
+    "--chain-out", type=click.Path(dir_okay=False), help="Write the chain (issuing CA first, PEM)."
+)
+@pass_state
+@reports_errors
+def cert_issue(
+    state: State,
+    ca_id: str,
+    csr_path: str,
+    template: str,
+    validity: str,
+    api_passthrough: str | None,
+    signing_algorithm: str | None,
+    idempotency_token: str | None,
+    out: str | None,
+    chain_out: str | None,
+) -> None:
+    """Issue a certificate from a PKCS#10 request."""
+    passthrough = None
+    if api_passthrough:
+        try:
+            passthrough = parse_api_passthrough(json.loads(Path(api_passthrough).read_text()))
+        except json.JSONDecodeError as exc:
+            raise BadRequestError(f"{api_passthrough}: invalid JSON: {exc}") from None
+    issued = state.core.issue(
+        IssuanceRequest(
+            ca_id=ca_id,
+            csr=_read(csr_path),
+            validity=Validity.parse(validity),
+            requester=Requester(state.actor.principal, "cli"),
+            template=template,
+            api_passthrough=passthrough,
+            signing_algorithm=parse_enum(SigningAlgorithm, signing_algorithm, "signing algorithm")
+            if signing_algorithm
+            else None,
+            idempotency_token=idempotency_token,
+        )
+    )
+    if out:
+        Path(out).write_text(issued.pem())
+    if chain_out:
+        Path(chain_out).write_text(issued.chain_pem())
+    data = {
+        **_certificate_json(issued.record),
+        "certificate_pem": issued.pem(),
+        "chain_pem": issued.chain_pem(),
+    }
+    state.emit(
+        data,
+        issued.pem().rstrip()
+        if not out
+        else f"issued serial {issued.serial} to {issued.record.subject}; wrote {out}",
+    )
+
+
+@cert.command("get")
+@click.option("--ca", "ca_id", required=True)
+@click.option("--serial", required=True)
+@click.option("--pem", "as_pem", is_flag=True, help="Print only the certificate PEM.")
+@pass_state
+@reports_errors
+def cert_get(state: State, ca_id: str, serial: str, as_pem: bool) -> None:
+    """Show one certificate by CA and serial."""
+    core = state.core
+    with core.store.read() as conn:
+        record = core.store.get_certificate(conn, ca_id, normalize_serial(serial))
+    if record is None:
+        from pkigate.core.errors import NotFoundError
+
+        raise NotFoundError(f"CA {ca_id} has issued no certificate with serial {serial}")
+    data = _certificate_json(record, with_pem=True)
+    if as_pem:
+        click.echo(data["certificate_pem"].rstrip())
+        return
+    state.emit(
+        data,
+        lambda: (
+            "\n".join(f"{k + ':':<20}{v}" for k, v in data.items() if k != "certificate_pem")
+            + "\n"
+            + data["certificate_pem"].rstrip()
+        ),
+    )
+
+
+@cert.command("list")
+@click.option("--ca", "ca_id")
+@click.option("--status", type=click.Choice(["ISSUED", "REVOKED"]))
+@click.option("--expiring-within", help="e.g. 30d: only those whose notAfter is that close.")
+@click.option("--include-expired", is_flag=True)
+@click.option("--limit", type=click.IntRange(1), default=1000, show_default=True)
+@pass_state
+@reports_errors
+def cert_list(
+    state: State,
+    ca_id: str | None,
+    status: str | None,
+    expiring_within: str | None,
+    include_expired: bool,
+    limit: int,
+) -> None:
+    """List issued certificates, filtered by CA, status and expiry window."""
+    now = utc_now()
+    core = state.core
+    with core.store.read() as conn:
+        records = core.store.list_certificates(
+            conn,
+            ca_id=ca_id,
+            status=status,
+            expiring_before=now + _parse_duration(expiring_within) if expiring_within else None,
+            not_expired_at=None if include_expired else now,
+            limit=limit,
+        )
+    state.emit(
+        [_certificate_json(r) for r in records],
+        lambda: "\n".join(_certificate_line(r) for r in records) or "no certificates",
+    )
+
+
+# -- template ----------------------------------------------------------------------------------
+
+
+@main.group()
+def template() -> None:
+    """The certificate template catalogue."""
+
+
+@template.command("list")
+@pass_state
+def template_list(state: State) -> None:
+    """List the templates by name."""
+    templates = [describe_template(t) for t in state.core.templates]
+    state.emit(
+        templates, lambda: "\n".join(f"{t['name']:<62} {t['description']}" for t in templates)
+    )
+
+
+# -- audit -------------------------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """Verify the audit log and export reports."""
+
+
+@audit.command("verify")
+@pass_state
+@reports_errors
+def audit_verify(state: State) -> None:
+    """Check the hash chain; name every edited, inserted or deleted event."""
+    result = state.core.audit.verify()
+    data = {
+        "ok": result.ok,
+        "events": result.events,
+        "problems": [{"seq": p.seq, "kind": p.kind, "detail": p.detail} for p in result.problems],
+    }
+    state.emit(
+        data,
+        lambda: (
+            f"audit log OK: {result.events} events verified"
+            if result.ok
+            else "audit log TAMPERED:\n"
+            + "\n".join(f"  event {p.seq}: {p.kind}: {p.detail}" for p in result.problems)
+        ),
+    )
+    if not result.ok:
+        sys.exit(EXIT_ERROR)
+
+
+@audit.command("report")
+@click.option("--ca", "ca_id", required=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True
+)
+@click.option("--out", type=click.Path(dir_okay=False))
+@pass_state
+@reports_errors
+def audit_report(state: State, ca_id: str, fmt: str, out: str | None) -> None:
+    """Every certificate a CA issued or revoked, as JSON or CSV."""
+    core = state.core
+    core.authorities.get(ca_id)
+    with core.store.read() as conn:
+        rows = report_rows(core.store.list_certificates(conn, ca_id=ca_id))
+    text = render_report(rows, fmt)
+    if out:
+        Path(out).write_text(text)
+        click.echo(f"wrote {len(rows)} certificates to {out}")
+    else:
+        click.echo(text.rstrip())
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+@main.command("demo")
+@pass_state
+@reports_errors
+def demo(state: State) -> None:
+    """Create a demo root and issuing CA (once) and issue a server certificate for localhost."""
+    from pkigate.gateways.demo import run_demo
+
+    result = run_demo(state.core, state.actor)
+    state.emit(result, lambda: "\n".join(f"{k + ':':<22}{v}" for k, v in result.items()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
