@@ -587,9 +587,13 @@ class AuthorityService:
                 f"the parent CA's path length {parent.path_length} allows at most "
                 f"{parent.path_length - 1} below the new CA"
             )
-        der, chain_pem = self.subordinate_signer(
-            parent.ca_id, csr, wanted, spec.validity or DEFAULT_SUBORDINATE_VALIDITY, actor
-        )
+        validity = spec.validity
+        if validity is None:
+            # The default lifetime, but never past the parent's own notAfter.
+            limit = min(DEFAULT_SUBORDINATE_VALIDITY.not_after(now),
+                        parent.certificate.not_valid_after_utc)
+            validity = Validity(ValidityType.ABSOLUTE, int(limit.timestamp()))
+        der, chain_pem = self.subordinate_signer(parent.ca_id, csr, wanted, validity, actor)
         self.import_certificate(ca_id, der, chain_pem.encode(), actor)
 
     # -- bring your own parent -----------------------------------------------------------

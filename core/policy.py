@@ -97,7 +97,8 @@ def compute_validity(
     A lifetime past the CA's own notAfter is refused unless the CA is configured to
     truncate; a SHORT_LIVED_CERTIFICATE CA issues at most 7 days.
     """
-    not_after = validity.not_after(now)
+    # X.509 times have one-second resolution.
+    not_after = validity.not_after(now).replace(microsecond=0)
     if not_after <= now:
         raise InvalidValidityError(f"requested notAfter {not_after.isoformat()} is in the past")
     if usage_mode == UsageMode.SHORT_LIVED_CERTIFICATE and not_after - now > SHORT_LIVED_MAX:
@@ -112,8 +113,7 @@ def compute_validity(
             )
         not_after = ca_not_after
     not_before = max(now - backdate, ca_not_before)
-    # X.509 times have one-second resolution.
-    return ValidityWindow(not_before.replace(microsecond=0), not_after.replace(microsecond=0))
+    return ValidityWindow(not_before.replace(microsecond=0), not_after)
 
 
 def check_contents(

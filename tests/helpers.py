@@ -1,0 +1,86 @@
+"""Helpers shared by the tests (importable because pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+
+from pkigate.core import Actor, CASpec, CAType, CAView, Core
+from pkigate.core.names import parse_dn
+
+
+class Clock:
+    """A clock the tests can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, delta: timedelta) -> None:
+        self.offset += delta
+
+
+ACTOR = Actor("test-admin", "test")
+
+
+def create_root(core: Core, cn: str = "Test Root", **kwargs: object) -> CAView:
+    return core.authorities.create(
+        CASpec(CAType.ROOT, parse_dn(f"CN={cn},O=pkigate tests"), **kwargs),  # type: ignore[arg-type]
+        ACTOR,
+    )
+
+
+def create_sub(core: Core, parent: CAView, cn: str = "Test Issuing CA", **kwargs: object) -> CAView:
+    return core.authorities.create(
+        CASpec(
+            CAType.SUBORDINATE,
+            parse_dn(f"CN={cn},O=pkigate tests"),
+            parent_ca_id=parent.record.id,
+            **kwargs,
+        ),  # type: ignore[arg-type]
+        ACTOR,
+    )
+
+
+def make_key(kind: str = "ec") -> CertificateIssuerPrivateKeyTypes:
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_csr(
+    cn: str | None = "host.example.test",
+    sans: list[x509.GeneralName] | None = None,
+    key: CertificateIssuerPrivateKeyTypes | None = None,
+    extensions: list[tuple[x509.ExtensionType, bool]] | None = None,
+) -> bytes:
+    key = key or make_key()
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        parse_dn(f"CN={cn}") if cn else x509.Name([])
+    )
+    if sans is None and cn:
+        sans = [x509.DNSName(cn)]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    for ext, critical in extensions or []:
+        builder = builder.add_extension(ext, critical)
+    algorithm = (
+        hashes.SHA256() if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) else None
+    )
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.05)
