@@ -590,8 +590,9 @@ class AuthorityService:
         validity = spec.validity
         if validity is None:
             # The default lifetime, but never past the parent's own notAfter.
-            limit = min(DEFAULT_SUBORDINATE_VALIDITY.not_after(now),
-                        parent.certificate.not_valid_after_utc)
+            limit = min(
+                DEFAULT_SUBORDINATE_VALIDITY.not_after(now), parent.certificate.not_valid_after_utc
+            )
             validity = Validity(ValidityType.ABSOLUTE, int(limit.timestamp()))
         der, chain_pem = self.subordinate_signer(parent.ca_id, csr, wanted, validity, actor)
         self.import_certificate(ca_id, der, chain_pem.encode(), actor)

@@ -125,6 +125,19 @@ class SoftwareKeyBackend:
         sealed = self._aead.encrypt(nonce, der, _aad(key_id))
         return _BLOB_MAGIC + self._kek.key_id + nonce + sealed
 
+    def check_kek(self, blob: bytes) -> None:
+        """Refuse to run with a KEK other than the one this blob was sealed under."""
+        if not blob.startswith(_BLOB_MAGIC):
+            return
+        header = len(_BLOB_MAGIC)
+        kek_id = blob[header : header + _KEK_ID_LEN]
+        if not hmac.compare_digest(kek_id, self._kek.key_id):
+            raise KeyBackendError(
+                f"the CA keys here were sealed under another key-encryption key "
+                f"({kek_id.hex()}; this process has {self._kek.key_id.hex()}): set "
+                f"{KEK_ENV} or the data directory's kek file to the right one"
+            )
+
     def load(self, key_id: str, blob: bytes) -> CAPrivateKey:
         cached = self._cache.get(key_id)
         if cached is not None:

@@ -58,7 +58,12 @@ class Core:
         store = Store.open(url)
         kek = KeyEncryptionKey.load_or_create(data_dir)
         audit = AuditLog(store, kek)
-        authorities = AuthorityService(store, SoftwareKeyBackend(kek), audit, clock)
+        keys = SoftwareKeyBackend(kek)
+        with store.read() as conn:
+            sample = store.any_key_blob(conn)
+        if sample is not None:
+            keys.check_kek(sample)
+        authorities = AuthorityService(store, keys, audit, clock)
         templates = TemplateCatalogue()
         issuer = Issuer(store, authorities, templates, audit, clock)
         core = cls(data_dir, store, kek, audit, authorities, templates, issuer)

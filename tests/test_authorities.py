@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-
 from helpers import ACTOR, create_root, create_sub, make_csr
+
 from pkigate.core import (
     CASpec,
     CAStatus,
@@ -43,21 +43,24 @@ COMPATIBLE = [
 
 
 def _issue(core: Core, ca_id: str, validity: str = "30d") -> x509.Certificate:
-    return core.issue(IssuanceRequest(ca_id, make_csr(), Validity.parse(validity),
-                                      Requester("tester"))).certificate
+    return core.issue(
+        IssuanceRequest(ca_id, make_csr(), Validity.parse(validity), Requester("tester"))
+    ).certificate
 
 
-def _last_event(core: Core):  # noqa: ANN202
+def _last_event(core: Core):
     return core.audit.events()[-1]
 
 
-@pytest.mark.parametrize(("key_algorithm", "signing_algorithm"), COMPATIBLE,
-                         ids=[f"{k}-{s}" for k, s in COMPATIBLE])
+@pytest.mark.parametrize(
+    ("key_algorithm", "signing_algorithm"), COMPATIBLE, ids=[f"{k}-{s}" for k, s in COMPATIBLE]
+)
 def test_root_with_every_key_and_signing_algorithm_issues(
-        sqlite_core: Core, key_algorithm: KeyAlgorithm,
-        signing_algorithm: SigningAlgorithm) -> None:
-    view = create_root(sqlite_core, key_algorithm=key_algorithm,
-                       signing_algorithm=signing_algorithm)
+    sqlite_core: Core, key_algorithm: KeyAlgorithm, signing_algorithm: SigningAlgorithm
+) -> None:
+    view = create_root(
+        sqlite_core, key_algorithm=key_algorithm, signing_algorithm=signing_algorithm
+    )
     assert view.status == CAStatus.ACTIVE
     ca_cert = x509.load_der_x509_certificate(view.record.certificate_der or b"")
     assert KeyAlgorithm.of_key(ca_cert.public_key()) == key_algorithm
@@ -71,20 +74,30 @@ def test_root_with_every_key_and_signing_algorithm_issues(
 
 def test_signing_algorithm_of_the_wrong_family_is_refused_and_audited(core: Core) -> None:
     with pytest.raises(UnsupportedAlgorithmError, match="cannot be used with"):
-        create_root(core, key_algorithm=KeyAlgorithm.EC_prime256v1,
-                    signing_algorithm=SigningAlgorithm.SHA256WITHRSA)
+        create_root(
+            core,
+            key_algorithm=KeyAlgorithm.EC_prime256v1,
+            signing_algorithm=SigningAlgorithm.SHA256WITHRSA,
+        )
     event = _last_event(core)
     assert (event.action, event.result) == ("ca.create", "failure")
     assert core.authorities.list_cas() == []
 
 
 def test_root_certificate_carries_the_subject_and_ca_extensions(core: Core) -> None:
-    view = core.authorities.create(CASpec(
-        CAType.ROOT, parse_dn("CN=Root,OU=Ops,O=Example,L=Berlin,ST=Berlin,C=DE,"
-                              "serialNumber=42")), ACTOR)
+    view = core.authorities.create(
+        CASpec(
+            CAType.ROOT,
+            parse_dn("CN=Root,OU=Ops,O=Example,L=Berlin,ST=Berlin,C=DE,serialNumber=42"),
+        ),
+        ACTOR,
+    )
     cert = x509.load_der_x509_certificate(view.record.certificate_der or b"")
     assert cert.subject == cert.issuer
-    assert cert.subject.rfc4514_string() == "CN=Root,OU=Ops,O=Example,L=Berlin,ST=Berlin,C=DE,2.5.4.5=42"
+    assert (
+        cert.subject.rfc4514_string()
+        == "CN=Root,OU=Ops,O=Example,L=Berlin,ST=Berlin,C=DE,2.5.4.5=42"
+    )
     assert cert.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)[0].value == "42"
     bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
     assert bc.critical and bc.value.ca
@@ -97,14 +110,14 @@ def test_empty_subject_is_refused(core: Core) -> None:
         core.authorities.create(CASpec(CAType.ROOT, x509.Name([])), ACTOR)
 
 
-def test_disable_enable_and_a_disabled_ca_does_not_issue(core: Core, issuing) -> None:  # noqa: ANN001
+def test_disable_enable_and_a_disabled_ca_does_not_issue(core: Core, issuing) -> None:
     ca_id = issuing.record.id
-    assert core.authorities.update_status(ca_id, CAStatus.DISABLED, ACTOR).status == \
-        CAStatus.DISABLED
+    assert (
+        core.authorities.update_status(ca_id, CAStatus.DISABLED, ACTOR).status == CAStatus.DISABLED
+    )
     with pytest.raises(CANotActiveError):
         _issue(core, ca_id)
-    assert core.authorities.update_status(ca_id, CAStatus.ACTIVE, ACTOR).status == \
-        CAStatus.ACTIVE
+    assert core.authorities.update_status(ca_id, CAStatus.ACTIVE, ACTOR).status == CAStatus.ACTIVE
     _issue(core, ca_id)
     actions = [(e.action, e.result) for e in core.audit.events()]
     assert ("ca.update", "success") in actions
@@ -112,7 +125,8 @@ def test_disable_enable_and_a_disabled_ca_does_not_issue(core: Core, issuing) ->
 
 
 def test_delete_is_refused_while_active_and_restore_returns_the_earlier_state(
-        core: Core, issuing) -> None:  # noqa: ANN001
+    core: Core, issuing
+) -> None:
     ca_id = issuing.record.id
     with pytest.raises(InvalidStateError, match="ACTIVE"):
         core.authorities.delete(ca_id, 7, ACTOR)
@@ -127,7 +141,7 @@ def test_delete_is_refused_while_active_and_restore_returns_the_earlier_state(
     assert restored.status == CAStatus.DISABLED
 
 
-def test_after_the_restore_window_the_key_is_destroyed(core: Core, issuing, clock) -> None:  # noqa: ANN001
+def test_after_the_restore_window_the_key_is_destroyed(core: Core, issuing, clock) -> None:
     ca_id = issuing.record.id
     core.authorities.update_status(ca_id, CAStatus.DISABLED, ACTOR)
     core.authorities.delete(ca_id, 7, ACTOR)
@@ -140,7 +154,7 @@ def test_after_the_restore_window_the_key_is_destroyed(core: Core, issuing, cloc
     assert _last_event(core).action == "ca.restore"
 
 
-def test_expired_ca_reports_expired_and_does_not_issue(core: Core, clock) -> None:  # noqa: ANN001
+def test_expired_ca_reports_expired_and_does_not_issue(core: Core, clock) -> None:
     view = create_root(core, validity=Validity.parse("30d"))
     clock.advance(timedelta(days=31))
     assert core.authorities.describe(view.record.id).status == CAStatus.EXPIRED
@@ -148,7 +162,7 @@ def test_expired_ca_reports_expired_and_does_not_issue(core: Core, clock) -> Non
         _issue(core, view.record.id, "1d")
 
 
-def test_tags_are_added_replaced_and_removed(core: Core, root) -> None:  # noqa: ANN001
+def test_tags_are_added_replaced_and_removed(core: Core, root) -> None:
     ca_id = root.record.id
     view = core.authorities.tag(ca_id, {"team": "infra", "env": "prod"}, [], ACTOR)
     assert dict(view.tags) == {"env": "prod", "team": "infra"}
@@ -168,7 +182,7 @@ def test_create_with_tags_and_idempotency_token(core: Core) -> None:
         core.authorities.create(other, ACTOR, idempotency_token="tok-1")
 
 
-def test_idempotency_token_expires_after_five_minutes(core: Core, clock) -> None:  # noqa: ANN001
+def test_idempotency_token_expires_after_five_minutes(core: Core, clock) -> None:
     spec = CASpec(CAType.ROOT, parse_dn("CN=Idem Root"))
     first = core.authorities.create(spec, ACTOR, idempotency_token="tok-2")
     clock.advance(timedelta(minutes=5, seconds=1))
@@ -190,7 +204,7 @@ def test_hierarchy_of_five_levels_and_no_sixth(core: Core) -> None:
         create_sub(core, leaf_issuer, cn="Level 6")
 
 
-def test_subordinate_cannot_exceed_its_parents_path_length(core: Core, root) -> None:  # noqa: ANN001
+def test_subordinate_cannot_exceed_its_parents_path_length(core: Core, root) -> None:
     middle = create_sub(core, root, cn="Middle", path_length=1)
     with pytest.raises(PolicyViolationError, match="path length"):
         create_sub(core, middle, cn="Too deep", path_length=1)
@@ -208,12 +222,14 @@ def test_subordinate_that_the_parent_refuses_is_marked_failed(core: Core) -> Non
     assert "beyond" in (failed[0].record.failure_reason or "")
 
 
-def test_short_lived_ca_issues_at_most_seven_days(core: Core, root) -> None:  # noqa: ANN001
-    short = create_sub(core, root, cn="Short", path_length=0,
-                       usage_mode=UsageMode.SHORT_LIVED_CERTIFICATE)
+def test_short_lived_ca_issues_at_most_seven_days(core: Core, root) -> None:
+    short = create_sub(
+        core, root, cn="Short", path_length=0, usage_mode=UsageMode.SHORT_LIVED_CERTIFICATE
+    )
     cert = _issue(core, short.record.id, "7d")
     assert cert.not_valid_after_utc - cert.not_valid_before_utc <= timedelta(days=7, minutes=5)
     from pkigate.core.errors import InvalidValidityError
+
     with pytest.raises(InvalidValidityError, match="SHORT_LIVED"):
         _issue(core, short.record.id, "8d")
 
@@ -234,32 +250,71 @@ def outside_root(tmp_path: Path) -> Path:
         "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
         "[v3_sub0]\nbasicConstraints=critical,CA:TRUE,pathlen:0\n"
         "keyUsage=critical,keyCertSign,cRLSign\n"
-        "[v3_leaf]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n")
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", "root.key", "-out", "root.pem", "-days", "3650", "-subj",
-             "/CN=Outside Root/O=Elsewhere", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=tmp_path)
+        "[v3_leaf]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+    )
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "root.key",
+        "-out",
+        "root.pem",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=Outside Root/O=Elsewhere",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=tmp_path,
+    )
     return tmp_path
 
 
-def _sign_outside(directory: Path, csr_pem: str, section: str, name: str,
-                  ca: str = "root") -> bytes:
+def _sign_outside(
+    directory: Path, csr_pem: str, section: str, name: str, ca: str = "root"
+) -> bytes:
     (directory / f"{name}.csr").write_text(csr_pem)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-days", "1000", "-extfile", "ca.cnf", "-extensions", section,
-             "-out", f"{name}.pem", cwd=directory)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "1000",
+        "-extfile",
+        "ca.cnf",
+        "-extensions",
+        section,
+        "-out",
+        f"{name}.pem",
+        cwd=directory,
+    )
     return (directory / f"{name}.pem").read_bytes()
 
 
 def _pending_sub(core: Core) -> str:
     view = core.authorities.create(
-        CASpec(CAType.SUBORDINATE, parse_dn("CN=BYO Issuing,O=pkigate tests")), ACTOR)
+        CASpec(CAType.SUBORDINATE, parse_dn("CN=BYO Issuing,O=pkigate tests")), ACTOR
+    )
     assert view.status == CAStatus.PENDING_CERTIFICATE
     return view.record.id
 
 
 def test_csr_export_and_import_of_a_certificate_signed_elsewhere(
-        core: Core, outside_root: Path) -> None:
+    core: Core, outside_root: Path
+) -> None:
     ca_id = _pending_sub(core)
     csr_pem = core.authorities.csr_pem(ca_id)
     csr = x509.load_pem_x509_csr(csr_pem.encode())
@@ -268,14 +323,25 @@ def test_csr_export_and_import_of_a_certificate_signed_elsewhere(
     root_pem = (outside_root / "root.pem").read_bytes()
     view = core.authorities.import_certificate(ca_id, cert, root_pem, ACTOR)
     assert view.status == CAStatus.ACTIVE
-    issued = core.issue(IssuanceRequest(ca_id, make_csr(), Validity.parse("30d"),
-                                        Requester("t")))
+    issued = core.issue(IssuanceRequest(ca_id, make_csr(), Validity.parse("30d"), Requester("t")))
     leaf = outside_root / "leaf.pem"
     leaf.write_bytes(issued.certificate.public_bytes(serialization.Encoding.PEM))
     (outside_root / "chain.pem").write_text(issued.chain_pem())
-    result = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", "root.pem",
-                             "-untrusted", "chain.pem", "leaf.pem"], cwd=outside_root,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-x509_strict",
+            "-CAfile",
+            "root.pem",
+            "-untrusted",
+            "chain.pem",
+            "leaf.pem",
+        ],
+        cwd=outside_root,
+        capture_output=True,
+        text=True,
+    )
     assert result.stdout.strip() == "leaf.pem: OK", result.stderr
 
 
@@ -284,24 +350,42 @@ def test_import_refuses_a_certificate_for_another_key(core: Core, outside_root: 
     other_csr = make_csr("Someone Else").decode()
     cert = _sign_outside(outside_root, other_csr, "v3_sub", "other")
     with pytest.raises(InvalidCertificateError, match="not this CA's key"):
-        core.authorities.import_certificate(ca_id, cert, (outside_root / "root.pem").read_bytes(),
-                                            ACTOR)
+        core.authorities.import_certificate(
+            ca_id, cert, (outside_root / "root.pem").read_bytes(), ACTOR
+        )
     assert core.authorities.describe(ca_id).status == CAStatus.PENDING_CERTIFICATE
     event = _last_event(core)
     assert (event.action, event.result) == ("ca.import_certificate", "failure")
 
 
-def test_import_refuses_a_chain_that_does_not_validate(core: Core, outside_root: Path,
-                                                       tmp_path_factory) -> None:  # noqa: ANN001
+def test_import_refuses_a_chain_that_does_not_validate(
+    core: Core, outside_root: Path, tmp_path_factory
+) -> None:
     ca_id = _pending_sub(core)
     cert = _sign_outside(outside_root, core.authorities.csr_pem(ca_id), "v3_sub", "sub")
     stranger = tmp_path_factory.mktemp("stranger")
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", "root.key", "-out", "root.pem", "-days", "10", "-subj",
-             "/CN=Outside Root/O=Elsewhere", cwd=stranger)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "root.key",
+        "-out",
+        "root.pem",
+        "-days",
+        "10",
+        "-subj",
+        "/CN=Outside Root/O=Elsewhere",
+        cwd=stranger,
+    )
     with pytest.raises(InvalidCertificateError, match="not signed by"):
-        core.authorities.import_certificate(ca_id, cert, (stranger / "root.pem").read_bytes(),
-                                            ACTOR)
+        core.authorities.import_certificate(
+            ca_id, cert, (stranger / "root.pem").read_bytes(), ACTOR
+        )
     with pytest.raises(InvalidCertificateError, match="chain up to the root is required"):
         core.authorities.import_certificate(ca_id, cert, None, ACTOR)
 
@@ -310,26 +394,39 @@ def test_import_refuses_a_certificate_that_is_not_a_ca(core: Core, outside_root:
     ca_id = _pending_sub(core)
     cert = _sign_outside(outside_root, core.authorities.csr_pem(ca_id), "v3_leaf", "leaf")
     with pytest.raises(InvalidCertificateError, match="not a CA certificate"):
-        core.authorities.import_certificate(ca_id, cert, (outside_root / "root.pem").read_bytes(),
-                                            ACTOR)
+        core.authorities.import_certificate(
+            ca_id, cert, (outside_root / "root.pem").read_bytes(), ACTOR
+        )
 
 
 def test_import_refuses_when_an_issuers_path_length_forbids_this_ca(
-        core: Core, outside_root: Path) -> None:
+    core: Core, outside_root: Path
+) -> None:
     # root -> intermediate (pathlen 0) -> our CA: the intermediate allows no CA below it.
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", "mid.key", "-out", "mid.csr", "-subj", "/CN=Outside Intermediate",
-             cwd=outside_root)
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "mid.key",
+        "-out",
+        "mid.csr",
+        "-subj",
+        "/CN=Outside Intermediate",
+        cwd=outside_root,
+    )
     mid = _sign_outside(outside_root, (outside_root / "mid.csr").read_text(), "v3_sub0", "mid")
     ca_id = _pending_sub(core)
-    cert = _sign_outside(outside_root, core.authorities.csr_pem(ca_id), "v3_sub", "sub",
-                         ca="mid")
+    cert = _sign_outside(outside_root, core.authorities.csr_pem(ca_id), "v3_sub", "sub", ca="mid")
     chain = mid + (outside_root / "root.pem").read_bytes()
     with pytest.raises(InvalidCertificateError, match="path length 0"):
         core.authorities.import_certificate(ca_id, cert, chain, ACTOR)
 
 
-def test_root_has_no_csr_and_pending_ca_has_no_certificate(core: Core, root) -> None:  # noqa: ANN001
+def test_root_has_no_csr_and_pending_ca_has_no_certificate(core: Core, root) -> None:
     with pytest.raises(InvalidStateError):
         core.authorities.csr_pem(root.record.id)
     pending = _pending_sub(core)

@@ -194,6 +194,12 @@ class Store:
             select(schema.ca_keys.c.blob).where(schema.ca_keys.c.id == key_id)
         ).scalar_one_or_none()
 
+    def any_key_blob(self, conn: Connection) -> bytes | None:
+        """One live sealed key, to check the key-encryption key against at start-up."""
+        return conn.execute(
+            select(schema.ca_keys.c.blob).where(schema.ca_keys.c.blob.is_not(None)).limit(1)
+        ).scalar_one_or_none()
+
     def destroy_key(self, conn: Connection, key_id: str, now: datetime) -> None:
         conn.execute(
             update(schema.ca_keys)

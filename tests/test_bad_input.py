@@ -1,0 +1,154 @@
+"""Bad input: a typed error, nothing stored, the refusal in the audit log."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from helpers import ACTOR, make_csr
+
+from pkigate.core import Core, IssuanceRequest, Requester, SigningAlgorithm, Validity
+from pkigate.core.errors import (
+    BadCSRError,
+    CANotActiveError,
+    InvalidValidityError,
+    NotFoundError,
+    PkigateError,
+    UnknownTemplateError,
+    UnsupportedAlgorithmError,
+    WeakKeyError,
+)
+from pkigate.core.model import CAStatus
+
+
+def _weak_rsa_csr(bits: int = 1024, exponent: int = 65537) -> bytes:
+    key = rsa.generate_private_key(public_exponent=exponent, key_size=bits)
+    return make_csr(key=key)
+
+
+def _csr_with_broken_signature() -> bytes:
+    der = x509.load_pem_x509_csr(make_csr()).public_bytes(serialization.Encoding.DER)
+    # Flip a bit inside the signature (the last bytes of the DER).
+    return der[:-3] + bytes([der[-3] ^ 0x01]) + der[-2:]
+
+
+def _csr_on_an_unsupported_curve() -> bytes:
+    key = ec.generate_private_key(ec.SECP256K1())
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "k1")]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+
+
+def _oversized_csr() -> bytes:
+    sans = [x509.DNSName(f"host-{i:05d}.example.test") for i in range(1500)]
+    return make_csr("big.example.test", sans)
+
+
+CASES: dict[str, tuple[Callable[[], dict[str, object]], type[PkigateError], str]] = {
+    "garbage": (
+        lambda: {"csr": b"this is not a certificate request"},
+        BadCSRError,
+        "cannot be parsed",
+    ),
+    "truncated": (
+        lambda: {
+            "csr": x509.load_pem_x509_csr(make_csr()).public_bytes(serialization.Encoding.DER)[:-20]
+        },
+        BadCSRError,
+        "cannot be parsed",
+    ),
+    "bad signature": (
+        lambda: {"csr": _csr_with_broken_signature()},
+        BadCSRError,
+        "does not verify",
+    ),
+    "over 32 KB": (lambda: {"csr": _oversized_csr()}, BadCSRError, "at most 32768"),
+    "rsa 1024": (lambda: {"csr": _weak_rsa_csr()}, WeakKeyError, "at least 2048"),
+    "rsa exponent 3": (lambda: {"csr": _weak_rsa_csr(2048, 3)}, WeakKeyError, "exponent"),
+    "unsupported curve": (
+        lambda: {"csr": _csr_on_an_unsupported_curve()},
+        WeakKeyError,
+        "secp256k1",
+    ),
+    "validity beyond the CA": (
+        lambda: {"validity": Validity.parse("30y")},
+        InvalidValidityError,
+        "beyond the CA",
+    ),
+    "signing algorithm of the wrong family": (
+        lambda: {"signing_algorithm": SigningAlgorithm.SHA256WITHRSA},
+        UnsupportedAlgorithmError,
+        "cannot be used with",
+    ),
+    "unknown template": (
+        lambda: {"template": "NoSuchTemplate/V1"},
+        UnknownTemplateError,
+        "unknown template",
+    ),
+    "unknown CA": (lambda: {"ca_id": "no-such-ca"}, NotFoundError, "no CA"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_request_is_refused_stores_nothing_and_is_audited(
+    core: Core, issuing, case: str
+) -> None:
+    build, error, message = CASES[case]
+    fields: dict[str, object] = {
+        "ca_id": issuing.record.id,
+        "csr": make_csr(),
+        "validity": Validity.parse("30d"),
+        "requester": Requester("mallory", "test"),
+    }
+    fields.update(build())
+    events_before = len(core.audit.events())
+    with pytest.raises(error, match=message):
+        core.issue(IssuanceRequest(**fields))  # type: ignore[arg-type]
+    with core.store.read() as conn:
+        assert core.store.count_certificates(conn) == 1  # only the issuing CA's own cert
+    events = core.audit.events()
+    assert len(events) == events_before + 1
+    refusal = events[-1]
+    assert (refusal.action, refusal.result, refusal.actor) == (
+        "certificate.issue",
+        "failure",
+        "mallory",
+    )
+    assert error.code in refusal.parameters
+    assert core.audit.verify().ok
+
+
+def test_inactive_ca_is_refused_and_audited(core: Core, issuing) -> None:
+    core.authorities.update_status(issuing.record.id, CAStatus.DISABLED, ACTOR)
+    with pytest.raises(CANotActiveError, match="DISABLED"):
+        core.issue(
+            IssuanceRequest(
+                issuing.record.id, make_csr(), Validity.parse("30d"), Requester("someone")
+            )
+        )
+    assert core.audit.events()[-1].parameters.count("caNotActive") == 1
+
+
+def test_rsa_modulus_with_close_primes_is_refused() -> None:
+    from pkigate.core.policy import check_public_key
+
+    # Two consecutive primes near 2^1024: Fermat's method factors their product at once.
+    p = (1 << 1024) + 643
+    q = (1 << 1024) + 1081
+    key = rsa.RSAPublicNumbers(65537, p * q).public_key()
+    with pytest.raises(WeakKeyError, match="Fermat"):
+        check_public_key(key)
+
+
+def test_rsa_modulus_with_a_small_factor_is_refused() -> None:
+    from pkigate.core.policy import check_public_key
+
+    n = 3 * ((1 << 2047) + 1)  # divisible by 3, 2049 bits
+    with pytest.raises(WeakKeyError, match="small prime factor"):
+        check_public_key(rsa.RSAPublicNumbers(65537, n).public_key())
