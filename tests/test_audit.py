@@ -137,7 +137,7 @@ def test_report_lists_issued_and_revoked_certificates_in_json_and_csv(
         rows = report_rows(busy_log.store.list_certificates(conn, ca_id=issuing.record.id))
     data = json.loads(render_report(rows, "json"))
     assert len(data) == 6
-    revoked = [r for r in data if r["serial"] == record.serial][0]
+    revoked = next(r for r in data if r["serial"] == record.serial)
     assert revoked["revocationReason"] == "keyCompromise" and revoked["revokedAt"]
     assert {
         "serial",

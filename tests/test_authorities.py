@@ -200,8 +200,18 @@ def test_hierarchy_of_five_levels_and_no_sixth(core: Core) -> None:
     chain = core.authorities.signing_material(leaf_issuer.record.id, core.issuer._clock()).chain
     assert len(chain) == 5
     assert cert.issuer == chain[0].subject
-    with pytest.raises(PolicyViolationError, match="at most 5 levels|path length 0"):
+    with pytest.raises(PolicyViolationError, match="path length 0"):
         create_sub(core, leaf_issuer, cn="Level 6")
+
+
+def test_hierarchy_depth_limit_is_enforced_whatever_the_path_lengths(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pkigate.core.authorities.MAX_HIERARCHY_DEPTH", 3)
+    level2 = create_sub(core, create_root(core), cn="Level 2", path_length=3)
+    level3 = create_sub(core, level2, cn="Level 3", path_length=2)
+    with pytest.raises(PolicyViolationError, match="at most 3 levels"):
+        create_sub(core, level3, cn="Level 4")
 
 
 def test_subordinate_cannot_exceed_its_parents_path_length(core: Core, root) -> None:
