@@ -200,7 +200,7 @@ def test_hierarchy_of_five_levels_and_no_sixth(core: Core) -> None:
     chain = core.authorities.signing_material(leaf_issuer.record.id, core.issuer._clock()).chain
     assert len(chain) == 5
     assert cert.issuer == chain[0].subject
-    with pytest.raises(PolicyViolationError, match="path length 0"):
+    with pytest.raises(PolicyViolationError, match="at most 5 levels"):
         create_sub(core, leaf_issuer, cn="Level 6")
 
 
