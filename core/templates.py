@@ -49,6 +49,14 @@ CA_CONTROLLED_EXTENSIONS = frozenset(
 
 OCSP_NO_CHECK = ExtensionOID.OCSP_NO_CHECK
 
+# Extensions that API passthrough supplies through a typed field, never as raw bytes.
+TYPED_PASSTHROUGH_FIELDS = {
+    ExtensionOID.KEY_USAGE: "key_usage",
+    ExtensionOID.EXTENDED_KEY_USAGE: "extended_key_usage",
+    ExtensionOID.CERTIFICATE_POLICIES: "certificate_policies",
+    ExtensionOID.SUBJECT_ALTERNATIVE_NAME: "sans",
+}
+
 
 @dataclass(frozen=True)
 class Template:
@@ -250,6 +258,22 @@ def key_usage_extension(usages: Iterable[str]) -> x509.KeyUsage:
     )
 
 
+def key_usage_names(usage: x509.KeyUsage) -> frozenset[str]:
+    names = {
+        "digitalSignature": usage.digital_signature,
+        "contentCommitment": usage.content_commitment,
+        "keyEncipherment": usage.key_encipherment,
+        "dataEncipherment": usage.data_encipherment,
+        "keyAgreement": usage.key_agreement,
+        "keyCertSign": usage.key_cert_sign,
+        "cRLSign": usage.crl_sign,
+    }
+    if usage.key_agreement:  # reading these raises otherwise
+        names["encipherOnly"] = usage.encipher_only
+        names["decipherOnly"] = usage.decipher_only
+    return frozenset(name for name, asserted in names.items() if asserted)
+
+
 def _fit_key_usage(usages: frozenset[str], key: CertificatePublicKeyTypes) -> frozenset[str]:
     """Drop usages the subject key cannot serve (RFC 8813: no keyEncipherment for EC keys)."""
     if isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
@@ -281,6 +305,17 @@ def resolve_contents(
 
     if api is not None:
         _apply_api(extensions, api)
+    passed_usage = extensions.get(ExtensionOID.KEY_USAGE)
+    if (
+        not template.is_ca
+        and passed_usage is not None
+        and isinstance(passed_usage.value, x509.KeyUsage)
+    ):
+        # Whatever the CSR or the API asked for, the subject key must be able to serve it.
+        fitted = _fit_key_usage(key_usage_names(passed_usage.value), csr.public_key())
+        extensions[ExtensionOID.KEY_USAGE] = x509.Extension(
+            ExtensionOID.KEY_USAGE, True, key_usage_extension(fitted)
+        )
 
     # Template-defined extensions last: they win.
     bc = x509.BasicConstraints(ca=template.is_ca, path_length=template.path_length)
@@ -321,6 +356,12 @@ def _apply_api(
         if custom.oid in CA_CONTROLLED_EXTENSIONS:
             raise PolicyViolationError(
                 f"extension {custom.oid.dotted_string} is set by the CA and cannot be supplied"
+            )
+        if custom.oid in TYPED_PASSTHROUGH_FIELDS:
+            # Raw bytes would bypass the policy checks that the typed field gets.
+            raise PolicyViolationError(
+                f"extension {custom.oid.dotted_string} must be given as "
+                f"{TYPED_PASSTHROUGH_FIELDS[custom.oid]}, not as a custom extension"
             )
         extensions[custom.oid] = x509.Extension(
             custom.oid, custom.critical, x509.UnrecognizedExtension(custom.oid, custom.value)
