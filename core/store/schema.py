@@ -143,3 +143,39 @@ audit_head = Table(
     Column("seq", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
     Column("mac", String(64), nullable=False),
 )
+
+# Management API bearer tokens. Only a SHA-256 of the secret is kept: the secrets are 256
+# random bits, so a slow password hash would add nothing but latency to every API call.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("created_by", String(256), nullable=False),
+    Column("revoked_at", Timestamp, nullable=True),
+)
+
+# Background work (CRL regeneration, ACME validation, webhook retries): claimed by worker
+# threads in any gateway process, so nothing depends on one process's memory.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(64), nullable=False),
+    Column("payload", Text, nullable=False),
+    # At most one pending job per dedupe key (e.g. "crl:<ca id>"): re-enqueueing is free.
+    Column("dedupe_key", String(200), nullable=True, unique=True),
+    Column("status", String(16), nullable=False),
+    Column("run_at", Timestamp, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("max_attempts", Integer, nullable=False, server_default="5"),
+    Column("locked_by", String(128), nullable=True),
+    Column("locked_until", Timestamp, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("finished_at", Timestamp, nullable=True),
+    Index("ix_jobs_status_run_at", "status", "run_at"),
+)
