@@ -641,6 +641,40 @@ def audit_report(state: State, ca_id: str, fmt: str, out: str | None) -> None:
         click.echo(text.rstrip())
 
 
+# -- serve -------------------------------------------------------------------------------------
+
+
+@main.command("serve")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="PKIGATE_CONFIG",
+    help="TOML configuration (default: embedded default).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="gunicorn worker processes per listener (default 1, or the config's).",
+)
+@click.pass_context
+def serve_command(ctx: click.Context, config_path: Path | None, workers: int | None) -> None:
+    """Run the HTTP and HTTPS listeners (CA certificates, SCEP, ACME, API, ...)."""
+    from pkigate.gateways.config import ConfigError
+    from pkigate.gateways.serve import serve
+
+    state: State = ctx.obj
+    try:
+        code = serve(config_path, state.data_dir, state.database_url, workers)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    except PkigateError as exc:
+        click.echo(f"error: {exc.message} [{exc.code}]", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(code)
+
+
 # -- demo --------------------------------------------------------------------------------------
 
 

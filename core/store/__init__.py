@@ -28,6 +28,7 @@ from pkigate.core.store.engine import (
 )
 
 __all__ = [
+    "ApiTokenRecord",
     "AuditEventRecord",
     "CARecord",
     "CertificateRecord",
@@ -111,6 +112,24 @@ class AuditEventRecord:
     request_id: str | None
     prev_mac: str
     mac: str
+
+
+@dataclass(frozen=True)
+class ApiTokenRecord:
+    id: str
+    name: str
+    role: str
+    secret_sha256: str
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None
+
+
+def _api_token(row: Any) -> ApiTokenRecord:
+    values = dict(row._mapping)
+    values["created_at"] = _utc(values["created_at"])
+    values["revoked_at"] = as_utc(values["revoked_at"])
+    return ApiTokenRecord(**values)
 
 
 def _ca(row: Any) -> CARecord:
@@ -322,10 +341,25 @@ class Store:
             query = query.limit(limit)
         return [_certificate(row) for row in conn.execute(query)]
 
-    def count_certificates(self, conn: Connection, ca_id: str | None = None) -> int:
+    def count_certificates(
+        self,
+        conn: Connection,
+        ca_id: str | None = None,
+        *,
+        status: str | None = None,
+        not_expired_at: datetime | None = None,
+        expiring_before: datetime | None = None,
+    ) -> int:
+        c = schema.certificates.c
         query = select(func.count()).select_from(schema.certificates)
         if ca_id:
-            query = query.where(schema.certificates.c.ca_id == ca_id)
+            query = query.where(c.ca_id == ca_id)
+        if status:
+            query = query.where(c.status == status)
+        if not_expired_at is not None:
+            query = query.where(c.not_after > not_expired_at)
+        if expiring_before is not None:
+            query = query.where(c.not_after <= expiring_before)
         return int(conn.execute(query).scalar_one())
 
     def update_certificate(self, conn: Connection, row_id: int, **values: Any) -> None:
@@ -372,6 +406,29 @@ class Store:
                 created_at=now,
             )
         )
+
+    # -- API tokens ----------------------------------------------------------------------
+
+    def insert_api_token(self, conn: Connection, **values: Any) -> None:
+        conn.execute(insert(schema.api_tokens).values(**values))
+
+    def get_api_token(self, conn: Connection, token_id: str) -> ApiTokenRecord | None:
+        row = conn.execute(
+            select(schema.api_tokens).where(schema.api_tokens.c.id == token_id)
+        ).first()
+        return _api_token(row) if row is not None else None
+
+    def list_api_tokens(self, conn: Connection) -> list[ApiTokenRecord]:
+        rows = conn.execute(select(schema.api_tokens).order_by(schema.api_tokens.c.created_at))
+        return [_api_token(row) for row in rows]
+
+    def revoke_api_token(self, conn: Connection, token_id: str, now: datetime) -> bool:
+        result = conn.execute(
+            update(schema.api_tokens)
+            .where(schema.api_tokens.c.id == token_id, schema.api_tokens.c.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        return bool(result.rowcount)
 
     # -- Audit ---------------------------------------------------------------------------
 

@@ -1,0 +1,485 @@
+"""The gateway's TOML configuration, parsed into typed settings with precise errors.
+
+Example (every key optional; without a file `pkigate serve` runs the embedded default)::
+
+    data_dir = "/var/lib/pkigate"
+    database_url = "postgresql://pkigate@db/pkigate"
+    workers = 4
+    max_body_bytes = 1048576
+
+    [listeners]
+    http = "127.0.0.1:8080"           # CA certificates, CRLs, OCSP, SCEP
+    https = "127.0.0.1:8443"          # ACME, AD-style enrollment, management API
+    tls_from_ca = "issuing"           # or tls_certificate / tls_key files
+    public_http_url = "http://pki.example.com"    # what goes into CDP/AIA URLs
+
+    [[cas]]
+    name = "root"
+    type = "ROOT"
+    subject = "CN=Example Root"
+    key_algorithm = "EC_secp384r1"
+
+    [[cas]]
+    name = "issuing"
+    type = "SUBORDINATE"
+    parent = "root"
+    subject = "CN=Example Issuing CA"
+    path_length = 0
+
+    [[connectors]]
+    type = "scep"
+    name = "intune"
+    mount = "/scep/intune"
+    ca = "issuing"
+    template = "EndEntityClientAuthCertificate/V1"
+    [connectors.settings]
+    challenge = "static"
+
+A wrong key, type or value is reported as ``FILE:LINE: key.path: problem`` and the server
+does not start.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pkigate.core.model import CAType, KeyAlgorithm, SigningAlgorithm, UsageMode, Validity
+from pkigate.core.names import parse_dn
+
+DEFAULT_HTTP = "127.0.0.1:8080"
+DEFAULT_HTTPS = "127.0.0.1:8443"
+DEFAULT_MAX_BODY = 1024 * 1024
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, with where it is."""
+
+    def __init__(self, message: str, key: str = "", source: str = "", line: int | None = None):
+        self.message, self.key, self.source, self.line = message, key, source, line
+        where = source + (f":{line}" if line else "")
+        super().__init__(": ".join(part for part in (where, key, message) if part))
+
+
+@dataclass(frozen=True)
+class Listeners:
+    http: str = DEFAULT_HTTP
+    https: str = DEFAULT_HTTPS
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    tls_from_ca: str | None = "issuing"  # resolved by parse_config
+    public_http_url: str | None = None
+    public_https_url: str | None = None
+
+    @property
+    def http_url(self) -> str:
+        return (self.public_http_url or f"http://{self.http}").rstrip("/")
+
+    @property
+    def https_url(self) -> str:
+        return (self.public_https_url or f"https://{self.https}").rstrip("/")
+
+
+@dataclass(frozen=True)
+class CAConfig:
+    """A CA the gateway creates on first start and finds again by ``name`` afterwards."""
+
+    name: str
+    type: CAType
+    subject: str
+    key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_prime256v1
+    signing_algorithm: SigningAlgorithm | None = None
+    usage_mode: UsageMode = UsageMode.GENERAL_PURPOSE
+    parent: str | None = None
+    path_length: int | None = None
+    validity: Validity | None = None
+    publish_revocation: bool = True
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    type: str
+    name: str
+    mount: str
+    ca: str
+    template: str | None = None
+    validity: Validity | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    data_dir: Path | None = None
+    database_url: str | None = None
+    workers: int = 1
+    threads: int = 8
+    job_threads: int = 1
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    log_level: str = "INFO"
+    listeners: Listeners = field(default_factory=Listeners)
+    cas: tuple[CAConfig, ...] = ()
+    connectors: tuple[ConnectorConfig, ...] | None = None  # None: every installed type
+    source: str = "embedded default"
+
+
+def default_cas() -> tuple[CAConfig, ...]:
+    return (
+        CAConfig(
+            "root", CAType.ROOT, "CN=pkigate Root CA,O=pkigate", validity=Validity.parse("10y")
+        ),
+        CAConfig(
+            "issuing",
+            CAType.SUBORDINATE,
+            "CN=pkigate Issuing CA,O=pkigate",
+            parent="root",
+            path_length=0,
+            validity=Validity.parse("5y"),
+        ),
+    )
+
+
+class _Reader:
+    """Walks the parsed TOML, knowing the text so that errors can name their line."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.lines = text.splitlines()
+        self.source = source
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, key, self.source, self._line_of(key))
+
+    def _line_of(self, key: str) -> int | None:
+        """The line where ``key`` (``a.b``, ``connectors[1].mount``) is set, if found."""
+        parts = re.findall(r"[^.\[\]]+|\[\d+\]", key)
+        leaf = parts[-1] if parts and not parts[-1].startswith("[") else None
+        tables = (
+            [p for p in parts[:-1] if not p.startswith("[")]
+            if leaf
+            else [p for p in parts if not p.startswith("[")]
+        )
+        indexes = [int(p[1:-1]) for p in parts if p.startswith("[")]
+        header = ".".join(tables)
+        seen = -1
+        in_table = header == ""
+        start = None
+        for number, raw in enumerate(self.lines, start=1):
+            line = raw.strip()
+            if line.startswith("["):
+                name = line.strip("[] ")
+                if name == header or (tables and name == tables[0] and len(tables) > 1):
+                    if line.startswith("[[") and name == tables[0]:
+                        seen += 1
+                    in_table = not indexes or seen == indexes[0]
+                    if in_table and start is None:
+                        start = number
+                    continue
+                if not (tables and name.startswith(tables[0] + ".") and in_table):
+                    in_table = False
+                continue
+            if in_table and leaf and re.match(rf"^{re.escape(leaf)}\s*=", line):
+                return number
+        if leaf and start is not None:  # the key may name a sub-table: [connectors.settings]
+            sub_table = f"[{'.'.join([*tables, leaf])}]"
+            for number, raw in enumerate(self.lines[start:], start=start + 1):
+                if raw.strip() == sub_table:
+                    return number
+        return start
+
+    # typed getters -------------------------------------------------------------------
+
+    def table(self, data: Mapping[str, Any], key: str, allowed: Sequence[str]) -> None:
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise self.error(
+                f"{key}.{unknown[0]}" if key else unknown[0],
+                f"unknown key; expected one of {', '.join(sorted(allowed))}",
+            )
+
+    def string(
+        self,
+        data: Mapping[str, Any],
+        name: str,
+        key: str,
+        default: str | None = None,
+        required: bool = False,
+    ) -> str | None:
+        if name not in data:
+            if required:
+                raise self.error(key, "is required")
+            return default
+        value = data[name]
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"must be a non-empty string, not {value!r}")
+        return value
+
+    def integer(
+        self, data: Mapping[str, Any], name: str, key: str, default: int, low: int, high: int
+    ) -> int:
+        value = data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.error(key, f"must be an integer from {low} to {high}, not {value!r}")
+        return value
+
+    def choice(
+        self, data: Mapping[str, Any], name: str, key: str, enum: Any, default: Any = None
+    ) -> Any:
+        raw = self.string(data, name, key)
+        if raw is None:
+            return default
+        try:
+            return enum(raw)
+        except ValueError:
+            raise self.error(
+                key, f"must be one of {', '.join(m.value for m in enum)}, not {raw!r}"
+            ) from None
+
+
+def _address(reader: _Reader, value: str | None, key: str, default: str) -> str:
+    value = value or default
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise reader.error(key, f"must be HOST:PORT, not {value!r}")
+    return value
+
+
+def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
+    reader = _Reader(text, source)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(
+            f"not valid TOML: {exc}", "", source, int(match.group(1)) if match else None
+        ) from None
+    reader.table(
+        data,
+        "",
+        [
+            "data_dir",
+            "database_url",
+            "workers",
+            "threads",
+            "job_threads",
+            "max_body_bytes",
+            "log_level",
+            "listeners",
+            "cas",
+            "connectors",
+        ],
+    )
+    listeners_data = data.get("listeners", {})
+    if not isinstance(listeners_data, dict):
+        raise reader.error("listeners", "must be a table")
+    reader.table(
+        listeners_data,
+        "listeners",
+        [
+            "http",
+            "https",
+            "tls_certificate",
+            "tls_key",
+            "tls_from_ca",
+            "public_http_url",
+            "public_https_url",
+        ],
+    )
+    certificate = reader.string(listeners_data, "tls_certificate", "listeners.tls_certificate")
+    key = reader.string(listeners_data, "tls_key", "listeners.tls_key")
+    if bool(certificate) != bool(key):
+        raise reader.error("listeners.tls_certificate", "tls_certificate and tls_key go together")
+    listeners = Listeners(
+        http=_address(
+            reader,
+            reader.string(listeners_data, "http", "listeners.http"),
+            "listeners.http",
+            DEFAULT_HTTP,
+        ),
+        https=_address(
+            reader,
+            reader.string(listeners_data, "https", "listeners.https"),
+            "listeners.https",
+            DEFAULT_HTTPS,
+        ),
+        tls_certificate=Path(certificate) if certificate else None,
+        tls_key=Path(key) if key else None,
+        tls_from_ca=None
+        if certificate
+        else reader.string(listeners_data, "tls_from_ca", "listeners.tls_from_ca"),
+        public_http_url=reader.string(
+            listeners_data, "public_http_url", "listeners.public_http_url"
+        ),
+        public_https_url=reader.string(
+            listeners_data, "public_https_url", "listeners.public_https_url"
+        ),
+    )
+    cas = tuple(_parse_ca(reader, item, i) for i, item in enumerate(_array(reader, data, "cas")))
+    names = [c.name for c in cas]
+    for i, ca in enumerate(cas):
+        if names.count(ca.name) > 1:
+            raise reader.error(f"cas[{i}].name", f"duplicate CA name {ca.name!r}")
+        if ca.parent is not None and ca.parent not in names[:i]:
+            raise reader.error(
+                f"cas[{i}].parent", f"{ca.parent!r} is not a CA defined before this one"
+            )
+    cas = cas or default_cas()
+    names = [c.name for c in cas]
+    if listeners.tls_from_ca and listeners.tls_from_ca not in names:
+        raise reader.error("listeners.tls_from_ca", f"no CA named {listeners.tls_from_ca!r}")
+    if not certificate and not listeners.tls_from_ca:
+        # The server certificate comes from the last CA defined: the issuing one.
+        listeners = replace(listeners, tls_from_ca=names[-1])
+    connectors = None
+    if "connectors" in data:
+        connectors = tuple(
+            _parse_connector(reader, item, i, names)
+            for i, item in enumerate(_array(reader, data, "connectors"))
+        )
+        seen: set[str] = set()
+        for i, connector in enumerate(connectors):
+            if connector.name in seen:
+                raise reader.error(
+                    f"connectors[{i}].name", f"duplicate connector name {connector.name!r}"
+                )
+            seen.add(connector.name)
+    data_dir = reader.string(data, "data_dir", "data_dir")
+    return GatewayConfig(
+        data_dir=Path(data_dir) if data_dir else None,
+        database_url=reader.string(data, "database_url", "database_url"),
+        workers=reader.integer(data, "workers", "workers", 1, 1, 64),
+        threads=reader.integer(data, "threads", "threads", 8, 1, 256),
+        job_threads=reader.integer(data, "job_threads", "job_threads", 1, 0, 32),
+        max_body_bytes=reader.integer(
+            data, "max_body_bytes", "max_body_bytes", DEFAULT_MAX_BODY, 1024, 64 * 1024 * 1024
+        ),
+        log_level=reader.string(data, "log_level", "log_level", "INFO") or "INFO",
+        listeners=listeners,
+        cas=cas,
+        connectors=connectors,
+        source=source,
+    )
+
+
+def _array(reader: _Reader, data: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise reader.error(key, f"must be an array of tables ([[{key}]])")
+    return value
+
+
+def _parse_ca(reader: _Reader, item: dict[str, Any], index: int) -> CAConfig:
+    where = f"cas[{index}]"
+    reader.table(
+        item,
+        where,
+        [
+            "name",
+            "type",
+            "subject",
+            "key_algorithm",
+            "signing_algorithm",
+            "usage_mode",
+            "parent",
+            "path_length",
+            "validity",
+            "publish_revocation",
+        ],
+    )
+    name = reader.string(item, "name", f"{where}.name", required=True) or ""
+    if not _NAME.match(name):
+        raise reader.error(f"{where}.name", "use letters, digits, '.', '_' or '-'")
+    subject = reader.string(item, "subject", f"{where}.subject", required=True) or ""
+    try:
+        parse_dn(subject)
+    except Exception as exc:  # the core's error names the problem
+        raise reader.error(f"{where}.subject", str(exc)) from None
+    ca_type = reader.choice(item, "type", f"{where}.type", CAType)
+    if ca_type is None:
+        raise reader.error(f"{where}.type", "is required (ROOT or SUBORDINATE)")
+    validity = reader.string(item, "validity", f"{where}.validity")
+    try:
+        parsed_validity = Validity.parse(validity) if validity else None
+    except Exception as exc:
+        raise reader.error(f"{where}.validity", str(exc)) from None
+    parent = reader.string(item, "parent", f"{where}.parent")
+    if ca_type == CAType.ROOT and parent:
+        raise reader.error(f"{where}.parent", "a ROOT CA has no parent")
+    return CAConfig(
+        name=name,
+        type=ca_type,
+        subject=subject,
+        key_algorithm=reader.choice(
+            item,
+            "key_algorithm",
+            f"{where}.key_algorithm",
+            KeyAlgorithm,
+            KeyAlgorithm.EC_prime256v1,
+        ),
+        signing_algorithm=reader.choice(
+            item, "signing_algorithm", f"{where}.signing_algorithm", SigningAlgorithm
+        ),
+        usage_mode=reader.choice(
+            item, "usage_mode", f"{where}.usage_mode", UsageMode, UsageMode.GENERAL_PURPOSE
+        ),
+        parent=parent,
+        path_length=reader.integer(item, "path_length", f"{where}.path_length", 0, 0, 3)
+        if "path_length" in item
+        else None,
+        validity=parsed_validity,
+        publish_revocation=bool(item.get("publish_revocation", True)),
+    )
+
+
+def _parse_connector(
+    reader: _Reader, item: dict[str, Any], index: int, ca_names: Sequence[str]
+) -> ConnectorConfig:
+    where = f"connectors[{index}]"
+    reader.table(item, where, ["type", "name", "mount", "ca", "template", "validity", "settings"])
+    name = reader.string(item, "name", f"{where}.name", required=True) or ""
+    if not _NAME.match(name):
+        raise reader.error(f"{where}.name", "use letters, digits, '.', '_' or '-'")
+    mount = reader.string(item, "mount", f"{where}.mount", required=True) or ""
+    if not re.match(r"^(/[A-Za-z0-9._~-]+)+$", mount) or mount.startswith(
+        ("/api", "/ca/", "/crl", "/ocsp")
+    ):
+        raise reader.error(
+            f"{where}.mount",
+            f"must be a path like /scep/mdm outside reserved prefixes, not {mount!r}",
+        )
+    ca = reader.string(item, "ca", f"{where}.ca", "issuing") or "issuing"
+    if ca not in ca_names:
+        raise reader.error(f"{where}.ca", f"no CA named {ca!r}")
+    settings = item.get("settings", {})
+    if not isinstance(settings, dict):
+        raise reader.error(f"{where}.settings", "must be a table")
+    validity = reader.string(item, "validity", f"{where}.validity")
+    try:
+        parsed_validity = Validity.parse(validity) if validity else None
+    except Exception as exc:
+        raise reader.error(f"{where}.validity", str(exc)) from None
+    return ConnectorConfig(
+        type=reader.string(item, "type", f"{where}.type", required=True) or "",
+        name=name,
+        mount=mount,
+        ca=ca,
+        template=reader.string(item, "template", f"{where}.template"),
+        validity=parsed_validity,
+        settings=settings,
+    )
+
+
+def load_config(path: Path) -> GatewayConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", "", str(path)) from None
+    return parse_config(text, str(path))
+
+
+def locate(config_text: str, source: str, key: str) -> ConfigError:
+    """An error for ``key`` found by a later stage (a connector's own settings check)."""
+    return _Reader(config_text, source).error(key, "")

@@ -1,0 +1,135 @@
+"""The connector contract: how an enrollment front-end plugs into the gateway.
+
+A connector type is a class registered under the entry-point group ``pkigate.connectors``
+(pkigate's own SCEP, ACME and AD-style connectors register the same way a third-party
+package does). The gateway instantiates it once per configured instance with a
+:class:`ConnectorContext`, mounts its blueprint at the instance's mount path on the
+listener it asks for, and mounts its admin blueprint under
+``/api/v1/connectors/<name>/``. The connector authenticates and authorizes requests in its
+protocol's terms and calls :meth:`ConnectorContext.issue` with the identity it proved —
+it never signs and never writes the store itself.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from flask import Blueprint
+
+from pkigate.core import Core, IssuanceRequest, IssuedCertificate, Requester, Validity
+from pkigate.core.errors import PkigateError
+from pkigate.core.passthrough import ApiPassthrough
+
+ENTRY_POINT_GROUP = "pkigate.connectors"
+Listener = Literal["http", "https"]
+
+
+class ConnectorSettingsError(ValueError):
+    """A connector's own settings are wrong; ``key`` names the setting."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ConnectorContext:
+    """What the gateway gives a connector instance."""
+
+    name: str
+    type: str
+    mount: str
+    ca_id: str
+    template: str
+    validity: Validity
+    core: Core
+    base_url: str  # the listener's public URL, without the mount path
+    record_issuance: Callable[[str, str, str], None] = field(default=lambda *_: None)
+    enqueue_job: Callable[..., int] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.base_url + self.mount
+
+    def issue(
+        self,
+        csr: bytes | Any,
+        requester: Requester,
+        *,
+        api_passthrough: ApiPassthrough | None = None,
+        correlation_id: str | None = None,
+        template: str | None = None,
+        validity: Validity | None = None,
+        idempotency_token: str | None = None,
+    ) -> IssuedCertificate:
+        """Issue through the core with this instance's CA, template and validity."""
+        request = IssuanceRequest(
+            ca_id=self.ca_id,
+            csr=csr,
+            validity=validity or self.validity,
+            requester=requester,
+            template=template or self.template,
+            api_passthrough=api_passthrough,
+            correlation_id=correlation_id,
+            idempotency_token=idempotency_token,
+        )
+        try:
+            issued = self.core.issue(request)
+        except PkigateError as exc:
+            self.record_issuance(self.name, request.template, exc.code)
+            raise
+        self.record_issuance(self.name, request.template, "success")
+        return issued
+
+
+class Connector:
+    """Base class of connector types. Subclasses set the class variables and override
+    :meth:`blueprint` (and, if they have admin resources, :meth:`admin_blueprint`)."""
+
+    type_name: ClassVar[str] = ""
+    listener: ClassVar[Listener] = "https"
+    default_template: ClassVar[str] = "EndEntityCertificate/V1"
+    default_validity: ClassVar[str] = "365d"
+
+    def __init__(self, context: ConnectorContext, settings: Mapping[str, Any]) -> None:
+        self.context = context
+        self.settings = settings
+
+    def blueprint(self) -> Blueprint:
+        raise NotImplementedError
+
+    def admin_blueprint(self) -> Blueprint | None:
+        return None
+
+    def job_handlers(self) -> Mapping[str, Callable[[dict[str, Any]], None]]:
+        """Background job kinds this connector processes (see pkigate.core.jobs)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What `pkigate serve` prints and the API lists about this instance."""
+        return {
+            "name": self.context.name,
+            "type": self.type_name,
+            "url": self.context.url,
+            "ca_id": self.context.ca_id,
+            "template": self.context.template,
+        }
+
+    def startup_notes(self) -> list[str]:
+        """Lines printed at start (where a challenge is, a dependency that is missing)."""
+        return []
+
+
+def discover() -> dict[str, type[Connector]]:
+    """Installed connector types by type name."""
+    types: dict[str, type[Connector]] = {}
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        loaded = entry_point.load()
+        if not (isinstance(loaded, type) and issubclass(loaded, Connector)):
+            raise TypeError(f"entry point {entry_point.name} is not a pkigate Connector")
+        types[loaded.type_name or entry_point.name] = loaded
+    return types

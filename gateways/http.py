@@ -1,0 +1,150 @@
+"""HTTP plumbing shared by every route: JSON errors, request ids, auth, body parsing.
+
+The core's typed errors map onto HTTP status codes here and only here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+from flask import Response, current_app, g, jsonify, request
+
+from pkigate.core.audit import Actor
+from pkigate.core.errors import (
+    BadRequestError,
+    ConflictError,
+    IdempotencyConflictError,
+    InvalidStateError,
+    KeyBackendError,
+    NotAuthorizedError,
+    NotFoundError,
+    PkigateError,
+    PolicyViolationError,
+)
+from pkigate.gateways.auth import AuthenticationError, ForbiddenError, Principal, Role
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class UnsupportedMediaType(BadRequestError):
+    code = "unsupportedMediaType"
+
+
+def status_for(error: PkigateError) -> int:
+    if isinstance(error, UnsupportedMediaType):
+        return 415
+    if isinstance(error, AuthenticationError):
+        return 401
+    if isinstance(error, NotAuthorizedError):
+        return 403
+    if isinstance(error, NotFoundError):
+        return 404
+    if isinstance(error, InvalidStateError | ConflictError | IdempotencyConflictError):
+        return 409
+    if isinstance(error, PolicyViolationError):
+        return 422
+    if isinstance(error, BadRequestError):
+        return 400
+    if isinstance(error, KeyBackendError):
+        return 503
+    return 500
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    response = jsonify(
+        {"error": {"code": code, "message": message, "request_id": getattr(g, "request_id", None)}}
+    )
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def assign_request_id() -> None:
+    supplied = request.headers.get("X-Request-Id", "")
+    g.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+
+
+def gateway() -> Any:
+    """The Gateway serving this request (set by the app factory)."""
+    return current_app.config["PKIGATE_GATEWAY"]
+
+
+def principal() -> Principal:
+    return g.principal  # type: ignore[no-any-return]
+
+
+def actor() -> Actor:
+    return principal().actor(g.request_id)
+
+
+def requires(*roles: Role) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Authenticate the bearer token and allow only these roles; refusals are audited."""
+
+    def decorate(view: Callable[P, R]) -> Callable[P, R]:
+        @wraps(view)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            gw = gateway()
+            who = gw.tokens.authenticate(request.headers.get("Authorization"))
+            g.principal = who
+            if who.role not in roles:
+                gw.core.audit.record_alone(
+                    who.actor(g.request_id),
+                    "api.denied",
+                    f"{request.method} {request.path}"[:256],
+                    result="failure",
+                    parameters={"role": who.role.value, "allowed": [r.value for r in roles]},
+                    at=gw.core.issuer._clock(),
+                )
+                raise ForbiddenError(
+                    f"role {who.role.value} may not do this; it needs "
+                    f"{' or '.join(r.value for r in roles)}"
+                )
+            return view(*args, **kwargs)
+
+        wrapper.required_roles = roles  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def json_body(
+    allowed: Mapping[str, type | tuple[type, ...]], required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The request's JSON object, with unknown fields and wrong types named (400/415)."""
+    mimetype = request.mimetype
+    if mimetype != "application/json":
+        raise UnsupportedMediaType("send application/json")
+    try:
+        body = json.loads(request.get_data(cache=False) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("the body must be a JSON object")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise BadRequestError(
+            f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
+        )
+    for name in required:
+        if name not in body:
+            raise BadRequestError(f"field {name!r} is required")
+    for name, value in body.items():
+        expected = allowed[name]
+        if value is not None and not isinstance(value, expected):
+            names = (
+                expected.__name__
+                if isinstance(expected, type)
+                else "/".join(t.__name__ for t in expected)
+            )
+            raise BadRequestError(f"field {name!r} must be {names}")
+    return body

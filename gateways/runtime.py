@@ -1,0 +1,232 @@
+"""The gateway runtime: configuration + core + connectors + tokens, for one process."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from pkigate.core import (
+    Actor,
+    CASettings,
+    CASpec,
+    Core,
+    IssuanceRequest,
+    Requester,
+    Validity,
+)
+from pkigate.core.errors import PkigateError
+from pkigate.core.names import parse_dn
+from pkigate.gateways import metrics
+from pkigate.gateways.auth import Role, TokenService
+from pkigate.gateways.config import ConfigError, GatewayConfig
+from pkigate.gateways.connectors import (
+    Connector,
+    ConnectorContext,
+    ConnectorSettingsError,
+    discover,
+)
+
+log = logging.getLogger("pkigate.gateway")
+CONFIG_NAME_TAG = "pkigate:config-name"
+SYSTEM = Actor("system:gateway", "gateway")
+ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name, not a secret
+
+
+def tls_dir(core: Core) -> Path:
+    return core.data_dir / "tls"
+
+
+@dataclass
+class Gateway:
+    config: GatewayConfig
+    core: Core
+    tokens: TokenService
+    ca_ids: dict[str, str]
+    connectors: list[Connector] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, config: GatewayConfig, *, bootstrap: bool = False) -> Gateway:
+        """Open the core; with ``bootstrap``, create what the configuration names."""
+        core = Core.open(config.data_dir, config.database_url)
+        tokens = TokenService(core.store, core.audit, core.issuer._clock)
+        gateway = cls(config, core, tokens, {})
+        gateway.ca_ids = gateway._ensure_cas(create=bootstrap)
+        gateway.connectors = gateway._build_connectors()
+        return gateway
+
+    # -- CAs ----------------------------------------------------------------------------
+
+    def _ensure_cas(self, create: bool) -> dict[str, str]:
+        found = {
+            view.tags.get(CONFIG_NAME_TAG): view.record.id
+            for view in self.core.authorities.list_cas()
+            if view.tags.get(CONFIG_NAME_TAG) and view.status.value != "DELETED"
+        }
+        ids: dict[str, str] = {}
+        for ca in self.config.cas:
+            if ca.name in found:
+                ids[ca.name] = found[ca.name]
+                continue
+            if not create:
+                raise ConfigError(
+                    f"CA {ca.name!r} does not exist yet; run `pkigate serve` once to create it",
+                    "cas",
+                    self.config.source,
+                )
+            view = self.core.authorities.create(
+                CASpec(
+                    type=ca.type,
+                    subject=parse_dn(ca.subject),
+                    key_algorithm=ca.key_algorithm,
+                    signing_algorithm=ca.signing_algorithm,
+                    usage_mode=ca.usage_mode,
+                    validity=ca.validity,
+                    parent_ca_id=ids[ca.parent] if ca.parent else None,
+                    path_length=ca.path_length,
+                    tags={CONFIG_NAME_TAG: ca.name},
+                ),
+                SYSTEM,
+            )
+            ids[ca.name] = view.record.id
+            # Now that the id is known, certificates it issues can point back to it.
+            self.core.authorities.update_settings(
+                view.record.id,
+                CASettings(
+                    ca_issuers_url=f"{self.config.listeners.http_url}/ca/{view.record.id}.cer"
+                ),
+                SYSTEM,
+            )
+            log.info("created CA", extra={"ca": ca.name, "ca_id": view.record.id})
+        return ids
+
+    # -- connectors ---------------------------------------------------------------------
+
+    def _build_connectors(self) -> list[Connector]:
+        types = discover()
+        if self.config.connectors is None:  # embedded default: one of every installed type
+            from pkigate.gateways.config import ConnectorConfig
+
+            configured = tuple(
+                ConnectorConfig(type=name, name=name, mount=f"/{name}", ca=self.config.cas[-1].name)
+                for name in sorted(types)
+            )
+        else:
+            configured = self.config.connectors
+        built = []
+        for index, item in enumerate(configured):
+            connector_type = types.get(item.type)
+            if connector_type is None:
+                raise ConfigError(
+                    f"unknown connector type {item.type!r}; installed: "
+                    f"{', '.join(sorted(types)) or 'none'}",
+                    f"connectors[{index}].type",
+                    self.config.source,
+                )
+            listener = self.config.listeners
+            context = ConnectorContext(
+                name=item.name,
+                type=item.type,
+                mount=item.mount,
+                ca_id=self.ca_ids[item.ca],
+                template=item.template or connector_type.default_template,
+                validity=item.validity or Validity.parse(connector_type.default_validity),
+                core=self.core,
+                base_url=listener.http_url
+                if connector_type.listener == "http"
+                else listener.https_url,
+                record_issuance=metrics.record_issuance,
+            )
+            try:
+                self.core.templates.get(context.template)
+                built.append(connector_type(context, item.settings))
+            except ConnectorSettingsError as exc:
+                raise ConfigError(
+                    exc.message, f"connectors[{index}].settings.{exc.key}", self.config.source
+                ) from None
+            except PkigateError as exc:
+                raise ConfigError(
+                    exc.message, f"connectors[{index}].template", self.config.source
+                ) from None
+        return built
+
+    # -- first start --------------------------------------------------------------------
+
+    def ensure_admin_token(self) -> Path | None:
+        """Write a first admin token (0600) if no token exists; returns where it is."""
+        path = self.core.data_dir / ADMIN_TOKEN_FILE
+        if self.tokens.has_tokens():
+            return path if path.exists() else None
+        issued = self.tokens.create("first-admin", Role.ADMIN, SYSTEM)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(issued.secret + "\n")
+        return path
+
+    def ensure_tls_certificate(self) -> tuple[Path, Path]:
+        """The HTTPS listener's certificate: configured files, or one from our own CA."""
+        listeners = self.config.listeners
+        if listeners.tls_certificate and listeners.tls_key:
+            return listeners.tls_certificate, listeners.tls_key
+        directory = tls_dir(self.core)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        cert_path, key_path = directory / "server.pem", directory / "server.key"
+        if cert_path.exists() and key_path.exists():
+            current = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+            remaining = current.not_valid_after_utc - self.core.issuer._clock()
+            if remaining.days > 30:
+                return cert_path, key_path
+        host = listeners.https.rpartition(":")[0]
+        names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+        names = list(dict.fromkeys(names))
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(parse_dn(f"CN={host}"))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        ca_name = listeners.tls_from_ca or self.config.cas[-1].name
+        issued = self.core.issue(
+            IssuanceRequest(
+                ca_id=self.ca_ids[ca_name],
+                csr=csr,
+                validity=Validity.parse("90d"),
+                template="EndEntityServerAuthCertificate/V1",
+                requester=Requester(SYSTEM.principal, SYSTEM.connector),
+            )
+        )
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        # The chain up to, not including, the root: clients have the root already.
+        intermediates = "".join(
+            c.public_bytes(serialization.Encoding.PEM).decode() for c in issued.chain[:-1]
+        )
+        cert_path.write_text(issued.pem() + intermediates)
+        return cert_path, key_path
+
+    def start_background_work(self) -> None:
+        """Start this process's job worker threads (see pkigate.core.jobs)."""
+        # Wired once the job queue lands; connectors contribute handlers through
+        # Connector.job_handlers().
+
+    def close(self) -> None:
+        self.core.close()
