@@ -207,7 +207,14 @@ class JobQueue:
         """
         if len(worker_id) > MAX_WORKER_ID_CHARS:
             raise ValueError(f"a worker id is at most {MAX_WORKER_ID_CHARS} characters")
+        if not kinds or limit <= 0:
+            return []
         now = self.clock()
+        # Idle polls stay off the write lock: on SQLite a write transaction excludes every
+        # other writer, issuance included, in every process sharing the file.
+        with self.store.read() as conn:
+            if not jobs_sql.has_due(conn, kinds, now):
+                return []
         with self.store.write() as conn:
             records = jobs_sql.claim_due(
                 conn,

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from pkigate.core.audit import Actor, AuditLog
 from pkigate.core.authorities import AuthorityService
 from pkigate.core.issuance import IssuanceRequest, IssuedCertificate, Issuer, Requester
+from pkigate.core.jobs import JobQueue
 from pkigate.core.keys import KeyEncryptionKey, SoftwareKeyBackend
 from pkigate.core.model import Validity
 from pkigate.core.store import Store, sqlite_url
@@ -41,6 +42,7 @@ class Core:
     authorities: AuthorityService
     templates: TemplateCatalogue
     issuer: Issuer
+    jobs: JobQueue
 
     @classmethod
     def open(
@@ -66,9 +68,15 @@ class Core:
         authorities = AuthorityService(store, keys, audit, clock)
         templates = TemplateCatalogue()
         issuer = Issuer(store, authorities, templates, audit, clock)
-        core = cls(data_dir, store, kek, audit, authorities, templates, issuer)
+        core = cls(
+            data_dir, store, kek, audit, authorities, templates, issuer, JobQueue(store, clock)
+        )
         authorities.subordinate_signer = core._sign_subordinate
         return core
+
+    @property
+    def clock(self) -> Callable[[], datetime]:
+        return self.issuer._clock
 
     def issue(self, request: IssuanceRequest) -> IssuedCertificate:
         return self.issuer.issue(request)

@@ -53,7 +53,7 @@ def readyz() -> Response:
         problems.append(f"store: {type(exc).__name__}")
     for name, ca_id in gw.ca_ids.items():
         try:
-            gw.core.authorities.signing_material(ca_id, gw.core.issuer._clock())
+            gw.core.authorities.signing_material(ca_id, gw.core.clock())
         except PkigateError as exc:
             problems.append(f"ca {name}: {exc.message}")
     if problems:

@@ -103,7 +103,7 @@ def requires(*roles: Role) -> Callable[[Callable[P, R]], Callable[P, R]]:
                     f"{request.method} {request.path}"[:256],
                     result="failure",
                     parameters={"role": who.role.value, "allowed": [r.value for r in roles]},
-                    at=gw.core.issuer._clock(),
+                    at=gw.core.clock(),
                 )
                 raise ForbiddenError(
                     f"role {who.role.value} may not do this; it needs "

@@ -6,7 +6,9 @@ import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -22,6 +24,7 @@ from pkigate.core import (
     Validity,
 )
 from pkigate.core.errors import PkigateError
+from pkigate.core.jobs import JobHandler, JobRunner
 from pkigate.core.names import parse_dn
 from pkigate.gateways import metrics
 from pkigate.gateways.auth import Role, TokenService
@@ -36,6 +39,8 @@ from pkigate.gateways.connectors import (
 log = logging.getLogger("pkigate.gateway")
 CONFIG_NAME_TAG = "pkigate:config-name"
 SYSTEM = Actor("system:gateway", "gateway")
+MAINTENANCE_JOB = "gateway:maintenance"
+MAINTENANCE_INTERVAL = timedelta(hours=1)
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name, not a secret
 
 
@@ -50,12 +55,13 @@ class Gateway:
     tokens: TokenService
     ca_ids: dict[str, str]
     connectors: list[Connector] = field(default_factory=list)
+    _runner: JobRunner | None = None
 
     @classmethod
     def open(cls, config: GatewayConfig, *, bootstrap: bool = False) -> Gateway:
         """Open the core; with ``bootstrap``, create what the configuration names."""
         core = Core.open(config.data_dir, config.database_url)
-        tokens = TokenService(core.store, core.audit, core.issuer._clock)
+        tokens = TokenService(core.store, core.audit, core.clock)
         gateway = cls(config, core, tokens, {})
         gateway.ca_ids = gateway._ensure_cas(create=bootstrap)
         gateway.connectors = gateway._build_connectors()
@@ -179,7 +185,7 @@ class Gateway:
         cert_path, key_path = directory / "server.pem", directory / "server.key"
         if cert_path.exists() and key_path.exists():
             current = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
-            remaining = current.not_valid_after_utc - self.core.issuer._clock()
+            remaining = current.not_valid_after_utc - self.core.clock()
             if remaining.days > 30:
                 return cert_path, key_path
         host = listeners.https.rpartition(":")[0]
@@ -223,10 +229,37 @@ class Gateway:
         cert_path.write_text(issued.pem() + intermediates)
         return cert_path, key_path
 
+    def job_handlers(self) -> dict[str, JobHandler]:
+        handlers: dict[str, JobHandler] = {MAINTENANCE_JOB: self._maintenance}
+        for connector in self.connectors:
+            for kind, handler in connector.job_handlers().items():
+                handlers[f"{connector.context.name}:{kind}"] = handler
+        return handlers
+
     def start_background_work(self) -> None:
-        """Start this process's job worker threads (see pkigate.core.jobs)."""
-        # Wired once the job queue lands; connectors contribute handlers through
-        # Connector.job_handlers().
+        """Start this process's job worker threads; every process runs some, so any
+        gunicorn worker on any host may pick up any job."""
+        if self.config.job_threads == 0 or self._runner is not None:
+            return
+        self._runner = JobRunner(
+            self.core.jobs, self.job_handlers(), threads=self.config.job_threads
+        )
+        self._runner.start()
+        self.core.jobs.enqueue(MAINTENANCE_JOB, {}, dedupe_key=MAINTENANCE_JOB)
+
+    def _maintenance(self, _payload: dict[str, Any]) -> None:
+        """Hourly: drop finished jobs, destroy keys past their restore window."""
+        self.core.jobs.purge_finished(timedelta(days=7))
+        self.core.authorities.purge_expired_deletions(SYSTEM)
+        self.core.jobs.enqueue(
+            MAINTENANCE_JOB,
+            {},
+            dedupe_key=MAINTENANCE_JOB,
+            run_at=self.core.clock() + MAINTENANCE_INTERVAL,
+        )
 
     def close(self) -> None:
+        if self._runner is not None:
+            self._runner.stop()
+            self._runner = None
         self.core.close()

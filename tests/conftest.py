@@ -7,12 +7,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Clock, create_root, create_sub
+from helpers import Clock, create_root, create_sub, fresh_postgres_database
 
 from pkigate.core import CAView, Core
 
@@ -91,15 +90,6 @@ def postgres_server() -> Iterator[str]:
             capture_output=True,
         )
         shutil.rmtree(root, ignore_errors=True)
-
-
-def fresh_postgres_database(server: str) -> str:
-    import psycopg
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"{server}/{name}"
 
 
 @pytest.fixture

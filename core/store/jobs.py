@@ -16,7 +16,17 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pkigate.core.store import schema
@@ -29,6 +39,7 @@ __all__ = [
     "count_by_status",
     "find_by_dedupe_key",
     "get_job",
+    "has_due",
     "held_job",
     "insert_job",
     "mark_done",
@@ -179,6 +190,24 @@ def release_dedupe_key(conn: Connection, job_id: int) -> None:
     conn.execute(update(_jobs).where(_c.id == job_id).values(dedupe_key=None))
 
 
+def _due(kinds: Collection[str], now: datetime) -> ColumnElement[bool]:
+    now = _utc(now)
+    return and_(
+        _c.kind.in_(list(kinds)),
+        or_(
+            and_(_c.status == JobStatus.PENDING.value, _c.run_at <= now),
+            and_(_c.status == JobStatus.RUNNING.value, _c.locked_until <= now),
+        ),
+    )
+
+
+def has_due(conn: Connection, kinds: Collection[str], now: datetime) -> bool:
+    """Whether any job of ``kinds`` is due; a read, so it takes no write lock."""
+    if not kinds:
+        return False
+    return conn.execute(select(_c.id).where(_due(kinds, now)).limit(1)).first() is not None
+
+
 def claim_due(
     conn: Connection,
     *,
@@ -197,14 +226,10 @@ def claim_due(
     if not kinds or limit <= 0:
         return []
     now = _utc(now)
-    due = or_(
-        and_(_c.status == JobStatus.PENDING.value, _c.run_at <= now),
-        and_(_c.status == JobStatus.RUNNING.value, _c.locked_until <= now),
-    )
     while True:
         query = (
             select(_c.id, _c.status, _c.attempts, _c.max_attempts)
-            .where(and_(_c.kind.in_(list(kinds)), due))
+            .where(_due(kinds, now))
             .order_by(_c.run_at, _c.id)
             .limit(limit)
         )
