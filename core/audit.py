@@ -13,7 +13,7 @@ import hmac
 import io
 import json
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -33,6 +33,18 @@ class Actor:
     principal: str
     connector: str = "cli"
     request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One event to append: who, what, on which resource, when, with what outcome."""
+
+    actor: Actor
+    action: str
+    resource: str
+    at: datetime
+    result: str = "success"
+    parameters: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,41 +116,55 @@ class AuditLog:
         at: datetime,
     ) -> str:
         """Append one event in the caller's write transaction; returns its id."""
+        return self.record_many(
+            conn, [AuditEntry(actor, action, resource, at, result, parameters)]
+        )[0]
+
+    def record_many(self, conn: Connection, entries: Sequence[AuditEntry]) -> list[str]:
+        """Append events in order, in the caller's write transaction; returns their ids."""
+        if not entries:
+            return []
         head_seq, head_mac = self._store.lock_audit_head(conn, GENESIS)
-        seq = head_seq + 1
-        event_id = str(uuid.uuid4())
-        params = json.dumps(
-            dict(parameters or {}), sort_keys=True, default=str, separators=(",", ":")
-        )
-        mac = self._mac(
-            seq,
-            event_id,
-            at,
-            actor.principal,
-            actor.connector,
-            action,
-            resource,
-            params,
-            result,
-            actor.request_id,
-            head_mac,
-        )
-        self._store.append_audit_event(
-            conn,
-            seq=seq,
-            event_id=event_id,
-            at=at,
-            actor=actor.principal,
-            connector=actor.connector,
-            action=action,
-            resource=resource,
-            parameters=params,
-            result=result,
-            request_id=actor.request_id,
-            prev_mac=head_mac,
-            mac=mac,
-        )
-        return event_id
+        rows = []
+        for entry in entries:
+            head_seq += 1
+            event_id = str(uuid.uuid4())
+            params = json.dumps(
+                dict(entry.parameters or {}), sort_keys=True, default=str, separators=(",", ":")
+            )
+            actor = entry.actor
+            mac = self._mac(
+                head_seq,
+                event_id,
+                entry.at,
+                actor.principal,
+                actor.connector,
+                entry.action,
+                entry.resource,
+                params,
+                entry.result,
+                actor.request_id,
+                head_mac,
+            )
+            rows.append(
+                {
+                    "seq": head_seq,
+                    "event_id": event_id,
+                    "at": entry.at,
+                    "actor": actor.principal,
+                    "connector": actor.connector,
+                    "action": entry.action,
+                    "resource": entry.resource,
+                    "parameters": params,
+                    "result": entry.result,
+                    "request_id": actor.request_id,
+                    "prev_mac": head_mac,
+                    "mac": mac,
+                }
+            )
+            head_mac = mac
+        self._store.append_audit_events(conn, rows)
+        return [str(row["event_id"]) for row in rows]
 
     def record_alone(
         self,

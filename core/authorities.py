@@ -202,6 +202,8 @@ class SigningMaterial:
     backdate: timedelta
     truncate_validity: bool
     issued_extensions: tuple[x509.Extension[x509.ExtensionType], ...]
+    # The CA row's updated_at this was built from: issuance re-checks it when it commits.
+    version: datetime
 
 
 # The core hands a subordinate's CSR to its parent through this (wired by pkigate.core.Core),
@@ -899,6 +901,21 @@ class AuthorityService:
             self._cache[ca_id] = (record.updated_at, material)
         return material
 
+    def cached_signing_material(self, ca_id: str, now: datetime) -> SigningMaterial:
+        """The material last seen ACTIVE, without a database read.
+
+        For the issuance hot path only: the issuer re-checks the CA's status and version
+        inside its write transaction and calls :meth:`forget` when they changed.
+        """
+        cached = self._cache.get(ca_id)
+        if cached is None or cached[1].certificate.not_valid_after_utc <= now:
+            return self.signing_material(ca_id, now)
+        return cached[1]
+
+    def forget(self, ca_id: str) -> None:
+        with self._cache_lock:
+            self._cache.pop(ca_id, None)
+
     def _build_material(self, record: CARecord) -> SigningMaterial:
         assert record.certificate_der is not None
         certificate = x509.load_der_x509_certificate(record.certificate_der)
@@ -930,6 +947,7 @@ class AuthorityService:
             backdate=timedelta(seconds=settings.backdate_seconds),
             truncate_validity=settings.truncate_validity,
             issued_extensions=tuple(_issued_extensions(certificate, settings)),
+            version=record.updated_at,
         )
 
 

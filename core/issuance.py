@@ -3,29 +3,37 @@
 verify CSR -> check key -> resolve template (template > API > CSR) -> policy (names,
 validity, structure) -> build -> sign -> store + audit in one transaction.
 Refusals raise a typed error and are audited; nothing is stored for them.
+
+The transaction is shared with other threads issuing at the same moment (group commit), and
+it re-checks that the CA is still ACTIVE and unchanged: a certificate signed with material
+that went stale is discarded (and that is audited) and signed again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
+from sqlalchemy import Connection
 
-from pkigate.core.audit import Actor, AuditLog
+from pkigate.core.audit import Actor, AuditEntry, AuditLog
 from pkigate.core.authorities import AuthorityService, SigningMaterial
 from pkigate.core.errors import (
     BadCSRError,
+    CANotActiveError,
     IdempotencyConflictError,
     PkigateError,
     PolicyViolationError,
 )
-from pkigate.core.model import CertificateStatus, SigningAlgorithm, Validity
+from pkigate.core.groupcommit import GroupCommit
+from pkigate.core.model import CAStatus, CertificateStatus, SigningAlgorithm, Validity
 from pkigate.core.names import NamePolicy, format_dn, format_general_name
 from pkigate.core.passthrough import ApiPassthrough
 from pkigate.core.policy import check_contents, check_public_key, compute_validity
@@ -119,6 +127,25 @@ def csr_der(csr: x509.CertificateSigningRequest) -> bytes:
     return csr.public_bytes(serialization.Encoding.DER)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A signed certificate waiting for its transaction."""
+
+    request: IssuanceRequest
+    material: SigningMaterial
+    certificate: x509.Certificate
+    row: dict[str, Any]
+    audit: AuditEntry
+    token_hash: str
+
+
+class _StaleAuthority(Exception):
+    """The CA changed between signing and committing: sign again with fresh material."""
+
+
+_RETRIES_ON_STALE = 2
+
+
 class Issuer:
     def __init__(
         self,
@@ -133,11 +160,20 @@ class Issuer:
         self._templates = templates
         self._audit = audit
         self._clock = clock
+        self._commits: GroupCommit[_Prepared, IssuedCertificate] = GroupCommit(self._commit_batch)
 
     def issue(self, request: IssuanceRequest) -> IssuedCertificate:
         now = self._clock()
         try:
-            return self._issue(request, now)
+            for _attempt in range(_RETRIES_ON_STALE):
+                prepared = self._prepare(request, now)
+                if isinstance(prepared, IssuedCertificate):
+                    return prepared
+                try:
+                    return self._commits.submit(prepared)
+                except _StaleAuthority:
+                    self._authorities.forget(request.ca_id)
+            raise CANotActiveError(f"CA {request.ca_id} keeps changing; try again")
         except PkigateError as exc:
             self._audit.record_alone(
                 request.requester.actor,
@@ -155,11 +191,13 @@ class Issuer:
             )
             raise
 
-    def _issue(self, request: IssuanceRequest, now: datetime) -> IssuedCertificate:
+    def _prepare(self, request: IssuanceRequest, now: datetime) -> _Prepared | IssuedCertificate:
+        """Everything but the database: checks, contents, signature."""
         template = self._templates.get(request.template)
         csr = parse_csr(request.csr)
-        check_public_key(csr.public_key())
-        material = self._authorities.signing_material(request.ca_id, now)
+        public_key = csr.public_key()
+        check_public_key(public_key)
+        material = self._authorities.cached_signing_material(request.ca_id, now)
         signing_algorithm = request.signing_algorithm or material.signing_algorithm
         signing_algorithm.check_key(material.key_algorithm)
         token_hash = _request_hash(request, csr) if request.idempotency_token else ""
@@ -197,7 +235,7 @@ class Issuer:
         builder = x509.CertificateBuilder(
             issuer_name=material.certificate.subject,
             subject_name=contents.subject,
-            public_key=csr.public_key(),
+            public_key=public_key,
             serial_number=x509.random_serial_number(),
             not_valid_before=window.not_before,
             not_valid_after=window.not_after,
@@ -205,88 +243,135 @@ class Issuer:
         for ext in extensions:
             builder = builder.add_extension(ext.value, ext.critical)
         builder = builder.add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False
+            x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False
         )
         for ext in material.issued_extensions:
             builder = builder.add_extension(ext.value, ext.critical)
         certificate = builder.sign(material.private_key, signing_algorithm.hash_algorithm())
         der = certificate.public_bytes(serialization.Encoding.DER)
+        serial = format(certificate.serial_number, "x")
+        subject = format_dn(contents.subject)
+        row: dict[str, Any] = {
+            "ca_id": material.ca_id,
+            "serial": serial,
+            "subject": subject,
+            "sans": json.dumps([format_general_name(n) for n in contents.sans]),
+            "not_before": window.not_before,
+            "not_after": window.not_after,
+            "issued_at": now,
+            "template": template.name,
+            "requester": request.requester.principal,
+            "connector": request.requester.connector,
+            "correlation_id": request.correlation_id,
+            "status": CertificateStatus.ISSUED.value,
+            "revoked_at": None,
+            "revocation_reason": None,
+            "fingerprint_sha256": hashlib.sha256(der).hexdigest(),
+            "der": der,
+        }
+        audit = AuditEntry(
+            request.requester.actor,
+            "certificate.issue",
+            f"ca/{material.ca_id}",
+            now,
+            parameters={
+                "serial": serial,
+                "template": template.name,
+                "subject": subject,
+                "not_after": window.not_after,
+                "key_id": material.key_id,
+                "signing_algorithm": signing_algorithm.value,
+                "correlation_id": request.correlation_id,
+                **request.requester.evidence,
+            },
+        )
+        return _Prepared(request, material, certificate, row, audit, token_hash)
 
-        with self._store.write() as conn:
-            if request.idempotency_token:
-                earlier_ref = self._store.idempotency_entry(
-                    conn, _scope(request), request.idempotency_token, now - IDEMPOTENCY_WINDOW
+    def _commit_batch(self, batch: Sequence[_Prepared]) -> list[IssuedCertificate | BaseException]:
+        """Store and audit a batch in one transaction; isolate a failing item."""
+        try:
+            with self._store.write() as conn:
+                return self._store_batch(conn, batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+        outcomes: list[IssuedCertificate | BaseException] = []
+        for prepared in batch:
+            try:
+                with self._store.write() as conn:
+                    outcomes.extend(self._store_batch(conn, [prepared]))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _store_batch(
+        self, conn: Connection, batch: Sequence[_Prepared]
+    ) -> list[IssuedCertificate | BaseException]:
+        states = self._store.ca_states(conn, sorted({p.material.ca_id for p in batch}))
+        outcomes: list[IssuedCertificate | BaseException | None] = [None] * len(batch)
+        accepted: list[int] = []
+        discarded: list[AuditEntry] = []
+        for index, prepared in enumerate(batch):
+            state = states.get(prepared.material.ca_id)
+            if state is None or state != (CAStatus.ACTIVE.value, prepared.material.version):
+                # Signed with material that is no longer current: discard, say so, retry.
+                outcomes[index] = _StaleAuthority()
+                discarded.append(
+                    replace(
+                        prepared.audit,
+                        result="failure",
+                        parameters={
+                            **(prepared.audit.parameters or {}),
+                            "error": "staleAuthority",
+                            "message": "CA changed while signing; certificate discarded",
+                        },
+                    )
                 )
-                if earlier_ref is not None:
-                    # Another request with this token won the race; ours is discarded unsent.
-                    conn.rollback()
-                    result = self._idempotent_result(request, token_hash, now)
-                    assert result is not None
-                    return result
-            record_id = self._store.insert_certificate(
-                conn,
-                ca_id=material.ca_id,
-                serial=format(certificate.serial_number, "x"),
-                subject=format_dn(contents.subject),
-                sans=[format_general_name(n) for n in contents.sans],
-                not_before=window.not_before,
-                not_after=window.not_after,
-                issued_at=now,
-                template=template.name,
-                requester=request.requester.principal,
-                connector=request.requester.connector,
-                correlation_id=request.correlation_id,
-                status=CertificateStatus.ISSUED.value,
-                fingerprint_sha256=hashlib.sha256(der).hexdigest(),
-                der=der,
-            )
-            if request.idempotency_token:
+                continue
+            token = prepared.request.idempotency_token
+            if token:
+                earlier = self._store.idempotency_entry(
+                    conn, _scope(prepared.request), token, prepared.audit.at - IDEMPOTENCY_WINDOW
+                )
+                if earlier is not None:
+                    # Another request with this token won the race; ours is discarded.
+                    outcomes[index] = _StaleAuthority()
+                    discarded.append(
+                        replace(
+                            prepared.audit,
+                            result="failure",
+                            parameters={
+                                **(prepared.audit.parameters or {}),
+                                "error": "duplicateToken",
+                                "message": "idempotency token committed by a concurrent request; "
+                                "certificate discarded",
+                            },
+                        )
+                    )
+                    continue
+            accepted.append(index)
+        ids = self._store.insert_certificates(conn, [batch[i].row for i in accepted])
+        for index, record_id in zip(accepted, ids, strict=True):
+            prepared = batch[index]
+            token = prepared.request.idempotency_token
+            if token:
                 self._store.put_idempotency_entry(
                     conn,
-                    _scope(request),
-                    request.idempotency_token,
-                    token_hash,
+                    _scope(prepared.request),
+                    token,
+                    prepared.token_hash,
                     str(record_id),
-                    now,
-                    now - IDEMPOTENCY_WINDOW,
+                    prepared.audit.at,
+                    prepared.audit.at - IDEMPOTENCY_WINDOW,
                 )
-            self._audit.record(
-                conn,
-                request.requester.actor,
-                "certificate.issue",
-                f"ca/{material.ca_id}",
-                at=now,
-                parameters={
-                    "serial": format(certificate.serial_number, "x"),
-                    "template": template.name,
-                    "subject": format_dn(contents.subject),
-                    "not_after": window.not_after,
-                    "key_id": material.key_id,
-                    "signing_algorithm": signing_algorithm.value,
-                    "correlation_id": request.correlation_id,
-                    **request.requester.evidence,
-                },
-            )
             record = CertificateRecord(
-                id=record_id,
-                ca_id=material.ca_id,
-                serial=format(certificate.serial_number, "x"),
-                subject=format_dn(contents.subject),
-                sans=[format_general_name(n) for n in contents.sans],
-                not_before=window.not_before,
-                not_after=window.not_after,
-                issued_at=now,
-                template=template.name,
-                requester=request.requester.principal,
-                connector=request.requester.connector,
-                correlation_id=request.correlation_id,
-                status=CertificateStatus.ISSUED.value,
-                revoked_at=None,
-                revocation_reason=None,
-                fingerprint_sha256=hashlib.sha256(der).hexdigest(),
-                der=der,
+                id=record_id, **{**prepared.row, "sans": json.loads(prepared.row["sans"])}
             )
-        return IssuedCertificate(certificate, material.chain, record)
+            outcomes[index] = IssuedCertificate(
+                prepared.certificate, prepared.material.chain, record
+            )
+        self._audit.record_many(conn, [*(batch[i].audit for i in accepted), *discarded])
+        return [o for o in outcomes if o is not None]
 
     def _check_template_for_ca(self, template: Template, material: SigningMaterial) -> None:
         if template.kind == TemplateKind.ROOT_CA:

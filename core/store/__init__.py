@@ -26,6 +26,7 @@ from pkigate.core.store.engine import (
     sqlite_url,
     write_transaction,
 )
+from pkigate.core.store.fastpath import FastInsert, FastQuery
 
 __all__ = [
     "ApiTokenRecord",
@@ -160,6 +161,25 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        dialect = engine.dialect
+        a, h, c = schema.authorities.c, schema.audit_head.c, schema.certificates
+        self._fast_certificates = FastInsert(c, dialect, generated="id")
+        self._fast_audit_events = FastInsert(schema.audit_events, dialect)
+        head = "SELECT seq, mac FROM audit_head WHERE id = 1"
+        if dialect.name == "postgresql":
+            head += " FOR UPDATE"
+        self._fast_head = FastQuery(head, dialect, results=[h.seq, h.mac])
+        self._fast_move_head = FastQuery(
+            "UPDATE audit_head SET seq = ?, mac = ? WHERE id = 1",
+            dialect,
+            parameters=[h.seq, h.mac],
+        )
+        self._fast_ca_state = FastQuery(
+            "SELECT status, updated_at FROM authorities WHERE id = ?",
+            dialect,
+            parameters=[a.id],
+            results=[a.status, a.updated_at],
+        )
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -362,6 +382,18 @@ class Store:
             query = query.where(c.not_after <= expiring_before)
         return int(conn.execute(query).scalar_one())
 
+    def insert_certificates(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Insert many certificate rows in one round trip; ids in the order given."""
+        return self._fast_certificates.execute(conn, rows) if rows else []
+
+    def ca_states(self, conn: Connection, ca_ids: Sequence[str]) -> dict[str, tuple[str, datetime]]:
+        """Status and last change of these CAs, read inside the caller's transaction."""
+        states = {}
+        for ca_id in ca_ids:
+            for status, updated_at in self._fast_ca_state.rows(conn, ca_id):
+                states[ca_id] = (str(status), _utc(updated_at))
+        return states
+
     def update_certificate(self, conn: Connection, row_id: int, **values: Any) -> None:
         conn.execute(
             update(schema.certificates).where(schema.certificates.c.id == row_id).values(**values)
@@ -434,12 +466,8 @@ class Store:
 
     def lock_audit_head(self, conn: Connection, genesis_mac: str) -> tuple[int, str]:
         """The chain head, locked until the transaction ends (created on first use)."""
-        query = select(schema.audit_head.c.seq, schema.audit_head.c.mac).where(
-            schema.audit_head.c.id == 1
-        )
-        if self.dialect == "postgresql":
-            query = query.with_for_update()
-        row = conn.execute(query).first()
+        found = self._fast_head.rows(conn)
+        row = found[0] if found else None
         if row is None:
             conn.execute(insert(schema.audit_head).values(id=1, seq=0, mac=genesis_mac))
             return 0, genesis_mac
@@ -449,13 +477,10 @@ class Store:
         row = conn.execute(select(schema.audit_head.c.seq, schema.audit_head.c.mac)).first()
         return (int(row[0]), str(row[1])) if row is not None else None
 
-    def append_audit_event(self, conn: Connection, **values: Any) -> None:
-        conn.execute(insert(schema.audit_events).values(**values))
-        conn.execute(
-            update(schema.audit_head)
-            .where(schema.audit_head.c.id == 1)
-            .values(seq=values["seq"], mac=values["mac"])
-        )
+    def append_audit_events(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert chained events (after lock_audit_head) and move the head to the last."""
+        self._fast_audit_events.execute(conn, rows)
+        self._fast_move_head.rows(conn, rows[-1]["seq"], rows[-1]["mac"])
 
     def iter_audit_events(self, conn: Connection, batch: int = 5000) -> Iterator[AuditEventRecord]:
         last = -1

@@ -1,0 +1,138 @@
+"""`pkigate serve` as users run it: real gunicorn workers, real HTTP(S), real clients."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography import x509
+from helpers import fresh_postgres_database, make_csr
+from serving import RunningServer, start_server
+
+from pkigate.core import Core
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RunningServer]:
+    running = start_server(tmp_path / "data")
+    yield running
+    running.stop()
+
+
+def _ca_ids(session: requests.Session, server: RunningServer) -> dict[str, str]:
+    cas = session.get(f"{server.https_url}/api/v1/cas").json()
+    return (
+        {ca["subject"]: ca["id"] for ca in cas["cas"]}
+        if isinstance(cas, dict)
+        else {ca["subject"]: ca["id"] for ca in cas}
+    )
+
+
+def test_default_serve_prints_urls_publishes_ca_certificates_and_restarts_cleanly(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    banner = server.log.read_text()
+    assert f"HTTP  {server.http_url}" in banner and f"HTTPS {server.https_url}" in banner
+    assert f"first admin token   {server.data_dir / 'admin-token'}" in banner
+    assert (server.data_dir / "admin-token").stat().st_mode & 0o777 == 0o600
+    assert requests.get(f"{server.http_url}/healthz", timeout=5).json() == {"status": "ok"}
+    session = server.session()
+    ids = _ca_ids(session, server)
+    root_id = ids["CN=pkigate Root CA,O=pkigate"]
+    published = requests.get(f"{server.http_url}/ca/{root_id}.cer", timeout=5)
+    assert published.headers["Content-Type"] == "application/pkix-cert"
+    root = x509.load_der_x509_certificate(published.content)
+    assert root.subject == root.issuer
+    token_before = server.admin_token
+    assert server.stop() == 0
+
+    again = start_server(server.data_dir)
+    try:
+        assert again.admin_token == token_before
+        assert _ca_ids(again.session(), again) == ids  # nothing created twice
+        assert "first admin token" in again.log.read_text()
+    finally:
+        again.stop()
+
+
+def test_metrics_and_readiness(server: RunningServer) -> None:
+    assert requests.get(f"{server.http_url}/readyz", timeout=5).json() == {"status": "ready"}
+    text = requests.get(f"{server.http_url}/metrics", timeout=5).text
+    assert "pkigate_ca_expiry_days{" in text
+    assert "pkigate_certificates_expiring_30d{" in text
+    assert "pkigate_http_request_duration_seconds_bucket{" in text
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_500_certificates_from_8_clients_against_4_workers(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    database_url = None
+    if backend == "postgres":
+        database_url = fresh_postgres_database(request.getfixturevalue("postgres_server"))
+    server = start_server(tmp_path / "data", workers=4, database_url=database_url)
+    try:
+        admin = server.session()
+        created = admin.post(
+            f"{server.https_url}/api/v1/tokens", json={"name": "load", "role": "issuer"}
+        )
+        assert created.status_code == 201, created.text
+        issuer = server.session(created.json()["secret"])
+        issuing_id = _ca_ids(admin, server)["CN=pkigate Issuing CA,O=pkigate"]
+        csrs = [make_csr(f"host-{i}.load.test").decode() for i in range(500)]
+
+        def issue(csr: str) -> dict[str, str]:
+            response = issuer.post(
+                f"{server.https_url}/api/v1/cas/{issuing_id}/certificates",
+                json={"csr": csr, "validity": "30d"},
+                timeout=60,
+            )
+            assert response.status_code == 201, response.text
+            return response.json()  # type: ignore[no-any-return]
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(issue, csrs))
+        serials = {r["serial"] for r in results}
+        assert len(serials) == 500
+
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_text(results[0]["chain_pem"])
+        leaf = tmp_path / "leaf.pem"
+        leaf.write_text(results[-1]["certificate_pem"])
+        verify = subprocess.run(
+            [
+                "openssl",
+                "verify",
+                "-CAfile",
+                str(server.tls_bundle),
+                "-untrusted",
+                str(bundle),
+                str(leaf),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert verify.stdout.strip().endswith(": OK"), verify.stderr
+    finally:
+        assert server.stop() == 0
+
+    core = Core.open(server.data_dir, database_url)
+    with core.store.read() as conn:
+        rows = [r for r in core.store.list_certificates(conn, ca_id=issuing_id)
+                if r.connector == "api"]  # the HTTPS server's own certificate is there too
+    assert {r.serial for r in rows} == serials and len(rows) == 500
+    issue_events = [
+        e
+        for e in core.audit.events()
+        if e.action == "certificate.issue"
+        and e.result == "success"
+        and e.resource == f"ca/{issuing_id}"
+        and e.connector == "api"
+    ]
+    assert len(issue_events) == 500
+    assert core.audit.verify().ok
+    core.close()
