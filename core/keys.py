@@ -71,17 +71,25 @@ class KeyEncryptionKey:
         if os.environ.get(KEK_ENV):
             return cls.from_text(os.environ[KEK_ENV])
         path = data_dir / KEK_FILE
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            mode = stat.S_IMODE(path.stat().st_mode)
-            if mode & 0o077:
-                raise KeyBackendError(
-                    f"{path} is readable by others (mode {mode:o}); chmod 600 it"
-                ) from None
-            return cls.from_text(path.read_text())
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_bytes(32).hex() + "\n")
+        if not path.exists():
+            # Write a complete file under a temporary name, then link it into place: a
+            # process starting at the same moment either wins the link or reads ours whole.
+            temporary = data_dir / f".{KEK_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(secrets.token_bytes(32).hex() + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                try:
+                    os.link(temporary, path)
+                except FileExistsError:
+                    pass
+            finally:
+                temporary.unlink(missing_ok=True)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise KeyBackendError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
         return cls.from_text(path.read_text())
 
 

@@ -103,3 +103,32 @@ def test_kek_from_environment_accepts_hex_and_base64() -> None:
     )
     with pytest.raises(KeyBackendError, match="32 bytes"):
         KeyEncryptionKey.from_text("abcd")
+
+
+def test_processes_opening_a_fresh_data_directory_at_once_agree_on_one_kek(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.delenv(KEK_ENV, raising=False)
+    script = (
+        "import sys; from pathlib import Path; from pkigate.core.keys import KeyEncryptionKey;"
+        "print(KeyEncryptionKey.load_or_create(Path(sys.argv[1])).key_id.hex())"
+    )
+    for attempt in range(8):
+        directory = tmp_path / f"fresh-{attempt}"
+        directory.mkdir()
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(directory)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        outputs = [run.communicate(timeout=30) for run in runs]
+        assert all(run.returncode == 0 for run in runs), outputs
+        assert len({out for out, _ in outputs}) == 1
+        assert sorted(p.name for p in directory.iterdir()) == ["kek"]
