@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import os
@@ -81,10 +82,8 @@ class KeyEncryptionKey:
                     handle.write(secrets.token_bytes(32).hex() + "\n")
                     handle.flush()
                     os.fsync(handle.fileno())
-                try:
+                with contextlib.suppress(FileExistsError):  # another process won: use its key
                     os.link(temporary, path)
-                except FileExistsError:
-                    pass
             finally:
                 temporary.unlink(missing_ok=True)
         mode = stat.S_IMODE(path.stat().st_mode)

@@ -2,8 +2,11 @@
 
 Verbs follow the managed private CA's (`ca create | list | describe | csr |
 import-certificate | certificate | update | delete | restore | tag`, `cert issue | get |
-list`, `audit verify | report`). Human-readable output by default, ``--json`` for scripts;
-on error one line on stderr and a non-zero exit.
+list`, `audit verify | report`, `token create | list | revoke`). Human-readable output by
+default, ``--json`` for scripts; on error one line on stderr and a non-zero exit.
+
+The verbs act on a local data directory, or with ``--server URL --token ...`` on a running
+server through its management API (:mod:`pkigate.gateways.remote`); both print the same.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 from cryptography import x509
@@ -40,10 +43,15 @@ from pkigate.core.audit import render_report, report_rows
 from pkigate.core.errors import BadRequestError, PkigateError
 from pkigate.core.model import parse_enum
 from pkigate.core.names import parse_dn
-from pkigate.core.passthrough import parse_api_passthrough
+from pkigate.core.passthrough import ApiPassthrough, parse_api_passthrough
 from pkigate.core.service import utc_now
 from pkigate.core.store import CertificateRecord
 from pkigate.core.templates import describe as describe_template
+from pkigate.gateways.auth import Role, TokenService
+from pkigate.gateways.openapi import token_json
+
+if TYPE_CHECKING:
+    from pkigate.gateways.remote import RemoteClient
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,10 +62,17 @@ EXIT_ERROR = 1
 class State:
     """Lazily opened core, so `--help` works without a data directory."""
 
-    def __init__(self, data_dir: Path | None, database_url: str | None, as_json: bool) -> None:
+    def __init__(
+        self,
+        data_dir: Path | None,
+        database_url: str | None,
+        as_json: bool,
+        remote: RemoteClient | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.database_url = database_url
         self.as_json = as_json
+        self.remote = remote  # set with --server: the verbs call the management API
         self._core: Core | None = None
 
     @property
@@ -66,6 +81,11 @@ class State:
             self._core = Core.open(self.data_dir, self.database_url)
             self._core.authorities.purge_expired_deletions(self.actor)
         return self._core
+
+    @property
+    def tokens(self) -> TokenService:
+        core = self.core
+        return TokenService(core.store, core.audit, core.issuer._clock)
 
     @property
     def actor(self) -> Actor:
@@ -108,13 +128,47 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
     help="SQLAlchemy URL; default SQLite in the data directory.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.option(
+    "--server",
+    envvar="PKIGATE_SERVER",
+    metavar="URL",
+    help="Act on this server's management API (e.g. https://127.0.0.1:8443) instead of a "
+    "local data directory.",
+)
+@click.option("--token", envvar="PKIGATE_TOKEN", help="API bearer token for --server.")
+@click.option(
+    "--ca-bundle",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="PKIGATE_CA_BUNDLE",
+    help="PEM file of the root(s) to verify the server's TLS certificate against.",
+)
 @click.version_option(package_name="pkigate")
 @click.pass_context
 def main(
-    ctx: click.Context, data_dir: Path | None, database_url: str | None, as_json: bool
+    ctx: click.Context,
+    data_dir: Path | None,
+    database_url: str | None,
+    as_json: bool,
+    server: str | None,
+    token: str | None,
+    ca_bundle: Path | None,
 ) -> None:
     """pkigate: a private certificate authority with enrollment gateways."""
-    ctx.obj = State(data_dir, database_url, as_json)
+    remote = None
+    if server:
+        local = [
+            name
+            for name in ("data_dir", "database_url")
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        ]
+        if local:
+            raise click.UsageError(
+                f"--server acts on a server, not on --{local[0].replace('_', '-')}"
+            )
+        from pkigate.gateways.remote import RemoteClient
+
+        remote = RemoteClient(server, token, ca_bundle)
+    ctx.obj = State(data_dir, database_url, as_json, remote)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -143,14 +197,12 @@ def normalize_serial(serial: str) -> str:
     return cleaned
 
 
-def _ca_line(view: CAView) -> str:
-    r = view.record
-    expires = f"{r.not_after:%Y-%m-%d}" if r.not_after else "-"
-    return f"{r.id}  {r.type:<11} {view.status.value:<19} {expires}  {r.subject}"
+def _ca_line(data: dict[str, Any]) -> str:
+    expires = data["not_after"][:10] if data["not_after"] else "-"
+    return f"{data['id']}  {data['type']:<11} {data['status']:<19} {expires}  {data['subject']}"
 
 
-def _ca_details(view: CAView) -> str:
-    data = view.to_json()
+def _ca_details(data: dict[str, Any]) -> str:
     lines = [
         f"{key + ':':<20}{value}" for key, value in data.items() if key not in ("settings", "tags")
     ]
@@ -185,11 +237,27 @@ def _certificate_json(record: CertificateRecord, with_pem: bool = False) -> dict
     return data
 
 
-def _certificate_line(record: CertificateRecord) -> str:
+def _certificate_line(data: dict[str, Any]) -> str:
     return (
-        f"{record.serial:<40} {record.status:<8} {record.not_after:%Y-%m-%d}  "
-        f"{record.template:<36} {record.subject}"
+        f"{data['serial']:<40} {data['status']:<8} {data['not_after'][:10]}  "
+        f"{data['template']:<36} {data['subject']}"
     )
+
+
+def _emit_ca(state: State, view: CAView | dict[str, Any], details: bool = True) -> None:
+    data = view if isinstance(view, dict) else view.to_json()
+    state.emit(data, lambda: _ca_details(data) if details else _ca_line(data))
+
+
+def _csr_pem(data: bytes) -> str:
+    """The API takes PEM; a DER request read from a file is converted here."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return data.decode("ascii", errors="replace")
+    try:
+        csr = x509.load_der_x509_csr(data)
+    except ValueError:
+        raise BadRequestError("CSR cannot be parsed (neither PEM nor DER)") from None
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _parse_duration(text: str) -> timedelta:
@@ -269,18 +337,33 @@ def ca_create(
     A SUBORDINATE without --parent waits in PENDING_CERTIFICATE: export its CSR with
     `pkigate ca csr`, have it signed elsewhere, then `pkigate ca import-certificate`.
     """
-    settings = CASettings.from_json(
-        {
-            "crl_url": crl_url,
-            "ocsp_url": ocsp_url,
-            "ca_issuers_url": ca_issuers_url,
-            "name_constraints": json.loads(Path(name_constraints).read_text())
-            if name_constraints
-            else None,
-            "backdate_seconds": backdate_seconds,
-            "truncate_validity": truncate_validity,
+    settings_json = {
+        "crl_url": crl_url,
+        "ocsp_url": ocsp_url,
+        "ca_issuers_url": ca_issuers_url,
+        "name_constraints": json.loads(Path(name_constraints).read_text())
+        if name_constraints
+        else None,
+        "backdate_seconds": backdate_seconds,
+        "truncate_validity": truncate_validity,
+    }
+    if state.remote is not None:
+        body = {
+            "type": ca_type,
+            "subject": subject,
+            "key_algorithm": key_algorithm,
+            "signing_algorithm": signing_algorithm,
+            "usage_mode": usage_mode,
+            "validity": validity,
+            "parent_id": parent_id,
+            "path_length": path_length,
+            "settings": settings_json,
+            "tags": _key_values(tags, "--tag"),
+            "idempotency_token": idempotency_token,
         }
-    )
+        _emit_ca(state, state.remote.create_ca({k: v for k, v in body.items() if v is not None}))
+        return
+    settings = CASettings.from_json(settings_json)
     spec = CASpec(
         type=CAType(ca_type),
         subject=parse_dn(subject),
@@ -293,8 +376,7 @@ def ca_create(
         settings=settings,
         tags=_key_values(tags, "--tag"),
     )
-    view = state.core.authorities.create(spec, state.actor, idempotency_token)
-    state.emit(view.to_json(), lambda: _ca_details(view))
+    _emit_ca(state, state.core.authorities.create(spec, state.actor, idempotency_token))
 
 
 @ca.command("list")
@@ -303,10 +385,12 @@ def ca_create(
 @reports_errors
 def ca_list(state: State, status: str | None) -> None:
     """List CAs with their status and expiry."""
-    views = state.core.authorities.list_cas(CAStatus(status) if status else None)
-    state.emit(
-        [v.to_json() for v in views], lambda: "\n".join(_ca_line(v) for v in views) or "no CAs"
-    )
+    if state.remote is not None:
+        cas = state.remote.list_cas(status)
+    else:
+        views = state.core.authorities.list_cas(CAStatus(status) if status else None)
+        cas = [v.to_json() for v in views]
+    state.emit(cas, lambda: "\n".join(_ca_line(c) for c in cas) or "no CAs")
 
 
 @ca.command("describe")
@@ -315,8 +399,10 @@ def ca_list(state: State, status: str | None) -> None:
 @reports_errors
 def ca_describe(state: State, ca_id: str) -> None:
     """Show one CA."""
-    view = state.core.authorities.describe(ca_id)
-    state.emit(view.to_json(), lambda: _ca_details(view))
+    if state.remote is not None:
+        _emit_ca(state, state.remote.describe_ca(ca_id))
+    else:
+        _emit_ca(state, state.core.authorities.describe(ca_id))
 
 
 @ca.command("csr")
@@ -326,7 +412,7 @@ def ca_describe(state: State, ca_id: str) -> None:
 @reports_errors
 def ca_csr(state: State, ca_id: str, out: str | None) -> None:
     """Export a SUBORDINATE CA's CSR (PEM) for signing by an outside parent."""
-    pem = state.core.authorities.csr_pem(ca_id)
+    pem = state.remote.ca_csr(ca_id) if state.remote else state.core.authorities.csr_pem(ca_id)
     if out:
         Path(out).write_text(pem)
     state.emit({"ca_id": ca_id, "csr_pem": pem}, pem.rstrip() if not out else f"wrote {out}")
@@ -352,10 +438,17 @@ def ca_import_certificate(
     state: State, ca_id: str, certificate_path: str, chain_path: str | None
 ) -> None:
     """Install a CA certificate signed elsewhere (bring your own parent)."""
-    view = state.core.authorities.import_certificate(
-        ca_id, _read(certificate_path), _read(chain_path) if chain_path else None, state.actor
-    )
-    state.emit(view.to_json(), lambda: _ca_details(view))
+    certificate, chain = _read(certificate_path), _read(chain_path) if chain_path else None
+    if state.remote is not None:
+        _emit_ca(
+            state,
+            state.remote.import_ca_certificate(
+                ca_id, certificate.decode(), chain.decode() if chain else None
+            ),
+        )
+        return
+    view = state.core.authorities.import_certificate(ca_id, certificate, chain, state.actor)
+    _emit_ca(state, view)
 
 
 @ca.command("certificate")
@@ -364,7 +457,11 @@ def ca_import_certificate(
 @reports_errors
 def ca_certificate(state: State, ca_id: str) -> None:
     """Print the CA's certificate followed by its chain (PEM)."""
-    certificate, chain = state.core.authorities.certificate_pem(ca_id)
+    if state.remote is not None:
+        data = state.remote.ca_certificate(ca_id)
+        certificate, chain = data["certificate_pem"], data["chain_pem"]
+    else:
+        certificate, chain = state.core.authorities.certificate_pem(ca_id)
     state.emit({"certificate_pem": certificate, "chain_pem": chain}, (certificate + chain).rstrip())
 
 
@@ -375,8 +472,11 @@ def ca_certificate(state: State, ca_id: str) -> None:
 @reports_errors
 def ca_update(state: State, ca_id: str, status: str) -> None:
     """Enable or disable a CA."""
+    if state.remote is not None:
+        _emit_ca(state, state.remote.update_ca(ca_id, {"status": status}), details=False)
+        return
     view = state.core.authorities.update_status(ca_id, CAStatus(status), state.actor)
-    state.emit(view.to_json(), lambda: _ca_line(view))
+    _emit_ca(state, view, details=False)
 
 
 @ca.command("delete")
@@ -392,8 +492,10 @@ def ca_update(state: State, ca_id: str, status: str) -> None:
 @reports_errors
 def ca_delete(state: State, ca_id: str, restore_days: int) -> None:
     """Delete a CA that is not ACTIVE; its key is destroyed after the restore window."""
-    view = state.core.authorities.delete(ca_id, restore_days, state.actor)
-    state.emit(view.to_json(), lambda: _ca_line(view))
+    if state.remote is not None:
+        _emit_ca(state, state.remote.delete_ca(ca_id, restore_days), details=False)
+        return
+    _emit_ca(state, state.core.authorities.delete(ca_id, restore_days, state.actor), details=False)
 
 
 @ca.command("restore")
@@ -402,8 +504,10 @@ def ca_delete(state: State, ca_id: str, restore_days: int) -> None:
 @reports_errors
 def ca_restore(state: State, ca_id: str) -> None:
     """Undo a deletion within its restore window."""
-    view = state.core.authorities.restore(ca_id, state.actor)
-    state.emit(view.to_json(), lambda: _ca_line(view))
+    if state.remote is not None:
+        _emit_ca(state, state.remote.restore_ca(ca_id), details=False)
+        return
+    _emit_ca(state, state.core.authorities.restore(ca_id, state.actor), details=False)
 
 
 @ca.command("tag")
@@ -414,15 +518,22 @@ def ca_restore(state: State, ca_id: str) -> None:
 @reports_errors
 def ca_tag(state: State, ca_id: str, tags: tuple[str, ...], remove: tuple[str, ...]) -> None:
     """Add, change or remove tags on a CA; with no arguments, list them."""
-    authorities = state.core.authorities
-    view = (
-        authorities.tag(ca_id, _key_values(tags, "tag"), list(remove), state.actor)
-        if tags or remove
-        else authorities.describe(ca_id)
-    )
-    state.emit(
-        dict(view.tags), lambda: "\n".join(f"{k}={v}" for k, v in view.tags.items()) or "no tags"
-    )
+    remote = state.remote
+    if remote is not None:
+        current = remote.tags(ca_id) if not (tags or remove) else {}
+        if tags:
+            current = remote.set_tags(ca_id, _key_values(tags, "tag"))
+        if remove:
+            current = remote.remove_tags(ca_id, list(remove))
+    else:
+        authorities = state.core.authorities
+        view = (
+            authorities.tag(ca_id, _key_values(tags, "tag"), list(remove), state.actor)
+            if tags or remove
+            else authorities.describe(ca_id)
+        )
+        current = dict(view.tags)
+    state.emit(current, lambda: "\n".join(f"{k}={v}" for k, v in current.items()) or "no tags")
 
 
 # -- cert --------------------------------------------------------------------------------------
@@ -469,16 +580,59 @@ def cert_issue(
     chain_out: str | None,
 ) -> None:
     """Issue a certificate from a PKCS#10 request."""
-    passthrough = None
+    passthrough_json = None
     if api_passthrough:
         try:
-            passthrough = parse_api_passthrough(json.loads(Path(api_passthrough).read_text()))
+            passthrough_json = json.loads(Path(api_passthrough).read_text())
         except json.JSONDecodeError as exc:
             raise BadRequestError(f"{api_passthrough}: invalid JSON: {exc}") from None
+    if state.remote is not None:
+        body = {
+            "csr": _csr_pem(_read(csr_path)),
+            "template": template,
+            "validity": validity,
+            "api_passthrough": passthrough_json,
+            "signing_algorithm": signing_algorithm,
+            "idempotency_token": idempotency_token,
+        }
+        data = state.remote.issue(ca_id, {k: v for k, v in body.items() if v is not None})
+    else:
+        data = _issue_locally(
+            state,
+            ca_id,
+            _read(csr_path),
+            template,
+            validity,
+            parse_api_passthrough(passthrough_json) if api_passthrough else None,
+            signing_algorithm,
+            idempotency_token,
+        )
+    if out:
+        Path(out).write_text(data["certificate_pem"])
+    if chain_out:
+        Path(chain_out).write_text(data["chain_pem"])
+    state.emit(
+        data,
+        data["certificate_pem"].rstrip()
+        if not out
+        else f"issued serial {data['serial']} to {data['subject']}; wrote {out}",
+    )
+
+
+def _issue_locally(
+    state: State,
+    ca_id: str,
+    csr: bytes,
+    template: str,
+    validity: str,
+    passthrough: ApiPassthrough | None,
+    signing_algorithm: str | None,
+    idempotency_token: str | None,
+) -> dict[str, Any]:
     issued = state.core.issue(
         IssuanceRequest(
             ca_id=ca_id,
-            csr=_read(csr_path),
+            csr=csr,
             validity=Validity.parse(validity),
             requester=Requester(state.actor.principal, "cli"),
             template=template,
@@ -489,21 +643,11 @@ def cert_issue(
             idempotency_token=idempotency_token,
         )
     )
-    if out:
-        Path(out).write_text(issued.pem())
-    if chain_out:
-        Path(chain_out).write_text(issued.chain_pem())
-    data = {
+    return {
         **_certificate_json(issued.record),
         "certificate_pem": issued.pem(),
         "chain_pem": issued.chain_pem(),
     }
-    state.emit(
-        data,
-        issued.pem().rstrip()
-        if not out
-        else f"issued serial {issued.serial} to {issued.record.subject}; wrote {out}",
-    )
 
 
 @cert.command("get")
@@ -514,14 +658,18 @@ def cert_issue(
 @reports_errors
 def cert_get(state: State, ca_id: str, serial: str, as_pem: bool) -> None:
     """Show one certificate by CA and serial."""
-    core = state.core
-    with core.store.read() as conn:
-        record = core.store.get_certificate(conn, ca_id, normalize_serial(serial))
-    if record is None:
-        from pkigate.core.errors import NotFoundError
+    if state.remote is not None:
+        data = state.remote.certificate(ca_id, normalize_serial(serial))
+        data.pop("chain_pem", None)  # the same fields as a local lookup
+    else:
+        core = state.core
+        with core.store.read() as conn:
+            record = core.store.get_certificate(conn, ca_id, normalize_serial(serial))
+        if record is None:
+            from pkigate.core.errors import NotFoundError
 
-        raise NotFoundError(f"CA {ca_id} has issued no certificate with serial {serial}")
-    data = _certificate_json(record, with_pem=True)
+            raise NotFoundError(f"CA {ca_id} has issued no certificate with serial {serial}")
+        data = _certificate_json(record, with_pem=True)
     if as_pem:
         click.echo(data["certificate_pem"].rstrip())
         return
@@ -552,21 +700,51 @@ def cert_list(
     limit: int,
 ) -> None:
     """List issued certificates, filtered by CA, status and expiry window."""
-    now = utc_now()
-    core = state.core
-    with core.store.read() as conn:
-        records = core.store.list_certificates(
-            conn,
-            ca_id=ca_id,
-            status=status,
-            expiring_before=now + _parse_duration(expiring_within) if expiring_within else None,
-            not_expired_at=None if include_expired else now,
-            limit=limit,
+    if state.remote is not None:
+        certificates = _list_remotely(
+            state.remote, ca_id, status, expiring_within, include_expired, limit
         )
+    else:
+        now = utc_now()
+        core = state.core
+        with core.store.read() as conn:
+            records = core.store.list_certificates(
+                conn,
+                ca_id=ca_id,
+                status=status,
+                expiring_before=now + _parse_duration(expiring_within) if expiring_within else None,
+                not_expired_at=None if include_expired else now,
+                limit=limit,
+            )
+        certificates = [_certificate_json(r) for r in records]
     state.emit(
-        [_certificate_json(r) for r in records],
-        lambda: "\n".join(_certificate_line(r) for r in records) or "no certificates",
+        certificates,
+        lambda: "\n".join(_certificate_line(c) for c in certificates) or "no certificates",
     )
+
+
+def _list_remotely(
+    remote: RemoteClient,
+    ca_id: str | None,
+    status: str | None,
+    expiring_within: str | None,
+    include_expired: bool,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """The API lists per CA; without --ca, go through every CA the server has."""
+    filters = {
+        "status": status,
+        "expiring_within": expiring_within,
+        "include_expired": "true" if include_expired else None,
+    }
+    ca_ids = [ca_id] if ca_id else [c["id"] for c in remote.list_cas()]
+    found: list[dict[str, Any]] = []
+    for each in ca_ids:
+        for certificate in remote.certificates(each, filters, page_size=min(limit, 1000)):
+            found.append(certificate)
+            if len(found) >= limit:
+                return found
+    return found
 
 
 # -- template ----------------------------------------------------------------------------------
@@ -579,9 +757,13 @@ def template() -> None:
 
 @template.command("list")
 @pass_state
+@reports_errors
 def template_list(state: State) -> None:
     """List the templates by name."""
-    templates = [describe_template(t) for t in state.core.templates]
+    if state.remote is not None:
+        templates = state.remote.templates()
+    else:
+        templates = [describe_template(t) for t in state.core.templates]
     state.emit(
         templates, lambda: "\n".join(f"{t['name']:<62} {t['description']}" for t in templates)
     )
@@ -600,22 +782,27 @@ def audit() -> None:
 @reports_errors
 def audit_verify(state: State) -> None:
     """Check the hash chain; name every edited, inserted or deleted event."""
-    result = state.core.audit.verify()
-    data = {
-        "ok": result.ok,
-        "events": result.events,
-        "problems": [{"seq": p.seq, "kind": p.kind, "detail": p.detail} for p in result.problems],
-    }
+    if state.remote is not None:
+        data = state.remote.verify_audit()
+    else:
+        result = state.core.audit.verify()
+        data = {
+            "ok": result.ok,
+            "events": result.events,
+            "problems": [
+                {"seq": p.seq, "kind": p.kind, "detail": p.detail} for p in result.problems
+            ],
+        }
     state.emit(
         data,
         lambda: (
-            f"audit log OK: {result.events} events verified"
-            if result.ok
+            f"audit log OK: {data['events']} events verified"
+            if data["ok"]
             else "audit log TAMPERED:\n"
-            + "\n".join(f"  event {p.seq}: {p.kind}: {p.detail}" for p in result.problems)
+            + "\n".join(f"  event {p['seq']}: {p['kind']}: {p['detail']}" for p in data["problems"])
         ),
     )
-    if not result.ok:
+    if not data["ok"]:
         sys.exit(EXIT_ERROR)
 
 
@@ -629,10 +816,13 @@ def audit_verify(state: State) -> None:
 @reports_errors
 def audit_report(state: State, ca_id: str, fmt: str, out: str | None) -> None:
     """Every certificate a CA issued or revoked, as JSON or CSV."""
-    core = state.core
-    core.authorities.get(ca_id)
-    with core.store.read() as conn:
-        rows = report_rows(core.store.list_certificates(conn, ca_id=ca_id))
+    if state.remote is not None:
+        rows = state.remote.audit_report_rows(ca_id)
+    else:
+        core = state.core
+        core.authorities.get(ca_id)
+        with core.store.read() as conn:
+            rows = report_rows(core.store.list_certificates(conn, ca_id=ca_id))
     text = render_report(rows, fmt)
     if out:
         Path(out).write_text(text)
@@ -685,8 +875,72 @@ def demo(state: State) -> None:
     """Create a demo root and issuing CA (once) and issue a server certificate for localhost."""
     from pkigate.gateways.demo import run_demo
 
+    if state.remote is not None:
+        raise BadRequestError("`pkigate demo` works on a local data directory, not --server")
+
     result = run_demo(state.core, state.actor)
     state.emit(result, lambda: "\n".join(f"{k + ':':<22}{v}" for k, v in result.items()))
+
+
+# -- token -------------------------------------------------------------------------------------
+
+
+@main.group()
+def token() -> None:
+    """Management API tokens (roles: admin, issuer, auditor)."""
+
+
+def _token_line(data: dict[str, Any]) -> str:
+    state = f"revoked {data['revoked_at'][:10]}" if data["revoked_at"] else "active"
+    return f"{data['id']}  {data['role']:<8} {state:<18} {data['name']}"
+
+
+@token.command("create")
+@click.option("--name", required=True, help="Who or what will use the token.")
+@click.option("--role", type=_choices(list(Role)), required=True)
+@pass_state
+@reports_errors
+def token_create(state: State, name: str, role: str) -> None:
+    """Create a token; its secret is printed this once and never stored."""
+    if state.remote is not None:
+        data = state.remote.create_token(name, role)
+    else:
+        issued = state.tokens.create(name, Role(role), state.actor)
+        data = {**token_json(issued.record), "secret": issued.secret}
+    state.emit(
+        data,
+        lambda: (
+            f"{data['secret']}\n"
+            f"(token {data['id']}, role {data['role']}: keep the secret, it is not shown again)"
+        ),
+    )
+
+
+@token.command("list")
+@pass_state
+@reports_errors
+def token_list(state: State) -> None:
+    """List tokens (never their secrets)."""
+    if state.remote is not None:
+        tokens = state.remote.list_tokens()
+    else:
+        tokens = [token_json(t) for t in state.tokens.list()]
+    state.emit(tokens, lambda: "\n".join(_token_line(t) for t in tokens) or "no tokens")
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@pass_state
+@reports_errors
+def token_revoke(state: State, token_id: str) -> None:
+    """Revoke a token by id; the API refuses it from then on."""
+    if state.remote is not None:
+        data = state.remote.revoke_token(token_id)
+    else:
+        tokens = state.tokens
+        tokens.revoke(token_id, state.actor)
+        data = next(token_json(t) for t in tokens.list() if t.id == token_id)
+    state.emit(data, lambda: _token_line(data))
 
 
 if __name__ == "__main__":  # pragma: no cover
