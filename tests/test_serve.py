@@ -122,8 +122,9 @@ def test_500_certificates_from_8_clients_against_4_workers(
 
     core = Core.open(server.data_dir, database_url)
     with core.store.read() as conn:
-        rows = [r for r in core.store.list_certificates(conn, ca_id=issuing_id)
-                if r.connector == "api"]  # the HTTPS server's own certificate is there too
+        rows = [
+            r for r in core.store.list_certificates(conn, ca_id=issuing_id) if r.connector == "api"
+        ]  # the HTTPS server's own certificate is there too
     assert {r.serial for r in rows} == serials and len(rows) == 500
     issue_events = [
         e

@@ -1,0 +1,1080 @@
+"""The management REST API under /api/v1: the CLI's verbs as resources, behind role tokens.
+
+Roles separate duties: ``admin`` runs the CA lifecycle and the tokens, ``issuer`` issues,
+``auditor`` verifies and exports the audit log; every role may read CAs and templates,
+and issuers and auditors may read certificates. Each route is declared once as an
+:class:`~pkigate.gateways.openapi.Operation`; :func:`route` turns the declaration into the
+Flask view (authentication, role check, strict parsing of the body and query) and into
+the operation of the OpenAPI document served at /api/v1/openapi.json.
+
+Mutations go through the core with the token's identity (``http.actor()``), so the core
+audits them; refusals by role are audited by ``http.requires``. Input is parsed at this
+edge: an unknown field or parameter, a wrong type or value is a 400 that names it, before
+anything is changed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from functools import wraps
+from importlib import metadata
+from typing import Any
+from urllib.parse import urlencode
+
+from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
+
+from pkigate.core import (
+    CASettings,
+    CASpec,
+    CAStatus,
+    CAType,
+    IssuanceRequest,
+    KeyAlgorithm,
+    Requester,
+    SigningAlgorithm,
+    UsageMode,
+    Validity,
+    ValidityType,
+)
+from pkigate.core.audit import render_report, report_rows
+from pkigate.core.errors import BadRequestError, NotFoundError, PkigateError
+from pkigate.core.model import CertificateStatus
+from pkigate.core.names import parse_dn
+from pkigate.core.passthrough import parse_api_passthrough
+from pkigate.core.templates import describe as describe_template
+from pkigate.gateways import metrics
+from pkigate.gateways.auth import Role
+from pkigate.gateways.http import (
+    UnsupportedMediaType,
+    actor,
+    gateway,
+    json_body,
+    principal,
+    requires,
+)
+from pkigate.gateways.openapi import (
+    API_PREFIX,
+    SETTINGS_FIELDS,
+    VALIDITY,
+    Field,
+    ForeignRoute,
+    Operation,
+    Param,
+    Reply,
+    build_document,
+    certificate_json,
+    certificate_pem,
+    enum_values,
+    json_reply,
+    json_types,
+    openapi_path,
+    ref,
+    token_json,
+)
+
+api = Blueprint("api", __name__)
+
+# Every declared operation, in declaration order: the OpenAPI document is built from this.
+OPERATIONS: list[Operation] = []
+
+ALL_ROLES = (Role.ADMIN, Role.ISSUER, Role.AUDITOR)
+ADMIN = (Role.ADMIN,)
+ISSUER = (Role.ISSUER,)
+AUDITOR = (Role.AUDITOR,)
+CERTIFICATE_READERS = (Role.ISSUER, Role.AUDITOR)
+
+# Tags under this prefix are how the gateway finds the CAs its configuration names
+# (runtime.CONFIG_NAME_TAG); changing them remotely would make the next start create new
+# CAs, so the API leaves them alone.
+RESERVED_TAG_PREFIX = "pkigate:"
+API_CONNECTOR = "api"
+MAX_PAGE = 1000
+_CURSOR = re.compile(r"^after:(\d{1,18})$")
+
+View = Callable[..., Response]
+
+
+# -- declaration -> view ---------------------------------------------------------------------
+
+
+def route(operation: Operation) -> Callable[[View], View]:
+    """Register ``view`` for ``operation``: token and role first, then query, then body."""
+
+    def register(view: View) -> View:
+        @wraps(view)
+        def handle(**path: str) -> Response:
+            arguments: dict[str, Any] = dict(path)
+            query = parse_query(operation.query)
+            if operation.query:
+                arguments["query"] = query
+            if operation.body is not None:
+                arguments["body"] = parse_body(operation.body)
+            elif request.content_length:
+                refuse_body()
+            return view(**arguments)
+
+        endpoint = requires(*operation.roles)(handle) if operation.roles else handle
+        api.add_url_rule(
+            operation.flask_rule, operation.operation_id, endpoint, methods=[operation.method]
+        )
+        OPERATIONS.append(operation)
+        return view
+
+    return register
+
+
+def refuse_body() -> None:
+    """A body where none belongs: 415 if it is not JSON, else 400 naming its fields."""
+    try:
+        json_body({})
+    except UnsupportedMediaType:
+        raise
+    except BadRequestError as exc:
+        # json_body would go on to list the allowed fields, and here there are none.
+        detail = exc.message.partition("; allowed")[0]
+        raise BadRequestError(f"this request takes no body: {detail}") from None
+
+
+def reply(data: Any, status: int = 200, location: str | None = None) -> Response:
+    response = jsonify(data)
+    response.status_code = status
+    if location:
+        response.headers["Location"] = location
+    return response
+
+
+# -- parsing at the edge ---------------------------------------------------------------------
+
+
+@contextmanager
+def field_errors(name: str, kind: str = "field") -> Iterator[None]:
+    """Name the field in a parse error raised by the core, which does not know it."""
+    try:
+        yield
+    except BadRequestError as exc:
+        detail = exc.message.removeprefix(f"{name}: ")
+        raise type(exc)(f"{kind} {name!r}: {detail}") from None
+
+
+def parse_body(fields: tuple[Field, ...]) -> dict[str, Any]:
+    """The JSON body checked against its declared fields (http.json_body does 415/400)."""
+    body = json_body(
+        {f.name: f.python_types() for f in fields}, tuple(f.name for f in fields if f.required)
+    )
+    return _check_object(body, fields, "")
+
+
+def _type_names(schema: Mapping[str, Any]) -> str:
+    return " or ".join(sorted(json_types(schema) - {"null"}))
+
+
+def _check_object(data: Mapping[str, Any], fields: tuple[Field, ...], where: str) -> dict[str, Any]:
+    """Refuse unknown keys and wrong types, recursively; fill in declared defaults.
+
+    An explicit ``null`` stays ``None`` so that PATCH can reset a setting to its default.
+    """
+    known = {f.name: f for f in fields}
+    for key in data:
+        if key not in known:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise BadRequestError(f"unknown field {where + key!r}; allowed: {allowed}")
+    result: dict[str, Any] = {}
+    for field in fields:
+        name = where + field.name
+        schema = field.json_schema()
+        if data.get(field.name) is None:
+            if field.required:
+                raise BadRequestError(f"field {name!r} is required")
+            if "default" in schema:
+                result[field.name] = schema["default"]
+            elif field.name in data:
+                result[field.name] = None
+            continue
+        value = data[field.name]
+        types = field.python_types()
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise BadRequestError(f"field {name!r} must be {_type_names(schema)}")
+        if field.fields is not None and isinstance(value, dict):
+            value = _check_object(value, field.fields, name + ".")
+        else:
+            _check_leaf(name, schema, value)
+        result[field.name] = value
+    return result
+
+
+def _check_leaf(name: str, schema: Mapping[str, Any], value: Any) -> None:
+    """Enforce the constraints the document declares (enum, bounds, element types)."""
+    if "enum" in schema and value not in schema["enum"]:
+        raise BadRequestError(
+            f"field {name!r} must be one of {', '.join(map(str, schema['enum']))}, not {value!r}"
+        )
+    if isinstance(value, int) and not isinstance(value, bool):
+        low, high = schema.get("minimum"), schema.get("maximum")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise BadRequestError(f"field {name!r} must be from {low} to {high}, not {value}")
+    if isinstance(value, str):
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            raise BadRequestError(f"field {name!r} is over {schema['maxLength']} characters")
+        if len(value) < schema.get("minLength", 0):
+            raise BadRequestError(f"field {name!r} must not be empty")
+    if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), Mapping):
+        for key, item in value.items():
+            if not isinstance(item, str):
+                raise BadRequestError(f"field {name + '.' + key!r} must be a string")
+    if isinstance(value, list) and schema.get("items") == {"type": "string"}:
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise BadRequestError(f"field {name}[{index}] must be a string")
+
+
+def parse_query(params: tuple[Param, ...]) -> dict[str, Any]:
+    """Query parameters by their declarations; unknown or repeated ones are refused."""
+    known = {p.name: p for p in params}
+    for name in request.args:
+        if name not in known:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise BadRequestError(f"unknown query parameter {name!r}; allowed: {allowed}")
+    values: dict[str, Any] = {}
+    for param in params:
+        raw = request.args.getlist(param.name)
+        if not raw:
+            if param.required:
+                raise BadRequestError(f"query parameter {param.name!r} is required")
+            values[param.name] = param.schema.get("default")
+        elif param.schema.get("type") == "array":
+            values[param.name] = [
+                _query_scalar(param.name, param.schema.get("items", {}), v) for v in raw
+            ]
+        elif len(raw) > 1:
+            raise BadRequestError(f"query parameter {param.name!r} is given more than once")
+        else:
+            values[param.name] = _query_scalar(param.name, param.schema, raw[0])
+    return values
+
+
+def _query_scalar(name: str, schema: Mapping[str, Any], text: str) -> Any:
+    kind = schema.get("type", "string")
+    if kind == "integer":
+        low, high = schema.get("minimum"), schema.get("maximum")
+        try:
+            number = int(text)
+        except ValueError:
+            number = None
+        if (
+            number is None
+            or (low is not None and number < low)
+            or (high is not None and number > high)
+        ):
+            raise BadRequestError(
+                f"query parameter {name!r} must be an integer from {low} to {high}, not {text!r}"
+            )
+        return number
+    if kind == "boolean":
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise BadRequestError(f"query parameter {name!r} must be true or false, not {text!r}")
+    if not text:
+        raise BadRequestError(f"query parameter {name!r} must not be empty")
+    if "enum" in schema and text not in schema["enum"]:
+        raise BadRequestError(
+            f"query parameter {name!r} must be one of {', '.join(schema['enum'])}, not {text!r}"
+        )
+    return text
+
+
+def parse_validity(value: str | Mapping[str, Any], name: str) -> Validity:
+    """``"10y"`` or ``{"type": "DAYS", "value": 30}``."""
+    if isinstance(value, str):
+        with field_errors(name):
+            return Validity.parse(value)
+    unknown = sorted(set(value) - {"type", "value"})
+    if unknown:
+        raise BadRequestError(f"unknown field {name + '.' + unknown[0]!r}; allowed: type, value")
+    kind, amount = value.get("type"), value.get("value")
+    if kind not in enum_values(ValidityType):
+        raise BadRequestError(
+            f"field {name + '.type'!r} must be one of {', '.join(enum_values(ValidityType))}"
+        )
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise BadRequestError(f"field {name + '.value'!r} must be integer")
+    with field_errors(name):
+        return Validity(ValidityType(kind), amount)
+
+
+def parse_duration(text: str, name: str) -> timedelta:
+    """``30d``, ``6m``, ``1y``: a span counted from now."""
+    with field_errors(name, "query parameter"):
+        validity = Validity.parse(text)
+    if validity.type not in (ValidityType.DAYS, ValidityType.MONTHS, ValidityType.YEARS):
+        raise BadRequestError(f"query parameter {name!r} must be a span like 30d, not {text!r}")
+    now: datetime = gateway().core.issuer._clock()
+    return validity.not_after(now) - now
+
+
+def normalize_serial(serial: str) -> str:
+    """Hex as the store keeps it: lower case, no colons, no ``0x``, no leading zeros."""
+    cleaned = serial.replace(":", "").strip().lower().removeprefix("0x").lstrip("0") or "0"
+    if not re.fullmatch(r"[0-9a-f]{1,40}", cleaned):
+        raise BadRequestError(f"serial {serial!r} is not hexadecimal")
+    return cleaned
+
+
+def encode_cursor(row_id: int) -> str:
+    return base64.urlsafe_b64encode(f"after:{row_id}".encode()).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    try:
+        text = base64.b64decode(cursor + "=" * (-len(cursor) % 4), b"-_", validate=True)
+        match = _CURSOR.match(text.decode())
+    except (binascii.Error, UnicodeDecodeError):
+        match = None
+    if match is None:
+        raise BadRequestError("query parameter 'cursor' is not one this server handed out")
+    return int(match.group(1))
+
+
+def checked_tags(tags: Mapping[str, str], name: str) -> dict[str, str]:
+    for key in tags:
+        if key.startswith(RESERVED_TAG_PREFIX):
+            raise BadRequestError(
+                f"field {name + '.' + key!r}: tag keys starting with "
+                f"{RESERVED_TAG_PREFIX!r} are reserved for the gateway"
+            )
+    return dict(tags)
+
+
+def checked_settings(settings: Mapping[str, Any] | None) -> CASettings:
+    """Settings with nulls meaning the default, checked by the core."""
+    present = {k: v for k, v in (settings or {}).items() if v is not None}
+    with field_errors("settings"):
+        return CASettings.from_json(present)
+
+
+# -- CAs -------------------------------------------------------------------------------------
+
+_STRING = {"type": "string"}
+_TOKEN_FIELD = {"type": "string", "minLength": 1, "maxLength": 128}
+_TAGS = {"type": "object", "additionalProperties": {"type": "string"}}
+_CA_ID = "The CA's id"
+
+CA_CREATE_FIELDS = (
+    Field(
+        "type",
+        "ROOT (self-signed) or SUBORDINATE",
+        {"type": "string", "enum": enum_values(CAType)},
+        required=True,
+    ),
+    Field(
+        "subject",
+        "RFC 4514 distinguished name",
+        {"type": "string", "examples": ["CN=Example Root,O=Example"]},
+        required=True,
+    ),
+    Field(
+        "key_algorithm",
+        "The CA key's algorithm",
+        {"type": "string", "enum": enum_values(KeyAlgorithm), "default": "EC_prime256v1"},
+    ),
+    Field(
+        "signing_algorithm",
+        "Default: SHA-2 of the key's size with the key's family",
+        {"type": "string", "enum": enum_values(SigningAlgorithm)},
+    ),
+    Field(
+        "usage_mode",
+        "SHORT_LIVED_CERTIFICATE caps leaves at 7 days",
+        {"type": "string", "enum": enum_values(UsageMode), "default": "GENERAL_PURPOSE"},
+    ),
+    Field("validity", "Default 10y for a ROOT, 5y (within the parent) otherwise", VALIDITY),
+    Field(
+        "parent_id",
+        "Sign the new SUBORDINATE with this pkigate CA; without it the CA waits in "
+        "PENDING_CERTIFICATE for a certificate signed elsewhere",
+        _STRING,
+    ),
+    Field(
+        "path_length",
+        "pathLenConstraint of the CA certificate",
+        {"type": "integer", "minimum": 0, "maximum": 3},
+    ),
+    Field("settings", "What the CA puts in the certificates it issues", fields=SETTINGS_FIELDS),
+    Field("tags", "Key/value labels (keys 'pkigate:*' are reserved)", _TAGS),
+    Field(
+        "idempotency_token",
+        "The same token with the same body within 5 minutes returns the same CA",
+        _TOKEN_FIELD,
+    ),
+)
+
+
+@route(
+    Operation(
+        "POST",
+        "/cas",
+        "createCA",
+        "Create a ROOT or SUBORDINATE CA",
+        "CAs",
+        ADMIN,
+        (json_reply(201, "The CA (the earlier one on an idempotent repeat)", ref("CA")),),
+        body=CA_CREATE_FIELDS,
+        errors=(404, 409, 422),
+    )
+)
+def create_ca(body: dict[str, Any]) -> Response:
+    with field_errors("subject"):
+        subject = parse_dn(body["subject"])
+    signing = body.get("signing_algorithm")
+    spec = CASpec(
+        type=CAType(body["type"]),
+        subject=subject,
+        key_algorithm=KeyAlgorithm(body["key_algorithm"]),
+        signing_algorithm=SigningAlgorithm(signing) if signing else None,
+        usage_mode=UsageMode(body["usage_mode"]),
+        validity=parse_validity(body["validity"], "validity") if body.get("validity") else None,
+        parent_ca_id=body.get("parent_id"),
+        path_length=body.get("path_length"),
+        settings=checked_settings(body.get("settings")),
+        tags=checked_tags(body.get("tags") or {}, "tags"),
+    )
+    view = gateway().core.authorities.create(spec, actor(), body.get("idempotency_token"))
+    return reply(view.to_json(), 201, url_for(".getCA", ca_id=view.record.id))
+
+
+@route(
+    Operation(
+        "GET",
+        "/cas",
+        "listCAs",
+        "List CAs with their status and expiry",
+        "CAs",
+        ALL_ROLES,
+        (json_reply(200, "The CAs", ref("CAList")),),
+        query=(
+            Param(
+                "status",
+                "Only CAs in this state",
+                {"type": "string", "enum": enum_values(CAStatus)},
+            ),
+        ),
+    )
+)
+def list_cas(query: dict[str, Any]) -> Response:
+    status = CAStatus(query["status"]) if query["status"] else None
+    views = gateway().core.authorities.list_cas(status)
+    return reply({"cas": [v.to_json() for v in views]})
+
+
+@route(
+    Operation(
+        "GET",
+        "/cas/{ca_id}",
+        "getCA",
+        "Describe one CA",
+        "CAs",
+        ALL_ROLES,
+        (json_reply(200, "The CA", ref("CA")),),
+    )
+)
+def get_ca(ca_id: str) -> Response:
+    return reply(gateway().core.authorities.describe(ca_id).to_json())
+
+
+@route(
+    Operation(
+        "GET",
+        "/cas/{ca_id}/csr",
+        "getCACSR",
+        "A SUBORDINATE CA's CSR, for signing by an outside parent",
+        "CAs",
+        ALL_ROLES,
+        (json_reply(200, "The CSR", ref("CACSR")),),
+        errors=(409,),
+    )
+)
+def get_ca_csr(ca_id: str) -> Response:
+    return reply({"ca_id": ca_id, "csr_pem": gateway().core.authorities.csr_pem(ca_id)})
+
+
+@route(
+    Operation(
+        "POST",
+        "/cas/{ca_id}/certificate",
+        "importCACertificate",
+        "Install a CA certificate signed elsewhere (bring your own parent)",
+        "CAs",
+        ADMIN,
+        (json_reply(200, "The CA, now ACTIVE", ref("CA")),),
+        body=(
+            Field("certificate_pem", "The CA's certificate (PEM)", _STRING, required=True),
+            Field(
+                "chain_pem",
+                "The issuers, the direct issuer first, up to the root (PEM bundle)",
+                _STRING,
+            ),
+        ),
+        errors=(409,),
+    )
+)
+def import_ca_certificate(ca_id: str, body: dict[str, Any]) -> Response:
+    chain = body.get("chain_pem")
+    view = gateway().core.authorities.import_certificate(
+        ca_id, body["certificate_pem"].encode(), chain.encode() if chain else None, actor()
+    )
+    return reply(view.to_json())
+
+
+@route(
+    Operation(
+        "GET",
+        "/cas/{ca_id}/certificate",
+        "getCACertificate",
+        "The CA's certificate and the chain above it",
+        "CAs",
+        ALL_ROLES,
+        (json_reply(200, "PEM certificate and chain", ref("CACertificate")),),
+        errors=(409,),
+    )
+)
+def get_ca_certificate(ca_id: str) -> Response:
+    certificate, chain = gateway().core.authorities.certificate_pem(ca_id)
+    return reply({"certificate_pem": certificate, "chain_pem": chain})
+
+
+@route(
+    Operation(
+        "PATCH",
+        "/cas/{ca_id}",
+        "updateCA",
+        "Enable or disable a CA, or change its settings",
+        "CAs",
+        ADMIN,
+        (json_reply(200, "The CA", ref("CA")),),
+        body=(
+            Field(
+                "status",
+                "ACTIVE or DISABLED",
+                {"type": "string", "enum": [CAStatus.ACTIVE.value, CAStatus.DISABLED.value]},
+            ),
+            Field(
+                "settings",
+                "Settings to change; the others keep their values, and null resets one to "
+                "its default",
+                fields=SETTINGS_FIELDS,
+            ),
+        ),
+        errors=(409,),
+    )
+)
+def update_ca(ca_id: str, body: dict[str, Any]) -> Response:
+    if body.get("status") is None and body.get("settings") is None:
+        raise BadRequestError("give 'status', 'settings' or both")
+    authorities = gateway().core.authorities
+    view = authorities.describe(ca_id)
+    settings = None
+    if body.get("settings") is not None:
+        # Checked in full before anything changes; the status change (which may be refused
+        # by the CA's state) goes first so that a refusal leaves the settings as they were.
+        settings = checked_settings({**view.record.settings, **body["settings"]})
+    if body.get("status") is not None:
+        view = authorities.update_status(ca_id, CAStatus(body["status"]), actor())
+    if settings is not None:
+        view = authorities.update_settings(ca_id, settings, actor())
+    return reply(view.to_json())
+
+
+@route(
+    Operation(
+        "DELETE",
+        "/cas/{ca_id}",
+        "deleteCA",
+        "Delete a CA that is not ACTIVE (restorable for restore_days)",
+        "CAs",
+        ADMIN,
+        (json_reply(200, "The CA, DELETED, with restore_until", ref("CA")),),
+        query=(
+            Param(
+                "restore_days",
+                "Days during which the deletion can be undone",
+                {"type": "integer", "minimum": 7, "maximum": 30, "default": 30},
+            ),
+        ),
+        errors=(409,),
+    )
+)
+def delete_ca(ca_id: str, query: dict[str, Any]) -> Response:
+    view = gateway().core.authorities.delete(ca_id, query["restore_days"], actor())
+    return reply(view.to_json())
+
+
+@route(
+    Operation(
+        "POST",
+        "/cas/{ca_id}/restore",
+        "restoreCA",
+        "Undo a deletion within its restore window",
+        "CAs",
+        ADMIN,
+        (json_reply(200, "The CA in its state before deletion", ref("CA")),),
+        errors=(409,),
+    )
+)
+def restore_ca(ca_id: str) -> Response:
+    return reply(gateway().core.authorities.restore(ca_id, actor()).to_json())
+
+
+@route(
+    Operation(
+        "GET",
+        "/cas/{ca_id}/tags",
+        "getCATags",
+        "A CA's tags",
+        "CAs",
+        ALL_ROLES,
+        (json_reply(200, "The tags", ref("Tags")),),
+    )
+)
+def get_ca_tags(ca_id: str) -> Response:
+    return reply({"tags": dict(gateway().core.authorities.describe(ca_id).tags)})
+
+
+@route(
+    Operation(
+        "PUT",
+        "/cas/{ca_id}/tags",
+        "setCATags",
+        "Add or change tags (tags not named keep their values)",
+        "CAs",
+        ADMIN,
+        (json_reply(200, "All the CA's tags afterwards", ref("Tags")),),
+        body=(Field("tags", "Tags to set", _TAGS, required=True),),
+    )
+)
+def set_ca_tags(ca_id: str, body: dict[str, Any]) -> Response:
+    tags = checked_tags(body["tags"], "tags")
+    view = gateway().core.authorities.tag(ca_id, tags, [], actor())
+    return reply({"tags": dict(view.tags)})
+
+
+@route(
+    Operation(
+        "DELETE",
+        "/cas/{ca_id}/tags",
+        "removeCATags",
+        "Remove tags by key",
+        "CAs",
+        ADMIN,
+        (json_reply(200, "The tags that remain", ref("Tags")),),
+        query=(
+            Param(
+                "key",
+                "A tag key to remove (repeat for several)",
+                {"type": "array", "items": {"type": "string"}},
+                required=True,
+            ),
+        ),
+    )
+)
+def remove_ca_tags(ca_id: str, query: dict[str, Any]) -> Response:
+    keys: list[str] = query["key"]
+    for key in keys:
+        if key.startswith(RESERVED_TAG_PREFIX):
+            raise BadRequestError(
+                f"query parameter 'key': {key!r} is reserved for the gateway "
+                f"(tags starting with {RESERVED_TAG_PREFIX!r})"
+            )
+    view = gateway().core.authorities.tag(ca_id, {}, keys, actor())
+    return reply({"tags": dict(view.tags)})
+
+
+# -- certificates ----------------------------------------------------------------------------
+
+ISSUE_FIELDS = (
+    Field("csr", "The PKCS#10 request (PEM)", _STRING, required=True),
+    Field(
+        "template",
+        "Certificate template (GET /templates)",
+        {"type": "string", "default": "EndEntityCertificate/V1"},
+    ),
+    Field(
+        "validity", "Requested lifetime, capped by template and CA", {**VALIDITY, "default": "30d"}
+    ),
+    Field(
+        "api_passthrough",
+        "Subject, SANs and extensions the caller vouches for (APIPassthrough templates): "
+        "subject, sans, key_usage, extended_key_usage, certificate_policies, "
+        "custom_extensions",
+        {"type": "object"},
+    ),
+    Field(
+        "signing_algorithm",
+        "Default: the CA's",
+        {"type": "string", "enum": enum_values(SigningAlgorithm)},
+    ),
+    Field(
+        "idempotency_token",
+        "The same token with the same request within 5 minutes returns the same certificate",
+        _TOKEN_FIELD,
+    ),
+)
+
+
+@route(
+    Operation(
+        "POST",
+        "/cas/{ca_id}/certificates",
+        "issueCertificate",
+        "Issue a certificate from a PKCS#10 request",
+        "Certificates",
+        ISSUER,
+        (json_reply(201, "The certificate and its chain", ref("Certificate")),),
+        body=ISSUE_FIELDS,
+        errors=(409, 422, 503),
+    )
+)
+def issue_certificate(ca_id: str, body: dict[str, Any]) -> Response:
+    who = principal()
+    passthrough = None
+    if body.get("api_passthrough") is not None:
+        with field_errors("api_passthrough"):
+            passthrough = parse_api_passthrough(body["api_passthrough"])
+    signing = body.get("signing_algorithm")
+    template = body["template"]
+    issuance = IssuanceRequest(
+        ca_id=ca_id,
+        csr=body["csr"].encode(),
+        validity=parse_validity(body["validity"], "validity"),
+        requester=Requester(
+            actor().principal,
+            API_CONNECTOR,
+            {"token_id": who.token_id, "role": who.role.value},
+            g.request_id,
+        ),
+        template=template,
+        api_passthrough=passthrough,
+        signing_algorithm=SigningAlgorithm(signing) if signing else None,
+        idempotency_token=body.get("idempotency_token"),
+    )
+    try:
+        issued = gateway().core.issue(issuance)
+    except PkigateError as exc:
+        metrics.record_issuance(API_CONNECTOR, template, exc.code)
+        raise
+    metrics.record_issuance(API_CONNECTOR, template, "success")
+    data = {
+        **certificate_json(issued.record),
+        "certificate_pem": issued.pem(),
+        "chain_pem": issued.chain_pem(),
+    }
+    return reply(data, 201, url_for(".getCertificate", ca_id=ca_id, serial=issued.serial))
+
+
+@route(
+    Operation(
+        "GET",
+        "/cas/{ca_id}/certificates",
+        "listCertificates",
+        "List a CA's certificates, oldest first, a page at a time",
+        "Certificates",
+        CERTIFICATE_READERS,
+        (json_reply(200, "One page; follow `next` (or the Link header)", ref("CertificatePage")),),
+        query=(
+            Param(
+                "status",
+                "Only ISSUED or only REVOKED",
+                {"type": "string", "enum": enum_values(CertificateStatus)},
+            ),
+            Param(
+                "expiring_within",
+                "Only certificates whose notAfter is that close, e.g. 30d",
+                {"type": "string", "examples": ["30d"]},
+            ),
+            Param(
+                "include_expired",
+                "Include certificates past their notAfter",
+                {"type": "boolean", "default": False},
+            ),
+            Param(
+                "limit",
+                "Page size",
+                {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100},
+            ),
+            Param("cursor", "Opaque: the next_cursor of the previous page", _STRING),
+        ),
+    )
+)
+def list_certificates(ca_id: str, query: dict[str, Any]) -> Response:
+    core = gateway().core
+    core.authorities.get(ca_id)  # 404 for a CA that does not exist
+    now = core.issuer._clock()
+    within = query["expiring_within"]
+    limit: int = query["limit"]
+    after = decode_cursor(query["cursor"])
+    with core.store.read() as conn:
+        records = core.store.list_certificates(
+            conn,
+            ca_id=ca_id,
+            status=query["status"],
+            expiring_before=now + parse_duration(within, "expiring_within") if within else None,
+            not_expired_at=None if query["include_expired"] else now,
+            limit=limit + 1,
+            after_id=after,
+        )
+    page = records[:limit]
+    next_cursor = encode_cursor(page[-1].id) if len(records) > limit else None
+    next_url = None
+    if next_cursor:
+        arguments = [(k, v) for k, v in request.args.items(multi=True) if k != "cursor"]
+        next_url = f"{request.script_root}{request.path}?" + urlencode(
+            [*arguments, ("cursor", next_cursor)]
+        )
+    response = reply(
+        {
+            "certificates": [certificate_json(r) for r in page],
+            "next": next_url,
+            "next_cursor": next_cursor,
+        }
+    )
+    if next_url:
+        response.headers["Link"] = f'<{next_url}>; rel="next"'
+    return response
+
+
+@route(
+    Operation(
+        "GET",
+        "/cas/{ca_id}/certificates/{serial}",
+        "getCertificate",
+        "One certificate by serial (hex; colons and a 0x prefix allowed)",
+        "Certificates",
+        CERTIFICATE_READERS,
+        (json_reply(200, "The certificate, its PEM and chain", ref("Certificate")),),
+    )
+)
+def get_certificate(ca_id: str, serial: str) -> Response:
+    core = gateway().core
+    with core.store.read() as conn:
+        record = core.store.get_certificate(conn, ca_id, normalize_serial(serial))
+    if record is None:
+        raise NotFoundError(f"CA {ca_id} has issued no certificate with serial {serial}")
+    ca_certificate, above = core.authorities.certificate_pem(ca_id)
+    return reply(
+        {
+            **certificate_json(record),
+            "certificate_pem": certificate_pem(record),
+            "chain_pem": ca_certificate + above,
+        }
+    )
+
+
+# -- templates -------------------------------------------------------------------------------
+
+
+@route(
+    Operation(
+        "GET",
+        "/templates",
+        "listTemplates",
+        "The certificate template catalogue",
+        "Templates",
+        ALL_ROLES,
+        (json_reply(200, "Every template by name", ref("TemplateList")),),
+    )
+)
+def list_templates() -> Response:
+    return reply({"templates": [describe_template(t) for t in gateway().core.templates]})
+
+
+# -- audit -----------------------------------------------------------------------------------
+
+
+@route(
+    Operation(
+        "GET",
+        "/audit/verify",
+        "verifyAudit",
+        "Check the audit log's hash chain; name every edited, inserted or deleted event",
+        "Audit",
+        AUDITOR,
+        (
+            json_reply(
+                200, "The verification (ok is false when tampered)", ref("AuditVerification")
+            ),
+        ),
+    )
+)
+def verify_audit() -> Response:
+    result = gateway().core.audit.verify()
+    return reply(
+        {
+            "ok": result.ok,
+            "events": result.events,
+            "problems": [
+                {"seq": p.seq, "kind": p.kind, "detail": p.detail} for p in result.problems
+            ],
+        }
+    )
+
+
+@route(
+    Operation(
+        "GET",
+        "/audit/report",
+        "auditReport",
+        "Every certificate a CA issued or revoked, as JSON or CSV",
+        "Audit",
+        AUDITOR,
+        (
+            Reply(
+                200,
+                "The report",
+                {"application/json": ref("AuditReport"), "text/csv": {"type": "string"}},
+            ),
+        ),
+        query=(
+            Param("ca", _CA_ID, _STRING, required=True),
+            Param(
+                "format",
+                "json or csv (text/csv)",
+                {"type": "string", "enum": ["json", "csv"], "default": "json"},
+            ),
+        ),
+        errors=(404,),
+    )
+)
+def audit_report(query: dict[str, Any]) -> Response:
+    core = gateway().core
+    ca_id = query["ca"]
+    core.authorities.get(ca_id)
+    with core.store.read() as conn:
+        rows = report_rows(core.store.list_certificates(conn, ca_id=ca_id))
+    if query["format"] == "csv":
+        return Response(
+            render_report(rows, "csv"),
+            mimetype="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="audit-{ca_id}.csv"'},
+        )
+    return reply({"ca_id": ca_id, "certificates": rows})
+
+
+# -- tokens ----------------------------------------------------------------------------------
+
+
+@route(
+    Operation(
+        "POST",
+        "/tokens",
+        "createToken",
+        "Create an API token; its secret is in this response only",
+        "Tokens",
+        ADMIN,
+        (json_reply(201, "The token with its secret", ref("NewToken")),),
+        body=(
+            Field("name", "Who or what will use it", _TOKEN_FIELD, required=True),
+            Field(
+                "role",
+                "admin, issuer or auditor",
+                {"type": "string", "enum": enum_values(Role)},
+                required=True,
+            ),
+        ),
+    )
+)
+def create_token(body: dict[str, Any]) -> Response:
+    issued = gateway().tokens.create(body["name"], Role(body["role"]), actor())
+    response = reply(
+        {**token_json(issued.record), "secret": issued.secret},
+        201,
+        url_for(".listTokens"),
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@route(
+    Operation(
+        "GET",
+        "/tokens",
+        "listTokens",
+        "API tokens (never their secrets)",
+        "Tokens",
+        ADMIN,
+        (json_reply(200, "Every token, revoked ones included", ref("TokenList")),),
+    )
+)
+def list_tokens() -> Response:
+    return reply({"tokens": [token_json(t) for t in gateway().tokens.list()]})
+
+
+@route(
+    Operation(
+        "DELETE",
+        "/tokens/{token_id}",
+        "revokeToken",
+        "Revoke a token; it is refused from then on",
+        "Tokens",
+        ADMIN,
+        (json_reply(200, "The revoked token", ref("Token")),),
+    )
+)
+def revoke_token(token_id: str) -> Response:
+    tokens = gateway().tokens
+    tokens.revoke(token_id, actor())
+    record = next(t for t in tokens.list() if t.id == token_id)
+    return reply(token_json(record))
+
+
+# -- the document ----------------------------------------------------------------------------
+
+
+def foreign_routes() -> list[ForeignRoute]:
+    """Routes under /api/v1 that connectors registered, with the roles their views need."""
+    found = []
+    for rule in current_app.url_map.iter_rules():
+        if not rule.rule.startswith(API_PREFIX + "/") or rule.endpoint.startswith("api."):
+            continue
+        view = current_app.view_functions[rule.endpoint]
+        roles = getattr(view, "required_roles", None)
+        summary = (view.__doc__ or "").strip().split("\n")[0]
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            found.append(
+                ForeignRoute(
+                    method,
+                    openapi_path(rule.rule.removeprefix(API_PREFIX)),
+                    rule.endpoint,
+                    tuple(roles) if roles is not None else None,
+                    summary,
+                )
+            )
+    return found
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pkigate")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0"
+
+
+@route(
+    Operation(
+        "GET",
+        "/openapi.json",
+        "getOpenAPI",
+        "This OpenAPI 3.1 document",
+        "Meta",
+        (),
+        (json_reply(200, "The document", {"type": "object"}),),
+    )
+)
+def openapi_document() -> Response:
+    return reply(build_document(OPERATIONS, foreign_routes(), _version()))
