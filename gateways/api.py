@@ -314,7 +314,7 @@ def parse_duration(text: str, name: str) -> timedelta:
         validity = Validity.parse(text)
     if validity.type not in (ValidityType.DAYS, ValidityType.MONTHS, ValidityType.YEARS):
         raise BadRequestError(f"query parameter {name!r} must be a span like 30d, not {text!r}")
-    now: datetime = gateway().core.issuer._clock()
+    now: datetime = gateway().core.clock()
     return validity.not_after(now) - now
 
 
@@ -815,7 +815,7 @@ def issue_certificate(ca_id: str, body: dict[str, Any]) -> Response:
 def list_certificates(ca_id: str, query: dict[str, Any]) -> Response:
     core = gateway().core
     core.authorities.get(ca_id)  # 404 for a CA that does not exist
-    now = core.issuer._clock()
+    now = core.clock()
     within = query["expiring_within"]
     limit: int = query["limit"]
     after = decode_cursor(query["cursor"])

@@ -96,11 +96,12 @@ def requires(*roles: Role) -> Callable[[Callable[P, R]], Callable[P, R]]:
             gw = gateway()
             who = gw.tokens.authenticate(request.headers.get("Authorization"))
             g.principal = who
+            resource = f"{request.method} {request.path}"[:256]
             if who.role not in roles:
                 gw.core.audit.record_alone(
                     who.actor(g.request_id),
                     "api.denied",
-                    f"{request.method} {request.path}"[:256],
+                    resource,
                     result="failure",
                     parameters={"role": who.role.value, "allowed": [r.value for r in roles]},
                     at=gw.core.clock(),
@@ -109,7 +110,30 @@ def requires(*roles: Role) -> Callable[[Callable[P, R]], Callable[P, R]]:
                     f"role {who.role.value} may not do this; it needs "
                     f"{' or '.join(r.value for r in roles)}"
                 )
-            return view(*args, **kwargs)
+            if request.method not in ("GET", "HEAD"):
+                return view(*args, **kwargs)  # changes are audited by the core as they happen
+            # Reads change nothing, so the core records nothing: the API records who looked.
+            try:
+                result = view(*args, **kwargs)
+            except PkigateError as exc:
+                gw.core.audit.record_alone(
+                    who.actor(g.request_id),
+                    "api.read",
+                    resource,
+                    result="failure",
+                    at=gw.core.clock(),
+                    parameters={"error": exc.code, "query": request.query_string.decode()},
+                )
+                raise
+            gw.core.audit.record_alone(
+                who.actor(g.request_id),
+                "api.read",
+                resource,
+                result="success",
+                at=gw.core.clock(),
+                parameters={"query": request.query_string.decode()},
+            )
+            return result
 
         wrapper.required_roles = roles  # type: ignore[attr-defined]
         return wrapper

@@ -165,3 +165,41 @@ def test_unknown_type_and_bad_connector_settings_stop_the_start(
         )
     with pytest.raises(ConfigError, match=r"connectors\[0\].template: unknown template"):
         Gateway.open(parse_config(base + "type = 'echo'\ntemplate = 'Nope/V1'\n"), bootstrap=True)
+
+
+def test_request_id_is_in_the_json_log_and_the_audit_event(tmp_path: Path) -> None:
+    import io
+    import json
+    import logging
+
+    from pkigate.core import Actor
+    from pkigate.gateways.auth import Role
+    from pkigate.gateways.logs import JsonFormatter
+
+    gateway = Gateway.open(parse_config(f"data_dir = '{tmp_path / 'data'}'"), bootstrap=True)
+    token = gateway.tokens.create("reader", Role.AUDITOR, Actor("test")).secret
+    client = create_app(gateway, "https").test_client()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("pkigate.http")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        response = client.get(
+            "/api/v1/templates",
+            headers={"Authorization": f"Bearer {token}", "X-Request-Id": "req-4711"},
+        )
+    finally:
+        logger.removeHandler(handler)
+    assert response.status_code == 200
+    assert response.headers["X-Request-Id"] == "req-4711"
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert any(
+        line.get("request_id") == "req-4711" and line["path"] == "/api/v1/templates"
+        for line in lines
+    )
+    events = [e for e in gateway.core.audit.events() if e.request_id == "req-4711"]
+    assert [(e.action, e.actor.startswith("token:reader"), e.connector) for e in events] == [
+        ("api.read", True, "api")
+    ]

@@ -11,7 +11,7 @@ import pytest
 import requests
 from cryptography import x509
 from helpers import fresh_postgres_database, make_csr
-from serving import RunningServer, start_server
+from serving import PKIGATE, RunningServer, start_server
 
 from pkigate.core import Core
 
@@ -137,3 +137,14 @@ def test_500_certificates_from_8_clients_against_4_workers(
     assert len(issue_events) == 500
     assert core.audit.verify().ok
     core.close()
+
+
+def test_a_bad_configuration_stops_the_start_with_the_place_of_the_error(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n\n[listeners]\nhttps = "nowhere"\n')
+    result = subprocess.run([PKIGATE, "serve", "--config", str(config)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"error: {config}:4: listeners.https: must be HOST:PORT, not 'nowhere'")
+    assert not (tmp_path / "data").exists()  # nothing was created
