@@ -142,9 +142,11 @@ def test_500_certificates_from_8_clients_against_4_workers(
 def test_a_bad_configuration_stops_the_start_with_the_place_of_the_error(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n\n[listeners]\nhttps = "nowhere"\n')
-    result = subprocess.run([PKIGATE, "serve", "--config", str(config)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [PKIGATE, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"error: {config}:4: listeners.https: must be HOST:PORT, not 'nowhere'")
+        f"error: {config}:4: listeners.https: must be HOST:PORT, not 'nowhere'"
+    )
     assert not (tmp_path / "data").exists()  # nothing was created
