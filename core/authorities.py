@@ -52,10 +52,13 @@ MAX_TAGS = 50
 
 @dataclass(frozen=True)
 class CASettings:
-    """Per-CA settings that shape what it issues.
+    """Per-CA settings that shape what it issues and how it publishes revocation.
 
     URLs go into issued certificates when set; ``name_constraints`` is enforced on every
     request (and also read from the CA certificate's own nameConstraints extension).
+    CRLs are generated when ``crl_enabled`` (by default: when ``crl_url`` is set); in
+    PARTITIONED mode ``crl_url`` must contain ``{partition}``, and each certificate's CRL
+    distribution point names the partition its serial was assigned to.
     """
 
     crl_url: str | None = None
@@ -64,6 +67,13 @@ class CASettings:
     name_constraints: NamePolicy | None = None
     backdate_seconds: int = 300
     truncate_validity: bool = False
+    crl_enabled: bool = False
+    crl_mode: str = "COMPLETE"
+    crl_validity_days: int = 7
+    crl_partition_size: int = 100_000
+    crl_regenerate_delay_seconds: int = 10
+    ocsp_enabled: bool = False
+    ocsp_response_validity_seconds: int = 3600
 
     _KEYS = (
         "crl_url",
@@ -72,11 +82,25 @@ class CASettings:
         "name_constraints",
         "backdate_seconds",
         "truncate_validity",
+        "crl_enabled",
+        "crl_mode",
+        "crl_validity_days",
+        "crl_partition_size",
+        "crl_regenerate_delay_seconds",
+        "ocsp_enabled",
+        "ocsp_response_validity_seconds",
     )
+    _BOUNDS = {
+        "backdate_seconds": (0, 86400),
+        "crl_validity_days": (1, 365),
+        "crl_partition_size": (1, 10_000_000),
+        "crl_regenerate_delay_seconds": (0, 86400),
+        "ocsp_response_validity_seconds": (60, 7 * 86400),
+    }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CASettings:
-        unknown = set(data) - set(cls._KEYS) - {"revocation"}
+        unknown = set(data) - set(cls._KEYS)
         if unknown:
             raise BadRequestError(f"unknown CA setting(s): {', '.join(sorted(unknown))}")
         for key in ("crl_url", "ocsp_url", "ca_issuers_url"):
@@ -86,19 +110,36 @@ class CASettings:
                 or not value.startswith(("http://", "https://", "ldap://"))
             ):
                 raise BadRequestError(f"{key} must be an http(s) or ldap URL")
-        backdate = data.get("backdate_seconds", 300)
-        if not isinstance(backdate, int) or not 0 <= backdate <= 86400:
-            raise BadRequestError("backdate_seconds must be an integer between 0 and 86400")
+        numbers: dict[str, int] = {}
+        for key, (low, high) in cls._BOUNDS.items():
+            value = data.get(key)
+            if value is None:
+                value = getattr(cls, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise BadRequestError(f"{key} must be an integer between {low} and {high}")
+            numbers[key] = value
+        mode = data.get("crl_mode") or "COMPLETE"
+        if mode not in ("COMPLETE", "PARTITIONED"):
+            raise BadRequestError("crl_mode must be COMPLETE or PARTITIONED")
+        crl_url = data.get("crl_url")
+        if mode == "PARTITIONED" and crl_url and "{partition}" not in crl_url:
+            raise BadRequestError("a PARTITIONED CA's crl_url must contain {partition}")
+        if mode == "COMPLETE" and crl_url and "{partition}" in crl_url:
+            raise BadRequestError("{partition} in crl_url needs crl_mode PARTITIONED")
+        crl_enabled = data.get("crl_enabled")
         constraints = data.get("name_constraints")
         return cls(
-            crl_url=data.get("crl_url"),
+            crl_url=crl_url,
             ocsp_url=data.get("ocsp_url"),
             ca_issuers_url=data.get("ca_issuers_url"),
             name_constraints=NamePolicy.from_settings(constraints, "the CA's name constraints")
             if constraints
             else None,
-            backdate_seconds=backdate,
             truncate_validity=bool(data.get("truncate_validity")),
+            crl_enabled=bool(crl_url) if crl_enabled is None else bool(crl_enabled),
+            crl_mode=mode,
+            ocsp_enabled=bool(data.get("ocsp_enabled")),
+            **numbers,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -111,7 +152,27 @@ class CASettings:
             else None,
             "backdate_seconds": self.backdate_seconds,
             "truncate_validity": self.truncate_validity,
+            "crl_enabled": self.crl_enabled,
+            "crl_mode": self.crl_mode,
+            "crl_validity_days": self.crl_validity_days,
+            "crl_partition_size": self.crl_partition_size,
+            "crl_regenerate_delay_seconds": self.crl_regenerate_delay_seconds,
+            "ocsp_enabled": self.ocsp_enabled,
+            "ocsp_response_validity_seconds": self.ocsp_response_validity_seconds,
         }
+
+    @property
+    def partitioned(self) -> bool:
+        return self.crl_enabled and self.crl_mode == "PARTITIONED"
+
+    def crl_distribution_url(self, partition: int | None) -> str | None:
+        if not self.crl_url:
+            return None
+        return (
+            self.crl_url.replace("{partition}", str(partition))
+            if self.partitioned
+            else self.crl_url
+        )
 
 
 @dataclass(frozen=True)
@@ -204,6 +265,7 @@ class SigningMaterial:
     issued_extensions: tuple[x509.Extension[x509.ExtensionType], ...]
     # The CA row's updated_at this was built from: issuance re-checks it when it commits.
     version: datetime
+    settings: CASettings
 
 
 # The core hands a subordinate's CSR to its parent through this (wired by pkigate.core.Core),
@@ -948,6 +1010,7 @@ class AuthorityService:
             truncate_validity=settings.truncate_validity,
             issued_extensions=tuple(_issued_extensions(certificate, settings)),
             version=record.updated_at,
+            settings=settings,
         )
 
 
@@ -963,7 +1026,7 @@ def _issued_extensions(
     extensions: list[x509.Extension[x509.ExtensionType]] = [
         x509.Extension(ExtensionOID.AUTHORITY_KEY_IDENTIFIER, False, aki)
     ]
-    if settings.crl_url:
+    if settings.crl_url and not settings.partitioned:  # partitioned: per certificate
         extensions.append(
             x509.Extension(
                 ExtensionOID.CRL_DISTRIBUTION_POINTS,

@@ -247,6 +247,25 @@ class Issuer:
         )
         for ext in material.issued_extensions:
             builder = builder.add_extension(ext.value, ext.critical)
+        partition = None
+        if material.settings.partitioned:
+            # The certificate names its CRL partition, so the slot is taken before signing.
+            with self._store.write() as conn:
+                partition = self._store.reserve_crl_partition(
+                    conn, material.ca_id, material.settings.crl_partition_size
+                )
+            url = material.settings.crl_distribution_url(partition)
+            if url:
+                builder = builder.add_extension(
+                    x509.CRLDistributionPoints(
+                        [
+                            x509.DistributionPoint(
+                                [x509.UniformResourceIdentifier(url)], None, None, None
+                            )
+                        ]
+                    ),
+                    critical=False,
+                )
         certificate = builder.sign(material.private_key, signing_algorithm.hash_algorithm())
         der = certificate.public_bytes(serialization.Encoding.DER)
         serial = format(certificate.serial_number, "x")
@@ -268,6 +287,7 @@ class Issuer:
             "revocation_reason": None,
             "fingerprint_sha256": hashlib.sha256(der).hexdigest(),
             "der": der,
+            "crl_partition": partition,
         }
         audit = AuditEntry(
             request.requester.actor,

@@ -248,6 +248,37 @@ SETTINGS_FIELDS = (
         "Cut leaf validity at the CA's notAfter instead of refusing",
         {"type": "boolean"},
     ),
+    Field(
+        "crl_enabled",
+        "Generate and publish CRLs (default: when crl_url is set)",
+        {"type": "boolean"},
+    ),
+    Field(
+        "crl_mode",
+        "One complete CRL, or partitions named in each certificate's CDP",
+        {"type": "string", "enum": ["COMPLETE", "PARTITIONED"]},
+    ),
+    Field(
+        "crl_validity_days",
+        "Days between thisUpdate and nextUpdate",
+        {"type": "integer", "minimum": 1, "maximum": 365},
+    ),
+    Field(
+        "crl_partition_size",
+        "Certificates per CRL partition",
+        {"type": "integer", "minimum": 1, "maximum": 10_000_000},
+    ),
+    Field(
+        "crl_regenerate_delay_seconds",
+        "Delay between a revocation and the new CRL",
+        {"type": "integer", "minimum": 0, "maximum": 86400},
+    ),
+    Field("ocsp_enabled", "Answer OCSP requests for this CA", {"type": "boolean"}),
+    Field(
+        "ocsp_response_validity_seconds",
+        "Lifetime of a signed OCSP response",
+        {"type": "integer", "minimum": 60, "maximum": 604800},
+    ),
 )
 
 _SETTINGS_OUT = {
@@ -259,6 +290,13 @@ _SETTINGS_OUT = {
         "name_constraints": {"type": ["object", "null"]},
         "backdate_seconds": {"type": "integer"},
         "truncate_validity": {"type": "boolean"},
+        "crl_enabled": {"type": "boolean"},
+        "crl_mode": {"type": "string", "enum": ["COMPLETE", "PARTITIONED"]},
+        "crl_validity_days": {"type": "integer"},
+        "crl_partition_size": {"type": "integer"},
+        "crl_regenerate_delay_seconds": {"type": "integer"},
+        "ocsp_enabled": {"type": "boolean"},
+        "ocsp_response_validity_seconds": {"type": "integer"},
     },
 }
 

@@ -97,6 +97,7 @@ class CertificateRecord:
     revocation_reason: str | None
     fingerprint_sha256: str
     der: bytes
+    crl_partition: int | None = None
 
 
 @dataclass(frozen=True)
@@ -393,6 +394,25 @@ class Store:
             for status, updated_at in self._fast_ca_state.rows(conn, ca_id):
                 states[ca_id] = (str(status), _utc(updated_at))
         return states
+
+    def reserve_crl_partition(self, conn: Connection, ca_id: str, size: int) -> int:
+        """The partition (1, 2, ...) for a PARTITIONED CA's next certificate."""
+        p = schema.crl_partitions.c
+        row = conn.execute(
+            select(p.current, p.fill).where(p.ca_id == ca_id).with_for_update()
+        ).first()
+        if row is None:
+            conn.execute(insert(schema.crl_partitions).values(ca_id=ca_id, current=1, fill=1))
+            return 1
+        current, fill = int(row[0]), int(row[1])
+        if fill >= size:
+            current, fill = current + 1, 0
+        conn.execute(
+            update(schema.crl_partitions)
+            .where(p.ca_id == ca_id)
+            .values(current=current, fill=fill + 1)
+        )
+        return current
 
     def update_certificate(self, conn: Connection, row_id: int, **values: Any) -> None:
         conn.execute(

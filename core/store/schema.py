@@ -99,6 +99,8 @@ certificates = Table(
     Column("revocation_reason", String(32), nullable=True),
     Column("fingerprint_sha256", String(64), nullable=False),
     Column("der", LargeBinary, nullable=False),
+    # The CRL partition named in the certificate's CDP (PARTITIONED CAs only).
+    Column("crl_partition", Integer, nullable=True),
     UniqueConstraint("ca_id", "serial", name="uq_certificates_ca_serial"),
     Index("ix_certificates_ca_status", "ca_id", "status"),
     Index("ix_certificates_not_after", "not_after"),
@@ -178,4 +180,53 @@ jobs = Table(
     Column("created_at", Timestamp, nullable=False),
     Column("finished_at", Timestamp, nullable=True),
     Index("ix_jobs_status_run_at", "status", "run_at"),
+)
+
+# Published CRLs, newest per (CA, partition) served. Partition 0 is the complete CRL.
+crls = Table(
+    "crls",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ca_id", String(64), ForeignKey("authorities.id"), nullable=False),
+    Column("crl_partition", Integer, nullable=False),
+    Column("crl_number", BigInteger, nullable=False),
+    Column("this_update", Timestamp, nullable=False),
+    Column("next_update", Timestamp, nullable=False),
+    Column("entries", Integer, nullable=False),
+    Column("der", LargeBinary, nullable=False),
+    UniqueConstraint("ca_id", "crl_partition", "crl_number", name="uq_crls_number"),
+)
+
+# Where the next certificate of a PARTITIONED CA goes: partition `current` holds `fill`.
+crl_partitions = Table(
+    "crl_partitions",
+    metadata,
+    Column("ca_id", String(64), ForeignKey("authorities.id"), primary_key=True),
+    Column("current", Integer, nullable=False),
+    Column("fill", Integer, nullable=False),
+)
+
+# Delegated OCSP responders (OCSPSigningCertificate/V1), their keys sealed like CA keys.
+ocsp_responders = Table(
+    "ocsp_responders",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("ca_id", String(64), ForeignKey("authorities.id"), nullable=False, index=True),
+    Column("key_id", String(64), ForeignKey("ca_keys.id"), nullable=False),
+    Column("certificate_der", LargeBinary, nullable=False),
+    Column("not_before", Timestamp, nullable=False),
+    Column("not_after", Timestamp, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+)
+
+# Signed responses without a nonce, reused until shortly before nextUpdate; a revocation
+# deletes its row in the same transaction.
+ocsp_responses = Table(
+    "ocsp_responses",
+    metadata,
+    Column("ca_id", String(64), primary_key=True),
+    Column("serial", String(64), primary_key=True),
+    Column("der", LargeBinary, nullable=False),
+    Column("this_update", Timestamp, nullable=False),
+    Column("next_update", Timestamp, nullable=False),
 )
