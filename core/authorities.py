@@ -67,7 +67,7 @@ class CASettings:
     name_constraints: NamePolicy | None = None
     backdate_seconds: int = 300
     truncate_validity: bool = False
-    crl_enabled: bool = False
+    crl_enabled: bool = None  # type: ignore[assignment]  # None: enabled when crl_url is set
     crl_mode: str = "COMPLETE"
     crl_validity_days: int = 7
     crl_partition_size: int = 100_000
@@ -97,6 +97,10 @@ class CASettings:
         "crl_regenerate_delay_seconds": (0, 86400),
         "ocsp_response_validity_seconds": (60, 7 * 86400),
     }
+
+    def __post_init__(self) -> None:
+        if self.crl_enabled is None:
+            object.__setattr__(self, "crl_enabled", bool(self.crl_url))
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CASettings:

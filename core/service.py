@@ -16,6 +16,8 @@ from pkigate.core.issuance import IssuanceRequest, IssuedCertificate, Issuer, Re
 from pkigate.core.jobs import JobQueue
 from pkigate.core.keys import KeyEncryptionKey, SoftwareKeyBackend
 from pkigate.core.model import Validity
+from pkigate.core.ocsp import OCSPResponder
+from pkigate.core.revocation import RevocationService
 from pkigate.core.store import Store, sqlite_url
 from pkigate.core.templates import TemplateCatalogue
 
@@ -43,6 +45,8 @@ class Core:
     templates: TemplateCatalogue
     issuer: Issuer
     jobs: JobQueue
+    revocation: RevocationService
+    ocsp: OCSPResponder
 
     @classmethod
     def open(
@@ -68,8 +72,12 @@ class Core:
         authorities = AuthorityService(store, keys, audit, clock)
         templates = TemplateCatalogue()
         issuer = Issuer(store, authorities, templates, audit, clock)
+        jobs = JobQueue(store, clock)
+        jobs = JobQueue(store, clock)
+        revocation = RevocationService(store, authorities, audit, jobs, clock)
+        ocsp = OCSPResponder(store, authorities, keys, audit, issuer.issue, clock)
         core = cls(
-            data_dir, store, kek, audit, authorities, templates, issuer, JobQueue(store, clock)
+            data_dir, store, kek, audit, authorities, templates, issuer, jobs, revocation, ocsp
         )
         authorities.subordinate_signer = core._sign_subordinate
         return core

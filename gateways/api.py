@@ -43,7 +43,7 @@ from pkigate.core import (
 )
 from pkigate.core.audit import render_report, report_rows
 from pkigate.core.errors import BadRequestError, NotFoundError, PkigateError
-from pkigate.core.model import CertificateStatus
+from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
 from pkigate.core.templates import describe as describe_template
@@ -866,6 +866,43 @@ def get_certificate(ca_id: str, serial: str) -> Response:
         record = core.store.get_certificate(conn, ca_id, normalize_serial(serial))
     if record is None:
         raise NotFoundError(f"CA {ca_id} has issued no certificate with serial {serial}")
+    ca_certificate, above = core.authorities.certificate_pem(ca_id)
+    return reply(
+        {
+            **certificate_json(record),
+            "certificate_pem": certificate_pem(record),
+            "chain_pem": ca_certificate + above,
+        }
+    )
+
+
+REVOKE_FIELDS = (
+    Field(
+        "reason",
+        "RFC 5280 revocation reason",
+        {"type": "string", "enum": enum_values(RevocationReason), "default": "unspecified"},
+    ),
+)
+
+
+@route(
+    Operation(
+        "POST",
+        "/cas/{ca_id}/certificates/{serial}/revoke",
+        "revokeCertificate",
+        "Revoke a certificate; CRLs are regenerated and OCSP answers 'revoked' at once",
+        "Certificates",
+        ISSUER,
+        (json_reply(200, "The revoked certificate", ref("Certificate")),),
+        body=REVOKE_FIELDS,
+        errors=(409,),
+    )
+)
+def revoke_certificate(ca_id: str, serial: str, body: dict[str, Any]) -> Response:
+    core = gateway().core
+    record = core.revocation.revoke(
+        ca_id, normalize_serial(serial), RevocationReason(body["reason"]), actor()
+    )
     ca_certificate, above = core.authorities.certificate_pem(ca_id)
     return reply(
         {

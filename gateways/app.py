@@ -129,6 +129,12 @@ def create_app(gw: Gateway, listener: Literal["http", "https"]) -> Flask:
         )
 
     app.register_blueprint(publication)
+    from pkigate.gateways.crl_http import crl
+
+    app.register_blueprint(crl)
+    from pkigate.gateways.ocsp_http import install as install_ocsp
+
+    install_ocsp(app, gw, listener)
     if listener == "https":
         from pkigate.gateways.api import api
 

@@ -41,7 +41,7 @@ from pkigate.core import (
 )
 from pkigate.core.audit import render_report, report_rows
 from pkigate.core.errors import BadRequestError, PkigateError
-from pkigate.core.model import parse_enum
+from pkigate.core.model import RevocationReason, parse_enum
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import ApiPassthrough, parse_api_passthrough
 from pkigate.core.service import utc_now
@@ -465,6 +465,40 @@ def ca_certificate(state: State, ca_id: str) -> None:
     state.emit({"certificate_pem": certificate, "chain_pem": chain}, (certificate + chain).rstrip())
 
 
+@ca.command("crl")
+@click.argument("ca_id")
+@click.option(
+    "--partition",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="0 for a COMPLETE CA's CRL; 1, 2, ... for a PARTITIONED CA's.",
+)
+@click.option("--generate", is_flag=True, help="Sign a new CRL now instead of the current one.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the DER CRL here.")
+@pass_state
+@reports_errors
+def ca_crl(state: State, ca_id: str, partition: int, generate: bool, out: str | None) -> None:
+    """Fetch (or with --generate, sign) a CA's CRL."""
+    revocation = state.core.revocation
+    published = (
+        revocation.generate_crl(ca_id, partition)
+        if generate
+        else revocation.current_crl(ca_id, partition)
+    )
+    if out:
+        Path(out).write_bytes(published.der)
+    data = {
+        "ca_id": ca_id,
+        "partition": partition,
+        "crl_number": published.number,
+        "this_update": published.this_update.isoformat(),
+        "next_update": published.next_update.isoformat(),
+        "entries": published.entries,
+    }
+    state.emit(data, lambda: "\n".join(f"{k + ':':<14}{v}" for k, v in data.items()))
+
+
 @ca.command("update")
 @click.argument("ca_id")
 @click.option("--status", type=click.Choice(["ACTIVE", "DISABLED"]), required=True)
@@ -681,6 +715,30 @@ def cert_get(state: State, ca_id: str, serial: str, as_pem: bool) -> None:
             + data["certificate_pem"].rstrip()
         ),
     )
+
+
+@cert.command("revoke")
+@click.option("--ca", "ca_id", required=True)
+@click.option("--serial", required=True)
+@click.option(
+    "--reason",
+    type=click.Choice([r.value for r in RevocationReason]),
+    default="unspecified",
+    show_default=True,
+)
+@pass_state
+@reports_errors
+def cert_revoke(state: State, ca_id: str, serial: str, reason: str) -> None:
+    """Revoke a certificate (CRLs follow shortly; OCSP answers 'revoked' at once)."""
+    if state.remote is not None:
+        data = state.remote.revoke(ca_id, normalize_serial(serial), reason)
+        data.pop("chain_pem", None)
+    else:
+        record = state.core.revocation.revoke(
+            ca_id, normalize_serial(serial), RevocationReason(reason), state.actor
+        )
+        data = _certificate_json(record)
+    state.emit(data, f"revoked {data['serial']} ({reason}) at {data['revoked_at']}")
 
 
 @cert.command("list")

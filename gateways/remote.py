@@ -158,6 +158,10 @@ class RemoteClient:
         path = f"/cas/{_segment(ca_id)}/certificates/{_segment(serial)}"
         return dict(self.json("GET", path))
 
+    def revoke(self, ca_id: str, serial: str, reason: str) -> dict[str, Any]:
+        path = f"/cas/{_segment(ca_id)}/certificates/{_segment(serial)}/revoke"
+        return dict(self.json("POST", path, body={"reason": reason}))
+
     def certificates(
         self, ca_id: str, filters: Mapping[str, Any], page_size: int = 1000
     ) -> Iterator[dict[str, Any]]:

@@ -102,10 +102,16 @@ class Gateway:
             )
             ids[ca.name] = view.record.id
             # Now that the id is known, certificates it issues can point back to it.
+            http = self.config.listeners.http_url
+            ca_id = view.record.id
             self.core.authorities.update_settings(
-                view.record.id,
+                ca_id,
                 CASettings(
-                    ca_issuers_url=f"{self.config.listeners.http_url}/ca/{view.record.id}.cer"
+                    ca_issuers_url=f"{http}/ca/{ca_id}.cer",
+                    crl_enabled=ca.publish_revocation,
+                    crl_url=f"{http}/crl/{ca_id}.crl" if ca.publish_revocation else None,
+                    ocsp_enabled=ca.publish_revocation,
+                    ocsp_url=f"{http}/ocsp/{ca_id}" if ca.publish_revocation else None,
                 ),
                 SYSTEM,
             )
@@ -230,7 +236,10 @@ class Gateway:
         return cert_path, key_path
 
     def job_handlers(self) -> dict[str, JobHandler]:
-        handlers: dict[str, JobHandler] = {MAINTENANCE_JOB: self._maintenance}
+        handlers: dict[str, JobHandler] = {
+            MAINTENANCE_JOB: self._maintenance,
+            **self.core.revocation.job_handlers(),
+        }
         for connector in self.connectors:
             for kind, handler in connector.job_handlers().items():
                 handlers[f"{connector.context.name}:{kind}"] = handler

@@ -114,6 +114,10 @@ def _write_root(server: RunningServer) -> None:
 
     issuer = x509.load_pem_x509_certificates(chain.encode())[-1]
     aia = issuer.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
-    url = next(d.access_location.value for d in aia)
+    url = next(
+        d.access_location.value
+        for d in aia
+        if d.access_method == x509.oid.AuthorityInformationAccessOID.CA_ISSUERS
+    )
     root = x509.load_der_x509_certificate(requests.get(url, timeout=5).content)
     server.tls_bundle.write_bytes(root.public_bytes(serialization.Encoding.PEM))

@@ -32,6 +32,7 @@ __all__ = [
     "ApiTokenRecord",
     "AuditEventRecord",
     "CARecord",
+    "CRLRecord",
     "CertificateRecord",
     "IntegrityError",
     "Store",
@@ -98,6 +99,17 @@ class CertificateRecord:
     fingerprint_sha256: str
     der: bytes
     crl_partition: int | None = None
+
+
+@dataclass(frozen=True)
+class CRLRecord:
+    ca_id: str
+    partition: int  # 0: the complete CRL
+    number: int
+    this_update: datetime
+    next_update: datetime
+    entries: int
+    der: bytes
 
 
 @dataclass(frozen=True)
@@ -413,6 +425,67 @@ class Store:
             .values(current=current, fill=fill + 1)
         )
         return current
+
+    def current_crl_partition(self, conn: Connection, ca_id: str) -> int | None:
+        p = schema.crl_partitions.c
+        return conn.execute(select(p.current).where(p.ca_id == ca_id)).scalar_one_or_none()
+
+    def revoked_entries(
+        self,
+        conn: Connection,
+        ca_id: str,
+        partition: int | None,
+        expired_before_kept_after: datetime | None,
+    ) -> list[tuple[str, datetime, str | None]]:
+        """(serial, revoked_at, reason) of a CA's revoked certificates for a CRL.
+
+        Certificates that expired before ``expired_before_kept_after`` (the previous CRL's
+        thisUpdate) are left out: they were listed once after expiring.
+        """
+        c = schema.certificates.c
+        query = select(c.serial, c.revoked_at, c.revocation_reason).where(
+            c.ca_id == ca_id, c.status == "REVOKED"
+        )
+        if partition is not None:
+            query = query.where(c.crl_partition == partition)
+        if expired_before_kept_after is not None:
+            query = query.where(c.not_after > expired_before_kept_after)
+        return [(str(s), _utc(r), reason) for s, r, reason in conn.execute(query)]
+
+    def insert_crl(self, conn: Connection, **values: Any) -> None:
+        conn.execute(insert(schema.crls).values(**values))
+
+    def latest_crl(self, conn: Connection, ca_id: str, partition: int) -> CRLRecord | None:
+        c = schema.crls.c
+        row = conn.execute(
+            select(
+                c.ca_id,
+                c.crl_partition,
+                c.crl_number,
+                c.this_update,
+                c.next_update,
+                c.entries,
+                c.der,
+            )
+            .where(c.ca_id == ca_id, c.crl_partition == partition)
+            .order_by(c.crl_number.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        return CRLRecord(
+            str(row[0]),
+            int(row[1]),
+            int(row[2]),
+            _utc(row[3]),
+            _utc(row[4]),
+            int(row[5]),
+            bytes(row[6]),
+        )
+
+    def delete_ocsp_response(self, conn: Connection, ca_id: str, serial: str) -> None:
+        o = schema.ocsp_responses.c
+        conn.execute(delete(schema.ocsp_responses).where(o.ca_id == ca_id, o.serial == serial))
 
     def update_certificate(self, conn: Connection, row_id: int, **values: Any) -> None:
         conn.execute(

@@ -1,0 +1,302 @@
+"""Revocation: revoking certificates and publishing CRLs (complete or partitioned).
+
+A revocation commits together with the CRL regeneration job it triggers and with the
+removal of any cached OCSP response for that certificate, so relying parties never see a
+stale "good" after the revocation is acknowledged (beyond the regeneration delay for CRLs).
+
+CRLs are built in one pass: every entry is handed to the builder at construction, since
+appending entries one by one is quadratic in ``cryptography``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtensionOID
+
+from pkigate.core.audit import Actor, AuditLog
+from pkigate.core.authorities import AuthorityService, CASettings
+from pkigate.core.errors import (
+    BadRequestError,
+    ConflictError,
+    InvalidStateError,
+    NotFoundError,
+    PkigateError,
+)
+from pkigate.core.jobs import JobHandler, JobQueue
+from pkigate.core.model import CertificateStatus, RevocationReason
+from pkigate.core.store import CertificateRecord, CRLRecord, Store
+
+CRL_JOB = "crl.generate"
+SYSTEM = Actor("system:revocation", "core")
+
+_REASON_FLAGS = {
+    RevocationReason.keyCompromise: x509.ReasonFlags.key_compromise,
+    RevocationReason.cACompromise: x509.ReasonFlags.ca_compromise,
+    RevocationReason.affiliationChanged: x509.ReasonFlags.affiliation_changed,
+    RevocationReason.superseded: x509.ReasonFlags.superseded,
+    RevocationReason.cessationOfOperation: x509.ReasonFlags.cessation_of_operation,
+    RevocationReason.privilegeWithdrawn: x509.ReasonFlags.privilege_withdrawn,
+    RevocationReason.aACompromise: x509.ReasonFlags.aa_compromise,
+}
+
+
+def reason_flag(reason: RevocationReason) -> x509.ReasonFlags | None:
+    """The CRL/OCSP reason; ``unspecified`` is expressed by leaving it out (RFC 5280 5.3.1)."""
+    return _REASON_FLAGS.get(reason)
+
+
+def parse_reason(value: str) -> RevocationReason:
+    try:
+        return RevocationReason(value)
+    except ValueError:
+        allowed = ", ".join(r.value for r in RevocationReason)
+        raise BadRequestError(
+            f"unknown revocation reason {value!r}; use one of {allowed}"
+        ) from None
+
+
+# A CRL as published: the store's record of it.
+PublishedCRL = CRLRecord
+
+
+class RevocationService:
+    def __init__(
+        self,
+        store: Store,
+        authorities: AuthorityService,
+        audit: AuditLog,
+        jobs: JobQueue,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._authorities = authorities
+        self._audit = audit
+        self._jobs = jobs
+        self._clock = clock
+
+    # -- revoke --------------------------------------------------------------------------
+
+    def revoke(
+        self, ca_id: str, serial: str, reason: RevocationReason, actor: Actor
+    ) -> CertificateRecord:
+        now = self._clock()
+        try:
+            return self._revoke(ca_id, serial, reason, actor, now)
+        except PkigateError as exc:
+            self._audit.record_alone(
+                actor,
+                "certificate.revoke",
+                f"ca/{ca_id}",
+                result="failure",
+                at=now,
+                parameters={
+                    "serial": serial,
+                    "reason": reason.value,
+                    "error": exc.code,
+                    "message": exc.message,
+                },
+            )
+            raise
+
+    def _revoke(
+        self, ca_id: str, serial: str, reason: RevocationReason, actor: Actor, now: datetime
+    ) -> CertificateRecord:
+        ca = self._authorities.get(ca_id)
+        settings = CASettings.from_json(ca.settings)
+        if (
+            ca.certificate_der is not None
+            and format(x509.load_der_x509_certificate(ca.certificate_der).serial_number, "x")
+            == serial
+            and ca.type == "ROOT"
+        ):
+            raise InvalidStateError("a root's own certificate cannot be revoked")
+        with self._store.write() as conn:
+            record = self._store.get_certificate(conn, ca_id, serial)
+            if record is None:
+                raise NotFoundError(f"CA {ca_id} has issued no certificate with serial {serial}")
+            if record.status == CertificateStatus.REVOKED.value:
+                raise ConflictError(
+                    f"certificate {serial} was already revoked at "
+                    f"{record.revoked_at.isoformat() if record.revoked_at else '?'} "
+                    f"({record.revocation_reason})"
+                )
+            self._store.update_certificate(
+                conn,
+                record.id,
+                status=CertificateStatus.REVOKED.value,
+                revoked_at=now,
+                revocation_reason=reason.value,
+            )
+            self._store.delete_ocsp_response(conn, ca_id, serial)
+            if settings.crl_enabled:
+                partition = record.crl_partition if settings.partitioned else 0
+                self.schedule_crl(
+                    ca_id,
+                    partition or 0,
+                    now + timedelta(seconds=settings.crl_regenerate_delay_seconds),
+                    conn=conn,
+                )
+            self._audit.record(
+                conn,
+                actor,
+                "certificate.revoke",
+                f"ca/{ca_id}",
+                at=now,
+                parameters={"serial": serial, "reason": reason.value, "subject": record.subject},
+            )
+            updated = self._store.get_certificate(conn, ca_id, serial)
+        assert updated is not None
+        return updated
+
+    # -- CRLs ----------------------------------------------------------------------------
+
+    def schedule_crl(self, ca_id: str, partition: int, run_at: datetime, conn: Any = None) -> None:
+        self._jobs.enqueue(
+            CRL_JOB,
+            {"ca_id": ca_id, "partition": partition},
+            run_at=run_at,
+            dedupe_key=f"crl:{ca_id}:{partition}",
+            conn=conn,
+        )
+
+    def job_handlers(self) -> dict[str, JobHandler]:
+        return {CRL_JOB: self._crl_job}
+
+    def _crl_job(self, payload: dict[str, Any]) -> None:
+        self.generate_crl(str(payload["ca_id"]), int(payload["partition"]))
+
+    def partitions(self, ca_id: str) -> list[int]:
+        """The partitions a CA has CRLs for: [0] when complete, [1..n] when partitioned."""
+        settings = CASettings.from_json(self._authorities.get(ca_id).settings)
+        if not settings.partitioned:
+            return [0]
+        with self._store.read() as conn:
+            current = self._store.current_crl_partition(conn, ca_id)
+        return list(range(1, (current or 1) + 1))
+
+    def generate_crl(self, ca_id: str, partition: int = 0) -> PublishedCRL:
+        """Build, sign, store and audit the next CRL for one partition (0: complete)."""
+        now = self._clock()
+        material = self._authorities.signing_material(ca_id, now)
+        settings = material.settings
+        if not settings.crl_enabled:
+            raise InvalidStateError(f"CA {ca_id} does not publish CRLs")
+        if settings.partitioned and partition < 1:
+            raise BadRequestError("a PARTITIONED CA's CRLs are numbered from 1")
+        if not settings.partitioned and partition != 0:
+            raise BadRequestError("this CA publishes one complete CRL (partition 0)")
+        with self._store.write() as conn:
+            previous = self._store.latest_crl(conn, ca_id, partition)
+            # An entry stays until one CRL has been published after its certificate expired.
+            keep_after = previous.this_update if previous else None
+            revoked = self._store.revoked_entries(
+                conn, ca_id, partition if settings.partitioned else None, keep_after
+            )
+            number = (previous.number + 1) if previous else 1
+            this_update = now.replace(microsecond=0)
+            next_update = this_update + timedelta(days=settings.crl_validity_days)
+            der = self._sign_crl(
+                material, settings, partition, number, this_update, next_update, revoked
+            )
+            published = PublishedCRL(
+                ca_id, partition, number, this_update, next_update, len(revoked), der
+            )
+            self._store.insert_crl(
+                conn,
+                ca_id=ca_id,
+                crl_partition=partition,
+                crl_number=number,
+                this_update=this_update,
+                next_update=next_update,
+                entries=len(revoked),
+                der=der,
+            )
+            self._audit.record(
+                conn,
+                SYSTEM,
+                "crl.sign",
+                f"ca/{ca_id}",
+                at=now,
+                parameters={
+                    "partition": partition,
+                    "crl_number": number,
+                    "entries": len(revoked),
+                    "next_update": next_update,
+                    "key_id": material.key_id,
+                },
+            )
+            # Regenerate well before nextUpdate even if nothing is revoked meanwhile.
+            self.schedule_crl(
+                ca_id, partition, this_update + (next_update - this_update) / 2, conn=conn
+            )
+        return published
+
+    @staticmethod
+    def _sign_crl(
+        material: Any,
+        settings: CASettings,
+        partition: int,
+        number: int,
+        this_update: datetime,
+        next_update: datetime,
+        revoked: Sequence[tuple[str, datetime, str | None]],
+    ) -> bytes:
+        entries = []
+        for serial, revoked_at, reason in revoked:
+            builder = x509.RevokedCertificateBuilder(
+                serial_number=int(serial, 16), revocation_date=revoked_at
+            )
+            flag = reason_flag(RevocationReason(reason)) if reason else None
+            if flag is not None:
+                builder = builder.add_extension(x509.CRLReason(flag), critical=False)
+            entries.append(builder.build())
+        extensions = [
+            x509.Extension(ExtensionOID.CRL_NUMBER, False, x509.CRLNumber(number)),
+            next(
+                e
+                for e in material.issued_extensions
+                if e.oid == ExtensionOID.AUTHORITY_KEY_IDENTIFIER
+            ),
+        ]
+        if settings.partitioned:
+            url = settings.crl_distribution_url(partition)
+            extensions.append(
+                x509.Extension(
+                    ExtensionOID.ISSUING_DISTRIBUTION_POINT,
+                    True,
+                    x509.IssuingDistributionPoint(
+                        full_name=[x509.UniformResourceIdentifier(url)] if url else None,
+                        relative_name=None,
+                        only_contains_user_certs=False,
+                        only_contains_ca_certs=False,
+                        only_some_reasons=None,
+                        indirect_crl=False,
+                        only_contains_attribute_certs=False,
+                    ),
+                )
+            )
+        crl_builder = x509.CertificateRevocationListBuilder(
+            issuer_name=material.certificate.subject,
+            last_update=this_update,
+            next_update=next_update,
+            extensions=extensions,
+            revoked_certificates=entries,
+        )
+        crl = crl_builder.sign(material.private_key, material.signing_algorithm.hash_algorithm())
+        return crl.public_bytes(serialization.Encoding.DER)
+
+    def latest_crl(self, ca_id: str, partition: int = 0) -> PublishedCRL | None:
+        with self._store.read() as conn:
+            return self._store.latest_crl(conn, ca_id, partition)
+
+    def current_crl(self, ca_id: str, partition: int = 0) -> PublishedCRL:
+        """The CRL to serve: the latest, generated now if there is none or it has lapsed."""
+        latest = self.latest_crl(ca_id, partition)
+        if latest is not None and latest.next_update > self._clock():
+            return latest
+        return self.generate_crl(ca_id, partition)

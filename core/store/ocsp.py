@@ -1,0 +1,241 @@
+"""The OCSP responder's SQL: delegated responder certificates and cached responses.
+
+Every function takes the caller's connection, so the caller decides what commits together.
+The per-request lookup runs on the driver cursor (see ``fastpath``): it is the responder's
+hot path, and SQLAlchemy's statement machinery would cost more than the query itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from pkigate.core.store import as_utc, schema
+from pkigate.core.store.fastpath import FastQuery
+
+
+@dataclass(frozen=True)
+class ResponderRecord:
+    id: str
+    ca_id: str
+    key_id: str
+    certificate_der: bytes
+    not_before: datetime
+    not_after: datetime
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class CachedResponse:
+    der: bytes
+    this_update: datetime
+    next_update: datetime
+
+
+@dataclass(frozen=True)
+class CertificateState:
+    status: str  # ISSUED | REVOKED
+    revoked_at: datetime | None
+    revocation_reason: str | None
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Everything one request needs from the store, read in one indexed round trip."""
+
+    ca_version: datetime  # the CA row's updated_at: cached CA details are valid while equal
+    cached: CachedResponse | None
+    certificate: CertificateState | None  # None: this CA issued no such serial
+
+
+_LOOKUPS: dict[str, FastQuery] = {}
+
+
+def _lookup_query(conn: Connection) -> FastQuery:
+    dialect = conn.dialect
+    query = _LOOKUPS.get(dialect.name)
+    if query is None:
+        a, r, c = schema.authorities.c, schema.ocsp_responses.c, schema.certificates.c
+        query = FastQuery(
+            "SELECT a.updated_at, r.der, r.this_update, r.next_update,"
+            " c.status, c.revoked_at, c.revocation_reason"
+            " FROM authorities a"
+            " LEFT JOIN ocsp_responses r ON r.ca_id = a.id AND r.serial = ?"
+            " LEFT JOIN certificates c ON c.ca_id = a.id AND c.serial = ?"
+            " WHERE a.id = ?",
+            dialect,
+            parameters=[r.serial, c.serial, a.id],
+            results=[
+                a.updated_at,
+                r.der,
+                r.this_update,
+                r.next_update,
+                c.status,
+                c.revoked_at,
+                c.revocation_reason,
+            ],
+        )
+        _LOOKUPS[dialect.name] = query
+    return query
+
+
+def lookup(conn: Connection, ca_id: str, serial: str) -> Lookup | None:
+    """The CA's version, the cached response and the certificate's state; None: no such CA."""
+    rows = _lookup_query(conn).rows(conn, serial, serial, ca_id)
+    if not rows:
+        return None
+    updated_at, der, this_update, next_update, status, revoked_at, reason = rows[0]
+    version = as_utc(updated_at)
+    assert version is not None
+    cached = None
+    if der is not None:
+        start, end = as_utc(this_update), as_utc(next_update)
+        assert start is not None and end is not None
+        cached = CachedResponse(bytes(der), start, end)
+    state = CertificateState(str(status), as_utc(revoked_at), reason) if status else None
+    return Lookup(version, cached, state)
+
+
+def certificate_state(
+    conn: Connection, ca_id: str, serial: str, *, lock: bool = False
+) -> CertificateState | None:
+    """A certificate's revocation state; ``lock`` holds its row until the transaction ends.
+
+    The lock orders a cache write after any revocation of the same certificate that is in
+    flight on PostgreSQL (SQLite serializes write transactions anyway).
+    """
+    c = schema.certificates.c
+    query = select(c.status, c.revoked_at, c.revocation_reason).where(
+        c.ca_id == ca_id, c.serial == serial
+    )
+    if lock:
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    if row is None:
+        return None
+    return CertificateState(str(row[0]), as_utc(row[1]), row[2])
+
+
+def put_response(
+    conn: Connection,
+    ca_id: str,
+    serial: str,
+    der: bytes,
+    this_update: datetime,
+    next_update: datetime,
+) -> None:
+    """Insert or replace the cached response for one certificate."""
+    table = schema.ocsp_responses
+    values = {"der": der, "this_update": this_update, "next_update": next_update}
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        dialect_insert(table)
+        .values(ca_id=ca_id, serial=serial, **values)
+        .on_conflict_do_update(index_elements=[table.c.ca_id, table.c.serial], set_=values)
+    )
+    conn.execute(statement)
+
+
+# -- delegated responders -----------------------------------------------------------------
+
+
+def latest_responder(conn: Connection, ca_id: str) -> ResponderRecord | None:
+    """The CA's responder certificate that lasts longest."""
+    o = schema.ocsp_responders.c
+    row = conn.execute(
+        select(schema.ocsp_responders)
+        .where(o.ca_id == ca_id)
+        .order_by(o.not_after.desc(), o.created_at.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    values = dict(row._mapping)
+    for name in ("not_before", "not_after", "created_at"):
+        values[name] = as_utc(values[name])
+    values["certificate_der"] = bytes(values["certificate_der"])
+    return ResponderRecord(**values)
+
+
+def count_responders(conn: Connection, ca_id: str) -> int:
+    o = schema.ocsp_responders.c
+    return int(
+        conn.execute(
+            select(func.count()).select_from(schema.ocsp_responders).where(o.ca_id == ca_id)
+        ).scalar_one()
+    )
+
+
+def claim_key(
+    conn: Connection,
+    key_id: str,
+    backend: str,
+    algorithm: str,
+    now: datetime,
+    abandoned_before: datetime,
+) -> bool:
+    """Reserve ``key_id`` for a responder about to be created; False if someone holds it.
+
+    The claim is a ``ca_keys`` row without a blob. A claim left behind by a process that
+    died before completing it (still no blob, older than ``abandoned_before``) is taken
+    over. On PostgreSQL a concurrent first claim surfaces as an IntegrityError on insert.
+    """
+    k = schema.ca_keys.c
+    row = conn.execute(
+        select(k.blob, k.created_at).where(k.id == key_id).with_for_update()
+    ).first()
+    if row is None:
+        conn.execute(
+            insert(schema.ca_keys).values(
+                id=key_id, backend=backend, algorithm=algorithm, blob=None, created_at=now
+            )
+        )
+        return True
+    blob, created_at = row
+    created = as_utc(created_at)
+    if blob is not None or created is None or created >= abandoned_before:
+        return False
+    taken = conn.execute(
+        update(schema.ca_keys)
+        .where(k.id == key_id, k.blob.is_(None), k.created_at == created_at)
+        .values(created_at=now)
+    )
+    return bool(taken.rowcount)
+
+
+def release_claim(conn: Connection, key_id: str) -> None:
+    """Give up a claim whose responder could not be created (its row has no blob)."""
+    k = schema.ca_keys.c
+    conn.execute(delete(schema.ca_keys).where(k.id == key_id, k.blob.is_(None)))
+
+
+def complete_responder(
+    conn: Connection,
+    *,
+    responder_id: str,
+    ca_id: str,
+    key_id: str,
+    blob: bytes,
+    certificate_der: bytes,
+    not_before: datetime,
+    not_after: datetime,
+    now: datetime,
+) -> None:
+    """Store the sealed key of a claimed ``key_id`` and make its certificate current."""
+    conn.execute(
+        update(schema.ca_keys).where(schema.ca_keys.c.id == key_id).values(blob=blob)
+    )
+    conn.execute(
+        insert(schema.ocsp_responders).values(
+            id=responder_id,
+            ca_id=ca_id,
+            key_id=key_id,
+            certificate_der=certificate_der,
+            not_before=not_before,
+            not_after=not_after,
+            created_at=now,
+        )
+    )

@@ -1,0 +1,243 @@
+"""Revoking certificates and the CRLs that say so (complete and partitioned)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtensionOID
+from helpers import ACTOR, create_root, create_sub, make_csr
+
+from pkigate.core import CASettings, Core, IssuanceRequest, Requester, Validity
+from pkigate.core.errors import (
+    BadRequestError,
+    ConflictError,
+    InvalidStateError,
+    NotFoundError,
+)
+from pkigate.core.jobs import JobRunner
+from pkigate.core.model import RevocationReason
+from pkigate.core.revocation import CRL_JOB
+
+CRL_SETTINGS = CASettings(
+    crl_url="http://pki.test/crl/issuing.crl", crl_validity_days=3, crl_regenerate_delay_seconds=0
+)
+
+
+def _issue(core: Core, ca_id: str, validity: str = "30d") -> x509.Certificate:
+    return core.issue(
+        IssuanceRequest(ca_id, make_csr(), Validity.parse(validity), Requester("tester"))
+    ).certificate
+
+
+def _serial(certificate: x509.Certificate) -> str:
+    return format(certificate.serial_number, "x")
+
+
+def _crl(der: bytes) -> x509.CertificateRevocationList:
+    return x509.load_der_x509_crl(der)
+
+
+@pytest.fixture
+def crl_ca(core: Core, root):
+    return create_sub(core, root, cn="CRL Issuing", path_length=0, settings=CRL_SETTINGS)
+
+
+@pytest.mark.parametrize("reason", list(RevocationReason))
+def test_revoke_records_reason_time_and_actor(sqlite_core: Core, reason: RevocationReason) -> None:
+    ca = create_root(sqlite_core)
+    certificate = _issue(sqlite_core, ca.record.id)
+    record = sqlite_core.revocation.revoke(ca.record.id, _serial(certificate), reason, ACTOR)
+    assert (record.status, record.revocation_reason) == ("REVOKED", reason.value)
+    assert record.revoked_at is not None
+    event = sqlite_core.audit.events()[-1]
+    assert (event.action, event.result, event.actor) == (
+        "certificate.revoke",
+        "success",
+        ACTOR.principal,
+    )
+    assert reason.value in event.parameters
+
+
+def test_revoking_twice_or_an_unknown_serial_is_a_clear_error(core: Core, issuing) -> None:
+    serial = _serial(_issue(core, issuing.record.id))
+    core.revocation.revoke(issuing.record.id, serial, RevocationReason.superseded, ACTOR)
+    with pytest.raises(ConflictError, match="already revoked"):
+        core.revocation.revoke(issuing.record.id, serial, RevocationReason.keyCompromise, ACTOR)
+    with pytest.raises(NotFoundError, match="no certificate with serial"):
+        core.revocation.revoke(issuing.record.id, "abc123", RevocationReason.keyCompromise, ACTOR)
+    failures = [
+        e for e in core.audit.events() if e.action == "certificate.revoke" and e.result == "failure"
+    ]
+    assert len(failures) == 2
+
+
+def test_a_roots_own_certificate_cannot_be_revoked(core: Core, root) -> None:
+    serial = _serial(x509.load_der_x509_certificate(root.record.certificate_der))
+    with pytest.raises(InvalidStateError, match="root's own certificate"):
+        core.revocation.revoke(root.record.id, serial, RevocationReason.cACompromise, ACTOR)
+
+
+def test_a_subordinate_ca_certificate_can_be_revoked_by_its_parent(
+    core: Core, root, issuing
+) -> None:
+    serial = _serial(x509.load_der_x509_certificate(issuing.record.certificate_der))
+    record = core.revocation.revoke(root.record.id, serial, RevocationReason.cACompromise, ACTOR)
+    assert record.revocation_reason == "cACompromise"
+
+
+def test_complete_crl_lists_revoked_certificates_with_reasons(core: Core, crl_ca) -> None:
+    ca_id = crl_ca.record.id
+    good = _issue(core, ca_id)
+    compromised = _issue(core, ca_id)
+    plain = _issue(core, ca_id)
+    core.revocation.revoke(ca_id, _serial(compromised), RevocationReason.keyCompromise, ACTOR)
+    core.revocation.revoke(ca_id, _serial(plain), RevocationReason.unspecified, ACTOR)
+    published = core.revocation.generate_crl(ca_id)
+    crl = _crl(published.der)
+    ca_certificate = x509.load_der_x509_certificate(crl_ca.record.certificate_der)
+    assert crl.is_signature_valid(ca_certificate.public_key())
+    assert crl.issuer == ca_certificate.subject
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 1
+    assert crl.next_update_utc - crl.last_update_utc == timedelta(days=3)
+    entries = {e.serial_number: e for e in crl}
+    assert set(entries) == {compromised.serial_number, plain.serial_number}
+    assert good.serial_number not in entries
+    reason = entries[compromised.serial_number].extensions.get_extension_for_class(x509.CRLReason)
+    assert reason.value.reason == x509.ReasonFlags.key_compromise
+    with pytest.raises(x509.ExtensionNotFound):  # unspecified: the reason code is left out
+        entries[plain.serial_number].extensions.get_extension_for_class(x509.CRLReason)
+    aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski = ca_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+    signed = [e for e in core.audit.events() if e.action == "crl.sign"]
+    assert signed and crl_ca.record.key_id in signed[-1].parameters
+
+
+def test_crl_numbers_increase_and_a_revocation_schedules_regeneration(core: Core, crl_ca) -> None:
+    ca_id = crl_ca.record.id
+    first = core.revocation.generate_crl(ca_id)
+    certificate = _issue(core, ca_id)
+    core.revocation.revoke(ca_id, _serial(certificate), RevocationReason.superseded, ACTOR)
+    runner = JobRunner(core.jobs, core.revocation.job_handlers())
+    counts = runner.run_once()
+    assert counts.completed >= 1
+    latest = core.revocation.latest_crl(ca_id)
+    assert latest is not None and latest.number == first.number + 1
+    assert certificate.serial_number in {e.serial_number for e in _crl(latest.der)}
+    pending = [
+        j
+        for j in (core.jobs.get(i) for i in range(1, 50))
+        if j is not None and j.kind == CRL_JOB and j.status == "pending"
+    ]
+    # The next regeneration is already planned, well before nextUpdate.
+    assert pending and all(j.run_at < latest.next_update for j in pending)
+
+
+def test_an_expired_entry_is_dropped_after_one_more_crl(core: Core, crl_ca, clock) -> None:
+    ca_id = crl_ca.record.id
+    short = _issue(core, ca_id, "2d")
+    core.revocation.revoke(ca_id, _serial(short), RevocationReason.keyCompromise, ACTOR)
+    assert short.serial_number in {
+        e.serial_number for e in _crl(core.revocation.generate_crl(ca_id).der)
+    }
+    clock.advance(timedelta(days=3))  # the certificate has expired
+    assert short.serial_number in {
+        e.serial_number for e in _crl(core.revocation.generate_crl(ca_id).der)
+    }  # listed once more after expiry
+    assert short.serial_number not in {
+        e.serial_number for e in _crl(core.revocation.generate_crl(ca_id).der)
+    }
+
+
+def test_current_crl_is_generated_on_first_request_and_when_it_lapses(
+    core: Core, crl_ca, clock
+) -> None:
+    ca_id = crl_ca.record.id
+    assert core.revocation.latest_crl(ca_id) is None
+    first = core.revocation.current_crl(ca_id)
+    assert core.revocation.current_crl(ca_id).number == first.number  # reused
+    clock.advance(timedelta(days=3, seconds=1))
+    assert core.revocation.current_crl(ca_id).number == first.number + 1
+
+
+def test_crls_need_crl_enabled(core: Core, issuing) -> None:
+    with pytest.raises(InvalidStateError, match="does not publish CRLs"):
+        core.revocation.generate_crl(issuing.record.id)
+
+
+def test_partitioned_crls_name_their_partition_and_list_only_its_certificates(
+    core: Core, root
+) -> None:
+    settings = CASettings(
+        crl_url="http://pki.test/crl/part/{partition}.crl",
+        crl_mode="PARTITIONED",
+        crl_partition_size=2,
+        crl_regenerate_delay_seconds=0,
+    )
+    ca = create_sub(core, root, cn="Partitioned", path_length=0, settings=settings)
+    ca_id = ca.record.id
+    certificates = [_issue(core, ca_id) for _ in range(5)]
+    cdps = [
+        c.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name[0].value
+        for c in certificates
+    ]
+    assert cdps == [f"http://pki.test/crl/part/{n}.crl" for n in (1, 1, 2, 2, 3)]
+    assert core.revocation.partitions(ca_id) == [1, 2, 3]
+    in_two = certificates[2]
+    core.revocation.revoke(ca_id, _serial(in_two), RevocationReason.keyCompromise, ACTOR)
+    crls = {n: _crl(core.revocation.generate_crl(ca_id, n).der) for n in (1, 2, 3)}
+    assert [e.serial_number for e in crls[2]] == [in_two.serial_number]
+    assert list(crls[1]) == [] and list(crls[3]) == []
+    for number, crl in crls.items():
+        idp = crl.extensions.get_extension_for_oid(ExtensionOID.ISSUING_DISTRIBUTION_POINT)
+        assert idp.critical
+        assert idp.value.full_name[0].value == f"http://pki.test/crl/part/{number}.crl"
+    # Numbers are per partition.
+    assert core.revocation.generate_crl(ca_id, 2).number == 2
+    assert core.revocation.generate_crl(ca_id, 1).number == 2
+    with pytest.raises(BadRequestError):
+        core.revocation.generate_crl(ca_id, 0)
+
+
+def test_partitioned_settings_are_checked() -> None:
+    with pytest.raises(BadRequestError, match="must contain"):
+        CASettings.from_json({"crl_mode": "PARTITIONED", "crl_url": "http://x/crl.crl"})
+    with pytest.raises(BadRequestError, match="needs crl_mode PARTITIONED"):
+        CASettings.from_json({"crl_url": "http://x/{partition}.crl"})
+    with pytest.raises(BadRequestError, match="crl_validity_days"):
+        CASettings.from_json({"crl_validity_days": 0})
+
+
+def test_large_crl_is_built_in_one_pass(sqlite_core: Core) -> None:
+    ca = create_root(sqlite_core, settings=CASettings(crl_url="http://pki.test/big.crl"))
+    now = sqlite_core.clock()
+    rows = [
+        {
+            "ca_id": ca.record.id,
+            "serial": format(10_000 + i, "x"),
+            "subject": "CN=x",
+            "sans": "[]",
+            "not_before": now,
+            "not_after": now + timedelta(days=30),
+            "issued_at": now,
+            "template": "EndEntityCertificate/V1",
+            "requester": "bulk",
+            "connector": "test",
+            "correlation_id": None,
+            "status": "REVOKED",
+            "revoked_at": now,
+            "revocation_reason": "keyCompromise",
+            "fingerprint_sha256": "0" * 64,
+            "der": b"x",
+            "crl_partition": None,
+        }
+        for i in range(5000)
+    ]
+    with sqlite_core.store.write() as conn:
+        sqlite_core.store.insert_certificates(conn, rows)
+    published = sqlite_core.revocation.generate_crl(ca.record.id)
+    crl = _crl(published.der)
+    assert published.entries == len(crl) == 5000
+    assert crl.get_revoked_certificate_by_serial_number(10_000 + 4999) is not None
