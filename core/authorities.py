@@ -170,7 +170,7 @@ class CASettings:
         return self.crl_enabled and self.crl_mode == "PARTITIONED"
 
     def crl_distribution_url(self, partition: int | None) -> str | None:
-        if not self.crl_url:
+        if not self.crl_url or not self.crl_enabled:
             return None
         return (
             self.crl_url.replace("{partition}", str(partition))
@@ -1030,7 +1030,7 @@ def _issued_extensions(
     extensions: list[x509.Extension[x509.ExtensionType]] = [
         x509.Extension(ExtensionOID.AUTHORITY_KEY_IDENTIFIER, False, aki)
     ]
-    if settings.crl_url and not settings.partitioned:  # partitioned: per certificate
+    if settings.crl_enabled and settings.crl_url and not settings.partitioned:
         extensions.append(
             x509.Extension(
                 ExtensionOID.CRL_DISTRIBUTION_POINTS,
