@@ -303,3 +303,42 @@ def test_demo_creates_the_hierarchy_once_and_issues_each_time(cli: Cli) -> None:
     assert first["certificate serial"] != second["certificate serial"]  # type: ignore[index]
     verify = subprocess.run(second["check it with"].split(), capture_output=True, text=True)  # type: ignore[index]
     assert verify.stdout.strip().endswith(": OK")
+
+
+def test_revoke_and_crl_through_the_cli(cli: Cli, tmp_path: Path) -> None:
+    root = cli.json(
+        "ca",
+        "create",
+        "--type",
+        "ROOT",
+        "--subject",
+        "CN=CLI CRL Root",
+        "--crl-url",
+        "http://pki.test/crl/root.crl",
+    )
+    issued = cli.json("cert", "issue", "--ca", root["id"], "--csr", str(_csr(tmp_path)))  # type: ignore[index]
+    serial = issued["serial"]  # type: ignore[index]
+    revoked = cli.json(
+        "cert",
+        "revoke",
+        "--ca",
+        root["id"],
+        "--serial",
+        serial,  # type: ignore[index]
+        "--reason",
+        "keyCompromise",
+    )
+    assert (revoked["status"], revoked["revocation_reason"]) == ("REVOKED", "keyCompromise")  # type: ignore[index]
+    again = cli.run("cert", "revoke", "--ca", root["id"], "--serial", serial, ok=False)  # type: ignore[index]
+    assert again.returncode == 1 and "already revoked" in again.stderr
+    crl_path = tmp_path / "root.crl"
+    crl_info = cli.json("ca", "crl", root["id"], "--out", str(crl_path))  # type: ignore[index]
+    assert crl_info["entries"] == 1  # type: ignore[index]
+    text = subprocess.run(
+        ["openssl", "crl", "-inform", "DER", "-in", str(crl_path), "-noout", "-text"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert serial.upper().zfill(len(serial) + len(serial) % 2) in text.replace(":", "")
+    assert "Key Compromise" in text
+    assert cli.json("cert", "list", "--status", "REVOKED")[0]["serial"] == serial  # type: ignore[index]
