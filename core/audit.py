@@ -14,12 +14,14 @@ import io
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
 
+from pkigate.core.errors import PkigateError
 from pkigate.core.keys import KeyEncryptionKey
 from pkigate.core.store import AuditEventRecord, CertificateRecord, Store
 
@@ -179,6 +181,24 @@ class AuditLog:
         """Record in a transaction of its own (refusals, after the work rolled back)."""
         with self._store.write() as conn:
             self.record(conn, actor, action, resource, result=result, parameters=parameters, at=at)
+
+    @contextmanager
+    def refusals(
+        self, actor: Actor, action: str, resource: str, at: datetime, **parameters: Any
+    ) -> Iterator[None]:
+        """Audit a refusal: a typed error raised inside is recorded, then raised again."""
+        try:
+            yield
+        except PkigateError as exc:
+            self.record_alone(
+                actor,
+                action,
+                resource,
+                result="failure",
+                at=at,
+                parameters={**parameters, "error": exc.code, "message": exc.message},
+            )
+            raise
 
     def verify(self) -> VerificationResult:
         """Walk the chain and say which events were edited, inserted or deleted."""

@@ -425,26 +425,12 @@ class AuthorityService:
 
     def create(self, spec: CASpec, actor: Actor, idempotency_token: str | None = None) -> CAView:
         now = self._clock()
-        try:
+        with self._audit.refusals(actor, "ca.create", "ca/-", now, subject=format_dn(spec.subject)):
             if idempotency_token:
                 earlier = self._idempotent_ca(idempotency_token, spec, now)
                 if earlier is not None:
                     return self.describe(earlier)
             ca_id = self._create(spec, actor, idempotency_token, now)
-        except PkigateError as exc:
-            self._audit.record_alone(
-                actor,
-                "ca.create",
-                "ca/-",
-                result="failure",
-                at=now,
-                parameters={
-                    "error": exc.code,
-                    "message": exc.message,
-                    "subject": format_dn(spec.subject),
-                },
-            )
-            raise
         return self.describe(ca_id)
 
     def _validate_spec(self, spec: CASpec) -> SigningAlgorithm:
@@ -671,18 +657,8 @@ class AuthorityService:
         self, ca_id: str, certificate_data: bytes, chain_data: bytes | None, actor: Actor
     ) -> CAView:
         now = self._clock()
-        try:
+        with self._audit.refusals(actor, "ca.import_certificate", f"ca/{ca_id}", now):
             self._import(ca_id, certificate_data, chain_data, actor, now)
-        except PkigateError as exc:
-            self._audit.record_alone(
-                actor,
-                "ca.import_certificate",
-                f"ca/{ca_id}",
-                result="failure",
-                at=now,
-                parameters={"error": exc.code, "message": exc.message},
-            )
-            raise
         return self.describe(ca_id)
 
     def _import(
@@ -827,32 +803,21 @@ class AuthorityService:
         for key, value in add.items():
             if not key or len(key) > 128 or len(value) > 256:
                 raise BadRequestError("tag keys are 1-128 characters, values at most 256")
-        try:
-            with self._store.write() as conn:
-                if self._store.get_ca(conn, ca_id) is None:
-                    raise NotFoundError(f"no CA with id {ca_id}")
-                self._store.set_tags(conn, ca_id, add)
-                self._store.remove_tags(conn, ca_id, remove)
-                if len(self._store.tags_of(conn, ca_id)) > MAX_TAGS:
-                    raise BadRequestError(f"at most {MAX_TAGS} tags")
-                self._audit.record(
-                    conn,
-                    actor,
-                    "ca.tag",
-                    f"ca/{ca_id}",
-                    at=now,
-                    parameters={"add": dict(add), "remove": list(remove)},
-                )
-        except PkigateError as exc:
-            self._audit.record_alone(
+        with self._audit.refusals(actor, "ca.tag", f"ca/{ca_id}", now), self._store.write() as conn:
+            if self._store.get_ca(conn, ca_id) is None:
+                raise NotFoundError(f"no CA with id {ca_id}")
+            self._store.set_tags(conn, ca_id, add)
+            self._store.remove_tags(conn, ca_id, remove)
+            if len(self._store.tags_of(conn, ca_id)) > MAX_TAGS:
+                raise BadRequestError(f"at most {MAX_TAGS} tags")
+            self._audit.record(
+                conn,
                 actor,
                 "ca.tag",
                 f"ca/{ca_id}",
-                result="failure",
                 at=now,
-                parameters={"error": exc.code, "message": exc.message},
+                parameters={"add": dict(add), "remove": list(remove)},
             )
-            raise
         return self.describe(ca_id)
 
     def _change(
@@ -865,31 +830,23 @@ class AuthorityService:
         now: datetime,
     ) -> None:
         """Read, decide and write in one serialized transaction, audited either way."""
-        try:
-            with self._store.write() as conn:
-                record = self._store.get_ca(conn, ca_id)
-                if record is None:
-                    raise NotFoundError(f"no CA with id {ca_id}")
-                values = change(record)
-                self._store.update_ca(conn, ca_id, updated_at=now, **values)
-                self._audit.record(
-                    conn,
-                    actor,
-                    action,
-                    f"ca/{ca_id}",
-                    at=now,
-                    parameters={**parameters, "from": record.status},
-                )
-        except PkigateError as exc:
-            self._audit.record_alone(
+        with (
+            self._audit.refusals(actor, action, f"ca/{ca_id}", now, **parameters),
+            self._store.write() as conn,
+        ):
+            record = self._store.get_ca(conn, ca_id)
+            if record is None:
+                raise NotFoundError(f"no CA with id {ca_id}")
+            values = change(record)
+            self._store.update_ca(conn, ca_id, updated_at=now, **values)
+            self._audit.record(
+                conn,
                 actor,
                 action,
                 f"ca/{ca_id}",
-                result="failure",
                 at=now,
-                parameters={**parameters, "error": exc.code, "message": exc.message},
+                parameters={**parameters, "from": record.status},
             )
-            raise
 
     def purge_expired_deletions(self, actor: Actor) -> list[str]:
         """Destroy the keys of CAs whose restore window has ended; returns their ids."""

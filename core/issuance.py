@@ -29,7 +29,6 @@ from pkigate.core.errors import (
     BadCSRError,
     CANotActiveError,
     IdempotencyConflictError,
-    PkigateError,
     PolicyViolationError,
 )
 from pkigate.core.groupcommit import GroupCommit
@@ -164,7 +163,17 @@ class Issuer:
 
     def issue(self, request: IssuanceRequest) -> IssuedCertificate:
         now = self._clock()
-        try:
+        with self._audit.refusals(
+            request.requester.actor,
+            "certificate.issue",
+            f"ca/{request.ca_id}",
+            now,
+            **{
+                **request.requester.evidence,
+                "template": request.template,
+                "correlation_id": request.correlation_id,
+            },
+        ):
             for _attempt in range(_RETRIES_ON_STALE):
                 prepared = self._prepare(request, now)
                 if isinstance(prepared, IssuedCertificate):
@@ -174,22 +183,6 @@ class Issuer:
                 except _StaleAuthority:
                     self._authorities.forget(request.ca_id)
             raise CANotActiveError(f"CA {request.ca_id} keeps changing; try again")
-        except PkigateError as exc:
-            self._audit.record_alone(
-                request.requester.actor,
-                "certificate.issue",
-                f"ca/{request.ca_id}",
-                result="failure",
-                at=now,
-                parameters={
-                    "error": exc.code,
-                    "message": exc.message,
-                    "template": request.template,
-                    "correlation_id": request.correlation_id,
-                    **request.requester.evidence,
-                },
-            )
-            raise
 
     def _prepare(self, request: IssuanceRequest, now: datetime) -> _Prepared | IssuedCertificate:
         """Everything but the database: checks, contents, signature."""

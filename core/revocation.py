@@ -25,7 +25,6 @@ from pkigate.core.errors import (
     ConflictError,
     InvalidStateError,
     NotFoundError,
-    PkigateError,
 )
 from pkigate.core.jobs import JobHandler, JobQueue
 from pkigate.core.model import CertificateStatus, RevocationReason
@@ -85,23 +84,10 @@ class RevocationService:
         self, ca_id: str, serial: str, reason: RevocationReason, actor: Actor
     ) -> CertificateRecord:
         now = self._clock()
-        try:
+        with self._audit.refusals(
+            actor, "certificate.revoke", f"ca/{ca_id}", now, serial=serial, reason=reason.value
+        ):
             return self._revoke(ca_id, serial, reason, actor, now)
-        except PkigateError as exc:
-            self._audit.record_alone(
-                actor,
-                "certificate.revoke",
-                f"ca/{ca_id}",
-                result="failure",
-                at=now,
-                parameters={
-                    "serial": serial,
-                    "reason": reason.value,
-                    "error": exc.code,
-                    "message": exc.message,
-                },
-            )
-            raise
 
     def _revoke(
         self, ca_id: str, serial: str, reason: RevocationReason, actor: Actor, now: datetime

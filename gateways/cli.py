@@ -212,28 +212,12 @@ def _ca_details(data: dict[str, Any]) -> str:
 
 
 def _certificate_json(record: CertificateRecord, with_pem: bool = False) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "ca_id": record.ca_id,
-        "serial": record.serial,
-        "subject": record.subject,
-        "sans": list(record.sans),
-        "not_before": record.not_before.isoformat(),
-        "not_after": record.not_after.isoformat(),
-        "issued_at": record.issued_at.isoformat(),
-        "template": record.template,
-        "requester": record.requester,
-        "connector": record.connector,
-        "status": record.status,
-        "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
-        "revocation_reason": record.revocation_reason,
-        "fingerprint_sha256": record.fingerprint_sha256,
-    }
+    """The same fields the management API returns (so local and remote output match)."""
+    from pkigate.gateways.openapi import certificate_json, certificate_pem
+
+    data = certificate_json(record)
     if with_pem:
-        data["certificate_pem"] = (
-            x509.load_der_x509_certificate(record.der)
-            .public_bytes(serialization.Encoding.PEM)
-            .decode()
-        )
+        data["certificate_pem"] = certificate_pem(record)
     return data
 
 
