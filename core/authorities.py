@@ -858,14 +858,16 @@ class AuthorityService:
                     continue
                 if self._store.key_blob(conn, record.key_id) is None:
                     continue
-                self._store.destroy_key(conn, record.key_id, now)
+                key_ids = [record.key_id, *self._store.responder_key_ids(conn, record.id)]
+                for key_id in key_ids:
+                    self._store.destroy_key(conn, key_id, now)
                 self._audit.record(
                     conn,
                     actor,
                     "ca.key.destroy",
                     f"ca/{record.id}",
                     at=now,
-                    parameters={"key_id": record.key_id},
+                    parameters={"key_ids": key_ids},
                 )
                 purged.append(record.id)
         for record_id in purged:

@@ -1,12 +1,16 @@
 """The OCSP responder (RFC 6960): one per CA, signing with a delegated responder certificate.
 
-A request costs one indexed read in the common case: responses without a nonce are signed
-once and kept in the store (``ocsp_responses``, shared by every process) until shortly
-before their nextUpdate. A revocation deletes the certificate's cached response in the
-revocation's own transaction, and a response is only cached if, inside a write
-transaction that holds the certificate's row, the certificate is still in the state that
-was signed; so no process ever serves a cached "good" after a revocation has committed.
-Responses to requests with a nonce are signed fresh and never cached.
+A request costs one indexed read and no signature in the common case: responses without a
+nonce are signed once and kept in the store (``ocsp_responses``, shared by every process)
+until shortly before their nextUpdate. A revocation deletes the certificate's cached
+response in the revocation's own transaction, and a response is only cached if, inside a
+write transaction that holds the certificate's row, the certificate is still in the state
+that was signed; so no process ever serves a cached "good" after a revocation has
+committed. Responses to requests with a nonce are signed fresh and never cached.
+
+On SQLite each process also remembers what it read until any connection of any process
+commits (``MemoizedLookups``: one ``PRAGMA data_version`` per request instead of the read),
+and answers from the cache one thread at a time (see ``_hot_path``).
 
 The responder certificate (template OCSPSigningCertificate/V1: OCSPSigning EKU and
 id-pkix-ocsp-nocheck) is issued by the CA itself through ``core.issue()``, so it is stored
@@ -23,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -32,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
-from pkigate.core.audit import Actor, AuditLog
+from pkigate.core.audit import AuditLog
 from pkigate.core.authorities import AuthorityService, CASettings, effective_status
 from pkigate.core.errors import NotFoundError, PkigateError
 from pkigate.core.issuance import IssuanceRequest, IssuedCertificate, Requester
@@ -65,6 +70,10 @@ RENEW_REMAINING_FRACTION = 1 / 3
 CLAIM_ABANDONED_AFTER = timedelta(minutes=2)
 # How long a request waits for another process to finish creating the first responder.
 WAIT_FOR_CREATOR_SECONDS = 15.0
+# A due renewal is not tried again for this long after the CA refused it, or after
+# another process was found creating one (monotonic seconds, per process).
+RETRY_REFUSED_SECONDS = 300.0
+RETRY_CLAIMED_SECONDS = 5.0
 # Cached responses are replaced when less than this share of their validity remains.
 REFRESH_REMAINING_FRACTION = 1 / 10
 REQUESTER = Requester("system:ocsp", "ocsp")
@@ -124,6 +133,12 @@ class _Request:
     issuer_key_hash: bytes
     nonce: bytes | None
 
+    @property
+    def cert_id_hashes(self) -> bytes:
+        """issuerNameHash and issuerKeyHash as they are encoded in a CertID."""
+        name, key = self.issuer_name_hash, self.issuer_key_hash
+        return bytes([0x04, len(name)]) + name + bytes([0x04, len(key)]) + key
+
 
 class _Malformed(Exception):
     pass
@@ -133,7 +148,7 @@ class _CannotIssue(Exception):
     """The CA refused to issue a responder certificate (the reason is logged)."""
 
 
-def parse_request(der: bytes) -> _Request:
+def _parse_request(der: bytes) -> _Request:
     if not der or len(der) > MAX_REQUEST_BYTES:
         raise _Malformed
     try:
@@ -275,6 +290,24 @@ class OCSPResponder:
         self._responders: dict[str, _Responder] = {}
         self._creation_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._next_attempt: dict[str, float] = {}  # per CA: no renewal attempt before this
+        # The cached path is pure CPU around one short SQLite read (microseconds, no I/O
+        # wait): threads interleaving there gain nothing under the GIL and pay for every
+        # hand-off of it (measured under gunicorn gthread with 8 threads: about 40% more
+        # CPU per answer). So on SQLite one thread at a time takes it; signing and cache
+        # writes stay outside. On PostgreSQL the read is a network round trip that other
+        # threads should be able to overlap, so there is no such lock.
+        sqlite = store.dialect == "sqlite"
+        self._hot_path: AbstractContextManager[object] = (
+            threading.Lock() if sqlite else nullcontext()
+        )
+        self._memo = ocsp_store.MemoizedLookups(store.engine) if sqlite else None
+
+    def close(self) -> None:
+        """Give back the dedicated read connection (SQLite); call before closing the store."""
+        if self._memo is not None:
+            with self._hot_path:
+                self._memo.close()
 
     # -- answering -----------------------------------------------------------------------
 
@@ -291,32 +324,32 @@ class OCSPResponder:
 
     def _answer(self, ca_id: str, request_der: bytes) -> OCSPAnswer:
         try:
-            request = parse_request(request_der)
+            request = _parse_request(request_der)
         except _Malformed:
             return MALFORMED
         now = self._clock()
-        with self._store.read() as conn:
-            found = ocsp_store.lookup(conn, ca_id, request.serial)
-        if found is None:
-            return UNAUTHORIZED
-        authority = self._authority(ca_id, found.ca_version)
-        if authority is None or not authority.answers(now):
-            return UNAUTHORIZED
-        if authority.issuer_hashes(request.algorithm) != (
-            request.issuer_name_hash,
-            request.issuer_key_hash,
-        ):
-            return UNAUTHORIZED  # a certificate of another CA (RFC 6960 2.3)
-        cached = found.cached
-        if request.nonce is None and cached is not None and _reusable(cached, request, now):
-            return OCSPAnswer(
-                cached.der,
-                ocsp.OCSPResponseStatus.SUCCESSFUL,
-                cached.this_update,
-                cached.next_update,
-                cacheable=True,
-                cached=True,
-            )
+        with self._hot_path:
+            found = self._lookup(ca_id, request.serial)
+            if found is None:
+                return UNAUTHORIZED
+            authority = self._authority(ca_id, found.ca_version)
+            if authority is None or not authority.answers(now):
+                return UNAUTHORIZED
+            if authority.issuer_hashes(request.algorithm) != (
+                request.issuer_name_hash,
+                request.issuer_key_hash,
+            ):
+                return UNAUTHORIZED  # a certificate of another CA (RFC 6960 2.3)
+            cached = found.cached
+            if request.nonce is None and cached is not None and _reusable(cached, request, now):
+                return OCSPAnswer(
+                    cached.der,
+                    ocsp.OCSPResponseStatus.SUCCESSFUL,
+                    cached.this_update,
+                    cached.next_update,
+                    cacheable=True,
+                    cached=True,
+                )
         responder = self._responder(authority, now)
         if responder is None:
             return TRY_LATER
@@ -335,6 +368,13 @@ class OCSPResponder:
             next_update,
             cacheable=request.nonce is None,
         )
+
+    def _lookup(self, ca_id: str, serial: str) -> ocsp_store.Lookup | None:
+        if self._memo is not None:
+            return self._memo.lookup(ca_id, serial)  # under the hot-path lock
+        engine = self._store.engine
+        with ocsp_store.single_read(engine) as conn:
+            return ocsp_store.lookup(conn, engine.dialect, ca_id, serial)
 
     def _cache(
         self,
@@ -369,15 +409,6 @@ class OCSPResponder:
 
     # -- the delegated responder ---------------------------------------------------------
 
-    def responder_certificate(self, ca_id: str) -> x509.Certificate | None:
-        """The certificate this process signs with for ``ca_id`` (created if due)."""
-        now = self._clock()
-        authority = self._authority(ca_id, self._authorities.get(ca_id).updated_at)
-        if authority is None:
-            return None
-        responder = self._responder(authority, now)
-        return responder.certificate if responder else None
-
     def _responder(self, authority: _Authority, now: datetime) -> _Responder | None:
         ca_id = authority.record.id
         current = self._responders.get(ca_id)
@@ -389,17 +420,24 @@ class OCSPResponder:
                 return current  # another thread of this process renewed it meanwhile
             seen, latest = self._load_latest(ca_id)
             usable = latest if latest is not None and latest.valid_at(now) else None
-            if usable is not None and not self._due(usable, authority, now):
+            if usable is not None and (
+                not self._due(usable, authority, now)
+                or time.monotonic() < self._next_attempt.get(ca_id, 0.0)
+            ):
                 self._responders[ca_id] = usable
                 return usable
             try:
                 created = self._create(authority, seen, now)
             except _CannotIssue:
-                return usable  # e.g. the CA is DISABLED: sign with what there is, if anything
+                # The CA is DISABLED, say: sign with what there is, and do not ask (and
+                # audit a refusal) on every request.
+                self._next_attempt[ca_id] = time.monotonic() + RETRY_REFUSED_SECONDS
+                return usable
             if created is not None:
                 self._responders[ca_id] = created
                 return created
             # Another process is creating one: the current one serves meanwhile, if valid.
+            self._next_attempt[ca_id] = time.monotonic() + RETRY_CLAIMED_SECONDS
             return usable or self._wait_for_other_creator(ca_id, now)
 
     def _due(self, responder: _Responder, authority: _Authority, now: datetime) -> bool:
@@ -453,8 +491,9 @@ class OCSPResponder:
         record = authority.record
         ca_id = record.id
         algorithm = (
-            KeyAlgorithm.EC_prime256v1 if record.key_algorithm.startswith("EC") else
-            KeyAlgorithm.RSA_2048
+            KeyAlgorithm.EC_prime256v1
+            if record.key_algorithm.startswith("EC")
+            else KeyAlgorithm.RSA_2048
         )
         try:
             with self._store.write() as conn:
@@ -563,13 +602,11 @@ def _reusable(cached: ocsp_store.CachedResponse, request: _Request, now: datetim
     margin = (cached.next_update - cached.this_update) * REFRESH_REMAINING_FRACTION
     if not cached.this_update <= now < cached.next_update - margin:
         return False
-    # The CertID must echo the request's hash algorithm (RFC 6960 4.2.1), so a response
-    # cached for a SHA-1 request cannot answer a SHA-256 one.
-    response = ocsp.load_der_ocsp_response(cached.der)
-    return (
-        response.hash_algorithm.name == request.algorithm.name
-        and response.serial_number == request.serial_number
-    )
+    # The response's CertID must echo the request's (RFC 6960 4.2.1): a response cached for
+    # a SHA-1 request cannot answer a SHA-256 one. The serial is the cache key; the hash
+    # algorithm matches exactly when the request's two hashes, as the DER OCTET STRINGs
+    # that follow each other in a CertID, occur in the response.
+    return request.cert_id_hashes in cached.der
 
 
 def _sign(
@@ -621,12 +658,11 @@ def _responder_subject(ca_subject: x509.Name) -> x509.Name:
     """
     common_names = ca_subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     base = str(common_names[0].value) if common_names else "pkigate"
-    others = [
-        rdn
-        for rdn in ca_subject.rdns
-        if not any(a.oid == NameOID.COMMON_NAME for a in rdn)
-    ]
+    others = [rdn for rdn in ca_subject.rdns if not any(a.oid == NameOID.COMMON_NAME for a in rdn)]
     common_name = f"{base[:49]} OCSP Responder"
-    return x509.Name([*others, x509.RelativeDistinguishedName(
-        [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-    )])
+    return x509.Name(
+        [
+            *others,
+            x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+        ]
+    )

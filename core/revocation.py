@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
 
 from pkigate.core.audit import Actor, AuditLog
-from pkigate.core.authorities import AuthorityService, CASettings
+from pkigate.core.authorities import AuthorityService, CASettings, SigningMaterial
 from pkigate.core.errors import (
     BadRequestError,
     ConflictError,
@@ -176,55 +176,63 @@ class RevocationService:
             raise BadRequestError("a PARTITIONED CA's CRLs are numbered from 1")
         if not settings.partitioned and partition != 0:
             raise BadRequestError("this CA publishes one complete CRL (partition 0)")
-        with self._store.write() as conn:
-            previous = self._store.latest_crl(conn, ca_id, partition)
-            # An entry stays until one CRL has been published after its certificate expired.
-            keep_after = previous.this_update if previous else None
-            revoked = self._store.revoked_entries(
-                conn, ca_id, partition if settings.partitioned else None, keep_after
-            )
+        # Read and sign outside the write transaction (a million-entry CRL takes seconds
+        # and SQLite has one writer); the number is re-checked when the CRL is stored.
+        for _attempt in range(3):
+            with self._store.read() as conn:
+                previous = self._store.latest_crl(conn, ca_id, partition)
+                # An entry stays until one CRL has been published after its certificate
+                # expired.
+                keep_after = previous.this_update if previous else None
+                revoked = self._store.revoked_entries(
+                    conn, ca_id, partition if settings.partitioned else None, keep_after
+                )
             number = (previous.number + 1) if previous else 1
             this_update = now.replace(microsecond=0)
             next_update = this_update + timedelta(days=settings.crl_validity_days)
             der = self._sign_crl(
                 material, settings, partition, number, this_update, next_update, revoked
             )
-            published = PublishedCRL(
+            with self._store.write() as conn:
+                latest = self._store.latest_crl(conn, ca_id, partition)
+                if (latest.number if latest else 0) != number - 1:
+                    continue  # another process published meanwhile: build on its CRL
+                self._store.insert_crl(
+                    conn,
+                    ca_id=ca_id,
+                    crl_partition=partition,
+                    crl_number=number,
+                    this_update=this_update,
+                    next_update=next_update,
+                    entries=len(revoked),
+                    der=der,
+                )
+                self._audit.record(
+                    conn,
+                    SYSTEM,
+                    "crl.sign",
+                    f"ca/{ca_id}",
+                    at=now,
+                    parameters={
+                        "partition": partition,
+                        "crl_number": number,
+                        "entries": len(revoked),
+                        "next_update": next_update,
+                        "key_id": material.key_id,
+                    },
+                )
+                # Regenerate well before nextUpdate even if nothing is revoked meanwhile.
+                self.schedule_crl(
+                    ca_id, partition, this_update + (next_update - this_update) / 2, conn=conn
+                )
+            return PublishedCRL(
                 ca_id, partition, number, this_update, next_update, len(revoked), der
             )
-            self._store.insert_crl(
-                conn,
-                ca_id=ca_id,
-                crl_partition=partition,
-                crl_number=number,
-                this_update=this_update,
-                next_update=next_update,
-                entries=len(revoked),
-                der=der,
-            )
-            self._audit.record(
-                conn,
-                SYSTEM,
-                "crl.sign",
-                f"ca/{ca_id}",
-                at=now,
-                parameters={
-                    "partition": partition,
-                    "crl_number": number,
-                    "entries": len(revoked),
-                    "next_update": next_update,
-                    "key_id": material.key_id,
-                },
-            )
-            # Regenerate well before nextUpdate even if nothing is revoked meanwhile.
-            self.schedule_crl(
-                ca_id, partition, this_update + (next_update - this_update) / 2, conn=conn
-            )
-        return published
+        raise ConflictError(f"CRL for CA {ca_id} partition {partition} keeps changing")
 
     @staticmethod
     def _sign_crl(
-        material: Any,
+        material: SigningMaterial,
         settings: CASettings,
         partition: int,
         number: int,
@@ -232,14 +240,17 @@ class RevocationService:
         next_update: datetime,
         revoked: Sequence[tuple[str, datetime, str | None]],
     ) -> bytes:
+        reasons: dict[str | None, x509.CRLReason | None] = {
+            r.value: x509.CRLReason(f) if (f := reason_flag(r)) else None for r in RevocationReason
+        }
         entries = []
         for serial, revoked_at, reason in revoked:
             builder = x509.RevokedCertificateBuilder(
                 serial_number=int(serial, 16), revocation_date=revoked_at
             )
-            flag = reason_flag(RevocationReason(reason)) if reason else None
-            if flag is not None:
-                builder = builder.add_extension(x509.CRLReason(flag), critical=False)
+            extension = reasons.get(reason)
+            if extension is not None:
+                builder = builder.add_extension(extension, critical=False)
             entries.append(builder.build())
         extensions = [
             x509.Extension(ExtensionOID.CRL_NUMBER, False, x509.CRLNumber(number)),

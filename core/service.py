@@ -73,7 +73,6 @@ class Core:
         templates = TemplateCatalogue()
         issuer = Issuer(store, authorities, templates, audit, clock)
         jobs = JobQueue(store, clock)
-        jobs = JobQueue(store, clock)
         revocation = RevocationService(store, authorities, audit, jobs, clock)
         ocsp = OCSPResponder(store, authorities, keys, audit, issuer.issue, clock)
         core = cls(
@@ -90,6 +89,7 @@ class Core:
         return self.issuer.issue(request)
 
     def close(self) -> None:
+        self.ocsp.close()
         self.store.close()
 
     def _sign_subordinate(

@@ -2,7 +2,8 @@
 
 RFC 6960 appendix A.1 defines both forms; RFC 5019 section 6 the caching headers of GET
 answers. Every answer is an ``application/ocsp-response`` (an unsuccessful OCSPResponse
-for bad input), never an HTTP error page and never a 500.
+for bad input) with status 200, except for a body over 64 KiB (413), another method (405)
+or a POST to a longer path (404), which carry a malformedRequest body; never a 500.
 
 The routes are a WSGI middleware in front of the Flask application rather than a
 blueprint: relying parties poll OCSP far more often than anything else is asked of
@@ -17,9 +18,9 @@ import base64
 import binascii
 import hashlib
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -99,7 +100,7 @@ class OCSPMiddleware:
         headers += [
             ("Content-Type", RESPONSE_TYPE),
             ("Content-Length", str(len(body))),
-            ("X-Request-Id", supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex),
+            ("X-Request-Id", supplied if _REQUEST_ID.match(supplied) else os.urandom(16).hex()),
         ]
         start_response(_STATUS_LINES[status], headers)
         metrics.REQUEST_SECONDS.labels(self._listener, ENDPOINT, str(status)).observe(

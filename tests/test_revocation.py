@@ -241,3 +241,33 @@ def test_large_crl_is_built_in_one_pass(sqlite_core: Core) -> None:
     crl = _crl(published.der)
     assert published.entries == len(crl) == 5000
     assert crl.get_revoked_certificate_by_serial_number(10_000 + 4999) is not None
+
+
+def test_after_the_restore_window_the_responder_keys_are_destroyed_too(
+    core: Core, root, clock
+) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509 import ocsp
+
+    from pkigate.core.model import CAStatus
+
+    ca = create_sub(core, root, cn="OCSP CA", path_length=0, settings=CASettings(ocsp_enabled=True))
+    leaf = _issue(core, ca.record.id)
+    ca_certificate = x509.load_der_x509_certificate(ca.record.certificate_der)
+    request = ocsp.OCSPRequestBuilder().add_certificate(leaf, ca_certificate, hashes.SHA1()).build()  # noqa: S303 - RFC 6960 default CertID
+    from cryptography.hazmat.primitives import serialization
+
+    response = ocsp.load_der_ocsp_response(
+        core.ocsp.respond(ca.record.id, request.public_bytes(serialization.Encoding.DER))
+    )
+    assert response.certificate_status == ocsp.OCSPCertStatus.GOOD
+    with core.store.read() as conn:
+        responder_keys = core.store.responder_key_ids(conn, ca.record.id)
+    assert len(responder_keys) == 1
+    core.authorities.update_status(ca.record.id, CAStatus.DISABLED, ACTOR)
+    core.authorities.delete(ca.record.id, 7, ACTOR)
+    clock.advance(timedelta(days=8))
+    assert core.authorities.purge_expired_deletions(ACTOR) == [ca.record.id]
+    with core.store.read() as conn:
+        assert core.store.key_blob(conn, ca.record.key_id) is None
+        assert core.store.key_blob(conn, responder_keys[0]) is None

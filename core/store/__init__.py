@@ -252,6 +252,11 @@ class Store:
             select(schema.ca_keys.c.blob).where(schema.ca_keys.c.blob.is_not(None)).limit(1)
         ).scalar_one_or_none()
 
+    def responder_key_ids(self, conn: Connection, ca_id: str) -> list[str]:
+        """Keys of a CA's delegated OCSP responders (destroyed with the CA's own key)."""
+        r = schema.ocsp_responders.c
+        return list(conn.execute(select(r.key_id).where(r.ca_id == ca_id)).scalars())
+
     def destroy_key(self, conn: Connection, key_id: str, now: datetime) -> None:
         conn.execute(
             update(schema.ca_keys)

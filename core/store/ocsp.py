@@ -1,20 +1,27 @@
 """The OCSP responder's SQL: delegated responder certificates and cached responses.
 
 Every function takes the caller's connection, so the caller decides what commits together.
-The per-request lookup runs on the driver cursor (see ``fastpath``): it is the responder's
-hot path, and SQLAlchemy's statement machinery would cost more than the query itself.
+The per-request lookup runs on a pooled driver connection (see ``single_read`` and
+``fastpath``): it is the responder's hot path, and SQLAlchemy's transaction and statement
+machinery would cost more than the query itself.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.pool import PoolProxiedConnection
 
 from pkigate.core.store import as_utc, schema
 from pkigate.core.store.fastpath import FastQuery
+from pkigate.core.store.fastpath import _convert as convert
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,7 @@ class Lookup:
 _LOOKUPS: dict[str, FastQuery] = {}
 
 
-def _lookup_query(conn: Connection) -> FastQuery:
-    dialect = conn.dialect
+def _lookup_query(dialect: Dialect) -> FastQuery:
     query = _LOOKUPS.get(dialect.name)
     if query is None:
         a, r, c = schema.authorities.c, schema.ocsp_responses.c, schema.certificates.c
@@ -82,12 +88,36 @@ def _lookup_query(conn: Connection) -> FastQuery:
     return query
 
 
-def lookup(conn: Connection, ca_id: str, serial: str) -> Lookup | None:
+@contextmanager
+def single_read(engine: Engine) -> Iterator[PoolProxiedConnection]:
+    """A pooled driver connection for one read-only statement.
+
+    A single SELECT is consistent on its own, so it needs no transaction of SQLAlchemy's:
+    SQLite runs it in autocommit mode, and whatever PostgreSQL's driver began is rolled
+    back when the connection goes back to the pool. This saves most of the cost of
+    ``Store.read()`` on the responder's hot path.
+    """
+    conn = engine.raw_connection()
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def lookup(conn: PoolProxiedConnection, dialect: Dialect, ca_id: str, serial: str) -> Lookup | None:
     """The CA's version, the cached response and the certificate's state; None: no such CA."""
-    rows = _lookup_query(conn).rows(conn, serial, serial, ca_id)
-    if not rows:
+    query = _lookup_query(dialect)
+    cursor = conn.cursor()
+    try:
+        cursor.execute(query.sql, convert((serial, serial, ca_id), query.parameters))
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    if row is None:
         return None
-    updated_at, der, this_update, next_update, status, revoked_at, reason = rows[0]
+    updated_at, der, this_update, next_update, status, revoked_at, reason = convert(
+        row, query.results
+    )
     version = as_utc(updated_at)
     assert version is not None
     cached = None
@@ -97,6 +127,69 @@ def lookup(conn: Connection, ca_id: str, serial: str) -> Lookup | None:
         cached = CachedResponse(bytes(der), start, end)
     state = CertificateState(str(status), as_utc(revoked_at), reason) if status else None
     return Lookup(version, cached, state)
+
+
+class MemoizedLookups:
+    """:func:`lookup` on SQLite through one dedicated read connection, each answer
+    remembered until any other connection, in any process, commits to the database.
+
+    ``PRAGMA data_version`` on a connection changes exactly when another connection has
+    committed since this one last asked (https://sqlite.org/pragma.html#pragma_data_version);
+    this connection only reads, so every write (a revocation, a cached response, an
+    issuance) counts. Checking it costs one statement without a table access, where the
+    lookup costs a three-table read and its conversions. A commit between the check and
+    the lookup changes the next check too, so a remembered answer is never older than the
+    last check. Not thread-safe: the caller runs one lookup at a time.
+    """
+
+    MEMO_LIMIT = 100_000
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._connection: PoolProxiedConnection | None = None
+        self._pid = 0
+        self._version: object = None
+        self._memo: dict[tuple[str, str], Lookup | None] = {}
+
+    def lookup(self, ca_id: str, serial: str) -> Lookup | None:
+        connection = self._connect()
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute("PRAGMA data_version")
+                version = cursor.fetchone()
+            finally:
+                cursor.close()
+            if version != self._version:
+                self._memo.clear()
+                self._version = version
+            key = (ca_id, serial)
+            if key in self._memo:
+                return self._memo[key]
+            found = lookup(connection, self._engine.dialect, ca_id, serial)
+        except Exception:
+            self.close()
+            raise
+        if len(self._memo) >= self.MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[key] = found
+        return found
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        self._memo.clear()
+        self._version = None
+        if connection is not None and self._pid == os.getpid():
+            connection.close()
+
+    def _connect(self) -> PoolProxiedConnection:
+        # A connection opened before a fork belongs to the parent: never use it here.
+        if self._connection is None or self._pid != os.getpid():
+            self._connection = self._engine.raw_connection()
+            self._pid = os.getpid()
+            self._version = None
+            self._memo.clear()
+        return self._connection
 
 
 def certificate_state(
@@ -184,9 +277,7 @@ def claim_key(
     over. On PostgreSQL a concurrent first claim surfaces as an IntegrityError on insert.
     """
     k = schema.ca_keys.c
-    row = conn.execute(
-        select(k.blob, k.created_at).where(k.id == key_id).with_for_update()
-    ).first()
+    row = conn.execute(select(k.blob, k.created_at).where(k.id == key_id).with_for_update()).first()
     if row is None:
         conn.execute(
             insert(schema.ca_keys).values(
@@ -225,9 +316,7 @@ def complete_responder(
     now: datetime,
 ) -> None:
     """Store the sealed key of a claimed ``key_id`` and make its certificate current."""
-    conn.execute(
-        update(schema.ca_keys).where(schema.ca_keys.c.id == key_id).values(blob=blob)
-    )
+    conn.execute(update(schema.ca_keys).where(schema.ca_keys.c.id == key_id).values(blob=blob))
     conn.execute(
         insert(schema.ocsp_responders).values(
             id=responder_id,
