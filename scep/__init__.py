@@ -2,6 +2,8 @@
 
 `messages` is the wire format: pkiMessage parsing (signature, SCEP attributes, envelope)
 and CertRep building, plus the client half used by the tests and devices-sim. `cms` holds
-the CMS (RFC 5652) SignedData and EnvelopedData primitives underneath. The HTTP routes and
-the authorization of requests come next (see the SCEP issue).
+the CMS (RFC 5652) SignedData and EnvelopedData primitives underneath. `connector` is the
+gateway connector (settings, HTTP routes, the PKIOperation flow), `authorization` decides
+who may enroll (challenges, renewal), and `ra` keeps the RSA registration-authority
+certificate that clients encrypt to.
 """

@@ -77,12 +77,15 @@ _HASHES: dict[DigestAlgorithm, type[hashes.HashAlgorithm]] = {
 
 
 class ContentCipher(StrEnum):
-    """Content-encryption algorithms for EnvelopedData. Single DES and RC2 are refused."""
+    """Content-encryption algorithms for EnvelopedData. RC2 is refused; single DES is only
+    accepted from clients (micromdm's scepclient sends nothing else); the server never
+    answers with it (see `PkiMessage.reply_to`)."""
 
     AES128 = "aes128"
     AES192 = "aes192"
     AES256 = "aes256"
     DES3 = "des3"
+    DES = "des"
 
     @property
     def asn1_name(self) -> str:
@@ -90,15 +93,18 @@ class ContentCipher(StrEnum):
 
     @property
     def key_size(self) -> int:
-        return {"aes128": 16, "aes192": 24, "aes256": 32, "des3": 24}[self.value]
+        return {"aes128": 16, "aes192": 24, "aes256": 32, "des3": 24, "des": 8}[self.value]
 
     @property
     def block_size(self) -> int:
-        return 8 if self is ContentCipher.DES3 else 16
+        return 8 if self in (ContentCipher.DES3, ContentCipher.DES) else 16
 
     def algorithm(self, key: bytes) -> BlockCipherAlgorithm:
         if self is ContentCipher.DES3:
             return _triple_des()(key)
+        if self is ContentCipher.DES:
+            # EDE with three equal keys is single DES.
+            return _triple_des()(key * 3)
         return algorithms.AES(key)
 
 
@@ -107,6 +113,7 @@ _CIPHER_ASN1_NAMES = {
     ContentCipher.AES192: "aes192_cbc",
     ContentCipher.AES256: "aes256_cbc",
     ContentCipher.DES3: "tripledes_3key",
+    ContentCipher.DES: "des",
 }
 _CIPHERS_BY_ASN1_NAME = {name: cipher for cipher, name in _CIPHER_ASN1_NAMES.items()}
 
@@ -166,26 +173,46 @@ def load_content_info(data: bytes, content_type: str) -> Any:
     The whole structure is parsed here (asn1crypto parses lazily), so that malformed input
     fails now with MalformedCms rather than later with some other error."""
     try:
-        if len(data) > 1 and data[1] == 0x80:
-            data = _with_definite_lengths(data)
-        info = cms.ContentInfo.load(data, strict=True)
-        found = info["content_type"].native
-        if found != content_type:
-            raise MalformedCms(f"a CMS {found} where {content_type} was expected")
-        info.native  # noqa: B018 - forces the lazy parse of every nested value
+        info = _parse_content_info(data, content_type)
     except CmsError:
         raise
     # asn1crypto reports bad input with all of these (AttributeError for some rare
     # universal types it decodes without a native form).
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as exc:
-        raise MalformedCms(f"not a CMS ContentInfo: {exc}") from exc
+    except _ASN1_ERRORS as exc:
+        if not data or data[0] != 0x30:
+            raise MalformedCms(f"not a CMS ContentInfo: {exc}") from exc
+        # Go's pkcs7 (micromdm scepclient) writes encryptedContent as a constructed [0] of
+        # definite length holding one OCTET STRING, which asn1crypto reads only in the
+        # indefinite form: retry with such chunked strings rewritten that way.
+        try:
+            info = _parse_content_info(
+                _with_definite_lengths(data, chunked_strings_indefinite=True), content_type
+            )
+        except CmsError:
+            raise
+        except _ASN1_ERRORS:
+            raise MalformedCms(f"not a CMS ContentInfo: {exc}") from exc
     return info["content"]
+
+
+_ASN1_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
+
+
+def _parse_content_info(data: bytes, content_type: str) -> Any:
+    if len(data) > 1 and data[1] == 0x80:
+        data = _with_definite_lengths(data)
+    info = cms.ContentInfo.load(data, strict=True)
+    found = info["content_type"].native
+    if found != content_type:
+        raise MalformedCms(f"a CMS {found} where {content_type} was expected")
+    info.native  # noqa: B018 - forces the lazy parse of every nested value
+    return info
 
 
 _MAX_BER_DEPTH = 64
 
 
-def _with_definite_lengths(data: bytes) -> bytes:
+def _with_definite_lengths(data: bytes, *, chunked_strings_indefinite: bool = False) -> bytes:
     """The same BER with definite lengths on every SEQUENCE and SET.
 
     Streaming encoders (Apple's, `openssl cms -stream`) write indefinite lengths. asn1crypto
@@ -193,14 +220,19 @@ def _with_definite_lengths(data: bytes) -> bytes:
     alternative of an untagged CHOICE (SignerIdentifier, RecipientInfo), so those lengths
     are settled here first. Other constructed values keep their form: asn1crypto reads
     a constructed (chunked) OCTET STRING only with an indefinite length."""
-    normalized, end = _definite_elements(data, 0, len(data), 0, until_end_of_contents=False)
+    normalized, end = _definite_elements(data, 0, len(data), 0, False, chunked_strings_indefinite)
     if end != len(data):
         raise MalformedCms("trailing data after the ContentInfo")
     return normalized
 
 
 def _definite_elements(
-    data: bytes, pos: int, end: int, depth: int, until_end_of_contents: bool
+    data: bytes,
+    pos: int,
+    end: int,
+    depth: int,
+    until_end_of_contents: bool,
+    chunked_indefinite: bool = False,
 ) -> tuple[bytes, int]:
     if depth > _MAX_BER_DEPTH:
         raise MalformedCms("BER nested too deeply")
@@ -221,7 +253,9 @@ def _definite_elements(
         if first == 0x80:
             if not constructed:
                 raise MalformedCms("indefinite length on a primitive value")
-            inner, next_pos = _definite_elements(data, contents_start, end, depth + 1, True)
+            inner, next_pos = _definite_elements(
+                data, contents_start, end, depth + 1, True, chunked_indefinite
+            )
         else:
             length = first
             if first & 0x80:
@@ -232,10 +266,18 @@ def _definite_elements(
             if next_pos > end:
                 raise MalformedCms("truncated BER value")
             if constructed:
-                inner, _ = _definite_elements(data, contents_start, next_pos, depth + 1, False)
+                inner, _ = _definite_elements(
+                    data, contents_start, next_pos, depth + 1, False, chunked_indefinite
+                )
             else:
                 inner = data[contents_start:next_pos]
-        if first == 0x80 and data[pos] not in (0x30, 0x31):
+        chunked = (
+            chunked_indefinite
+            and constructed
+            and data[pos] not in (0x30, 0x31)
+            and inner[:1] == b"\x04"
+        )
+        if (first == 0x80 or chunked) and data[pos] not in (0x30, 0x31):
             out += data[pos:tag_end] + b"\x80" + inner + b"\0\0"
         else:
             out += data[pos:tag_end] + _der_length(len(inner)) + inner
@@ -557,7 +599,7 @@ def build_enveloped_data(
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise UnsupportedAlgorithm("key transport needs an RSA recipient certificate")
     cek = os.urandom(cipher.key_size)
-    if cipher is ContentCipher.DES3:
+    if cipher in (ContentCipher.DES3, ContentCipher.DES):
         cek = _with_odd_parity(cek)
     iv = os.urandom(cipher.block_size)
     padder = padding.PKCS7(cipher.block_size * 8).padder()

@@ -233,7 +233,11 @@ class PkiMessage:
             self.sender_nonce,
             self.signer_digest_algorithm,
             self.signer_certificate,
-            self.content_encryption_algorithm,
+            # Never answer with single DES: a client that sent it (micromdm's scepclient)
+            # decrypts DES-EDE3 as well, which every SCEP implementation supports.
+            ContentCipher.DES3
+            if self.content_encryption_algorithm is ContentCipher.DES
+            else self.content_encryption_algorithm,
         )
 
     def csr(self) -> x509.CertificateSigningRequest:

@@ -172,8 +172,12 @@ def reply_parts(reply: bytes) -> tuple[str, str | None]:
 # -- round trips ------------------------------------------------------------------------------
 
 
+# Single DES is accepted but never answered with: tests/test_scep.py covers it.
+REPLY_CIPHERS = [c for c in ContentCipher if c is not ContentCipher.DES]
+
+
 @pytest.mark.parametrize("key_transport", list(KeyTransport))
-@pytest.mark.parametrize("cipher", list(ContentCipher))
+@pytest.mark.parametrize("cipher", REPLY_CIPHERS)
 def test_pkcsreq_round_trip_for_each_cipher_and_key_transport(
     pki: Pki, cipher: ContentCipher, key_transport: KeyTransport
 ) -> None:
@@ -628,7 +632,6 @@ def _with_content_algorithm(pki: Pki, algorithm: dict[str, Any]) -> bytes:
 @pytest.mark.parametrize(
     "algorithm",
     [
-        pytest.param({"algorithm": "des", "parameters": core.OctetString(b"8 bytes!")}, id="des"),
         pytest.param(
             {"algorithm": "rc2", "parameters": {"rc2_parameter_version": 58, "iv": b"8 bytes!"}},
             id="rc2",
@@ -638,9 +641,7 @@ def _with_content_algorithm(pki: Pki, algorithm: dict[str, Any]) -> bytes:
         ),
     ],
 )
-def test_single_des_rc2_and_unknown_ciphers_are_bad_alg(
-    pki: Pki, algorithm: dict[str, Any]
-) -> None:
+def test_rc2_and_unknown_ciphers_are_bad_alg(pki: Pki, algorithm: dict[str, Any]) -> None:
     data = _with_content_algorithm(pki, algorithm)
     error = raises_scep(FailInfo.BAD_ALG, lambda: parse_pki_message(data, pki.recipients))
     assert error.reply_to is not None and error.reply_to.transaction_id == "7"
@@ -799,7 +800,7 @@ def test_openssl_signed_data_is_verified_and_tampering_detected(pki: Pki, tmp_pa
 @needs_openssl
 @pytest.mark.parametrize(
     ("cipher", "key_transport"),
-    [(cipher, KeyTransport.PKCS1V15) for cipher in ContentCipher]
+    [(cipher, KeyTransport.PKCS1V15) for cipher in REPLY_CIPHERS]
     + [(ContentCipher.AES256, KeyTransport.OAEP), (ContentCipher.AES128, KeyTransport.OAEP_SHA256)],
 )
 def test_openssl_reads_our_request_and_our_cert_rep(

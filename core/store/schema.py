@@ -230,3 +230,65 @@ ocsp_responses = Table(
     Column("this_update", Timestamp, nullable=False),
     Column("next_update", Timestamp, nullable=False),
 )
+
+# SCEP registration-authority certificates (RSA: SCEP envelopes need an RSA recipient even
+# when the CA key is EC), one series per connector instance, keys sealed like CA keys.
+scep_ra_certificates = Table(
+    "scep_ra_certificates",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("connector", String(128), nullable=False, index=True),
+    Column("ca_id", String(64), ForeignKey("authorities.id"), nullable=False),
+    Column("key_id", String(64), ForeignKey("ca_keys.id"), nullable=False),
+    Column("certificate_der", LargeBinary, nullable=False),
+    Column("not_before", Timestamp, nullable=False),
+    Column("not_after", Timestamp, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+)
+
+# One-time SCEP challenges handed to an MDM through the management API. Only a SHA-256 of
+# the secret is kept (the secrets are 128 random bits).
+scep_challenges = Table(
+    "scep_challenges",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("connector", String(128), nullable=False),
+    Column("secret_sha256", String(64), nullable=False, unique=True),
+    Column("subject", Text, nullable=True),
+    Column("device_id", String(256), nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("created_by", String(256), nullable=False),
+    Column("expires_at", Timestamp, nullable=False),
+    Column("used_at", Timestamp, nullable=True),
+)
+
+# What each SCEP transactionID asked for and what became of it: a retried transaction
+# gets its certificate again, a reused one with another request is refused. The request
+# and its authorization evidence are kept so that a PENDING one can be approved later.
+scep_transactions = Table(
+    "scep_transactions",
+    metadata,
+    Column("connector", String(128), primary_key=True),
+    Column("transaction_id", String(256), primary_key=True),
+    Column("csr_sha256", String(64), nullable=False),
+    Column("csr_der", LargeBinary, nullable=False),
+    Column("evidence", Text, nullable=False, server_default="{}"),
+    Column("subject", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("ca_id", String(64), nullable=True),
+    Column("serial", String(64), nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+# Failed challenge attempts per connector and client address or transactionID, counted in
+# a fixed window, shared by every gateway process.
+scep_failures = Table(
+    "scep_failures",
+    metadata,
+    Column("connector", String(128), primary_key=True),
+    Column("scope", String(16), primary_key=True),
+    Column("value", String(256), primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("window_start", Timestamp, nullable=False),
+)

@@ -1,0 +1,269 @@
+"""The SCEP connector's SQL: RA certificates, one-time challenges, transactions, and
+failed-attempt counters. Everything a request depends on lives here, so that every gateway
+process (and host) sees the same state.
+
+Every function takes the caller's connection, so the caller decides what commits together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, and_, insert, select, update
+
+from pkigate.core.store import as_utc, schema
+
+
+def _utc(moment: datetime | None) -> datetime:
+    value = as_utc(moment)
+    assert value is not None
+    return value
+
+
+# -- RA certificates ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RARecord:
+    id: str
+    connector: str
+    ca_id: str
+    key_id: str
+    certificate_der: bytes
+    not_before: datetime
+    not_after: datetime
+    created_at: datetime
+
+
+def ra_certificates(conn: Connection, connector: str, ca_id: str) -> list[RARecord]:
+    """The connector's RA certificates for ``ca_id``, newest first."""
+    c = schema.scep_ra_certificates.c
+    rows = conn.execute(
+        select(schema.scep_ra_certificates)
+        .where(c.connector == connector, c.ca_id == ca_id)
+        .order_by(c.created_at.desc(), c.id)
+    ).all()
+    return [
+        RARecord(
+            row.id,
+            row.connector,
+            row.ca_id,
+            row.key_id,
+            bytes(row.certificate_der),
+            _utc(row.not_before),
+            _utc(row.not_after),
+            _utc(row.created_at),
+        )
+        for row in rows
+    ]
+
+
+def insert_ra_certificate(conn: Connection, record: RARecord) -> None:
+    conn.execute(
+        insert(schema.scep_ra_certificates).values(
+            id=record.id,
+            connector=record.connector,
+            ca_id=record.ca_id,
+            key_id=record.key_id,
+            certificate_der=record.certificate_der,
+            not_before=record.not_before,
+            not_after=record.not_after,
+            created_at=record.created_at,
+        )
+    )
+
+
+# -- one-time challenges -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChallengeRecord:
+    id: str
+    connector: str
+    subject: str | None
+    device_id: str | None
+    created_at: datetime
+    created_by: str
+    expires_at: datetime
+    used_at: datetime | None
+
+
+def insert_challenge(
+    conn: Connection,
+    *,
+    challenge_id: str,
+    connector: str,
+    secret_sha256: str,
+    subject: str | None,
+    device_id: str | None,
+    created_at: datetime,
+    created_by: str,
+    expires_at: datetime,
+) -> None:
+    conn.execute(
+        insert(schema.scep_challenges).values(
+            id=challenge_id,
+            connector=connector,
+            secret_sha256=secret_sha256,
+            subject=subject,
+            device_id=device_id,
+            created_at=created_at,
+            created_by=created_by,
+            expires_at=expires_at,
+        )
+    )
+
+
+def challenge_by_secret(
+    conn: Connection, connector: str, secret_sha256: str
+) -> ChallengeRecord | None:
+    c = schema.scep_challenges.c
+    row = conn.execute(
+        select(schema.scep_challenges).where(
+            c.connector == connector, c.secret_sha256 == secret_sha256
+        )
+    ).first()
+    if row is None:
+        return None
+    return ChallengeRecord(
+        row.id,
+        row.connector,
+        row.subject,
+        row.device_id,
+        _utc(row.created_at),
+        row.created_by,
+        _utc(row.expires_at),
+        as_utc(row.used_at),
+    )
+
+
+def consume_challenge(conn: Connection, challenge_id: str, now: datetime) -> bool:
+    """Mark the challenge used; False if another request used it first."""
+    c = schema.scep_challenges.c
+    result = conn.execute(
+        update(schema.scep_challenges)
+        .where(c.id == challenge_id, c.used_at.is_(None), c.expires_at > now)
+        .values(used_at=now)
+    )
+    return result.rowcount == 1
+
+
+def release_challenge(conn: Connection, challenge_id: str) -> None:
+    """Undo a consumption whose issuance failed: the challenge was not successfully used."""
+    c = schema.scep_challenges.c
+    conn.execute(update(schema.scep_challenges).where(c.id == challenge_id).values(used_at=None))
+
+
+# -- transactions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransactionRecord:
+    connector: str
+    transaction_id: str
+    csr_sha256: str
+    subject: str
+    status: str  # ISSUED (PENDING once requests can wait for approval)
+    ca_id: str | None
+    serial: str | None
+    created_at: datetime
+
+
+def get_transaction(
+    conn: Connection, connector: str, transaction_id: str
+) -> TransactionRecord | None:
+    c = schema.scep_transactions.c
+    row = conn.execute(
+        select(schema.scep_transactions).where(
+            and_(c.connector == connector, c.transaction_id == transaction_id)
+        )
+    ).first()
+    if row is None:
+        return None
+    return TransactionRecord(
+        row.connector,
+        row.transaction_id,
+        row.csr_sha256,
+        row.subject,
+        row.status,
+        row.ca_id,
+        row.serial,
+        _utc(row.created_at),
+    )
+
+
+def record_transaction(
+    conn: Connection,
+    *,
+    connector: str,
+    transaction_id: str,
+    csr_sha256: str,
+    csr_der: bytes,
+    evidence: str,
+    subject: str,
+    status: str,
+    ca_id: str | None,
+    serial: str | None,
+    now: datetime,
+) -> None:
+    """Insert the transaction, or update it (a renewal within the same transactionID)."""
+    c = schema.scep_transactions.c
+    values = {
+        "csr_sha256": csr_sha256,
+        "csr_der": csr_der,
+        "evidence": evidence,
+        "subject": subject,
+        "status": status,
+        "ca_id": ca_id,
+        "serial": serial,
+        "updated_at": now,
+    }
+    updated = conn.execute(
+        update(schema.scep_transactions)
+        .where(c.connector == connector, c.transaction_id == transaction_id)
+        .values(**values)
+    )
+    if updated.rowcount == 0:
+        conn.execute(
+            insert(schema.scep_transactions).values(
+                connector=connector, transaction_id=transaction_id, created_at=now, **values
+            )
+        )
+
+
+# -- failed-attempt counters -------------------------------------------------------------
+
+
+def failures(conn: Connection, connector: str, scope: str, value: str, since: datetime) -> int:
+    """Failed attempts counted in a window that started after ``since``."""
+    c = schema.scep_failures.c
+    row = conn.execute(
+        select(c.count, c.window_start).where(
+            c.connector == connector, c.scope == scope, c.value == value
+        )
+    ).first()
+    if row is None or _utc(row[1]) <= since:
+        return 0
+    return int(row[0])
+
+
+def add_failure(
+    conn: Connection, connector: str, scope: str, value: str, now: datetime, window: timedelta
+) -> int:
+    """Count one failed attempt; a window older than ``window`` starts over. Returns the count."""
+    c = schema.scep_failures.c
+    where = and_(c.connector == connector, c.scope == scope, c.value == value)
+    row = conn.execute(select(c.count, c.window_start).where(where).with_for_update()).first()
+    if row is None:
+        conn.execute(
+            insert(schema.scep_failures).values(
+                connector=connector, scope=scope, value=value, count=1, window_start=now
+            )
+        )
+        return 1
+    if _utc(row[1]) <= now - window:
+        conn.execute(update(schema.scep_failures).where(where).values(count=1, window_start=now))
+        return 1
+    conn.execute(update(schema.scep_failures).where(where).values(count=c.count + 1))
+    return int(row[0]) + 1

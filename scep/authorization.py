@@ -1,0 +1,267 @@
+"""Who may enroll over SCEP: challenge passwords (static or one-time) and renewal by a
+certificate pkigate issued. No HTTP here; the routes call these with parsed values.
+
+Every attempt is audited: a refusal here with its reason, a success by the core as part of
+the issuance it authorizes (the evidence names the challenge kind and id). Failed
+challenges are counted per client address and per transactionID in the store, so the limit
+holds across gateway processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import uuid
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import AttributeOID
+
+from pkigate.core import Actor, Core
+from pkigate.core.model import CertificateStatus
+from pkigate.core.names import parse_dn
+from pkigate.core.store import IntegrityError
+from pkigate.core.store import scep as scep_store
+from pkigate.scep.messages import FailInfo, ReplyTo, ScepError
+
+
+@dataclass(frozen=True)
+class ChallengePolicy:
+    """A connector's challenge settings."""
+
+    static_secret: str | None
+    """The static challenge; None: static challenges are off."""
+    dynamic: bool
+    """One-time challenges from the management API are accepted."""
+    max_failures: int
+    """Failed challenges allowed per client address and per transactionID in a window."""
+    failure_window: timedelta
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """Why a request may be issued: what the core records as the requester's evidence."""
+
+    kind: str  # "static" | "dynamic" | "renewal"
+    evidence: dict[str, str]
+    challenge_id: str | None = None
+
+
+@dataclass(frozen=True)
+class IssuedChallenge:
+    id: str
+    secret: str
+    expires_at: datetime
+    subject: str | None
+    device_id: str | None
+
+
+def challenge_password(csr: x509.CertificateSigningRequest) -> str | None:
+    """The CSR's challengePassword attribute (RFC 2985 5.4.1), if any."""
+    try:
+        attribute = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD)
+    except x509.AttributeNotFound:
+        return None
+    value = attribute.value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def secret_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def load_or_create_static_challenge(path: Path) -> str:
+    """The static challenge kept in ``path`` (0600), created on first use.
+
+    Written whole under a temporary name and linked into place, so two processes starting
+    at once agree on one secret."""
+    if not path.exists():
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(24) + "\n")
+            with suppress(FileExistsError):
+                os.link(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+class ChallengeAuthority:
+    """Checks challenges and renewals for one connector instance."""
+
+    def __init__(self, core: Core, connector: str, ca_id: str, policy: ChallengePolicy) -> None:
+        self._core = core
+        self._connector = connector
+        self._ca_id = ca_id
+        self.policy = policy
+
+    # -- one-time challenges -------------------------------------------------------------
+
+    def create_challenge(
+        self,
+        actor: Actor,
+        *,
+        ttl: timedelta,
+        subject: str | None = None,
+        device_id: str | None = None,
+    ) -> IssuedChallenge:
+        if subject is not None:
+            subject = parse_dn(subject).rfc4514_string()  # raises a BadRequestError
+        now = self._core.clock()
+        issued = IssuedChallenge(
+            uuid.uuid4().hex, secrets.token_urlsafe(24), now + ttl, subject, device_id
+        )
+        with self._core.store.write() as conn:
+            scep_store.insert_challenge(
+                conn,
+                challenge_id=issued.id,
+                connector=self._connector,
+                secret_sha256=secret_digest(issued.secret),
+                subject=subject,
+                device_id=device_id,
+                created_at=now,
+                created_by=actor.principal,
+                expires_at=issued.expires_at,
+            )
+            self._core.audit.record(
+                conn,
+                actor,
+                "scep.challenge.create",
+                f"connector/{self._connector}/challenge/{issued.id}",
+                at=now,
+                parameters={
+                    "subject": subject,
+                    "device_id": device_id,
+                    "expires_at": issued.expires_at,
+                },
+            )
+        return issued
+
+    def release(self, authorization: Authorization) -> None:
+        """The issuance a one-time challenge authorized failed: it stays usable."""
+        if authorization.challenge_id is not None:
+            with self._core.store.write() as conn:
+                scep_store.release_challenge(conn, authorization.challenge_id)
+
+    # -- checks --------------------------------------------------------------------------
+
+    def authorize_enrollment(
+        self,
+        csr: x509.CertificateSigningRequest,
+        *,
+        transaction_id: str,
+        client_address: str,
+        reply_to: ReplyTo,
+    ) -> Authorization:
+        """Check the CSR's challengePassword; raises ScepError(badRequest) on refusal."""
+        now = self._core.clock()
+        self._check_rate(transaction_id, client_address, now, reply_to)
+        offered = challenge_password(csr)
+        evidence = {"transaction_id": transaction_id}
+        if offered is not None:
+            static = self.policy.static_secret
+            if static is not None and hmac.compare_digest(offered.encode(), static.encode()):
+                return Authorization("static", {**evidence, "challenge": "static"})
+            if self.policy.dynamic:
+                found = self._consume_dynamic(offered, csr, now)
+                if isinstance(found, str):
+                    reason = found
+                else:
+                    return Authorization(
+                        "dynamic",
+                        {
+                            **evidence,
+                            "challenge": "dynamic",
+                            "challenge_id": found.id,
+                            **({"device_id": found.device_id} if found.device_id else {}),
+                        },
+                        challenge_id=found.id,
+                    )
+            else:
+                reason = "wrong challenge password"
+        else:
+            reason = "no challenge password in the request"
+        self._refuse(transaction_id, client_address, now, reason)
+        raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to)
+
+    def _consume_dynamic(
+        self, offered: str, csr: x509.CertificateSigningRequest, now: datetime
+    ) -> scep_store.ChallengeRecord | str:
+        with self._core.store.write() as conn:
+            found = scep_store.challenge_by_secret(conn, self._connector, secret_digest(offered))
+            if found is None:
+                return "wrong challenge password"
+            if found.used_at is not None:
+                return "the challenge password was already used"
+            if found.expires_at <= now:
+                return "the challenge password has expired"
+            if found.subject is not None and parse_dn(found.subject) != csr.subject:
+                return "the challenge password is bound to another subject"
+            if not scep_store.consume_challenge(conn, found.id, now):
+                return "the challenge password was already used"
+        return found
+
+    def _check_rate(
+        self, transaction_id: str, address: str, now: datetime, reply_to: ReplyTo
+    ) -> None:
+        since = now - self.policy.failure_window
+        with self._core.store.read() as conn:
+            by_address = scep_store.failures(conn, self._connector, "address", address, since)
+            by_transaction = scep_store.failures(
+                conn, self._connector, "transaction", transaction_id, since
+            )
+        if max(by_address, by_transaction) >= self.policy.max_failures:
+            reason = "too many failed challenge attempts; try again later"
+            self._audit_refusal(transaction_id, address, now, reason)
+            raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to)
+
+    def _refuse(self, transaction_id: str, address: str, now: datetime, reason: str) -> None:
+        window = self.policy.failure_window
+        # Two first failures at once race to insert the counter: one of them is enough.
+        with suppress(IntegrityError), self._core.store.write() as conn:
+            scep_store.add_failure(conn, self._connector, "address", address, now, window)
+            scep_store.add_failure(
+                conn, self._connector, "transaction", transaction_id, now, window
+            )
+        self._audit_refusal(transaction_id, address, now, reason)
+
+    def _audit_refusal(self, transaction_id: str, address: str, now: datetime, reason: str) -> None:
+        self._core.audit.record_alone(
+            Actor(f"scep-client:{address}", self._connector),
+            "scep.enroll",
+            f"connector/{self._connector}/transaction/{transaction_id}"[:256],
+            result="failure",
+            parameters={"reason": reason, "transaction_id": transaction_id},
+            at=now,
+        )
+
+    def refuse(self, transaction_id: str, address: str, reason: str) -> None:
+        """Audit a refusal decided elsewhere (a bad renewal, a reused transactionID)."""
+        self._audit_refusal(transaction_id, address, self._core.clock(), reason)
+
+    # -- renewal -------------------------------------------------------------------------
+
+    def renewal_signer(self, signer: x509.Certificate) -> str | None:
+        """Why ``signer`` cannot authorize a renewal, or None if it can: it must be a
+        certificate this connector's CA issued, unrevoked and within its validity."""
+        serial = format(signer.serial_number, "x")
+        with self._core.store.read() as conn:
+            record = self._core.store.get_certificate(conn, self._ca_id, serial)
+        if record is None or not hmac.compare_digest(
+            record.der, signer.public_bytes(serialization.Encoding.DER)
+        ):
+            return "the renewal is not signed by a certificate this CA issued"
+        if record.status != CertificateStatus.ISSUED.value:
+            return "the signing certificate is revoked"
+        now = self._core.clock()
+        if not record.not_before <= now < record.not_after:
+            return "the signing certificate has expired"
+        return None

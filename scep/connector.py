@@ -1,0 +1,601 @@
+"""The SCEP connector (RFC 8894): settings, HTTP routes, and the PKIOperation flow.
+
+Wire format lives in :mod:`pkigate.scep.messages`, challenges and renewal checks in
+:mod:`pkigate.scep.authorization`, the RA certificate in :mod:`pkigate.scep.ra`. This module
+turns HTTP requests into those calls and their outcomes into HTTP answers: a CertRep
+whenever a reply can be addressed, HTTP 400 when it cannot, never a 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from flask import Blueprint, Response, jsonify, request
+
+from pkigate.core import Actor, Requester
+from pkigate.core.errors import (
+    BadCSRError,
+    BadRequestError,
+    NotFoundError,
+    PkigateError,
+    PolicyViolationError,
+    UnsupportedAlgorithmError,
+    WeakKeyError,
+)
+from pkigate.core.store import IntegrityError
+from pkigate.core.store import scep as scep_store
+from pkigate.gateways.auth import Role
+from pkigate.gateways.connectors import Connector, ConnectorContext, ConnectorSettingsError
+from pkigate.gateways.http import actor, json_body, requires
+from pkigate.scep.authorization import (
+    Authorization,
+    ChallengeAuthority,
+    ChallengePolicy,
+    load_or_create_static_challenge,
+)
+from pkigate.scep.cms import NoMatchingRecipient
+from pkigate.scep.messages import (
+    SCEP_MAX_MESSAGE_BYTES,
+    ContentCipher,
+    FailInfo,
+    MessageType,
+    PkiMessage,
+    PkiStatus,
+    ReplyTo,
+    ScepError,
+    UnreadableMessage,
+    build_cert_rep,
+    degenerate_certs_only,
+    parse_pki_message,
+)
+from pkigate.scep.ra import RegistrationAuthority, Signer
+
+log = logging.getLogger("pkigate.scep")
+
+PKI_MESSAGE_TYPE = "application/x-pki-message"
+CA_CERT_TYPE = "application/x-x509-ca-cert"
+CA_RA_CERT_TYPE = "application/x-x509-ca-ra-cert"
+# Bodies that clients label a pkiMessage with: RFC 8894 4.3 says x-pki-message; micromdm's
+# scepclient and some network gear send octet-stream, others nothing at all.
+ACCEPTED_POST_TYPES = frozenset(
+    {PKI_MESSAGE_TYPE, "application/octet-stream", "application/pkcs7-mime", ""}
+)
+STATIC_CHALLENGE_FILE = "scep-{name}-challenge"
+ISSUED = "ISSUED"
+
+
+@dataclass(frozen=True)
+class ScepSettings:
+    """One SCEP connector instance's settings (the ``[connectors.settings]`` table)."""
+
+    challenge: str | None
+    """The static challenge; by default one is generated into the data directory."""
+    challenge_file: Path | None
+    """Where the generated static challenge is (None when configured or switched off)."""
+    dynamic_challenges: bool
+    """Accept one-time challenges issued through the management API."""
+    dynamic_challenge_ttl: timedelta
+    """Default lifetime of a one-time challenge."""
+    legacy_des3: bool
+    """Advertise DES3 (old network gear); DES-EDE3 is decrypted either way."""
+    accept_single_des: bool
+    """Accept requests encrypted with single DES (micromdm's scepclient sends nothing else);
+    replies to them use DES-EDE3."""
+    ca_decrypts: bool
+    """With an RSA CA: GetCACert answers the CA alone, which decrypts and signs."""
+    renewal: bool
+    """Accept RenewalReq (and PKCSReq) signed by a certificate this CA issued."""
+    max_failures: int
+    failure_window: timedelta
+
+    @classmethod
+    def parse(cls, settings: Mapping[str, Any], context: ConnectorContext) -> ScepSettings:
+        known = {
+            "challenge",
+            "static_challenge",
+            "dynamic_challenges",
+            "dynamic_challenge_ttl_seconds",
+            "legacy_des3",
+            "accept_single_des",
+            "ca_decrypts",
+            "renewal",
+            "max_failures",
+            "failure_window_seconds",
+        }
+        for key in settings:
+            if key not in known:
+                raise ConnectorSettingsError(
+                    key, f"unknown setting; known: {', '.join(sorted(known))}"
+                )
+
+        def flag(key: str, default: bool) -> bool:
+            value = settings.get(key, default)
+            if not isinstance(value, bool):
+                raise ConnectorSettingsError(key, "must be true or false")
+            return value
+
+        def positive(key: str, default: int) -> int:
+            value = settings.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConnectorSettingsError(key, "must be a positive integer")
+            return value
+
+        challenge = settings.get("challenge")
+        if challenge is not None and (not isinstance(challenge, str) or len(challenge) < 8):
+            raise ConnectorSettingsError("challenge", "must be a string of at least 8 characters")
+        static = flag("static_challenge", True)
+        challenge_file = None
+        if static and challenge is None:
+            challenge_file = context.core.data_dir / STATIC_CHALLENGE_FILE.format(
+                name=context.name.replace("/", "_")
+            )
+        return cls(
+            challenge=challenge if static else None,
+            challenge_file=challenge_file,
+            dynamic_challenges=flag("dynamic_challenges", True),
+            dynamic_challenge_ttl=timedelta(
+                seconds=positive("dynamic_challenge_ttl_seconds", 3600)
+            ),
+            legacy_des3=flag("legacy_des3", False),
+            accept_single_des=flag("accept_single_des", True),
+            ca_decrypts=flag("ca_decrypts", False),
+            renewal=flag("renewal", True),
+            max_failures=positive("max_failures", 5),
+            failure_window=timedelta(seconds=positive("failure_window_seconds", 600)),
+        )
+
+
+class ScepConnector(Connector):
+    """SCEP for MDM-enrolled phones, laptops and network gear."""
+
+    type_name = "scep"
+    listener = "http"
+    default_template = "EndEntityClientAuthCertificate/V1"
+    default_validity = "365d"
+
+    def __init__(self, context: ConnectorContext, settings: Mapping[str, Any]) -> None:
+        super().__init__(context, settings)
+        self.options = ScepSettings.parse(settings, context)
+        if self.options.ca_decrypts:
+            record = context.core.authorities.get(context.ca_id)
+            if not record.key_algorithm.startswith("RSA"):
+                raise ConnectorSettingsError(
+                    "ca_decrypts", f"the CA's key is {record.key_algorithm}; SCEP needs RSA"
+                )
+        static = self.options.challenge
+        if self.options.challenge_file is not None:
+            static = load_or_create_static_challenge(self.options.challenge_file)
+        self.authority = ChallengeAuthority(
+            context.core,
+            context.name,
+            context.ca_id,
+            ChallengePolicy(
+                static_secret=static,
+                dynamic=self.options.dynamic_challenges,
+                max_failures=self.options.max_failures,
+                failure_window=self.options.failure_window,
+            ),
+        )
+        self.ra = RegistrationAuthority(context, ca_decrypts=self.options.ca_decrypts)
+
+    # -- contract ------------------------------------------------------------------------
+
+    def startup_notes(self) -> list[str]:
+        if self.options.challenge_file is not None:
+            return [f"static challenge in {self.options.challenge_file}"]
+        if self.options.challenge is not None:
+            return ["static challenge from the configuration"]
+        return ["no static challenge: one-time challenges from the management API only"]
+
+    def capabilities(self) -> list[str]:
+        caps = ["POSTPKIOperation", "SHA-256", "SHA-512", "AES", "GetNextCACert", "SCEPStandard"]
+        if self.options.renewal:
+            caps.insert(4, "Renewal")
+        if self.options.legacy_des3:
+            caps.append("DES3")
+        return caps
+
+    def blueprint(self) -> Blueprint:
+        bp = Blueprint(f"scep_{self.context.name}", __name__)
+        # Cisco and other network gear append the historical CGI path to the server URL.
+        for index, path in enumerate(("/", "/pkiclient.exe", "/cgi-bin/pkiclient.exe")):
+            bp.add_url_rule(path, f"scep_{index}", self._serve, methods=["GET", "POST"])
+        return bp
+
+    def admin_blueprint(self) -> Blueprint:
+        bp = Blueprint(f"scep_admin_{self.context.name}", __name__)
+
+        @bp.post("/challenges")
+        @requires(Role.ADMIN, Role.ISSUER)
+        def create_challenge() -> tuple[Response, int]:
+            body = json_body({"subject": str, "device_id": str, "ttl_seconds": int})
+            if not self.options.dynamic_challenges:
+                raise BadRequestError("this connector does not accept one-time challenges")
+            ttl = self.options.dynamic_challenge_ttl
+            if body.get("ttl_seconds") is not None:
+                seconds = body["ttl_seconds"]
+                if isinstance(seconds, bool) or not 60 <= seconds <= 30 * 86400:
+                    raise BadRequestError("ttl_seconds must be between 60 and 2592000")
+                ttl = timedelta(seconds=seconds)
+            device_id = body.get("device_id")
+            if device_id is not None and not 0 < len(device_id) <= 256:
+                raise BadRequestError("device_id must be 1 to 256 characters")
+            issued = self.authority.create_challenge(
+                actor(), ttl=ttl, subject=body.get("subject"), device_id=device_id
+            )
+            return jsonify(
+                {
+                    "id": issued.id,
+                    "challenge": issued.secret,
+                    "expires_at": issued.expires_at.isoformat().replace("+00:00", "Z"),
+                    "subject": issued.subject,
+                    "device_id": issued.device_id,
+                    "url": self.context.url,
+                }
+            ), 201
+
+        return bp
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    def _serve(self) -> Response:
+        operation = request.args.get("operation", "")
+        try:
+            if operation == "GetCACaps":
+                return Response("\n".join(self.capabilities()), content_type="text/plain")
+            if operation == "GetCACert":
+                return self._get_ca_cert()
+            if operation == "GetNextCACert":
+                # No successor CA is configured: RFC 8894 4.7 lets the server say so.
+                return _plain_error(404, "no CA rollover in progress")
+            if operation == "PKIOperation":
+                return self._pki_operation()
+        except PkigateError as exc:
+            log.warning("SCEP request failed", extra={"error": exc.code, "reason": exc.message})
+            return _plain_error(503, f"the CA cannot answer now: {exc.message}")
+        return _plain_error(400, f"unknown operation {operation[:64]!r}")
+
+    def _get_ca_cert(self) -> Response:
+        signer = self.ra.signer()
+        der = serialization.Encoding.DER
+        if signer.is_ca:
+            # Without an RA, a single certificate: Apple clients given a certs-only reply look
+            # for an RA by keyUsage (keyEncipherment) and fail when no certificate has it.
+            return Response(signer.certificate.public_bytes(der), content_type=CA_CERT_TYPE)
+        # RFC 8894 4.2.1.2: the RA certificate and the CA chain; Apple clients pick the RA by
+        # keyUsage (keyEncipherment, digitalSignature) and the CA by basicConstraints.
+        body = degenerate_certs_only([signer.certificate, *signer.ca_chain])
+        return Response(body, content_type=CA_RA_CERT_TYPE)
+
+    def _pki_operation(self) -> Response:
+        if request.method == "POST":
+            content_type = (request.mimetype or "").lower()
+            if content_type not in ACCEPTED_POST_TYPES:
+                return _plain_error(415, f"send {PKI_MESSAGE_TYPE}, not {content_type}")
+            length = request.content_length
+            if length is not None and length > SCEP_MAX_MESSAGE_BYTES:
+                return _plain_error(413, f"a pkiMessage is at most {SCEP_MAX_MESSAGE_BYTES} bytes")
+            data = request.stream.read(SCEP_MAX_MESSAGE_BYTES + 1)
+        else:
+            try:
+                data = decode_get_message(request.query_string)
+            except ValueError as exc:
+                return _plain_error(400, str(exc))
+        if len(data) > SCEP_MAX_MESSAGE_BYTES:
+            return _plain_error(413, f"a pkiMessage is at most {SCEP_MAX_MESSAGE_BYTES} bytes")
+        signer = self.ra.signer()
+        address = request.remote_addr or "unknown"
+        try:
+            try:
+                message = parse_pki_message(data, signer.recipients)
+            except ScepError as exc:
+                if not isinstance(exc.__cause__, NoMatchingRecipient):
+                    raise
+                # Another gateway process may have issued an RA certificate since this one
+                # loaded its own (both happen at first use): look again before refusing.
+                refreshed = self.ra.signer(reload=True)
+                if refreshed.recipients == signer.recipients:
+                    raise
+                signer = refreshed
+                message = parse_pki_message(data, signer.recipients)
+        except UnreadableMessage as exc:
+            self._audit_unreadable(address, exc.message)
+            return _plain_error(400, f"not a SCEP pkiMessage: {exc.message}")
+        except ScepError as exc:
+            assert exc.reply_to is not None
+            self.authority.refuse(exc.reply_to.transaction_id, address, str(exc))
+            return self._failure(signer, exc.reply_to, exc)
+        try:
+            return self._handle(signer, message, address)
+        except ScepError as exc:
+            return self._failure(signer, exc.reply_to or message.reply_to, exc)
+
+    def _audit_unreadable(self, address: str, reason: str) -> None:
+        core = self.context.core
+        core.audit.record_alone(
+            Actor(f"scep-client:{address}", self.context.name),
+            "scep.message",
+            f"connector/{self.context.name}",
+            result="failure",
+            parameters={"reason": reason[:500]},
+            at=core.clock(),
+        )
+
+    # -- operations ----------------------------------------------------------------------
+
+    def _handle(self, signer: Signer, message: PkiMessage, address: str) -> Response:
+        kind = message.message_type
+        if (
+            message.content_encryption_algorithm is ContentCipher.DES
+            and not self.options.accept_single_des
+        ):
+            reason = "single DES is not accepted here; use AES"
+            self.authority.refuse(message.transaction_id, address, reason)
+            raise ScepError(FailInfo.BAD_ALG, reason, message.reply_to)
+        if kind in (MessageType.PKCS_REQ, MessageType.RENEWAL_REQ):
+            return self._enroll(signer, message, address)
+        if kind == MessageType.CERT_POLL:
+            return self._poll(signer, message)
+        if kind == MessageType.GET_CERT:
+            return self._get_cert(signer, message)
+        if kind == MessageType.GET_CRL:
+            return self._get_crl(signer, message)
+        raise ScepError(FailInfo.BAD_REQUEST, f"{kind.name} is not supported", message.reply_to)
+
+    def _enroll(self, signer: Signer, message: PkiMessage, address: str) -> Response:
+        reply_to = message.reply_to
+        csr = message.csr()
+        transaction_id = message.transaction_id
+        csr_hash = hashlib.sha256(message.payload).hexdigest()
+        with self.context.core.store.read() as conn:
+            previous = scep_store.get_transaction(conn, self.context.name, transaction_id)
+        signed_by = format(message.signer_certificate.serial_number, "x")
+        # micromdm's scepclient derives the transactionID from the key, so a renewal signed
+        # by the certificate this transaction produced is a new request, not a replay.
+        renews_previous = (
+            previous is not None
+            and previous.serial == signed_by
+            and message.signer_certificate.issuer != message.signer_certificate.subject
+        )
+        if previous is not None and not renews_previous:
+            if previous.csr_sha256 != csr_hash:
+                reason = "the transactionID was already used for another request"
+                self.authority.refuse(transaction_id, address, reason)
+                raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to)
+            # A client retrying a transaction that succeeded (its reply was lost) gets the
+            # same certificate again, not a second one.
+            return self._certificate_reply(signer, reply_to, previous.ca_id, previous.serial)
+        authorization = self._authorize(message, csr, address)
+        try:
+            issued = self.context.issue(
+                csr,
+                Requester(
+                    f"scep-client:{address}",
+                    self.context.name,
+                    evidence=authorization.evidence,
+                ),
+                correlation_id=transaction_id,
+            )
+        except PkigateError as exc:
+            self.authority.release(authorization)
+            raise ScepError(_fail_info_for(exc), exc.message, reply_to) from exc
+        try:
+            with self.context.core.store.write() as conn:
+                scep_store.record_transaction(
+                    conn,
+                    connector=self.context.name,
+                    transaction_id=transaction_id,
+                    csr_sha256=csr_hash,
+                    csr_der=message.payload,
+                    evidence=json.dumps(authorization.evidence, sort_keys=True),
+                    subject=csr.subject.rfc4514_string(),
+                    status=ISSUED,
+                    ca_id=self.context.ca_id,
+                    serial=issued.serial,
+                    now=self.context.core.clock(),
+                )
+        except IntegrityError:
+            log.warning("SCEP transaction recorded twice", extra={"transaction": transaction_id})
+        log.info(
+            "SCEP certificate issued",
+            extra={
+                "connector": self.context.name,
+                "transaction": transaction_id,
+                "serial": issued.serial,
+                "authorization": authorization.kind,
+                "cipher": message.content_encryption_algorithm.value,
+            },
+        )
+        return self._success(signer, reply_to, [issued.certificate, *issued.chain[:-1]])
+
+    def _authorize(
+        self, message: PkiMessage, csr: x509.CertificateSigningRequest, address: str
+    ) -> Authorization:
+        reply_to = message.reply_to
+        transaction_id = message.transaction_id
+        signer_cert = message.signer_certificate
+        self_signed = signer_cert.issuer == signer_cert.subject
+        same_key = _same_key(signer_cert, csr)
+        renewing = message.message_type == MessageType.RENEWAL_REQ or (
+            not self_signed and not same_key
+        )
+        if renewing:
+            # RFC 8894 3.3.1.2: a RenewalReq is signed with the certificate being renewed
+            # (sscep and Apple send a PKCSReq signed that way); no challenge is needed.
+            reason = (
+                "renewal is not enabled on this connector"
+                if not self.options.renewal
+                else self.authority.renewal_signer(signer_cert)
+            )
+            if reason is None and signer_cert.subject != csr.subject:
+                reason = "a renewal must keep the subject of the certificate it renews"
+            if reason is not None:
+                self.authority.refuse(transaction_id, address, reason)
+                raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to)
+            return Authorization(
+                "renewal",
+                {
+                    "transaction_id": transaction_id,
+                    "challenge": "renewal",
+                    "renewed_serial": format(signer_cert.serial_number, "x"),
+                },
+            )
+        if not same_key:
+            # RFC 8894 3.3.1: the self-signed certificate of a PKCSReq carries the CSR's key.
+            reason = "the message is signed with a key other than the request's"
+            self.authority.refuse(transaction_id, address, reason)
+            raise ScepError(FailInfo.BAD_MESSAGE_CHECK, reason, reply_to)
+        return self.authority.authorize_enrollment(
+            csr, transaction_id=transaction_id, client_address=address, reply_to=reply_to
+        )
+
+    def _poll(self, signer: Signer, message: PkiMessage) -> Response:
+        """CertPoll: the certificate of a transaction that was issued (no pending mode yet)."""
+        message.issuer_and_subject()
+        with self.context.core.store.read() as conn:
+            found = scep_store.get_transaction(conn, self.context.name, message.transaction_id)
+        if found is None or found.status != ISSUED:
+            raise ScepError(
+                FailInfo.BAD_CERT_ID, "no issued request with this transactionID", message.reply_to
+            )
+        return self._certificate_reply(signer, message.reply_to, found.ca_id, found.serial)
+
+    def _get_cert(self, signer: Signer, message: PkiMessage) -> Response:
+        """GetCert: only for the certificate's own holder (the message signer's key)."""
+        wanted = message.issuer_and_serial()
+        serial = format(wanted.serial_number, "x")
+        core = self.context.core
+        with core.store.read() as conn:
+            record = core.store.get_certificate(conn, self.context.ca_id, serial)
+        if record is None:
+            raise ScepError(FailInfo.BAD_CERT_ID, "no such certificate", message.reply_to)
+        certificate = x509.load_der_x509_certificate(record.der)
+        if certificate.issuer != wanted.issuer or not _same_public_key(
+            certificate, message.signer_certificate
+        ):
+            raise ScepError(FailInfo.BAD_CERT_ID, "no such certificate", message.reply_to)
+        return self._success(signer, message.reply_to, [certificate])
+
+    def _get_crl(self, signer: Signer, message: PkiMessage) -> Response:
+        message.issuer_and_serial()
+        published = self.context.core.revocation.current_crl(self.context.ca_id)
+        crl = x509.load_der_x509_crl(published.der)
+        return self._success(signer, message.reply_to, [], crls=[crl])
+
+    # -- replies -------------------------------------------------------------------------
+
+    def _certificate_reply(
+        self, signer: Signer, reply_to: ReplyTo, ca_id: str | None, serial: str | None
+    ) -> Response:
+        core = self.context.core
+        with core.store.read() as conn:
+            record = core.store.get_certificate(conn, ca_id, serial) if ca_id and serial else None
+        if record is None:
+            raise ScepError(FailInfo.BAD_CERT_ID, "the certificate is gone", reply_to)
+        certificate = x509.load_der_x509_certificate(record.der)
+        return self._success(signer, reply_to, [certificate, *signer.ca_chain[:-1]])
+
+    def _success(
+        self,
+        signer: Signer,
+        reply_to: ReplyTo,
+        certificates: list[x509.Certificate],
+        crls: list[x509.CertificateRevocationList] | None = None,
+    ) -> Response:
+        body = build_cert_rep(
+            reply_to,
+            PkiStatus.SUCCESS,
+            signer.certificate,
+            signer.key,
+            certificates=certificates,
+            crls=crls or [],
+            allow_sha1=self.options.legacy_des3,
+        )
+        return Response(body, content_type=PKI_MESSAGE_TYPE)
+
+    def _failure(self, signer: Signer, reply_to: ReplyTo, error: ScepError) -> Response:
+        log.info(
+            "SCEP request refused",
+            extra={
+                "connector": self.context.name,
+                "transaction": reply_to.transaction_id,
+                "fail_info": error.fail_info.rfc_name,
+                "reason": error.message,
+            },
+        )
+        body = build_cert_rep(
+            reply_to,
+            PkiStatus.FAILURE,
+            signer.certificate,
+            signer.key,
+            fail_info=error.fail_info,
+            fail_info_text=error.message[:256],
+            allow_sha1=self.options.legacy_des3,
+        )
+        return Response(body, content_type=PKI_MESSAGE_TYPE)
+
+
+def decode_get_message(query_string: bytes) -> bytes:
+    """The ``message`` parameter of a GET PKIOperation, base64-decoded.
+
+    Read from the raw query string rather than Flask's parsed arguments: form decoding turns
+    '+' into a space, and macOS sends standard base64 with '+' and '/' raw (it percent-encodes
+    only '='). Percent-encoded and URL-safe base64 are accepted too."""
+    for part in query_string.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if name != b"message":
+            continue
+        text = urllib.parse.unquote(value.decode("ascii", "replace"))
+        text = "".join(text.split()).translate(str.maketrans("-_", "+/"))
+        text += "=" * (-len(text) % 4)
+        if len(text) > SCEP_MAX_MESSAGE_BYTES * 4 // 3 + 4:
+            raise ValueError(f"a pkiMessage is at most {SCEP_MAX_MESSAGE_BYTES} bytes")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("the message parameter is not base64") from None
+    raise ValueError("PKIOperation by GET needs a message parameter")
+
+
+def _fail_info_for(error: PkigateError) -> FailInfo:
+    """The core's refusals as SCEP failInfo: the one place where that mapping lives."""
+    if isinstance(error, UnsupportedAlgorithmError | WeakKeyError):
+        return FailInfo.BAD_ALG
+    if isinstance(error, NotFoundError):
+        return FailInfo.BAD_CERT_ID
+    if isinstance(error, BadCSRError | PolicyViolationError | BadRequestError):
+        return FailInfo.BAD_REQUEST
+    return FailInfo.BAD_REQUEST
+
+
+def _same_key(certificate: x509.Certificate, csr: x509.CertificateSigningRequest) -> bool:
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    try:
+        return certificate.public_key().public_bytes(der, spki) == csr.public_key().public_bytes(
+            der, spki
+        )
+    except ValueError:
+        return False
+
+
+def _same_public_key(a: x509.Certificate, b: x509.Certificate) -> bool:
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    return a.public_key().public_bytes(der, spki) == b.public_key().public_bytes(der, spki)
+
+
+def _plain_error(status: int, message: str) -> Response:
+    return Response(message + "\n", status=status, content_type="text/plain")
