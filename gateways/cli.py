@@ -40,7 +40,7 @@ from pkigate.core import (
     Validity,
 )
 from pkigate.core.audit import render_report, report_rows
-from pkigate.core.errors import BadRequestError, PkigateError
+from pkigate.core.errors import BadRequestError, NotFoundError, PkigateError
 from pkigate.core.model import RevocationReason, parse_enum
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import ApiPassthrough, parse_api_passthrough
@@ -52,6 +52,7 @@ from pkigate.gateways.openapi import token_json
 
 if TYPE_CHECKING:
     from pkigate.gateways.remote import RemoteClient
+    from pkigate.scep.connector import ScepConnector
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -73,6 +74,7 @@ class State:
         self.database_url = database_url
         self.as_json = as_json
         self.remote = remote  # set with --server: the verbs call the management API
+        self.config_path: Path | None = None  # the gateway configuration (`scep` verbs)
         self._core: Core | None = None
 
     @property
@@ -983,6 +985,173 @@ def token_revoke(state: State, token_id: str) -> None:
         tokens.revoke(token_id, state.actor)
         data = next(token_json(t) for t in tokens.list() if t.id == token_id)
     state.emit(data, lambda: _token_line(data))
+
+
+# -- scep --------------------------------------------------------------------------------------
+
+
+@main.group()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="PKIGATE_CONFIG",
+    help="The server's TOML configuration, which declares the connectors (default: embedded).",
+)
+@pass_state
+def scep(state: State, config_path: Path | None) -> None:
+    """SCEP connectors: requests pending approval, Apple configuration profiles."""
+    state.config_path = config_path
+
+
+def _scep_connector(state: State, name: str) -> ScepConnector:
+    """The named SCEP connector of the configured gateway, on the local data directory."""
+    from pkigate.gateways.config import ConfigError
+    from pkigate.gateways.runtime import Gateway
+    from pkigate.gateways.serve import effective_config
+    from pkigate.scep.connector import ScepConnector
+
+    try:
+        config = effective_config(state.config_path, state.data_dir, state.database_url, None)
+        gateway = Gateway.open(config)
+    except ConfigError as exc:
+        raise BadRequestError(str(exc)) from None
+    for connector in gateway.connectors:
+        if connector.context.name == name and isinstance(connector, ScepConnector):
+            return connector
+    names = [c.context.name for c in gateway.connectors if isinstance(c, ScepConnector)]
+    raise NotFoundError(f"no SCEP connector {name!r}; configured: {', '.join(names) or 'none'}")
+
+
+def _pending_line(data: dict[str, Any]) -> str:
+    kind = data.get("evidence", {}).get("challenge", "")
+    return f"{data['transaction_id']}  {data['received_at'][:19]}  {kind:<8} {data['subject']}"
+
+
+@scep.group("pending")
+def scep_pending() -> None:
+    """Requests waiting for approval on a connector with `pending = true`."""
+
+
+@scep_pending.command("list")
+@click.option("--connector", "connector_name", required=True, help="The SCEP connector's name.")
+@pass_state
+@reports_errors
+def scep_pending_list(state: State, connector_name: str) -> None:
+    """List the requests waiting for approval."""
+    if state.remote is not None:
+        requests = state.remote.scep_pending(connector_name)
+    else:
+        queue = _scep_connector(state, connector_name).approvals
+        requests = [p.to_json() for p in queue.pending()]
+    state.emit(
+        requests, lambda: "\n".join(_pending_line(r) for r in requests) or "no pending requests"
+    )
+
+
+@scep_pending.command("approve")
+@click.option("--connector", "connector_name", required=True, help="The SCEP connector's name.")
+@click.argument("transaction_id")
+@pass_state
+@reports_errors
+def scep_pending_approve(state: State, connector_name: str, transaction_id: str) -> None:
+    """Issue the request's certificate; the device collects it at its next poll."""
+    if state.remote is not None:
+        data = state.remote.scep_approve(connector_name, transaction_id)
+    else:
+        connector = _scep_connector(state, connector_name)
+        issued = connector.approvals.approve(transaction_id, state.actor)
+        data = {
+            "transaction_id": transaction_id,
+            "status": "ISSUED",
+            "ca_id": connector.context.ca_id,
+            "serial": issued.serial,
+            "certificate": issued.certificate.public_bytes(serialization.Encoding.PEM).decode(),
+        }
+    state.emit(data, lambda: f"approved {transaction_id}: certificate {data['serial']} issued")
+
+
+@scep_pending.command("reject")
+@click.option("--connector", "connector_name", required=True, help="The SCEP connector's name.")
+@click.option("--reason", required=True, help="Why (recorded, and sent to the device).")
+@click.argument("transaction_id")
+@pass_state
+@reports_errors
+def scep_pending_reject(
+    state: State, connector_name: str, transaction_id: str, reason: str
+) -> None:
+    """Refuse the request; the device's next poll gets FAILURE."""
+    if state.remote is not None:
+        data = state.remote.scep_reject(connector_name, transaction_id, reason)
+    else:
+        queue = _scep_connector(state, connector_name).approvals
+        data = {**queue.reject(transaction_id, state.actor, reason).to_json(), "status": "REJECTED"}
+    state.emit(data, lambda: f"rejected {transaction_id}: {reason}")
+
+
+@scep.command("profile")
+@click.option("--connector", "connector_name", required=True, help="The SCEP connector's name.")
+@click.option(
+    "--subject", default="CN=device", show_default=True, help="The devices' subject (RFC 4514)."
+)
+@click.option(
+    "--one-time",
+    is_flag=True,
+    help="Embed a fresh one-time challenge instead of the connector's static one.",
+)
+@click.option(
+    "--identifier",
+    default="org.pkigate.scep",
+    show_default=True,
+    help="The profile's reverse-DNS PayloadIdentifier.",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here.")
+@pass_state
+@reports_errors
+def scep_profile(
+    state: State,
+    connector_name: str,
+    subject: str,
+    one_time: bool,
+    identifier: str,
+    out: Path | None,
+) -> None:
+    """Write an Apple configuration profile (com.apple.security.scep) that an MDM can push."""
+    from pkigate.scep.profile import ScepProfile, build_profile
+
+    if state.remote is not None:
+        raise BadRequestError("`pkigate scep profile` works on a local data directory")
+    connector = _scep_connector(state, connector_name)
+    if one_time:
+        if not connector.options.dynamic_challenges:
+            raise BadRequestError("this connector does not accept one-time challenges")
+        challenge: str | None = connector.authority.create_challenge(
+            # Bound to the profile's subject: the challenge enrolls only that name.
+            state.actor,
+            ttl=connector.options.dynamic_challenge_ttl,
+            subject=subject,
+        ).secret
+    else:
+        challenge = connector.authority.policy.static_secret
+        if challenge is None:
+            raise BadRequestError("this connector has no static challenge; use --one-time")
+    authorities = connector.context.core.authorities
+    certificate_pem, _chain = authorities.certificate_pem(connector.context.ca_id)
+    document = build_profile(
+        ScepProfile(
+            url=connector.context.url,
+            name=connector.context.name,
+            subject=parse_dn(subject),
+            challenge=challenge,
+            ca_certificate=x509.load_pem_x509_certificate(certificate_pem.encode()),
+            identifier=identifier,
+        )
+    )
+    if out is None:
+        click.echo(document.decode(), nl=False)
+        return
+    out.write_bytes(document)
+    click.echo(f"wrote the {connector_name} SCEP profile to {out}", err=state.as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover

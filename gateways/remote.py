@@ -202,6 +202,19 @@ class RemoteClient:
     def revoke_token(self, token_id: str) -> dict[str, Any]:
         return dict(self.json("DELETE", f"/tokens/{_segment(token_id)}"))
 
+    # -- SCEP pending requests ----------------------------------------------------------------
+
+    def scep_pending(self, connector: str) -> list[dict[str, Any]]:
+        return list(self.json("GET", f"/connectors/{_segment(connector)}/pending"))
+
+    def scep_approve(self, connector: str, transaction_id: str) -> dict[str, Any]:
+        path = f"/connectors/{_segment(connector)}/pending/{_segment(transaction_id)}/approve"
+        return dict(self.json("POST", path))
+
+    def scep_reject(self, connector: str, transaction_id: str, reason: str) -> dict[str, Any]:
+        path = f"/connectors/{_segment(connector)}/pending/{_segment(transaction_id)}/reject"
+        return dict(self.json("POST", path, body={"reason": reason}))
+
 
 def _reason(exc: requests.exceptions.RequestException) -> str:
     """The useful end of urllib3's nested message ("Connection refused", "certificate

@@ -60,6 +60,7 @@ from pkigate.scep.messages import (
     degenerate_certs_only,
     parse_pki_message,
 )
+from pkigate.scep.pending import ISSUED, REJECTED, ApprovalQueue
 from pkigate.scep.ra import RegistrationAuthority, Signer
 
 log = logging.getLogger("pkigate.scep")
@@ -73,7 +74,6 @@ ACCEPTED_POST_TYPES = frozenset(
     {PKI_MESSAGE_TYPE, "application/octet-stream", "application/pkcs7-mime", ""}
 )
 STATIC_CHALLENGE_FILE = "scep-{name}-challenge"
-ISSUED = "ISSUED"
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,8 @@ class ScepSettings:
     """Accept RenewalReq (and PKCSReq) signed by a certificate this CA issued."""
     max_failures: int
     failure_window: timedelta
+    pending: bool = False
+    """Hold authorized PKCSReqs for an administrator's approval (CertRep PENDING)."""
 
     @classmethod
     def parse(cls, settings: Mapping[str, Any], context: ConnectorContext) -> ScepSettings:
@@ -113,6 +115,7 @@ class ScepSettings:
             "renewal",
             "max_failures",
             "failure_window_seconds",
+            "pending",
         }
         for key in settings:
             if key not in known:
@@ -154,6 +157,7 @@ class ScepSettings:
             renewal=flag("renewal", True),
             max_failures=positive("max_failures", 5),
             failure_window=timedelta(seconds=positive("failure_window_seconds", 600)),
+            pending=flag("pending", False),
         )
 
 
@@ -189,6 +193,7 @@ class ScepConnector(Connector):
             ),
         )
         self.ra = RegistrationAuthority(context, ca_decrypts=self.options.ca_decrypts)
+        self.approvals = ApprovalQueue(context)
 
     # -- contract ------------------------------------------------------------------------
 
@@ -245,6 +250,36 @@ class ScepConnector(Connector):
                     "url": self.context.url,
                 }
             ), 201
+
+        # Transaction ids may hold '/' and '+' (micromdm's scepclient sends the base64 SHA-1
+        # of the key), so they are read as a path (percent-encoded or not).
+        @bp.get("/pending")
+        @requires(Role.ADMIN, Role.ISSUER)
+        def list_pending() -> Response:
+            return jsonify([p.to_json() for p in self.approvals.pending()])
+
+        @bp.post("/pending/<path:transaction_id>/approve")
+        @requires(Role.ADMIN, Role.ISSUER)
+        def approve_pending(transaction_id: str) -> Response:
+            issued = self.approvals.approve(transaction_id, actor())
+            return jsonify(
+                {
+                    "transaction_id": transaction_id,
+                    "status": ISSUED,
+                    "ca_id": self.context.ca_id,
+                    "serial": issued.serial,
+                    "certificate": issued.certificate.public_bytes(
+                        serialization.Encoding.PEM
+                    ).decode(),
+                }
+            )
+
+        @bp.post("/pending/<path:transaction_id>/reject")
+        @requires(Role.ADMIN, Role.ISSUER)
+        def reject_pending(transaction_id: str) -> Response:
+            body = json_body({"reason": str}, required=("reason",))
+            rejected = self.approvals.reject(transaction_id, actor(), body["reason"])
+            return jsonify({**rejected.to_json(), "status": REJECTED})
 
         return bp
 
@@ -375,9 +410,23 @@ class ScepConnector(Connector):
                 self.authority.refuse(transaction_id, address, reason)
                 raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to)
             # A client retrying a transaction that succeeded (its reply was lost) gets the
-            # same certificate again, not a second one.
-            return self._certificate_reply(signer, reply_to, previous.ca_id, previous.serial)
+            # same certificate again, not a second one; one still waiting, its status.
+            return self._transaction_reply(signer, reply_to, previous)
         authorization = self._authorize(message, csr, address)
+        if self.options.pending and authorization.kind != "renewal":
+            self.approvals.hold(
+                transaction_id=transaction_id,
+                csr_sha256=csr_hash,
+                csr_der=message.payload,
+                subject=csr.subject.rfc4514_string(),
+                evidence={**authorization.evidence, "client_address": address},
+                client=Actor(f"scep-client:{address}", self.context.name),
+            )
+            log.info(
+                "SCEP request pending approval",
+                extra={"connector": self.context.name, "transaction": transaction_id},
+            )
+            return self._pending(signer, reply_to)
         try:
             issued = self.context.issue(
                 csr,
@@ -462,15 +511,28 @@ class ScepConnector(Connector):
         )
 
     def _poll(self, signer: Signer, message: PkiMessage) -> Response:
-        """CertPoll: the certificate of a transaction that was issued (no pending mode yet)."""
+        """CertPoll (GetCertInitial): the transaction's certificate once issued or approved."""
         message.issuer_and_subject()
         with self.context.core.store.read() as conn:
             found = scep_store.get_transaction(conn, self.context.name, message.transaction_id)
-        if found is None or found.status != ISSUED:
+        if found is None:
             raise ScepError(
-                FailInfo.BAD_CERT_ID, "no issued request with this transactionID", message.reply_to
+                FailInfo.BAD_CERT_ID, "no request with this transactionID", message.reply_to
             )
-        return self._certificate_reply(signer, message.reply_to, found.ca_id, found.serial)
+        return self._transaction_reply(signer, message.reply_to, found)
+
+    def _transaction_reply(
+        self, signer: Signer, reply_to: ReplyTo, record: scep_store.TransactionRecord
+    ) -> Response:
+        if record.status == ISSUED:
+            return self._certificate_reply(signer, reply_to, record.ca_id, record.serial)
+        if record.status == REJECTED:
+            reason = json.loads(record.evidence).get("rejection_reason", "")
+            raise ScepError(
+                FailInfo.BAD_REQUEST, f"the request was rejected: {reason}".strip(), reply_to
+            )
+        # PENDING, or an approval in progress.
+        return self._pending(signer, reply_to)
 
     def _get_cert(self, signer: Signer, message: PkiMessage) -> Response:
         """GetCert: only for the certificate's own holder (the message signer's key)."""
@@ -521,6 +583,16 @@ class ScepConnector(Connector):
             signer.key,
             certificates=certificates,
             crls=crls or [],
+            allow_sha1=self.options.legacy_des3,
+        )
+        return Response(body, content_type=PKI_MESSAGE_TYPE)
+
+    def _pending(self, signer: Signer, reply_to: ReplyTo) -> Response:
+        body = build_cert_rep(
+            reply_to,
+            PkiStatus.PENDING,
+            signer.certificate,
+            signer.key,
             allow_sha1=self.options.legacy_des3,
         )
         return Response(body, content_type=PKI_MESSAGE_TYPE)

@@ -352,3 +352,35 @@ def test_server_and_data_dir_together_is_a_usage_error(remote: RemoteServer) -> 
     result = remote.run("--data-dir", str(remote.data_dir), "ca", "list", ok=False)
     assert result.returncode == 2
     assert "--server acts on a server, not on --data-dir" in result.stderr
+
+
+def test_scep_pending_requests_are_listed_approved_and_rejected_through_the_server(
+    remote: RemoteServer,
+) -> None:
+    from pkigate.scep.connector import ScepConnector
+
+    (connector,) = [c for c in remote.gw.connectors if isinstance(c, ScepConnector)]
+    name = connector.context.name
+    for transaction_id, cn in (("remote-1", "held-1"), ("remote-2", "held-2")):
+        csr = x509.load_pem_x509_csr(make_csr(cn))
+        connector.approvals.hold(
+            transaction_id=transaction_id,
+            csr_sha256=transaction_id,
+            csr_der=csr.public_bytes(serialization.Encoding.DER),
+            subject=csr.subject.rfc4514_string(),
+            evidence={"challenge": "static"},
+            client=Actor("scep-client:192.0.2.1", name),
+        )
+    listed = remote.json("scep", "pending", "list", "--connector", name, role="issuer")
+    assert {p["transaction_id"] for p in listed} >= {"remote-1", "remote-2"}
+    refused = remote.run("scep", "pending", "list", "--connector", name, role="auditor", ok=False)
+    assert refused.returncode == 1 and refused.stderr.startswith("error: ")
+
+    approved = remote.json("scep", "pending", "approve", "--connector", name, "remote-1")
+    certificate = x509.load_pem_x509_certificate(approved["certificate"].encode())
+    assert certificate.subject.rfc4514_string() == "CN=held-1"
+    remote.run("scep", "pending", "reject", "--connector", name, "--reason", "unknown", "remote-2")
+    left = remote.json("scep", "pending", "list", "--connector", name)
+    assert not {p["transaction_id"] for p in left} & {"remote-1", "remote-2"}
+    again = remote.run("scep", "pending", "approve", "--connector", name, "remote-2", ok=False)
+    assert again.returncode == 1 and "not pending" in again.stderr

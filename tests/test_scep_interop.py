@@ -7,6 +7,8 @@ import hashlib
 import re
 import shutil
 import subprocess
+import time
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -228,3 +230,76 @@ getcert list -s
     ]
     assert len(issued) == 1 and re.search(r'"transaction":"\d+"', issued[0]), issued
     assert '"cipher":"aes256"' in issued[0]
+
+
+@needs_scepclient
+def test_scepclient_waits_on_a_pending_connector_and_collects_the_approved_certificate(
+    tmp_path: Path,
+) -> None:
+    """micromdm's scepclient resends its PKCSReq every 30 s while the answer is PENDING."""
+    server = start_server(
+        tmp_path / "data",
+        extra_config="""
+[[connectors]]
+type = "scep"
+name = "held"
+mount = "/held"
+[connectors.settings]
+pending = true
+challenge = "approve-me-please"
+""",
+    )
+    try:
+        url = f"{server.http_url}/held"
+        response = requests.get(f"{url}?operation=GetCACert", timeout=10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            certificates = pkcs7.load_der_pkcs7_certificates(response.content)
+        held = Scep(server, url, "approve-me-please", certificates)
+        device = tmp_path / "device"
+        device.mkdir()
+        command = [
+            str(SCEPCLIENT),
+            "-server-url",
+            url,
+            "-cn",
+            "held-device",
+            "-private-key",
+            str(device / "key.pem"),
+            "-certificate",
+            str(device / "cert.pem"),
+            "-ca-fingerprint",
+            held.ra_fingerprint,
+            "-challenge",
+            held.challenge,
+        ]
+        client = subprocess.Popen(
+            command, cwd=device, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            session = server.session()
+            pending_url = f"{server.https_url}/api/v1/connectors/held/pending"
+            deadline = time.monotonic() + 30
+            waiting: list[dict[str, object]] = []
+            while not waiting and time.monotonic() < deadline:
+                time.sleep(0.3)
+                waiting = session.get(pending_url, timeout=10).json()
+            assert len(waiting) == 1, "scepclient's request never arrived"
+            assert client.poll() is None  # still waiting for approval
+            transaction_id = str(waiting[0]["transaction_id"])
+            quoted = urllib.parse.quote(transaction_id, safe="")
+            approved = session.post(f"{pending_url}/{quoted}/approve", timeout=10)
+            assert approved.status_code == 200, approved.text
+            output, _ = client.communicate(timeout=60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        assert client.returncode == 0, output
+        assert "PENDING" in output
+        certificate = x509.load_pem_x509_certificate((device / "cert.pem").read_bytes())
+        assert format(certificate.serial_number, "x") == approved.json()["serial"]
+        chains_to_root(certificate, held)
+        assert "CN=held-device" in certificate.subject.rfc4514_string()
+    finally:
+        server.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Connection, and_, insert, select, update
 
@@ -164,10 +165,14 @@ class TransactionRecord:
     transaction_id: str
     csr_sha256: str
     subject: str
-    status: str  # ISSUED (PENDING once requests can wait for approval)
+    status: str  # ISSUED, PENDING (waiting for approval), APPROVING (being issued), REJECTED
     ca_id: str | None
     serial: str | None
     created_at: datetime
+    evidence: str = "{}"
+    """JSON: the authorization evidence, plus who approved or rejected and why."""
+    csr_der: bytes = b""
+    updated_at: datetime | None = None
 
 
 def get_transaction(
@@ -179,8 +184,10 @@ def get_transaction(
             and_(c.connector == connector, c.transaction_id == transaction_id)
         )
     ).first()
-    if row is None:
-        return None
+    return None if row is None else _transaction(row)
+
+
+def _transaction(row: Any) -> TransactionRecord:
     return TransactionRecord(
         row.connector,
         row.transaction_id,
@@ -190,7 +197,50 @@ def get_transaction(
         row.ca_id,
         row.serial,
         _utc(row.created_at),
+        row.evidence,
+        bytes(row.csr_der),
+        as_utc(row.updated_at),
     )
+
+
+def transactions_with_status(
+    conn: Connection, connector: str, status: str
+) -> list[TransactionRecord]:
+    """The connector's transactions in ``status``, oldest first."""
+    c = schema.scep_transactions.c
+    rows = conn.execute(
+        select(schema.scep_transactions)
+        .where(c.connector == connector, c.status == status)
+        .order_by(c.created_at, c.transaction_id)
+    ).all()
+    return [_transaction(row) for row in rows]
+
+
+def settle_transaction(
+    conn: Connection,
+    *,
+    connector: str,
+    transaction_id: str,
+    from_status: str,
+    status: str,
+    evidence: str,
+    ca_id: str | None,
+    serial: str | None,
+    now: datetime,
+) -> bool:
+    """Move a transaction out of ``from_status``; False if it was not (any more) in it, so
+    that two approvers racing each other cannot both act."""
+    c = schema.scep_transactions.c
+    result = conn.execute(
+        update(schema.scep_transactions)
+        .where(
+            c.connector == connector,
+            c.transaction_id == transaction_id,
+            c.status == from_status,
+        )
+        .values(status=status, evidence=evidence, ca_id=ca_id, serial=serial, updated_at=now)
+    )
+    return result.rowcount == 1
 
 
 def record_transaction(
