@@ -13,6 +13,7 @@ it never signs and never writes the store itself.
 from __future__ import annotations
 
 import importlib.metadata
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -86,8 +87,8 @@ class ConnectorContext:
         return issued
 
 
-class Connector:
-    """Base class of connector types. Subclasses set the class variables and override
+class Connector(ABC):
+    """Base class of connector types. Subclasses set the class variables and implement
     :meth:`blueprint` (and, if they have admin resources, :meth:`admin_blueprint`)."""
 
     type_name: ClassVar[str] = ""
@@ -99,8 +100,9 @@ class Connector:
         self.context = context
         self.settings = settings
 
+    @abstractmethod
     def blueprint(self) -> Blueprint:
-        raise NotImplementedError
+        """The protocol's routes, mounted at the instance's mount path."""
 
     def admin_blueprint(self) -> Blueprint | None:
         return None
