@@ -51,6 +51,9 @@ class ConnectorContext:
     base_url: str  # the listener's public URL, without the mount path
     record_issuance: Callable[[str, str, str], None] = field(default=lambda *_: None)
     enqueue_job: Callable[..., int] | None = None
+    ca_ids: Mapping[str, str] = field(default_factory=dict)
+    """Every configured CA's id by its configuration name (e.g. ``issuing``), for settings
+    that name another CA (the SCEP connector's ``next_ca``)."""
 
     @property
     def url(self) -> str:

@@ -154,6 +154,7 @@ class Gateway:
                 if connector_type.listener == "http"
                 else listener.https_url,
                 record_issuance=metrics.record_issuance,
+                ca_ids=dict(self.ca_ids),
             )
             try:
                 self.core.templates.get(context.template)

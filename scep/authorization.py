@@ -247,6 +247,15 @@ class ChallengeAuthority:
         """Audit a refusal decided elsewhere (a bad renewal, a reused transactionID)."""
         self._audit_refusal(transaction_id, address, self._core.clock(), reason)
 
+    def check_rate(self, transaction_id: str, address: str, reply_to: ReplyTo) -> None:
+        """Refuse (ScepError badRequest, audited) a client past its failed-challenge limit."""
+        self._check_rate(transaction_id, address, self._core.clock(), reply_to)
+
+    def refuse_challenge(self, transaction_id: str, address: str, reason: str) -> None:
+        """Audit a challenge refused elsewhere (a webhook's deny) and count it against the
+        client's limit."""
+        self._refuse(transaction_id, address, self._core.clock(), reason)
+
     # -- renewal -------------------------------------------------------------------------
 
     def renewal_signer(self, signer: x509.Certificate) -> str | None:

@@ -14,8 +14,8 @@ import hashlib
 import json
 import logging
 import urllib.parse
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import Connection
 
 from pkigate.core import Actor, Requester
 from pkigate.core.errors import (
@@ -43,9 +44,10 @@ from pkigate.scep.authorization import (
     Authorization,
     ChallengeAuthority,
     ChallengePolicy,
+    challenge_password,
     load_or_create_static_challenge,
 )
-from pkigate.scep.cms import NoMatchingRecipient
+from pkigate.scep.cms import DigestAlgorithm, NoMatchingRecipient, build_signed_data
 from pkigate.scep.messages import (
     SCEP_MAX_MESSAGE_BYTES,
     ContentCipher,
@@ -62,18 +64,27 @@ from pkigate.scep.messages import (
 )
 from pkigate.scep.pending import ISSUED, REJECTED, ApprovalQueue
 from pkigate.scep.ra import RegistrationAuthority, Signer
+from pkigate.scep.webhook import (
+    NOTIFY_JOB,
+    NOTIFY_MAX_ATTEMPTS,
+    Webhook,
+    WebhookUnavailable,
+    check_url,
+)
 
 log = logging.getLogger("pkigate.scep")
 
 PKI_MESSAGE_TYPE = "application/x-pki-message"
 CA_CERT_TYPE = "application/x-x509-ca-cert"
 CA_RA_CERT_TYPE = "application/x-x509-ca-ra-cert"
+NEXT_CA_CERT_TYPE = "application/x-x509-next-ca-cert"
 # Bodies that clients label a pkiMessage with: RFC 8894 4.3 says x-pki-message; micromdm's
 # scepclient and some network gear send octet-stream, others nothing at all.
 ACCEPTED_POST_TYPES = frozenset(
     {PKI_MESSAGE_TYPE, "application/octet-stream", "application/pkcs7-mime", ""}
 )
 STATIC_CHALLENGE_FILE = "scep-{name}-challenge"
+WEBHOOK_CHALLENGE = "webhook"
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,10 @@ class ScepSettings:
     failure_window: timedelta
     pending: bool = False
     """Hold authorized PKCSReqs for an administrator's approval (CertRep PENDING)."""
+    next_ca: str | None = None
+    """The configuration name of the successor CA during a rollover (GetNextCACert)."""
+    webhook: Webhook | None = None
+    """With ``challenge = "webhook"``: challenges are validated by this webhook."""
 
     @classmethod
     def parse(cls, settings: Mapping[str, Any], context: ConnectorContext) -> ScepSettings:
@@ -116,6 +131,11 @@ class ScepSettings:
             "max_failures",
             "failure_window_seconds",
             "pending",
+            "next_ca",
+            "webhook_url",
+            "webhook_notify_url",
+            "webhook_secret",
+            "webhook_timeout_seconds",
         }
         for key in settings:
             if key not in known:
@@ -135,10 +155,30 @@ class ScepSettings:
                 raise ConnectorSettingsError(key, "must be a positive integer")
             return value
 
+        next_ca = settings.get("next_ca")
+        if next_ca is not None:
+            if not isinstance(next_ca, str) or next_ca not in context.ca_ids:
+                raise ConnectorSettingsError(
+                    "next_ca",
+                    f"must name a configured CA; configured: {', '.join(sorted(context.ca_ids))}",
+                )
+            if context.ca_ids[next_ca] == context.ca_id:
+                raise ConnectorSettingsError(
+                    "next_ca", "names the connector's own CA, not a successor"
+                )
         challenge = settings.get("challenge")
-        if challenge is not None and (not isinstance(challenge, str) or len(challenge) < 8):
+        webhook = _parse_webhook(settings, challenge == WEBHOOK_CHALLENGE)
+        if webhook is not None:
+            # The webhook decides alone: no static or one-time challenges, no approval queue.
+            for key in ("static_challenge", "dynamic_challenges", "pending"):
+                if flag(key, False):
+                    raise ConnectorSettingsError(
+                        key, 'cannot be combined with challenge = "webhook"'
+                    )
+            challenge = None
+        elif challenge is not None and (not isinstance(challenge, str) or len(challenge) < 8):
             raise ConnectorSettingsError("challenge", "must be a string of at least 8 characters")
-        static = flag("static_challenge", True)
+        static = webhook is None and flag("static_challenge", True)
         challenge_file = None
         if static and challenge is None:
             challenge_file = context.core.data_dir / STATIC_CHALLENGE_FILE.format(
@@ -147,7 +187,7 @@ class ScepSettings:
         return cls(
             challenge=challenge if static else None,
             challenge_file=challenge_file,
-            dynamic_challenges=flag("dynamic_challenges", True),
+            dynamic_challenges=webhook is None and flag("dynamic_challenges", True),
             dynamic_challenge_ttl=timedelta(
                 seconds=positive("dynamic_challenge_ttl_seconds", 3600)
             ),
@@ -157,8 +197,46 @@ class ScepSettings:
             renewal=flag("renewal", True),
             max_failures=positive("max_failures", 5),
             failure_window=timedelta(seconds=positive("failure_window_seconds", 600)),
-            pending=flag("pending", False),
+            pending=webhook is None and flag("pending", False),
+            next_ca=next_ca,
+            webhook=webhook,
         )
+
+
+def _parse_webhook(settings: Mapping[str, Any], enabled: bool) -> Webhook | None:
+    """The webhook settings; None unless ``challenge = "webhook"``."""
+    keys = ("webhook_url", "webhook_notify_url", "webhook_secret", "webhook_timeout_seconds")
+    if not enabled:
+        for key in keys:
+            if key in settings:
+                raise ConnectorSettingsError(key, 'only with challenge = "webhook"')
+        return None
+    urls: dict[str, str] = {}
+    for key in ("webhook_url", "webhook_notify_url"):
+        value = settings.get(key)
+        if value is None:
+            continue
+        problem = "must be a string" if not isinstance(value, str) else check_url(value)
+        if problem is not None:
+            raise ConnectorSettingsError(key, problem)
+        urls[key] = value
+    if "webhook_url" not in urls:
+        raise ConnectorSettingsError("webhook_url", 'is required with challenge = "webhook"')
+    secret = settings.get("webhook_secret")
+    if secret is not None and (not isinstance(secret, str) or not secret):
+        raise ConnectorSettingsError("webhook_secret", "must be a non-empty string")
+    timeout = settings.get("webhook_timeout_seconds", 5)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 60:
+        raise ConnectorSettingsError(
+            "webhook_timeout_seconds", "must be a number of seconds, more than 0 and at most 60"
+        )
+    url = urls["webhook_url"]
+    return Webhook(
+        url=url,
+        notify_url=urls.get("webhook_notify_url", url.rstrip("/") + "/notify"),
+        secret=secret,
+        timeout_seconds=float(timeout),
+    )
 
 
 class ScepConnector(Connector):
@@ -193,11 +271,27 @@ class ScepConnector(Connector):
             ),
         )
         self.ra = RegistrationAuthority(context, ca_decrypts=self.options.ca_decrypts)
+        # During a rollover, the successor CA gets an RA of its own (issued from it, kept in
+        # the store under the successor's id), answered by GetNextCACert.
+        self.next_ra: RegistrationAuthority | None = None
+        if self.options.next_ca is not None:
+            next_context = replace(context, ca_id=context.ca_ids[self.options.next_ca])
+            if self.options.ca_decrypts:
+                record = context.core.authorities.get(next_context.ca_id)
+                if not record.key_algorithm.startswith("RSA"):
+                    raise ConnectorSettingsError(
+                        "next_ca",
+                        f"with ca_decrypts the successor CA needs an RSA key, not "
+                        f"{record.key_algorithm}",
+                    )
+            self.next_ra = RegistrationAuthority(next_context, ca_decrypts=self.options.ca_decrypts)
         self.approvals = ApprovalQueue(context)
 
     # -- contract ------------------------------------------------------------------------
 
     def startup_notes(self) -> list[str]:
+        if self.options.webhook is not None:
+            return [f"challenges validated by the webhook {self.options.webhook.url}"]
         if self.options.challenge_file is not None:
             return [f"static challenge in {self.options.challenge_file}"]
         if self.options.challenge is not None:
@@ -205,9 +299,12 @@ class ScepConnector(Connector):
         return ["no static challenge: one-time challenges from the management API only"]
 
     def capabilities(self) -> list[str]:
-        caps = ["POSTPKIOperation", "SHA-256", "SHA-512", "AES", "GetNextCACert", "SCEPStandard"]
+        caps = ["POSTPKIOperation", "SHA-256", "SHA-512", "AES"]
         if self.options.renewal:
-            caps.insert(4, "Renewal")
+            caps.append("Renewal")
+        if self.options.next_ca is not None:
+            caps.append("GetNextCACert")
+        caps.append("SCEPStandard")
         if self.options.legacy_des3:
             caps.append("DES3")
         return caps
@@ -293,8 +390,7 @@ class ScepConnector(Connector):
             if operation == "GetCACert":
                 return self._get_ca_cert()
             if operation == "GetNextCACert":
-                # No successor CA is configured: RFC 8894 4.7 lets the server say so.
-                return _plain_error(404, "no CA rollover in progress")
+                return self._get_next_ca_cert()
             if operation == "PKIOperation":
                 return self._pki_operation()
         except PkigateError as exc:
@@ -313,6 +409,32 @@ class ScepConnector(Connector):
         # keyUsage (keyEncipherment, digitalSignature) and the CA by basicConstraints.
         body = degenerate_certs_only([signer.certificate, *signer.ca_chain])
         return Response(body, content_type=CA_RA_CERT_TYPE)
+
+    def _get_next_ca_cert(self) -> Response:
+        """RFC 8894 4.7.1 (3.5.2): a SignedData signed by the current CA or RA whose content
+        is a degenerate certs-only SignedData with the successor's certificates (its RA
+        first, then the successor CA and its chain; with ``ca_decrypts``, the successor's chain
+        alone)."""
+        if self.next_ra is None:
+            return _plain_error(
+                404, "no CA rollover in progress: this connector has no next_ca configured"
+            )
+        successor = self.next_ra.signer()
+        certificates = (
+            list(successor.ca_chain)
+            if successor.is_ca
+            else [successor.certificate, *successor.ca_chain]
+        )
+        current = self.ra.signer()
+        body = build_signed_data(
+            degenerate_certs_only(certificates),
+            current.certificate,
+            current.key,
+            DigestAlgorithm.SHA256,
+            certificates=[current.certificate],
+            signing_time=self.context.core.clock(),
+        )
+        return Response(body, content_type=NEXT_CA_CERT_TYPE)
 
     def _pki_operation(self) -> Response:
         if request.method == "POST":
@@ -439,6 +561,8 @@ class ScepConnector(Connector):
             )
         except PkigateError as exc:
             self.authority.release(authorization)
+            if authorization.kind == WEBHOOK_CHALLENGE:
+                self._notify_failure(transaction_id, exc.message)
             raise ScepError(_fail_info_for(exc), exc.message, reply_to) from exc
         try:
             with self.context.core.store.write() as conn:
@@ -455,6 +579,9 @@ class ScepConnector(Connector):
                     serial=issued.serial,
                     now=self.context.core.clock(),
                 )
+                if authorization.kind == WEBHOOK_CHALLENGE:
+                    # Queued with the transaction's record: both or neither.
+                    self._notify_success(transaction_id, issued.certificate, conn)
         except IntegrityError:
             log.warning("SCEP transaction recorded twice", extra={"transaction": transaction_id})
         log.info(
@@ -506,8 +633,91 @@ class ScepConnector(Connector):
             reason = "the message is signed with a key other than the request's"
             self.authority.refuse(transaction_id, address, reason)
             raise ScepError(FailInfo.BAD_MESSAGE_CHECK, reason, reply_to)
+        if self.options.webhook is not None:
+            return self._authorize_by_webhook(self.options.webhook, message, csr, address)
         return self.authority.authorize_enrollment(
             csr, transaction_id=transaction_id, client_address=address, reply_to=reply_to
+        )
+
+    def _authorize_by_webhook(
+        self,
+        webhook: Webhook,
+        message: PkiMessage,
+        csr: x509.CertificateSigningRequest,
+        address: str,
+    ) -> Authorization:
+        """Ask the validation webhook; a deny counts against the client's failed-challenge
+        limit, an unavailable webhook refuses the client without counting (not its fault).
+        Both are audited, and the webhook is notified of the failure."""
+        transaction_id = message.transaction_id
+        reply_to = message.reply_to
+        self.authority.check_rate(transaction_id, address, reply_to)
+        offered = challenge_password(csr)
+        if offered is None:
+            reason = "no challenge password in the request"
+            self.authority.refuse_challenge(transaction_id, address, reason)
+            raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to)
+        try:
+            denied = webhook.validate(
+                transaction_id=transaction_id,
+                csr_der=message.payload,
+                challenge=offered,
+                client_address=address,
+                connector=self.context.name,
+            )
+        except WebhookUnavailable as exc:
+            reason = f"the request cannot be validated now: {exc}"
+            log.warning(
+                "SCEP validation webhook unavailable",
+                extra={"connector": self.context.name, "reason": str(exc)},
+            )
+            self.authority.refuse(transaction_id, address, reason)
+            self._notify_failure(transaction_id, reason)
+            raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to) from None
+        if denied is not None:
+            self.authority.refuse_challenge(transaction_id, address, denied)
+            self._notify_failure(transaction_id, denied)
+            raise ScepError(FailInfo.BAD_REQUEST, denied, reply_to)
+        return Authorization(
+            "webhook", {"transaction_id": transaction_id, "challenge": WEBHOOK_CHALLENGE}
+        )
+
+    # -- webhook notifications -------------------------------------------------------------
+
+    def job_handlers(self) -> Mapping[str, Callable[[dict[str, Any]], None]]:
+        webhook = self.options.webhook
+        if webhook is None:
+            return {}
+        return {NOTIFY_JOB: webhook.notify}
+
+    def _notify(self, payload: dict[str, Any], conn: Connection | None = None) -> None:
+        """Queue a notification for the webhook (delivered and retried by a job worker)."""
+        self.context.core.jobs.enqueue(
+            f"{self.context.name}:{NOTIFY_JOB}",
+            payload,
+            max_attempts=NOTIFY_MAX_ATTEMPTS,
+            conn=conn,
+        )
+
+    def _notify_failure(self, transaction_id: str, reason: str) -> None:
+        self._notify({"transaction_id": transaction_id, "status": "failure", "reason": reason})
+
+    def _notify_success(
+        self, transaction_id: str, certificate: x509.Certificate, conn: Connection
+    ) -> None:
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        self._notify(
+            {
+                "transaction_id": transaction_id,
+                "status": "success",
+                "serial": format(certificate.serial_number, "x"),
+                # Intune's SCEP notifications carry the SHA-1 thumbprint, uppercase hex as
+                # Windows shows it.
+                "thumbprint": hashlib.sha1(der, usedforsecurity=False).hexdigest().upper(),
+                "not_after": certificate.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
+                "issuer": certificate.issuer.rfc4514_string(),
+            },
+            conn,
         )
 
     def _poll(self, signer: Signer, message: PkiMessage) -> Response:

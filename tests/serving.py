@@ -99,7 +99,7 @@ def start_server(
             ).status_code
             if ready_http == ready_https == 200:
                 return server
-        except (requests.ConnectionError, FileNotFoundError):
+        except (requests.RequestException, FileNotFoundError):  # not up yet, or busy
             pass
         time.sleep(0.2)
     server.stop()

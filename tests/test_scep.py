@@ -177,7 +177,6 @@ def test_get_ca_caps_lists_the_capabilities_as_exact_text_plain(env: Env) -> Non
         "SHA-512",
         "AES",
         "Renewal",
-        "GetNextCACert",
         "SCEPStandard",
     ]
 
@@ -640,7 +639,6 @@ renewal = false
         "SHA-256",
         "SHA-512",
         "AES",
-        "GetNextCACert",
         "SCEPStandard",
         "DES3",
     ]
