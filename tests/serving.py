@@ -86,10 +86,19 @@ def start_server(
     server = RunningServer(
         process, data_dir, f"http://127.0.0.1:{http_port}", f"https://127.0.0.1:{https_port}", log
     )
+    try:
+        _wait_until_ready(server, timeout)
+    except BaseException:
+        server.stop()  # never leave a server behind when the start fails
+        raise
+    return server
+
+
+def _wait_until_ready(server: RunningServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"pkigate serve exited early:\n{log.read_text()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"pkigate serve exited early:\n{server.log.read_text()}")
         try:
             ready_http = requests.get(f"{server.http_url}/readyz", timeout=2).status_code
             if not server.tls_bundle.exists():
@@ -98,12 +107,11 @@ def start_server(
                 f"{server.https_url}/readyz", timeout=2, verify=str(server.tls_bundle)
             ).status_code
             if ready_http == ready_https == 200:
-                return server
+                return
         except (requests.RequestException, FileNotFoundError):  # not up yet, or busy
             pass
         time.sleep(0.2)
-    server.stop()
-    raise TimeoutError(f"pkigate serve not ready in {timeout}s:\n{log.read_text()}")
+    raise TimeoutError(f"pkigate serve not ready in {timeout}s:\n{server.log.read_text()}")
 
 
 def _write_root(server: RunningServer) -> None:
