@@ -16,6 +16,8 @@ ERROR_NS = "urn:ietf:params:acme:error:"
 # The status each problem type is answered with when the raiser does not say otherwise.
 DEFAULT_STATUS: Mapping[str, int] = {
     "accountDoesNotExist": 400,
+    # RFC 9773 section 7.4: the certificate named in `replaces` was replaced already.
+    "alreadyReplaced": 409,
     "alreadyRevoked": 400,
     "badCSR": 400,
     "badNonce": 400,

@@ -118,6 +118,22 @@ class JobQueue:
     def __init__(self, store: Store, clock: Callable[[], datetime]) -> None:
         self.store = store
         self.clock = clock
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` on :meth:`notify` (a runner in this process waking up)."""
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def notify(self) -> None:
+        """Tell this process's runners that a job is due now (after the transaction that
+        queued it committed), so that they claim it without waiting out their poll
+        interval. Runners in other processes find it at their next poll."""
+        for listener in list(self._listeners):
+            listener()
 
     @contextmanager
     def _transaction(self, conn: Connection | None) -> Iterator[Connection]:
@@ -327,6 +343,7 @@ class JobRunner:
         self.lease = lease
         self.worker_prefix = _default_worker_prefix()
         self._stopping = threading.Event()
+        self._wakeup = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> JobRunner:
@@ -350,6 +367,7 @@ class JobRunner:
         if self.running:
             raise RuntimeError("the job runner is already running")
         self._stopping = threading.Event()
+        self.queue.subscribe(self._wakeup.set)
         self._threads = [
             threading.Thread(
                 target=self._work,
@@ -365,6 +383,8 @@ class JobRunner:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop claiming and wait (up to ``timeout`` s) for jobs in progress to finish."""
         self._stopping.set()
+        self._wakeup.set()
+        self.queue.unsubscribe(self._wakeup.set)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -405,7 +425,8 @@ class JobRunner:
                 # The store is unreachable, say; the job (if any) is retried after its
                 # lease, and this thread tries again after the poll interval.
                 logger.exception("job worker %s: could not claim or settle a job", worker_id)
-            stopping.wait(self.poll_interval)
+            if self._wakeup.wait(self.poll_interval):
+                self._wakeup.clear()
 
     def _process(self, job: Job, worker_id: str) -> _Outcome:
         handler = self.handlers[job.kind]

@@ -292,3 +292,131 @@ scep_failures = Table(
     Column("count", Integer, nullable=False),
     Column("window_start", Timestamp, nullable=False),
 )
+
+# -- ACME (RFC 8555) -----------------------------------------------------------------------
+# Rows are scoped by connector instance name: two ACME connectors share nothing.
+
+# Nonces are HMAC-authenticated tokens that need no row to be handed out; a nonce is spent
+# by inserting it here (the primary key makes a replay fail in every process). Rows are
+# purged once the nonce would have expired anyway.
+acme_spent_nonces = Table(
+    "acme_spent_nonces",
+    metadata,
+    Column("nonce", String(64), primary_key=True),
+    Column("expires_at", Timestamp, nullable=False, index=True),
+)
+
+acme_accounts = Table(
+    "acme_accounts",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("connector", String(128), nullable=False),
+    # RFC 7638 thumbprint: one account per key and connector.
+    Column("thumbprint", String(64), nullable=False),
+    Column("jwk", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("contact", Text, nullable=False, server_default="[]"),
+    Column("eab_key_id", String(64), nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    UniqueConstraint("connector", "thumbprint", name="uq_acme_accounts_connector_thumbprint"),
+)
+
+# External account binding keys, created by administrators. The HMAC key is sealed with a
+# key derived from the KEK (it must be usable, so it cannot be only hashed).
+acme_eab_keys = Table(
+    "acme_eab_keys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("connector", String(128), nullable=False),
+    Column("sealed_key", LargeBinary, nullable=False),
+    Column("label", String(256), nullable=True),
+    # JSON: {"dns_suffixes": [...], "ip_networks": [...]} or null for the connector's own.
+    Column("allowed_identifiers", Text, nullable=True),
+    Column("default_profile", String(64), nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("created_by", String(256), nullable=False),
+    Column("account_id", String(32), nullable=True, unique=True),
+    Column("bound_at", Timestamp, nullable=True),
+    Column("revoked_at", Timestamp, nullable=True),
+)
+
+acme_orders = Table(
+    "acme_orders",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("connector", String(128), nullable=False),
+    Column("account_id", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("expires_at", Timestamp, nullable=False),
+    # JSON list of {"type", "value"} in the order the client sent them.
+    Column("identifiers", Text, nullable=False),
+    Column("profile", String(64), nullable=True),
+    # ARI (RFC 9773): the certificate this order replaces, as its certID.
+    Column("replaces", String(256), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("ca_id", String(64), nullable=True),
+    Column("serial", String(64), nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    Index("ix_acme_orders_account", "account_id", "created_at"),
+    Index("ix_acme_orders_certificate", "ca_id", "serial"),
+    Index("ix_acme_orders_replaces", "connector", "replaces"),
+)
+
+acme_authorizations = Table(
+    "acme_authorizations",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("connector", String(128), nullable=False),
+    Column("account_id", String(32), nullable=False),
+    Column("identifier_type", String(8), nullable=False),
+    Column("identifier_value", String(256), nullable=False),
+    Column("wildcard", Integer, nullable=False, server_default="0"),
+    Column("status", String(16), nullable=False),
+    Column("expires_at", Timestamp, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    # Valid authorizations are looked up for reuse by account and identifier.
+    Index(
+        "ix_acme_authorizations_reuse",
+        "account_id",
+        "identifier_type",
+        "identifier_value",
+        "status",
+    ),
+)
+
+acme_order_authorizations = Table(
+    "acme_order_authorizations",
+    metadata,
+    Column("order_id", String(32), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("authorization_id", String(32), nullable=False, index=True),
+)
+
+acme_challenges = Table(
+    "acme_challenges",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("authorization_id", String(32), nullable=False, index=True),
+    Column("type", String(16), nullable=False),
+    Column("token", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("validated_at", Timestamp, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("validation_record", Text, nullable=True),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+# Rate-limit counters in fixed windows (new orders per account, failed validations per
+# identifier), shared by every gateway process.
+acme_rate_counters = Table(
+    "acme_rate_counters",
+    metadata,
+    Column("connector", String(128), primary_key=True),
+    Column("scope", String(16), primary_key=True),
+    Column("value", String(256), primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("window_start", Timestamp, nullable=False),
+)

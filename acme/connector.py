@@ -1,0 +1,887 @@
+"""The ACME connector (RFC 8555 with RFC 8738 IP identifiers, RFC 9773 renewal information
+and profiles): HTTP routes, the JWS request pipeline, and JSON rendering.
+
+Every POST goes through :meth:`AcmeConnector._pipeline`: media type and size, JWS syntax
+(:mod:`pkigate.acme.jws`), the ``url`` header against the request URL, the nonce, the
+signing key (``jwk`` only where RFC 8555 allows it, else the account named by ``kid``),
+the signature, and only then the resource's handler. The nonce is spent in the handler's
+first write transaction, so a replayed request fails before it changes anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import Connection
+
+from pkigate.acme import jws
+from pkigate.acme.identifiers import IdentifierPolicy, parse_identifiers
+from pkigate.acme.nonces import NonceMinter
+from pkigate.acme.problems import AcmeProblem
+from pkigate.acme.service import (
+    MAINTENANCE_JOB,
+    VALIDATE_JOB,
+    AcmeService,
+    AuthorizationView,
+    OrderView,
+)
+from pkigate.acme.settings import AcmeSettings
+from pkigate.core import Actor
+from pkigate.core.errors import BadRequestError, NotFoundError
+from pkigate.core.keys import KeyEncryptionKey
+from pkigate.core.store import acme as acme_store
+from pkigate.core.store.acme import (
+    AccountRecord,
+    ChallengeRecord,
+    EabKeyRecord,
+)
+from pkigate.gateways.auth import Role
+from pkigate.gateways.connectors import Connector, ConnectorContext
+from pkigate.gateways.http import actor, json_body, requires
+
+log = logging.getLogger("pkigate.acme")
+
+JOSE = "application/jose+json"
+PROBLEM = "application/problem+json"
+PEM_CHAIN = "application/pem-certificate-chain"
+MAX_CONTACTS = 10
+MAX_CONTACT_CHARS = 320
+EAB_KEY_BYTES = 32
+DRAIN_CHUNKS = 16  # at most 1 MiB of an oversized body is read before answering
+
+
+@dataclass
+class AcmeRequest:
+    """A verified JWS request, handed to a resource handler."""
+
+    parsed: jws.ParsedJWS
+    account: AccountRecord | None
+    nonce_expires: datetime
+    spent: bool = False
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    def payload(self) -> dict[str, Any]:
+        return self.parsed.json_payload()
+
+
+class AcmeConnector(Connector):
+    """ACME for servers, load balancers and Kubernetes clusters."""
+
+    type_name = "acme"
+    listener = "https"
+    default_template = "EndEntityServerAuthCertificate_APIPassthrough/V1"
+    default_validity = "90d"
+
+    def __init__(self, context: ConnectorContext, settings: Mapping[str, Any]) -> None:
+        super().__init__(context, settings)
+        self.options = AcmeSettings.parse(settings, context)
+        kek: KeyEncryptionKey = context.core.kek
+        self.nonces = NonceMinter(kek)
+        self._eab_seal = _EabSealer(kek)
+        self.service = AcmeService(context, self.options, self._eab_seal.unseal)
+        self._chain_cache: dict[str, tuple[float, str]] = {}
+
+    # -- contract ------------------------------------------------------------------------
+
+    def startup_notes(self) -> list[str]:
+        notes = [f"ACME directory {self.url('/directory')}"]
+        if self.options.external_account_required:
+            notes.append("external account binding required: create keys with `pkigate acme eab`")
+        if self.options.identifier_policy.unrestricted:
+            notes.append("any DNS name or IP address that passes its challenge is accepted")
+        return notes
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "directory": self.url("/directory")}
+
+    def job_handlers(self) -> Mapping[str, Callable[[dict[str, Any]], None]]:
+        return {
+            VALIDATE_JOB: self.service.run_validation,
+            MAINTENANCE_JOB: self.service.maintenance,
+        }
+
+    def url(self, path: str) -> str:
+        return self.context.url + path
+
+    # -- routes --------------------------------------------------------------------------
+
+    def blueprint(self) -> Blueprint:
+        bp = Blueprint(f"acme_{self.context.name}", __name__)
+        bp.add_url_rule("/directory", "directory", self._directory, methods=["GET"])
+        bp.add_url_rule("/new-nonce", "new_nonce", self._new_nonce, methods=["HEAD", "GET"])
+        posts: dict[str, Callable[..., Response]] = {
+            "/new-account": self._new_account,
+            "/new-order": self._new_order,
+            "/revoke-cert": self._revoke_cert,
+            "/key-change": self._key_change,
+            "/acct/<account_id>": self._account,
+            "/acct/<account_id>/orders": self._orders,
+            "/acct/<account_id>/orders/<cursor>": self._orders,
+            "/order/<order_id>": self._order,
+            "/order/<order_id>/finalize": self._finalize,
+            "/authz/<authz_id>": self._authorization,
+            "/chall/<challenge_id>": self._challenge,
+            "/cert/<order_id>": self._certificate,
+            "/cert/<order_id>/<int:alternate>": self._certificate,
+        }
+        for index, (path, handler) in enumerate(posts.items()):
+            bp.add_url_rule(path, f"post_{index}", self._pipeline(handler), methods=["POST"])
+        bp.add_url_rule(
+            "/renewal-info/<path:cert_id>", "renewal_info", self._renewal_info, methods=["GET"]
+        )
+
+        @bp.errorhandler(405)
+        def method_not_allowed(_error: Exception) -> Response:
+            return self._problem(
+                AcmeProblem("malformed", f"{request.method} is not allowed here", status=405)
+            )
+
+        @bp.errorhandler(404)
+        def not_found(_error: Exception) -> Response:
+            return self._problem(AcmeProblem("malformed", "no such resource", status=404))
+
+        return bp
+
+    def admin_blueprint(self) -> Blueprint:
+        bp = Blueprint(f"acme_admin_{self.context.name}", __name__)
+
+        @bp.post("/eab-keys")
+        @requires(Role.ADMIN)
+        def create_eab_key() -> tuple[Response, int]:
+            body = json_body({"label": str, "allowed_identifiers": dict, "default_profile": str})
+            try:
+                policy = IdentifierPolicy.parse(
+                    body.get("allowed_identifiers"), "allowed_identifiers"
+                )
+            except ValueError as exc:
+                raise BadRequestError(str(exc)) from None
+            profile = body.get("default_profile")
+            if profile is not None and profile not in self.options.profiles:
+                raise BadRequestError(
+                    f"no profile {profile!r}; offered: {', '.join(self.options.profiles)}"
+                )
+            label = body.get("label")
+            if label is not None and len(label) > 256:
+                raise BadRequestError("label is at most 256 characters")
+            record, secret = self.create_eab_key(
+                actor(),
+                label=label,
+                allowed=None if body.get("allowed_identifiers") is None else policy.to_json(),
+                default_profile=profile,
+            )
+            return jsonify({**record.to_json(), "hmac_key": secret}), 201
+
+        @bp.get("/eab-keys")
+        @requires(Role.ADMIN, Role.AUDITOR)
+        def list_eab_keys() -> Response:
+            with self.context.core.store.read() as conn:
+                return jsonify([k.to_json() for k in acme_store.eab_keys(conn, self.context.name)])
+
+        @bp.delete("/eab-keys/<kid>")
+        @requires(Role.ADMIN)
+        def revoke_eab_key(kid: str) -> Response:
+            return jsonify(self.revoke_eab_key(actor(), kid).to_json())
+
+        return bp
+
+    # -- EAB keys --------------------------------------------------------------------------
+
+    def create_eab_key(
+        self,
+        who: Actor,
+        *,
+        label: str | None,
+        allowed: dict[str, Any] | None,
+        default_profile: str | None,
+    ) -> tuple[EabKeyRecord, str]:
+        """A new EAB key id and its HMAC key (base64url), shown once."""
+        secret = _random_bytes(EAB_KEY_BYTES)
+        now = self.context.core.clock()
+        kid = "kid-" + base64.urlsafe_b64encode(_random_bytes(12)).decode()
+        record = EabKeyRecord(
+            id=kid,
+            connector=self.context.name,
+            sealed_key=self._eab_seal.seal(kid, secret),
+            label=label,
+            allowed_identifiers=allowed,
+            default_profile=default_profile,
+            created_at=now,
+            created_by=who.principal,
+            account_id=None,
+            bound_at=None,
+            revoked_at=None,
+        )
+        with self.context.core.store.write() as conn:
+            acme_store.insert_eab_key(conn, record)
+            self.context.core.audit.record(
+                conn,
+                who,
+                "acme.eab_key.create",
+                f"connector/{self.context.name}/eab-key/{kid}",
+                at=now,
+                parameters={
+                    "label": label,
+                    "allowed_identifiers": allowed,
+                    "profile": default_profile,
+                },
+            )
+        return record, jws.b64url_encode(secret)
+
+    def revoke_eab_key(self, who: Actor, kid: str) -> EabKeyRecord:
+        now = self.context.core.clock()
+        with self.context.core.store.write() as conn:
+            if not acme_store.revoke_eab_key(conn, self.context.name, kid, now):
+                raise NotFoundError(f"no unrevoked EAB key {kid}")
+            self.context.core.audit.record(
+                conn,
+                who,
+                "acme.eab_key.revoke",
+                f"connector/{self.context.name}/eab-key/{kid}",
+                at=now,
+            )
+            record = acme_store.eab_key(conn, self.context.name, kid)
+        assert record is not None
+        return record
+
+    # -- responses -------------------------------------------------------------------------
+
+    def _headers(self, response: Response) -> Response:
+        response.headers["Replay-Nonce"] = self.nonces.mint(self.context.core.clock())
+        response.headers.add("Link", f'<{self.url("/directory")}>;rel="index"')
+        return response
+
+    def _json(
+        self,
+        body: Any,
+        status: int = 200,
+        location: str | None = None,
+        links: tuple[tuple[str, str], ...] = (),
+        retry_after: int | None = None,
+    ) -> Response:
+        response = Response(json.dumps(body), status=status, content_type="application/json")
+        if location is not None:
+            response.headers["Location"] = location
+        for url, rel in links:
+            response.headers.add("Link", f'<{url}>;rel="{rel}"')
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return self._headers(response)
+
+    def _problem(self, problem: AcmeProblem) -> Response:
+        body = {k: v for k, v in problem.to_json().items() if not k.startswith("_")}
+        response = Response(json.dumps(body), status=problem.http_status, content_type=PROBLEM)
+        if problem.retry_after is not None:
+            response.headers["Retry-After"] = str(problem.retry_after)
+        holder = problem.extra.get("_location_account")
+        if holder:
+            response.headers["Location"] = self.url(f"/acct/{holder}")
+        return self._headers(response)
+
+    # -- unauthenticated resources ---------------------------------------------------------
+
+    def _directory(self) -> Response:
+        meta: dict[str, Any] = {
+            "externalAccountRequired": self.options.external_account_required,
+            "profiles": {p.name: p.description for p in self.options.profiles.values()},
+        }
+        if self.options.terms_of_service:
+            meta["termsOfService"] = self.options.terms_of_service
+        if self.options.website:
+            meta["website"] = self.options.website
+        if self.options.caa_identities:
+            meta["caaIdentities"] = list(self.options.caa_identities)
+        body = {
+            "newNonce": self.url("/new-nonce"),
+            "newAccount": self.url("/new-account"),
+            "newOrder": self.url("/new-order"),
+            "revokeCert": self.url("/revoke-cert"),
+            "keyChange": self.url("/key-change"),
+            "renewalInfo": self.url("/renewal-info"),
+            "meta": meta,
+        }
+        response = Response(json.dumps(body), content_type="application/json")
+        return response
+
+    def _new_nonce(self) -> Response:
+        response = Response(status=200 if request.method == "HEAD" else 204)
+        response.headers["Cache-Control"] = "no-store"
+        return self._headers(response)
+
+    def _renewal_info(self, cert_id: str) -> Response:
+        try:
+            with self.context.core.store.read() as conn:
+                window = self.service.renewal_info(conn, cert_id)
+        except AcmeProblem as problem:
+            return self._problem(problem)
+        return self._json(
+            window.to_json(), retry_after=int(self.options.ari_retry_after.total_seconds())
+        )
+
+    # -- the POST pipeline -----------------------------------------------------------------
+
+    def _pipeline(self, handler: Callable[..., Response]) -> Callable[..., Response]:
+        uses_jwk = handler in (self._new_account, self._revoke_cert)
+        jwk_required = handler == self._new_account
+
+        def view(**kwargs: Any) -> Response:
+            try:
+                acme_request = self._authenticate(uses_jwk, jwk_required)
+                try:
+                    response = handler(acme_request, **kwargs)
+                finally:
+                    if not acme_request.spent:
+                        self._spend_alone(acme_request)
+                return response
+            except AcmeProblem as problem:
+                if problem.http_status >= 500:
+                    log.error("ACME request failed: %s", problem.detail)
+                else:
+                    log.info(
+                        "ACME request refused",
+                        extra={
+                            "connector": self.context.name,
+                            "path": request.path,
+                            "problem": problem.type,
+                            "detail": problem.detail[:300],
+                        },
+                    )
+                return self._problem(problem)
+
+        view.__name__ = handler.__name__
+        return view
+
+    def _authenticate(self, uses_jwk: bool, jwk_required: bool) -> AcmeRequest:
+        content_type = (request.mimetype or "").lower()
+        if content_type != JOSE:
+            raise AcmeProblem(
+                "malformed", f"requests must be {JOSE}, not {content_type or 'untyped'}", status=415
+            )
+        length = request.content_length
+        if length is not None and length > jws.MAX_JWS_BYTES:
+            raise AcmeProblem(
+                "malformed", f"the request exceeds {jws.MAX_JWS_BYTES} bytes", status=413
+            )
+        body = request.stream.read(jws.MAX_JWS_BYTES + 1)
+        if len(body) > jws.MAX_JWS_BYTES:
+            raise AcmeProblem(
+                "malformed", f"the request exceeds {jws.MAX_JWS_BYTES} bytes", status=413
+            )
+        parsed = jws.parse_jws(body)
+        expected_url = self.context.base_url + request.path
+        if parsed.url != expected_url:
+            raise AcmeProblem(
+                "unauthorized",
+                f"the JWS 'url' header {str(parsed.url)[:200]!r} is not this request's URL "
+                f"{expected_url!r}",
+            )
+        if not parsed.nonce:
+            raise AcmeProblem("badNonce", "the JWS carries no nonce")
+        now = self.context.core.clock()
+        expires = self.nonces.expiry(parsed.nonce, now)
+        if expires is None:
+            raise AcmeProblem("badNonce", "the nonce is unknown or expired; use the new one")
+        account: AccountRecord | None = None
+        if parsed.jwk is not None:
+            if not uses_jwk:
+                raise AcmeProblem("malformed", "this resource takes a 'kid', not a 'jwk'")
+            key = jws.public_key_from_jwk(parsed.jwk)
+        else:
+            if jwk_required:
+                raise AcmeProblem("malformed", "newAccount requests carry the account key as 'jwk'")
+            account = self._account_for_kid(parsed.kid or "")
+            key = jws.public_key_from_jwk(account.jwk)
+        jws.verify(parsed, key)
+        return AcmeRequest(parsed, account, expires)
+
+    def _account_for_kid(self, kid: str) -> AccountRecord:
+        prefix = self.url("/acct/")
+        if not kid.startswith(prefix):
+            raise AcmeProblem(
+                "accountDoesNotExist", "the 'kid' is not an account URL of this server"
+            )
+        with self.context.core.store.read() as conn:
+            account = self.service.find_account(conn, kid.removeprefix(prefix))
+        if account is None:
+            raise AcmeProblem("accountDoesNotExist", "no account with that 'kid'")
+        if account.status != "valid":
+            raise AcmeProblem("unauthorized", f"the account is {account.status}")
+        return account
+
+    def _spend(self, acme_request: AcmeRequest, conn: Connection) -> None:
+        if acme_request.spent:
+            return
+        assert acme_request.parsed.nonce is not None
+        if not acme_store.spend_nonce(conn, acme_request.parsed.nonce, acme_request.nonce_expires):
+            raise AcmeProblem("badNonce", "the nonce was used before; use the new one")
+        acme_request.spent = True
+
+    def _spend_alone(self, acme_request: AcmeRequest) -> None:
+        with self.context.core.store.write() as conn:
+            self._spend(acme_request, conn)
+
+    def _write(self, acme_request: AcmeRequest) -> _SpendingTransaction:
+        return _SpendingTransaction(self, acme_request)
+
+    def _read_after_spending(self, acme_request: AcmeRequest) -> _SpendingTransaction:
+        """POST-as-GET: the nonce is spent in the same transaction the resource is read in."""
+        return _SpendingTransaction(self, acme_request)
+
+    def _require_account(self, acme_request: AcmeRequest) -> AccountRecord:
+        if acme_request.account is None:
+            raise AcmeProblem("malformed", "this request must be signed by an account key ('kid')")
+        return acme_request.account
+
+    # -- accounts --------------------------------------------------------------------------
+
+    def _new_account(self, acme_request: AcmeRequest) -> Response:
+        parsed = acme_request.parsed
+        assert parsed.jwk is not None
+        payload = acme_request.payload()
+        thumbprint = jws.jwk_thumbprint(parsed.jwk)
+        only_existing = payload.get("onlyReturnExisting", False)
+        if not isinstance(only_existing, bool):
+            raise AcmeProblem("malformed", "onlyReturnExisting must be a boolean")
+        with self._write(acme_request) as conn:
+            existing = self.service.account_by_key(conn, thumbprint)
+            if existing is not None:
+                return self._json(
+                    self._account_json(existing), 200, location=self.url(f"/acct/{existing.id}")
+                )
+            if only_existing:
+                raise AcmeProblem("accountDoesNotExist", "no account has this key")
+            contact = _contacts(payload.get("contact", []))
+            if self.options.terms_of_service and payload.get("termsOfServiceAgreed") is not True:
+                raise AcmeProblem(
+                    "userActionRequired",
+                    f"agree to the terms of service at {self.options.terms_of_service}",
+                    extra={"instance": self.options.terms_of_service},
+                )
+            binding = payload.get("externalAccountBinding")
+            eab_key_id: str | None = None
+            if binding is not None:
+                if not isinstance(binding, dict):
+                    raise AcmeProblem("malformed", "externalAccountBinding must be a JWS object")
+                eab_key_id = jws.verify_eab(
+                    binding,
+                    outer_jwk=parsed.jwk,
+                    url=self.url("/new-account"),
+                    lookup=lambda kid: self.service.eab_hmac_key(conn, kid),
+                )
+            elif self.options.external_account_required:
+                raise AcmeProblem(
+                    "externalAccountRequired", "this server requires an external account binding"
+                )
+            account = self.service.create_account(conn, parsed.jwk, thumbprint, contact, eab_key_id)
+        log.info(
+            "ACME account created", extra={"connector": self.context.name, "account": account.id}
+        )
+        return self._json(
+            self._account_json(account), 201, location=self.url(f"/acct/{account.id}")
+        )
+
+    def _account(self, acme_request: AcmeRequest, account_id: str) -> Response:
+        account = self._require_account(acme_request)
+        if account.id != account_id:
+            raise AcmeProblem("unauthorized", "the request is signed by another account's key")
+        parsed = acme_request.parsed
+        with self._write(acme_request) as conn:
+            if parsed.is_post_as_get:
+                current = account
+            else:
+                payload = parsed.json_payload()
+                status = payload.get("status")
+                if status is not None and status != "deactivated":
+                    raise AcmeProblem(
+                        "malformed", "an account's status can only become 'deactivated'"
+                    )
+                contact = None
+                if "contact" in payload:
+                    contact = _contacts(payload["contact"])
+                current = self.service.update_account(
+                    conn, account, contact=contact, deactivate=status == "deactivated"
+                )
+        return self._json(self._account_json(current), location=self.url(f"/acct/{account.id}"))
+
+    def _key_change(self, acme_request: AcmeRequest) -> Response:
+        account = self._require_account(acme_request)
+        inner = jws.parse_jws(acme_request.parsed.payload)
+        if inner.jwk is None or inner.kid is not None:
+            raise AcmeProblem("malformed", "the inner JWS carries the new key as 'jwk'")
+        if inner.nonce is not None:
+            raise AcmeProblem("malformed", "the inner JWS must not carry a nonce")
+        if inner.url != acme_request.parsed.url:
+            raise AcmeProblem("malformed", "the inner JWS 'url' differs from the outer one")
+        new_key = jws.public_key_from_jwk(inner.jwk)
+        jws.verify(inner, new_key)
+        payload = inner.json_payload()
+        if payload.get("account") != self.url(f"/acct/{account.id}"):
+            raise AcmeProblem("malformed", "the inner payload's 'account' is not the signer's")
+        old_key = payload.get("oldKey")
+        if not isinstance(old_key, dict) or jws.jwk_thumbprint(old_key) != account.thumbprint:
+            raise AcmeProblem("malformed", "the inner payload's 'oldKey' is not the account key")
+        with self._write(acme_request) as conn:
+            self.service.change_key(conn, account, inner.jwk, jws.jwk_thumbprint(inner.jwk))
+            current = self.service.find_account(conn, account.id)
+        assert current is not None
+        return self._json(self._account_json(current), location=self.url(f"/acct/{account.id}"))
+
+    def _orders(
+        self, acme_request: AcmeRequest, account_id: str, cursor: str | None = None
+    ) -> Response:
+        account = self._require_account(acme_request)
+        if account.id != account_id:
+            raise AcmeProblem("unauthorized", "these are another account's orders")
+        with self._read_after_spending(acme_request) as conn:
+            orders, following = self.service.orders_page(conn, account, cursor)
+        links: tuple[tuple[str, str], ...] = ()
+        if following is not None:
+            links = ((self.url(f"/acct/{account.id}/orders/{following}"), "next"),)
+        return self._json({"orders": [self.url(f"/order/{o.id}") for o in orders]}, links=links)
+
+    def _account_json(self, account: AccountRecord) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "status": account.status,
+            "contact": list(account.contact),
+            "orders": self.url(f"/acct/{account.id}/orders"),
+            "key": account.jwk,
+            "createdAt": _stamp(account.created_at),
+        }
+        if account.eab_key_id is not None:
+            body["externalAccountBinding"] = {"kid": account.eab_key_id}
+        return body
+
+    # -- orders ----------------------------------------------------------------------------
+
+    def _new_order(self, acme_request: AcmeRequest) -> Response:
+        account = self._require_account(acme_request)
+        payload = acme_request.payload()
+        unknown = set(payload) - {"identifiers", "notBefore", "notAfter", "profile", "replaces"}
+        if unknown:
+            raise AcmeProblem("malformed", f"unknown order field {sorted(unknown)[0]!r}")
+        if payload.get("notBefore") is not None or payload.get("notAfter") is not None:
+            raise AcmeProblem(
+                "malformed", "notBefore and notAfter are set by the profile; choose a profile"
+            )
+        identifiers = parse_identifiers(payload.get("identifiers"))
+        profile = payload.get("profile")
+        if profile is not None and not isinstance(profile, str):
+            raise AcmeProblem("malformed", "'profile' must be a string")
+        replaces = payload.get("replaces")
+        if replaces is not None and not isinstance(replaces, str):
+            raise AcmeProblem("malformed", "'replaces' must be a certID string")
+        with self._write(acme_request) as conn:
+            view = self.service.new_order(conn, account, identifiers, profile, replaces)
+            body = self._order_json(view)
+        return self._json(body, 201, location=self.url(f"/order/{view.order.id}"))
+
+    def _order(self, acme_request: AcmeRequest, order_id: str) -> Response:
+        account = self._require_account(acme_request)
+        with self._read_after_spending(acme_request) as conn:
+            view = self.service.order(conn, account, order_id)
+            body = self._order_json(view)
+        retry = 1 if view.order.status == "processing" else None
+        if view.order.status == "pending":
+            retry = 1
+        return self._json(body, location=self.url(f"/order/{order_id}"), retry_after=retry)
+
+    def _finalize(self, acme_request: AcmeRequest, order_id: str) -> Response:
+        account = self._require_account(acme_request)
+        payload = acme_request.payload()
+        csr_text = payload.get("csr")
+        if not isinstance(csr_text, str):
+            raise AcmeProblem("malformed", "finalize needs 'csr': the base64url DER of a PKCS#10")
+        try:
+            csr = x509.load_der_x509_csr(jws.b64url_decode(csr_text))
+        except ValueError as exc:
+            raise AcmeProblem("badCSR", f"the CSR cannot be parsed: {exc}") from None
+        with self._write(acme_request) as conn:
+            view = self.service.order(conn, account, order_id)
+            order = view.order
+            if order.status != "ready":
+                raise AcmeProblem(
+                    "orderNotReady", f"the order is {order.status}, not ready for finalization"
+                )
+            subject, names = self.service.check_csr(order, csr, account)
+            self.service.begin_finalize(conn, order)
+        self.service.issue(order, account, csr, subject, names, request.headers.get("X-Request-Id"))
+        with self.context.core.store.read() as conn:
+            view = self.service.order(conn, account, order_id)
+            body = self._order_json(view)
+        return self._json(body, location=self.url(f"/order/{order_id}"))
+
+    def _order_json(self, view: OrderView) -> dict[str, Any]:
+        order = view.order
+        body: dict[str, Any] = {
+            "status": order.status,
+            "expires": _stamp(order.expires_at),
+            "identifiers": [{"type": t, "value": v} for t, v in order.identifiers],
+            "authorizations": [self.url(f"/authz/{a}") for a in view.authorization_ids],
+            "finalize": self.url(f"/order/{order.id}/finalize"),
+        }
+        if order.profile:
+            body["profile"] = order.profile
+        if order.replaces:
+            body["replaces"] = order.replaces
+        if order.error:
+            body["error"] = order.error
+        if order.status == "valid":
+            body["certificate"] = self.url(f"/cert/{order.id}")
+        return body
+
+    # -- authorizations and challenges -----------------------------------------------------
+
+    def _authorization(self, acme_request: AcmeRequest, authz_id: str) -> Response:
+        account = self._require_account(acme_request)
+        parsed = acme_request.parsed
+        with self._write(acme_request) as conn:
+            if parsed.is_post_as_get:
+                view = self.service.authorization(conn, account, authz_id)
+            else:
+                payload = parsed.json_payload()
+                if payload != {"status": "deactivated"}:
+                    raise AcmeProblem(
+                        "malformed", 'an authorization update is {"status": "deactivated"}'
+                    )
+                view = self.service.deactivate_authorization(conn, account, authz_id)
+            body = self._authorization_json(view)
+        retry = 1 if view.authorization.status == "pending" else None
+        return self._json(body, retry_after=retry)
+
+    def _authorization_json(self, view: AuthorizationView) -> dict[str, Any]:
+        authz = view.authorization
+        body: dict[str, Any] = {
+            "identifier": {"type": authz.identifier_type, "value": authz.identifier_value},
+            "status": authz.status,
+            "expires": _stamp(authz.expires_at),
+            "challenges": [self._challenge_json(c) for c in view.challenges],
+        }
+        if authz.wildcard:
+            body["wildcard"] = True
+        return body
+
+    def _challenge_json(self, challenge: ChallengeRecord) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": challenge.type,
+            "url": self.url(f"/chall/{challenge.id}"),
+            "status": challenge.status,
+            "token": challenge.token,
+        }
+        if challenge.validated_at is not None:
+            body["validated"] = _stamp(challenge.validated_at)
+        if challenge.error is not None:
+            body["error"] = challenge.error
+        if challenge.validation_record is not None:
+            body["validationRecord"] = challenge.validation_record
+        return body
+
+    def _challenge(self, acme_request: AcmeRequest, challenge_id: str) -> Response:
+        account = self._require_account(acme_request)
+        parsed = acme_request.parsed
+        queued = False
+        with self._write(acme_request) as conn:
+            if parsed.is_post_as_get:
+                challenge, authorization = self.service.challenge(conn, account, challenge_id)
+            else:
+                if parsed.json_payload() != {}:
+                    raise AcmeProblem("malformed", "a challenge response is the empty object {}")
+                challenge, authorization, queued = self.service.start_challenge(
+                    conn, account, challenge_id
+                )
+        if queued:
+            self.context.core.jobs.notify()
+        return self._json(
+            self._challenge_json(challenge),
+            links=((self.url(f"/authz/{authorization.id}"), "up"),),
+            retry_after=1 if challenge.status == "processing" else None,
+        )
+
+    # -- certificates and revocation -------------------------------------------------------
+
+    def _certificate(
+        self, acme_request: AcmeRequest, order_id: str, alternate: int = 0
+    ) -> Response:
+        account = self._require_account(acme_request)
+        if not acme_request.parsed.is_post_as_get:
+            raise AcmeProblem("malformed", "fetch a certificate with POST-as-GET")
+        chains = self.options.alternate_chains
+        if not 0 <= alternate <= len(chains):
+            raise AcmeProblem("malformed", "no such alternate chain", status=404)
+        with self._read_after_spending(acme_request) as conn:
+            view = self.service.order(conn, account, order_id)
+            record = self.service.certificate_of(conn, view.order)
+        leaf = x509.load_der_x509_certificate(record.der).public_bytes(serialization.Encoding.PEM)
+        if alternate == 0:
+            chain = self._issuer_chain_pem(record.ca_id)
+        else:
+            chain = "".join(
+                c.public_bytes(serialization.Encoding.PEM).decode() for c in chains[alternate - 1]
+            )
+        response = Response(leaf.decode() + chain, content_type=PEM_CHAIN)
+        response.headers.add("Link", f'<{self._ca_certificate_url(record.ca_id)}>;rel="up"')
+        for index in range(len(chains) + 1):
+            if index != alternate:
+                suffix = "" if index == 0 else f"/{index}"
+                response.headers.add(
+                    "Link", f'<{self.url(f"/cert/{order_id}{suffix}")}>;rel="alternate"'
+                )
+        return self._headers(response)
+
+    def _ca_certificate_url(self, ca_id: str) -> str:
+        from pkigate.core.authorities import CASettings
+
+        settings = CASettings.from_json(self.context.core.authorities.get(ca_id).settings)
+        return settings.ca_issuers_url or self.url("/directory")
+
+    def _issuer_chain_pem(self, ca_id: str) -> str:
+        """The issuing CA and the CAs above it, without the self-signed root."""
+        cached = self._chain_cache.get(ca_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        ca_pem, above = self.context.core.authorities.certificate_pem(ca_id)
+        certificates = x509.load_pem_x509_certificates((ca_pem + above).encode())
+        chain = "".join(
+            c.public_bytes(serialization.Encoding.PEM).decode()
+            for c in certificates
+            if c.issuer != c.subject
+        )
+        self._chain_cache[ca_id] = (time.monotonic() + 60, chain)
+        return chain
+
+    def _revoke_cert(self, acme_request: AcmeRequest) -> Response:
+        payload = acme_request.payload()
+        text = payload.get("certificate")
+        if not isinstance(text, str):
+            raise AcmeProblem("malformed", "revokeCert needs 'certificate': base64url DER")
+        reason = payload.get("reason", 0)
+        if isinstance(reason, bool) or not isinstance(reason, int):
+            raise AcmeProblem("badRevocationReason", "'reason' must be an integer reason code")
+        try:
+            certificate = x509.load_der_x509_certificate(jws.b64url_decode(text))
+        except ValueError as exc:
+            raise AcmeProblem("malformed", f"the certificate cannot be parsed: {exc}") from None
+        with self._write(acme_request) as conn:
+            record = self.service.locate_certificate(conn, certificate)
+            if acme_request.account is not None:
+                who = Actor(f"acme-account:{acme_request.account.id}", self.context.name)
+                if not self.service.may_revoke(conn, acme_request.account, record):
+                    raise AcmeProblem(
+                        "unauthorized",
+                        "this account neither ordered the certificate nor holds authorizations "
+                        "for all its names",
+                    )
+            else:
+                assert acme_request.parsed.jwk is not None
+                key = jws.public_key_from_jwk(acme_request.parsed.jwk)
+                if _spki(key) != _spki(certificate.public_key()):
+                    raise AcmeProblem(
+                        "unauthorized", "the request is not signed by the certificate's key"
+                    )
+                who = Actor(f"acme-certificate-key:{record.serial}", self.context.name)
+        self.service.revoke(record, reason, who)
+        return self._headers(Response(status=200))
+
+
+class _SpendingTransaction:
+    """A write transaction whose first act is spending the request's nonce."""
+
+    def __init__(self, connector: AcmeConnector, acme_request: AcmeRequest) -> None:
+        self._connector = connector
+        self._request = acme_request
+        self._context: Any = None
+
+    def __enter__(self) -> Connection:
+        self._context = self._connector.context.core.store.write()
+        conn: Connection = self._context.__enter__()
+        try:
+            self._connector._spend(self._request, conn)
+        except BaseException as exc:
+            self._context.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return conn
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if exc_info[0] is not None:
+            # The operation failed: nothing it wrote stays, but the nonce is still spent
+            # (by the pipeline, in a transaction of its own).
+            self._request.spent = False
+        self._context.__exit__(*exc_info)
+
+
+class _EabSealer:
+    """EAB HMAC keys sealed at rest with AES-256-GCM under a KEK-derived key, bound to the
+    key id (associated data), so a row copied to another id does not open."""
+
+    def __init__(self, kek: KeyEncryptionKey) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead = AESGCM(kek.derive(b"pkigate acme eab v1"))
+
+    def seal(self, kid: str, secret: bytes) -> bytes:
+        nonce = _random_bytes(12)
+        return nonce + self._aead.encrypt(nonce, secret, kid.encode())
+
+    def unseal(self, record: EabKeyRecord) -> bytes:
+        return self._aead.decrypt(
+            record.sealed_key[:12], record.sealed_key[12:], record.id.encode()
+        )
+
+
+def _random_bytes(count: int) -> bytes:
+    import os
+
+    return os.urandom(count)
+
+
+def _contacts(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise AcmeProblem("malformed", "'contact' must be an array of URLs")
+    if len(value) > MAX_CONTACTS:
+        raise AcmeProblem("invalidContact", f"at most {MAX_CONTACTS} contacts")
+    for contact in value:
+        if not contact.startswith("mailto:"):
+            raise AcmeProblem(
+                "unsupportedContact", f"only mailto: contacts are supported, not {contact[:40]!r}"
+            )
+        address = contact.removeprefix("mailto:")
+        local, at, domain = address.rpartition("@")
+        if (
+            len(contact) > MAX_CONTACT_CHARS
+            or not at
+            or not local
+            or "." not in domain
+            or any(c in address for c in "?,;<> \t\r\n")
+        ):
+            raise AcmeProblem(
+                "invalidContact", f"{contact[:80]!r} is not a single mailto: address (no hfields)"
+            )
+    return list(value)
+
+
+def _spki(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise AcmeProblem("malformed", "not base64url") from None

@@ -1,0 +1,641 @@
+"""The ACME connector's SQL: accounts, EAB keys, orders, authorizations, challenges, spent
+nonces and rate-limit counters.
+
+Every function takes the caller's connection, so the caller decides what commits together
+(a challenge's result, its authorization's and its order's new status commit as one).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, delete, func, insert, select, update
+
+from pkigate.core.store import IntegrityError, as_utc, schema
+
+
+def _utc(moment: datetime | None) -> datetime:
+    value = as_utc(moment)
+    assert value is not None
+    return value
+
+
+# -- nonces ------------------------------------------------------------------------------
+
+
+def spend_nonce(conn: Connection, nonce: str, expires_at: datetime) -> bool:
+    """Record ``nonce`` as used; False when it was used before (a replay)."""
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(schema.acme_spent_nonces).values(nonce=nonce, expires_at=expires_at)
+            )
+    except IntegrityError:
+        return False
+    return True
+
+
+def purge_spent_nonces(conn: Connection, now: datetime) -> int:
+    c = schema.acme_spent_nonces.c
+    return conn.execute(delete(schema.acme_spent_nonces).where(c.expires_at < now)).rowcount
+
+
+# -- accounts ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    id: str
+    connector: str
+    thumbprint: str
+    jwk: dict[str, Any]
+    status: str
+    contact: tuple[str, ...]
+    eab_key_id: str | None
+    created_at: datetime
+
+
+def _account(row: Any) -> AccountRecord:
+    return AccountRecord(
+        row.id,
+        row.connector,
+        row.thumbprint,
+        json.loads(row.jwk),
+        row.status,
+        tuple(json.loads(row.contact)),
+        row.eab_key_id,
+        _utc(row.created_at),
+    )
+
+
+def account_by_id(conn: Connection, connector: str, account_id: str) -> AccountRecord | None:
+    c = schema.acme_accounts.c
+    row = conn.execute(
+        select(schema.acme_accounts).where(c.id == account_id, c.connector == connector)
+    ).first()
+    return None if row is None else _account(row)
+
+
+def account_by_thumbprint(
+    conn: Connection, connector: str, thumbprint: str
+) -> AccountRecord | None:
+    c = schema.acme_accounts.c
+    row = conn.execute(
+        select(schema.acme_accounts).where(c.connector == connector, c.thumbprint == thumbprint)
+    ).first()
+    return None if row is None else _account(row)
+
+
+def insert_account(conn: Connection, record: AccountRecord) -> None:
+    conn.execute(
+        insert(schema.acme_accounts).values(
+            id=record.id,
+            connector=record.connector,
+            thumbprint=record.thumbprint,
+            jwk=json.dumps(record.jwk, sort_keys=True),
+            status=record.status,
+            contact=json.dumps(list(record.contact)),
+            eab_key_id=record.eab_key_id,
+            created_at=record.created_at,
+            updated_at=record.created_at,
+        )
+    )
+
+
+def update_account(
+    conn: Connection,
+    account_id: str,
+    now: datetime,
+    *,
+    status: str | None = None,
+    contact: Sequence[str] | None = None,
+    jwk: dict[str, Any] | None = None,
+    thumbprint: str | None = None,
+) -> None:
+    values: dict[str, Any] = {"updated_at": now}
+    if status is not None:
+        values["status"] = status
+    if contact is not None:
+        values["contact"] = json.dumps(list(contact))
+    if jwk is not None:
+        values["jwk"] = json.dumps(jwk, sort_keys=True)
+        values["thumbprint"] = thumbprint
+    c = schema.acme_accounts.c
+    conn.execute(update(schema.acme_accounts).where(c.id == account_id).values(**values))
+
+
+# -- external account binding keys ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EabKeyRecord:
+    id: str
+    connector: str
+    sealed_key: bytes
+    label: str | None
+    allowed_identifiers: dict[str, Any] | None
+    default_profile: str | None
+    created_at: datetime
+    created_by: str
+    account_id: str | None
+    bound_at: datetime | None
+    revoked_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        def stamp(moment: datetime | None) -> str | None:
+            return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+        return {
+            "kid": self.id,
+            "label": self.label,
+            "allowed_identifiers": self.allowed_identifiers,
+            "default_profile": self.default_profile,
+            "created_at": stamp(self.created_at),
+            "created_by": self.created_by,
+            "account_id": self.account_id,
+            "bound_at": stamp(self.bound_at),
+            "revoked_at": stamp(self.revoked_at),
+        }
+
+
+def _eab(row: Any) -> EabKeyRecord:
+    return EabKeyRecord(
+        row.id,
+        row.connector,
+        bytes(row.sealed_key),
+        row.label,
+        None if row.allowed_identifiers is None else json.loads(row.allowed_identifiers),
+        row.default_profile,
+        _utc(row.created_at),
+        row.created_by,
+        row.account_id,
+        as_utc(row.bound_at),
+        as_utc(row.revoked_at),
+    )
+
+
+def insert_eab_key(conn: Connection, record: EabKeyRecord) -> None:
+    conn.execute(
+        insert(schema.acme_eab_keys).values(
+            id=record.id,
+            connector=record.connector,
+            sealed_key=record.sealed_key,
+            label=record.label,
+            allowed_identifiers=None
+            if record.allowed_identifiers is None
+            else json.dumps(record.allowed_identifiers, sort_keys=True),
+            default_profile=record.default_profile,
+            created_at=record.created_at,
+            created_by=record.created_by,
+        )
+    )
+
+
+def eab_key(conn: Connection, connector: str, key_id: str) -> EabKeyRecord | None:
+    c = schema.acme_eab_keys.c
+    row = conn.execute(
+        select(schema.acme_eab_keys).where(c.id == key_id, c.connector == connector)
+    ).first()
+    return None if row is None else _eab(row)
+
+
+def eab_keys(conn: Connection, connector: str) -> list[EabKeyRecord]:
+    c = schema.acme_eab_keys.c
+    rows = conn.execute(
+        select(schema.acme_eab_keys).where(c.connector == connector).order_by(c.created_at, c.id)
+    ).all()
+    return [_eab(row) for row in rows]
+
+
+def bind_eab_key(conn: Connection, key_id: str, account_id: str, now: datetime) -> bool:
+    """Bind the key to its first account; False when it is bound already or revoked."""
+    c = schema.acme_eab_keys.c
+    result = conn.execute(
+        update(schema.acme_eab_keys)
+        .where(c.id == key_id, c.account_id.is_(None), c.revoked_at.is_(None))
+        .values(account_id=account_id, bound_at=now)
+    )
+    return result.rowcount == 1
+
+
+def revoke_eab_key(conn: Connection, connector: str, key_id: str, now: datetime) -> bool:
+    c = schema.acme_eab_keys.c
+    result = conn.execute(
+        update(schema.acme_eab_keys)
+        .where(c.id == key_id, c.connector == connector, c.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    return result.rowcount == 1
+
+
+# -- orders, authorizations, challenges ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrderRecord:
+    id: str
+    connector: str
+    account_id: str
+    status: str
+    expires_at: datetime
+    identifiers: tuple[tuple[str, str], ...]
+    profile: str | None
+    replaces: str | None
+    error: dict[str, Any] | None
+    ca_id: str | None
+    serial: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+def _order(row: Any) -> OrderRecord:
+    return OrderRecord(
+        row.id,
+        row.connector,
+        row.account_id,
+        row.status,
+        _utc(row.expires_at),
+        tuple((i["type"], i["value"]) for i in json.loads(row.identifiers)),
+        row.profile,
+        row.replaces,
+        None if row.error is None else json.loads(row.error),
+        row.ca_id,
+        row.serial,
+        _utc(row.created_at),
+        _utc(row.updated_at),
+    )
+
+
+def insert_order(conn: Connection, record: OrderRecord, authorization_ids: Sequence[str]) -> None:
+    conn.execute(
+        insert(schema.acme_orders).values(
+            id=record.id,
+            connector=record.connector,
+            account_id=record.account_id,
+            status=record.status,
+            expires_at=record.expires_at,
+            identifiers=json.dumps([{"type": t, "value": v} for t, v in record.identifiers]),
+            profile=record.profile,
+            replaces=record.replaces,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+        )
+    )
+    conn.execute(
+        insert(schema.acme_order_authorizations),
+        [
+            {"order_id": record.id, "position": position, "authorization_id": authz_id}
+            for position, authz_id in enumerate(authorization_ids)
+        ],
+    )
+
+
+def order_by_id(conn: Connection, connector: str, order_id: str) -> OrderRecord | None:
+    c = schema.acme_orders.c
+    row = conn.execute(
+        select(schema.acme_orders).where(c.id == order_id, c.connector == connector)
+    ).first()
+    return None if row is None else _order(row)
+
+
+def order_authorization_ids(conn: Connection, order_id: str) -> list[str]:
+    c = schema.acme_order_authorizations.c
+    return list(
+        conn.execute(
+            select(c.authorization_id).where(c.order_id == order_id).order_by(c.position)
+        ).scalars()
+    )
+
+
+def orders_of_account(
+    conn: Connection, account_id: str, after: tuple[datetime, str] | None, limit: int
+) -> list[OrderRecord]:
+    """The account's orders, oldest first, starting after the ``(created_at, id)`` cursor."""
+    c = schema.acme_orders.c
+    query = select(schema.acme_orders).where(c.account_id == account_id)
+    if after is not None:
+        query = query.where(
+            (c.created_at > after[0]) | and_(c.created_at == after[0], c.id > after[1])
+        )
+    rows = conn.execute(query.order_by(c.created_at, c.id).limit(limit)).all()
+    return [_order(row) for row in rows]
+
+
+def update_order(
+    conn: Connection,
+    order_id: str,
+    now: datetime,
+    *,
+    status: str,
+    expected_status: str | None = None,
+    error: dict[str, Any] | None = None,
+    ca_id: str | None = None,
+    serial: str | None = None,
+) -> bool:
+    """Move the order to ``status`` (only from ``expected_status`` when given)."""
+    c = schema.acme_orders.c
+    values: dict[str, Any] = {"status": status, "updated_at": now}
+    if error is not None:
+        values["error"] = json.dumps(error)
+    if serial is not None:
+        values["ca_id"] = ca_id
+        values["serial"] = serial
+    query = update(schema.acme_orders).where(c.id == order_id)
+    if expected_status is not None:
+        query = query.where(c.status == expected_status)
+    return conn.execute(query.values(**values)).rowcount == 1
+
+
+def order_for_certificate(conn: Connection, ca_id: str, serial: str) -> OrderRecord | None:
+    c = schema.acme_orders.c
+    row = conn.execute(
+        select(schema.acme_orders).where(c.ca_id == ca_id, c.serial == serial)
+    ).first()
+    return None if row is None else _order(row)
+
+
+def orders_replacing(conn: Connection, connector: str, cert_id: str) -> list[OrderRecord]:
+    c = schema.acme_orders.c
+    rows = conn.execute(
+        select(schema.acme_orders).where(c.connector == connector, c.replaces == cert_id)
+    ).all()
+    return [_order(row) for row in rows]
+
+
+def count_orders_since(conn: Connection, account_id: str, since: datetime) -> int:
+    c = schema.acme_orders.c
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(schema.acme_orders)
+            .where(c.account_id == account_id, c.created_at >= since)
+        ).scalar_one()
+    )
+
+
+@dataclass(frozen=True)
+class AuthorizationRecord:
+    id: str
+    connector: str
+    account_id: str
+    identifier_type: str
+    identifier_value: str
+    wildcard: bool
+    status: str
+    expires_at: datetime
+    created_at: datetime
+
+
+def _authorization(row: Any) -> AuthorizationRecord:
+    return AuthorizationRecord(
+        row.id,
+        row.connector,
+        row.account_id,
+        row.identifier_type,
+        row.identifier_value,
+        bool(row.wildcard),
+        row.status,
+        _utc(row.expires_at),
+        _utc(row.created_at),
+    )
+
+
+def insert_authorization(conn: Connection, record: AuthorizationRecord) -> None:
+    conn.execute(
+        insert(schema.acme_authorizations).values(
+            id=record.id,
+            connector=record.connector,
+            account_id=record.account_id,
+            identifier_type=record.identifier_type,
+            identifier_value=record.identifier_value,
+            wildcard=int(record.wildcard),
+            status=record.status,
+            expires_at=record.expires_at,
+            created_at=record.created_at,
+            updated_at=record.created_at,
+        )
+    )
+
+
+def authorization_by_id(
+    conn: Connection, connector: str, authz_id: str
+) -> AuthorizationRecord | None:
+    c = schema.acme_authorizations.c
+    row = conn.execute(
+        select(schema.acme_authorizations).where(c.id == authz_id, c.connector == connector)
+    ).first()
+    return None if row is None else _authorization(row)
+
+
+def authorizations_by_ids(conn: Connection, ids: Sequence[str]) -> dict[str, AuthorizationRecord]:
+    c = schema.acme_authorizations.c
+    rows = conn.execute(select(schema.acme_authorizations).where(c.id.in_(list(ids)))).all()
+    return {row.id: _authorization(row) for row in rows}
+
+
+def reusable_authorization(
+    conn: Connection,
+    account_id: str,
+    identifier_type: str,
+    identifier_value: str,
+    wildcard: bool,
+    valid_after: datetime,
+    created_after: datetime,
+) -> AuthorizationRecord | None:
+    """A valid authorization of the account for the identifier that is still good at
+    ``valid_after`` and was created within the reuse window."""
+    c = schema.acme_authorizations.c
+    row = conn.execute(
+        select(schema.acme_authorizations)
+        .where(
+            c.account_id == account_id,
+            c.identifier_type == identifier_type,
+            c.identifier_value == identifier_value,
+            c.status == "valid",
+            c.wildcard == int(wildcard),
+            c.expires_at > valid_after,
+            c.created_at > created_after,
+        )
+        .order_by(c.expires_at.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else _authorization(row)
+
+
+def authorizations_of_account_for(
+    conn: Connection, account_id: str, identifier_type: str, identifier_value: str, now: datetime
+) -> list[AuthorizationRecord]:
+    c = schema.acme_authorizations.c
+    rows = conn.execute(
+        select(schema.acme_authorizations).where(
+            c.account_id == account_id,
+            c.identifier_type == identifier_type,
+            c.identifier_value == identifier_value,
+            c.status == "valid",
+            c.expires_at > now,
+        )
+    ).all()
+    return [_authorization(row) for row in rows]
+
+
+def update_authorization(
+    conn: Connection,
+    authz_id: str,
+    now: datetime,
+    *,
+    status: str,
+    expected_status: str | None = None,
+    expires_at: datetime | None = None,
+) -> bool:
+    c = schema.acme_authorizations.c
+    values: dict[str, Any] = {"status": status, "updated_at": now}
+    if expires_at is not None:
+        values["expires_at"] = expires_at
+    query = update(schema.acme_authorizations).where(c.id == authz_id)
+    if expected_status is not None:
+        query = query.where(c.status == expected_status)
+    return conn.execute(query.values(**values)).rowcount == 1
+
+
+def orders_using_authorization(conn: Connection, authz_id: str) -> list[str]:
+    c = schema.acme_order_authorizations.c
+    return list(
+        conn.execute(select(c.order_id).where(c.authorization_id == authz_id).distinct()).scalars()
+    )
+
+
+@dataclass(frozen=True)
+class ChallengeRecord:
+    id: str
+    authorization_id: str
+    type: str
+    token: str
+    status: str
+    validated_at: datetime | None
+    error: dict[str, Any] | None
+    validation_record: list[dict[str, Any]] | None
+
+
+def _challenge(row: Any) -> ChallengeRecord:
+    return ChallengeRecord(
+        row.id,
+        row.authorization_id,
+        row.type,
+        row.token,
+        row.status,
+        as_utc(row.validated_at),
+        None if row.error is None else json.loads(row.error),
+        None if row.validation_record is None else json.loads(row.validation_record),
+    )
+
+
+def insert_challenges(conn: Connection, records: Sequence[ChallengeRecord], now: datetime) -> None:
+    conn.execute(
+        insert(schema.acme_challenges),
+        [
+            {
+                "id": r.id,
+                "authorization_id": r.authorization_id,
+                "type": r.type,
+                "token": r.token,
+                "status": r.status,
+                "updated_at": now,
+            }
+            for r in records
+        ],
+    )
+
+
+def challenges_of(conn: Connection, authorization_ids: Sequence[str]) -> list[ChallengeRecord]:
+    c = schema.acme_challenges.c
+    rows = conn.execute(
+        select(schema.acme_challenges)
+        .where(c.authorization_id.in_(list(authorization_ids)))
+        .order_by(c.authorization_id, c.type)
+    ).all()
+    return [_challenge(row) for row in rows]
+
+
+def challenge_by_id(conn: Connection, challenge_id: str) -> ChallengeRecord | None:
+    c = schema.acme_challenges.c
+    row = conn.execute(select(schema.acme_challenges).where(c.id == challenge_id)).first()
+    return None if row is None else _challenge(row)
+
+
+def update_challenge(
+    conn: Connection,
+    challenge_id: str,
+    now: datetime,
+    *,
+    status: str,
+    expected_status: str | None = None,
+    error: dict[str, Any] | None = None,
+    validation_record: list[dict[str, Any]] | None = None,
+) -> bool:
+    c = schema.acme_challenges.c
+    values: dict[str, Any] = {"status": status, "updated_at": now}
+    if status == "valid":
+        values["validated_at"] = now
+    if error is not None:
+        values["error"] = json.dumps(error)
+    if validation_record is not None:
+        values["validation_record"] = json.dumps(validation_record)
+    query = update(schema.acme_challenges).where(c.id == challenge_id)
+    if expected_status is not None:
+        query = query.where(c.status == expected_status)
+    return conn.execute(query.values(**values)).rowcount == 1
+
+
+# -- rate limits -------------------------------------------------------------------------
+
+
+def count_in_window(
+    conn: Connection, connector: str, scope: str, value: str, window: timedelta, now: datetime
+) -> tuple[int, datetime]:
+    """The counter's value and the end of its window (0 when no window is open)."""
+    c = schema.acme_rate_counters.c
+    row = conn.execute(
+        select(c.count, c.window_start).where(
+            c.connector == connector, c.scope == scope, c.value == value
+        )
+    ).first()
+    if row is None or _utc(row[1]) + window <= now:
+        return 0, now + window
+    return int(row[0]), _utc(row[1]) + window
+
+
+def add_to_window(
+    conn: Connection, connector: str, scope: str, value: str, window: timedelta, now: datetime
+) -> int:
+    """Count one event; a window that ran out starts again. Returns the new count."""
+    c = schema.acme_rate_counters.c
+    key = and_(c.connector == connector, c.scope == scope, c.value == value)
+    row = conn.execute(select(c.count, c.window_start).where(key)).first()
+    if row is None:
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    insert(schema.acme_rate_counters).values(
+                        connector=connector, scope=scope, value=value, count=1, window_start=now
+                    )
+                )
+            return 1
+        except IntegrityError:
+            row = conn.execute(select(c.count, c.window_start).where(key)).first()
+            assert row is not None
+    if _utc(row[1]) + window <= now:
+        conn.execute(update(schema.acme_rate_counters).where(key).values(count=1, window_start=now))
+        return 1
+    conn.execute(update(schema.acme_rate_counters).where(key).values(count=c.count + 1))
+    return int(row[0]) + 1
+
+
+def purge_rate_counters(conn: Connection, older_than: datetime) -> int:
+    c = schema.acme_rate_counters.c
+    return conn.execute(
+        delete(schema.acme_rate_counters).where(c.window_start < older_than)
+    ).rowcount

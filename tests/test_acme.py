@@ -1,0 +1,957 @@
+"""The ACME connector against a running `pkigate serve`, driven over HTTPS by our own wire
+client (pkigate.devsim.acme_client): RFC 8555 accounts, orders, the three challenge
+types, finalization, certificates, revocation, key rollover, EAB, profiles, RFC 9773
+renewal information, rate limits, and what bad requests get."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import requests
+from acme_support import Http01Responder, TlsAlpnResponder, check_issued
+from challtestsrv import ChallTestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from serving import RunningServer, start_server
+from sqlalchemy import func, select
+
+from pkigate.acme import jws
+from pkigate.acme.renewal import cert_id
+from pkigate.core import Core
+from pkigate.core.store import schema
+from pkigate.devsim.acme_client import AcmeClient, AcmeClientError
+
+
+@dataclass
+class Env:
+    server: RunningServer
+    http01: Http01Responder
+    tls: TlsAlpnResponder
+    dns: ChallTestServer
+    core: Core
+    root_pem: bytes
+
+    def directory(self, mount: str = "/acme") -> str:
+        return f"{self.server.https_url}{mount}/directory"
+
+    def client(self, mount: str = "/acme", key: Any = None) -> AcmeClient:
+        return AcmeClient(
+            self.directory(mount),
+            key or ec.generate_private_key(ec.SECP256R1()),
+            self.server.session(),
+        )
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    base = tmp_path_factory.mktemp("acme")
+    http01 = Http01Responder()
+    tls = TlsAlpnResponder(base)
+    dns = ChallTestServer()
+    dns.start()
+    resolver = f"{dns.dns_address[0]}:{dns.dns_address[1]}"
+    server = start_server(
+        base / "data",
+        workers=2,
+        extra_config=f"""
+[[connectors]]
+type = "acme"
+name = "acme"
+mount = "/acme"
+[connectors.settings]
+http01_port = {http01.port}
+tls_alpn01_port = {tls.port}
+dns_resolver = "{resolver}"
+orders_page_size = 2
+[connectors.settings.profiles.default]
+description = "90-day TLS server certificates"
+[connectors.settings.profiles.shortlived]
+validity = "6d"
+description = "six-day TLS server certificates"
+
+[[connectors]]
+type = "acme"
+name = "private"
+mount = "/private"
+[connectors.settings]
+external_account_required = true
+terms_of_service = "https://example.test/terms"
+http01_port = {http01.port}
+dns_resolver = "{resolver}"
+orders_per_account_per_hour = 3
+failed_validations_per_identifier_per_hour = 1
+[connectors.settings.allowed_identifiers]
+dns_suffixes = ["corp.example.test"]
+ip_networks = ["127.0.0.0/8"]
+[connectors.settings.profiles.default]
+description = "default"
+[connectors.settings.profiles.shortlived]
+validity = "6d"
+description = "six days"
+""",
+    )
+    core = Core.open(base / "data")
+    try:
+        yield Env(server, http01, tls, dns, core, server.tls_bundle.read_bytes())
+    finally:
+        core.close()
+        server.stop()
+        dns.stop()
+        tls.close()
+        http01.close()
+
+
+def _csr(names: list[tuple[str, str]], key: Any = None, cn: str | None = None) -> Any:
+    import ipaddress
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    general: list[x509.GeneralName] = [
+        x509.DNSName(v) if t == "dns" else x509.IPAddress(ipaddress.ip_address(v)) for t, v in names
+    ]
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
+    )
+    if general:
+        builder = builder.add_extension(x509.SubjectAlternativeName(general), critical=False)
+    return builder.sign(key, hashes.SHA256()), key
+
+
+def _solve(env: Env, client: AcmeClient, order: Any, kind: str = "http-01") -> None:
+    for url in order.body["authorizations"]:
+        authz = client.get(url).body
+        if authz["status"] == "valid":
+            continue
+        challenge = next(c for c in authz["challenges"] if c["type"] == kind)
+        key_authorization = jws.key_authorization(challenge["token"], client.thumbprint)
+        value = authz["identifier"]["value"]
+        if kind == "http-01":
+            env.http01.tokens[challenge["token"]] = key_authorization
+        elif kind == "dns-01":
+            env.dns.set_txt(f"_acme-challenge.{value}.", jws.dns01_txt_value(key_authorization))
+        else:
+            sni = value
+            if authz["identifier"]["type"] == "ip":
+                import ipaddress
+
+                sni = ipaddress.ip_address(value).reverse_pointer
+            env.tls.key_authorizations[sni] = key_authorization
+        client.respond(challenge["url"])
+
+
+def _issue(
+    env: Env,
+    client: AcmeClient,
+    identifiers: list[tuple[str, str]],
+    kind: str = "http-01",
+    **order_args: Any,
+) -> tuple[x509.Certificate, Any, Any]:
+    order = client.new_order(identifiers, **order_args)
+    _solve(env, client, order, kind)
+    ready = client.wait(order.location, ["ready", "invalid"])
+    assert ready.body["status"] == "ready", ready.body
+    csr, key = _csr(identifiers)
+    done = client.finalize(ready, csr)
+    assert done.body["status"] == "valid", done.body
+    chain = client.certificate_chain(done.body["certificate"])
+    leaf = check_issued(chain, env.root_pem, identifiers)
+    return leaf, key, done
+
+
+def _counts(core: Core) -> dict[str, int]:
+    tables = [
+        schema.acme_accounts,
+        schema.acme_orders,
+        schema.acme_authorizations,
+        schema.acme_challenges,
+        schema.acme_eab_keys,
+        schema.certificates,
+        schema.audit_events,
+    ]
+    with core.store.read() as conn:
+        return {
+            t.name: int(conn.execute(select(func.count()).select_from(t)).scalar_one())
+            for t in tables
+        }
+
+
+# -- directory and nonces ---------------------------------------------------------------
+
+
+def test_directory_lists_every_resource_and_meta(env: Env) -> None:
+    body = requests.get(env.directory(), verify=str(env.server.tls_bundle), timeout=10).json()
+    base = f"{env.server.https_url}/acme"
+    assert body["newNonce"] == f"{base}/new-nonce"
+    for key in ("newAccount", "newOrder", "revokeCert", "keyChange", "renewalInfo"):
+        assert body[key].startswith(base + "/"), key
+    assert body["meta"]["externalAccountRequired"] is False
+    assert set(body["meta"]["profiles"]) == {"default", "shortlived"}
+    private = requests.get(env.directory("/private"), verify=str(env.server.tls_bundle), timeout=10)
+    meta = private.json()["meta"]
+    assert meta["externalAccountRequired"] is True
+    assert meta["termsOfService"] == "https://example.test/terms"
+
+
+def test_new_nonce_head_and_get_are_not_cached_and_nonces_are_fresh(env: Env) -> None:
+    session = env.server.session()
+    url = f"{env.server.https_url}/acme/new-nonce"
+    head = session.head(url, timeout=10)
+    get = session.get(url, timeout=10)
+    assert head.status_code == 200 and get.status_code == 204
+    for response in (head, get):
+        assert response.headers["Cache-Control"] == "no-store"
+        assert 'rel="index"' in response.headers["Link"]
+    assert head.headers["Replay-Nonce"] != get.headers["Replay-Nonce"]
+
+
+def test_a_nonce_from_one_worker_is_accepted_once_by_any_worker(env: Env) -> None:
+    # The server runs two gunicorn workers; fresh connections land on either.
+    client = env.client()
+    client.register()
+    for _ in range(6):
+        nonce = requests.head(
+            client.directory["newNonce"], verify=str(env.server.tls_bundle), timeout=10
+        ).headers["Replay-Nonce"]
+        url = client.account_url
+        assert url is not None
+        body = client.signed_body(url, None, nonce=nonce)
+        fresh = requests.Session()
+        fresh.trust_env = False
+        fresh.verify = str(env.server.tls_bundle)
+        first = fresh.post(url, data=body, headers={"Content-Type": jws_type()}, timeout=10)
+        assert first.status_code == 200, first.text
+        again = env.server.session().post(
+            url, data=body, headers={"Content-Type": jws_type()}, timeout=10
+        )
+        assert again.status_code == 400
+        assert again.json()["type"] == "urn:ietf:params:acme:error:badNonce"
+        assert again.headers["Replay-Nonce"]
+
+
+def jws_type() -> str:
+    return "application/jose+json"
+
+
+# -- accounts ------------------------------------------------------------------------------
+
+
+def test_account_create_find_update_and_deactivate(env: Env) -> None:
+    client = env.client()
+    created = client.register(["mailto:ops@example.test"])
+    assert created.status == 201
+    assert created.body["status"] == "valid"
+    assert created.body["contact"] == ["mailto:ops@example.test"]
+    assert created.body["orders"] == f"{created.location}/orders"
+    # The same key again finds the same account (RFC 8555 7.3.1), 200 not 201.
+    again = client.register(only_return_existing=True)
+    assert again.status == 200 and again.location == created.location
+    assert client.account_url is not None
+    updated = client.post(client.account_url, {"contact": ["mailto:new@example.test"]})
+    assert updated.body["contact"] == ["mailto:new@example.test"]
+    gone = client.post(client.account_url, {"status": "deactivated"})
+    assert gone.body["status"] == "deactivated"
+    with pytest.raises(AcmeClientError) as refused:
+        client.new_order(["after.example.test"])
+    assert refused.value.type == "unauthorized" and refused.value.status == 403
+
+
+def test_only_return_existing_for_an_unknown_key_is_account_does_not_exist(env: Env) -> None:
+    before = _counts(env.core)
+    with pytest.raises(AcmeClientError) as refused:
+        env.client().register(only_return_existing=True)
+    assert refused.value.type == "accountDoesNotExist"
+    assert _counts(env.core)["acme_accounts"] == before["acme_accounts"]
+
+
+@pytest.mark.parametrize(
+    ("contact", "problem"),
+    [
+        ("tel:+15555550100", "unsupportedContact"),
+        ("mailto:no-at-sign", "invalidContact"),
+        ("mailto:a@example.test?subject=x", "invalidContact"),
+        ("mailto:a@example.test,b@example.test", "invalidContact"),
+    ],
+)
+def test_bad_contacts_are_refused(env: Env, contact: str, problem: str) -> None:
+    with pytest.raises(AcmeClientError) as refused:
+        env.client().register([contact])
+    assert refused.value.type == problem
+
+
+def test_key_change_moves_the_account_to_the_new_key(env: Env) -> None:
+    client = env.client()
+    client.register()
+    old_key = client.key
+    account = client.account_url
+    new_key = ec.generate_private_key(ec.SECP384R1())
+    client.key_change(new_key)
+    assert client.get(account or "").body["key"] == jws.public_key_to_jwk(new_key.public_key())
+    # The old key no longer finds the account; the new one does.
+    old = env.client(key=old_key)
+    with pytest.raises(AcmeClientError) as refused:
+        old.register(only_return_existing=True)
+    assert refused.value.type == "accountDoesNotExist"
+    assert env.client(key=new_key).register(only_return_existing=True).location == account
+
+
+def test_key_change_to_a_key_already_in_use_is_a_conflict(env: Env) -> None:
+    first, second = env.client(), env.client()
+    first.register()
+    second.register()
+    with pytest.raises(AcmeClientError) as refused:
+        first.key_change(second.key)
+    assert refused.value.status == 409
+    assert first.get(first.account_url or "").body["key"] == first.jwk
+
+
+# -- orders and challenges -------------------------------------------------------------------
+
+
+def test_http01_order_for_dns_names_issues_a_certificate_naming_exactly_them(env: Env) -> None:
+    client = env.client()
+    client.register()
+    names = [("dns", "www.http01.example.test"), ("dns", "http01.example.test")]
+    leaf, _, done = _issue(env, client, names)
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc >= __import__("datetime").timedelta(
+        days=89
+    )
+    # The validation went to the name's address (127.0.0.1 from the resolver) with its Host.
+    hosts = {host.split(":")[0] for host, _ in env.http01.requests}
+    assert {"www.http01.example.test", "http01.example.test"} <= hosts
+    authz = client.get(done.body["authorizations"][0]).body
+    http = next(c for c in authz["challenges"] if c["type"] == "http-01")
+    assert http["status"] == "valid" and http["validated"]
+    assert http["validationRecord"][0]["addressUsed"] == "127.0.0.1"
+
+
+def test_dns01_wildcard_order(env: Env) -> None:
+    client = env.client()
+    client.register()
+    names = [("dns", "*.wild.example.test"), ("dns", "wild.example.test")]
+    order = client.new_order(names)
+    wildcard_authz = [client.get(u).body for u in order.body["authorizations"]]
+    starred = next(a for a in wildcard_authz if a.get("wildcard"))
+    assert starred["identifier"]["value"] == "wild.example.test"
+    assert [c["type"] for c in starred["challenges"]] == ["dns-01"]
+    leaf, _, _ = _issue(env, client, names, kind="dns-01")
+    assert leaf is not None
+
+
+def test_tls_alpn01_order(env: Env) -> None:
+    client = env.client()
+    client.register()
+    leaf, _, _ = _issue(env, client, [("dns", "alpn.example.test")], kind="tls-alpn-01")
+    assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "alpn.example.test"
+
+
+def test_ip_identifiers_by_http01_and_tls_alpn01(env: Env) -> None:
+    client = env.client()
+    client.register()
+    order = client.new_order([("ip", "127.0.0.1")])
+    authz = client.get(order.body["authorizations"][0]).body
+    assert sorted(c["type"] for c in authz["challenges"]) == ["http-01", "tls-alpn-01"]
+    _issue(env, client, [("ip", "127.0.0.1")])
+    other = env.client()
+    other.register()
+    _issue(env, other, [("ip", "127.0.0.1")], kind="tls-alpn-01")
+
+
+def test_authorizations_are_reused_within_the_window(env: Env) -> None:
+    client = env.client()
+    client.register()
+    names = [("dns", "reuse.example.test")]
+    _, _, first = _issue(env, client, names)
+    second = client.new_order(names)
+    assert second.body["status"] == "ready"
+    assert second.body["authorizations"] == first.body["authorizations"]
+    # Another account does not inherit them.
+    stranger = env.client()
+    stranger.register()
+    assert stranger.new_order(names).body["status"] == "pending"
+
+
+def test_a_failed_challenge_makes_the_authorization_and_order_invalid(env: Env) -> None:
+    client = env.client()
+    client.register()
+    order = client.new_order(["wrong.example.test"])
+    authz_url = order.body["authorizations"][0]
+    challenge = next(c for c in client.get(authz_url).body["challenges"] if c["type"] == "http-01")
+    env.http01.tokens[challenge["token"]] = "not-the-key-authorization"
+    client.respond(challenge["url"])
+    failed = client.wait(order.location, ["invalid", "ready"])
+    assert failed.body["status"] == "invalid"
+    assert failed.body["error"]["type"] == "urn:ietf:params:acme:error:incorrectResponse"
+    authz = client.get(authz_url).body
+    assert authz["status"] == "invalid"
+    stored = next(c for c in authz["challenges"] if c["type"] == "http-01")
+    assert stored["error"]["type"] == "urn:ietf:params:acme:error:incorrectResponse"
+    assert "not-the-key-authorization" in stored["error"]["detail"]
+
+
+def test_orders_are_listed_per_account_with_pagination(env: Env) -> None:
+    client = env.client()
+    client.register()
+    made = [client.new_order([f"list{i}.example.test"]).location for i in range(3)]
+    account = client.get(client.account_url or "").body
+    page = client.get(account["orders"])
+    assert page.body["orders"] == made[:2]
+    following = page.link("next")
+    assert following is not None
+    assert client.get(following).body["orders"] == made[2:]
+
+
+def test_authorization_can_be_deactivated(env: Env) -> None:
+    client = env.client()
+    client.register()
+    order = client.new_order(["deactivate.example.test"])
+    url = order.body["authorizations"][0]
+    assert client.post(url, {"status": "deactivated"}).body["status"] == "deactivated"
+    assert client.get(order.location or "").body["status"] == "invalid"
+
+
+# -- finalize --------------------------------------------------------------------------------
+
+
+def test_finalize_before_ready_is_order_not_ready(env: Env) -> None:
+    client = env.client()
+    client.register()
+    order = client.new_order(["early.example.test"])
+    with pytest.raises(AcmeClientError) as refused:
+        client.finalize(order, _csr([("dns", "early.example.test")])[0])
+    assert refused.value.type == "orderNotReady" and refused.value.status == 403
+
+
+@pytest.mark.parametrize(
+    "case", ["extra name", "missing name", "foreign common name", "account key", "email SAN"]
+)
+def test_a_csr_that_does_not_match_the_order_is_bad_csr_and_changes_nothing(
+    env: Env, case: str
+) -> None:
+    client = env.client()
+    client.register()
+    names = [("dns", f"{case.replace(' ', '-')}.csr.example.test"), ("dns", "csr.example.test")]
+    order = client.new_order(names)
+    _solve(env, client, order)
+    ready = client.wait(order.location or "", ["ready", "invalid"])
+    assert ready.body["status"] == "ready"
+    if case == "extra name":
+        csr, _ = _csr([*names, ("dns", "evil.example.test")])
+    elif case == "missing name":
+        csr, _ = _csr(names[:1])
+    elif case == "foreign common name":
+        csr, _ = _csr(names, cn="evil.example.test")
+    elif case == "account key":
+        csr, _ = _csr(names, key=client.key)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([]))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName(v) for _, v in names] + [x509.RFC822Name("a@example.test")]
+                ),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+    before = _counts(env.core)
+    with pytest.raises(AcmeClientError) as refused:
+        client.finalize(ready, csr)
+    assert refused.value.type == "badCSR" and refused.value.status == 400
+    assert _counts(env.core)["certificates"] == before["certificates"]
+    # The order is still ready: a good CSR is accepted afterwards.
+    assert client.get(order.location or "").body["status"] == "ready"
+    good, _ = _csr(names)
+    assert client.finalize(ready, good).body["status"] == "valid"
+
+
+def test_a_csr_with_a_weak_key_is_refused(env: Env) -> None:
+    client = env.client()
+    client.register()
+    names = [("dns", "weak.example.test")]
+    order = client.new_order(names)
+    _solve(env, client, order)
+    ready = client.wait(order.location or "", ["ready"])
+    small = rsa.generate_private_key(65537, 1024)  # noqa: S505 - the weak key under test
+    with pytest.raises(AcmeClientError) as refused:
+        client.finalize(ready, _csr(names, key=small)[0])
+    assert refused.value.type == "badCSR"
+    assert "1024" in refused.value.problem["detail"]
+
+
+def test_certificate_url_serves_a_pem_chain_with_links(env: Env) -> None:
+    client = env.client()
+    client.register()
+    _, _, done = _issue(env, client, [("dns", "chain.example.test")])
+    response = client.get(done.body["certificate"])
+    assert response.headers["Content-Type"].startswith("application/pem-certificate-chain")
+    assert response.link("up") is not None and response.link(
+        "up",
+    ).endswith(".cer")
+    # GET is not how certificates are fetched (RFC 8555 7.4.2: POST-as-GET).
+    plain = requests.get(done.body["certificate"], verify=str(env.server.tls_bundle), timeout=10)
+    assert plain.status_code == 405
+
+
+# -- revocation ------------------------------------------------------------------------------
+
+
+def _status(env: Env, certificate: x509.Certificate) -> str:
+    with env.core.store.read() as conn:
+        row = conn.execute(
+            select(schema.certificates.c.status).where(
+                schema.certificates.c.serial == format(certificate.serial_number, "x")
+            )
+        ).scalar_one()
+    return str(row)
+
+
+def test_revocation_by_the_ordering_account(env: Env) -> None:
+    client = env.client()
+    client.register()
+    leaf, _, _ = _issue(env, client, [("dns", "revoke1.example.test")])
+    client.revoke(leaf, reason=4)
+    assert _status(env, leaf) == "REVOKED"
+    with pytest.raises(AcmeClientError) as again:
+        client.revoke(leaf)
+    assert again.value.type == "alreadyRevoked"
+
+
+def test_revocation_signed_by_the_certificate_key(env: Env) -> None:
+    client = env.client()
+    client.register()
+    leaf, key, _ = _issue(env, client, [("dns", "revoke2.example.test")])
+    keyholder = env.client()
+    keyholder.revoke(leaf, reason=1, certificate_key=key)
+    assert _status(env, leaf) == "REVOKED"
+
+
+def test_revocation_by_another_account_needs_authorizations_for_every_name(env: Env) -> None:
+    owner = env.client()
+    owner.register()
+    names = [("dns", "revoke3.example.test")]
+    leaf, _, _ = _issue(env, owner, names)
+    stranger = env.client()
+    stranger.register()
+    with pytest.raises(AcmeClientError) as refused:
+        stranger.revoke(leaf)
+    assert refused.value.type == "unauthorized"
+    assert _status(env, leaf) == "ISSUED"
+    # Once it has proved control of the name, it may revoke.
+    order = stranger.new_order(names)
+    _solve(env, stranger, order)
+    stranger.wait(order.location or "", ["ready"])
+    stranger.revoke(leaf)
+    assert _status(env, leaf) == "REVOKED"
+
+
+@pytest.mark.parametrize("reason", [2, 7, 8, 10, 99, -1])
+def test_revocation_reasons_a_subscriber_may_not_give_are_refused(env: Env, reason: int) -> None:
+    client = env.client()
+    client.register()
+    leaf, _, _ = _issue(env, client, [("dns", f"reason{reason % 100}.example.test")])
+    with pytest.raises(AcmeClientError) as refused:
+        client.revoke(leaf, reason=reason)
+    assert refused.value.type == "badRevocationReason"
+    assert _status(env, leaf) == "ISSUED"
+
+
+def test_revoking_a_certificate_signed_with_another_key_is_unauthorized(env: Env) -> None:
+    client = env.client()
+    client.register()
+    leaf, _, _ = _issue(env, client, [("dns", "revoke4.example.test")])
+    with pytest.raises(AcmeClientError) as refused:
+        env.client().revoke(leaf, certificate_key=ec.generate_private_key(ec.SECP256R1()))
+    assert refused.value.type == "unauthorized"
+    assert _status(env, leaf) == "ISSUED"
+
+
+# -- renewal information (RFC 9773) ----------------------------------------------------------
+
+
+def test_renewal_info_window_and_replacement_orders(env: Env) -> None:
+    client = env.client()
+    client.register()
+    names = [("dns", "ari.example.test")]
+    leaf, _, _ = _issue(env, client, names)
+    identifier = cert_id(leaf)
+    info = client.renewal_info(identifier)
+    assert info.status_code == 200
+    assert int(info.headers["Retry-After"]) > 0
+    window = info.json()["suggestedWindow"]
+    start = _parse_time(window["start"])
+    end = _parse_time(window["end"])
+    assert leaf.not_valid_before_utc < start < end < leaf.not_valid_after_utc
+    replacement = client.new_order(names, replaces=identifier)
+    assert replacement.body["replaces"] == identifier
+    with pytest.raises(AcmeClientError) as twice:
+        client.new_order(names, replaces=identifier)
+    assert twice.value.type == "alreadyReplaced" and twice.value.status == 409
+    # Someone else's certificate cannot be named.
+    stranger = env.client()
+    stranger.register()
+    with pytest.raises(AcmeClientError) as foreign:
+        stranger.new_order(names, replaces=identifier)
+    assert foreign.value.type == "unauthorized"
+    # Revoked: renew now (a window in the past).
+    client.revoke(leaf)
+    revoked = client.renewal_info(identifier).json()["suggestedWindow"]
+    assert _parse_time(revoked["end"]) < _parse_time(info.headers["Date"], http=True) + (
+        __import__("datetime").timedelta(minutes=5)
+    )
+
+
+def _parse_time(text: str, http: bool = False) -> Any:
+    import datetime
+    from email.utils import parsedate_to_datetime
+
+    if http:
+        return parsedate_to_datetime(text)
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@pytest.mark.parametrize("bad", ["nodot", "a.b.c", "AAAA.%2F%2F", "aGVsbG8.gA", "x" * 300 + ".AQ"])
+def test_renewal_info_for_a_bad_cert_id_is_malformed(env: Env, bad: str) -> None:
+    response = requests.get(
+        f"{env.server.https_url}/acme/renewal-info/{bad}",
+        verify=str(env.server.tls_bundle),
+        timeout=10,
+    )
+    assert response.status_code in (400, 404)
+    assert response.json()["type"] == "urn:ietf:params:acme:error:malformed"
+
+
+# -- profiles ---------------------------------------------------------------------------------
+
+
+def test_profiles_choose_the_validity_and_unknown_ones_are_refused(env: Env) -> None:
+    client = env.client()
+    client.register()
+    leaf, _, done = _issue(env, client, [("dns", "short.example.test")], profile="shortlived")
+    assert done.body["profile"] == "shortlived"
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert lifetime <= __import__("datetime").timedelta(days=6, hours=1)
+    with pytest.raises(AcmeClientError) as refused:
+        client.new_order(["x.example.test"], profile="forever")
+    assert refused.value.type == "invalidProfile"
+
+
+# -- external account binding and identifier policy -------------------------------------------
+
+
+def _eab_key(env: Env, **body: Any) -> tuple[str, bytes]:
+    response = env.server.session().post(
+        f"{env.server.https_url}/api/v1/connectors/private/eab-keys", json=body, timeout=10
+    )
+    assert response.status_code == 201, response.text
+    data = response.json()
+    return data["kid"], jws.b64url_decode(data["hmac_key"])
+
+
+def test_eab_is_required_and_binds_one_account(env: Env) -> None:
+    client = env.client("/private")
+    with pytest.raises(AcmeClientError) as missing:
+        client.register()
+    assert missing.value.type == "externalAccountRequired"
+    with pytest.raises(AcmeClientError) as no_terms:
+        client.register(eab=_eab_key(env), agree=False)
+    assert no_terms.value.type == "userActionRequired"
+    kid, hmac_key = _eab_key(env, label="web team")
+    created = client.register(eab=(kid, hmac_key))
+    assert created.status == 201
+    assert created.body["externalAccountBinding"]["kid"] == kid
+    # One key, one account.
+    with pytest.raises(AcmeClientError) as reused:
+        env.client("/private").register(eab=(kid, hmac_key))
+    assert reused.value.type == "unauthorized"
+    listed = env.server.session().get(
+        f"{env.server.https_url}/api/v1/connectors/private/eab-keys", timeout=10
+    )
+    entry = next(k for k in listed.json() if k["kid"] == kid)
+    assert entry["account_id"] == (client.account_url or "").rsplit("/", 1)[-1]
+    assert "hmac_key" not in entry
+
+
+def test_eab_with_a_wrong_mac_or_a_revoked_key_is_unauthorized(env: Env) -> None:
+    kid, hmac_key = _eab_key(env)
+    before = _counts(env.core)
+    with pytest.raises(AcmeClientError) as wrong:
+        env.client("/private").register(eab=(kid, b"\x00" * len(hmac_key)))
+    assert wrong.value.type == "unauthorized"
+    revoked = env.server.session().delete(
+        f"{env.server.https_url}/api/v1/connectors/private/eab-keys/{kid}", timeout=10
+    )
+    assert revoked.status_code == 200
+    with pytest.raises(AcmeClientError) as gone:
+        env.client("/private").register(eab=(kid, hmac_key))
+    assert gone.value.type == "unauthorized"
+    assert _counts(env.core)["acme_accounts"] == before["acme_accounts"]
+
+
+def test_eab_keys_are_an_admin_resource(env: Env) -> None:
+    anonymous = requests.post(
+        f"{env.server.https_url}/api/v1/connectors/private/eab-keys",
+        json={},
+        verify=str(env.server.tls_bundle),
+        timeout=10,
+    )
+    assert anonymous.status_code == 401
+
+
+def test_identifier_policy_of_the_connector_and_of_the_eab_key(env: Env) -> None:
+    client = env.client("/private")
+    client.register(
+        eab=_eab_key(env, allowed_identifiers={"dns_suffixes": ["web.corp.example.test"]})
+    )
+    with pytest.raises(AcmeClientError) as outside:
+        client.new_order(["www.example.test", "a.web.corp.example.test"])
+    assert outside.value.type == "rejectedIdentifier"
+    assert [s["identifier"]["value"] for s in outside.value.problem["subproblems"]] == [
+        "www.example.test"
+    ]
+    # Allowed by the connector (corp.example.test) but not by this account's key.
+    with pytest.raises(AcmeClientError) as narrower:
+        client.new_order(["mail.corp.example.test"])
+    assert narrower.value.type == "rejectedIdentifier"
+    assert client.new_order(["a.web.corp.example.test"]).status == 201
+
+
+def test_eab_key_default_profile_applies_to_its_orders(env: Env) -> None:
+    client = env.client("/private")
+    client.register(eab=_eab_key(env, default_profile="shortlived"))
+    assert client.new_order(["p.corp.example.test"]).body["profile"] == "shortlived"
+
+
+# -- rate limits --------------------------------------------------------------------------------
+
+
+def test_new_orders_per_account_are_rate_limited(env: Env) -> None:
+    client = env.client("/private")
+    client.register(eab=_eab_key(env))
+    for i in range(3):
+        client.new_order([f"rl{i}.corp.example.test"])
+    before = _counts(env.core)
+    with pytest.raises(AcmeClientError) as limited:
+        client.new_order(["rl9.corp.example.test"])
+    assert limited.value.type == "rateLimited" and limited.value.status == 429
+    assert _counts(env.core)["acme_orders"] == before["acme_orders"]
+
+
+def test_failed_validations_per_identifier_are_rate_limited(env: Env) -> None:
+    client = env.client("/private")
+    client.register(eab=_eab_key(env))
+    name = "fail.corp.example.test"
+    order = client.new_order([name])
+    challenge = next(
+        c
+        for c in client.get(order.body["authorizations"][0]).body["challenges"]
+        if c["type"] == "http-01"
+    )
+    client.respond(challenge["url"])  # nothing is served: it fails
+    assert client.wait(order.location or "", ["invalid"]).body["status"] == "invalid"
+    retry = client.new_order([name])
+    challenge = next(
+        c
+        for c in client.get(retry.body["authorizations"][0]).body["challenges"]
+        if c["type"] == "http-01"
+    )
+    session = env.server.session()
+    response = client.raw_post(challenge["url"], client.signed_body(challenge["url"], {}))
+    assert response.status == 429, response.text
+    assert response.body["type"] == "urn:ietf:params:acme:error:rateLimited"
+    assert int(response.headers["Retry-After"]) > 0
+    del session
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def _tamper(body: bytes, part: str) -> bytes:
+    document = json.loads(body)
+    raw = jws.b64url_decode(document[part])
+    flipped = bytes([raw[0] ^ 1]) + raw[1:] if raw else b"x"
+    document[part] = jws.b64url_encode(flipped)
+    return json.dumps(document).encode()
+
+
+def _problem(response: Any) -> str:
+    return str(response.body["type"]).removeprefix("urn:ietf:params:acme:error:")
+
+
+def test_bad_requests_get_the_right_problem_and_change_nothing(env: Env) -> None:
+    client = env.client()
+    client.register()
+    account = client.account_url or ""
+    new_order = client.directory["newOrder"]
+    payload = {"identifiers": [{"type": "dns", "value": "bad.example.test"}]}
+    stranger_key = ec.generate_private_key(ec.SECP256R1())
+
+    def signed(**kwargs: Any) -> bytes:
+        return client.signed_body(new_order, payload, **kwargs)
+
+    cases: list[tuple[str, bytes, str, int, str]] = [
+        ("tampered payload", _tamper(signed(), "payload"), jws_type(), 400, "malformed"),
+        ("tampered signature", _tamper(signed(), "signature"), jws_type(), 400, "malformed"),
+        ("tampered header", _tamper(signed(), "protected"), jws_type(), 400, "malformed"),
+        (
+            "url mismatch",
+            client.signed_body(new_order + "x", payload),
+            jws_type(),
+            403,
+            "unauthorized",
+        ),
+        (
+            "unknown kid",
+            client.signed_body(
+                new_order, payload, extra_header={"kid": account.rsplit("/", 1)[0] + "/nobody"}
+            ),
+            jws_type(),
+            400,
+            "accountDoesNotExist",
+        ),
+        (
+            "jwk on new-order",
+            client.signed_body(new_order, payload, use_jwk=True),
+            jws_type(),
+            400,
+            "malformed",
+        ),
+        (
+            "signed by another key",
+            client.signed_body(new_order, payload, key=stranger_key),
+            jws_type(),
+            400,
+            "malformed",
+        ),
+        ("not jose", signed(), "application/json", 415, "malformed"),
+        ("not json", b"{not json", jws_type(), 400, "malformed"),
+        ("empty", b"", jws_type(), 400, "malformed"),
+        ("oversized", b"{" + b" " * (70 * 1024) + b"}", jws_type(), 413, "malformed"),
+        (
+            "bad nonce",
+            client.signed_body(new_order, payload, nonce="A" * 54),
+            jws_type(),
+            400,
+            "badNonce",
+        ),
+    ]
+    # alg none and HS256 headers, hand-built.
+    for alg in ("none", "HS256"):
+        protected = jws.b64url_encode(
+            json.dumps(
+                {"alg": alg, "kid": account, "url": new_order, "nonce": client.new_nonce()}
+            ).encode()
+        )
+        body = json.dumps(
+            {
+                "protected": protected,
+                "payload": jws.b64url_encode(json.dumps(payload).encode()),
+                "signature": "",
+            }
+        ).encode()
+        cases.append((f"alg {alg}", body, jws_type(), 400, "badSignatureAlgorithm"))
+    before = _counts(env.core)
+    for name, body, content_type, status, problem in cases:
+        response = client.raw_post(new_order, body, content_type)
+        assert response.status == status, (name, response.status, response.text)
+        assert _problem(response) == problem, (name, response.body)
+        assert response.headers["Content-Type"].startswith("application/problem+json"), name
+        assert response.headers.get("Replay-Nonce"), name
+    after = _counts(env.core)
+    assert after == before
+
+
+def test_a_replayed_request_is_bad_nonce_and_not_executed_twice(env: Env) -> None:
+    client = env.client()
+    client.register()
+    body = client.signed_body(
+        client.directory["newOrder"],
+        {"identifiers": [{"type": "dns", "value": "once.example.test"}]},
+    )
+    first = client.raw_post(client.directory["newOrder"], body)
+    assert first.status == 201
+    before = _counts(env.core)
+    replay = client.raw_post(client.directory["newOrder"], body)
+    assert replay.status == 400 and _problem(replay) == "badNonce"
+    assert _counts(env.core) == before
+
+
+@pytest.mark.parametrize(
+    ("identifiers", "problem"),
+    [
+        ([], "malformed"),
+        ([{"type": "email", "value": "a@example.test"}], "unsupportedIdentifier"),
+        ([{"type": "dns", "value": "*.*.example.test"}], "rejectedIdentifier"),
+        ([{"type": "dns", "value": "a..example.test"}], "rejectedIdentifier"),
+        ([{"type": "dns", "value": "localhost"}], "rejectedIdentifier"),
+        ([{"type": "dns", "value": "127.0.0.1"}], "malformed"),
+        ([{"type": "ip", "value": "999.1.1.1"}], "malformed"),
+        ([{"type": "dns", "value": "x" * 300 + ".test"}], "rejectedIdentifier"),
+    ],
+)
+def test_bad_identifiers_are_refused(env: Env, identifiers: list[Any], problem: str) -> None:
+    client = env.client()
+    client.register()
+    before = _counts(env.core)
+    response = client.raw_post(
+        client.directory["newOrder"],
+        client.signed_body(client.directory["newOrder"], {"identifiers": identifiers}),
+    )
+    assert response.status == 400, response.text
+    assert _problem(response) == problem
+    assert _counts(env.core)["acme_orders"] == before["acme_orders"]
+
+
+def test_a_wildcard_order_offers_only_dns01_and_ip_orders_never_dns01(env: Env) -> None:
+    client = env.client()
+    client.register()
+    order = client.new_order(["*.only-dns.example.test"])
+    authz = client.get(order.body["authorizations"][0]).body
+    assert [c["type"] for c in authz["challenges"]] == ["dns-01"]
+
+
+def test_resources_of_another_account_are_not_found(env: Env) -> None:
+    owner = env.client()
+    owner.register()
+    order = owner.new_order(["mine.example.test"])
+    thief = env.client()
+    thief.register()
+    for url in (order.location or "", order.body["authorizations"][0]):
+        with pytest.raises(AcmeClientError) as refused:
+            thief.get(url)
+        assert refused.value.status == 404
+    with pytest.raises(AcmeClientError) as account:
+        thief.get(owner.account_url or "")
+    assert account.value.type == "unauthorized"
+
+
+def test_certificate_ids_round_trip(env: Env) -> None:
+    client = env.client()
+    client.register()
+    leaf, _, _ = _issue(env, client, [("dns", "certid.example.test")])
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    text = cert_id(leaf)
+    left, right = text.split(".")
+    assert base64.urlsafe_b64decode(left + "=" * (-len(left) % 4)) == aki.key_identifier
+    assert int.from_bytes(base64.urlsafe_b64decode(right + "=" * (-len(right) % 4)), "big") == (
+        leaf.serial_number
+    )
+
+
+def test_everything_issued_is_in_the_store_and_the_audit_chain_verifies(env: Env) -> None:
+    client = env.client()
+    client.register()
+    leaf, _, _ = _issue(env, client, [("dns", "audited.example.test")])
+    assert _status(env, leaf) == "ISSUED"
+    report = env.core.audit.verify()
+    assert report.ok, report
+    with env.core.store.read() as conn:
+        actions = set(conn.execute(select(schema.audit_events.c.action).distinct()).scalars())
+    assert {"acme.account.create", "certificate.issue"} <= actions
