@@ -11,9 +11,9 @@ first write transaction, so a replayed request fails before it changes anything.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +30,6 @@ from pkigate.acme.identifiers import IdentifierPolicy, parse_identifiers
 from pkigate.acme.nonces import NonceMinter
 from pkigate.acme.problems import AcmeProblem
 from pkigate.acme.service import (
-    MAINTENANCE_JOB,
     VALIDATE_JOB,
     AcmeService,
     AuthorizationView,
@@ -106,10 +105,10 @@ class AcmeConnector(Connector):
         return {**super().describe(), "directory": self.url("/directory")}
 
     def job_handlers(self) -> Mapping[str, Callable[[dict[str, Any]], None]]:
-        return {
-            VALIDATE_JOB: self.service.run_validation,
-            MAINTENANCE_JOB: self.service.maintenance,
-        }
+        return {VALIDATE_JOB: self.service.run_validation}
+
+    def maintenance(self) -> None:
+        self.service.maintenance()
 
     def url(self, path: str) -> str:
         return self.context.url + path
@@ -145,6 +144,12 @@ class AcmeConnector(Connector):
         def method_not_allowed(_error: Exception) -> Response:
             return self._problem(
                 AcmeProblem("malformed", f"{request.method} is not allowed here", status=405)
+            )
+
+        @bp.errorhandler(413)
+        def too_large(_error: Exception) -> Response:
+            return self._problem(
+                AcmeProblem("malformed", "the request body is too large", status=413)
             )
 
         @bp.errorhandler(404)
@@ -310,8 +315,7 @@ class AcmeConnector(Connector):
             "renewalInfo": self.url("/renewal-info"),
             "meta": meta,
         }
-        response = Response(json.dumps(body), content_type="application/json")
-        return response
+        return self._headers(Response(json.dumps(body), content_type="application/json"))
 
     def _new_nonce(self) -> Response:
         response = Response(status=200 if request.method == "HEAD" else 204)
@@ -431,10 +435,8 @@ class AcmeConnector(Connector):
             self._spend(acme_request, conn)
 
     def _write(self, acme_request: AcmeRequest) -> _SpendingTransaction:
-        return _SpendingTransaction(self, acme_request)
-
-    def _read_after_spending(self, acme_request: AcmeRequest) -> _SpendingTransaction:
-        """POST-as-GET: the nonce is spent in the same transaction the resource is read in."""
+        """A write transaction that spends the nonce first (POST-as-GET reads included: a
+        replayed read is refused like any replay)."""
         return _SpendingTransaction(self, acme_request)
 
     def _require_account(self, acme_request: AcmeRequest) -> AccountRecord:
@@ -542,7 +544,7 @@ class AcmeConnector(Connector):
         account = self._require_account(acme_request)
         if account.id != account_id:
             raise AcmeProblem("unauthorized", "these are another account's orders")
-        with self._read_after_spending(acme_request) as conn:
+        with self._write(acme_request) as conn:
             orders, following = self.service.orders_page(conn, account, cursor)
         links: tuple[tuple[str, str], ...] = ()
         if following is not None:
@@ -587,7 +589,7 @@ class AcmeConnector(Connector):
 
     def _order(self, acme_request: AcmeRequest, order_id: str) -> Response:
         account = self._require_account(acme_request)
-        with self._read_after_spending(acme_request) as conn:
+        with self._write(acme_request) as conn:
             view = self.service.order(conn, account, order_id)
             body = self._order_json(view)
         retry = 1 if view.order.status == "processing" else None
@@ -717,7 +719,7 @@ class AcmeConnector(Connector):
         chains = self.options.alternate_chains
         if not 0 <= alternate <= len(chains):
             raise AcmeProblem("malformed", "no such alternate chain", status=404)
-        with self._read_after_spending(acme_request) as conn:
+        with self._write(acme_request) as conn:
             view = self.service.order(conn, account, order_id)
             record = self.service.certificate_of(conn, view.order)
         leaf = x509.load_der_x509_certificate(record.der).public_bytes(serialization.Encoding.PEM)
@@ -838,8 +840,6 @@ class _EabSealer:
 
 
 def _random_bytes(count: int) -> bytes:
-    import os
-
     return os.urandom(count)
 
 
@@ -878,10 +878,3 @@ def _spki(key: Any) -> bytes:
 
 def _stamp(moment: datetime) -> str:
     return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def _b64decode(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise AcmeProblem("malformed", "not base64url") from None

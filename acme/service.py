@@ -9,12 +9,12 @@ the certificate's names are the order's, handed to the core as API passthrough.
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import logging
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,8 +25,9 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import Connection
 
 from pkigate.acme.identifiers import Identifier, IdentifierPolicy, check_policy
+from pkigate.acme.jws import public_key_from_jwk
 from pkigate.acme.problems import AcmeProblem
-from pkigate.acme.renewal import RenewalWindow, cert_id, parse_cert_id, suggested_window
+from pkigate.acme.renewal import RenewalWindow, parse_cert_id, suggested_window
 from pkigate.acme.settings import AcmeSettings, Profile
 from pkigate.acme.validation import ValidationSettings, validate
 from pkigate.core import Actor, Requester
@@ -55,8 +56,6 @@ from pkigate.gateways.connectors import ConnectorContext
 log = logging.getLogger("pkigate.acme")
 
 VALIDATE_JOB = "acme-validate"
-MAINTENANCE_JOB = "acme-maintenance"
-MAINTENANCE_INTERVAL = timedelta(minutes=10)
 
 # Challenge types offered per identifier: a wildcard can only be proved in DNS (RFC 8555
 # 7.1.3), an IP address not in DNS at all (RFC 8738 section 7).
@@ -664,8 +663,6 @@ class AcmeService:
             if kind == "dns":
                 names.append(x509.DNSName(value))
             else:
-                import ipaddress
-
                 names.append(x509.IPAddress(ipaddress.ip_address(value)))
         subject_cn = common_names[0].lower() if common_names else None
         if subject_cn is None:
@@ -832,25 +829,18 @@ class AcmeService:
             record.not_before, record.not_after, record.status == "REVOKED", self.now()
         )
 
-    # -- EAB keys (management API) -------------------------------------------------------
+    # -- housekeeping ----------------------------------------------------------------------
 
-    def maintenance(self, _payload: Mapping[str, Any]) -> None:
+    def maintenance(self) -> None:
+        """Forget spent nonces that have expired anyway, and rate-limit windows long over."""
         now = self.now()
         with self.core.store.write() as conn:
             spent = acme_store.purge_spent_nonces(conn, now)
             counters = acme_store.purge_rate_counters(conn, now - timedelta(days=1))
-            self.core.jobs.enqueue(
-                f"{self.name}:{MAINTENANCE_JOB}",
-                {},
-                run_at=now + MAINTENANCE_INTERVAL,
-                dedupe_key=f"acme-maintenance:{self.name}",
-                conn=conn,
-            )
-        log.debug("ACME maintenance", extra={"spent_nonces": spent, "counters": counters})
-
-
-def cert_id_of(certificate: x509.Certificate) -> str:
-    return cert_id(certificate)
+        log.info(
+            "ACME maintenance",
+            extra={"connector": self.name, "spent_nonces": spent, "counters": counters},
+        )
 
 
 def _problem_for(exc: PkigateError) -> AcmeProblem:
@@ -872,8 +862,6 @@ def _spki(key: CertificateIssuerPublicKeyTypes | Any) -> bytes:
 
 
 def _public_der_of_jwk(jwk: Mapping[str, Any]) -> bytes | None:
-    from pkigate.acme.jws import public_key_from_jwk
-
     try:
         return _spki(public_key_from_jwk(jwk))
     except AcmeProblem:
@@ -881,16 +869,8 @@ def _public_der_of_jwk(jwk: Mapping[str, Any]) -> bytes | None:
 
 
 def _replace_status(order: OrderRecord, status: str) -> OrderRecord:
-    from dataclasses import replace
-
     return replace(order, status=status)
 
 
 def _replace_authz_status(record: AuthorizationRecord, status: str) -> AuthorizationRecord:
-    from dataclasses import replace
-
     return replace(record, status=status)
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))

@@ -114,6 +114,11 @@ class Connector(ABC):
         """Background job kinds this connector processes (see pkigate.core.jobs)."""
         return {}
 
+    def maintenance(self) -> None:
+        """Housekeeping (expired nonces, old counters), run by the gateway's periodic
+        maintenance job in whichever process picks it up. Nothing by default."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """What `pkigate serve` prints and the API lists about this instance."""
         return {

@@ -258,9 +258,15 @@ class Gateway:
         self.core.jobs.enqueue(MAINTENANCE_JOB, {}, dedupe_key=MAINTENANCE_JOB)
 
     def _maintenance(self, _payload: dict[str, Any]) -> None:
-        """Hourly: drop finished jobs, destroy keys past their restore window."""
+        """Hourly: drop finished jobs, destroy keys past their restore window, and let
+        each connector clean up after itself."""
         self.core.jobs.purge_finished(timedelta(days=7))
         self.core.authorities.purge_expired_deletions(SYSTEM)
+        for connector in self.connectors:
+            try:
+                connector.maintenance()
+            except Exception:
+                log.exception("maintenance of connector %s failed", connector.context.name)
         self.core.jobs.enqueue(
             MAINTENANCE_JOB,
             {},

@@ -9,6 +9,8 @@ import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ import requests
 from acme_support import Http01Responder, TlsAlpnResponder, check_issued
 from challtestsrv import ChallTestServer
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from serving import RunningServer, start_server
@@ -955,3 +957,140 @@ def test_everything_issued_is_in_the_store_and_the_audit_chain_verifies(env: Env
     with env.core.store.read() as conn:
         actions = set(conn.execute(select(schema.audit_events.c.action).distinct()).scalars())
     assert {"acme.account.create", "certificate.issue"} <= actions
+
+
+def test_directory_and_errors_carry_a_fresh_nonce(env: Env) -> None:
+    session = env.server.session()
+    directory = session.get(env.directory(), timeout=10)
+    assert directory.headers["Replay-Nonce"]
+    huge = session.post(
+        f"{env.server.https_url}/acme/new-order",
+        data=b"x" * (2 * 1024 * 1024),
+        headers={"Content-Type": jws_type()},
+        timeout=30,
+    )
+    assert huge.status_code == 413
+    assert huge.json()["type"] == "urn:ietf:params:acme:error:malformed"
+    assert huge.headers["Replay-Nonce"]
+
+
+def test_maintenance_forgets_expired_spent_nonces(tmp_path: Path) -> None:
+    from pkigate.acme.connector import AcmeConnector
+    from pkigate.core.store import acme as acme_store
+    from pkigate.gateways.config import parse_config
+    from pkigate.gateways.runtime import Gateway
+
+    gateway = Gateway.open(parse_config(f"data_dir = '{tmp_path / 'data'}'"), bootstrap=True)
+    try:
+        (connector,) = [c for c in gateway.connectors if isinstance(c, AcmeConnector)]
+        now = gateway.core.clock()
+        with gateway.core.store.write() as conn:
+            assert acme_store.spend_nonce(conn, "old", now - timedelta(minutes=1))
+            assert acme_store.spend_nonce(conn, "live", now + timedelta(minutes=10))
+            assert not acme_store.spend_nonce(conn, "live", now + timedelta(minutes=10))
+        connector.maintenance()
+        with gateway.core.store.read() as conn:
+            left = set(conn.execute(select(schema.acme_spent_nonces.c.nonce)).scalars())
+        assert left == {"live"}
+    finally:
+        gateway.close()
+
+
+def _cross_sign(issuing: x509.Certificate) -> tuple[x509.Certificate, x509.Certificate]:
+    """A second root and a cross-certificate for the issuing CA's name and key."""
+    import datetime
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Cross Root")])
+    now = datetime.datetime.now(datetime.UTC)
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    ski = issuing.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cross = (
+        x509.CertificateBuilder()
+        .subject_name(issuing.subject)
+        .issuer_name(name)
+        .public_key(issuing.public_key())  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1000))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(ski, False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return root, cross
+
+
+def test_an_alternate_chain_is_offered_with_link_alternate(tmp_path: Path) -> None:
+    responder = Http01Responder()
+    config = f"""
+[[connectors]]
+type = "acme"
+name = "acme"
+mount = "/acme"
+[connectors.settings]
+http01_port = {responder.port}
+"""
+    data = tmp_path / "data"
+    try:
+        start_server(data, extra_config=config).stop()
+        core = Core.open(data)
+        (issuing_view,) = [v for v in core.authorities.list_cas() if v.record.type == "SUBORDINATE"]
+        issuing_pem, _ = core.authorities.certificate_pem(issuing_view.record.id)
+        core.close()
+        cross_root, cross = _cross_sign(x509.load_pem_x509_certificate(issuing_pem.encode()))
+        chain_file = tmp_path / "cross.pem"
+        chain_file.write_bytes(cross.public_bytes(serialization.Encoding.PEM))
+        server = start_server(data, extra_config=config + f'alternate_chains = ["{chain_file}"]\n')
+        try:
+            client = AcmeClient(
+                f"{server.https_url}/acme/directory",
+                ec.generate_private_key(ec.SECP256R1()),
+                server.session(),
+            )
+            client.register()
+            names = [("ip", "127.0.0.1")]
+            order = client.new_order(names)
+            authz = client.get(order.body["authorizations"][0]).body
+            challenge = next(c for c in authz["challenges"] if c["type"] == "http-01")
+            responder.tokens[challenge["token"]] = jws.key_authorization(
+                challenge["token"], client.thumbprint
+            )
+            client.respond(challenge["url"])
+            ready = client.wait(order.location or "", ["ready", "invalid"])
+            done = client.finalize(ready, _csr(names)[0])
+            default = client.get(done.body["certificate"])
+            alternate_url = default.link("alternate")
+            assert alternate_url == done.body["certificate"] + "/1"
+            alternate = client.get(alternate_url)
+            assert alternate.link("alternate") == done.body["certificate"]
+            chain = x509.load_pem_x509_certificates(alternate.text.encode())
+            assert chain[1] == cross
+            root_pem = cross_root.public_bytes(serialization.Encoding.PEM)
+            check_issued(chain, root_pem, names)
+            check_issued(
+                x509.load_pem_x509_certificates(default.text.encode()),
+                server.tls_bundle.read_bytes(),
+                names,
+            )
+        finally:
+            server.stop()
+    finally:
+        responder.close()
