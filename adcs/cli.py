@@ -7,7 +7,6 @@ This module only defines the click command; the `pkigate` group in
 from __future__ import annotations
 
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
@@ -17,6 +16,7 @@ import click
 from pkigate.adcs.directory import DevDirectory, DevDirectoryError
 from pkigate.adcs.layout import InvalidBaseDn, certificate_templates_dn, domain_components
 from pkigate.adcs.seed import DEFAULT_BASE
+from pkigate.core.service import default_data_dir
 
 DEFAULT_PORT = 1389  # unprivileged; 0 picks a free port
 
@@ -27,7 +27,8 @@ DEFAULT_PORT = 1389  # unprivileged; 0 picks a free port
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Keep the database and credentials here and reuse them on the next start "
-    "(default: a temporary directory, removed on exit).",
+    "(default: dev-directory/ in pkigate's data directory, where the embedded AD-style "
+    "connector looks for them).",
 )
 @click.option(
     "--port",
@@ -41,7 +42,7 @@ DEFAULT_PORT = 1389  # unprivileged; 0 picks a free port
     "--foreground/--background",
     default=True,
     show_default=True,
-    help="Run until Ctrl-C, or leave slapd running and return (needs --data-dir).",
+    help="Run until Ctrl-C, or leave slapd running and return.",
 )
 def dev_directory(data_dir: Path | None, port: int, base: str, foreground: bool) -> None:
     """Run a development directory: OpenLDAP slapd with AD's schema and an example domain.
@@ -54,29 +55,25 @@ def dev_directory(data_dir: Path | None, port: int, base: str, foreground: bool)
         domain_components(base)
     except InvalidBaseDn as exc:
         raise click.BadParameter(str(exc), param_hint="--base") from None
-    if not foreground and data_dir is None:
-        raise click.UsageError("--background needs --data-dir (a temporary one would vanish)")
-    with tempfile.TemporaryDirectory(prefix="pkigate-directory-") as scratch:
-        directory = DevDirectory(
-            data_dir if data_dir is not None else Path(scratch),
-            base=base,
-            port=port or None,
-        )
-        try:
-            directory.start()
-        except DevDirectoryError as exc:
-            raise click.ClickException(str(exc)) from None
-        _describe(directory)
-        if not foreground:
-            pid = directory.detach()
-            click.echo(f"slapd runs in the background as process {pid}; stop it with: kill {pid}")
-            return
-        try:
-            click.echo("Press Ctrl-C to stop.")
-            _wait_for_interrupt()
-        finally:
-            directory.stop()
-            click.echo("Stopped.")
+    if data_dir is None:
+        data_dir = default_data_dir() / "dev-directory"
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory = DevDirectory(data_dir, base=base, port=port or None)
+    try:
+        directory.start()
+    except DevDirectoryError as exc:
+        raise click.ClickException(str(exc)) from None
+    _describe(directory)
+    if not foreground:
+        pid = directory.detach()
+        click.echo(f"slapd runs in the background as process {pid}; stop it with: kill {pid}")
+        return
+    try:
+        click.echo("Press Ctrl-C to stop.")
+        _wait_for_interrupt()
+    finally:
+        directory.stop()
+        click.echo("Stopped.")
 
 
 # The name the `pkigate` group registers (`adcs.add_command(dev_directory_command)`).

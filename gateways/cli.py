@@ -51,6 +51,7 @@ from pkigate.gateways.auth import Role, TokenService
 from pkigate.gateways.openapi import token_json
 
 if TYPE_CHECKING:
+    from pkigate.adcs.connector import AdcsConnector
     from pkigate.gateways.remote import RemoteClient
     from pkigate.scep.connector import ScepConnector
 
@@ -1156,3 +1157,139 @@ def scep_profile(
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# -- adcs --------------------------------------------------------------------------------------
+
+
+@main.group()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="PKIGATE_CONFIG",
+    help="The server's TOML configuration, which declares the connectors (default: embedded).",
+)
+@pass_state
+def adcs(state: State, config_path: Path | None) -> None:
+    """AD-style connectors: the development directory, CA publication, pending requests."""
+    state.config_path = config_path
+
+
+def _adcs_connector(state: State, name: str) -> AdcsConnector:
+    """The named AD-style connector of the configured gateway, on the local data directory."""
+    from pkigate.adcs.connector import AdcsConnector
+    from pkigate.gateways.config import ConfigError
+    from pkigate.gateways.runtime import Gateway
+    from pkigate.gateways.serve import effective_config
+
+    try:
+        config = effective_config(state.config_path, state.data_dir, state.database_url, None)
+        gateway = Gateway.open(config)
+    except ConfigError as exc:
+        raise BadRequestError(str(exc)) from None
+    for connector in gateway.connectors:
+        if connector.context.name == name and isinstance(connector, AdcsConnector):
+            return connector
+    names = [c.context.name for c in gateway.connectors if isinstance(c, AdcsConnector)]
+    raise NotFoundError(f"no AD-style connector {name!r}; configured: {', '.join(names) or 'none'}")
+
+
+def _add_dev_directory() -> None:
+    from pkigate.adcs.cli import dev_directory_command
+
+    adcs.add_command(dev_directory_command)
+
+
+_add_dev_directory()
+
+
+@adcs.command("publish")
+@click.option("--connector", "connector_name", default="adcs", show_default=True)
+@click.option(
+    "--template",
+    "templates",
+    multiple=True,
+    help="A template this CA offers (repeat); default: every template in the directory.",
+)
+@click.option("--dns-host-name", help="The CA's host name (default: the HTTPS listener's host).")
+@pass_state
+@reports_errors
+def adcs_publish(
+    state: State, connector_name: str, templates: tuple[str, ...], dns_host_name: str | None
+) -> None:
+    """Create or update the CA's pKIEnrollmentService object, as an enterprise CA
+    registers itself: its name, host, certificate and the templates it issues."""
+    connector = _adcs_connector(state, connector_name)
+    data = connector.publish(list(templates) or None, dns_host_name)
+    state.emit(
+        data,
+        lambda: f"{data['result']} {data['dn']}: templates {', '.join(data['templates'])}",
+    )
+
+
+@adcs.group("pending")
+def adcs_pending() -> None:
+    """Requests held by templates that pend all requests (CT_FLAG_PEND_ALL_REQUESTS)."""
+
+
+@adcs_pending.command("list")
+@click.option("--connector", "connector_name", default="adcs", show_default=True)
+@pass_state
+@reports_errors
+def adcs_pending_list(state: State, connector_name: str) -> None:
+    """List the requests waiting for approval."""
+    if state.remote is not None:
+        requests = state.remote.scep_pending(connector_name)
+    else:
+        requests = [r.to_json() for r in _adcs_connector(state, connector_name).service.pending()]
+
+    def line(r: dict[str, Any]) -> str:
+        return (
+            f"{r['request_id']:>6}  {r['received_at'][:19]}  {r['template']:<20} {r['principal']}"
+        )
+
+    state.emit(requests, lambda: "\n".join(line(r) for r in requests) or "no pending requests")
+
+
+@adcs_pending.command("approve")
+@click.option("--connector", "connector_name", default="adcs", show_default=True)
+@click.argument("request_id", type=int)
+@pass_state
+@reports_errors
+def adcs_pending_approve(state: State, connector_name: str, request_id: int) -> None:
+    """Issue the held request (deciding again from the directory as it is now)."""
+    if state.remote is not None:
+        data = state.remote.scep_approve(connector_name, str(request_id))
+    else:
+        from pkigate.adcs.policy import EnrollmentRefused
+
+        connector = _adcs_connector(state, connector_name)
+        try:
+            outcome = connector.service.approve(request_id, state.actor)
+        except EnrollmentRefused as refusal:
+            raise BadRequestError(f"{refusal.code}: {refusal.message}") from None
+        assert outcome.certificate is not None
+        data = {
+            "request_id": request_id,
+            "status": "issued",
+            "serial": format(outcome.certificate.serial_number, "x"),
+            "certificate": outcome.certificate.public_bytes(serialization.Encoding.PEM).decode(),
+        }
+    state.emit(data, lambda: f"approved {request_id}: certificate {data['serial']} issued")
+
+
+@adcs_pending.command("reject")
+@click.option("--connector", "connector_name", default="adcs", show_default=True)
+@click.option("--reason", required=True, help="Why (recorded in the audit log).")
+@click.argument("request_id", type=int)
+@pass_state
+@reports_errors
+def adcs_pending_reject(state: State, connector_name: str, request_id: int, reason: str) -> None:
+    """Refuse the held request."""
+    if state.remote is not None:
+        data = state.remote.scep_reject(connector_name, str(request_id), reason)
+    else:
+        connector = _adcs_connector(state, connector_name)
+        data = connector.service.reject(request_id, state.actor, reason).to_json()
+    state.emit(data, lambda: f"rejected {request_id}: {reason}")

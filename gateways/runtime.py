@@ -44,6 +44,9 @@ MAINTENANCE_INTERVAL = timedelta(hours=1)
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name, not a secret
 
 
+CLIENT_CA_FILE = "client-cas.pem"
+
+
 def tls_dir(core: Core) -> Path:
     return core.data_dir / "tls"
 
@@ -235,6 +238,20 @@ class Gateway:
         )
         cert_path.write_text(issued.pem() + intermediates)
         return cert_path, key_path
+
+    def ensure_client_ca_bundle(self) -> Path:
+        """The CAs whose certificates the HTTPS listener accepts from clients (TLS client
+        authentication is optional there; the AD-style connector uses it for renewal)."""
+        directory = tls_dir(self.core)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        pems: list[str] = []
+        for view in self.core.authorities.list_cas():
+            if view.record.certificate_der is not None:
+                certificate = x509.load_der_x509_certificate(view.record.certificate_der)
+                pems.append(certificate.public_bytes(serialization.Encoding.PEM).decode())
+        path = directory / CLIENT_CA_FILE
+        path.write_text("".join(pems))
+        return path
 
     def job_handlers(self) -> dict[str, JobHandler]:
         handlers: dict[str, JobHandler] = {

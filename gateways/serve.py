@@ -13,6 +13,7 @@ import argparse
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -77,6 +78,7 @@ def serve(
     configure_logging(config.log_level)
     gateway = Gateway.open(config, bootstrap=True)
     tls = gateway.ensure_tls_certificate()
+    gateway.ensure_client_ca_bundle()
     token_path = gateway.ensure_admin_token()
     print(banner(gateway, token_path, tls), flush=True)
     resolved_data_dir = gateway.core.data_dir
@@ -133,7 +135,7 @@ def run_listener(config: GatewayConfig, listener: str) -> None:
     from prometheus_client import multiprocess
 
     from pkigate.gateways.app import create_app
-    from pkigate.gateways.runtime import Gateway
+    from pkigate.gateways.runtime import CLIENT_CA_FILE, Gateway
 
     configure_logging(config.log_level)
     address = config.listeners.http if listener == "http" else config.listeners.https
@@ -160,6 +162,12 @@ def run_listener(config: GatewayConfig, listener: str) -> None:
             data_dir = (config.data_dir or Path("pkigate-data")).resolve()
             options["certfile"] = str(data_dir / "tls" / "server.pem")
             options["keyfile"] = str(data_dir / "tls" / "server.key")
+        client_cas = (config.data_dir or Path("pkigate-data")).resolve() / "tls" / CLIENT_CA_FILE
+        if client_cas.exists():
+            # Ask for a client certificate but do not require one: the AD-style connector
+            # maps certificates it issued back to their principal for renewal.
+            options["cert_reqs"] = ssl.CERT_OPTIONAL
+            options["ca_certs"] = str(client_cas)
 
     class ListenerApplication(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:

@@ -420,3 +420,29 @@ acme_rate_counters = Table(
     Column("count", Integer, nullable=False),
     Column("window_start", Timestamp, nullable=False),
 )
+
+# -- AD-style enrollment ---------------------------------------------------------------------
+
+# Every enrollment request the AD-style connector accepted for processing: its id is the
+# RequestID that MS-WSTEP answers with and QueryTokenStatus asks about. Requests held by a
+# pend-all template wait here for an administrator; approval decides again from the
+# directory as it is then.
+adcs_requests = Table(
+    "adcs_requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("connector", String(128), nullable=False),
+    Column("template", String(256), nullable=False),
+    Column("principal_sid", String(128), nullable=False),
+    Column("principal_name", String(256), nullable=False),
+    Column("csr_der", LargeBinary, nullable=False),
+    Column("attributes", Text, nullable=False, server_default="[]"),
+    Column("status", String(16), nullable=False),
+    Column("ca_id", String(64), nullable=True),
+    Column("serial", String(64), nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("decided_by", String(256), nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    Index("ix_adcs_requests_status", "connector", "status"),
+)

@@ -1,0 +1,500 @@
+"""The AD-style enrollment connector: MS-XCEP policy and MS-WSTEP enrollment over SOAP,
+a JSON endpoint for scripts, and the administrator's pending-request resources.
+
+Routes live on the HTTPS listener only: enrollment over plain HTTP, and NTLM or Negotiate
+authentication that a relay could replay (ESC8), are not offered. Who asks is proved by
+a directory password (WS-Security UsernameToken or HTTP Basic) or by a TLS client
+certificate that this CA issued; what they may get is decided in
+:mod:`pkigate.adcs.policy`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import ssl
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from flask import Blueprint, Response, jsonify, request
+
+from pkigate.adcs import soap
+from pkigate.adcs.ldapdir import DirectoryError, DirectoryUnavailable
+from pkigate.adcs.policy import EnrollmentRefused, RequestContext
+from pkigate.adcs.principals import Principal
+from pkigate.adcs.service import AdcsService, Outcome, attributes_from, load_settings
+from pkigate.core import Actor
+from pkigate.core.errors import BadRequestError
+from pkigate.gateways.auth import Role
+from pkigate.gateways.connectors import Connector, ConnectorContext
+from pkigate.gateways.http import actor, json_body, requires
+
+log = logging.getLogger("pkigate.adcs")
+
+MAX_JSON_BYTES = 64 * 1024
+# Refusal codes and the HTTP status the JSON endpoint answers them with.
+_STATUS = {
+    "badCredentials": 401,
+    "authenticationRequired": 401,
+    "unsupportedAuthentication": 401,
+    "accountDisabled": 403,
+    "accessDenied": 403,
+    "badCertificate": 403,
+    "dangerousTemplate": 403,
+    "onBehalfOfRefused": 403,
+    "attributeRefused": 403,
+    "extensionRefused": 403,
+    "templateNotPublished": 403,
+    "unknownTemplate": 404,
+    "unknownRequest": 404,
+    "requestDenied": 403,
+    "directoryUnavailable": 503,
+    "caNotPublished": 503,
+    "issuanceFailed": 400,
+}
+
+
+class AdcsConnector(Connector):
+    """AD-style template enrollment for domain machines and users."""
+
+    type_name = "adcs"
+    listener = "https"
+    default_template = "BlankEndEntityCertificate_APIPassthrough/V1"
+    default_validity = "365d"
+
+    def __init__(self, context: ConnectorContext, settings: Mapping[str, Any]) -> None:
+        super().__init__(context, settings)
+        self.options = load_settings(settings, context)
+        self.service = AdcsService(context, self.options)
+
+    # -- contract ------------------------------------------------------------------------
+
+    def url(self, path: str) -> str:
+        return self.context.url + path
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "policy": self.url("/cep"),
+            "enrollment": self.url("/ces"),
+            "directory": self.options.directory_url,
+        }
+
+    def startup_notes(self) -> list[str]:
+        notes = [
+            f"MS-XCEP policy {self.url('/cep')}, MS-WSTEP {self.url('/ces')} "
+            f"(client certificate: {self.url('/ces-certificate')}), JSON {self.url('/enroll')}"
+        ]
+        problem = self.service.directory_problem()
+        if problem:
+            notes.append(f"directory {self.options.directory_url} is unavailable: {problem}")
+        return notes
+
+    def publish(self, templates: list[str] | None, dns_host_name: str | None) -> dict[str, Any]:
+        """Register this CA in the directory (pKIEnrollmentService), as `pkigate adcs
+        publish` does: by default offering every template the directory holds."""
+        from urllib.parse import urlsplit
+
+        directory = self.service.directory
+        names = templates or sorted(directory.templates())
+        known = {n.lower() for n in directory.templates()}
+        unknown = [n for n in names if n.lower() not in known]
+        if unknown:
+            raise BadRequestError(f"no such template in the directory: {', '.join(unknown)}")
+        host = dns_host_name or urlsplit(self.context.base_url).hostname or "localhost"
+        ca = self.context.core.authorities.get(self.context.ca_id)
+        assert ca.certificate_der is not None
+        result = directory.publish_enrollment_service(
+            self.options.ca_name, host, bytes(ca.certificate_der), names
+        )
+        self.context.core.audit.record_alone(
+            Actor("cli", self.context.name),
+            "adcs.publish",
+            f"connector/{self.context.name}",
+            result="success",
+            parameters={"ca_name": self.options.ca_name, "templates": names, "host": host},
+            at=self.context.core.clock(),
+        )
+        service = directory.enrollment_service(self.options.ca_name)
+        return {
+            "result": result,
+            "dn": service.dn if service else "",
+            "ca_name": self.options.ca_name,
+            "dns_host_name": host,
+            "templates": names,
+        }
+
+    # -- routes --------------------------------------------------------------------------
+
+    def blueprint(self) -> Blueprint:
+        bp = Blueprint(f"adcs_{self.context.name}", __name__)
+        bp.add_url_rule("/cep", "cep", self._cep, methods=["POST"])
+        bp.add_url_rule("/ces", "ces", lambda: self._ces(certificate=False), methods=["POST"])
+        bp.add_url_rule(
+            "/ces-certificate",
+            "ces_certificate",
+            lambda: self._ces(certificate=True),
+            methods=["POST"],
+        )
+        bp.add_url_rule("/enroll", "enroll", self._json_enroll, methods=["POST"])
+        bp.add_url_rule("/requests/<int:request_id>", "status", self._json_status, methods=["GET"])
+        return bp
+
+    def admin_blueprint(self) -> Blueprint:
+        bp = Blueprint(f"adcs_admin_{self.context.name}", __name__)
+
+        @bp.get("/pending")
+        @requires(Role.ADMIN, Role.ISSUER)
+        def list_pending() -> Response:
+            return jsonify([r.to_json() for r in self.service.pending()])
+
+        @bp.post("/pending/<int:request_id>/approve")
+        @requires(Role.ADMIN, Role.ISSUER)
+        def approve(request_id: int) -> Response:
+            try:
+                outcome = self.service.approve(request_id, actor())
+            except EnrollmentRefused as refusal:
+                raise BadRequestError(f"{refusal.code}: {refusal.message}") from None
+            assert outcome.certificate is not None
+            return jsonify(
+                {
+                    "request_id": request_id,
+                    "status": "issued",
+                    "serial": format(outcome.certificate.serial_number, "x"),
+                    "certificate": _pem(outcome.certificate),
+                }
+            )
+
+        @bp.post("/pending/<int:request_id>/reject")
+        @requires(Role.ADMIN, Role.ISSUER)
+        def reject(request_id: int) -> Response:
+            body = json_body({"reason": str}, required=("reason",))
+            return jsonify(self.service.reject(request_id, actor(), body["reason"]).to_json())
+
+        return bp
+
+    # -- authentication ---------------------------------------------------------------------
+
+    def _address(self) -> str:
+        return request.remote_addr or "unknown"
+
+    def _client_certificate(self) -> x509.Certificate | None:
+        sock = request.environ.get("gunicorn.socket")
+        if not isinstance(sock, ssl.SSLSocket):
+            return None
+        der = sock.getpeercert(binary_form=True)
+        return None if der is None else x509.load_der_x509_certificate(der)
+
+    def _basic_principal(self) -> Principal:
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() in ("ntlm", "negotiate"):
+            refusal = EnrollmentRefused(
+                "unsupportedAuthentication",
+                f"{scheme} authentication is not accepted (relayable, ESC8); use a password "
+                "over TLS or a client certificate",
+                attack="ESC8",
+            )
+            self.service.refuse_audit(f"adcs-client:{self._address()}", "authenticate", refusal)
+            raise refusal
+        if scheme.lower() != "basic":
+            raise EnrollmentRefused(
+                "authenticationRequired", "authenticate with HTTP Basic or a client certificate"
+            )
+        try:
+            username, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise EnrollmentRefused(
+                "badCredentials", "the Basic credentials are malformed"
+            ) from None
+        return self.service.authenticate_password(username, password, self._address())
+
+    def _principal(self, allow_certificate: bool = True) -> Principal:
+        certificate = self._client_certificate() if allow_certificate else None
+        if certificate is not None and not request.headers.get("Authorization"):
+            return self.service.authenticate_certificate(certificate, self._address())
+        return self._basic_principal()
+
+    # -- JSON ---------------------------------------------------------------------------------
+
+    def _json_enroll(self) -> tuple[Response, int]:
+        try:
+            principal = self._principal()
+            body = self._json_body()
+            template = body.get("template")
+            csr_text = body.get("csr")
+            if not isinstance(template, str) or not isinstance(csr_text, str):
+                raise EnrollmentRefused(
+                    "badRequest", 'send {"template": NAME, "csr": PEM} (attributes optional)'
+                )
+            csr_der = _csr_der(csr_text)
+            outcome = self.service.enroll(
+                principal,
+                csr_der,
+                RequestContext(
+                    template_name=template, attributes=attributes_from(body.get("attributes"))
+                ),
+                self._address(),
+                autoenroll=bool(body.get("autoenroll", False)),
+            )
+            return self._json_outcome(outcome)
+        except EnrollmentRefused as refusal:
+            return _json_error(refusal)
+        except DirectoryError as exc:
+            return _json_error(_unavailable(exc))
+
+    def _json_status(self, request_id: int) -> tuple[Response, int]:
+        try:
+            principal = self._principal()
+            return self._json_outcome(self.service.status(principal, request_id))
+        except EnrollmentRefused as refusal:
+            return _json_error(refusal)
+        except DirectoryError as exc:
+            return _json_error(_unavailable(exc))
+
+    def _json_body(self) -> dict[str, Any]:
+        if (request.mimetype or "") != "application/json":
+            raise EnrollmentRefused("badRequest", "send application/json")
+        raw = request.get_data(cache=False)
+        if len(raw) > MAX_JSON_BYTES:
+            raise EnrollmentRefused("badRequest", f"the body exceeds {MAX_JSON_BYTES} bytes")
+        import json
+
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise EnrollmentRefused("badRequest", f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise EnrollmentRefused("badRequest", "the body is a JSON object")
+        return body
+
+    def _json_outcome(self, outcome: Outcome) -> tuple[Response, int]:
+        if outcome.status == "pending":
+            return jsonify(
+                {"status": "pending", "request_id": outcome.request_id, "message": outcome.message}
+            ), 202
+        assert outcome.certificate is not None
+        return jsonify(
+            {
+                "status": "issued",
+                "request_id": outcome.request_id,
+                "serial": format(outcome.certificate.serial_number, "x"),
+                "certificate": _pem(outcome.certificate),
+                "chain": "".join(_pem(c) for c in outcome.chain),
+            }
+        ), 200
+
+    # -- SOAP -----------------------------------------------------------------------------------
+
+    def _cep(self) -> Response:
+        return self._soap(self._get_policies, allow_certificate=True)
+
+    def _ces(self, certificate: bool) -> Response:
+        return self._soap(self._request_security_token, allow_certificate=certificate)
+
+    def _soap(
+        self,
+        operation: Callable[[soap.SoapRequest, Principal], bytes],
+        *,
+        allow_certificate: bool,
+    ) -> Response:
+        relates_to: str | None = None
+        try:
+            body = request.get_data(cache=False)
+            parsed = soap.parse_envelope(body)
+            relates_to = parsed.message_id
+            principal = self._soap_principal(parsed, allow_certificate)
+            answer = operation(parsed, principal)
+            return Response(answer, content_type="application/soap+xml; charset=utf-8")
+        except soap.SoapFault as fault:
+            self.service.refuse_audit(
+                f"adcs-client:{self._address()}",
+                "soap",
+                EnrollmentRefused("badRequest", fault.reason),
+            )
+            return _soap_fault(fault, relates_to)
+        except EnrollmentRefused as refusal:
+            return _soap_fault(_fault_for(refusal), relates_to)
+        except DirectoryError as exc:
+            return _soap_fault(_fault_for(_unavailable(exc)), relates_to)
+
+    def _soap_principal(self, parsed: soap.SoapRequest, allow_certificate: bool) -> Principal:
+        if allow_certificate:
+            certificate = self._client_certificate()
+            if certificate is not None and parsed.username_token is None:
+                return self.service.authenticate_certificate(certificate, self._address())
+            if not allow_certificate:
+                pass
+        token = parsed.username_token
+        if token is not None:
+            return self.service.authenticate_password(
+                token.username, token.password, self._address()
+            )
+        return self._basic_principal()
+
+    def _get_policies(self, parsed: soap.SoapRequest, principal: Principal) -> bytes:
+        soap.parse_get_policies(parsed)
+        return self.service.policy_response(
+            principal,
+            relates_to=parsed.message_id,
+            ces_urls={
+                soap.ClientAuthentication.USERNAME_PASSWORD: self.url("/ces"),
+                soap.ClientAuthentication.CERTIFICATE: self.url("/ces-certificate"),
+            },
+        )
+
+    def _request_security_token(self, parsed: soap.SoapRequest, principal: Principal) -> bytes:
+        rst = soap.parse_request_security_token(parsed)
+        relates_to = parsed.message_id or ""
+        if rst.request_type == "query":
+            if rst.request_id is None or not rst.request_id.isdigit():
+                raise soap.SoapFault(
+                    "Sender", "wst:InvalidRequest", "QueryTokenStatus needs a numeric RequestID"
+                )
+            outcome = self.service.status(principal, int(rst.request_id))
+        else:
+            context = RequestContext(
+                template_name=_template_attribute(rst.additional_context),
+                attributes=tuple(
+                    (n, v) for n, v in rst.additional_context if n.lower() != "certificatetemplate"
+                ),
+                on_behalf_of=rst.request_format != "pkcs10",
+            )
+            if rst.request_format != "pkcs10" or rst.binary_security_token is None:
+                # A CMS request is signed by someone: an agent on behalf of another (ESC3)
+                # or a renewal wrapper. Without verified RA signatures it is refused.
+                outcome = self.service.enroll_refused_on_behalf(principal, context)
+            else:
+                outcome = self.service.enroll(
+                    principal, rst.binary_security_token, context, self._address()
+                )
+        if outcome.status == "pending":
+            return soap.build_rstr_pending(
+                relates_to=relates_to,
+                request_id=str(outcome.request_id),
+                reference_uri=self.url("/ces"),
+                disposition_message=outcome.message,
+            )
+        assert outcome.certificate is not None
+        return soap.build_rstr_issued(
+            relates_to=relates_to,
+            request_id=str(outcome.request_id),
+            certificate_der=outcome.certificate.public_bytes(serialization.Encoding.DER),
+            pkcs7_chain_der=soap.pkcs7_certs_only([outcome.certificate, *outcome.chain]),
+        )
+
+
+def _template_attribute(context: tuple[tuple[str, str], ...] | Any) -> str | None:
+    for name, value in context:
+        if name.lower() == "certificatetemplate":
+            return str(value)
+    return None
+
+
+def _csr_der(text: str) -> bytes:
+    stripped = text.strip()
+    if stripped.startswith("-----BEGIN"):
+        try:
+            return x509.load_pem_x509_csr(stripped.encode()).public_bytes(
+                serialization.Encoding.DER
+            )
+        except ValueError as exc:
+            raise EnrollmentRefused("badRequest", f"the CSR cannot be parsed: {exc}") from None
+    try:
+        return base64.b64decode(stripped, validate=True)
+    except (binascii.Error, ValueError):
+        raise EnrollmentRefused("badRequest", "the CSR is neither PEM nor base64 DER") from None
+
+
+def _pem(certificate: x509.Certificate) -> str:
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _unavailable(exc: Exception) -> EnrollmentRefused:
+    return EnrollmentRefused(
+        "directoryUnavailable",
+        f"the directory is unavailable ({exc}); nothing can be enrolled until it answers",
+    )
+
+
+def _json_error(refusal: EnrollmentRefused) -> tuple[Response, int]:
+    body: dict[str, Any] = {"error": refusal.code, "message": refusal.message}
+    if refusal.attack:
+        body["attack"] = refusal.attack
+    status = _STATUS.get(refusal.code, 400)
+    response = jsonify(body)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Basic realm="pkigate"'
+    return response, status
+
+
+# HRESULTs a Windows client shows for each refusal ([MS-WSTEP] CertificateEnrollmentWSDetail).
+CERTSRV_E_TEMPLATE_DENIED = 0x80094012
+CERTSRV_E_UNSUPPORTED_CERT_TYPE = 0x80094800
+CERTSRV_E_KEY_LENGTH = 0x80094811
+CERTSRV_E_BAD_REQUESTSUBJECT = 0x80094001
+E_ACCESSDENIED = 0x80070005
+E_INVALIDARG = 0x80070057
+ERROR_DS_UNAVAILABLE = 0x80072009
+_HRESULTS = {
+    "accessDenied": CERTSRV_E_TEMPLATE_DENIED,
+    "dangerousTemplate": CERTSRV_E_TEMPLATE_DENIED,
+    "onBehalfOfRefused": CERTSRV_E_TEMPLATE_DENIED,
+    "attributeRefused": CERTSRV_E_TEMPLATE_DENIED,
+    "extensionRefused": CERTSRV_E_TEMPLATE_DENIED,
+    "templateNotPublished": CERTSRV_E_UNSUPPORTED_CERT_TYPE,
+    "unknownTemplate": CERTSRV_E_UNSUPPORTED_CERT_TYPE,
+    "templateMismatch": CERTSRV_E_UNSUPPORTED_CERT_TYPE,
+    "keyTooSmall": CERTSRV_E_KEY_LENGTH,
+    "badKey": CERTSRV_E_KEY_LENGTH,
+    "nameUnavailable": CERTSRV_E_BAD_REQUESTSUBJECT,
+    "accountDisabled": E_ACCESSDENIED,
+    "badCredentials": E_ACCESSDENIED,
+    "authenticationRequired": E_ACCESSDENIED,
+    "unsupportedAuthentication": E_ACCESSDENIED,
+    "badCertificate": E_ACCESSDENIED,
+    "directoryUnavailable": ERROR_DS_UNAVAILABLE,
+    "caNotPublished": ERROR_DS_UNAVAILABLE,
+}
+_AUTHENTICATION_CODES = frozenset(
+    {"badCredentials", "authenticationRequired", "unsupportedAuthentication", "badCertificate"}
+)
+
+
+def _fault_for(refusal: EnrollmentRefused, request_id: str | None = None) -> soap.SoapFault:
+    """A refusal as a SOAP fault: failed authentication as WS-Security's, everything the
+    CA decided as an [MS-WSTEP] enrollment fault with the HRESULT Windows shows."""
+    reason = f"{refusal.code}: {refusal.message}"
+    if refusal.code in _AUTHENTICATION_CODES:
+        return soap.SoapFault("Sender", "wsse:FailedAuthentication", reason)
+    unavailable = refusal.code in ("directoryUnavailable", "caNotPublished")
+    return soap.SoapFault(
+        "Receiver" if unavailable else "Sender",
+        None,
+        reason,
+        request_id=request_id,
+        hresult=_HRESULTS.get(refusal.code, E_INVALIDARG),
+        invalid_request=not unavailable,
+    )
+
+
+def _soap_fault(fault: soap.SoapFault, relates_to: str | None) -> Response:
+    # Refusals are the client's to fix (400/401/403), never a 500: only an unavailable
+    # directory is the server's problem, answered 503 so that clients retry later.
+    if fault.code == "Receiver":
+        status = 503
+    elif fault.subcode == "wsse:FailedAuthentication":
+        status = 401
+    else:
+        status = 400
+    return Response(
+        soap.build_fault(fault, relates_to),
+        status=status,
+        content_type="application/soap+xml; charset=utf-8",
+    )
+
+
+__all__ = ["AdcsConnector", "DirectoryUnavailable"]

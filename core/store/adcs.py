@@ -1,0 +1,153 @@
+"""The AD-style connector's SQL: enrollment requests (RequestIDs), pending or decided."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from pkigate.core.store import as_utc, schema
+
+PENDING = "pending"
+ISSUED = "issued"
+REJECTED = "rejected"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    id: int
+    connector: str
+    template: str
+    principal_sid: str
+    principal_name: str
+    csr_der: bytes
+    attributes: tuple[tuple[str, str], ...]
+    status: str
+    ca_id: str | None
+    serial: str | None
+    reason: str | None
+    decided_by: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        def stamp(moment: datetime) -> str:
+            return moment.isoformat().replace("+00:00", "Z")
+
+        return {
+            "request_id": self.id,
+            "template": self.template,
+            "principal": self.principal_name,
+            "sid": self.principal_sid,
+            "status": self.status,
+            "ca_id": self.ca_id,
+            "serial": self.serial,
+            "reason": self.reason,
+            "decided_by": self.decided_by,
+            "received_at": stamp(self.created_at),
+            "updated_at": stamp(self.updated_at),
+        }
+
+
+def _record(row: Any) -> RequestRecord:
+    created = as_utc(row.created_at)
+    updated = as_utc(row.updated_at)
+    assert created is not None and updated is not None
+    return RequestRecord(
+        row.id,
+        row.connector,
+        row.template,
+        row.principal_sid,
+        row.principal_name,
+        bytes(row.csr_der),
+        tuple((str(k), str(v)) for k, v in json.loads(row.attributes)),
+        row.status,
+        row.ca_id,
+        row.serial,
+        row.reason,
+        row.decided_by,
+        created,
+        updated,
+    )
+
+
+def insert_request(
+    conn: Connection,
+    *,
+    connector: str,
+    template: str,
+    principal_sid: str,
+    principal_name: str,
+    csr_der: bytes,
+    attributes: Sequence[tuple[str, str]],
+    status: str,
+    now: datetime,
+) -> int:
+    result = conn.execute(
+        insert(schema.adcs_requests)
+        .values(
+            connector=connector,
+            template=template,
+            principal_sid=principal_sid,
+            principal_name=principal_name,
+            csr_der=csr_der,
+            attributes=json.dumps([list(a) for a in attributes]),
+            status=status,
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(schema.adcs_requests.c.id)
+    )
+    return int(result.scalar_one())
+
+
+def get_request(conn: Connection, connector: str, request_id: int) -> RequestRecord | None:
+    c = schema.adcs_requests.c
+    row = conn.execute(
+        select(schema.adcs_requests).where(c.id == request_id, c.connector == connector)
+    ).first()
+    return None if row is None else _record(row)
+
+
+def requests_with_status(conn: Connection, connector: str, status: str) -> list[RequestRecord]:
+    c = schema.adcs_requests.c
+    rows = conn.execute(
+        select(schema.adcs_requests)
+        .where(c.connector == connector, c.status == status)
+        .order_by(c.id)
+    ).all()
+    return [_record(row) for row in rows]
+
+
+def settle_request(
+    conn: Connection,
+    request_id: int,
+    now: datetime,
+    *,
+    status: str,
+    expected_status: str,
+    ca_id: str | None = None,
+    serial: str | None = None,
+    reason: str | None = None,
+    decided_by: str | None = None,
+) -> bool:
+    """Move a request out of ``expected_status``; False when another decision came first."""
+    c = schema.adcs_requests.c
+    result = conn.execute(
+        update(schema.adcs_requests)
+        .where(c.id == request_id, c.status == expected_status)
+        .values(
+            status=status,
+            ca_id=ca_id,
+            serial=serial,
+            reason=reason,
+            decided_by=decided_by,
+            updated_at=now,
+        )
+    )
+    return result.rowcount == 1

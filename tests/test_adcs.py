@@ -1,0 +1,755 @@
+"""AD-style enrollment against a running `pkigate serve` and a real OpenLDAP directory
+(`DevDirectory`: slapd with AD's schema and the seeded example domain): machine and user
+enrollment over MS-XCEP/MS-WSTEP and the JSON endpoint, group rights with nesting and deny,
+disabled accounts, renewal with a client certificate, pending approval, the ADCS abuse
+classes (ESC1, 2, 3, 6, 8, 9/16, 15) refused and audited, and bad SOAP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from adcs_directory_fixture import make_dev_directory_fixture
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from ldap3 import MODIFY_REPLACE
+from serving import RunningServer, start_server
+from sqlalchemy import func, select
+
+from pkigate.adcs import soap
+from pkigate.adcs.directory import DevDirectory
+from pkigate.adcs.flags import EnrollmentFlag
+from pkigate.adcs.layout import template_dn
+from pkigate.adcs.policy import (
+    APPLICATION_POLICIES_OID,
+    SECURITY_EXTENSION_OID,
+    security_extension,
+    sid_from_certificate,
+)
+from pkigate.core import Actor, Core
+from pkigate.core.model import RevocationReason
+from pkigate.core.names import UPN_OID, decode_upn
+from pkigate.core.store import schema
+
+dev_directory = make_dev_directory_fixture("module")
+
+PKIGATE = str(Path(sys.executable).parent / "pkigate")
+ANY_PURPOSE = "2.5.29.37.0"
+REQUEST_AGENT = "1.3.6.1.4.1.311.20.2.1"
+
+
+@dataclass
+class Env:
+    server: RunningServer
+    directory: DevDirectory
+    core: Core
+    config: Path
+
+    @property
+    def url(self) -> str:
+        return f"{self.server.https_url}/adcs"
+
+    def account(self, name: str) -> Any:
+        # sAMAccountName matches without case, as in AD ("ws01$" is "WS01$").
+        return next(a for n, a in self.directory.accounts.items() if n.lower() == name.lower())
+
+    def password(self, name: str) -> str:
+        return str(self.account(name).password)
+
+    def sid(self, name: str) -> str:
+        return str(self.account(name).sid)
+
+    def plain(self) -> requests.Session:
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = str(self.server.tls_bundle)
+        return session
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                PKIGATE,
+                "--json",
+                "--data-dir",
+                str(self.server.data_dir),
+                "adcs",
+                "--config",
+                str(self.config),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def counts(self) -> dict[str, int]:
+        with self.core.store.read() as conn:
+            return {
+                t.name: int(conn.execute(select(func.count()).select_from(t)).scalar_one())
+                for t in (schema.certificates, schema.adcs_requests)
+            }
+
+    def refusals(self, attack: str | None = None) -> list[dict[str, Any]]:
+        c = schema.audit_events.c
+        with self.core.store.read() as conn:
+            rows = conn.execute(
+                select(c.action, c.parameters, c.actor).where(
+                    c.action.like("adcs.%"), c.result == "failure"
+                )
+            ).all()
+        found = [{**json.loads(r.parameters), "action": r.action, "actor": r.actor} for r in rows]
+        return [f for f in found if attack is None or f.get("attack") == attack]
+
+
+def _add_template(directory: DevDirectory, name: str, base_template: str, **changes: Any) -> None:
+    """A copy of a seeded template under another name, with some attributes replaced."""
+    conn = directory.admin_connection()
+    try:
+        source = template_dn(directory.base, base_template)
+        conn.search(source, "(objectClass=*)", search_scope="BASE", attributes=["*"])
+        entry = conn.response[0]["raw_attributes"]
+        attributes = {k: v for k, v in entry.items() if k.lower() not in ("cn", "name")}
+        attributes["cn"] = [name.encode()]
+        attributes["msPKI-Cert-Template-OID"] = [
+            f"1.3.6.1.4.1.311.21.8.99.{uuid.uuid4().int % 10**6}".encode()
+        ]
+        for key, value in changes.items():
+            for existing in [k for k in attributes if k.lower() == key.lower()]:
+                del attributes[existing]
+            if value:
+                attributes[key] = value
+        assert conn.add(template_dn(directory.base, name), attributes=attributes), conn.result
+    finally:
+        conn.unbind()
+
+
+@pytest.fixture(scope="module")
+def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    base = tmp_path_factory.mktemp("adcs")
+    agent_flags = str(int(EnrollmentFlag(0))).encode()
+    _add_template(
+        dev_directory,
+        "AnyPurpose",
+        "ESC1Vulnerable",
+        pKIExtendedKeyUsage=[ANY_PURPOSE.encode()],
+        **{
+            "msPKI-Certificate-Name-Flag": [b"0"],
+            "msPKI-Certificate-Application-Policy": [ANY_PURPOSE.encode()],
+        },
+    )
+    _add_template(
+        dev_directory,
+        "NoEku",
+        "User",
+        pKIExtendedKeyUsage=[],
+        **{"msPKI-Certificate-Application-Policy": []},
+    )
+    _add_template(
+        dev_directory,
+        "EnrollmentAgent",
+        "User",
+        pKIExtendedKeyUsage=[REQUEST_AGENT.encode()],
+        **{
+            "msPKI-Certificate-Application-Policy": [REQUEST_AGENT.encode()],
+            "msPKI-Enrollment-Flag": [agent_flags],
+        },
+    )
+    _add_template(
+        dev_directory,
+        "NoSidExtension",
+        "User",
+        **{"msPKI-Enrollment-Flag": [str(int(EnrollmentFlag.NO_SECURITY_EXTENSION)).encode()]},
+    )
+    _add_template(dev_directory, "Unpublished", "User")
+    server = start_server(
+        base / "data",
+        extra_config=f"""
+[[connectors]]
+type = "adcs"
+name = "adcs"
+mount = "/adcs"
+[connectors.settings]
+directory_url = "{dev_directory.url}"
+base = "{dev_directory.base}"
+bind_dn = "{dev_directory.admin_dn}"
+bind_password = "{dev_directory.admin_password}"
+ca_name = "pkigate-issuing"
+cache_ttl_seconds = 0
+""",
+    )
+    config = base / "data.toml"
+    env = Env(server, dev_directory, Core.open(base / "data"), config)
+    try:
+        published = env.cli(
+            "publish",
+            "--connector",
+            "adcs",
+            *[
+                arg
+                for name in (
+                    "Machine",
+                    "User",
+                    "WebServer",
+                    "UserPending",
+                    "ESC1Vulnerable",
+                    "AnyPurpose",
+                    "NoEku",
+                    "EnrollmentAgent",
+                    "NoSidExtension",
+                )
+                for arg in ("--template", name)
+            ],
+        )
+        assert published.returncode == 0, published.stderr
+        assert json.loads(published.stdout)["result"] == "created"
+        yield env
+    finally:
+        env.core.close()
+        server.stop()
+
+
+def _csr(
+    key: Any = None,
+    cn: str = "CN from the request",
+    sans: list[x509.GeneralName] | None = None,
+    extensions: list[tuple[x509.ExtensionType, bool]] | None = None,
+) -> tuple[bytes, Any]:
+    key = key or rsa.generate_private_key(65537, 2048)
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    for extension, critical in extensions or []:
+        builder = builder.add_extension(extension, critical=critical)
+    csr = builder.sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.DER), key
+
+
+def _pem_csr(der: bytes) -> str:
+    return x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _json_enroll(
+    env: Env, user: str, template: str, der: bytes, password: str | None = None, **extra: Any
+) -> requests.Response:
+    return env.plain().post(
+        f"{env.url}/enroll",
+        json={"template": template, "csr": _pem_csr(der), **extra},
+        auth=(user, password if password is not None else env.password(user)),
+        timeout=30,
+    )
+
+
+def _wstep(
+    env: Env,
+    user: str,
+    der: bytes,
+    template: str | None = None,
+    context: tuple[tuple[str, str], ...] = (),
+    password: str | None = None,
+    path: str = "/ces",
+    value_type: str = soap.VALUE_TYPE_PKCS10,
+) -> tuple[requests.Response, soap.RstrResult]:
+    extra = ((("CertificateTemplate", template),) if template else ()) + context
+    body = soap.build_rst_issue(
+        env.url + path,
+        der,
+        f"urn:uuid:{uuid.uuid4()}",
+        user,
+        password if password is not None else env.password(user),
+        value_type=value_type,
+        additional_context=extra,
+    )
+    response = env.plain().post(
+        env.url + path,
+        data=body,
+        headers={"Content-Type": "application/soap+xml; charset=utf-8"},
+        timeout=30,
+    )
+    return response, soap.parse_rstr(response.content)
+
+
+def _certificate(response: requests.Response) -> x509.Certificate:
+    assert response.status_code == 200, response.text
+    return x509.load_pem_x509_certificate(response.json()["certificate"].encode())
+
+
+def _check_chain(env: Env, certificate: x509.Certificate, ekus: set[str]) -> None:
+    """The certificate chains to the root (pyhanko), with the template's EKUs only."""
+    chain_pem = (
+        env.server.session()
+        .get(f"{env.server.http_url}/ca/{_issuing_id(env)}.cer", timeout=10)
+        .content
+    )
+    issuing = x509.load_der_x509_certificate(chain_pem)
+    import asyncio
+
+    from asn1crypto import x509 as asn1_x509
+    from pyhanko_certvalidator import CertificateValidator, ValidationContext
+
+    def a1(c: x509.Certificate) -> Any:
+        return asn1_x509.Certificate.load(c.public_bytes(serialization.Encoding.DER))
+
+    root = x509.load_pem_x509_certificate(env.server.tls_bundle.read_bytes())
+    context = ValidationContext(
+        trust_roots=[a1(root)],
+        other_certs=[a1(issuing)],
+        allow_fetching=False,
+        revocation_mode="soft-fail",
+    )
+    asyncio.run(
+        CertificateValidator(a1(certificate), validation_context=context).async_validate_path()
+    )
+    got = {
+        o.dotted_string
+        for o in certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    }
+    assert got == ekus
+
+
+def _issuing_id(env: Env) -> str:
+    with env.core.store.read() as conn:
+        return str(
+            conn.execute(
+                select(schema.authorities.c.id).where(schema.authorities.c.type == "SUBORDINATE")
+            ).scalar_one()
+        )
+
+
+def _sans(certificate: x509.Certificate) -> x509.SubjectAlternativeName:
+    return certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+
+
+# -- enrollment ----------------------------------------------------------------------------
+
+
+def test_machine_enrolls_over_wstep_with_its_directory_names(env: Env) -> None:
+    der, _ = _csr(cn="evil.example.test", sans=[x509.DNSName("evil.example.test")])
+    response, result = _wstep(env, "ws01$", der, template="Machine")
+    assert response.status_code == 200, response.text
+    assert result.status == "issued" and result.request_id
+    assert result.certificate_der is not None
+    certificate = x509.load_der_x509_certificate(result.certificate_der)
+    assert certificate.subject.rfc4514_string() == "CN=ws01.example.test"
+    assert _sans(certificate).get_values_for_type(x509.DNSName) == ["ws01.example.test"]
+    assert sid_from_certificate(certificate) == env.sid("ws01$")
+    _check_chain(
+        env,
+        certificate,
+        {
+            ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string,
+            ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,
+        },
+    )
+    assert result.chain_der and len(pkcs7.load_der_pkcs7_certificates(result.chain_der)) >= 2
+
+
+def test_user_enrolls_over_json_and_the_csr_names_are_ignored(env: Env) -> None:
+    der, _ = _csr(cn="Administrator", sans=[x509.RFC822Name("administrator@example.test")])
+    certificate = _certificate(_json_enroll(env, "alice", "User", der))
+    assert "alice" in certificate.subject.rfc4514_string().lower()
+    assert "administrator" not in certificate.subject.rfc4514_string().lower()
+    sans = _sans(certificate)
+    upns = [
+        decode_upn(n.value)
+        for n in sans.get_values_for_type(x509.OtherName)
+        if n.type_id == UPN_OID
+    ]
+    assert upns == ["alice@example.test"]
+    assert sans.get_values_for_type(x509.RFC822Name) == ["alice@example.test"]
+    assert sid_from_certificate(certificate) == env.sid("alice")
+    assert (
+        ExtendedKeyUsageOID.CLIENT_AUTH
+        in certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    )
+
+
+def test_policy_lists_the_templates_the_caller_may_enroll_in(env: Env) -> None:
+    def templates(user: str) -> set[str]:
+        body = soap.build_get_policies_request(
+            env.url + "/cep", f"urn:uuid:{uuid.uuid4()}", user, env.password(user)
+        )
+        response = env.plain().post(
+            env.url + "/cep",
+            data=body,
+            headers={"Content-Type": "application/soap+xml; charset=utf-8"},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        listed, cas = soap.parse_get_policies_response(response.content)
+        assert cas and {u.uri for u in cas[0].uris} == {
+            env.url + "/ces",
+            env.url + "/ces-certificate",
+        }
+        return {t.common_name for t in listed}
+
+    alice = templates("alice")
+    assert {"User", "WebServer", "UserPending"} <= alice
+    assert "Machine" not in alice
+    assert templates("ws01$") >= {"Machine"} and "User" not in templates("ws01$")
+    assert "User" not in templates("carol")  # denied through Denied Users
+
+
+def test_nested_group_rights_and_the_enrollee_supplied_subject_of_webserver(env: Env) -> None:
+    der, _ = _csr(cn="intranet.example.test", sans=[x509.DNSName("intranet.example.test")])
+    # alice is in Web Admins; eve is not.
+    certificate = _certificate(_json_enroll(env, "alice", "WebServer", der))
+    assert certificate.subject.rfc4514_string() == "CN=intranet.example.test"
+    assert "intranet.example.test" in _sans(certificate).get_values_for_type(x509.DNSName)
+    refused = _json_enroll(env, "eve", "WebServer", der)
+    assert refused.status_code == 403 and refused.json()["error"] == "accessDenied"
+
+
+def test_a_deny_ace_wins_and_a_disabled_account_is_refused(env: Env) -> None:
+    der, _ = _csr()
+    before = env.counts()["certificates"]
+    denied = _json_enroll(env, "carol", "User", der)
+    assert denied.status_code == 403 and denied.json()["error"] == "accessDenied"
+    disabled = _json_enroll(env, "bob", "User", der)
+    assert disabled.status_code == 403 and disabled.json()["error"] == "accountDisabled"
+    assert env.counts()["certificates"] == before
+    assert any(r["code"] == "accountDisabled" for r in env.refusals())
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "template", "status", "error"),
+    [
+        ("alice", "wrong", "User", 401, "badCredentials"),
+        ("nobody", "x", "User", 401, "badCredentials"),
+        ("alice", None, "NoSuchTemplate", 404, "unknownTemplate"),
+        ("alice", None, "Unpublished", 403, "templateNotPublished"),
+    ],
+)
+def test_credentials_and_templates_are_checked(
+    env: Env, user: str, password: str | None, template: str, status: int, error: str
+) -> None:
+    before = env.counts()["certificates"]
+    response = env.plain().post(
+        f"{env.url}/enroll",
+        json={"template": template, "csr": _pem_csr(_csr()[0])},
+        auth=(user, password if password is not None else env.password(user)),
+        timeout=30,
+    )
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == error
+    assert env.counts()["certificates"] == before
+
+
+def test_a_key_below_the_template_minimum_is_refused(env: Env) -> None:
+    small = rsa.generate_private_key(65537, 1024)  # noqa: S505 - the weak key under test
+    response = _json_enroll(env, "alice", "User", _csr(small)[0])
+    assert response.status_code == 400 and response.json()["error"] == "keyTooSmall"
+    assert "2048" in response.json()["message"]
+
+
+# -- renewal with a client certificate -------------------------------------------------------
+
+
+def _files(tmp_path: Path, certificate: x509.Certificate, key: Any) -> tuple[str, str]:
+    cert_path, key_path = tmp_path / "client.pem", tmp_path / "client.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def test_renewal_with_the_client_certificate_over_json_and_wstep(env: Env, tmp_path: Path) -> None:
+    der, key = _csr()
+    first = _certificate(_json_enroll(env, "alice", "User", der))
+    client = _files(tmp_path, first, key)
+    renewed = env.plain().post(
+        f"{env.url}/enroll",
+        json={"template": "User", "csr": _pem_csr(_csr()[0])},
+        cert=client,
+        timeout=30,
+    )
+    second = _certificate(renewed)
+    assert sid_from_certificate(second) == env.sid("alice")
+    assert second.serial_number != first.serial_number
+    body = soap.build_rst_issue(
+        env.url + "/ces-certificate",
+        _csr()[0],
+        f"urn:uuid:{uuid.uuid4()}",
+        additional_context=(("CertificateTemplate", "User"),),
+    )
+    response = env.plain().post(
+        env.url + "/ces-certificate",
+        data=body,
+        headers={"Content-Type": "application/soap+xml; charset=utf-8"},
+        cert=client,
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert soap.parse_rstr(response.content).status == "issued"
+
+
+def test_a_revoked_client_certificate_is_refused(env: Env, tmp_path: Path) -> None:
+    der, key = _csr()
+    certificate = _certificate(_json_enroll(env, "alice", "User", der))
+    env.core.revocation.revoke(
+        _issuing_id(env),
+        format(certificate.serial_number, "x"),
+        RevocationReason.superseded,
+        Actor("test-admin", "cli"),
+    )
+    response = env.plain().post(
+        f"{env.url}/enroll",
+        json={"template": "User", "csr": _pem_csr(_csr()[0])},
+        cert=_files(tmp_path, certificate, key),
+        timeout=30,
+    )
+    assert response.status_code == 403 and response.json()["error"] == "badCertificate"
+
+
+# -- pending approval ----------------------------------------------------------------------
+
+
+def test_pending_requests_are_approved_or_rejected_by_an_administrator(env: Env) -> None:
+    held = _json_enroll(env, "alice", "UserPending", _csr()[0])
+    assert held.status_code == 202, held.text
+    request_id = held.json()["request_id"]
+    status = env.plain().get(
+        f"{env.url}/requests/{request_id}", auth=("alice", env.password("alice")), timeout=30
+    )
+    assert status.status_code == 202
+    listed = env.cli("pending", "list", "--connector", "adcs")
+    assert request_id in [r["request_id"] for r in json.loads(listed.stdout)]
+    approved = env.cli("pending", "approve", "--connector", "adcs", str(request_id))
+    assert approved.returncode == 0, approved.stderr
+    issued = env.plain().get(
+        f"{env.url}/requests/{request_id}", auth=("alice", env.password("alice")), timeout=30
+    )
+    certificate = _certificate(issued)
+    assert sid_from_certificate(certificate) == env.sid("alice")
+    # MS-WSTEP QueryTokenStatus finds it too.
+    body = soap.build_rst_query(
+        env.url + "/ces",
+        str(request_id),
+        f"urn:uuid:{uuid.uuid4()}",
+        "alice",
+        env.password("alice"),
+    )
+    query = env.plain().post(
+        env.url + "/ces",
+        data=body,
+        headers={"Content-Type": "application/soap+xml; charset=utf-8"},
+        timeout=30,
+    )
+    assert soap.parse_rstr(query.content).status == "issued"
+    # Another is rejected, through the API.
+    other = _json_enroll(env, "alice", "UserPending", _csr()[0]).json()["request_id"]
+    rejected = env.server.session().post(
+        f"{env.server.https_url}/api/v1/connectors/adcs/pending/{other}/reject",
+        json={"reason": "not this one"},
+        timeout=10,
+    )
+    assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+    final = env.plain().get(
+        f"{env.url}/requests/{other}", auth=("alice", env.password("alice")), timeout=30
+    )
+    assert final.status_code == 403 and final.json()["error"] == "requestDenied"
+
+
+def test_a_pending_request_over_wstep_answers_with_its_request_id(env: Env) -> None:
+    response, result = _wstep(env, "alice", _csr()[0], template="UserPending")
+    assert response.status_code == 200, response.text
+    assert result.status == "pending" and result.request_id
+    assert result.reference_uri == env.url + "/ces"
+
+
+# -- the ADCS abuse classes ------------------------------------------------------------------
+
+
+def test_esc1_enrollee_supplied_subject_on_a_client_auth_template_is_refused(env: Env) -> None:
+    from pkigate.core.names import upn_other_name
+
+    der, _ = _csr(cn="Administrator", sans=[upn_other_name("Administrator@example.test")])
+    before = env.counts()["certificates"]
+    response = _json_enroll(env, "eve", "ESC1Vulnerable", der)
+    assert response.status_code == 403, response.text
+    assert response.json()["error"] == "dangerousTemplate" and response.json()["attack"] == "ESC1"
+    assert env.counts()["certificates"] == before
+    assert env.refusals("ESC1")
+
+
+@pytest.mark.parametrize("template", ["AnyPurpose", "NoEku"])
+def test_esc2_any_purpose_and_no_eku_templates_are_refused(env: Env, template: str) -> None:
+    response = _json_enroll(env, "alice", template, _csr()[0])
+    assert response.status_code == 403, response.text
+    assert response.json()["attack"] == "ESC2"
+    assert env.refusals("ESC2")
+
+
+def test_esc3_an_agent_requesting_on_behalf_of_another_is_refused(env: Env) -> None:
+    # The agent signs alice's request with its own certificate: a CMS-wrapped PKCS#10.
+    der, key = _csr()
+    agent = _certificate(_json_enroll(env, "alice", "User", der))
+    inner, _ = _csr()
+    signed = (
+        pkcs7.PKCS7SignatureBuilder()
+        .set_data(inner)
+        .add_signer(agent, key, hashes.SHA256())
+        .sign(serialization.Encoding.DER, [])
+    )
+    response, result = _wstep(
+        env, "alice", signed, template="User", value_type=soap.VALUE_TYPE_PKCS7
+    )
+    assert response.status_code == 400, response.text
+    assert result.status == "fault"
+    assert "on behalf" in (result.fault_reason or "")
+    assert env.refusals("ESC3")
+
+
+def test_esc6_names_in_request_attributes_are_refused(env: Env) -> None:
+    response = _json_enroll(
+        env, "alice", "User", _csr()[0], attributes={"SAN": "upn=Administrator@example.test"}
+    )
+    assert response.status_code == 403 and response.json()["attack"] == "ESC6"
+    soap_response, result = _wstep(
+        env,
+        "alice",
+        _csr()[0],
+        template="User",
+        context=(("SAN", "upn=Administrator@example.test"),),
+    )
+    assert soap_response.status_code == 400 and result.status == "fault"
+    assert len(env.refusals("ESC6")) >= 2
+
+
+def test_esc8_plain_http_and_ntlm_are_not_offered(env: Env) -> None:
+    over_http = requests.post(f"{env.server.http_url}/adcs/enroll", json={}, timeout=10)
+    assert over_http.status_code == 404
+    ntlm = env.plain().post(
+        f"{env.url}/enroll",
+        json={"template": "User", "csr": _pem_csr(_csr()[0])},
+        headers={"Authorization": "NTLM TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAKAGFKAAAADw=="},
+        timeout=10,
+    )
+    assert ntlm.status_code == 401 and ntlm.json()["attack"] == "ESC8"
+    assert env.refusals("ESC8")
+
+
+def test_esc9_and_esc16_every_certificate_carries_the_sid_extension(env: Env) -> None:
+    # The template asks for no security extension (CT_FLAG_NO_SECURITY_EXTENSION): ignored.
+    certificate = _certificate(_json_enroll(env, "alice", "NoSidExtension", _csr()[0]))
+    assert sid_from_certificate(certificate) == env.sid("alice")
+    # A request bringing its own SID extension (someone else's) is refused.
+    forged = x509.UnrecognizedExtension(
+        SECURITY_EXTENSION_OID, security_extension(env.sid("Administrator"))
+    )
+    response = _json_enroll(env, "alice", "User", _csr(extensions=[(forged, False)])[0])
+    assert response.status_code == 403 and response.json()["attack"] == "ESC9"
+
+
+def test_esc15_application_policies_in_the_request_are_refused(env: Env) -> None:
+    policies = x509.UnrecognizedExtension(
+        APPLICATION_POLICIES_OID, bytes.fromhex("300c300a06082b06010505070302")
+    )
+    response = _json_enroll(env, "alice", "User", _csr(extensions=[(policies, False)])[0])
+    assert response.status_code == 403 and response.json()["attack"] == "ESC15"
+    assert env.refusals("ESC15")
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def _post_soap(env: Env, body: bytes, path: str = "/ces") -> requests.Response:
+    return env.plain().post(
+        env.url + path,
+        data=body,
+        headers={"Content-Type": "application/soap+xml; charset=utf-8"},
+        timeout=30,
+    )
+
+
+def test_bad_soap_gets_a_fault_naming_the_problem_and_issues_nothing(env: Env) -> None:
+    good = soap.build_rst_issue(
+        env.url + "/ces",
+        _csr()[0],
+        "urn:uuid:1",
+        "alice",
+        env.password("alice"),
+        additional_context=(("CertificateTemplate", "User"),),
+    )
+    laughs = (
+        b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+        b'<!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]>'
+        b"<lolz>&lol2;</lolz>"
+    )
+    xxe = (
+        b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+        b'<s:Envelope xmlns:s="http://www.w3.org/2003/05/soap-envelope"><s:Body>&x;'
+        b"</s:Body></s:Envelope>"
+    )
+    deep = b"<a>" * 5000 + b"</a>" * 5000
+    cases = {
+        "not xml": b"this is not XML",
+        "billion laughs": laughs,
+        "external entity": xxe,
+        "deep": deep,
+        "oversized": b"<a>" + b"x" * (300 * 1024) + b"</a>",
+        "wrong action": good.replace(soap.WSTEP_RST_ACTION.encode(), b"urn:wrong:action"),
+        "no credentials": soap.build_rst_issue(env.url + "/ces", _csr()[0], "urn:uuid:2"),
+        "bad password": soap.build_rst_issue(
+            env.url + "/ces", _csr()[0], "urn:uuid:3", "alice", "nope"
+        ),
+    }
+    before = env.counts()
+    for name, body in cases.items():
+        response = _post_soap(env, body)
+        assert response.status_code in (400, 401), (name, response.status_code, response.text[:300])
+        assert response.headers["Content-Type"].startswith("application/soap+xml"), name
+        assert b"Fault" in response.content, name
+        assert b"root:" not in response.content, name
+    assert env.counts() == before
+    assert len(env.refusals()) >= len(cases)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[]", b'{"template": 1}', b'{"template": "User", "csr": "!!!"}'],
+)
+def test_bad_json_gets_an_error_naming_the_problem(env: Env, body: bytes) -> None:
+    response = env.plain().post(
+        f"{env.url}/enroll",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        auth=("alice", env.password("alice")),
+        timeout=30,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "badRequest" and response.json()["message"]
+
+
+def test_the_audit_chain_verifies_after_everything(env: Env) -> None:
+    _certificate(_json_enroll(env, "alice", "User", _csr()[0]))
+    assert env.core.audit.verify().ok
+
+
+def test_a_modified_template_is_seen_after_the_cache_expires(env: Env) -> None:
+    conn = env.directory.admin_connection()
+    try:
+        dn = template_dn(env.directory.base, "NoSidExtension")
+        assert conn.modify(dn, {"msPKI-Minimal-Key-Size": [(MODIFY_REPLACE, [b"3072"])]})
+    finally:
+        conn.unbind()
+    response = _json_enroll(env, "alice", "NoSidExtension", _csr()[0])
+    assert response.status_code == 400 and response.json()["error"] == "keyTooSmall"
