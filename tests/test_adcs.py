@@ -753,3 +753,97 @@ def test_a_modified_template_is_seen_after_the_cache_expires(env: Env) -> None:
         conn.unbind()
     response = _json_enroll(env, "alice", "NoSidExtension", _csr()[0])
     assert response.status_code == 400 and response.json()["error"] == "keyTooSmall"
+
+
+def test_autoenroll_needs_the_autoenroll_right(env: Env) -> None:
+    machine = _json_enroll(env, "ws01$", "Machine", _csr()[0], autoenroll=True)
+    assert machine.status_code == 200, machine.text
+    # User is an autoenrollment template, but Domain Users hold Enroll only.
+    user = _json_enroll(env, "alice", "User", _csr()[0], autoenroll=True)
+    assert user.status_code == 403 and user.json()["error"] == "accessDenied"
+    assert "AutoEnroll" in user.json()["message"]
+
+
+def _template_info(oid: str) -> x509.UnrecognizedExtension:
+    from asn1crypto import core as asn1
+
+    value = asn1.Sequence()
+    value.contents = asn1.ObjectIdentifier(oid).dump() + asn1.Integer(100).dump()
+    return x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.311.21.7"), value.dump())
+
+
+def _template_oid(env: Env, name: str) -> str:
+    conn = env.directory.admin_connection()
+    try:
+        conn.search(
+            template_dn(env.directory.base, name),
+            "(objectClass=*)",
+            search_scope="BASE",
+            attributes=["msPKI-Cert-Template-OID"],
+        )
+        return str(conn.response[0]["raw_attributes"]["msPKI-Cert-Template-OID"][0].decode())
+    finally:
+        conn.unbind()
+
+
+def test_the_template_is_named_by_the_csr_extension_and_both_names_must_agree(env: Env) -> None:
+    info = _template_info(_template_oid(env, "Machine"))
+    der, _ = _csr(extensions=[(info, False)])
+    response, result = _wstep(env, "ws01$", der)  # no CertificateTemplate attribute
+    assert response.status_code == 200, response.text
+    certificate = x509.load_der_x509_certificate(result.certificate_der or b"")
+    assert certificate.subject.rfc4514_string() == "CN=ws01.example.test"
+    mismatch = _json_enroll(env, "ws01$", "User", der)
+    assert mismatch.json()["error"] == "templateMismatch"
+
+
+def test_ekus_and_key_usage_come_only_from_the_template(env: Env) -> None:
+    der, _ = _csr(
+        extensions=[
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), False),
+            (x509.KeyUsage(True, True, True, True, True, False, False, False, False), True),
+        ]
+    )
+    certificate = _certificate(_json_enroll(env, "alice", "User", der))
+    ekus = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.CODE_SIGNING not in ekus
+    usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and usage.key_encipherment and not usage.data_encipherment
+    _check_chain(
+        env,
+        certificate,
+        {
+            ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string,
+            ExtendedKeyUsageOID.EMAIL_PROTECTION.dotted_string,
+            "1.3.6.1.4.1.311.10.3.4",
+        },
+    )
+
+
+def test_wstep_with_http_basic_over_tls(env: Env) -> None:
+    body = soap.build_rst_issue(
+        env.url + "/ces",
+        _csr()[0],
+        f"urn:uuid:{uuid.uuid4()}",
+        additional_context=(("CertificateTemplate", "User"),),
+    )
+    response = env.plain().post(
+        env.url + "/ces",
+        data=body,
+        headers={"Content-Type": "application/soap+xml; charset=utf-8"},
+        auth=("alice", env.password("alice")),
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert soap.parse_rstr(response.content).status == "issued"
+
+
+def test_soap_refusals_name_the_problem(env: Env) -> None:
+    before = env.counts()["certificates"]
+    response, result = _wstep(env, "alice", _csr()[0], template="NoSuchTemplate")
+    assert response.status_code == 400 and result.status == "fault"
+    assert "unknownTemplate" in (result.fault_reason or "")
+    small = rsa.generate_private_key(65537, 1024)  # noqa: S505 - the weak key under test
+    response, result = _wstep(env, "alice", _csr(small)[0], template="User")
+    assert response.status_code == 400 and "keyTooSmall" in (result.fault_reason or "")
+    assert env.counts()["certificates"] == before
