@@ -847,3 +847,96 @@ def test_soap_refusals_name_the_problem(env: Env) -> None:
     response, result = _wstep(env, "alice", _csr(small)[0], template="User")
     assert response.status_code == 400 and "keyTooSmall" in (result.fault_reason or "")
     assert env.counts()["certificates"] == before
+
+
+def test_the_default_connector_uses_the_development_directory_in_the_data_directory(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    directory = DevDirectory(data / "dev-directory")
+    config = """
+[[connectors]]
+type = "adcs"
+name = "adcs"
+mount = "/adcs"
+[connectors.settings]
+directory_url = "ldap://127.0.0.1:{port}"
+"""
+    with directory:
+        port = directory.url.rsplit(":", 1)[1].rstrip("/")
+        server = start_server(data, extra_config=config.replace("{port}", port))
+        try:
+            published = subprocess.run(
+                [
+                    PKIGATE,
+                    "--json",
+                    "--data-dir",
+                    str(data),
+                    "adcs",
+                    "--config",
+                    str(tmp_path / "data.toml"),
+                    "publish",
+                    "--template",
+                    "User",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert published.returncode == 0, published.stderr
+            session = requests.Session()
+            session.trust_env = False
+            session.verify = str(server.tls_bundle)
+            alice = directory.accounts["alice"]
+            response = session.post(
+                f"{server.https_url}/adcs/enroll",
+                json={"template": "User", "csr": _pem_csr(_csr()[0])},
+                auth=("alice", alice.password),
+                timeout=30,
+            )
+            certificate = _certificate(response)
+            assert sid_from_certificate(certificate) == alice.sid
+        finally:
+            server.stop()
+
+
+def test_an_unreachable_directory_is_reported_not_crashed(tmp_path: Path) -> None:
+    server = start_server(
+        tmp_path / "data",
+        extra_config="""
+[[connectors]]
+type = "adcs"
+name = "adcs"
+mount = "/adcs"
+[connectors.settings]
+directory_url = "ldap://127.0.0.1:9"
+bind_dn = "CN=admin,DC=example,DC=test"
+bind_password = "x"
+""",
+    )
+    try:
+        assert "is unavailable" in server.log.read_text()
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = str(server.tls_bundle)
+        response = session.post(
+            f"{server.https_url}/adcs/enroll",
+            json={"template": "User", "csr": _pem_csr(_csr()[0])},
+            auth=("alice", "whatever"),
+            timeout=30,
+        )
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "directoryUnavailable"
+        body = soap.build_get_policies_request(
+            f"{server.https_url}/adcs/cep", "urn:uuid:9", "alice", "whatever"
+        )
+        fault = session.post(
+            f"{server.https_url}/adcs/cep",
+            data=body,
+            headers={"Content-Type": "application/soap+xml; charset=utf-8"},
+            timeout=30,
+        )
+        assert fault.status_code == 503 and b"directoryUnavailable" in fault.content
+    finally:
+        server.stop()
