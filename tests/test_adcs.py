@@ -940,3 +940,31 @@ bind_password = "x"
         assert fault.status_code == 503 and b"directoryUnavailable" in fault.content
     finally:
         server.stop()
+
+
+def _keyed_csr(template: soap.PolicyTemplate, keys: dict[str, Any]) -> Any:
+    der, key = _csr()
+    keys[template.common_name] = key
+    return x509.load_der_x509_csr(der)
+
+
+def test_simulated_machines_autoenroll_and_renew_with_their_certificate(env: Env) -> None:
+    from pkigate.devsim.adcs_client import AdcsClient, provision_machines
+
+    machines = provision_machines(env.directory, 3, prefix="T")
+    for machine in machines:
+        client = AdcsClient(env.url, str(env.server.tls_bundle), machine.name, machine.password)
+        try:
+            keys: dict[str, Any] = {}
+            enrolled = client.autoenroll(lambda template, keys=keys: _keyed_csr(template, keys))
+            assert [e.template for e in enrolled] == ["Machine"]
+            first = enrolled[0].certificate
+            assert first.subject.rfc4514_string() == f"CN={machine.dns_host_name}"
+            assert sid_from_certificate(first) == machine.sid
+            renewed = client.renew(
+                "Machine", x509.load_der_x509_csr(_csr()[0]), first, keys["Machine"]
+            )
+            assert sid_from_certificate(renewed.certificate) == machine.sid
+            assert renewed.certificate.serial_number != first.serial_number
+        finally:
+            client.close()
