@@ -66,6 +66,11 @@ class VerificationResult:
         return not self.problems
 
 
+# One encoder each, built once: json.dumps would build them again for every event.
+_CANONICAL_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_PARAMETERS_JSON = json.JSONEncoder(sort_keys=True, default=str, separators=(",", ":"))
+
+
 def _canonical(
     seq: int,
     event_id: str,
@@ -79,7 +84,7 @@ def _canonical(
     request_id: str | None,
     prev_mac: str,
 ) -> bytes:
-    return json.dumps(
+    return _CANONICAL_JSON.encode(
         [
             seq,
             event_id,
@@ -92,9 +97,7 @@ def _canonical(
             result,
             request_id,
             prev_mac,
-        ],
-        separators=(",", ":"),
-        ensure_ascii=False,
+        ]
     ).encode()
 
 
@@ -104,7 +107,7 @@ class AuditLog:
         self._key = kek.derive(b"pkigate audit chain v1")
 
     def _mac(self, *fields: Any) -> str:
-        return hmac.new(self._key, _canonical(*fields), hashlib.sha256).hexdigest()
+        return hmac.digest(self._key, _canonical(*fields), hashlib.sha256).hex()
 
     def record(
         self,
@@ -131,9 +134,7 @@ class AuditLog:
         for entry in entries:
             head_seq += 1
             event_id = str(uuid.uuid4())
-            params = json.dumps(
-                dict(entry.parameters or {}), sort_keys=True, default=str, separators=(",", ":")
-            )
+            params = _PARAMETERS_JSON.encode(dict(entry.parameters or {}))
             actor = entry.actor
             mac = self._mac(
                 head_seq,

@@ -134,8 +134,19 @@ class _Prepared:
     material: SigningMaterial
     certificate: x509.Certificate
     row: dict[str, Any]
+    sans: list[str]  # the row's "sans", before JSON encoding
     audit: AuditEntry
     token_hash: str
+
+
+@dataclass(frozen=True)
+class _IssuerFacts:
+    """What every certificate takes from the signing CA's certificate, parsed once."""
+
+    material: SigningMaterial
+    name: x509.Name
+    not_before: datetime
+    not_after: datetime
 
 
 class _StaleAuthority(Exception):
@@ -160,6 +171,21 @@ class Issuer:
         self._audit = audit
         self._clock = clock
         self._commits: GroupCommit[_Prepared, IssuedCertificate] = GroupCommit(self._commit_batch)
+        self._issuers: dict[str, _IssuerFacts] = {}
+
+    def _issuer_facts(self, material: SigningMaterial) -> _IssuerFacts:
+        """The CA certificate's name and validity, parsed once per signing material."""
+        facts = self._issuers.get(material.ca_id)
+        if facts is None or facts.material is not material:
+            certificate = material.certificate
+            facts = _IssuerFacts(
+                material,
+                certificate.subject,
+                certificate.not_valid_before_utc,
+                certificate.not_valid_after_utc,
+            )
+            self._issuers[material.ca_id] = facts
+        return facts
 
     def issue(self, request: IssuanceRequest) -> IssuedCertificate:
         now = self._clock()
@@ -200,17 +226,18 @@ class Issuer:
                 return earlier
 
         self._check_template_for_ca(template, material)
-        contents = resolve_contents(template, csr, request.api_passthrough)
+        contents = resolve_contents(template, csr, request.api_passthrough, public_key)
         for policy in (*material.name_policies, template.allowed_names, request.allowed_names):
             if policy is not None:
                 policy.check(contents.subject, contents.sans)
+        issuer = self._issuer_facts(material)
         window = compute_validity(
             request.validity,
             now=now,
             backdate=material.backdate,
             usage_mode=material.usage_mode,
-            ca_not_before=material.certificate.not_valid_before_utc,
-            ca_not_after=material.certificate.not_valid_after_utc,
+            ca_not_before=issuer.not_before,
+            ca_not_after=issuer.not_after,
             truncate_to_ca=material.truncate_validity,
         )
         extensions = list(contents.extensions)
@@ -224,22 +251,9 @@ class Issuer:
                 )
             )
         check_contents(contents.subject, contents.sans, extensions)
-
-        builder = x509.CertificateBuilder(
-            issuer_name=material.certificate.subject,
-            subject_name=contents.subject,
-            public_key=public_key,
-            serial_number=x509.random_serial_number(),
-            not_valid_before=window.not_before,
-            not_valid_after=window.not_after,
-        )
-        for ext in extensions:
-            builder = builder.add_extension(ext.value, ext.critical)
-        builder = builder.add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False
-        )
-        for ext in material.issued_extensions:
-            builder = builder.add_extension(ext.value, ext.critical)
+        ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+        extensions.append(x509.Extension(ski.oid, False, ski))
+        extensions += material.issued_extensions
         partition = None
         if material.settings.partitioned:
             # The certificate names its CRL partition, so the slot is taken before signing.
@@ -249,25 +263,37 @@ class Issuer:
                 )
             url = material.settings.crl_distribution_url(partition)
             if url:
-                builder = builder.add_extension(
-                    x509.CRLDistributionPoints(
-                        [
-                            x509.DistributionPoint(
-                                [x509.UniformResourceIdentifier(url)], None, None, None
-                            )
-                        ]
-                    ),
-                    critical=False,
+                cdp = x509.CRLDistributionPoints(
+                    [
+                        x509.DistributionPoint(
+                            [x509.UniformResourceIdentifier(url)], None, None, None
+                        )
+                    ]
                 )
-        certificate = builder.sign(material.private_key, signing_algorithm.hash_algorithm())
+                extensions.append(x509.Extension(cdp.oid, False, cdp))
+        if len({ext.oid for ext in extensions}) != len(extensions):
+            # The builder's add_extension would refuse this; passing the list skips its check.
+            raise PolicyViolationError("the certificate would carry an extension twice")
+        # Built in one step from the extension list: add_extension copies the builder and
+        # re-checks every extension each time, a cost per certificate for nothing.
+        certificate = x509.CertificateBuilder(
+            issuer_name=issuer.name,
+            subject_name=contents.subject,
+            public_key=public_key,
+            serial_number=x509.random_serial_number(),
+            not_valid_before=window.not_before,
+            not_valid_after=window.not_after,
+            extensions=extensions,
+        ).sign(material.private_key, signing_algorithm.hash_algorithm())
         der = certificate.public_bytes(serialization.Encoding.DER)
         serial = format(certificate.serial_number, "x")
         subject = format_dn(contents.subject)
+        sans = [format_general_name(n) for n in contents.sans]
         row: dict[str, Any] = {
             "ca_id": material.ca_id,
             "serial": serial,
             "subject": subject,
-            "sans": json.dumps([format_general_name(n) for n in contents.sans]),
+            "sans": json.dumps(sans),
             "not_before": window.not_before,
             "not_after": window.not_after,
             "issued_at": now,
@@ -298,7 +324,7 @@ class Issuer:
                 **request.requester.evidence,
             },
         )
-        return _Prepared(request, material, certificate, row, audit, token_hash)
+        return _Prepared(request, material, certificate, row, sans, audit, token_hash)
 
     def _commit_batch(self, batch: Sequence[_Prepared]) -> list[IssuedCertificate | BaseException]:
         """Store and audit a batch in one transaction; isolate a failing item."""
@@ -377,9 +403,7 @@ class Issuer:
                     prepared.audit.at,
                     prepared.audit.at - IDEMPOTENCY_WINDOW,
                 )
-            record = CertificateRecord(
-                id=record_id, **{**prepared.row, "sans": json.loads(prepared.row["sans"])}
-            )
+            record = CertificateRecord(id=record_id, **{**prepared.row, "sans": prepared.sans})
             outcomes[index] = IssuedCertificate(
                 prepared.certificate, prepared.material.chain, record
             )

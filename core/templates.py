@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from functools import lru_cache
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, x448, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
 
@@ -276,19 +277,88 @@ def key_usage_names(usage: x509.KeyUsage) -> frozenset[str]:
 
 def _fit_key_usage(usages: frozenset[str], key: CertificatePublicKeyTypes) -> frozenset[str]:
     """Drop usages the subject key cannot serve (RFC 8813: no keyEncipherment for EC keys)."""
-    if isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+    return _fit_usages(usages, _key_family(key))
+
+
+def _fit_usages(usages: frozenset[str], family: type[CertificatePublicKeyTypes]) -> frozenset[str]:
+    if issubclass(
+        family, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+    ):
         return usages - {"keyEncipherment", "dataEncipherment", "encipherOnly", "decipherOnly"}
-    if isinstance(key, x25519.X25519PublicKey | x448.X448PublicKey):
+    if issubclass(family, x25519.X25519PublicKey | x448.X448PublicKey):
         return usages & {"keyAgreement", "encipherOnly", "decipherOnly"}
     return usages
+
+
+def _key_family(key: CertificatePublicKeyTypes) -> type[CertificatePublicKeyTypes]:
+    """The key's public type: all that ``_fit_key_usage`` looks at."""
+    for family in _KEY_FAMILIES:
+        if isinstance(key, family):
+            return family
+    return type(key)
+
+
+_KEY_FAMILIES: tuple[type[CertificatePublicKeyTypes], ...] = (
+    ec.EllipticCurvePublicKey,
+    rsa.RSAPublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+    x25519.X25519PublicKey,
+    x448.X448PublicKey,
+)
+
+
+@lru_cache(maxsize=256)
+def _template_extensions(
+    template: Template, key_family: type[CertificatePublicKeyTypes]
+) -> tuple[tuple[ObjectIdentifier, x509.Extension[x509.ExtensionType]], ...]:
+    """The extensions a template defines, for a subject key of this family, in order.
+
+    They depend only on the template and the kind of key, so each pair is built once.
+    """
+    extensions: list[tuple[ObjectIdentifier, x509.Extension[x509.ExtensionType]]] = []
+    bc = x509.BasicConstraints(ca=template.is_ca, path_length=template.path_length)
+    extensions.append(
+        (
+            ExtensionOID.BASIC_CONSTRAINTS,
+            x509.Extension(ExtensionOID.BASIC_CONSTRAINTS, template.basic_constraints_critical, bc),
+        )
+    )
+    if template.key_usage is not None:
+        usages = (
+            template.key_usage if template.is_ca else _fit_usages(template.key_usage, key_family)
+        )
+        ku = key_usage_extension(usages)
+        extensions.append(
+            (ExtensionOID.KEY_USAGE, x509.Extension(ExtensionOID.KEY_USAGE, True, ku))
+        )
+    if template.extended_key_usage is not None:
+        eku = x509.ExtendedKeyUsage(list(template.extended_key_usage))
+        extensions.append(
+            (
+                ExtensionOID.EXTENDED_KEY_USAGE,
+                x509.Extension(
+                    ExtensionOID.EXTENDED_KEY_USAGE, template.extended_key_usage_critical, eku
+                ),
+            )
+        )
+    if template.ocsp_no_check:
+        extensions.append((OCSP_NO_CHECK, x509.Extension(OCSP_NO_CHECK, False, x509.OCSPNoCheck())))
+    return tuple(extensions)
 
 
 def resolve_contents(
     template: Template,
     csr: x509.CertificateSigningRequest,
     api: ApiPassthrough | None,
+    public_key: CertificatePublicKeyTypes | None = None,
 ) -> CertificateContents:
-    """Apply the template to the CSR and API passthrough, with template > API > CSR."""
+    """Apply the template to the CSR and API passthrough, with template > API > CSR.
+
+    ``public_key`` is the CSR's, when the caller has already extracted it.
+    """
+    if public_key is None:
+        public_key = csr.public_key()
     if api is not None and not template.api_passthrough:
         raise PolicyViolationError(
             f"template {template.name} does not accept API passthrough values; use an "
@@ -312,31 +382,13 @@ def resolve_contents(
         and isinstance(passed_usage.value, x509.KeyUsage)
     ):
         # Whatever the CSR or the API asked for, the subject key must be able to serve it.
-        fitted = _fit_key_usage(key_usage_names(passed_usage.value), csr.public_key())
+        fitted = _fit_key_usage(key_usage_names(passed_usage.value), public_key)
         extensions[ExtensionOID.KEY_USAGE] = x509.Extension(
             ExtensionOID.KEY_USAGE, True, key_usage_extension(fitted)
         )
 
     # Template-defined extensions last: they win.
-    bc = x509.BasicConstraints(ca=template.is_ca, path_length=template.path_length)
-    extensions[ExtensionOID.BASIC_CONSTRAINTS] = x509.Extension(
-        ExtensionOID.BASIC_CONSTRAINTS, template.basic_constraints_critical, bc
-    )
-    if template.key_usage is not None:
-        usages = (
-            template.key_usage
-            if template.is_ca
-            else _fit_key_usage(template.key_usage, csr.public_key())
-        )
-        ku = key_usage_extension(usages)
-        extensions[ExtensionOID.KEY_USAGE] = x509.Extension(ExtensionOID.KEY_USAGE, True, ku)
-    if template.extended_key_usage is not None:
-        eku = x509.ExtendedKeyUsage(list(template.extended_key_usage))
-        extensions[ExtensionOID.EXTENDED_KEY_USAGE] = x509.Extension(
-            ExtensionOID.EXTENDED_KEY_USAGE, template.extended_key_usage_critical, eku
-        )
-    if template.ocsp_no_check:
-        extensions[OCSP_NO_CHECK] = x509.Extension(OCSP_NO_CHECK, False, x509.OCSPNoCheck())
+    extensions.update(_template_extensions(template, _key_family(public_key)))
     if template.is_ca:
         # CA certificates carry no SAN unless an explicit passthrough supplies one.
         csr_sans = csr_sans if template.csr_passthrough else ()

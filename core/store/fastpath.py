@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Column, Connection, Table
+from sqlalchemy import Column, Connection, Table, UniqueConstraint
 from sqlalchemy.engine import Dialect
 
 Processor = Callable[[Any], Any] | None
@@ -20,11 +20,23 @@ def _marker(dialect: Dialect) -> str:
     return "%s" if dialect.paramstyle in ("format", "pyformat") else "?"
 
 
+# Rows per multi-row INSERT: far below SQLite's 32766 and PostgreSQL's 65535 parameters.
+MAX_ROWS_PER_INSERT = 256
+
+
 def _convert(values: Sequence[Any], processors: Sequence[Processor]) -> tuple[Any, ...]:
     return tuple(
         process(value) if process is not None and value is not None else value
         for value, process in zip(values, processors, strict=True)
     )
+
+
+def _unique_key(table: Table) -> list[str]:
+    """The columns of the table's first unique constraint (how returned ids find their rows)."""
+    for constraint in table.constraints:
+        if isinstance(constraint, UniqueConstraint):
+            return [column.name for column in constraint.columns]
+    return []
 
 
 class FastInsert:
@@ -37,29 +49,58 @@ class FastInsert:
         names, markers = ", ".join(self.columns), ", ".join(marker for _ in self.columns)
         self.sql = f"INSERT INTO {table.name} ({names}) VALUES ({markers})"  # noqa: S608
         self.generated = generated
+        self._head = f"INSERT INTO {table.name} ({names}) VALUES "  # noqa: S608
+        self._row_markers = f"({markers})"
+        self.key = _unique_key(table) if generated else []
+        self._key_positions = [self.columns.index(name) for name in self.key]
         self.processors = [
             table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
             for name in self.columns
         ]
+        # Only the columns whose type converts values (datetimes on SQLite, ...) need a call.
+        self._converting = [(i, p) for i, p in enumerate(self.processors) if p is not None]
+
+    def _values(self, row: Mapping[str, Any]) -> list[Any]:
+        values = [row[name] for name in self.columns]
+        for index, process in self._converting:
+            if values[index] is not None:
+                values[index] = process(values[index])
+        return values
 
     def execute(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> list[int]:
         """Insert ``rows``; returns the generated ids in order (when ``generated`` is set)."""
-        values = [_convert([r[name] for name in self.columns], self.processors) for r in rows]
+        values = [self._values(r) for r in rows]
         cursor = conn.connection.cursor()
         try:
             if not self.generated:
                 cursor.executemany(self.sql, values)
                 return []
-            ids = []
-            sql = f"{self.sql} RETURNING {self.generated}"
-            for row in values:  # RETURNING with executemany differs between drivers
-                cursor.execute(sql, row)
-                generated = cursor.fetchone()
-                assert generated is not None
-                ids.append(int(generated[0]))
+            ids: list[int] = []
+            for start in range(0, len(values), MAX_ROWS_PER_INSERT):
+                ids += self._insert_returning(cursor, values[start : start + MAX_ROWS_PER_INSERT])
             return ids
         finally:
             cursor.close()
+
+    def _insert_returning(self, cursor: Any, values: Sequence[list[Any]]) -> list[int]:
+        """One multi-row INSERT (one statement, one round trip) returning the generated ids.
+
+        Neither SQLite nor PostgreSQL promises RETURNING rows in VALUES order, so each id is
+        matched to its row by the table's unique key.
+        """
+        if not self.key and len(values) > 1:  # nothing to match ids by: one row per statement
+            return [i for row in values for i in self._insert_returning(cursor, [row])]
+        sql = (
+            self._head
+            + ", ".join(self._row_markers for _ in values)
+            + f" RETURNING {', '.join([self.generated or '', *self.key])}"
+        )
+        cursor.execute(sql, [value for row in values for value in row])
+        returned = cursor.fetchall()
+        if not self.key:
+            return [int(returned[0][0])]
+        by_key = {tuple(r[1:]): int(r[0]) for r in returned}
+        return [by_key[tuple(row[i] for i in self._key_positions)] for row in values]
 
 
 class FastQuery:
