@@ -581,7 +581,7 @@ class AcmeConnector(Connector):
     def _order(self, acme_request: AcmeRequest, order_id: str) -> Response:
         account = self._require_account(acme_request)
         with self._write(acme_request) as conn:
-            view = self.service.order(conn, account, order_id)
+            view = self.service.order(conn, account, order_id, repair=True)
             body = self._order_json(view)
         retry = 1 if view.order.status == "processing" else None
         if view.order.status == "pending":
@@ -599,7 +599,7 @@ class AcmeConnector(Connector):
         except ValueError as exc:
             raise AcmeProblem("badCSR", f"the CSR cannot be parsed: {exc}") from None
         with self._write(acme_request) as conn:
-            view = self.service.order(conn, account, order_id)
+            view = self.service.order(conn, account, order_id, repair=True)
             order = view.order
             if order.status != "ready":
                 raise AcmeProblem(

@@ -56,6 +56,9 @@ from pkigate.gateways.connectors import ConnectorContext
 log = logging.getLogger("pkigate.acme")
 
 VALIDATE_JOB = "acme-validate"
+# How long an order may stay "processing" before it is taken for interrupted: issuance
+# takes milliseconds, so this is generous.
+PROCESSING_STALE = timedelta(seconds=15)
 
 # Challenge types offered per identifier: a wildcard can only be proved in DNS (RFC 8555
 # 7.1.3), an IP address not in DNS at all (RFC 8738 section 7).
@@ -358,13 +361,62 @@ class AcmeService:
                     "alreadyReplaced", f"order {other.id} already replaces this certificate"
                 )
 
-    def order(self, conn: Connection, account: AccountRecord, order_id: str) -> OrderView:
+    def order(
+        self, conn: Connection, account: AccountRecord, order_id: str, *, repair: bool = False
+    ) -> OrderView:
+        """The account's order. With ``repair`` (``conn`` is a write transaction), an order
+        left "processing" by a process that died while finalizing is settled."""
         order = acme_store.order_by_id(conn, self.name, order_id)
         if order is None or order.account_id != account.id:
             raise AcmeProblem("malformed", f"no order {order_id[:40]}", status=404)
+        if repair and order.status == "processing":
+            order = self._settle_interrupted(conn, order)
         return OrderView(
             self._with_expiry(order), tuple(acme_store.order_authorization_ids(conn, order.id))
         )
+
+    def _settle_interrupted(self, conn: Connection, order: OrderRecord) -> OrderRecord:
+        """Finalization issues in the core's transaction and records the outcome in the
+        order's own: a crash between the two leaves the order "processing". If the core
+        issued (its idempotency entry for this order says which certificate), the order is
+        valid with it; if nothing was issued, it is ready to be finalized again."""
+        now = self.now()
+        if now - order.updated_at < PROCESSING_STALE:
+            return order
+        entry = self.core.store.idempotency_entry(
+            conn,
+            f"issue:{self.context.ca_id}"[:64],
+            f"acme-order-{order.id}",
+            order.created_at - timedelta(minutes=1),
+        )
+        record = (
+            None if entry is None else self.core.store.get_certificate_by_id(conn, int(entry[1]))
+        )
+        if record is not None:
+            acme_store.update_order(
+                conn,
+                order.id,
+                now,
+                status="valid",
+                expected_status="processing",
+                ca_id=record.ca_id,
+                serial=record.serial,
+            )
+            log.warning(
+                "ACME order settled after an interrupted finalization",
+                extra={"connector": self.name, "order": order.id, "serial": record.serial},
+            )
+        else:
+            acme_store.update_order(
+                conn, order.id, now, status="ready", expected_status="processing"
+            )
+            log.warning(
+                "ACME order made ready again after an interrupted finalization",
+                extra={"connector": self.name, "order": order.id},
+            )
+        updated = acme_store.order_by_id(conn, self.name, order.id)
+        assert updated is not None
+        return updated
 
     def _with_expiry(self, order: OrderRecord) -> OrderRecord:
         if order.status in ("pending", "ready") and order.expires_at <= self.now():

@@ -592,9 +592,10 @@ class Server(Device):
                         VALIDATION_STALLED, f"order pending for {stall:.0f}s", transient=True
                     )
                 self._solve(client, order.body)
-            if status == "processing" and waited > stall:
-                # Finalization died with the server and nothing will finish it: give the
-                # order up (it cannot be deactivated) and order again.
+            if status == "processing" and waited > stall + PROCESSING_GRACE_SECONDS:
+                # The server settles an order whose finalization died with a process (valid
+                # with the certificate it issued, or ready again) within seconds; one that
+                # stays processing longer is a server fault, counted as unexpected.
                 self._order_url = None
                 self._unpublish()
                 raise DeviceError(
@@ -733,6 +734,10 @@ def ari_cert_id(certificate: x509.Certificate) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
     return f"{b64(aki.key_identifier)}.{b64(octets)}"
+
+
+PROCESSING_GRACE_SECONDS = 30.0
+"""Beyond the stall limit: the server settles an interrupted finalization after 15 s."""
 
 
 def _retry_after(headers: Any, default: float) -> float:

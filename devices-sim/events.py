@@ -35,8 +35,9 @@ for another one."""
 VALIDATION_STALLED = "acme:validation-stalled"
 """An order whose validation job died with the server: abandoned for a new order."""
 ORDER_STUCK = "acme:order-stuck-processing"
-"""An order left "processing" by a server killed while finalizing it: ordered again."""
-FAULT_CONSEQUENCES = TRANSIENT | {CHALLENGE_CONSUMED, VALIDATION_STALLED, ORDER_STUCK}
+"""An order the server left "processing": a server fault (the server settles orders whose
+finalization a crash interrupted), so never expected."""
+FAULT_CONSEQUENCES = TRANSIENT | {CHALLENGE_CONSUMED, VALIDATION_STALLED}
 """What a killed server causes; expected in fault mode, unexpected otherwise."""
 
 

@@ -1094,3 +1094,45 @@ http01_port = {responder.port}
             server.stop()
     finally:
         responder.close()
+
+
+def test_an_order_left_processing_by_a_crash_is_settled(env: Env) -> None:
+    from pkigate.core import IssuanceRequest, Requester, Validity
+    from pkigate.core.store import acme as acme_store
+
+    client = env.client()
+    client.register()
+    names = [("dns", "crash1.example.test"), ("dns", "crash2.example.test")]
+    orders = []
+    for name in names:
+        order = client.new_order([name])
+        _solve(env, client, order)
+        orders.append(client.wait(order.location or "", ["ready"]))
+    long_ago = env.core.clock() - timedelta(minutes=5)
+    interrupted_ids = [(o.location or "").rsplit("/", 1)[1] for o in orders]
+    # The first crashed after the core issued; the second before.
+    ca_id = next(
+        v.record.id for v in env.core.authorities.list_cas() if v.record.type == "SUBORDINATE"
+    )
+    issued = env.core.issue(
+        IssuanceRequest(
+            ca_id=ca_id,
+            csr=_csr([names[0]])[0],
+            validity=Validity.parse("90d"),
+            requester=Requester("acme-account:test", "acme"),
+            template="EndEntityServerAuthCertificate_APIPassthrough/V1",
+            idempotency_token=f"acme-order-{interrupted_ids[0]}",
+        )
+    )
+    with env.core.store.write() as conn:
+        for order_id in interrupted_ids:
+            assert acme_store.update_order(
+                conn, order_id, long_ago, status="processing", expected_status="ready"
+            )
+    settled = client.get(orders[0].location or "")
+    assert settled.body["status"] == "valid"
+    chain = client.certificate_chain(settled.body["certificate"])
+    assert chain[0].serial_number == issued.certificate.serial_number
+    again = client.get(orders[1].location or "")
+    assert again.body["status"] == "ready"
+    assert client.finalize(again, _csr([names[1]])[0]).body["status"] == "valid"
