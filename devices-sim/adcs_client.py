@@ -46,20 +46,31 @@ class MachineAccount:
     dns_host_name: str
 
 
+def provision_machine(directory: DevDirectory, host: str, rid: int) -> MachineAccount:
+    """Create one computer account (a member of Domain Computers by its primary group), as
+    joining a machine to the domain does; an account left by an earlier try is reset."""
+    return _provision(directory, [(host, rid)])[0]
+
+
 def provision_machines(
     directory: DevDirectory, count: int, *, prefix: str = "SIM", first_rid: int = 50000
 ) -> list[MachineAccount]:
     """Create ``count`` computer accounts (members of Domain Computers by their primary
     group) in the development directory, as joining machines to the domain would."""
+    return _provision(
+        directory, [(f"{prefix}{index:05d}", first_rid + index) for index in range(count)]
+    )
+
+
+def _provision(directory: DevDirectory, hosts: Sequence[tuple[str, int]]) -> list[MachineAccount]:
     domain = dns_domain(directory.base)
     conn = directory.admin_connection()
     machines: list[MachineAccount] = []
     try:
-        for index in range(count):
-            host = f"{prefix}{index:05d}"
+        for host, rid in hosts:
             name = f"{host}$"
             password = secrets.token_urlsafe(18)
-            sid = f"{directory.domain_sid}-{first_rid + index}"
+            sid = f"{directory.domain_sid}-{rid}"
             dn = f"{rdn(host)},CN=Computers,{directory.base}"
             attributes = {
                 "objectClass": ["top", "person", "organizationalPerson", "user", "computer"],
@@ -102,18 +113,22 @@ class AdcsClient:
         password: str,
         *,
         timeout: float = 30.0,
+        session: requests.Session | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.username = username
         self.password = password
         self.timeout = timeout
-        self.session = requests.Session()
-        self.session.trust_env = False
-        self.session.verify = ca_bundle
+        self._own_session = session is None
+        self.session = session or requests.Session()
+        if self._own_session:
+            self.session.trust_env = False
+            self.session.verify = ca_bundle
         self._client_files: tempfile.TemporaryDirectory[str] | None = None
 
     def close(self) -> None:
-        self.session.close()
+        if self._own_session:
+            self.session.close()
         if self._client_files is not None:
             self._client_files.cleanup()
 

@@ -129,6 +129,14 @@ class Target:
     server_eku: frozenset[x509.ObjectIdentifier] = frozenset({ExtendedKeyUsageOID.SERVER_AUTH})
     data_dir: Path | None = None
     """The server's data directory, when the simulator may read its store afterwards."""
+    adcs_mount: str | None = None
+    """The AD-style connector's mount on the HTTPS listener; None: no machines."""
+    directory: Any = None
+    """The development directory (pkigate.adcs.directory.DevDirectory) machines join."""
+    machine_template: str = "Machine"
+    machine_eku: frozenset[x509.ObjectIdentifier] = frozenset(
+        {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
+    )
     database_url: str | None = None
 
     @property

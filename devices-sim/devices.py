@@ -15,8 +15,13 @@ talks to the server over real HTTP the way the real client does and checks what 
   server, renewing when the server's renewal information (ARI, RFC 9773) says, with the
   order naming the certificate it replaces; some revoke their last certificate.
 
-A new kind of device (AD-style machines) is one more :class:`Device` subclass registered
-in :data:`DEVICE_KINDS` under the name that :meth:`FleetSettings.counts` gives it.
+* :class:`Machine`: a domain-joined machine over AD-style enrollment: its computer account
+  is created in the directory, it autoenrolls in what the CA's policy (MS-XCEP) says it
+  holds AutoEnroll on (MS-WSTEP), and renews with its certificate as TLS client
+  certificate.
+
+A new kind of device is one more :class:`Device` subclass registered in
+:data:`DEVICE_KINDS` under the name that :meth:`FleetSettings.counts` gives it.
 """
 
 from __future__ import annotations
@@ -40,7 +45,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from pkigate.acme import jws
+from pkigate.adcs.policy import sid_from_certificate
 from pkigate.devsim.acme_client import AcmeClient, AcmeClientError
+from pkigate.devsim.adcs_client import (
+    AdcsClient,
+    AdcsClientError,
+    Enrolled,
+    MachineAccount,
+    provision_machine,
+)
 from pkigate.devsim.attempts import (
     DeviceError,
     DeviceFailed,
@@ -53,6 +66,7 @@ from pkigate.devsim.clock import SimClock
 from pkigate.devsim.config import FleetSettings, Target
 from pkigate.devsim.events import (
     ACME,
+    ADCS,
     API,
     CHALLENGE_CONSUMED,
     ORDER_STUCK,
@@ -85,6 +99,7 @@ REVOCATION_REASON = x509.ReasonFlags.cessation_of_operation
 REVOCATION_REASON_CODE = 5  # RFC 5280 CRLReason cessationOfOperation
 ALREADY_USED = "already used"  # the SCEP connector's failInfoText for a spent challenge
 MAX_CHALLENGES = 5  # challenges an MDM hands one phone before it gives up
+REAPPROVE_AFTER_SECONDS = 20.0  # still pending this long after an approval: look again
 
 
 class FleetContext:
@@ -215,6 +230,7 @@ class Phone(Device):
         self._request: _ScepRequest | None = None
         self._pending: PendingRequest | None = None
         self._approved = False
+        self._approved_at = 0.0
         self._fresh_challenges = 0
         self._next: Callable[[], float | None] = self._enroll
 
@@ -295,6 +311,7 @@ class Phone(Device):
         if not self._approved:
             attempt(self.recorder, API, "approve", lambda: self._approve(pending), deadline)
             self._approved = True
+            self._approved_at = time.monotonic()
         client, ca = self._discover(deadline)
 
         def poll() -> CertRep:
@@ -305,6 +322,10 @@ class Phone(Device):
 
         reply = attempt(self.recorder, SCEP, "poll", poll, deadline)
         if reply.status is PkiStatus.PENDING:
+            if time.monotonic() - self._approved_at > REAPPROVE_AFTER_SECONDS:
+                # An approval cut off by a crash puts the request back in the queue (the
+                # server settles it after 15 s): the administrator sees it and approves again.
+                self._approved = False
             return self.ctx.clock.monotonic_at(self.ctx.clock.now() + POLL_INTERVAL)
         self._pending = None
         return self._issued(reply, ca, pending.key, deadline)
@@ -759,8 +780,157 @@ def _chain(
     return chain
 
 
+# -- machines (AD-style) -----------------------------------------------------------------------
+
+
+class Machine(Device):
+    """A domain-joined machine: joins the domain (its computer account is created in the
+    directory), asks the CA's policy (MS-XCEP) what it may autoenroll in and enrolls
+    (MS-WSTEP), then renews with the certificate it holds (TLS client authentication)."""
+
+    kind = "machine"
+
+    def __init__(self, name: str, ctx: FleetContext, rng: random.Random, rid: int) -> None:
+        super().__init__(name, ctx, rng)
+        self.rid = rid
+        self.renewals_left = ctx.settings.renewals
+        self.account: MachineAccount | None = None
+        self.certificate: x509.Certificate | None = None
+        self.key: rsa.RSAPrivateKey | None = None
+        self._client: AdcsClient | None = None
+        self._next: Callable[[], float | None] = self._join
+
+    @classmethod
+    def create(cls, ctx: FleetContext, index: int, rng: random.Random) -> Machine:
+        # Relative ids unique to the run: runs share the directory of a long-lived target.
+        rid = 1_000_000 + (int(ctx.run_id, 16) % 4000) * 100_000 + index
+        return cls(f"M{ctx.run_id}{index:05d}".upper(), ctx, rng, rid)
+
+    def step(self) -> float | None:
+        return self._next()
+
+    def _adcs(self) -> AdcsClient:
+        target = self.ctx.target
+        assert self.account is not None and target.adcs_mount is not None
+        if self._client is None:
+            self._client = AdcsClient(
+                target.https_url + target.adcs_mount,
+                str(target.tls_bundle),
+                self.account.name,
+                self.account.password,
+            )
+        return self._client
+
+    def _join(self) -> float | None:
+        directory = self.ctx.target.directory
+        if directory is None:
+            raise DeviceFailed("join", "adcs:no-directory", "machines need the directory")
+        deadline = self.ctx.deadline()
+        self.account = attempt(
+            self.recorder,
+            ADCS,
+            "join",
+            lambda: provision_machine(directory, self.name, self.rid),
+            deadline,
+        )
+        self._next = self._autoenroll
+        return time.monotonic()
+
+    def _autoenroll(self) -> float | None:
+        deadline = self.ctx.deadline()
+        key = new_key()
+        template = self.ctx.target.machine_template
+
+        def enroll() -> Enrolled:
+            offered = [t.common_name for t in self._adcs().policies() if t.permission_autoenroll]
+            if template not in offered:
+                raise DeviceError("adcs:not-offered", f"{template} not in {offered}")
+            return self._adcs().enroll(template, _machine_csr(key, self.name))
+
+        enrolled = attempt(self.recorder, ADCS, "autoenroll", _adcs_errors(enroll), deadline)
+        return self._issued(enrolled, key, deadline)
+
+    def _renew(self) -> float | None:
+        deadline = self.ctx.deadline()
+        assert self.certificate is not None and self.key is not None
+        current, current_key = self.certificate, self.key
+        key = new_key()
+        template = self.ctx.target.machine_template
+        enrolled = attempt(
+            self.recorder,
+            ADCS,
+            "renew",
+            _adcs_errors(
+                lambda: self._adcs().renew(
+                    template, _machine_csr(key, self.name), current, current_key
+                )
+            ),
+            deadline,
+        )
+        self.renewals_left -= 1
+        return self._issued(enrolled, key, deadline)
+
+    def _issued(self, enrolled: Enrolled, key: rsa.RSAPrivateKey, deadline: float) -> float | None:
+        assert self.account is not None
+        leaf = enrolled.certificate
+        chain = [leaf, *(c for c in enrolled.chain if c != leaf and c.issuer != c.subject)]
+        self.received(leaf, ADCS)
+        self.ctx.checker.check_issued(
+            chain,
+            Expectation(
+                key.public_key(),
+                frozenset({"digital_signature"}),
+                self.ctx.target.machine_eku,
+                subject_common_name=self.account.dns_host_name,
+                max_lifetime=self.ctx.target.max_lifetime,
+            ),
+            self.recorder,
+            deadline,
+        )
+        # The directory's names and the account's SID, never the request's.
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        if sans.get_values_for_type(x509.DNSName) != [self.account.dns_host_name]:
+            raise DeviceFailed("verify", "adcs:wrong-names", f"SAN {sans}")
+        if sid_from_certificate(leaf) != self.account.sid:
+            raise DeviceFailed("verify", "adcs:wrong-sid", "the SID extension is not ours")
+        self.verified(leaf)
+        self.certificate, self.key = leaf, key
+        if self.renewals_left <= 0:
+            if self._client is not None:
+                self._client.close()
+            return None
+        self._next = self._renew
+        share = self.rng.uniform(*PHONE_RENEWAL_WINDOW)
+        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+        return self.ctx.clock.monotonic_at(leaf.not_valid_before_utc + lifetime * share)
+
+
+def _machine_csr(key: rsa.RSAPrivateKey, name: str) -> x509.CertificateSigningRequest:
+    # Windows puts the machine's name in the request; the CA takes the names from the
+    # directory anyway.
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _adcs_errors(call: Callable[[], Enrolled]) -> Callable[[], Enrolled]:
+    """AD-style refusals as device errors (a fault is never retried: it is an answer)."""
+
+    def run() -> Enrolled:
+        try:
+            return call()
+        except AdcsClientError as exc:
+            transient = exc.kind.startswith("http5")
+            raise DeviceError(f"adcs:{exc.kind}", exc.message[:300], transient=transient) from None
+
+    return run
+
+
 DEVICE_KINDS: dict[str, DeviceFactory] = {
     Phone.kind: Phone.create,
     Server.kind: Server.create,
+    Machine.kind: Machine.create,
 }
-"""Device kinds by the name FleetSettings.counts() uses; machines are still to come."""
+"""Device kinds by the name FleetSettings.counts() uses."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 # Protocols as the report names them.
 SCEP = "scep"
 ACME = "acme"
+ADCS = "adcs"
 API = "api"
 """The management API, as an MDM or an administrator uses it (challenges, approvals)."""
 OCSP = "ocsp"

@@ -22,7 +22,7 @@ from pkigate.devsim.events import Event
 from pkigate.devsim.fleet import FleetRun
 from pkigate.devsim.postconditions import PostConditions
 
-PROTOCOL_ORDER = ("scep", "acme", "api", "ocsp", "crl", "verify")
+PROTOCOL_ORDER = ("scep", "acme", "adcs", "api", "ocsp", "crl", "verify")
 MAX_LISTED_FAILURES = 50
 
 

@@ -138,6 +138,7 @@ def _spawned(
         workers=options.workers,
         database_url=options.database_url,
         base_dir=options.base_dir,
+        machines=settings.machines > 0,
     )
     cleanup.callback(server.remove)
     cleanup.callback(server.stop)

@@ -45,12 +45,18 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID
+from ldap3 import MODIFY_REPLACE
 
+from pkigate.adcs.directory import DevDirectory
+from pkigate.adcs.encoding import interval_to_filetime
+from pkigate.adcs.layout import template_dn
 from pkigate.devsim.config import Target
 
 SCEP_CONNECTOR = "scep"
 PENDING_CONNECTOR = "mdm-pending"
 ACME_MOUNT = "/acme"
+ADCS_MOUNT = "/adcs"
+MACHINE_TEMPLATE = "Machine"
 CERTIFICATE_VALIDITY = "1d"
 CERTIFICATE_LIFETIME = timedelta(days=1)
 CRL_REGENERATE_DELAY_SECONDS = 1
@@ -81,6 +87,7 @@ def server_config(
     dns_resolver: str | None,
     database_url: str | None = None,
     workers: int = 1,
+    directory: DevDirectory | None = None,
 ) -> str:
     """The spawned server's TOML configuration (see the module docstring)."""
     lines = [
@@ -118,6 +125,18 @@ def server_config(
         "orders_per_account_per_hour = 10000000",
         "failed_validations_per_identifier_per_hour = 10000000",
     ]
+    if directory is not None:
+        lines += [
+            "[[connectors]]",
+            'type = "adcs"',
+            'name = "adcs"',
+            f'mount = "{ADCS_MOUNT}"',
+            "[connectors.settings]",
+            f'directory_url = "{directory.url}"',
+            f'base = "{directory.base}"',
+            f'bind_dn = "{directory.admin_dn}"',
+            f'bind_password = "{directory.admin_password}"',
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -133,6 +152,7 @@ class SpawnedServer:
         database_url: str | None = None,
         base_dir: Path | None = None,
         ready_timeout: float = 120.0,
+        machines: bool = False,
     ) -> None:
         self._temporary = base_dir is None
         self.base_dir = (
@@ -147,6 +167,11 @@ class SpawnedServer:
         self.https_url = f"https://127.0.0.1:{https_port}"
         self.config = self.base_dir / "pkigate.toml"
         self.tls_bundle.unlink(missing_ok=True)  # a root from an earlier run in this directory
+        # AD-style machines need a directory: the development one, on a free port, for
+        # the whole run (fault mode kills pkigate, not the domain controller).
+        self.directory: DevDirectory | None = None
+        if machines:
+            self.directory = DevDirectory(self.base_dir / "directory").start()
         self.config.write_text(
             server_config(
                 self.data_dir,
@@ -156,6 +181,7 @@ class SpawnedServer:
                 dns_resolver=dns_resolver,
                 database_url=database_url,
                 workers=workers,
+                directory=self.directory,
             )
         )
         self.log_path = self.base_dir / "pkigate.log"
@@ -232,7 +258,10 @@ class SpawnedServer:
         self._close_log()
 
     def remove(self) -> None:
-        """Delete the temporary directory (a directory given by the caller stays)."""
+        """Stop the directory and delete the temporary directory (a directory given by the
+        caller stays)."""
+        if self.directory is not None:
+            self.directory.stop()
         if self._temporary:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
@@ -314,6 +343,49 @@ class SpawnedServer:
                 timeout=30,
             )
             changed.raise_for_status()
+        if self.directory is not None:
+            self._publish_machine_template()
+
+    def _publish_machine_template(self) -> None:
+        """Give the Machine template the run's short lifetime, and register the CA for it
+        in the directory (`pkigate adcs publish`), as an enterprise CA admin would."""
+        assert self.directory is not None
+        conn = self.directory.admin_connection()
+        try:
+            changed = conn.modify(
+                template_dn(self.directory.base, MACHINE_TEMPLATE),
+                {
+                    "pKIExpirationPeriod": [
+                        (MODIFY_REPLACE, [interval_to_filetime(CERTIFICATE_LIFETIME)])
+                    ],
+                    "pKIOverlapPeriod": [
+                        (MODIFY_REPLACE, [interval_to_filetime(CERTIFICATE_LIFETIME / 3)])
+                    ],
+                },
+            )
+            if not changed:
+                raise RuntimeError(f"cannot shorten the Machine template: {conn.result}")
+        finally:
+            conn.unbind()
+        published = subprocess.run(
+            [
+                *pkigate_command(),
+                "adcs",
+                "--config",
+                str(self.config),
+                "publish",
+                "--connector",
+                "adcs",
+                "--template",
+                MACHINE_TEMPLATE,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if published.returncode != 0:
+            raise RuntimeError(f"pkigate adcs publish failed: {published.stderr}")
 
     def target(self) -> Target:
         return Target(
@@ -329,6 +401,8 @@ class SpawnedServer:
             max_lifetime=CERTIFICATE_LIFETIME,
             data_dir=self.data_dir,
             database_url=self.database_url,
+            adcs_mount=ADCS_MOUNT if self.directory is not None else None,
+            directory=self.directory,
         )
 
 

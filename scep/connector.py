@@ -734,6 +734,7 @@ class ScepConnector(Connector):
     def _transaction_reply(
         self, signer: Signer, reply_to: ReplyTo, record: scep_store.TransactionRecord
     ) -> Response:
+        record = self.approvals.recover_interrupted(record)
         if record.status == ISSUED:
             return self._certificate_reply(signer, reply_to, record.ca_id, record.serial)
         if record.status == REJECTED:

@@ -10,9 +10,10 @@ the command line see the same requests.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pkigate.core import Actor, Requester
@@ -27,6 +28,8 @@ REJECTED = "REJECTED"
 # Claimed by one approver while the core issues: a second approver gets a conflict.
 APPROVING = "APPROVING"
 MAX_REASON_CHARS = 500
+# Issuing takes milliseconds: an approval still claimed after this was interrupted.
+APPROVAL_STALE = timedelta(seconds=15)
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,9 @@ class ApprovalQueue:
                     request_id=approver.request_id,
                 ),
                 correlation_id=transaction_id,
+                # A process that dies between issuing and recording leaves the request
+                # APPROVING; recover_interrupted finds the certificate by this token.
+                idempotency_token=self._token(transaction_id),
             )
         except PkigateError:
             self._settle(transaction_id, APPROVING, PENDING, record.evidence)
@@ -129,6 +135,49 @@ class ApprovalQueue:
             serial=issued.serial,
         )
         return issued
+
+    def _token(self, transaction_id: str) -> str:
+        digest = hashlib.sha256(f"{self.context.name}\0{transaction_id}".encode()).hexdigest()
+        return f"scep-approve-{digest[:48]}"
+
+    def recover_interrupted(
+        self, record: scep_store.TransactionRecord
+    ) -> scep_store.TransactionRecord:
+        """An approval whose process died between issuing and recording the outcome: ISSUED
+        with the certificate the core issued under the approval's idempotency token, or
+        PENDING again (to be approved once more) if nothing was issued."""
+        core = self.context.core
+        now = core.clock()
+        if (
+            record.status != APPROVING
+            or record.updated_at is None
+            or now - record.updated_at < APPROVAL_STALE
+        ):
+            return record
+        with core.store.write() as conn:
+            entry = core.store.idempotency_entry(
+                conn,
+                f"issue:{self.context.ca_id}"[:64],
+                self._token(record.transaction_id),
+                record.created_at - timedelta(minutes=1),
+            )
+            issued = (
+                None if entry is None else core.store.get_certificate_by_id(conn, int(entry[1]))
+            )
+            scep_store.settle_transaction(
+                conn,
+                connector=self.context.name,
+                transaction_id=record.transaction_id,
+                from_status=APPROVING,
+                status=ISSUED if issued is not None else PENDING,
+                evidence=record.evidence,
+                ca_id=issued.ca_id if issued is not None else None,
+                serial=issued.serial if issued is not None else None,
+                now=now,
+            )
+            recovered = scep_store.get_transaction(conn, self.context.name, record.transaction_id)
+        assert recovered is not None
+        return recovered
 
     def reject(self, transaction_id: str, approver: Actor, reason: str) -> PendingRequest:
         """Refuse the held request; the client's next CertPoll gets FAILURE badRequest."""

@@ -32,7 +32,7 @@ from pkigate.core import Core
 from pkigate.core.store import schema
 from pkigate.devsim.attempts import DeviceFailed, Recorder
 from pkigate.devsim.challenges import ChallengeDns
-from pkigate.devsim.config import FleetConfigError, FleetSettings
+from pkigate.devsim.config import FleetSettings
 from pkigate.devsim.events import EventLog
 from pkigate.devsim.report import Report
 from pkigate.devsim.scep_client import ScepClient
@@ -99,16 +99,16 @@ def _successes(report: Report, protocol: str, operation: str) -> int:
 # One test runs the fleet (a module fixture would run it once per xdist worker) and checks
 # it through the functions below, each named for the behaviour it checks.
 
-PHONES, SERVERS, RENEWALS = 50, 20, 2
-CERTIFICATES = (PHONES + SERVERS) * (1 + RENEWALS)
+PHONES, SERVERS, MACHINES, RENEWALS = 50, 20, 20, 2
+CERTIFICATES = (PHONES + SERVERS + MACHINES) * (1 + RENEWALS)
 
 
 @needs_test_dns
-def test_ci_fleet_of_phones_and_servers_against_two_workers(tmp_path: Path) -> None:
+def test_ci_fleet_of_phones_servers_and_machines_against_two_workers(tmp_path: Path) -> None:
     settings = FleetSettings(
         phones=PHONES,
         servers=SERVERS,
-        machines=0,
+        machines=MACHINES,
         concurrency=8,
         renewals=RENEWALS,
         revoke_fraction=0.2,
@@ -135,6 +135,7 @@ def finishes_with_zero_unexpected_errors(report: Report) -> None:
     assert report.devices == {
         "phone": {"total": PHONES, "finished": PHONES, "failed": 0},
         "server": {"total": SERVERS, "finished": SERVERS, "failed": 0},
+        "machine": {"total": MACHINES, "finished": MACHINES, "failed": 0},
     }
     assert report.ok, report.failures
 
@@ -153,6 +154,9 @@ def renews_through_renewalreq_and_ari_replacement_orders(
     report = simulation.report
     assert _successes(report, "scep", "renew") == PHONES * RENEWALS
     assert _successes(report, "acme", "renew") == SERVERS * RENEWALS
+    # Machines autoenrolled through MS-XCEP/MS-WSTEP, then renewed with their certificate.
+    assert _successes(report, "adcs", "autoenroll") == MACHINES
+    assert _successes(report, "adcs", "renew") == MACHINES * RENEWALS
     # ARI asked after each certificate and again when the chosen moment came.
     assert _successes(report, "acme", "ari") >= SERVERS * RENEWALS * 2
     challenges, by_connector, replacements = _store_counts(
@@ -166,6 +170,7 @@ def renews_through_renewalreq_and_ari_replacement_orders(
     assert by_connector["mdm-pending"] == pending * (1 + RENEWALS)  # renewed where enrolled
     assert by_connector["scep"] == (PHONES - pending) * (1 + RENEWALS)
     assert by_connector["acme"] == SERVERS * (1 + RENEWALS)
+    assert by_connector["adcs"] == MACHINES * (1 + RENEWALS)
 
 
 def revoked_certificates_show_revoked_in_ocsp_and_crl(report: Report) -> None:
@@ -242,6 +247,7 @@ def test_fault_mode_devices_cut_off_by_sigkill_retry_and_the_store_stays_whole(
     settings = FleetSettings(
         phones=20,
         servers=8,
+        machines=4,
         concurrency=8,
         renewals=4,
         revoke_fraction=0.25,
@@ -262,7 +268,7 @@ def test_fault_mode_devices_cut_off_by_sigkill_retry_and_the_store_stays_whole(
     assert 3 <= len(report.server_kills) <= 4, report.server_kills
     assert report.unexpected_errors == 0, report.failures
     assert report.devices_failed == 0, report.failures
-    assert report.certificates["received"] == (20 + 8) * 5
+    assert report.certificates["received"] == (20 + 8 + 4) * 5
     assert report.certificates["verified"] == report.certificates["received"]
     assert report.certificates["revoked_verified"] == report.certificates["revoked"]
     # Devices were cut off (the connection errors fault mode expects) and finished anyway.
@@ -445,15 +451,13 @@ def test_pkigate_sim_run_spawn_prints_the_summary_and_writes_json_and_plot(
     assert (tmp_path / "run.png").stat().st_size > 20_000
 
 
-def test_machines_are_refused_until_that_device_kind_exists() -> None:
-    with pytest.raises(FleetConfigError, match="machines are not simulated yet"):
-        simulate(FleetSettings(phones=1, machines=2), spawn=SpawnOptions())
+def test_an_unknown_device_kind_is_refused_before_anything_starts() -> None:
     run = subprocess.run(
-        [PKIGATE_SIM, "run", "--spawn", "--phones", "1", "--machines", "2", "--quiet"],
+        [PKIGATE_SIM, "run", "--spawn", "--phones", "-1", "--quiet"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert run.returncode == 2
-    assert "machines are not simulated yet" in run.stderr
+    assert "--phones" in run.stderr

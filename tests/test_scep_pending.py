@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.parse
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from cryptography import x509
 from flask.testing import FlaskClient
 from test_scep import Device, load_certs_only
 
-from pkigate.core import Actor
+from pkigate.core import Actor, Requester
 from pkigate.core.store import scep as scep_store
 from pkigate.gateways.app import create_app
 from pkigate.gateways.auth import Role
@@ -198,3 +199,55 @@ def test_transaction_ids_with_slash_and_plus_are_approved_by_url(
     approved = env.api.post(f"{PENDING_API}/{path}/approve", headers=env.headers())
     assert approved.status_code == 200, approved.text
     assert env.poll(device, transaction_id).status is PkiStatus.SUCCESS
+
+
+def _interrupt_approval(env: PendingEnv, tid: str) -> None:
+    """The state a process killed in the middle of approve() leaves: APPROVING, a while ago."""
+    core = env.gateway.core
+    with core.store.write() as conn:
+        row = scep_store.get_transaction(conn, "mdm", tid)
+        assert row is not None
+        assert scep_store.settle_transaction(
+            conn,
+            connector="mdm",
+            transaction_id=tid,
+            from_status="PENDING",
+            status="APPROVING",
+            evidence=row.evidence,
+            ca_id=None,
+            serial=None,
+            now=core.clock() - timedelta(minutes=2),
+        )
+
+
+def test_an_approval_interrupted_before_issuing_goes_back_to_the_queue(env: PendingEnv) -> None:
+    device = Device.new()
+    assert env.enroll(device, "tid-crash-1").status is PkiStatus.PENDING
+    _interrupt_approval(env, "tid-crash-1")
+    assert env.poll(device, "tid-crash-1").status is PkiStatus.PENDING
+    headers = env.headers()
+    listed = env.api.get(PENDING_API, headers=headers).json
+    assert [p["transaction_id"] for p in listed] == ["tid-crash-1"]
+    assert env.api.post(f"{PENDING_API}/tid-crash-1/approve", headers=headers).status_code == 200
+    assert env.poll(device, "tid-crash-1").status is PkiStatus.SUCCESS
+
+
+def test_an_approval_interrupted_after_issuing_delivers_that_certificate(env: PendingEnv) -> None:
+    device = Device.new()
+    assert env.enroll(device, "tid-crash-2").status is PkiStatus.PENDING
+    (connector,) = env.gateway.connectors
+    queue = connector.approvals  # type: ignore[attr-defined]
+    with env.gateway.core.store.read() as conn:
+        row = scep_store.get_transaction(conn, "mdm", "tid-crash-2")
+    assert row is not None
+    # The core issued under the approval's token; the process died before recording it.
+    issued = connector.context.issue(
+        row.csr_der,
+        Requester("token:approver", "mdm"),
+        correlation_id="tid-crash-2",
+        idempotency_token=queue._token("tid-crash-2"),
+    )
+    _interrupt_approval(env, "tid-crash-2")
+    rep = env.poll(device, "tid-crash-2")
+    assert rep.status is PkiStatus.SUCCESS, rep.fail_info_text
+    assert rep.certificates[0].serial_number == issued.certificate.serial_number

@@ -1,0 +1,797 @@
+"""Enrollments per second over the wire: pkigate beside peer servers, in one run.
+
+One run starts, each on free loopback ports (see ``bench/_peers.py``):
+
+* ``pkigate serve --workers W`` (default 2) with an RSA-2048 root and issuing CA and three
+  connectors on that issuing CA: SCEP with a static challenge, ACME validating http-01 on
+  the shared responder (``authorization_reuse_seconds = 1``: every order proves control),
+  and AD-style enrollment against the development directory (slapd, ``DevDirectory``),
+  the CA published for the Machine template with ``pkigate adcs publish``;
+* micromdm ``scepserver`` (Debian ``scep``) with its own RSA-2048 CA in its own depot;
+* ``pebble`` (Debian ``pebble``, ``PEBBLE_VA_NOSLEEP=1``) through ``tests/acme_peers.py``;
+* pebble-challtestsrv as the DNS server of both ACME servers (every name is 127.0.0.1)
+  and one http-01 responder (``pkigate.devsim.challenges.Http01Responder``) for both;
+
+then, for each comparison, the same N operations from C worker threads with the same
+load generator and the same client code (the simulator's ``ScepClient``, ``AcmeClient``,
+``AdcsClient``), after a warm-up of a few operations per thread:
+
+* SCEP: PKCSReq with the challenge password, signed by a self-signed certificate; the
+  CertRep's signature checked, the reply decrypted, the certificate parsed and checked
+  (subject, public key, signed by the CA GetCACert gave). GetCACert once per thread.
+* ACME: new order, authorization, http-01 answered and polled, finalize, order polled,
+  chain downloaded and checked (SAN, public key, signed by the next certificate). One
+  account per thread, created before the timing.
+* AD-style: MS-WSTEP RequestSecurityToken for the Machine template, as a machine
+  provisioned in the directory (a different machine for each operation); the certificate's
+  subject, SID extension and public key checked.
+
+It prints operations/s, the ratio pkigate/peer, latency percentiles, the server's CPU time
+per operation and its share of the machine, and the peak RSS of each server's process
+tree (VmRSS summed over the tree, sampled every 0.2 s), and, as the ceiling, the raw
+``cryptography`` build-and-sign rate of the same issuing CA key (``core_issue.RawSigner``,
+one thread). Device keys (RSA 2048 for SCEP and AD-style, P-256 for ACME) and requests are
+made before the timing; RSA keys come from a pool (a key takes ~70 ms to generate) and
+each request has its own subject. Failures are counted and printed, never dropped.
+
+    .venv/bin/python bench/protocols.py [--quick] [--operations N] [--clients C]
+        [--workers W] [--warmup K] [--poll-ms MS] [--skip-peers] [--json FILE]
+
+Full run: N=300, C=8 (a few minutes); ``--quick``: N=30, C=4 (about a minute). These are
+figures, not a test: the script exits non-zero only when a pkigate operation failed or
+pkigate issued a serial twice (a peer's failures are printed, as figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from pkigate.adcs.directory import DevDirectory
+from pkigate.adcs.policy import sid_from_certificate
+from pkigate.core import CAType, Core
+from pkigate.devsim.acme_client import AcmeClient
+from pkigate.devsim.adcs_client import AdcsClient, MachineAccount, provision_machines
+from pkigate.devsim.challenges import ChallengeDns, Http01Responder
+from pkigate.devsim.scep_client import (
+    CaCertificates,
+    ScepClient,
+    certificate_request,
+    new_transaction_id,
+    self_signed,
+)
+from pkigate.scep.messages import PkiStatus
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent / "tests"))
+from _peers import (  # noqa: E402
+    ACME_MOUNT,
+    ADCS_MOUNT,
+    MACHINE_TEMPLATE,
+    SCEP_MOUNT,
+    PkigateServer,
+    RssSampler,
+    ScepServer,
+    cpu_seconds,
+    plain_session,
+    process_tree,
+)
+from acme_peers import PebbleServer  # noqa: E402
+from core_issue import RawSigner, make_csrs, rate  # noqa: E402
+
+TARGET_RATIO = 1.5  # the devices-sim issue: pkigate at least 1.5x scepserver and pebble
+REQUEST_TIMEOUT = 60.0
+POLL_TIMEOUT = 60.0
+RSA_POOL = 32
+DOMAIN = "bench.test"
+PEBBLE_ENV = "PEBBLE_VA_NOSLEEP=1 PEBBLE_WFE_NONCEREJECT=0 PEBBLE_AUTHZREUSE=0"
+
+Item = TypeVar("Item")
+Worker = TypeVar("Worker")
+
+
+def progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+class OperationFailed(Exception):
+    """An answer that arrived but is wrong (status, certificate contents, signature)."""
+
+
+# -- the load generator -------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One server driven with one kind of operation."""
+
+    protocol: str
+    server: str
+    attempted: int
+    succeeded: int
+    seconds: float
+    latencies_ms: list[float] = field(repr=False)
+    failures: Counter[str]
+    warmup_failures: Counter[str]
+    server_cpu_s: float
+    client_cpu_s: float
+    peak_rss_mib: float
+    processes: int
+    duplicate_serials: int  # successful operations whose (issuer, serial) was issued before
+
+    @property
+    def per_s(self) -> float:
+        return self.succeeded / self.seconds if self.seconds else 0.0
+
+    def percentile(self, fraction: float) -> float:
+        ordered = sorted(self.latencies_ms) or [0.0]
+        return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+    def summary(self) -> dict[str, Any]:
+        done = max(self.succeeded, 1)
+        return {
+            "protocol": self.protocol,
+            "server": self.server,
+            "attempted": self.attempted,
+            "succeeded": self.succeeded,
+            "failed": sum(self.failures.values()),
+            "failures": dict(self.failures),
+            "warmup_failures": dict(self.warmup_failures),
+            "seconds": round(self.seconds, 2),
+            "per_s": round(self.per_s, 2),
+            "p50_ms": round(self.percentile(0.50), 1),
+            "p95_ms": round(self.percentile(0.95), 1),
+            "server_cpu_ms_per_op": round(self.server_cpu_s / done * 1000, 1),
+            "server_cpu_percent": round(self.server_cpu_s / self.seconds * 100, 1),
+            "client_cpu_ms_per_op": round(self.client_cpu_s / done * 1000, 1),
+            "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "processes": self.processes,
+            "duplicate_serials": self.duplicate_serials,
+        }
+
+
+def failure_name(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+@dataclass
+class Load(Generic[Item, Worker]):
+    """What to drive: ``open_worker(k)`` makes a thread's state (not timed), ``one``
+    performs and checks one operation and returns the certificate issued (raises on any
+    failure)."""
+
+    protocol: str
+    server: str
+    items: Sequence[Item]
+    warmup: Sequence[Item]
+    open_worker: Callable[[int], Worker]
+    one: Callable[[Worker, Item], x509.Certificate]
+    close_worker: Callable[[Worker], None] = lambda worker: None
+
+
+def drive(load: Load[Item, Worker], clients: int, server_pid: int) -> Run:
+    """``clients`` threads take the items in turn; each opens its state and does its
+    share of the warm-up first, then all start the timed part together."""
+    lock = threading.Lock()
+    next_index = [0]
+    latencies: list[float] = []
+    serials: list[tuple[bytes, int]] = []
+    failures: Counter[str] = Counter()
+    warmup_failures: Counter[str] = Counter()
+    start = threading.Barrier(clients + 1)
+
+    def take() -> int | None:
+        with lock:
+            index = next_index[0]
+            if index >= len(load.items):
+                return None
+            next_index[0] += 1
+            return index
+
+    def worker(k: int) -> None:
+        state = None
+        try:
+            state = load.open_worker(k)
+            for item in load.warmup[k::clients]:
+                try:
+                    load.one(state, item)
+                except Exception as exc:
+                    with lock:
+                        warmup_failures[failure_name(exc)] += 1
+        except Exception as exc:
+            with lock:
+                warmup_failures[f"thread setup: {failure_name(exc)}"] += 1
+            state = None
+        finally:
+            start.wait()
+        if state is None:
+            return  # the other threads take this one's share
+        try:
+            while (index := take()) is not None:
+                began = time.perf_counter()
+                try:
+                    certificate = load.one(state, load.items[index])
+                except Exception as exc:
+                    with lock:
+                        failures[failure_name(exc)] += 1
+                    continue
+                elapsed = (time.perf_counter() - began) * 1000
+                with lock:
+                    latencies.append(elapsed)
+                    serials.append((certificate.issuer.public_bytes(), certificate.serial_number))
+        finally:
+            load.close_worker(state)
+
+    with RssSampler(server_pid) as rss:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+        for thread in threads:
+            thread.start()
+        pids = process_tree(server_pid)
+        start.wait()
+        server_before, client_before = cpu_seconds(pids), os.times()
+        began = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - began
+        client_after = os.times()
+        server_cpu = cpu_seconds(pids) - server_before
+    unattempted = len(load.items) - next_index[0]
+    if unattempted:
+        failures["not attempted (every thread failed its setup)"] += unattempted
+    return Run(
+        load.protocol,
+        load.server,
+        len(load.items),
+        len(latencies),
+        elapsed,
+        latencies,
+        failures,
+        warmup_failures,
+        server_cpu,
+        (client_after.user + client_after.system) - (client_before.user + client_before.system),
+        rss.peak_mib,
+        rss.processes,
+        len(serials) - len(set(serials)),
+    )
+
+
+# -- what each operation sends (made before any timing) -----------------------------------
+
+
+def rsa_pool(size: int) -> list[rsa.RSAPrivateKey]:
+    return [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(size)]
+
+
+@dataclass(frozen=True)
+class ScepDevice:
+    subject: x509.Name
+    key: rsa.RSAPrivateKey
+    signer: x509.Certificate  # the self-signed certificate that signs the PKCSReq
+    request_der: bytes  # PKCS#10 with the challenge password
+
+
+def scep_devices(
+    count: int, keys: Sequence[rsa.RSAPrivateKey], challenge: str, run: str
+) -> list[ScepDevice]:
+    devices = []
+    for index in range(count):
+        key = keys[index % len(keys)]
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"scep-{run}-{index}")])
+        devices.append(
+            ScepDevice(
+                subject,
+                key,
+                self_signed(key, subject),
+                certificate_request(key, subject, challenge),
+            )
+        )
+    return devices
+
+
+@dataclass(frozen=True)
+class AcmeOrder:
+    name: str
+    csr: x509.CertificateSigningRequest
+
+
+def acme_orders(count: int, run: str) -> list[AcmeOrder]:
+    orders = []
+    for index in range(count):
+        name = f"o{index}-{run}.{DOMAIN}"
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        orders.append(AcmeOrder(name, csr))
+    return orders
+
+
+@dataclass(frozen=True)
+class MachineRequest:
+    machine: MachineAccount
+    csr: x509.CertificateSigningRequest
+
+
+def machine_requests(
+    machines: Sequence[MachineAccount], keys: Sequence[rsa.RSAPrivateKey]
+) -> list[MachineRequest]:
+    requests_ = []
+    for index, machine in enumerate(machines):
+        key = keys[index % len(keys)]
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, machine.name)]))
+            .sign(key, hashes.SHA256())
+        )
+        requests_.append(MachineRequest(machine, csr))
+    return requests_
+
+
+# -- the operations -----------------------------------------------------------------------
+
+
+def same_key(certificate: x509.Certificate, public_key: Any) -> bool:
+    encoding, fmt = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(
+        certificate.public_key().public_bytes(encoding, fmt)
+        == public_key.public_bytes(encoding, fmt)
+    )
+
+
+def scep_load(
+    server: str, url: str, devices: Sequence[ScepDevice], warmup: Sequence[ScepDevice]
+) -> Load[ScepDevice, tuple[ScepClient, CaCertificates]]:
+    def open_worker(k: int) -> tuple[ScepClient, CaCertificates]:
+        client = ScepClient(url, plain_session(), timeout=REQUEST_TIMEOUT)
+        return client, client.get_ca_cert()
+
+    def one(state: tuple[ScepClient, CaCertificates], device: ScepDevice) -> x509.Certificate:
+        client, ca = state
+        transaction = new_transaction_id()
+        reply = client.enroll(ca, device.signer, device.key, device.request_der, transaction)
+        if reply.status is not PkiStatus.SUCCESS:
+            raise OperationFailed(
+                f"CertRep {reply.status.name}, failInfo "
+                f"{reply.fail_info.rfc_name if reply.fail_info else None}"
+                f"{': ' + reply.fail_info_text if reply.fail_info_text else ''}"
+            )
+        certificate = next(
+            (c for c in reply.certificates if c.subject == device.subject), reply.certificates[0]
+        )
+        if certificate.subject != device.subject:
+            raise OperationFailed(f"issued for {certificate.subject.rfc4514_string()}")
+        if not same_key(certificate, device.key.public_key()):
+            raise OperationFailed("the certificate certifies another key")
+        certificate.verify_directly_issued_by(ca.chain[0])
+        return certificate
+
+    def close(state: tuple[ScepClient, CaCertificates] | None) -> None:
+        if state is not None:
+            state[0].session.close()
+
+    return Load("SCEP", server, devices, warmup, open_worker, one, close)
+
+
+def acme_load(
+    server: str,
+    directory_url: str,
+    verify: str,
+    responder: Http01Responder,
+    orders: Sequence[AcmeOrder],
+    warmup: Sequence[AcmeOrder],
+    poll_seconds: float,
+    samples: list[x509.Certificate],
+) -> Load[AcmeOrder, AcmeClient]:
+    def open_worker(k: int) -> AcmeClient:
+        client = AcmeClient(
+            directory_url,
+            ec.generate_private_key(ec.SECP256R1()),
+            plain_session(verify),
+            timeout=REQUEST_TIMEOUT,
+        )
+        client.register([f"mailto:bench{k}@{DOMAIN}"])
+        return client
+
+    def poll(client: AcmeClient, url: str, until: Sequence[str]) -> dict[str, Any]:
+        deadline = time.monotonic() + POLL_TIMEOUT
+        while True:
+            body: dict[str, Any] = client.get(url).body
+            if body["status"] in until:
+                return body
+            if time.monotonic() > deadline:
+                raise OperationFailed(f"still {body['status']} after {POLL_TIMEOUT:g} s")
+            time.sleep(poll_seconds)
+
+    def one(client: AcmeClient, order: AcmeOrder) -> x509.Certificate:
+        thumbprint = client.thumbprint
+        created = client.new_order([order.name])
+        order_url = created.location
+        assert order_url is not None
+        for authz_url in created.body["authorizations"]:
+            authz = client.get(authz_url).body
+            if authz["status"] == "valid":
+                raise OperationFailed("an authorization was reused: no control proved")
+            challenge = next(c for c in authz["challenges"] if c["type"] == "http-01")
+            token = challenge["token"]
+            responder.tokens[token] = f"{token}.{thumbprint}"
+            try:
+                client.respond(challenge["url"])
+                authz = poll(client, authz_url, ("valid", "invalid", "deactivated", "expired"))
+            finally:
+                responder.tokens.pop(token, None)
+            if authz["status"] != "valid":
+                raise OperationFailed(f"authorization {authz['status']}: {authz['challenges']}")
+        body = poll(client, order_url, ("ready", "invalid"))
+        if body["status"] != "ready":
+            raise OperationFailed(f"order {body['status']}")
+        finalized = client.finalize(created, order.csr).body
+        if finalized["status"] != "valid":
+            finalized = poll(client, order_url, ("valid", "invalid"))
+        if finalized["status"] != "valid":
+            raise OperationFailed(f"order {finalized['status']} after finalize")
+        chain = client.certificate_chain(finalized["certificate"])
+        leaf = chain[0]
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        if names.get_values_for_type(x509.DNSName) != [order.name]:
+            raise OperationFailed(f"SAN {names} for {order.name}")
+        if not same_key(leaf, order.csr.public_key()):
+            raise OperationFailed("the certificate certifies another key")
+        if len(chain) < 2:
+            raise OperationFailed("no issuer in the chain")
+        leaf.verify_directly_issued_by(chain[1])
+        if not samples:
+            samples.append(leaf)
+        return leaf
+
+    def close(client: AcmeClient | None) -> None:
+        if client is not None:
+            client.session.close()
+
+    return Load("ACME", server, orders, warmup, open_worker, one, close)
+
+
+def wstep_load(
+    url: str, ca_bundle: str, requests_: Sequence[MachineRequest], warmup: Sequence[MachineRequest]
+) -> Load[MachineRequest, requests.Session]:
+    def one(session: requests.Session, request: MachineRequest) -> x509.Certificate:
+        machine = request.machine
+        client = AdcsClient(url, ca_bundle, machine.name, machine.password, timeout=REQUEST_TIMEOUT)
+        # One keep-alive connection per thread, as for SCEP and ACME: each operation is
+        # another machine, but a TLS handshake per request is not what is measured here.
+        client.session.close()
+        client.session = session
+        enrolled = client.enroll(MACHINE_TEMPLATE, request.csr)
+        certificate: x509.Certificate = enrolled.certificate
+        expected = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, machine.dns_host_name)])
+        if certificate.subject != expected:
+            raise OperationFailed(f"issued for {certificate.subject.rfc4514_string()}")
+        if sid_from_certificate(certificate) != machine.sid:
+            raise OperationFailed("the SID extension names another account")
+        if not same_key(certificate, request.csr.public_key()):
+            raise OperationFailed("the certificate certifies another key")
+        issuer = next((c for c in enrolled.chain if c.subject == certificate.issuer), None)
+        if issuer is None:
+            raise OperationFailed("no issuer in the returned chain")
+        certificate.verify_directly_issued_by(issuer)
+        return certificate
+
+    return Load(
+        "AD-style WSTEP",
+        "pkigate",
+        requests_,
+        warmup,
+        lambda k: plain_session(ca_bundle),
+        one,
+        lambda session: session.close() if session is not None else None,
+    )
+
+
+# -- the ceiling --------------------------------------------------------------------------
+
+
+def raw_sign_per_s(data_dir: Path, sample: x509.Certificate, seconds: float) -> tuple[float, str]:
+    """``cryptography`` alone building and signing, with the issuing CA's own key, the
+    certificate pkigate issues (extensions copied from ``sample``, one it issued), on one
+    thread."""
+    core = Core.open(data_dir)
+    try:
+        issuing = next(
+            view
+            for view in core.authorities.list_cas()
+            if view.record.type == CAType.SUBORDINATE and view.record.certificate_der
+        )
+        ca_id = issuing.record.id
+        material = core.authorities.signing_material(ca_id, datetime.now(UTC))
+        key = material.private_key
+        key_type = f"{type(key).__name__.removeprefix('_')} {getattr(key, 'key_size', '')}"
+        raw = RawSigner(core, ca_id, sample)
+        csrs = make_csrs(50)
+        for csr in csrs[:5]:
+            raw.sign(csr)
+        return rate(csrs, 1, raw.sign, seconds), key_type.strip()
+    finally:
+        core.close()
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def ratio(runs: Sequence[Run], protocol: str, peer: str) -> float | None:
+    ours = next((r for r in runs if r.protocol == protocol and r.server == "pkigate"), None)
+    theirs = next((r for r in runs if r.protocol == protocol and r.server == peer), None)
+    if ours is None or theirs is None or not theirs.per_s:
+        return None
+    return ours.per_s / theirs.per_s
+
+
+def report(figures: dict[str, Any], runs: Sequence[Run]) -> None:
+    print(
+        f"Enrollments over the wire: N={figures['operations']} operations per row from "
+        f"C={figures['clients']} client threads (after {figures['warmup']} warm-up), "
+        f"pkigate --workers {figures['workers']}; {figures['cpus']} CPUs; "
+        f"Python {figures['python']}"
+    )
+    print(
+        f"load average before {figures['load_average_before']}, "
+        f"after {figures['load_average_after']}; ACME poll interval "
+        f"{figures['poll_ms']} ms (both servers)"
+    )
+    print(
+        f"  {'protocol':15} {'server':11} {'ok/N':>9} {'ops/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
+        f"{'srv ms/op':>9} {'srv CPU%':>8} {'cli ms/op':>9} {'peak RSS MiB':>14} {'dup':>4}"
+    )
+    for run in runs:
+        row = run.summary()
+        print(
+            f"  {run.protocol:15} {run.server:11} "
+            f"{row['succeeded']:>4}/{row['attempted']:<4} {row['per_s']:>7.1f} "
+            f"{row['p50_ms']:>7.0f} {row['p95_ms']:>7.0f} {row['server_cpu_ms_per_op']:>9.1f} "
+            f"{row['server_cpu_percent']:>8.0f} {row['client_cpu_ms_per_op']:>9.1f} "
+            f"{row['peak_rss_mib']:>8.0f} ({row['processes']}p) {row['duplicate_serials']:>4}"
+        )
+    for protocol, peer in (("SCEP", "scepserver"), ("ACME", "pebble")):
+        value = ratio(runs, protocol, peer)
+        if value is not None:
+            verdict = "met" if value >= TARGET_RATIO else "NOT met"
+            print(
+                f"  {protocol} pkigate/{peer}: {value:.2f}x (target >= {TARGET_RATIO}x: {verdict})"
+            )
+    raw = figures.get("raw_sign_per_s")
+    if raw:
+        print(
+            f"  ceiling: raw build+sign with the issuing CA key ({figures['raw_key']}), "
+            f"cryptography, one thread: {raw:.0f}/s (x{figures['cpus']} CPUs: "
+            f"{raw * (figures['cpus'] or 1):.0f}/s)"
+        )
+        for run in runs:
+            if run.server == "pkigate":
+                print(f"    pkigate {run.protocol}: {run.per_s / raw:.3f} of one core's raw rate")
+    print("  srv ms/op: CPU time of the server's process tree per successful operation;")
+    print("  srv CPU%: of one CPU over the timed part; cli: this process (clients, responder)")
+    print("  dup: issued certificates whose (issuer, serial) an earlier one in the run had")
+    failed = [r for r in runs if r.failures or r.warmup_failures]
+    for run in failed:
+        for name, count in (*run.failures.items(), *run.warmup_failures.items()):
+            warm = " (warm-up)" if name in run.warmup_failures else ""
+            print(f"  FAILED {run.protocol} {run.server}{warm}: {count} x {name}")
+    for name, count in figures.get("scepserver_logged_errors", {}).items():
+        print(f"    scepserver's log: {count} x {name}")
+    for run in runs:
+        if run.duplicate_serials:
+            print(
+                f"  WRONG {run.protocol} {run.server}: {run.duplicate_serials} certificates "
+                "reuse an (issuer, serial) issued earlier in the run"
+            )
+    print("Commands:")
+    for name, command in figures["commands"].items():
+        print(f"  {name}: {command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized: N=30, C=4")
+    parser.add_argument("--operations", type=int, help="N per row (default 300, quick 30)")
+    parser.add_argument("--clients", type=int, help="client threads C (default 8, quick 4)")
+    parser.add_argument("--workers", type=int, default=2, help="pkigate workers (default 2)")
+    parser.add_argument("--warmup", type=int, help="warm-up operations per thread (2, quick 1)")
+    parser.add_argument(
+        "--poll-ms", type=float, default=50.0, help="ACME status poll interval (default 50)"
+    )
+    parser.add_argument("--skip-peers", action="store_true", help="pkigate only")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    operations = args.operations or (30 if quick else 300)
+    clients = args.clients or (4 if quick else 8)
+    warmup = (args.warmup if args.warmup is not None else (1 if quick else 2)) * clients
+    run_id = secrets.token_hex(3)
+    challenge = secrets.token_urlsafe(18)
+    figures: dict[str, Any] = {
+        "quick": quick,
+        "operations": operations,
+        "clients": clients,
+        "warmup": warmup,
+        "workers": args.workers,
+        "poll_ms": args.poll_ms,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_before": load_average(),
+        "commands": {},
+    }
+    commands: dict[str, str] = figures["commands"]
+    runs: list[Run] = []
+    began = time.perf_counter()
+    with (
+        tempfile.TemporaryDirectory(prefix="pkigate-bench-protocols-") as scratch_name,
+        ExitStack() as stack,
+    ):
+        scratch = Path(scratch_name)
+        progress(
+            "starting pebble-challtestsrv (DNS of both ACME servers), http-01 responder, slapd"
+        )
+        dns = ChallengeDns().start()
+        stack.callback(dns.stop)
+        responder = Http01Responder()
+        stack.callback(responder.close)
+        directory = DevDirectory(scratch / "directory")
+        stack.callback(directory.stop)
+        directory.start()
+        machines = provision_machines(directory, operations + warmup, prefix=f"B{run_id}")
+        server = PkigateServer(
+            scratch / "pkigate",
+            args.workers,
+            challenge=challenge,
+            http01_port=responder.port,
+            dns_resolver=str(dns.resolver),
+            directory_url=directory.url,
+            directory_base=directory.base,
+            bind_dn=directory.admin_dn,
+            bind_password=directory.admin_password,
+        )
+        stack.callback(server.stop)
+        progress(f"starting {' '.join(server.command)}")
+        server.start()
+        assert server.process is not None
+        commands["pkigate"] = (
+            f"{' '.join(server.command)}  (then: {' '.join(server.publish_command)})"
+        )
+        commands["pkigate config"] = str(server.config) + " (see bench/_peers.py pkigate_config)"
+
+        progress(f"making requests: {min(RSA_POOL, operations + warmup)} RSA-2048 device keys")
+        keys = rsa_pool(min(RSA_POOL, operations + warmup))
+        devices = scep_devices(operations + warmup, keys, challenge, run_id)
+        orders = acme_orders(operations + warmup, run_id)
+        machine_csrs = machine_requests(machines, keys)
+
+        def measure(load: Load[Any, Any], pid: int) -> None:
+            progress(f"{load.protocol} against {load.server}: {len(load.items)} operations")
+            runs.append(drive(load, clients, pid))
+            row = runs[-1].summary()
+            progress(f"  {row['per_s']}/s, {row['failed']} failed")
+
+        # SCEP
+        measure(
+            scep_load("pkigate", server.http_url + SCEP_MOUNT, devices[warmup:], devices[:warmup]),
+            server.process.pid,
+        )
+        if not args.skip_peers:
+            scep_peer = ScepServer(scratch / "scepserver", challenge)
+            stack.callback(scep_peer.stop)
+            scep_peer.start()
+            assert scep_peer.process is not None
+            commands["scepserver CA"] = " ".join(scep_peer.init_command)
+            commands["scepserver"] = " ".join(scep_peer.command)
+            measure(
+                scep_load("scepserver", scep_peer.url, devices[warmup:], devices[:warmup]),
+                scep_peer.process.pid,
+            )
+            peer_errors = scep_peer.logged_errors()
+            scep_peer.stop()
+            if peer_errors:
+                figures["scepserver_logged_errors"] = dict(peer_errors)
+
+        # ACME
+        poll_seconds = args.poll_ms / 1000
+        samples: list[x509.Certificate] = []
+        measure(
+            acme_load(
+                "pkigate",
+                f"{server.https_url}{ACME_MOUNT}/directory",
+                str(server.tls_bundle),
+                responder,
+                orders[warmup:],
+                orders[:warmup],
+                poll_seconds,
+                samples,
+            ),
+            server.process.pid,
+        )
+        if not args.skip_peers:
+            pebble = PebbleServer(
+                dns_server=dns.resolver, http_port=responder.port, workdir=scratch / "pebble"
+            )
+            stack.callback(pebble.stop)
+            pebble.start()
+            assert pebble.process is not None
+            commands["pebble"] = f"{PEBBLE_ENV} {' '.join(map(str, pebble.process.args))}"  # type: ignore[arg-type]
+            measure(
+                acme_load(
+                    "pebble",
+                    pebble.directory_url,
+                    str(pebble.tls_ca_pem_path),
+                    responder,
+                    orders[warmup:],
+                    orders[:warmup],
+                    poll_seconds,
+                    [],
+                ),
+                pebble.process.pid,
+            )
+            pebble.stop()
+        commands["DNS for both ACME servers"] = (
+            f"pebble-challtestsrv -dns01 {dns.resolver} (A 127.0.0.1 for every name), "
+            f"http-01 responder 127.0.0.1:{responder.port} in this process"
+        )
+
+        # AD-style
+        measure(
+            wstep_load(
+                f"{server.https_url}{ADCS_MOUNT}",
+                str(server.tls_bundle),
+                machine_csrs[warmup:],
+                machine_csrs[:warmup],
+            ),
+            server.process.pid,
+        )
+        commands["directory"] = f"slapd (pkigate.adcs.directory.DevDirectory) at {directory.url}"
+
+        if samples:
+            progress("raw build+sign with the issuing CA key")
+            raw, key_type = raw_sign_per_s(server.data_dir, samples[0], 1.0 if quick else 3.0)
+            figures["raw_sign_per_s"] = round(raw, 1)
+            figures["raw_key"] = key_type
+    figures["load_average_after"] = load_average()
+    figures["seconds"] = round(time.perf_counter() - began, 1)
+    figures["runs"] = [run.summary() for run in runs]
+    for protocol, peer in (("SCEP", "scepserver"), ("ACME", "pebble")):
+        value = ratio(runs, protocol, peer)
+        if value is not None:
+            figures[f"{protocol.lower()}_ratio_pkigate_to_{peer}"] = round(value, 2)
+    report(figures, runs)
+    print(f"({figures['seconds']} s in all)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    # A peer's failures are its own figures; only pkigate's make the run fail.
+    wrong = any(run.failures or run.duplicate_serials for run in runs if run.server == "pkigate")
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
