@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from ldap3.core.exceptions import LDAPInvalidDnError
 from ldap3.utils import dn as ldap_dn
 
+from pkigate.adcs.flags import PrivateKeyFlag
 from pkigate.adcs.principals import Principal
 from pkigate.adcs.security import enroll_rights
 from pkigate.adcs.templates import CertificateTemplate
@@ -199,6 +200,13 @@ def decide(
             f"{principal.sam_account_name} has no {right} permission on template {template.name}",
         )
     _close_abuse_classes(template, principal, csr, context)
+    if template.private_key_flags & PrivateKeyFlag.REQUIRE_PRIVATE_KEY_ARCHIVAL:
+        # ADCS would ask for the private key to archive it (key recovery agents); pkigate
+        # never receives private keys, so such a template cannot be honoured.
+        raise EnrollmentRefused(
+            "keyArchivalRequired",
+            f"template {template.name} requires private key archival, which this CA does not do",
+        )
     _check_key(template, csr)
     passthrough = ApiPassthrough(
         subject=_subject(template, principal, csr),

@@ -28,7 +28,7 @@ from pkigate.core.errors import (
 )
 from pkigate.core.jobs import JobHandler, JobQueue
 from pkigate.core.model import CertificateStatus, RevocationReason
-from pkigate.core.store import CertificateRecord, CRLRecord, Store
+from pkigate.core.store import CertificateRecord, CRLRecord, IntegrityError, Store
 
 CRL_JOB = "crl.generate"
 SYSTEM = Actor("system:revocation", "core")
@@ -165,8 +165,13 @@ class RevocationService:
             current = self._store.current_crl_partition(conn, ca_id)
         return list(range(1, (current or 1) + 1))
 
-    def generate_crl(self, ca_id: str, partition: int = 0) -> PublishedCRL:
-        """Build, sign, store and audit the next CRL for one partition (0: complete)."""
+    def generate_crl(
+        self, ca_id: str, partition: int = 0, *, reuse_fresh: bool = False
+    ) -> PublishedCRL:
+        """Build, sign, store and audit the next CRL for one partition (0: complete).
+
+        With ``reuse_fresh``, a CRL that another process published meanwhile and that has
+        not lapsed is returned instead of building on it (concurrent first requests)."""
         now = self._clock()
         material = self._authorities.signing_material(ca_id, now)
         settings = material.settings
@@ -187,44 +192,51 @@ class RevocationService:
                 revoked = self._store.revoked_entries(
                     conn, ca_id, partition if settings.partitioned else None, keep_after
                 )
+            if reuse_fresh and previous is not None and previous.next_update > now:
+                return previous
             number = (previous.number + 1) if previous else 1
             this_update = now.replace(microsecond=0)
             next_update = this_update + timedelta(days=settings.crl_validity_days)
             der = self._sign_crl(
                 material, settings, partition, number, this_update, next_update, revoked
             )
-            with self._store.write() as conn:
-                latest = self._store.latest_crl(conn, ca_id, partition)
-                if (latest.number if latest else 0) != number - 1:
-                    continue  # another process published meanwhile: build on its CRL
-                self._store.insert_crl(
-                    conn,
-                    ca_id=ca_id,
-                    crl_partition=partition,
-                    crl_number=number,
-                    this_update=this_update,
-                    next_update=next_update,
-                    entries=len(revoked),
-                    der=der,
-                )
-                self._audit.record(
-                    conn,
-                    SYSTEM,
-                    "crl.sign",
-                    f"ca/{ca_id}",
-                    at=now,
-                    parameters={
-                        "partition": partition,
-                        "crl_number": number,
-                        "entries": len(revoked),
-                        "next_update": next_update,
-                        "key_id": material.key_id,
-                    },
-                )
-                # Regenerate well before nextUpdate even if nothing is revoked meanwhile.
-                self.schedule_crl(
-                    ca_id, partition, this_update + (next_update - this_update) / 2, conn=conn
-                )
+            try:
+                with self._store.write() as conn:
+                    latest = self._store.latest_crl(conn, ca_id, partition)
+                    if (latest.number if latest else 0) != number - 1:
+                        continue  # another process published meanwhile: build on its CRL
+                    self._store.insert_crl(
+                        conn,
+                        ca_id=ca_id,
+                        crl_partition=partition,
+                        crl_number=number,
+                        this_update=this_update,
+                        next_update=next_update,
+                        entries=len(revoked),
+                        der=der,
+                    )
+                    self._audit.record(
+                        conn,
+                        SYSTEM,
+                        "crl.sign",
+                        f"ca/{ca_id}",
+                        at=now,
+                        parameters={
+                            "partition": partition,
+                            "crl_number": number,
+                            "entries": len(revoked),
+                            "next_update": next_update,
+                            "key_id": material.key_id,
+                        },
+                    )
+                    # Regenerate well before nextUpdate even if nothing is revoked meanwhile.
+                    self.schedule_crl(
+                        ca_id, partition, this_update + (next_update - this_update) / 2, conn=conn
+                    )
+            except IntegrityError:
+                # Another process stored this number first (PostgreSQL takes no write
+                # lock up front, so both saw the same latest CRL): build on its CRL.
+                continue
             return PublishedCRL(
                 ca_id, partition, number, this_update, next_update, len(revoked), der
             )
@@ -296,4 +308,4 @@ class RevocationService:
         latest = self.latest_crl(ca_id, partition)
         if latest is not None and latest.next_update > self._clock():
             return latest
-        return self.generate_crl(ca_id, partition)
+        return self.generate_crl(ca_id, partition, reuse_fresh=True)

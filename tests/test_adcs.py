@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 
 from pkigate.adcs import soap
 from pkigate.adcs.directory import DevDirectory
-from pkigate.adcs.flags import EnrollmentFlag
+from pkigate.adcs.flags import EnrollmentFlag, PrivateKeyFlag
 from pkigate.adcs.layout import template_dn
 from pkigate.adcs.policy import (
     APPLICATION_POLICIES_OID,
@@ -173,6 +173,16 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
         **{"msPKI-Enrollment-Flag": [str(int(EnrollmentFlag.NO_SECURITY_EXTENSION)).encode()]},
     )
     _add_template(dev_directory, "Unpublished", "User")
+    _add_template(
+        dev_directory,
+        "Archival",
+        "User",
+        **{
+            "msPKI-Private-Key-Flag": [
+                str(int(PrivateKeyFlag.REQUIRE_PRIVATE_KEY_ARCHIVAL)).encode()
+            ]
+        },
+    )
     server = start_server(
         base / "data",
         extra_config=f"""
@@ -208,6 +218,7 @@ cache_ttl_seconds = 0
                     "NoEku",
                     "EnrollmentAgent",
                     "NoSidExtension",
+                    "Archival",
                 )
                 for arg in ("--template", name)
             ],
@@ -968,3 +979,9 @@ def test_simulated_machines_autoenroll_and_renew_with_their_certificate(env: Env
             assert renewed.certificate.serial_number != first.serial_number
         finally:
             client.close()
+
+
+def test_a_template_requiring_key_archival_is_refused(env: Env) -> None:
+    response = _json_enroll(env, "alice", "Archival", _csr()[0])
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "keyArchivalRequired"

@@ -271,3 +271,28 @@ def test_after_the_restore_window_the_responder_keys_are_destroyed_too(
     with core.store.read() as conn:
         assert core.store.key_blob(conn, ca.record.key_id) is None
         assert core.store.key_blob(conn, responder_keys[0]) is None
+
+
+def test_concurrent_first_requests_for_a_crl_all_get_one(core: Core, crl_ca) -> None:
+    """Workers asking at once for a CA's first CRL (PostgreSQL lets them all read "none"
+    before one stores it): each gets a CRL, numbers stay unique, nothing fails."""
+    import threading
+
+    barrier = threading.Barrier(4)
+    results: list[object] = []
+
+    def fetch() -> None:
+        barrier.wait()
+        try:
+            results.append(core.revocation.current_crl(crl_ca.record.id))
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(not isinstance(r, Exception) for r in results), results
+    numbers = [r.number for r in results]  # type: ignore[attr-defined]
+    assert min(numbers) == 1
