@@ -1136,3 +1136,42 @@ def test_an_order_left_processing_by_a_crash_is_settled(env: Env) -> None:
     again = client.get(orders[1].location or "")
     assert again.body["status"] == "ready"
     assert client.finalize(again, _csr([names[1]])[0]).body["status"] == "valid"
+
+
+def test_nonces_expire_and_only_their_own_spelling_is_accepted() -> None:
+    import os
+    from datetime import UTC, datetime
+
+    from pkigate.acme.nonces import NONCE_LIFETIME, NonceMinter
+    from pkigate.core.keys import KeyEncryptionKey
+
+    now = datetime.now(UTC)
+    minter = NonceMinter(KeyEncryptionKey(os.urandom(32)))
+    nonce = minter.mint(now)
+    assert minter.expiry(nonce, now) is not None
+    assert minter.expiry(nonce, now + NONCE_LIFETIME + timedelta(seconds=1)) is None
+    # Another key (another deployment) does not accept it.
+    assert NonceMinter(KeyEncryptionKey(os.urandom(32))).expiry(nonce, now) is None
+    # The unused low bits of the last character give other spellings of the same bytes.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    spellings = [nonce[:-1] + c for c in alphabet]
+    assert [s for s in spellings if minter.expiry(s, now) is not None] == [nonce]
+    assert minter.expiry(nonce[:-2], now) is None
+
+
+def test_an_order_being_finalized_says_retry_after(env: Env) -> None:
+    from pkigate.core.store import acme as acme_store
+
+    client = env.client()
+    client.register()
+    order = client.new_order(["busy.example.test"])
+    _solve(env, client, order)
+    client.wait(order.location or "", ["ready"])
+    order_id = (order.location or "").rsplit("/", 1)[1]
+    with env.core.store.write() as conn:
+        assert acme_store.update_order(
+            conn, order_id, env.core.clock(), status="processing", expected_status="ready"
+        )
+    busy = client.get(order.location or "")
+    assert busy.body["status"] == "processing"
+    assert busy.headers["Retry-After"] == "1"
