@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,35 @@ def start_server(
     extra_config: str = "",
     timeout: float = 60.0,
 ) -> RunningServer:
+    # A free port can be taken by another process (another xdist worker's server) before
+    # gunicorn binds it: then a fresh data directory is started on other ports (the CAs
+    # made on the first try name the old port in their AIA and CRL URLs). A data directory
+    # the caller prepared is not thrown away: that start fails.
+    fresh = not data_dir.exists()
+    for attempt in range(START_ATTEMPTS):
+        try:
+            return _start_server(data_dir, workers, database_url, extra_config, timeout)
+        except PortTaken:
+            if not fresh or attempt == START_ATTEMPTS - 1:
+                raise
+            shutil.rmtree(data_dir, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+START_ATTEMPTS = 3
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def _start_server(
+    data_dir: Path,
+    workers: int,
+    database_url: str | None,
+    extra_config: str,
+    timeout: float,
+) -> RunningServer:
     http_port, https_port = free_port(), free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir.parent / f"{data_dir.name}.toml"
@@ -98,7 +128,10 @@ def _wait_until_ready(server: RunningServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"pkigate serve exited early:\n{server.log.read_text()}")
+            log = server.log.read_text()
+            if "Can't connect to" in log or "Address already in use" in log:
+                raise PortTaken(f"a listener's port was taken:\n{log[-2000:]}")
+            raise RuntimeError(f"pkigate serve exited early:\n{log}")
         try:
             ready_http = requests.get(f"{server.http_url}/readyz", timeout=2).status_code
             if not server.tls_bundle.exists():

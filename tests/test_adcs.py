@@ -668,6 +668,7 @@ def test_esc9_and_esc16_every_certificate_carries_the_sid_extension(env: Env) ->
     )
     response = _json_enroll(env, "alice", "User", _csr(extensions=[(forged, False)])[0])
     assert response.status_code == 403 and response.json()["attack"] == "ESC9"
+    assert env.refusals("ESC9")
 
 
 def test_esc15_application_policies_in_the_request_are_refused(env: Env) -> None:
