@@ -326,8 +326,6 @@ class AdcsConnector(Connector):
             certificate = self._client_certificate()
             if certificate is not None and parsed.username_token is None:
                 return self.service.authenticate_certificate(certificate, self._address())
-            if not allow_certificate:
-                pass
         token = parsed.username_token
         if token is not None:
             return self.service.authenticate_password(

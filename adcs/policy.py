@@ -477,16 +477,16 @@ def _tlv(data: bytes, offset: int) -> tuple[int, bytes, int]:
     return tag, data[start:end], end
 
 
+class _TemplateInfo(asn1.Sequence):  # type: ignore[misc]
+    _fields = [
+        ("template_id", asn1.ObjectIdentifier),
+        ("major_version", asn1.Integer),
+        ("minor_version", asn1.Integer),
+    ]
+
+
 def template_information(template: CertificateTemplate) -> bytes:
     """szOID_CERTIFICATE_TEMPLATE: SEQUENCE { templateID OID, majorVersion, minorVersion }."""
-
-    class _TemplateInfo(asn1.Sequence):  # type: ignore[misc]
-        _fields = [
-            ("template_id", asn1.ObjectIdentifier),
-            ("major_version", asn1.Integer),
-            ("minor_version", asn1.Integer),
-        ]
-
     oid = template.oid or "1.3.6.1.4.1.311.21.8.0"
     return bytes(
         _TemplateInfo(
