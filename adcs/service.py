@@ -7,6 +7,7 @@ The SOAP endpoints (MS-XCEP, MS-WSTEP) and the JSON endpoint in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -212,7 +213,9 @@ class AdcsService:
         oids: list[soap.PolicyOid] = []
         policy_templates: list[soap.PolicyTemplate] = []
         for template, enroll, autoenroll in self.templates_for(principal):
-            oid = template.oid or f"1.3.6.1.4.1.311.21.8.{abs(hash(template.name)) % 10**8}"
+            # A schema 1 template has no OID of its own: one derived from its name, the same
+            # in every process (hash() is salted per process).
+            oid = template.oid or _name_oid(template.name)
             reference = len(oids) + 1
             oids.append(
                 soap.PolicyOid(
@@ -618,6 +621,11 @@ def load_settings(settings: Mapping[str, Any], context: ConnectorContext) -> Adc
         next_update_hours=hours,
         credentials_file=credentials_file,
     )
+
+
+def _name_oid(name: str) -> str:
+    digest = hashlib.sha256(name.encode()).digest()
+    return f"1.3.6.1.4.1.311.21.8.{int.from_bytes(digest[:4], 'big')}"
 
 
 def _key_usage_bits(names: frozenset[str]) -> int:
