@@ -35,7 +35,7 @@ from pkigate.core.errors import (
     UnsupportedAlgorithmError,
     WeakKeyError,
 )
-from pkigate.core.store import IntegrityError
+from pkigate.core.store import CertificateRecord, IntegrityError
 from pkigate.core.store import scep as scep_store
 from pkigate.gateways.auth import Role
 from pkigate.gateways.connectors import Connector, ConnectorContext, ConnectorSettingsError
@@ -534,6 +534,17 @@ class ScepConnector(Connector):
             # A client retrying a transaction that succeeded (its reply was lost) gets the
             # same certificate again, not a second one; one still waiting, its status.
             return self._transaction_reply(signer, reply_to, previous)
+        token = _issue_token(self.context.name, transaction_id, csr_hash, signed_by)
+        if previous is None:
+            interrupted = self._issued_by_interrupted_try(token, transaction_id)
+            if interrupted is not None:
+                # The core issued for this very request, and the process died before the
+                # transaction was recorded (its one-time challenge is spent): record it now
+                # and answer with that certificate.
+                self._record_issued(transaction_id, csr_hash, message.payload, csr, interrupted)
+                return self._certificate_reply(
+                    signer, reply_to, interrupted.ca_id, interrupted.serial
+                )
         authorization = self._authorize(message, csr, address)
         if self.options.pending and authorization.kind != "renewal":
             self.approvals.hold(
@@ -558,6 +569,7 @@ class ScepConnector(Connector):
                     evidence=authorization.evidence,
                 ),
                 correlation_id=transaction_id,
+                idempotency_token=token,
             )
         except PkigateError as exc:
             self.authority.release(authorization)
@@ -595,6 +607,50 @@ class ScepConnector(Connector):
             },
         )
         return self._success(signer, reply_to, [issued.certificate, *issued.chain[:-1]])
+
+    def _issued_by_interrupted_try(
+        self, token: str, transaction_id: str
+    ) -> CertificateRecord | None:
+        core = self.context.core
+        with core.store.read() as conn:
+            entry = core.store.idempotency_entry(
+                conn,
+                f"issue:{self.context.ca_id}"[:64],
+                token,
+                core.clock() - timedelta(minutes=5),
+            )
+            if entry is None:
+                return None
+            record = core.store.get_certificate_by_id(conn, int(entry[1]))
+        if record is None or record.correlation_id != transaction_id:
+            return None
+        return record
+
+    def _record_issued(
+        self,
+        transaction_id: str,
+        csr_hash: str,
+        payload: bytes,
+        csr: x509.CertificateSigningRequest,
+        record: CertificateRecord,
+    ) -> None:
+        try:
+            with self.context.core.store.write() as conn:
+                scep_store.record_transaction(
+                    conn,
+                    connector=self.context.name,
+                    transaction_id=transaction_id,
+                    csr_sha256=csr_hash,
+                    csr_der=payload,
+                    evidence=json.dumps({"recovered": "issued before an interruption"}),
+                    subject=csr.subject.rfc4514_string(),
+                    status=ISSUED,
+                    ca_id=record.ca_id,
+                    serial=record.serial,
+                    now=self.context.core.clock(),
+                )
+        except IntegrityError:
+            pass  # another retry recorded it first
 
     def _authorize(
         self, message: PkiMessage, csr: x509.CertificateSigningRequest, address: str
@@ -878,6 +934,16 @@ def _same_public_key(a: x509.Certificate, b: x509.Certificate) -> bool:
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     return a.public_key().public_bytes(der, spki) == b.public_key().public_bytes(der, spki)
+
+
+def _issue_token(connector: str, transaction_id: str, csr_hash: str, signer: str) -> str:
+    """The core idempotency token of one SCEP request: a retry of it after a crash finds
+    the certificate the first try issued. The signer's serial is part of it: scepclient
+    renews with the same transactionID and the same (deterministic) PKCS#10, signed by the
+    certificate being renewed instead of a self-signed one."""
+    text = f"{connector}\0{transaction_id}\0{csr_hash}\0{signer}"
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return f"scep-{digest[:56]}"
 
 
 def _plain_error(status: int, message: str) -> Response:

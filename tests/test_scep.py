@@ -675,3 +675,46 @@ def test_each_transaction_is_kept_with_its_request_and_evidence(env: Env) -> Non
     assert (row.status, row.serial) == ("ISSUED", format(issued.serial_number, "x"))
     assert x509.load_der_x509_csr(raw[0]).public_key() == device.key.public_key()
     assert json.loads(raw[1]) == {"challenge": "static", "transaction_id": "kept-1"}
+
+
+def test_a_request_whose_reply_died_with_the_process_gets_its_certificate_on_retry(
+    env: Env,
+) -> None:
+    """The core issued, the process died before recording the transaction, and the
+    one-time challenge is spent: the client's retry (same transactionID, same request)
+    gets the certificate that was issued, not 'already used'."""
+    import hashlib
+
+    from pkigate.core import Requester
+    from pkigate.scep.connector import ScepConnector, _issue_token
+
+    created = new_challenge(env)
+    device = Device.new()
+    payload = device.csr(created["challenge"])
+    (connector,) = [c for c in env.gateway.connectors if isinstance(c, ScepConnector)]
+    with env.gateway.core.store.read() as conn:
+        found = scep_store.challenge_by_secret(
+            conn, "scep", hashlib.sha256(created["challenge"].encode()).hexdigest()
+        )
+    assert found is not None
+    with env.gateway.core.store.write() as conn:
+        assert scep_store.consume_challenge(conn, found.id, env.gateway.core.clock())
+    token = _issue_token(
+        "scep",
+        "tid-lost",
+        hashlib.sha256(payload).hexdigest(),
+        format(device.certificate.serial_number, "x"),
+    )
+    issued = connector.context.issue(
+        payload,
+        Requester("scep-client:127.0.0.1", "scep"),
+        correlation_id="tid-lost",
+        idempotency_token=token,
+    )
+    body = device.message(env.ra, payload, transaction_id="tid-lost")
+    rep = device.read(env, post(env.client, body).data)
+    assert rep.status is PkiStatus.SUCCESS, rep.fail_info_text
+    assert rep.certificates[0].serial_number == issued.certificate.serial_number
+    with env.gateway.core.store.read() as conn:
+        recorded = scep_store.get_transaction(conn, "scep", "tid-lost")
+    assert recorded is not None and recorded.serial == issued.serial
