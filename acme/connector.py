@@ -29,11 +29,13 @@ from pkigate.acme import jws
 from pkigate.acme.identifiers import IdentifierPolicy, parse_identifiers
 from pkigate.acme.nonces import NonceMinter
 from pkigate.acme.problems import AcmeProblem
+from pkigate.acme.renewal import stamp
 from pkigate.acme.service import (
     VALIDATE_JOB,
     AcmeService,
     AuthorizationView,
     OrderView,
+    spki,
 )
 from pkigate.acme.settings import AcmeSettings
 from pkigate.core import Actor
@@ -548,7 +550,7 @@ class AcmeConnector(Connector):
             "contact": list(account.contact),
             "orders": self.url(f"/acct/{account.id}/orders"),
             "key": account.jwk,
-            "createdAt": _stamp(account.created_at),
+            "createdAt": stamp(account.created_at),
         }
         if account.eab_key_id is not None:
             body["externalAccountBinding"] = {"kid": account.eab_key_id}
@@ -617,7 +619,7 @@ class AcmeConnector(Connector):
         order = view.order
         body: dict[str, Any] = {
             "status": order.status,
-            "expires": _stamp(order.expires_at),
+            "expires": stamp(order.expires_at),
             "identifiers": [{"type": t, "value": v} for t, v in order.identifiers],
             "authorizations": [self.url(f"/authz/{a}") for a in view.authorization_ids],
             "finalize": self.url(f"/order/{order.id}/finalize"),
@@ -656,7 +658,7 @@ class AcmeConnector(Connector):
         body: dict[str, Any] = {
             "identifier": {"type": authz.identifier_type, "value": authz.identifier_value},
             "status": authz.status,
-            "expires": _stamp(authz.expires_at),
+            "expires": stamp(authz.expires_at),
             "challenges": [self._challenge_json(c) for c in view.challenges],
         }
         if authz.wildcard:
@@ -671,7 +673,7 @@ class AcmeConnector(Connector):
             "token": challenge.token,
         }
         if challenge.validated_at is not None:
-            body["validated"] = _stamp(challenge.validated_at)
+            body["validated"] = stamp(challenge.validated_at)
         if challenge.error is not None:
             body["error"] = challenge.error
         if challenge.validation_record is not None:
@@ -776,7 +778,7 @@ class AcmeConnector(Connector):
             else:
                 assert acme_request.parsed.jwk is not None
                 key = jws.public_key_from_jwk(acme_request.parsed.jwk)
-                if _spki(key) != _spki(certificate.public_key()):
+                if spki(key) != spki(certificate.public_key()):
                     raise AcmeProblem(
                         "unauthorized", "the request is not signed by the certificate's key"
                     )
@@ -886,15 +888,3 @@ def _contacts(value: object) -> list[str]:
                 "invalidContact", f"{contact[:80]!r} is not a single mailto: address (no hfields)"
             )
     return list(value)
-
-
-def _spki(key: Any) -> bytes:
-    return bytes(
-        key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-
-
-def _stamp(moment: datetime) -> str:
-    return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")

@@ -73,7 +73,7 @@ class RenewalWindow:
 
     def to_json(self) -> dict[str, object]:
         body: dict[str, object] = {
-            "suggestedWindow": {"start": _stamp(self.start), "end": _stamp(self.end)}
+            "suggestedWindow": {"start": stamp(self.start), "end": stamp(self.end)}
         }
         if self.explanation_url:
             body["explanationURL"] = self.explanation_url
@@ -94,5 +94,6 @@ def suggested_window(
     return RenewalWindow(start, end)
 
 
-def _stamp(moment: datetime) -> str:
+def stamp(moment: datetime) -> str:
+    """An RFC 3339 timestamp to the second, UTC as "Z", as ACME documents carry them."""
     return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")

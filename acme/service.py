@@ -383,14 +383,11 @@ class AcmeService:
         now = self.now()
         if now - order.updated_at < PROCESSING_STALE:
             return order
-        entry = self.core.store.idempotency_entry(
+        record = self.core.issuer.issued_under(
             conn,
-            f"issue:{self.context.ca_id}"[:64],
+            self.context.ca_id,
             f"acme-order-{order.id}",
             order.created_at - timedelta(minutes=1),
-        )
-        record = (
-            None if entry is None else self.core.store.get_certificate_by_id(conn, int(entry[1]))
         )
         if record is not None:
             acme_store.update_order(
@@ -708,7 +705,7 @@ class AcmeService:
                 parts.append(f"order identifiers missing: {', '.join(missing[:5])}")
             raise AcmeProblem("badCSR", "the CSR does not match the order: " + "; ".join(parts))
         account_key = _public_der_of_jwk(account.jwk)
-        if account_key is not None and account_key == _spki(csr.public_key()):
+        if account_key is not None and account_key == spki(csr.public_key()):
             raise AcmeProblem("badCSR", "the certificate key must not be the account key")
         names: list[x509.GeneralName] = []
         for kind, value in order.identifiers:
@@ -905,7 +902,7 @@ def _problem_for(exc: PkigateError) -> AcmeProblem:
     return AcmeProblem("serverInternal", f"the CA cannot issue now: {exc.message}", status=503)
 
 
-def _spki(key: CertificateIssuerPublicKeyTypes | Any) -> bytes:
+def spki(key: CertificateIssuerPublicKeyTypes | Any) -> bytes:
     return bytes(
         key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -915,7 +912,7 @@ def _spki(key: CertificateIssuerPublicKeyTypes | Any) -> bytes:
 
 def _public_der_of_jwk(jwk: Mapping[str, Any]) -> bytes | None:
     try:
-        return _spki(public_key_from_jwk(jwk))
+        return spki(public_key_from_jwk(jwk))
     except AcmeProblem:
         return None
 

@@ -426,6 +426,17 @@ class Issuer:
                 f"with {template.name}"
             )
 
+    def issued_under(
+        self, conn: Connection, ca_id: str, token: str, since: datetime
+    ) -> CertificateRecord | None:
+        """The certificate stored under an idempotency token used since ``since``.
+
+        Front-ends record their own outcome (an ACME order, a SCEP transaction) in a
+        transaction after the core's: when their process dies between the two, this is how
+        they find what the core issued."""
+        entry = self._store.idempotency_entry(conn, _ca_scope(ca_id), token, since)
+        return None if entry is None else self._store.get_certificate_by_id(conn, int(entry[1]))
+
     def _idempotent_result(
         self, request: IssuanceRequest, token_hash: str, now: datetime
     ) -> IssuedCertificate | None:
@@ -448,7 +459,11 @@ class Issuer:
 
 
 def _scope(request: IssuanceRequest) -> str:
-    return f"issue:{request.ca_id}"[:64]
+    return _ca_scope(request.ca_id)
+
+
+def _ca_scope(ca_id: str) -> str:
+    return f"issue:{ca_id}"[:64]
 
 
 def _request_hash(request: IssuanceRequest, csr: x509.CertificateSigningRequest) -> str:

@@ -52,11 +52,13 @@ from pkigate.gateways.openapi import token_json
 
 if TYPE_CHECKING:
     from pkigate.adcs.connector import AdcsConnector
+    from pkigate.gateways.connectors import Connector
     from pkigate.gateways.remote import RemoteClient
     from pkigate.scep.connector import ScepConnector
 
 P = ParamSpec("P")
 R = TypeVar("R")
+C = TypeVar("C", bound="Connector")
 
 EXIT_ERROR = 1
 
@@ -1005,12 +1007,12 @@ def scep(state: State, config_path: Path | None) -> None:
     state.config_path = config_path
 
 
-def _scep_connector(state: State, name: str) -> ScepConnector:
-    """The named SCEP connector of the configured gateway, on the local data directory."""
+def _configured_connector(state: State, name: str, kind: type[C], label: str) -> C:
+    """The named connector of type ``kind`` of the configured gateway, on the local data
+    directory (the `scep` and `adcs` verbs that act without a server)."""
     from pkigate.gateways.config import ConfigError
     from pkigate.gateways.runtime import Gateway
     from pkigate.gateways.serve import effective_config
-    from pkigate.scep.connector import ScepConnector
 
     try:
         config = effective_config(state.config_path, state.data_dir, state.database_url, None)
@@ -1018,10 +1020,16 @@ def _scep_connector(state: State, name: str) -> ScepConnector:
     except ConfigError as exc:
         raise BadRequestError(str(exc)) from None
     for connector in gateway.connectors:
-        if connector.context.name == name and isinstance(connector, ScepConnector):
+        if connector.context.name == name and isinstance(connector, kind):
             return connector
-    names = [c.context.name for c in gateway.connectors if isinstance(c, ScepConnector)]
-    raise NotFoundError(f"no SCEP connector {name!r}; configured: {', '.join(names) or 'none'}")
+    names = [c.context.name for c in gateway.connectors if isinstance(c, kind)]
+    raise NotFoundError(f"no {label} connector {name!r}; configured: {', '.join(names) or 'none'}")
+
+
+def _scep_connector(state: State, name: str) -> ScepConnector:
+    from pkigate.scep.connector import ScepConnector
+
+    return _configured_connector(state, name, ScepConnector, "SCEP")
 
 
 def _pending_line(data: dict[str, Any]) -> str:
@@ -1177,22 +1185,9 @@ def adcs(state: State, config_path: Path | None) -> None:
 
 
 def _adcs_connector(state: State, name: str) -> AdcsConnector:
-    """The named AD-style connector of the configured gateway, on the local data directory."""
     from pkigate.adcs.connector import AdcsConnector
-    from pkigate.gateways.config import ConfigError
-    from pkigate.gateways.runtime import Gateway
-    from pkigate.gateways.serve import effective_config
 
-    try:
-        config = effective_config(state.config_path, state.data_dir, state.database_url, None)
-        gateway = Gateway.open(config)
-    except ConfigError as exc:
-        raise BadRequestError(str(exc)) from None
-    for connector in gateway.connectors:
-        if connector.context.name == name and isinstance(connector, AdcsConnector):
-            return connector
-    names = [c.context.name for c in gateway.connectors if isinstance(c, AdcsConnector)]
-    raise NotFoundError(f"no AD-style connector {name!r}; configured: {', '.join(names) or 'none'}")
+    return _configured_connector(state, name, AdcsConnector, "AD-style")
 
 
 def _add_dev_directory() -> None:

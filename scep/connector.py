@@ -613,15 +613,9 @@ class ScepConnector(Connector):
     ) -> CertificateRecord | None:
         core = self.context.core
         with core.store.read() as conn:
-            entry = core.store.idempotency_entry(
-                conn,
-                f"issue:{self.context.ca_id}"[:64],
-                token,
-                core.clock() - timedelta(minutes=5),
+            record = core.issuer.issued_under(
+                conn, self.context.ca_id, token, core.clock() - timedelta(minutes=5)
             )
-            if entry is None:
-                return None
-            record = core.store.get_certificate_by_id(conn, int(entry[1]))
         if record is None or record.correlation_id != transaction_id:
             return None
         return record

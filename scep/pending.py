@@ -155,14 +155,11 @@ class ApprovalQueue:
         ):
             return record
         with core.store.write() as conn:
-            entry = core.store.idempotency_entry(
+            issued = core.issuer.issued_under(
                 conn,
-                f"issue:{self.context.ca_id}"[:64],
+                self.context.ca_id,
                 self._token(record.transaction_id),
                 record.created_at - timedelta(minutes=1),
-            )
-            issued = (
-                None if entry is None else core.store.get_certificate_by_id(conn, int(entry[1]))
             )
             scep_store.settle_transaction(
                 conn,
