@@ -467,6 +467,7 @@ class ScepConnector(Connector):
                     raise
                 signer = refreshed
                 message = parse_pki_message(data, signer.recipients)
+            signer = signer.answering(message.recipient_certificate)
         except UnreadableMessage as exc:
             self._audit_unreadable(address, exc.message)
             return _plain_error(400, f"not a SCEP pkiMessage: {exc.message}")

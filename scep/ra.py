@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -56,6 +56,20 @@ class Signer:
     valid_until: datetime
     ca_version: datetime
     is_ca: bool
+
+    def answering(self, recipient: x509.Certificate) -> Signer:
+        """The Signer that replies to a request encrypted to ``recipient``: the same RA.
+
+        A client verifies the CertRep against the certificates its GetCACert gave it; when
+        two RA certificates are valid (one issued by each of two gateway processes at first
+        use, or the previous one during renewal), the reply must be signed by the one the
+        client chose, not by whichever is newest here."""
+        if recipient == self.certificate:
+            return self
+        for certificate, key in self.recipients:
+            if certificate == recipient:
+                return replace(self, certificate=certificate, key=key)
+        return self
 
 
 class RegistrationAuthority:

@@ -37,6 +37,7 @@ from pkigate.scep.messages import (
     FailInfo,
     MessageType,
     PkiStatus,
+    ScepError,
     build_pki_message,
     encode_issuer_and_serial,
     encode_issuer_and_subject,
@@ -598,7 +599,17 @@ def test_a_request_for_an_ra_certificate_another_process_issued_is_answered(
     reply = client_a.post(
         f"{SCEP}?operation=PKIOperation", data=device.message(ra_b, device.csr(challenge))
     )
-    assert parse_cert_rep(reply.data, device.key, [ra_a, ra_b]).status is PkiStatus.SUCCESS
+    # The reply is signed by the RA the device encrypted to: the only one it knows.
+    assert parse_cert_rep(reply.data, device.key, [ra_b]).status is PkiStatus.SUCCESS
+    # And the process whose newest RA is B answers a device that was given A with A.
+    client_b = create_app(second, "http").test_client()
+    other = Device.new()
+    reply = client_b.post(
+        f"{SCEP}?operation=PKIOperation", data=other.message(ra_a, other.csr(challenge))
+    )
+    with pytest.raises(ScepError, match="signer's certificate is not available"):
+        parse_cert_rep(reply.data, other.key, [ra_b])
+    assert parse_cert_rep(reply.data, other.key, [ra_a]).status is PkiStatus.SUCCESS
     second.close()
     first.close()
 
