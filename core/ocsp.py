@@ -66,10 +66,14 @@ RESPONDER_LIFETIME = timedelta(days=30)
 SHORT_LIVED_RESPONDER_LIFETIME = timedelta(days=7)
 # Renew once less than this share of the responder certificate's lifetime remains.
 RENEW_REMAINING_FRACTION = 1 / 3
-# A responder creation claimed by a process that never finished it is taken over after this.
-CLAIM_ABANDONED_AFTER = timedelta(minutes=2)
-# How long a request waits for another process to finish creating the first responder.
+# A responder creation claimed by a process that never finished it (killed, say) is taken
+# over after this. Creating one (a key and an issuance) takes well under a second; a slow
+# creator overtaken this way loses nothing: only the claim's holder may complete it.
+CLAIM_ABANDONED_AFTER = timedelta(seconds=10)
+# How long a request waits for another process to finish creating the first responder,
+# trying to take the claim over once it is abandoned.
 WAIT_FOR_CREATOR_SECONDS = 15.0
+TAKE_OVER_EVERY_SECONDS = 1.0
 # A due renewal is not tried again for this long after the CA refused it, or after
 # another process was found creating one (monotonic seconds, per process).
 RETRY_REFUSED_SECONDS = 300.0
@@ -146,6 +150,10 @@ class _Malformed(Exception):
 
 class _CannotIssue(Exception):
     """The CA refused to issue a responder certificate (the reason is logged)."""
+
+
+class _ClaimLost(Exception):
+    """Another process took over this process's creation claim before it completed."""
 
 
 def _parse_request(der: bytes) -> _Request:
@@ -438,7 +446,7 @@ class OCSPResponder:
                 return created
             # Another process is creating one: the current one serves meanwhile, if valid.
             self._next_attempt[ca_id] = time.monotonic() + RETRY_CLAIMED_SECONDS
-            return usable or self._wait_for_other_creator(ca_id, now)
+            return usable or self._wait_for_other_creator(authority, seen)
 
     def _due(self, responder: _Responder, authority: _Authority, now: datetime) -> bool:
         if now < responder.renew_at:
@@ -467,14 +475,29 @@ class OCSPResponder:
         )
         return record, responder
 
-    def _wait_for_other_creator(self, ca_id: str, now: datetime) -> _Responder | None:
+    def _wait_for_other_creator(
+        self, authority: _Authority, seen: ocsp_store.ResponderRecord | None
+    ) -> _Responder | None:
+        """Wait for the process holding the creation claim; take the claim over (and create
+        the responder here) once it is abandoned, as when its holder was killed."""
+        ca_id = authority.record.id
         deadline = time.monotonic() + WAIT_FOR_CREATOR_SECONDS
+        next_take_over = time.monotonic() + TAKE_OVER_EVERY_SECONDS
         while time.monotonic() < deadline:
             time.sleep(0.05)
             _, latest = self._load_latest(ca_id)
-            if latest is not None and latest.valid_at(now):
+            if latest is not None and latest.valid_at(self._clock()):
                 self._responders[ca_id] = latest
                 return latest
+            if time.monotonic() >= next_take_over:
+                next_take_over = time.monotonic() + TAKE_OVER_EVERY_SECONDS
+                try:
+                    created = self._create(authority, seen, self._clock())
+                except _CannotIssue:
+                    return None
+                if created is not None:
+                    self._responders[ca_id] = created
+                    return created
         log.warning("no OCSP responder certificate available", extra={"ca_id": ca_id})
         return None
 
@@ -515,9 +538,12 @@ class OCSPResponder:
             return None
         try:
             return self._issue_responder(authority, key_id, algorithm, seen, now)
+        except _ClaimLost:
+            log.warning("OCSP responder creation was taken over", extra={"key_id": key_id})
+            return None
         except Exception as exc:
             with self._store.write() as conn:
-                ocsp_store.release_claim(conn, key_id)
+                ocsp_store.release_claim(conn, key_id, now)
             if isinstance(exc, PkigateError):
                 log.warning(
                     "cannot issue an OCSP responder certificate",
@@ -566,17 +592,22 @@ class OCSPResponder:
             created_at=now,
         )
         with self._store.write() as conn:
-            ocsp_store.complete_responder(
+            completed = ocsp_store.complete_responder(
                 conn,
                 responder_id=record.id,
                 ca_id=ca_id,
                 key_id=key_id,
+                claimed_at=now,
                 blob=blob,
                 certificate_der=record.certificate_der,
                 not_before=record.not_before,
                 not_after=record.not_after,
                 now=now,
             )
+            if not completed:
+                # Too slow: another process took the claim over. Its key, not ours, goes
+                # with this key id; the certificate issued here stays in the store unused.
+                raise _ClaimLost(key_id)
             self._audit.record(
                 conn,
                 ACTOR,

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
@@ -37,6 +37,7 @@ from werkzeug.test import TestResponse
 from pkigate.core import CASettings, CAStatus, CAView, Core, IssuanceRequest, Requester, Validity
 from pkigate.core.model import RevocationReason
 from pkigate.core.ocsp import MAX_REQUEST_BYTES
+from pkigate.core.store import ocsp as ocsp_store
 from pkigate.core.store import schema
 from pkigate.gateways.app import create_app
 from pkigate.gateways.config import parse_config
@@ -410,6 +411,74 @@ def test_concurrent_first_requests_create_one_responder(
         signed_by_responder(ocsp.load_der_ocsp_response(a), ca).serial_number for a in answers
     }
     assert len(answers) == 8 and len(responders) == 1
+    assert responder_rows(core, ca_id) == 1
+
+
+def test_a_creation_claim_left_by_a_killed_process_is_taken_over(
+    core: Core, ocsp_ca: CAView, clock: Clock
+) -> None:
+    """A process killed between claiming the first responder's key and storing it leaves a
+    claim behind; requests wait for it, then take it over: OCSP is not held back."""
+    ca_id = ocsp_ca.record.id
+    ca = ca_certificate(core, ca_id)
+    request = ocsp_request(issue(core, ca_id), ca)
+    with core.store.write() as conn:
+        assert ocsp_store.claim_key(
+            conn, f"ocsp-{ca_id}-1", "software", "EC_prime256v1", clock(), clock()
+        )
+    # The dead process's claim becomes abandoned while this request waits for it.
+    timer = threading.Timer(0.5, clock.advance, args=(timedelta(seconds=11),))
+    timer.start()
+    try:
+        response = ask(core, ca_id, request)
+    finally:
+        timer.cancel()
+    signed_by_responder(response, ca)
+    assert response.certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert responder_rows(core, ca_id) == 1
+
+
+def test_a_creator_overtaken_as_abandoned_cannot_complete_its_claim(
+    core: Core, ocsp_ca: CAView, clock: Clock
+) -> None:
+    """Only the claim's current holder stores the key: a slow creator whose claim another
+    process took over must not overwrite the key that goes with the other's certificate."""
+    ca_id = ocsp_ca.record.id
+    key_id = f"ocsp-{ca_id}-1"
+    slow_at = clock()
+    with core.store.write() as conn:
+        assert ocsp_store.claim_key(conn, key_id, "software", "EC_prime256v1", slow_at, slow_at)
+    clock.advance(timedelta(seconds=11))
+    taker_at = clock()
+    with core.store.write() as conn:
+        assert not ocsp_store.claim_key(
+            conn, key_id, "software", "EC_prime256v1", taker_at, taker_at - timedelta(seconds=20)
+        )
+        assert ocsp_store.claim_key(
+            conn, key_id, "software", "EC_prime256v1", taker_at, taker_at - timedelta(seconds=10)
+        )
+
+    def complete(claimed_at: datetime, blob: bytes, responder_id: str) -> bool:
+        with core.store.write() as conn:
+            return ocsp_store.complete_responder(
+                conn,
+                responder_id=responder_id,
+                ca_id=ca_id,
+                key_id=key_id,
+                claimed_at=claimed_at,
+                blob=blob,
+                certificate_der=b"certificate",
+                not_before=taker_at,
+                not_after=taker_at + timedelta(days=1),
+                now=claimed_at,
+            )
+
+    assert not complete(slow_at, b"slow key", "slow")
+    with core.store.write() as conn:
+        ocsp_store.release_claim(conn, key_id, slow_at)  # not the slow one's to release
+    assert complete(taker_at, b"taker key", "taker")
+    with core.store.read() as conn:
+        assert core.store.key_blob(conn, key_id) == b"taker key"
     assert responder_rows(core, ca_id) == 1
 
 

@@ -297,10 +297,13 @@ def claim_key(
     return bool(taken.rowcount)
 
 
-def release_claim(conn: Connection, key_id: str) -> None:
-    """Give up a claim whose responder could not be created (its row has no blob)."""
+def release_claim(conn: Connection, key_id: str, claimed_at: datetime) -> None:
+    """Give up a claim made at ``claimed_at`` whose responder could not be created (its row
+    has no blob); a claim another process has taken over since is left alone."""
     k = schema.ca_keys.c
-    conn.execute(delete(schema.ca_keys).where(k.id == key_id, k.blob.is_(None)))
+    conn.execute(
+        delete(schema.ca_keys).where(k.id == key_id, k.blob.is_(None), k.created_at == claimed_at)
+    )
 
 
 def complete_responder(
@@ -313,10 +316,20 @@ def complete_responder(
     certificate_der: bytes,
     not_before: datetime,
     not_after: datetime,
+    claimed_at: datetime,
     now: datetime,
-) -> None:
-    """Store the sealed key of a claimed ``key_id`` and make its certificate current."""
-    conn.execute(update(schema.ca_keys).where(schema.ca_keys.c.id == key_id).values(blob=blob))
+) -> bool:
+    """Store the sealed key of ``key_id``, claimed at ``claimed_at``, and make its
+    certificate current. False (and nothing written) if the claim is no longer ours:
+    another process took it over as abandoned."""
+    k = schema.ca_keys.c
+    stored = conn.execute(
+        update(schema.ca_keys)
+        .where(k.id == key_id, k.blob.is_(None), k.created_at == claimed_at)
+        .values(blob=blob)
+    )
+    if stored.rowcount != 1:
+        return False
     conn.execute(
         insert(schema.ocsp_responders).values(
             id=responder_id,
@@ -328,3 +341,4 @@ def complete_responder(
             created_at=now,
         )
     )
+    return True
