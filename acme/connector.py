@@ -4,8 +4,9 @@ and profiles): HTTP routes, the JWS request pipeline, and JSON rendering.
 Every POST goes through :meth:`AcmeConnector._pipeline`: media type and size, JWS syntax
 (:mod:`pkigate.acme.jws`), the ``url`` header against the request URL, the nonce, the
 signing key (``jwk`` only where RFC 8555 allows it, else the account named by ``kid``),
-the signature, and only then the resource's handler. The nonce is spent in the handler's
-first write transaction, so a replayed request fails before it changes anything.
+the signature, then the nonce is spent (:mod:`pkigate.acme.nonces`), and only then the
+resource's handler runs: a replayed request fails before it changes anything, and a
+request that only reads (POST-as-GET) takes no write transaction in the store.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,7 +29,7 @@ from sqlalchemy import Connection
 
 from pkigate.acme import jws
 from pkigate.acme.identifiers import IdentifierPolicy, parse_identifiers
-from pkigate.acme.nonces import NonceMinter
+from pkigate.acme.nonces import NonceMinter, spent_nonces
 from pkigate.acme.problems import AcmeProblem
 from pkigate.acme.renewal import stamp
 from pkigate.acme.service import (
@@ -69,7 +71,6 @@ class AcmeRequest:
     parsed: jws.ParsedJWS
     account: AccountRecord | None
     nonce_expires: datetime
-    spent: bool = False
     extra_headers: dict[str, str] = field(default_factory=dict)
 
     def payload(self) -> dict[str, Any]:
@@ -89,6 +90,7 @@ class AcmeConnector(Connector):
         self.options = AcmeSettings.parse(settings, context)
         kek: KeyEncryptionKey = context.core.kek
         self.nonces = NonceMinter(kek)
+        self.spent_nonces = spent_nonces(context.core.store, context.core.data_dir)
         self._eab_seal = _EabSealer(kek)
         self.service = AcmeService(context, self.options, self._eab_seal.unseal)
         self._chain_cache: dict[str, tuple[float, str]] = {}
@@ -110,6 +112,8 @@ class AcmeConnector(Connector):
         return {VALIDATE_JOB: self.service.run_validation}
 
     def maintenance(self) -> None:
+        spent = self.spent_nonces.purge(self.context.core.clock())
+        log.info("ACME spent nonces purged", extra={"connector": self.context.name, "count": spent})
         self.service.maintenance()
 
     def url(self, path: str) -> str:
@@ -343,12 +347,8 @@ class AcmeConnector(Connector):
         def view(**kwargs: Any) -> Response:
             try:
                 acme_request = self._authenticate(uses_jwk, jwk_required)
-                try:
-                    response = handler(acme_request, **kwargs)
-                finally:
-                    if not acme_request.spent:
-                        self._spend_alone(acme_request)
-                return response
+                self._spend(acme_request)
+                return handler(acme_request, **kwargs)
             except AcmeProblem as problem:
                 if problem.http_status >= 500:
                     log.error("ACME request failed: %s", problem.detail)
@@ -415,22 +415,16 @@ class AcmeConnector(Connector):
             raise AcmeProblem("unauthorized", f"the account is {account.status}")
         return account
 
-    def _spend(self, acme_request: AcmeRequest, conn: Connection) -> None:
-        if acme_request.spent:
-            return
-        assert acme_request.parsed.nonce is not None
-        if not acme_store.spend_nonce(conn, acme_request.parsed.nonce, acme_request.nonce_expires):
-            raise AcmeProblem("badNonce", "the nonce was used before; use the new one")
-        acme_request.spent = True
-
-    def _spend_alone(self, acme_request: AcmeRequest) -> None:
-        with self.context.core.store.write() as conn:
-            self._spend(acme_request, conn)
-
-    def _write(self, acme_request: AcmeRequest) -> _SpendingTransaction:
-        """A write transaction that spends the nonce first (POST-as-GET reads included: a
+    def _spend(self, acme_request: AcmeRequest) -> None:
+        """Spend the request's nonce, whatever the handler then makes of the request (a
         replayed read is refused like any replay)."""
-        return _SpendingTransaction(self, acme_request)
+        assert acme_request.parsed.nonce is not None
+        if not self.spent_nonces.spend(acme_request.parsed.nonce, acme_request.nonce_expires):
+            raise AcmeProblem("badNonce", "the nonce was used before; use the new one")
+
+    def _transaction(self, *, writes: bool) -> AbstractContextManager[Connection]:
+        store = self.context.core.store
+        return store.write() if writes else store.read()
 
     def _require_account(self, acme_request: AcmeRequest) -> AccountRecord:
         if acme_request.account is None:
@@ -447,7 +441,7 @@ class AcmeConnector(Connector):
         only_existing = payload.get("onlyReturnExisting", False)
         if not isinstance(only_existing, bool):
             raise AcmeProblem("malformed", "onlyReturnExisting must be a boolean")
-        with self._write(acme_request) as conn:
+        with self.context.core.store.write() as conn:
             existing = self.service.account_by_key(conn, thumbprint)
             if existing is not None:
                 return self._json(
@@ -490,7 +484,7 @@ class AcmeConnector(Connector):
         if account.id != account_id:
             raise AcmeProblem("unauthorized", "the request is signed by another account's key")
         parsed = acme_request.parsed
-        with self._write(acme_request) as conn:
+        with self._transaction(writes=not parsed.is_post_as_get) as conn:
             if parsed.is_post_as_get:
                 current = account
             else:
@@ -525,7 +519,7 @@ class AcmeConnector(Connector):
         old_key = payload.get("oldKey")
         if not isinstance(old_key, dict) or jws.jwk_thumbprint(old_key) != account.thumbprint:
             raise AcmeProblem("malformed", "the inner payload's 'oldKey' is not the account key")
-        with self._write(acme_request) as conn:
+        with self.context.core.store.write() as conn:
             self.service.change_key(conn, account, inner.jwk, jws.jwk_thumbprint(inner.jwk))
             current = self.service.find_account(conn, account.id)
         assert current is not None
@@ -537,7 +531,7 @@ class AcmeConnector(Connector):
         account = self._require_account(acme_request)
         if account.id != account_id:
             raise AcmeProblem("unauthorized", "these are another account's orders")
-        with self._write(acme_request) as conn:
+        with self.context.core.store.read() as conn:
             orders, following = self.service.orders_page(conn, account, cursor)
         links: tuple[tuple[str, str], ...] = ()
         if following is not None:
@@ -575,16 +569,19 @@ class AcmeConnector(Connector):
         replaces = payload.get("replaces")
         if replaces is not None and not isinstance(replaces, str):
             raise AcmeProblem("malformed", "'replaces' must be a certID string")
-        with self._write(acme_request) as conn:
+        with self.context.core.store.write() as conn:
             view = self.service.new_order(conn, account, identifiers, profile, replaces)
             body = self._order_json(view)
         return self._json(body, 201, location=self.url(f"/order/{view.order.id}"))
 
     def _order(self, acme_request: AcmeRequest, order_id: str) -> Response:
         account = self._require_account(acme_request)
-        with self._write(acme_request) as conn:
-            view = self.service.order(conn, account, order_id, repair=True)
-            body = self._order_json(view)
+        with self.context.core.store.read() as conn:
+            view = self.service.order(conn, account, order_id)
+        if self.service.interrupted(view.order):
+            with self.context.core.store.write() as conn:
+                view = self.service.order(conn, account, order_id, repair=True)
+        body = self._order_json(view)
         retry = 1 if view.order.status == "processing" else None
         if view.order.status == "pending":
             retry = 1
@@ -600,7 +597,7 @@ class AcmeConnector(Connector):
             csr = x509.load_der_x509_csr(jws.b64url_decode(csr_text))
         except ValueError as exc:
             raise AcmeProblem("badCSR", f"the CSR cannot be parsed: {exc}") from None
-        with self._write(acme_request) as conn:
+        with self.context.core.store.write() as conn:
             view = self.service.order(conn, account, order_id, repair=True)
             order = view.order
             if order.status != "ready":
@@ -639,7 +636,7 @@ class AcmeConnector(Connector):
     def _authorization(self, acme_request: AcmeRequest, authz_id: str) -> Response:
         account = self._require_account(acme_request)
         parsed = acme_request.parsed
-        with self._write(acme_request) as conn:
+        with self._transaction(writes=not parsed.is_post_as_get) as conn:
             if parsed.is_post_as_get:
                 view = self.service.authorization(conn, account, authz_id)
             else:
@@ -684,7 +681,7 @@ class AcmeConnector(Connector):
         account = self._require_account(acme_request)
         parsed = acme_request.parsed
         queued = False
-        with self._write(acme_request) as conn:
+        with self._transaction(writes=not parsed.is_post_as_get) as conn:
             if parsed.is_post_as_get:
                 challenge, authorization = self.service.challenge(conn, account, challenge_id)
             else:
@@ -712,7 +709,7 @@ class AcmeConnector(Connector):
         chains = self.options.alternate_chains
         if not 0 <= alternate <= len(chains):
             raise AcmeProblem("malformed", "no such alternate chain", status=404)
-        with self._write(acme_request) as conn:
+        with self.context.core.store.read() as conn:
             view = self.service.order(conn, account, order_id)
             record = self.service.certificate_of(conn, view.order)
         leaf = x509.load_der_x509_certificate(record.der).public_bytes(serialization.Encoding.PEM)
@@ -765,7 +762,7 @@ class AcmeConnector(Connector):
             certificate = x509.load_der_x509_certificate(jws.b64url_decode(text))
         except ValueError as exc:
             raise AcmeProblem("malformed", f"the certificate cannot be parsed: {exc}") from None
-        with self._write(acme_request) as conn:
+        with self.context.core.store.write() as conn:
             record = self.service.locate_certificate(conn, certificate)
             if acme_request.account is not None:
                 who = Actor(f"acme-account:{acme_request.account.id}", self.context.name)
@@ -785,32 +782,6 @@ class AcmeConnector(Connector):
                 who = Actor(f"acme-certificate-key:{record.serial}", self.context.name)
         self.service.revoke(record, reason, who)
         return self._headers(Response(status=200))
-
-
-class _SpendingTransaction:
-    """A write transaction whose first act is spending the request's nonce."""
-
-    def __init__(self, connector: AcmeConnector, acme_request: AcmeRequest) -> None:
-        self._connector = connector
-        self._request = acme_request
-        self._context: Any = None
-
-    def __enter__(self) -> Connection:
-        self._context = self._connector.context.core.store.write()
-        conn: Connection = self._context.__enter__()
-        try:
-            self._connector._spend(self._request, conn)
-        except BaseException as exc:
-            self._context.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        return conn
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if exc_info[0] is not None:
-            # The operation failed: nothing it wrote stays, but the nonce is still spent
-            # (by the pipeline, in a transaction of its own).
-            self._request.spent = False
-        self._context.__exit__(*exc_info)
 
 
 class _EabSealer:

@@ -2,8 +2,16 @@
 
 A nonce is ``expiry || random || HMAC``: handing one out costs no store write, and any
 process holding the same key-encryption key can tell a nonce it (or a sibling) made from
-a forged one. Single use is enforced in the store: spending a nonce inserts it into
-``acme_spent_nonces``, whose primary key turns a replay into a conflict in every process.
+a forged one. Single use is enforced by :class:`SpentNonces`: spending a nonce inserts it
+into a table whose primary key turns a replay into a conflict in every process.
+
+Every ACME request spends a nonce, reads (POST-as-GET) included, so where spent nonces
+live decides whether a read costs a write. On PostgreSQL they are a table of the store,
+spent in a short transaction of their own (PostgreSQL takes concurrent writers). With the
+SQLite store they live in a SQLite file of their own beside it (:data:`SPENT_NONCES_FILE`):
+a spend then never waits for the store's single write lock, which is held across the
+commits of issuance, and a request that only reads takes no write transaction in the
+store at all. The file is as durable as the store (WAL, ``synchronous=FULL``).
 """
 
 from __future__ import annotations
@@ -13,12 +21,19 @@ import binascii
 import hashlib
 import hmac
 import os
+import sqlite3
 import struct
+import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Protocol
 
 from pkigate.core.keys import KeyEncryptionKey
+from pkigate.core.store import Store
+from pkigate.core.store import acme as acme_store
 
 NONCE_LIFETIME = timedelta(minutes=30)
+SPENT_NONCES_FILE = "acme-spent-nonces.sqlite3"
 _MAC_BYTES = 16
 _RANDOM_BYTES = 16
 _STAMP = struct.Struct(">Q")
@@ -60,3 +75,90 @@ class NonceMinter:
 
 def _encode(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class SpentNonces(Protocol):
+    def spend(self, nonce: str, expires_at: datetime) -> bool:
+        """Record ``nonce`` as used, durably; False when it was used before (a replay)."""
+        ...
+
+    def purge(self, now: datetime) -> int:
+        """Forget nonces expired before ``now`` (they are refused as expired anyway)."""
+        ...
+
+
+def spent_nonces(store: Store, data_dir: Path) -> SpentNonces:
+    """The spent-nonce table that fits the store (see the module's docstring)."""
+    if store.engine.dialect.name == "sqlite":
+        return LocalSpentNonces(data_dir / SPENT_NONCES_FILE)
+    return StoreSpentNonces(store)
+
+
+class StoreSpentNonces:
+    """Spent nonces in the store's ``acme_spent_nonces``, one short transaction each."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def spend(self, nonce: str, expires_at: datetime) -> bool:
+        with self._store.write() as conn:
+            return acme_store.spend_nonce(conn, nonce, expires_at)
+
+    def purge(self, now: datetime) -> int:
+        with self._store.write() as conn:
+            return acme_store.purge_spent_nonces(conn, now)
+
+
+class LocalSpentNonces:
+    """Spent nonces in a SQLite file of their own, shared by every process of the host.
+
+    One connection per thread and process (a SQLite connection must not cross a fork, and
+    gunicorn forks its workers after the application is loaded); each spend is a single
+    autocommitted INSERT."""
+
+    _SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS spent_nonces ("
+        " nonce TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID"
+    )
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        conn = self._open()
+        try:
+            conn.execute(self._SCHEMA)
+            conn.execute(
+                "CREATE INDEX IF NOT EXISTS spent_nonces_expiry ON spent_nonces (expires_at)"
+            )
+        finally:
+            conn.close()
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        held: tuple[int, sqlite3.Connection] | None = getattr(self._local, "held", None)
+        if held is not None and held[0] == os.getpid():
+            return held[1]
+        conn = self._open()
+        self._local.held = (os.getpid(), conn)
+        return conn
+
+    def spend(self, nonce: str, expires_at: datetime) -> bool:
+        try:
+            self._conn().execute(
+                "INSERT INTO spent_nonces (nonce, expires_at) VALUES (?, ?)",
+                (nonce, int(expires_at.timestamp())),
+            )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def purge(self, now: datetime) -> int:
+        cursor = self._conn().execute(
+            "DELETE FROM spent_nonces WHERE expires_at < ?", (int(now.timestamp()),)
+        )
+        return cursor.rowcount

@@ -369,11 +369,16 @@ class AcmeService:
         order = acme_store.order_by_id(conn, self.name, order_id)
         if order is None or order.account_id != account.id:
             raise AcmeProblem("malformed", f"no order {order_id[:40]}", status=404)
-        if repair and order.status == "processing":
+        if repair and self.interrupted(order):
             order = self._settle_interrupted(conn, order)
         return OrderView(
             self._with_expiry(order), tuple(acme_store.order_authorization_ids(conn, order.id))
         )
+
+    def interrupted(self, order: OrderRecord) -> bool:
+        """Whether ``order`` has been "processing" for longer than a finalization takes: the
+        process finalizing it died (``order(..., repair=True)`` settles it)."""
+        return order.status == "processing" and self.now() - order.updated_at >= PROCESSING_STALE
 
     def _settle_interrupted(self, conn: Connection, order: OrderRecord) -> OrderRecord:
         """Finalization issues in the core's transaction and records the outcome in the
@@ -381,8 +386,6 @@ class AcmeService:
         issued (its idempotency entry for this order says which certificate), the order is
         valid with it; if nothing was issued, it is ready to be finalized again."""
         now = self.now()
-        if now - order.updated_at < PROCESSING_STALE:
-            return order
         record = self.core.issuer.issued_under(
             conn,
             self.context.ca_id,
@@ -881,15 +884,11 @@ class AcmeService:
     # -- housekeeping ----------------------------------------------------------------------
 
     def maintenance(self) -> None:
-        """Forget spent nonces that have expired anyway, and rate-limit windows long over."""
+        """Forget rate-limit windows long over."""
         now = self.now()
         with self.core.store.write() as conn:
-            spent = acme_store.purge_spent_nonces(conn, now)
             counters = acme_store.purge_rate_counters(conn, now - timedelta(days=1))
-        log.info(
-            "ACME maintenance",
-            extra={"connector": self.name, "spent_nonces": spent, "counters": counters},
-        )
+        log.info("ACME maintenance", extra={"connector": self.name, "counters": counters})
 
 
 def _problem_for(exc: PkigateError) -> AcmeProblem:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -974,24 +976,51 @@ def test_directory_and_errors_carry_a_fresh_nonce(env: Env) -> None:
     assert huge.headers["Replay-Nonce"]
 
 
-def test_maintenance_forgets_expired_spent_nonces(tmp_path: Path) -> None:
+def test_spent_nonces_are_single_use_in_every_process_and_purged_when_expired(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    """SQLite store: a spent-nonce file of its own beside it; PostgreSQL: a store table."""
     from pkigate.acme.connector import AcmeConnector
-    from pkigate.core.store import acme as acme_store
+    from pkigate.acme.nonces import SPENT_NONCES_FILE, LocalSpentNonces, StoreSpentNonces
     from pkigate.gateways.config import parse_config
     from pkigate.gateways.runtime import Gateway
 
-    gateway = Gateway.open(parse_config(f"data_dir = '{tmp_path / 'data'}'"), bootstrap=True)
+    text = f"data_dir = '{tmp_path / 'data'}'"
+    if database_url:
+        text += f"\ndatabase_url = '{database_url}'"
+    gateway = Gateway.open(parse_config(text), bootstrap=True)
     try:
         (connector,) = [c for c in gateway.connectors if isinstance(c, AcmeConnector)]
+        spent = connector.spent_nonces
+        expected = StoreSpentNonces if database_url else LocalSpentNonces
+        assert isinstance(spent, expected)
         now = gateway.core.clock()
-        with gateway.core.store.write() as conn:
-            assert acme_store.spend_nonce(conn, "old", now - timedelta(minutes=1))
-            assert acme_store.spend_nonce(conn, "live", now + timedelta(minutes=10))
-            assert not acme_store.spend_nonce(conn, "live", now + timedelta(minutes=10))
+        assert spent.spend("old", now - timedelta(minutes=1))
+        assert spent.spend("live", now + timedelta(minutes=10))
+        assert not spent.spend("live", now + timedelta(minutes=10))
+        # Another process (a second gunicorn worker, say) sees both.
+        script = (
+            "from datetime import UTC, datetime, timedelta\n"
+            "from pkigate.gateways.config import parse_config\n"
+            "from pkigate.gateways.runtime import Gateway\n"
+            "from pkigate.acme.connector import AcmeConnector\n"
+            f"gateway = Gateway.open(parse_config({text!r}))\n"
+            "(c,) = [c for c in gateway.connectors if isinstance(c, AcmeConnector)]\n"
+            "print(c.spent_nonces.spend('live', datetime.now(UTC)),"
+            " c.spent_nonces.spend('fresh', datetime.now(UTC) - timedelta(minutes=1)))\n"
+            "gateway.close()\n"
+        )
+        other = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        )
+        assert other.stdout.split() == ["False", "True"], other.stderr
+        assert not spent.spend("fresh", now + timedelta(minutes=10))
         connector.maintenance()
-        with gateway.core.store.read() as conn:
-            left = set(conn.execute(select(schema.acme_spent_nonces.c.nonce)).scalars())
-        assert left == {"live"}
+        # Forgotten once expired ("old", "fresh"), still spent otherwise ("live").
+        assert spent.spend("old", now + timedelta(minutes=10))
+        assert spent.spend("fresh", now + timedelta(minutes=10))
+        assert not spent.spend("live", now + timedelta(minutes=10))
+        assert (gateway.core.data_dir / SPENT_NONCES_FILE).exists() is (database_url is None)
     finally:
         gateway.close()
 
