@@ -31,6 +31,7 @@ from typing import Protocol
 from pkigate.core.keys import KeyEncryptionKey
 from pkigate.core.store import Store
 from pkigate.core.store import acme as acme_store
+from pkigate.core.store.writelock import WriterLock
 
 NONCE_LIFETIME = timedelta(minutes=30)
 SPENT_NONCES_FILE = "acme-spent-nonces.sqlite3"
@@ -124,6 +125,7 @@ class LocalSpentNonces:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
+        self._writer = WriterLock(path.with_name(path.name + "-writer.lock"))
         conn = self._open()
         try:
             conn.execute(self._SCHEMA)
@@ -149,16 +151,18 @@ class LocalSpentNonces:
 
     def spend(self, nonce: str, expires_at: datetime) -> bool:
         try:
-            self._conn().execute(
-                "INSERT INTO spent_nonces (nonce, expires_at) VALUES (?, ?)",
-                (nonce, int(expires_at.timestamp())),
-            )
+            with self._writer.held():
+                self._conn().execute(
+                    "INSERT INTO spent_nonces (nonce, expires_at) VALUES (?, ?)",
+                    (nonce, int(expires_at.timestamp())),
+                )
         except sqlite3.IntegrityError:
             return False
         return True
 
     def purge(self, now: datetime) -> int:
-        cursor = self._conn().execute(
-            "DELETE FROM spent_nonces WHERE expires_at < ?", (int(now.timestamp()),)
-        )
+        with self._writer.held():
+            cursor = self._conn().execute(
+                "DELETE FROM spent_nonces WHERE expires_at < ?", (int(now.timestamp()),)
+            )
         return cursor.rowcount

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,13 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 
+from pkigate.core.store.writelock import WriterLock
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _WRITE = "pkigate_write"
+# The WriterLock of each SQLite engine (see writelock.py); PostgreSQL engines have none.
+_WRITER_LOCKS: weakref.WeakKeyDictionary[Engine, WriterLock] = weakref.WeakKeyDictionary()
 
 
 def sqlite_url(path: Path) -> str:
@@ -35,6 +40,9 @@ def create_store_engine(url: str) -> Engine:
         engine = create_engine(url, pool_size=8, max_overflow=24)
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
+        database = engine.url.database
+        if database and database != ":memory:":
+            _WRITER_LOCKS[engine] = WriterLock(Path(f"{database}-writer.lock"))
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -60,7 +68,8 @@ def _sqlite_begin(connection: Connection) -> None:
 @contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
     """A transaction that may write; serialized against other writers on SQLite."""
-    with engine.connect() as conn:
+    lock = _WRITER_LOCKS.get(engine)
+    with lock.held() if lock is not None else nullcontext(), engine.connect() as conn:
         conn = conn.execution_options(**{_WRITE: True})
         with conn.begin():
             yield conn
