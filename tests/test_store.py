@@ -70,3 +70,62 @@ def test_opening_twice_does_not_migrate_again(core: Core, tmp_path) -> None:
     with again.store.read() as conn:
         assert again.store.list_cas(conn) == []
     again.close()
+
+
+def test_fast_select_reads_exactly_what_sqlalchemy_reads(core: Core) -> None:
+    """FastSelect (driver cursor, compiled once per dialect) against SQLAlchemy's own
+    execution of the same statement: datetimes, NULLs, JSON text and ordering."""
+    from datetime import timedelta
+
+    from sqlalchemy import bindparam, select
+
+    from pkigate.core.store import acme as acme_store
+    from pkigate.core.store import schema
+    from pkigate.core.store.fastpath import FastSelect
+
+    now = core.clock()
+    account = acme_store.AccountRecord(
+        "acct-1", "acme", "thumb", {"kty": "EC"}, "valid", (), None, now
+    )
+    order = acme_store.OrderRecord(
+        id="order-1",
+        connector="acme",
+        account_id="acct-1",
+        status="pending",
+        identifiers=(("dns", "a.example.test"), ("dns", "b.example.test")),
+        profile=None,
+        replaces=None,
+        expires_at=now + timedelta(days=1),
+        error=None,
+        ca_id=None,
+        serial=None,
+        created_at=now,
+        updated_at=now,
+    )
+    authorizations = [
+        acme_store.AuthorizationRecord(
+            f"authz-{n}", "acme", "acct-1", "dns", f"{n}.example.test", False, "pending", now, now
+        )
+        for n in range(3)
+    ]
+    with core.store.write() as conn:
+        acme_store.insert_account(conn, account)
+        for authorization in authorizations:
+            acme_store.insert_authorization(conn, authorization)
+        acme_store.insert_order(conn, order, ["authz-2", "authz-0", "authz-1"])
+    orders = schema.acme_orders
+    statement = select(orders).where(orders.c.id == bindparam("id"))
+    fast = FastSelect(statement)
+    with core.store.read() as conn:
+        expected = [tuple(row) for row in conn.execute(statement, {"id": "order-1"})]
+        assert [tuple(row) for row in fast.rows(conn, id="order-1")] == expected
+        assert fast.first(conn, id="no-such-order") is None
+        assert acme_store.order_by_id(conn, "acme", "order-1") == order
+        assert acme_store.order_by_id(conn, "other-connector", "order-1") is None
+        assert acme_store.account_by_id(conn, "acme", "acct-1") == account
+        assert acme_store.order_authorization_ids(conn, "order-1") == [
+            "authz-2",
+            "authz-0",
+            "authz-1",
+        ]
+        assert acme_store.authorization_by_id(conn, "acme", "authz-1") == authorizations[1]

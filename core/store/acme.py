@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
 
 from pkigate.core.store import IntegrityError, as_utc, schema
+from pkigate.core.store.fastpath import FastSelect
 
 
 def _utc(moment: datetime | None) -> datetime:
@@ -72,11 +73,16 @@ def _account(row: Any) -> AccountRecord:
     )
 
 
+_ACCOUNT_BY_ID = FastSelect(
+    select(schema.acme_accounts).where(
+        schema.acme_accounts.c.id == bindparam("id"),
+        schema.acme_accounts.c.connector == bindparam("connector"),
+    )
+)
+
+
 def account_by_id(conn: Connection, connector: str, account_id: str) -> AccountRecord | None:
-    c = schema.acme_accounts.c
-    row = conn.execute(
-        select(schema.acme_accounts).where(c.id == account_id, c.connector == connector)
-    ).first()
+    row = _ACCOUNT_BY_ID.first(conn, id=account_id, connector=connector)
     return None if row is None else _account(row)
 
 
@@ -294,21 +300,26 @@ def insert_order(conn: Connection, record: OrderRecord, authorization_ids: Seque
     )
 
 
+_ORDER_BY_ID = FastSelect(
+    select(schema.acme_orders).where(
+        schema.acme_orders.c.id == bindparam("id"),
+        schema.acme_orders.c.connector == bindparam("connector"),
+    )
+)
+_ORDER_AUTHORIZATION_IDS = FastSelect(
+    select(schema.acme_order_authorizations.c.authorization_id)
+    .where(schema.acme_order_authorizations.c.order_id == bindparam("order_id"))
+    .order_by(schema.acme_order_authorizations.c.position)
+)
+
+
 def order_by_id(conn: Connection, connector: str, order_id: str) -> OrderRecord | None:
-    c = schema.acme_orders.c
-    row = conn.execute(
-        select(schema.acme_orders).where(c.id == order_id, c.connector == connector)
-    ).first()
+    row = _ORDER_BY_ID.first(conn, id=order_id, connector=connector)
     return None if row is None else _order(row)
 
 
 def order_authorization_ids(conn: Connection, order_id: str) -> list[str]:
-    c = schema.acme_order_authorizations.c
-    return list(
-        conn.execute(
-            select(c.authorization_id).where(c.order_id == order_id).order_by(c.position)
-        ).scalars()
-    )
+    return [row.authorization_id for row in _ORDER_AUTHORIZATION_IDS.rows(conn, order_id=order_id)]
 
 
 def orders_of_account(
@@ -421,13 +432,18 @@ def insert_authorization(conn: Connection, record: AuthorizationRecord) -> None:
     )
 
 
+_AUTHORIZATION_BY_ID = FastSelect(
+    select(schema.acme_authorizations).where(
+        schema.acme_authorizations.c.id == bindparam("id"),
+        schema.acme_authorizations.c.connector == bindparam("connector"),
+    )
+)
+
+
 def authorization_by_id(
     conn: Connection, connector: str, authz_id: str
 ) -> AuthorizationRecord | None:
-    c = schema.acme_authorizations.c
-    row = conn.execute(
-        select(schema.acme_authorizations).where(c.id == authz_id, c.connector == connector)
-    ).first()
+    row = _AUTHORIZATION_BY_ID.first(conn, id=authz_id, connector=connector)
     return None if row is None else _authorization(row)
 
 
@@ -550,7 +566,20 @@ def insert_challenges(conn: Connection, records: Sequence[ChallengeRecord], now:
     )
 
 
+_CHALLENGES_OF_ONE = FastSelect(
+    select(schema.acme_challenges)
+    .where(schema.acme_challenges.c.authorization_id == bindparam("authorization_id"))
+    .order_by(schema.acme_challenges.c.type)
+)
+_CHALLENGE_BY_ID = FastSelect(
+    select(schema.acme_challenges).where(schema.acme_challenges.c.id == bindparam("id"))
+)
+
+
 def challenges_of(conn: Connection, authorization_ids: Sequence[str]) -> list[ChallengeRecord]:
+    if len(authorization_ids) == 1:  # an authorization's own challenges, on every poll
+        rows = _CHALLENGES_OF_ONE.rows(conn, authorization_id=authorization_ids[0])
+        return [_challenge(row) for row in rows]
     c = schema.acme_challenges.c
     rows = conn.execute(
         select(schema.acme_challenges)
@@ -561,8 +590,7 @@ def challenges_of(conn: Connection, authorization_ids: Sequence[str]) -> list[Ch
 
 
 def challenge_by_id(conn: Connection, challenge_id: str) -> ChallengeRecord | None:
-    c = schema.acme_challenges.c
-    row = conn.execute(select(schema.acme_challenges).where(c.id == challenge_id)).first()
+    row = _CHALLENGE_BY_ID.first(conn, id=challenge_id)
     return None if row is None else _challenge(row)
 
 
