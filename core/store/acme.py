@@ -578,8 +578,8 @@ _CHALLENGE_BY_ID = FastSelect(
 
 def challenges_of(conn: Connection, authorization_ids: Sequence[str]) -> list[ChallengeRecord]:
     if len(authorization_ids) == 1:  # an authorization's own challenges, on every poll
-        rows = _CHALLENGES_OF_ONE.rows(conn, authorization_id=authorization_ids[0])
-        return [_challenge(row) for row in rows]
+        own = _CHALLENGES_OF_ONE.rows(conn, authorization_id=authorization_ids[0])
+        return [_challenge(row) for row in own]
     c = schema.acme_challenges.c
     rows = conn.execute(
         select(schema.acme_challenges)
