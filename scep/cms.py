@@ -8,6 +8,7 @@ maps them onto failInfo values in one place (`pkigate.scep.messages`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import os
@@ -18,7 +19,6 @@ from enum import StrEnum
 from typing import Any, cast
 
 from asn1crypto import algos, cms, core
-from asn1crypto import crl as asn1_crl
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -607,31 +607,31 @@ def build_enveloped_data(
     ciphertext = encryptor.update(padder.update(content) + padder.finalize())
     ciphertext += encryptor.finalize()
     key_algorithm, pad = _key_transport_algorithm(key_transport)
-    recipient_info = cms.KeyTransRecipientInfo(
-        {
-            "version": "v0",
-            "rid": cms.RecipientIdentifier(
-                name="issuer_and_serial_number", value=_issuer_and_serial(recipient)
-            ),
-            "key_encryption_algorithm": key_algorithm,
-            "encrypted_key": public_key.encrypt(cek, pad),
-        }
+    # Joined as DER like build_signed_data's structure (see there).
+    recipient_info = _der(  # KeyTransRecipientInfo
+        _SEQUENCE,
+        _VERSION_0,
+        _issuer_and_serial_der(recipient),
+        key_algorithm.dump(),
+        _der(_OCTET_STRING, public_key.encrypt(cek, pad)),
     )
-    enveloped = cms.EnvelopedData(
-        {
-            "version": "v0",
-            "recipient_infos": [cms.RecipientInfo(name="ktri", value=recipient_info)],
-            "encrypted_content_info": {
-                "content_type": "data",
-                "content_encryption_algorithm": {
-                    "algorithm": cipher.asn1_name,
-                    "parameters": core.OctetString(iv),
-                },
-                "encrypted_content": ciphertext,
-            },
-        }
+    enveloped = _der(
+        _SEQUENCE,
+        _VERSION_0,
+        _der(_SET, recipient_info),
+        _der(  # EncryptedContentInfo
+            _SEQUENCE,
+            _ID_DATA,
+            _der(_SEQUENCE, _oid_der(_cipher_oid(cipher)), _der(_OCTET_STRING, iv)),
+            _der(_IMPLICIT_PRIMITIVE_0, ciphertext),
+        ),
     )
-    return bytes(cms.ContentInfo({"content_type": "enveloped_data", "content": enveloped}).dump())
+    return _der(_SEQUENCE, _ID_ENVELOPED_DATA, _der(_CONTEXT_0, enveloped))
+
+
+@functools.lru_cache(maxsize=8)
+def _cipher_oid(cipher: ContentCipher) -> str:
+    return str(algos.EncryptionAlgorithmId(cipher.asn1_name).dotted)
 
 
 def _key_transport_algorithm(
@@ -665,50 +665,56 @@ def build_signed_data(
     signer_certificate: x509.Certificate,
     signer_key: rsa.RSAPrivateKey,
     digest: DigestAlgorithm,
-    extra_attributes: Sequence[Any] = (),
+    extra_attributes: Sequence[tuple[str, Any]] = (),
     certificates: Sequence[x509.Certificate] = (),
     signing_time: datetime | None = None,
 ) -> bytes:
     """A DER ContentInfo with a SignedData over `content` (type id-data), one RSA signer
     (PKCS#1 v1.5, signatureAlgorithm rsaEncryption as RFC 3370 3.2 allows and OpenSSL
     writes), signed attributes content-type, signing-time, message-digest plus
-    `extra_attributes` (asn1crypto CMSAttribute values), and `certificates` included."""
-    attributes = cms.CMSAttributes(
-        [
-            cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
-            cms.CMSAttribute(
-                {
-                    "type": "signing_time",
-                    "values": [cms.Time({"utc_time": signing_time or datetime.now(UTC)})],
-                }
-            ),
-            cms.CMSAttribute({"type": "message_digest", "values": [_digest(digest, content)]}),
-            *extra_attributes,
-        ]
+    `extra_attributes` (pairs of attribute type OID and one asn1crypto value), and
+    `certificates` included.
+
+    Values are encoded by asn1crypto; the structure around them (fixed fields, DER the
+    signer already has, certificates as they are) is joined as DER directly: built as
+    asn1crypto objects, it re-encoded every certificate and re-sorted every SET on each
+    reply, which cost more than the RSA signature."""
+    # SET OF Attribute in DER order (X.690 11.6: sorted by encoding).
+    attributes = _der(
+        _SET,
+        *sorted(
+            [
+                _attribute_der(_OID_CONTENT_TYPE, _ID_DATA),
+                _attribute_der(
+                    _OID_SIGNING_TIME, core.UTCTime(signing_time or datetime.now(UTC)).dump()
+                ),
+                _attribute_der(
+                    _OID_MESSAGE_DIGEST, core.OctetString(_digest(digest, content)).dump()
+                ),
+                *(_attribute_der(oid, value.dump()) for oid, value in extra_attributes),
+            ]
+        ),
     )
-    signature = signer_key.sign(attributes.dump(), asym_padding.PKCS1v15(), digest.hash())
-    signer_info = cms.SignerInfo(
-        {
-            "version": "v1",
-            "sid": cms.SignerIdentifier(
-                name="issuer_and_serial_number", value=_issuer_and_serial(signer_certificate)
-            ),
-            "digest_algorithm": {"algorithm": digest.value},
-            "signed_attrs": attributes,
-            "signature_algorithm": {"algorithm": "rsassa_pkcs1v15"},
-            "signature": signature,
-        }
+    signature = signer_key.sign(attributes, asym_padding.PKCS1v15(), digest.hash())
+    digest_algorithm = _digest_algorithm_der(digest)
+    signer_info = _der(
+        _SEQUENCE,
+        _VERSION_1,
+        _issuer_and_serial_der(signer_certificate),
+        digest_algorithm,
+        _der(_CONTEXT_0, attributes[len(_der_header(attributes)) :]),  # [0] IMPLICIT
+        _RSA_ENCRYPTION,
+        _der(_OCTET_STRING, signature),
     )
-    signed_data = cms.SignedData(
-        {
-            "version": "v1",
-            "digest_algorithms": [{"algorithm": digest.value}],
-            "encap_content_info": {"content_type": "data", "content": content},
-            "certificates": _certificates_in_order(certificates),
-            "signer_infos": [signer_info],
-        }
+    signed_data = _der(
+        _SEQUENCE,
+        _VERSION_1,
+        _der(_SET, digest_algorithm),
+        _der(_SEQUENCE, _ID_DATA, _der(_CONTEXT_0, _der(_OCTET_STRING, content))),
+        _certificate_set(certificates),
+        _der(_SET, signer_info),
     )
-    return bytes(cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump())
+    return _der(_SEQUENCE, _ID_SIGNED_DATA, _der(_CONTEXT_0, signed_data))
 
 
 def build_degenerate_signed_data(
@@ -717,38 +723,74 @@ def build_degenerate_signed_data(
 ) -> bytes:
     """A DER "certs-only" SignedData: no content, no signers, just certificates and CRLs
     (RFC 5652 5.2; RFC 8894 3.4 and 4.2 for CA/RA certificates, issued certificates and
-    CRLs)."""
-    signed_data: dict[str, Any] = {
-        "version": "v1",
-        "digest_algorithms": [],
-        "encap_content_info": {"content_type": "data"},
-        "certificates": _certificates_in_order(certificates),
-        "signer_infos": [],
-    }
-    if crls:
-        signed_data["crls"] = [
-            cms.RevocationInfoChoice(
-                name="crl",
-                value=asn1_crl.CertificateList.load(crl.public_bytes(serialization.Encoding.DER)),
-            )
-            for crl in crls
-        ]
-    info = cms.ContentInfo({"content_type": "signed_data", "content": cms.SignedData(signed_data)})
-    return bytes(info.dump())
+    CRLs). Certificates are written in the order given (see :func:`_certificate_set`)."""
+    signed_data = _der(
+        _SEQUENCE,
+        _VERSION_1,
+        _der(_SET),
+        _der(_SEQUENCE, _ID_DATA),
+        _certificate_set(certificates),
+        _der(_CONTEXT_1, *(crl.public_bytes(serialization.Encoding.DER) for crl in crls))
+        if crls
+        else b"",
+        _der(_SET),
+    )
+    return _der(_SEQUENCE, _ID_SIGNED_DATA, _der(_CONTEXT_0, signed_data))
 
 
-class _CertificatesInOrder(cms.CertificateSet):  # type: ignore[misc]
-    """A CertificateSet written in the order given, not sorted as DER would sort a SET OF.
+# DER of the fixed parts of a SignedData.
+_SEQUENCE, _SET, _OCTET_STRING, _CONTEXT_0, _CONTEXT_1 = 0x30, 0x31, 0x04, 0xA0, 0xA1
+_IMPLICIT_PRIMITIVE_0 = 0x80
+_VERSION_0 = core.Integer(0).dump()
+_VERSION_1 = core.Integer(1).dump()
+_ID_ENVELOPED_DATA = core.ObjectIdentifier("1.2.840.113549.1.7.3").dump()
+_ID_DATA = core.ObjectIdentifier("1.2.840.113549.1.7.1").dump()
+_ID_SIGNED_DATA = core.ObjectIdentifier("1.2.840.113549.1.7.2").dump()
+_RSA_ENCRYPTION = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"}).dump()
+_OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+_OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+_OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
 
-    Clients take the first certificate of a certs-only reply as the issued one (micromdm's
-    scepclient reads Certificates[0]), and OpenSSL and Go's pkcs7 keep the order too."""
 
-    def _set_contents(self, force: bool = False) -> None:
-        core.SequenceOf._set_contents(self, force)
+def _attribute_der(oid: str, value: bytes) -> bytes:
+    """``Attribute ::= SEQUENCE { attrType OID, attrValues SET OF ANY }`` with one value."""
+    return _der(_SEQUENCE, _oid_der(oid), _der(_SET, value))
 
 
-def _certificates_in_order(certificates: Sequence[x509.Certificate]) -> Any:
-    return _CertificatesInOrder([_asn1_certificate(c) for c in certificates])
+@functools.lru_cache(maxsize=64)
+def _oid_der(oid: str) -> bytes:
+    return bytes(core.ObjectIdentifier(oid).dump())
+
+
+def _der(tag: int, *parts: bytes) -> bytes:
+    body = b"".join(parts)
+    return bytes([tag]) + _der_length(len(body)) + body
+
+
+def _der_header(encoded: bytes) -> bytes:
+    """The tag and length octets of a DER value (single-octet tag)."""
+    first = encoded[1]
+    return encoded[: 2 + (first & 0x7F if first & 0x80 else 0)]
+
+
+def _certificate_set(certificates: Sequence[x509.Certificate]) -> bytes:
+    """``certificates [0] IMPLICIT CertificateSet`` in the order given, not sorted as DER
+    would sort a SET OF: clients take the first certificate of a certs-only reply as the
+    issued one (micromdm's scepclient reads Certificates[0]), and OpenSSL and Go's pkcs7
+    keep the order too. Absent when there are none."""
+    if not certificates:
+        return b""
+    return _der(_CONTEXT_0, *(c.public_bytes(serialization.Encoding.DER) for c in certificates))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_algorithm_der(digest: DigestAlgorithm) -> bytes:
+    return bytes(algos.DigestAlgorithm({"algorithm": digest.value}).dump())
+
+
+@functools.lru_cache(maxsize=64)
+def _issuer_and_serial_der(certificate: x509.Certificate) -> bytes:
+    return bytes(_issuer_and_serial(certificate).dump())
 
 
 def _asn1_certificate(certificate: x509.Certificate) -> Any:

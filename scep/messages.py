@@ -623,8 +623,9 @@ def parse_cert_rep(
 # -- attributes -------------------------------------------------------------------------------
 
 
-def _attribute(oid: str, value: Any) -> Any:
-    return cms.CMSAttribute({"type": oid, "values": [value]})
+def _attribute(oid: str, value: Any) -> tuple[str, Any]:
+    """A signed attribute for :func:`build_signed_data`: its type and its one value."""
+    return (oid, value)
 
 
 def _single_value(attributes: dict[str, list[Any]], oid: str) -> Any:

@@ -21,6 +21,7 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
 from pkigate.scep import cms
@@ -586,8 +587,8 @@ def _signed_with_attributes(pki: Pki, attributes: list[Any]) -> bytes:
     )
 
 
-def _attribute(oid: str, value: Any) -> Any:
-    return asn1_cms.CMSAttribute({"type": oid, "values": [value]})
+def _attribute(oid: str, value: Any) -> tuple[str, Any]:
+    return (oid, value)
 
 
 MESSAGE_TYPE_19 = _attribute("2.16.840.1.113733.1.9.2", core.PrintableString("19"))
@@ -651,13 +652,15 @@ def test_elliptic_curve_signer_is_bad_alg(pki: Pki) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _certificate(_name("ec-device"), key)
     envelope = cms.build_enveloped_data(b"csr", pki.ra.cert, ContentCipher.AES128)
-    attributes = [MESSAGE_TYPE_19, TRANSACTION_ID, SENDER_NONCE]
+    attributes = [
+        ("content_type", "data"),
+        ("message_digest", hashes_sha256(envelope)),
+        MESSAGE_TYPE_19,
+        TRANSACTION_ID,
+        SENDER_NONCE,
+    ]
     signed_attrs = asn1_cms.CMSAttributes(
-        [
-            _attribute("content_type", "data"),
-            _attribute("message_digest", hashes_sha256(envelope)),
-            *attributes,
-        ]
+        [asn1_cms.CMSAttribute({"type": oid, "values": [value]}) for oid, value in attributes]
     )
     signature = key.sign(signed_attrs.dump(), ec.ECDSA(hashes.SHA256()))
     data = _assemble_signed_data(envelope, cert, signed_attrs, "sha256_ecdsa", signature)
@@ -867,3 +870,52 @@ def test_openssl_verifies_our_failure_reply(pki: Pki, tmp_path: Path) -> None:
     assert content == b""
     dump = openssl(tmp_path, "cms -cmsout -print -inform DER -in failure.der").decode()
     assert "1.3.6.1.5.5.7.24.1" in dump and "no such certificate" in dump
+
+
+def test_signed_data_is_canonical_der_with_sorted_attributes(pki: Pki) -> None:
+    """The SignedData is joined from DER parts: asn1crypto, re-encoding it from scratch as
+    DER (attributes sorted as a DER SET OF), must produce the very same octets, and the
+    signature must verify over the attributes as sent."""
+    data = cms.build_signed_data(
+        b"content",
+        pki.ra.cert,
+        pki.ra.key,
+        DigestAlgorithm.SHA256,
+        [SENDER_NONCE, TRANSACTION_ID, MESSAGE_TYPE_19],  # deliberately not in DER order
+        [pki.ra.cert],
+    )
+    parsed = asn1_cms.ContentInfo.load(data)
+    assert parsed.dump(force=True) == data
+    signer = parsed["content"]["signer_infos"][0]
+    attribute_types = [a["type"].dotted for a in signer["signed_attrs"]]
+    assert set(attribute_types) >= {"1.2.840.113549.1.9.3", "1.2.840.113549.1.9.4"}
+    verified = cms.verify_signed_data(cms.load_content_info(data, "signed_data"), [pki.ra.cert])
+    assert verified.content == b"content"
+
+
+def test_certs_only_keeps_the_order_given_and_carries_crls(pki: Pki) -> None:
+    now = datetime.now(UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(pki.ca.cert.subject)
+        .last_update(now)
+        .next_update(now + timedelta(days=1))
+        .sign(pki.ca.key, hashes.SHA256())
+    )
+    order = [pki.issued, pki.ca.cert, pki.ra.cert]
+    data = cms.build_degenerate_signed_data(order, [crl])
+    signed_data = cms.load_content_info(data, "signed_data")
+    assert cms.embedded_certificates(signed_data) == order
+    assert cms.embedded_crls(signed_data) == [crl]
+    assert pkcs7.load_der_pkcs7_certificates(data) == order
+    assert asn1_cms.ContentInfo.load(data)["content"]["signer_infos"].native == []
+
+
+@pytest.mark.parametrize("cipher", list(ContentCipher))
+def test_enveloped_data_is_canonical_der_and_opens(pki: Pki, cipher: ContentCipher) -> None:
+    data = cms.build_enveloped_data(b"secret content", pki.ra.cert, cipher)
+    assert asn1_cms.ContentInfo.load(data).dump(force=True) == data
+    opened = cms.decrypt_enveloped_data(
+        cms.load_content_info(data, "enveloped_data"), [(pki.ra.cert, pki.ra.key)]
+    )
+    assert (opened.content, opened.cipher) == (b"secret content", cipher)
