@@ -62,7 +62,11 @@ def _sqlite_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
 
 def _sqlite_begin(connection: Connection) -> None:
     write = connection.get_execution_options().get(_WRITE, False)
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+    # On the driver connection: this runs for every transaction, and SQLAlchemy's
+    # statement execution costs more than the BEGIN itself.
+    driver = connection.connection.driver_connection
+    assert driver is not None  # a connection in use has its driver connection
+    driver.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 @contextmanager

@@ -9,6 +9,7 @@ excludes every other writer, in this process or another.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Select,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -190,8 +193,9 @@ def release_dedupe_key(conn: Connection, job_id: int) -> None:
     conn.execute(update(_jobs).where(_c.id == job_id).values(dedupe_key=None))
 
 
-def _due(kinds: Collection[str], now: datetime) -> ColumnElement[bool]:
-    now = _utc(now)
+def _due(kinds: Collection[str]) -> ColumnElement[bool]:
+    """Jobs of ``kinds`` due at the bound parameter ``now``."""
+    now = bindparam("now", type_=_c.run_at.type)
     return and_(
         _c.kind.in_(list(kinds)),
         or_(
@@ -201,11 +205,34 @@ def _due(kinds: Collection[str], now: datetime) -> ColumnElement[bool]:
     )
 
 
+# A runner asks with the same kinds every time: its statements are built once (SQLAlchemy
+# then finds them compiled in its cache without rebuilding their cache keys).
+@functools.lru_cache(maxsize=64)
+def _has_due_query(kinds: tuple[str, ...]) -> Select[Any]:
+    return select(_c.id).where(_due(kinds)).limit(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates_query(kinds: tuple[str, ...], limit: int, for_update: bool) -> Select[Any]:
+    query = (
+        select(_c.id, _c.status, _c.attempts, _c.max_attempts)
+        .where(_due(kinds))
+        .order_by(_c.run_at, _c.id)
+        .limit(limit)
+    )
+    if for_update:
+        # Rows another claimer has locked are skipped, not waited for; a row it has
+        # already claimed and committed is re-checked against `due` and left out.
+        query = query.with_for_update(skip_locked=True)
+    return query
+
+
 def has_due(conn: Connection, kinds: Collection[str], now: datetime) -> bool:
     """Whether any job of ``kinds`` is due; a read, so it takes no write lock."""
     if not kinds:
         return False
-    return conn.execute(select(_c.id).where(_due(kinds, now)).limit(1)).first() is not None
+    query = _has_due_query(tuple(sorted(kinds)))
+    return conn.execute(query, {"now": _utc(now)}).first() is not None
 
 
 def claim_due(
@@ -226,18 +253,9 @@ def claim_due(
     if not kinds or limit <= 0:
         return []
     now = _utc(now)
+    query = _candidates_query(tuple(sorted(kinds)), limit, _is_postgresql(conn))
     while True:
-        query = (
-            select(_c.id, _c.status, _c.attempts, _c.max_attempts)
-            .where(_due(kinds, now))
-            .order_by(_c.run_at, _c.id)
-            .limit(limit)
-        )
-        if _is_postgresql(conn):
-            # Rows another claimer has locked are skipped, not waited for; a row it has
-            # already claimed and committed is re-checked against `due` and left out.
-            query = query.with_for_update(skip_locked=True)
-        candidates = conn.execute(query).all()
+        candidates = conn.execute(query, {"now": now}).all()
         if not candidates:
             return []
         exhausted = [
