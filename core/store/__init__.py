@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from pkigate.core.store import schema
@@ -26,7 +26,7 @@ from pkigate.core.store.engine import (
     sqlite_url,
     write_transaction,
 )
-from pkigate.core.store.fastpath import FastInsert, FastQuery
+from pkigate.core.store.fastpath import FastInsert, FastQuery, FastSelect
 
 __all__ = [
     "ApiTokenRecord",
@@ -167,6 +167,15 @@ def _certificate(row: Any) -> CertificateRecord:
     for name in ("not_before", "not_after", "issued_at", "revoked_at"):
         values[name] = as_utc(values[name])
     return CertificateRecord(**values)
+
+
+_IDEMPOTENCY_ENTRY = FastSelect(
+    select(schema.idempotency.c.request_hash, schema.idempotency.c.result_ref).where(
+        schema.idempotency.c.scope == bindparam("scope"),
+        schema.idempotency.c.token == bindparam("token"),
+        schema.idempotency.c.created_at > bindparam("newer_than"),
+    )
+)
 
 
 class Store:
@@ -502,13 +511,9 @@ class Store:
     def idempotency_entry(
         self, conn: Connection, scope: str, token: str, newer_than: datetime
     ) -> tuple[str, str] | None:
-        t = schema.idempotency.c
-        row = conn.execute(
-            select(t.request_hash, t.result_ref).where(
-                and_(t.scope == scope, t.token == token, t.created_at > newer_than)
-            )
-        ).first()
-        return (row[0], row[1]) if row is not None else None
+        # Asked on every issuance that carries a token (every SCEP and ACME one).
+        row = _IDEMPOTENCY_ENTRY.first(conn, scope=scope, token=token, newer_than=newer_than)
+        return (row.request_hash, row.result_ref) if row is not None else None
 
     def put_idempotency_entry(
         self,
