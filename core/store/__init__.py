@@ -147,7 +147,7 @@ def _api_token(row: Any) -> ApiTokenRecord:
 
 
 def _ca(row: Any) -> CARecord:
-    values = dict(row._mapping)
+    values = row._asdict()  # a SQLAlchemy Row or a FastSelect row
     values["settings"] = json.loads(values["settings"] or "{}")
     for name in (
         "not_before",
@@ -169,6 +169,7 @@ def _certificate(row: Any) -> CertificateRecord:
     return CertificateRecord(**values)
 
 
+_CA_BY_ID = FastSelect(select(schema.authorities).where(schema.authorities.c.id == bindparam("id")))
 _IDEMPOTENCY_ENTRY = FastSelect(
     select(schema.idempotency.c.request_hash, schema.idempotency.c.result_ref).where(
         schema.idempotency.c.scope == bindparam("scope"),
@@ -287,9 +288,7 @@ class Store:
         )
 
     def get_ca(self, conn: Connection, ca_id: str) -> CARecord | None:
-        row = conn.execute(
-            select(schema.authorities).where(schema.authorities.c.id == ca_id)
-        ).first()
+        row = _CA_BY_ID.first(conn, id=ca_id)
         return _ca(row) if row is not None else None
 
     def list_cas(self, conn: Connection, status: str | None = None) -> list[CARecord]:

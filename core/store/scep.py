@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, insert, select, update
 
 from pkigate.core.store import as_utc, schema
+from pkigate.core.store.fastpath import FastSelect
 
 
 def _utc(moment: datetime | None) -> datetime:
@@ -175,15 +176,26 @@ class TransactionRecord:
     updated_at: datetime | None = None
 
 
+_TRANSACTION = FastSelect(
+    select(schema.scep_transactions).where(
+        schema.scep_transactions.c.connector == bindparam("connector"),
+        schema.scep_transactions.c.transaction_id == bindparam("transaction_id"),
+    )
+)
+_FAILURES = FastSelect(
+    select(schema.scep_failures.c.count, schema.scep_failures.c.window_start).where(
+        schema.scep_failures.c.connector == bindparam("connector"),
+        schema.scep_failures.c.scope == bindparam("scope"),
+        schema.scep_failures.c.value == bindparam("value"),
+    )
+)
+
+
 def get_transaction(
     conn: Connection, connector: str, transaction_id: str
 ) -> TransactionRecord | None:
-    c = schema.scep_transactions.c
-    row = conn.execute(
-        select(schema.scep_transactions).where(
-            and_(c.connector == connector, c.transaction_id == transaction_id)
-        )
-    ).first()
+    # Asked for every PKCSReq and RenewalReq (a retried transaction gets its first answer).
+    row = _TRANSACTION.first(conn, connector=connector, transaction_id=transaction_id)
     return None if row is None else _transaction(row)
 
 
@@ -287,15 +299,10 @@ def record_transaction(
 
 def failures(conn: Connection, connector: str, scope: str, value: str, since: datetime) -> int:
     """Failed attempts counted in a window that started after ``since``."""
-    c = schema.scep_failures.c
-    row = conn.execute(
-        select(c.count, c.window_start).where(
-            c.connector == connector, c.scope == scope, c.value == value
-        )
-    ).first()
-    if row is None or _utc(row[1]) <= since:
+    row = _FAILURES.first(conn, connector=connector, scope=scope, value=value)
+    if row is None or _utc(row.window_start) <= since:
         return 0
-    return int(row[0])
+    return int(row.count)
 
 
 def add_failure(
