@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -29,6 +30,7 @@ from pkigate.core.errors import (
     BadCSRError,
     CANotActiveError,
     IdempotencyConflictError,
+    PkigateError,
     PolicyViolationError,
 )
 from pkigate.core.groupcommit import GroupCommit
@@ -38,6 +40,8 @@ from pkigate.core.passthrough import ApiPassthrough
 from pkigate.core.policy import check_contents, check_public_key, compute_validity
 from pkigate.core.store import CertificateRecord, Store
 from pkigate.core.templates import Template, TemplateCatalogue, TemplateKind, resolve_contents
+
+log = logging.getLogger("pkigate.core")
 
 MAX_CSR_BYTES = 32 * 1024
 IDEMPOTENCY_WINDOW = timedelta(minutes=5)
@@ -68,6 +72,11 @@ class IssuanceRequest:
     ``csr`` may be PEM or DER bytes or an already parsed request; the core verifies its
     signature either way. ``api_passthrough`` carries the names and extensions the
     authorizer vouches for (used only with a template that accepts them).
+
+    ``record_with`` is called inside the transaction that stores the certificate and its
+    audit event, with that transaction and the result: what the front-end keeps about
+    this issuance (a SCEP transaction, say) commits with the certificate or not at all. If
+    it raises, nothing of this issuance is stored and the error reaches the caller.
     """
 
     ca_id: str
@@ -80,6 +89,7 @@ class IssuanceRequest:
     idempotency_token: str | None = None
     correlation_id: str | None = None
     allowed_names: NamePolicy | None = None
+    record_with: Callable[[Connection, IssuedCertificate], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,9 @@ class Issuer:
                     return self._commits.submit(prepared)
                 except _StaleAuthority:
                     self._authorities.forget(request.ca_id)
+                except Exception as exc:
+                    self._audit_discarded(prepared, exc)
+                    raise
             raise CANotActiveError(f"CA {request.ca_id} keeps changing; try again")
 
     def _prepare(self, request: IssuanceRequest, now: datetime) -> _Prepared | IssuedCertificate:
@@ -326,6 +339,30 @@ class Issuer:
         )
         return _Prepared(request, material, certificate, row, sans, audit, token_hash)
 
+    def _audit_discarded(self, prepared: _Prepared, exc: Exception) -> None:
+        """The CA key signed, but storing failed (the front-end's ``record_with`` refused,
+        or the store did): the signature is audited as discarded. Typed refusals are
+        audited by the caller's refusal context already."""
+        if isinstance(exc, PkigateError):
+            return
+        event = replace(
+            prepared.audit,
+            result="failure",
+            parameters={
+                **(prepared.audit.parameters or {}),
+                "error": type(exc).__name__,
+                "message": "not stored; certificate discarded",
+            },
+        )
+        try:
+            with self._store.write() as conn:
+                self._audit.record_many(conn, [event])
+        except Exception:
+            log.exception(
+                "could not audit a discarded certificate",
+                extra={"ca_id": prepared.material.ca_id, "serial": prepared.row["serial"]},
+            )
+
     def _commit_batch(self, batch: Sequence[_Prepared]) -> list[IssuedCertificate | BaseException]:
         """Store and audit a batch in one transaction; isolate a failing item."""
         try:
@@ -404,9 +441,10 @@ class Issuer:
                     prepared.audit.at - IDEMPOTENCY_WINDOW,
                 )
             record = CertificateRecord(id=record_id, **{**prepared.row, "sans": prepared.sans})
-            outcomes[index] = IssuedCertificate(
-                prepared.certificate, prepared.material.chain, record
-            )
+            issued = IssuedCertificate(prepared.certificate, prepared.material.chain, record)
+            if prepared.request.record_with is not None:
+                prepared.request.record_with(conn, issued)
+            outcomes[index] = issued
         self._audit.record_many(conn, [*(batch[i].audit for i in accepted), *discarded])
         return [o for o in outcomes if o is not None]
 

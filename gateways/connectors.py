@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from flask import Blueprint
+from sqlalchemy import Connection
 
 from pkigate.core import Core, IssuanceRequest, IssuedCertificate, Requester, Validity
 from pkigate.core.errors import PkigateError
@@ -69,8 +70,10 @@ class ConnectorContext:
         template: str | None = None,
         validity: Validity | None = None,
         idempotency_token: str | None = None,
+        record_with: Callable[[Connection, IssuedCertificate], None] | None = None,
     ) -> IssuedCertificate:
-        """Issue through the core with this instance's CA, template and validity."""
+        """Issue through the core with this instance's CA, template and validity
+        (``record_with``: see :class:`IssuanceRequest`)."""
         request = IssuanceRequest(
             ca_id=self.ca_id,
             csr=csr,
@@ -80,6 +83,7 @@ class ConnectorContext:
             api_passthrough=api_passthrough,
             correlation_id=correlation_id,
             idempotency_token=idempotency_token,
+            record_with=record_with,
         )
         try:
             issued = self.core.issue(request)

@@ -22,8 +22,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AttributeOID
+from sqlalchemy import Connection
 
 from pkigate.core import Actor, Core
+from pkigate.core.errors import ConflictError
 from pkigate.core.model import CertificateStatus
 from pkigate.core.names import parse_dn
 from pkigate.core.store import IntegrityError
@@ -145,11 +147,15 @@ class ChallengeAuthority:
             )
         return issued
 
-    def release(self, authorization: Authorization) -> None:
-        """The issuance a one-time challenge authorized failed: it stays usable."""
-        if authorization.challenge_id is not None:
-            with self._core.store.write() as conn:
-                scep_store.release_challenge(conn, authorization.challenge_id)
+    def consume(self, conn: Connection, authorization: Authorization) -> None:
+        """Spend the one-time challenge behind ``authorization`` in ``conn``: the
+        transaction that stores what it authorized (a certificate, a pending request), so
+        that the challenge is spent exactly when that commits. ConflictError when another
+        request spent it first (the caller's transaction then rolls back)."""
+        if authorization.challenge_id is None:
+            return
+        if not scep_store.consume_challenge(conn, authorization.challenge_id, self._core.clock()):
+            raise ConflictError("the challenge password was already used")
 
     # -- checks --------------------------------------------------------------------------
 
@@ -171,7 +177,7 @@ class ChallengeAuthority:
             if static is not None and hmac.compare_digest(offered.encode(), static.encode()):
                 return Authorization("static", {**evidence, "challenge": "static"})
             if self.policy.dynamic:
-                found = self._consume_dynamic(offered, csr, now)
+                found = self._find_dynamic(offered, csr, now)
                 if isinstance(found, str):
                     reason = found
                 else:
@@ -192,21 +198,21 @@ class ChallengeAuthority:
         self._refuse(transaction_id, client_address, now, reason)
         raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to)
 
-    def _consume_dynamic(
+    def _find_dynamic(
         self, offered: str, csr: x509.CertificateSigningRequest, now: datetime
     ) -> scep_store.ChallengeRecord | str:
-        with self._core.store.write() as conn:
+        """The unused one-time challenge ``offered`` is, or why it cannot be used. It is
+        spent later, by :meth:`consume` in the transaction that records its use."""
+        with self._core.store.read() as conn:
             found = scep_store.challenge_by_secret(conn, self._connector, secret_digest(offered))
-            if found is None:
-                return "wrong challenge password"
-            if found.used_at is not None:
-                return "the challenge password was already used"
-            if found.expires_at <= now:
-                return "the challenge password has expired"
-            if found.subject is not None and parse_dn(found.subject) != csr.subject:
-                return "the challenge password is bound to another subject"
-            if not scep_store.consume_challenge(conn, found.id, now):
-                return "the challenge password was already used"
+        if found is None:
+            return "wrong challenge password"
+        if found.used_at is not None:
+            return "the challenge password was already used"
+        if found.expires_at <= now:
+            return "the challenge password has expired"
+        if found.subject is not None and parse_dn(found.subject) != csr.subject:
+            return "the challenge password is bound to another subject"
         return found
 
     def _check_rate(

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import Connection
 
-from pkigate.core import Actor, Requester
+from pkigate.core import Actor, IssuedCertificate, Requester
 from pkigate.core.errors import (
     BadCSRError,
     BadRequestError,
@@ -35,7 +35,7 @@ from pkigate.core.errors import (
     UnsupportedAlgorithmError,
     WeakKeyError,
 )
-from pkigate.core.store import CertificateRecord, IntegrityError
+from pkigate.core.store import IntegrityError
 from pkigate.core.store import scep as scep_store
 from pkigate.gateways.auth import Role
 from pkigate.gateways.connectors import Connector, ConnectorContext, ConnectorSettingsError
@@ -535,32 +535,50 @@ class ScepConnector(Connector):
             # A client retrying a transaction that succeeded (its reply was lost) gets the
             # same certificate again, not a second one; one still waiting, its status.
             return self._transaction_reply(signer, reply_to, previous)
-        token = _issue_token(self.context.name, transaction_id, csr_hash, signed_by)
-        if previous is None:
-            interrupted = self._issued_by_interrupted_try(token, transaction_id)
-            if interrupted is not None:
-                # The core issued for this very request, and the process died before the
-                # transaction was recorded (its one-time challenge is spent): record it now
-                # and answer with that certificate.
-                self._record_issued(transaction_id, csr_hash, message.payload, csr, interrupted)
-                return self._certificate_reply(
-                    signer, reply_to, interrupted.ca_id, interrupted.serial
-                )
         authorization = self._authorize(message, csr, address)
         if self.options.pending and authorization.kind != "renewal":
-            self.approvals.hold(
-                transaction_id=transaction_id,
-                csr_sha256=csr_hash,
-                csr_der=message.payload,
-                subject=csr.subject.rfc4514_string(),
-                evidence={**authorization.evidence, "client_address": address},
-                client=Actor(f"scep-client:{address}", self.context.name),
-            )
+            try:
+                self.approvals.hold(
+                    transaction_id=transaction_id,
+                    csr_sha256=csr_hash,
+                    csr_der=message.payload,
+                    subject=csr.subject.rfc4514_string(),
+                    evidence={**authorization.evidence, "client_address": address},
+                    client=Actor(f"scep-client:{address}", self.context.name),
+                    also=lambda conn: self.authority.consume(conn, authorization),
+                )
+            except PkigateError as exc:
+                self.authority.refuse(transaction_id, address, exc.message)
+                raise ScepError(_fail_info_for(exc), exc.message, reply_to) from exc
             log.info(
                 "SCEP request pending approval",
                 extra={"connector": self.context.name, "transaction": transaction_id},
             )
             return self._pending(signer, reply_to)
+
+        def record(conn: Connection, issued: IssuedCertificate) -> None:
+            # In the core's transaction: the one-time challenge is spent, the certificate
+            # stored and this transaction recorded together, or none of them (a process
+            # killed half-way leaves nothing that would refuse the client's retry).
+            if scep_store.get_transaction(conn, self.context.name, transaction_id) != previous:
+                raise _AnsweredMeanwhile
+            self.authority.consume(conn, authorization)
+            scep_store.record_transaction(
+                conn,
+                connector=self.context.name,
+                transaction_id=transaction_id,
+                csr_sha256=csr_hash,
+                csr_der=message.payload,
+                evidence=json.dumps(authorization.evidence, sort_keys=True),
+                subject=csr.subject.rfc4514_string(),
+                status=ISSUED,
+                ca_id=self.context.ca_id,
+                serial=issued.serial,
+                now=self.context.core.clock(),
+            )
+            if authorization.kind == WEBHOOK_CHALLENGE:
+                self._notify_success(transaction_id, issued.certificate, conn)
+
         try:
             issued = self.context.issue(
                 csr,
@@ -570,33 +588,22 @@ class ScepConnector(Connector):
                     evidence=authorization.evidence,
                 ),
                 correlation_id=transaction_id,
-                idempotency_token=token,
+                record_with=record,
             )
+        except (_AnsweredMeanwhile, IntegrityError):
+            # A retry of this very transaction, running at the same time, was recorded
+            # first (its certificate stands; this one was discarded): answer as it was.
+            with self.context.core.store.read() as conn:
+                answered = scep_store.get_transaction(conn, self.context.name, transaction_id)
+            if answered is None or answered.csr_sha256 != csr_hash:
+                reason = "the transactionID was already used for another request"
+                self.authority.refuse(transaction_id, address, reason)
+                raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to) from None
+            return self._transaction_reply(signer, reply_to, answered)
         except PkigateError as exc:
-            self.authority.release(authorization)
             if authorization.kind == WEBHOOK_CHALLENGE:
                 self._notify_failure(transaction_id, exc.message)
             raise ScepError(_fail_info_for(exc), exc.message, reply_to) from exc
-        try:
-            with self.context.core.store.write() as conn:
-                scep_store.record_transaction(
-                    conn,
-                    connector=self.context.name,
-                    transaction_id=transaction_id,
-                    csr_sha256=csr_hash,
-                    csr_der=message.payload,
-                    evidence=json.dumps(authorization.evidence, sort_keys=True),
-                    subject=csr.subject.rfc4514_string(),
-                    status=ISSUED,
-                    ca_id=self.context.ca_id,
-                    serial=issued.serial,
-                    now=self.context.core.clock(),
-                )
-                if authorization.kind == WEBHOOK_CHALLENGE:
-                    # Queued with the transaction's record: both or neither.
-                    self._notify_success(transaction_id, issued.certificate, conn)
-        except IntegrityError:
-            log.warning("SCEP transaction recorded twice", extra={"transaction": transaction_id})
         log.info(
             "SCEP certificate issued",
             extra={
@@ -608,44 +615,6 @@ class ScepConnector(Connector):
             },
         )
         return self._success(signer, reply_to, [issued.certificate, *issued.chain[:-1]])
-
-    def _issued_by_interrupted_try(
-        self, token: str, transaction_id: str
-    ) -> CertificateRecord | None:
-        core = self.context.core
-        with core.store.read() as conn:
-            record = core.issuer.issued_under(
-                conn, self.context.ca_id, token, core.clock() - timedelta(minutes=5)
-            )
-        if record is None or record.correlation_id != transaction_id:
-            return None
-        return record
-
-    def _record_issued(
-        self,
-        transaction_id: str,
-        csr_hash: str,
-        payload: bytes,
-        csr: x509.CertificateSigningRequest,
-        record: CertificateRecord,
-    ) -> None:
-        try:
-            with self.context.core.store.write() as conn:
-                scep_store.record_transaction(
-                    conn,
-                    connector=self.context.name,
-                    transaction_id=transaction_id,
-                    csr_sha256=csr_hash,
-                    csr_der=payload,
-                    evidence=json.dumps({"recovered": "issued before an interruption"}),
-                    subject=csr.subject.rfc4514_string(),
-                    status=ISSUED,
-                    ca_id=record.ca_id,
-                    serial=record.serial,
-                    now=self.context.core.clock(),
-                )
-        except IntegrityError:
-            pass  # another retry recorded it first
 
     def _authorize(
         self, message: PkiMessage, csr: x509.CertificateSigningRequest, address: str
@@ -903,6 +872,11 @@ def decode_get_message(query_string: bytes) -> bytes:
     raise ValueError("PKIOperation by GET needs a message parameter")
 
 
+class _AnsweredMeanwhile(Exception):
+    """Raised in the core's transaction: the SCEP transaction was recorded by a concurrent
+    retry since it was read, so this issuance is discarded."""
+
+
 def _fail_info_for(error: PkigateError) -> FailInfo:
     """The core's refusals as SCEP failInfo: the one place where that mapping lives."""
     if isinstance(error, UnsupportedAlgorithmError | WeakKeyError):
@@ -929,16 +903,6 @@ def _same_public_key(a: x509.Certificate, b: x509.Certificate) -> bool:
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     return a.public_key().public_bytes(der, spki) == b.public_key().public_bytes(der, spki)
-
-
-def _issue_token(connector: str, transaction_id: str, csr_hash: str, signer: str) -> str:
-    """The core idempotency token of one SCEP request: a retry of it after a crash finds
-    the certificate the first try issued. The signer's serial is part of it: scepclient
-    renews with the same transactionID and the same (deterministic) PKCS#10, signed by the
-    certificate being renewed instead of a self-signed one."""
-    text = f"{connector}\0{transaction_id}\0{csr_hash}\0{signer}"
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return f"scep-{digest[:56]}"
 
 
 def _plain_error(status: int, message: str) -> Response:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+
+from sqlalchemy import Connection
 
 from pkigate.core import Actor, Requester
 from pkigate.core.errors import BadRequestError, ConflictError, NotFoundError, PkigateError
@@ -70,11 +73,15 @@ class ApprovalQueue:
         subject: str,
         evidence: dict[str, Any],
         client: Actor,
+        also: Callable[[Connection], None] | None = None,
     ) -> None:
-        """Store an authorized request until someone decides on it."""
+        """Store an authorized request until someone decides on it; ``also`` runs in the
+        same transaction (spending the request's one-time challenge)."""
         core = self.context.core
         now = core.clock()
         with core.store.write() as conn:
+            if also is not None:
+                also(conn)
             scep_store.record_transaction(
                 conn,
                 connector=self.context.name,

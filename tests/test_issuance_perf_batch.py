@@ -83,3 +83,72 @@ def test_issued_extensions_keep_pkigate_order(core: Core, issuing) -> None:
         ExtensionOID.SUBJECT_KEY_IDENTIFIER,
         ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
     ]
+
+
+def test_record_with_commits_with_its_certificate_and_a_refusal_drops_only_its_own(
+    core: Core, issuing
+) -> None:
+    """The front-end's record_with runs in the transaction that stores the certificate,
+    shared with other requests by group commit: one that raises loses its certificate
+    (audited as discarded) and nothing else."""
+    from sqlalchemy import func, insert, select
+
+    from pkigate.core.store import schema
+
+    ca_id = issuing.record.id
+    with core.store.read() as conn:
+        before = conn.execute(select(func.count()).select_from(schema.certificates)).scalar_one()
+    results: dict[int, IssuedCertificate | Exception] = {}
+    start = threading.Barrier(THREADS)
+
+    def record(index: int):  # type: ignore[no-untyped-def]
+        def write(conn, issued: IssuedCertificate) -> None:  # type: ignore[no-untyped-def]
+            if index == 3:
+                raise LookupError("the front-end refuses this one")
+            tag = {"resource_id": ca_id, "key": f"issued-{index}", "value": issued.serial}
+            conn.execute(insert(schema.tags).values(**tag))
+
+        return write
+
+    def worker(index: int) -> None:
+        request = IssuanceRequest(
+            ca_id,
+            make_csr(f"host{index}.example.test"),
+            Validity.parse("30d"),
+            REQUESTER,
+            record_with=record(index),
+        )
+        start.wait()
+        try:
+            results[index] = core.issue(request)
+        except LookupError as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert isinstance(results.pop(3), LookupError)
+    assert len(results) == THREADS - 1
+    with core.store.read() as conn:
+        tags = dict(
+            conn.execute(
+                select(schema.tags.c.key, schema.tags.c.value).where(
+                    schema.tags.c.key.like("issued-%")
+                )
+            ).all()
+        )
+        stored = conn.execute(select(func.count()).select_from(schema.certificates)).scalar_one()
+        failures = [
+            json.loads(p)
+            for p in conn.execute(
+                select(schema.audit_events.c.parameters).where(
+                    schema.audit_events.c.result == "failure"
+                )
+            ).scalars()
+        ]
+    assert tags == {f"issued-{i}": r.serial for i, r in results.items()}  # type: ignore[union-attr]
+    assert stored == before + THREADS - 1
+    assert [f["error"] for f in failures] == ["LookupError"]
+    assert core.audit.verify().ok

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from pkigate.core import Actor
 from pkigate.core.model import RevocationReason
@@ -688,44 +688,74 @@ def test_each_transaction_is_kept_with_its_request_and_evidence(env: Env) -> Non
     assert json.loads(raw[1]) == {"challenge": "static", "transaction_id": "kept-1"}
 
 
-def test_a_request_whose_reply_died_with_the_process_gets_its_certificate_on_retry(
-    env: Env,
+def certificate_count(env: Env) -> int:
+    with env.gateway.core.store.read() as conn:
+        return int(conn.execute(select(func.count()).select_from(schema.certificates)).scalar_one())
+
+
+def test_a_process_killed_while_recording_leaves_nothing_and_the_retry_succeeds(
+    env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The core issued, the process died before recording the transaction, and the
-    one-time challenge is spent: the client's retry (same transactionID, same request)
-    gets the certificate that was issued, not 'already used'."""
-    import hashlib
-
-    from pkigate.core import Requester
-    from pkigate.scep.connector import ScepConnector, _issue_token
-
+    """Spending the one-time challenge, storing the certificate and recording the SCEP
+    transaction commit together: a failure in the middle (a killed process, here an
+    exception where the transaction is recorded) leaves no certificate, no transaction and
+    an unspent challenge, so the client's retry of the same request succeeds."""
     created = new_challenge(env)
     device = Device.new()
     payload = device.csr(created["challenge"])
-    (connector,) = [c for c in env.gateway.connectors if isinstance(c, ScepConnector)]
+    body = device.message(env.ra, payload, transaction_id="tid-cut")
+    before = certificate_count(env)
+    original = scep_store.record_transaction
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the process died here")
+
+    monkeypatch.setattr(scep_store, "record_transaction", killed)
+    assert post(env.client, body).status_code == 500  # what the client sees of a crash
+    assert certificate_count(env) == before
     with env.gateway.core.store.read() as conn:
-        found = scep_store.challenge_by_secret(
-            conn, "scep", hashlib.sha256(created["challenge"].encode()).hexdigest()
-        )
-    assert found is not None
-    with env.gateway.core.store.write() as conn:
-        assert scep_store.consume_challenge(conn, found.id, env.gateway.core.clock())
-    token = _issue_token(
-        "scep",
-        "tid-lost",
-        hashlib.sha256(payload).hexdigest(),
-        format(device.certificate.serial_number, "x"),
-    )
-    issued = connector.context.issue(
-        payload,
-        Requester("scep-client:127.0.0.1", "scep"),
-        correlation_id="tid-lost",
-        idempotency_token=token,
-    )
-    body = device.message(env.ra, payload, transaction_id="tid-lost")
+        assert scep_store.get_transaction(conn, "scep", "tid-cut") is None
+        events = conn.execute(
+            select(schema.audit_events.c.parameters).where(
+                schema.audit_events.c.action == "certificate.issue",
+                schema.audit_events.c.result == "failure",
+            )
+        ).scalars()
+        discarded = [json.loads(p) for p in events]
+    # The signature that was made is audited as discarded.
+    assert any(e.get("error") == "RuntimeError" for e in discarded), discarded
+    monkeypatch.setattr(scep_store, "record_transaction", original)
     rep = device.read(env, post(env.client, body).data)
     assert rep.status is PkiStatus.SUCCESS, rep.fail_info_text
-    assert rep.certificates[0].serial_number == issued.certificate.serial_number
+    assert certificate_count(env) == before + 1
     with env.gateway.core.store.read() as conn:
-        recorded = scep_store.get_transaction(conn, "scep", "tid-lost")
-    assert recorded is not None and recorded.serial == issued.serial
+        recorded = scep_store.get_transaction(conn, "scep", "tid-cut")
+    assert recorded is not None
+    assert recorded.serial == format(rep.certificates[0].serial_number, "x")
+
+
+def test_a_concurrent_retry_of_one_transaction_issues_once(env: Env) -> None:
+    """Two copies of one request racing: one certificate is stored and both get it."""
+    import threading
+
+    created = new_challenge(env)
+    device = Device.new()
+    body = device.message(env.ra, device.csr(created["challenge"]), transaction_id="tid-twice")
+    before = certificate_count(env)
+    replies: list[bytes] = []
+    start = threading.Barrier(2)
+
+    def send() -> None:
+        client = create_app(env.gateway, "http").test_client()
+        start.wait()
+        replies.append(post(client, body).data)
+
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    reps = [device.read(env, reply) for reply in replies]
+    assert [r.status for r in reps] == [PkiStatus.SUCCESS, PkiStatus.SUCCESS]
+    assert reps[0].certificates[0] == reps[1].certificates[0]
+    assert certificate_count(env) == before + 1

@@ -151,12 +151,6 @@ def consume_challenge(conn: Connection, challenge_id: str, now: datetime) -> boo
     return result.rowcount == 1
 
 
-def release_challenge(conn: Connection, challenge_id: str) -> None:
-    """Undo a consumption whose issuance failed: the challenge was not successfully used."""
-    c = schema.scep_challenges.c
-    conn.execute(update(schema.scep_challenges).where(c.id == challenge_id).values(used_at=None))
-
-
 # -- transactions ------------------------------------------------------------------------
 
 
