@@ -30,7 +30,7 @@ from pkigate.acme.problems import AcmeProblem
 from pkigate.acme.renewal import RenewalWindow, parse_cert_id, suggested_window
 from pkigate.acme.settings import AcmeSettings, Profile
 from pkigate.acme.validation import ValidationSettings, validate
-from pkigate.core import Actor, Requester
+from pkigate.core import Actor, IssuedCertificate, Requester
 from pkigate.core.errors import (
     BadCSRError,
     ConflictError,
@@ -381,10 +381,11 @@ class AcmeService:
         return order.status == "processing" and self.now() - order.updated_at >= PROCESSING_STALE
 
     def _settle_interrupted(self, conn: Connection, order: OrderRecord) -> OrderRecord:
-        """Finalization issues in the core's transaction and records the outcome in the
-        order's own: a crash between the two leaves the order "processing". If the core
-        issued (its idempotency entry for this order says which certificate), the order is
-        valid with it; if nothing was issued, it is ready to be finalized again."""
+        """A finalization whose process died leaves the order "processing". The order
+        becomes valid in the transaction that stores its certificate, so normally nothing
+        was issued and the order is ready to be finalized again; if the core's idempotency
+        entry for this order names a certificate all the same (an order "processing" from
+        before that was so, or set so by hand), the order is valid with it."""
         now = self.now()
         record = self.core.issuer.issued_under(
             conn,
@@ -747,8 +748,23 @@ class AcmeService:
         )
         with self.core.store.read() as conn:
             authz_ids = acme_store.order_authorization_ids(conn, order.id)
+
+        def record(conn: Connection, issued: IssuedCertificate) -> None:
+            # In the core's transaction: the order is valid exactly when its certificate
+            # is stored (a crash in between leaves it "processing" with nothing issued).
+            if not acme_store.update_order(
+                conn,
+                order.id,
+                self.now(),
+                status="valid",
+                expected_status="processing",
+                ca_id=self.context.ca_id,
+                serial=issued.serial,
+            ):
+                raise AcmeProblem("orderNotReady", "the order's finalization was abandoned")
+
         try:
-            issued = self.context.issue(
+            self.context.issue(
                 csr,
                 Requester(
                     f"acme-account:{account.id}",
@@ -767,6 +783,7 @@ class AcmeService:
                 template=profile.template,
                 validity=profile.validity,
                 idempotency_token=f"acme-order-{order.id}",
+                record_with=record,
             )
         except PkigateError as exc:
             problem = _problem_for(exc)
@@ -780,16 +797,7 @@ class AcmeService:
                     error=problem.to_json(),
                 )
             raise problem from exc
-        with self.core.store.write() as conn:
-            acme_store.update_order(
-                conn,
-                order.id,
-                self.now(),
-                status="valid",
-                expected_status="processing",
-                ca_id=self.context.ca_id,
-                serial=issued.serial,
-            )
+        with self.core.store.read() as conn:
             updated = acme_store.order_by_id(conn, self.name, order.id)
         assert updated is not None
         return updated
