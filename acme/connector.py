@@ -61,6 +61,7 @@ PEM_CHAIN = "application/pem-certificate-chain"
 MAX_CONTACTS = 10
 MAX_CONTACT_CHARS = 320
 EAB_KEY_BYTES = 32
+ACCOUNT_KEY_CACHE = 4096  # decoded account keys kept per process
 DRAIN_LIMIT = 8 * 1024 * 1024  # how much of an oversized body is read before answering
 
 
@@ -94,6 +95,7 @@ class AcmeConnector(Connector):
         self._eab_seal = _EabSealer(kek)
         self.service = AcmeService(context, self.options, self._eab_seal.unseal)
         self._chain_cache: dict[str, tuple[float, str]] = {}
+        self._account_keys: dict[str, jws.PublicKey] = {}
 
     # -- contract ------------------------------------------------------------------------
 
@@ -397,9 +399,19 @@ class AcmeConnector(Connector):
             if jwk_required:
                 raise AcmeProblem("malformed", "newAccount requests carry the account key as 'jwk'")
             account = self._account_for_kid(parsed.kid or "")
-            key = jws.public_key_from_jwk(account.jwk)
+            key = self._account_key(account)
         jws.verify(parsed, key)
         return AcmeRequest(parsed, account, expires)
+
+    def _account_key(self, account: AccountRecord) -> jws.PublicKey:
+        """The account's public key, decoded from its JWK once per key (by thumbprint)."""
+        key = self._account_keys.get(account.thumbprint)
+        if key is None:
+            key = jws.public_key_from_jwk(account.jwk)
+            if len(self._account_keys) >= ACCOUNT_KEY_CACHE:
+                self._account_keys.clear()
+            self._account_keys[account.thumbprint] = key
+        return key
 
     def _account_for_kid(self, kid: str) -> AccountRecord:
         prefix = self.url("/acct/")

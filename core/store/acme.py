@@ -7,13 +7,25 @@ Every function takes the caller's connection, so the caller decides what commits
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 
 from pkigate.core.store import IntegrityError, as_utc, schema
 from pkigate.core.store.fastpath import FastSelect
@@ -348,17 +360,14 @@ def update_order(
     serial: str | None = None,
 ) -> bool:
     """Move the order to ``status`` (only from ``expected_status`` when given)."""
-    c = schema.acme_orders.c
     values: dict[str, Any] = {"status": status, "updated_at": now}
     if error is not None:
         values["error"] = json.dumps(error)
     if serial is not None:
         values["ca_id"] = ca_id
         values["serial"] = serial
-    query = update(schema.acme_orders).where(c.id == order_id)
-    if expected_status is not None:
-        query = query.where(c.status == expected_status)
-    return conn.execute(query.values(**values)).rowcount == 1
+    query = _update_statement(schema.acme_orders, tuple(values), expected_status is not None)
+    return conn.execute(query, _update_parameters(order_id, expected_status, values)).rowcount == 1
 
 
 def order_for_certificate(conn: Connection, ca_id: str, serial: str) -> OrderRecord | None:
@@ -604,7 +613,6 @@ def update_challenge(
     error: dict[str, Any] | None = None,
     validation_record: list[dict[str, Any]] | None = None,
 ) -> bool:
-    c = schema.acme_challenges.c
     values: dict[str, Any] = {"status": status, "updated_at": now}
     if status == "valid":
         values["validated_at"] = now
@@ -612,28 +620,52 @@ def update_challenge(
         values["error"] = json.dumps(error)
     if validation_record is not None:
         values["validation_record"] = json.dumps(validation_record)
-    query = update(schema.acme_challenges).where(c.id == challenge_id)
+    query = _update_statement(schema.acme_challenges, tuple(values), expected_status is not None)
+    return (
+        conn.execute(query, _update_parameters(challenge_id, expected_status, values)).rowcount == 1
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _update_statement(table: Table, columns: tuple[str, ...], checks_status: bool) -> Update:
+    """``UPDATE table SET columns... WHERE id = :row_id [AND status = :expected]``, built
+    once per shape (updates on every poll and validation)."""
+    query = update(table).where(table.c.id == bindparam("row_id"))
+    if checks_status:
+        query = query.where(table.c.status == bindparam("expected_status"))
+    return query.values({name: bindparam(f"new_{name}") for name in columns})
+
+
+def _update_parameters(
+    row_id: str, expected_status: str | None, values: dict[str, Any]
+) -> dict[str, Any]:
+    parameters = {f"new_{name}": value for name, value in values.items()}
+    parameters["row_id"] = row_id
     if expected_status is not None:
-        query = query.where(c.status == expected_status)
-    return conn.execute(query.values(**values)).rowcount == 1
+        parameters["expected_status"] = expected_status
+    return parameters
 
 
 # -- rate limits -------------------------------------------------------------------------
+
+
+_RATE_COUNTER = FastSelect(
+    select(schema.acme_rate_counters.c.count, schema.acme_rate_counters.c.window_start).where(
+        schema.acme_rate_counters.c.connector == bindparam("connector"),
+        schema.acme_rate_counters.c.scope == bindparam("scope"),
+        schema.acme_rate_counters.c.value == bindparam("value"),
+    )
+)
 
 
 def count_in_window(
     conn: Connection, connector: str, scope: str, value: str, window: timedelta, now: datetime
 ) -> tuple[int, datetime]:
     """The counter's value and the end of its window (0 when no window is open)."""
-    c = schema.acme_rate_counters.c
-    row = conn.execute(
-        select(c.count, c.window_start).where(
-            c.connector == connector, c.scope == scope, c.value == value
-        )
-    ).first()
-    if row is None or _utc(row[1]) + window <= now:
+    row = _RATE_COUNTER.first(conn, connector=connector, scope=scope, value=value)
+    if row is None or _utc(row.window_start) + window <= now:
         return 0, now + window
-    return int(row[0]), _utc(row[1]) + window
+    return int(row.count), _utc(row.window_start) + window
 
 
 def add_to_window(
@@ -642,7 +674,7 @@ def add_to_window(
     """Count one event; a window that ran out starts again. Returns the new count."""
     c = schema.acme_rate_counters.c
     key = and_(c.connector == connector, c.scope == scope, c.value == value)
-    row = conn.execute(select(c.count, c.window_start).where(key)).first()
+    row = _RATE_COUNTER.first(conn, connector=connector, scope=scope, value=value)
     if row is None:
         try:
             with conn.begin_nested():
