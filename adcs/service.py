@@ -17,6 +17,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import Connection
 
 from pkigate.adcs import soap
 from pkigate.adcs.directory import DevDirectoryError, DirectoryState
@@ -39,8 +40,8 @@ from pkigate.adcs.policy import (
 from pkigate.adcs.principals import Principal
 from pkigate.adcs.security import enroll_rights
 from pkigate.adcs.templates import KEY_USAGE_NAMES, CertificateTemplate
-from pkigate.core import Actor, Requester, Validity
-from pkigate.core.errors import NotFoundError, PkigateError
+from pkigate.core import Actor, IssuedCertificate, Requester, Validity
+from pkigate.core.errors import ConflictError, NotFoundError, PkigateError
 from pkigate.core.model import ValidityType
 from pkigate.core.store import adcs as adcs_store
 from pkigate.gateways.connectors import ConnectorContext
@@ -364,6 +365,22 @@ class AdcsService:
         decided_by: str | None = None,
     ) -> Outcome:
         days = max(1, decision.template.validity.days)
+
+        def record(conn: Connection, issued: IssuedCertificate) -> None:
+            # In the core's transaction: the request is ISSUED exactly when its
+            # certificate is stored.
+            if not adcs_store.settle_request(
+                conn,
+                request_id,
+                self.core.clock(),
+                status=adcs_store.ISSUED,
+                expected_status=adcs_store.PENDING,
+                ca_id=self.context.ca_id,
+                serial=issued.serial,
+                decided_by=decided_by,
+            ):
+                raise ConflictError(f"request {request_id} was decided meanwhile")
+
         try:
             issued = self.context.issue(
                 csr,
@@ -377,6 +394,7 @@ class AdcsService:
                 template=ISSUING_TEMPLATE,
                 validity=Validity(ValidityType.DAYS, days),
                 idempotency_token=f"adcs-request-{self.name}-{request_id}",
+                record_with=record,
             )
         except PkigateError as exc:
             with self.core.store.write() as conn:
@@ -390,17 +408,6 @@ class AdcsService:
                     decided_by=decided_by,
                 )
             raise EnrollmentRefused("issuanceFailed", exc.message) from exc
-        with self.core.store.write() as conn:
-            adcs_store.settle_request(
-                conn,
-                request_id,
-                self.core.clock(),
-                status=adcs_store.ISSUED,
-                expected_status=adcs_store.PENDING,
-                ca_id=self.context.ca_id,
-                serial=issued.serial,
-                decided_by=decided_by,
-            )
         log.info(
             "AD-style certificate issued",
             extra={
