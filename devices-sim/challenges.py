@@ -24,8 +24,13 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from typing import IO, Any
 
+import dns.exception
+import dns.message
+import dns.query
+import dns.rdatatype
 import requests
 
 CHALLTESTSRV = "pebble-challtestsrv"
@@ -74,16 +79,20 @@ class Http01Responder:
 
 
 class ChallengeDns:
-    """TXT records for dns-01 in pebble-challtestsrv, through its management API.
+    """pebble-challtestsrv's DNS server and the mock records of its management API.
 
     :meth:`start` runs a private instance on free loopback ports (``resolver`` is then
-    the ``HOST:PORT`` to give pkigate as ``dns_resolver``); with ``management_url`` an
-    instance started elsewhere is used and never stopped."""
+    the ``HOST:PORT`` to give pkigate as ``dns_resolver``, or pebble as ``-dnsserver``);
+    with ``management_url`` an instance started elsewhere is used and never stopped. A
+    started instance is killed with its process group on :meth:`stop`, or when the object
+    is forgotten (interpreter exit). Names may be given with or without the trailing dot.
+    """
 
     def __init__(self, management_url: str | None = None, resolver: str | None = None) -> None:
         self.management_url = management_url
         self.resolver = resolver
         self._process: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._log: IO[bytes] | None = None
         self._session = requests.Session()
         self._session.trust_env = False  # a proxy in the environment must not see loopback
@@ -92,6 +101,20 @@ class ChallengeDns:
     @staticmethod
     def available() -> bool:
         return shutil.which(CHALLTESTSRV) is not None
+
+    @property
+    def dns_address(self) -> tuple[str, int]:
+        """(host, port) of the DNS server, for a dnspython resolver."""
+        if self.resolver is None:
+            raise RuntimeError("the test DNS server is not running")
+        host, port = self.resolver.rsplit(":", 1)
+        return host, int(port)
+
+    @property
+    def dns_server(self) -> str:
+        """``127.0.0.1:port``, the form pebble's ``-dnsserver`` and lego's resolvers take."""
+        host, port = self.dns_address
+        return f"{host}:{port}"
 
     def start(self, attempts: int = 3, timeout: float = 10.0) -> ChallengeDns:
         binary = shutil.which(CHALLTESTSRV)
@@ -125,29 +148,38 @@ class ChallengeDns:
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True,  # its own process group, so _kill reaches all of it
             )
+            self._finalizer = weakref.finalize(self, _kill, self._process)
             self.management_url = f"http://127.0.0.1:{management_port}"
             self.resolver = f"127.0.0.1:{dns_port}"
-            if self._wait_ready(timeout):
+            if self._wait_ready(dns_port, timeout):
                 return self
             problems.append(self._output()[-500:])
             self.stop()
         raise RuntimeError(f"{CHALLTESTSRV} did not start: {' | '.join(problems)}")
 
-    def _wait_ready(self, timeout: float) -> bool:
+    def __enter__(self) -> ChallengeDns:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _wait_ready(self, dns_port: int, timeout: float) -> bool:
+        """True once both the DNS server and the management API answer."""
         assert self._process is not None
         deadline = time.monotonic() + timeout
+        query = dns.message.make_query("ready.challtestsrv.test.", dns.rdatatype.A)
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 return False
             try:
-                # Any answer (404 for "/") means the management API listens; the DNS
-                # listener is bound before it.
+                dns.query.udp(query, "127.0.0.1", port=dns_port, timeout=0.2)
+                # Any HTTP answer (404 for "/") means the management API listens.
                 self._session.get(f"{self.management_url}/", timeout=1)
                 return True
-            except requests.RequestException:
-                time.sleep(0.05)
+            except (OSError, dns.exception.DNSException, requests.RequestException):
+                time.sleep(0.02)
         return False
 
     def _output(self) -> str:
@@ -157,28 +189,37 @@ class ChallengeDns:
         return self._log.read().decode("utf-8", "replace")
 
     def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        if self._finalizer is not None:
+            self._finalizer()  # kills the process group once; a no-op when called again
+            self._finalizer = None
+        self._process = None
         if self._log is not None:
             self._log.close()
             self._log = None
 
     def set_txt(self, name: str, value: str) -> None:
+        """Add ``value`` to the TXT records of ``name`` (earlier values stay)."""
         self._post("/set-txt", {"host": _fqdn(name), "value": value})
 
     def clear_txt(self, name: str) -> None:
         self._post("/clear-txt", {"host": _fqdn(name)})
 
-    def _post(self, path: str, body: dict[str, str]) -> None:
+    def _post(self, path: str, body: dict[str, Any]) -> None:
         if self.management_url is None:
             raise RuntimeError("the test DNS server is not running")
         with self._lock:
             response = self._session.post(f"{self.management_url}{path}", json=body, timeout=10)
         if response.status_code != 200:
-            raise RuntimeError(f"{CHALLTESTSRV} {path}: HTTP {response.status_code}")
+            raise RuntimeError(
+                f"{CHALLTESTSRV} {path}: HTTP {response.status_code} {response.text[:200]}"
+            )
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    process.wait(10)
 
 
 def _fqdn(name: str) -> str:

@@ -37,19 +37,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def free_udp_tcp_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1 (for a DNS server)."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no port free for both TCP and UDP on 127.0.0.1")
-
-
 def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
     """SIGTERM a process started with start_new_session=True, SIGKILL its group if it lingers."""
     if process.poll() is None:

@@ -8,19 +8,13 @@ which answers A queries with 127.0.0.1 and serves the dns-01 TXT records.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import dns.exception
-import dns.message
-import dns.query
-import dns.rdatatype
 import pytest
-import requests
 from acme_clients import Certbot, Lego
-from acme_peers import PebbleServer, free_port, free_udp_tcp_port, stop_process
+from acme_peers import PebbleServer, free_port
+from challtestsrv import ChallTestServer
 from cryptography import x509
 
 pytestmark = [
@@ -36,90 +30,14 @@ EAB_KID = "kid-1"
 EAB_HMAC = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"
 
 
-class _ChallTestSrv:
-    """Minimal pebble-challtestsrv as a mock DNS server (only its DNS and management API).
-
-    A stand-in private to this file; tests/challtestsrv.py provides the shared fixture.
-    """
-
-    def __init__(self) -> None:
-        self.dns_port = free_udp_tcp_port()
-        self.management_port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def dns_server(self) -> str:
-        """The "127.0.0.1:port" that pebble's -dnsserver and lego's --dns.resolvers take."""
-        return f"127.0.0.1:{self.dns_port}"
-
-    @property
-    def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.management_port}"
-
-    def start(self) -> _ChallTestSrv:
-        self.process = subprocess.Popen(
-            [
-                "pebble-challtestsrv",
-                "-dns01",
-                self.dns_server,
-                "-management",
-                f"127.0.0.1:{self.management_port}",
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-defaultIPv4",
-                "127.0.0.1",
-                "-defaultIPv6",
-                "",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("pebble-challtestsrv exited early")
-            try:
-                query = dns.message.make_query("ready.example.test", dns.rdatatype.A)
-                dns.query.udp(query, "127.0.0.1", port=self.dns_port, timeout=0.5)
-                requests.get(self.management_url, timeout=1)  # 404 once it listens
-                return self
-            except (OSError, dns.exception.DNSException, requests.RequestException):
-                time.sleep(0.1)
-        self.stop()
-        raise TimeoutError("pebble-challtestsrv not ready in 10 s")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-
-    def _post(self, path: str, body: dict[str, str]) -> None:
-        response = requests.post(f"{self.management_url}{path}", json=body, timeout=5)
-        response.raise_for_status()
-
-    def set_txt(self, host: str, value: str) -> None:
-        self._post("/set-txt", {"host": host, "value": value})
-
-    def clear_txt(self, host: str) -> None:
-        self._post("/clear-txt", {"host": host})
-
-
 @pytest.fixture(scope="module")
-def challtestsrv() -> Iterator[_ChallTestSrv]:
-    server = _ChallTestSrv().start()
-    try:
+def challtestsrv() -> Iterator[ChallTestServer]:
+    with ChallTestServer() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
-def pebble(challtestsrv: _ChallTestSrv) -> Iterator[PebbleServer]:
+def pebble(challtestsrv: ChallTestServer) -> Iterator[PebbleServer]:
     with PebbleServer(dns_server=challtestsrv.dns_server) as server:
         yield server
 
@@ -180,7 +98,7 @@ def test_certbot_rsa_key_type(pebble: PebbleServer, tmp_path: Path) -> None:
 
 
 def test_certbot_dns01_manual_hooks(
-    pebble: PebbleServer, challtestsrv: _ChallTestSrv, tmp_path: Path
+    pebble: PebbleServer, challtestsrv: ChallTestServer, tmp_path: Path
 ) -> None:
     certbot = Certbot(pebble.directory_url, pebble.tls_ca_pem_path, workdir=tmp_path)
     certbot.register()
@@ -193,7 +111,7 @@ def test_certbot_dns01_manual_hooks(
     assert renewed.serial_number != first.serial_number
 
 
-def test_certbot_eab(challtestsrv: _ChallTestSrv, tmp_path: Path) -> None:
+def test_certbot_eab(challtestsrv: ChallTestServer, tmp_path: Path) -> None:
     with PebbleServer(
         dns_server=challtestsrv.dns_server, eab_required=True, eab_keys={EAB_KID: EAB_HMAC}
     ) as pebble:
@@ -241,14 +159,14 @@ def test_lego_tls_alpn01(pebble: PebbleServer, tmp_path: Path) -> None:
     assert cert.public_key().key_size == 2048  # type: ignore[union-attr]
 
 
-def test_lego_dns01(pebble: PebbleServer, challtestsrv: _ChallTestSrv, tmp_path: Path) -> None:
+def test_lego_dns01(pebble: PebbleServer, challtestsrv: ChallTestServer, tmp_path: Path) -> None:
     lego = Lego(pebble.directory_url, pebble.tls_ca_pem_path, workdir=tmp_path)
     domains = ["dns2.example.test", "*.dns2.example.test"]
     lego.run_dns01(domains, challtestsrv, challtestsrv.dns_server)
     _assert_names(lego.certificate_paths(domains[0])[0], domains)
 
 
-def test_lego_eab(challtestsrv: _ChallTestSrv, tmp_path: Path) -> None:
+def test_lego_eab(challtestsrv: ChallTestServer, tmp_path: Path) -> None:
     with PebbleServer(
         dns_server=challtestsrv.dns_server, eab_required=True, eab_keys={EAB_KID: EAB_HMAC}
     ) as pebble:
