@@ -72,6 +72,7 @@ from pkigate.core.names import parse_dn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from _peers import cpu_seconds, process_tree  # noqa: E402
 from serving import RunningServer, free_port, start_server  # noqa: E402
 
 ACTOR = Actor("bench", "bench")
@@ -99,33 +100,6 @@ def load_average() -> str:
 
 
 # -- processes ----------------------------------------------------------------------------
-
-
-def process_tree(root_pid: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat[1])
-    tree, frontier = [root_pid], [root_pid]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier]
-        tree += frontier
-    return tree
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(stat[11]) + int(stat[12])  # utime + stime, in clock ticks
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pids: Sequence[int]) -> dict[int, float]:
