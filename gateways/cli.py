@@ -990,17 +990,21 @@ def token_revoke(state: State, token_id: str) -> None:
     state.emit(data, lambda: _token_line(data))
 
 
-# -- scep --------------------------------------------------------------------------------------
-
-
-@main.group()
-@click.option(
+# The --config of the connector groups (scep, adcs): which connectors the server declares.
+connectors_config_option = click.option(
     "--config",
     "config_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     envvar="PKIGATE_CONFIG",
     help="The server's TOML configuration, which declares the connectors (default: embedded).",
 )
+
+
+# -- scep --------------------------------------------------------------------------------------
+
+
+@main.group()
+@connectors_config_option
 @pass_state
 def scep(state: State, config_path: Path | None) -> None:
     """SCEP connectors: requests pending approval, Apple configuration profiles."""
@@ -1163,21 +1167,11 @@ def scep_profile(
     click.echo(f"wrote the {connector_name} SCEP profile to {out}", err=state.as_json)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 # -- adcs --------------------------------------------------------------------------------------
 
 
 @main.group()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    envvar="PKIGATE_CONFIG",
-    help="The server's TOML configuration, which declares the connectors (default: embedded).",
-)
+@connectors_config_option
 @pass_state
 def adcs(state: State, config_path: Path | None) -> None:
     """AD-style connectors: the development directory, CA publication, pending requests."""
@@ -1288,3 +1282,7 @@ def adcs_pending_reject(state: State, connector_name: str, request_id: int, reas
         connector = _adcs_connector(state, connector_name)
         data = connector.service.reject(request_id, state.actor, reason).to_json()
     state.emit(data, lambda: f"rejected {request_id}: {reason}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
