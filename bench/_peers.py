@@ -13,10 +13,8 @@ Every process starts in a process group of its own and is stopped by signalling 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -31,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from pkigate.devsim.spawn import free_port, pkigate_command
+from pkigate.devsim.spawn import stop_process_group as stop_group
 
 SCEPSERVER = "/usr/bin/scepserver"
 SCEP_MOUNT = "/scep"
@@ -117,19 +116,6 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
-
-
-def stop_group(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM the process group led by ``process``, SIGKILL it if it lingers."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout)
-    # Children the leader did not take down with it, or a leader that ignored SIGTERM.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(10)
 
 
 def wait_until(check: Callable[[], bool], process: subprocess.Popen[bytes], what: str) -> None:

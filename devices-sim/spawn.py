@@ -39,7 +39,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 import requests
 from cryptography import x509
@@ -61,6 +61,20 @@ CERTIFICATE_VALIDITY = "1d"
 CERTIFICATE_LIFETIME = timedelta(days=1)
 CRL_REGENERATE_DELAY_SECONDS = 1
 MAX_CHALLENGE_FAILURES = 100_000
+
+
+def stop_process_group(process: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    """SIGTERM the process group led by ``process`` (started with start_new_session=True),
+    wait up to ``timeout``, then SIGKILL the group: a leader that ignored SIGTERM, or
+    children it did not take down with it (gunicorn workers, say)."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(10)
 
 
 def free_port() -> int:
@@ -242,19 +256,8 @@ class SpawnedServer:
     def stop(self) -> None:
         """SIGTERM the process group (gunicorn finishes its requests), SIGKILL if slow."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
-            except ProcessLookupError:
-                process.wait(10)
         if process is not None:
-            # Workers the arbiter did not take down with it.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
+            stop_process_group(process, timeout=20)
         self._close_log()
 
     def remove(self) -> None:

@@ -6,11 +6,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -27,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pkigate.devsim.spawn import stop_process_group
+
 PEBBLE = "/usr/bin/pebble"
 
 
@@ -35,19 +35,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """SIGTERM a process started with start_new_session=True, SIGKILL its group if it lingers."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
 
 
 def write_tls_identity(directory: Path, names: tuple[str, ...] = ("localhost",)) -> Path:
@@ -243,7 +230,7 @@ class PebbleServer:
                 self.stop()
                 raise
             last_error = self.log()
-            stop_process(self.process)
+            stop_process_group(self.process)
             if "address already in use" not in last_error:
                 break
         self.stop()
@@ -270,7 +257,7 @@ class PebbleServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            stop_process(self.process)
+            stop_process_group(self.process)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
