@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from pkigate.core.der import tlv
 from pkigate.core.errors import BadRequestError, PolicyViolationError
 
 # Attribute names accepted in DN strings beyond cryptography's defaults (C, CN, DC, L, O,
@@ -108,7 +109,7 @@ def format_general_name(name: x509.GeneralName) -> str:
 def upn_other_name(upn: str) -> x509.OtherName:
     """The Microsoft UPN otherName: a UTF8String wrapped in the [0] EXPLICIT of otherName."""
     encoded = upn.encode()
-    return x509.OtherName(UPN_OID, b"\x0c" + _der_length(len(encoded)) + encoded)
+    return x509.OtherName(UPN_OID, tlv(0x0C, encoded))
 
 
 def decode_upn(value: bytes) -> str:
@@ -116,13 +117,6 @@ def decode_upn(value: bytes) -> str:
         return value.hex()
     length, offset = _read_der_length(value, 1)
     return value[offset : offset + length].decode(errors="replace")
-
-
-def _der_length(length: int) -> bytes:
-    if length < 0x80:
-        return bytes([length])
-    raw = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
 
 
 def _read_der_length(data: bytes, offset: int) -> tuple[int, int]:

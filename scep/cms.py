@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.ciphers import BlockCipherAlgorithm, Cipher, algorithms, modes
 
+from pkigate.core.der import encode_length, tlv
+
 
 class CmsError(Exception):
     """A CMS structure that cannot be used; the subclass says why."""
@@ -280,7 +282,7 @@ def _definite_elements(
         if (first == 0x80 or chunked) and data[pos] not in (0x30, 0x31):
             out += data[pos:tag_end] + b"\x80" + inner + b"\0\0"
         else:
-            out += data[pos:tag_end] + _der_length(len(inner)) + inner
+            out += data[pos:tag_end] + encode_length(len(inner)) + inner
         pos = next_pos
     if until_end_of_contents:
         raise MalformedCms("an indefinite length without end-of-contents")
@@ -413,7 +415,7 @@ def _signed_attribute_encodings(signed_attrs: Any) -> list[bytes]:
     # RFC 5652 5.4: the signature covers the DER encoding of the attributes with a SET OF
     # tag. Try the octets as received first (what the signer hashed, if it sorted them
     # differently or used BER), then a DER re-encoding.
-    as_received = b"\x31" + _der_length(len(signed_attrs.contents)) + signed_attrs.contents
+    as_received = b"\x31" + encode_length(len(signed_attrs.contents)) + signed_attrs.contents
     reencoded = signed_attrs.untag().dump(force=True)
     return [as_received] if reencoded == as_received else [as_received, reencoded]
 
@@ -608,25 +610,25 @@ def build_enveloped_data(
     ciphertext += encryptor.finalize()
     key_algorithm, pad = _key_transport_algorithm(key_transport)
     # Joined as DER like build_signed_data's structure (see there).
-    recipient_info = _der(  # KeyTransRecipientInfo
+    recipient_info = tlv(  # KeyTransRecipientInfo
         _SEQUENCE,
         _VERSION_0,
         _issuer_and_serial_der(recipient),
         key_algorithm.dump(),
-        _der(_OCTET_STRING, public_key.encrypt(cek, pad)),
+        tlv(_OCTET_STRING, public_key.encrypt(cek, pad)),
     )
-    enveloped = _der(
+    enveloped = tlv(
         _SEQUENCE,
         _VERSION_0,
-        _der(_SET, recipient_info),
-        _der(  # EncryptedContentInfo
+        tlv(_SET, recipient_info),
+        tlv(  # EncryptedContentInfo
             _SEQUENCE,
             _ID_DATA,
-            _der(_SEQUENCE, _oid_der(_cipher_oid(cipher)), _der(_OCTET_STRING, iv)),
-            _der(_IMPLICIT_PRIMITIVE_0, ciphertext),
+            tlv(_SEQUENCE, _oid_der(_cipher_oid(cipher)), tlv(_OCTET_STRING, iv)),
+            tlv(_IMPLICIT_PRIMITIVE_0, ciphertext),
         ),
     )
-    return _der(_SEQUENCE, _ID_ENVELOPED_DATA, _der(_CONTEXT_0, enveloped))
+    return tlv(_SEQUENCE, _ID_ENVELOPED_DATA, tlv(_CONTEXT_0, enveloped))
 
 
 @functools.lru_cache(maxsize=8)
@@ -680,7 +682,7 @@ def build_signed_data(
     asn1crypto objects, it re-encoded every certificate and re-sorted every SET on each
     reply, which cost more than the RSA signature."""
     # SET OF Attribute in DER order (X.690 11.6: sorted by encoding).
-    attributes = _der(
+    attributes = tlv(
         _SET,
         *sorted(
             [
@@ -697,24 +699,24 @@ def build_signed_data(
     )
     signature = signer_key.sign(attributes, asym_padding.PKCS1v15(), digest.hash())
     digest_algorithm = _digest_algorithm_der(digest)
-    signer_info = _der(
+    signer_info = tlv(
         _SEQUENCE,
         _VERSION_1,
         _issuer_and_serial_der(signer_certificate),
         digest_algorithm,
-        _der(_CONTEXT_0, attributes[len(_der_header(attributes)) :]),  # [0] IMPLICIT
+        tlv(_CONTEXT_0, attributes[len(_der_header(attributes)) :]),  # [0] IMPLICIT
         _RSA_ENCRYPTION,
-        _der(_OCTET_STRING, signature),
+        tlv(_OCTET_STRING, signature),
     )
-    signed_data = _der(
+    signed_data = tlv(
         _SEQUENCE,
         _VERSION_1,
-        _der(_SET, digest_algorithm),
-        _der(_SEQUENCE, _ID_DATA, _der(_CONTEXT_0, _der(_OCTET_STRING, content))),
+        tlv(_SET, digest_algorithm),
+        tlv(_SEQUENCE, _ID_DATA, tlv(_CONTEXT_0, tlv(_OCTET_STRING, content))),
         _certificate_set(certificates),
-        _der(_SET, signer_info),
+        tlv(_SET, signer_info),
     )
-    return _der(_SEQUENCE, _ID_SIGNED_DATA, _der(_CONTEXT_0, signed_data))
+    return tlv(_SEQUENCE, _ID_SIGNED_DATA, tlv(_CONTEXT_0, signed_data))
 
 
 def build_degenerate_signed_data(
@@ -724,18 +726,18 @@ def build_degenerate_signed_data(
     """A DER "certs-only" SignedData: no content, no signers, just certificates and CRLs
     (RFC 5652 5.2; RFC 8894 3.4 and 4.2 for CA/RA certificates, issued certificates and
     CRLs). Certificates are written in the order given (see :func:`_certificate_set`)."""
-    signed_data = _der(
+    signed_data = tlv(
         _SEQUENCE,
         _VERSION_1,
-        _der(_SET),
-        _der(_SEQUENCE, _ID_DATA),
+        tlv(_SET),
+        tlv(_SEQUENCE, _ID_DATA),
         _certificate_set(certificates),
-        _der(_CONTEXT_1, *(crl.public_bytes(serialization.Encoding.DER) for crl in crls))
+        tlv(_CONTEXT_1, *(crl.public_bytes(serialization.Encoding.DER) for crl in crls))
         if crls
         else b"",
-        _der(_SET),
+        tlv(_SET),
     )
-    return _der(_SEQUENCE, _ID_SIGNED_DATA, _der(_CONTEXT_0, signed_data))
+    return tlv(_SEQUENCE, _ID_SIGNED_DATA, tlv(_CONTEXT_0, signed_data))
 
 
 # DER of the fixed parts of a SignedData.
@@ -754,17 +756,12 @@ _OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
 
 def _attribute_der(oid: str, value: bytes) -> bytes:
     """``Attribute ::= SEQUENCE { attrType OID, attrValues SET OF ANY }`` with one value."""
-    return _der(_SEQUENCE, _oid_der(oid), _der(_SET, value))
+    return tlv(_SEQUENCE, _oid_der(oid), tlv(_SET, value))
 
 
 @functools.lru_cache(maxsize=64)
 def _oid_der(oid: str) -> bytes:
     return bytes(core.ObjectIdentifier(oid).dump())
-
-
-def _der(tag: int, *parts: bytes) -> bytes:
-    body = b"".join(parts)
-    return bytes([tag]) + _der_length(len(body)) + body
 
 
 def _der_header(encoded: bytes) -> bytes:
@@ -780,7 +777,7 @@ def _certificate_set(certificates: Sequence[x509.Certificate]) -> bytes:
     keep the order too. Absent when there are none."""
     if not certificates:
         return b""
-    return _der(_CONTEXT_0, *(c.public_bytes(serialization.Encoding.DER) for c in certificates))
+    return tlv(_CONTEXT_0, *(c.public_bytes(serialization.Encoding.DER) for c in certificates))
 
 
 @functools.lru_cache(maxsize=8)
@@ -808,10 +805,3 @@ def _issuer_and_serial(certificate: x509.Certificate) -> Any:
 
 def _digest(algorithm: DigestAlgorithm, data: bytes) -> bytes:
     return hashlib.new(algorithm.value, data).digest()
-
-
-def _der_length(length: int) -> bytes:
-    if length < 0x80:
-        return bytes([length])
-    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(octets)]) + octets

@@ -1,0 +1,18 @@
+"""The few DER encodings built by hand, where a structure is joined from parts that are
+already DER (certificates, asn1crypto-encoded values): a length, and a tag around parts."""
+
+from __future__ import annotations
+
+
+def encode_length(length: int) -> bytes:
+    """X.690 8.1.3, definite form: one octet below 128, else 0x80 | count, then the octets."""
+    if length < 0x80:
+        return bytes([length])
+    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(octets)]) + octets
+
+
+def tlv(tag: int, *parts: bytes) -> bytes:
+    """A value with a single-octet ``tag`` whose contents are ``parts`` joined."""
+    body = b"".join(parts)
+    return bytes([tag]) + encode_length(len(body)) + body
