@@ -2,8 +2,9 @@
 
 * :class:`PkigateServer`: ``pkigate serve --workers W`` with the benchmark's own TOML (an
   RSA-2048 root and issuing CA, and SCEP, ACME and AD-style connectors on that issuing CA).
-  It is the equivalent of the simulator's ``SpawnedServer``, whose configuration has no
-  ``[[cas]]`` table (so an EC issuing CA) and no static SCEP challenge.
+  Starting, readiness, the TLS root and stopping are the simulator's
+  (``pkigate.devsim.spawn.ServeProcess``, as for its ``SpawnedServer``, whose
+  configuration has no ``[[cas]]`` table, so an EC issuing CA, and no static challenge).
 * :class:`ScepServer`: micromdm's ``scepserver`` (Debian package ``scep``) with a depot of
   its own.
 * pebble comes from ``tests/acme_peers.py`` (``PebbleServer``), imported, not copied.
@@ -21,14 +22,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
 
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from pkigate.devsim.spawn import free_port, pkigate_command
+from pkigate.devsim.spawn import ServeProcess, free_port
 from pkigate.devsim.spawn import stop_process_group as stop_group
 
 SCEPSERVER = "/usr/bin/scepserver"
@@ -213,19 +210,14 @@ ca_name = "{ADCS_CA_NAME}"
 """
 
 
-class PkigateServer:
-    """``pkigate serve --config FILE --workers W`` in ``base_dir``; :meth:`start` waits for
-    both listeners, writes the TLS root to :attr:`tls_bundle` and publishes the CA for the
-    Machine template in the directory (``pkigate adcs publish``)."""
+class PkigateServer(ServeProcess):
+    """``pkigate serve --config FILE`` in ``base_dir`` with the benchmark's configuration;
+    :meth:`start` waits for both listeners, writes the TLS root to :attr:`tls_bundle` and
+    publishes the CA for the Machine template in the directory (``pkigate adcs publish``)."""
 
     def __init__(self, base_dir: Path, workers: int, **config: str | int) -> None:
-        self.base_dir = base_dir
-        self.data_dir = base_dir / "data"
+        super().__init__(base_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.https_port = free_port(), free_port()
-        self.http_url = f"http://127.0.0.1:{self.http_port}"
-        self.https_url = f"https://127.0.0.1:{self.https_port}"
-        self.config = base_dir / "pkigate.toml"
         self.config.write_text(
             pkigate_config(
                 self.data_dir,
@@ -235,93 +227,10 @@ class PkigateServer:
                 **config,  # type: ignore[arg-type]
             )
         )
-        self.tls_bundle = base_dir / "root.pem"
-        self.log_path = base_dir / "pkigate.log"
-        self.command = [
-            *pkigate_command(),
-            "serve",
-            "--config",
-            str(self.config),
-            "--workers",
-            str(workers),
-        ]
-        self.publish_command = [
-            *pkigate_command(),
-            "adcs",
-            "--config",
-            str(self.config),
-            "publish",
-            "--connector",
-            "adcs",
-            "--template",
-            MACHINE_TEMPLATE,
-        ]
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     def start(self) -> None:
-        environment = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("PKIGATE_HOME", "PKIGATE_CONFIG", "PKIGATE_DATABASE_URL")
-        }
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            self.command,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        session = plain_session()
-
-        def ready() -> bool:
-            if session.get(f"{self.http_url}/readyz", timeout=2).status_code != 200:
-                return False
-            if not self.tls_bundle.exists():
-                self._write_root(session)
-            https = session.get(f"{self.https_url}/readyz", timeout=2, verify=str(self.tls_bundle))
-            return https.status_code == 200
-
-        wait_until(ready, self.process, f"pkigate serve (log {self.log_tail()})")
-        published = subprocess.run(
-            self.publish_command,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if published.returncode != 0:
-            raise RuntimeError(f"pkigate adcs publish failed: {published.stderr}")
-
-    def _write_root(self, session: requests.Session) -> None:
-        """The root, found through the AIA of the HTTPS chain's last certificate."""
-        chain = x509.load_pem_x509_certificates((self.data_dir / "tls" / "server.pem").read_bytes())
-        aia = chain[-1].extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
-        url = next(
-            str(d.access_location.value)
-            for d in aia
-            if d.access_method == AuthorityInformationAccessOID.CA_ISSUERS
-        )
-        response = session.get(url, timeout=10)
-        response.raise_for_status()
-        root = x509.load_der_x509_certificate(response.content)
-        self.tls_bundle.write_bytes(root.public_bytes(serialization.Encoding.PEM))
-
-    def log_tail(self, characters: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-characters:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_group(self.process)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        super().start()
+        self.publish("adcs", MACHINE_TEMPLATE)
 
 
 # -- micromdm scepserver ------------------------------------------------------------------

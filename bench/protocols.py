@@ -680,7 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.start()
         assert server.process is not None
         commands["pkigate"] = (
-            f"{' '.join(server.command)}  (then: {' '.join(server.publish_command)})"
+            f"{' '.join(server.command)}  (then: pkigate adcs --config {server.config} "
+            f"publish --connector adcs --template {MACHINE_TEMPLATE})"
         )
         commands["pkigate config"] = str(server.config) + " (see bench/_peers.py pkigate_config)"
 

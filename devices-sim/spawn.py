@@ -39,7 +39,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import requests
 from cryptography import x509
@@ -154,56 +154,28 @@ def server_config(
     return "\n".join(lines) + "\n"
 
 
-class SpawnedServer:
-    """``pkigate serve`` on free loopback ports, in ``base_dir`` (or a temporary one)."""
+class ServeProcess:
+    """``pkigate serve --config FILE`` on two free loopback ports, in ``base_dir``.
 
-    def __init__(
-        self,
-        *,
-        http01_port: int,
-        dns_resolver: str | None,
-        workers: int = 2,
-        database_url: str | None = None,
-        base_dir: Path | None = None,
-        ready_timeout: float = 120.0,
-        machines: bool = False,
-    ) -> None:
-        self._temporary = base_dir is None
-        self.base_dir = (
-            Path(tempfile.mkdtemp(prefix="pkigate-sim-")) if base_dir is None else base_dir
-        )
+    The caller writes :attr:`config` (it names the ports: :attr:`http_port`,
+    :attr:`https_port`) before :meth:`start`, which starts the server in a process group
+    of its own (gunicorn arbiters and workers included), waits until both listeners are
+    ready and writes the TLS root to :attr:`tls_bundle`.
+    """
+
+    def __init__(self, base_dir: Path, ready_timeout: float = 120.0) -> None:
+        self.base_dir = base_dir
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.base_dir / "data"
-        self.database_url = database_url
         self.ready_timeout = ready_timeout
-        http_port, https_port = free_port(), free_port()
-        self.http_url = f"http://127.0.0.1:{http_port}"
-        self.https_url = f"https://127.0.0.1:{https_port}"
+        self.http_port, self.https_port = free_port(), free_port()
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.https_url = f"https://127.0.0.1:{self.https_port}"
         self.config = self.base_dir / "pkigate.toml"
-        self.tls_bundle.unlink(missing_ok=True)  # a root from an earlier run in this directory
-        # AD-style machines need a directory: the development one, on a free port, for
-        # the whole run (fault mode kills pkigate, not the domain controller).
-        self.directory: DevDirectory | None = None
-        if machines:
-            self.directory = DevDirectory(self.base_dir / "directory").start()
-        self.config.write_text(
-            server_config(
-                self.data_dir,
-                f"127.0.0.1:{http_port}",
-                f"127.0.0.1:{https_port}",
-                http01_port=http01_port,
-                dns_resolver=dns_resolver,
-                database_url=database_url,
-                workers=workers,
-                directory=self.directory,
-            )
-        )
         self.log_path = self.base_dir / "pkigate.log"
-        self.http01_port = http01_port
-        self.dns_resolver = dns_resolver
+        self.tls_bundle.unlink(missing_ok=True)  # a root from an earlier run in this directory
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
-        self.starts = 0
 
     @property
     def tls_bundle(self) -> Path:
@@ -213,6 +185,14 @@ class SpawnedServer:
     def token(self) -> str:
         return (self.data_dir / "admin-token").read_text().strip()
 
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._process
+
+    @property
+    def command(self) -> list[str]:
+        return [*pkigate_command(), "serve", "--config", str(self.config)]
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -220,15 +200,9 @@ class SpawnedServer:
         if self._process is not None and self._process.poll() is None:
             raise RuntimeError("the server is running already")
         self._log = self.log_path.open("ab")
-        # The configuration says everything: where the data and the database are.
-        environment = {
-            k: v for k, v in os.environ.items() if k not in ("PKIGATE_HOME", "PKIGATE_CONFIG")
-        }
-        if self.database_url is None:
-            environment.pop("PKIGATE_DATABASE_URL", None)
         self._process = subprocess.Popen(
-            [*pkigate_command(), "serve", "--config", str(self.config)],
-            env=environment,
+            self.command,
+            env=configuration_only_environment(),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -239,9 +213,6 @@ class SpawnedServer:
         except BaseException:
             self.stop()  # never leave a server behind when the start fails
             raise
-        if self.starts == 0:
-            self._first_start()
-        self.starts += 1
 
     def kill(self) -> None:
         """SIGKILL the whole process group, as a power cut would."""
@@ -260,15 +231,7 @@ class SpawnedServer:
             stop_process_group(process, timeout=20)
         self._close_log()
 
-    def remove(self) -> None:
-        """Stop the directory and delete the temporary directory (a directory given by the
-        caller stays)."""
-        if self.directory is not None:
-            self.directory.stop()
-        if self._temporary:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> SpawnedServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -303,7 +266,7 @@ class SpawnedServer:
             try:
                 if session.get(f"{self.http_url}/readyz", timeout=2).status_code == 200:
                     if not self.tls_bundle.exists():
-                        self._write_root()
+                        self._write_root(session)
                     https = session.get(
                         f"{self.https_url}/readyz", timeout=2, verify=str(self.tls_bundle)
                     )
@@ -314,7 +277,7 @@ class SpawnedServer:
             time.sleep(0.1)
         raise TimeoutError(f"pkigate serve not ready in {self.ready_timeout}s:\n{self.log_tail()}")
 
-    def _write_root(self) -> None:
+    def _write_root(self, session: requests.Session) -> None:
         """The root, found by following the AIA of the HTTPS certificate's issuer over
         plain HTTP, as a client bootstrapping its trust would."""
         chain = x509.load_pem_x509_certificates((self.data_dir / "tls" / "server.pem").read_bytes())
@@ -324,10 +287,101 @@ class SpawnedServer:
             for d in aia
             if d.access_method == AuthorityInformationAccessOID.CA_ISSUERS
         )
-        response = requests.get(url, timeout=10)
+        response = session.get(url, timeout=10)
         response.raise_for_status()
         root = x509.load_der_x509_certificate(response.content)
         self.tls_bundle.write_bytes(root.public_bytes(serialization.Encoding.PEM))
+
+    def publish(self, connector: str, template: str) -> None:
+        """``pkigate adcs publish``: register the CA for ``template`` in the directory, as an
+        enterprise CA admin would."""
+        published = subprocess.run(
+            [
+                *pkigate_command(),
+                "adcs",
+                "--config",
+                str(self.config),
+                "publish",
+                "--connector",
+                connector,
+                "--template",
+                template,
+            ],
+            env=configuration_only_environment(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if published.returncode != 0:
+            raise RuntimeError(f"pkigate adcs publish failed: {published.stderr}")
+
+
+def configuration_only_environment() -> dict[str, str]:
+    """This environment without pkigate's own variables: the configuration file says
+    everything (where the data and the database are)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PKIGATE_HOME", "PKIGATE_CONFIG", "PKIGATE_DATABASE_URL")
+    }
+
+
+class SpawnedServer(ServeProcess):
+    """The simulator's ``pkigate serve`` (see the module docstring), in ``base_dir`` or a
+    temporary directory."""
+
+    def __init__(
+        self,
+        *,
+        http01_port: int,
+        dns_resolver: str | None,
+        workers: int = 2,
+        database_url: str | None = None,
+        base_dir: Path | None = None,
+        ready_timeout: float = 120.0,
+        machines: bool = False,
+    ) -> None:
+        self._temporary = base_dir is None
+        super().__init__(
+            Path(tempfile.mkdtemp(prefix="pkigate-sim-")) if base_dir is None else base_dir,
+            ready_timeout,
+        )
+        self.database_url = database_url
+        # AD-style machines need a directory: the development one, on a free port, for
+        # the whole run (fault mode kills pkigate, not the domain controller).
+        self.directory: DevDirectory | None = None
+        if machines:
+            self.directory = DevDirectory(self.base_dir / "directory").start()
+        self.config.write_text(
+            server_config(
+                self.data_dir,
+                f"127.0.0.1:{self.http_port}",
+                f"127.0.0.1:{self.https_port}",
+                http01_port=http01_port,
+                dns_resolver=dns_resolver,
+                database_url=database_url,
+                workers=workers,
+                directory=self.directory,
+            )
+        )
+        self.http01_port = http01_port
+        self.dns_resolver = dns_resolver
+        self.starts = 0
+
+    def start(self) -> None:
+        super().start()
+        if self.starts == 0:
+            self._first_start()
+        self.starts += 1
+
+    def remove(self) -> None:
+        """Stop the directory and delete the temporary directory (a directory given by the
+        caller stays)."""
+        if self.directory is not None:
+            self.directory.stop()
+        if self._temporary:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def _first_start(self) -> None:
         """Shorten the CRL regeneration delay of every CA, through the management API."""
@@ -370,25 +424,7 @@ class SpawnedServer:
                 raise RuntimeError(f"cannot shorten the Machine template: {conn.result}")
         finally:
             conn.unbind()
-        published = subprocess.run(
-            [
-                *pkigate_command(),
-                "adcs",
-                "--config",
-                str(self.config),
-                "publish",
-                "--connector",
-                "adcs",
-                "--template",
-                MACHINE_TEMPLATE,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if published.returncode != 0:
-            raise RuntimeError(f"pkigate adcs publish failed: {published.stderr}")
+        self.publish("adcs", MACHINE_TEMPLATE)
 
     def target(self) -> Target:
         return Target(

@@ -40,18 +40,13 @@ from pkigate.acme.validation import (
     validate_http01,
     validate_tls_alpn01,
 )
+from pkigate.devsim.spawn import free_port
 
 # The token and key authorization of RFC 8555 section 8.3's example.
 TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
 KEY_AUTHORIZATION = f"{TOKEN}.nP1qzpXGymHBrUEepNY9HCsQk7K8KhOypzEt62jcerQ"
 CHALLENGE_PATH = f"/.well-known/acme-challenge/{TOKEN}"
 LOCALHOST = Identifier("ip", "127.0.0.1")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def problem_of(call: Any, *args: Any) -> AcmeProblem:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,18 +24,13 @@ from helpers import make_csr
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from pkigate.core import Actor
+from pkigate.devsim.spawn import free_port
 from pkigate.gateways.app import create_app
 from pkigate.gateways.auth import Role
 from pkigate.gateways.config import parse_config
 from pkigate.gateways.runtime import Gateway
 
 PKIGATE = str(Path(sys.executable).parent / "pkigate")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _clean_environment() -> dict[str, str]:
