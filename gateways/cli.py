@@ -902,14 +902,13 @@ def serve_command(ctx: click.Context, config_path: Path | None, workers: int | N
 
     state: State = ctx.obj
     try:
-        code = serve(config_path, state.data_dir, state.database_url, workers)
+        serve(config_path, state.data_dir, state.database_url, workers)  # becomes the supervisor
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
     except PkigateError as exc:
         click.echo(f"error: {exc.message} [{exc.code}]", err=True)
         sys.exit(EXIT_ERROR)
-    sys.exit(code)
 
 
 # -- demo --------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The parent process creates what the configuration names (CAs, the HTTPS certificate, the
 first admin token), prints every URL, then starts one gunicorn arbiter per listener (plain
-HTTP and HTTPS) as child processes and supervises them. Each gunicorn worker opens its own
+HTTP and HTTPS) as child processes and supervises them, as a lean process of its own
+(``supervisor.py``, exec'd in place of this one). Each gunicorn worker opens its own
 core; everything a request needs lives in the store, so any number of workers (and hosts
 sharing a PostgreSQL database) serve the same state.
 """
@@ -11,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import ssl
-import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pkigate.gateways.config import GatewayConfig, load_config, parse_config
 from pkigate.gateways.logs import configure_logging
@@ -71,7 +68,7 @@ def banner(gateway: Any, token_path: Path | None, tls: tuple[Path, Path]) -> str
 
 def serve(
     config_path: Path | None, data_dir: Path | None, database_url: str | None, workers: int | None
-) -> int:
+) -> NoReturn:
     from pkigate.gateways.runtime import Gateway
 
     config = effective_config(config_path, data_dir, database_url, workers)
@@ -84,10 +81,6 @@ def serve(
     resolved_data_dir = gateway.core.data_dir
     gateway.close()
 
-    metrics_dir = resolved_data_dir / METRICS_DIR
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir(mode=0o700)
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     base = [
         sys.executable,
         "-m",
@@ -101,32 +94,14 @@ def serve(
         base += ["--config", str(config_path)]
     if database_url:
         base += ["--database-url", database_url]
-    children = [
-        subprocess.Popen([*base, "--listener", listener], env=env) for listener in ("http", "https")
-    ]
-    return supervise(children)
-
-
-def supervise(children: list[subprocess.Popen[bytes]]) -> int:
-    stopping = False
-
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while True:
-        codes = [child.poll() for child in children]
-        if all(code is not None for code in codes):
-            return 0 if stopping else max(abs(c or 0) for c in codes) or 1
-        if any(code is not None for code in codes) and not stopping:
-            print("pkigate: a listener exited; stopping the other", file=sys.stderr, flush=True)
-            stop(signal.SIGTERM, None)
-        time.sleep(0.2)
+    # Become the lean supervisor (see supervisor.py): same process, none of this memory.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    metrics_dir = str(resolved_data_dir / METRICS_DIR)
+    os.execv(  # noqa: S606 - this interpreter and our own module, no shell
+        sys.executable,
+        [sys.executable, "-m", "pkigate.gateways.supervisor", metrics_dir, "--", *base],
+    )
 
 
 def run_listener(config: GatewayConfig, listener: str) -> None:

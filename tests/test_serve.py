@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -150,3 +152,45 @@ def test_a_bad_configuration_stops_the_start_with_the_place_of_the_error(tmp_pat
         f"error: {config}:4: listeners.https: must be HOST:PORT, not 'nowhere'"
     )
     assert not (tmp_path / "data").exists()  # nothing was created
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_server_process_becomes_a_lean_supervisor_of_both_listeners(
+    server: RunningServer,
+) -> None:
+    pid = server.process.pid
+    command = (Path(f"/proc/{pid}/cmdline")).read_bytes().split(b"\0")
+    assert b"pkigate.gateways.supervisor" in command  # the same process, exec'd
+    # The bootstrap's libraries (cryptography's, SQLite's) are not held for the server's
+    # life: the supervisor maps neither.
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "_rust" not in maps and "_sqlite3" not in maps
+    listeners = [
+        " ".join(Path(f"/proc/{child}/cmdline").read_bytes().decode().split("\0"))
+        for child in _children(pid)
+    ]
+    assert sorted(c.rsplit("--listener ", 1)[1].strip() for c in listeners) == ["http", "https"]
+
+
+def test_when_a_listener_dies_the_other_is_stopped_and_the_server_exits_with_an_error(
+    server: RunningServer,
+) -> None:
+    arbiters = _children(server.process.pid)
+    assert len(arbiters) == 2
+    os.kill(arbiters[0], signal.SIGKILL)
+    assert server.process.wait(30) != 0
+    assert "a listener exited; stopping the other" in server.log.read_text()
+    # Both arbiters were waited for (reaped) before the supervisor exited.
+    assert not any(Path(f"/proc/{arbiter}").exists() for arbiter in arbiters)

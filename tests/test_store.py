@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from pkigate.core import Core
+from pkigate.core.store.engine import MIGRATIONS_DIR, SCHEMA_HEAD, schema_revisions
 from pkigate.core.store.schema import metadata
 
 
@@ -16,6 +21,25 @@ def test_migrations_build_exactly_the_declared_schema(core: Core) -> None:
         assert context.get_current_revision() is not None
         differences = compare_metadata(context, metadata)
     assert differences == []
+
+
+def test_schema_head_names_the_newest_migration(core: Core) -> None:
+    assert ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head() == SCHEMA_HEAD
+    with core.store.engine.connect() as conn:
+        assert schema_revisions(conn) == [SCHEMA_HEAD]
+
+
+def test_a_store_at_the_newest_revision_opens_without_alembic(sqlite_core: Core) -> None:
+    # Every worker process and CLI command opens the store; alembic is only for migrating.
+    probe = (
+        "import sys; from pathlib import Path; from pkigate.core import Core; "
+        f"core = Core.open(Path({str(sqlite_core.data_dir)!r})); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_sqlite_runs_in_wal_mode_with_durable_commits(sqlite_core: Core) -> None:
