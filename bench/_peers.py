@@ -69,28 +69,34 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mib(pids: Sequence[int]) -> float:
-    """The sum of VmRSS over ``pids``, MiB."""
-    total = 0
+def memory_mib(pids: Sequence[int]) -> tuple[float, float]:
+    """The sums of RSS and of PSS over ``pids``, MiB. RSS counts a page shared by forked
+    processes (a gunicorn arbiter and its workers) once per process; PSS divides it among
+    them, so its sum over a process tree is the tree's real footprint."""
+    rss = pss = 0
     for pid in pids:
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
             continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
+        for line in rollup.splitlines():
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1])
+    return rss / 1024, pss / 1024
 
 
 class RssSampler:
-    """Samples the VmRSS sum of a process tree (re-read each time) every ``interval``
-    seconds in a thread; :attr:`peak_mib` is the largest sum seen."""
+    """Samples the RSS and PSS sums of a process tree (re-read each time) every
+    ``interval`` seconds in a thread; :attr:`peak_mib` (RSS) and :attr:`peak_pss_mib` are
+    the largest sums seen."""
 
     def __init__(self, root_pid: int, interval: float = 0.2) -> None:
         self.root_pid = root_pid
         self.interval = interval
         self.peak_mib = 0.0
+        self.peak_pss_mib = 0.0
         self.processes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -98,7 +104,9 @@ class RssSampler:
     def _sample(self) -> None:
         pids = process_tree(self.root_pid)
         self.processes = max(self.processes, len(pids))
-        self.peak_mib = max(self.peak_mib, rss_mib(pids))
+        rss, pss = memory_mib(pids)
+        self.peak_mib = max(self.peak_mib, rss)
+        self.peak_pss_mib = max(self.peak_pss_mib, pss)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

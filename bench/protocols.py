@@ -27,8 +27,9 @@ load generator and the same client code (the simulator's ``ScepClient``, ``AcmeC
   subject, SID extension and public key checked.
 
 It prints operations/s, the ratio pkigate/peer, latency percentiles, the server's CPU time
-per operation and its share of the machine, and the peak RSS of each server's process
-tree (VmRSS summed over the tree, sampled every 0.2 s), and, as the ceiling, the raw
+per operation and its share of the machine, and the peak memory of each server's process
+tree (PSS and RSS summed over the tree, sampled every 0.2 s: PSS divides pages the forked
+processes share, RSS counts them in each), and, as the ceiling, the raw
 ``cryptography`` build-and-sign rate of the same issuing CA key (``core_issue.RawSigner``,
 one thread). Device keys (RSA 2048 for SCEP and AD-style, P-256 for ACME) and requests are
 made before the timing; RSA keys come from a pool (a key takes ~70 ms to generate) and
@@ -140,6 +141,7 @@ class Run:
     server_cpu_s: float
     client_cpu_s: float
     peak_rss_mib: float
+    peak_pss_mib: float
     processes: int
     duplicate_serials: int  # successful operations whose (issuer, serial) was issued before
 
@@ -169,6 +171,7 @@ class Run:
             "server_cpu_percent": round(self.server_cpu_s / self.seconds * 100, 1),
             "client_cpu_ms_per_op": round(self.client_cpu_s / done * 1000, 1),
             "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "peak_pss_mib": round(self.peak_pss_mib, 1),
             "processes": self.processes,
             "duplicate_serials": self.duplicate_serials,
         }
@@ -274,6 +277,7 @@ def drive(load: Load[Item, Worker], clients: int, server_pid: int) -> Run:
         server_cpu,
         (client_after.user + client_after.system) - (client_before.user + client_before.system),
         rss.peak_mib,
+        rss.peak_pss_mib,
         rss.processes,
         len(serials) - len(set(serials)),
     )
@@ -565,7 +569,7 @@ def report(figures: dict[str, Any], runs: Sequence[Run]) -> None:
     )
     print(
         f"  {'protocol':15} {'server':11} {'ok/N':>9} {'ops/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
-        f"{'srv ms/op':>9} {'srv CPU%':>8} {'cli ms/op':>9} {'peak RSS MiB':>14} {'dup':>4}"
+        f"{'srv ms/op':>9} {'srv CPU%':>8} {'cli ms/op':>9} {'peak PSS/RSS MiB':>20} {'dup':>4}"
     )
     for run in runs:
         row = run.summary()
@@ -574,7 +578,8 @@ def report(figures: dict[str, Any], runs: Sequence[Run]) -> None:
             f"{row['succeeded']:>4}/{row['attempted']:<4} {row['per_s']:>7.1f} "
             f"{row['p50_ms']:>7.0f} {row['p95_ms']:>7.0f} {row['server_cpu_ms_per_op']:>9.1f} "
             f"{row['server_cpu_percent']:>8.0f} {row['client_cpu_ms_per_op']:>9.1f} "
-            f"{row['peak_rss_mib']:>8.0f} ({row['processes']}p) {row['duplicate_serials']:>4}"
+            f"{row['peak_pss_mib']:>7.0f}/{row['peak_rss_mib']:<4.0f} ({row['processes']}p) "
+            f"{row['duplicate_serials']:>4}"
         )
     for protocol, peer in (("SCEP", "scepserver"), ("ACME", "pebble")):
         value = ratio(runs, protocol, peer)
@@ -595,6 +600,7 @@ def report(figures: dict[str, Any], runs: Sequence[Run]) -> None:
                 print(f"    pkigate {run.protocol}: {run.per_s / raw:.3f} of one core's raw rate")
     print("  srv ms/op: CPU time of the server's process tree per successful operation;")
     print("  srv CPU%: of one CPU over the timed part; cli: this process (clients, responder)")
+    print("  PSS/RSS: peak sums over the server's process tree (PSS shares forked pages)")
     print("  dup: issued certificates whose (issuer, serial) an earlier one in the run had")
     failed = [r for r in runs if r.failures or r.warmup_failures]
     for run in failed:
