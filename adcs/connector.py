@@ -30,7 +30,7 @@ from pkigate.core import Actor
 from pkigate.core.errors import BadRequestError
 from pkigate.gateways.auth import Role
 from pkigate.gateways.connectors import Connector, ConnectorContext
-from pkigate.gateways.http import actor, json_body, requires
+from pkigate.gateways.http import MalformedJson, actor, json_body, parse_json, requires
 
 log = logging.getLogger("pkigate.adcs")
 
@@ -261,12 +261,10 @@ class AdcsConnector(Connector):
         raw = request.get_data(cache=False)
         if len(raw) > MAX_JSON_BYTES:
             raise EnrollmentRefused("badRequest", f"the body exceeds {MAX_JSON_BYTES} bytes")
-        import json
-
         try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise EnrollmentRefused("badRequest", f"the body is not JSON: {exc}") from None
+            body = parse_json(raw)
+        except MalformedJson as exc:
+            raise EnrollmentRefused("badRequest", str(exc)) from None
         if not isinstance(body, dict):
             raise EnrollmentRefused("badRequest", "the body is a JSON object")
         return body

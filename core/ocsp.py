@@ -173,6 +173,10 @@ def _parse_request(der: bytes) -> _Request:
         raise _Malformed from None
     if nonce is not None and not 1 <= len(nonce) <= MAX_NONCE_BYTES:
         raise _Malformed
+    if serial_number < 0:
+        # RFC 5280 4.1.2.2: serial numbers are positive; none could be answered (and a
+        # response naming a negative one cannot even be encoded by cryptography).
+        raise _Malformed
     return _Request(
         format(serial_number, "x"), serial_number, algorithm, name_hash, key_hash, nonce
     )

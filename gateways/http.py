@@ -141,6 +141,39 @@ def requires(*roles: Role) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return decorate
 
 
+class MalformedJson(ValueError):
+    """A request body that is not JSON a handler can use."""
+
+
+def parse_json(data: bytes) -> Any:
+    """JSON (RFC 8259) from a request body, refused with :class:`MalformedJson` when it does
+    not parse, is nested deeper than the parser's recursion limit, or holds a string that is
+    not Unicode text (a lone surrogate escape such as ``\\ud800``, RFC 8259 8.2), which
+    would fail later wherever the string is encoded."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise MalformedJson("malformed JSON: nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedJson(f"malformed JSON: {exc}") from None
+    pending = [value]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            pending += node.keys()
+            pending += node.values()
+        elif isinstance(node, list):
+            pending += node
+        elif isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MalformedJson(
+                    "malformed JSON: a string is not Unicode text (a lone surrogate)"
+                ) from None
+    return value
+
+
 def json_body(
     allowed: Mapping[str, type | tuple[type, ...]], required: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -149,9 +182,9 @@ def json_body(
     if mimetype != "application/json":
         raise UnsupportedMediaType("send application/json")
     try:
-        body = json.loads(request.get_data(cache=False) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"malformed JSON: {exc}") from None
+        body = parse_json(request.get_data(cache=False) or b"null")
+    except MalformedJson as exc:
+        raise BadRequestError(str(exc)) from None
     if not isinstance(body, dict):
         raise BadRequestError("the body must be a JSON object")
     unknown = sorted(set(body) - set(allowed))

@@ -737,7 +737,15 @@ def test_bad_soap_gets_a_fault_naming_the_problem_and_issues_nothing(env: Env) -
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"[]", b'{"template": 1}', b'{"template": "User", "csr": "!!!"}'],
+    [
+        b"not json",
+        b"[]",
+        b'{"template": 1}',
+        b'{"template": "User", "csr": "!!!"}',
+        b'{"template": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",  # deeper than json's recursion
+        b'{"template": "User\\udc00", "csr": "x"}',  # a lone surrogate: not Unicode text
+    ],
+    ids=["not-json", "array", "wrong-type", "bad-csr", "nested-too-deeply", "lone-surrogate"],
 )
 def test_bad_json_gets_an_error_naming_the_problem(env: Env, body: bytes) -> None:
     response = env.plain().post(

@@ -786,6 +786,24 @@ BAD_INPUT = {
         content_type="application/json",
     ),
     "json-array": bad("admin", "POST", "/cas", 400, "JSON object", json=[_ROOT]),
+    "json-nested-too-deeply": bad(
+        "issuer",
+        "POST",
+        _ISSUE,
+        400,
+        "nested too deeply",
+        data='{"csr": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        content_type="application/json",
+    ),
+    "json-lone-surrogate": bad(
+        "issuer",
+        "POST",
+        _ISSUE,
+        400,
+        "not Unicode text",
+        data='{"csr": "\\ud800-----BEGIN"}',
+        content_type="application/json",
+    ),
     "unknown-field": bad("admin", "POST", "/cas", 400, "'colour'", json={**_ROOT, "colour": 1}),
     "unknown-setting": bad(
         "admin", "POST", "/cas", 400, "'settings.crl'", json={**_ROOT, "settings": {"crl": "x"}}

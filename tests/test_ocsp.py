@@ -226,6 +226,21 @@ def test_malformed_requests_get_malformed_request(
     assert answer.response_status == ResponseStatus.MALFORMED_REQUEST
 
 
+def test_a_request_for_a_negative_serial_number_is_malformed(
+    core: Core, ocsp_ca: CAView, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca_id = ocsp_ca.record.id
+    good = ocsp_request(issue(core, ca_id), ca_certificate(core, ca_id))
+    serial = ocsp.load_der_ocsp_request(good).serial_number
+    encoded = serial.to_bytes((serial.bit_length() + 8) // 8, "big")  # DER: leading 0 if needed
+    field = bytes([0x02, len(encoded)]) + encoded
+    assert good.count(field) == 1
+    negative = good.replace(field, bytes([0x02, len(encoded), encoded[0] | 0x80]) + encoded[1:])
+    assert ocsp.load_der_ocsp_request(negative).serial_number < 0
+    assert ask(core, ca_id, negative).response_status == ResponseStatus.MALFORMED_REQUEST
+    assert not [r for r in caplog.records if r.exc_info]  # refused, not an internal error
+
+
 def test_truncated_and_oversized_requests_are_malformed(core: Core, ocsp_ca: CAView) -> None:
     ca_id = ocsp_ca.record.id
     good = ocsp_request(issue(core, ca_id), ca_certificate(core, ca_id))

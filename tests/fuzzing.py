@@ -1,0 +1,607 @@
+"""Protocol fuzzing against a real ``pkigate serve``.
+
+Valid requests made by pkigate's own clients are mutated and sent over HTTP(S):
+
+* SCEP PKIOperation (a PKCSReq with the static challenge): bytes of the CMS mutated, sent
+  by POST and by GET (base64 ``message``);
+* ACME: newAccount (``jwk``), newOrder and the account (``kid``); the payload or the
+  protected header mutated as JSON and signed correctly (so the request gets past the
+  signature into validation), or the signed body's bytes mutated;
+* OCSP: a request for the issuing CA mutated as bytes, by POST and by GET;
+* the management API: a certificate request (``POST /cas/{id}/certificates``, admin
+  token) mutated as JSON.
+
+Each answer must be what the protocol says for bad input (or, when a mutation left the
+request valid, the normal answer): never a 5xx; SCEP a CertRep or a 4xx; ACME a
+``urn:ietf:params:acme:error:*`` problem document with a fresh Replay-Nonce; OCSP an
+OCSPResponse that parses, or a 4xx; the API a JSON error. At the end the server must still
+be ready, its log must hold no traceback, every certificate in the store must be one that
+an answer delivered (a SCEP SUCCESS or an API 201), and the audit chain must verify.
+
+    .venv/bin/python tests/fuzzing.py [--iterations N] [--seed S] [--database-url URL]
+
+``--iterations`` is per target (default 2000; CI runs a bounded 60 through
+``tests/test_fuzz.py``). The seed is printed; the same seed replays the same mutations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from serving import RunningServer, start_server  # noqa: E402
+
+from pkigate.acme import jws  # noqa: E402
+from pkigate.core import Core  # noqa: E402
+from pkigate.devsim.scep_client import (  # noqa: E402
+    PKI_MESSAGE_TYPE,
+    ScepClient,
+    certificate_request,
+    new_key,
+    new_transaction_id,
+    self_signed,
+)
+from pkigate.scep.messages import (  # noqa: E402
+    MessageType,
+    PkiStatus,
+    build_pki_message,
+    parse_cert_rep,
+)
+
+DEFAULT_ITERATIONS = 2000
+ACME_ERROR = "urn:ietf:params:acme:error:"
+SCEP_CONNECTOR = "scep"
+TIMEOUT = 30.0
+
+# -- mutators ------------------------------------------------------------------------------
+
+INTERESTING_BYTES = (0x00, 0x01, 0x7F, 0x80, 0x81, 0x82, 0x84, 0xFF)
+
+
+def mutate_bytes(rng: random.Random, data: bytes) -> tuple[bytes, str]:
+    """One to four byte-level edits; DER lengths and tags are hit by the byte values."""
+    out = bytearray(data)
+    done = []
+    for _ in range(rng.randint(1, 4)):
+        if not out:
+            out += rng.randbytes(rng.randint(1, 16))
+            done.append("fill")
+            continue
+        i = rng.randrange(len(out))
+        kind = rng.randrange(7)
+        if kind == 0:
+            out[i] ^= 1 << rng.randrange(8)
+            done.append(f"flip@{i}")
+        elif kind == 1:
+            out[i] = rng.choice(INTERESTING_BYTES)
+            done.append(f"set@{i}")
+        elif kind == 2:
+            out[i:i] = rng.randbytes(rng.randint(1, 8))
+            done.append(f"insert@{i}")
+        elif kind == 3:
+            del out[i : i + rng.randint(1, 32)]
+            done.append(f"delete@{i}")
+        elif kind == 4:
+            del out[i:]
+            done.append(f"truncate@{i}")
+        elif kind == 5:
+            j = rng.randrange(len(out))
+            out[i:i] = out[j : j + rng.randint(1, 64)]
+            done.append(f"duplicate@{j}->{i}")
+        else:
+            out[i : i + 1] = bytes([0x30, 0x84, 0xFF, 0xFF, 0xFF, 0xF0])
+            done.append(f"huge-length@{i}")
+    return bytes(out), ",".join(done)
+
+
+DEEP = "\u0000deep\u0000"  # stands for 100,000 nested arrays; see dumps()
+
+
+def dumps(value: Any) -> bytes:
+    """JSON, with each DEEP string replaced by arrays nested deeper than any parser's
+    recursion limit (which Python's own encoder could not write)."""
+    text = json.dumps(value)
+    return text.replace(json.dumps(DEEP), "[" * 100_000 + "]" * 100_000).encode()
+
+
+def _interesting_json(rng: random.Random) -> Any:
+    nested: Any = "x"
+    for _ in range(rng.choice((2, 50))):
+        nested = [nested]
+    return rng.choice(
+        (
+            None,
+            True,
+            0,
+            -1,
+            2**64,
+            1.5e308,
+            "",
+            "A" * rng.choice((1, 300, 70_000)),
+            "\u0000\ud800\uffff",
+            "../../etc/passwd",
+            "*.example.test",
+            "127.0.0.1",
+            [],
+            {},
+            nested,
+            DEEP,
+            {"type": "dns", "value": "x" * 300},
+            ["mailto:a@b", None, 3],
+        )
+    )
+
+
+def mutate_json(rng: random.Random, value: Any) -> tuple[Any, str]:
+    """Replace, delete or add one node of a JSON value (a deep copy is changed)."""
+    value = json.loads(json.dumps(value))
+    path: list[str] = []
+    parent: Any = None
+    key: Any = None
+    node = value
+    while isinstance(node, (dict, list)) and node and rng.random() < 0.6:
+        parent = node
+        key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+        path.append(str(key))
+        node = node[key]
+    action = rng.randrange(3)
+    where = "/".join(path) or "(root)"
+    if parent is None:
+        if isinstance(value, dict) and action == 1 and value:
+            del value[rng.choice(list(value))]
+            return value, f"delete key at {where}"
+        if isinstance(value, dict) and action == 2:
+            value[rng.choice(("extra", "__proto__", "", "onlyReturnExisting"))] = _interesting_json(
+                rng
+            )
+            return value, f"add key at {where}"
+        return _interesting_json(rng), "replace root"
+    if action == 1 and isinstance(parent, dict):
+        del parent[key]
+        return value, f"delete {where}"
+    parent[key] = _interesting_json(rng)
+    return value, f"replace {where}"
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    target: str
+    mutation: str
+    problem: str
+
+
+@dataclass
+class Results:
+    seed: int
+    iterations: int
+    sent: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
+    findings: list[Finding] = field(default_factory=list)
+    delivered: set[tuple[str, str]] = field(default_factory=set)  # (ca_id, serial hex)
+    store_problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings and not self.store_problems
+
+
+class Fuzzer:
+    def __init__(self, server: RunningServer, rng: random.Random, results: Results) -> None:
+        self.server = server
+        self.rng = rng
+        self.results = results
+        self.plain = requests.Session()
+        self.plain.trust_env = False
+        admin = server.session()
+        token = admin.post(
+            f"{server.https_url}/api/v1/tokens",
+            json={"name": "fuzz", "role": "issuer"},
+            timeout=TIMEOUT,
+        )
+        token.raise_for_status()
+        self.api = server.session(token.json()["secret"])
+        cas = admin.get(f"{server.https_url}/api/v1/cas", timeout=TIMEOUT).json()["cas"]
+        self.issuing = next(c for c in cas if c["type"] == "SUBORDINATE")
+        self.issuing_cert = x509.load_pem_x509_certificate(
+            admin.get(
+                f"{server.https_url}/api/v1/cas/{self.issuing['id']}/certificate", timeout=TIMEOUT
+            )
+            .json()["certificate_pem"]
+            .encode()
+        )
+
+    def find(self, target: str, mutation: str, problem: str) -> None:
+        self.results.findings.append(Finding(target, mutation, problem))
+
+    def count(self, target: str, response: requests.Response) -> None:
+        self.results.sent[target] += 1
+        self.results.statuses[f"{target} {response.status_code}"] += 1
+
+    def server_error(self, target: str, mutation: str, response: requests.Response) -> bool:
+        if response.status_code >= 500:
+            self.find(target, mutation, f"HTTP {response.status_code}: {response.text[:300]}")
+            return True
+        return False
+
+    # -- SCEP ----------------------------------------------------------------------------------
+
+    def scep(self, iterations: int) -> None:
+        url = f"{self.server.http_url}/scep"
+        client = ScepClient(url, self.plain, timeout=TIMEOUT)
+        ca = client.get_ca_cert()
+        challenge = (self.server.data_dir / f"scep-{SCEP_CONNECTOR}-challenge").read_text().strip()
+        devices = []
+        for index in range(3):
+            key = new_key()
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fuzz-{index}")])
+            signer = self_signed(key, subject)
+            devices.append((key, signer, certificate_request(key, subject, challenge)))
+        for _ in range(iterations):
+            key, signer, csr = self.rng.choice(devices)
+            transaction = new_transaction_id()
+            message = build_pki_message(
+                MessageType.PKCS_REQ, csr, transaction, signer, key, ca.recipient
+            )
+            body, mutation = mutate_bytes(self.rng, message)
+            if self.rng.random() < 0.25:
+                response = self.plain.get(
+                    url,
+                    params={
+                        "operation": "PKIOperation",
+                        "message": base64.b64encode(body).decode(),
+                    },
+                    timeout=TIMEOUT,
+                )
+            else:
+                response = self.plain.post(
+                    url,
+                    params={"operation": "PKIOperation"},
+                    data=body,
+                    headers={"Content-Type": PKI_MESSAGE_TYPE},
+                    timeout=TIMEOUT,
+                )
+            self.count("scep", response)
+            if self.server_error("scep", mutation, response) or response.status_code != 200:
+                continue
+            if response.headers.get("Content-Type") != PKI_MESSAGE_TYPE:
+                self.find("scep", mutation, f"200 as {response.headers.get('Content-Type')}")
+                continue
+            try:
+                reply = parse_cert_rep(
+                    response.content, key, [ca.recipient, *ca.chain], requester_cert=signer
+                )
+            except Exception as exc:  # the reply must always be a CertRep we can read
+                self.find("scep", mutation, f"200 but no readable CertRep: {exc}")
+                continue
+            if reply.status is PkiStatus.SUCCESS:
+                for certificate in reply.certificates:
+                    if certificate.issuer == self.issuing_cert.subject:
+                        self.results.delivered.add(
+                            (self.issuing["id"], format(certificate.serial_number, "x"))
+                        )
+
+    # -- ACME ----------------------------------------------------------------------------------
+
+    def acme(self, iterations: int) -> None:
+        verify = str(self.server.tls_bundle)
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = verify
+        directory = session.get(f"{self.server.https_url}/acme/directory", timeout=TIMEOUT).json()
+        key = ec.generate_private_key(ec.SECP256R1())
+        nonce = [session.head(directory["newNonce"], timeout=TIMEOUT).headers["Replay-Nonce"]]
+
+        def post(url: str, body: bytes, content_type: str = "application/jose+json") -> Any:
+            response = session.post(
+                url, data=body, headers={"Content-Type": content_type}, timeout=TIMEOUT
+            )
+            fresh = response.headers.get("Replay-Nonce")
+            if fresh:
+                nonce[0] = fresh
+            else:
+                nonce[0] = session.head(directory["newNonce"], timeout=TIMEOUT).headers[
+                    "Replay-Nonce"
+                ]
+            return response
+
+        def signed(protected: dict[str, Any], payload: Any, raw: bytes | None = None) -> bytes:
+            body = raw if raw is not None else dumps(payload)
+            return jws.sign(key, protected, None if payload is None and raw is None else body)
+
+        created = post(
+            directory["newAccount"],
+            signed(
+                {
+                    "url": directory["newAccount"],
+                    "nonce": nonce[0],
+                    "jwk": jws.public_key_to_jwk(key.public_key()),
+                },
+                {"termsOfServiceAgreed": True, "contact": ["mailto:fuzz@example.test"]},
+            ),
+        )
+        if created.status_code not in (200, 201):
+            self.find("acme", "(none: account setup)", f"HTTP {created.status_code}")
+            return
+        account = created.headers["Location"]
+        seeds: list[tuple[str, bool, Any]] = [
+            (
+                directory["newAccount"],
+                True,
+                {"termsOfServiceAgreed": True, "contact": ["mailto:other@example.test"]},
+            ),
+            (
+                directory["newOrder"],
+                False,
+                {"identifiers": [{"type": "dns", "value": "fuzz.example.test"}]},
+            ),
+            (account, False, {"contact": ["mailto:fuzz2@example.test"]}),
+            (account, False, None),  # POST-as-GET
+        ]
+        for _ in range(iterations):
+            url, use_jwk, payload = self.rng.choice(seeds)
+            protected: dict[str, Any] = {"url": url, "nonce": nonce[0]}
+            if use_jwk:
+                protected["jwk"] = jws.public_key_to_jwk(key.public_key())
+            else:
+                protected["kid"] = account
+            content_type = "application/jose+json"
+            how = self.rng.randrange(4)
+            if how == 0:
+                mutated, mutation = mutate_json(self.rng, payload)
+                body = signed(protected, mutated)
+                mutation = f"payload {mutation}"
+            elif how == 1:
+                mutated, mutation = mutate_json(self.rng, protected)
+                if not isinstance(mutated, dict):
+                    mutated = {"protected": mutated}
+                body = signed(mutated, payload)
+                mutation = f"protected {mutation}"
+            elif how == 2:
+                body, mutation = mutate_bytes(self.rng, signed(protected, payload))
+                mutation = f"bytes {mutation}"
+            else:
+                body = signed(protected, payload)
+                content_type = self.rng.choice(
+                    ("application/json", "text/plain", "", "application/jose+json; charset=x")
+                )
+                mutation = f"content type {content_type!r}"
+            response = post(url, body, content_type)
+            self.count("acme", response)
+            if self.server_error("acme", mutation, response) or response.status_code < 400:
+                continue
+            if not response.headers.get("Replay-Nonce"):
+                self.find("acme", mutation, f"{response.status_code} without a Replay-Nonce")
+            if response.headers.get("Content-Type") != "application/problem+json":
+                self.find("acme", mutation, f"error as {response.headers.get('Content-Type')}")
+                continue
+            problem = response.json()
+            if not str(problem.get("type", "")).startswith(ACME_ERROR):
+                self.find("acme", mutation, f"problem type {problem.get('type')!r}")
+
+    # -- OCSP ----------------------------------------------------------------------------------
+
+    def ocsp(self, iterations: int) -> None:
+        url = f"{self.server.http_url}/ocsp/{self.issuing['id']}"
+        issued = self.api.post(
+            f"{self.server.https_url}/api/v1/cas/{self.issuing['id']}/certificates",
+            json=self.api_seed(),
+            timeout=TIMEOUT,
+        )
+        if issued.status_code != 201:
+            self.find(
+                "ocsp", "(none: setup)", f"issuing the certificate to ask about: {issued.text}"
+            )
+            return
+        self.results.delivered.add((self.issuing["id"], issued.json()["serial"]))
+        leaf = x509.load_pem_x509_certificate(issued.json()["certificate_pem"].encode())
+        request = (
+            ocsp.OCSPRequestBuilder()
+            .add_certificate(leaf, self.issuing_cert, hashes.SHA1())  # noqa: S303 - RFC 6960 CertID
+            .build()
+            .public_bytes(serialization.Encoding.DER)
+        )
+        for _ in range(iterations):
+            body, mutation = mutate_bytes(self.rng, request)
+            if self.rng.random() < 0.25:
+                encoded = base64.b64encode(body).decode()
+                response = self.plain.get(f"{url}/{encoded}", timeout=TIMEOUT)
+            else:
+                response = self.plain.post(
+                    url,
+                    data=body,
+                    headers={"Content-Type": "application/ocsp-request"},
+                    timeout=TIMEOUT,
+                )
+            self.count("ocsp", response)
+            if self.server_error("ocsp", mutation, response) or response.status_code != 200:
+                continue
+            try:
+                ocsp.load_der_ocsp_response(response.content)
+            except ValueError as exc:
+                self.find("ocsp", mutation, f"200 but no OCSPResponse: {exc}")
+
+    # -- management API ------------------------------------------------------------------------
+
+    @staticmethod
+    def api_seed() -> dict[str, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "api.fuzz.test")]))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("api.fuzz.test")]), False)
+            .sign(key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM)
+            .decode()
+        )
+        return {
+            "csr": csr,
+            "template": "EndEntityCertificate_APIPassthrough/V1",
+            "validity": {"type": "DAYS", "value": 10},
+            "api_passthrough": {
+                "subject": "CN=api.fuzz.test",
+                "sans": [{"dns": "api.fuzz.test"}, {"ip": "192.0.2.1"}],
+            },
+        }
+
+    def api_issue(self, iterations: int) -> None:
+        url = f"{self.server.https_url}/api/v1/cas/{self.issuing['id']}/certificates"
+        seed = self.api_seed()
+        for _ in range(iterations):
+            if self.rng.random() < 0.8:
+                mutated, mutation = mutate_json(self.rng, seed)
+                body = dumps(mutated)
+            else:
+                body, mutation = mutate_bytes(self.rng, dumps(seed))
+                mutation = f"bytes {mutation}"
+            response = self.api.post(
+                url, data=body, headers={"Content-Type": "application/json"}, timeout=TIMEOUT
+            )
+            self.count("api", response)
+            if self.server_error("api", mutation, response):
+                continue
+            if response.status_code == 201:
+                self.results.delivered.add((self.issuing["id"], response.json()["serial"]))
+            elif response.status_code >= 400 and "json" not in response.headers.get(
+                "Content-Type", ""
+            ):
+                self.find("api", mutation, f"error as {response.headers.get('Content-Type')}")
+
+
+def check_server_and_store(
+    server: RunningServer, results: Results, database_url: str | None = None
+) -> None:
+    """After the run: ready, no traceback in the log, the store holds exactly what was
+    delivered (beyond what the server made for itself), the audit chain verifies."""
+    ready = requests.get(f"{server.http_url}/readyz", timeout=TIMEOUT)
+    if ready.status_code != 200:
+        results.store_problems.append(f"/readyz answered {ready.status_code} after the run")
+    errors: Counter[str] = Counter()
+    for line in server.log.read_text(errors="replace").splitlines():
+        if "Traceback (most recent call last)" not in line:
+            continue
+        try:
+            logged = json.loads(line)
+            text = str(next(v for v in logged.values() if "Traceback (most" in str(v)))
+        except (ValueError, StopIteration):
+            text = line
+        frames = [f.strip() for f in text.splitlines() if f.startswith('  File "/work')]
+        errors[f"{text.strip().splitlines()[-1]} ({frames[-1] if frames else '?'})"] += 1
+    for error, count in errors.items():
+        results.store_problems.append(f"traceback in the server log x{count}: {error}")
+    core = Core.open(server.data_dir, database_url)
+    try:
+        with core.store.read() as conn:
+            issued = {
+                (record.ca_id, record.serial)
+                for record in core.store.list_certificates(conn)
+                if record.connector in ("scep", "api")
+                and not record.requester.startswith("system:")  # the server's own (SCEP RA)
+            }
+        unexplained = issued - results.delivered
+        if unexplained:
+            results.store_problems.append(
+                f"{len(unexplained)} certificates in the store that no answer delivered: "
+                f"{sorted(unexplained)[:5]}"
+            )
+        missing = results.delivered - issued
+        if missing:
+            results.store_problems.append(
+                f"{len(missing)} delivered certificates not in the store: {sorted(missing)[:5]}"
+            )
+        verified = core.audit.verify()
+        if not verified.ok:
+            results.store_problems.append(f"audit chain: {verified.problems[:3]}")
+    finally:
+        core.close()
+
+
+TARGETS: dict[str, Callable[[Fuzzer, int], None]] = {
+    "scep": Fuzzer.scep,
+    "acme": Fuzzer.acme,
+    "ocsp": Fuzzer.ocsp,
+    "api": Fuzzer.api_issue,
+}
+
+
+def run(
+    data_dir: Path,
+    iterations: int,
+    seed: int,
+    database_url: str | None = None,
+    targets: tuple[str, ...] = tuple(TARGETS),
+) -> Results:
+    results = Results(seed, iterations)
+    server = start_server(data_dir, workers=2, database_url=database_url)
+    try:
+        fuzzer = Fuzzer(server, random.Random(seed), results)
+        for name in targets:
+            TARGETS[name](fuzzer, iterations)
+        check_server_and_store(server, results, database_url)
+    finally:
+        server.stop()
+    return results
+
+
+def report(results: Results, seconds: float) -> str:
+    lines = [
+        f"fuzzing seed {results.seed}: {results.iterations} mutations per target in "
+        f"{seconds:.0f} s; certificates delivered {len(results.delivered)}",
+        "  answers: "
+        + ", ".join(f"{key} x{count}" for key, count in sorted(results.statuses.items())),
+    ]
+    for finding in results.findings[:50]:
+        lines.append(f"  FINDING {finding.target} [{finding.mutation}]: {finding.problem}")
+    if len(results.findings) > 50:
+        lines.append(f"  ... and {len(results.findings) - 50} more findings")
+    lines += [f"  STORE {problem}" for problem in results.store_problems]
+    lines.append("  OK" if results.ok else "  FAILED")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--database-url")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pkigate-fuzz-") as scratch:
+        results = run(
+            Path(scratch) / "data",
+            args.iterations,
+            seed,
+            args.database_url,
+            tuple(args.targets.split(",")),
+        )
+    print(report(results, time.monotonic() - began))
+    return 0 if results.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
