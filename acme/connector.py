@@ -607,7 +607,7 @@ class AcmeConnector(Connector):
             raise AcmeProblem("malformed", "finalize needs 'csr': the base64url DER of a PKCS#10")
         try:
             csr = x509.load_der_x509_csr(jws.b64url_decode(csr_text))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise AcmeProblem("badCSR", f"the CSR cannot be parsed: {exc}") from None
         with self.context.core.store.write() as conn:
             view = self.service.order(conn, account, order_id, repair=True)
@@ -772,7 +772,7 @@ class AcmeConnector(Connector):
             raise AcmeProblem("badRevocationReason", "'reason' must be an integer reason code")
         try:
             certificate = x509.load_der_x509_certificate(jws.b64url_decode(text))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise AcmeProblem("malformed", f"the certificate cannot be parsed: {exc}") from None
         with self.context.core.store.write() as conn:
             record = self.service.locate_certificate(conn, certificate)

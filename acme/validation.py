@@ -650,7 +650,7 @@ def _check_acme_tls_certificate(
     try:
         certificate = x509.load_der_x509_certificate(der)
         extensions = certificate.extensions
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise AcmeProblem("unauthorized", f"{wrong}: it cannot be parsed ({exc})") from None
     expected_name: x509.GeneralName = x509.IPAddress(ip) if ip is not None else x509.DNSName(host)
     expected_text = _describe_name(expected_name)

@@ -297,7 +297,7 @@ def load_certificates(data: bytes | str | None) -> list[x509.Certificate]:
         if b"-----BEGIN" in raw:
             return x509.load_pem_x509_certificates(raw)
         return [x509.load_der_x509_certificate(raw)]
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise InvalidCertificateError(f"cannot parse certificate: {exc}") from None
 
 

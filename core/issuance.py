@@ -121,7 +121,7 @@ def parse_csr(data: bytes | x509.CertificateSigningRequest) -> x509.CertificateS
                 csr = x509.load_pem_x509_csr(data)
             else:
                 csr = x509.load_der_x509_csr(data)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise BadCSRError(f"CSR cannot be parsed: {exc}") from None
     try:
         valid = csr.is_signature_valid

@@ -244,7 +244,7 @@ def _csr_pem(data: bytes) -> str:
         return data.decode("ascii", errors="replace")
     try:
         csr = x509.load_der_x509_csr(data)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise BadRequestError("CSR cannot be parsed (neither PEM nor DER)") from None
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 

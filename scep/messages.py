@@ -24,6 +24,7 @@ from typing import Any, cast
 from asn1crypto import cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm as CryptographyUnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pkigate.scep.cms import (
@@ -241,13 +242,21 @@ class PkiMessage:
         )
 
     def csr(self) -> x509.CertificateSigningRequest:
-        """The PKCS#10 request of a PKCSReq or RenewalReq (its signature unchecked here)."""
+        """The PKCS#10 request of a PKCSReq or RenewalReq (its signature unchecked here),
+        refused as badAlg when its key is of an algorithm nothing here can use."""
         try:
-            return x509.load_der_x509_csr(self.payload)
-        except ValueError as exc:
+            csr = x509.load_der_x509_csr(self.payload)
+        except (ValueError, x509.InvalidVersion) as exc:
             raise ScepError(
                 FailInfo.BAD_REQUEST, f"the payload is not a PKCS#10 request: {exc}", self.reply_to
             ) from exc
+        try:
+            csr.public_key()
+        except (CryptographyUnsupportedAlgorithm, ValueError) as exc:
+            raise ScepError(
+                FailInfo.BAD_ALG, f"the request's public key cannot be used: {exc}", self.reply_to
+            ) from exc
+        return csr
 
     def issuer_and_subject(self) -> IssuerAndSubject:
         try:

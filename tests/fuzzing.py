@@ -62,11 +62,13 @@ from pkigate.devsim.scep_client import (  # noqa: E402
     new_transaction_id,
     self_signed,
 )
+from pkigate.scep.cms import ContentCipher, KeyTransport, build_enveloped_data  # noqa: E402
 from pkigate.scep.messages import (  # noqa: E402
     MessageType,
     PkiStatus,
     build_pki_message,
     parse_cert_rep,
+    sign_pki_message,
 )
 
 DEFAULT_ITERATIONS = 2000
@@ -262,11 +264,7 @@ class Fuzzer:
             devices.append((key, signer, certificate_request(key, subject, challenge)))
         for _ in range(iterations):
             key, signer, csr = self.rng.choice(devices)
-            transaction = new_transaction_id()
-            message = build_pki_message(
-                MessageType.PKCS_REQ, csr, transaction, signer, key, ca.recipient
-            )
-            body, mutation = mutate_bytes(self.rng, message)
+            body, mutation = self._scep_message(ca.recipient, key, signer, csr)
             if self.rng.random() < 0.25:
                 response = self.plain.get(
                     url,
@@ -303,6 +301,44 @@ class Fuzzer:
                         self.results.delivered.add(
                             (self.issuing["id"], format(certificate.serial_number, "x"))
                         )
+
+    def _scep_message(
+        self,
+        recipient: x509.Certificate,
+        key: Any,
+        signer: x509.Certificate,
+        csr: bytes,
+    ) -> tuple[bytes, str]:
+        """A mutated pkiMessage: its bytes; or a correctly signed and encrypted one around a
+        mutated request (any message type, any transactionID); or a correctly signed one
+        around a mutated envelope. The last two get past the signature check."""
+        rng = self.rng
+        how = rng.randrange(3)
+        transaction = new_transaction_id()
+        if how == 0:
+            message = build_pki_message(
+                MessageType.PKCS_REQ, csr, transaction, signer, key, recipient
+            )
+            body, mutation = mutate_bytes(rng, message)
+            return body, f"message {mutation}"
+        kind = rng.choice(
+            (MessageType.PKCS_REQ,) * 4
+            + (MessageType.RENEWAL_REQ, MessageType.CERT_POLL, MessageType.GET_CERT)
+            + (MessageType.GET_CRL, MessageType.CERT_REP)
+        )
+        if rng.random() < 0.1:
+            transaction = rng.choice(("", "x" * 5000, "\u00e9\u0000", "../" * 10))
+        if how == 1:
+            payload, mutation = mutate_bytes(rng, csr)
+            cipher = rng.choice(list(ContentCipher))
+            message = build_pki_message(kind, payload, transaction, signer, key, recipient, cipher)
+            return message, f"{kind.name} {cipher} request {mutation} txid {transaction[:12]!r}"
+        envelope = build_enveloped_data(
+            csr, recipient, rng.choice(list(ContentCipher)), rng.choice(list(KeyTransport))
+        )
+        envelope, mutation = mutate_bytes(rng, envelope)
+        message = sign_pki_message(kind, envelope, transaction, signer, key)
+        return message, f"{kind.name} envelope {mutation}"
 
     # -- ACME ----------------------------------------------------------------------------------
 
@@ -470,8 +506,18 @@ class Fuzzer:
     def api_issue(self, iterations: int) -> None:
         url = f"{self.server.https_url}/api/v1/cas/{self.issuing['id']}/certificates"
         seed = self.api_seed()
+        csr_der = x509.load_pem_x509_csr(seed["csr"].encode()).public_bytes(
+            serialization.Encoding.DER
+        )
         for _ in range(iterations):
-            if self.rng.random() < 0.8:
+            draw = self.rng.random()
+            if draw < 0.3:
+                der, mutation = mutate_bytes(self.rng, csr_der)
+                pem = "-----BEGIN CERTIFICATE REQUEST-----\n"
+                pem += base64.encodebytes(der).decode() + "-----END CERTIFICATE REQUEST-----\n"
+                body = dumps({**seed, "csr": pem})
+                mutation = f"csr {mutation}"
+            elif draw < 0.8:
                 mutated, mutation = mutate_json(self.rng, seed)
                 body = dumps(mutated)
             else:

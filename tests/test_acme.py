@@ -476,6 +476,23 @@ def test_a_csr_that_does_not_match_the_order_is_bad_csr_and_changes_nothing(
     assert client.finalize(ready, good).body["status"] == "valid"
 
 
+def test_a_csr_that_cannot_be_parsed_is_bad_csr(env: Env) -> None:
+    client = env.client()
+    client.register()
+    names = [("dns", "unparsable.example.test")]
+    order = client.new_order(names)
+    _solve(env, client, order)
+    ready = client.wait(order.location or "", ["ready"])
+    der = _csr(names)[0].public_bytes(serialization.Encoding.DER)
+    at = der.index(b"\x02\x01\x00")  # the first INTEGER: CertificationRequestInfo's version
+    wrong_version = der[: at + 2] + b"\x01" + der[at + 3 :]  # InvalidVersion, not ValueError
+    for bad in (wrong_version, der[: len(der) // 2]):
+        with pytest.raises(AcmeClientError) as refused:
+            client.post(ready.body["finalize"], {"csr": jws.b64url_encode(bad)})
+        assert refused.value.type == "badCSR" and refused.value.status == 400
+    assert client.get(order.location or "").body["status"] == "ready"
+
+
 def test_a_csr_with_a_weak_key_is_refused(env: Env) -> None:
     client = env.client()
     client.register()

@@ -35,6 +35,12 @@ def _csr_with_broken_signature() -> bytes:
     return der[:-3] + bytes([der[-3] ^ 0x01]) + der[-2:]
 
 
+def _csr_with_version(version: int) -> bytes:
+    der = x509.load_pem_x509_csr(make_csr()).public_bytes(serialization.Encoding.DER)
+    at = der.index(b"\x02\x01\x00")  # the first INTEGER: CertificationRequestInfo's version
+    return der[: at + 2] + bytes([version]) + der[at + 3 :]  # cryptography: InvalidVersion
+
+
 def _csr_on_an_unsupported_curve() -> bytes:
     key = ec.generate_private_key(ec.SECP256K1())
     return (
@@ -60,6 +66,11 @@ CASES: dict[str, tuple[Callable[[], dict[str, object]], type[PkigateError], str]
         lambda: {
             "csr": x509.load_pem_x509_csr(make_csr()).public_bytes(serialization.Encoding.DER)[:-20]
         },
+        BadCSRError,
+        "cannot be parsed",
+    ),
+    "unknown version": (
+        lambda: {"csr": _csr_with_version(1)},
         BadCSRError,
         "cannot be parsed",
     ),

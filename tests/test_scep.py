@@ -354,6 +354,23 @@ def test_pkcsreq_signed_with_another_key_than_the_csr_is_refused(env: Env) -> No
 # -- bad input --------------------------------------------------------------------------
 
 
+def test_a_request_whose_key_algorithm_is_unknown_is_bad_alg(env: Env) -> None:
+    # Found by tests/fuzzing.py: the key comparison with the signer raised (a 500).
+    device = Device.new()
+    csr = device.csr(env.challenge)
+    rsa_encryption = bytes.fromhex("06092a864886f70d010101")  # OID 1.2.840.113549.1.1.1
+    assert csr.count(rsa_encryption) == 1
+    unknown = csr.replace(rsa_encryption, bytes.fromhex("06092a864886f70d010163"))
+    message = device.message(env.ra, unknown)
+    issued_before = len(issue_events(env))
+    reply = post(env.client, message)
+    assert reply.status_code == 200, reply.data
+    rep = device.read(env, reply.data)
+    assert (rep.status, rep.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_ALG)
+    assert "public key" in (rep.fail_info_text or "")
+    assert len(issue_events(env)) == issued_before
+
+
 def test_garbage_and_truncated_cms_are_a_400(env: Env) -> None:
     device = Device.new()
     body = device.message(env.ra, device.csr(env.challenge))
