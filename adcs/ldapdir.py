@@ -27,7 +27,11 @@ from typing import Any, Literal
 
 from cryptography import x509
 from ldap3 import LEVEL, MODIFY_REPLACE, NONE, Connection, Server, Tls
-from ldap3.core.exceptions import LDAPException
+from ldap3.core.exceptions import (
+    LDAPException,
+    LDAPPasswordIsMandatoryError,
+    LDAPSASLPrepError,
+)
 from ldap3.protocol.microsoft import security_descriptor_control
 from ldap3.utils.conv import escape_filter_chars
 
@@ -399,6 +403,10 @@ class Directory:
             if result in LDAP_UNAVAILABLE_RESULTS:
                 raise DirectoryUnavailable(f"{self.url} did not verify a password: {result}")
             return False  # invalidCredentials, or any other refusal
+        except (LDAPSASLPrepError, LDAPPasswordIsMandatoryError):
+            # RFC 4013: a password SASLprep prohibits (or maps to nothing) is no password
+            # of any account: wrong credentials, not an unavailable directory.
+            return False
         except LDAPException as exc:
             raise DirectoryUnavailable(f"{self.url}: {exc}") from None
         finally:

@@ -41,7 +41,8 @@ from pkigate.adcs.principals import Principal
 from pkigate.adcs.security import enroll_rights
 from pkigate.adcs.templates import KEY_USAGE_NAMES, CertificateTemplate
 from pkigate.core import Actor, IssuedCertificate, Requester, Validity
-from pkigate.core.errors import ConflictError, NotFoundError, PkigateError
+from pkigate.core.errors import BadCSRError, ConflictError, NotFoundError, PkigateError
+from pkigate.core.issuance import parse_csr
 from pkigate.core.model import ValidityType
 from pkigate.core.store import adcs as adcs_store
 from pkigate.gateways.connectors import ConnectorContext
@@ -312,13 +313,11 @@ class AdcsService:
         actor = f"adcs:{principal.sam_account_name}"
         try:
             try:
-                csr = x509.load_der_x509_csr(csr_der)
-            except ValueError as exc:
-                raise EnrollmentRefused(
-                    "badRequest", f"the PKCS#10 cannot be parsed: {exc}"
-                ) from None
-            if not csr.is_signature_valid:
-                raise EnrollmentRefused("badRequest", "the PKCS#10 signature does not verify")
+                # The core's own parsing and self-signature check, with its typed refusals
+                # (an unknown key algorithm or version field is a refusal, not a crash).
+                csr = parse_csr(csr_der)
+            except BadCSRError as exc:
+                raise EnrollmentRefused("badRequest", f"the PKCS#10: {exc.message}") from None
             templates, published = self.published_templates()
             template = choose_template(csr, context, templates, published)
             decision = decide(template, principal, csr, context, autoenroll=autoenroll)

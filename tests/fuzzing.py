@@ -8,15 +8,22 @@ Valid requests made by pkigate's own clients are mutated and sent over HTTP(S):
   protected header mutated as JSON and signed correctly (so the request gets past the
   signature into validation), or the signed body's bytes mutated;
 * OCSP: a request for the issuing CA mutated as bytes, by POST and by GET;
-* the management API: a certificate request (``POST /cas/{id}/certificates``, admin
-  token) mutated as JSON.
+* the management API: a certificate request (``POST /cas/{id}/certificates``, issuer
+  token) mutated as JSON, or its CSR mutated inside valid JSON;
+* AD-style MS-WSTEP (a machine account of the development directory enrolling for the
+  Machine template): the envelope's bytes, the CSR inside a valid envelope, a DOCTYPE
+  (external entity, entity expansion, external DTD), LDAP filter and XML metacharacters
+  as user name, password or template.
 
 Each answer must be what the protocol says for bad input (or, when a mutation left the
 request valid, the normal answer): never a 5xx; SCEP a CertRep or a 4xx; ACME a
 ``urn:ietf:params:acme:error:*`` problem document with a fresh Replay-Nonce; OCSP an
-OCSPResponse that parses, or a 4xx; the API a JSON error. At the end the server must still
+OCSPResponse that parses, or a 4xx; the API a JSON error; MS-WSTEP a SOAP answer or fault
+with 400/401/403 (503 would say the directory is down, and it is not), never the content
+of a file. At the end the server must still
 be ready, its log must hold no traceback, every certificate in the store must be one that
-an answer delivered (a SCEP SUCCESS or an API 201), and the audit chain must verify.
+an answer delivered (a SCEP SUCCESS, an API 201, an issued RSTR), and the audit chain
+must verify.
 
     .venv/bin/python tests/fuzzing.py [--iterations N] [--seed S] [--database-url URL]
 
@@ -30,9 +37,12 @@ import argparse
 import base64
 import json
 import random
+import re
+import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,10 +60,13 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from serving import RunningServer, start_server  # noqa: E402
+from serving import PKIGATE, RunningServer, start_server  # noqa: E402
 
 from pkigate.acme import jws  # noqa: E402
+from pkigate.adcs import soap  # noqa: E402
+from pkigate.adcs.directory import DevDirectory  # noqa: E402
 from pkigate.core import Core  # noqa: E402
+from pkigate.devsim.adcs_client import SOAP_TYPE, MachineAccount, provision_machine  # noqa: E402
 from pkigate.devsim.scep_client import (  # noqa: E402
     PKI_MESSAGE_TYPE,
     ScepClient,
@@ -155,6 +168,43 @@ def _interesting_json(rng: random.Random) -> Any:
     )
 
 
+LDAP_AND_XML_STRINGS = (
+    "*",
+    "*)(objectClass=*",
+    "admin)(|(cn=*",
+    "\\2a",
+    "FUZZ01$",
+    "fuzz01$",
+    "a" * 5000,
+    "CN=admin,DC=example",
+    "]]><x>",
+    "&amp;&lt;",
+    "\u202e\ufeff",
+    "",
+)
+
+XML_DOCTYPES = (
+    b'<!DOCTYPE e [<!ENTITY x SYSTEM "file:///etc/passwd">]>',
+    b'<!DOCTYPE e [<!ENTITY x "y"><!ENTITY x2 "&x;&x;&x;&x;&x;&x;&x;&x;&x;&x;">'
+    b'<!ENTITY x3 "&x2;&x2;&x2;&x2;&x2;&x2;&x2;&x2;&x2;&x2;">'
+    b'<!ENTITY x4 "&x3;&x3;&x3;&x3;&x3;&x3;&x3;&x3;&x3;&x3;">'
+    b'<!ENTITY x5 "&x4;&x4;&x4;&x4;&x4;&x4;&x4;&x4;&x4;&x4;">]>',
+    b'<!DOCTYPE e SYSTEM "http://127.0.0.1:9/dtd">',
+    b'<?xml-stylesheet href="http://127.0.0.1:9/x"?>',
+)
+
+
+def _with_doctype(rng: random.Random, envelope: bytes) -> tuple[bytes, str]:
+    """The envelope with a DOCTYPE (external entity, entity expansion, external DTD)
+    before its root element, and an entity reference in the username."""
+    doctype = rng.choice(XML_DOCTYPES)
+    start = envelope.index(b"<", envelope.index(b"?>") + 2) if envelope.startswith(b"<?xml") else 0
+    body = envelope[:start] + doctype + envelope[start:]
+    entity = b"&x5;" if b"x5" in doctype else b"&x;"
+    body = re.sub(rb"(<[A-Za-z0-9]*:?Username>)", rb"\1" + entity, body, count=1)
+    return body, f"doctype {doctype[:40]!r}"
+
+
 def mutate_json(rng: random.Random, value: Any) -> tuple[Any, str]:
     """Replace, delete or add one node of a JSON value (a deep copy is changed)."""
     value = json.loads(json.dumps(value))
@@ -212,8 +262,15 @@ class Results:
 
 
 class Fuzzer:
-    def __init__(self, server: RunningServer, rng: random.Random, results: Results) -> None:
+    def __init__(
+        self,
+        server: RunningServer,
+        rng: random.Random,
+        results: Results,
+        machine: MachineAccount | None = None,
+    ) -> None:
         self.server = server
+        self.machine = machine
         self.rng = rng
         self.results = results
         self.plain = requests.Session()
@@ -480,6 +537,72 @@ class Fuzzer:
             except ValueError as exc:
                 self.find("ocsp", mutation, f"200 but no OCSPResponse: {exc}")
 
+    # -- AD-style (MS-WSTEP) -------------------------------------------------------------------
+
+    def adcs(self, iterations: int) -> None:
+        if self.machine is None:
+            return
+        url = f"{self.server.https_url}/adcs/ces"
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = str(self.server.tls_bundle)
+        key = new_key()
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ignored")]))
+            .sign(key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.DER)
+        )
+        machine = self.machine
+        rng = self.rng
+        for _ in range(iterations):
+            username, password, template = machine.name, machine.password, "Machine"
+            der = csr
+            how = rng.randrange(4)
+            mutation = ""
+            if how == 1:
+                der, mutation = mutate_bytes(rng, csr)
+                mutation = f"csr {mutation}"
+            elif how == 3:
+                weird = rng.choice(LDAP_AND_XML_STRINGS)
+                field_name = rng.choice(("username", "password", "template"))
+                username = weird if field_name == "username" else username
+                password = weird if field_name == "password" else password
+                template = weird if field_name == "template" else template
+                mutation = f"{field_name} {weird[:24]!r}"
+            body = soap.build_rst_issue(
+                url,
+                der,
+                f"urn:uuid:{uuid.uuid4()}",
+                username,
+                password,
+                additional_context=(("CertificateTemplate", template),),
+            )
+            if how == 0:
+                body, mutation = mutate_bytes(rng, body)
+                mutation = f"envelope {mutation}"
+            elif how == 2:
+                body, mutation = _with_doctype(rng, body)
+            response = session.post(
+                url, data=body, headers={"Content-Type": SOAP_TYPE}, timeout=TIMEOUT
+            )
+            self.count("adcs", response)
+            if b"root:x:0:0" in response.content:
+                self.find("adcs", mutation, "the answer holds /etc/passwd: an external entity")
+            if response.status_code not in (200, 400, 401, 403):
+                self.find("adcs", mutation, f"HTTP {response.status_code}: {response.text[:300]}")
+                continue
+            if not response.headers.get("Content-Type", "").startswith("application/soap+xml"):
+                self.find("adcs", mutation, f"answer as {response.headers.get('Content-Type')}")
+                continue
+            if response.status_code == 200:
+                result = soap.parse_rstr(response.content)
+                if result.status == "issued" and result.certificate_der is not None:
+                    issued = x509.load_der_x509_certificate(result.certificate_der)
+                    self.results.delivered.add(
+                        (self.issuing["id"], format(issued.serial_number, "x"))
+                    )
+
     # -- management API ------------------------------------------------------------------------
 
     @staticmethod
@@ -537,6 +660,29 @@ class Fuzzer:
                 self.find("api", mutation, f"error as {response.headers.get('Content-Type')}")
 
 
+class Directory:
+    """The development directory with one machine account, for the AD-style target."""
+
+    def __init__(self, base: Path) -> None:
+        self.directory = DevDirectory(base)
+        self.directory.start()
+        self.machine = provision_machine(self.directory, "FUZZ01", 61001)
+
+    def connectors_config(self) -> str:
+        d = self.directory
+        return (
+            '[[connectors]]\ntype = "scep"\nname = "scep"\nmount = "/scep"\n'
+            '[[connectors]]\ntype = "acme"\nname = "acme"\nmount = "/acme"\n'
+            '[[connectors]]\ntype = "adcs"\nname = "adcs"\nmount = "/adcs"\n'
+            "[connectors.settings]\n"
+            f'directory_url = "{d.url}"\nbase = "{d.base}"\n'
+            f'bind_dn = "{d.admin_dn}"\nbind_password = "{d.admin_password}"\n'
+        )
+
+    def stop(self) -> None:
+        self.directory.stop()
+
+
 def check_server_and_store(
     server: RunningServer, results: Results, database_url: str | None = None
 ) -> None:
@@ -564,7 +710,7 @@ def check_server_and_store(
             issued = {
                 (record.ca_id, record.serial)
                 for record in core.store.list_certificates(conn)
-                if record.connector in ("scep", "api")
+                if record.connector in ("scep", "api", "adcs")
                 and not record.requester.startswith("system:")  # the server's own (SCEP RA)
             }
         unexplained = issued - results.delivered
@@ -590,6 +736,7 @@ TARGETS: dict[str, Callable[[Fuzzer, int], None]] = {
     "acme": Fuzzer.acme,
     "ocsp": Fuzzer.ocsp,
     "api": Fuzzer.api_issue,
+    "adcs": Fuzzer.adcs,
 }
 
 
@@ -601,15 +748,42 @@ def run(
     targets: tuple[str, ...] = tuple(TARGETS),
 ) -> Results:
     results = Results(seed, iterations)
-    server = start_server(data_dir, workers=2, database_url=database_url)
+    directory = Directory(data_dir.parent / "directory") if "adcs" in targets else None
     try:
-        fuzzer = Fuzzer(server, random.Random(seed), results)
-        for name in targets:
-            TARGETS[name](fuzzer, iterations)
-        check_server_and_store(server, results, database_url)
+        server = start_server(
+            data_dir,
+            workers=2,
+            database_url=database_url,
+            extra_config=directory.connectors_config() if directory else "",
+        )
+        try:
+            if directory is not None:
+                publish_machine_template(data_dir)
+            machine = directory.machine if directory else None
+            fuzzer = Fuzzer(server, random.Random(seed), results, machine)
+            for name in targets:
+                TARGETS[name](fuzzer, iterations)
+            check_server_and_store(server, results, database_url)
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        if directory is not None:
+            directory.stop()
     return results
+
+
+PUBLISH_MACHINE = ("--connector", "adcs", "--template", "Machine")
+
+
+def publish_machine_template(data_dir: Path) -> None:
+    """``pkigate adcs publish``: the CA enrolls for the Machine template."""
+    config = data_dir.parent / f"{data_dir.name}.toml"  # where start_server writes it
+    subprocess.run(
+        [PKIGATE, "adcs", "--config", str(config), "publish", *PUBLISH_MACHINE],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def report(results: Results, seconds: float) -> str:

@@ -459,6 +459,32 @@ def test_credentials_and_templates_are_checked(
     assert env.counts()["certificates"] == before
 
 
+def test_a_password_saslprep_refuses_is_wrong_credentials_not_an_outage(env: Env) -> None:
+    # Found by tests/fuzzing.py: ldap3 refuses to prepare such a password (RFC 4013) before
+    # any bind, which was taken for an unavailable directory (503).
+    before = env.counts()["certificates"]
+    response, result = _wstep(env, "alice", _csr()[0], "User", password="\u202e\ufeff")
+    assert response.status_code == 401, response.text
+    assert result.status == "fault"
+    assert env.counts()["certificates"] == before
+
+
+def test_a_csr_the_core_cannot_read_is_a_bad_request_not_a_crash(env: Env) -> None:
+    # Found by tests/fuzzing.py: an unknown key algorithm and an out-of-range version field
+    # raised from the signature check (a 500).
+    der = _csr()[0]
+    rsa_encryption = bytes.fromhex("06092a864886f70d010101")
+    unknown_key = der.replace(rsa_encryption, bytes.fromhex("06092a864886f70d010163"))
+    at = der.index(b"\x02\x01\x00")  # the first INTEGER: CertificationRequestInfo's version
+    bad_version = der[: at + 2] + b"\x05" + der[at + 3 :]
+    before = env.counts()["certificates"]
+    for bad in (unknown_key, bad_version):
+        response, result = _wstep(env, "alice", bad, "User")
+        assert response.status_code == 400, response.text
+        assert result.status == "fault"
+    assert env.counts()["certificates"] == before
+
+
 def test_a_key_below_the_template_minimum_is_refused(env: Env) -> None:
     small = rsa.generate_private_key(65537, 1024)  # noqa: S505 - the weak key under test
     response = _json_enroll(env, "alice", "User", _csr(small)[0])
