@@ -41,7 +41,8 @@ from pkigate.acme.service import (
 )
 from pkigate.acme.settings import AcmeSettings
 from pkigate.core import Actor
-from pkigate.core.errors import BadRequestError, NotFoundError
+from pkigate.core.errors import BadCSRError, BadRequestError, NotFoundError
+from pkigate.core.issuance import parse_csr
 from pkigate.core.keys import KeyEncryptionKey
 from pkigate.core.store import acme as acme_store
 from pkigate.core.store.acme import (
@@ -606,9 +607,11 @@ class AcmeConnector(Connector):
         if not isinstance(csr_text, str):
             raise AcmeProblem("malformed", "finalize needs 'csr': the base64url DER of a PKCS#10")
         try:
-            csr = x509.load_der_x509_csr(jws.b64url_decode(csr_text))
-        except (ValueError, x509.InvalidVersion) as exc:
-            raise AcmeProblem("badCSR", f"the CSR cannot be parsed: {exc}") from None
+            # The core's parsing and self-signature check: its typed refusals cover what
+            # cryptography raises for odd keys and version fields, not only ValueError.
+            csr = parse_csr(jws.b64url_decode(csr_text))
+        except BadCSRError as exc:
+            raise AcmeProblem("badCSR", f"the CSR: {exc.message}") from None
         with self.context.core.store.write() as conn:
             view = self.service.order(conn, account, order_id, repair=True)
             order = view.order

@@ -665,9 +665,8 @@ class AcmeService:
         self, order: OrderRecord, csr: x509.CertificateSigningRequest, account: AccountRecord
     ) -> tuple[x509.Name, tuple[x509.GeneralName, ...]]:
         """The subject and names the certificate will carry, after checking that the CSR
-        asks for exactly the order's identifiers (RFC 8555 7.4) and nothing else."""
-        if not csr.is_signature_valid:
-            raise AcmeProblem("badCSR", "the CSR's signature does not verify")
+        (parsed and its self-signature verified by the core's ``parse_csr``) asks for
+        exactly the order's identifiers (RFC 8555 7.4) and nothing else."""
         wanted = {(t, v) for t, v in order.identifiers}
         asked: set[tuple[str, str]] = set()
         try:

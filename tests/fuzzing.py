@@ -6,7 +6,10 @@ Valid requests made by pkigate's own clients are mutated and sent over HTTP(S):
   by POST and by GET (base64 ``message``);
 * ACME: newAccount (``jwk``), newOrder and the account (``kid``); the payload or the
   protected header mutated as JSON and signed correctly (so the request gets past the
-  signature into validation), or the signed body's bytes mutated;
+  signature into validation), or the signed body's bytes mutated; and finalize of a ready
+  order for 127.0.0.1 (http-01 answered by the fuzzer) with mutated CSRs: their bytes, or
+  validly signed ones asking for other names, a CA certificate, the account key. What is
+  issued must name exactly 127.0.0.1, certify the CSR's key and not be a CA;
 * OCSP: a request for the issuing CA mutated as bytes, by POST and by GET;
 * the management API: a certificate request (``POST /cas/{id}/certificates``, issuer
   token) mutated as JSON, or its CSR mutated inside valid JSON;
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ipaddress
 import json
 import random
 import re
@@ -66,7 +70,9 @@ from pkigate.acme import jws  # noqa: E402
 from pkigate.adcs import soap  # noqa: E402
 from pkigate.adcs.directory import DevDirectory  # noqa: E402
 from pkigate.core import Core  # noqa: E402
+from pkigate.devsim.acme_client import AcmeClient, AcmeClientError  # noqa: E402
 from pkigate.devsim.adcs_client import SOAP_TYPE, MachineAccount, provision_machine  # noqa: E402
+from pkigate.devsim.challenges import Http01Responder  # noqa: E402
 from pkigate.devsim.scep_client import (  # noqa: E402
     PKI_MESSAGE_TYPE,
     ScepClient,
@@ -194,6 +200,67 @@ XML_DOCTYPES = (
 )
 
 
+FINALIZE_NAME_SETS: tuple[list[x509.GeneralName], ...] = (
+    [],
+    [x509.IPAddress(ipaddress.ip_address("127.0.0.2"))],
+    [x509.IPAddress(ipaddress.ip_address("::1"))],
+    [x509.DNSName("127.0.0.1")],
+    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("other.example.test")],
+    [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] * 2,
+    [x509.IPAddress(ipaddress.ip_network("127.0.0.0/8"))],
+    [x509.RFC822Name("a@example.test")],
+    [x509.UniformResourceIdentifier("https://127.0.0.1/")],
+    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.RFC822Name("a@127.0.0.1")],
+)
+FINALIZE_CNS = ("127.0.0.1", "evil.example.test", "127.0.0.2", "*", " 127.0.0.1")
+FINALIZE_EXTENSIONS: tuple[tuple[x509.ExtensionType, bool], ...] = (
+    (x509.BasicConstraints(ca=True, path_length=None), True),
+    (
+        x509.KeyUsage(
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=True,
+            crl_sign=True,
+            encipher_only=False,
+            decipher_only=False,
+        ),
+        True,
+    ),
+    (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE]), False),
+    (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CODE_SIGNING]), False),
+    (x509.NameConstraints([x509.DNSName("example.test")], None), True),
+    (x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.311.25.2"), b"\x04\x00"), False),
+)
+
+
+def _not_exactly_the_order(leaf: x509.Certificate, key: Any) -> str:
+    """Why an issued ACME certificate is not what the order for 127.0.0.1 allows ("" if
+    it is)."""
+    try:
+        sans = list(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return "issued without a subjectAltName"
+    if sans != [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]:
+        return f"issued for {sans}"
+    for attribute in leaf.subject:
+        if attribute.oid == NameOID.COMMON_NAME and attribute.value != "127.0.0.1":
+            return f"issued with CN {attribute.value!r}"
+    try:
+        if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "issued a CA certificate"
+    except x509.ExtensionNotFound:
+        pass
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ) != key.public_key().public_bytes(serialization.Encoding.DER, spki):
+        return "issued for another key"
+    return ""
+
+
 def _with_doctype(rng: random.Random, envelope: bytes) -> tuple[bytes, str]:
     """The envelope with a DOCTYPE (external entity, entity expansion, external DTD)
     before its root element, and an entity reference in the username."""
@@ -268,9 +335,11 @@ class Fuzzer:
         rng: random.Random,
         results: Results,
         machine: MachineAccount | None = None,
+        responder: Http01Responder | None = None,
     ) -> None:
         self.server = server
         self.machine = machine
+        self.responder = responder
         self.rng = rng
         self.results = results
         self.plain = requests.Session()
@@ -495,6 +564,105 @@ class Fuzzer:
             if not str(problem.get("type", "")).startswith(ACME_ERROR):
                 self.find("acme", mutation, f"problem type {problem.get('type')!r}")
 
+    def acme_finalize(self, iterations: int) -> None:
+        """Finalize a ready order for the IP identifier 127.0.0.1 (validated over http-01
+        by the fuzzer's responder) with mutated CSRs: their bytes, or validly signed ones
+        asking for other names, a CA certificate, the account key. Whatever is issued must
+        certify exactly 127.0.0.1, the CSR's key, and no CA."""
+        if self.responder is None:
+            return
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = str(self.server.tls_bundle)
+
+        def new_account() -> tuple[Any, AcmeClient]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            client = AcmeClient(f"{self.server.https_url}/acme/directory", key, session)
+            client.register(["mailto:finalize@example.test"])
+            return key, client
+
+        account_key, client = new_account()
+        order: Any = None
+        for _ in range(iterations):
+            while order is None:
+                try:
+                    order = self._ready_order(client)
+                except AcmeClientError as exc:
+                    if exc.type != "rateLimited":  # new orders per account per hour
+                        raise
+                    account_key, client = new_account()
+            csr_der, key, mutation = self._finalize_csr(account_key)
+            url = order.body["finalize"]
+            response = client.raw_post(
+                url, client.signed_body(url, {"csr": jws.b64url_encode(csr_der)})
+            )
+            self.results.sent["acme-finalize"] += 1
+            self.results.statuses[f"acme-finalize {response.status}"] += 1
+            if response.status >= 500:
+                self.find("acme-finalize", mutation, f"HTTP {response.status}: {response.text}")
+                continue
+            if response.status >= 400:
+                if not str(response.body.get("type", "")).startswith(ACME_ERROR):
+                    self.find("acme-finalize", mutation, f"problem {response.text[:200]}")
+                continue
+            order = None  # finalized: the next mutation needs another ready order
+            body = response.body
+            if body["status"] != "valid":
+                body = client.wait(response.location or url, ["valid", "invalid"]).body
+            if body["status"] != "valid":
+                continue
+            leaf = client.certificate_chain(body["certificate"])[0]
+            self.results.delivered.add((self.issuing["id"], format(leaf.serial_number, "x")))
+            problem = _not_exactly_the_order(leaf, key)
+            if problem:
+                self.find("acme-finalize", mutation, problem)
+
+    def _ready_order(self, client: AcmeClient) -> Any:
+        assert self.responder is not None
+        order = client.new_order([("ip", "127.0.0.1")])
+        for authz_url in order.body["authorizations"]:
+            authz = client.get(authz_url).body
+            if authz["status"] == "valid":
+                continue  # reused: this account proved control already
+            challenge = next(c for c in authz["challenges"] if c["type"] == "http-01")
+            self.responder.tokens[challenge["token"]] = f"{challenge['token']}.{client.thumbprint}"
+            client.respond(challenge["url"])
+            client.wait(authz_url, ["valid"])
+        return (
+            client.wait(order.location or "", ["ready"])
+            if order.body["status"] != "ready"
+            else order
+        )
+
+    def _finalize_csr(self, account_key: Any) -> tuple[bytes, Any, str]:
+        rng = self.rng
+        key = account_key if rng.random() < 0.05 else ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        subject: list[x509.NameAttribute] = []
+        extensions: list[tuple[x509.ExtensionType, bool]] = []
+        how = rng.randrange(3) if key is not account_key else 3
+        if how == 1:
+            names = rng.choice(FINALIZE_NAME_SETS)
+            if rng.random() < 0.3:
+                subject = [x509.NameAttribute(NameOID.COMMON_NAME, rng.choice(FINALIZE_CNS))]
+        elif how == 2:
+            extensions = [rng.choice(FINALIZE_EXTENSIONS)]
+        builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(subject))
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        der = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+        if how == 0:
+            der, mutation = mutate_bytes(rng, der)
+            return der, key, f"csr {mutation}"
+        described = f"names {[str(n.value) for n in names]} cn {[a.value for a in subject]}"
+        if how == 2:
+            described = f"extension {type(extensions[0][0]).__name__}"
+        if how == 3:
+            described = "the account key"
+        return der, key, described
+
     # -- OCSP ----------------------------------------------------------------------------------
 
     def ocsp(self, iterations: int) -> None:
@@ -668,19 +836,27 @@ class Directory:
         self.directory.start()
         self.machine = provision_machine(self.directory, "FUZZ01", 61001)
 
-    def connectors_config(self) -> str:
-        d = self.directory
-        return (
-            '[[connectors]]\ntype = "scep"\nname = "scep"\nmount = "/scep"\n'
-            '[[connectors]]\ntype = "acme"\nname = "acme"\nmount = "/acme"\n'
+    def stop(self) -> None:
+        self.directory.stop()
+
+
+def connectors_config(http01_port: int, directory: Directory | None) -> str:
+    """SCEP and ACME (http-01 on the fuzzer's responder) as by default, and AD-style
+    against the development directory when there is one."""
+    text = (
+        '[[connectors]]\ntype = "scep"\nname = "scep"\nmount = "/scep"\n'
+        '[[connectors]]\ntype = "acme"\nname = "acme"\nmount = "/acme"\n'
+        f"[connectors.settings]\nhttp01_port = {http01_port}\n"
+    )
+    if directory is not None:
+        d = directory.directory
+        text += (
             '[[connectors]]\ntype = "adcs"\nname = "adcs"\nmount = "/adcs"\n'
             "[connectors.settings]\n"
             f'directory_url = "{d.url}"\nbase = "{d.base}"\n'
             f'bind_dn = "{d.admin_dn}"\nbind_password = "{d.admin_password}"\n'
         )
-
-    def stop(self) -> None:
-        self.directory.stop()
+    return text
 
 
 def check_server_and_store(
@@ -710,7 +886,7 @@ def check_server_and_store(
             issued = {
                 (record.ca_id, record.serial)
                 for record in core.store.list_certificates(conn)
-                if record.connector in ("scep", "api", "adcs")
+                if record.connector in ("scep", "api", "adcs", "acme")
                 and not record.requester.startswith("system:")  # the server's own (SCEP RA)
             }
         unexplained = issued - results.delivered
@@ -734,6 +910,7 @@ def check_server_and_store(
 TARGETS: dict[str, Callable[[Fuzzer, int], None]] = {
     "scep": Fuzzer.scep,
     "acme": Fuzzer.acme,
+    "acme-finalize": Fuzzer.acme_finalize,
     "ocsp": Fuzzer.ocsp,
     "api": Fuzzer.api_issue,
     "adcs": Fuzzer.adcs,
@@ -749,24 +926,26 @@ def run(
 ) -> Results:
     results = Results(seed, iterations)
     directory = Directory(data_dir.parent / "directory") if "adcs" in targets else None
+    responder = Http01Responder()
     try:
         server = start_server(
             data_dir,
             workers=2,
             database_url=database_url,
-            extra_config=directory.connectors_config() if directory else "",
+            extra_config=connectors_config(responder.port, directory),
         )
         try:
             if directory is not None:
                 publish_machine_template(data_dir)
             machine = directory.machine if directory else None
-            fuzzer = Fuzzer(server, random.Random(seed), results, machine)
+            fuzzer = Fuzzer(server, random.Random(seed), results, machine, responder)
             for name in targets:
                 TARGETS[name](fuzzer, iterations)
             check_server_and_store(server, results, database_url)
         finally:
             server.stop()
     finally:
+        responder.close()
         if directory is not None:
             directory.stop()
     return results

@@ -483,10 +483,15 @@ def test_a_csr_that_cannot_be_parsed_is_bad_csr(env: Env) -> None:
     order = client.new_order(names)
     _solve(env, client, order)
     ready = client.wait(order.location or "", ["ready"])
-    der = _csr(names)[0].public_bytes(serialization.Encoding.DER)
+    csr = _csr(names)[0]
+    der = csr.public_bytes(serialization.Encoding.DER)
     at = der.index(b"\x02\x01\x00")  # the first INTEGER: CertificationRequestInfo's version
     wrong_version = der[: at + 2] + b"\x01" + der[at + 3 :]  # InvalidVersion, not ValueError
-    for bad in (wrong_version, der[: len(der) // 2]):
+    point = csr.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    off_curve = der.replace(point, point[:-1] + bytes([point[-1] ^ 1]))  # "Invalid key"
+    for bad in (wrong_version, off_curve, der[: len(der) // 2]):
         with pytest.raises(AcmeClientError) as refused:
             client.post(ready.body["finalize"], {"csr": jws.b64url_encode(bad)})
         assert refused.value.type == "badCSR" and refused.value.status == 400
