@@ -25,7 +25,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Response, jsonify, request
+from flask.blueprints import BlueprintSetupState
 from sqlalchemy import Connection
+from werkzeug.routing import PathConverter
 
 from pkigate.acme import jws
 from pkigate.acme.identifiers import IdentifierPolicy, parse_identifiers
@@ -79,6 +81,16 @@ class AcmeRequest:
         return self.parsed.json_payload()
 
 
+class _AnyPath(PathConverter):
+    """``<path:>`` that also matches newlines and other control characters."""
+
+    regex = r"[^/][\s\S]*?"
+
+
+def _install_any_path(state: BlueprintSetupState) -> None:
+    state.app.url_map.converters.setdefault("anypath", _AnyPath)
+
+
 class AcmeConnector(Connector):
     """ACME for servers, load balancers and Kubernetes clusters."""
 
@@ -126,6 +138,9 @@ class AcmeConnector(Connector):
 
     def blueprint(self) -> Blueprint:
         bp = Blueprint(f"acme_{self.context.name}", __name__)
+        # Before any rule: werkzeug's <path:> stops at an (encoded) newline, which would let
+        # such URLs fall through to the gateway's non-ACME 404.
+        bp.record_once(_install_any_path)
         bp.add_url_rule("/directory", "directory", self._directory, methods=["GET"])
         bp.add_url_rule("/new-nonce", "new_nonce", self._new_nonce, methods=["HEAD", "GET"])
         posts: dict[str, Callable[..., Response]] = {
@@ -146,8 +161,24 @@ class AcmeConnector(Connector):
         for index, (path, handler) in enumerate(posts.items()):
             bp.add_url_rule(path, f"post_{index}", self._pipeline(handler), methods=["POST"])
         bp.add_url_rule(
-            "/renewal-info/<path:cert_id>", "renewal_info", self._renewal_info, methods=["GET"]
+            "/renewal-info/<anypath:cert_id>", "renewal_info", self._renewal_info, methods=["GET"]
         )
+        # Routing errors never reach a blueprint's error handlers: other methods on these
+        # resources and unknown paths under the mount get their ACME problem from routes.
+        allowed = {
+            "/directory": ["GET"],
+            "/new-nonce": ["HEAD", "GET"],
+            "/renewal-info/<anypath:cert_id>": ["GET"],
+            **{path: ["POST"] for path in posts},
+        }
+        for index, (path, methods) in enumerate(allowed.items()):
+            others = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE") if m not in methods]
+            bp.add_url_rule(
+                path, f"not_allowed_{index}", self._not_allowed(methods), methods=others
+            )
+        every = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+        bp.add_url_rule("/", "unknown_root", self._unknown, methods=every)
+        bp.add_url_rule("/<anypath:anything>", "unknown", self._unknown, methods=every)
 
         @bp.errorhandler(405)
         def method_not_allowed(_error: Exception) -> Response:
@@ -291,6 +322,19 @@ class AcmeConnector(Connector):
         if retry_after is not None:
             response.headers["Retry-After"] = str(retry_after)
         return self._headers(response)
+
+    def _not_allowed(self, methods: list[str]) -> Callable[..., Response]:
+        def view(**_arguments: Any) -> Response:
+            response = self._problem(
+                AcmeProblem("malformed", f"{request.method} is not allowed here", status=405)
+            )
+            response.headers["Allow"] = ", ".join(methods)
+            return response
+
+        return view
+
+    def _unknown(self, **_arguments: Any) -> Response:
+        return self._problem(AcmeProblem("malformed", "no such resource", status=404))
 
     def _problem(self, problem: AcmeProblem) -> Response:
         body = {k: v for k, v in problem.to_json().items() if not k.startswith("_")}

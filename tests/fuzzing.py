@@ -9,7 +9,9 @@ Valid requests made by pkigate's own clients are mutated and sent over HTTP(S):
   signature into validation), or the signed body's bytes mutated; and finalize of a ready
   order for 127.0.0.1 (http-01 answered by the fuzzer) with mutated CSRs: their bytes, or
   validly signed ones asking for other names, a CA certificate, the account key. What is
-  issued must name exactly 127.0.0.1, certify the CSR's key and not be a CA;
+  issued must name exactly 127.0.0.1, certify the CSR's key and not be a CA; and
+  renewalInfo with a mutated certificate ID, revokeCert with a mutated certificate or
+  payload, keyChange with a mutated inner JWS;
 * OCSP: a request for the issuing CA mutated as bytes, by POST and by GET;
 * the management API: a certificate request (``POST /cas/{id}/certificates``, issuer
   token) mutated as JSON, or its CSR mutated inside valid JSON;
@@ -52,6 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 from cryptography import x509
@@ -67,6 +70,7 @@ if str(HERE) not in sys.path:
 from serving import PKIGATE, RunningServer, start_server  # noqa: E402
 
 from pkigate.acme import jws  # noqa: E402
+from pkigate.acme.renewal import cert_id  # noqa: E402
 from pkigate.adcs import soap  # noqa: E402
 from pkigate.adcs.directory import DevDirectory  # noqa: E402
 from pkigate.core import Core  # noqa: E402
@@ -617,6 +621,86 @@ class Fuzzer:
             if problem:
                 self.find("acme-finalize", mutation, problem)
 
+    def acme_more(self, iterations: int) -> None:
+        """renewalInfo with mutated certificate IDs, revokeCert with a mutated certificate
+        or payload, keyChange with a mutated inner JWS."""
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = str(self.server.tls_bundle)
+        client = AcmeClient(
+            f"{self.server.https_url}/acme/directory",
+            ec.generate_private_key(ec.SECP256R1()),
+            session,
+        )
+        client.register(["mailto:more@example.test"])
+        issued = self.api.post(
+            f"{self.server.https_url}/api/v1/cas/{self.issuing['id']}/certificates",
+            json=self.api_seed(),
+            timeout=TIMEOUT,
+        )
+        issued.raise_for_status()
+        self.results.delivered.add((self.issuing["id"], issued.json()["serial"]))
+        leaf = x509.load_pem_x509_certificate(issued.json()["certificate_pem"].encode())
+        leaf_der = leaf.public_bytes(serialization.Encoding.DER)
+        good_id = cert_id(leaf)
+        rng = self.rng
+        for _ in range(iterations):
+            kind = rng.randrange(3)
+            if kind == 0:
+                raw, mutation = mutate_bytes(rng, good_id.encode())
+                text = quote(raw.decode("latin-1"), safe="")
+                response = session.get(f"{client.directory['renewalInfo']}/{text}", timeout=TIMEOUT)
+                self.count("acme-more", response)
+                if not self.server_error("acme-more", f"renewalInfo {mutation}", response):
+                    self._acme_answer(
+                        f"renewalInfo {mutation}",
+                        response.status_code,
+                        response.headers,
+                        response.text,
+                    )
+                continue
+            url = client.directory["revokeCert" if kind == 1 else "keyChange"]
+            new_key = ec.generate_private_key(ec.SECP256R1())
+            if kind == 1:
+                payload: Any = {"certificate": jws.b64url_encode(leaf_der), "reason": 4}
+                if rng.random() < 0.6:
+                    der, mutation = mutate_bytes(rng, leaf_der)
+                    payload["certificate"] = jws.b64url_encode(der)
+                    mutation = f"revokeCert certificate {mutation}"
+                else:
+                    payload, mutation = mutate_json(rng, payload)
+                    mutation = f"revokeCert {mutation}"
+            else:
+                inner_payload: Any = {"account": client.account_url, "oldKey": client.jwk}
+                inner_header: Any = {"url": url, "jwk": jws.public_key_to_jwk(new_key.public_key())}
+                if rng.random() < 0.5:
+                    inner_payload, mutation = mutate_json(rng, inner_payload)
+                    mutation = f"keyChange inner payload {mutation}"
+                else:
+                    inner_header, mutation = mutate_json(rng, inner_header)
+                    mutation = f"keyChange inner header {mutation}"
+                if not isinstance(inner_header, dict):
+                    inner_header = {"protected": inner_header}
+                payload = json.loads(jws.sign(new_key, inner_header, dumps(inner_payload)))
+            answer = client.raw_post(url, client.signed_body(url, payload))
+            self.results.sent["acme-more"] += 1
+            self.results.statuses[f"acme-more {answer.status}"] += 1
+            if answer.status >= 500:
+                self.find("acme-more", mutation, f"HTTP {answer.status}: {answer.text[:300]}")
+                continue
+            if kind == 2 and answer.status < 300:
+                client.key = new_key  # the mutation left a valid roll-over: it happened
+            self._acme_answer(mutation, answer.status, answer.headers, answer.text)
+
+    def _acme_answer(self, mutation: str, status: int, headers: Any, text: str) -> None:
+        if status < 400:
+            return
+        if headers.get("Content-Type") != "application/problem+json":
+            self.find("acme-more", mutation, f"error as {headers.get('Content-Type')}")
+            return
+        if not str(json.loads(text).get("type", "")).startswith(ACME_ERROR):
+            self.find("acme-more", mutation, f"problem {text[:200]}")
+
     def _ready_order(self, client: AcmeClient) -> Any:
         assert self.responder is not None
         order = client.new_order([("ip", "127.0.0.1")])
@@ -911,6 +995,7 @@ TARGETS: dict[str, Callable[[Fuzzer, int], None]] = {
     "scep": Fuzzer.scep,
     "acme": Fuzzer.acme,
     "acme-finalize": Fuzzer.acme_finalize,
+    "acme-more": Fuzzer.acme_more,
     "ocsp": Fuzzer.ocsp,
     "api": Fuzzer.api_issue,
     "adcs": Fuzzer.adcs,

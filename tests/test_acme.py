@@ -524,6 +524,34 @@ def test_certificate_url_serves_a_pem_chain_with_links(env: Env) -> None:
     # GET is not how certificates are fetched (RFC 8555 7.4.2: POST-as-GET).
     plain = requests.get(done.body["certificate"], verify=str(env.server.tls_bundle), timeout=10)
     assert plain.status_code == 405
+    assert plain.headers["Content-Type"] == "application/problem+json"
+    assert plain.headers["Allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/acme/no-such-resource", 404),
+        ("POST", "/acme/order/x/y/z", 404),
+        ("GET", "/acme/", 404),
+        ("GET", "/acme/new-order", 405),
+        ("PUT", "/acme/directory", 405),
+        ("POST", "/acme/new-nonce", 405),
+        ("DELETE", "/acme/renewal-info/abc.def", 405),
+        ("GET", "/acme/no%0Asuch", 404),  # werkzeug's <path:> stops at a newline
+    ],
+)
+def test_unknown_resources_and_methods_get_acme_problems_with_a_nonce(
+    env: Env, method: str, path: str, status: int
+) -> None:
+    # Found by tests/fuzzing.py: routing errors escaped the connector as the gateway's JSON.
+    response = requests.request(
+        method, env.server.https_url + path, verify=str(env.server.tls_bundle), timeout=10
+    )
+    assert response.status_code == status
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert response.json()["type"] == "urn:ietf:params:acme:error:malformed"
+    assert response.headers["Replay-Nonce"]
 
 
 # -- revocation ------------------------------------------------------------------------------
