@@ -16,7 +16,6 @@ anything is changed.
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -336,7 +335,7 @@ def decode_cursor(cursor: str | None) -> int:
     try:
         text = base64.b64decode(cursor + "=" * (-len(cursor) % 4), b"-_", validate=True)
         match = _CURSOR.match(text.decode())
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 inside
         match = None
     if match is None:
         raise BadRequestError("query parameter 'cursor' is not one this server handed out")

@@ -14,11 +14,12 @@ Valid requests made by pkigate's own clients are mutated and sent over HTTP(S):
   payload, keyChange with a mutated inner JWS;
 * OCSP: a request for the issuing CA mutated as bytes, by POST and by GET;
 * the management API: a certificate request (``POST /cas/{id}/certificates``, issuer
-  token) mutated as JSON, or its CSR mutated inside valid JSON;
+  token) mutated as JSON, or its CSR mutated inside valid JSON; revocation (mutated
+  serial or body), CA tags and tokens (admin), listings with odd query parameters;
 * AD-style MS-WSTEP (a machine account of the development directory enrolling for the
   Machine template): the envelope's bytes, the CSR inside a valid envelope, a DOCTYPE
   (external entity, entity expansion, external DTD), LDAP filter and XML metacharacters
-  as user name, password or template.
+  as user name, password or template; and the JSON enrollment endpoint's body.
 
 Each answer must be what the protocol says for bad input (or, when a mutation left the
 request valid, the normal answer): never a 5xx; SCEP a CertRep or a 4xx; ACME a
@@ -789,6 +790,71 @@ class Fuzzer:
             except ValueError as exc:
                 self.find("ocsp", mutation, f"200 but no OCSPResponse: {exc}")
 
+    def api_more(self, iterations: int) -> None:
+        """Revocation (mutated serial and body, sometimes of a fresh certificate), CA tags
+        and tokens (admin), and certificate listings with mutated query parameters."""
+        base = f"{self.server.https_url}/api/v1"
+        ca = self.issuing["id"]
+        admin = self.server.session()
+        rng = self.rng
+        for _ in range(iterations):
+            kind = rng.randrange(4)
+            if kind == 0:
+                serial = "00"
+                if rng.random() < 0.3:
+                    issued = self.api.post(
+                        f"{base}/cas/{ca}/certificates", json=self.api_seed(), timeout=TIMEOUT
+                    )
+                    issued.raise_for_status()
+                    serial = issued.json()["serial"]
+                    self.results.delivered.add((ca, serial))
+                body: Any = {"reason": rng.choice(("KEY_COMPROMISE", "UNSPECIFIED", "SUPERSEDED"))}
+                if rng.random() < 0.5:
+                    body, mutation = mutate_json(rng, body)
+                else:
+                    raw, mutation = mutate_bytes(rng, serial.encode())
+                    serial = quote(raw.decode("latin-1"), safe="")
+                    mutation = f"serial {mutation}"
+                response = self.api.post(
+                    f"{base}/cas/{ca}/certificates/{serial}/revoke",
+                    data=dumps(body),
+                    headers={"Content-Type": "application/json"},
+                    timeout=TIMEOUT,
+                )
+                mutation = f"revoke {mutation}"
+            elif kind == 1:
+                tags, mutation = mutate_json(rng, {"tags": {"team": "pki", "env": "fuzz"}})
+                response = admin.put(
+                    f"{base}/cas/{ca}/tags",
+                    data=dumps(tags),
+                    headers={"Content-Type": "application/json"},
+                    timeout=TIMEOUT,
+                )
+                mutation = f"tags {mutation}"
+            elif kind == 2:
+                token, mutation = mutate_json(rng, {"name": "fuzz-token", "role": "auditor"})
+                response = admin.post(
+                    f"{base}/tokens",
+                    data=dumps(token),
+                    headers={"Content-Type": "application/json"},
+                    timeout=TIMEOUT,
+                )
+                mutation = f"token {mutation}"
+            else:
+                name = rng.choice(("limit", "cursor", "status", "expiring_within", "colour"))
+                value = rng.choice(QUERY_VALUES)
+                response = self.api.get(
+                    f"{base}/cas/{ca}/certificates", params={name: value}, timeout=TIMEOUT
+                )
+                mutation = f"list {name}={value[:20]!r}"
+            self.count("api-more", response)
+            if self.server_error("api-more", mutation, response):
+                continue
+            if response.status_code >= 400 and "json" not in response.headers.get(
+                "Content-Type", ""
+            ):
+                self.find("api-more", mutation, f"error as {response.headers.get('Content-Type')}")
+
     # -- AD-style (MS-WSTEP) -------------------------------------------------------------------
 
     def adcs(self, iterations: int) -> None:
@@ -807,7 +873,11 @@ class Fuzzer:
         )
         machine = self.machine
         rng = self.rng
+        pem = x509.load_der_x509_csr(csr).public_bytes(serialization.Encoding.PEM).decode()
         for _ in range(iterations):
+            if rng.random() < 0.2:
+                self._adcs_json(session, machine, pem)
+                continue
             username, password, template = machine.name, machine.password, "Machine"
             der = csr
             how = rng.randrange(4)
@@ -854,6 +924,31 @@ class Fuzzer:
                     self.results.delivered.add(
                         (self.issuing["id"], format(issued.serial_number, "x"))
                     )
+
+    def _adcs_json(self, session: requests.Session, machine: MachineAccount, pem: str) -> None:
+        """The JSON enrollment endpoint, its body mutated (as JSON or as bytes)."""
+        seed = {"template": "Machine", "csr": pem}
+        if self.rng.random() < 0.7:
+            mutated, mutation = mutate_json(self.rng, seed)
+            body = dumps(mutated)
+        else:
+            body, mutation = mutate_bytes(self.rng, dumps(seed))
+        response = session.post(
+            f"{self.server.https_url}/adcs/enroll",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            auth=(machine.name, machine.password),
+            timeout=TIMEOUT,
+        )
+        self.count("adcs", response)
+        mutation = f"json {mutation}"
+        if response.status_code not in (200, 202, 400, 401, 403, 404, 413):
+            self.find("adcs", mutation, f"HTTP {response.status_code}: {response.text[:300]}")
+        elif response.status_code == 200:
+            issued = x509.load_pem_x509_certificate(response.json()["certificate"].encode())
+            self.results.delivered.add((self.issuing["id"], format(issued.serial_number, "x")))
+        elif "json" not in response.headers.get("Content-Type", ""):
+            self.find("adcs", mutation, f"answer as {response.headers.get('Content-Type')}")
 
     # -- management API ------------------------------------------------------------------------
 
@@ -943,6 +1038,23 @@ def connectors_config(http01_port: int, directory: Directory | None) -> str:
     return text
 
 
+QUERY_VALUES = (
+    "",
+    "0",
+    "-1",
+    "99999999999999999999",
+    "ACTIVE",
+    "ISSUED",
+    "30d",
+    "1e9d",
+    "%00",
+    "bm9wZQ",
+    "A" * 3000,
+    "\u00e9",
+    "../../",
+)
+
+
 def check_server_and_store(
     server: RunningServer, results: Results, database_url: str | None = None
 ) -> None:
@@ -998,6 +1110,7 @@ TARGETS: dict[str, Callable[[Fuzzer, int], None]] = {
     "acme-more": Fuzzer.acme_more,
     "ocsp": Fuzzer.ocsp,
     "api": Fuzzer.api_issue,
+    "api-more": Fuzzer.api_more,
     "adcs": Fuzzer.adcs,
 }
 

@@ -909,6 +909,7 @@ BAD_INPUT = {
         "issuer", "POST", "/cas/no-such-ca/certificates", 404, "no-such-ca", json={"csr": "CSR"}
     ),
     "bad-cursor": bad("issuer", "GET", _ISSUE + "?cursor=bm9wZQ", 400, "'cursor'"),
+    "non-ascii-cursor": bad("issuer", "GET", _ISSUE + "?cursor=%C3%A9", 400, "'cursor'"),
     "zero-limit": bad("issuer", "GET", _ISSUE + "?limit=0", 400, "'limit'"),
     "bad-expiring-within": bad(
         "issuer", "GET", _ISSUE + "?expiring_within=soon", 400, "'expiring_within'"
