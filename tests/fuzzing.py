@@ -218,22 +218,23 @@ FINALIZE_NAME_SETS: tuple[list[x509.GeneralName], ...] = (
     [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.RFC822Name("a@127.0.0.1")],
 )
 FINALIZE_CNS = ("127.0.0.1", "evil.example.test", "127.0.0.2", "*", " 127.0.0.1")
+NO_KEY_USAGE = dict.fromkeys(
+    [
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    ],
+    False,
+)
 FINALIZE_EXTENSIONS: tuple[tuple[x509.ExtensionType, bool], ...] = (
     (x509.BasicConstraints(ca=True, path_length=None), True),
-    (
-        x509.KeyUsage(
-            digital_signature=True,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            key_cert_sign=True,
-            crl_sign=True,
-            encipher_only=False,
-            decipher_only=False,
-        ),
-        True,
-    ),
+    (x509.KeyUsage(**{**NO_KEY_USAGE, "key_cert_sign": True, "crl_sign": True}), True),
     (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE]), False),
     (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CODE_SIGNING]), False),
     (x509.NameConstraints([x509.DNSName("example.test")], None), True),
@@ -815,30 +816,16 @@ class Fuzzer:
                     raw, mutation = mutate_bytes(rng, serial.encode())
                     serial = quote(raw.decode("latin-1"), safe="")
                     mutation = f"serial {mutation}"
-                response = self.api.post(
-                    f"{base}/cas/{ca}/certificates/{serial}/revoke",
-                    data=dumps(body),
-                    headers={"Content-Type": "application/json"},
-                    timeout=TIMEOUT,
-                )
+                url = f"{base}/cas/{ca}/certificates/{serial}/revoke"
+                response = _send_json(self.api, "POST", url, body)
                 mutation = f"revoke {mutation}"
             elif kind == 1:
                 tags, mutation = mutate_json(rng, {"tags": {"team": "pki", "env": "fuzz"}})
-                response = admin.put(
-                    f"{base}/cas/{ca}/tags",
-                    data=dumps(tags),
-                    headers={"Content-Type": "application/json"},
-                    timeout=TIMEOUT,
-                )
+                response = _send_json(admin, "PUT", f"{base}/cas/{ca}/tags", tags)
                 mutation = f"tags {mutation}"
             elif kind == 2:
                 token, mutation = mutate_json(rng, {"name": "fuzz-token", "role": "auditor"})
-                response = admin.post(
-                    f"{base}/tokens",
-                    data=dumps(token),
-                    headers={"Content-Type": "application/json"},
-                    timeout=TIMEOUT,
-                )
+                response = _send_json(admin, "POST", f"{base}/tokens", token)
                 mutation = f"token {mutation}"
             else:
                 name = rng.choice(("limit", "cursor", "status", "expiring_within", "colour"))
@@ -1036,6 +1023,12 @@ def connectors_config(http01_port: int, directory: Directory | None) -> str:
             f'bind_dn = "{d.admin_dn}"\nbind_password = "{d.admin_password}"\n'
         )
     return text
+
+
+def _send_json(session: requests.Session, method: str, url: str, body: Any) -> requests.Response:
+    return session.request(
+        method, url, data=dumps(body), headers={"Content-Type": "application/json"}, timeout=TIMEOUT
+    )
 
 
 QUERY_VALUES = (

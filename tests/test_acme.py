@@ -476,13 +476,18 @@ def test_a_csr_that_does_not_match_the_order_is_bad_csr_and_changes_nothing(
     assert client.finalize(ready, good).body["status"] == "valid"
 
 
-def test_a_csr_that_cannot_be_parsed_is_bad_csr(env: Env) -> None:
+def _ready_order(env: Env, names: list[tuple[str, str]]) -> tuple[AcmeClient, Any, Any]:
+    """A new account's order for ``names``, solved: (client, order, the ready order)."""
     client = env.client()
     client.register()
-    names = [("dns", "unparsable.example.test")]
     order = client.new_order(names)
     _solve(env, client, order)
-    ready = client.wait(order.location or "", ["ready"])
+    return client, order, client.wait(order.location or "", ["ready"])
+
+
+def test_a_csr_that_cannot_be_parsed_is_bad_csr(env: Env) -> None:
+    names = [("dns", "unparsable.example.test")]
+    client, order, ready = _ready_order(env, names)
     csr = _csr(names)[0]
     der = csr.public_bytes(serialization.Encoding.DER)
     at = der.index(b"\x02\x01\x00")  # the first INTEGER: CertificationRequestInfo's version
@@ -499,12 +504,8 @@ def test_a_csr_that_cannot_be_parsed_is_bad_csr(env: Env) -> None:
 
 
 def test_a_csr_with_a_weak_key_is_refused(env: Env) -> None:
-    client = env.client()
-    client.register()
     names = [("dns", "weak.example.test")]
-    order = client.new_order(names)
-    _solve(env, client, order)
-    ready = client.wait(order.location or "", ["ready"])
+    client, _order, ready = _ready_order(env, names)
     small = rsa.generate_private_key(65537, 1024)  # noqa: S505 - the weak key under test
     with pytest.raises(AcmeClientError) as refused:
         client.finalize(ready, _csr(names, key=small)[0])
