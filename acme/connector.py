@@ -25,9 +25,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Response, jsonify, request
-from flask.blueprints import BlueprintSetupState
 from sqlalchemy import Connection
-from werkzeug.routing import PathConverter
 
 from pkigate.acme import jws
 from pkigate.acme.identifiers import IdentifierPolicy, parse_identifiers
@@ -81,16 +79,6 @@ class AcmeRequest:
         return self.parsed.json_payload()
 
 
-class _AnyPath(PathConverter):
-    """``<path:>`` that also matches newlines and other control characters."""
-
-    regex = r"[^/][\s\S]*?"
-
-
-def _install_any_path(state: BlueprintSetupState) -> None:
-    state.app.url_map.converters.setdefault("anypath", _AnyPath)
-
-
 class AcmeConnector(Connector):
     """ACME for servers, load balancers and Kubernetes clusters."""
 
@@ -138,9 +126,6 @@ class AcmeConnector(Connector):
 
     def blueprint(self) -> Blueprint:
         bp = Blueprint(f"acme_{self.context.name}", __name__)
-        # Before any rule: werkzeug's <path:> stops at an (encoded) newline, which would let
-        # such URLs fall through to the gateway's non-ACME 404.
-        bp.record_once(_install_any_path)
         bp.add_url_rule("/directory", "directory", self._directory, methods=["GET"])
         bp.add_url_rule("/new-nonce", "new_nonce", self._new_nonce, methods=["HEAD", "GET"])
         posts: dict[str, Callable[..., Response]] = {
@@ -161,24 +146,34 @@ class AcmeConnector(Connector):
         for index, (path, handler) in enumerate(posts.items()):
             bp.add_url_rule(path, f"post_{index}", self._pipeline(handler), methods=["POST"])
         bp.add_url_rule(
-            "/renewal-info/<anypath:cert_id>", "renewal_info", self._renewal_info, methods=["GET"]
+            "/renewal-info/<anytext:cert_id>",
+            "renewal_info",
+            self._renewal_info,
+            methods=["GET"],
+            merge_slashes=False,
         )
         # Routing errors never reach a blueprint's error handlers: other methods on these
         # resources and unknown paths under the mount get their ACME problem from routes.
         allowed = {
             "/directory": ["GET"],
             "/new-nonce": ["HEAD", "GET"],
-            "/renewal-info/<anypath:cert_id>": ["GET"],
+            "/renewal-info/<anytext:cert_id>": ["GET"],
             **{path: ["POST"] for path in posts},
         }
         for index, (path, methods) in enumerate(allowed.items()):
             others = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE") if m not in methods]
             bp.add_url_rule(
-                path, f"not_allowed_{index}", self._not_allowed(methods), methods=others
+                path,
+                f"not_allowed_{index}",
+                self._not_allowed(methods),
+                methods=others,
+                merge_slashes=False,
             )
         every = ["GET", "POST", "PUT", "PATCH", "DELETE"]
         bp.add_url_rule("/", "unknown_root", self._unknown, methods=every)
-        bp.add_url_rule("/<anypath:anything>", "unknown", self._unknown, methods=every)
+        bp.add_url_rule(
+            "/<anytext:anything>", "unknown", self._unknown, methods=every, merge_slashes=False
+        )
 
         @bp.errorhandler(405)
         def method_not_allowed(_error: Exception) -> Response:

@@ -11,7 +11,13 @@ from werkzeug.exceptions import HTTPException
 
 from pkigate.core.errors import PkigateError
 from pkigate.gateways import metrics
-from pkigate.gateways.http import assign_request_id, error_response, gateway, status_for
+from pkigate.gateways.http import (
+    AnyText,
+    assign_request_id,
+    error_response,
+    gateway,
+    status_for,
+)
 from pkigate.gateways.runtime import Gateway
 
 log = logging.getLogger("pkigate.http")
@@ -76,6 +82,7 @@ def create_app(gw: Gateway, listener: Literal["http", "https"]) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = gw.config.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.strict_slashes = False
+    app.url_map.converters["anytext"] = AnyText
 
     @app.before_request
     def start() -> None:

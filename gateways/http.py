@@ -13,6 +13,7 @@ from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
 from flask import Response, current_app, g, jsonify, request
+from werkzeug.routing import BaseConverter
 
 from pkigate.core.audit import Actor
 from pkigate.core.errors import (
@@ -139,6 +140,17 @@ def requires(*roles: Role) -> Callable[[Callable[P, R]], Callable[P, R]]:
         return wrapper
 
     return decorate
+
+
+class AnyText(BaseConverter):
+    """``<anytext:name>``: a path variable holding any characters, "/" included, even
+    leading or doubled, and newlines. Werkzeug's ``<path:>`` refuses a leading "/" and
+    stops at a newline; with slashes merged the router then redirects to another resource
+    (a SCEP transactionID "/9I/cz..." became "9I/cz..."). Routes using it also set
+    ``merge_slashes=False``. Registered on every app by ``create_app``."""
+
+    regex = r"[\s\S]+?"
+    part_isolating = False
 
 
 class MalformedJson(ValueError):

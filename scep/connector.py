@@ -355,7 +355,7 @@ class ScepConnector(Connector):
         def list_pending() -> Response:
             return jsonify([p.to_json() for p in self.approvals.pending()])
 
-        @bp.post("/pending/<path:transaction_id>/approve")
+        @bp.post("/pending/<anytext:transaction_id>/approve", merge_slashes=False)
         @requires(Role.ADMIN, Role.ISSUER)
         def approve_pending(transaction_id: str) -> Response:
             issued = self.approvals.approve(transaction_id, actor())
@@ -371,7 +371,7 @@ class ScepConnector(Connector):
                 }
             )
 
-        @bp.post("/pending/<path:transaction_id>/reject")
+        @bp.post("/pending/<anytext:transaction_id>/reject", merge_slashes=False)
         @requires(Role.ADMIN, Role.ISSUER)
         def reject_pending(transaction_id: str) -> Response:
             body = json_body({"reason": str}, required=("reason",))

@@ -540,6 +540,8 @@ def test_certificate_url_serves_a_pem_chain_with_links(env: Env) -> None:
         ("POST", "/acme/new-nonce", 405),
         ("DELETE", "/acme/renewal-info/abc.def", 405),
         ("GET", "/acme/no%0Asuch", 404),  # werkzeug's <path:> stops at a newline
+        ("GET", "/acme/renewal-info/%2Fab%2F%2Fcd", 400),  # not redirected to "ab/cd"
+        ("GET", "/acme//new-order", 404),  # not redirected to another resource
     ],
 )
 def test_unknown_resources_and_methods_get_acme_problems_with_a_nonce(

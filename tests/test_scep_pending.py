@@ -110,6 +110,24 @@ def test_pkcsreq_on_a_pending_connector_is_answered_pending_and_nothing_is_issue
     assert env.poll(device, "tid-1").status is PkiStatus.PENDING
 
 
+@pytest.mark.parametrize("action", ["approve", "reject"])
+def test_transaction_ids_with_any_base64_characters_can_be_approved_or_rejected(
+    env: PendingEnv, action: str
+) -> None:
+    # scepclient's transactionIDs are base64 (of the SHA-1 of its key): "/", "//", "+" and
+    # "=" reach the approval routes percent-encoded and must come out unchanged.
+    transaction_id = f"/9I//czfH+uXk/MAC=={action}"  # a leading "/" too: 1 ID in 64
+    assert env.enroll(Device.new(), transaction_id).status is PkiStatus.PENDING
+    quoted = urllib.parse.quote(transaction_id, safe="")
+    body = {"reason": "not ours"} if action == "reject" else None
+    answer = env.api.post(f"{PENDING_API}/{quoted}/{action}", headers=env.headers(), json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json["transaction_id"] == transaction_id
+    with env.gateway.core.store.read() as conn:
+        row = scep_store.get_transaction(conn, "mdm", transaction_id)
+    assert row is not None and row.status == ("ISSUED" if action == "approve" else "REJECTED")
+
+
 def test_a_wrong_challenge_is_refused_before_anything_is_held(env: PendingEnv) -> None:
     device = Device.new()
     rep = env.send(device, device.csr("wrong one!"), MessageType.PKCS_REQ, "tid-bad")
