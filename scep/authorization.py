@@ -14,6 +14,7 @@ import hmac
 import os
 import secrets
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,6 +32,13 @@ from pkigate.core.names import parse_dn
 from pkigate.core.store import IntegrityError
 from pkigate.core.store import scep as scep_store
 from pkigate.scep.messages import FailInfo, ReplyTo, ScepError
+
+ALREADY_USED = "the challenge password was already used"
+
+
+class AnsweredMeanwhile(Exception):
+    """A copy of this very request, running at the same time, was answered and recorded
+    first: its answer is this request's answer (not a refusal, not a second certificate)."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +163,7 @@ class ChallengeAuthority:
         if authorization.challenge_id is None:
             return
         if not scep_store.consume_challenge(conn, authorization.challenge_id, self._core.clock()):
-            raise ConflictError("the challenge password was already used")
+            raise ConflictError(ALREADY_USED)
 
     # -- checks --------------------------------------------------------------------------
 
@@ -166,8 +174,11 @@ class ChallengeAuthority:
         transaction_id: str,
         client_address: str,
         reply_to: ReplyTo,
+        answered_meanwhile: Callable[[], bool] = lambda: False,
     ) -> Authorization:
-        """Check the CSR's challengePassword; raises ScepError(badRequest) on refusal."""
+        """Check the CSR's challengePassword; raises ScepError(badRequest) on refusal, or
+        :class:`AnsweredMeanwhile` when the one-time challenge was spent by a copy of this
+        request that ``answered_meanwhile`` says was recorded since the caller looked."""
         now = self._core.clock()
         self._check_rate(transaction_id, client_address, now, reply_to)
         offered = challenge_password(csr)
@@ -178,6 +189,8 @@ class ChallengeAuthority:
                 return Authorization("static", {**evidence, "challenge": "static"})
             if self.policy.dynamic:
                 found = self._find_dynamic(offered, csr, now)
+                if found == ALREADY_USED and answered_meanwhile():
+                    raise AnsweredMeanwhile
                 if isinstance(found, str):
                     reason = found
                 else:
@@ -208,7 +221,7 @@ class ChallengeAuthority:
         if found is None:
             return "wrong challenge password"
         if found.used_at is not None:
-            return "the challenge password was already used"
+            return ALREADY_USED
         if found.expires_at <= now:
             return "the challenge password has expired"
         if found.subject is not None and parse_dn(found.subject) != csr.subject:

@@ -41,6 +41,7 @@ from pkigate.gateways.auth import Role
 from pkigate.gateways.connectors import Connector, ConnectorContext, ConnectorSettingsError
 from pkigate.gateways.http import actor, json_body, requires
 from pkigate.scep.authorization import (
+    AnsweredMeanwhile,
     Authorization,
     ChallengeAuthority,
     ChallengePolicy,
@@ -535,7 +536,16 @@ class ScepConnector(Connector):
             # A client retrying a transaction that succeeded (its reply was lost) gets the
             # same certificate again, not a second one; one still waiting, its status.
             return self._transaction_reply(signer, reply_to, previous)
-        authorization = self._authorize(message, csr, address)
+
+        def answered_meanwhile() -> bool:
+            with self.context.core.store.read() as conn:
+                now = scep_store.get_transaction(conn, self.context.name, transaction_id)
+            return now is not None and now != previous and now.csr_sha256 == csr_hash
+
+        try:
+            authorization = self._authorize(message, csr, address, answered_meanwhile)
+        except AnsweredMeanwhile:
+            return self._replay(signer, reply_to, transaction_id, csr_hash, address)
         if self.options.pending and authorization.kind != "renewal":
             try:
                 self.approvals.hold(
@@ -561,7 +571,7 @@ class ScepConnector(Connector):
             # stored and this transaction recorded together, or none of them (a process
             # killed half-way leaves nothing that would refuse the client's retry).
             if scep_store.get_transaction(conn, self.context.name, transaction_id) != previous:
-                raise _AnsweredMeanwhile
+                raise AnsweredMeanwhile
             self.authority.consume(conn, authorization)
             scep_store.record_transaction(
                 conn,
@@ -590,16 +600,10 @@ class ScepConnector(Connector):
                 correlation_id=transaction_id,
                 record_with=record,
             )
-        except (_AnsweredMeanwhile, IntegrityError):
+        except (AnsweredMeanwhile, IntegrityError):
             # A retry of this very transaction, running at the same time, was recorded
             # first (its certificate stands; this one was discarded): answer as it was.
-            with self.context.core.store.read() as conn:
-                answered = scep_store.get_transaction(conn, self.context.name, transaction_id)
-            if answered is None or answered.csr_sha256 != csr_hash:
-                reason = "the transactionID was already used for another request"
-                self.authority.refuse(transaction_id, address, reason)
-                raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to) from None
-            return self._transaction_reply(signer, reply_to, answered)
+            return self._replay(signer, reply_to, transaction_id, csr_hash, address)
         except PkigateError as exc:
             if authorization.kind == WEBHOOK_CHALLENGE:
                 self._notify_failure(transaction_id, exc.message)
@@ -616,8 +620,24 @@ class ScepConnector(Connector):
         )
         return self._success(signer, reply_to, [issued.certificate, *issued.chain[:-1]])
 
+    def _replay(
+        self, signer: Signer, reply_to: ReplyTo, transaction_id: str, csr_hash: str, address: str
+    ) -> Response:
+        """The answer a concurrent copy of this request got, which was recorded first."""
+        with self.context.core.store.read() as conn:
+            answered = scep_store.get_transaction(conn, self.context.name, transaction_id)
+        if answered is None or answered.csr_sha256 != csr_hash:
+            reason = "the transactionID was already used for another request"
+            self.authority.refuse(transaction_id, address, reason)
+            raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to) from None
+        return self._transaction_reply(signer, reply_to, answered)
+
     def _authorize(
-        self, message: PkiMessage, csr: x509.CertificateSigningRequest, address: str
+        self,
+        message: PkiMessage,
+        csr: x509.CertificateSigningRequest,
+        address: str,
+        answered_meanwhile: Callable[[], bool],
     ) -> Authorization:
         reply_to = message.reply_to
         transaction_id = message.transaction_id
@@ -656,7 +676,11 @@ class ScepConnector(Connector):
         if self.options.webhook is not None:
             return self._authorize_by_webhook(self.options.webhook, message, csr, address)
         return self.authority.authorize_enrollment(
-            csr, transaction_id=transaction_id, client_address=address, reply_to=reply_to
+            csr,
+            transaction_id=transaction_id,
+            client_address=address,
+            reply_to=reply_to,
+            answered_meanwhile=answered_meanwhile,
         )
 
     def _authorize_by_webhook(
@@ -870,11 +894,6 @@ def decode_get_message(query_string: bytes) -> bytes:
         except (binascii.Error, ValueError):
             raise ValueError("the message parameter is not base64") from None
     raise ValueError("PKIOperation by GET needs a message parameter")
-
-
-class _AnsweredMeanwhile(Exception):
-    """Raised in the core's transaction: the SCEP transaction was recorded by a concurrent
-    retry since it was read, so this issuance is discarded."""
 
 
 def _fail_info_for(error: PkigateError) -> FailInfo:

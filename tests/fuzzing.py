@@ -19,7 +19,8 @@ Valid requests made by pkigate's own clients are mutated and sent over HTTP(S):
 * AD-style MS-WSTEP (a machine account of the development directory enrolling for the
   Machine template): the envelope's bytes, the CSR inside a valid envelope, a DOCTYPE
   (external entity, entity expansion, external DTD), LDAP filter and XML metacharacters
-  as user name, password or template; and the JSON enrollment endpoint's body.
+  as user name, password or template; MS-XCEP GetPolicies the same way; and the JSON
+  enrollment endpoint's body.
 
 Each answer must be what the protocol says for bad input (or, when a mutation left the
 request valid, the normal answer): never a 5xx; SCEP a CertRep or a 4xx; ACME a
@@ -395,6 +396,15 @@ class Fuzzer:
             signer = self_signed(key, subject)
             devices.append((key, signer, certificate_request(key, subject, challenge)))
         for _ in range(iterations):
+            if self.rng.random() < 0.1:  # the other operations, with odd parameters
+                operation = self.rng.choice(SCEP_OPERATIONS)
+                message = self.rng.choice(QUERY_VALUES)
+                response = self.plain.get(
+                    url, params={"operation": operation, "message": message}, timeout=TIMEOUT
+                )
+                self.count("scep", response)
+                self.server_error("scep", f"GET {operation} message={message[:20]!r}", response)
+                continue
             key, signer, csr = self.rng.choice(devices)
             body, mutation = self._scep_message(ca.recipient, key, signer, csr)
             if self.rng.random() < 0.25:
@@ -879,21 +889,30 @@ class Fuzzer:
                 password = weird if field_name == "password" else password
                 template = weird if field_name == "template" else template
                 mutation = f"{field_name} {weird[:24]!r}"
-            body = soap.build_rst_issue(
-                url,
-                der,
-                f"urn:uuid:{uuid.uuid4()}",
-                username,
-                password,
-                additional_context=(("CertificateTemplate", template),),
-            )
+            target = url
+            if rng.random() < 0.15:  # MS-XCEP GetPolicies instead of an enrollment
+                target = f"{self.server.https_url}/adcs/cep"
+                body = soap.build_get_policies_request(
+                    target, f"urn:uuid:{uuid.uuid4()}", username, password
+                )
+                mutation = f"GetPolicies {mutation}"
+            else:
+                body = soap.build_rst_issue(
+                    url,
+                    der,
+                    f"urn:uuid:{uuid.uuid4()}",
+                    username,
+                    password,
+                    additional_context=(("CertificateTemplate", template),),
+                )
             if how == 0:
-                body, mutation = mutate_bytes(rng, body)
-                mutation = f"envelope {mutation}"
+                body, mutated = mutate_bytes(rng, body)
+                mutation = f"{mutation} envelope {mutated}"
             elif how == 2:
-                body, mutation = _with_doctype(rng, body)
+                body, mutated = _with_doctype(rng, body)
+                mutation = f"{mutation} {mutated}"
             response = session.post(
-                url, data=body, headers={"Content-Type": SOAP_TYPE}, timeout=TIMEOUT
+                target, data=body, headers={"Content-Type": SOAP_TYPE}, timeout=TIMEOUT
             )
             self.count("adcs", response)
             if b"root:x:0:0" in response.content:
@@ -904,7 +923,7 @@ class Fuzzer:
             if not response.headers.get("Content-Type", "").startswith("application/soap+xml"):
                 self.find("adcs", mutation, f"answer as {response.headers.get('Content-Type')}")
                 continue
-            if response.status_code == 200:
+            if response.status_code == 200 and target == url:
                 result = soap.parse_rstr(response.content)
                 if result.status == "issued" and result.certificate_der is not None:
                     issued = x509.load_der_x509_certificate(result.certificate_der)
@@ -1031,6 +1050,15 @@ def _send_json(session: requests.Session, method: str, url: str, body: Any) -> r
     )
 
 
+SCEP_OPERATIONS = (
+    "GetCACaps",
+    "GetCACert",
+    "GetNextCACert",
+    "PKIOperation",
+    "getcacert",
+    "",
+    "GetCRL",
+)
 QUERY_VALUES = (
     "",
     "0",

@@ -751,6 +751,40 @@ def test_a_process_killed_while_recording_leaves_nothing_and_the_retry_succeeds(
     assert recorded.serial == format(rep.certificates[0].serial_number, "x")
 
 
+def test_a_copy_whose_challenge_its_twin_spent_meanwhile_gets_the_twins_answer(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interleaving behind a flaky CI run of the concurrent test below: copy B looked
+    the transaction up before copy A recorded it, then found the one-time challenge spent
+    (by A). B must get A's certificate, not a refusal that counts as a failed challenge."""
+    from pkigate.scep import connector as scep_connector
+
+    created = new_challenge(env)
+    device = Device.new()
+    body = device.message(env.ra, device.csr(created["challenge"]), transaction_id="tid-late")
+    first = device.read(env, post(env.client, body).data)
+    assert first.status is PkiStatus.SUCCESS
+    before = certificate_count(env)
+    lookups = [0]
+    real_lookup = scep_connector.scep_store.get_transaction
+
+    def stale_first_lookup(conn: Any, connector: str, transaction_id: str) -> Any:
+        lookups[0] += 1
+        return None if lookups[0] == 1 else real_lookup(conn, connector, transaction_id)
+
+    monkeypatch.setattr(scep_connector.scep_store, "get_transaction", stale_first_lookup)
+    second = device.read(env, post(env.client, body).data)
+    assert second.status is PkiStatus.SUCCESS, second.fail_info_text
+    assert second.certificates[0] == first.certificates[0]
+    assert certificate_count(env) == before
+    refusals = [
+        e
+        for e in env.gateway.core.audit.events()
+        if e.action == "scep.enroll" and e.result == "failure"
+    ]
+    assert refusals == []
+
+
 def test_a_concurrent_retry_of_one_transaction_issues_once(env: Env) -> None:
     """Two copies of one request racing: one certificate is stored and both get it."""
     import threading
