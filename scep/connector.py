@@ -557,7 +557,13 @@ class ScepConnector(Connector):
                     client=Actor(f"scep-client:{address}", self.context.name),
                     also=lambda conn: self.authority.consume(conn, authorization),
                 )
-            except PkigateError as exc:
+            except (PkigateError, IntegrityError) as exc:
+                # A copy of this request held first (it spent the challenge, or recorded
+                # the transaction): its answer is this one's.
+                if answered_meanwhile():
+                    return self._replay(signer, reply_to, transaction_id, csr_hash, address)
+                if not isinstance(exc, PkigateError):
+                    raise
                 self.authority.refuse(transaction_id, address, exc.message)
                 raise ScepError(_fail_info_for(exc), exc.message, reply_to) from exc
             log.info(

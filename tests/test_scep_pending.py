@@ -128,6 +128,47 @@ def test_transaction_ids_with_any_base64_characters_can_be_approved_or_rejected(
     assert row is not None and row.status == ("ISSUED" if action == "approve" else "REJECTED")
 
 
+def test_a_copy_held_meanwhile_by_its_twin_gets_the_pending_answer(
+    env: PendingEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Copy B looked its transaction up, and checked the one-time challenge, before copy A
+    # held the request and spent the challenge; B's hold then finds it spent. B is answered
+    # PENDING like A, not refused for a spent challenge.
+    from pkigate.scep import connector as scep_connector
+
+    created = env.api.post(
+        "/api/v1/connectors/mdm/challenges", json={}, headers=env.headers(Role.ADMIN)
+    )
+    assert created.status_code == 201, created.text
+    # Both copies checked the challenge before either spent it: B's check answers as A's did.
+    from pkigate.scep.authorization import ChallengeAuthority
+
+    checks: list[Any] = []
+    real_check = ChallengeAuthority._find_dynamic
+
+    def check_before_a_spent_it(self: Any, *args: Any) -> Any:
+        checks.append(checks[0] if checks else real_check(self, *args))
+        return checks[-1]
+
+    monkeypatch.setattr(ChallengeAuthority, "_find_dynamic", check_before_a_spent_it)
+    device = Device.new()
+    csr = device.csr(created.json["challenge"])  # one-time: the twin spends it
+    assert env.send(device, csr, MessageType.PKCS_REQ, "tid-twin").status is PkiStatus.PENDING
+    lookups = [0]
+    real_lookup = scep_connector.scep_store.get_transaction
+
+    def stale_first_lookup(conn: Any, connector: str, transaction_id: str) -> Any:
+        lookups[0] += 1
+        return None if lookups[0] == 1 else real_lookup(conn, connector, transaction_id)
+
+    monkeypatch.setattr(scep_connector.scep_store, "get_transaction", stale_first_lookup)
+    rep = env.send(device, csr, MessageType.PKCS_REQ, "tid-twin")
+    assert rep.status is PkiStatus.PENDING, rep.fail_info_text
+    listed = env.api.get(PENDING_API, headers=env.headers()).json
+    assert [p["transaction_id"] for p in listed] == ["tid-twin"]
+    assert len(checks) == 2  # B did get past the challenge check
+
+
 def test_a_wrong_challenge_is_refused_before_anything_is_held(env: PendingEnv) -> None:
     device = Device.new()
     rep = env.send(device, device.csr("wrong one!"), MessageType.PKCS_REQ, "tid-bad")
