@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -94,3 +95,19 @@ def fresh_postgres_database(server: str) -> str:
     with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return f"{server}/{name}"
+
+
+def stale_first_scep_transaction_lookup(monkeypatch: Any) -> None:
+    """The SCEP connector's next transaction lookup answers "none yet", as it does for a
+    copy of a request that looked before its concurrent twin recorded it; later lookups
+    read the store."""
+    from pkigate.scep import connector as scep_connector
+
+    lookups = [0]
+    real_lookup = scep_connector.scep_store.get_transaction
+
+    def stale_first_lookup(conn: Any, connector: str, transaction_id: str) -> Any:
+        lookups[0] += 1
+        return None if lookups[0] == 1 else real_lookup(conn, connector, transaction_id)
+
+    monkeypatch.setattr(scep_connector.scep_store, "get_transaction", stale_first_lookup)

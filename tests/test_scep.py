@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID
 from flask.testing import FlaskClient
+from helpers import stale_first_scep_transaction_lookup
 from sqlalchemy import func, select
 
 from pkigate.core import Actor
@@ -757,22 +758,13 @@ def test_a_copy_whose_challenge_its_twin_spent_meanwhile_gets_the_twins_answer(
     """The interleaving behind a flaky CI run of the concurrent test below: copy B looked
     the transaction up before copy A recorded it, then found the one-time challenge spent
     (by A). B must get A's certificate, not a refusal that counts as a failed challenge."""
-    from pkigate.scep import connector as scep_connector
-
     created = new_challenge(env)
     device = Device.new()
     body = device.message(env.ra, device.csr(created["challenge"]), transaction_id="tid-late")
     first = device.read(env, post(env.client, body).data)
     assert first.status is PkiStatus.SUCCESS
     before = certificate_count(env)
-    lookups = [0]
-    real_lookup = scep_connector.scep_store.get_transaction
-
-    def stale_first_lookup(conn: Any, connector: str, transaction_id: str) -> Any:
-        lookups[0] += 1
-        return None if lookups[0] == 1 else real_lookup(conn, connector, transaction_id)
-
-    monkeypatch.setattr(scep_connector.scep_store, "get_transaction", stale_first_lookup)
+    stale_first_scep_transaction_lookup(monkeypatch)
     second = device.read(env, post(env.client, body).data)
     assert second.status is PkiStatus.SUCCESS, second.fail_info_text
     assert second.certificates[0] == first.certificates[0]

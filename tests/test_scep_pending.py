@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from flask.testing import FlaskClient
+from helpers import stale_first_scep_transaction_lookup
 from test_scep import Device, load_certs_only
 
 from pkigate.core import Actor, Requester
@@ -134,8 +135,6 @@ def test_a_copy_held_meanwhile_by_its_twin_gets_the_pending_answer(
     # Copy B looked its transaction up, and checked the one-time challenge, before copy A
     # held the request and spent the challenge; B's hold then finds it spent. B is answered
     # PENDING like A, not refused for a spent challenge.
-    from pkigate.scep import connector as scep_connector
-
     created = env.api.post(
         "/api/v1/connectors/mdm/challenges", json={}, headers=env.headers(Role.ADMIN)
     )
@@ -154,14 +153,7 @@ def test_a_copy_held_meanwhile_by_its_twin_gets_the_pending_answer(
     device = Device.new()
     csr = device.csr(created.json["challenge"])  # one-time: the twin spends it
     assert env.send(device, csr, MessageType.PKCS_REQ, "tid-twin").status is PkiStatus.PENDING
-    lookups = [0]
-    real_lookup = scep_connector.scep_store.get_transaction
-
-    def stale_first_lookup(conn: Any, connector: str, transaction_id: str) -> Any:
-        lookups[0] += 1
-        return None if lookups[0] == 1 else real_lookup(conn, connector, transaction_id)
-
-    monkeypatch.setattr(scep_connector.scep_store, "get_transaction", stale_first_lookup)
+    stale_first_scep_transaction_lookup(monkeypatch)
     rep = env.send(device, csr, MessageType.PKCS_REQ, "tid-twin")
     assert rep.status is PkiStatus.PENDING, rep.fail_info_text
     listed = env.api.get(PENDING_API, headers=env.headers()).json
