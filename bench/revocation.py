@@ -73,7 +73,9 @@ from pkigate.core.names import parse_dn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from _peers import cpu_seconds, process_tree  # noqa: E402
-from serving import RunningServer, free_port, start_server  # noqa: E402
+from serving import RunningServer, start_server  # noqa: E402
+
+from pkigate.devsim.spawn import free_port  # noqa: E402
 
 ACTOR = Actor("bench", "bench")
 TARGET_OCSP_PER_S = 5000

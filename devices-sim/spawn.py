@@ -163,23 +163,32 @@ class ServeProcess:
     ready and writes the TLS root to :attr:`tls_bundle`.
     """
 
-    def __init__(self, base_dir: Path, ready_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        ready_timeout: float = 120.0,
+        *,
+        data_dir: Path | None = None,
+        config: Path | None = None,
+        log_path: Path | None = None,
+        tls_bundle: Path | None = None,
+    ) -> None:
         self.base_dir = base_dir
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        self.data_dir = self.base_dir / "data"
+        self.data_dir = data_dir or self.base_dir / "data"
         self.ready_timeout = ready_timeout
         self.http_port, self.https_port = free_port(), free_port()
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.https_url = f"https://127.0.0.1:{self.https_port}"
-        self.config = self.base_dir / "pkigate.toml"
-        self.log_path = self.base_dir / "pkigate.log"
-        self.tls_bundle.unlink(missing_ok=True)  # a root from an earlier run in this directory
+        self.config = config or self.base_dir / "pkigate.toml"
+        self.log_path = log_path or self.base_dir / "pkigate.log"
+        if tls_bundle is None:
+            self.tls_bundle = self.base_dir / "root.pem"
+            self.tls_bundle.unlink(missing_ok=True)  # an earlier run's, in this directory
+        else:
+            self.tls_bundle = tls_bundle  # the caller's: it stays with the data it belongs to
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
-
-    @property
-    def tls_bundle(self) -> Path:
-        return self.base_dir / "root.pem"
 
     @property
     def token(self) -> str:
@@ -224,12 +233,14 @@ class ServeProcess:
         process.wait(30)
         self._close_log()
 
-    def stop(self) -> None:
-        """SIGTERM the process group (gunicorn finishes its requests), SIGKILL if slow."""
+    def stop(self) -> int | None:
+        """SIGTERM the process group (gunicorn finishes its requests), SIGKILL if slow; the
+        exit status of `pkigate serve` (None if it was not running)."""
         process, self._process = self._process, None
         if process is not None:
             stop_process_group(process, timeout=20)
         self._close_log()
+        return None if process is None else process.returncode
 
     def __enter__(self) -> Self:
         self.start()
@@ -262,7 +273,7 @@ class ServeProcess:
         session.trust_env = False
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"pkigate serve exited early:\n{self.log_tail()}")
+                raise self._exited_early()
             try:
                 if session.get(f"{self.http_url}/readyz", timeout=2).status_code == 200:
                     if not self.tls_bundle.exists():
@@ -276,6 +287,9 @@ class ServeProcess:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"pkigate serve not ready in {self.ready_timeout}s:\n{self.log_tail()}")
+
+    def _exited_early(self) -> Exception:
+        return RuntimeError(f"pkigate serve exited early:\n{self.log_tail()}")
 
     def _write_root(self, session: requests.Session) -> None:
         """The root, found by following the AIA of the HTTPS certificate's issuer over

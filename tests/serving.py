@@ -2,38 +2,39 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-from pkigate.devsim.spawn import free_port
+from pkigate.devsim.spawn import ServeProcess
 
 PKIGATE = str(Path(sys.executable).parent / "pkigate")
 
 
-@dataclass
-class RunningServer:
-    process: subprocess.Popen[str]
-    data_dir: Path
-    http_url: str
-    https_url: str
-    log: Path
+class RunningServer(ServeProcess):
+    """`pkigate serve` in the data directory a test names, with its configuration and log
+    beside it (``<data_dir>.toml``, ``<data_dir>.log``) and the TLS root in its ``tls``
+    folder; starting, readiness and stopping are the simulator's (``ServeProcess``)."""
+
+    def __init__(self, data_dir: Path, timeout: float) -> None:
+        super().__init__(
+            data_dir.parent,
+            timeout,
+            data_dir=data_dir,
+            config=data_dir.parent / f"{data_dir.name}.toml",
+            log_path=data_dir.parent / f"{data_dir.name}.log",
+            tls_bundle=data_dir / "tls" / "root.pem",
+        )
+
+    @property
+    def log(self) -> Path:
+        return self.log_path
 
     @property
     def admin_token(self) -> str:
-        return (self.data_dir / "admin-token").read_text().strip()
-
-    @property
-    def tls_bundle(self) -> Path:
-        """The root that signed the HTTPS certificate, for `verify=`."""
-        return self.data_dir / "tls" / "root.pem"
+        return self.token
 
     def session(self, token: str | None = None) -> requests.Session:
         session = requests.Session()
@@ -43,15 +44,11 @@ class RunningServer:
         session.headers["Authorization"] = f"Bearer {token or self.admin_token}"
         return session
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-        return self.process.returncode
+    def _exited_early(self) -> Exception:
+        log = self.log_tail(1_000_000)
+        if "Can't connect to" in log or "Address already in use" in log:
+            return PortTaken(f"a listener's port was taken:\n{log[-2000:]}")
+        return super()._exited_early()
 
 
 def start_server(
@@ -91,69 +88,16 @@ def _start_server(
     extra_config: str,
     timeout: float,
 ) -> RunningServer:
-    http_port, https_port = free_port(), free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    config = data_dir.parent / f"{data_dir.name}.toml"
-    config.write_text(
+    server = RunningServer(data_dir, timeout)
+    server.config.write_text(
         f'data_dir = "{data_dir}"\n'
         + (f'database_url = "{database_url}"\n' if database_url else "")
-        + f'[listeners]\nhttp = "127.0.0.1:{http_port}"\nhttps = "127.0.0.1:{https_port}"\n'
+        + f"workers = {workers}\n"
+        + f'[listeners]\nhttp = "127.0.0.1:{server.http_port}"\n'
+        + f'https = "127.0.0.1:{server.https_port}"\n'
         + extra_config
     )
-    log = data_dir.parent / f"{data_dir.name}.log"
-    process = subprocess.Popen(
-        [PKIGATE, "serve", "--config", str(config), "--workers", str(workers)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    server = RunningServer(
-        process, data_dir, f"http://127.0.0.1:{http_port}", f"https://127.0.0.1:{https_port}", log
-    )
-    try:
-        _wait_until_ready(server, timeout)
-    except BaseException:
-        server.stop()  # never leave a server behind when the start fails
-        raise
+    server.log_path.write_bytes(b"")  # this start's log only
+    server.start()  # stops what it started if the server never becomes ready
     return server
-
-
-def _wait_until_ready(server: RunningServer, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            log = server.log.read_text()
-            if "Can't connect to" in log or "Address already in use" in log:
-                raise PortTaken(f"a listener's port was taken:\n{log[-2000:]}")
-            raise RuntimeError(f"pkigate serve exited early:\n{log}")
-        try:
-            ready_http = requests.get(f"{server.http_url}/readyz", timeout=2).status_code
-            if not server.tls_bundle.exists():
-                _write_root(server)
-            ready_https = requests.get(
-                f"{server.https_url}/readyz", timeout=2, verify=str(server.tls_bundle)
-            ).status_code
-            if ready_http == ready_https == 200:
-                return
-        except (requests.RequestException, FileNotFoundError):  # not up yet, or busy
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"pkigate serve not ready in {timeout}s:\n{server.log.read_text()}")
-
-
-def _write_root(server: RunningServer) -> None:
-    """Fetch the root over plain HTTP (its AIA URL), as a client bootstrapping trust would."""
-    chain = (server.data_dir / "tls" / "server.pem").read_text()
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    issuer = x509.load_pem_x509_certificates(chain.encode())[-1]
-    aia = issuer.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
-    url = next(
-        d.access_location.value
-        for d in aia
-        if d.access_method == x509.oid.AuthorityInformationAccessOID.CA_ISSUERS
-    )
-    root = x509.load_der_x509_certificate(requests.get(url, timeout=5).content)
-    server.tls_bundle.write_bytes(root.public_bytes(serialization.Encoding.PEM))

@@ -14,11 +14,12 @@ from acme_clients import Certbot, Lego
 from acme_support import check_issued
 from challtestsrv import ChallTestServer
 from cryptography import x509
-from serving import RunningServer, free_port, start_server
+from serving import RunningServer, start_server
 from sqlalchemy import select
 
 from pkigate.core import Core
 from pkigate.core.store import schema
+from pkigate.devsim.spawn import free_port
 
 
 @dataclass
