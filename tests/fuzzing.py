@@ -69,6 +69,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from helpers import key_usage  # noqa: E402
 from serving import PKIGATE, RunningServer, start_server  # noqa: E402
 
 from pkigate.acme import jws  # noqa: E402
@@ -219,23 +220,9 @@ FINALIZE_NAME_SETS: tuple[list[x509.GeneralName], ...] = (
     [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.RFC822Name("a@127.0.0.1")],
 )
 FINALIZE_CNS = ("127.0.0.1", "evil.example.test", "127.0.0.2", "*", " 127.0.0.1")
-NO_KEY_USAGE = dict.fromkeys(
-    [
-        "digital_signature",
-        "content_commitment",
-        "key_encipherment",
-        "data_encipherment",
-        "key_agreement",
-        "key_cert_sign",
-        "crl_sign",
-        "encipher_only",
-        "decipher_only",
-    ],
-    False,
-)
 FINALIZE_EXTENSIONS: tuple[tuple[x509.ExtensionType, bool], ...] = (
     (x509.BasicConstraints(ca=True, path_length=None), True),
-    (x509.KeyUsage(**{**NO_KEY_USAGE, "key_cert_sign": True, "crl_sign": True}), True),
+    (key_usage("key_cert_sign", "crl_sign"), True),
     (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE]), False),
     (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CODE_SIGNING]), False),
     (x509.NameConstraints([x509.DNSName("example.test")], None), True),

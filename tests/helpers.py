@@ -111,3 +111,23 @@ def stale_first_scep_transaction_lookup(monkeypatch: Any) -> None:
         return None if lookups[0] == 1 else real_lookup(conn, connector, transaction_id)
 
     monkeypatch.setattr(scep_connector.scep_store, "get_transaction", stale_first_lookup)
+
+
+def key_usage(*names: str) -> x509.KeyUsage:
+    """A KeyUsage asserting exactly ``names`` (its attribute names, e.g. "crl_sign")."""
+    return x509.KeyUsage(
+        **{
+            attr: attr in names
+            for attr in (
+                "digital_signature",
+                "content_commitment",
+                "key_encipherment",
+                "data_encipherment",
+                "key_agreement",
+                "key_cert_sign",
+                "crl_sign",
+                "encipher_only",
+                "decipher_only",
+            )
+        }
+    )

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID, ObjectIdentifier
+from helpers import key_usage
 from pkilint import document, loader, validation
 from pkilint.bin import lint_pkix_signer_signee_cert_chain as pkilint_chain
 from pkilint.pkix import certificate as pkilint_certificate
@@ -128,7 +129,7 @@ def api_passthrough_for(template: Template) -> ApiPassthrough | None:
     )
 
 
-def expected_key_usage(template: Template, subject_key: object) -> frozenset[str]:
+def expectedkey_usage(template: Template, subject_key: object) -> frozenset[str]:
     """The template's key usage, or the passthrough's for a Blank template.
 
     RFC 8813: an EC subject key cannot serve keyEncipherment, so end-entity templates drop it.
@@ -480,7 +481,7 @@ def test_template_output_carries_the_templates_basic_constraints_and_usages(
         )
         if getattr(ku, attr)
     }
-    assert asserted == expected_key_usage(template, subject_key)
+    assert asserted == expectedkey_usage(template, subject_key)
     try:
         eku = tuple(extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
@@ -541,7 +542,7 @@ def test_issued_chain_passes_pyhanko_certvalidator_path_and_usage_validation(
     subject_key = (ec_hierarchy if hierarchy == "EC" else rsa_hierarchy).subject_key
     result = issued(hierarchy, template)
     intermediates, root = _chain_parts(result)
-    key_usage = {_KU_ASN1_NAMES[u] for u in expected_key_usage(template, subject_key)}
+    key_usage = {_KU_ASN1_NAMES[u] for u in expectedkey_usage(template, subject_key)}
     ekus = {asn1_x509.KeyPurposeId.map(o.dotted_string) for o in expected_eku(template)}
 
     path = pyhanko_validate(result.certificate, intermediates, root, key_usage, ekus)
@@ -580,25 +581,6 @@ def test_subordinate_template_deeper_than_issuing_ca_path_length_is_refused(
 _BLANK_EE = "BlankEndEntityCertificate_APICSRPassthrough/V1"
 
 
-def _key_usage(*names: str) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        **{
-            attr: attr in names
-            for attr in (
-                "digital_signature",
-                "content_commitment",
-                "key_encipherment",
-                "data_encipherment",
-                "key_agreement",
-                "key_cert_sign",
-                "crl_sign",
-                "encipher_only",
-                "decipher_only",
-            )
-        }
-    )
-
-
 @pytest.mark.parametrize("source", ["api", "csr"])
 def test_passthrough_key_usage_never_gives_an_ec_key_key_encipherment(
     source: str, ec_hierarchy: Hierarchy
@@ -611,7 +593,7 @@ def test_passthrough_key_usage_never_gives_an_ec_key_key_encipherment(
     )
     if source == "csr":
         builder = builder.add_extension(
-            _key_usage("digital_signature", "key_encipherment"), critical=True
+            key_usage("digital_signature", "key_encipherment"), critical=True
         )
     result = ec_hierarchy.core.issue(
         IssuanceRequest(
@@ -642,7 +624,7 @@ def test_custom_extension_cannot_carry_a_key_usage_that_policy_would_refuse(
     template = TemplateCatalogue().get(_BLANK_EE)
     smuggled = CustomExtension(
         ExtensionOID.KEY_USAGE,
-        _key_usage("digital_signature", "key_cert_sign", "crl_sign").public_bytes(),
+        key_usage("digital_signature", "key_cert_sign", "crl_sign").public_bytes(),
         critical=True,
     )
 
