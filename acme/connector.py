@@ -175,21 +175,11 @@ class AcmeConnector(Connector):
             "/<anytext:anything>", "unknown", self._unknown, methods=every, merge_slashes=False
         )
 
-        @bp.errorhandler(405)
-        def method_not_allowed(_error: Exception) -> Response:
-            return self._problem(
-                AcmeProblem("malformed", f"{request.method} is not allowed here", status=405)
-            )
-
         @bp.errorhandler(413)
         def too_large(_error: Exception) -> Response:
             return self._problem(
                 AcmeProblem("malformed", "the request body is too large", status=413)
             )
-
-        @bp.errorhandler(404)
-        def not_found(_error: Exception) -> Response:
-            return self._problem(AcmeProblem("malformed", "no such resource", status=404))
 
         return bp
 

@@ -46,7 +46,6 @@ import ipaddress
 import json
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,7 +69,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from helpers import key_usage  # noqa: E402
-from serving import PKIGATE, RunningServer, start_server  # noqa: E402
+from serving import RunningServer, start_server  # noqa: E402
 
 from pkigate.acme import jws  # noqa: E402
 from pkigate.acme.renewal import cert_id  # noqa: E402
@@ -1142,7 +1141,7 @@ def run(
         )
         try:
             if directory is not None:
-                publish_machine_template(data_dir)
+                server.publish("adcs", "Machine")  # the CA enrolls for Machine
             machine = directory.machine if directory else None
             fuzzer = Fuzzer(server, random.Random(seed), results, machine, responder)
             for name in targets:
@@ -1155,20 +1154,6 @@ def run(
         if directory is not None:
             directory.stop()
     return results
-
-
-PUBLISH_MACHINE = ("--connector", "adcs", "--template", "Machine")
-
-
-def publish_machine_template(data_dir: Path) -> None:
-    """``pkigate adcs publish``: the CA enrolls for the Machine template."""
-    config = data_dir.parent / f"{data_dir.name}.toml"  # where start_server writes it
-    subprocess.run(
-        [PKIGATE, "adcs", "--config", str(config), "publish", *PUBLISH_MACHINE],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
 
 
 def report(results: Results, seconds: float) -> str:
