@@ -568,11 +568,13 @@ def _identifies(kind: str, identifier: Any, certificate: x509.Certificate) -> bo
 
 def _names_certificate(kind: str, identifier: Any, certificate: x509.Certificate) -> bool:
     if kind == "issuer_and_serial_number":
-        issuer = asn1_x509.Name.load(certificate.issuer.public_bytes())
-        return bool(
-            identifier["serial_number"].native == certificate.serial_number
-            and identifier["issuer"] == issuer
-        )
+        if identifier["serial_number"].native != certificate.serial_number:
+            return False
+        issuer_der = certificate.issuer.public_bytes()
+        if identifier["issuer"].dump() == issuer_der:
+            return True
+        # RFC 5280 7.1 name matching (case and spacing) only when the octets differ.
+        return bool(identifier["issuer"] == asn1_x509.Name.load(issuer_der))
     if kind == "subject_key_identifier":
         return bool(identifier.native == subject_key_identifier(certificate))
     return False

@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
 from pkigate.scep import cms
@@ -922,3 +923,37 @@ def test_enveloped_data_is_canonical_der_and_opens(pki: Pki, cipher: ContentCiph
         cms.load_content_info(data, "enveloped_data"), [(pki.ra.cert, pki.ra.key)]
     )
     assert (opened.content, opened.cipher) == (b"secret content", cipher)
+
+
+def test_issuer_and_serial_names_a_certificate_by_its_octets_or_by_rfc5280_matching(
+    pki: Pki,
+) -> None:
+    """The sid/rid of a message names a certificate by issuer and serial; the issuer's
+    octets usually match, but a client may re-encode it (another string type, other case):
+    RFC 5280 7.1 matching still finds the certificate."""
+    cert = pki.ra.cert
+
+    def identifier(issuer: asn1_x509.Name, serial: int) -> asn1_cms.IssuerAndSerialNumber:
+        return asn1_cms.IssuerAndSerialNumber({"issuer": issuer, "serial_number": serial})
+
+    same = asn1_x509.Name.load(cert.issuer.public_bytes())
+    assert cms._identifies("issuer_and_serial_number", identifier(same, cert.serial_number), cert)
+    assert not cms._identifies(
+        "issuer_and_serial_number", identifier(same, cert.serial_number + 1), cert
+    )
+    # PrintableString and upper case where the certificate has UTF8String and mixed case.
+    printable = _ASN1Type.PrintableString
+    reencoded = asn1_x509.Name.load(
+        x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, "SCEP  TEST CA", _type=printable),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "PKIGATE TESTS", _type=printable),
+            ]
+        ).public_bytes()
+    )
+    assert reencoded.dump() != cert.issuer.public_bytes()
+    assert cms._identifies(
+        "issuer_and_serial_number", identifier(reencoded, cert.serial_number), cert
+    )
+    other = asn1_x509.Name.build({"common_name": "Another CA"})
+    assert not cms._identifies("issuer_and_serial_number", identifier(other, cert.serial_number), cert)
