@@ -271,6 +271,18 @@ def _close_abuse_classes(
             "require enrollment agent signatures, and those signatures to verify",
             attack="ESC3",
         )
+    # msPKI-RA-Signature: the template wants N enrollment agents to countersign every
+    # request. A plain PKCS#10 has none, so it is refused: otherwise the setting that
+    # exempts a template from the ESC1 rule above would be a way around it.
+    if context.ra_signatures_verified < template.ra_signatures:
+        esc1_shaped = template.enrollee_supplies_subject and template.client_authentication
+        raise EnrollmentRefused(
+            "raSignatureRequired",
+            f"template {template.name} requires {template.ra_signatures} enrollment agent "
+            f"signature(s) on each request; this request has "
+            f"{context.ra_signatures_verified} that verify",
+            attack="ESC1" if esc1_shaped else None,
+        )
     # ESC6: names smuggled in as request attributes (EDITF_ATTRIBUTESUBJECTALTNAME2).
     for name, value in context.attributes:
         if name.strip().lower() in ("san", "subjectaltname", "subjectaltname2", "sid", "upn"):
@@ -392,7 +404,10 @@ def _sans(
     template: CertificateTemplate, principal: Principal, csr: x509.CertificateSigningRequest
 ) -> tuple[x509.GeneralName, ...]:
     names: list[x509.GeneralName] = []
-    if template.enrollee_supplies_subject or template.enrollee_supplies_subject_alt_name:
+    # Only ENROLLEE_SUPPLIES_SUBJECT (which the ESC1 rule guards) lets the CSR name
+    # anything; with ENROLLEE_SUPPLIES_SUBJECT_ALT_NAME alone the names still come from
+    # the directory, so that flag cannot be an unguarded way to name someone else.
+    if template.enrollee_supplies_subject:
         try:
             requested = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
             names.extend(requested.value)

@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 
 from pkigate.adcs import soap
 from pkigate.adcs.directory import DevDirectory
-from pkigate.adcs.flags import EnrollmentFlag, PrivateKeyFlag
+from pkigate.adcs.flags import CertificateNameFlag, EnrollmentFlag, PrivateKeyFlag
 from pkigate.adcs.layout import template_dn
 from pkigate.adcs.policy import (
     APPLICATION_POLICIES_OID,
@@ -173,6 +173,21 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
         **{"msPKI-Enrollment-Flag": [str(int(EnrollmentFlag.NO_SECURITY_EXTENSION)).encode()]},
     )
     _add_template(dev_directory, "Unpublished", "User")
+    # ESC1's template, but each request must be countersigned by an enrollment agent.
+    _add_template(
+        dev_directory, "ESC1AgentSigned", "ESC1Vulnerable", **{"msPKI-RA-Signature": [b"1"]}
+    )
+    # Client authentication where the enrollee may supply alternative names only.
+    _add_template(
+        dev_directory,
+        "ClientSuppliedAltNames",
+        "ESC1Vulnerable",
+        **{
+            "msPKI-Certificate-Name-Flag": [
+                str(int(CertificateNameFlag.ENROLLEE_SUPPLIES_SUBJECT_ALT_NAME)).encode()
+            ]
+        },
+    )
     _add_template(
         dev_directory,
         "Archival",
@@ -214,6 +229,8 @@ cache_ttl_seconds = 0
                     "WebServer",
                     "UserPending",
                     "ESC1Vulnerable",
+                    "ESC1AgentSigned",
+                    "ClientSuppliedAltNames",
                     "AnyPurpose",
                     "NoEku",
                     "EnrollmentAgent",
@@ -625,6 +642,47 @@ def test_esc1_enrollee_supplied_subject_on_a_client_auth_template_is_refused(env
     assert response.json()["error"] == "dangerousTemplate" and response.json()["attack"] == "ESC1"
     assert env.counts()["certificates"] == before
     assert env.refusals("ESC1")
+
+
+def test_esc1_a_template_requiring_agent_signatures_refuses_a_plain_request(env: Env) -> None:
+    """msPKI-RA-Signature exempts a template from the ESC1 rule only because an enrollment
+    agent must countersign each request; a plain PKCS#10 has no such signature."""
+    from pkigate.core.names import upn_other_name
+
+    der, _ = _csr(cn="Administrator", sans=[upn_other_name("Administrator@example.test")])
+    before = env.counts()
+    refused_before = len(env.refusals("ESC1"))
+    response = _json_enroll(env, "eve", "ESC1AgentSigned", der)
+    assert response.status_code == 403, response.text
+    assert response.json()["error"] == "raSignatureRequired"
+    assert response.json()["attack"] == "ESC1"
+    assert "1 enrollment agent signature" in response.json()["message"]
+    soap_response, result = _wstep(env, "eve", der, template="ESC1AgentSigned")
+    assert soap_response.status_code == 400 and result.status == "fault"
+    assert "raSignatureRequired" in (result.fault_reason or "")
+    assert env.counts() == before
+    refusals = env.refusals("ESC1")[refused_before:]
+    assert [r["code"] for r in refusals] == ["raSignatureRequired"] * 2
+
+
+def test_enrollee_supplied_alt_names_alone_do_not_name_the_certificate(env: Env) -> None:
+    """Only ENROLLEE_SUPPLIES_SUBJECT (guarded by the ESC1 rule) lets the request name the
+    certificate; with ENROLLEE_SUPPLIES_SUBJECT_ALT_NAME alone, the names still come from
+    the directory, so an unprivileged user cannot name the Administrator."""
+    from pkigate.core.names import upn_other_name
+
+    der, _ = _csr(
+        cn="Administrator",
+        sans=[upn_other_name("Administrator@example.test"), x509.DNSName("dc01.example.test")],
+    )
+    certificate = _certificate(_json_enroll(env, "eve", "ClientSuppliedAltNames", der))
+    assert certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value != (
+        "Administrator"
+    )
+    names = list(_sans(certificate))
+    assert upn_other_name("Administrator@example.test") not in names
+    assert x509.DNSName("dc01.example.test") not in names
+    assert sid_from_certificate(certificate) == env.sid("eve")
 
 
 @pytest.mark.parametrize("template", ["AnyPurpose", "NoEku"])
