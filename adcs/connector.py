@@ -20,6 +20,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from pkigate.adcs import soap
 from pkigate.adcs.ldapdir import DirectoryError, DirectoryUnavailable
@@ -55,6 +56,7 @@ _STATUS = {
     "directoryUnavailable": 503,
     "caNotPublished": 503,
     "issuanceFailed": 400,
+    "payloadTooLarge": 413,
 }
 
 
@@ -221,7 +223,15 @@ class AdcsConnector(Connector):
 
     # -- JSON ---------------------------------------------------------------------------------
 
+    def _refused(self, refusal: EnrollmentRefused, who: Principal | None, operation: str) -> None:
+        """Audit a refusal made here, at the boundary (malformed bodies, missing
+        credentials, unknown requests): deeper refusals are audited where they are made."""
+        if not refusal.audited:
+            actor = f"adcs:{who.sam_account_name}" if who else f"adcs-client:{self._address()}"
+            self.service.refuse_audit(actor, operation, refusal)
+
     def _json_enroll(self) -> tuple[Response, int]:
+        principal: Principal | None = None
         try:
             principal = self._principal()
             body = self._json_body()
@@ -243,15 +253,18 @@ class AdcsConnector(Connector):
             )
             return self._json_outcome(outcome)
         except EnrollmentRefused as refusal:
+            self._refused(refusal, principal, "enroll")
             return _json_error(refusal)
         except DirectoryError as exc:
             return _json_error(_unavailable(exc))
 
     def _json_status(self, request_id: int) -> tuple[Response, int]:
+        principal: Principal | None = None
         try:
             principal = self._principal()
             return self._json_outcome(self.service.status(principal, request_id))
         except EnrollmentRefused as refusal:
+            self._refused(refusal, principal, "status")
             return _json_error(refusal)
         except DirectoryError as exc:
             return _json_error(_unavailable(exc))
@@ -259,9 +272,15 @@ class AdcsConnector(Connector):
     def _json_body(self) -> dict[str, Any]:
         if (request.mimetype or "") != "application/json":
             raise EnrollmentRefused("badRequest", "send application/json")
-        raw = request.get_data(cache=False)
+        too_large = EnrollmentRefused("payloadTooLarge", f"the body exceeds {MAX_JSON_BYTES} bytes")
+        if (request.content_length or 0) > MAX_JSON_BYTES:
+            raise too_large
+        try:
+            raw = request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            raise too_large from None
         if len(raw) > MAX_JSON_BYTES:
-            raise EnrollmentRefused("badRequest", f"the body exceeds {MAX_JSON_BYTES} bytes")
+            raise too_large
         try:
             body = parse_json(raw)
         except MalformedJson as exc:
@@ -289,33 +308,31 @@ class AdcsConnector(Connector):
     # -- SOAP -----------------------------------------------------------------------------------
 
     def _cep(self) -> Response:
-        return self._soap(self._get_policies, allow_certificate=True)
+        return self._soap(self._get_policies, "policy", allow_certificate=True)
 
     def _ces(self, certificate: bool) -> Response:
-        return self._soap(self._request_security_token, allow_certificate=certificate)
+        return self._soap(self._request_security_token, "enroll", allow_certificate=certificate)
 
     def _soap(
         self,
         operation: Callable[[soap.SoapRequest, Principal], bytes],
+        name: str,
         *,
         allow_certificate: bool,
     ) -> Response:
         relates_to: str | None = None
+        principal: Principal | None = None
         try:
-            body = request.get_data(cache=False)
-            parsed = soap.parse_envelope(body)
+            parsed = soap.parse_envelope(_soap_body())
             relates_to = parsed.message_id
             principal = self._soap_principal(parsed, allow_certificate)
             answer = operation(parsed, principal)
             return Response(answer, content_type="application/soap+xml; charset=utf-8")
         except soap.SoapFault as fault:
-            self.service.refuse_audit(
-                f"adcs-client:{self._address()}",
-                "soap",
-                EnrollmentRefused("badRequest", fault.reason),
-            )
+            self._refused(EnrollmentRefused("badRequest", fault.reason), principal, name)
             return _soap_fault(fault, relates_to)
         except EnrollmentRefused as refusal:
+            self._refused(refusal, principal, name)
             return _soap_fault(_fault_for(refusal), relates_to)
         except DirectoryError as exc:
             return _soap_fault(_fault_for(_unavailable(exc)), relates_to)
@@ -382,6 +399,20 @@ class AdcsConnector(Connector):
             certificate_der=outcome.certificate.public_bytes(serialization.Encoding.DER),
             pkcs7_chain_der=soap.pkcs7_certs_only([outcome.certificate, *outcome.chain]),
         )
+
+
+def _soap_body() -> bytes:
+    """The message, read only when it fits the SOAP parser's bound: a larger one is a
+    Sender fault like any other malformed message, not the gateway's JSON 413."""
+    too_large = soap.SoapFault(
+        "Sender", None, f"the message is larger than {soap.MAX_SOAP_BYTES} bytes"
+    )
+    if (request.content_length or 0) > soap.MAX_SOAP_BYTES:
+        raise too_large
+    try:
+        return request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise too_large from None
 
 
 def _template_attribute(context: tuple[tuple[str, str], ...] | Any) -> str | None:

@@ -59,11 +59,14 @@ class EnrollmentRefused(Exception):
     """The request cannot be granted. ``code`` is stable for clients and the audit log;
     ``attack`` names the ADCS escalation class a refusal closes, if any."""
 
-    def __init__(self, code: str, message: str, attack: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, attack: str | None = None, *, audited: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.attack = attack
+        self.audited = audited  # already in the audit log (the connector audits the rest)
 
 
 @dataclass(frozen=True)

@@ -115,14 +115,9 @@ class AdcsService:
         try:
             return self.directory.authenticate(username, password)
         except PrincipalDisabled:
-            self.refuse_audit(
-                f"adcs-client:{address}",
-                "authenticate",
-                EnrollmentRefused("accountDisabled", f"account {username[:64]} is disabled"),
-            )
-            raise EnrollmentRefused(
-                "accountDisabled", f"account {username[:64]} is disabled"
-            ) from None
+            refusal = EnrollmentRefused("accountDisabled", f"account {username[:64]} is disabled")
+            self.refuse_audit(f"adcs-client:{address}", "authenticate", refusal)
+            raise refusal from None
         except InvalidCredentials:
             self.refuse_audit(
                 f"adcs-client:{address}",
@@ -130,10 +125,12 @@ class AdcsService:
                 EnrollmentRefused("badCredentials", f"wrong credentials for {username[:64]!r}"),
             )
             raise EnrollmentRefused(
-                "badCredentials", "the user name or password is wrong"
+                "badCredentials", "the user name or password is wrong", audited=True
             ) from None
         except AuthenticationFailed as exc:
-            raise EnrollmentRefused("badCredentials", str(exc)) from None
+            refusal = EnrollmentRefused("badCredentials", str(exc))
+            self.refuse_audit(f"adcs-client:{address}", "authenticate", refusal)
+            raise refusal from None
 
     def authenticate_certificate(self, certificate: x509.Certificate, address: str) -> Principal:
         """A TLS client certificate this CA issued, mapped to its principal by the SID in
@@ -406,7 +403,8 @@ class AdcsService:
                     reason=exc.message,
                     decided_by=decided_by,
                 )
-            raise EnrollmentRefused("issuanceFailed", exc.message) from exc
+            # The core audited its refusal.
+            raise EnrollmentRefused("issuanceFailed", exc.message, audited=True) from exc
         log.info(
             "AD-style certificate issued",
             extra={
@@ -547,6 +545,7 @@ class AdcsService:
             parameters=parameters,
             at=self.core.clock(),
         )
+        refusal.audited = True
         log.warning(
             "AD-style request refused",
             extra={

@@ -105,9 +105,9 @@ class Env:
         c = schema.audit_events.c
         with self.core.store.read() as conn:
             rows = conn.execute(
-                select(c.action, c.parameters, c.actor).where(
-                    c.action.like("adcs.%"), c.result == "failure"
-                )
+                select(c.action, c.parameters, c.actor)
+                .where(c.action.like("adcs.%"), c.result == "failure")
+                .order_by(c.seq)
             ).all()
         found = [{**json.loads(r.parameters), "action": r.action, "actor": r.actor} for r in rows]
         return [f for f in found if attack is None or f.get("attack") == attack]
@@ -796,27 +796,41 @@ def test_bad_soap_gets_a_fault_naming_the_problem_and_issues_nothing(env: Env) -
         b"</s:Body></s:Envelope>"
     )
     deep = b"<a>" * 5000 + b"</a>" * 5000
+    # Each case: the body, the HTTP status and the refusal code the audit log records.
     cases = {
-        "not xml": b"this is not XML",
-        "billion laughs": laughs,
-        "external entity": xxe,
-        "deep": deep,
-        "oversized": b"<a>" + b"x" * (300 * 1024) + b"</a>",
-        "wrong action": good.replace(soap.WSTEP_RST_ACTION.encode(), b"urn:wrong:action"),
-        "no credentials": soap.build_rst_issue(env.url + "/ces", _csr()[0], "urn:uuid:2"),
-        "bad password": soap.build_rst_issue(
-            env.url + "/ces", _csr()[0], "urn:uuid:3", "alice", "nope"
+        "not xml": (b"this is not XML", 400, "badRequest"),
+        "billion laughs": (laughs, 400, "badRequest"),
+        "external entity": (xxe, 400, "badRequest"),
+        "deep": (deep, 400, "badRequest"),
+        "oversized": (b"<a>" + b"x" * (300 * 1024) + b"</a>", 400, "badRequest"),
+        # Over the gateway's own body limit too: still a SOAP fault, not its JSON 413.
+        "over the body limit": (b"<a>" + b"x" * (1200 * 1024) + b"</a>", 400, "badRequest"),
+        "wrong action": (
+            good.replace(soap.WSTEP_RST_ACTION.encode(), b"urn:wrong:action"),
+            400,
+            "badRequest",
+        ),
+        "no credentials": (
+            soap.build_rst_issue(env.url + "/ces", _csr()[0], "urn:uuid:2"),
+            401,
+            "authenticationRequired",
+        ),
+        "bad password": (
+            soap.build_rst_issue(env.url + "/ces", _csr()[0], "urn:uuid:3", "alice", "nope"),
+            401,
+            "badCredentials",
         ),
     }
     before = env.counts()
-    for name, body in cases.items():
+    for name, (body, status, code) in cases.items():
+        audited = len(env.refusals())
         response = _post_soap(env, body)
-        assert response.status_code in (400, 401), (name, response.status_code, response.text[:300])
+        assert response.status_code == status, (name, response.status_code, response.text[:300])
         assert response.headers["Content-Type"].startswith("application/soap+xml"), name
         assert b"Fault" in response.content, name
         assert b"root:" not in response.content, name
+        assert [r["code"] for r in env.refusals()[audited:]] == [code], name
     assert env.counts() == before
-    assert len(env.refusals()) >= len(cases)
 
 
 @pytest.mark.parametrize(
@@ -832,6 +846,7 @@ def test_bad_soap_gets_a_fault_naming_the_problem_and_issues_nothing(env: Env) -
     ids=["not-json", "array", "wrong-type", "bad-csr", "nested-too-deeply", "lone-surrogate"],
 )
 def test_bad_json_gets_an_error_naming_the_problem(env: Env, body: bytes) -> None:
+    before, audited = env.counts(), len(env.refusals())
     response = env.plain().post(
         f"{env.url}/enroll",
         data=body,
@@ -841,6 +856,42 @@ def test_bad_json_gets_an_error_naming_the_problem(env: Env, body: bytes) -> Non
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "badRequest" and response.json()["message"]
+    refusals = env.refusals()[audited:]
+    assert [(r["code"], r["actor"]) for r in refusals] == [("badRequest", "adcs:alice")]
+    assert env.counts() == before
+
+
+@pytest.mark.parametrize(
+    ("auth", "headers", "body", "status", "code"),
+    [
+        (None, {}, b'{"template": "User", "csr": "x"}', 401, "authenticationRequired"),
+        (("alice", "wrong"), {}, b'{"template": "User", "csr": "x"}', 401, "badCredentials"),
+        ("alice", {}, b"{}" + b" " * (64 * 1024), 413, "payloadTooLarge"),
+        ("alice", {}, b"{}" + b" " * (1200 * 1024), 413, "payloadTooLarge"),
+        ("alice", {"Content-Type": "text/plain"}, b"{}", 400, "badRequest"),
+    ],
+    ids=["no-credentials", "wrong-password", "over-64k", "over-body-limit", "not-json-type"],
+)
+def test_json_refusals_at_the_door_are_audited_and_change_nothing(
+    env: Env,
+    auth: tuple[str, str] | str | None,
+    headers: dict[str, str],
+    body: bytes,
+    status: int,
+    code: str,
+) -> None:
+    before, audited = env.counts(), len(env.refusals())
+    response = env.plain().post(
+        f"{env.url}/enroll",
+        data=body,
+        headers={"Content-Type": "application/json", **headers},
+        auth=(auth, env.password(auth)) if isinstance(auth, str) else auth,
+        timeout=30,
+    )
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == code and response.json()["message"]
+    assert [r["code"] for r in env.refusals()[audited:]] == [code]
+    assert env.counts() == before
 
 
 def test_the_audit_chain_verifies_after_everything(env: Env) -> None:
