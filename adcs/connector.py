@@ -41,6 +41,7 @@ _STATUS = {
     "badCredentials": 401,
     "authenticationRequired": 401,
     "unsupportedAuthentication": 401,
+    "httpsRequired": 403,
     "accountDisabled": 403,
     "accessDenied": 403,
     "badCertificate": 403,
@@ -145,6 +146,30 @@ class AdcsConnector(Connector):
         bp.add_url_rule("/enroll", "enroll", self._json_enroll, methods=["POST"])
         bp.add_url_rule("/requests/<int:request_id>", "status", self._json_status, methods=["GET"])
         return bp
+
+    def elsewhere_blueprint(self) -> Blueprint:
+        """Plain HTTP: every path under the mount is refused, audited as ESC8 (enrollment
+        over a transport a relay can use), with the HTTPS address to use instead."""
+        bp = Blueprint(f"adcs_plain_{self.context.name}", __name__)
+        methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+        bp.add_url_rule("/", "plain_root", self._over_plain_http, methods=methods)
+        bp.add_url_rule("/<anytext:path>", "plain", self._over_plain_http, methods=methods)
+        return bp
+
+    def _over_plain_http(self, path: str = "") -> tuple[Response, int]:
+        refusal = EnrollmentRefused(
+            "httpsRequired",
+            f"AD-style enrollment is offered over HTTPS only (plain HTTP can be relayed, "
+            f"ESC8): use {self.context.url}/{path}",
+            attack="ESC8",
+        )
+        self._refused(refusal, None, "transport")
+        if path.startswith(("cep", "ces")):
+            fault = soap.SoapFault("Sender", None, f"{refusal.code}: {refusal.message}")
+            return Response(
+                soap.build_fault(fault, None), content_type="application/soap+xml; charset=utf-8"
+            ), 403
+        return _json_error(refusal)
 
     def admin_blueprint(self) -> Blueprint:
         bp = Blueprint(f"adcs_admin_{self.context.name}", __name__)
@@ -484,6 +509,7 @@ _HRESULTS = {
     "badCredentials": E_ACCESSDENIED,
     "authenticationRequired": E_ACCESSDENIED,
     "unsupportedAuthentication": E_ACCESSDENIED,
+    "httpsRequired": E_ACCESSDENIED,
     "badCertificate": E_ACCESSDENIED,
     "directoryUnavailable": ERROR_DS_UNAVAILABLE,
     "caNotPublished": ERROR_DS_UNAVAILABLE,

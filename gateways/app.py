@@ -153,6 +153,12 @@ def create_app(gw: Gateway, listener: Literal["http", "https"]) -> Flask:
                 url_prefix=connector.context.mount,
                 name=f"connector_{connector.context.name}",
             )
+        elif (elsewhere := connector.elsewhere_blueprint()) is not None:
+            app.register_blueprint(
+                elsewhere,
+                url_prefix=connector.context.mount,
+                name=f"elsewhere_{connector.context.name}",
+            )
         admin = connector.admin_blueprint()
         if admin is not None and listener == "https":
             app.register_blueprint(

@@ -114,6 +114,12 @@ class Connector(ABC):
     def admin_blueprint(self) -> Blueprint | None:
         return None
 
+    def elsewhere_blueprint(self) -> Blueprint | None:
+        """Routes at the same mount on the listener this connector does not serve: a
+        connector that refuses a transport (AD-style over plain HTTP) says so there,
+        instead of the bare 404 of an unknown path. None by default."""
+        return None
+
     def job_handlers(self) -> Mapping[str, Callable[[dict[str, Any]], None]]:
         """Background job kinds this connector processes (see pkigate.core.jobs)."""
         return {}

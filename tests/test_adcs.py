@@ -12,12 +12,14 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from adcs_directory_fixture import make_dev_directory_fixture
+from asn1crypto import core as asn1_core
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -29,11 +31,13 @@ from sqlalchemy import func, select
 
 from pkigate.adcs import soap
 from pkigate.adcs.directory import DevDirectory
+from pkigate.adcs.encoding import interval_to_filetime
 from pkigate.adcs.flags import CertificateNameFlag, EnrollmentFlag, PrivateKeyFlag
 from pkigate.adcs.layout import template_dn
 from pkigate.adcs.policy import (
     APPLICATION_POLICIES_OID,
     SECURITY_EXTENSION_OID,
+    TEMPLATE_INFO_OID,
     security_extension,
     sid_from_certificate,
 )
@@ -173,6 +177,22 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
         **{"msPKI-Enrollment-Flag": [str(int(EnrollmentFlag.NO_SECURITY_EXTENSION)).encode()]},
     )
     _add_template(dev_directory, "Unpublished", "User")
+    # Validity, version and (by schema version) the EKU source come from the template.
+    client_auth, email = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.EMAIL_PROTECTION
+    for name, schema_version in (("ThirtyDaysV1", 1), ("ThirtyDaysV2", 2)):
+        _add_template(
+            dev_directory,
+            name,
+            "User",
+            pKIExpirationPeriod=[interval_to_filetime(timedelta(days=30))],
+            pKIExtendedKeyUsage=[email.dotted_string.encode()],
+            revision=[b"7"],
+            **{
+                "msPKI-Template-Schema-Version": [str(schema_version).encode()],
+                "msPKI-Template-Minor-Revision": [b"3"],
+                "msPKI-Certificate-Application-Policy": [client_auth.dotted_string.encode()],
+            },
+        )
     # ESC1's template, but each request must be countersigned by an enrollment agent.
     _add_template(
         dev_directory, "ESC1AgentSigned", "ESC1Vulnerable", **{"msPKI-RA-Signature": [b"1"]}
@@ -230,6 +250,8 @@ cache_ttl_seconds = 0
                     "UserPending",
                     "ESC1Vulnerable",
                     "ESC1AgentSigned",
+                    "ThirtyDaysV1",
+                    "ThirtyDaysV2",
                     "ClientSuppliedAltNames",
                     "AnyPurpose",
                     "NoEku",
@@ -730,8 +752,28 @@ def test_esc6_names_in_request_attributes_are_refused(env: Env) -> None:
 
 
 def test_esc8_plain_http_and_ntlm_are_not_offered(env: Env) -> None:
-    over_http = requests.post(f"{env.server.http_url}/adcs/enroll", json={}, timeout=10)
-    assert over_http.status_code == 404
+    before, audited = env.counts(), len(env.refusals("ESC8"))
+    over_http = requests.post(
+        f"{env.server.http_url}/adcs/enroll",
+        json={"template": "User", "csr": _pem_csr(_csr()[0])},
+        auth=("alice", env.password("alice")),
+        timeout=10,
+    )
+    assert over_http.status_code == 403
+    assert over_http.json()["error"] == "httpsRequired" and over_http.json()["attack"] == "ESC8"
+    assert f"{env.url}/enroll" in over_http.json()["message"]
+    soap_over_http = requests.post(
+        f"{env.server.http_url}/adcs/ces",
+        data=soap.build_rst_issue(env.url + "/ces", _csr()[0], "urn:uuid:8", "alice", "x"),
+        headers={"Content-Type": "application/soap+xml; charset=utf-8"},
+        timeout=10,
+    )
+    assert soap_over_http.status_code == 403
+    assert soap_over_http.headers["Content-Type"].startswith("application/soap+xml")
+    assert "httpsRequired" in (soap.parse_rstr(soap_over_http.content).fault_reason or "")
+    refused = env.refusals("ESC8")[audited:]
+    assert [(r["code"], r["action"]) for r in refused] == [("httpsRequired", "adcs.transport")] * 2
+    assert env.counts() == before
     ntlm = env.plain().post(
         f"{env.url}/enroll",
         json={"template": "User", "csr": _pem_csr(_csr()[0])},
@@ -939,6 +981,39 @@ def _template_oid(env: Env, name: str) -> str:
         return str(conn.response[0]["raw_attributes"]["msPKI-Cert-Template-OID"][0].decode())
     finally:
         conn.unbind()
+
+
+class _TemplateInformation(asn1_core.Sequence):  # type: ignore[misc]
+    """szOID_CERTIFICATE_TEMPLATE ([MS-WCCE] 2.2.2.7.7.2), read independently of pkigate."""
+
+    _fields = [
+        ("template_id", asn1_core.ObjectIdentifier),
+        ("major_version", asn1_core.Integer),
+        ("minor_version", asn1_core.Integer),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("template", "ekus"),
+    [
+        # Schema version 1: pKIExtendedKeyUsage; 2 and later: the application policies.
+        ("ThirtyDaysV1", {ExtendedKeyUsageOID.EMAIL_PROTECTION.dotted_string}),
+        ("ThirtyDaysV2", {ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string}),
+    ],
+)
+def test_the_template_sets_validity_version_and_the_eku_source(
+    env: Env, template: str, ekus: set[str]
+) -> None:
+    certificate = _certificate(_json_enroll(env, "alice", template, _csr()[0]))
+    lifetime = certificate.not_valid_after_utc - certificate.not_valid_before_utc
+    # pKIExpirationPeriod (30 days), plus the CA's backdating of notBefore (5 minutes).
+    assert timedelta(days=30) <= lifetime <= timedelta(days=30, minutes=10), lifetime
+    info = _TemplateInformation.load(
+        certificate.extensions.get_extension_for_oid(TEMPLATE_INFO_OID).value.public_bytes()
+    )
+    assert info["template_id"].dotted == _template_oid(env, template)
+    assert (info["major_version"].native, info["minor_version"].native) == (7, 3)
+    _check_chain(env, certificate, ekus)
 
 
 def test_the_template_is_named_by_the_csr_extension_and_both_names_must_agree(env: Env) -> None:
