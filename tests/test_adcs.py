@@ -32,7 +32,12 @@ from sqlalchemy import func, select
 from pkigate.adcs import soap
 from pkigate.adcs.directory import DevDirectory
 from pkigate.adcs.encoding import interval_to_filetime
-from pkigate.adcs.flags import CertificateNameFlag, EnrollmentFlag, PrivateKeyFlag
+from pkigate.adcs.flags import (
+    CertificateNameFlag,
+    EnrollmentFlag,
+    PrivateKeyFlag,
+    UserAccountControl,
+)
 from pkigate.adcs.layout import template_dn
 from pkigate.adcs.policy import (
     APPLICATION_POLICIES_OID,
@@ -185,11 +190,13 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
             name,
             "User",
             pKIExpirationPeriod=[interval_to_filetime(timedelta(days=30))],
+            pKIOverlapPeriod=[interval_to_filetime(timedelta(days=6))],
             pKIExtendedKeyUsage=[email.dotted_string.encode()],
             revision=[b"7"],
             **{
                 "msPKI-Template-Schema-Version": [str(schema_version).encode()],
                 "msPKI-Template-Minor-Revision": [b"3"],
+                "msPKI-Minimal-Key-Size": [b"2048"],
                 "msPKI-Certificate-Application-Policy": [client_auth.dotted_string.encode()],
             },
         )
@@ -428,7 +435,7 @@ def test_user_enrolls_over_json_and_the_csr_names_are_ignored(env: Env) -> None:
 
 
 def test_policy_lists_the_templates_the_caller_may_enroll_in(env: Env) -> None:
-    def templates(user: str) -> set[str]:
+    def templates(user: str) -> dict[str, soap.PolicyTemplate]:
         body = soap.build_get_policies_request(
             env.url + "/cep", f"urn:uuid:{uuid.uuid4()}", user, env.password(user)
         )
@@ -444,13 +451,23 @@ def test_policy_lists_the_templates_the_caller_may_enroll_in(env: Env) -> None:
             env.url + "/ces",
             env.url + "/ces-certificate",
         }
-        return {t.common_name for t in listed}
+        return {t.common_name: t for t in listed}
 
     alice = templates("alice")
-    assert {"User", "WebServer", "UserPending"} <= alice
+    assert {"User", "WebServer", "UserPending"} <= alice.keys()
     assert "Machine" not in alice
-    assert templates("ws01$") >= {"Machine"} and "User" not in templates("ws01$")
+    machines = templates("ws01$")
+    assert "Machine" in machines and "User" not in machines
     assert "User" not in templates("carol")  # denied through Denied Users
+    # The template's attributes, as the directory holds them (the test's own template).
+    listed = alice["ThirtyDaysV2"]
+    assert (listed.validity_seconds, listed.renewal_seconds) == (30 * 86400, 6 * 86400)
+    assert (listed.schema_version, listed.major_revision, listed.minor_revision) == (2, 7, 3)
+    assert listed.minimal_key_size == 2048
+    assert listed.ekus == (ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string,)
+    assert listed.permission_enroll and not listed.permission_autoenroll
+    # Domain Computers hold AutoEnroll on Machine.
+    assert machines["Machine"].permission_enroll and machines["Machine"].permission_autoenroll
 
 
 def test_nested_group_rights_and_the_enrollee_supplied_subject_of_webserver(env: Env) -> None:
@@ -575,6 +592,49 @@ def test_renewal_with_the_client_certificate_over_json_and_wstep(env: Env, tmp_p
     )
     assert response.status_code == 200, response.text
     assert soap.parse_rstr(response.content).status == "issued"
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "message"),
+    [
+        ("disable", "accountDisabled", "is disabled"),
+        ("delete", "badCertificate", "no longer exists"),
+    ],
+)
+def test_a_client_certificate_of_a_disabled_or_deleted_account_is_refused(
+    env: Env, tmp_path: Path, change: str, code: str, message: str
+) -> None:
+    from pkigate.devsim.adcs_client import provision_machine
+
+    host = f"CERT{change.upper()}"
+    machine = provision_machine(env.directory, host, rid=62000 + len(change))
+    der, key = _csr()
+    first = _certificate(_json_enroll(env, machine.name, "Machine", der, password=machine.password))
+    assert sid_from_certificate(first) == machine.sid
+    client = _files(tmp_path, first, key)
+    conn = env.directory.admin_connection()
+    try:
+        dn = f"CN={host},CN=Computers,{env.directory.base}"
+        if change == "disable":
+            disabled = (
+                UserAccountControl.WORKSTATION_TRUST_ACCOUNT | UserAccountControl.ACCOUNTDISABLE
+            )
+            assert conn.modify(dn, {"userAccountControl": [(MODIFY_REPLACE, [str(int(disabled))])]})
+        else:
+            assert conn.delete(dn), conn.result
+    finally:
+        conn.unbind()
+    before, audited = env.counts(), len(env.refusals())
+    renewed = env.plain().post(
+        f"{env.url}/enroll",
+        json={"template": "Machine", "csr": _pem_csr(_csr()[0])},
+        cert=client,
+        timeout=30,
+    )
+    assert renewed.status_code == 403, renewed.text
+    assert renewed.json()["error"] == code and message in renewed.json()["message"]
+    assert [r["code"] for r in env.refusals()[audited:]] == [code]
+    assert env.counts() == before
 
 
 def test_a_revoked_client_certificate_is_refused(env: Env, tmp_path: Path) -> None:
