@@ -38,7 +38,7 @@ from pkigate.adcs.flags import (
     PrivateKeyFlag,
     UserAccountControl,
 )
-from pkigate.adcs.layout import template_dn
+from pkigate.adcs.layout import enrollment_services_dn, template_dn
 from pkigate.adcs.policy import (
     APPLICATION_POLICIES_OID,
     SECURITY_EXTENSION_OID,
@@ -56,6 +56,25 @@ dev_directory = make_dev_directory_fixture("module")
 PKIGATE = str(Path(sys.executable).parent / "pkigate")
 ANY_PURPOSE = "2.5.29.37.0"
 REQUEST_AGENT = "1.3.6.1.4.1.311.20.2.1"
+
+
+PUBLISHED = (
+    "Machine",
+    "User",
+    "WebServer",
+    "UserPending",
+    "ESC1Vulnerable",
+    "ESC1AgentSigned",
+    "ThirtyDaysV1",
+    "ThirtyDaysV2",
+    "ClientSuppliedAltNames",
+    "AnyPurpose",
+    "NoEku",
+    "EnrollmentAgent",
+    "NoSidExtension",
+    "Archival",
+)
+"""The templates the test CA offers (its pKIEnrollmentService certificateTemplates)."""
 
 
 @dataclass
@@ -248,26 +267,7 @@ cache_ttl_seconds = 0
             "publish",
             "--connector",
             "adcs",
-            *[
-                arg
-                for name in (
-                    "Machine",
-                    "User",
-                    "WebServer",
-                    "UserPending",
-                    "ESC1Vulnerable",
-                    "ESC1AgentSigned",
-                    "ThirtyDaysV1",
-                    "ThirtyDaysV2",
-                    "ClientSuppliedAltNames",
-                    "AnyPurpose",
-                    "NoEku",
-                    "EnrollmentAgent",
-                    "NoSidExtension",
-                    "Archival",
-                )
-                for arg in ("--template", name)
-            ],
+            *[arg for name in PUBLISHED for arg in ("--template", name)],
         )
         assert published.returncode == 0, published.stderr
         assert json.loads(published.stdout)["result"] == "created"
@@ -702,6 +702,26 @@ def test_pending_requests_are_approved_or_rejected_by_an_administrator(env: Env)
         f"{env.url}/requests/{other}", auth=("alice", env.password("alice")), timeout=30
     )
     assert final.status_code == 403 and final.json()["error"] == "requestDenied"
+    # And the other way round: listed and approved through the API, rejected by the CLI.
+    api = f"{env.server.https_url}/api/v1/connectors/adcs/pending"
+    third = _json_enroll(env, "alice", "UserPending", _csr()[0]).json()["request_id"]
+    pending = env.server.session().get(api, timeout=10)
+    assert pending.status_code == 200 and third in [r["request_id"] for r in pending.json()]
+    approved_by_api = env.server.session().post(f"{api}/{third}/approve", timeout=30)
+    assert approved_by_api.status_code == 200, approved_by_api.text
+    assert approved_by_api.json()["status"] == "issued"
+    by_api = x509.load_pem_x509_certificate(approved_by_api.json()["certificate"].encode())
+    assert sid_from_certificate(by_api) == env.sid("alice")
+    fourth = _json_enroll(env, "alice", "UserPending", _csr()[0]).json()["request_id"]
+    rejected_by_cli = env.cli(
+        "pending", "reject", "--connector", "adcs", str(fourth), "--reason", "no"
+    )
+    assert rejected_by_cli.returncode == 0, rejected_by_cli.stderr
+    after_cli = env.plain().get(
+        f"{env.url}/requests/{fourth}", auth=("alice", env.password("alice")), timeout=30
+    )
+    assert after_cli.status_code == 403 and after_cli.json()["error"] == "requestDenied"
+    assert fourth not in [r["request_id"] for r in env.server.session().get(api, timeout=10).json()]
 
 
 def test_a_pending_request_over_wstep_answers_with_its_request_id(env: Env) -> None:
@@ -709,6 +729,22 @@ def test_a_pending_request_over_wstep_answers_with_its_request_id(env: Env) -> N
     assert response.status_code == 200, response.text
     assert result.status == "pending" and result.request_id
     assert result.reference_uri == env.url + "/ces"
+    # QueryTokenStatus while it waits: still pending, same RequestID.
+    query = env.plain().post(
+        env.url + "/ces",
+        data=soap.build_rst_query(
+            env.url + "/ces",
+            result.request_id,
+            f"urn:uuid:{uuid.uuid4()}",
+            "alice",
+            env.password("alice"),
+        ),
+        headers={"Content-Type": "application/soap+xml; charset=utf-8"},
+        timeout=30,
+    )
+    assert query.status_code == 200, query.text
+    waiting = soap.parse_rstr(query.content)
+    assert (waiting.status, waiting.request_id) == ("pending", result.request_id)
 
 
 # -- the ADCS abuse classes ------------------------------------------------------------------
@@ -1085,6 +1121,19 @@ def test_the_template_is_named_by_the_csr_extension_and_both_names_must_agree(en
     assert certificate.subject.rfc4514_string() == "CN=ws01.example.test"
     mismatch = _json_enroll(env, "ws01$", "User", der)
     assert mismatch.json()["error"] == "templateMismatch"
+    # Schema version 1 requests name the template (1.3.6.1.4.1.311.20.2, a BMPString).
+    from asn1crypto import core as asn1
+
+    by_name = x509.UnrecognizedExtension(
+        x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2"), asn1.BMPString("Machine").dump()
+    )
+    named, _ = _csr(extensions=[(by_name, False)])
+    response, result = _wstep(env, "ws01$", named)  # no CertificateTemplate attribute
+    assert response.status_code == 200, response.text
+    assert x509.load_der_x509_certificate(
+        result.certificate_der or b""
+    ).subject.rfc4514_string() == ("CN=ws01.example.test")
+    assert _json_enroll(env, "ws01$", "User", named).json()["error"] == "templateMismatch"
 
 
 def test_ekus_and_key_usage_come_only_from_the_template(env: Env) -> None:
@@ -1264,3 +1313,33 @@ def test_a_template_requiring_key_archival_is_refused(env: Env) -> None:
     response = _json_enroll(env, "alice", "Archival", _csr()[0])
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "keyArchivalRequired"
+
+
+def test_publishing_again_updates_the_enrollment_service(env: Env) -> None:
+    """`pkigate adcs publish` on a CA already registered: the pKIEnrollmentService object
+    is updated in place (host, certificate, templates), as an enterprise CA re-registers."""
+    republished = env.cli(
+        "publish",
+        "--connector",
+        "adcs",
+        "--dns-host-name",
+        "ca2.example.test",
+        *[arg for name in PUBLISHED for arg in ("--template", name)],
+    )
+    assert republished.returncode == 0, republished.stderr
+    assert json.loads(republished.stdout)["result"] == "updated"
+    conn = env.directory.admin_connection()
+    try:
+        conn.search(
+            enrollment_services_dn(env.directory.base),
+            "(cn=pkigate-issuing)",
+            attributes=["dNSHostName", "cACertificate;binary", "certificateTemplates"],
+        )
+        assert len(conn.response) == 1, conn.response
+        entry = conn.response[0]["raw_attributes"]
+    finally:
+        conn.unbind()
+    assert entry["dNSHostName"] == [b"ca2.example.test"]
+    assert {t.decode() for t in entry["certificateTemplates"]} == set(PUBLISHED)
+    issuing = env.core.authorities.get(_issuing_id(env))
+    assert entry["cACertificate;binary"] == [bytes(issuing.certificate_der or b"")]
