@@ -44,6 +44,7 @@ _STATUS = {
     "httpsRequired": 403,
     "accountDisabled": 403,
     "accessDenied": 403,
+    "autoenrollmentDisabled": 403,
     "badCertificate": 403,
     "dangerousTemplate": 403,
     "onBehalfOfRefused": 403,
@@ -298,10 +299,8 @@ class AdcsConnector(Connector):
         if (request.mimetype or "") != "application/json":
             raise EnrollmentRefused("badRequest", "send application/json")
         too_large = EnrollmentRefused("payloadTooLarge", f"the body exceeds {MAX_JSON_BYTES} bytes")
-        if (request.content_length or 0) > MAX_JSON_BYTES:
-            raise too_large
         try:
-            raw = request.get_data(cache=False)
+            raw = request.get_data(cache=False)  # read whole up to the gateway's limit
         except RequestEntityTooLarge:
             raise too_large from None
         if len(raw) > MAX_JSON_BYTES:
@@ -427,17 +426,15 @@ class AdcsConnector(Connector):
 
 
 def _soap_body() -> bytes:
-    """The message, read only when it fits the SOAP parser's bound: a larger one is a
-    Sender fault like any other malformed message, not the gateway's JSON 413."""
-    too_large = soap.SoapFault(
-        "Sender", None, f"the message is larger than {soap.MAX_SOAP_BYTES} bytes"
-    )
-    if (request.content_length or 0) > soap.MAX_SOAP_BYTES:
-        raise too_large
+    """The message. One over the gateway's body limit (which is not read) is a Sender
+    fault like any other too-large message, not the gateway's JSON 413; one under it is
+    read whole, so the client sees the fault instead of a connection closed mid-send."""
     try:
         return request.get_data(cache=False)
     except RequestEntityTooLarge:
-        raise too_large from None
+        raise soap.SoapFault(
+            "Sender", None, f"the message is larger than {soap.MAX_SOAP_BYTES} bytes"
+        ) from None
 
 
 def _template_attribute(context: tuple[tuple[str, str], ...] | Any) -> str | None:
@@ -494,6 +491,7 @@ E_INVALIDARG = 0x80070057
 ERROR_DS_UNAVAILABLE = 0x80072009
 _HRESULTS = {
     "accessDenied": CERTSRV_E_TEMPLATE_DENIED,
+    "autoenrollmentDisabled": CERTSRV_E_TEMPLATE_DENIED,
     "dangerousTemplate": CERTSRV_E_TEMPLATE_DENIED,
     "onBehalfOfRefused": CERTSRV_E_TEMPLATE_DENIED,
     "raSignatureRequired": CERTSRV_E_TEMPLATE_DENIED,

@@ -202,6 +202,12 @@ def decide(
             "accessDenied",
             f"{principal.sam_account_name} has no {right} permission on template {template.name}",
         )
+    if autoenroll and not template.autoenrollment:
+        raise EnrollmentRefused(
+            "autoenrollmentDisabled",
+            f"template {template.name} is not enabled for autoenrollment (msPKI-Enrollment-Flag "
+            "has no CT_FLAG_AUTO_ENROLLMENT); enroll without autoenroll",
+        )
     _close_abuse_classes(template, principal, csr, context)
     if template.private_key_flags & PrivateKeyFlag.REQUIRE_PRIVATE_KEY_ARCHIVAL:
         # ADCS would ask for the private key to archive it (key recovery agents); pkigate

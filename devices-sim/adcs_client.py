@@ -23,7 +23,7 @@ from ldap3 import MODIFY_REPLACE
 
 from pkigate.adcs import soap
 from pkigate.adcs.directory import DevDirectory
-from pkigate.adcs.flags import RID_DOMAIN_COMPUTERS, UserAccountControl
+from pkigate.adcs.flags import RID_DOMAIN_COMPUTERS, EnrollmentFlag, UserAccountControl
 from pkigate.adcs.layout import dns_domain, rdn
 from pkigate.adcs.security import Sid
 from pkigate.adcs.seed import ssha512
@@ -178,10 +178,12 @@ class AdcsClient:
         )
 
     def autoenroll(self, make_csr: Any, only: Sequence[str] | None = None) -> list[Enrolled]:
-        """Enroll in every template the policy says this account holds AutoEnroll on."""
+        """Enroll in every template enabled for autoenrollment (CT_FLAG_AUTO_ENROLLMENT)
+        that the policy says this account holds AutoEnroll on, as Windows does."""
         enrolled = []
         for template in self.policies():
-            if not template.permission_autoenroll:
+            enabled = template.enrollment_flags & EnrollmentFlag.AUTO_ENROLLMENT
+            if not (enabled and template.permission_autoenroll):
                 continue
             if only is not None and template.common_name not in only:
                 continue
