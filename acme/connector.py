@@ -573,6 +573,7 @@ class AcmeConnector(Connector):
         account = self._require_account(acme_request)
         if account.id != account_id:
             raise AcmeProblem("unauthorized", "these are another account's orders")
+        _require_post_as_get(acme_request, "the orders list")
         with self.context.core.store.read() as conn:
             orders, following = self.service.orders_page(conn, account, cursor)
         links: tuple[tuple[str, str], ...] = ()
@@ -618,6 +619,7 @@ class AcmeConnector(Connector):
 
     def _order(self, acme_request: AcmeRequest, order_id: str) -> Response:
         account = self._require_account(acme_request)
+        _require_post_as_get(acme_request, "an order")
         with self.context.core.store.read() as conn:
             view = self.service.order(conn, account, order_id)
         if self.service.interrupted(view.order):
@@ -748,8 +750,7 @@ class AcmeConnector(Connector):
         self, acme_request: AcmeRequest, order_id: str, alternate: int = 0
     ) -> Response:
         account = self._require_account(acme_request)
-        if not acme_request.parsed.is_post_as_get:
-            raise AcmeProblem("malformed", "fetch a certificate with POST-as-GET")
+        _require_post_as_get(acme_request, "a certificate")
         chains = self.options.alternate_chains
         if not 0 <= alternate <= len(chains):
             raise AcmeProblem("malformed", "no such alternate chain", status=404)
@@ -849,6 +850,15 @@ class _EabSealer:
 
 def _random_bytes(count: int) -> bytes:
     return os.urandom(count)
+
+
+def _require_post_as_get(acme_request: AcmeRequest, resource: str) -> None:
+    """Resources that are only read take POST-as-GET: a JWS with an empty payload (RFC 8555
+    6.3). Even ``{}`` is refused, so that a client's mistake is not silently a read."""
+    if not acme_request.parsed.is_post_as_get:
+        raise AcmeProblem(
+            "malformed", f"fetch {resource} with POST-as-GET: a JWS with an empty payload"
+        )
 
 
 def _read_body() -> bytes:

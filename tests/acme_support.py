@@ -27,17 +27,25 @@ ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 
 
 class Http01Responder:
-    """Answers /.well-known/acme-challenge/<token> from ``tokens`` on 127.0.0.1."""
+    """Answers /.well-known/acme-challenge/<token> from ``tokens`` on 127.0.0.1.
+
+    A token in ``held`` is answered only once its event is set (or after a minute): the
+    validator's request is seen in ``requests`` while the test still holds the answer.
+    """
 
     def __init__(self) -> None:
         self.tokens: dict[str, str] = {}
+        self.held: dict[str, threading.Event] = {}
         self.requests: list[tuple[str, str]] = []  # (Host header, path)
-        tokens, seen = self.tokens, self.requests
+        tokens, held, seen = self.tokens, self.held, self.requests
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 seen.append((self.headers.get("Host", ""), self.path))
                 token = self.path.rsplit("/", 1)[-1]
+                gate = held.get(token)
+                if gate is not None:
+                    gate.wait(timeout=60)
                 body = tokens.get(token)
                 if body is None or not self.path.startswith("/.well-known/acme-challenge/"):
                     self.send_response(404)

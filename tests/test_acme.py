@@ -9,7 +9,9 @@ import base64
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +24,9 @@ from challtestsrv import ChallTestServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
+from helpers import wait_for
 from serving import RunningServer, start_server
 from sqlalchemy import func, select
 
@@ -87,6 +91,8 @@ mount = "/private"
 [connectors.settings]
 external_account_required = true
 terms_of_service = "https://example.test/terms"
+website = "https://example.test/pki"
+caa_identities = ["pki.example.test", "ca.example.test"]
 http01_port = {http01.port}
 dns_resolver = "{resolver}"
 orders_per_account_per_hour = 3
@@ -99,6 +105,15 @@ description = "default"
 [connectors.settings.profiles.shortlived]
 validity = "6d"
 description = "six days"
+
+[[connectors]]
+type = "acme"
+name = "shortreuse"
+mount = "/short-reuse"
+[connectors.settings]
+http01_port = {http01.port}
+dns_resolver = "{resolver}"
+authorization_reuse_seconds = 1
 """,
     )
     core = Core.open(base / "data")
@@ -200,6 +215,10 @@ def test_directory_lists_every_resource_and_meta(env: Env) -> None:
     meta = private.json()["meta"]
     assert meta["externalAccountRequired"] is True
     assert meta["termsOfService"] == "https://example.test/terms"
+    assert meta["website"] == "https://example.test/pki"
+    assert meta["caaIdentities"] == ["pki.example.test", "ca.example.test"]
+    # Not configured, not announced.
+    assert not {"termsOfService", "website", "caaIdentities"} & set(body["meta"])
 
 
 def test_new_nonce_head_and_get_are_not_cached_and_nonces_are_fresh(env: Env) -> None:
@@ -260,9 +279,35 @@ def test_account_create_find_update_and_deactivate(env: Env) -> None:
     assert updated.body["contact"] == ["mailto:new@example.test"]
     gone = client.post(client.account_url, {"status": "deactivated"})
     assert gone.body["status"] == "deactivated"
+    before = _counts(env.core)
     with pytest.raises(AcmeClientError) as refused:
         client.new_order(["after.example.test"])
     assert refused.value.type == "unauthorized" and refused.value.status == 403
+    assert _counts(env.core) == before
+
+
+ACCOUNT_KEYS: dict[str, Callable[[], jws.PrivateKey]] = {
+    "RS256": lambda: rsa.generate_private_key(65537, 2048),
+    "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "ES384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "ES512": lambda: ec.generate_private_key(ec.SECP521R1()),
+    "EdDSA": Ed25519PrivateKey.generate,
+}
+
+
+@pytest.mark.parametrize("alg", sorted(ACCOUNT_KEYS))
+def test_accounts_with_a_key_of_every_supported_algorithm_can_order(env: Env, alg: str) -> None:
+    key = ACCOUNT_KEYS[alg]()
+    client = env.client(key=key)
+    assert client.register().status == 201
+    order = client.new_order([f"{alg.lower()}.keys.example.test"])
+    assert order.status == 201
+    read = client.signed_body(order.location or "", None)
+    assert json.loads(jws.b64url_decode(json.loads(read)["protected"]))["alg"] == alg
+    fetched = client.raw_post(order.location or "", read)
+    assert fetched.status == 200 and fetched.body["status"] == "pending"
+    account = client.get(client.account_url or "").body
+    assert account["key"] == jws.public_key_to_jwk(key.public_key())
 
 
 def test_only_return_existing_for_an_unknown_key_is_account_does_not_exist(env: Env) -> None:
@@ -378,6 +423,52 @@ def test_authorizations_are_reused_within_the_window(env: Env) -> None:
     stranger = env.client()
     stranger.register()
     assert stranger.new_order(names).body["status"] == "pending"
+    # The window is the connector's: /short-reuse reuses them for one second only.
+    brief = env.client("/short-reuse")
+    brief.register()
+    validated = brief.new_order(names)
+    _solve(env, brief, validated)
+    assert brief.wait(validated.location or "", ["ready", "invalid"]).body["status"] == "ready"
+    time.sleep(1.5)  # the window runs from the authorizations' creation
+    later = brief.new_order(names)
+    assert later.body["status"] == "pending"
+    assert set(later.body["authorizations"]).isdisjoint(validated.body["authorizations"])
+    assert brief.get(later.body["authorizations"][0]).body["status"] == "pending"
+
+
+def test_a_challenge_is_validated_by_a_background_job_not_in_the_request(env: Env) -> None:
+    client = env.client()
+    client.register()
+    order = client.new_order(["background.example.test"])
+    challenge = next(
+        c
+        for c in client.get(order.body["authorizations"][0]).body["challenges"]
+        if c["type"] == "http-01"
+    )
+    token = challenge["token"]
+    env.http01.tokens[token] = jws.key_authorization(token, client.thumbprint)
+    # The responder holds its answer: validation inside the request could not finish
+    # before the connector's validation timeout, and would answer "invalid".
+    release = env.http01.held[token] = threading.Event()
+    try:
+        answered = client.respond(challenge["url"])
+        assert answered.body["status"] == "processing"
+        assert answered.headers["Retry-After"] == "1"
+        wait_for(lambda: any(path.endswith(token) for _, path in env.http01.requests), 30)
+        # The validator is waiting on the responder from a job, and the challenge says so.
+        challenge_id = challenge["url"].rsplit("/", 1)[1]
+        with env.core.store.read() as conn:
+            job = conn.execute(
+                select(schema.jobs.c.kind, schema.jobs.c.status).where(
+                    schema.jobs.c.dedupe_key == f"acme-validate:{challenge_id}"
+                )
+            ).one()
+        assert tuple(job) == ("acme:acme-validate", "running")
+        assert client.get(challenge["url"]).body["status"] == "processing"
+    finally:
+        release.set()
+    assert client.wait(order.location or "", ["ready", "invalid"]).body["status"] == "ready"
+    assert client.get(challenge["url"]).body["status"] == "valid"
 
 
 def test_a_failed_challenge_makes_the_authorization_and_order_invalid(env: Env) -> None:
@@ -407,7 +498,9 @@ def test_orders_are_listed_per_account_with_pagination(env: Env) -> None:
     assert page.body["orders"] == made[:2]
     following = page.link("next")
     assert following is not None
-    assert client.get(following).body["orders"] == made[2:]
+    last = client.get(following)
+    assert last.body["orders"] == made[2:]
+    assert last.link("next") is None
 
 
 def test_authorization_can_be_deactivated(env: Env) -> None:
@@ -522,6 +615,9 @@ def test_certificate_url_serves_a_pem_chain_with_links(env: Env) -> None:
     assert response.link("up") is not None and response.link(
         "up",
     ).endswith(".cer")
+    with pytest.raises(AcmeClientError) as not_a_read:
+        client.post(done.body["certificate"], {})
+    assert not_a_read.value.type == "malformed" and not_a_read.value.status == 400
     # GET is not how certificates are fetched (RFC 8555 7.4.2: POST-as-GET).
     plain = requests.get(done.body["certificate"], verify=str(env.server.tls_bundle), timeout=10)
     assert plain.status_code == 405
@@ -780,6 +876,22 @@ def test_identifier_policy_of_the_connector_and_of_the_eab_key(env: Env) -> None
     assert client.new_order(["a.web.corp.example.test"]).status == 201
 
 
+def test_ip_addresses_outside_the_connector_networks_are_rejected_identifiers(env: Env) -> None:
+    # /private allows 127.0.0.0/8 only; this account's EAB key adds no policy of its own.
+    client = env.client("/private")
+    client.register(eab=_eab_key(env))
+    before = _counts(env.core)
+    with pytest.raises(AcmeClientError) as outside:
+        client.new_order([("ip", "127.0.0.9"), ("ip", "10.0.0.1"), ("ip", "::1")])
+    assert outside.value.type == "rejectedIdentifier" and outside.value.status == 400
+    assert [s["identifier"] for s in outside.value.problem["subproblems"]] == [
+        {"type": "ip", "value": "10.0.0.1"},
+        {"type": "ip", "value": "::1"},
+    ]
+    assert _counts(env.core) == before
+    assert client.new_order([("ip", "127.0.0.9")]).status == 201
+
+
 def test_eab_key_default_profile_applies_to_its_orders(env: Env) -> None:
     client = env.client("/private")
     client.register(eab=_eab_key(env, default_profile="shortlived"))
@@ -795,9 +907,11 @@ def test_new_orders_per_account_are_rate_limited(env: Env) -> None:
     for i in range(3):
         client.new_order([f"rl{i}.corp.example.test"])
     before = _counts(env.core)
-    with pytest.raises(AcmeClientError) as limited:
-        client.new_order(["rl9.corp.example.test"])
-    assert limited.value.type == "rateLimited" and limited.value.status == 429
+    new_order = client.directory["newOrder"]
+    payload = {"identifiers": [{"type": "dns", "value": "rl9.corp.example.test"}]}
+    limited = client.raw_post(new_order, client.signed_body(new_order, payload))
+    assert limited.status == 429 and _problem(limited) == "rateLimited"
+    assert int(limited.headers["Retry-After"]) > 0
     assert _counts(env.core)["acme_orders"] == before["acme_orders"]
 
 
@@ -849,6 +963,19 @@ def test_bad_requests_get_the_right_problem_and_change_nothing(env: Env) -> None
     new_order = client.directory["newOrder"]
     payload = {"identifiers": [{"type": "dns", "value": "bad.example.test"}]}
     stranger_key = ec.generate_private_key(ec.SECP256R1())
+    order = client.new_order(["bad-reads.example.test"])
+    authorization = order.body["authorizations"][0]
+    challenge = next(
+        c["url"] for c in client.get(authorization).body["challenges"] if c["type"] == "http-01"
+    )
+    # Requests to other resources that are malformed (400) there: (case, url, payload).
+    elsewhere: list[tuple[str, str, Any]] = [
+        ("challenge response other than {}", challenge, {"x": 1}),
+        ("newAccount signed with a kid", client.directory["newAccount"], {}),
+        ("{} to read an order", order.location or "", {}),
+        ("{} to read the orders list", f"{account}/orders", {}),
+        ("{} to an authorization", authorization, {}),
+    ]
 
     def signed(**kwargs: Any) -> bytes:
         return client.signed_body(new_order, payload, **kwargs)
@@ -921,8 +1048,15 @@ def test_bad_requests_get_the_right_problem_and_change_nothing(env: Env) -> None
         assert _problem(response) == problem, (name, response.body)
         assert response.headers["Content-Type"].startswith("application/problem+json"), name
         assert response.headers.get("Replay-Nonce"), name
+    for name, url, other_payload in elsewhere:
+        response = client.raw_post(url, client.signed_body(url, other_payload))
+        assert response.status == 400, (name, response.status, response.text)
+        assert _problem(response) == "malformed", (name, response.body)
     after = _counts(env.core)
     assert after == before
+    # Nor did a status change: the challenge was not answered.
+    assert client.get(challenge).body["status"] == "pending"
+    assert client.get(order.location or "").body["status"] == "pending"
 
 
 def test_a_replayed_request_is_bad_nonce_and_not_executed_twice(env: Env) -> None:

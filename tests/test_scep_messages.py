@@ -956,4 +956,6 @@ def test_issuer_and_serial_names_a_certificate_by_its_octets_or_by_rfc5280_match
         "issuer_and_serial_number", identifier(reencoded, cert.serial_number), cert
     )
     other = asn1_x509.Name.build({"common_name": "Another CA"})
-    assert not cms._identifies("issuer_and_serial_number", identifier(other, cert.serial_number), cert)
+    assert not cms._identifies(
+        "issuer_and_serial_number", identifier(other, cert.serial_number), cert
+    )
