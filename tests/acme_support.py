@@ -167,10 +167,13 @@ def _ip_from_reverse(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def check_issued(
-    chain: list[x509.Certificate], root_pem: bytes, identifiers: Iterable[tuple[str, str]]
+    chain: list[x509.Certificate],
+    root_pem: bytes,
+    identifiers: Iterable[tuple[str, str]],
+    purpose: str = "server_auth",
 ) -> x509.Certificate:
-    """The leaf chains to ``root_pem`` (pyhanko-certvalidator, for TLS server use) and
-    names exactly ``identifiers``; returns the leaf."""
+    """The leaf chains to ``root_pem`` (pyhanko-certvalidator, for ``purpose``: TLS server
+    use by default) and names exactly ``identifiers``; returns the leaf."""
     leaf, intermediates = chain[0], chain[1:]
     root = x509.load_pem_x509_certificate(root_pem)
 
@@ -184,7 +187,7 @@ def check_issued(
         revocation_mode="soft-fail",
     )
     validator = CertificateValidator(a1(leaf), validation_context=context)
-    asyncio.run(validator.async_validate_usage({"digital_signature"}, {"server_auth"}))
+    asyncio.run(validator.async_validate_usage({"digital_signature"}, {purpose}))
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     names = {("dns", n) for n in san.get_values_for_type(x509.DNSName)}
     names |= {("ip", a.compressed) for a in san.get_values_for_type(x509.IPAddress)}

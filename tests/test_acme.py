@@ -83,6 +83,9 @@ description = "90-day TLS server certificates"
 [connectors.settings.profiles.shortlived]
 validity = "6d"
 description = "six-day TLS server certificates"
+[connectors.settings.profiles.tlsclient]
+template = "EndEntityClientAuthCertificate_APIPassthrough/V1"
+description = "TLS client certificates"
 
 [[connectors]]
 type = "acme"
@@ -169,6 +172,7 @@ def _issue(
     client: AcmeClient,
     identifiers: list[tuple[str, str]],
     kind: str = "http-01",
+    purpose: str = "server_auth",
     **order_args: Any,
 ) -> tuple[x509.Certificate, Any, Any]:
     order = client.new_order(identifiers, **order_args)
@@ -179,7 +183,7 @@ def _issue(
     done = client.finalize(ready, csr)
     assert done.body["status"] == "valid", done.body
     chain = client.certificate_chain(done.body["certificate"])
-    leaf = check_issued(chain, env.root_pem, identifiers)
+    leaf = check_issued(chain, env.root_pem, identifiers, purpose)
     return leaf, key, done
 
 
@@ -210,7 +214,7 @@ def test_directory_lists_every_resource_and_meta(env: Env) -> None:
     for key in ("newAccount", "newOrder", "revokeCert", "keyChange", "renewalInfo"):
         assert body[key].startswith(base + "/"), key
     assert body["meta"]["externalAccountRequired"] is False
-    assert set(body["meta"]["profiles"]) == {"default", "shortlived"}
+    assert set(body["meta"]["profiles"]) == {"default", "shortlived", "tlsclient"}
     private = requests.get(env.directory("/private"), verify=str(env.server.tls_bundle), timeout=10)
     meta = private.json()["meta"]
     assert meta["externalAccountRequired"] is True
@@ -791,6 +795,14 @@ def test_profiles_choose_the_validity_and_unknown_ones_are_refused(env: Env) -> 
     assert done.body["profile"] == "shortlived"
     lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
     assert lifetime <= __import__("datetime").timedelta(days=6, hours=1)
+    # A profile names the template too: TLS client instead of the connector's server one.
+    server_leaf, _, _ = _issue(env, client, [("dns", "server.example.test")])
+    client_leaf, _, _ = _issue(
+        env, client, [("dns", "client.example.test")], purpose="client_auth", profile="tlsclient"
+    )
+    for leaf, purpose in ((server_leaf, "SERVER_AUTH"), (client_leaf, "CLIENT_AUTH")):
+        ekus = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(ekus) == [getattr(x509.oid.ExtendedKeyUsageOID, purpose)]
     with pytest.raises(AcmeClientError) as refused:
         client.new_order(["x.example.test"], profile="forever")
     assert refused.value.type == "invalidProfile"
@@ -1085,6 +1097,15 @@ def test_a_replayed_request_is_bad_nonce_and_not_executed_twice(env: Env) -> Non
         ([{"type": "dns", "value": "127.0.0.1"}], "malformed"),
         ([{"type": "ip", "value": "999.1.1.1"}], "malformed"),
         ([{"type": "dns", "value": "x" * 300 + ".test"}], "rejectedIdentifier"),
+        # Several bad ones of different kinds: compound, one subproblem each (RFC 8555 6.7.1).
+        (
+            [
+                {"type": "dns", "value": "ok.example.test"},
+                {"type": "email", "value": "a@example.test"},
+                {"type": "dns", "value": "localhost"},
+            ],
+            "compound",
+        ),
     ],
 )
 def test_bad_identifiers_are_refused(env: Env, identifiers: list[Any], problem: str) -> None:
@@ -1097,7 +1118,17 @@ def test_bad_identifiers_are_refused(env: Env, identifiers: list[Any], problem: 
     )
     assert response.status == 400, response.text
     assert _problem(response) == problem
+    if problem == "compound":
+        subproblems = response.body["subproblems"]
+        assert [(_short(s["type"]), s["identifier"]["value"]) for s in subproblems] == [
+            ("unsupportedIdentifier", "a@example.test"),
+            ("rejectedIdentifier", "localhost"),
+        ]
     assert _counts(env.core)["acme_orders"] == before["acme_orders"]
+
+
+def _short(problem_type: str) -> str:
+    return problem_type.removeprefix("urn:ietf:params:acme:error:")
 
 
 def test_a_wildcard_order_offers_only_dns01_and_ip_orders_never_dns01(env: Env) -> None:
