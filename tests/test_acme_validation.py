@@ -825,3 +825,29 @@ def test_validation_record_json_uses_boulder_field_names() -> None:
 def test_settings_refuse_a_resolver_given_by_name() -> None:
     with pytest.raises(ValueError):
         ValidationSettings(resolver=("dns.example.test", 53))
+
+
+def test_the_connector_validates_on_the_standard_ports_unless_configured(
+    sqlite_core: Any,
+) -> None:
+    """http-01 on port 80 and tls-alpn-01 on 443 (RFC 8555 8.3, RFC 8737 3) by default; the
+    ports are settings only so that tests and labs can run validators without privileges."""
+    from pkigate.acme.connector import AcmeConnector
+    from pkigate.acme.settings import AcmeSettings
+    from pkigate.core import Validity
+    from pkigate.gateways.connectors import ConnectorContext
+
+    context = ConnectorContext(
+        name="acme",
+        type="acme",
+        mount="/acme",
+        ca_id="unused",
+        template=AcmeConnector.default_template,
+        validity=Validity.parse(AcmeConnector.default_validity),
+        core=sqlite_core,
+        base_url="https://127.0.0.1:8443",
+    )
+    defaults = AcmeSettings.parse({}, context)
+    assert (defaults.http01_port, defaults.tls_alpn01_port) == (80, 443)
+    configured = AcmeSettings.parse({"http01_port": 5002, "tls_alpn01_port": 5001}, context)
+    assert (configured.http01_port, configured.tls_alpn01_port) == (5002, 5001)
