@@ -145,6 +145,14 @@ class AdcsService:
             refusal = EnrollmentRefused(
                 "badCertificate", "the client certificate was not issued by this CA"
             )
+        elif record.connector != self.name:
+            # Only certificates this connector issued from the directory name a principal: a
+            # SID extension that another way of issuing carried (an API caller's passthrough)
+            # is not evidence of who holds the key.
+            refusal = EnrollmentRefused(
+                "badCertificate",
+                f"the client certificate was not issued by AD-style enrollment ({self.name})",
+            )
         elif record.status != "ISSUED":
             refusal = EnrollmentRefused("badCertificate", "the client certificate is revoked")
         elif not record.not_before <= now <= record.not_after:
@@ -419,8 +427,10 @@ class AdcsService:
 
     def status(self, principal: Principal, request_id: int) -> Outcome:
         """A request's state, for the principal that made it (QueryTokenStatus)."""
-        with self.core.store.read() as conn:
-            record = adcs_store.get_request(conn, self.name, request_id)
+        record = None
+        if 0 < request_id <= adcs_store.MAX_REQUEST_ID:
+            with self.core.store.read() as conn:
+                record = adcs_store.get_request(conn, self.name, request_id)
         if record is None or record.principal_sid != principal.sid:
             raise EnrollmentRefused("unknownRequest", f"no request {request_id} of yours")
         if record.status == adcs_store.PENDING:
@@ -495,8 +505,10 @@ class AdcsService:
         return updated
 
     def _pending_record(self, request_id: int) -> adcs_store.RequestRecord:
-        with self.core.store.read() as conn:
-            record = adcs_store.get_request(conn, self.name, request_id)
+        record = None
+        if 0 < request_id <= adcs_store.MAX_REQUEST_ID:
+            with self.core.store.read() as conn:
+                record = adcs_store.get_request(conn, self.name, request_id)
         if record is None or record.status != adcs_store.PENDING:
             raise NotFoundError(f"no pending request {request_id} on connector {self.name}")
         return record

@@ -50,6 +50,11 @@ CA_CONTROLLED_EXTENSIONS = frozenset(
 
 OCSP_NO_CHECK = ExtensionOID.OCSP_NO_CHECK
 
+# Microsoft's SID security extension: Windows maps a certificate carrying it to the account
+# that SID names (KB5014754 strong mapping). A CSR never chooses it; an API caller may (the
+# AD-style connector writes it from the directory).
+MS_SECURITY_IDENTIFIER = ObjectIdentifier("1.3.6.1.4.1.311.25.2")
+
 # Extensions that API passthrough supplies through a typed field, never as raw bytes.
 TYPED_PASSTHROUGH_FIELDS = {
     ExtensionOID.KEY_USAGE: "key_usage",
@@ -371,6 +376,11 @@ def resolve_contents(
         if ext.oid == ExtensionOID.SUBJECT_ALTERNATIVE_NAME:
             csr_sans = tuple(ext.value)
         elif template.csr_passthrough and ext.oid not in CA_CONTROLLED_EXTENSIONS:
+            if ext.oid == MS_SECURITY_IDENTIFIER:
+                raise PolicyViolationError(
+                    "the CSR carries a Windows security identifier (SID) extension: a "
+                    "requester cannot choose the account a certificate maps to"
+                )
             extensions[ext.oid] = ext
 
     if api is not None:

@@ -108,6 +108,21 @@ def test_csr_passthrough_copies_csr_extensions_but_the_template_wins(core: Core,
     assert not ext(passed, x509.BasicConstraints).value.ca
 
 
+def test_csr_passthrough_never_copies_a_windows_sid_extension(core: Core, issuing) -> None:
+    """A certificate carrying 1.3.6.1.4.1.311.25.2 maps to the account that SID names in
+    Windows (strong mapping): a requester must not choose it through its CSR."""
+    sid = x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.311.25.2"), b"\x30\x00")
+    csr = make_csr(extensions=[(sid, False)])
+    with core.store.read() as conn:
+        before = core.store.count_certificates(conn, issuing.record.id)
+    with pytest.raises(PolicyViolationError, match="security identifier"):
+        issue(core, issuing.record.id, csr, template="EndEntityCertificate_CSRPassthrough/V1")
+    with core.store.read() as conn:
+        assert core.store.count_certificates(conn, issuing.record.id) == before
+    refusals = [e for e in core.audit.events() if e.result == "failure"]
+    assert "security identifier" in str(refusals[-1].parameters)
+
+
 def test_api_passthrough_supplies_subject_names_and_extensions(core: Core, issuing) -> None:
     api = parse_api_passthrough(
         {
