@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,11 +32,19 @@ from pkigate.core import Actor
 from pkigate.core.errors import BadRequestError
 from pkigate.gateways.auth import Role
 from pkigate.gateways.connectors import Connector, ConnectorContext
-from pkigate.gateways.http import MalformedJson, actor, json_body, parse_json, requires
+from pkigate.gateways.http import (
+    MalformedJson,
+    actor,
+    error_response,
+    json_body,
+    parse_json,
+    requires,
+)
 
 log = logging.getLogger("pkigate.adcs")
 
 MAX_JSON_BYTES = 64 * 1024
+_REQUEST_ID = re.compile(r"[0-9]{1,18}")  # what the store's 64-bit ids can hold
 # Refusal codes and the HTTP status the JSON endpoint answers them with.
 _STATUS = {
     "badCredentials": 401,
@@ -187,6 +196,9 @@ class AdcsConnector(Connector):
                 outcome = self.service.approve(request_id, actor())
             except EnrollmentRefused as refusal:
                 raise BadRequestError(f"{refusal.code}: {refusal.message}") from None
+            except DirectoryError as exc:
+                # Nothing was decided: the request stays pending for a later approval.
+                return error_response(503, "directoryUnavailable", _unavailable(exc).message)
             assert outcome.certificate is not None
             return jsonify(
                 {
@@ -388,9 +400,11 @@ class AdcsConnector(Connector):
         rst = soap.parse_request_security_token(parsed)
         relates_to = parsed.message_id or ""
         if rst.request_type == "query":
-            if rst.request_id is None or not rst.request_id.isdigit():
+            if rst.request_id is None or not _REQUEST_ID.fullmatch(rst.request_id):
                 raise soap.SoapFault(
-                    "Sender", "wst:InvalidRequest", "QueryTokenStatus needs a numeric RequestID"
+                    "Sender",
+                    "wst:InvalidRequest",
+                    "QueryTokenStatus needs a RequestID of 1 to 18 decimal digits",
                 )
             outcome = self.service.status(principal, int(rst.request_id))
         else:

@@ -1179,6 +1179,32 @@ def test_everything_issued_is_in_the_store_and_the_audit_chain_verifies(env: Env
     assert {"acme.account.create", "certificate.issue"} <= actions
 
 
+def test_every_response_of_an_issuance_carries_a_fresh_nonce(env: Env) -> None:
+    """Successes too (RFC 8555 6.5): account, order, authorization, challenge, polls,
+    finalize, certificate, renewalInfo and revocation each answer with a nonce never seen
+    before, so a client never needs newNonce after its first request."""
+    client = env.client()
+    answers: list[tuple[str, int, str | None]] = []
+    post = client.raw_post
+
+    def recording(url: str, body: bytes, content_type: str = "application/jose+json") -> Any:
+        response = post(url, body, content_type)
+        answers.append((url, response.status, response.headers.get("Replay-Nonce")))
+        return response
+
+    client.raw_post = recording  # type: ignore[method-assign]
+    client.register()
+    leaf, _, _ = _issue(env, client, [("dns", "nonces.example.test")])
+    client.revoke(leaf)
+    renewal = client.renewal_info(cert_id(leaf))
+    answers.append(("renewalInfo", renewal.status_code, renewal.headers.get("Replay-Nonce")))
+    assert {status for _, status, _ in answers} <= {200, 201}, answers
+    assert len(answers) >= 8
+    assert all(nonce for _, _, nonce in answers), [a for a in answers if not a[2]]
+    nonces = [nonce for _, _, nonce in answers]
+    assert len(set(nonces)) == len(nonces)
+
+
 def test_directory_and_errors_carry_a_fresh_nonce(env: Env) -> None:
     session = env.server.session()
     directory = session.get(env.directory(), timeout=10)

@@ -64,6 +64,7 @@ REQUEST_AGENT = "1.3.6.1.4.1.311.20.2.1"
 
 PUBLISHED = (
     "Machine",
+    "MachinePending",
     "MachineManual",
     "User",
     "WebServer",
@@ -206,6 +207,12 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
         **{"msPKI-Enrollment-Flag": [str(int(EnrollmentFlag.NO_SECURITY_EXTENSION)).encode()]},
     )
     _add_template(dev_directory, "Unpublished", "User")
+    _add_template(
+        dev_directory,
+        "MachinePending",
+        "Machine",
+        **{"msPKI-Enrollment-Flag": [str(int(EnrollmentFlag.PEND_ALL_REQUESTS)).encode()]},
+    )
     # Domain Computers hold AutoEnroll on it, but the template is not enabled for it.
     _add_template(dev_directory, "MachineManual", "Machine", **{"msPKI-Enrollment-Flag": [b"0"]})
     # Validity, version and (by schema version) the EKU source come from the template.
@@ -510,7 +517,7 @@ def test_a_deny_ace_wins_and_a_disabled_account_is_refused(env: Env) -> None:
 def test_credentials_and_templates_are_checked(
     env: Env, user: str, password: str | None, template: str, status: int, error: str
 ) -> None:
-    before = env.counts()["certificates"]
+    before, audited = env.counts(), len(env.refusals())
     response = env.plain().post(
         f"{env.url}/enroll",
         json={"template": template, "csr": _pem_csr(_csr()[0])},
@@ -519,7 +526,8 @@ def test_credentials_and_templates_are_checked(
     )
     assert response.status_code == status, response.text
     assert response.json()["error"] == error
-    assert env.counts()["certificates"] == before
+    assert [r["code"] for r in env.refusals()[audited:]] == [error]
+    assert env.counts() == before
 
 
 def test_a_password_saslprep_refuses_is_wrong_credentials_not_an_outage(env: Env) -> None:
@@ -550,9 +558,12 @@ def test_a_csr_the_core_cannot_read_is_a_bad_request_not_a_crash(env: Env) -> No
 
 def test_a_key_below_the_template_minimum_is_refused(env: Env) -> None:
     small = rsa.generate_private_key(65537, 1024)  # noqa: S505 - the weak key under test
+    before, audited = env.counts(), len(env.refusals())
     response = _json_enroll(env, "alice", "User", _csr(small)[0])
     assert response.status_code == 400 and response.json()["error"] == "keyTooSmall"
     assert "2048" in response.json()["message"]
+    assert [r["code"] for r in env.refusals()[audited:]] == ["keyTooSmall"]
+    assert env.counts() == before
 
 
 # -- renewal with a client certificate -------------------------------------------------------
@@ -685,7 +696,10 @@ def test_pending_requests_are_approved_or_rejected_by_an_administrator(env: Env)
     )
     assert status.status_code == 202
     listed = env.cli("pending", "list", "--connector", "adcs")
-    assert request_id in [r["request_id"] for r in json.loads(listed.stdout)]
+    waiting = {r["request_id"]: r for r in json.loads(listed.stdout)}
+    # The approver sees what the request asks for (the template decides what is used).
+    assert waiting[request_id]["requested_subject"] == "CN=CN from the request"
+    assert waiting[request_id]["requested_sans"] == []
     approved = env.cli("pending", "approve", "--connector", "adcs", str(request_id))
     assert approved.returncode == 0, approved.stderr
     issued = env.plain().get(
@@ -765,6 +779,84 @@ def test_a_pending_request_over_wstep_answers_with_its_request_id(env: Env) -> N
     assert (waiting.status, waiting.request_id) == ("pending", result.request_id)
 
 
+def test_approval_decides_again_from_the_directory_as_it_is_now(env: Env) -> None:
+    """A request held for approval is decided again when approved: an account disabled
+    since it asked gets nothing, its request is rejected, and the refusal is audited."""
+    from pkigate.devsim.adcs_client import provision_machine
+
+    machine = provision_machine(env.directory, "HELDOFF", rid=62100)
+    held = _json_enroll(env, machine.name, "MachinePending", _csr()[0], password=machine.password)
+    assert held.status_code == 202, held.text
+    request_id = held.json()["request_id"]
+    conn = env.directory.admin_connection()
+    try:
+        disabled = UserAccountControl.WORKSTATION_TRUST_ACCOUNT | UserAccountControl.ACCOUNTDISABLE
+        assert conn.modify(
+            f"CN=HELDOFF,CN=Computers,{env.directory.base}",
+            {"userAccountControl": [(MODIFY_REPLACE, [str(int(disabled))])]},
+        )
+    finally:
+        conn.unbind()
+    before, audited = env.counts()["certificates"], len(env.refusals())
+    api = f"{env.server.https_url}/api/v1/connectors/adcs/pending"
+    approved = env.server.session().post(f"{api}/{request_id}/approve", timeout=30)
+    assert approved.status_code == 400, approved.text
+    assert "accountDisabled" in approved.json()["error"]["message"]
+    assert [r["code"] for r in env.refusals()[audited:]] == ["accountDisabled"]
+    assert env.counts()["certificates"] == before
+    assert request_id not in [r["request_id"] for r in env.server.session().get(api).json()]
+    with env.core.store.read() as conn:
+        status = conn.execute(
+            select(schema.adcs_requests.c.status).where(schema.adcs_requests.c.id == request_id)
+        ).scalar_one()
+    assert status == "rejected"
+
+
+def test_a_sid_another_way_of_issuing_carried_does_not_log_in(env: Env, tmp_path: Path) -> None:
+    """An issuer through the management API may write any extension, the SID one too; such
+    a certificate must not authenticate as the account that SID names (only certificates
+    AD-style enrollment issued from the directory do)."""
+    der, key = _csr()
+    token = env.server.session().post(
+        f"{env.server.https_url}/api/v1/tokens", json={"name": "sid-issuer", "role": "issuer"}
+    )
+    assert token.status_code == 201, token.text
+    forged = env.server.session(token.json()["secret"]).post(
+        f"{env.server.https_url}/api/v1/cas/{_issuing_id(env)}/certificates",
+        json={
+            "csr": _pem_csr(der),
+            "template": "EndEntityClientAuthCertificate_APIPassthrough/V1",
+            "api_passthrough": {
+                "custom_extensions": [
+                    {
+                        "oid": SECURITY_EXTENSION_OID.dotted_string,
+                        "value": base64.b64encode(
+                            security_extension(env.sid("Administrator"))
+                        ).decode(),
+                        "critical": False,
+                    }
+                ]
+            },
+        },
+        timeout=30,
+    )
+    assert forged.status_code == 201, forged.text
+    certificate = x509.load_pem_x509_certificate(forged.json()["certificate_pem"].encode())
+    assert sid_from_certificate(certificate) == env.sid("Administrator")
+    before, audited = env.counts(), len(env.refusals())
+    response = env.plain().post(
+        f"{env.url}/enroll",
+        json={"template": "User", "csr": _pem_csr(_csr()[0])},
+        cert=_files(tmp_path, certificate, key),
+        timeout=30,
+    )
+    assert response.status_code == 403, response.text
+    assert response.json()["error"] == "badCertificate"
+    assert "not issued by AD-style enrollment" in response.json()["message"]
+    assert [r["code"] for r in env.refusals()[audited:]] == ["badCertificate"]
+    assert env.counts() == before
+
+
 # -- the ADCS abuse classes ------------------------------------------------------------------
 
 
@@ -830,9 +922,14 @@ def test_esc2_any_purpose_and_no_eku_templates_are_refused(env: Env, template: s
 
 
 def test_esc3_an_agent_requesting_on_behalf_of_another_is_refused(env: Env) -> None:
-    # The agent signs alice's request with its own certificate: a CMS-wrapped PKCS#10.
+    # An enrollment agent (Certificate Request Agent EKU) signs a request for someone else:
+    # a CMS-wrapped PKCS#10. No published template requires RA signatures that pkigate
+    # could verify, so it is refused.
     der, key = _csr()
-    agent = _certificate(_json_enroll(env, "alice", "User", der))
+    agent = _certificate(_json_enroll(env, "alice", "EnrollmentAgent", der))
+    agent_ekus = agent.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert [o.dotted_string for o in agent_ekus] == [REQUEST_AGENT]
+    before, audited = env.counts(), len(env.refusals("ESC3"))
     inner, _ = _csr()
     signed = (
         pkcs7.PKCS7SignatureBuilder()
@@ -846,7 +943,8 @@ def test_esc3_an_agent_requesting_on_behalf_of_another_is_refused(env: Env) -> N
     assert response.status_code == 400, response.text
     assert result.status == "fault"
     assert "on behalf" in (result.fault_reason or "")
-    assert env.refusals("ESC3")
+    assert [r["code"] for r in env.refusals("ESC3")[audited:]] == ["onBehalfOfRefused"]
+    assert env.counts() == before
 
 
 def test_esc6_names_in_request_attributes_are_refused(env: Env) -> None:
@@ -978,30 +1076,46 @@ def test_bad_soap_gets_a_fault_naming_the_problem_and_issues_nothing(env: Env) -
     )
     deep = b"<a>" * 5000 + b"</a>" * 5000
     # Each case: the body, the HTTP status and the refusal code the audit log records.
+    # Each case: the body, the HTTP status, the refusal code the audit log records and
+    # what the fault's reason says.
     cases = {
-        "not xml": (b"this is not XML", 400, "badRequest"),
-        "billion laughs": (laughs, 400, "badRequest"),
-        "external entity": (xxe, 400, "badRequest"),
-        "deep": (deep, 400, "badRequest"),
-        "oversized": (b"<a>" + b"x" * (300 * 1024) + b"</a>", 400, "badRequest"),
+        "not xml": (b"this is not XML", 400, "badRequest", "not well-formed XML"),
+        "billion laughs": (laughs, 400, "badRequest", "document type declaration"),
+        "external entity": (xxe, 400, "badRequest", "document type declaration"),
+        "deep": (deep, 400, "badRequest", "nests elements deeper than 32"),
+        "deep, under the parser's own bound": (
+            b"<a>" * 100 + b"</a>" * 100,
+            400,
+            "badRequest",
+            "nests elements deeper than 32",
+        ),
+        "oversized": (
+            b"<a>" + b"x" * (300 * 1024) + b"</a>",
+            400,
+            "badRequest",
+            "larger than 262144 bytes",
+        ),
         "wrong action": (
             good.replace(soap.WSTEP_RST_ACTION.encode(), b"urn:wrong:action"),
             400,
             "badRequest",
+            "does not handle that action",
         ),
         "no credentials": (
             soap.build_rst_issue(env.url + "/ces", _csr()[0], "urn:uuid:2"),
             401,
+            "authenticationRequired",
             "authenticationRequired",
         ),
         "bad password": (
             soap.build_rst_issue(env.url + "/ces", _csr()[0], "urn:uuid:3", "alice", "nope"),
             401,
             "badCredentials",
+            "badCredentials",
         ),
     }
     before = env.counts()
-    for name, (body, status, code) in cases.items():
+    for name, (body, status, code, named) in cases.items():
         audited = len(env.refusals())
         response = _post_soap(env, body)
         assert response.status_code == status, (name, response.status_code, response.text[:300])
@@ -1009,6 +1123,8 @@ def test_bad_soap_gets_a_fault_naming_the_problem_and_issues_nothing(env: Env) -
         assert b"Fault" in response.content, name
         assert b"root:" not in response.content, name
         assert [r["code"] for r in env.refusals()[audited:]] == [code], name
+        reason = soap.parse_rstr(response.content).fault_reason or ""
+        assert named in reason, (name, reason)
     # Over the gateway's own body limit too: still a SOAP fault, not the gateway's JSON 413.
     audited = len(env.refusals())
     status, content_type, content = _post_over_the_body_limit(
@@ -1233,14 +1349,52 @@ def test_wstep_with_http_basic_over_tls(env: Env) -> None:
 
 
 def test_soap_refusals_name_the_problem(env: Env) -> None:
-    before = env.counts()["certificates"]
-    response, result = _wstep(env, "alice", _csr()[0], template="NoSuchTemplate")
-    assert response.status_code == 400 and result.status == "fault"
-    assert "unknownTemplate" in (result.fault_reason or "")
     small = rsa.generate_private_key(65537, 1024)  # noqa: S505 - the weak key under test
-    response, result = _wstep(env, "alice", _csr(small)[0], template="User")
-    assert response.status_code == 400 and "keyTooSmall" in (result.fault_reason or "")
-    assert env.counts()["certificates"] == before
+    before = env.counts()
+    for template, key, code in (
+        ("NoSuchTemplate", None, "unknownTemplate"),
+        ("Unpublished", None, "templateNotPublished"),
+        ("User", small, "keyTooSmall"),
+    ):
+        audited = len(env.refusals())
+        response, result = _wstep(env, "alice", _csr(key)[0], template=template)
+        assert response.status_code == 400 and result.status == "fault", code
+        assert code in (result.fault_reason or ""), (code, result.fault_reason)
+        assert [r["code"] for r in env.refusals()[audited:]] == [code]
+    assert env.counts() == before
+
+
+@pytest.mark.parametrize("request_id", ["\u00b2", "9" * 20, "-1", "1e3"])
+def test_a_request_id_that_is_no_stored_id_is_a_fault_not_a_crash(
+    env: Env, request_id: str
+) -> None:
+    """QueryTokenStatus RequestIDs and the JSON status path: a digit Python's int() refuses
+    ("²"), or one beyond the store's 64-bit ids, is the client's error (found in review)."""
+    before, audited = env.counts(), len(env.refusals())
+    body = soap.build_rst_query(
+        env.url + "/ces",
+        request_id.encode().decode("unicode_escape"),
+        f"urn:uuid:{uuid.uuid4()}",
+        "alice",
+        env.password("alice"),
+    )
+    query = _post_soap(env, body)
+    assert query.status_code == 400, query.text
+    assert "1 to 18 decimal digits" in (soap.parse_rstr(query.content).fault_reason or "")
+    assert [r["code"] for r in env.refusals()[audited:]] == ["badRequest"]
+    assert env.counts() == before
+
+
+def test_a_request_id_beyond_the_stores_range_is_not_found(env: Env) -> None:
+    huge = "9" * 20
+    status = env.plain().get(
+        f"{env.url}/requests/{huge}", auth=("alice", env.password("alice")), timeout=30
+    )
+    assert status.status_code == 404 and status.json()["error"] == "unknownRequest"
+    api = f"{env.server.https_url}/api/v1/connectors/adcs/pending/{huge}"
+    assert env.server.session().post(f"{api}/approve", timeout=10).status_code == 404
+    rejected = env.server.session().post(f"{api}/reject", json={"reason": "x"}, timeout=10)
+    assert rejected.status_code == 404
 
 
 def test_the_default_connector_uses_the_development_directory_in_the_data_directory(

@@ -8,9 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from cryptography import x509
 from sqlalchemy import Connection, insert, select, update
 
+from pkigate.core.names import format_dn, format_general_name
 from pkigate.core.store import as_utc, schema
+
+MAX_REQUEST_ID = 2**63 - 1  # request ids are 64-bit integers in every dialect
 
 PENDING = "pending"
 ISSUED = "issued"
@@ -44,6 +48,9 @@ class RequestRecord:
             "template": self.template,
             "principal": self.principal_name,
             "sid": self.principal_sid,
+            # What the request asks for, so that an approver sees it: the certificate
+            # takes these only where the template lets the enrollee supply the subject.
+            **_requested_names(self.csr_der),
             "status": self.status,
             "ca_id": self.ca_id,
             "serial": self.serial,
@@ -52,6 +59,20 @@ class RequestRecord:
             "received_at": stamp(self.created_at),
             "updated_at": stamp(self.updated_at),
         }
+
+
+def _requested_names(csr_der: bytes) -> dict[str, Any]:
+    try:
+        csr = x509.load_der_x509_csr(csr_der)
+        subject = format_dn(csr.subject)
+        try:
+            sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            sans = x509.SubjectAlternativeName([])
+        names = [format_general_name(n) for n in sans]
+    except ValueError:  # stored requests were parsed when received; defensive only
+        return {"requested_subject": None, "requested_sans": []}
+    return {"requested_subject": subject, "requested_sans": names}
 
 
 def _record(row: Any) -> RequestRecord:
