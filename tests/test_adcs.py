@@ -1486,6 +1486,33 @@ bind_password = "x"
             timeout=30,
         )
         assert fault.status_code == 503 and b"directoryUnavailable" in fault.content
+        # A request held while the directory answered cannot be decided now: 503, and it
+        # stays pending for a later approval.
+        from datetime import UTC, datetime
+
+        from pkigate.core.store import adcs as adcs_store
+
+        core = Core.open(server.data_dir)
+        try:
+            with core.store.write() as conn:
+                held = adcs_store.insert_request(
+                    conn,
+                    connector="adcs",
+                    template="User",
+                    principal_sid="S-1-5-21-1-2-3-1104",
+                    principal_name="alice",
+                    csr_der=_csr()[0],
+                    attributes=(),
+                    status=adcs_store.PENDING,
+                    now=datetime.now(UTC),
+                )
+            api = f"{server.https_url}/api/v1/connectors/adcs/pending"
+            approved = server.session().post(f"{api}/{held}/approve", timeout=30)
+            assert approved.status_code == 503, approved.text
+            assert approved.json()["error"]["code"] == "directoryUnavailable"
+            assert held in [r["request_id"] for r in server.session().get(api).json()]
+        finally:
+            core.close()
     finally:
         server.stop()
 
