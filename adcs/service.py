@@ -145,13 +145,16 @@ class AdcsService:
             refusal = EnrollmentRefused(
                 "badCertificate", "the client certificate was not issued by this CA"
             )
-        elif record.connector != self.name:
-            # Only certificates this connector issued from the directory name a principal: a
-            # SID extension that another way of issuing carried (an API caller's passthrough)
-            # is not evidence of who holds the key.
+        elif not self._logs_in(record.ca_id, serial):
+            # Only certificates this connector issued with names from the directory name a
+            # principal: a SID extension that another way of issuing carried (an API
+            # caller's passthrough), or one on a certificate whose subject the request
+            # supplied (a kiosk certificate an administrator requested), is not evidence
+            # of who holds the key.
             refusal = EnrollmentRefused(
                 "badCertificate",
-                f"the client certificate was not issued by AD-style enrollment ({self.name})",
+                f"the client certificate was not issued by AD-style enrollment ({self.name}) "
+                "with names from the directory",
             )
         elif record.status != "ISSUED":
             refusal = EnrollmentRefused("badCertificate", "the client certificate is revoked")
@@ -178,6 +181,11 @@ class AdcsService:
             raise refusal
         assert principal is not None
         return principal
+
+    def _logs_in(self, ca_id: str, serial: str) -> bool:
+        with self.core.store.read() as conn:
+            request = adcs_store.issued_request(conn, self.name, ca_id, serial)
+        return request is not None and request.names_from_directory
 
     def _principal_by_sid(self, sid: str) -> Principal | None:
         try:
@@ -382,6 +390,7 @@ class AdcsService:
                 ca_id=self.context.ca_id,
                 serial=issued.serial,
                 decided_by=decided_by,
+                names_from_directory=not decision.template.enrollee_supplies_subject,
             ):
                 raise ConflictError(f"request {request_id} was decided meanwhile")
 

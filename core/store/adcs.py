@@ -38,6 +38,7 @@ class RequestRecord:
     decided_by: str | None
     created_at: datetime
     updated_at: datetime
+    names_from_directory: bool = False
 
     def to_json(self) -> dict[str, Any]:
         def stamp(moment: datetime) -> str:
@@ -94,6 +95,7 @@ def _record(row: Any) -> RequestRecord:
         row.decided_by,
         created,
         updated,
+        bool(row.names_from_directory),
     )
 
 
@@ -156,6 +158,7 @@ def settle_request(
     serial: str | None = None,
     reason: str | None = None,
     decided_by: str | None = None,
+    names_from_directory: bool = False,
 ) -> bool:
     """Move a request out of ``expected_status``; False when another decision came first."""
     c = schema.adcs_requests.c
@@ -169,6 +172,20 @@ def settle_request(
             reason=reason,
             decided_by=decided_by,
             updated_at=now,
+            names_from_directory=names_from_directory,
         )
     )
     return result.rowcount == 1
+
+
+def issued_request(
+    conn: Connection, connector: str, ca_id: str, serial: str
+) -> RequestRecord | None:
+    """The request of ``connector`` that the certificate (``ca_id``, ``serial``) answered."""
+    c = schema.adcs_requests.c
+    row = conn.execute(
+        select(schema.adcs_requests).where(
+            c.connector == connector, c.ca_id == ca_id, c.serial == serial, c.status == ISSUED
+        )
+    ).first()
+    return None if row is None else _record(row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.sql import false
 
 metadata = MetaData(
     naming_convention={
@@ -444,5 +446,9 @@ adcs_requests = Table(
     Column("decided_by", String(256), nullable=True),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
+    # Whether the issued certificate names its principal from the directory only, so that
+    # it may log in as that principal (not when the request supplied the subject).
+    Column("names_from_directory", Boolean, nullable=False, server_default=false()),
     Index("ix_adcs_requests_status", "connector", "status"),
+    Index("ix_adcs_requests_certificate", "ca_id", "serial"),
 )
