@@ -36,6 +36,8 @@ SECURITY_EXTENSION_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.25.2")
 SID_OTHER_NAME_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.25.2.1")
 # The SAN URL form of the SID that KB5014754 added for strong mapping.
 SID_URL_PREFIX = "tag:microsoft.com,2022-09-14:sid:"
+# szOID_NTDS_OBJECTSID as a SAN otherName: another way Windows reads a SID from a name.
+SID_OTHER_NAME_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.25.2.1")
 
 # Domain Admins (512), Enterprise Admins (519), Administrators (S-1-5-32-544): the groups
 # whose members may name any subject on a template that lets the enrollee supply it.
@@ -95,24 +97,38 @@ def template_named_in_csr(csr: x509.CertificateSigningRequest) -> tuple[str | No
     oid: str | None = None
     for extension in _requested_extensions(csr):
         if extension.oid == TEMPLATE_NAME_OID:
-            raw = _value_bytes(extension)
-            try:
-                parsed = asn1.Asn1Value.load(raw)
-                name = str(parsed.native) if parsed.native is not None else None
-            except (ValueError, TypeError):
-                raise EnrollmentRefused(
-                    "badRequest", "the certificate template name extension cannot be read"
-                ) from None
+            name = _template_name(_value_bytes(extension))
         elif extension.oid == TEMPLATE_INFO_OID:
             raw = _value_bytes(extension)
             try:
-                sequence = asn1.Sequence.load(raw)
-                oid = str(sequence[0].native)
-            except (ValueError, TypeError, KeyError, IndexError):
+                oid = str(_TemplateInfo.load(raw, strict=True)["template_id"].dotted)
+            except (ValueError, TypeError, KeyError, IndexError, RecursionError):
                 raise EnrollmentRefused(
                     "badRequest", "the certificate template information extension cannot be read"
                 ) from None
     return name, oid
+
+
+# The string types a template name extension may hold (Windows writes a BMPString).
+_NAME_STRINGS: dict[int, type[asn1.AbstractString]] = {
+    0x1E: asn1.BMPString,
+    0x0C: asn1.UTF8String,
+    0x13: asn1.PrintableString,
+    0x16: asn1.IA5String,
+}
+
+
+def _template_name(raw: bytes) -> str:
+    """1.3.6.1.4.1.311.20.2: one string, nothing else (no structure to walk)."""
+    kind = _NAME_STRINGS.get(raw[0]) if raw else None
+    try:
+        if kind is None:
+            raise ValueError("not a string")
+        return str(kind.load(raw, strict=True).native)
+    except (ValueError, TypeError):
+        raise EnrollmentRefused(
+            "badRequest", "the certificate template name extension is not a string"
+        ) from None
 
 
 def _requested_extensions(
@@ -419,9 +435,19 @@ def _sans(
     if template.enrollee_supplies_subject:
         try:
             requested = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            names.extend(requested.value)
         except x509.ExtensionNotFound:
-            pass
+            requested = None
+        for name in requested.value if requested else ():
+            if _names_a_sid(name):
+                # Windows maps a certificate to the account a SID in its names names
+                # (KB5014754); the CA writes the requester's SID, never the request.
+                raise EnrollmentRefused(
+                    "nameRefused",
+                    "the request's alternative names carry a security identifier; the "
+                    "CA writes the SID from the directory",
+                    attack="ESC9",
+                )
+            names.append(name)
     if template.requires_dns:
         names.append(x509.DNSName(_required(principal.dns_host_name, "dNSHostName", principal)))
     if template.requires_upn:
@@ -431,6 +457,12 @@ def _sans(
     # The strong-mapping SID URL (KB5014754), beside the security extension.
     names.append(x509.UniformResourceIdentifier(SID_URL_PREFIX + principal.sid))
     return tuple(dict.fromkeys(names))
+
+
+def _names_a_sid(name: x509.GeneralName) -> bool:
+    if isinstance(name, x509.UniformResourceIdentifier):
+        return name.value.lower().startswith(SID_URL_PREFIX)
+    return isinstance(name, x509.OtherName) and name.type_id == SID_OTHER_NAME_OID
 
 
 def _required(value: str | None, attribute: str, principal: Principal) -> str:
@@ -502,10 +534,11 @@ def _tlv(data: bytes, offset: int) -> tuple[int, bytes, int]:
 
 
 class _TemplateInfo(asn1.Sequence):  # type: ignore[misc]
+    # [MS-WCCE] 2.2.2.7.7.2: the minor version is optional.
     _fields = [
         ("template_id", asn1.ObjectIdentifier),
         ("major_version", asn1.Integer),
-        ("minor_version", asn1.Integer),
+        ("minor_version", asn1.Integer, {"optional": True}),
     ]
 
 

@@ -20,7 +20,7 @@ from ldap3 import SUBTREE
 from ldap3.utils.conv import escape_bytes, escape_filter_chars
 
 from pkigate.adcs.encoding import MalformedAttributeValue, from_ad_int32
-from pkigate.adcs.flags import UserAccountControl
+from pkigate.adcs.flags import GroupType, UserAccountControl
 from pkigate.adcs.security import InvalidSid, SecurityDataError, Sid, guid_from_bytes, token_sids
 
 # Windows refuses a logon whose token would hold more than 1024 SIDs.
@@ -37,7 +37,7 @@ PRINCIPAL_ATTRIBUTES = (
     "objectClass",
     "cn",
 )
-GROUP_ATTRIBUTES = ("objectSid", "sAMAccountName", "cn")
+GROUP_ATTRIBUTES = ("objectSid", "sAMAccountName", "cn", "groupType")
 
 PrincipalKind = Literal["user", "computer"]
 
@@ -181,6 +181,10 @@ def group_memberships(connection: Any, base: str, principal: Principal) -> Group
             if dn.lower() in visited:
                 continue  # nesting loops are legal in AD
             visited.add(dn.lower())
+            if not _security_group(raw):
+                # A distribution group (mail) is in no access token, nor what it is a
+                # member of through it: it grants nothing.
+                continue
             sids.add(_sid(raw, dn))
             names.add(_group_name(dn, raw))
             if len(sids) > MAX_TOKEN_GROUPS:
@@ -206,6 +210,15 @@ def resolve_token(connection: Any, base: str, principal: Principal) -> Principal
 
 def _group_name(dn: str, raw: dict[str, list[bytes]]) -> str:
     return _optional_text(raw, "sAMAccountName") or _optional_text(raw, "cn") or dn
+
+
+def _security_group(raw: dict[str, list[bytes]]) -> bool:
+    values = raw.get("groupType") or []
+    try:
+        group_type = from_ad_int32(int(values[0])) if len(values) == 1 else 0
+    except (ValueError, MalformedAttributeValue):
+        return False
+    return bool(group_type & GroupType.SECURITY_ENABLED)
 
 
 def _sid(raw: dict[str, list[bytes]], dn: str) -> str:

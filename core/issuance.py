@@ -129,6 +129,10 @@ def parse_csr(data: bytes | x509.CertificateSigningRequest) -> x509.CertificateS
         raise BadCSRError(f"CSR signature cannot be checked: {exc}") from None
     if not valid:
         raise BadCSRError("CSR signature does not verify")
+    try:
+        csr.subject  # noqa: B018 - parsed lazily; an empty RDN, say, raises only here
+    except ValueError as exc:
+        raise BadCSRError(f"CSR subject cannot be read: {exc}") from None
     return csr
 
 

@@ -26,7 +26,7 @@ from adcs_directory_fixture import make_dev_directory_fixture
 from asn1crypto import core as asn1_core
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ldap3 import MODIFY_REPLACE
@@ -51,6 +51,7 @@ from pkigate.adcs.policy import (
     sid_from_certificate,
 )
 from pkigate.core import Actor, Core
+from pkigate.core.der import tlv
 from pkigate.core.model import RevocationReason
 from pkigate.core.names import UPN_OID, decode_upn
 from pkigate.core.store import schema
@@ -556,6 +557,65 @@ def test_a_csr_the_core_cannot_read_is_a_bad_request_not_a_crash(env: Env) -> No
     assert env.counts()["certificates"] == before
 
 
+def _signed_request(info_body: bytes, key: rsa.RSAPrivateKey) -> bytes:
+    """A PKCS#10 signed over CertificationRequestInfo contents written byte by byte, for
+    structures no library would build."""
+    info = tlv(0x30, info_body)
+    signature = key.sign(info, padding.PKCS1v15(), hashes.SHA256())
+    sha256_rsa = bytes.fromhex("300d06092a864886f70d01010b0500")
+    return tlv(0x30, info + sha256_rsa + tlv(0x03, b"\x00" + signature))
+
+
+def _request_info(
+    key: rsa.RSAPrivateKey, subject: bytes, extensions: list[tuple[str, bytes]]
+) -> bytes:
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    requested = b"".join(
+        tlv(0x30, asn1_core.ObjectIdentifier(oid).dump() + tlv(0x04, value))
+        for oid, value in extensions
+    )
+    attributes = (
+        tlv(
+            0x30,
+            asn1_core.ObjectIdentifier("1.2.840.113549.1.9.14").dump()
+            + tlv(0x31, tlv(0x30, requested)),
+        )
+        if extensions
+        else b""
+    )
+    return b"\x02\x01\x00" + subject + spki + tlv(0xA0, attributes)
+
+
+def test_requests_whose_structures_break_parsers_are_bad_requests(env: Env) -> None:
+    """Found in review: a template name extension nested 3000 deep (asn1crypto's .native
+    recursed out: a 500), and a subject with an empty RDN on a template whose subject the
+    request supplies (cryptography refuses to read it only when asked: a 500)."""
+    key = rsa.generate_private_key(65537, 2048)
+    cn = tlv(
+        0x30, tlv(0x31, tlv(0x30, asn1_core.ObjectIdentifier("2.5.4.3").dump() + tlv(0x0C, b"x")))
+    )
+    nested = b"\x05\x00"
+    for _ in range(3000):
+        nested = tlv(0x30, nested)
+    deep_name = _signed_request(_request_info(key, cn, [("1.3.6.1.4.1.311.20.2", nested)]), key)
+    empty_rdn = _signed_request(_request_info(key, tlv(0x30, tlv(0x31, b"")), []), key)
+    before = env.counts()
+    for name, der, template, user in (
+        ("deep template name", deep_name, "User", "alice"),
+        ("empty RDN", empty_rdn, "WebServer", "alice"),
+    ):
+        audited = len(env.refusals())
+        response = _json_enroll(env, user, template, der)
+        assert response.status_code == 400, (name, response.text)
+        assert response.json()["error"] == "badRequest", name
+        soap_response, result = _wstep(env, user, der, template=template)
+        assert soap_response.status_code == 400 and result.status == "fault", name
+        assert [r["code"] for r in env.refusals()[audited:]] == ["badRequest"] * 2, name
+    assert env.counts() == before
+
+
 def test_a_key_below_the_template_minimum_is_refused(env: Env) -> None:
     small = rsa.generate_private_key(65537, 1024)  # noqa: S505 - the weak key under test
     before, audited = env.counts(), len(env.refusals())
@@ -663,6 +723,30 @@ def test_a_client_certificate_of_a_disabled_or_deleted_account_is_refused(
     assert renewed.status_code == 403, renewed.text
     assert renewed.json()["error"] == code and message in renewed.json()["message"]
     assert [r["code"] for r in env.refusals()[audited:]] == [code]
+    assert env.counts() == before
+
+
+def test_a_certificate_whose_subject_the_request_supplied_does_not_log_in(
+    env: Env, tmp_path: Path
+) -> None:
+    """Found in review: the Administrator may request a certificate naming a kiosk from an
+    enrollee-supplies-subject template; it carries the Administrator's SID (every
+    certificate does), but it names the kiosk, and whoever holds the kiosk's key must not
+    enroll as the Administrator with it."""
+    der, key = _csr(cn="kiosk01.example.test", sans=[x509.DNSName("kiosk01.example.test")])
+    kiosk = _certificate(_json_enroll(env, "Administrator", "ESC1Vulnerable", der))
+    assert sid_from_certificate(kiosk) == env.sid("Administrator")
+    before, audited = env.counts(), len(env.refusals())
+    response = env.plain().post(
+        f"{env.url}/enroll",
+        json={"template": "User", "csr": _pem_csr(_csr()[0])},
+        cert=_files(tmp_path, kiosk, key),
+        timeout=30,
+    )
+    assert response.status_code == 403, response.text
+    assert response.json()["error"] == "badCertificate"
+    assert "with names from the directory" in response.json()["message"]
+    assert [r["code"] for r in env.refusals()[audited:]] == ["badCertificate"]
     assert env.counts() == before
 
 
@@ -1007,6 +1091,29 @@ def test_esc9_and_esc16_every_certificate_carries_the_sid_extension(env: Env) ->
     response = _json_enroll(env, "alice", "User", _csr(extensions=[(forged, False)])[0])
     assert response.status_code == 403 and response.json()["attack"] == "ESC9"
     assert env.refusals("ESC9")
+
+
+def test_esc9_a_sid_in_the_requested_alternative_names_is_refused(env: Env) -> None:
+    """Where the request may supply names (WebServer lets Web Admins name their sites), a
+    SID in them, as the KB5014754 SID URL or an objectSid otherName, is not a name: Windows
+    would map the certificate to that account."""
+    administrator = env.sid("Administrator")
+    for forged in (
+        x509.UniformResourceIdentifier(f"tag:microsoft.com,2022-09-14:sid:{administrator}"),
+        x509.OtherName(
+            x509.ObjectIdentifier("1.3.6.1.4.1.311.25.2.1"),
+            asn1_core.OctetString(administrator.encode()).dump(),
+        ),
+    ):
+        der, _ = _csr(
+            cn="intranet.example.test", sans=[x509.DNSName("intranet.example.test"), forged]
+        )
+        before, audited = env.counts(), len(env.refusals("ESC9"))
+        response = _json_enroll(env, "alice", "WebServer", der)
+        assert response.status_code == 403, response.text
+        assert response.json()["error"] == "nameRefused"
+        assert [r["code"] for r in env.refusals("ESC9")[audited:]] == ["nameRefused"]
+        assert env.counts() == before
 
 
 def test_esc15_application_policies_in_the_request_are_refused(env: Env) -> None:

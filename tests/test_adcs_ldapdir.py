@@ -19,7 +19,13 @@ from ldap3 import MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 from pkigate.adcs import layout
 from pkigate.adcs.directory import DevDirectory, slapd_available
 from pkigate.adcs.encoding import interval_to_filetime, key_usage_to_bytes, to_ad_int32
-from pkigate.adcs.flags import CertificateNameFlag, EnrollmentFlag, KeyUsage, TemplateFlag
+from pkigate.adcs.flags import (
+    CertificateNameFlag,
+    EnrollmentFlag,
+    GroupType,
+    KeyUsage,
+    TemplateFlag,
+)
 from pkigate.adcs.ldapdir import (
     INVALID_CREDENTIALS_MESSAGE,
     Directory,
@@ -32,6 +38,7 @@ from pkigate.adcs.security import (
     AUTHENTICATED_USERS,
     ENROLL_RIGHT,
     EVERYONE,
+    Sid,
     allow,
     build_security_descriptor,
     enroll_rights,
@@ -441,6 +448,34 @@ def test_group_nesting_loop_ends(ldap: Directory, dev_directory: DevDirectory) -
         assert alice.group_names == {"Web Admins", "PKI Users", "Domain Users"}
     finally:
         admin.modify(web_admins, {"member": [(MODIFY_DELETE, [groups["PKI Users"].dn])]})
+
+
+def test_distribution_groups_are_in_no_token(ldap: Directory, dev_directory: DevDirectory) -> None:
+    """As in AD, only security groups (groupType SECURITY_ENABLED) count for access checks:
+    a mail distribution group, and a security group reached only through it, grant nothing."""
+    groups = dev_directory.groups
+    eve = dev_directory.accounts["eve"]
+    admin = dev_directory.admin_connection()
+    dn = f"CN=Newsletter,CN=Users,{dev_directory.base}"
+    attributes = {
+        "objectClass": ["top", "group"],
+        "cn": "Newsletter",
+        "sAMAccountName": "Newsletter",
+        "groupType": str(to_ad_int32(int(GroupType.ACCOUNT_GROUP))),  # no SECURITY_ENABLED
+        "objectSid": Sid.parse(dev_directory.domain_sid + "-7001").to_bytes(),
+        "member": [eve.dn],
+    }
+    assert admin.add(dn, attributes=attributes), admin.result
+    pki_users = groups["PKI Users"].dn
+    assert admin.modify(pki_users, {"member": [(MODIFY_ADD, [dn])]}), admin.result
+    try:
+        token = ldap.authenticate("eve", password(dev_directory, "eve"))
+        assert dev_directory.domain_sid + "-7001" not in token.token_sids
+        assert groups["PKI Users"].sid not in token.token_sids
+        assert "Newsletter" not in token.group_names
+    finally:
+        admin.modify(pki_users, {"member": [(MODIFY_DELETE, [dn])]})
+        admin.delete(dn)
 
 
 def test_principal_by_sid_round_trips(ldap: Directory, dev_directory: DevDirectory) -> None:
