@@ -293,7 +293,26 @@ def _resolve_addresses(
 def _addresses_of(
     host: str, ip: IPAddress | None, settings: ValidationSettings, deadline: _Deadline
 ) -> tuple[str, ...]:
-    return (ip.compressed,) if ip is not None else _resolve_addresses(host, settings, deadline)
+    found = (ip.compressed,) if ip is not None else _resolve_addresses(host, settings, deadline)
+    usable = tuple(a for a in found if _may_connect(a))
+    if not usable:
+        raise AcmeProblem(
+            "connection",
+            f"{host} has only addresses the validator does not connect to "
+            f"({', '.join(found[:4])}: link-local, multicast, unspecified or reserved)",
+        )
+    return usable
+
+
+def _may_connect(address: str) -> bool:
+    """Private and loopback addresses are where a private CA's servers are; link-local
+    ones (169.254.169.254 is a cloud's metadata service) and the unroutable are not."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return True  # (::1 is in the reserved ::/8 too)
+    return not (ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved)
 
 
 # --- TCP ---------------------------------------------------------------------------------
@@ -388,7 +407,7 @@ def validate_http01(
                 f" (last hop {target.url} redirected to {_quote(response.location)})",
             )
         target = _redirect_target(target, response.location, settings)
-    _check_http01_response(response, record, key_authorization, settings)
+    _check_http01_response(response, record, key_authorization, settings, len(records) > 1)
     return records
 
 
@@ -522,26 +541,34 @@ def _check_http01_response(
     record: ValidationRecord,
     key_authorization: str,
     settings: ValidationSettings,
+    redirected: bool = False,
 ) -> None:
     where = f"{record.url} [{record.address_used}]"
+
+    def shown(body: bytes) -> str:
+        # After a redirect the body is from a URL the client chose, perhaps one only the
+        # validator can reach: its contents are not echoed to the client (SSRF).
+        if redirected:
+            return f"{len(body)} bytes (not shown: the answer came after a redirect)"
+        return _quote_bytes(body)
+
     if response.status != 200:
         raise AcmeProblem(
             "unauthorized",
-            f"Invalid response from {where}: HTTP {response.status}, body "
-            f"{_quote_bytes(response.body)}",
+            f"Invalid response from {where}: HTTP {response.status}, body {shown(response.body)}",
         )
     if response.oversized:
         raise AcmeProblem(
             "incorrectResponse",
             f"The response from {where} is larger than {settings.max_body_bytes} bytes; "
-            f"it starts with {_quote_bytes(response.body)}",
+            f"it starts with {shown(response.body)}",
         )
     # RFC 8555 section 8.3: trailing whitespace (an editor's newline) is ignored.
     received = response.body.rstrip()
     if not hmac.compare_digest(received, key_authorization.encode()):
         raise AcmeProblem(
             "incorrectResponse",
-            f"The key authorization from {where} is wrong: received {_quote_bytes(received)}, "
+            f"The key authorization from {where} is wrong: received {shown(received)}, "
             f"expected {_quote(key_authorization)}",
         )
 

@@ -328,6 +328,57 @@ def test_http01_redirect_to_a_port_other_than_80_or_443_is_refused(
     assert len(web.seen) == 1
 
 
+def test_http01_does_not_echo_what_it_was_redirected_to(web: ChallengeHTTPServer) -> None:
+    """Found in review: a client's redirect to a URL only the validator reaches (an internal
+    service) had its body quoted back in the problem detail. Without a redirect the body
+    of the challenge URL itself is still quoted, for the client's debugging."""
+    web.replies[CHALLENGE_PATH] = Reply(302, location="/admin/config")
+    web.replies["/admin/config"] = Reply(body=b"db_password=hunter2")
+    problem = problem_of(
+        validate_http01, LOCALHOST, TOKEN, KEY_AUTHORIZATION, settings_for(http_port=web.port)
+    )
+    assert problem.type == "incorrectResponse"
+    assert "hunter2" not in problem.detail
+    assert "19 bytes (not shown: the answer came after a redirect)" in problem.detail
+    web.replies["/admin/config"] = Reply(403, body=b"forbidden: hunter2")
+    refused = problem_of(
+        validate_http01, LOCALHOST, TOKEN, KEY_AUTHORIZATION, settings_for(http_port=web.port)
+    )
+    assert refused.type == "unauthorized" and "hunter2" not in refused.detail
+    web.replies[CHALLENGE_PATH] = Reply(body=b"not the key authorization")
+    direct = problem_of(
+        validate_http01, LOCALHOST, TOKEN, KEY_AUTHORIZATION, settings_for(http_port=web.port)
+    )
+    assert '"not the key authorization"' in direct.detail
+
+
+UNREACHABLE = ["169.254.169.254", "fe80::1", "0.0.0.0", "::ffff:169.254.169.254", "224.0.0.1"]  # noqa: S104
+
+
+@pytest.mark.parametrize("address", UNREACHABLE)
+def test_the_validator_never_connects_to_link_local_or_unroutable_addresses(
+    web: ChallengeHTTPServer, address: str
+) -> None:
+    """A cloud's metadata service is at 169.254.169.254: neither an identifier nor a
+    redirect takes the validator to a link-local, multicast, unspecified or reserved
+    address (private and loopback ones are where a private CA's servers are)."""
+    direct = problem_of(
+        validate_http01,
+        Identifier("ip", address),
+        TOKEN,
+        KEY_AUTHORIZATION,
+        settings_for(http_port=web.port),
+    )
+    assert direct.type == "connection" and "does not connect to" in direct.detail
+    host = f"[{address}]" if ":" in address else address
+    web.replies[CHALLENGE_PATH] = Reply(302, location=f"http://{host}:{web.port}/latest")
+    redirected = problem_of(
+        validate_http01, LOCALHOST, TOKEN, KEY_AUTHORIZATION, settings_for(http_port=web.port)
+    )
+    assert redirected.type == "connection" and "does not connect to" in redirected.detail
+    assert [path for path, _ in web.seen] == [CHALLENGE_PATH]
+
+
 def test_http01_redirect_to_a_scheme_other_than_http_or_https_is_refused(
     web: ChallengeHTTPServer,
 ) -> None:
