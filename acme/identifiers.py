@@ -18,7 +18,7 @@ from typing import Any
 from pkigate.acme.problems import AcmeProblem, Subproblem
 
 MAX_IDENTIFIERS = 100
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")  # fullmatch: "$" would allow a "\n"
 
 
 @dataclass(frozen=True, order=True)
@@ -56,6 +56,12 @@ def parse_identifier(item: object) -> Identifier:
             raise AcmeProblem(
                 "malformed", f"{value[:64]!r} is not an IP address", subproblems=()
             ) from None
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+            # A zone names a link of the validator's host, not an address a certificate
+            # can carry: "::1%1" and "::1%01" would be two spellings of one identifier.
+            raise AcmeProblem(
+                "rejectedIdentifier", f"{value[:64]!r}: an IPv6 zone is not part of an address"
+            )
         return Identifier("ip", address.compressed)
     raise AcmeProblem("unsupportedIdentifier", f"identifier type {kind[:32]!r} is not supported")
 
@@ -75,7 +81,7 @@ def _dns_name(value: str) -> str:
         raise AcmeProblem(
             "rejectedIdentifier", f"{value[:64]!r}: a wildcard may only be the leftmost label"
         )
-    if not all(_LABEL.match(label) for label in body):
+    if not all(_LABEL.fullmatch(label) for label in body):
         raise AcmeProblem(
             "rejectedIdentifier",
             f"{value[:64]!r} is not a valid DNS name (letters, digits and hyphens; "
@@ -160,7 +166,7 @@ class IdentifierPolicy:
                 canonical.append(_dns_name(bare) if "." in bare else bare)
             except AcmeProblem as problem:
                 raise ValueError(f"{where}.dns_suffixes: {problem.detail}") from None
-            if not _LABEL.match(bare.split(".")[-1]):
+            if not _LABEL.fullmatch(bare.split(".")[-1]):
                 raise ValueError(f"{where}.dns_suffixes: {suffix!r} is not a domain name")
         try:
             parsed_networks = tuple(ipaddress.ip_network(n, strict=True) for n in networks)

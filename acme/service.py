@@ -716,7 +716,11 @@ class AcmeService:
                 names.append(x509.DNSName(value))
             else:
                 names.append(x509.IPAddress(ipaddress.ip_address(value)))
+        # A CN holds at most 64 characters (RFC 5280 ub-common-name): a longer name the
+        # order validated is in the SANs only.
         subject_cn = common_names[0].lower() if common_names else None
+        if subject_cn is not None and len(subject_cn) > 64:
+            subject_cn = None
         if subject_cn is None:
             first_dns = next((v for k, v in order.identifiers if k == "dns" and len(v) <= 64), None)
             subject_cn = first_dns or next((v for k, v in order.identifiers if k == "ip"), None)
@@ -832,12 +836,22 @@ class AcmeService:
         certificate = x509.load_der_x509_certificate(record.der)
         try:
             san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
+        except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
             return False
+        if any(not isinstance(n, x509.DNSName | x509.IPAddress) for n in san):
+            return False  # names no ACME account can hold an authorization for
         names: list[tuple[str, str]] = [
             ("dns", n.lower()) for n in san.get_values_for_type(x509.DNSName)
         ]
         names += [("ip", a.compressed) for a in san.get_values_for_type(x509.IPAddress)]
+        try:
+            common_names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        except ValueError:
+            return False
+        for cn in common_names:
+            value = str(cn.value).lower()
+            if ("dns", value) not in names and ("ip", value) not in names:
+                return False  # a subject name the SANs do not cover
         if not names:
             return False
         now = self.now()

@@ -133,6 +133,10 @@ def parse_csr(data: bytes | x509.CertificateSigningRequest) -> x509.CertificateS
         csr.subject  # noqa: B018 - parsed lazily; an empty RDN, say, raises only here
     except ValueError as exc:
         raise BadCSRError(f"CSR subject cannot be read: {exc}") from None
+    try:
+        csr.extensions  # noqa: B018 - likewise: a duplicate or malformed known extension
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise BadCSRError(f"CSR extensions cannot be read: {exc}") from None
     return csr
 
 

@@ -529,7 +529,15 @@ def test_finalize_before_ready_is_order_not_ready(env: Env) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["extra name", "missing name", "foreign common name", "account key", "email SAN"]
+    "case",
+    [
+        "extra name",
+        "missing name",
+        "foreign common name",
+        "account key",
+        "email SAN",
+        "two SAN extensions",  # found in review: DuplicateExtension was a 500
+    ],
 )
 def test_a_csr_that_does_not_match_the_order_is_bad_csr_and_changes_nothing(
     env: Env, case: str
@@ -549,6 +557,16 @@ def test_a_csr_that_does_not_match_the_order_is_bad_csr_and_changes_nothing(
         csr, _ = _csr(names, cn="evil.example.test")
     elif case == "account key":
         csr, _ = _csr(names, key=client.key)
+    elif case == "two SAN extensions":
+        san = x509.Extension(
+            x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+            False,
+            x509.SubjectAlternativeName([x509.DNSName(v) for _, v in names]),
+        )
+        # The builder's constructor takes the list as given (add_extension would refuse).
+        csr = x509.CertificateSigningRequestBuilder(x509.Name([]), [san, san]).sign(
+            ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()
+        )
     else:
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (
@@ -571,6 +589,78 @@ def test_a_csr_that_does_not_match_the_order_is_bad_csr_and_changes_nothing(
     assert client.get(order.location or "").body["status"] == "ready"
     good, _ = _csr(names)
     assert client.finalize(ready, good).body["status"] == "valid"
+
+
+def test_a_name_longer_than_a_common_name_may_be_is_in_the_sans_only(env: Env) -> None:
+    """Found in review: a validated 133-character name asked for as the CSR's CN made the
+    subject unbuildable (RFC 5280: a CN holds at most 64 characters), a 500."""
+    client = env.client()
+    client.register()
+    name = f"{'a' * 60}.{'b' * 56}.example.test"
+    assert len(name) > 64
+    order = client.new_order([name])
+    _solve(env, client, order)
+    ready = client.wait(order.location or "", ["ready", "invalid"])
+    key = ec.generate_private_key(ec.SECP256R1())
+    long_cn = x509.NameAttribute(NameOID.COMMON_NAME, name, _validate=False)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([long_cn]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    done = client.finalize(ready, csr)
+    assert done.body["status"] == "valid", done.body
+    leaf = check_issued(
+        client.certificate_chain(done.body["certificate"]), env.root_pem, [("dns", name)]
+    )
+    assert not leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+
+
+def test_revocation_by_authorizations_needs_every_name_to_be_an_acme_identifier(
+    env: Env,
+) -> None:
+    """Found in review: an account holding an authorization for a certificate's DNS name
+    could revoke it although it also names an email address and a URI, which no ACME
+    account can be authorized for."""
+    token = env.server.session().post(
+        f"{env.server.https_url}/api/v1/tokens", json={"name": "revoke-test", "role": "issuer"}
+    )
+    assert token.status_code == 201, token.text
+    issuing = next(
+        c["id"]
+        for c in env.server.session().get(f"{env.server.https_url}/api/v1/cas").json()["cas"]
+        if c["type"] == "SUBORDINATE"
+    )
+    csr, _ = _csr([("dns", "shared-host.example.test")])
+    issued = env.server.session(token.json()["secret"]).post(
+        f"{env.server.https_url}/api/v1/cas/{issuing}/certificates",
+        json={
+            "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            "template": "EndEntityCertificate_APIPassthrough/V1",
+            "api_passthrough": {
+                "sans": [
+                    {"dns": "shared-host.example.test"},
+                    {"email": "ceo@example.test"},
+                    {"uri": "spiffe://example.test/payments"},
+                ]
+            },
+        },
+        timeout=30,
+    )
+    assert issued.status_code == 201, issued.text
+    certificate = x509.load_pem_x509_certificate(issued.json()["certificate_pem"].encode())
+    stranger = env.client()
+    stranger.register()
+    _issue(env, stranger, [("dns", "shared-host.example.test")])  # holds that authorization
+    with pytest.raises(AcmeClientError) as refused:
+        stranger.revoke(certificate, 1)
+    assert refused.value.type == "unauthorized" and refused.value.status == 403
+    with env.core.store.read() as conn:
+        stored = env.core.store.get_certificate(
+            conn, issuing, format(certificate.serial_number, "x")
+        )
+    assert stored is not None and stored.status == "ISSUED"
 
 
 def _ready_order(env: Env, names: list[tuple[str, str]]) -> tuple[AcmeClient, Any, Any]:
@@ -1097,6 +1187,10 @@ def test_a_replayed_request_is_bad_nonce_and_not_executed_twice(env: Env) -> Non
         ([{"type": "dns", "value": "127.0.0.1"}], "malformed"),
         ([{"type": "ip", "value": "999.1.1.1"}], "malformed"),
         ([{"type": "dns", "value": "x" * 300 + ".test"}], "rejectedIdentifier"),
+        # Found in review: "$" matched before a final newline; a zone made spellings of ::1.
+        ([{"type": "dns", "value": "nl.example.test\n"}], "rejectedIdentifier"),
+        ([{"type": "dns", "value": "evil\n.example.test"}], "rejectedIdentifier"),
+        ([{"type": "ip", "value": "::1%1"}], "rejectedIdentifier"),
         # Several bad ones of different kinds: compound, one subproblem each (RFC 8555 6.7.1).
         (
             [

@@ -65,6 +65,19 @@ def _csr_with_an_empty_rdn() -> bytes:
     return tlv(0x30, info, sha256_rsa, tlv(0x03, b"\x00", signature))
 
 
+def _csr_with_two_san_extensions() -> bytes:
+    san = x509.Extension(
+        x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        False,
+        x509.SubjectAlternativeName([x509.DNSName("twice.example.test")]),
+    )
+    # The constructor takes the list as given; add_extension would refuse the duplicate.
+    builder = x509.CertificateSigningRequestBuilder(x509.Name([]), [san, san])
+    return builder.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()).public_bytes(
+        serialization.Encoding.DER
+    )
+
+
 def _oversized_csr() -> bytes:
     sans = [x509.DNSName(f"host-{i:05d}.example.test") for i in range(1500)]
     return make_csr("big.example.test", sans)
@@ -92,6 +105,11 @@ CASES: dict[str, tuple[Callable[[], dict[str, object]], type[PkigateError], str]
         lambda: {"csr": _csr_with_an_empty_rdn()},
         BadCSRError,
         "subject cannot be read",
+    ),
+    "the same extension twice": (
+        lambda: {"csr": _csr_with_two_san_extensions()},
+        BadCSRError,
+        "extensions cannot be read",
     ),
     "bad signature": (
         lambda: {"csr": _csr_with_broken_signature()},
