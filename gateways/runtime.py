@@ -58,7 +58,7 @@ class Gateway:
     tokens: TokenService
     ca_ids: dict[str, str]
     connectors: list[Connector] = field(default_factory=list)
-    _runner: JobRunner | None = None
+    _runners: list[JobRunner] = field(default_factory=list)
 
     @classmethod
     def open(cls, config: GatewayConfig, *, bootstrap: bool = False) -> Gateway:
@@ -254,24 +254,35 @@ class Gateway:
         return path
 
     def job_handlers(self) -> dict[str, JobHandler]:
-        handlers: dict[str, JobHandler] = {
-            MAINTENANCE_JOB: self._maintenance,
-            **self.core.revocation.job_handlers(),
-        }
+        return {kind: h for group in self.job_handler_groups() for kind, h in group.items()}
+
+    def job_handler_groups(self) -> list[dict[str, JobHandler]]:
+        """The CA's own job handlers, then each connector's (kinds prefixed by its name)."""
+        groups: list[dict[str, JobHandler]] = [
+            {MAINTENANCE_JOB: self._maintenance, **self.core.revocation.job_handlers()}
+        ]
         for connector in self.connectors:
-            for kind, handler in connector.job_handlers().items():
-                handlers[f"{connector.context.name}:{kind}"] = handler
-        return handlers
+            own = {
+                f"{connector.context.name}:{kind}": handler
+                for kind, handler in connector.job_handlers().items()
+            }
+            if own:
+                groups.append(own)
+        return groups
 
     def start_background_work(self) -> None:
         """Start this process's job worker threads; every process runs some, so any
-        gunicorn worker on any host may pick up any job."""
-        if self.config.job_threads == 0 or self._runner is not None:
+        gunicorn worker on any host may pick up any job.
+
+        The CA's own jobs (CRLs, maintenance) and each connector's have threads of their
+        own: a flood of one connector's jobs (slow ACME validations that clients hold up
+        on purpose) cannot delay a CRL or another connector's work."""
+        if self.config.job_threads == 0 or self._runners:
             return
-        self._runner = JobRunner(
-            self.core.jobs, self.job_handlers(), threads=self.config.job_threads
-        )
-        self._runner.start()
+        for group in self.job_handler_groups():
+            runner = JobRunner(self.core.jobs, group, threads=self.config.job_threads)
+            runner.start()
+            self._runners.append(runner)
         self.core.jobs.enqueue(MAINTENANCE_JOB, {}, dedupe_key=MAINTENANCE_JOB)
 
     def _maintenance(self, _payload: dict[str, Any]) -> None:
@@ -292,7 +303,7 @@ class Gateway:
         )
 
     def close(self) -> None:
-        if self._runner is not None:
-            self._runner.stop()
-            self._runner = None
+        for runner in self._runners:
+            runner.stop()
+        self._runners = []
         self.core.close()

@@ -203,3 +203,43 @@ def test_request_id_is_in_the_json_log_and_the_audit_event(tmp_path: Path) -> No
     assert [(e.action, e.actor.startswith("token:reader"), e.connector) for e in events] == [
         ("api.read", True, "api")
     ]
+
+
+def test_a_connectors_jobs_cannot_hold_up_the_cas_own(tmp_path: Path) -> None:
+    """Each connector's background jobs run on threads of their own: ACME validations a
+    client holds up on purpose (found in review: 12 held-up names delayed every other
+    job by their timeouts) do not delay a CRL, nor another connector's work."""
+    import threading
+
+    from helpers import wait_for
+
+    from pkigate.core.revocation import CRL_JOB
+    from pkigate.core.store.jobs import JobStatus
+
+    gateway = Gateway.open(parse_config(f"data_dir = '{tmp_path / 'data'}'"), bootstrap=True)
+    acme = next(c for c in gateway.connectors if c.type_name == "acme")
+    held = threading.Event()
+    release = threading.Event()
+
+    def stuck(_payload: dict[str, object]) -> None:
+        held.set()
+        release.wait(30)
+
+    acme.job_handlers = lambda: {"stuck": stuck}  # type: ignore[method-assign]
+    jobs = gateway.core.jobs
+    try:
+        stuck_id = jobs.enqueue(f"{acme.context.name}:stuck", {})
+        gateway.start_background_work()
+        wait_for(held.is_set, 10)
+        crl_id = jobs.enqueue(CRL_JOB, {"ca_id": gateway.ca_ids["issuing"], "partition": 0})
+
+        def crl_done() -> bool:
+            record = jobs.get(crl_id)
+            return record is not None and record.status == JobStatus.DONE
+
+        wait_for(crl_done, 20)
+        stuck_job = jobs.get(stuck_id)
+        assert stuck_job is not None and stuck_job.status == JobStatus.RUNNING
+    finally:
+        release.set()
+        gateway.close()
