@@ -118,7 +118,7 @@ class GatewayConfig:
     database_url: str | None = None
     workers: int = 1
     threads: int = 8
-    job_threads: int = 1
+    job_threads: int = 1  # per process, for the CA's own jobs and again for each connector's
     max_body_bytes: int = DEFAULT_MAX_BODY
     log_level: str = "INFO"
     listeners: Listeners = field(default_factory=Listeners)
