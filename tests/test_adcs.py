@@ -653,6 +653,24 @@ def _files(tmp_path: Path, certificate: x509.Certificate, key: Any) -> tuple[str
     return str(cert_path), str(key_path)
 
 
+def _assert_login_refused(
+    env: Env, tmp_path: Path, certificate: x509.Certificate, key: Any, code: str, message: str
+) -> None:
+    """Enrolling with ``certificate`` as the TLS client certificate is refused with ``code``
+    (``message`` in its text), audited once, and changes nothing."""
+    before, audited = env.counts(), len(env.refusals())
+    response = env.plain().post(
+        f"{env.url}/enroll",
+        json={"template": "User", "csr": _pem_csr(_csr()[0])},
+        cert=_files(tmp_path, certificate, key),
+        timeout=30,
+    )
+    assert response.status_code == 403, response.text
+    assert response.json()["error"] == code and message in response.json()["message"]
+    assert [r["code"] for r in env.refusals()[audited:]] == [code]
+    assert env.counts() == before
+
+
 def test_renewal_with_the_client_certificate_over_json_and_wstep(env: Env, tmp_path: Path) -> None:
     der, key = _csr()
     first = _certificate(_json_enroll(env, "alice", "User", der))
@@ -700,7 +718,6 @@ def test_a_client_certificate_of_a_disabled_or_deleted_account_is_refused(
     der, key = _csr()
     first = _certificate(_json_enroll(env, machine.name, "Machine", der, password=machine.password))
     assert sid_from_certificate(first) == machine.sid
-    client = _files(tmp_path, first, key)
     conn = env.directory.admin_connection()
     try:
         dn = f"CN={host},CN=Computers,{env.directory.base}"
@@ -713,17 +730,7 @@ def test_a_client_certificate_of_a_disabled_or_deleted_account_is_refused(
             assert conn.delete(dn), conn.result
     finally:
         conn.unbind()
-    before, audited = env.counts(), len(env.refusals())
-    renewed = env.plain().post(
-        f"{env.url}/enroll",
-        json={"template": "Machine", "csr": _pem_csr(_csr()[0])},
-        cert=client,
-        timeout=30,
-    )
-    assert renewed.status_code == 403, renewed.text
-    assert renewed.json()["error"] == code and message in renewed.json()["message"]
-    assert [r["code"] for r in env.refusals()[audited:]] == [code]
-    assert env.counts() == before
+    _assert_login_refused(env, tmp_path, first, key, code, message)
 
 
 def test_a_certificate_whose_subject_the_request_supplied_does_not_log_in(
@@ -736,18 +743,9 @@ def test_a_certificate_whose_subject_the_request_supplied_does_not_log_in(
     der, key = _csr(cn="kiosk01.example.test", sans=[x509.DNSName("kiosk01.example.test")])
     kiosk = _certificate(_json_enroll(env, "Administrator", "ESC1Vulnerable", der))
     assert sid_from_certificate(kiosk) == env.sid("Administrator")
-    before, audited = env.counts(), len(env.refusals())
-    response = env.plain().post(
-        f"{env.url}/enroll",
-        json={"template": "User", "csr": _pem_csr(_csr()[0])},
-        cert=_files(tmp_path, kiosk, key),
-        timeout=30,
+    _assert_login_refused(
+        env, tmp_path, kiosk, key, "badCertificate", "with names from the directory"
     )
-    assert response.status_code == 403, response.text
-    assert response.json()["error"] == "badCertificate"
-    assert "with names from the directory" in response.json()["message"]
-    assert [r["code"] for r in env.refusals()[audited:]] == ["badCertificate"]
-    assert env.counts() == before
 
 
 def test_a_revoked_client_certificate_is_refused(env: Env, tmp_path: Path) -> None:
@@ -927,18 +925,9 @@ def test_a_sid_another_way_of_issuing_carried_does_not_log_in(env: Env, tmp_path
     assert forged.status_code == 201, forged.text
     certificate = x509.load_pem_x509_certificate(forged.json()["certificate_pem"].encode())
     assert sid_from_certificate(certificate) == env.sid("Administrator")
-    before, audited = env.counts(), len(env.refusals())
-    response = env.plain().post(
-        f"{env.url}/enroll",
-        json={"template": "User", "csr": _pem_csr(_csr()[0])},
-        cert=_files(tmp_path, certificate, key),
-        timeout=30,
+    _assert_login_refused(
+        env, tmp_path, certificate, key, "badCertificate", "not issued by AD-style enrollment"
     )
-    assert response.status_code == 403, response.text
-    assert response.json()["error"] == "badCertificate"
-    assert "not issued by AD-style enrollment" in response.json()["message"]
-    assert [r["code"] for r in env.refusals()[audited:]] == ["badCertificate"]
-    assert env.counts() == before
 
 
 # -- the ADCS abuse classes ------------------------------------------------------------------
