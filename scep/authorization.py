@@ -78,6 +78,8 @@ def challenge_password(csr: x509.CertificateSigningRequest) -> str | None:
         attribute = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD)
     except x509.AttributeNotFound:
         return None
+    except ValueError:
+        return None  # several values, or none: no single password to check
     value = attribute.value
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -279,7 +281,8 @@ class ChallengeAuthority:
 
     def renewal_signer(self, signer: x509.Certificate) -> str | None:
         """Why ``signer`` cannot authorize a renewal, or None if it can: it must be a
-        certificate this connector's CA issued, unrevoked and within its validity."""
+        certificate this connector issued (not another connector of the same CA: an ACME
+        or AD-style certificate proves other things), unrevoked and within its validity."""
         serial = format(signer.serial_number, "x")
         with self._core.store.read() as conn:
             record = self._core.store.get_certificate(conn, self._ca_id, serial)
@@ -287,6 +290,8 @@ class ChallengeAuthority:
             record.der, signer.public_bytes(serialization.Encoding.DER)
         ):
             return "the renewal is not signed by a certificate this CA issued"
+        if record.connector != self._connector:
+            return "the renewal is signed by a certificate another connector issued"
         if record.status != CertificateStatus.ISSUED.value:
             return "the signing certificate is revoked"
         now = self._core.clock()

@@ -197,7 +197,17 @@ def load_content_info(data: bytes, content_type: str) -> Any:
     return info["content"]
 
 
-_ASN1_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
+# RecursionError: asn1crypto parses nested values recursively (a SEQUENCE 5,000 deep in an
+# unknown attribute, before any signature is checked).
+_ASN1_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    AttributeError,
+    RecursionError,
+)
 
 
 def _parse_content_info(data: bytes, content_type: str) -> Any:

@@ -663,6 +663,9 @@ class ScepConnector(Connector):
             )
             if reason is None and signer_cert.subject != csr.subject:
                 reason = "a renewal must keep the subject of the certificate it renews"
+            if reason is None and not _alt_names(csr) <= _alt_names(signer_cert):
+                # The names are what the first enrollment proved; a renewal keeps them.
+                reason = "a renewal may not add alternative names to the certificate it renews"
             if reason is not None:
                 self.authority.refuse(transaction_id, address, reason)
                 raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to)
@@ -775,11 +778,31 @@ class ScepConnector(Connector):
         message.issuer_and_subject()
         with self.context.core.store.read() as conn:
             found = scep_store.get_transaction(conn, self.context.name, message.transaction_id)
-        if found is None:
+        if found is None or not self._made_by(found, message.signer_certificate):
+            # Another client's transaction is answered as unknown: its status, rejection
+            # reason and certificate are for the key that asked.
             raise ScepError(
                 FailInfo.BAD_CERT_ID, "no request with this transactionID", message.reply_to
             )
         return self._transaction_reply(signer, message.reply_to, found)
+
+    def _made_by(self, record: scep_store.TransactionRecord, signer: x509.Certificate) -> bool:
+        """Whether ``signer`` holds the key of the transaction's request (the key of its
+        CSR, or of the certificate it produced), or is the certificate it renewed."""
+        renewed = json.loads(record.evidence or "{}").get("renewed_serial")
+        if renewed is not None and renewed == format(signer.serial_number, "x"):
+            return self.authority.renewal_signer(signer) is None
+        if record.csr_der and _same_key(signer, x509.load_der_x509_csr(record.csr_der)):
+            return True
+        if record.status == ISSUED and record.ca_id and record.serial:
+            core = self.context.core
+            with core.store.read() as conn:
+                issued = core.store.get_certificate(conn, record.ca_id, record.serial)
+            if issued is not None:
+                certificate = x509.load_der_x509_certificate(issued.der)
+                if _same_public_key(certificate, signer) or certificate == signer:
+                    return True
+        return False
 
     def _transaction_reply(
         self, signer: Signer, reply_to: ReplyTo, record: scep_store.TransactionRecord
@@ -922,6 +945,13 @@ def _same_key(certificate: x509.Certificate, csr: x509.CertificateSigningRequest
         )
     except ValueError:
         return False
+
+
+def _alt_names(item: x509.Certificate | x509.CertificateSigningRequest) -> set[x509.GeneralName]:
+    try:
+        return set(item.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return set()
 
 
 def _same_public_key(a: x509.Certificate, b: x509.Certificate) -> bool:

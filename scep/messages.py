@@ -256,6 +256,15 @@ class PkiMessage:
             raise ScepError(
                 FailInfo.BAD_ALG, f"the request's public key cannot be used: {exc}", self.reply_to
             ) from exc
+        try:
+            # Parsed lazily: read now, so that an unreadable subject or extension (bad
+            # UTF-8, an extension twice) is this refusal rather than a crash later.
+            csr.subject  # noqa: B018
+            csr.extensions  # noqa: B018
+        except (ValueError, x509.DuplicateExtension) as exc:
+            raise ScepError(
+                FailInfo.BAD_REQUEST, f"the PKCS#10 request cannot be read: {exc}", self.reply_to
+            ) from exc
         return csr
 
     def issuer_and_subject(self) -> IssuerAndSubject:

@@ -1,11 +1,14 @@
 """Pending mode: SCEP requests that wait for an administrator's approval.
 
-A connector with ``pending = true`` authorizes a PKCSReq as usual (challenge, renewal),
+A connector with ``pending = true`` authorizes a PKCSReq as usual (by its challenge),
 then holds it here and answers CertRep PENDING (RFC 8894 3.3.2); the client polls with
 CertPoll. An issuer approves (the certificate is issued through the connector's context,
 with the approver in the evidence) or rejects (recorded with the reason); every step is
 audited. The queue lives in the ``scep_transactions`` table, so every gateway process and
 the command line see the same requests.
+
+Renewals (signed by a certificate this connector issued, for its subject and names) are
+not held: the administrator decided when the certificate they renew was issued.
 """
 
 from __future__ import annotations

@@ -454,6 +454,106 @@ def test_renewal_for_another_subject_is_refused(env: Env) -> None:
     assert (rep.status, rep.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_REQUEST)
 
 
+def test_a_renewal_may_not_add_alternative_names(env: Env) -> None:
+    """Found in review: a renewal kept the subject but took any SANs from its CSR, so one
+    enrolled device could renew itself into a certificate for any name."""
+    device = Device.new()
+    issued = enroll(env, device).certificates[0]
+    renewing = Device(device.key, issued)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(issued.subject)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("vpn.corp.example")]), critical=False
+        )
+        .sign(rsa.generate_private_key(65537, 2048), hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    before = len(issue_events(env))
+    rep = renewing.read(
+        env, post(env.client, renewing.message(env.ra, csr, kind=MessageType.RENEWAL_REQ)).data
+    )
+    assert (rep.status, rep.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_REQUEST)
+    assert "may not add alternative names" in (rep.fail_info_text or "")
+    assert len(issue_events(env)) == before
+
+
+def test_a_certificate_another_connector_issued_does_not_renew_over_scep(env: Env) -> None:
+    """Found in review: any certificate of the CA signed a RenewalReq, an ACME server
+    certificate too (same CA, another connector): it proves what ACME validated, not
+    what this SCEP connector authorizes."""
+    from pkigate.core import IssuanceRequest, Requester, Validity
+
+    device = Device.new("acme-host")
+    core = env.gateway.core
+    other = core.issue(
+        IssuanceRequest(
+            env.gateway.ca_ids["issuing"],
+            device.csr(None, cn="acme-host"),
+            Validity.parse("30d"),
+            Requester("acme:account-1", connector="acme"),
+        )
+    ).certificate
+    renewing = Device(device.key, other)
+    body = renewing.message(
+        env.ra,
+        renewing.csr(None, cn="acme-host", key=rsa.generate_private_key(65537, 2048)),
+        kind=MessageType.RENEWAL_REQ,
+    )
+    before = len(issue_events(env))
+    rep = renewing.read(env, post(env.client, body).data)
+    assert (rep.status, rep.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_REQUEST)
+    assert rep.fail_info_text == "the renewal is signed by a certificate another connector issued"
+    assert len(issue_events(env)) == before
+
+
+def _raw_csr(key: rsa.RSAPrivateKey, subject: bytes, attributes: bytes = b"") -> bytes:
+    """A PKCS#10 written byte by byte (for structures the builders refuse to make)."""
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from pkigate.core.der import tlv
+
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    info = tlv(0x30, b"\x02\x01\x00", subject, spki, tlv(0xA0, attributes))
+    signature = key.sign(info, padding.PKCS1v15(), hashes.SHA256())
+    sha256_rsa = bytes.fromhex("300d06092a864886f70d01010b0500")
+    return tlv(0x30, info, sha256_rsa, tlv(0x03, b"\x00", signature))
+
+
+def test_requests_parsers_trip_on_are_failures_not_crashes(env: Env) -> None:
+    """Found in review (each a 500): a challengePassword with two values; a subject that
+    is not valid UTF-8 (read only when compared, in a RenewalReq)."""
+    from pkigate.core.der import tlv
+
+    device = Device.new()
+    cn_oid = bytes.fromhex("0603550403")
+    subject = tlv(0x30, tlv(0x31, tlv(0x30, cn_oid, tlv(0x0C, b"device-1"))))
+    two_passwords = tlv(
+        0x30,
+        bytes.fromhex("06092a864886f70d010907"),
+        tlv(0x31, tlv(0x0C, env.challenge.encode()), tlv(0x0C, b"another")),
+    )
+    bad_utf8 = tlv(0x30, tlv(0x31, tlv(0x30, cn_oid, tlv(0x0C, b"\xff\xfe"))))
+    issued = enroll(env, device).certificates[0]
+    renewing = Device(device.key, issued)
+    before = len(issue_events(env))
+    for sender, payload, kind in (
+        (device, _raw_csr(device.key, subject, two_passwords), MessageType.PKCS_REQ),
+        (
+            renewing,
+            _raw_csr(rsa.generate_private_key(65537, 2048), bad_utf8),
+            MessageType.RENEWAL_REQ,
+        ),
+    ):
+        response = post(env.client, sender.message(env.ra, payload, kind=kind))
+        assert response.status_code == 200, response.text
+        rep = sender.read(env, response.data)
+        assert (rep.status, rep.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_REQUEST)
+    assert len(issue_events(env)) == before
+
+
 def test_renewal_signed_by_a_self_signed_certificate_is_refused(env: Env) -> None:
     device = Device.new()
     body = device.message(env.ra, device.csr(None), kind=MessageType.RENEWAL_REQ)
@@ -580,6 +680,11 @@ def test_cert_poll_returns_the_certificate_of_an_issued_transaction(env: Env) ->
     assert rep.status is PkiStatus.SUCCESS and rep.certificates[0] == issued
     body = device.message(env.ra, payload, kind=MessageType.CERT_POLL, transaction_id="unknown")
     rep = device.read(env, post(env.client, body).data)
+    assert (rep.status, rep.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_CERT_ID)
+    # Found in review: another client polling this transactionID got its certificate.
+    stranger = Device.new("stranger")
+    body = stranger.message(env.ra, payload, kind=MessageType.CERT_POLL, transaction_id="poll-1")
+    rep = stranger.read(env, post(env.client, body).data)
     assert (rep.status, rep.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_CERT_ID)
 
 

@@ -959,3 +959,31 @@ def test_issuer_and_serial_names_a_certificate_by_its_octets_or_by_rfc5280_match
     assert not cms._identifies(
         "issuer_and_serial_number", identifier(other, cert.serial_number), cert
     )
+
+
+def test_cms_nested_beyond_the_parsers_recursion_is_malformed() -> None:
+    """Found in review: a value nested 5,000 deep in a signed attribute nobody reads made
+    asn1crypto recurse out before any signature was checked: a 500."""
+    from pkigate.core.der import tlv
+
+    nested = b"\x05\x00"
+    for _ in range(5000):
+        nested = tlv(0x30, nested)
+    attribute = tlv(0x30, core.ObjectIdentifier("1.2.3.4.5").dump(), tlv(0x31, nested))
+    issuer = asn1_x509.Name.build({"common_name": "x"})
+    signer_info = tlv(
+        0x30,
+        core.Integer(1).dump(),
+        tlv(0x30, issuer.dump(), core.Integer(1).dump()),  # issuerAndSerialNumber
+        tlv(0x30, core.ObjectIdentifier("2.16.840.1.101.3.4.2.1").dump()),  # sha256
+        tlv(0xA0, attribute),  # signedAttrs
+        tlv(0x30, core.ObjectIdentifier("1.2.840.113549.1.1.1").dump()),
+        tlv(0x04, b"\x00"),
+    )
+    data = tlv(0x30, core.ObjectIdentifier("1.2.840.113549.1.7.1").dump())
+    signed_data = tlv(0x30, core.Integer(1).dump(), tlv(0x31), data, tlv(0x31, signer_info))
+    content_info = tlv(
+        0x30, core.ObjectIdentifier("1.2.840.113549.1.7.2").dump(), tlv(0xA0, signed_data)
+    )
+    with pytest.raises(cms.MalformedCms):
+        cms.load_content_info(content_info, "signed_data")
