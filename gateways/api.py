@@ -25,6 +25,8 @@ from importlib import metadata
 from typing import Any
 from urllib.parse import urlencode
 
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 
 from pkigate.core import (
@@ -41,10 +43,11 @@ from pkigate.core import (
     ValidityType,
 )
 from pkigate.core.audit import render_report, report_rows
-from pkigate.core.errors import BadRequestError, NotFoundError, PkigateError
+from pkigate.core.errors import BadRequestError, NotAuthorizedError, NotFoundError, PkigateError
 from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
+from pkigate.core.templates import Template
 from pkigate.core.templates import describe as describe_template
 from pkigate.gateways import metrics
 from pkigate.gateways.auth import Role
@@ -748,6 +751,11 @@ def issue_certificate(ca_id: str, body: dict[str, Any]) -> Response:
             passthrough = parse_api_passthrough(body["api_passthrough"])
     signing = body.get("signing_algorithm")
     template = body["template"]
+    known = {t.name: t for t in gateway().core.templates}.get(template)  # unknown: the core
+    _check_ca_operation(  # refuses (and audits) it as for every caller
+        known is not None and _privileged_template(known),
+        f"template {template} makes a CA, OCSP responder or Blank-template certificate",
+    )
     issuance = IssuanceRequest(
         ca_id=ca_id,
         csr=body["csr"].encode(),
@@ -899,6 +907,13 @@ REVOKE_FIELDS = (
 )
 def revoke_certificate(ca_id: str, serial: str, body: dict[str, Any]) -> Response:
     core = gateway().core
+    with core.store.read() as conn:
+        target = core.store.get_certificate(conn, ca_id, normalize_serial(serial))
+    if target is not None:
+        _check_ca_operation(
+            _signs_for_the_ca(x509.load_der_x509_certificate(target.der)),
+            f"certificate {target.serial} is a CA or OCSP responder certificate",
+        )
     record = core.revocation.revoke(
         ca_id, normalize_serial(serial), RevocationReason(body["reason"]), actor()
     )
@@ -910,6 +925,50 @@ def revoke_certificate(ca_id: str, serial: str, body: dict[str, Any]) -> Respons
             "chain_pem": ca_certificate + above,
         }
     )
+
+
+def _check_ca_operation(privileged: bool, what: str) -> None:
+    """CA powers through an issuer token only where the operator enabled them."""
+    gw = gateway()
+    if privileged and not gw.config.api_ca_operations:
+        gw.core.audit.record_alone(
+            principal().actor(g.request_id),
+            "api.denied",
+            f"{request.method} {request.path}"[:256],
+            result="failure",
+            parameters={"reason": what, "needs": "api_ca_operations"},
+            at=gw.core.clock(),
+        )
+        raise NotAuthorizedError(
+            f"{what}: issuer tokens may not do this unless the gateway configuration sets "
+            "api_ca_operations = true (use `pkigate ca` on the CA host otherwise)"
+        )
+
+
+def _privileged_template(template: Template) -> bool:
+    """CA certificates, OCSP responders (trusted to vouch for every certificate), and
+    Blank templates (any key usage and EKU the caller passes through)."""
+    ekus = template.extended_key_usage or ()
+    return (
+        template.is_ca
+        or template.ocsp_no_check
+        or ExtendedKeyUsageOID.OCSP_SIGNING in ekus
+        or template.name.startswith("Blank")
+    )
+
+
+def _signs_for_the_ca(certificate: x509.Certificate) -> bool:
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+        if constraints.value.ca:
+            return True
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        ekus = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return ExtendedKeyUsageOID.OCSP_SIGNING in ekus
 
 
 # -- templates -------------------------------------------------------------------------------

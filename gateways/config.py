@@ -121,6 +121,9 @@ class GatewayConfig:
     job_threads: int = 1  # per process, for the CA's own jobs and again for each connector's
     max_body_bytes: int = DEFAULT_MAX_BODY
     log_level: str = "INFO"
+    # Whether issuer tokens may issue CA, OCSP responder and Blank-template certificates
+    # and revoke CA and responder certificates through the API (the CA operator's powers).
+    api_ca_operations: bool = False
     listeners: Listeners = field(default_factory=Listeners)
     cas: tuple[CAConfig, ...] = ()
     connectors: tuple[ConnectorConfig, ...] | None = None  # None: every installed type
@@ -225,6 +228,12 @@ class _Reader:
             raise self.error(key, f"must be an integer from {low} to {high}, not {value!r}")
         return value
 
+    def boolean(self, data: Mapping[str, Any], name: str, key: str, default: bool) -> bool:
+        value = data.get(name, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {value!r}")
+        return value
+
     def choice(
         self, data: Mapping[str, Any], name: str, key: str, enum: Any, default: Any = None
     ) -> Any:
@@ -267,6 +276,7 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
             "job_threads",
             "max_body_bytes",
             "log_level",
+            "api_ca_operations",
             "listeners",
             "cas",
             "connectors",
@@ -357,6 +367,7 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
             data, "max_body_bytes", "max_body_bytes", DEFAULT_MAX_BODY, 1024, 64 * 1024 * 1024
         ),
         log_level=reader.string(data, "log_level", "log_level", "INFO") or "INFO",
+        api_ca_operations=reader.boolean(data, "api_ca_operations", "api_ca_operations", False),
         listeners=listeners,
         cas=cas,
         connectors=connectors,

@@ -970,3 +970,56 @@ def test_an_unexpected_failure_is_a_500_without_details(
     assert "secret internals" not in text
     assert "RuntimeError" not in text
     assert response.get_json()["error"]["code"] == "internalError"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "SubordinateCACertificate_PathLen0/V1",
+        "OCSPSigningCertificate/V1",
+        "BlankEndEntityCertificate_APIPassthrough/V1",
+    ],
+)
+def test_ca_powers_need_the_operator_to_enable_them_for_issuer_tokens(
+    tmp_path: Path, template: str
+) -> None:
+    """Found in review: an issuer token could make a subordinate CA (outside the root's
+    name constraints), an OCSP responder (whose 'good' answers cannot be revoked) or any
+    certificate at all (Blank templates), and revoke a CA's certificate. These are the CA
+    operator's powers: refused, audited, unless `api_ca_operations = true`."""
+    csr = make_csr().decode()
+    for enabled, expect in ((False, 403), (True, 201)):
+        opened = _open_service(
+            tmp_path / f"data-{enabled}", None, f"api_ca_operations = {str(enabled).lower()}\n"
+        )
+        try:
+            root = opened.gw.ca_ids["root"]
+            before = opened.counts()
+            response = opened.call(
+                "POST",
+                f"/cas/{root}/certificates",
+                "issuer",
+                json={"csr": csr, "template": template, "validity": "30d"},
+                expect=expect,
+            )
+            if not enabled:
+                assert "api_ca_operations" in response.get_json()["error"]["message"]
+                assert opened.counts() == before
+                denied = [e for e in opened.gw.core.audit.events() if e.action == "api.denied"]
+                assert denied and template in denied[-1].parameters
+                # Nor may an issuer token revoke a CA's certificate.
+                issuing = opened.gw.core.authorities.get(opened.gw.ca_ids["issuing"])
+                assert issuing.certificate_der is not None
+                serial = format(
+                    x509.load_der_x509_certificate(issuing.certificate_der).serial_number,
+                    "x",
+                )
+                opened.call(
+                    "POST",
+                    f"/cas/{root}/certificates/{serial}/revoke",
+                    "issuer",
+                    json={"reason": "superseded"},
+                    expect=403,
+                )
+        finally:
+            opened.gw.close()
