@@ -19,18 +19,27 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
 
 from pkigate.core.audit import Actor, AuditLog
-from pkigate.core.authorities import AuthorityService, CASettings, SigningMaterial
+from pkigate.core.authorities import (
+    AuthorityService,
+    CASettings,
+    SigningMaterial,
+    effective_status,
+)
 from pkigate.core.errors import (
     BadRequestError,
+    CANotActiveError,
     ConflictError,
     InvalidStateError,
     NotFoundError,
 )
 from pkigate.core.jobs import JobHandler, JobQueue
-from pkigate.core.model import CertificateStatus, RevocationReason
+from pkigate.core.model import CAStatus, CertificateStatus, RevocationReason
 from pkigate.core.store import CertificateRecord, CRLRecord, IntegrityError, Store
 
 CRL_JOB = "crl.generate"
+# A disabled CA issues nothing, and an expired one can issue nothing valid, but what they
+# issued can still be revoked: their CRLs go on (as their OCSP answers do).
+_PUBLISHING = (CAStatus.ACTIVE, CAStatus.DISABLED, CAStatus.EXPIRED)
 SYSTEM = Actor("system:revocation", "core")
 
 _REASON_FLAGS = {
@@ -173,7 +182,10 @@ class RevocationService:
         With ``reuse_fresh``, a CRL that another process published meanwhile and that has
         not lapsed is returned instead of building on it (concurrent first requests)."""
         now = self._clock()
-        material = self._authorities.signing_material(ca_id, now)
+        material = self._authorities.signing_material(ca_id, now, require_active=False)
+        status = effective_status(self._authorities.get(ca_id), now)
+        if status not in _PUBLISHING:
+            raise CANotActiveError(f"CA {ca_id} is {status.value}: it publishes no CRLs")
         settings = material.settings
         if not settings.crl_enabled:
             raise InvalidStateError(f"CA {ca_id} does not publish CRLs")
@@ -304,7 +316,11 @@ class RevocationService:
             return self._store.latest_crl(conn, ca_id, partition)
 
     def current_crl(self, ca_id: str, partition: int = 0) -> PublishedCRL:
-        """The CRL to serve: the latest, generated now if there is none or it has lapsed."""
+        """The CRL to serve: the latest, generated now if there is none or it has lapsed.
+        Only partitions that exist are served (an anonymous request for partition 777 of a
+        partitioned CA must not make the CA key sign a CRL for it)."""
+        if partition not in self.partitions(ca_id):
+            raise NotFoundError(f"CA {ca_id} has no CRL partition {partition}")
         latest = self.latest_crl(ca_id, partition)
         if latest is not None and latest.next_update > self._clock():
             return latest

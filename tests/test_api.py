@@ -1023,3 +1023,16 @@ def test_ca_powers_need_the_operator_to_enable_them_for_issuer_tokens(
                 )
         finally:
             opened.gw.close()
+
+
+def test_a_crl_partition_beyond_any_integer_column_is_not_found(tmp_path: Path) -> None:
+    """Found in review: /crl/<ca>/<20 digits>.crl overflowed SQLite's integer (a 500)."""
+    opened = _open_service(tmp_path / "data", None)
+    try:
+        issuing = opened.gw.ca_ids["issuing"]
+        for partition in ("99999999999999999999", str(2**63), "7"):
+            response = opened.client.get(f"/crl/{issuing}/{partition}.crl")
+            assert response.status_code == 404, (partition, response.get_data(as_text=True))
+        assert opened.client.get(f"/crl/{issuing}.crl").status_code == 200
+    finally:
+        opened.gw.close()

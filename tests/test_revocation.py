@@ -17,7 +17,7 @@ from pkigate.core.errors import (
     NotFoundError,
 )
 from pkigate.core.jobs import JobRunner
-from pkigate.core.model import RevocationReason
+from pkigate.core.model import CAStatus, RevocationReason
 from pkigate.core.revocation import CRL_JOB
 
 CRL_SETTINGS = CASettings(
@@ -199,6 +199,24 @@ def test_partitioned_crls_name_their_partition_and_list_only_its_certificates(
     assert core.revocation.generate_crl(ca_id, 1).number == 2
     with pytest.raises(BadRequestError):
         core.revocation.generate_crl(ca_id, 0)
+    # Found in review: any partition number was served, each request making the CA key
+    # sign (and store, and audit) a CRL for a partition no certificate names.
+    signed = len([e for e in core.audit.events() if e.action == "crl.sign"])
+    for unused in (0, 4, 777, 2**40):
+        with pytest.raises(NotFoundError):
+            core.revocation.current_crl(ca_id, unused)
+    assert len([e for e in core.audit.events() if e.action == "crl.sign"]) == signed
+
+
+def test_a_disabled_ca_still_publishes_what_it_revokes(core: Core, crl_ca) -> None:
+    """Found in review: revoking on a DISABLED CA succeeded but its CRL could no longer be
+    signed, so the revocation never showed (OCSP went on answering for such CAs)."""
+    ca_id = crl_ca.record.id
+    certificate = _issue(core, ca_id)
+    core.authorities.update_status(ca_id, CAStatus.DISABLED, ACTOR)
+    core.revocation.revoke(ca_id, _serial(certificate), RevocationReason.keyCompromise, ACTOR)
+    crl = _crl(core.revocation.generate_crl(ca_id).der)
+    assert [e.serial_number for e in crl] == [certificate.serial_number]
 
 
 def test_partitioned_settings_are_checked() -> None:
