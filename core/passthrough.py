@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from asn1crypto import core as asn1_core
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
@@ -167,7 +168,7 @@ def parse_general_name(entry: object, where: str) -> x509.GeneralName:
                 raise BadRequestError(f"{where}: other_name needs oid and value")
             return x509.OtherName(
                 parse_oid(value.get("oid"), f"{where}.oid"),
-                _b64(value.get("value"), f"{where}.value"),
+                _one_der_value(_b64(value.get("value"), f"{where}.value"), f"{where}.value"),
             )
     except ValueError as exc:
         raise BadRequestError(f"{where}: {exc}") from None
@@ -208,6 +209,37 @@ _FIELDS = {
 }
 
 
+def _policy(item: object, where: str) -> PolicyInformation:
+    if not isinstance(item, Mapping):
+        raise BadRequestError(f"{where}: expected an object with oid, cps_uri, user_notice")
+    cps_uri, notice = item.get("cps_uri"), item.get("user_notice")
+    # RFC 5280 4.2.1.4: the CPS pointer is an IA5String (ASCII); an explicit text at
+    # most 200 characters.
+    if cps_uri is not None and (not isinstance(cps_uri, str) or not cps_uri.isascii()):
+        raise BadRequestError(f"{where}.cps_uri: expected an ASCII URI")
+    if notice is not None and (not isinstance(notice, str) or not 0 < len(notice) <= 200):
+        raise BadRequestError(f"{where}.user_notice: expected text of 1 to 200 characters")
+    return PolicyInformation(parse_oid(item.get("oid"), f"{where}.oid"), cps_uri, notice)
+
+
+def _flag(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequestError(f"{where}: expected true or false")
+    return value
+
+
+def _one_der_value(data: bytes, where: str) -> bytes:
+    """An otherName value must be exactly one DER element (the certificate builder parses
+    it, and refuses anything else only when signing)."""
+    try:
+        parsed = asn1_core.Asn1Value.load(data, strict=True)
+    except (ValueError, TypeError):
+        raise BadRequestError(f"{where}: expected one DER-encoded value") from None
+    if parsed.dump() != data:
+        raise BadRequestError(f"{where}: expected one DER-encoded value")
+    return data
+
+
 def parse_api_passthrough(data: object) -> ApiPassthrough:
     """Parse the JSON shape in this module's docstring, refusing unknown fields."""
     if not isinstance(data, Mapping):
@@ -220,17 +252,7 @@ def parse_api_passthrough(data: object) -> ApiPassthrough:
         raw = data["certificate_policies"]
         if not isinstance(raw, list):
             raise BadRequestError("certificate_policies: expected a list")
-        policies = tuple(
-            PolicyInformation(
-                parse_oid(
-                    p.get("oid") if isinstance(p, Mapping) else None,
-                    f"certificate_policies[{i}].oid",
-                ),
-                p.get("cps_uri"),
-                p.get("user_notice"),
-            )
-            for i, p in enumerate(raw)
-        )
+        policies = tuple(_policy(p, f"certificate_policies[{i}]") for i, p in enumerate(raw))
     customs: list[CustomExtension] = []
     for i, item in enumerate(data.get("custom_extensions") or []):
         if not isinstance(item, Mapping):
@@ -239,7 +261,7 @@ def parse_api_passthrough(data: object) -> ApiPassthrough:
             CustomExtension(
                 parse_oid(item.get("oid"), f"custom_extensions[{i}].oid"),
                 _b64(item.get("value"), f"custom_extensions[{i}].value"),
-                bool(item.get("critical", False)),
+                _flag(item.get("critical", False), f"custom_extensions[{i}].critical"),
             )
         )
     sans_raw: Any = data.get("sans")

@@ -897,6 +897,59 @@ BAD_INPUT = {
         "'api_passthrough'",
         json={"csr": "CSR", "template": _PASSTHROUGH, "api_passthrough": {"colour": "red"}},
     ),
+    # Found in review: each of these was a 500 (at signing time, unaudited).
+    "non-string-cps-uri": bad(
+        "issuer",
+        "POST",
+        _ISSUE,
+        400,
+        "cps_uri",
+        json={
+            "csr": "CSR",
+            "template": _PASSTHROUGH,
+            "api_passthrough": {"certificate_policies": [{"oid": "1.2.3.4", "cps_uri": 7}]},
+        },
+    ),
+    "non-ascii-cps-uri": bad(
+        "issuer",
+        "POST",
+        _ISSUE,
+        400,
+        "cps_uri",
+        json={
+            "csr": "CSR",
+            "template": _PASSTHROUGH,
+            "api_passthrough": {
+                "certificate_policies": [{"oid": "1.2.3.4", "cps_uri": "https://é.example"}]
+            },
+        },
+    ),
+    "other-name-not-der": bad(
+        "issuer",
+        "POST",
+        _ISSUE,
+        400,
+        "sans[0].value",
+        json={
+            "csr": "CSR",
+            "template": _PASSTHROUGH,
+            "api_passthrough": {"sans": [{"other_name": {"oid": "1.2.3.4", "value": "AAEC"}}]},
+        },
+    ),
+    "critical-not-a-boolean": bad(
+        "issuer",
+        "POST",
+        _ISSUE,
+        400,
+        "critical",
+        json={
+            "csr": "CSR",
+            "template": _PASSTHROUGH,
+            "api_passthrough": {
+                "custom_extensions": [{"oid": "1.2.3.4", "value": "BQA=", "critical": "no"}]
+            },
+        },
+    ),
     "unknown-template": bad(
         "issuer",
         "POST",
