@@ -134,6 +134,15 @@ def _dns_within(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
+def _is_child_of(constraint: str, base: str) -> bool:
+    """Whether the host ``constraint`` names (without a leading dot) is one label below
+    ``base``: a name "*.base" matches."""
+    if constraint.startswith("."):
+        return False  # ".x": the subdomains of x, which "*.base" never matches as x itself
+    host = constraint.lower().rstrip(".")
+    return host.partition(".")[2] == base.lower().rstrip(".")
+
+
 def _email_within(address: str, constraint: str) -> bool:
     constraint = constraint.lower()
     address = address.lower()
@@ -265,25 +274,45 @@ class NamePolicy:
         raise PolicyViolationError(f"{kind} {value!r} is not allowed by {self.source}")
 
     def _check_dns(self, value: str) -> None:
-        if value.startswith("*.") and not self.allow_wildcards:
+        wildcard = value.startswith("*.")
+        if "*" in (value[2:] if wildcard else value):
+            # "x*.example" matches like a wildcard in some clients: only "*." as the whole
+            # leftmost label is a wildcard, and only where the policy allows one.
+            self._refuse("DNS name with a partial wildcard", value)
+        if wildcard and not self.allow_wildcards:
             self._refuse("wildcard DNS name", value)
-        bare = value[2:] if value.startswith("*.") else value
-        if any(_dns_within(bare, s) for s in self.excluded_dns):
-            self._refuse("DNS name", value)
-        if self.permitted_dns and not any(_dns_within(bare, s) for s in self.permitted_dns):
+        # "*.b" stands for every one-label child of b: it is checked as written (it lies
+        # within a constraint exactly when all of them do), and it is refused as well when
+        # an excluded host is one of them.
+        base = value[2:] if wildcard else None
+        for excluded in self.excluded_dns:
+            covers = base is not None and _is_child_of(excluded, base)
+            if _dns_within(value, excluded) or covers:
+                self._refuse("DNS name", value)
+        if self.permitted_dns and not any(_dns_within(value, s) for s in self.permitted_dns):
             self._refuse("DNS name", value)
 
     def _check_ip(self, value: object) -> None:
         if not isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
             return
-        if any(value in n for n in self.excluded_ip if n.version == value.version):
+        # ::ffff:10.1.2.3 is 10.1.2.3 to most stacks: checked in both forms.
+        forms: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [value]
+        if isinstance(value, ipaddress.IPv6Address) and value.ipv4_mapped is not None:
+            forms.append(value.ipv4_mapped)
+
+        def within(networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+            return any(a in n for a in forms for n in networks if n.version == a.version)
+
+        if within(self.excluded_ip):
             self._refuse("IP address", str(value))
-        if self.permitted_ip and not any(
-            value in n for n in self.permitted_ip if n.version == value.version
-        ):
+        if self.permitted_ip and not within(self.permitted_ip):
             self._refuse("IP address", str(value))
 
     def _check_email(self, value: str) -> None:
+        constrained = self.excluded_email or self.permitted_email
+        if constrained and ('"' in value or "\\" in value):
+            # A quoted or escaped local part ("ceo"@x is ceo@x) defeats exact matching.
+            self._refuse("email address with a quoted local part", value)
         if any(_email_within(value, c) for c in self.excluded_email):
             self._refuse("email address", value)
         if self.permitted_email and not any(_email_within(value, c) for c in self.permitted_email):

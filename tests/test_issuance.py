@@ -344,6 +344,41 @@ def test_ca_name_constraints_are_enforced(core: Core, root) -> None:
             issue(core, ca.record.id, csr)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        x509.DNSName("*.internal.example"),  # covers every host of the excluded subtree
+        x509.DNSName("*.ok.example"),  # covers the excluded host vpn.ok.example
+        x509.DNSName("x*.ok.example"),  # a partial wildcard, matched as one by some clients
+        x509.IPAddress(ipaddress.ip_address("::ffff:10.1.2.3")),  # 10.1.2.3 to most stacks
+        x509.RFC822Name('"ceo"@corp.example'),  # ceo@corp.example
+    ],
+    ids=str,
+)
+def test_name_constraints_are_not_bypassed_by_other_spellings(
+    name: x509.GeneralName,
+) -> None:
+    """Found in review: each of these names passed the policy that refuses what it means."""
+    policy = NamePolicy(
+        excluded_dns=(".internal.example", "vpn.ok.example"),
+        excluded_ip=(ipaddress.ip_network("10.0.0.0/8"),),
+        excluded_email=("ceo@corp.example",),
+        source="the test policy",
+    )
+    with pytest.raises(PolicyViolationError):
+        policy.check(x509.Name([]), [name])
+    # What the policy allows stays allowed.
+    policy.check(
+        x509.Name([]),
+        [
+            x509.DNSName("*.fine.example"),
+            x509.DNSName("www.ok.example"),
+            x509.IPAddress(ipaddress.ip_address("::ffff:192.0.2.1")),
+            x509.RFC822Name("cfo@corp.example"),
+        ],
+    )
+
+
 def test_name_constraints_in_the_ca_certificate_are_honoured(core: Core, root) -> None:
     constraints = x509.NameConstraints(
         permitted_subtrees=[x509.DNSName("only.example")], excluded_subtrees=None
