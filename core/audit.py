@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -47,6 +48,11 @@ class AuditEntry:
     at: datetime
     result: str = "success"
     parameters: Mapping[str, Any] | None = None
+
+
+log = logging.getLogger("pkigate.audit")
+HEAD_GUARD = Actor("system:audit", "core")
+HEAD_TAMPERED = "audit.head_tampered"
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,26 @@ class AuditLog:
     def __init__(self, store: Store, kek: KeyEncryptionKey) -> None:
         self._store = store
         self._key = kek.derive(b"pkigate audit chain v1")
+        self._sign_unsigned_head()
+
+    def _head_ok(self, head: tuple[int, str, str | None]) -> bool:
+        seq, mac, signed = head
+        return signed is not None and hmac.compare_digest(signed, self._head_mac(seq, mac))
+
+    def _head_mac(self, seq: int, mac: str) -> str:
+        # Three fields where an event has eleven: no head MAC is ever an event's.
+        message = _CANONICAL_JSON.encode(["pkigate audit head", seq, mac]).encode()
+        return hmac.digest(self._key, message, hashlib.sha256).hex()
+
+    def _sign_unsigned_head(self) -> None:
+        """A store written before heads were signed: sign the head as it is now (what
+        happened before this is vouched for by the event chain only)."""
+        with self._store.read() as conn:
+            head = self._store.audit_head(conn)
+        if head is None or head[2] is not None:
+            return
+        with self._store.write() as conn:
+            self._store.sign_audit_head(conn, head[0], head[1], self._head_mac(head[0], head[1]))
 
     def _mac(self, *fields: Any) -> str:
         return hmac.digest(self._key, _canonical(*fields), hashlib.sha256).hex()
@@ -129,7 +155,23 @@ class AuditLog:
         """Append events in order, in the caller's write transaction; returns their ids."""
         if not entries:
             return []
-        head_seq, head_mac = self._store.lock_audit_head(conn, GENESIS)
+        locked = self._store.lock_audit_head(conn, GENESIS)
+        head_seq, head_mac = (0, GENESIS) if locked is None else locked[:2]
+        if locked is not None and not self._head_ok(locked):
+            # The head was moved without the key (a cut-off tail): say so in the log
+            # itself, so that the events appended from now on do not hide it.
+            log.error("the audit chain head was altered outside pkigate (event %d)", head_seq)
+            entries = [
+                AuditEntry(
+                    HEAD_GUARD,
+                    HEAD_TAMPERED,
+                    "audit",
+                    entries[0].at,
+                    "failure",
+                    {"head_seq": head_seq},
+                ),
+                *entries,
+            ]
         rows = []
         for entry in entries:
             head_seq += 1
@@ -166,7 +208,7 @@ class AuditLog:
                 }
             )
             head_mac = mac
-        self._store.append_audit_events(conn, rows)
+        self._store.append_audit_events(conn, rows, self._head_mac(head_seq, head_mac))
         return [str(row["event_id"]) for row in rows]
 
     def record_alone(
@@ -209,8 +251,11 @@ class AuditLog:
         with self._store.read() as conn:
             head = self._store.audit_head(conn)
             previous: AuditEventRecord | None = None
+            tampered: list[AuditEventRecord] = []
             for event, following in _pairs(self._store.iter_audit_events(conn)):
                 count += 1
+                if event.action == HEAD_TAMPERED and event.actor == HEAD_GUARD.principal:
+                    tampered.append(event)
                 expected_seq = previous.seq + 1 if previous else 1
                 expected_prev = previous.mac if previous else GENESIS
                 if event.seq > expected_seq:
@@ -269,6 +314,39 @@ class AuditLog:
                 previous = event
             last_seq = previous.seq if previous else 0
             reported = {p.seq for p in problems}
+            for event in tampered:
+                problems.append(
+                    VerificationProblem(
+                        event.seq,
+                        "deleted",
+                        f"before event {event.seq} the chain head had been moved without "
+                        "the audit key: events at the end of the log may have been cut off",
+                    )
+                )
+            if head is not None and not self._head_ok(head) and not problems:
+                # Only said when nothing else explains it: the head moved back over a
+                # deleted tail (the chain before it is intact, so nothing else shows).
+                problems.append(
+                    VerificationProblem(
+                        head[0],
+                        "deleted",
+                        f"the chain head (event {head[0]}) was altered: events at the end of "
+                        "the log may have been cut off",
+                    )
+                )
+            elif (
+                head is not None
+                and head[0] == last_seq
+                and previous is not None
+                and previous.mac != head[1]
+            ):
+                problems.append(
+                    VerificationProblem(
+                        last_seq,
+                        "edited",
+                        f"the last event ({last_seq}) is not the one the head signed",
+                    )
+                )
             if head is not None and head[0] > last_seq:
                 problems.append(
                     VerificationProblem(

@@ -79,6 +79,36 @@ def test_deleted_tail_is_detected_through_the_chain_head(busy_log: Core) -> None
     assert _problems(busy_log) == [(last - 1, "deleted")]
 
 
+def test_a_tail_cut_off_with_the_head_moved_back_is_detected(busy_log: Core, issuing) -> None:
+    """Found in review: with write access to the database but not the key, deleting the
+    last event and pointing the head at the one before left a log that verified. The head
+    is signed now; moving it needs the key. New events do not hide it either."""
+    events = busy_log.audit.events()
+    last, before_last = events[-1], events[-2]
+    _sql(busy_log, "DELETE FROM audit_events WHERE seq = :s", s=last.seq)
+    _sql(
+        busy_log,
+        "UPDATE audit_head SET seq = :s, mac = :m",
+        s=before_last.seq,
+        m=before_last.mac,
+    )
+    assert _problems(busy_log) == [(before_last.seq, "deleted")]
+    busy_log.issue(
+        IssuanceRequest(issuing.record.id, make_csr(), Validity.parse("1d"), Requester("tester"))
+    )
+    assert not busy_log.audit.verify().ok
+
+
+def test_a_store_from_before_signed_heads_gets_its_head_signed(core: Core, issuing) -> None:
+    """Schema 0008 adds the head's MAC as NULL; the core signs the head as it finds it."""
+    from pkigate.core.audit import AuditLog
+
+    _sql(core, "UPDATE audit_head SET head_mac = NULL")
+    assert not core.audit.verify().ok  # an unsigned head is not taken on trust
+    AuditLog(core.store, core.kek)  # what opening the store does
+    assert core.audit.verify().ok
+
+
 def test_inserted_event_is_detected(busy_log: Core) -> None:
     events = busy_log.audit.events()
     last = events[-1]

@@ -188,14 +188,14 @@ class Store:
         a, h, c = schema.authorities.c, schema.audit_head.c, schema.certificates
         self._fast_certificates = FastInsert(c, dialect, generated="id")
         self._fast_audit_events = FastInsert(schema.audit_events, dialect)
-        head = "SELECT seq, mac FROM audit_head WHERE id = 1"
+        head = "SELECT seq, mac, head_mac FROM audit_head WHERE id = 1"
         if dialect.name == "postgresql":
             head += " FOR UPDATE"
-        self._fast_head = FastQuery(head, dialect, results=[h.seq, h.mac])
+        self._fast_head = FastQuery(head, dialect, results=[h.seq, h.mac, h.head_mac])
         self._fast_move_head = FastQuery(
-            "UPDATE audit_head SET seq = ?, mac = ? WHERE id = 1",
+            "UPDATE audit_head SET seq = ?, mac = ?, head_mac = ? WHERE id = 1",
             dialect,
-            parameters=[h.seq, h.mac],
+            parameters=[h.seq, h.mac, h.head_mac],
         )
         self._fast_ca_state = FastQuery(
             "SELECT status, updated_at FROM authorities WHERE id = ?",
@@ -566,23 +566,43 @@ class Store:
 
     # -- Audit ---------------------------------------------------------------------------
 
-    def lock_audit_head(self, conn: Connection, genesis_mac: str) -> tuple[int, str]:
-        """The chain head, locked until the transaction ends (created on first use)."""
+    def lock_audit_head(
+        self, conn: Connection, genesis_mac: str
+    ) -> tuple[int, str, str | None] | None:
+        """The chain head (seq, mac, head_mac), locked until the transaction ends; None
+        when there was none (it is created, at the genesis MAC, for the first event)."""
         found = self._fast_head.rows(conn)
         row = found[0] if found else None
         if row is None:
             conn.execute(insert(schema.audit_head).values(id=1, seq=0, mac=genesis_mac))
-            return 0, genesis_mac
-        return int(row[0]), str(row[1])
+            return None
+        return int(row[0]), str(row[1]), None if row[2] is None else str(row[2])
 
-    def audit_head(self, conn: Connection) -> tuple[int, str] | None:
-        row = conn.execute(select(schema.audit_head.c.seq, schema.audit_head.c.mac)).first()
-        return (int(row[0]), str(row[1])) if row is not None else None
+    def audit_head(self, conn: Connection) -> tuple[int, str, str | None] | None:
+        """(seq, mac, head_mac) of the chain head, or None before the first event."""
+        h = schema.audit_head.c
+        row = conn.execute(select(h.seq, h.mac, h.head_mac)).first()
+        if row is None:
+            return None
+        return int(row[0]), str(row[1]), None if row[2] is None else str(row[2])
 
-    def append_audit_events(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert chained events (after lock_audit_head) and move the head to the last."""
+    def append_audit_events(
+        self, conn: Connection, rows: Sequence[Mapping[str, Any]], head_mac: str
+    ) -> None:
+        """Insert chained events (after lock_audit_head) and move the head to the last,
+        with ``head_mac`` signing the new head."""
         self._fast_audit_events.execute(conn, rows)
-        self._fast_move_head.rows(conn, rows[-1]["seq"], rows[-1]["mac"])
+        self._fast_move_head.rows(conn, rows[-1]["seq"], rows[-1]["mac"], head_mac)
+
+    def sign_audit_head(self, conn: Connection, seq: int, mac: str, head_mac: str) -> bool:
+        """Sign a head left unsigned (a store from before the head was signed)."""
+        h = schema.audit_head.c
+        result = conn.execute(
+            update(schema.audit_head)
+            .where(h.id == 1, h.seq == seq, h.mac == mac, h.head_mac.is_(None))
+            .values(head_mac=head_mac)
+        )
+        return bool(result.rowcount)
 
     def iter_audit_events(self, conn: Connection, batch: int = 5000) -> Iterator[AuditEventRecord]:
         last = -1

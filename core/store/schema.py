@@ -146,6 +146,9 @@ audit_head = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("seq", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
     Column("mac", String(64), nullable=False),
+    # MAC of (seq, mac) under the audit key: without the key, the head cannot be moved back
+    # to an earlier event to hide a cut-off tail.
+    Column("head_mac", String(64), nullable=True),
 )
 
 # Management API bearer tokens. Only a SHA-256 of the secret is kept: the secrets are 256
