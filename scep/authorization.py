@@ -14,7 +14,7 @@ import hmac
 import os
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,7 +28,7 @@ from sqlalchemy import Connection
 from pkigate.core import Actor, Core
 from pkigate.core.errors import ConflictError
 from pkigate.core.model import CertificateStatus
-from pkigate.core.names import parse_dn
+from pkigate.core.names import format_general_name, parse_dn
 from pkigate.core.store import IntegrityError
 from pkigate.core.store import scep as scep_store
 from pkigate.scep.messages import FailInfo, ReplyTo, ScepError
@@ -70,6 +70,7 @@ class IssuedChallenge:
     expires_at: datetime
     subject: str | None
     device_id: str | None
+    sans: tuple[str, ...] | None = None
 
 
 def challenge_password(csr: x509.CertificateSigningRequest) -> str | None:
@@ -124,12 +125,14 @@ class ChallengeAuthority:
         ttl: timedelta,
         subject: str | None = None,
         device_id: str | None = None,
+        sans: Sequence[x509.GeneralName] | None = None,
     ) -> IssuedChallenge:
         if subject is not None:
             subject = parse_dn(subject).rfc4514_string()  # raises a BadRequestError
+        names = None if sans is None else tuple(format_general_name(n) for n in sans)
         now = self._core.clock()
         issued = IssuedChallenge(
-            uuid.uuid4().hex, secrets.token_urlsafe(24), now + ttl, subject, device_id
+            uuid.uuid4().hex, secrets.token_urlsafe(24), now + ttl, subject, device_id, names
         )
         with self._core.store.write() as conn:
             scep_store.insert_challenge(
@@ -142,6 +145,7 @@ class ChallengeAuthority:
                 created_at=now,
                 created_by=actor.principal,
                 expires_at=issued.expires_at,
+                sans=names,
             )
             self._core.audit.record(
                 conn,
@@ -152,6 +156,7 @@ class ChallengeAuthority:
                 parameters={
                     "subject": subject,
                     "device_id": device_id,
+                    "sans": list(names) if names is not None else None,
                     "expires_at": issued.expires_at,
                 },
             )
@@ -228,6 +233,19 @@ class ChallengeAuthority:
             return "the challenge password has expired"
         if found.subject is not None and parse_dn(found.subject) != csr.subject:
             return "the challenge password is bound to another subject"
+        if found.subject is not None or found.sans is not None:
+            # A bound challenge enrolls the names it was made for: its subject, and the
+            # alternative names listed with it (none unless some were).
+            try:
+                requested = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+                asked = {format_general_name(n) for n in requested.value}
+            except x509.ExtensionNotFound:
+                asked = set()
+            extra = sorted(asked - set(found.sans or ()))
+            if extra:
+                return "the challenge password does not allow the alternative name(s) " + ", ".join(
+                    extra[:5]
+                )
         return found
 
     def _check_rate(

@@ -35,6 +35,7 @@ from pkigate.core.errors import (
     UnsupportedAlgorithmError,
     WeakKeyError,
 )
+from pkigate.core.passthrough import parse_general_name
 from pkigate.core.store import IntegrityError
 from pkigate.core.store import scep as scep_store
 from pkigate.gateways.auth import Role
@@ -323,7 +324,7 @@ class ScepConnector(Connector):
         @bp.post("/challenges")
         @requires(Role.ADMIN, Role.ISSUER)
         def create_challenge() -> tuple[Response, int]:
-            body = json_body({"subject": str, "device_id": str, "ttl_seconds": int})
+            body = json_body({"subject": str, "device_id": str, "ttl_seconds": int, "sans": list})
             if not self.options.dynamic_challenges:
                 raise BadRequestError("this connector does not accept one-time challenges")
             ttl = self.options.dynamic_challenge_ttl
@@ -335,8 +336,12 @@ class ScepConnector(Connector):
             device_id = body.get("device_id")
             if device_id is not None and not 0 < len(device_id) <= 256:
                 raise BadRequestError("device_id must be 1 to 256 characters")
+            sans = None
+            if body.get("sans") is not None:
+                # The management API's names: [{"dns": "..."}, {"upn": "..."}, ...].
+                sans = [parse_general_name(n, f"sans[{i}]") for i, n in enumerate(body["sans"])]
             issued = self.authority.create_challenge(
-                actor(), ttl=ttl, subject=body.get("subject"), device_id=device_id
+                actor(), ttl=ttl, subject=body.get("subject"), device_id=device_id, sans=sans
             )
             return jsonify(
                 {
@@ -345,6 +350,7 @@ class ScepConnector(Connector):
                     "expires_at": issued.expires_at.isoformat().replace("+00:00", "Z"),
                     "subject": issued.subject,
                     "device_id": issued.device_id,
+                    "sans": list(issued.sans) if issued.sans is not None else None,
                     "url": self.context.url,
                 }
             ), 201

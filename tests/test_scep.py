@@ -619,6 +619,43 @@ def test_a_challenge_bound_to_a_subject_refuses_other_subjects(env: Env) -> None
     assert device.read(env, post(env.client, body).data).status is PkiStatus.SUCCESS
 
 
+def test_a_bound_challenge_enrolls_only_the_alternative_names_it_lists(env: Env) -> None:
+    """Found in review: a challenge bound to CN=device-9 enrolled any SANs the CSR asked
+    for (a domain controller's name, an administrator's UPN). A bound challenge now allows
+    the names it was created with, none unless some were."""
+
+    def csr(device: Device, challenge: str, sans: list[x509.GeneralName]) -> bytes:
+        builder = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device-9")]))
+            .add_attribute(AttributeOID.CHALLENGE_PASSWORD, challenge.encode())
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        )
+        return builder.sign(device.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+    assert env.ra  # the RA certificate is issued at first use: not counted below
+    before = len(issue_events(env))
+    bare = new_challenge(env, subject="CN=device-9")
+    assert bare["sans"] is None
+    device = Device.new("device-9")
+    body = device.message(
+        env.ra, csr(device, bare["challenge"], [x509.DNSName("dc01.corp.example")])
+    )
+    rep = device.read(env, post(env.client, body).data)
+    assert (rep.status, rep.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_REQUEST)
+    assert rep.fail_info_text == (
+        "the challenge password does not allow the alternative name(s) DNS:dc01.corp.example"
+    )
+    assert len(issue_events(env)) == before
+    listed = new_challenge(env, subject="CN=device-9", sans=[{"dns": "device-9.corp.example"}])
+    assert listed["sans"] == ["DNS:device-9.corp.example"]
+    other = Device.new("device-9")
+    body = other.message(
+        env.ra, csr(other, listed["challenge"], [x509.DNSName("device-9.corp.example")])
+    )
+    assert other.read(env, post(env.client, body).data).status is PkiStatus.SUCCESS
+
+
 def test_an_expired_challenge_is_refused(env: Env) -> None:
     created = new_challenge(env, ttl_seconds=60)
     clock = env.gateway.core.issuer

@@ -7,6 +7,7 @@ Every function takes the caller's connection, so the caller decides what commits
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -89,6 +90,7 @@ class ChallengeRecord:
     created_by: str
     expires_at: datetime
     used_at: datetime | None
+    sans: tuple[str, ...] | None = None
 
 
 def insert_challenge(
@@ -102,6 +104,7 @@ def insert_challenge(
     created_at: datetime,
     created_by: str,
     expires_at: datetime,
+    sans: tuple[str, ...] | None = None,
 ) -> None:
     conn.execute(
         insert(schema.scep_challenges).values(
@@ -113,6 +116,7 @@ def insert_challenge(
             created_at=created_at,
             created_by=created_by,
             expires_at=expires_at,
+            sans=None if sans is None else json.dumps(list(sans)),
         )
     )
 
@@ -137,6 +141,7 @@ def challenge_by_secret(
         row.created_by,
         _utc(row.expires_at),
         as_utc(row.used_at),
+        None if row.sans is None else tuple(json.loads(row.sans)),
     )
 
 

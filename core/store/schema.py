@@ -265,6 +265,8 @@ scep_challenges = Table(
     Column("created_by", String(256), nullable=False),
     Column("expires_at", Timestamp, nullable=False),
     Column("used_at", Timestamp, nullable=True),
+    # JSON list of the alternative names ("DNS:host", ...) a bound challenge enrolls.
+    Column("sans", Text, nullable=True),
 )
 
 # What each SCEP transactionID asked for and what became of it: a retried transaction
