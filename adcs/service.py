@@ -436,10 +436,7 @@ class AdcsService:
 
     def status(self, principal: Principal, request_id: int) -> Outcome:
         """A request's state, for the principal that made it (QueryTokenStatus)."""
-        record = None
-        if 0 < request_id <= adcs_store.MAX_REQUEST_ID:
-            with self.core.store.read() as conn:
-                record = adcs_store.get_request(conn, self.name, request_id)
+        record = self._stored_request(request_id)
         if record is None or record.principal_sid != principal.sid:
             raise EnrollmentRefused("unknownRequest", f"no request {request_id} of yours")
         if record.status == adcs_store.PENDING:
@@ -513,11 +510,14 @@ class AdcsService:
         assert updated is not None
         return updated
 
+    def _stored_request(self, request_id: int) -> adcs_store.RequestRecord | None:
+        if not 0 < request_id <= adcs_store.MAX_REQUEST_ID:
+            return None  # no stored id is that large (the driver would overflow)
+        with self.core.store.read() as conn:
+            return adcs_store.get_request(conn, self.name, request_id)
+
     def _pending_record(self, request_id: int) -> adcs_store.RequestRecord:
-        record = None
-        if 0 < request_id <= adcs_store.MAX_REQUEST_ID:
-            with self.core.store.read() as conn:
-                record = adcs_store.get_request(conn, self.name, request_id)
+        record = self._stored_request(request_id)
         if record is None or record.status != adcs_store.PENDING:
             raise NotFoundError(f"no pending request {request_id} on connector {self.name}")
         return record
