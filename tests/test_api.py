@@ -773,6 +773,19 @@ def bad(role: str, method: str, path: str, status: int, names: str, **request: A
 _ISSUE = "/cas/{issuing}/certificates"
 _PASSTHROUGH = "EndEntityCertificate_APIPassthrough/V1"
 
+
+def bad_passthrough(names: str, passthrough: dict[str, Any]) -> Bad:
+    """An issuer's issuance whose api_passthrough is refused (400) naming ``names``."""
+    return bad(
+        "issuer",
+        "POST",
+        _ISSUE,
+        400,
+        names,
+        json={"csr": "CSR", "template": _PASSTHROUGH, "api_passthrough": passthrough},
+    )
+
+
 BAD_INPUT = {
     "text-plain": bad("admin", "POST", "/cas", 415, "json", data="x", content_type="text/plain"),
     "no-content-type": bad("admin", "POST", "/cas", 415, "json", data=json.dumps(_ROOT)),
@@ -898,57 +911,19 @@ BAD_INPUT = {
         json={"csr": "CSR", "template": _PASSTHROUGH, "api_passthrough": {"colour": "red"}},
     ),
     # Found in review: each of these was a 500 (at signing time, unaudited).
-    "non-string-cps-uri": bad(
-        "issuer",
-        "POST",
-        _ISSUE,
-        400,
+    "non-string-cps-uri": bad_passthrough(
+        "cps_uri", {"certificate_policies": [{"oid": "1.2.3.4", "cps_uri": 7}]}
+    ),
+    "non-ascii-cps-uri": bad_passthrough(
         "cps_uri",
-        json={
-            "csr": "CSR",
-            "template": _PASSTHROUGH,
-            "api_passthrough": {"certificate_policies": [{"oid": "1.2.3.4", "cps_uri": 7}]},
-        },
+        {"certificate_policies": [{"oid": "1.2.3.4", "cps_uri": "https://é.example"}]},
     ),
-    "non-ascii-cps-uri": bad(
-        "issuer",
-        "POST",
-        _ISSUE,
-        400,
-        "cps_uri",
-        json={
-            "csr": "CSR",
-            "template": _PASSTHROUGH,
-            "api_passthrough": {
-                "certificate_policies": [{"oid": "1.2.3.4", "cps_uri": "https://é.example"}]
-            },
-        },
+    "other-name-not-der": bad_passthrough(
+        "sans[0].value", {"sans": [{"other_name": {"oid": "1.2.3.4", "value": "AAEC"}}]}
     ),
-    "other-name-not-der": bad(
-        "issuer",
-        "POST",
-        _ISSUE,
-        400,
-        "sans[0].value",
-        json={
-            "csr": "CSR",
-            "template": _PASSTHROUGH,
-            "api_passthrough": {"sans": [{"other_name": {"oid": "1.2.3.4", "value": "AAEC"}}]},
-        },
-    ),
-    "critical-not-a-boolean": bad(
-        "issuer",
-        "POST",
-        _ISSUE,
-        400,
+    "critical-not-a-boolean": bad_passthrough(
         "critical",
-        json={
-            "csr": "CSR",
-            "template": _PASSTHROUGH,
-            "api_passthrough": {
-                "custom_extensions": [{"oid": "1.2.3.4", "value": "BQA=", "critical": "no"}]
-            },
-        },
+        {"custom_extensions": [{"oid": "1.2.3.4", "value": "BQA=", "critical": "no"}]},
     ),
     "unknown-template": bad(
         "issuer",
