@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection
@@ -53,6 +53,7 @@ class AuditEntry:
 log = logging.getLogger("pkigate.audit")
 HEAD_GUARD = Actor("system:audit", "core")
 HEAD_TAMPERED = "audit.head_tampered"
+HEAD_SIGNED = "audit.head_signed"
 
 
 @dataclass(frozen=True)
@@ -123,14 +124,27 @@ class AuditLog:
         return hmac.digest(self._key, message, hashlib.sha256).hex()
 
     def _sign_unsigned_head(self) -> None:
-        """A store written before heads were signed: sign the head as it is now (what
-        happened before this is vouched for by the event chain only)."""
+        """A store written before heads were signed: sign the head as it is now, once,
+        and say so in the log. A head unsigned again after that was altered without the
+        key (setting it to NULL must not get it re-signed): left for verify to report."""
         with self._store.read() as conn:
             head = self._store.audit_head(conn)
         if head is None or head[2] is not None:
             return
         with self._store.write() as conn:
-            self._store.sign_audit_head(conn, head[0], head[1], self._head_mac(head[0], head[1]))
+            if self._store.audit_action_recorded(conn, HEAD_SIGNED, HEAD_GUARD.principal):
+                log.error("the audit chain head was unsigned outside pkigate; not re-signed")
+                return
+            signed = self._head_mac(head[0], head[1])
+            if self._store.sign_audit_head(conn, head[0], head[1], signed):
+                self.record(
+                    conn,
+                    HEAD_GUARD,
+                    HEAD_SIGNED,
+                    "audit",
+                    parameters={"head_seq": head[0]},
+                    at=datetime.now(UTC),
+                )
 
     def _mac(self, *fields: Any) -> str:
         return hmac.digest(self._key, _canonical(*fields), hashlib.sha256).hex()

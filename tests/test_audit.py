@@ -107,6 +107,22 @@ def test_a_store_from_before_signed_heads_gets_its_head_signed(core: Core, issui
     assert not core.audit.verify().ok  # an unsigned head is not taken on trust
     AuditLog(core.store, core.kek)  # what opening the store does
     assert core.audit.verify().ok
+    assert core.audit.events()[-1].action == "audit.head_signed"
+    # Once only (found in review): a head set to NULL again, over a cut-off tail, is not
+    # signed at the next open.
+    core.issue(
+        IssuanceRequest(issuing.record.id, make_csr(), Validity.parse("1d"), Requester("tester"))
+    )
+    events = core.audit.events()
+    _sql(core, "DELETE FROM audit_events WHERE seq = :s", s=events[-1].seq)
+    _sql(
+        core,
+        "UPDATE audit_head SET seq = :s, mac = :m, head_mac = NULL",
+        s=events[-2].seq,
+        m=events[-2].mac,
+    )
+    AuditLog(core.store, core.kek)
+    assert not core.audit.verify().ok
 
 
 def test_inserted_event_is_detected(busy_log: Core) -> None:

@@ -594,6 +594,13 @@ class Store:
         self._fast_audit_events.execute(conn, rows)
         self._fast_move_head.rows(conn, rows[-1]["seq"], rows[-1]["mac"], head_mac)
 
+    def audit_action_recorded(self, conn: Connection, action: str, actor: str) -> bool:
+        c = schema.audit_events.c
+        found = conn.execute(
+            select(c.seq).where(c.action == action, c.actor == actor).limit(1)
+        ).first()
+        return found is not None
+
     def sign_audit_head(self, conn: Connection, seq: int, mac: str, head_mac: str) -> bool:
         """Sign a head left unsigned (a store from before the head was signed)."""
         h = schema.audit_head.c
