@@ -185,7 +185,14 @@ class AdcsService:
     def _logs_in(self, ca_id: str, serial: str) -> bool:
         with self.core.store.read() as conn:
             request = adcs_store.issued_request(conn, self.name, ca_id, serial)
-        return request is not None and request.names_from_directory
+        if request is None:
+            return False
+        if request.names_from_directory is None:
+            # Settled before this was recorded: decided by the template as it is now.
+            templates = {n.lower(): t for n, t in self.directory.templates().items()}
+            template = templates.get(request.template.lower())
+            return template is not None and not template.enrollee_supplies_subject
+        return request.names_from_directory
 
     def _principal_by_sid(self, sid: str) -> Principal | None:
         try:

@@ -748,6 +748,39 @@ def test_a_certificate_whose_subject_the_request_supplied_does_not_log_in(
     )
 
 
+def test_certificates_from_before_the_login_record_log_in_by_their_template(
+    env: Env, tmp_path: Path
+) -> None:
+    """Requests settled before schema 0007 have no record of where their names came from:
+    their certificates log in if their template takes the names from the directory (a
+    machine must renew without a password), not if the request supplied them."""
+    from sqlalchemy import update
+
+    der, key = _csr()
+    user = _certificate(_json_enroll(env, "alice", "User", der))
+    kiosk_der, kiosk_key = _csr(cn="kiosk02.example.test")
+    kiosk = _certificate(_json_enroll(env, "Administrator", "ESC1Vulnerable", kiosk_der))
+    c = schema.adcs_requests.c
+    with env.core.store.write() as conn:
+        for certificate in (user, kiosk):
+            serial = format(certificate.serial_number, "x")
+            conn.execute(
+                update(schema.adcs_requests)
+                .where(c.serial == serial)
+                .values(names_from_directory=None)
+            )
+    renewed = env.plain().post(
+        f"{env.url}/enroll",
+        json={"template": "User", "csr": _pem_csr(_csr()[0])},
+        cert=_files(tmp_path, user, key),
+        timeout=30,
+    )
+    assert sid_from_certificate(_certificate(renewed)) == env.sid("alice")
+    _assert_login_refused(
+        env, tmp_path, kiosk, kiosk_key, "badCertificate", "with names from the directory"
+    )
+
+
 def test_a_revoked_client_certificate_is_refused(env: Env, tmp_path: Path) -> None:
     der, key = _csr()
     certificate = _certificate(_json_enroll(env, "alice", "User", der))

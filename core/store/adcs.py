@@ -38,7 +38,7 @@ class RequestRecord:
     decided_by: str | None
     created_at: datetime
     updated_at: datetime
-    names_from_directory: bool = False
+    names_from_directory: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         def stamp(moment: datetime) -> str:
@@ -95,7 +95,7 @@ def _record(row: Any) -> RequestRecord:
         row.decided_by,
         created,
         updated,
-        bool(row.names_from_directory),
+        None if row.names_from_directory is None else bool(row.names_from_directory),
     )
 
 

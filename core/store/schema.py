@@ -17,7 +17,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.sql import false
 
 metadata = MetaData(
     naming_convention={
@@ -452,8 +451,9 @@ adcs_requests = Table(
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     # Whether the issued certificate names its principal from the directory only, so that
-    # it may log in as that principal (not when the request supplied the subject).
-    Column("names_from_directory", Boolean, nullable=False, server_default=false()),
+    # it may log in as that principal (not when the request supplied the subject); NULL
+    # for requests settled before revision 0007 (decided from the template then).
+    Column("names_from_directory", Boolean, nullable=True),
     Index("ix_adcs_requests_status", "connector", "status"),
     Index("ix_adcs_requests_certificate", "ca_id", "serial"),
 )

@@ -17,14 +17,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # Existing rows get false: certificates issued before this revision no longer log in
-    # by client certificate (their holders renew with a password once).
+    # Existing rows stay NULL: whether their certificates log in is decided from their
+    # template's flags as the directory holds them (machines renew without a password).
     with op.batch_alter_table("adcs_requests", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column(
-                "names_from_directory", sa.Boolean(), server_default=sa.false(), nullable=False
-            )
-        )
+        batch_op.add_column(sa.Column("names_from_directory", sa.Boolean(), nullable=True))
         batch_op.create_index("ix_adcs_requests_certificate", ["ca_id", "serial"], unique=False)
 
 
