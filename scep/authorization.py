@@ -73,6 +73,16 @@ class IssuedChallenge:
     sans: tuple[str, ...] | None = None
 
 
+def san_key(name: x509.GeneralName) -> str:
+    """An alternative name as a challenge lists it: ``TYPE:value``, DNS names in lower case
+    (they compare without case), an otherName with its DER value (not its type alone)."""
+    if isinstance(name, x509.DNSName):
+        return f"DNS:{name.value.lower()}"
+    if isinstance(name, x509.OtherName):
+        return f"otherName:{name.type_id.dotted_string}:{name.value.hex()}"
+    return format_general_name(name)
+
+
 def challenge_password(csr: x509.CertificateSigningRequest) -> str | None:
     """The CSR's challengePassword attribute (RFC 2985 5.4.1), if any."""
     try:
@@ -129,7 +139,7 @@ class ChallengeAuthority:
     ) -> IssuedChallenge:
         if subject is not None:
             subject = parse_dn(subject).rfc4514_string()  # raises a BadRequestError
-        names = None if sans is None else tuple(format_general_name(n) for n in sans)
+        names = None if sans is None else tuple(san_key(n) for n in sans)
         now = self._core.clock()
         issued = IssuedChallenge(
             uuid.uuid4().hex, secrets.token_urlsafe(24), now + ttl, subject, device_id, names
@@ -238,7 +248,7 @@ class ChallengeAuthority:
             # alternative names listed with it (none unless some were).
             try:
                 requested = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-                asked = {format_general_name(n) for n in requested.value}
+                asked = {san_key(n) for n in requested.value}
             except x509.ExtensionNotFound:
                 asked = set()
             extra = sorted(asked - set(found.sans or ()))

@@ -647,12 +647,22 @@ def test_a_bound_challenge_enrolls_only_the_alternative_names_it_lists(env: Env)
         "the challenge password does not allow the alternative name(s) DNS:dc01.corp.example"
     )
     assert len(issue_events(env)) == before
-    listed = new_challenge(env, subject="CN=device-9", sans=[{"dns": "device-9.corp.example"}])
-    assert listed["sans"] == ["DNS:device-9.corp.example"]
-    other = Device.new("device-9")
-    body = other.message(
-        env.ra, csr(other, listed["challenge"], [x509.DNSName("device-9.corp.example")])
+    upn = {"upn": "device-9@corp.example"}
+    listed = new_challenge(env, subject="CN=device-9", sans=[{"dns": "Device-9.corp.example"}, upn])
+    assert listed["sans"][0] == "DNS:device-9.corp.example"
+    # An otherName is compared with its value, not only its type (found in review).
+    from pkigate.core.names import upn_other_name
+
+    impostor = Device.new("device-9")
+    body = impostor.message(
+        env.ra,
+        csr(impostor, listed["challenge"], [upn_other_name("administrator@corp.example")]),
     )
+    rep = impostor.read(env, post(env.client, body).data)
+    assert (rep.status, rep.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_REQUEST)
+    other = Device.new("device-9")
+    names = [x509.DNSName("device-9.corp.example"), upn_other_name("device-9@corp.example")]
+    body = other.message(env.ra, csr(other, listed["challenge"], names))
     assert other.read(env, post(env.client, body).data).status is PkiStatus.SUCCESS
 
 
