@@ -534,10 +534,10 @@ def _tlv(data: bytes, offset: int) -> tuple[int, bytes, int]:
 
 
 class _TemplateInfo(asn1.Sequence):  # type: ignore[misc]
-    # [MS-WCCE] 2.2.2.7.7.2: the minor version is optional.
+    # [MS-WCCE] 2.2.2.7.7.2: both versions are optional.
     _fields = [
         ("template_id", asn1.ObjectIdentifier),
-        ("major_version", asn1.Integer),
+        ("major_version", asn1.Integer, {"optional": True}),
         ("minor_version", asn1.Integer, {"optional": True}),
     ]
 

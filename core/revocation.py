@@ -182,10 +182,10 @@ class RevocationService:
         With ``reuse_fresh``, a CRL that another process published meanwhile and that has
         not lapsed is returned instead of building on it (concurrent first requests)."""
         now = self._clock()
-        material = self._authorities.signing_material(ca_id, now, require_active=False)
         status = effective_status(self._authorities.get(ca_id), now)
         if status not in _PUBLISHING:
             raise CANotActiveError(f"CA {ca_id} is {status.value}: it publishes no CRLs")
+        material = self._authorities.signing_material(ca_id, now, require_active=False)
         settings = material.settings
         if not settings.crl_enabled:
             raise InvalidStateError(f"CA {ca_id} does not publish CRLs")

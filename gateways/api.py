@@ -911,7 +911,7 @@ def revoke_certificate(ca_id: str, serial: str, body: dict[str, Any]) -> Respons
         target = core.store.get_certificate(conn, ca_id, normalize_serial(serial))
     if target is not None:
         _check_ca_operation(
-            _signs_for_the_ca(x509.load_der_x509_certificate(target.der)),
+            _signs_for_the_ca(target.template, target.der),
             f"certificate {target.serial} is a CA or OCSP responder certificate",
         )
     record = core.revocation.revoke(
@@ -957,15 +957,22 @@ def _privileged_template(template: Template) -> bool:
     )
 
 
-def _signs_for_the_ca(certificate: x509.Certificate) -> bool:
+def _signs_for_the_ca(template_name: str, der: bytes) -> bool:
+    """Whether a stored certificate is a CA's or an OCSP responder's: by what it carries
+    (any template can be given those powers through passthrough), and when that cannot be
+    read, by the template it was issued from."""
     try:
-        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
-        if constraints.value.ca:
+        extensions = x509.load_der_x509_certificate(der).extensions
+        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
+        if constraints.ca:
             return True
     except x509.ExtensionNotFound:
         pass
+    except (ValueError, x509.DuplicateExtension):
+        known = {t.name: t for t in gateway().core.templates}.get(template_name)
+        return known is None or _privileged_template(known)
     try:
-        ekus = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        ekus = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         return False
     return ExtendedKeyUsageOID.OCSP_SIGNING in ekus
