@@ -1417,6 +1417,14 @@ def test_the_template_is_named_by_the_csr_extension_and_both_names_must_agree(en
     der, _ = _csr(extensions=[(info, False)])
     response, result = _wstep(env, "ws01$", der)  # no CertificateTemplate attribute
     assert response.status_code == 200, response.text
+    # Both versions are optional ([MS-WCCE]): the OID alone names the template too.
+    from asn1crypto import core as asn1
+
+    oid_only = asn1.Sequence()
+    oid_only.contents = asn1.ObjectIdentifier(_template_oid(env, "Machine")).dump()
+    bare = x509.UnrecognizedExtension(TEMPLATE_INFO_OID, oid_only.dump())
+    named_by_oid, _ = _wstep(env, "ws01$", _csr(extensions=[(bare, False)])[0])
+    assert named_by_oid.status_code == 200, named_by_oid.text
     certificate = x509.load_der_x509_certificate(result.certificate_der or b"")
     assert certificate.subject.rfc4514_string() == "CN=ws01.example.test"
     mismatch = _json_enroll(env, "ws01$", "User", der)

@@ -1064,3 +1064,34 @@ def test_a_crl_partition_beyond_any_integer_column_is_not_found(tmp_path: Path) 
         assert opened.client.get(f"/crl/{issuing}.crl").status_code == 200
     finally:
         opened.gw.close()
+
+
+def test_a_certificate_whose_extensions_cannot_be_read_can_be_revoked(tmp_path: Path) -> None:
+    """Found in review: revocation through the API read the certificate's extensions to
+    tell a CA's from a leaf's, and a leaf with an unreadable one (issued through
+    passthrough) could not be revoked: a 500. Its template decides then."""
+    opened = _open_service(tmp_path / "data", None)
+    try:
+        issuing = opened.gw.ca_ids["issuing"]
+        tls_feature = {"oid": "1.3.6.1.5.5.7.1.24", "value": "BAEA", "critical": False}
+        issued = opened.call(
+            "POST",
+            f"/cas/{issuing}/certificates",
+            "issuer",
+            json={
+                "csr": make_csr().decode(),
+                "template": "EndEntityCertificate_APIPassthrough/V1",
+                "api_passthrough": {"custom_extensions": [tls_feature]},
+            },
+            expect=201,
+        ).get_json()
+        revoked = opened.call(
+            "POST",
+            f"/cas/{issuing}/certificates/{issued['serial']}/revoke",
+            "issuer",
+            json={"reason": "superseded"},
+            expect=200,
+        )
+        assert revoked.get_json()["status"] == "REVOKED"
+    finally:
+        opened.gw.close()

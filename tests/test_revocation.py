@@ -12,6 +12,7 @@ from helpers import ACTOR, create_root, create_sub, make_csr
 from pkigate.core import CASettings, Core, IssuanceRequest, Requester, Validity
 from pkigate.core.errors import (
     BadRequestError,
+    CANotActiveError,
     ConflictError,
     InvalidStateError,
     NotFoundError,
@@ -314,3 +315,12 @@ def test_concurrent_first_requests_for_a_crl_all_get_one(core: Core, crl_ca) -> 
     assert all(not isinstance(r, Exception) for r in results), results
     numbers = [r.number for r in results]  # type: ignore[attr-defined]
     assert min(numbers) == 1
+
+
+def test_a_deleted_ca_publishes_no_crl(core: Core, crl_ca) -> None:
+    """A deleted CA signs nothing, CRLs included; it is refused before its key is read."""
+    ca_id = crl_ca.record.id
+    core.authorities.update_status(ca_id, CAStatus.DISABLED, ACTOR)
+    core.authorities.delete(ca_id, 7, ACTOR)
+    with pytest.raises(CANotActiveError, match="publishes no CRLs"):
+        core.revocation.generate_crl(ca_id)
