@@ -10,10 +10,11 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from pkigate.core import Actor, CASpec, CAType, CAView, Core
+from pkigate.core.der import tlv
 from pkigate.core.names import parse_dn
 
 
@@ -131,3 +132,15 @@ def key_usage(*names: str) -> x509.KeyUsage:
             )
         }
     )
+
+
+def raw_csr(key: rsa.RSAPrivateKey, subject: bytes, attributes: bytes = b"") -> bytes:
+    """A PKCS#10 written byte by byte, signed with ``key`` (RSA, SHA-256): for subjects and
+    attributes (given as DER) that the CSR builders refuse to make."""
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    info = tlv(0x30, b"\x02\x01\x00", subject, spki, tlv(0xA0, attributes))
+    signature = key.sign(info, padding.PKCS1v15(), hashes.SHA256())
+    sha256_rsa = bytes.fromhex("300d06092a864886f70d01010b0500")
+    return tlv(0x30, info, sha256_rsa, tlv(0x03, b"\x00", signature))

@@ -26,9 +26,10 @@ from adcs_directory_fixture import make_dev_directory_fixture
 from asn1crypto import core as asn1_core
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from helpers import raw_csr
 from ldap3 import MODIFY_REPLACE
 from serving import RunningServer, start_server
 from sqlalchemy import func, select
@@ -557,35 +558,14 @@ def test_a_csr_the_core_cannot_read_is_a_bad_request_not_a_crash(env: Env) -> No
     assert env.counts()["certificates"] == before
 
 
-def _signed_request(info_body: bytes, key: rsa.RSAPrivateKey) -> bytes:
-    """A PKCS#10 signed over CertificationRequestInfo contents written byte by byte, for
-    structures no library would build."""
-    info = tlv(0x30, info_body)
-    signature = key.sign(info, padding.PKCS1v15(), hashes.SHA256())
-    sha256_rsa = bytes.fromhex("300d06092a864886f70d01010b0500")
-    return tlv(0x30, info + sha256_rsa + tlv(0x03, b"\x00" + signature))
-
-
-def _request_info(
-    key: rsa.RSAPrivateKey, subject: bytes, extensions: list[tuple[str, bytes]]
-) -> bytes:
-    spki = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+def _extension_request(oid: str, value: bytes) -> bytes:
+    """An extensionRequest attribute (PKCS#9) asking for one extension with raw ``value``."""
+    extension = tlv(0x30, asn1_core.ObjectIdentifier(oid).dump(), tlv(0x04, value))
+    return tlv(
+        0x30,
+        asn1_core.ObjectIdentifier("1.2.840.113549.1.9.14").dump(),
+        tlv(0x31, tlv(0x30, extension)),
     )
-    requested = b"".join(
-        tlv(0x30, asn1_core.ObjectIdentifier(oid).dump() + tlv(0x04, value))
-        for oid, value in extensions
-    )
-    attributes = (
-        tlv(
-            0x30,
-            asn1_core.ObjectIdentifier("1.2.840.113549.1.9.14").dump()
-            + tlv(0x31, tlv(0x30, requested)),
-        )
-        if extensions
-        else b""
-    )
-    return b"\x02\x01\x00" + subject + spki + tlv(0xA0, attributes)
 
 
 def test_requests_whose_structures_break_parsers_are_bad_requests(env: Env) -> None:
@@ -599,8 +579,8 @@ def test_requests_whose_structures_break_parsers_are_bad_requests(env: Env) -> N
     nested = b"\x05\x00"
     for _ in range(3000):
         nested = tlv(0x30, nested)
-    deep_name = _signed_request(_request_info(key, cn, [("1.3.6.1.4.1.311.20.2", nested)]), key)
-    empty_rdn = _signed_request(_request_info(key, tlv(0x30, tlv(0x31, b"")), []), key)
+    deep_name = raw_csr(key, cn, _extension_request("1.3.6.1.4.1.311.20.2", nested))
+    empty_rdn = raw_csr(key, tlv(0x30, tlv(0x31)))
     before = env.counts()
     for name, der, template, user in (
         ("deep template name", deep_name, "User", "alice"),

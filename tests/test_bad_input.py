@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from helpers import ACTOR, make_csr
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from helpers import ACTOR, make_csr, raw_csr
 
 from pkigate.core import Core, IssuanceRequest, Requester, SigningAlgorithm, Validity
 from pkigate.core.der import tlv
@@ -55,14 +55,7 @@ def _csr_on_an_unsupported_curve() -> bytes:
 def _csr_with_an_empty_rdn() -> bytes:
     """Subject SEQUENCE { SET {} }: cryptography loads it and verifies the signature, and
     refuses only when the subject is read."""
-    key = rsa.generate_private_key(65537, 2048)
-    spki = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    info = tlv(0x30, b"\x02\x01\x00", tlv(0x30, tlv(0x31)), spki, tlv(0xA0))
-    signature = key.sign(info, padding.PKCS1v15(), hashes.SHA256())
-    sha256_rsa = bytes.fromhex("300d06092a864886f70d01010b0500")
-    return tlv(0x30, info, sha256_rsa, tlv(0x03, b"\x00", signature))
+    return raw_csr(rsa.generate_private_key(65537, 2048), tlv(0x30, tlv(0x31)))
 
 
 def _csr_with_two_san_extensions() -> bytes:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID
 from flask.testing import FlaskClient
-from helpers import stale_first_scep_transaction_lookup
+from helpers import raw_csr, stale_first_scep_transaction_lookup
 from sqlalchemy import func, select
 
 from pkigate.core import Actor
@@ -507,21 +507,6 @@ def test_a_certificate_another_connector_issued_does_not_renew_over_scep(env: En
     assert len(issue_events(env)) == before
 
 
-def _raw_csr(key: rsa.RSAPrivateKey, subject: bytes, attributes: bytes = b"") -> bytes:
-    """A PKCS#10 written byte by byte (for structures the builders refuse to make)."""
-    from cryptography.hazmat.primitives.asymmetric import padding
-
-    from pkigate.core.der import tlv
-
-    spki = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    info = tlv(0x30, b"\x02\x01\x00", subject, spki, tlv(0xA0, attributes))
-    signature = key.sign(info, padding.PKCS1v15(), hashes.SHA256())
-    sha256_rsa = bytes.fromhex("300d06092a864886f70d01010b0500")
-    return tlv(0x30, info, sha256_rsa, tlv(0x03, b"\x00", signature))
-
-
 def test_requests_parsers_trip_on_are_failures_not_crashes(env: Env) -> None:
     """Found in review (each a 500): a challengePassword with two values; a subject that
     is not valid UTF-8 (read only when compared, in a RenewalReq)."""
@@ -540,10 +525,10 @@ def test_requests_parsers_trip_on_are_failures_not_crashes(env: Env) -> None:
     renewing = Device(device.key, issued)
     before = len(issue_events(env))
     for sender, payload, kind in (
-        (device, _raw_csr(device.key, subject, two_passwords), MessageType.PKCS_REQ),
+        (device, raw_csr(device.key, subject, two_passwords), MessageType.PKCS_REQ),
         (
             renewing,
-            _raw_csr(rsa.generate_private_key(65537, 2048), bad_utf8),
+            raw_csr(rsa.generate_private_key(65537, 2048), bad_utf8),
             MessageType.RENEWAL_REQ,
         ),
     ):
