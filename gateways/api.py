@@ -751,9 +751,9 @@ def issue_certificate(ca_id: str, body: dict[str, Any]) -> Response:
             passthrough = parse_api_passthrough(body["api_passthrough"])
     signing = body.get("signing_algorithm")
     template = body["template"]
-    known = {t.name: t for t in gateway().core.templates}.get(template)  # unknown: the core
-    _check_ca_operation(  # refuses (and audits) it as for every caller
-        known is not None and _privileged_template(known),
+    templates = gateway().core.templates
+    _check_ca_operation(  # an unknown template is the core's to refuse (and audit)
+        template in templates and _privileged_template(templates.get(template)),
         f"template {template} makes a CA, OCSP responder or Blank-template certificate",
     )
     issuance = IssuanceRequest(
@@ -969,8 +969,8 @@ def _signs_for_the_ca(template_name: str, der: bytes) -> bool:
     except x509.ExtensionNotFound:
         pass
     except (ValueError, x509.DuplicateExtension):
-        known = {t.name: t for t in gateway().core.templates}.get(template_name)
-        return known is None or _privileged_template(known)
+        templates = gateway().core.templates
+        return template_name not in templates or _privileged_template(templates.get(template_name))
     try:
         ekus = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
