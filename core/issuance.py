@@ -129,15 +129,21 @@ def parse_csr(data: bytes | x509.CertificateSigningRequest) -> x509.CertificateS
         raise BadCSRError(f"CSR signature cannot be checked: {exc}") from None
     if not valid:
         raise BadCSRError("CSR signature does not verify")
+    check_readable(csr)
+    return csr
+
+
+def check_readable(csr: x509.CertificateSigningRequest) -> None:
+    """BadCSRError unless the CSR's subject and extensions can be read: cryptography parses
+    them lazily, so an empty RDN or an extension twice raises only when they are used."""
     try:
-        csr.subject  # noqa: B018 - parsed lazily; an empty RDN, say, raises only here
+        csr.subject  # noqa: B018
     except ValueError as exc:
         raise BadCSRError(f"CSR subject cannot be read: {exc}") from None
     try:
-        csr.extensions  # noqa: B018 - likewise: a duplicate or malformed known extension
+        csr.extensions  # noqa: B018
     except (ValueError, x509.DuplicateExtension) as exc:
         raise BadCSRError(f"CSR extensions cannot be read: {exc}") from None
-    return csr
 
 
 def csr_der(csr: x509.CertificateSigningRequest) -> bytes:

@@ -27,6 +27,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm as CryptographyUnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from pkigate.core.errors import BadCSRError
+from pkigate.core.issuance import check_readable
 from pkigate.scep.cms import (
     CmsError,
     ContentCipher,
@@ -257,14 +259,9 @@ class PkiMessage:
                 FailInfo.BAD_ALG, f"the request's public key cannot be used: {exc}", self.reply_to
             ) from exc
         try:
-            # Parsed lazily: read now, so that an unreadable subject or extension (bad
-            # UTF-8, an extension twice) is this refusal rather than a crash later.
-            csr.subject  # noqa: B018
-            csr.extensions  # noqa: B018
-        except (ValueError, x509.DuplicateExtension) as exc:
-            raise ScepError(
-                FailInfo.BAD_REQUEST, f"the PKCS#10 request cannot be read: {exc}", self.reply_to
-            ) from exc
+            check_readable(csr)  # a refusal now, not a crash where the subject is compared
+        except BadCSRError as exc:
+            raise ScepError(FailInfo.BAD_REQUEST, exc.message, self.reply_to) from exc
         return csr
 
     def issuer_and_subject(self) -> IssuerAndSubject:
