@@ -319,9 +319,9 @@ class RevocationService:
         """The CRL to serve: the latest, generated now if there is none or it has lapsed.
         Only partitions that exist are served (an anonymous request for partition 777 of a
         partitioned CA must not make the CA key sign a CRL for it)."""
-        if partition not in self.partitions(ca_id):
-            raise NotFoundError(f"CA {ca_id} has no CRL partition {partition}")
         latest = self.latest_crl(ca_id, partition)
         if latest is not None and latest.next_update > self._clock():
-            return latest
+            return latest  # only a partition that exists has CRLs
+        if partition not in self.partitions(ca_id):
+            raise NotFoundError(f"CA {ca_id} has no CRL partition {partition}")
         return self.generate_crl(ca_id, partition, reuse_fresh=True)
