@@ -37,6 +37,7 @@ from pkigate.core.model import CAStatus, CertificateStatus, RevocationReason
 from pkigate.core.store import CertificateRecord, CRLRecord, IntegrityError, Store
 
 CRL_JOB = "crl.generate"
+MAX_CRL_PARTITION = 2**31 - 1  # the partition column's range
 # A disabled CA issues nothing, and an expired one can issue nothing valid, but what they
 # issued can still be revoked: their CRLs go on (as their OCSP answers do).
 _PUBLISHING = (CAStatus.ACTIVE, CAStatus.DISABLED, CAStatus.EXPIRED)
@@ -319,6 +320,8 @@ class RevocationService:
         """The CRL to serve: the latest, generated now if there is none or it has lapsed.
         Only partitions that exist are served (an anonymous request for partition 777 of a
         partitioned CA must not make the CA key sign a CRL for it)."""
+        if not 0 <= partition <= MAX_CRL_PARTITION:
+            raise NotFoundError(f"CA {ca_id} has no CRL partition {partition}")
         latest = self.latest_crl(ca_id, partition)
         if latest is not None and latest.next_update > self._clock():
             return latest  # only a partition that exists has CRLs

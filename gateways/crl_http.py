@@ -10,13 +10,8 @@ from pkigate.gateways.http import gateway
 crl = Blueprint("crl", __name__)
 
 
-MAX_PARTITION = 2**31 - 1  # far above any CA's partitions, and within every integer column
-
-
 def _serve(ca_id: str, partition: int) -> Response:
     core = gateway().core
-    if partition > MAX_PARTITION:
-        raise NotFoundError(f"no CRL partition {partition}")
     settings = core.authorities.describe(ca_id).record.settings
     if not settings.get("crl_enabled"):
         raise NotFoundError(f"CA {ca_id} does not publish CRLs")
