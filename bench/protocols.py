@@ -36,7 +36,8 @@ made before the timing; RSA keys come from a pool (a key takes ~70 ms to generat
 each request has its own subject. Failures are counted and printed, never dropped.
 
     .venv/bin/python bench/protocols.py [--quick] [--operations N] [--clients C]
-        [--workers W] [--warmup K] [--poll-ms MS] [--skip-peers] [--json FILE]
+        [--workers W] [--warmup K] [--poll-ms MS] [--skip-peers] [--protocols scep,acme,adcs]
+        [--json FILE]
 
 Full run: N=300, C=8 (a few minutes); ``--quick``: N=30, C=4 (about a minute). These are
 figures, not a test: the script exits non-zero only when a pkigate operation failed or
@@ -104,6 +105,7 @@ TARGET_RATIO = 1.5  # the devices-sim issue: pkigate at least 1.5x scepserver an
 REQUEST_TIMEOUT = 60.0
 POLL_TIMEOUT = 60.0
 RSA_POOL = 32
+PROTOCOLS = ("scep", "acme", "adcs")  # --protocols picks a subset
 DOMAIN = "bench.test"
 PEBBLE_ENV = "PEBBLE_VA_NOSLEEP=1 PEBBLE_WFE_NONCEREJECT=0 PEBBLE_AUTHZREUSE=0"
 
@@ -631,8 +633,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--poll-ms", type=float, default=50.0, help="ACME status poll interval (default 50)"
     )
     parser.add_argument("--skip-peers", action="store_true", help="pkigate only")
+    parser.add_argument(
+        "--protocols",
+        default=",".join(PROTOCOLS),
+        help=f"comma-separated subset of {','.join(PROTOCOLS)} (default all)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     args = parser.parse_args(argv)
+    chosen = {p.strip().lower() for p in args.protocols.split(",") if p.strip()}
+    if not chosen or chosen - set(PROTOCOLS):
+        parser.error(f"--protocols takes a subset of {','.join(PROTOCOLS)}")
     quick = args.quick
     operations = args.operations or (30 if quick else 300)
     clients = args.clients or (4 if quick else 8)
@@ -704,11 +714,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress(f"  {row['per_s']}/s, {row['failed']} failed")
 
         # SCEP
-        measure(
-            scep_load("pkigate", server.http_url + SCEP_MOUNT, devices[warmup:], devices[:warmup]),
-            server.process.pid,
-        )
-        if not args.skip_peers:
+        if "scep" in chosen:
+            measure(
+                scep_load(
+                    "pkigate", server.http_url + SCEP_MOUNT, devices[warmup:], devices[:warmup]
+                ),
+                server.process.pid,
+            )
+        if "scep" in chosen and not args.skip_peers:
             scep_peer = ScepServer(scratch / "scepserver", challenge)
             stack.callback(scep_peer.stop)
             scep_peer.start()
@@ -727,20 +740,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ACME
         poll_seconds = args.poll_ms / 1000
         samples: list[x509.Certificate] = []
-        measure(
-            acme_load(
-                "pkigate",
-                f"{server.https_url}{ACME_MOUNT}/directory",
-                str(server.tls_bundle),
-                responder,
-                orders[warmup:],
-                orders[:warmup],
-                poll_seconds,
-                samples,
-            ),
-            server.process.pid,
-        )
-        if not args.skip_peers:
+        if "acme" in chosen:
+            measure(
+                acme_load(
+                    "pkigate",
+                    f"{server.https_url}{ACME_MOUNT}/directory",
+                    str(server.tls_bundle),
+                    responder,
+                    orders[warmup:],
+                    orders[:warmup],
+                    poll_seconds,
+                    samples,
+                ),
+                server.process.pid,
+            )
+        if "acme" in chosen and not args.skip_peers:
             pebble = PebbleServer(
                 dns_server=dns.resolver, http_port=responder.port, workdir=scratch / "pebble"
             )
@@ -768,15 +782,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
         # AD-style
-        measure(
-            wstep_load(
-                f"{server.https_url}{ADCS_MOUNT}",
-                str(server.tls_bundle),
-                machine_csrs[warmup:],
-                machine_csrs[:warmup],
-            ),
-            server.process.pid,
-        )
+        if "adcs" in chosen:
+            measure(
+                wstep_load(
+                    f"{server.https_url}{ADCS_MOUNT}",
+                    str(server.tls_bundle),
+                    machine_csrs[warmup:],
+                    machine_csrs[:warmup],
+                ),
+                server.process.pid,
+            )
         commands["directory"] = f"slapd (pkigate.adcs.directory.DevDirectory) at {directory.url}"
 
         if samples:
