@@ -148,6 +148,12 @@ def run_listener(config: GatewayConfig, listener: str) -> None:
         def load_config(self) -> None:
             for key, value in options.items():
                 self.cfg.set(key, value)
+            if "control_socket_disable" in self.cfg.settings:
+                # gunicorn >= 25 opens a control socket at one path per user
+                # ($XDG_RUNTIME_DIR or ~/.gunicorn/gunicorn.ctl) that both of our arbiters,
+                # and every other pkigate on the host, would share: the supervisor is the
+                # control interface here.
+                self.cfg.set("control_socket_disable", True)
 
         def load(self) -> Any:
             # Runs in each worker after the fork: every worker has its own connections.

@@ -61,6 +61,25 @@ def test_default_serve_prints_urls_publishes_ca_certificates_and_restarts_cleanl
         again.stop()
 
 
+def test_the_listeners_open_no_gunicorn_control_socket_and_log_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gunicorn >= 25 would open $XDG_RUNTIME_DIR/gunicorn.ctl in each of the two arbiters
+    # (one path for both, and for every pkigate on the host) and log an ERROR when the
+    # other arbiter's socket vanished under it.
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    running = start_server(tmp_path / "data", workers=2)
+    try:
+        assert requests.get(f"{running.http_url}/healthz", timeout=5).status_code == 200
+        assert list(runtime.iterdir()) == []
+        errors = [line for line in running.log.read_text().splitlines() if "[ERROR]" in line]
+        assert errors == []
+    finally:
+        running.stop()
+
+
 def test_metrics_and_readiness(server: RunningServer) -> None:
     assert requests.get(f"{server.http_url}/readyz", timeout=5).json() == {"status": "ready"}
     text = requests.get(f"{server.http_url}/metrics", timeout=5).text
