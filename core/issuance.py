@@ -180,6 +180,26 @@ class _StaleAuthority(Exception):
 _RETRIES_ON_STALE = 2
 
 
+def _inherited_name_constraints(
+    material: SigningMaterial, extensions: Sequence[x509.Extension[x509.ExtensionType]]
+) -> list[x509.Extension[x509.ExtensionType]]:
+    """A CA whose configured name constraints are enforced only by pkigate writes them into
+    every CA certificate it issues (critical, RFC 5280 4.2.1.10): otherwise a CA below it,
+    run here or elsewhere, could certify any name. Its certificate's own constraints, and
+    its issuers', bind every CA below already; ``allow_wildcards`` has no place in the
+    extension."""
+    policy = material.settings.name_constraints
+    constraints = policy.to_extension() if policy is not None else None
+    if constraints is None:
+        return []
+    if any(ext.oid == ExtensionOID.NAME_CONSTRAINTS for ext in extensions):
+        raise PolicyViolationError(
+            "this CA's name constraints go into the CA certificates it issues; a request "
+            "cannot bring nameConstraints of its own"
+        )
+    return [x509.Extension(constraints.oid, True, constraints)]
+
+
 class Issuer:
     def __init__(
         self,
@@ -281,6 +301,8 @@ class Issuer:
         ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
         extensions.append(x509.Extension(ski.oid, False, ski))
         extensions += material.issued_extensions
+        if template.kind == TemplateKind.SUBORDINATE_CA:
+            extensions += _inherited_name_constraints(material, extensions)
         partition = None
         if material.settings.partitioned:
             # The certificate names its CRL partition, so the slot is taken before signing.

@@ -344,6 +344,75 @@ def test_ca_name_constraints_are_enforced(core: Core, root) -> None:
             issue(core, ca.record.id, csr)
 
 
+def test_a_constrained_ca_writes_its_name_constraints_into_the_cas_it_issues(
+    core: Core, root
+) -> None:
+    """Found in review: a CA below a CA with configured constraints carried none, and
+    certified any name (here, and everywhere once run elsewhere)."""
+    policy = NamePolicy(
+        permitted_dns=("corp.example",), excluded_ip=(ipaddress.ip_network("10.0.0.0/8"),)
+    )
+    constrained = create_sub(
+        core, root, "Constrained CA", path_length=1, settings=CASettings(name_constraints=policy)
+    )
+    below = create_sub(core, constrained, "Below CA", path_length=0)
+    assert below.record.certificate_der is not None
+    below_certificate = x509.load_der_x509_certificate(below.record.certificate_der)
+    extension = below_certificate.extensions.get_extension_for_class(x509.NameConstraints)
+    assert extension.critical
+    assert extension.value.permitted_subtrees == [x509.DNSName("corp.example")]
+    assert extension.value.excluded_subtrees == [x509.IPAddress(ipaddress.ip_network("10.0.0.0/8"))]
+    issue(core, below.record.id, make_csr("host.corp.example"))
+    with pytest.raises(PolicyViolationError, match="name constraints of this CA"):
+        issue(core, below.record.id, make_csr("host.elsewhere.example"))
+    # Leaf certificates carry no nameConstraints (RFC 5280: CA certificates only).
+    leaf = issue(core, constrained.record.id, make_csr("www.corp.example"))
+    with pytest.raises(x509.ExtensionNotFound):
+        leaf.extensions.get_extension_for_class(x509.NameConstraints)
+
+
+def test_a_constrained_ca_refuses_a_ca_request_bringing_its_own_name_constraints(
+    core: Core, root
+) -> None:
+    constrained = create_sub(
+        core,
+        root,
+        "Constrained CA",
+        path_length=1,
+        settings=CASettings(name_constraints=NamePolicy(permitted_dns=("corp.example",))),
+    )
+    wider = x509.NameConstraints(
+        permitted_subtrees=[x509.DNSName("example")], excluded_subtrees=None
+    )
+    api = parse_api_passthrough(
+        {
+            "custom_extensions": [
+                {
+                    "oid": "2.5.29.30",
+                    "critical": True,
+                    "value": base64.b64encode(wider.public_bytes()).decode(),
+                }
+            ]
+        }
+    )
+    pending = core.authorities.create(CASpec(CAType.SUBORDINATE, parse_dn("CN=Wide CA")), ACTOR)
+    with core.store.read() as conn:
+        before = core.store.count_certificates(conn, constrained.record.id)
+    with pytest.raises(PolicyViolationError, match="cannot bring nameConstraints"):
+        core.issue(
+            IssuanceRequest(
+                constrained.record.id,
+                core.authorities.csr_pem(pending.record.id).encode(),
+                Validity.parse("1y"),
+                REQUESTER,
+                template="BlankSubordinateCACertificate_PathLen0_APIPassthrough/V1",
+                api_passthrough=api,
+            )
+        )
+    with core.store.read() as conn:
+        assert core.store.count_certificates(conn, constrained.record.id) == before
+
+
 @pytest.mark.parametrize(
     "name",
     [
