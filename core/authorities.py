@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
+from sqlalchemy import Connection
 
 from pkigate.core.audit import Actor, AuditLog
 from pkigate.core.errors import (
@@ -32,6 +33,7 @@ from pkigate.core.model import (
     CAPrivateKey,
     CAStatus,
     CAType,
+    CertificateStatus,
     KeyAlgorithm,
     SigningAlgorithm,
     UsageMode,
@@ -723,7 +725,7 @@ class AuthorityService:
     def update_status(self, ca_id: str, status: CAStatus, actor: Actor) -> CAView:
         now = self._clock()
 
-        def change(record: CARecord) -> dict[str, Any]:
+        def change(record: CARecord, conn: Connection) -> dict[str, Any]:
             current = effective_status(record, now)
             allowed = {
                 (CAStatus.ACTIVE, CAStatus.DISABLED),
@@ -736,6 +738,15 @@ class AuthorityService:
                     f"CA {ca_id} is {current.value}; status can only change between ACTIVE "
                     "and DISABLED"
                 )
+            if status == CAStatus.ACTIVE and record.certificate_der is not None:
+                own = self._store.certificate_by_fingerprint(
+                    conn, hashlib.sha256(record.certificate_der).hexdigest()
+                )
+                if own is not None and own.status == CertificateStatus.REVOKED.value:
+                    raise InvalidStateError(
+                        f"the certificate of CA {ca_id} was revoked ({own.revocation_reason}) "
+                        "by its issuer; import a new certificate before enabling it"
+                    )
             return {"status": status.value}
 
         self._change(ca_id, actor, "ca.update", change, {"status": status.value}, now)
@@ -747,7 +758,7 @@ class AuthorityService:
             ca_id,
             actor,
             "ca.update",
-            lambda _r: {"settings": settings.to_json()},
+            lambda _r, _c: {"settings": settings.to_json()},
             {"settings": settings.to_json()},
             now,
         )
@@ -756,7 +767,7 @@ class AuthorityService:
     def delete(self, ca_id: str, restore_days: int, actor: Actor) -> CAView:
         now = self._clock()
 
-        def change(record: CARecord) -> dict[str, Any]:
+        def change(record: CARecord, conn: Connection) -> dict[str, Any]:
             if not RESTORE_DAYS_MIN <= restore_days <= RESTORE_DAYS_MAX:
                 raise BadRequestError(
                     f"restore window must be {RESTORE_DAYS_MIN}-{RESTORE_DAYS_MAX} days"
@@ -764,6 +775,18 @@ class AuthorityService:
             current = effective_status(record, now)
             if current == CAStatus.ACTIVE:
                 raise InvalidStateError(f"CA {ca_id} is ACTIVE; disable it before deleting")
+            below = [
+                child
+                for child in (
+                    self._store.get_ca(conn, i) for i in self._store.children_of(conn, ca_id)
+                )
+                if child is not None and child.status != CAStatus.DELETED.value
+            ]
+            if below:
+                raise InvalidStateError(
+                    f"CA {ca_id} has CAs below it ({', '.join(c.id for c in below)}): delete "
+                    "them first, or nothing could sign their CRLs once this key is destroyed"
+                )
             if current == CAStatus.DELETED:
                 raise InvalidStateError(f"CA {ca_id} is already deleted")
             return {
@@ -779,7 +802,7 @@ class AuthorityService:
     def restore(self, ca_id: str, actor: Actor) -> CAView:
         now = self._clock()
 
-        def change(record: CARecord) -> dict[str, Any]:
+        def change(record: CARecord, conn: Connection) -> dict[str, Any]:
             if record.status != CAStatus.DELETED.value:
                 raise InvalidStateError(f"CA {ca_id} is {record.status}, not DELETED")
             if record.restore_until is None or record.restore_until <= now:
@@ -825,7 +848,7 @@ class AuthorityService:
         ca_id: str,
         actor: Actor,
         action: str,
-        change: Callable[[CARecord], dict[str, Any]],
+        change: Callable[[CARecord, Connection], dict[str, Any]],
         parameters: Mapping[str, Any],
         now: datetime,
     ) -> None:
@@ -837,7 +860,7 @@ class AuthorityService:
             record = self._store.get_ca(conn, ca_id)
             if record is None:
                 raise NotFoundError(f"no CA with id {ca_id}")
-            values = change(record)
+            values = change(record, conn)
             self._store.update_ca(conn, ca_id, updated_at=now, **values)
             self._audit.record(
                 conn,

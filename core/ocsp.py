@@ -299,7 +299,9 @@ class OCSPResponder:
         self._clock = clock
         self._lifetime = responder_lifetime
         self._cas: dict[str, _Authority] = {}
-        self._responders: dict[str, _Responder] = {}
+        # Per CA: the responder, with the CA version it was chosen under (revoking the
+        # responder certificate makes a new version, so every process looks again).
+        self._responders: dict[str, tuple[datetime, _Responder]] = {}
         self._creation_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._next_attempt: dict[str, float] = {}  # per CA: no renewal attempt before this
@@ -421,14 +423,24 @@ class OCSPResponder:
 
     # -- the delegated responder ---------------------------------------------------------
 
+    def _current(self, authority: _Authority, now: datetime) -> _Responder | None:
+        remembered = self._responders.get(authority.record.id)
+        if remembered is None or remembered[0] != authority.record.updated_at:
+            return None
+        current = remembered[1]
+        return current if current.valid_at(now) and now < current.renew_at else None
+
+    def _remember(self, authority: _Authority, responder: _Responder) -> None:
+        self._responders[authority.record.id] = (authority.record.updated_at, responder)
+
     def _responder(self, authority: _Authority, now: datetime) -> _Responder | None:
         ca_id = authority.record.id
-        current = self._responders.get(ca_id)
-        if current is not None and current.valid_at(now) and now < current.renew_at:
+        current = self._current(authority, now)
+        if current is not None:
             return current
         with self._creation_lock(ca_id):
-            current = self._responders.get(ca_id)
-            if current is not None and current.valid_at(now) and now < current.renew_at:
+            current = self._current(authority, now)
+            if current is not None:
                 return current  # another thread of this process renewed it meanwhile
             seen, latest = self._load_latest(ca_id)
             usable = latest if latest is not None and latest.valid_at(now) else None
@@ -436,7 +448,7 @@ class OCSPResponder:
                 not self._due(usable, authority, now)
                 or time.monotonic() < self._next_attempt.get(ca_id, 0.0)
             ):
-                self._responders[ca_id] = usable
+                self._remember(authority, usable)
                 return usable
             try:
                 created = self._create(authority, seen, now)
@@ -446,7 +458,7 @@ class OCSPResponder:
                 self._next_attempt[ca_id] = time.monotonic() + RETRY_REFUSED_SECONDS
                 return usable
             if created is not None:
-                self._responders[ca_id] = created
+                self._remember(authority, created)
                 return created
             # Another process is creating one: the current one serves meanwhile, if valid.
             self._next_attempt[ca_id] = time.monotonic() + RETRY_CLAIMED_SECONDS
@@ -466,11 +478,25 @@ class OCSPResponder:
     def _load_latest(
         self, ca_id: str
     ) -> tuple[ocsp_store.ResponderRecord | None, _Responder | None]:
-        """The newest responder row, and it ready to sign with (None if its key is gone)."""
+        """The newest responder row, and it ready to sign with (None if its key is gone or
+        its certificate was revoked)."""
         with self._store.read() as conn:
             record = ocsp_store.latest_responder(conn, ca_id)
             blob = self._store.key_blob(conn, record.key_id) if record else None
+            issued = (
+                self._store.get_certificate(
+                    conn,
+                    ca_id,
+                    format(
+                        x509.load_der_x509_certificate(record.certificate_der).serial_number, "x"
+                    ),
+                )
+                if record is not None
+                else None
+            )
         if record is None or blob is None:
+            return record, None
+        if issued is not None and issued.status == CertificateStatus.REVOKED.value:
             return record, None
         responder = _Responder(
             record,
@@ -491,7 +517,7 @@ class OCSPResponder:
             time.sleep(0.05)
             _, latest = self._load_latest(ca_id)
             if latest is not None and latest.valid_at(self._clock()):
-                self._responders[ca_id] = latest
+                self._remember(authority, latest)
                 return latest
             if time.monotonic() >= next_take_over:
                 next_take_over = time.monotonic() + TAKE_OVER_EVERY_SECONDS
@@ -500,7 +526,7 @@ class OCSPResponder:
                 except _CannotIssue:
                     return None
                 if created is not None:
-                    self._responders[ca_id] = created
+                    self._remember(authority, created)
                     return created
         log.warning("no OCSP responder certificate available", extra={"ca_id": ca_id})
         return None

@@ -35,6 +35,7 @@ from pkigate.core.errors import (
 from pkigate.core.jobs import JobHandler, JobQueue
 from pkigate.core.model import CAStatus, CertificateStatus, RevocationReason
 from pkigate.core.store import CertificateRecord, CRLRecord, IntegrityError, Store
+from pkigate.core.store import ocsp as ocsp_store
 
 CRL_JOB = "crl.generate"
 MAX_CRL_PARTITION = 2**31 - 1  # the partition column's range
@@ -129,6 +130,7 @@ class RevocationService:
                 revocation_reason=reason.value,
             )
             self._store.delete_ocsp_response(conn, ca_id, serial)
+            self._retire_revoked_signer(conn, ca_id, record, reason, actor, now)
             if settings.crl_enabled:
                 partition = record.crl_partition if settings.partitioned else 0
                 self.schedule_crl(
@@ -148,6 +150,47 @@ class RevocationService:
             updated = self._store.get_certificate(conn, ca_id, serial)
         assert updated is not None
         return updated
+
+    def _retire_revoked_signer(
+        self,
+        conn: Any,
+        ca_id: str,
+        record: CertificateRecord,
+        reason: RevocationReason,
+        actor: Actor,
+        now: datetime,
+    ) -> None:
+        """A revoked certificate that signs here stops signing: a CA below certified by it
+        is DISABLED (and stays so while it is revoked, see ``update_status``), and a
+        revoked OCSP responder certificate is replaced at the next request (it carries
+        id-pkix-ocsp-nocheck, so no client could ever notice its revocation). The CA's
+        cached responses, signed by that responder, are dropped with it."""
+        for below in self._store.list_cas(conn):
+            if below.certificate_der != record.der:
+                continue
+            values: dict[str, Any] = {"updated_at": now}
+            if below.status == CAStatus.ACTIVE.value:
+                values["status"] = CAStatus.DISABLED.value
+            self._store.update_ca(conn, below.id, **values)
+            self._audit.record(
+                conn,
+                actor,
+                "ca.update",
+                f"ca/{below.id}",
+                at=now,
+                parameters={
+                    "status": values.get("status", below.status),
+                    "from": below.status,
+                    "why": "its certificate was revoked",
+                    "issuer": ca_id,
+                    "serial": record.serial,
+                    "reason": reason.value,
+                },
+            )
+        if ocsp_store.is_responder_certificate(conn, ca_id, record.der):
+            # A new version of the CA makes every process look its responder up again.
+            self._store.update_ca(conn, ca_id, updated_at=now)
+            ocsp_store.delete_cached_responses(conn, ca_id)
 
     # -- CRLs ----------------------------------------------------------------------------
 

@@ -141,6 +141,19 @@ def test_delete_is_refused_while_active_and_restore_returns_the_earlier_state(
     assert restored.status == CAStatus.DISABLED
 
 
+def test_a_ca_with_cas_below_it_is_not_deleted(core: Core, root, issuing) -> None:
+    """Found in review: the parent's key was destroyed after the window while the CA below
+    stayed ACTIVE, leaving nothing to sign a CRL revoking it."""
+    core.authorities.update_status(root.record.id, CAStatus.DISABLED, ACTOR)
+    with pytest.raises(InvalidStateError, match="CAs below it"):
+        core.authorities.delete(root.record.id, 7, ACTOR)
+    assert core.authorities.describe(root.record.id).status == CAStatus.DISABLED
+    assert _last_event(core).result == "failure"
+    core.authorities.update_status(issuing.record.id, CAStatus.DISABLED, ACTOR)
+    core.authorities.delete(issuing.record.id, 7, ACTOR)
+    assert core.authorities.delete(root.record.id, 7, ACTOR).status == CAStatus.DELETED
+
+
 def test_after_the_restore_window_the_key_is_destroyed(core: Core, issuing, clock) -> None:
     ca_id = issuing.record.id
     core.authorities.update_status(ca_id, CAStatus.DISABLED, ACTOR)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from flask.testing import FlaskClient
-from helpers import ACTOR, Clock, make_csr
+from helpers import ACTOR, Clock, create_sub, make_csr
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator.errors import RevokedError
 from pyhanko_certvalidator.policy_decl import (
@@ -35,6 +35,7 @@ from sqlalchemy import func, select
 from werkzeug.test import TestResponse
 
 from pkigate.core import CASettings, CAStatus, CAView, Core, IssuanceRequest, Requester, Validity
+from pkigate.core.errors import CANotActiveError, InvalidStateError
 from pkigate.core.model import RevocationReason
 from pkigate.core.ocsp import MAX_REQUEST_BYTES
 from pkigate.core.store import ocsp as ocsp_store
@@ -505,6 +506,64 @@ def test_a_disabled_ca_still_answers_for_what_it_issued(core: Core, ocsp_ca: CAV
     core.authorities.update_status(ca_id, CAStatus.DISABLED, ACTOR)
     answer = ask(core, ca_id, ocsp_request(leaf, ca, nonce=b"d" * 16))
     assert answer.certificate_status == Status.GOOD
+
+
+def test_a_revoked_responder_certificate_is_replaced_in_every_process(
+    core: Core, ocsp_ca: CAView, clock: Clock, database_url: str | None
+) -> None:
+    """Found in review: after its certificate was revoked (keyCompromise) the responder
+    went on signing, even that its own certificate was revoked; with id-pkix-ocsp-nocheck
+    no client could ever notice."""
+    ca_id = ocsp_ca.record.id
+    ca = ca_certificate(core, ca_id)
+    leaf = issue(core, ca_id)
+    request = ocsp_request(leaf, ca)
+    first = signed_by_responder(ask(core, ca_id, request), ca)
+    assert core.ocsp.answer(ca_id, request).cached
+    other = Core.open(core.data_dir, database_url, clock=clock)  # a second gunicorn worker
+    try:
+        assert (
+            signed_by_responder(ocsp.load_der_ocsp_response(other.ocsp.respond(ca_id, request)), ca)
+            == first
+        )
+        core.revocation.revoke(
+            ca_id, format(first.serial_number, "x"), RevocationReason.keyCompromise, ACTOR
+        )
+        for process in (core, other):
+            answer = ocsp.load_der_ocsp_response(process.ocsp.respond(ca_id, request))
+            assert answer.certificate_status == Status.GOOD
+            assert signed_by_responder(answer, ca) != first
+        about_itself = ask(core, ca_id, serial_request(request, first.serial_number))
+        assert about_itself.certificate_status == Status.REVOKED
+        assert signed_by_responder(about_itself, ca) != first
+    finally:
+        other.close()
+    assert responder_rows(core, ca_id) == 2
+
+
+def test_a_ca_whose_certificate_is_revoked_is_disabled_and_stays_so(
+    core: Core, root: CAView
+) -> None:
+    """Found in review: a CA below went on issuing after its issuer revoked its
+    certificate (cACompromise)."""
+    below = create_sub(core, root, "Below CA", path_length=0)
+    certificate = ca_certificate(core, below.record.id)
+    issue(core, below.record.id)
+    core.revocation.revoke(
+        root.record.id,
+        format(certificate.serial_number, "x"),
+        RevocationReason.cACompromise,
+        ACTOR,
+    )
+    assert core.authorities.describe(below.record.id).status == CAStatus.DISABLED
+    with pytest.raises(CANotActiveError):
+        issue(core, below.record.id)
+    with pytest.raises(InvalidStateError, match="was revoked"):
+        core.authorities.update_status(below.record.id, CAStatus.ACTIVE, ACTOR)
+    events = [e for e in core.audit.events() if e.resource == f"ca/{below.record.id}"]
+    assert any(
+        e.action == "ca.update" and "its certificate was revoked" in e.parameters for e in events
+    )
 
 
 # -- HTTP routes (Flask test client) ---------------------------------------------------------

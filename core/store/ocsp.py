@@ -253,6 +253,22 @@ def latest_responder(conn: Connection, ca_id: str) -> ResponderRecord | None:
     return ResponderRecord(**values)
 
 
+def is_responder_certificate(conn: Connection, ca_id: str, certificate_der: bytes) -> bool:
+    """Whether ``certificate_der`` is (or was) one of the CA's responder certificates."""
+    o = schema.ocsp_responders.c
+    return (
+        conn.execute(
+            select(o.id).where(o.ca_id == ca_id, o.certificate_der == certificate_der).limit(1)
+        ).first()
+        is not None
+    )
+
+
+def delete_cached_responses(conn: Connection, ca_id: str) -> None:
+    """Forget every cached response of the CA (its responder changed)."""
+    conn.execute(delete(schema.ocsp_responses).where(schema.ocsp_responses.c.ca_id == ca_id))
+
+
 def count_responders(conn: Connection, ca_id: str) -> int:
     o = schema.ocsp_responders.c
     return int(
