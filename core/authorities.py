@@ -754,14 +754,21 @@ class AuthorityService:
 
     def update_settings(self, ca_id: str, settings: CASettings, actor: Actor) -> CAView:
         now = self._clock()
-        self._change(
-            ca_id,
-            actor,
-            "ca.update",
-            lambda _r, _c: {"settings": settings.to_json()},
-            {"settings": settings.to_json()},
-            now,
-        )
+
+        def change(record: CARecord, conn: Connection) -> dict[str, Any]:
+            before = CASettings.from_json(record.settings)
+            if before.partitioned != settings.partitioned and self._store.count_certificates(
+                conn, ca_id
+            ):
+                # The certificates already issued name the CRL of the old mode in their
+                # distribution points: the new mode's CRLs would leave their revocations out.
+                raise InvalidStateError(
+                    f"CA {ca_id} has issued certificates under crl_mode {before.crl_mode}; "
+                    "the CRL mode is chosen before the first certificate"
+                )
+            return {"settings": settings.to_json()}
+
+        self._change(ca_id, actor, "ca.update", change, {"settings": settings.to_json()}, now)
         return self.describe(ca_id)
 
     def delete(self, ca_id: str, restore_days: int, actor: Actor) -> CAView:

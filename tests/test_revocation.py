@@ -220,6 +220,34 @@ def test_a_disabled_ca_still_publishes_what_it_revokes(core: Core, crl_ca) -> No
     assert [e.serial_number for e in crl] == [certificate.serial_number]
 
 
+def test_the_crl_mode_cannot_change_once_certificates_name_its_crls(core: Core, root) -> None:
+    """Found in review: switching COMPLETE -> PARTITIONED left the certificates issued
+    before (whose CDP is the complete CRL) out of every CRL published after the switch."""
+    complete = CASettings(crl_url="http://pki.test/crl/c.crl", crl_regenerate_delay_seconds=0)
+    partitioned = CASettings(
+        crl_url="http://pki.test/crl/p/{partition}.crl", crl_mode="PARTITIONED"
+    )
+    fresh = create_sub(core, root, cn="Fresh", path_length=0, settings=complete)
+    # Before the first certificate the mode is still open.
+    core.authorities.update_settings(fresh.record.id, partitioned, ACTOR)
+    core.authorities.update_settings(fresh.record.id, complete, ACTOR)
+    certificate = _issue(core, fresh.record.id)
+    with pytest.raises(InvalidStateError, match="CRL mode is chosen before"):
+        core.authorities.update_settings(fresh.record.id, partitioned, ACTOR)
+    assert CASettings.from_json(core.authorities.get(fresh.record.id).settings) == complete
+    # Other settings still change.
+    core.authorities.update_settings(
+        fresh.record.id,
+        CASettings(crl_url="http://pki.test/crl/c2.crl", crl_regenerate_delay_seconds=0),
+        ACTOR,
+    )
+    core.revocation.revoke(
+        fresh.record.id, _serial(certificate), RevocationReason.keyCompromise, ACTOR
+    )
+    crl = _crl(core.revocation.generate_crl(fresh.record.id).der)
+    assert [e.serial_number for e in crl] == [certificate.serial_number]
+
+
 def test_partitioned_settings_are_checked() -> None:
     with pytest.raises(BadRequestError, match="must contain"):
         CASettings.from_json({"crl_mode": "PARTITIONED", "crl_url": "http://x/crl.crl"})
