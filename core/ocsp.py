@@ -168,8 +168,9 @@ def _parse_request(der: bytes) -> _Request:
             if isinstance(extension.value, x509.OCSPNonce):
                 nonce = extension.value.nonce
         name_hash, key_hash = request.issuer_name_hash, request.issuer_key_hash
-    except (ValueError, UnsupportedAlgorithm, NotImplementedError):
-        # Truncated or garbage DER, more than one certificate, an unknown hash algorithm.
+    except (ValueError, UnsupportedAlgorithm, NotImplementedError, x509.DuplicateExtension):
+        # Truncated or garbage DER, more than one certificate, an unknown hash algorithm,
+        # an extension twice.
         raise _Malformed from None
     if nonce is not None and not 1 <= len(nonce) <= MAX_NONCE_BYTES:
         raise _Malformed

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import pytest
 import requests
+from asn1crypto import ocsp as asn1_ocsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -240,6 +241,22 @@ def test_a_request_for_a_negative_serial_number_is_malformed(
     assert ocsp.load_der_ocsp_request(negative).serial_number < 0
     assert ask(core, ca_id, negative).response_status == ResponseStatus.MALFORMED_REQUEST
     assert not [r for r in caplog.records if r.exc_info]  # refused, not an internal error
+
+
+def test_a_request_with_two_nonces_is_malformed(
+    core: Core, ocsp_ca: CAView, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: two nonce extensions got internalError and a logged traceback."""
+    ca_id = ocsp_ca.record.id
+    one = asn1_ocsp.OCSPRequest.load(
+        ocsp_request(issue(core, ca_id), ca_certificate(core, ca_id), nonce=b"n" * 16)
+    )
+    extensions = one["tbs_request"]["request_extensions"]
+    twice = asn1_ocsp.TBSRequestExtensions([extensions[0], extensions[0]])
+    one["tbs_request"]["request_extensions"] = twice
+    request = asn1_ocsp.OCSPRequest({"tbs_request": one["tbs_request"]}).dump(force=True)
+    assert ask(core, ca_id, request).response_status == ResponseStatus.MALFORMED_REQUEST
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_truncated_and_oversized_requests_are_malformed(core: Core, ocsp_ca: CAView) -> None:
