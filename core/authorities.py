@@ -23,6 +23,7 @@ from pkigate.core.errors import (
     IdempotencyConflictError,
     InvalidCertificateError,
     InvalidStateError,
+    InvalidValidityError,
     KeyBackendError,
     NotFoundError,
     PkigateError,
@@ -340,6 +341,11 @@ def validate_ca_chain(
     issuer's path length are checked, the last counting the CA being imported.
     """
     path = [certificate, *chain]
+    if len(path) > MAX_HIERARCHY_DEPTH:
+        raise InvalidCertificateError(
+            f"a hierarchy has at most {MAX_HIERARCHY_DEPTH} levels; this certificate would "
+            f"be at level {len(path)}"
+        )
     for index, cert in enumerate(path):
         if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
             raise InvalidCertificateError(
@@ -445,6 +451,10 @@ class AuthorityService:
             raise BadRequestError("a ROOT CA has no parent")
         if spec.path_length is not None and not 0 <= spec.path_length <= 3:
             raise BadRequestError("path_length must be 0..3 (the catalogue's CA templates)")
+        if spec.validity is not None:
+            now = self._clock()
+            if spec.validity.not_after(now) <= now:
+                raise InvalidValidityError("the CA's validity would end before it begins")
         if len(spec.tags) > MAX_TAGS:
             raise BadRequestError(f"at most {MAX_TAGS} tags")
         return signing
@@ -454,7 +464,7 @@ class AuthorityService:
         parent: SigningMaterial | None = None
         if spec.parent_ca_id:
             parent = self.signing_material(spec.parent_ca_id, now)
-            self._check_room_below(parent)
+            self._check_room_below(parent, spec, now)
         ca_id, key_id = str(uuid.uuid4()), uuid.uuid4().hex
         subject_der = spec.subject.public_bytes()
         with self._store.write() as conn:
@@ -545,7 +555,25 @@ class AuthorityService:
                     updated_at=now,
                 )
 
-    def _check_room_below(self, parent: SigningMaterial) -> None:
+    def _check_room_below(self, parent: SigningMaterial, spec: CASpec, now: datetime) -> None:
+        """What the parent would refuse to sign, refused before anything is stored."""
+        self._check_depth_below(parent)
+        wanted = spec.path_length if spec.path_length is not None else 0
+        if parent.path_length is not None and wanted >= parent.path_length:
+            raise PolicyViolationError(
+                f"the parent CA's path length {parent.path_length} allows at most "
+                f"{parent.path_length - 1} below the new CA"
+            )
+        if spec.validity is not None and not parent.truncate_validity:
+            ends = spec.validity.not_after(now)
+            parent_ends = min(c.not_valid_after_utc for c in parent.chain)
+            if ends > parent_ends:
+                raise InvalidValidityError(
+                    f"the new CA would outlive its parent (until {parent_ends:%Y-%m-%d}); "
+                    "ask for a shorter validity"
+                )
+
+    def _check_depth_below(self, parent: SigningMaterial) -> None:
         if len(parent.chain) + 1 > MAX_HIERARCHY_DEPTH:
             raise PolicyViolationError(
                 f"a hierarchy has at most {MAX_HIERARCHY_DEPTH} levels; the parent is at "

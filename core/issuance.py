@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtensionOID
 from sqlalchemy import Connection
 
 from pkigate.core.audit import Actor, AuditEntry, AuditLog
-from pkigate.core.authorities import AuthorityService, SigningMaterial
+from pkigate.core.authorities import MAX_HIERARCHY_DEPTH, AuthorityService, SigningMaterial
 from pkigate.core.errors import (
     BadCSRError,
     CANotActiveError,
@@ -226,7 +226,8 @@ class Issuer:
                 material,
                 certificate.subject,
                 certificate.not_valid_before_utc,
-                certificate.not_valid_after_utc,
+                # Nothing issued outlives any CA above it (an imported certificate may).
+                min(c.not_valid_after_utc for c in material.chain),
             )
             self._issuers[material.ca_id] = facts
         return facts
@@ -491,6 +492,11 @@ class Issuer:
             )
         if template.kind != TemplateKind.SUBORDINATE_CA:
             return
+        if len(material.chain) >= MAX_HIERARCHY_DEPTH:
+            raise PolicyViolationError(
+                f"a hierarchy has at most {MAX_HIERARCHY_DEPTH} levels; this CA is at level "
+                f"{len(material.chain)}"
+            )
         ca_path_length = material.path_length
         if ca_path_length is not None and (
             template.path_length is None or template.path_length >= ca_path_length

@@ -166,6 +166,7 @@ def _add_months(moment: datetime, months: int) -> datetime:
     return moment.replace(year=year, month=month, day=day)
 
 
+_LONGEST = {ValidityType.DAYS: 100 * 366, ValidityType.MONTHS: 1200, ValidityType.YEARS: 100}
 _SHORTHAND = re.compile(r"^(\d+)\s*([dmyDMY]|days?|months?|years?)$")
 
 
@@ -184,9 +185,11 @@ class Validity:
     def __post_init__(self) -> None:
         if self.value <= 0:
             raise InvalidValidityError(f"validity value must be positive, got {self.value}")
-        relative = (ValidityType.DAYS, ValidityType.MONTHS, ValidityType.YEARS)
-        if self.type in relative and self.value > 100 * 366:
-            raise InvalidValidityError(f"validity of {self.value} {self.type} is too long")
+        longest = _LONGEST.get(self.type)
+        if longest is not None and self.value > longest:
+            raise InvalidValidityError(
+                f"validity of {self.value} {self.type.value} is too long (at most 100 years)"
+            )
         if self.type == ValidityType.END_DATE:
             self._end_date()
 
@@ -199,6 +202,14 @@ class Validity:
             ) from None
 
     def not_after(self, issued_at: datetime) -> datetime:
+        try:
+            return self._not_after(issued_at)
+        except (OverflowError, OSError, ValueError):
+            raise InvalidValidityError(
+                f"validity {self.type.value}:{self.value} ends out of range"
+            ) from None
+
+    def _not_after(self, issued_at: datetime) -> datetime:
         if self.type == ValidityType.DAYS:
             return issued_at + timedelta(days=self.value)
         if self.type == ValidityType.MONTHS:
@@ -207,10 +218,7 @@ class Validity:
             return _add_months(issued_at, 12 * self.value)
         if self.type == ValidityType.END_DATE:
             return self._end_date()
-        try:
-            return datetime.fromtimestamp(self.value, tz=UTC)
-        except (OverflowError, OSError, ValueError):
-            raise InvalidValidityError(f"ABSOLUTE time {self.value} is out of range") from None
+        return datetime.fromtimestamp(self.value, tz=UTC)
 
     @classmethod
     def parse(cls, text: str) -> Validity:

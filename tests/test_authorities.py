@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from helpers import ACTOR, create_root, create_sub, make_csr
 
 from pkigate.core import (
@@ -29,9 +31,11 @@ from pkigate.core.errors import (
     IdempotencyConflictError,
     InvalidCertificateError,
     InvalidStateError,
+    InvalidValidityError,
     PolicyViolationError,
     UnsupportedAlgorithmError,
 )
+from pkigate.core.model import ValidityType
 from pkigate.core.names import parse_dn
 
 COMPATIBLE = [
@@ -236,13 +240,30 @@ def test_subordinate_cannot_exceed_its_parents_path_length(core: Core, root) -> 
         create_sub(core, below, cn="Under pathlen 0")
 
 
-def test_subordinate_that_the_parent_refuses_is_marked_failed(core: Core) -> None:
+def test_subordinate_that_the_parent_would_refuse_is_refused_before_anything_is_stored(
+    core: Core,
+) -> None:
     root = create_root(core, validity=Validity.parse("1y"))
-    with pytest.raises(Exception, match="beyond the CA's notAfter"):
+    with pytest.raises(InvalidValidityError, match="outlive its parent"):
         create_sub(core, root, validity=Validity.parse("5y"))
-    failed = [v for v in core.authorities.list_cas() if v.record.type == "SUBORDINATE"]
-    assert [v.status for v in failed] == [CAStatus.FAILED]
-    assert "beyond" in (failed[0].record.failure_reason or "")
+    assert [v for v in core.authorities.list_cas() if v.record.type == "SUBORDINATE"] == []
+
+
+def test_subordinate_that_the_parent_refuses_while_signing_is_marked_failed(
+    core: Core, root, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the checks before storing cannot foresee (the parent disabled meanwhile, say)
+    leaves the new CA FAILED with the reason, never half-made."""
+
+    def refuse(*_args: object) -> tuple[bytes, str]:
+        raise CANotActiveError("the parent was disabled meanwhile")
+
+    monkeypatch.setattr(core.authorities, "subordinate_signer", refuse)
+    with pytest.raises(CANotActiveError):
+        create_sub(core, root, path_length=0)
+    (failed,) = [v for v in core.authorities.list_cas() if v.record.type == "SUBORDINATE"]
+    assert failed.status == CAStatus.FAILED
+    assert "disabled meanwhile" in (failed.record.failure_reason or "")
 
 
 def test_short_lived_ca_issues_at_most_seven_days(core: Core, root) -> None:
@@ -447,6 +468,141 @@ def test_import_refuses_when_an_issuers_path_length_forbids_this_ca(
     chain = mid + (outside_root / "root.pem").read_bytes()
     with pytest.raises(InvalidCertificateError, match="path length 0"):
         core.authorities.import_certificate(ca_id, cert, chain, ACTOR)
+
+
+_CA_KEY_USAGE = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+
+
+def _certify(
+    subject: x509.Name,
+    public_key: object,
+    issuer: x509.Name,
+    signer: ec.EllipticCurvePrivateKey,
+    days: int,
+) -> x509.Certificate:
+    """A CA certificate made elsewhere (no path length)."""
+    now = datetime.now(UTC)
+    return x509.CertificateBuilder(
+        issuer_name=issuer,
+        subject_name=subject,
+        public_key=public_key,  # type: ignore[arg-type]
+        serial_number=x509.random_serial_number(),
+        not_valid_before=now - timedelta(hours=1),
+        not_valid_after=now + timedelta(days=days),
+        extensions=[
+            x509.Extension(
+                x509.BasicConstraints.oid, True, x509.BasicConstraints(ca=True, path_length=None)
+            ),
+            x509.Extension(x509.KeyUsage.oid, True, _CA_KEY_USAGE),
+        ],
+    ).sign(signer, hashes.SHA256())
+
+
+def _outside_chain(levels: int, days: int = 3650) -> tuple[list[x509.Certificate], list]:
+    """Root first; each certificate signed by the one before."""
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(levels)]
+    names = [
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Outside {n}")]) for n in range(levels)
+    ]
+    chain = [
+        _certify(names[n], keys[n].public_key(), names[max(n - 1, 0)], keys[max(n - 1, 0)], days)
+        for n in range(levels)
+    ]
+    return chain, keys
+
+
+def _pem_of(*certificates: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
+
+
+def _import_below(
+    core: Core, chain: list[x509.Certificate], keys: list, days: int = 100
+) -> tuple[str, x509.Certificate]:
+    ca_id = _pending_sub(core)
+    csr = x509.load_pem_x509_csr(core.authorities.csr_pem(ca_id).encode())
+    ours = _certify(csr.subject, csr.public_key(), chain[-1].subject, keys[len(chain) - 1], days)
+    core.authorities.import_certificate(ca_id, _pem_of(ours), _pem_of(*reversed(chain)), ACTOR)
+    return ca_id, ours
+
+
+def test_import_refuses_a_chain_deeper_than_five_levels(core: Core) -> None:
+    """Found in review: a six-certificate chain put the CA at level 7, and it then certified
+    a CA at level 8."""
+    chain, keys = _outside_chain(5)
+    with pytest.raises(InvalidCertificateError, match="at most 5 levels"):
+        _import_below(core, chain, keys)
+    pending = [v for v in core.authorities.list_cas() if v.status == CAStatus.PENDING_CERTIFICATE]
+    assert len(pending) == 1
+    # One level less is accepted, and that CA at level 5 certifies no CA below it.
+    ca_id, _ = _import_below(core, chain[:4], keys)
+    with pytest.raises(PolicyViolationError, match="at most 5 levels"):
+        core.issue(
+            IssuanceRequest(
+                ca_id,
+                make_csr("Level Six"),
+                Validity.parse("30d"),
+                Requester("t"),
+                template="SubordinateCACertificate_PathLen0/V1",
+            )
+        )
+
+
+def test_nothing_issued_outlives_a_ca_above_the_issuer(core: Core) -> None:
+    """Found in review: an imported CA certificate valid past its root's end issued
+    leaves outliving the root."""
+    chain, keys = _outside_chain(1, days=10)
+    ca_id, ours = _import_below(core, chain, keys, days=3000)
+    assert ours.not_valid_after_utc > chain[0].not_valid_after_utc
+    with pytest.raises(BadRequestError):
+        _issue(core, ca_id, "365d")
+    leaf = _issue(core, ca_id, "5d")
+    assert leaf.not_valid_after_utc <= chain[0].not_valid_after_utc
+
+
+def test_validity_out_of_range_is_a_typed_error() -> None:
+    """Found in review: 9000y raised ValueError (year out of range) from deep inside."""
+    now = datetime.now(UTC)
+    assert Validity.parse("100y").not_after(now).year == now.year + 100
+    for text in ("101y", "1201m", "36601d", "9000y"):
+        with pytest.raises(InvalidValidityError, match="at most 100 years"):
+            Validity.parse(text)
+    with pytest.raises(InvalidValidityError, match="out of range"):
+        Validity.parse(f"ABSOLUTE:{10**15}").not_after(now)
+
+
+def test_refused_creations_store_nothing(core: Core, root, issuing) -> None:
+    """Found in review: a ROOT whose notAfter was in the past was created (EXPIRED), and
+    refusals of a CA below a parent left a FAILED CA with a sealed key behind."""
+
+    def count() -> int:
+        return len(core.authorities.list_cas())
+
+    before = count()
+    with pytest.raises(InvalidValidityError, match="end before it begins"):
+        core.authorities.create(
+            CASpec(
+                CAType.ROOT,
+                parse_dn("CN=Past Root"),
+                validity=Validity.parse("END_DATE:20200101000000"),
+            ),
+            ACTOR,
+        )
+    with pytest.raises(PolicyViolationError, match="path length"):
+        create_sub(core, issuing, "Too Deep", path_length=1)  # below a pathLen 0 CA
+    root_certificate = core.authorities.get(root.record.id).certificate_der
+    assert root_certificate is not None
+    parent_ends = x509.load_der_x509_certificate(root_certificate).not_valid_after_utc
+    with pytest.raises(InvalidValidityError, match="outlive its parent"):
+        create_sub(
+            core,
+            root,
+            "Too Long",
+            path_length=0,
+            validity=Validity(ValidityType.ABSOLUTE, int(parent_ends.timestamp()) + 86400),
+        )
+    assert count() == before
+    failures = [e for e in core.audit.events() if e.action == "ca.create"][-3:]
+    assert [e.result for e in failures] == ["failure"] * 3
 
 
 def test_root_has_no_csr_and_pending_ca_has_no_certificate(core: Core, root) -> None:
