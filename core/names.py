@@ -46,7 +46,23 @@ _UPPER_BOUNDS = {
     NameOID.SERIAL_NUMBER: 64,
     NameOID.TITLE: 64,
     NameOID.EMAIL_ADDRESS: 255,
+    NameOID.STREET_ADDRESS: 128,
+    NameOID.POSTAL_CODE: 40,
+    NameOID.DOMAIN_COMPONENT: 63,
 }
+_ANY_ATTRIBUTE_BOUND = 1024  # attributes without an upper bound of their own
+# Attributes whose ASN.1 type is IA5String (ASCII) or PrintableString (RFC 5280 A.1,
+# RFC 4519): a character outside the set cannot be encoded (or encodes as invalid DER).
+_IA5_ATTRIBUTES = frozenset({NameOID.DOMAIN_COMPONENT, NameOID.EMAIL_ADDRESS})
+_PRINTABLE_ATTRIBUTES = frozenset(
+    {
+        NameOID.COUNTRY_NAME,
+        NameOID.JURISDICTION_COUNTRY_NAME,
+        NameOID.SERIAL_NUMBER,
+        NameOID.DN_QUALIFIER,
+    }
+)
+_PRINTABLE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?")
 
 UPN_OID = ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 
@@ -72,8 +88,15 @@ def check_dn(name: x509.Name) -> None:
             raise BadRequestError(f"empty value for {attribute.oid._name} in subject")
         if attribute.oid == NameOID.COUNTRY_NAME and (len(value) != 2 or not value.isalpha()):
             raise BadRequestError(f"country must be a two-letter code, got {value!r}")
-        limit = _UPPER_BOUNDS.get(attribute.oid)
-        if limit and len(value) > limit:
+        if attribute.oid in _IA5_ATTRIBUTES and not value.isascii():
+            raise BadRequestError(f"{attribute.oid._name} must be ASCII, got {value!r}")
+        if attribute.oid in _PRINTABLE_ATTRIBUTES and not set(value) <= _PRINTABLE:
+            raise BadRequestError(
+                f"{attribute.oid._name} takes letters, digits, spaces and '()+,-./:=? only, "
+                f"got {value!r}"
+            )
+        limit = _UPPER_BOUNDS.get(attribute.oid, _ANY_ATTRIBUTE_BOUND)
+        if len(value) > limit:
             raise BadRequestError(
                 f"{attribute.oid._name} is {len(value)} characters; RFC 5280 allows {limit}"
             )

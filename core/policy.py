@@ -17,8 +17,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtensionOID
 
-from pkigate.core.errors import InvalidValidityError, PolicyViolationError, WeakKeyError
+from pkigate.core.errors import (
+    BadRequestError,
+    InvalidValidityError,
+    PolicyViolationError,
+    WeakKeyError,
+)
 from pkigate.core.model import SHORT_LIVED_MAX, UsageMode, Validity
+from pkigate.core.names import check_dn
 
 RSA_MIN_BITS = 2048
 RSA_MAX_BITS = 8192
@@ -124,6 +130,17 @@ def check_contents(
     """Structural rules of RFC 5280 that no template or passthrough may break."""
     if not len(subject) and not sans:
         raise PolicyViolationError("the certificate needs a subject or a subject alternative name")
+    check_dn(subject)
+    for name in sans:
+        if isinstance(name, x509.DirectoryName):
+            check_dn(name.value)
+        elif isinstance(name, x509.DNSName | x509.RFC822Name | x509.UniformResourceIdentifier) and (
+            not name.value or not name.value.isascii()
+        ):
+            raise BadRequestError(
+                f"a {type(name).__name__} alternative name must be non-empty ASCII (IA5String), "
+                f"got {name.value!r}"
+            )
     by_oid = {ext.oid: ext for ext in extensions}
     bc = by_oid.get(ExtensionOID.BASIC_CONSTRAINTS)
     is_ca = bool(bc and isinstance(bc.value, x509.BasicConstraints) and bc.value.ca)

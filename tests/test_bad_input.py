@@ -8,12 +8,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.name import _ASN1Type
+from cryptography.x509.oid import NameOID
 from helpers import ACTOR, make_csr, raw_csr
 
 from pkigate.core import Core, IssuanceRequest, Requester, SigningAlgorithm, Validity
 from pkigate.core.der import tlv
 from pkigate.core.errors import (
     BadCSRError,
+    BadRequestError,
     CANotActiveError,
     InvalidValidityError,
     NotFoundError,
@@ -23,6 +26,7 @@ from pkigate.core.errors import (
     WeakKeyError,
 )
 from pkigate.core.model import CAStatus
+from pkigate.core.names import parse_dn
 
 
 def _weak_rsa_csr(bits: int = 1024, exponent: int = 65537) -> bytes:
@@ -71,6 +75,21 @@ def _csr_with_two_san_extensions() -> bytes:
     )
 
 
+def _csr_with(
+    subject: list[x509.NameAttribute], sans: list[x509.GeneralName] | None = None
+) -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(subject))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()).public_bytes(
+        serialization.Encoding.DER
+    )
+
+
+def _cn(value: str) -> x509.NameAttribute:
+    return x509.NameAttribute(NameOID.COMMON_NAME, value)
+
+
 def _oversized_csr() -> bytes:
     sans = [x509.DNSName(f"host-{i:05d}.example.test") for i in range(1500)]
     return make_csr("big.example.test", sans)
@@ -110,6 +129,45 @@ CASES: dict[str, tuple[Callable[[], dict[str, object]], type[PkigateError], str]
         "does not verify",
     ),
     "over 32 KB": (lambda: {"csr": _oversized_csr()}, BadCSRError, "at most 32768"),
+    # Found in review: each of these was signed (two as invalid DER).
+    "non-ASCII domainComponent (IA5String)": (
+        lambda: {"csr": _csr_with([x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "é"), _cn("x")])},
+        BadRequestError,
+        "must be ASCII",
+    ),
+    "serialNumber outside PrintableString": (
+        lambda: {
+            "csr": _csr_with(
+                [
+                    x509.NameAttribute(NameOID.SERIAL_NUMBER, "é1", _type=_ASN1Type.UTF8String),
+                    _cn("x"),
+                ]
+            )
+        },
+        BadRequestError,
+        "letters, digits",
+    ),
+    "common name over 64 characters": (
+        lambda: {
+            "csr": raw_csr(
+                rsa.generate_private_key(65537, 2048),
+                # cryptography refuses to build such a name; other tools make them.
+                tlv(0x30, tlv(0x31, tlv(0x30, bytes.fromhex("0603550403"), tlv(0x0C, b"x" * 200)))),
+            )
+        },
+        BadRequestError,
+        "RFC 5280 allows 64",
+    ),
+    "street address of 5000 characters": (
+        lambda: {"csr": _csr_with([x509.NameAttribute(NameOID.STREET_ADDRESS, "s" * 5000)])},
+        BadRequestError,
+        "allows 128",
+    ),
+    "empty DNS name": (
+        lambda: {"csr": _csr_with([_cn("x")], [x509.DNSName("")])},
+        BadRequestError,
+        "non-empty ASCII",
+    ),
     "rsa 1024": (lambda: {"csr": _weak_rsa_csr()}, WeakKeyError, "at least 2048"),
     "rsa exponent 3": (lambda: {"csr": _weak_rsa_csr(2048, 3)}, WeakKeyError, "exponent"),
     "unsupported curve": (
@@ -193,3 +251,14 @@ def test_rsa_modulus_with_a_small_factor_is_refused() -> None:
     n = 3 * ((1 << 2047) + 1)  # divisible by 3, 2049 bits
     with pytest.raises(WeakKeyError, match="small prime factor"):
         check_public_key(rsa.RSAPublicNumbers(65537, n).public_key())
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["serialNumber=é1,CN=x", "DC=é,CN=x", "emailAddress=é@x.test,CN=x", "C=ÄÖ,CN=x"],
+)
+def test_names_that_cannot_be_encoded_are_refused_when_parsed(text: str) -> None:
+    """Found in review: `ca create --subject 'serialNumber=é,CN=x'` ended in a ValueError
+    traceback, and DC/emailAddress were signed as invalid IA5String DER."""
+    with pytest.raises(BadRequestError):
+        parse_dn(text)
