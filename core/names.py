@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
@@ -191,6 +193,15 @@ class NamePolicy:
     excluded_email: tuple[str, ...] = ()
     allow_wildcards: bool = True
     source: str = field(default="policy", compare=False)
+    # URIs are constrained by their host: "host.example" exactly, ".example" below it.
+    permitted_uri: tuple[str, ...] = ()
+    excluded_uri: tuple[str, ...] = ()
+    # Directory names (the subject, and directoryName SANs) by RDN prefix.
+    permitted_dirname: tuple[x509.Name, ...] = ()
+    excluded_dirname: tuple[x509.Name, ...] = ()
+    # Name types a CA certificate constrains that this policy cannot judge: names of
+    # those types are refused (RFC 5280 4.2.1.10: such certificates must be rejected).
+    unchecked: tuple[str, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: dict[str, object], source: str) -> NamePolicy:
@@ -227,33 +238,41 @@ class NamePolicy:
 
     @classmethod
     def from_extension(cls, ext: x509.NameConstraints, source: str) -> NamePolicy:
-        def split(
-            subtrees: Iterable[x509.GeneralName] | None,
-        ) -> tuple[list[str], list[ipaddress.IPv4Network | ipaddress.IPv6Network], list[str]]:
-            dns: list[str] = []
-            ips: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-            emails: list[str] = []
+        unchecked: set[str] = set()
+
+        def split(subtrees: Iterable[x509.GeneralName] | None) -> dict[str, tuple[Any, ...]]:
+            found: dict[str, list[Any]] = {"dns": [], "ip": [], "email": [], "uri": [], "dir": []}
             for name in subtrees or ():
                 if isinstance(name, x509.DNSName):
-                    dns.append(name.value)
+                    found["dns"].append(name.value)
                 elif isinstance(name, x509.IPAddress) and not isinstance(
                     name.value, ipaddress.IPv4Address | ipaddress.IPv6Address
                 ):
-                    ips.append(name.value)
+                    found["ip"].append(name.value)
                 elif isinstance(name, x509.RFC822Name):
-                    emails.append(name.value)
-            return dns, ips, emails
+                    found["email"].append(name.value)
+                elif isinstance(name, x509.UniformResourceIdentifier):
+                    found["uri"].append(name.value)
+                elif isinstance(name, x509.DirectoryName):
+                    found["dir"].append(name.value)
+                else:
+                    unchecked.add(type(name).__name__)
+            return {key: tuple(values) for key, values in found.items()}
 
-        p_dns, p_ip, p_email = split(ext.permitted_subtrees)
-        e_dns, e_ip, e_email = split(ext.excluded_subtrees)
+        permitted, excluded = split(ext.permitted_subtrees), split(ext.excluded_subtrees)
         return cls(
-            tuple(p_dns),
-            tuple(e_dns),
-            tuple(p_ip),
-            tuple(e_ip),
-            tuple(p_email),
-            tuple(e_email),
+            permitted_dns=permitted["dns"],
+            excluded_dns=excluded["dns"],
+            permitted_ip=permitted["ip"],
+            excluded_ip=excluded["ip"],
+            permitted_email=permitted["email"],
+            excluded_email=excluded["email"],
             source=source,
+            permitted_uri=permitted["uri"],
+            excluded_uri=excluded["uri"],
+            permitted_dirname=permitted["dir"],
+            excluded_dirname=excluded["dir"],
+            unchecked=tuple(sorted(unchecked)),
         )
 
     def to_extension(self) -> x509.NameConstraints | None:
@@ -261,11 +280,15 @@ class NamePolicy:
             *(x509.DNSName(d) for d in self.permitted_dns),
             *(x509.IPAddress(n) for n in self.permitted_ip),
             *(x509.RFC822Name(e) for e in self.permitted_email),
+            *(x509.UniformResourceIdentifier(u) for u in self.permitted_uri),
+            *(x509.DirectoryName(n) for n in self.permitted_dirname),
         ]
         excluded: list[x509.GeneralName] = [
             *(x509.DNSName(d) for d in self.excluded_dns),
             *(x509.IPAddress(n) for n in self.excluded_ip),
             *(x509.RFC822Name(e) for e in self.excluded_email),
+            *(x509.UniformResourceIdentifier(u) for u in self.excluded_uri),
+            *(x509.DirectoryName(n) for n in self.excluded_dirname),
         ]
         if not permitted and not excluded:
             return None
@@ -282,6 +305,14 @@ class NamePolicy:
                 self._check_ip(name.value)
             elif isinstance(name, x509.RFC822Name):
                 self._check_email(name.value)
+            elif isinstance(name, x509.UniformResourceIdentifier):
+                self._check_uri(name.value)
+            elif isinstance(name, x509.DirectoryName):
+                self._check_dirname(name.value)
+            if type(name).__name__ in self.unchecked:
+                self._refuse(f"{type(name).__name__} alternative name", str(name))
+        if len(subject):
+            self._check_dirname(subject)
         # Relying parties that still read the CN as a host name apply constraints to it.
         for attribute in subject.get_attributes_for_oid(NameOID.COMMON_NAME):
             value = str(attribute.value)
@@ -330,6 +361,34 @@ class NamePolicy:
             self._refuse("IP address", str(value))
         if self.permitted_ip and not within(self.permitted_ip):
             self._refuse("IP address", str(value))
+
+    def _check_uri(self, value: str) -> None:
+        if not (self.permitted_uri or self.excluded_uri):
+            return
+        host = (urlsplit(value).hostname or "").rstrip(".")
+        if not host:
+            self._refuse("URI without a host", value)
+
+        def within(constraint: str) -> bool:
+            constraint = constraint.lower().rstrip(".")
+            if constraint.startswith("."):
+                return host.endswith(constraint)
+            return host == constraint
+
+        if any(within(c) for c in self.excluded_uri):
+            self._refuse("URI", value)
+        if self.permitted_uri and not any(within(c) for c in self.permitted_uri):
+            self._refuse("URI", value)
+
+    def _check_dirname(self, name: x509.Name) -> None:
+        def within(base: x509.Name) -> bool:
+            rdns, prefix = list(name.rdns), list(base.rdns)
+            return len(prefix) <= len(rdns) and rdns[: len(prefix)] == prefix
+
+        if any(within(base) for base in self.excluded_dirname):
+            self._refuse("directory name", format_dn(name))
+        if self.permitted_dirname and not any(within(base) for base in self.permitted_dirname):
+            self._refuse("directory name", format_dn(name))
 
     def _check_email(self, value: str) -> None:
         constrained = self.excluded_email or self.permitted_email

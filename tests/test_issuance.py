@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import subprocess
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID, ObjectIdentifier
 from helpers import ACTOR, create_root, create_sub, make_csr, make_key
@@ -411,6 +414,93 @@ def test_a_constrained_ca_refuses_a_ca_request_bringing_its_own_name_constraints
         )
     with core.store.read() as conn:
         assert core.store.count_certificates(conn, constrained.record.id) == before
+
+
+def _ca_under_constraints(core: Core, root, constraints: x509.NameConstraints) -> str:
+    api = parse_api_passthrough(
+        {
+            "custom_extensions": [
+                {
+                    "oid": "2.5.29.30",
+                    "critical": True,
+                    "value": base64.b64encode(constraints.public_bytes()).decode(),
+                }
+            ]
+        }
+    )
+    pending = core.authorities.create(
+        CASpec(CAType.SUBORDINATE, parse_dn("O=Good,CN=Constrained CA")), ACTOR
+    )
+    issued = core.issue(
+        IssuanceRequest(
+            root.record.id,
+            core.authorities.csr_pem(pending.record.id).encode(),
+            Validity.parse("1y"),
+            REQUESTER,
+            template="BlankSubordinateCACertificate_PathLen0_APIPassthrough/V1",
+            api_passthrough=api,
+        )
+    )
+    core.authorities.import_certificate(
+        pending.record.id, issued.pem().encode(), issued.chain_pem().encode(), ACTOR
+    )
+    return pending.record.id
+
+
+def test_uri_directory_name_and_unjudged_constraints_of_the_ca_certificate_bind(
+    core: Core, root, tmp_path: Path
+) -> None:
+    """Found in review: URI and directoryName subtrees were dropped, so the CA signed
+    names that `openssl verify` then refused as a permitted subtree violation."""
+    ca_id = _ca_under_constraints(
+        core,
+        root,
+        x509.NameConstraints(
+            permitted_subtrees=[
+                x509.UniformResourceIdentifier(".good.example"),
+                x509.DirectoryName(parse_dn("O=Good")),
+                x509.DNSName("good.example"),
+            ],
+            excluded_subtrees=[x509.RegisteredID(x509.ObjectIdentifier("1.2.3.4"))],
+        ),
+    )
+
+    def with_names(subject: str, sans: list[dict[str, object]]) -> x509.Certificate:
+        return issue(
+            core,
+            ca_id,
+            make_csr(None, []),
+            template="EndEntityCertificate_APIPassthrough/V1",
+            api_passthrough=parse_api_passthrough({"subject": subject, "sans": sans}),
+        )
+
+    ok = with_names(
+        "CN=www.good.example,O=Good",
+        [{"dns": "www.good.example"}, {"uri": "https://a.good.example/x"}],
+    )
+    assert ok.subject == parse_dn("CN=www.good.example,O=Good")
+    # openssl, which refused what the CA signed before, accepts what it signs now.
+    ca_pem, _ = core.authorities.certificate_pem(ca_id)
+    (tmp_path / "root.pem").write_text(core.authorities.certificate_pem(root.record.id)[0])
+    (tmp_path / "ca.pem").write_text(ca_pem)
+    (tmp_path / "leaf.pem").write_bytes(ok.public_bytes(serialization.Encoding.PEM))
+    verified = subprocess.run(
+        ["openssl", "verify", "-CAfile", "root.pem", "-untrusted", "ca.pem", "leaf.pem"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verified.stdout.strip() == "leaf.pem: OK", verified.stderr
+    for subject, sans, what in (
+        ("CN=www.good.example,O=Evil", [{"dns": "www.good.example"}], "directory name"),
+        ("CN=x,O=Good", [{"uri": "https://evil.test/"}], "URI"),
+        ("CN=x,O=Good", [{"uri": "https://good.example/"}], "URI"),  # ".x": below only
+        ("CN=x,O=Good", [{"directory_name": "CN=x,O=Evil"}], "directory name"),
+        ("CN=x,O=Good", [{"registered_id": "1.2.3.4"}], "RegisteredID"),
+    ):
+        with pytest.raises(PolicyViolationError, match=what):
+            with_names(subject, sans)
 
 
 @pytest.mark.parametrize(
