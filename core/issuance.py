@@ -90,6 +90,12 @@ class IssuanceRequest:
     correlation_id: str | None = None
     allowed_names: NamePolicy | None = None
     record_with: Callable[[Connection, IssuedCertificate], None] | None = None
+    # The core's own OCSP responder certificate: a DISABLED CA still answers for what it
+    # issued, so it may certify its responder (and nothing else) while DISABLED.
+    for_ocsp_responder: bool = False
+
+
+OCSP_RESPONDER_TEMPLATE = "OCSPSigningCertificate/V1"
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,8 @@ class _StaleAuthority(Exception):
 
 
 _RETRIES_ON_STALE = 2
+_ISSUING = frozenset({CAStatus.ACTIVE.value})
+_RESPONDER_STATES = frozenset({CAStatus.ACTIVE.value, CAStatus.DISABLED.value})
 
 
 def _inherited_name_constraints(
@@ -264,7 +272,15 @@ class Issuer:
         csr = parse_csr(request.csr)
         public_key = csr.public_key()
         check_public_key(public_key)
-        material = self._authorities.cached_signing_material(request.ca_id, now)
+        if request.for_ocsp_responder:
+            if template.name != OCSP_RESPONDER_TEMPLATE:
+                raise PolicyViolationError(f"an OCSP responder takes {OCSP_RESPONDER_TEMPLATE}")
+            material = self._authorities.signing_material(request.ca_id, now, require_active=False)
+            status = self._authorities.describe(request.ca_id).status
+            if status.value not in _RESPONDER_STATES:
+                raise CANotActiveError(f"CA {request.ca_id} is {status.value}")
+        else:
+            material = self._authorities.cached_signing_material(request.ca_id, now)
         signing_algorithm = request.signing_algorithm or material.signing_algorithm
         signing_algorithm.check_key(material.key_algorithm)
         token_hash = _request_hash(request, csr) if request.idempotency_token else ""
@@ -426,7 +442,8 @@ class Issuer:
         discarded: list[AuditEntry] = []
         for index, prepared in enumerate(batch):
             state = states.get(prepared.material.ca_id)
-            if state is None or state != (CAStatus.ACTIVE.value, prepared.material.version):
+            allowed = _RESPONDER_STATES if prepared.request.for_ocsp_responder else _ISSUING
+            if state is None or state[1] != prepared.material.version or state[0] not in allowed:
                 # Signed with material that is no longer current: discard, say so, retry.
                 outcomes[index] = _StaleAuthority()
                 discarded.append(

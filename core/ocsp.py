@@ -40,7 +40,12 @@ from cryptography.x509.oid import NameOID
 from pkigate.core.audit import AuditLog
 from pkigate.core.authorities import AuthorityService, CASettings, effective_status
 from pkigate.core.errors import NotFoundError, PkigateError
-from pkigate.core.issuance import IssuanceRequest, IssuedCertificate, Requester
+from pkigate.core.issuance import (
+    OCSP_RESPONDER_TEMPLATE,
+    IssuanceRequest,
+    IssuedCertificate,
+    Requester,
+)
 from pkigate.core.keys import KeyBackend
 from pkigate.core.model import (
     CAPrivateKey,
@@ -61,7 +66,7 @@ log = logging.getLogger("pkigate.ocsp")
 MAX_REQUEST_BYTES = 64 * 1024
 # RFC 8954 section 2.1: nonces of 1 to 32 octets; longer ones are refused.
 MAX_NONCE_BYTES = 32
-RESPONDER_TEMPLATE = "OCSPSigningCertificate/V1"
+RESPONDER_TEMPLATE = OCSP_RESPONDER_TEMPLATE
 RESPONDER_LIFETIME = timedelta(days=30)
 SHORT_LIVED_RESPONDER_LIFETIME = timedelta(days=7)
 # Renew once less than this share of the responder certificate's lifetime remains.
@@ -610,6 +615,7 @@ class OCSPResponder:
                 validity=Validity(ValidityType.ABSOLUTE, int(not_after.timestamp())),
                 requester=REQUESTER,
                 template=RESPONDER_TEMPLATE,
+                for_ocsp_responder=True,
             )
         )
         certificate = issued.certificate

@@ -36,7 +36,7 @@ from sqlalchemy import func, select
 from werkzeug.test import TestResponse
 
 from pkigate.core import CASettings, CAStatus, CAView, Core, IssuanceRequest, Requester, Validity
-from pkigate.core.errors import CANotActiveError, InvalidStateError
+from pkigate.core.errors import CANotActiveError, InvalidStateError, PolicyViolationError
 from pkigate.core.model import RevocationReason
 from pkigate.core.ocsp import MAX_REQUEST_BYTES
 from pkigate.core.store import ocsp as ocsp_store
@@ -581,6 +581,39 @@ def test_a_ca_whose_certificate_is_revoked_is_disabled_and_stays_so(
     assert any(
         e.action == "ca.update" and "its certificate was revoked" in e.parameters for e in events
     )
+
+
+def test_a_ca_disabled_before_its_first_ocsp_request_still_answers(
+    core: Core, ocsp_ca: CAView
+) -> None:
+    """Found in review: with no responder certificate yet, a DISABLED CA answered tryLater
+    forever (it could not certify its responder), revoked certificates included."""
+    ca_id = ocsp_ca.record.id
+    ca = ca_certificate(core, ca_id)
+    leaf = issue(core, ca_id)
+    core.authorities.update_status(ca_id, CAStatus.DISABLED, ACTOR)
+    answer = ask(core, ca_id, ocsp_request(leaf, ca))
+    signed_by_responder(answer, ca)
+    assert answer.certificate_status == Status.GOOD
+    core.revocation.revoke(
+        ca_id, format(leaf.serial_number, "x"), RevocationReason.keyCompromise, ACTOR
+    )
+    assert ask(core, ca_id, ocsp_request(leaf, ca)).certificate_status == Status.REVOKED
+    # The exception is for the responder only: the DISABLED CA issues nothing else, by
+    # that route or any other.
+    for template in ("EndEntityCertificate/V1", "OCSPSigningCertificate/V1"):
+        with pytest.raises(CANotActiveError):
+            core.issue(
+                IssuanceRequest(
+                    ca_id, make_csr(), Validity.parse("1d"), Requester("t"), template=template
+                )
+            )
+    with pytest.raises(PolicyViolationError, match="OCSP responder takes"):
+        core.issue(
+            IssuanceRequest(
+                ca_id, make_csr(), Validity.parse("1d"), Requester("t"), for_ocsp_responder=True
+            )
+        )
 
 
 # -- HTTP routes (Flask test client) ---------------------------------------------------------
