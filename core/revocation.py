@@ -105,6 +105,12 @@ class RevocationService:
     ) -> CertificateRecord:
         ca = self._authorities.get(ca_id)
         settings = CASettings.from_json(ca.settings)
+        status = effective_status(ca, now)
+        if status not in _PUBLISHING:
+            raise CANotActiveError(
+                f"CA {ca_id} is {status.value}: it publishes no CRL or OCSP answer that could "
+                "carry the revocation"
+            )
         if (
             ca.certificate_der is not None
             and format(x509.load_der_x509_certificate(ca.certificate_der).serial_number, "x")

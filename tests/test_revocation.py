@@ -248,6 +248,21 @@ def test_the_crl_mode_cannot_change_once_certificates_name_its_crls(core: Core, 
     assert [e.serial_number for e in crl] == [certificate.serial_number]
 
 
+def test_a_deleted_ca_refuses_revocations_it_could_not_publish(core: Core, crl_ca) -> None:
+    """Found in review: the revocation was acknowledged, but its CRL job failed five times
+    and OCSP answered unauthorized: nobody would ever learn of it."""
+    ca_id = crl_ca.record.id
+    certificate = _issue(core, ca_id)
+    core.authorities.update_status(ca_id, CAStatus.DISABLED, ACTOR)
+    core.authorities.delete(ca_id, 7, ACTOR)
+    with pytest.raises(CANotActiveError, match="DELETED"):
+        core.revocation.revoke(ca_id, _serial(certificate), RevocationReason.keyCompromise, ACTOR)
+    with core.store.read() as conn:
+        record = core.store.get_certificate(conn, ca_id, _serial(certificate))
+    assert record is not None and record.status == "ISSUED"
+    assert core.audit.events()[-1].result == "failure"
+
+
 def test_partitioned_settings_are_checked() -> None:
     with pytest.raises(BadRequestError, match="must contain"):
         CASettings.from_json({"crl_mode": "PARTITIONED", "crl_url": "http://x/crl.crl"})
