@@ -51,6 +51,7 @@ DEFAULT_ROOT_VALIDITY = Validity(ValidityType.YEARS, 10)
 DEFAULT_SUBORDINATE_VALIDITY = Validity(ValidityType.YEARS, 5)
 IDEMPOTENCY_WINDOW = timedelta(minutes=5)
 MAX_TAGS = 50
+MAX_IDEMPOTENCY_TOKEN = 128  # the idempotency table's column
 
 
 @dataclass(frozen=True)
@@ -376,6 +377,17 @@ def validate_ca_chain(
             ) from None
 
 
+def check_tags(tags: Mapping[str, str]) -> None:
+    for key, value in tags.items():
+        if not key or len(key) > 128 or len(value) > 256:
+            raise BadRequestError("tag keys are 1-128 characters, values at most 256")
+
+
+def check_idempotency_token(token: str | None) -> None:
+    if token is not None and not 1 <= len(token) <= MAX_IDEMPOTENCY_TOKEN:
+        raise BadRequestError(f"an idempotency token is 1 to {MAX_IDEMPOTENCY_TOKEN} characters")
+
+
 class AuthorityService:
     def __init__(
         self, store: Store, keys: KeyBackend, audit: AuditLog, clock: Callable[[], datetime]
@@ -434,6 +446,7 @@ class AuthorityService:
     def create(self, spec: CASpec, actor: Actor, idempotency_token: str | None = None) -> CAView:
         now = self._clock()
         with self._audit.refusals(actor, "ca.create", "ca/-", now, subject=format_dn(spec.subject)):
+            check_idempotency_token(idempotency_token)
             if idempotency_token:
                 earlier = self._idempotent_ca(idempotency_token, spec, now)
                 if earlier is not None:
@@ -457,6 +470,7 @@ class AuthorityService:
                 raise InvalidValidityError("the CA's validity would end before it begins")
         if len(spec.tags) > MAX_TAGS:
             raise BadRequestError(f"at most {MAX_TAGS} tags")
+        check_tags(spec.tags)
         return signing
 
     def _create(self, spec: CASpec, actor: Actor, token: str | None, now: datetime) -> str:
@@ -858,9 +872,7 @@ class AuthorityService:
         self, ca_id: str, add: Mapping[str, str], remove: Sequence[str], actor: Actor
     ) -> CAView:
         now = self._clock()
-        for key, value in add.items():
-            if not key or len(key) > 128 or len(value) > 256:
-                raise BadRequestError("tag keys are 1-128 characters, values at most 256")
+        check_tags(add)
         with self._audit.refusals(actor, "ca.tag", f"ca/{ca_id}", now), self._store.write() as conn:
             if self._store.get_ca(conn, ca_id) is None:
                 raise NotFoundError(f"no CA with id {ca_id}")

@@ -25,7 +25,12 @@ from cryptography.x509.oid import ExtensionOID
 from sqlalchemy import Connection
 
 from pkigate.core.audit import Actor, AuditEntry, AuditLog
-from pkigate.core.authorities import MAX_HIERARCHY_DEPTH, AuthorityService, SigningMaterial
+from pkigate.core.authorities import (
+    MAX_HIERARCHY_DEPTH,
+    AuthorityService,
+    SigningMaterial,
+    check_idempotency_token,
+)
 from pkigate.core.errors import (
     BadCSRError,
     CANotActiveError,
@@ -283,6 +288,7 @@ class Issuer:
             material = self._authorities.cached_signing_material(request.ca_id, now)
         signing_algorithm = request.signing_algorithm or material.signing_algorithm
         signing_algorithm.check_key(material.key_algorithm)
+        check_idempotency_token(request.idempotency_token)
         token_hash = _request_hash(request, csr) if request.idempotency_token else ""
         if request.idempotency_token:
             earlier = self._idempotent_result(request, token_hash, now)

@@ -203,8 +203,29 @@ class NamePolicy:
     # those types are refused (RFC 5280 4.2.1.10: such certificates must be rejected).
     unchecked: tuple[str, ...] = ()
 
+    _SETTINGS_KEYS = frozenset(
+        {
+            "permitted_dns",
+            "excluded_dns",
+            "permitted_ip",
+            "excluded_ip",
+            "permitted_email",
+            "excluded_email",
+            "allow_wildcards",
+        }
+    )
+
     @classmethod
-    def from_settings(cls, settings: dict[str, object], source: str) -> NamePolicy:
+    def from_settings(cls, settings: object, source: str) -> NamePolicy:
+        if not isinstance(settings, dict):
+            raise BadRequestError("name constraints are a JSON object")
+        unknown = sorted(set(settings) - cls._SETTINGS_KEYS)
+        if unknown:
+            raise BadRequestError(
+                f"unknown name constraint key(s) {', '.join(map(str, unknown))}; use "
+                f"{', '.join(sorted(cls._SETTINGS_KEYS))}"
+            )
+
         def strings(key: str) -> tuple[str, ...]:
             value = settings.get(key) or []
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

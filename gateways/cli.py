@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
@@ -116,8 +117,38 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
         except PkigateError as exc:
             click.echo(f"error: {exc.message} [{exc.code}]", err=True)
             sys.exit(EXIT_ERROR)
+        except OSError as exc:  # a file named on the command line
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+            sys.exit(EXIT_ERROR)
 
     return wrapper
+
+
+def _read_json(path: str, what: str) -> Any:
+    """A JSON file named on the command line, or a one-line reason it cannot be used."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequestError(f"{what} {path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequestError(f"{what} {path}: invalid JSON: {exc}") from None
+
+
+def _check_writable(*paths: str | None) -> None:
+    """Refuse an output file that cannot be written before doing the work (an issued
+    certificate is not undone by a failed write)."""
+    for path in paths:
+        if not path:
+            continue
+        target = Path(path)
+        folder = target.parent if str(target.parent) else Path(".")
+        if target.is_dir():
+            raise BadRequestError(f"{path} is a directory")
+        if not folder.is_dir():
+            raise BadRequestError(f"cannot write {path}: no directory {folder}")
+        if not os.access(target if target.exists() else folder, os.W_OK):
+            raise BadRequestError(f"cannot write {path}: permission denied")
 
 
 @click.group()
@@ -330,7 +361,7 @@ def ca_create(
         "crl_url": crl_url,
         "ocsp_url": ocsp_url,
         "ca_issuers_url": ca_issuers_url,
-        "name_constraints": json.loads(Path(name_constraints).read_text())
+        "name_constraints": _read_json(name_constraints, "name constraints")
         if name_constraints
         else None,
         "backdate_seconds": backdate_seconds,
@@ -401,6 +432,7 @@ def ca_describe(state: State, ca_id: str) -> None:
 @reports_errors
 def ca_csr(state: State, ca_id: str, out: str | None) -> None:
     """Export a SUBORDINATE CA's CSR (PEM) for signing by an outside parent."""
+    _check_writable(out)
     pem = state.remote.ca_csr(ca_id) if state.remote else state.core.authorities.csr_pem(ca_id)
     if out:
         Path(out).write_text(pem)
@@ -469,6 +501,7 @@ def ca_certificate(state: State, ca_id: str) -> None:
 @reports_errors
 def ca_crl(state: State, ca_id: str, partition: int, generate: bool, out: str | None) -> None:
     """Fetch (or with --generate, sign) a CA's CRL."""
+    _check_writable(out)
     revocation = state.core.revocation
     published = (
         revocation.generate_crl(ca_id, partition)
@@ -603,12 +636,10 @@ def cert_issue(
     chain_out: str | None,
 ) -> None:
     """Issue a certificate from a PKCS#10 request."""
+    _check_writable(out, chain_out)
     passthrough_json = None
     if api_passthrough:
-        try:
-            passthrough_json = json.loads(Path(api_passthrough).read_text())
-        except json.JSONDecodeError as exc:
-            raise BadRequestError(f"{api_passthrough}: invalid JSON: {exc}") from None
+        passthrough_json = _read_json(api_passthrough, "API passthrough")
     if state.remote is not None:
         body = {
             "csr": _csr_pem(_read(csr_path)),
@@ -863,6 +894,7 @@ def audit_verify(state: State) -> None:
 @reports_errors
 def audit_report(state: State, ca_id: str, fmt: str, out: str | None) -> None:
     """Every certificate a CA issued or revoked, as JSON or CSV."""
+    _check_writable(out)
     if state.remote is not None:
         rows = state.remote.audit_report_rows(ca_id)
     else:

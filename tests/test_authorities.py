@@ -605,6 +605,22 @@ def test_refused_creations_store_nothing(core: Core, root, issuing) -> None:
     assert [e.result for e in failures] == ["failure"] * 3
 
 
+@pytest.mark.parametrize(
+    ("tags", "token"),
+    [({"k" * 129: "v"}, None), ({"k": "v" * 257}, None), ({"": "v"}, None), ({}, "t" * 129)],
+    ids=["long key", "long value", "empty key", "long token"],
+)
+def test_creation_bounds_tags_and_tokens_as_tagging_does(
+    core: Core, tags: dict[str, str], token: str | None
+) -> None:
+    """Found in review: `ca tag` bounded tags, `ca create --tag` did not."""
+    with pytest.raises(BadRequestError, match="characters"):
+        core.authorities.create(
+            CASpec(CAType.ROOT, parse_dn("CN=Tagged"), tags=tags), ACTOR, idempotency_token=token
+        )
+    assert core.authorities.list_cas() == []
+
+
 def test_root_has_no_csr_and_pending_ca_has_no_certificate(core: Core, root) -> None:
     with pytest.raises(InvalidStateError):
         core.authorities.csr_pem(root.record.id)

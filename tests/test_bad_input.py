@@ -191,6 +191,11 @@ CASES: dict[str, tuple[Callable[[], dict[str, object]], type[PkigateError], str]
         "unknown template",
     ),
     "unknown CA": (lambda: {"ca_id": "no-such-ca"}, NotFoundError, "no CA"),
+    "idempotency token longer than its column": (
+        lambda: {"idempotency_token": "t" * 5000},
+        BadRequestError,
+        "1 to 128 characters",
+    ),
 }
 
 

@@ -216,6 +216,71 @@ def test_errors_are_one_line_with_a_non_zero_exit(
     assert usage.returncode == 2 and "--subject" in usage.stderr
 
 
+def test_file_problems_are_one_line_and_nothing_is_issued_for_an_unwritable_out(
+    cli: Cli, hierarchy: tuple[str, str], tmp_path: Path
+) -> None:
+    """Found in review: these ended in tracebacks, and `cert issue --out /nonexistent/x`
+    issued and stored the certificate before failing to write it."""
+    _, sub_id = hierarchy
+
+    def one_line_error(result: subprocess.CompletedProcess[str], text: str) -> None:
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1 and text in result.stderr, result.stderr
+
+    count = len(cli.json("cert", "list", "--ca", sub_id))  # type: ignore[arg-type]
+    csr = _csr(tmp_path)
+    missing_dir = str(tmp_path / "no-such-dir" / "x.pem")
+    one_line_error(
+        cli.run("cert", "issue", "--ca", sub_id, "--csr", str(csr), "--out", missing_dir, ok=False),
+        "no directory",
+    )
+    assert len(cli.json("cert", "list", "--ca", sub_id)) == count  # type: ignore[arg-type]
+    one_line_error(
+        cli.run("audit", "report", "--ca", sub_id, "--out", missing_dir, ok=False), "no directory"
+    )
+    bad_json, a_list, unknown, latin1 = (tmp_path / n for n in ("bad", "list", "unknown", "latin1"))
+    bad_json.write_text("{not json")
+    a_list.write_text("[1, 2]")
+    unknown.write_text('{"permitted": ["corp.example"]}')
+    latin1.write_bytes('{"subject": "CN=caf\xe9"}'.encode("latin-1"))
+    for path, text in (
+        (bad_json, "invalid JSON"),
+        (a_list, "a JSON object"),
+        (unknown, "unknown name constraint key(s) permitted"),
+    ):
+        one_line_error(
+            cli.run(
+                "ca",
+                "create",
+                "--type",
+                "ROOT",
+                "--subject",
+                "CN=NC",
+                "--name-constraints",
+                str(path),
+                ok=False,
+            ),
+            text,
+        )
+    one_line_error(
+        cli.run(
+            "cert",
+            "issue",
+            "--ca",
+            sub_id,
+            "--csr",
+            str(csr),
+            "--template",
+            "EndEntityCertificate_APIPassthrough/V1",
+            "--api-passthrough",
+            str(latin1),
+            ok=False,
+        ),
+        "not UTF-8",
+    )
+
+
 def test_bring_your_own_parent_through_the_cli(
     cli: Cli, hierarchy: tuple[str, str], tmp_path: Path
 ) -> None:
