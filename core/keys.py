@@ -67,11 +67,17 @@ class KeyEncryptionKey:
         raise KeyBackendError(f"{KEK_ENV} must be 32 bytes as 64 hex digits or base64")
 
     @classmethod
-    def load_or_create(cls, data_dir: Path) -> KeyEncryptionKey:
-        """The KEK from the environment, else from ``data_dir/kek`` (created 0600 if absent)."""
+    def load_or_create(cls, data_dir: Path, create: bool = True) -> KeyEncryptionKey:
+        """The KEK from the environment, else from ``data_dir/kek`` (created 0600 if absent
+        and ``create``)."""
         if os.environ.get(KEK_ENV):
             return cls.from_text(os.environ[KEK_ENV])
         path = data_dir / KEK_FILE
+        if not path.exists() and not create:
+            raise KeyBackendError(
+                f"{path} is missing but the store holds keys sealed under it: restore the "
+                f"file or set {KEK_ENV}"
+            )
         if not path.exists():
             # Write a complete file under a temporary name, then link it into place: a
             # process starting at the same moment either wins the link or reads ours whole.
@@ -89,7 +95,10 @@ class KeyEncryptionKey:
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             raise KeyBackendError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
-        return cls.from_text(path.read_text())
+        try:
+            return cls.from_text(path.read_text())
+        except KeyBackendError:
+            raise KeyBackendError(f"{path} must hold 32 bytes as 64 hex digits or base64") from None
 
 
 class KeyBackend(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,11 +63,18 @@ class Core:
             database_url or os.environ.get(DATABASE_URL_ENV) or sqlite_url(data_dir / "pkigate.db")
         )
         store = Store.open(url)
-        kek = KeyEncryptionKey.load_or_create(data_dir)
-        audit = AuditLog(store, kek)
-        keys = SoftwareKeyBackend(kek)
+        database = data_dir / "pkigate.db"
+        if url == sqlite_url(database) and database.exists():
+            # Sealed keys, audit log, certificates: for the service's user only (SQLite
+            # gives its -wal and -shm files the database file's mode).
+            with contextlib.suppress(PermissionError):  # owned by another user: theirs
+                database.chmod(0o600)
         with store.read() as conn:
             sample = store.any_key_blob(conn)
+        # A new key-encryption key beside keys sealed under a lost one would open nothing.
+        kek = KeyEncryptionKey.load_or_create(data_dir, create=sample is None)
+        audit = AuditLog(store, kek)
+        keys = SoftwareKeyBackend(kek)
         if sample is not None:
             keys.check_kek(sample)
         authorities = AuthorityService(store, keys, audit, clock)

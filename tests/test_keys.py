@@ -54,6 +54,28 @@ def test_key_encryption_key_file_is_created_0600(
     assert mode == 0o600
 
 
+def test_a_lost_kek_file_is_not_silently_replaced_and_the_database_is_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: with the kek file deleted, a new key-encryption key was written
+    before the sealed keys were found not to open; and pkigate.db was 0644."""
+    monkeypatch.delenv(KEK_ENV, raising=False)
+    data = tmp_path / "data"
+    core = Core.open(data)
+    create_root(core)
+    core.close()
+    assert stat.S_IMODE((data / "pkigate.db").stat().st_mode) == 0o600
+    (data / "kek").rename(tmp_path / "kek.saved")
+    with pytest.raises(KeyBackendError, match="missing but the store holds keys"):
+        Core.open(data)
+    assert not (data / "kek").exists()
+    (tmp_path / "kek.saved").rename(data / "kek")
+    Core.open(data).close()
+    (data / "kek").write_text("not a key")
+    with pytest.raises(KeyBackendError, match=r"data/kek must hold 32 bytes"):
+        Core.open(data)
+
+
 def test_key_encryption_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     tmp_path.joinpath("kek").write_text(os.urandom(32).hex())
     tmp_path.joinpath("kek").chmod(0o644)
