@@ -664,16 +664,26 @@ def bench_crl(args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Any], 
                 "bytes_per_entry": round(len(published.der) / size, 1),
                 "insert_rows_s": round(insert_s, 1),
             }
-        core.authorities.update_settings(
-            ca_id,
-            CASettings(
-                crl_enabled=True,
-                crl_mode="PARTITIONED",
-                crl_url="http://crl.example.test/{partition}.crl",
-                crl_partition_size=args.partition_size,
+        # The CRL mode is fixed once a CA has issued: the same rows again, under a CA
+        # that is PARTITIONED from its start.
+        partitioned = core.authorities.create(
+            CASpec(
+                CAType.SUBORDINATE,
+                parse_dn("CN=CRL Bench Partitioned,O=pkigate bench"),
+                parent_ca_id=root.record.id,
+                path_length=0,
+                settings=CASettings(
+                    crl_enabled=True,
+                    crl_mode="PARTITIONED",
+                    crl_url="http://crl.example.test/{partition}.crl",
+                    crl_partition_size=args.partition_size,
+                ),
             ),
             ACTOR,
         )
+        ca_id = partitioned.record.id
+        progress(f"inserting {inserted:,} revoked rows under a PARTITIONED CA")
+        insert_revoked(core, ca_id, 0, inserted, args.partition_size)
         partitions = -(-inserted // args.partition_size)
         progress(f"{partitions} partitioned CRLs of {args.partition_size:,} for {inserted:,}")
         per_partition: list[float] = []
