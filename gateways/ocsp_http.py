@@ -106,7 +106,8 @@ class OCSPMiddleware:
         metrics.REQUEST_SECONDS.labels(self._listener, ENDPOINT, str(status)).observe(
             time.perf_counter() - started
         )
-        return [body]
+        # HEAD: the headers GET would send, no body (RFC 9110 9.3.2).
+        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def _handle(self, environ: WSGIEnvironment, rest: str) -> tuple[int, Headers, bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -119,13 +120,13 @@ class OCSPMiddleware:
                 return 413, [], MALFORMED.der
             answer = self._answer(ca_id, request)
             return 200, [("Cache-Control", "no-store")], answer.der
-        if method == "GET":
+        if method in ("GET", "HEAD"):
             decoded = decode_get_request(encoded) if encoded else None
             if decoded is None:
-                return 200, [], MALFORMED.der
+                return 200, [("Cache-Control", "no-store")], MALFORMED.der
             answer = self._answer(ca_id, decoded)
             return 200, _cache_headers(answer), answer.der
-        return 405, [("Allow", "GET, POST")], MALFORMED.der
+        return 405, [("Allow", "GET, HEAD, POST"), ("Cache-Control", "no-store")], MALFORMED.der
 
     def _answer(self, ca_id: str, request: bytes) -> OCSPAnswer:
         if not _CA_ID.match(ca_id):

@@ -670,6 +670,10 @@ def test_http_post_and_get_in_every_encoding_clients_use(http: tuple[Gateway, Fl
         assert answer.certificate_status == Status.GOOD, name
         # RFC 5019 6.2: a nonce-less GET answer may be cached until its nextUpdate.
         assert "max-age=" in got.headers["Cache-Control"] and "ETag" in got.headers, name
+    # HEAD: GET's headers and no body (found in review: a 405 with a body).
+    head = client.head(f"/ocsp/{ca_id}/{forms['url-encoded']}")
+    assert head.status_code == 200 and head.data == b""
+    assert int(head.headers["Content-Length"]) == len(got.data)
 
 
 def test_http_bad_input_is_answered_never_a_500(http: tuple[Gateway, FlaskClient]) -> None:
@@ -685,6 +689,7 @@ def test_http_bad_input_is_answered_never_a_500(http: tuple[Gateway, FlaskClient
     post, get = client.post, client.get
     assert status_of(post(f"/ocsp/{ca_id}", data=b"junk")) == ResponseStatus.MALFORMED_REQUEST
     assert status_of(get(f"/ocsp/{ca_id}/not*base64")) == ResponseStatus.MALFORMED_REQUEST
+    assert get(f"/ocsp/{ca_id}/not*base64").headers["Cache-Control"] == "no-store"
     assert status_of(get(f"/ocsp/{ca_id}")) == ResponseStatus.MALFORMED_REQUEST
     assert status_of(post(f"/ocsp/{root_id}", data=request)) == ResponseStatus.UNAUTHORIZED
     assert status_of(post("/ocsp/%00%ff", data=request)) == ResponseStatus.UNAUTHORIZED
