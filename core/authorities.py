@@ -51,6 +51,7 @@ DEFAULT_ROOT_VALIDITY = Validity(ValidityType.YEARS, 10)
 DEFAULT_SUBORDINATE_VALIDITY = Validity(ValidityType.YEARS, 5)
 IDEMPOTENCY_WINDOW = timedelta(minutes=5)
 MAX_TAGS = 50
+INTERRUPTED_CREATION_AFTER = timedelta(minutes=10)
 MAX_IDEMPOTENCY_TOKEN = 128  # the idempotency table's column
 
 
@@ -917,6 +918,37 @@ class AuthorityService:
                 at=now,
                 parameters={**parameters, "from": record.status},
             )
+
+    def settle_interrupted_creations(
+        self, actor: Actor, older_than: timedelta = INTERRUPTED_CREATION_AFTER
+    ) -> list[str]:
+        """CAs left CREATING by a process that died mid-creation become FAILED, audited
+        (a creation takes seconds: one still CREATING after ``older_than`` is orphaned)."""
+        now = self._clock()
+        settled = []
+        with self._store.write() as conn:
+            for record in self._store.list_cas(conn, status=CAStatus.CREATING.value):
+                if record.created_at > now - older_than:
+                    continue
+                reason = "the creation was interrupted (the process creating it stopped)"
+                self._store.update_ca(
+                    conn,
+                    record.id,
+                    status=CAStatus.FAILED.value,
+                    failure_reason=reason,
+                    updated_at=now,
+                )
+                self._audit.record(
+                    conn,
+                    actor,
+                    "ca.create",
+                    f"ca/{record.id}",
+                    at=now,
+                    result="failure",
+                    parameters={"subject": record.subject, "message": reason},
+                )
+                settled.append(record.id)
+        return settled
 
     def purge_expired_deletions(self, actor: Actor) -> list[str]:
         """Destroy the keys of CAs whose restore window has ended; returns their ids."""

@@ -86,6 +86,7 @@ class State:
         if self._core is None:
             self._core = Core.open(self.data_dir, self.database_url)
             self._core.authorities.purge_expired_deletions(self.actor)
+            self._core.authorities.settle_interrupted_creations(self.actor)
         return self._core
 
     @property

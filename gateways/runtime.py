@@ -286,10 +286,11 @@ class Gateway:
         self.core.jobs.enqueue(MAINTENANCE_JOB, {}, dedupe_key=MAINTENANCE_JOB)
 
     def _maintenance(self, _payload: dict[str, Any]) -> None:
-        """Hourly: drop finished jobs, destroy keys past their restore window, and let
-        each connector clean up after itself."""
+        """Hourly: drop finished jobs, destroy keys past their restore window, settle CAs
+        whose creation was interrupted, and let each connector clean up after itself."""
         self.core.jobs.purge_finished(timedelta(days=7))
         self.core.authorities.purge_expired_deletions(SYSTEM)
+        self.core.authorities.settle_interrupted_creations(SYSTEM)
         for connector in self.connectors:
             try:
                 connector.maintenance()

@@ -621,6 +621,37 @@ def test_creation_bounds_tags_and_tokens_as_tagging_does(
     assert core.authorities.list_cas() == []
 
 
+def test_a_creation_interrupted_by_a_killed_process_is_settled_as_failed(
+    core: Core, clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: `kill -9` during `ca create` left the CA CREATING for ever, with no
+    audit event at all."""
+
+    def killed(*_args: object) -> bytes:
+        raise KeyboardInterrupt  # what the process gets no chance to clean up after
+
+    monkeypatch.setattr(core.authorities._keys, "generate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        core.authorities.create(CASpec(CAType.ROOT, parse_dn("CN=Interrupted")), ACTOR)
+    monkeypatch.undo()
+    (stuck,) = core.authorities.list_cas()
+    assert stuck.status == CAStatus.CREATING
+    assert core.authorities.settle_interrupted_creations(ACTOR) == []  # may still be running
+    clock.advance(timedelta(minutes=11))
+    assert core.authorities.settle_interrupted_creations(ACTOR) == [stuck.record.id]
+    settled = core.authorities.describe(stuck.record.id)
+    assert settled.status == CAStatus.FAILED and "interrupted" in (
+        settled.record.failure_reason or ""
+    )
+    event = _last_event(core)
+    assert (event.action, event.result, event.resource) == (
+        "ca.create",
+        "failure",
+        f"ca/{stuck.record.id}",
+    )
+    assert core.audit.verify().ok
+
+
 def test_root_has_no_csr_and_pending_ca_has_no_certificate(core: Core, root) -> None:
     with pytest.raises(InvalidStateError):
         core.authorities.csr_pem(root.record.id)
