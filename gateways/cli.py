@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from functools import wraps
 from pathlib import Path
@@ -44,7 +45,7 @@ from pkigate.core.audit import render_report, report_rows
 from pkigate.core.errors import BadRequestError, NotFoundError, PkigateError
 from pkigate.core.model import RevocationReason, parse_enum
 from pkigate.core.names import parse_dn
-from pkigate.core.passthrough import ApiPassthrough, parse_api_passthrough
+from pkigate.core.passthrough import parse_api_passthrough
 from pkigate.core.service import utc_now
 from pkigate.core.store import CertificateRecord
 from pkigate.core.templates import describe as describe_template
@@ -124,6 +125,15 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
             sys.exit(EXIT_ERROR)
 
     return wrapper
+
+
+def _audited(
+    state: State, action: str, resource: str, **parameters: Any
+) -> AbstractContextManager[None]:
+    """Audit a refusal raised while reading the command line (local mode; a server audits
+    what it is sent)."""
+    core = state.core
+    return core.audit.refusals(state.actor, action, resource, core.clock(), **parameters)
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -358,16 +368,19 @@ def ca_create(
     A SUBORDINATE without --parent waits in PENDING_CERTIFICATE: export its CSR with
     `pkigate ca csr`, have it signed elsewhere, then `pkigate ca import-certificate`.
     """
-    settings_json = {
-        "crl_url": crl_url,
-        "ocsp_url": ocsp_url,
-        "ca_issuers_url": ca_issuers_url,
-        "name_constraints": _read_json(name_constraints, "name constraints")
-        if name_constraints
-        else None,
-        "backdate_seconds": backdate_seconds,
-        "truncate_validity": truncate_validity,
-    }
+
+    def settings_json() -> dict[str, Any]:
+        return {
+            "crl_url": crl_url,
+            "ocsp_url": ocsp_url,
+            "ca_issuers_url": ca_issuers_url,
+            "name_constraints": _read_json(name_constraints, "name constraints")
+            if name_constraints
+            else None,
+            "backdate_seconds": backdate_seconds,
+            "truncate_validity": truncate_validity,
+        }
+
     if state.remote is not None:
         body = {
             "type": ca_type,
@@ -378,25 +391,27 @@ def ca_create(
             "validity": validity,
             "parent_id": parent_id,
             "path_length": path_length,
-            "settings": settings_json,
+            "settings": settings_json(),
             "tags": _key_values(tags, "--tag"),
             "idempotency_token": idempotency_token,
         }
         _emit_ca(state, state.remote.create_ca({k: v for k, v in body.items() if v is not None}))
         return
-    settings = CASettings.from_json(settings_json)
-    spec = CASpec(
-        type=CAType(ca_type),
-        subject=parse_dn(subject),
-        key_algorithm=KeyAlgorithm(key_algorithm),
-        signing_algorithm=SigningAlgorithm(signing_algorithm) if signing_algorithm else None,
-        usage_mode=UsageMode(usage_mode),
-        validity=Validity.parse(validity) if validity else None,
-        parent_ca_id=parent_id,
-        path_length=path_length,
-        settings=settings,
-        tags=_key_values(tags, "--tag"),
-    )
+    # What the command line says is read under the same audit as the creation: a refusal
+    # of a bad subject or validity is in the audit log like the core's own refusals.
+    with _audited(state, "ca.create", "ca/-", subject=subject):
+        spec = CASpec(
+            type=CAType(ca_type),
+            subject=parse_dn(subject),
+            key_algorithm=KeyAlgorithm(key_algorithm),
+            signing_algorithm=SigningAlgorithm(signing_algorithm) if signing_algorithm else None,
+            usage_mode=UsageMode(usage_mode),
+            validity=Validity.parse(validity) if validity else None,
+            parent_ca_id=parent_id,
+            path_length=path_length,
+            settings=CASettings.from_json(settings_json()),
+            tags=_key_values(tags, "--tag"),
+        )
     _emit_ca(state, state.core.authorities.create(spec, state.actor, idempotency_token))
 
 
@@ -584,8 +599,10 @@ def ca_tag(state: State, ca_id: str, tags: tuple[str, ...], remove: tuple[str, .
             current = remote.remove_tags(ca_id, list(remove))
     else:
         authorities = state.core.authorities
+        with _audited(state, "ca.tag", f"ca/{ca_id}"):
+            adding = _key_values(tags, "tag")
         view = (
-            authorities.tag(ca_id, _key_values(tags, "tag"), list(remove), state.actor)
+            authorities.tag(ca_id, adding, list(remove), state.actor)
             if tags or remove
             else authorities.describe(ca_id)
         )
@@ -658,7 +675,7 @@ def cert_issue(
             _read(csr_path),
             template,
             validity,
-            parse_api_passthrough(passthrough_json) if api_passthrough else None,
+            passthrough_json if api_passthrough else None,
             signing_algorithm,
             idempotency_token,
         )
@@ -680,24 +697,26 @@ def _issue_locally(
     csr: bytes,
     template: str,
     validity: str,
-    passthrough: ApiPassthrough | None,
+    passthrough_json: Any | None,
     signing_algorithm: str | None,
     idempotency_token: str | None,
 ) -> dict[str, Any]:
-    issued = state.core.issue(
-        IssuanceRequest(
+    with _audited(state, "certificate.issue", f"ca/{ca_id}", template=template):
+        request = IssuanceRequest(
             ca_id=ca_id,
             csr=csr,
             validity=Validity.parse(validity),
             requester=Requester(state.actor.principal, "cli"),
             template=template,
-            api_passthrough=passthrough,
+            api_passthrough=parse_api_passthrough(passthrough_json)
+            if passthrough_json is not None
+            else None,
             signing_algorithm=parse_enum(SigningAlgorithm, signing_algorithm, "signing algorithm")
             if signing_algorithm
             else None,
             idempotency_token=idempotency_token,
         )
-    )
+    issued = state.core.issue(request)
     return {
         **_certificate_json(issued.record),
         "certificate_pem": issued.pem(),

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from pkigate.core import Core
+
 PKIGATE = str(Path(sys.executable).parent / "pkigate")
 
 
@@ -279,6 +281,33 @@ def test_file_problems_are_one_line_and_nothing_is_issued_for_an_unwritable_out(
         ),
         "not UTF-8",
     )
+
+
+def test_refusals_of_what_the_command_line_says_are_audited(
+    cli: Cli, hierarchy: tuple[str, str], tmp_path: Path
+) -> None:
+    """Found in review: a bad subject, validity or tag was refused in one line but never
+    reached the audit log (it was read before the core's audited call)."""
+    _, sub_id = hierarchy
+    refused = [
+        ("ca.create", ("ca", "create", "--type", "ROOT", "--subject", "CN=" + "x" * 65)),
+        ("ca.create", ("ca", "create", "--type", "ROOT", "--subject", "CN=x", "--validity", "0d")),
+        ("ca.tag", ("ca", "tag", sub_id, "=x")),
+        (
+            "certificate.issue",
+            ("cert", "issue", "--ca", sub_id, "--csr", str(_csr(tmp_path)), "--validity", "bogus"),
+        ),
+    ]
+    for _, args in refused:
+        result = cli.run(*args, ok=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    core = Core.open(cli.home)
+    try:
+        failures = [e for e in core.audit.events() if e.result == "failure"]
+        assert [e.action for e in failures[-len(refused) :]] == [a for a, _ in refused]
+        assert core.audit.verify().ok
+    finally:
+        core.close()
 
 
 def test_bring_your_own_parent_through_the_cli(
