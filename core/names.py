@@ -176,6 +176,17 @@ def _email_within(address: str, constraint: str) -> bool:
     return _dns_within(address.rpartition("@")[2], constraint)
 
 
+# The lists of a CA's configured name constraints (besides the flag allow_wildcards).
+NAME_CONSTRAINT_LISTS = (
+    "permitted_dns",
+    "excluded_dns",
+    "permitted_ip",
+    "excluded_ip",
+    "permitted_email",
+    "excluded_email",
+)
+
+
 @dataclass(frozen=True)
 class NamePolicy:
     """Which names a CA or template may certify (RFC 5280 4.2.1.10 semantics).
@@ -203,17 +214,7 @@ class NamePolicy:
     # those types are refused (RFC 5280 4.2.1.10: such certificates must be rejected).
     unchecked: tuple[str, ...] = ()
 
-    _SETTINGS_KEYS = frozenset(
-        {
-            "permitted_dns",
-            "excluded_dns",
-            "permitted_ip",
-            "excluded_ip",
-            "permitted_email",
-            "excluded_email",
-            "allow_wildcards",
-        }
-    )
+    _SETTINGS_KEYS = frozenset({*NAME_CONSTRAINT_LISTS, "allow_wildcards"})
 
     @classmethod
     def from_settings(cls, settings: object, source: str) -> NamePolicy:

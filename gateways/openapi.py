@@ -34,6 +34,7 @@ from pkigate.core.model import (
     UsageMode,
     ValidityType,
 )
+from pkigate.core.names import NAME_CONSTRAINT_LISTS
 from pkigate.core.store import ApiTokenRecord, CertificateRecord
 from pkigate.core.templates import TemplateKind
 from pkigate.gateways.auth import Role
@@ -217,14 +218,7 @@ VALIDITY = {
 NAME_CONSTRAINT_FIELDS = (
     *(
         Field(name, f"{name.replace('_', ' ')} (list)", {"type": "array", "items": _STRING})
-        for name in (
-            "permitted_dns",
-            "excluded_dns",
-            "permitted_ip",
-            "excluded_ip",
-            "permitted_email",
-            "excluded_email",
-        )
+        for name in NAME_CONSTRAINT_LISTS
     ),
     Field("allow_wildcards", "Whether wildcard DNS names may be issued", {"type": "boolean"}),
 )

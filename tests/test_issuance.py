@@ -27,7 +27,7 @@ from pkigate.core import (
 )
 from pkigate.core.errors import IdempotencyConflictError, InvalidValidityError, PolicyViolationError
 from pkigate.core.names import NamePolicy, decode_upn, parse_dn
-from pkigate.core.passthrough import parse_api_passthrough
+from pkigate.core.passthrough import ApiPassthrough, parse_api_passthrough
 from pkigate.core.templates import Template, TemplateKind
 
 REQUESTER = Requester("tester", "test", {"evidence": "unit"})
@@ -387,17 +387,7 @@ def test_a_constrained_ca_refuses_a_ca_request_bringing_its_own_name_constraints
     wider = x509.NameConstraints(
         permitted_subtrees=[x509.DNSName("example")], excluded_subtrees=None
     )
-    api = parse_api_passthrough(
-        {
-            "custom_extensions": [
-                {
-                    "oid": "2.5.29.30",
-                    "critical": True,
-                    "value": base64.b64encode(wider.public_bytes()).decode(),
-                }
-            ]
-        }
-    )
+    api = _constraints_passthrough(wider)
     pending = core.authorities.create(CASpec(CAType.SUBORDINATE, parse_dn("CN=Wide CA")), ACTOR)
     with core.store.read() as conn:
         before = core.store.count_certificates(conn, constrained.record.id)
@@ -416,8 +406,9 @@ def test_a_constrained_ca_refuses_a_ca_request_bringing_its_own_name_constraints
         assert core.store.count_certificates(conn, constrained.record.id) == before
 
 
-def _ca_under_constraints(core: Core, root, constraints: x509.NameConstraints) -> str:
-    api = parse_api_passthrough(
+def _constraints_passthrough(constraints: x509.NameConstraints) -> ApiPassthrough:
+    """API passthrough carrying ``constraints`` as a critical custom extension."""
+    return parse_api_passthrough(
         {
             "custom_extensions": [
                 {
@@ -428,6 +419,10 @@ def _ca_under_constraints(core: Core, root, constraints: x509.NameConstraints) -
             ]
         }
     )
+
+
+def _ca_under_constraints(core: Core, root, constraints: x509.NameConstraints) -> str:
+    api = _constraints_passthrough(constraints)
     pending = core.authorities.create(
         CASpec(CAType.SUBORDINATE, parse_dn("O=Good,CN=Constrained CA")), ACTOR
     )
@@ -542,39 +537,14 @@ def test_name_constraints_in_the_ca_certificate_are_honoured(core: Core, root) -
     constraints = x509.NameConstraints(
         permitted_subtrees=[x509.DNSName("only.example")], excluded_subtrees=None
     )
-    api = parse_api_passthrough(
-        {
-            "custom_extensions": [
-                {
-                    "oid": "2.5.29.30",
-                    "critical": True,
-                    "value": base64.b64encode(constraints.public_bytes()).decode(),
-                }
-            ]
-        }
-    )
-    pending = core.authorities.create(
-        CASpec(CAType.SUBORDINATE, parse_dn("CN=Constrained CA")), ACTOR
-    )
-    issued = core.issue(
-        IssuanceRequest(
-            root.record.id,
-            core.authorities.csr_pem(pending.record.id).encode(),
-            Validity.parse("1y"),
-            REQUESTER,
-            template="BlankSubordinateCACertificate_PathLen0_APIPassthrough/V1",
-            api_passthrough=api,
-        )
-    )
-    assert issued.certificate.extensions.get_extension_for_oid(
-        ExtensionOID.NAME_CONSTRAINTS
-    ).critical
-    core.authorities.import_certificate(
-        pending.record.id, issued.pem().encode(), issued.chain_pem().encode(), ACTOR
-    )
-    issue(core, pending.record.id, make_csr("www.only.example"))
+    ca_id = _ca_under_constraints(core, root, constraints)
+    der = core.authorities.get(ca_id).certificate_der
+    assert der is not None
+    certificate = x509.load_der_x509_certificate(der)
+    assert certificate.extensions.get_extension_for_oid(ExtensionOID.NAME_CONSTRAINTS).critical
+    issue(core, ca_id, make_csr("www.only.example"))
     with pytest.raises(PolicyViolationError, match="name constraints of this CA"):
-        issue(core, pending.record.id, make_csr("www.elsewhere.example"))
+        issue(core, ca_id, make_csr("www.elsewhere.example"))
 
 
 def test_template_allowed_names_restrict_what_a_connector_template_issues(
