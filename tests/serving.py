@@ -60,17 +60,19 @@ def start_server(
     timeout: float = 60.0,
 ) -> RunningServer:
     # A free port can be taken by another process (another xdist worker's server) before
-    # gunicorn binds it: then a fresh data directory is started on other ports (the CAs
-    # made on the first try name the old port in their AIA and CRL URLs). A data directory
-    # the caller prepared is not thrown away: that start fails.
+    # gunicorn binds it: then the start is tried again on other ports. A fresh data
+    # directory is made again (the CAs made on the first try name the old port in their
+    # AIA and CRL URLs); one the caller prepared is kept (its CAs name the port of the start
+    # that made them anyway, a restart never changes that).
     fresh = not data_dir.exists()
     for attempt in range(START_ATTEMPTS):
         try:
             return _start_server(data_dir, workers, database_url, extra_config, timeout)
         except PortTaken:
-            if not fresh or attempt == START_ATTEMPTS - 1:
+            if attempt == START_ATTEMPTS - 1:
                 raise
-            shutil.rmtree(data_dir, ignore_errors=True)
+            if fresh:
+                shutil.rmtree(data_dir, ignore_errors=True)
     raise AssertionError("unreachable")
 
 
