@@ -42,7 +42,7 @@ from pkigate.core.model import (
     ValidityType,
 )
 from pkigate.core.names import NamePolicy, check_dn, format_dn
-from pkigate.core.store import CARecord, Store
+from pkigate.core.store import CARecord, CertificateRecord, Store
 from pkigate.core.templates import key_usage_extension
 
 MAX_HIERARCHY_DEPTH = 5
@@ -455,7 +455,7 @@ class AuthorityService:
             ca_id = self._create(spec, actor, idempotency_token, now)
         return self.describe(ca_id)
 
-    def _validate_spec(self, spec: CASpec) -> SigningAlgorithm:
+    def _validate_spec(self, spec: CASpec, now: datetime) -> SigningAlgorithm:
         signing = spec.signing_algorithm or SigningAlgorithm.default_for(spec.key_algorithm)
         signing.check_key(spec.key_algorithm)
         if not len(spec.subject):
@@ -465,17 +465,15 @@ class AuthorityService:
             raise BadRequestError("a ROOT CA has no parent")
         if spec.path_length is not None and not 0 <= spec.path_length <= 3:
             raise BadRequestError("path_length must be 0..3 (the catalogue's CA templates)")
-        if spec.validity is not None:
-            now = self._clock()
-            if spec.validity.not_after(now) <= now:
-                raise InvalidValidityError("the CA's validity would end before it begins")
+        if spec.validity is not None and spec.validity.not_after(now) <= now:
+            raise InvalidValidityError("the CA's validity would end before it begins")
         if len(spec.tags) > MAX_TAGS:
             raise BadRequestError(f"at most {MAX_TAGS} tags")
         check_tags(spec.tags)
         return signing
 
     def _create(self, spec: CASpec, actor: Actor, token: str | None, now: datetime) -> str:
-        signing = self._validate_spec(spec)
+        signing = self._validate_spec(spec, now)
         parent: SigningMaterial | None = None
         if spec.parent_ca_id:
             parent = self.signing_material(spec.parent_ca_id, now)
@@ -680,12 +678,8 @@ class AuthorityService:
     ) -> None:
         if self.subordinate_signer is None:
             raise InvalidStateError("no subordinate signer is wired into this core")
+        # _check_room_below refused what the parent could not sign before anything was stored.
         wanted = spec.path_length if spec.path_length is not None else 0
-        if parent.path_length is not None and wanted >= parent.path_length:
-            raise PolicyViolationError(
-                f"the parent CA's path length {parent.path_length} allows at most "
-                f"{parent.path_length - 1} below the new CA"
-            )
         validity = spec.validity
         if validity is None:
             # The default lifetime, but never past the parent's own notAfter.
@@ -782,9 +776,7 @@ class AuthorityService:
                     "and DISABLED"
                 )
             if status == CAStatus.ACTIVE and record.certificate_der is not None:
-                own = self._store.certificate_by_fingerprint(
-                    conn, hashlib.sha256(record.certificate_der).hexdigest()
-                )
+                own = self._own_certificate_here(conn, record.certificate_der)
                 if own is not None and own.status == CertificateStatus.REVOKED.value:
                     raise InvalidStateError(
                         f"the certificate of CA {ca_id} was revoked ({own.revocation_reason}) "
@@ -794,6 +786,19 @@ class AuthorityService:
 
         self._change(ca_id, actor, "ca.update", change, {"status": status.value}, now)
         return self.describe(ca_id)
+
+    def _own_certificate_here(self, conn: Connection, der: bytes) -> CertificateRecord | None:
+        """The store's record of a CA certificate, when a CA here issued it (looked up
+        under the CAs named like its issuer, by serial: both indexed)."""
+        certificate = x509.load_der_x509_certificate(der)
+        issuer, serial = certificate.issuer.public_bytes(), format(certificate.serial_number, "x")
+        for candidate in self._store.list_cas(conn):
+            if candidate.subject_der != issuer:
+                continue
+            found = self._store.get_certificate(conn, candidate.id, serial)
+            if found is not None and found.der == der:
+                return found
+        return None
 
     def update_settings(self, ca_id: str, settings: CASettings, actor: Actor) -> CAView:
         now = self._clock()
@@ -925,7 +930,13 @@ class AuthorityService:
         """CAs left CREATING by a process that died mid-creation become FAILED, audited
         (a creation takes seconds: one still CREATING after ``older_than`` is orphaned)."""
         now = self._clock()
-        settled = []
+        settled: list[str] = []
+        with self._store.read() as conn:  # the common case: nothing to settle, no write
+            if not any(
+                r.created_at <= now - older_than
+                for r in self._store.list_cas(conn, status=CAStatus.CREATING.value)
+            ):
+                return settled
         with self._store.write() as conn:
             for record in self._store.list_cas(conn, status=CAStatus.CREATING.value):
                 if record.created_at > now - older_than:

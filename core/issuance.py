@@ -30,6 +30,7 @@ from pkigate.core.authorities import (
     AuthorityService,
     SigningMaterial,
     check_idempotency_token,
+    effective_status,
 )
 from pkigate.core.errors import (
     BadCSRError,
@@ -281,7 +282,7 @@ class Issuer:
             if template.name != OCSP_RESPONDER_TEMPLATE:
                 raise PolicyViolationError(f"an OCSP responder takes {OCSP_RESPONDER_TEMPLATE}")
             material = self._authorities.signing_material(request.ca_id, now, require_active=False)
-            status = self._authorities.describe(request.ca_id).status
+            status = effective_status(self._authorities.get(request.ca_id), now)
             if status.value not in _RESPONDER_STATES:
                 raise CANotActiveError(f"CA {request.ca_id} is {status.value}")
         else:

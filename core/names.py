@@ -403,6 +403,9 @@ class NamePolicy:
             self._refuse("URI", value)
 
     def _check_dirname(self, name: x509.Name) -> None:
+        if not (self.permitted_dirname or self.excluded_dirname):
+            return
+
         def within(base: x509.Name) -> bool:
             rdns, prefix = list(name.rdns), list(base.rdns)
             return len(prefix) <= len(rdns) and rdns[: len(prefix)] == prefix

@@ -66,7 +66,6 @@ log = logging.getLogger("pkigate.ocsp")
 MAX_REQUEST_BYTES = 64 * 1024
 # RFC 8954 section 2.1: nonces of 1 to 32 octets; longer ones are refused.
 MAX_NONCE_BYTES = 32
-RESPONDER_TEMPLATE = OCSP_RESPONDER_TEMPLATE
 RESPONDER_LIFETIME = timedelta(days=30)
 SHORT_LIVED_RESPONDER_LIFETIME = timedelta(days=7)
 # Renew once less than this share of the responder certificate's lifetime remains.
@@ -488,27 +487,18 @@ class OCSPResponder:
         its certificate was revoked)."""
         with self._store.read() as conn:
             record = ocsp_store.latest_responder(conn, ca_id)
-            blob = self._store.key_blob(conn, record.key_id) if record else None
-            issued = (
-                self._store.get_certificate(
-                    conn,
-                    ca_id,
-                    format(
-                        x509.load_der_x509_certificate(record.certificate_der).serial_number, "x"
-                    ),
-                )
-                if record is not None
-                else None
+            if record is None:
+                return None, None
+            blob = self._store.key_blob(conn, record.key_id)
+            certificate = x509.load_der_x509_certificate(record.certificate_der)
+            issued = self._store.get_certificate(
+                conn, ca_id, format(certificate.serial_number, "x")
             )
-        if record is None or blob is None:
+        if blob is None or (
+            issued is not None and issued.status == CertificateStatus.REVOKED.value
+        ):
             return record, None
-        if issued is not None and issued.status == CertificateStatus.REVOKED.value:
-            return record, None
-        responder = _Responder(
-            record,
-            x509.load_der_x509_certificate(record.certificate_der),
-            self._keys.load(record.key_id, blob),
-        )
+        responder = _Responder(record, certificate, self._keys.load(record.key_id, blob))
         return record, responder
 
     def _wait_for_other_creator(
@@ -614,7 +604,7 @@ class OCSPResponder:
                 csr=csr,
                 validity=Validity(ValidityType.ABSOLUTE, int(not_after.timestamp())),
                 requester=REQUESTER,
-                template=RESPONDER_TEMPLATE,
+                template=OCSP_RESPONDER_TEMPLATE,
                 for_ocsp_responder=True,
             )
         )

@@ -356,18 +356,6 @@ class Store:
         ).first()
         return _certificate(row) if row is not None else None
 
-    def certificate_by_fingerprint(
-        self, conn: Connection, fingerprint_sha256: str
-    ) -> CertificateRecord | None:
-        """The certificate with this SHA-256 fingerprint, if a CA here issued it (for rare
-        lookups such as a CA's own certificate: the column has no index)."""
-        row = conn.execute(
-            select(schema.certificates)
-            .where(schema.certificates.c.fingerprint_sha256 == fingerprint_sha256)
-            .limit(1)
-        ).first()
-        return _certificate(row) if row is not None else None
-
     def get_certificate_by_id(self, conn: Connection, row_id: int) -> CertificateRecord | None:
         row = conn.execute(
             select(schema.certificates).where(schema.certificates.c.id == row_id)
