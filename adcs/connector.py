@@ -14,7 +14,6 @@ import base64
 import binascii
 import logging
 import re
-import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -224,10 +223,8 @@ class AdcsConnector(Connector):
         return request.remote_addr or "unknown"
 
     def _client_certificate(self) -> x509.Certificate | None:
-        sock = request.environ.get("gunicorn.socket")
-        if not isinstance(sock, ssl.SSLSocket):
-            return None
-        der = sock.getpeercert(binary_form=True)
+        # The HTTP layer (gateways/server.py) puts the TLS client certificate here.
+        der = request.environ.get("pkigate.client_certificate")
         return None if der is None else x509.load_der_x509_certificate(der)
 
     def _basic_principal(self) -> Principal:

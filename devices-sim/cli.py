@@ -27,6 +27,11 @@ from typing import Any
 import click
 from rich.console import Console
 
+try:
+    import pyhanko_certvalidator  # noqa: F401 - the simulator's checks need it
+except ImportError:  # pragma: no cover - depends on how pkigate was installed
+    sys.exit("pkigate-sim needs pkigate's sim extra: pip install 'pkigate[sim]'")
+
 from pkigate.devsim.config import FleetConfigError, FleetSettings, load_fleet_file, with_overrides
 from pkigate.devsim.report import print_summary
 from pkigate.devsim.simulation import ExternalServer, Outputs, SpawnOptions, simulate

@@ -4,8 +4,12 @@ Example (every key optional; without a file `pkigate serve` runs the embedded de
 
     data_dir = "/var/lib/pkigate"
     database_url = "postgresql://pkigate@db/pkigate"
-    workers = 4
+    workers = 4                       # worker processes, each serving both listeners
     max_body_bytes = 1048576
+    max_connections = 1000            # per worker and listener; slow clients cost memory only
+    header_timeout_seconds = 10       # TLS handshake + request line + headers; idle keep-alive
+    body_timeout_seconds = 30         # the whole request body
+    keepalive_requests = 1000         # requests served on one connection
 
     [listeners]
     http = "127.0.0.1:8080"           # CA certificates, CRLs, OCSP, SCEP
@@ -117,7 +121,13 @@ class GatewayConfig:
     data_dir: Path | None = None
     database_url: str | None = None
     workers: int = 1
-    threads: int = 8
+    # The HTTP layer (server.py): connections held per worker and listener, and how long
+    # a client may take to send a request's headers (also the idle keep-alive limit) and
+    # its body; requests served on one connection.
+    max_connections: int = 1000
+    header_timeout_seconds: int = 10
+    body_timeout_seconds: int = 30
+    keepalive_requests: int = 1000
     job_threads: int = 1  # per process, for the CA's own jobs and again for each connector's
     max_body_bytes: int = DEFAULT_MAX_BODY
     log_level: str = "INFO"
@@ -272,7 +282,10 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
             "data_dir",
             "database_url",
             "workers",
-            "threads",
+            "max_connections",
+            "header_timeout_seconds",
+            "body_timeout_seconds",
+            "keepalive_requests",
             "job_threads",
             "max_body_bytes",
             "log_level",
@@ -361,7 +374,18 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
         data_dir=Path(data_dir) if data_dir else None,
         database_url=reader.string(data, "database_url", "database_url"),
         workers=reader.integer(data, "workers", "workers", 1, 1, 64),
-        threads=reader.integer(data, "threads", "threads", 8, 1, 256),
+        max_connections=reader.integer(
+            data, "max_connections", "max_connections", 1000, 10, 100_000
+        ),
+        header_timeout_seconds=reader.integer(
+            data, "header_timeout_seconds", "header_timeout_seconds", 10, 1, 300
+        ),
+        body_timeout_seconds=reader.integer(
+            data, "body_timeout_seconds", "body_timeout_seconds", 30, 1, 3600
+        ),
+        keepalive_requests=reader.integer(
+            data, "keepalive_requests", "keepalive_requests", 1000, 1, 1_000_000
+        ),
         job_threads=reader.integer(data, "job_threads", "job_threads", 1, 0, 32),
         max_body_bytes=reader.integer(
             data, "max_body_bytes", "max_body_bytes", DEFAULT_MAX_BODY, 1024, 64 * 1024 * 1024

@@ -7,9 +7,15 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from flask import g, has_request_context
-
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+
+
+def _request_id() -> str | None:
+    # Flask only where it is loaded already: the server's arbiter logs without it.
+    flask = sys.modules.get("flask")
+    if flask is None or not flask.has_request_context():
+        return None
+    return getattr(flask.g, "request_id", None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,8 +26,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if has_request_context() and getattr(g, "request_id", None):
-            entry["request_id"] = g.request_id
+        request_id = _request_id()
+        if request_id:
+            entry["request_id"] = request_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

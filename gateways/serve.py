@@ -1,18 +1,16 @@
-"""`pkigate serve`: bootstrap once, then run each listener under gunicorn.
+"""`pkigate serve`: bootstrap once, then become the server's arbiter.
 
-The parent process creates what the configuration names (CAs, the HTTPS certificate, the
-first admin token), prints every URL, then starts one gunicorn arbiter per listener (plain
-HTTP and HTTPS) as child processes and supervises them, as a lean process of its own
-(``supervisor.py``, exec'd in place of this one). Each gunicorn worker opens its own
-core; everything a request needs lives in the store, so any number of workers (and hosts
+The process creates what the configuration names (CAs, the HTTPS certificate, the first
+admin token), prints every URL, then replaces itself (``execv``: the same process id, so
+a service manager's PID stays right, and none of the bootstrap's memory) with one gunicorn
+arbiter serving both listeners (``server.py``). Each worker opens its own core;
+everything a request needs lives in the store, so any number of workers (and hosts
 sharing a PostgreSQL database) serve the same state.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import ssl
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,8 +18,7 @@ from typing import Any, NoReturn
 
 from pkigate.gateways.config import GatewayConfig, load_config, parse_config
 from pkigate.gateways.logs import configure_logging
-
-METRICS_DIR = "metrics"
+from pkigate.gateways.server import SETTINGS_ENV, ServerSettings
 
 
 def effective_config(
@@ -42,7 +39,7 @@ def banner(gateway: Any, token_path: Path | None, tls: tuple[Path, Path]) -> str
     lines = [
         f"pkigate serving data directory {gateway.core.data_dir}",
         f"  database            {gateway.core.store.engine.url.render_as_string()}",
-        f"  workers             {gateway.config.workers} per listener",
+        f"  workers             {gateway.config.workers} (each serves both listeners)",
         f"  HTTP  {listeners.http_url:<28} CA certificates, CRLs, OCSP, SCEP",
         f"  HTTPS {listeners.https_url:<28} ACME, AD-style enrollment, management API",
         f"  management API      {listeners.https_url}/api/v1  "
@@ -69,7 +66,7 @@ def banner(gateway: Any, token_path: Path | None, tls: tuple[Path, Path]) -> str
 def serve(
     config_path: Path | None, data_dir: Path | None, database_url: str | None, workers: int | None
 ) -> NoReturn:
-    from pkigate.gateways.runtime import Gateway
+    from pkigate.gateways.runtime import CLIENT_CA_FILE, Gateway
 
     config = effective_config(config_path, data_dir, database_url, workers)
     configure_logging(config.log_level)
@@ -78,103 +75,30 @@ def serve(
     gateway.ensure_client_ca_bundle()
     token_path = gateway.ensure_admin_token()
     print(banner(gateway, token_path, tls), flush=True)
-    resolved_data_dir = gateway.core.data_dir
+    resolved = replace(config, data_dir=gateway.core.data_dir)
+    client_cas = gateway.core.data_dir / "tls" / CLIENT_CA_FILE
+    settings = ServerSettings(
+        http=config.listeners.http,
+        https=config.listeners.https,
+        workers=config.workers,
+        max_connections=config.max_connections,
+        header_timeout_seconds=config.header_timeout_seconds,
+        body_timeout_seconds=config.body_timeout_seconds,
+        keepalive_requests=config.keepalive_requests,
+        max_body_bytes=config.max_body_bytes,
+        log_level=config.log_level,
+        data_dir=str(gateway.core.data_dir),
+        tls_certificate=str(tls[0]),
+        tls_key=str(tls[1]),
+        client_cas=str(client_cas) if client_cas.exists() else None,
+        config_path=str(config_path) if config_path else None,
+        database_url=resolved.database_url,
+    )
     gateway.close()
-
-    base = [
-        sys.executable,
-        "-m",
-        "pkigate.gateways.serve",
-        "--data-dir",
-        str(resolved_data_dir),
-        "--workers",
-        str(config.workers),
-    ]
-    if config_path:
-        base += ["--config", str(config_path)]
-    if database_url:
-        base += ["--database-url", database_url]
-    # Become the lean supervisor (see supervisor.py): same process, none of this memory.
+    # Become the arbiter (server.py): the same process id, none of this memory. The
+    # settings travel in the environment, not on a command line everyone can read (the
+    # database URL may carry a password).
     sys.stdout.flush()
     sys.stderr.flush()
-    metrics_dir = str(resolved_data_dir / METRICS_DIR)
-    os.execv(  # noqa: S606 - this interpreter and our own module, no shell
-        sys.executable,
-        [sys.executable, "-m", "pkigate.gateways.supervisor", metrics_dir, "--", *base],
-    )
-
-
-def run_listener(config: GatewayConfig, listener: str) -> None:
-    """One gunicorn arbiter for one listener (runs in a child of `pkigate serve`)."""
-    from gunicorn.app.base import BaseApplication
-    from prometheus_client import multiprocess
-
-    from pkigate.gateways.app import create_app
-    from pkigate.gateways.runtime import CLIENT_CA_FILE, Gateway
-
-    configure_logging(config.log_level)
-    address = config.listeners.http if listener == "http" else config.listeners.https
-    options: dict[str, Any] = {
-        "bind": address,
-        "workers": config.workers,
-        "worker_class": "gthread",
-        "threads": config.threads,
-        "timeout": 60,
-        "graceful_timeout": 10,
-        "keepalive": 5,
-        "accesslog": None,
-        "errorlog": "-",
-        "loglevel": "warning",
-        "proc_name": f"pkigate-{listener}",
-        "limit_request_line": 8190,
-        "child_exit": lambda _server, worker: multiprocess.mark_process_dead(worker.pid),
-    }
-    if listener == "https":
-        if config.listeners.tls_certificate and config.listeners.tls_key:
-            options["certfile"] = str(config.listeners.tls_certificate)
-            options["keyfile"] = str(config.listeners.tls_key)
-        else:
-            data_dir = (config.data_dir or Path("pkigate-data")).resolve()
-            options["certfile"] = str(data_dir / "tls" / "server.pem")
-            options["keyfile"] = str(data_dir / "tls" / "server.key")
-        client_cas = (config.data_dir or Path("pkigate-data")).resolve() / "tls" / CLIENT_CA_FILE
-        if client_cas.exists():
-            # Ask for a client certificate but do not require one: the AD-style connector
-            # maps certificates it issued back to their principal for renewal.
-            options["cert_reqs"] = ssl.CERT_OPTIONAL
-            options["ca_certs"] = str(client_cas)
-
-    class ListenerApplication(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            for key, value in options.items():
-                self.cfg.set(key, value)
-            if "control_socket_disable" in self.cfg.settings:
-                # gunicorn >= 25 opens a control socket at one path per user
-                # ($XDG_RUNTIME_DIR or ~/.gunicorn/gunicorn.ctl) that both of our arbiters,
-                # and every other pkigate on the host, would share: the supervisor is the
-                # control interface here.
-                self.cfg.set("control_socket_disable", True)
-
-        def load(self) -> Any:
-            # Runs in each worker after the fork: every worker has its own connections.
-            gateway = Gateway.open(config)
-            gateway.start_background_work()
-            return create_app(gateway, listener)  # type: ignore[arg-type]
-
-    ListenerApplication().run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pkigate-listener")
-    parser.add_argument("--config", type=Path)
-    parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--database-url")
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--listener", choices=["http", "https"], required=True)
-    args = parser.parse_args(argv)
-    config = effective_config(args.config, args.data_dir, args.database_url, args.workers)
-    run_listener(config, args.listener)
-
-
-if __name__ == "__main__":
-    main()
+    os.environ[SETTINGS_ENV] = settings.to_json()
+    os.execv(sys.executable, [sys.executable, "-m", "pkigate.gateways.server"])  # noqa: S606

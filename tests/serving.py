@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import requests
@@ -56,7 +57,8 @@ def start_server(
     *,
     workers: int = 1,
     database_url: str | None = None,
-    extra_config: str = "",
+    extra_config: str = "",  # tables, after [listeners]
+    top_config: str = "",  # top-level keys
     timeout: float = 60.0,
 ) -> RunningServer:
     # A free port can be taken by another process (another xdist worker's server) before
@@ -67,7 +69,7 @@ def start_server(
     fresh = not data_dir.exists()
     for attempt in range(START_ATTEMPTS):
         try:
-            return _start_server(data_dir, workers, database_url, extra_config, timeout)
+            return _start_server(data_dir, workers, database_url, extra_config, top_config, timeout)
         except PortTaken:
             if attempt == START_ATTEMPTS - 1:
                 raise
@@ -88,6 +90,7 @@ def _start_server(
     workers: int,
     database_url: str | None,
     extra_config: str,
+    top_config: str,
     timeout: float,
 ) -> RunningServer:
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +99,7 @@ def _start_server(
         f'data_dir = "{data_dir}"\n'
         + (f'database_url = "{database_url}"\n' if database_url else "")
         + f"workers = {workers}\n"
+        + top_config  # top-level keys, before the first table
         + f'[listeners]\nhttp = "127.0.0.1:{server.http_port}"\n'
         + f'https = "127.0.0.1:{server.https_port}"\n'
         + extra_config
@@ -103,3 +107,30 @@ def _start_server(
     server.log_path.write_bytes(b"")  # this start's log only
     server.start()  # stops what it started if the server never becomes ready
     return server
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a server's workers), now."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def eventually_ok(url: str, verify: str | bool = True, seconds: float = 60) -> bool:
+    """Whether ``url`` answers 200 within ``seconds`` (a worker being replaced, say)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=5, verify=verify).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    return False

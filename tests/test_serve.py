@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import requests
 from cryptography import x509
 from helpers import fresh_postgres_database, make_csr
-from serving import PKIGATE, RunningServer, start_server
+from serving import PKIGATE, RunningServer, child_pids, eventually_ok, start_server
 
 from pkigate.core import Core
 
@@ -173,43 +174,44 @@ def test_a_bad_configuration_stops_the_start_with_the_place_of_the_error(tmp_pat
     assert not (tmp_path / "data").exists()  # nothing was created
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(stat[1]) == pid:
-                found.append(int(entry.name))
-    return found
+def test_the_server_process_becomes_a_lean_arbiter_of_workers_serving_both_listeners(
+    tmp_path: Path,
+) -> None:
+    running = start_server(tmp_path / "data", workers=2)
+    try:
+        pid = running.process.pid
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"pkigate.gateways.server" in command  # the same process, exec'd
+        # The bootstrap's libraries (cryptography's, SQLite's) are not held for the
+        # server's life: the arbiter maps neither; its workers do the work.
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "_rust" not in maps and "_sqlite3" not in maps
+        workers = child_pids(pid)
+        assert len(workers) == 2
+        for worker in workers:
+            assert "_rust" in Path(f"/proc/{worker}/maps").read_text()
+        # Each worker serves both listeners: every fresh connection lands on either.
+        for _ in range(4):
+            assert requests.get(f"{running.http_url}/healthz", timeout=5).status_code == 200
+            https = requests.get(
+                f"{running.https_url}/healthz", timeout=5, verify=str(running.tls_bundle)
+            )
+            assert https.status_code == 200
+    finally:
+        assert running.stop() == 0
 
 
-def test_the_server_process_becomes_a_lean_supervisor_of_both_listeners(
+def test_a_killed_worker_is_replaced_and_the_listeners_keep_serving(
     server: RunningServer,
 ) -> None:
-    pid = server.process.pid
-    command = (Path(f"/proc/{pid}/cmdline")).read_bytes().split(b"\0")
-    assert b"pkigate.gateways.supervisor" in command  # the same process, exec'd
-    # The bootstrap's libraries (cryptography's, SQLite's) are not held for the server's
-    # life: the supervisor maps neither.
-    maps = Path(f"/proc/{pid}/maps").read_text()
-    assert "_rust" not in maps and "_sqlite3" not in maps
-    listeners = [
-        " ".join(Path(f"/proc/{child}/cmdline").read_bytes().decode().split("\0"))
-        for child in _children(pid)
-    ]
-    assert sorted(c.rsplit("--listener ", 1)[1].strip() for c in listeners) == ["http", "https"]
-
-
-def test_when_a_listener_dies_the_other_is_stopped_and_the_server_exits_with_an_error(
-    server: RunningServer,
-) -> None:
-    arbiters = _children(server.process.pid)
-    assert len(arbiters) == 2
-    os.kill(arbiters[0], signal.SIGKILL)
-    assert server.process.wait(30) != 0
-    assert "a listener exited; stopping the other" in server.log.read_text()
-    # Both arbiters were waited for (reaped) before the supervisor exited.
-    assert not any(Path(f"/proc/{arbiter}").exists() for arbiter in arbiters)
+    (worker,) = child_pids(server.process.pid)
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    replacements: list[int] = []
+    while time.monotonic() < deadline and not replacements:
+        replacements = [pid for pid in child_pids(server.process.pid) if pid != worker]
+        time.sleep(0.2)
+    assert replacements, "the arbiter started no new worker"
+    assert eventually_ok(f"{server.http_url}/healthz")
+    assert eventually_ok(f"{server.https_url}/readyz", verify=str(server.tls_bundle))
+    assert server.process.poll() is None

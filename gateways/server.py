@@ -1,0 +1,363 @@
+"""The HTTP layer under pkigate's two WSGI apps: one gunicorn arbiter, gevent workers.
+
+Why this server (measured with ``bench/slow_clients.py``, figures in DESIGN.md): with
+gunicorn's sync or gthread workers every open request holds a thread from its first byte,
+so a few dozen slowloris connections (a request line, then a header every few seconds)
+stopped OCSP, CRLs and SCEP for everybody. A gevent worker holds each connection in a
+greenlet: a slow client costs a few kilobytes and a timer, never a worker. granian (Rust)
+holds slow headers just as well, but reads request bodies from a blocking thread with no
+deadline and does not hand the TLS client certificate to a WSGI app, which AD-style
+renewal by certificate needs. Here:
+
+* One arbiter binds both listeners; each worker serves both (plain HTTP for CA
+  certificates, CRLs, OCSP and SCEP; TLS for ACME, AD-style enrollment and the API) from
+  one :class:`~pkigate.gateways.runtime.Gateway`, so a worker opens the core once. TLS is
+  set up here for the HTTPS socket only (gunicorn's own TLS settings would wrap every
+  listener of an arbiter).
+* Deadlines: a TLS handshake and a request's line and headers must arrive within
+  ``header_timeout_seconds`` (also the idle keep-alive limit), a body within
+  ``body_timeout_seconds``; a connection serves at most ``keepalive_requests`` requests;
+  a worker holds at most ``max_connections`` connections per listener.
+* A request body is read completely (up to ``max_body_bytes``, under its deadline) before
+  the app runs, so a slow or broken upload never reaches the app: a malformed chunked
+  body or one shorter than its Content-Length is answered 400, a late one 408, both with
+  ``Connection: close``. A body over the limit is handed on cut at the limit (the app
+  answers 413 in its protocol's own format) and the connection is closed after the answer.
+* Workers die with the arbiter (PR_SET_PDEATHSIG), so a service manager that restarts
+  ``pkigate serve`` finds the ports free. SIGHUP restarts the workers gracefully (they
+  reopen the store and reload the TLS certificate and key files); the configuration file
+  is read at start only. Every line gunicorn writes is a JSON log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pkigate.gateways.logs import JsonFormatter, configure_logging
+
+METRICS_DIR = "metrics"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+SETTINGS_ENV = "PKIGATE_SERVER_SETTINGS"
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+log = logging.getLogger("pkigate.server")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the arbiter needs, worked out by ``pkigate serve``'s bootstrap (which has
+    parsed the configuration and made the TLS certificate), so that the arbiter imports
+    neither the core nor the configuration: each worker parses the configuration again
+    for itself, after the fork."""
+
+    http: str  # listener addresses, HOST:PORT
+    https: str
+    workers: int
+    max_connections: int
+    header_timeout_seconds: int
+    body_timeout_seconds: int
+    keepalive_requests: int
+    max_body_bytes: int
+    log_level: str
+    data_dir: str
+    tls_certificate: str  # the HTTPS listener's certificate (with its chain) and key
+    tls_key: str
+    client_cas: str | None  # CAs whose client certificates the HTTPS listener asks for
+    config_path: str | None  # for the workers' own parse of the configuration
+    database_url: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerSettings:
+        return cls(**json.loads(text))
+
+
+def server_tls_context(settings: ServerSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=settings.client_cas)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=settings.tls_certificate, keyfile=settings.tls_key)
+    # Ask for a client certificate, never require one: the AD-style connector maps
+    # certificates it issued back to their principal for renewal.
+    context.verify_mode = ssl.CERT_OPTIONAL if settings.client_cas else ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class ListenerApps:
+    """The WSGI app a worker serves: the plain-HTTP or the HTTPS app, by the socket the
+    request came in on. It tells the app the listener's scheme and, on TLS, the client
+    certificate (``pkigate.client_certificate``: DER, or absent)."""
+
+    def __init__(self, http: WSGIApp, https: WSGIApp) -> None:
+        self.http = http
+        self.https = https
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        sock = environ.get("gunicorn.socket")
+        if isinstance(sock, ssl.SSLSocket):
+            environ["wsgi.url_scheme"] = "https"
+            with contextlib.suppress(ValueError, ssl.SSLError):
+                der = sock.getpeercert(binary_form=True)
+                if der:
+                    environ["pkigate.client_certificate"] = der
+            return self.https(environ, start_response)
+        environ["wsgi.url_scheme"] = "http"
+        return self.http(environ, start_response)
+
+
+def _die_with_parent(expected_parent: int) -> None:
+    """SIGTERM this process when its parent (the arbiter) dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot ask to die with the arbiter: errno %d", ctypes.get_errno())
+    if os.getppid() != expected_parent:  # it died before the request took effect
+        os._exit(0)
+
+
+def _plain_answer(status: str, message: str) -> bytes:
+    body = json.dumps({"error": {"code": status.split(" ", 1)[1], "message": message}}).encode()
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def make_worker_class() -> type[Any]:
+    """The gevent worker class (built on demand: importing gunicorn's gevent worker
+    imports gevent, which only workers need)."""
+    import gevent
+    from gevent.local import local as greenlet_local
+    from gevent.pool import Pool
+    from gevent.server import StreamServer
+    from gunicorn.http import errors as http_errors
+    from gunicorn.workers.base_async import AsyncWorker
+    from gunicorn.workers.ggevent import GeventWorker
+
+    class PkigateWorker(GeventWorker):  # type: ignore[misc]
+        """gunicorn's gevent worker with pkigate's deadlines, TLS on the HTTPS listener
+        only, whole-body reads before the app, and a graceful stop that waits for
+        requests in flight, not for idle keep-alive connections."""
+
+        pkigate_settings: ServerSettings
+
+        def init_process(self) -> None:
+            _die_with_parent(self.ppid)
+            settings = self.pkigate_settings
+            self.header_timeout = float(settings.header_timeout_seconds)
+            self.body_timeout = float(settings.body_timeout_seconds)
+            self.keepalive_requests = settings.keepalive_requests
+            self.max_body = settings.max_body_bytes
+            # A socket operation may block this long: longer than either deadline, which
+            # end a slow request quietly before the socket's own timeout would raise.
+            self.io_timeout = max(self.header_timeout, self.body_timeout) + 5.0
+            self.in_flight = 0
+            super().init_process()  # monkey-patches, then loads the app (and the core)
+
+        def timeout_ctx(self) -> Any:
+            return gevent.Timeout(self.header_timeout, False)
+
+        def run(self) -> None:
+            https_port = int(self.pkigate_settings.https.rsplit(":", 1)[1])
+            tls = server_tls_context(self.pkigate_settings)
+            self.connection_state = greenlet_local()
+            servers = []
+            for sock in self.sockets:
+                sock.setblocking(1)
+                secure = sock.getsockname()[1] == https_port  # the two listeners' ports differ
+                ssl_args: dict[str, Any] = (
+                    {"ssl_context": tls, "do_handshake_on_connect": False} if secure else {}
+                )
+                server = StreamServer(
+                    sock,
+                    handle=lambda client, addr, sock=sock: self.handle(sock, client, addr),
+                    spawn=Pool(self.worker_connections),
+                    **ssl_args,
+                )
+                if self.cfg.workers > 1:
+                    server.max_accept = 1
+                server.start()
+                servers.append(server)
+            while self.alive:
+                self.notify()
+                gevent.sleep(1.0)
+            # Graceful stop: take no new connections, finish the requests in flight (idle
+            # keep-alive connections are simply closed when the process ends).
+            for server in servers:
+                server.close()
+            deadline = time.monotonic() + self.cfg.graceful_timeout
+            while self.in_flight and time.monotonic() < deadline:
+                self.notify()
+                gevent.sleep(0.1)
+
+        def handle(self, listener: Any, client: Any, addr: Any) -> None:
+            client.settimeout(self.io_timeout)
+            if isinstance(client, ssl.SSLSocket):
+                try:
+                    with gevent.Timeout(self.header_timeout):
+                        client.do_handshake()
+                except (OSError, gevent.Timeout) as exc:
+                    # Scanners, wrong protocols, slow or silent clients: nothing to log
+                    # above debug, and no traceback.
+                    log.debug("TLS handshake with %s failed: %s", addr, exc)
+                    client.close()
+                    return
+            self.connection_state.requests = 0
+            AsyncWorker.handle(self, listener, client, addr)
+
+        def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
+            state = self.connection_state
+            state.requests = getattr(state, "requests", 0) + 1
+            if state.requests >= self.keepalive_requests:
+                req.must_close = True
+            refusal = self._read_body(req)
+            if refusal is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendall(refusal)
+                raise StopIteration  # closes the connection
+            self.in_flight += 1
+            try:
+                return bool(super().handle_request(listener_name, req, sock, addr))
+            finally:
+                self.in_flight -= 1
+
+        def _read_body(self, req: Any) -> bytes | None:
+            """Replace the request's body by its bytes, read under the body deadline;
+            the answer to send instead of running the app, if the body is unusable."""
+            headers = dict(req.headers)
+            chunked = "chunked" in headers.get("TRANSFER-ENCODING", "").lower()
+            # gunicorn has checked that a Content-Length is a number already.
+            declared = None if chunked else int(headers.get("CONTENT-LENGTH", "0") or 0)
+            if declared == 0:
+                return None
+            try:
+                with gevent.Timeout(self.body_timeout):
+                    data = req.body.read(self.max_body + 1)
+            except gevent.Timeout:
+                return _plain_answer(
+                    "408 Request Timeout", f"the body did not arrive in {self.body_timeout:g} s"
+                )
+            except (http_errors.ParseException, OSError, ValueError) as exc:
+                # Invalid chunk sizes, missing terminators, a body shorter than its
+                # Content-Length (the client closed): answered, never a 500.
+                log.info("unreadable request body: %s", type(exc).__name__)
+                return _plain_answer("400 Bad Request", "the request body is malformed")
+            if declared is not None and len(data) < min(declared, self.max_body + 1):
+                # The client closed before its Content-Length was complete.
+                return _plain_answer("400 Bad Request", "the request body is shorter than declared")
+            if len(data) > self.max_body:
+                req.must_close = True  # the rest of the body is never read
+            # The app sees a plain body of known length (the declared one when over the
+            # limit, so that it answers 413 in its own protocol's terms).
+            req.headers = [
+                (name, value)
+                for name, value in req.headers
+                if name not in ("CONTENT-LENGTH", "TRANSFER-ENCODING")
+            ] + [("CONTENT-LENGTH", str(declared if declared is not None else len(data)))]
+            req.body = io.BytesIO(data)
+            return None
+
+    return PkigateWorker
+
+
+def gunicorn_logger_class() -> type[Any]:
+    from gunicorn.glogging import Logger
+
+    class JsonLogger(Logger):  # type: ignore[misc]
+        """gunicorn's own lines (worker boots, deaths, timeouts) as JSON like ours."""
+
+        def setup(self, cfg: Any) -> None:
+            super().setup(cfg)
+            for handler in (*self.error_log.handlers, *self.access_log.handlers):
+                handler.setFormatter(JsonFormatter())
+
+    return JsonLogger
+
+
+def run_server(settings: ServerSettings) -> None:
+    """The arbiter: both listeners, ``settings.workers`` gevent workers, until stopped."""
+    from gunicorn.app.base import BaseApplication
+    from prometheus_client import multiprocess
+
+    configure_logging(settings.log_level)
+    # prometheus_client's multiprocess mode: one file set per worker, fresh for each start.
+    metrics_dir = Path(settings.data_dir) / METRICS_DIR
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(mode=0o700)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    worker_class = make_worker_class()
+    worker_class.pkigate_settings = settings  # inherited by every worker the arbiter forks
+    options: dict[str, Any] = {
+        "bind": [settings.http, settings.https],
+        "workers": settings.workers,
+        "worker_class": worker_class,
+        "worker_connections": settings.max_connections,
+        "timeout": 60,
+        "graceful_timeout": 10,
+        "keepalive": settings.header_timeout_seconds,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "warning",
+        "logger_class": gunicorn_logger_class(),
+        "proc_name": "pkigate",
+        "limit_request_line": 8190,
+        "do_handshake_on_connect": True,  # our worker completes the handshake itself
+        "child_exit": lambda _server, worker: multiprocess.mark_process_dead(worker.pid),
+    }
+
+    class PkigateApplication(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
+            if "control_socket_disable" in self.cfg.settings:
+                # gunicorn >= 25 opens a control socket at one path per user
+                # ($XDG_RUNTIME_DIR or ~/.gunicorn/gunicorn.ctl), shared by every pkigate
+                # on the host: signals to the arbiter are the control interface here.
+                self.cfg.set("control_socket_disable", True)
+
+        def load(self) -> WSGIApp:
+            # Runs in each worker after the fork (and gevent's monkey-patching): every
+            # worker parses the configuration, opens its own store connections and runs
+            # its own background job greenlets.
+            from pkigate.gateways.app import create_app
+            from pkigate.gateways.runtime import Gateway
+            from pkigate.gateways.serve import effective_config
+
+            config = effective_config(
+                Path(settings.config_path) if settings.config_path else None,
+                Path(settings.data_dir),
+                settings.database_url,
+                settings.workers,
+            )
+            gateway = Gateway.open(config)
+            gateway.start_background_work()
+            return ListenerApps(create_app(gateway, "http"), create_app(gateway, "https"))
+
+    PkigateApplication().run()
+    sys.exit(0)
+
+
+def main() -> None:
+    text = os.environ.pop(SETTINGS_ENV, None)
+    if text is None:
+        sys.exit(f"{__name__} is started by `pkigate serve`, which sets {SETTINGS_ENV}")
+    run_server(ServerSettings.from_json(text))
+
+
+if __name__ == "__main__":
+    main()

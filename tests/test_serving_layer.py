@@ -1,0 +1,334 @@
+"""The HTTP layer under the apps (gateways/server.py), against a real `pkigate serve`: slow
+and broken clients cost connections, never service; the arbiter's children die with it;
+SIGHUP restarts the workers; every line the server writes is JSON."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
+from helpers import make_csr
+from serving import RunningServer, child_pids, eventually_ok, start_server
+
+from pkigate.devsim.scep_client import (
+    ScepClient,
+    certificate_request,
+    new_transaction_id,
+    self_signed,
+)
+from pkigate.scep.messages import PkiStatus
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from slow_clients import SlowLoris
+
+SLOW_PER_LISTENER = 200
+BODY_TIMEOUT = 2
+HEADER_TIMEOUT = 3
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_server(
+        tmp_path_factory.mktemp("serving") / "data",
+        workers=2,
+        top_config=(
+            f"body_timeout_seconds = {BODY_TIMEOUT}\n"
+            f"header_timeout_seconds = {HEADER_TIMEOUT}\n"
+            "max_body_bytes = 65536\n"
+        ),
+    )
+    yield running
+    running.stop()
+
+
+def _tls_context(server: RunningServer) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(server.tls_bundle))
+    context.check_hostname = False
+    return context
+
+
+def _issuing_ca_id(server: RunningServer) -> str:
+    cas = server.session().get(f"{server.https_url}/api/v1/cas", timeout=10).json()["cas"]
+    return next(ca["id"] for ca in cas if ca["subject"] == "CN=pkigate Issuing CA,O=pkigate")
+
+
+def _ocsp_url(server: RunningServer) -> str:
+    admin = server.session()
+    token = admin.post(
+        f"{server.https_url}/api/v1/tokens", json={"name": "serving", "role": "issuer"}, timeout=10
+    ).json()["secret"]
+    ca_id = _issuing_ca_id(server)
+    issued = server.session(token).post(
+        f"{server.https_url}/api/v1/cas/{ca_id}/certificates",
+        json={"csr": make_csr("slow.serving.test").decode(), "validity": "1d"},
+        timeout=30,
+    )
+    assert issued.status_code == 201, issued.text
+    leaf = x509.load_pem_x509_certificate(issued.json()["certificate_pem"].encode())
+    issuer = x509.load_der_x509_certificate(
+        requests.get(f"{server.http_url}/ca/{ca_id}.cer", timeout=10).content
+    )
+    # SHA-1 names the certificate in the CertID, as RFC 5019 clients send it.
+    request = (
+        ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, hashes.SHA1()).build()  # noqa: S303
+    )
+    encoded = base64.b64encode(request.public_bytes(serialization.Encoding.DER)).decode()
+    return f"{server.http_url}/ocsp/{ca_id}/{encoded}"
+
+
+def _scep_enroll(server: RunningServer, name: str) -> x509.Certificate:
+    created = server.session().post(
+        f"{server.https_url}/api/v1/connectors/scep/challenges", json={}, timeout=10
+    )
+    assert created.status_code == 201, created.text
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    session = requests.Session()
+    session.trust_env = False
+    client = ScepClient(f"{server.http_url}/scep", session, timeout=10)
+    ca = client.get_ca_cert()
+    reply = client.enroll(
+        ca,
+        self_signed(key, subject),
+        key,
+        certificate_request(key, subject, created.json()["challenge"]),
+        new_transaction_id(),
+    )
+    assert reply.status is PkiStatus.SUCCESS
+    return reply.certificates[0]
+
+
+def test_slow_clients_on_both_listeners_leave_health_ocsp_and_scep_answering(
+    server: RunningServer,
+) -> None:
+    ocsp_url = _ocsp_url(server)
+    with (
+        SlowLoris(server.http_port, SLOW_PER_LISTENER, None) as http_loris,
+        SlowLoris(server.https_port, SLOW_PER_LISTENER, _tls_context(server)) as https_loris,
+    ):
+        # All of them are held at once: the server took every connection (and completed
+        # every TLS handshake) while the others were still sending their headers.
+        assert len(http_loris.sockets) == SLOW_PER_LISTENER
+        assert len(https_loris.sockets) == SLOW_PER_LISTENER
+        assert requests.get(f"{server.http_url}/healthz", timeout=5).status_code == 200
+        https = requests.get(
+            f"{server.https_url}/healthz", timeout=5, verify=str(server.tls_bundle)
+        )
+        assert https.status_code == 200
+        answer = ocsp.load_der_ocsp_response(requests.get(ocsp_url, timeout=5).content)
+        assert answer.certificate_status is ocsp.OCSPCertStatus.GOOD
+        certificate = _scep_enroll(server, "behind-slowloris")
+        assert certificate.subject.rfc4514_string() == "CN=behind-slowloris"
+        # The slow ones are cut off at the header deadline, not kept for ever.
+        time.sleep(HEADER_TIMEOUT + 2)
+        assert http_loris.closed_by_server > 0 and https_loris.closed_by_server > 0
+
+
+def _exchange(port: int, data: bytes, *, wait: float = 15.0) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def _headers(answer: bytes) -> str:
+    return answer.split(b"\r\n\r\n", 1)[0].decode().lower()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"zz\r\nabc\r\n0\r\n\r\n",  # not a chunk size
+        b"3\r\nabcXX0\r\n\r\n",  # a chunk without its CRLF
+        b"-1\r\nabc\r\n0\r\n\r\n",
+    ],
+    ids=["bad-size", "missing-terminator", "negative-size"],
+)
+def test_malformed_chunked_bodies_are_a_400_that_closes_the_connection(
+    server: RunningServer, body: bytes
+) -> None:
+    request = (
+        b"POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/x-pki-message\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    )
+    answer = _exchange(server.http_port, request)
+    assert _status(answer) == 400
+    assert "connection: close" in _headers(answer)
+    assert b"malformed" in answer
+
+
+def test_a_huge_chunk_size_or_a_short_body_waits_only_for_the_body_deadline(
+    server: RunningServer,
+) -> None:
+    began = time.monotonic()
+    answer = _exchange(
+        server.http_port,
+        b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc",
+    )
+    assert _status(answer) in (400, 408)  # too big to ever be read, or not sent in time
+    short = _exchange(
+        server.http_port,
+        b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n"
+        b"Content-Length: 100\r\n\r\nabc",
+    )
+    assert _status(short) == 408
+    assert "connection: close" in _headers(short)
+    assert time.monotonic() - began < 4 * BODY_TIMEOUT + 10
+
+
+def test_a_body_shorter_than_its_content_length_is_a_400(server: RunningServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n"
+            b"Content-Length: 100\r\n\r\nabc"
+        )
+        sock.shutdown(socket.SHUT_WR)  # the client is done: 97 bytes never come
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert _status(answer) == 400
+
+
+def test_an_oversized_body_is_refused_in_the_protocols_terms_and_the_connection_closed(
+    server: RunningServer,
+) -> None:
+    context = _tls_context(server)
+    body = b"{" + b" " * 70_000 + b"}"
+    with (
+        socket.create_connection(("127.0.0.1", server.https_port), timeout=10) as raw,
+        context.wrap_socket(raw) as sock,
+    ):
+        sock.sendall(
+            b"POST /acme/new-account HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/jose+json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert _status(answer) == 413
+    headers = _headers(answer)
+    assert "connection: close" in headers and "keep-alive" not in headers
+    assert "application/problem+json" in headers
+
+
+def test_a_silent_tls_client_is_dropped_at_the_header_deadline(server: RunningServer) -> None:
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.https_port), timeout=30) as sock:
+        assert sock.recv(1) == b""  # no ClientHello: closed by the server
+    assert time.monotonic() - began < HEADER_TIMEOUT + 5
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_sighup_restarts_the_workers_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    running = start_server(tmp_path / "data", workers=2)
+    try:
+        before = set(child_pids(running.process.pid))
+        assert len(before) == 2
+        os.kill(running.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        after: set[int] = set()
+        while time.monotonic() < deadline:
+            after = set(child_pids(running.process.pid))
+            if len(after) == 2 and not after & before:
+                break
+            time.sleep(0.2)
+        assert len(after) == 2 and not after & before, (before, after)
+        assert running.process.poll() is None  # the same arbiter, still running
+        assert eventually_ok(f"{running.http_url}/readyz")
+    finally:
+        assert running.stop() == 0
+
+
+def test_when_the_arbiter_is_killed_no_process_remains_and_the_ports_are_free(
+    tmp_path: Path,
+) -> None:
+    running = start_server(tmp_path / "data", workers=2)
+    process = running.process
+    assert process is not None
+    workers = child_pids(process.pid)
+    assert len(workers) == 2
+    # Keep a connection open on each listener: the workers hold them at the kill.
+    held = [socket.create_connection(("127.0.0.1", port)) for port in running_ports(running)]
+    try:
+        process.send_signal(signal.SIGKILL)  # the arbiter alone, not its process group
+        process.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+            if not alive and all(_port_free(port) for port in running_ports(running)):
+                break
+            time.sleep(0.1)
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+        assert all(_port_free(port) for port in running_ports(running))
+    finally:
+        for sock in held:
+            sock.close()
+        running.stop()  # nothing left to stop; closes the log
+
+
+def running_ports(server: RunningServer) -> tuple[int, int]:
+    return server.http_port, server.https_port
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_every_line_the_server_writes_after_its_banner_is_json(tmp_path: Path) -> None:
+    running = start_server(tmp_path / "data", workers=1)
+    try:
+        (worker,) = child_pids(running.process.pid)
+        os.kill(worker, signal.SIGKILL)  # the arbiter reports the death of its worker
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not [
+            pid for pid in child_pids(running.process.pid) if pid != worker
+        ]:
+            time.sleep(0.2)
+        assert eventually_ok(f"{running.http_url}/healthz")
+    finally:
+        running.stop()
+    lines = running.log.read_text().splitlines()
+    after_banner = lines[
+        next(i for i, line in enumerate(lines) if "first admin token" in line) + 1 :
+    ]
+    assert after_banner, "the server wrote nothing after its banner"
+    records = [json.loads(line) for line in after_banner]  # each one parses
+    assert any(str(worker) in record["msg"] for record in records), records
