@@ -11,8 +11,10 @@ each) for S seconds, cycling through the certificates' requests:
 and prints responses/s, latency percentiles, server CPU per response, and the peak RSS of
 the server's processes. For scale, in the same run: ``cryptography``'s raw OCSP
 build+sign rate with the same responder key (the signing limit), the same gunicorn
-configuration serving a constant body (the HTTP stack's limit), and OpenSSL's own OCSP
-responder (``openssl ocsp -index ... -multi W``), a peer that signs every response.
+configuration serving a constant body (the HTTP stack's limit), and two peers that sign
+every response: OpenSSL's own OCSP responder (``openssl ocsp -index ... -multi W``) over
+the same certificates, and OpenBao's (``/v1/pki/ocsp``, see ``bench/_peers.py``) over as
+many certificates its PKI engine issued, every fourth revoked, asked by the same clients.
 
 CRLs (in-process, a fresh data directory): inserts revoked certificate rows in bulk
 (fake DER, 159-bit serials, mixed reasons; not timed as CRL work), then times
@@ -72,7 +74,7 @@ from pkigate.core.names import parse_dn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from _peers import cpu_seconds, process_tree  # noqa: E402
+from _peers import OpenBaoServer, cpu_seconds, openbao_binary, process_tree  # noqa: E402
 from serving import RunningServer, start_server  # noqa: E402
 
 from pkigate.devsim.spawn import free_port  # noqa: E402
@@ -313,8 +315,10 @@ def setup_ocsp(data_dir: Path, workers: int, certificates: int) -> OCSPSetup:
     return OCSPSetup(server, core, ca_id, issuing, plain, with_nonce, expected, index_lines)
 
 
-def check_answers(host: str, port: int, setup: OCSPSetup, requests: Sequence[bytes]) -> int:
-    """Ask each (framed) request once; count wrong statuses."""
+def check_answers(
+    host: str, port: int, expected: dict[int, ocsp.OCSPCertStatus], requests: Sequence[bytes]
+) -> int:
+    """Ask each (framed) request once; count wrong statuses (``expected`` by serial)."""
     wrong = 0
     sock = socket.create_connection((host, port), timeout=REQUEST_TIMEOUT_S)
     try:
@@ -327,10 +331,7 @@ def check_answers(host: str, port: int, setup: OCSPSetup, requests: Sequence[byt
                 body = exchange(sock, request)
             response = ocsp.load_der_ocsp_response(body)
             answered = response.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
-            if (
-                not answered
-                or response.certificate_status != setup.expected[response.serial_number]
-            ):
+            if not answered or response.certificate_status != expected[response.serial_number]:
                 wrong += 1
     finally:
         sock.close()
@@ -486,6 +487,61 @@ def openssl_responder(
         process.wait(10)
 
 
+@dataclass
+class OpenBaoOCSP:
+    """OpenBao's OCSP responder over certificates its PKI engine issued."""
+
+    port: int
+    pid: int
+    requests: list[bytes]  # framed, without a nonce
+    expected: dict[int, ocsp.OCSPCertStatus]
+
+
+@contextmanager
+def openbao_responder(scratch: Path, certificates: int) -> Iterator[OpenBaoOCSP]:
+    """OpenBao (``bench/_peers.py`` OpenBaoServer) issues ``certificates`` through
+    ``pki/sign/<role>`` and revokes every fourth (``pki/revoke``), as pkigate's side does;
+    its responder (``/v1/pki/ocsp`` on the plain-HTTP listener) signs every answer with
+    the root key."""
+    server = OpenBaoServer(scratch / "openbao")
+    try:
+        server.start()
+        assert server.process is not None and server.root is not None
+        progress(f"OpenBao: issuing {certificates} certificates, revoking every fourth")
+        framed, expected = [], {}
+        host, port = "127.0.0.1", server.ocsp_port
+        path = server.ocsp_url.split(f":{port}", 1)[1]
+        with server.session() as session:
+            for n in range(certificates):
+                key = ec.generate_private_key(ec.SECP256R1())
+                name = f"ocsp-bench-{n}.{server.dns_domain}"
+                csr = (
+                    x509.CertificateSigningRequestBuilder()
+                    .subject_name(parse_dn(f"CN={name}"))
+                    .sign(key, hashes.SHA256())
+                )
+                certificate, _ = server.sign(session, csr)
+                status = ocsp.OCSPCertStatus.GOOD
+                if n % 4 == 0:
+                    server.revoke(session, certificate)
+                    status = ocsp.OCSPCertStatus.REVOKED
+                expected[certificate.serial_number] = status
+                request = (
+                    ocsp.OCSPRequestBuilder()
+                    .add_certificate(
+                        certificate,
+                        server.root,
+                        hashes.SHA1(),  # noqa: S303 - the CertID hash clients send by default
+                    )
+                    .build()
+                    .public_bytes(serialization.Encoding.DER)
+                )
+                framed.append(http_post(host, port, path, request))
+        yield OpenBaoOCSP(port, server.process.pid, framed, expected)
+    finally:
+        server.stop()
+
+
 def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -510,15 +566,15 @@ def bench_ocsp(args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Any],
         plain = [http_post(host, port, f"/ocsp/{setup.ca_id}", r) for r in setup.plain]
         nonced = [http_post(host, port, f"/ocsp/{setup.ca_id}", r) for r in setup.with_nonce]
         progress("warming up (first answers are signed and cached) and checking statuses")
-        wrong = check_answers(host, port, setup, plain)
-        wrong += check_answers(host, port, setup, plain)  # the cached answers too
-        wrong += check_answers(host, port, setup, nonced[:50])
+        wrong = check_answers(host, port, setup.expected, plain)
+        wrong += check_answers(host, port, setup.expected, plain)  # the cached answers too
+        wrong += check_answers(host, port, setup.expected, nonced[:50])
         pids = process_tree(server.process.pid)
         for name, requests in (("cached", plain), ("nonce", nonced)):
             progress(f"OCSP {name}: {args.clients} clients for {args.seconds:g} s")
             result = drive(host, port, requests, args.clients, args.seconds, pids)
             figures[name] = result.summary()
-        wrong += check_answers(host, port, setup, plain)
+        wrong += check_answers(host, port, setup.expected, plain)
         peaks = peak_rss_mib(pids)
         figures["server_processes"] = len(peaks)
         figures["server_peak_rss_mib_sum"] = round(sum(peaks.values()), 1)
@@ -536,7 +592,7 @@ def bench_ocsp(args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Any],
                 progress(f"openssl ocsp -multi {args.workers}: {args.clients} clients")
                 framed = [http_post(host, peer_port, "/", r) for r in setup.plain]
                 try:
-                    wrong += check_answers(host, peer_port, setup, framed[:20])
+                    wrong += check_answers(host, peer_port, setup.expected, framed[:20])
                     peer = drive(host, peer_port, framed, args.clients, args.seconds, peer_pids)
                     figures["openssl_ocsp"] = peer.summary()
                 except TimeoutError:
@@ -544,6 +600,19 @@ def bench_ocsp(args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Any],
                     # read it and stop answering: the peer's figure is missing, said so.
                     figures["openssl_ocsp_stalled"] = (
                         f"openssl ocsp left a request unanswered for {REQUEST_TIMEOUT_S:g} s"
+                    )
+            if openbao_binary() is None:
+                figures["openbao_missing"] = "bao is not installed (scripts/setup --test)"
+            else:
+                with openbao_responder(scratch, args.certificates) as bao:
+                    progress(f"OpenBao /v1/pki/ocsp: {args.clients} clients")
+                    wrong += check_answers(host, bao.port, bao.expected, bao.requests)
+                    result = drive(
+                        host, bao.port, bao.requests, args.clients, args.seconds, [bao.pid]
+                    )
+                    figures["openbao_ocsp"] = result.summary()
+                    figures["openbao_peak_rss_mib"] = round(
+                        sum(peak_rss_mib([bao.pid]).values()), 1
                     )
         figures["load_average_after"] = load_average()
     finally:
@@ -728,6 +797,8 @@ def report(figures: dict[str, Any]) -> None:
             rows.append(("bare gunicorn, constant body", ocsp_figures["bare_gunicorn"]))
         if "openssl_ocsp" in ocsp_figures:
             rows.append(("openssl ocsp (signs each)", ocsp_figures["openssl_ocsp"]))
+        if "openbao_ocsp" in ocsp_figures:
+            rows.append(("OpenBao pki/ocsp (signs each)", ocsp_figures["openbao_ocsp"]))
         print(
             f"  {'':32} {'resp/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'srv us/r':>9} "
             f"{'cli us/r':>9} {'reconn':>7}"
@@ -748,6 +819,15 @@ def report(figures: dict[str, Any]) -> None:
         )
         if "openssl_ocsp_stalled" in ocsp_figures:
             print(f"  openssl ocsp: no figure, {ocsp_figures['openssl_ocsp_stalled']}")
+        if "openbao_missing" in ocsp_figures:
+            print(f"  OpenBao: no figure, {ocsp_figures['openbao_missing']}")
+        if "openbao_ocsp" in ocsp_figures:
+            peer = ocsp_figures["openbao_ocsp"]["responses_per_s"]
+            print(
+                f"  cached/OpenBao {cached / peer:.2f}; nonce/OpenBao "
+                f"{ocsp_figures['nonce']['responses_per_s'] / peer:.2f}; OpenBao peak RSS "
+                f"{ocsp_figures['openbao_peak_rss_mib']} MiB (one process)"
+            )
         if "bare_gunicorn" in ocsp_figures and "openssl_ocsp" in ocsp_figures:
             bare = ocsp_figures["bare_gunicorn"]["responses_per_s"]
             peer = ocsp_figures["openssl_ocsp"]["responses_per_s"]
