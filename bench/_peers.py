@@ -38,6 +38,9 @@ from pkigate.devsim.spawn import ServeProcess, free_port
 from pkigate.devsim.spawn import stop_process_group as stop_group
 from pkigate.gateways.runtime import CONFIG_NAME_TAG
 
+# tests/ is on the path of every user of this module (the benchmarks put it there).
+from acme_peers import write_tls_identity  # isort: skip
+
 SCEPSERVER = "/usr/bin/scepserver"
 SCEP_MOUNT = "/scep"
 ACME_MOUNT = "/acme"
@@ -373,6 +376,7 @@ class ScepServer:
 # -- OpenBao ------------------------------------------------------------------------------
 
 OPENBAO_ROLE = "bench"
+OPENBAO_OCSP_PATH = "/v1/pki/ocsp"
 OPENBAO_DOMAIN = "bench.test"
 # The ACME server's answers carry these headers only when the mount lets them through (they
 # are not on OpenBao's default list): without Replay-Nonce and Location no client works.
@@ -460,7 +464,7 @@ class OpenBaoServer:
         self.api_port, self.ocsp_port = free_port(), free_port()
         cluster_ports = free_port(), free_port()
         self.url = f"https://127.0.0.1:{self.api_port}"
-        self.ocsp_url = f"http://127.0.0.1:{self.ocsp_port}/v1/pki/ocsp"
+        self.ocsp_url = f"http://127.0.0.1:{self.ocsp_port}{OPENBAO_OCSP_PATH}"
         self.acme_directory_url = f"{self.url}/v1/pki/acme/directory"
         self.sign_url = f"{self.url}/v1/pki/sign/{OPENBAO_ROLE}"
         self.config_path = base_dir / "bao.hcl"
@@ -477,8 +481,6 @@ class OpenBaoServer:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> OpenBaoServer:
-        from acme_peers import write_tls_identity  # tests/, on the path of every caller
-
         write_tls_identity(self.base_dir / "tls")
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(

@@ -74,7 +74,13 @@ from pkigate.core.names import parse_dn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from _peers import OpenBaoServer, cpu_seconds, openbao_binary, process_tree  # noqa: E402
+from _peers import (  # noqa: E402
+    OPENBAO_OCSP_PATH,
+    OpenBaoServer,
+    cpu_seconds,
+    openbao_binary,
+    process_tree,
+)
 from serving import RunningServer, start_server  # noqa: E402
 
 from pkigate.devsim.spawn import free_port  # noqa: E402
@@ -510,7 +516,6 @@ def openbao_responder(scratch: Path, certificates: int) -> Iterator[OpenBaoOCSP]
         progress(f"OpenBao: issuing {certificates} certificates, revoking every fourth")
         framed, expected = [], {}
         host, port = "127.0.0.1", server.ocsp_port
-        path = server.ocsp_url.split(f":{port}", 1)[1]
         with server.session() as session:
             for n in range(certificates):
                 key = ec.generate_private_key(ec.SECP256R1())
@@ -536,7 +541,7 @@ def openbao_responder(scratch: Path, certificates: int) -> Iterator[OpenBaoOCSP]
                     .build()
                     .public_bytes(serialization.Encoding.DER)
                 )
-                framed.append(http_post(host, port, path, request))
+                framed.append(http_post(host, port, OPENBAO_OCSP_PATH, request))
         yield OpenBaoOCSP(port, server.process.pid, framed, expected)
     finally:
         server.stop()
