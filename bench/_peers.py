@@ -461,16 +461,8 @@ class OpenBaoServer:
         self.dns_resolver = dns_resolver
         self.dns_domain = dns_domain
         self.ready_timeout = ready_timeout
-        self.api_port, self.ocsp_port = free_port(), free_port()
-        cluster_ports = free_port(), free_port()
-        self.url = f"https://127.0.0.1:{self.api_port}"
-        self.ocsp_url = f"http://127.0.0.1:{self.ocsp_port}{OPENBAO_OCSP_PATH}"
-        self.acme_directory_url = f"{self.url}/v1/pki/acme/directory"
-        self.sign_url = f"{self.url}/v1/pki/sign/{OPENBAO_ROLE}"
         self.config_path = base_dir / "bao.hcl"
-        self.config_path.write_text(
-            openbao_config(base_dir, self.api_port, self.ocsp_port, cluster_ports)
-        )
+        self._choose_ports()
         self.tls_bundle = base_dir / "tls" / "tls-ca.pem"
         self.log_path = base_dir / "bao.log"
         self.command = [binary, "server", "-config", str(self.config_path)]
@@ -480,24 +472,42 @@ class OpenBaoServer:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> OpenBaoServer:
+    def _choose_ports(self) -> None:
+        self.api_port, self.ocsp_port = free_port(), free_port()
+        cluster_ports = free_port(), free_port()
+        self.url = f"https://127.0.0.1:{self.api_port}"
+        self.ocsp_url = f"http://127.0.0.1:{self.ocsp_port}{OPENBAO_OCSP_PATH}"
+        self.acme_directory_url = f"{self.url}/v1/pki/acme/directory"
+        self.sign_url = f"{self.url}/v1/pki/sign/{OPENBAO_ROLE}"
+        self.config_path.write_text(
+            openbao_config(self.base_dir, self.api_port, self.ocsp_port, cluster_ports)
+        )
+
+    def start(self, attempts: int = 3) -> OpenBaoServer:
         write_tls_identity(self.base_dir / "tls")
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=self.base_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            self._initialise()
-            self._configure_pki()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(attempts):
+            with self.log_path.open("wb") as log:
+                self.process = subprocess.Popen(
+                    self.command,
+                    cwd=self.base_dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                self._initialise()
+                self._configure_pki()
+                return self
+            except BaseException:
+                self.stop()
+                # A free port can be taken by another process before bao binds it.
+                if "address already in use" not in self.log_tail() or attempt == attempts - 1:
+                    raise
+            shutil.rmtree(self.base_dir / "raft")
+            (self.base_dir / "raft").mkdir()
+            self._choose_ports()
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         if self.process is not None:
