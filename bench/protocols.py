@@ -49,9 +49,9 @@ each request has its own subject. Failures are counted and printed, never droppe
         [--workers W] [--warmup K] [--poll-ms MS] [--skip-peers]
         [--protocols scep,acme,adcs,api] [--json FILE]
 
-Full run: N=300, C=8 (a few minutes); ``--quick``: N=30, C=4 (about a minute and a half). These are
-figures, not a test: the script exits non-zero only when a pkigate operation failed or
-pkigate issued a serial twice (a peer's failures are printed, as figures).
+Full run: N=300, C=8 (a few minutes); ``--quick``: N=30, C=4 (about a minute and a half).
+These are figures, not a test: the script exits non-zero only when a pkigate operation
+failed or pkigate issued a serial twice (a peer's failures are printed, as figures).
 """
 
 from __future__ import annotations
