@@ -291,15 +291,16 @@ def gunicorn_logger_class() -> type[Any]:
 
 def run_server(settings: ServerSettings) -> None:
     """The arbiter: both listeners, ``settings.workers`` gevent workers, until stopped."""
-    from gunicorn.app.base import BaseApplication
-    from prometheus_client import multiprocess
-
     configure_logging(settings.log_level)
     # prometheus_client's multiprocess mode: one file set per worker, fresh for each start.
+    # The variable must be set before prometheus_client is first imported (it picks its
+    # value store then), here and so in every worker.
     metrics_dir = Path(settings.data_dir) / METRICS_DIR
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(mode=0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    from gunicorn.app.base import BaseApplication
+    from prometheus_client import multiprocess
     worker_class = make_worker_class()
     worker_class.pkigate_settings = settings  # inherited by every worker the arbiter forks
     options: dict[str, Any] = {
