@@ -101,4 +101,4 @@ def serve(
     sys.stdout.flush()
     sys.stderr.flush()
     os.environ[SETTINGS_ENV] = settings.to_json()
-    os.execv(sys.executable, [sys.executable, "-m", "pkigate.gateways.server"])  # noqa: S606
+    os.execv(sys.executable, [sys.executable, "-m", "pkigate.gateways.arbiter"])  # noqa: S606

@@ -23,6 +23,8 @@ renewal by certificate needs. Here:
   body or one shorter than its Content-Length is answered 400, a late one 408, both with
   ``Connection: close``. A body over the limit is handed on cut at the limit (the app
   answers 413 in its protocol's own format) and the connection is closed after the answer.
+* The arbiter (monkey-patched from its first line, arbiter.py) imports the modules the
+  workers run before forking them, so they share those pages; it opens nothing.
 * Workers die with the arbiter (PR_SET_PDEATHSIG), so a service manager that restarts
   ``pkigate serve`` finds the ports free. SIGHUP restarts the workers gracefully (they
   reopen the store and reload the TLS certificate and key files); the configuration file
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import io
 import json
 import logging
@@ -289,6 +292,23 @@ def gunicorn_logger_class() -> type[Any]:
     return JsonLogger
 
 
+def preload_worker_modules() -> None:
+    """Import what every worker runs, once, in the arbiter: the workers it forks share
+    these pages instead of each importing its own copy (about 30 MiB each). Nothing is
+    opened here: no store, no key, no connection; each worker does that after the fork.
+    Frozen out of the garbage collector's reach, the imported objects are not written to
+    (and so copied) by a worker's collections."""
+    import pkigate.acme.connector
+    import pkigate.adcs.connector
+    import pkigate.gateways.api
+    import pkigate.gateways.app
+    import pkigate.gateways.runtime
+    import pkigate.gateways.serve
+    import pkigate.scep.connector  # noqa: F401
+
+    gc.freeze()
+
+
 def run_server(settings: ServerSettings) -> None:
     """The arbiter: both listeners, ``settings.workers`` gevent workers, until stopped."""
     configure_logging(settings.log_level)
@@ -301,6 +321,8 @@ def run_server(settings: ServerSettings) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     from gunicorn.app.base import BaseApplication
     from prometheus_client import multiprocess
+
+    preload_worker_modules()
     worker_class = make_worker_class()
     worker_class.pkigate_settings = settings  # inherited by every worker the arbiter forks
     options: dict[str, Any] = {
@@ -354,11 +376,8 @@ def run_server(settings: ServerSettings) -> None:
 
 
 def main() -> None:
+    """The arbiter's entry (arbiter.py, which monkey-patches first)."""
     text = os.environ.pop(SETTINGS_ENV, None)
     if text is None:
-        sys.exit(f"{__name__} is started by `pkigate serve`, which sets {SETTINGS_ENV}")
+        sys.exit("the server is started by `pkigate serve`, which hands it its settings")
     run_server(ServerSettings.from_json(text))
-
-
-if __name__ == "__main__":
-    main()

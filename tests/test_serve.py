@@ -174,22 +174,23 @@ def test_a_bad_configuration_stops_the_start_with_the_place_of_the_error(tmp_pat
     assert not (tmp_path / "data").exists()  # nothing was created
 
 
-def test_the_server_process_becomes_a_lean_arbiter_of_workers_serving_both_listeners(
+def test_the_server_process_becomes_an_arbiter_of_workers_serving_both_listeners(
     tmp_path: Path,
 ) -> None:
     running = start_server(tmp_path / "data", workers=2)
     try:
         pid = running.process.pid
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert b"pkigate.gateways.server" in command  # the same process, exec'd
-        # The bootstrap's libraries (cryptography's, SQLite's) are not held for the
-        # server's life: the arbiter maps neither; its workers do the work.
-        maps = Path(f"/proc/{pid}/maps").read_text()
-        assert "_rust" not in maps and "_sqlite3" not in maps
+        assert b"pkigate.gateways.arbiter" in command  # the same process, exec'd
+        # The arbiter opens nothing a request needs (its workers do): no database file
+        # and no connection.
+        opened = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+        assert not [path for path in opened if "pkigate.db" in path or "kek" in path]
         workers = child_pids(pid)
         assert len(workers) == 2
         for worker in workers:
-            assert "_rust" in Path(f"/proc/{worker}/maps").read_text()
+            worker_opened = {os.readlink(fd) for fd in Path(f"/proc/{worker}/fd").iterdir()}
+            assert any(path.endswith("pkigate.db") for path in worker_opened)
         # Each worker serves both listeners: every fresh connection lands on either.
         for _ in range(4):
             assert requests.get(f"{running.http_url}/healthz", timeout=5).status_code == 200

@@ -1,0 +1,18 @@
+"""The process `pkigate serve` becomes after its bootstrap: the arbiter (server.py).
+
+gevent's monkey-patching comes first, before anything imports threading, socket or ssl:
+the arbiter imports the modules every worker needs (the preload), and the workers it
+forks share those pages. Patched here, every lock and socket those modules make at import
+is gevent's, as it would be had each worker imported them after patching itself.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import sys  # noqa: E402
+
+from pkigate.gateways.server import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
