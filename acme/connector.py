@@ -408,6 +408,10 @@ class AcmeConnector(Connector):
             )
         parsed = jws.parse_jws(body)
         expected_url = self.context.base_url + request.path
+        if request.query_string:
+            # RFC 8555 6.4: the whole URL is signed, so a query the client did not sign
+            # (added or changed on the way) makes it another request.
+            expected_url += "?" + request.query_string.decode("latin-1")
         if parsed.url != expected_url:
             raise AcmeProblem(
                 "unauthorized",

@@ -290,6 +290,28 @@ def test_account_create_find_update_and_deactivate(env: Env) -> None:
     assert _counts(env.core) == before
 
 
+def test_a_jws_url_without_the_requests_query_string_is_unauthorized(env: Env) -> None:
+    # RFC 8555 6.4: the signed 'url' is the whole request URL, query string included.
+    client = env.client()
+    client.register(["mailto:before@example.test"])
+    assert client.account_url is not None
+    update = {"contact": ["mailto:after@example.test"]}
+    for sent_to, signed_for in (
+        (client.account_url + "?contact=x", client.account_url),
+        (client.account_url + "?contact=x", client.account_url + "?contact=y"),
+        (client.account_url, client.account_url + "?contact=x"),
+    ):
+        refused = client.raw_post(sent_to, client.signed_body(signed_for, update))
+        assert refused.status == 403, (sent_to, signed_for)
+        assert refused.body["type"] == "urn:ietf:params:acme:error:unauthorized"
+    unchanged = client.post(client.account_url, None)
+    assert unchanged.body["contact"] == ["mailto:before@example.test"]
+    # Signed with its query string, the same request is this request.
+    signed = client.account_url + "?contact=x"
+    accepted = client.raw_post(signed, client.signed_body(signed, update))
+    assert accepted.status == 200 and accepted.body["contact"] == update["contact"]
+
+
 ACCOUNT_KEYS: dict[str, Callable[[], jws.PrivateKey]] = {
     "RS256": lambda: rsa.generate_private_key(65537, 2048),
     "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
