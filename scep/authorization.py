@@ -3,8 +3,9 @@ certificate pkigate issued. No HTTP here; the routes call these with parsed valu
 
 Every attempt is audited: a refusal here with its reason, a success by the core as part of
 the issuance it authorizes (the evidence names the challenge kind and id). Failed
-challenges are counted per client address and per transactionID in the store, so the limit
-holds across gateway processes.
+challenges are counted per client address, per transactionID and (for the static
+challenge) per connector in the store, checked and counted in one step, so the limits hold
+across gateway processes and hosts however many attempts arrive at once.
 """
 
 from __future__ import annotations
@@ -29,11 +30,28 @@ from pkigate.core import Actor, Core
 from pkigate.core.errors import ConflictError
 from pkigate.core.model import CertificateStatus
 from pkigate.core.names import format_general_name, parse_dn
-from pkigate.core.store import IntegrityError
 from pkigate.core.store import scep as scep_store
 from pkigate.scep.messages import FailInfo, ReplyTo, ScepError
 
 ALREADY_USED = "the challenge password was already used"
+TOO_MANY_FAILURES = "too many failed challenge attempts; try again later"
+STATIC_SCOPE = "static"
+"""The failed-attempt counter of the connector's static challenge (all addresses)."""
+
+
+class _LimitReached(Exception):
+    """Rolls back the attempts counted before a counter at its limit was reached."""
+
+
+class _StaticMatched(Exception):
+    """Rolls back the attempt counted for a static challenge that turned out right."""
+
+
+@dataclass(frozen=True)
+class CountedAttempt:
+    """An attempt counted before it was checked: the windows it was counted in."""
+
+    windows: dict[tuple[str, str], datetime]
 
 
 class AnsweredMeanwhile(Exception):
@@ -52,6 +70,9 @@ class ChallengePolicy:
     max_failures: int
     """Failed challenges allowed per client address and per transactionID in a window."""
     failure_window: timedelta
+    max_static_failures: int = 50
+    """Failed challenges allowed in a window against the static challenge, from all
+    addresses together (guessing it from many addresses at once)."""
 
 
 @dataclass(frozen=True)
@@ -195,37 +216,57 @@ class ChallengeAuthority:
     ) -> Authorization:
         """Check the CSR's challengePassword; raises ScepError(badRequest) on refusal, or
         :class:`AnsweredMeanwhile` when the one-time challenge was spent by a copy of this
-        request that ``answered_meanwhile`` says was recorded since the caller looked."""
+        request that ``answered_meanwhile`` says was recorded since the caller looked.
+
+        A valid one-time challenge is accepted before any failed-attempt limit applies: the
+        limits exist against guessing, and a one-time challenge is 192 random bits that
+        nobody guesses, so a client whose address another client behind the same NAT has
+        locked out still enrolls with the challenge its MDM fetched for it. Anything else
+        offered is a guess: counted, and compared with the static challenge only while the
+        client address, the transactionID and the static challenge are all under their
+        limits."""
         now = self._core.clock()
-        self._check_rate(transaction_id, client_address, now, reply_to)
         offered = challenge_password(csr)
         evidence = {"transaction_id": transaction_id}
-        if offered is not None:
-            static = self.policy.static_secret
-            if static is not None and hmac.compare_digest(offered.encode(), static.encode()):
-                return Authorization("static", {**evidence, "challenge": "static"})
-            if self.policy.dynamic:
-                found = self._find_dynamic(offered, csr, now)
-                if found == ALREADY_USED and answered_meanwhile():
-                    raise AnsweredMeanwhile
-                if isinstance(found, str):
-                    reason = found
-                else:
-                    return Authorization(
-                        "dynamic",
-                        {
-                            **evidence,
-                            "challenge": "dynamic",
-                            "challenge_id": found.id,
-                            **({"device_id": found.device_id} if found.device_id else {}),
-                        },
-                        challenge_id=found.id,
-                    )
-            else:
-                reason = "wrong challenge password"
-        else:
+        reason = "wrong challenge password"
+        if offered is None:
             reason = "no challenge password in the request"
-        self._refuse(transaction_id, client_address, now, reason)
+        elif self.policy.dynamic:
+            found = self._find_dynamic(offered, csr, now)
+            if found == ALREADY_USED and answered_meanwhile():
+                raise AnsweredMeanwhile
+            if not isinstance(found, str):
+                return Authorization(
+                    "dynamic",
+                    {
+                        **evidence,
+                        "challenge": "dynamic",
+                        "challenge_id": found.id,
+                        **({"device_id": found.device_id} if found.device_id else {}),
+                    },
+                    challenge_id=found.id,
+                )
+            reason = found
+        static = self.policy.static_secret if offered is not None else None
+        try:
+            with self._core.store.write() as conn:
+                if not self._count_attempt(
+                    conn, transaction_id, client_address, now, static=static is not None
+                ):
+                    raise _LimitReached
+                if (
+                    static is not None
+                    and offered is not None
+                    and hmac.compare_digest(offered.encode(), static.encode())
+                ):
+                    # Rolls the count back: a right challenge is no failed attempt.
+                    raise _StaticMatched
+        except _LimitReached:
+            self._audit_refusal(transaction_id, client_address, now, TOO_MANY_FAILURES)
+            raise ScepError(FailInfo.BAD_REQUEST, TOO_MANY_FAILURES, reply_to) from None
+        except _StaticMatched:
+            return Authorization("static", {**evidence, "challenge": "static"})
+        self._audit_refusal(transaction_id, client_address, now, reason)
         raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to)
 
     def _find_dynamic(
@@ -258,29 +299,39 @@ class ChallengeAuthority:
                 )
         return found
 
-    def _check_rate(
-        self, transaction_id: str, address: str, now: datetime, reply_to: ReplyTo
-    ) -> None:
-        since = now - self.policy.failure_window
-        with self._core.store.read() as conn:
-            by_address = scep_store.failures(conn, self._connector, "address", address, since)
-            by_transaction = scep_store.failures(
-                conn, self._connector, "transaction", transaction_id, since
-            )
-        if max(by_address, by_transaction) >= self.policy.max_failures:
-            reason = "too many failed challenge attempts; try again later"
-            self._audit_refusal(transaction_id, address, now, reason)
-            raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to)
+    def _counters(
+        self, transaction_id: str, address: str, *, static: bool
+    ) -> list[tuple[str, str, int]]:
+        # Always in this order, so that two PostgreSQL transactions counting the same rows
+        # lock them in the same order and never deadlock.
+        counters = [
+            ("address", address, self.policy.max_failures),
+            ("transaction", transaction_id, self.policy.max_failures),
+        ]
+        if static:
+            counters.append((STATIC_SCOPE, STATIC_SCOPE, self.policy.max_static_failures))
+        return counters
 
-    def _refuse(self, transaction_id: str, address: str, now: datetime, reason: str) -> None:
-        window = self.policy.failure_window
-        # Two first failures at once race to insert the counter: one of them is enough.
-        with suppress(IntegrityError), self._core.store.write() as conn:
-            scep_store.add_failure(conn, self._connector, "address", address, now, window)
-            scep_store.add_failure(
-                conn, self._connector, "transaction", transaction_id, now, window
+    def _count_attempt(
+        self, conn: Connection, transaction_id: str, address: str, now: datetime, *, static: bool
+    ) -> dict[tuple[str, str], datetime] | None:
+        """Count an attempt on every counter, or None when one of them is at its limit (the
+        caller then rolls ``conn`` back: nothing may stay counted)."""
+        counted: dict[tuple[str, str], datetime] = {}
+        for scope, value, limit in self._counters(transaction_id, address, static=static):
+            window_start = scep_store.count_attempt(
+                conn,
+                self._connector,
+                scope,
+                value,
+                limit=limit,
+                now=now,
+                window=self.policy.failure_window,
             )
-        self._audit_refusal(transaction_id, address, now, reason)
+            if window_start is None:
+                return None
+            counted[(scope, value)] = window_start
+        return counted
 
     def _audit_refusal(self, transaction_id: str, address: str, now: datetime, reason: str) -> None:
         self._core.audit.record_alone(
@@ -293,17 +344,31 @@ class ChallengeAuthority:
         )
 
     def refuse(self, transaction_id: str, address: str, reason: str) -> None:
-        """Audit a refusal decided elsewhere (a bad renewal, a reused transactionID)."""
+        """Audit a refusal decided elsewhere (a bad renewal, a reused transactionID, a
+        webhook's deny)."""
         self._audit_refusal(transaction_id, address, self._core.clock(), reason)
 
-    def check_rate(self, transaction_id: str, address: str, reply_to: ReplyTo) -> None:
-        """Refuse (ScepError badRequest, audited) a client past its failed-challenge limit."""
-        self._check_rate(transaction_id, address, self._core.clock(), reply_to)
+    def count_attempt(self, transaction_id: str, address: str, reply_to: ReplyTo) -> CountedAttempt:
+        """Count an attempt that is checked elsewhere (by the validation webhook) against the
+        client's limits, before it is checked; refuse it (ScepError badRequest, audited) when
+        the client is past a limit. :meth:`take_back` the attempt when it succeeds."""
+        now = self._core.clock()
+        try:
+            with self._core.store.write() as conn:
+                counted = self._count_attempt(conn, transaction_id, address, now, static=False)
+                if counted is None:
+                    raise _LimitReached
+        except _LimitReached:
+            self._audit_refusal(transaction_id, address, now, TOO_MANY_FAILURES)
+            raise ScepError(FailInfo.BAD_REQUEST, TOO_MANY_FAILURES, reply_to) from None
+        return CountedAttempt(counted)
 
-    def refuse_challenge(self, transaction_id: str, address: str, reason: str) -> None:
-        """Audit a challenge refused elsewhere (a webhook's deny) and count it against the
-        client's limit."""
-        self._refuse(transaction_id, address, self._core.clock(), reason)
+    def take_back(self, attempt: CountedAttempt) -> None:
+        """Uncount an attempt that succeeded, or that failed through no fault of the
+        client's (the webhook did not answer)."""
+        with self._core.store.write() as conn:
+            for (scope, value), window_start in attempt.windows.items():
+                scep_store.uncount_attempt(conn, self._connector, scope, value, window_start)
 
     # -- renewal -------------------------------------------------------------------------
 

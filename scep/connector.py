@@ -111,7 +111,11 @@ class ScepSettings:
     renewal: bool
     """Accept RenewalReq (and PKCSReq) signed by a certificate this CA issued."""
     max_failures: int
+    """Failed challenges allowed per client address and per transactionID in a window."""
     failure_window: timedelta
+    max_static_challenge_failures: int = 50
+    """Failed challenges allowed in a window against the static challenge, all client
+    addresses together."""
     pending: bool = False
     """Hold authorized PKCSReqs for an administrator's approval (CertRep PENDING)."""
     next_ca: str | None = None
@@ -131,6 +135,7 @@ class ScepSettings:
             "ca_decrypts",
             "renewal",
             "max_failures",
+            "max_static_challenge_failures",
             "failure_window_seconds",
             "pending",
             "next_ca",
@@ -199,6 +204,7 @@ class ScepSettings:
             renewal=flag("renewal", True),
             max_failures=positive("max_failures", 5),
             failure_window=timedelta(seconds=positive("failure_window_seconds", 600)),
+            max_static_challenge_failures=positive("max_static_challenge_failures", 50),
             pending=webhook is None and flag("pending", False),
             next_ca=next_ca,
             webhook=webhook,
@@ -270,6 +276,7 @@ class ScepConnector(Connector):
                 dynamic=self.options.dynamic_challenges,
                 max_failures=self.options.max_failures,
                 failure_window=self.options.failure_window,
+                max_static_failures=self.options.max_static_challenge_failures,
             ),
         )
         self.ra = RegistrationAuthority(context, ca_decrypts=self.options.ca_decrypts)
@@ -707,14 +714,16 @@ class ScepConnector(Connector):
     ) -> Authorization:
         """Ask the validation webhook; a deny counts against the client's failed-challenge
         limit, an unavailable webhook refuses the client without counting (not its fault).
-        Both are audited, and the webhook is notified of the failure."""
+        Both are audited, and the webhook is notified of the failure. The attempt is counted
+        before the webhook is asked (and taken back unless denied), so that concurrent
+        attempts cannot all be asked about before any of them counts."""
         transaction_id = message.transaction_id
         reply_to = message.reply_to
-        self.authority.check_rate(transaction_id, address, reply_to)
+        attempt = self.authority.count_attempt(transaction_id, address, reply_to)
         offered = challenge_password(csr)
         if offered is None:
             reason = "no challenge password in the request"
-            self.authority.refuse_challenge(transaction_id, address, reason)
+            self.authority.refuse(transaction_id, address, reason)
             raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to)
         try:
             denied = webhook.validate(
@@ -725,6 +734,7 @@ class ScepConnector(Connector):
                 connector=self.context.name,
             )
         except WebhookUnavailable as exc:
+            self.authority.take_back(attempt)
             reason = f"the request cannot be validated now: {exc}"
             log.warning(
                 "SCEP validation webhook unavailable",
@@ -734,9 +744,10 @@ class ScepConnector(Connector):
             self._notify_failure(transaction_id, reason)
             raise ScepError(FailInfo.BAD_REQUEST, reason, reply_to) from None
         if denied is not None:
-            self.authority.refuse_challenge(transaction_id, address, denied)
+            self.authority.refuse(transaction_id, address, denied)
             self._notify_failure(transaction_id, denied)
             raise ScepError(FailInfo.BAD_REQUEST, denied, reply_to)
+        self.authority.take_back(attempt)
         return Authorization(
             "webhook", {"transaction_id": transaction_id, "challenge": WEBHOOK_CHALLENGE}
         )

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, case, insert, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from pkigate.core.store import as_utc, schema
 from pkigate.core.store.fastpath import FastSelect
@@ -181,13 +183,6 @@ _TRANSACTION = FastSelect(
         schema.scep_transactions.c.transaction_id == bindparam("transaction_id"),
     )
 )
-_FAILURES = FastSelect(
-    select(schema.scep_failures.c.count, schema.scep_failures.c.window_start).where(
-        schema.scep_failures.c.connector == bindparam("connector"),
-        schema.scep_failures.c.scope == bindparam("scope"),
-        schema.scep_failures.c.value == bindparam("value"),
-    )
-)
 
 
 def get_transaction(
@@ -296,30 +291,63 @@ def record_transaction(
 # -- failed-attempt counters -------------------------------------------------------------
 
 
-def failures(conn: Connection, connector: str, scope: str, value: str, since: datetime) -> int:
-    """Failed attempts counted in a window that started after ``since``."""
-    row = _FAILURES.first(conn, connector=connector, scope=scope, value=value)
-    if row is None or _utc(row.window_start) <= since:
-        return 0
-    return int(row.count)
+def count_attempt(
+    conn: Connection,
+    connector: str,
+    scope: str,
+    value: str,
+    *,
+    limit: int,
+    now: datetime,
+    window: timedelta,
+) -> datetime | None:
+    """Count one attempt against ``(scope, value)`` unless ``limit`` are already counted in
+    its window (a window older than ``window`` starts over). Returns the window's start when
+    counted, None when the limit is reached (nothing is changed then).
 
-
-def add_failure(
-    conn: Connection, connector: str, scope: str, value: str, now: datetime, window: timedelta
-) -> int:
-    """Count one failed attempt; a window older than ``window`` starts over. Returns the count."""
-    c = schema.scep_failures.c
-    where = and_(c.connector == connector, c.scope == scope, c.value == value)
-    row = conn.execute(select(c.count, c.window_start).where(where).with_for_update()).first()
-    if row is None:
-        conn.execute(
-            insert(schema.scep_failures).values(
-                connector=connector, scope=scope, value=value, count=1, window_start=now
-            )
+    One statement checks and counts, so that concurrent attempts cannot all pass the check
+    before any of them is counted: on PostgreSQL the upsert takes the counter's row lock
+    and holds it until the caller's transaction ends (attempts queue behind it, in every
+    process and host); on SQLite the caller's write transaction holds the store's write
+    lock. An attempt that turns out right is taken back by rolling the transaction back, or
+    by :func:`uncount_attempt` once committed."""
+    table = schema.scep_failures
+    c = table.c
+    upsert: Any = (
+        postgresql_insert(table) if conn.dialect.name == "postgresql" else sqlite_insert(table)
+    )
+    restart = c.window_start <= now - window
+    at = literal(now, c.window_start.type)
+    statement = (
+        upsert.values(connector=connector, scope=scope, value=value, count=1, window_start=now)
+        .on_conflict_do_update(
+            index_elements=[c.connector, c.scope, c.value],
+            set_={
+                "count": case((restart, 1), else_=c.count + 1),
+                "window_start": case((restart, at), else_=c.window_start),
+            },
+            where=or_(restart, c.count < limit),
         )
-        return 1
-    if _utc(row[1]) <= now - window:
-        conn.execute(update(schema.scep_failures).where(where).values(count=1, window_start=now))
-        return 1
-    conn.execute(update(schema.scep_failures).where(where).values(count=c.count + 1))
-    return int(row[0]) + 1
+        .returning(c.window_start)
+    )
+    row = conn.execute(statement).first()
+    return None if row is None else _utc(row[0])
+
+
+def uncount_attempt(
+    conn: Connection, connector: str, scope: str, value: str, window_start: datetime
+) -> None:
+    """Take back an attempt :func:`count_attempt` counted in the window that started at
+    ``window_start`` (not in a later one, which it is no part of)."""
+    c = schema.scep_failures.c
+    conn.execute(
+        update(schema.scep_failures)
+        .where(
+            c.connector == connector,
+            c.scope == scope,
+            c.value == value,
+            c.window_start == window_start,
+            c.count > 0,
+        )
+        .values(count=c.count - 1)
+    )
