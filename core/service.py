@@ -19,6 +19,7 @@ from pkigate.core.keys import KeyEncryptionKey, SoftwareKeyBackend
 from pkigate.core.model import Validity
 from pkigate.core.ocsp import OCSPResponder
 from pkigate.core.revocation import RevocationService
+from pkigate.core.secrets import SharedSecrets
 from pkigate.core.store import Store, sqlite_url
 from pkigate.core.templates import TemplateCatalogue
 
@@ -48,6 +49,7 @@ class Core:
     jobs: JobQueue
     revocation: RevocationService
     ocsp: OCSPResponder
+    secrets: SharedSecrets
 
     @classmethod
     def open(
@@ -83,8 +85,19 @@ class Core:
         jobs = JobQueue(store, clock)
         revocation = RevocationService(store, authorities, audit, jobs, clock)
         ocsp = OCSPResponder(store, authorities, keys, audit, issuer.issue, clock)
+        secrets = SharedSecrets(store, kek, audit, clock)
         core = cls(
-            data_dir, store, kek, audit, authorities, templates, issuer, jobs, revocation, ocsp
+            data_dir,
+            store,
+            kek,
+            audit,
+            authorities,
+            templates,
+            issuer,
+            jobs,
+            revocation,
+            ocsp,
+            secrets,
         )
         authorities.subordinate_signer = core._sign_subordinate
         return core

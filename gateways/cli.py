@@ -1153,6 +1153,24 @@ def scep_pending_reject(
     state.emit(data, lambda: f"rejected {transaction_id}: {reason}")
 
 
+@scep.command("static-challenge")
+@click.option("--connector", "connector_name", required=True, help="The SCEP connector's name.")
+@pass_state
+@reports_errors
+def scep_static_challenge(state: State, connector_name: str) -> None:
+    """Print the connector's static challenge (generated ones are kept in the store, the
+    same for every host sharing it)."""
+    if state.remote is not None:
+        raise BadRequestError("`pkigate scep static-challenge` works on a local data directory")
+    challenge = _scep_connector(state, connector_name).authority.policy.static_secret
+    if challenge is None:
+        raise BadRequestError("this connector has no static challenge")
+    if state.as_json:
+        click.echo(json.dumps({"connector": connector_name, "challenge": challenge}))
+        return
+    click.echo(challenge)
+
+
 @scep.command("profile")
 @click.option("--connector", "connector_name", required=True, help="The SCEP connector's name.")
 @click.option(

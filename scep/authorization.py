@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
+import logging
 import secrets
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,6 +32,8 @@ from pkigate.core.model import CertificateStatus
 from pkigate.core.names import format_general_name, parse_dn
 from pkigate.core.store import scep as scep_store
 from pkigate.scep.messages import FailInfo, ReplyTo, ScepError
+
+log = logging.getLogger("pkigate.scep")
 
 ALREADY_USED = "the challenge password was already used"
 TOO_MANY_FAILURES = "too many failed challenge attempts; try again later"
@@ -120,22 +122,38 @@ def secret_digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def load_or_create_static_challenge(path: Path) -> str:
-    """The static challenge kept in ``path`` (0600), created on first use.
+def static_challenge_secret_name(connector: str) -> str:
+    """The name a connector's generated static challenge has among the store's secrets."""
+    return f"scep/{connector}/static-challenge"
 
-    Written whole under a temporary name and linked into place, so two processes starting
-    at once agree on one secret."""
-    if not path.exists():
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(24) + "\n")
-            with suppress(FileExistsError):
-                os.link(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-    return path.read_text().strip()
+
+def shared_static_challenge(core: Core, connector: str, legacy_file: Path) -> str:
+    """The connector's generated static challenge: kept in the store, sealed under the KEK,
+    so that every host serving the connector hands out the same one; made by the first
+    process that needs it.
+
+    Earlier versions generated it into each data directory (``legacy_file``): such a file
+    is imported into the store if the store has none yet (devices keep the challenge they
+    were given), then removed, since the store is the one source of truth."""
+    name = static_challenge_secret_name(connector)
+    try:
+        legacy: str | None = legacy_file.read_text().strip() or None
+    except FileNotFoundError:
+        legacy = None
+    challenge = core.secrets.get_or_create(
+        name,
+        lambda: legacy or secrets.token_urlsafe(24),
+        Actor("system:gateway", connector),
+    )
+    if legacy is not None:
+        if not hmac.compare_digest(legacy.encode(), challenge.encode()):
+            log.warning(
+                "SCEP static challenge file differs from the store's; the store's is used",
+                extra={"connector": connector, "file": str(legacy_file)},
+            )
+        with suppress(FileNotFoundError):
+            legacy_file.unlink()
+    return challenge
 
 
 class ChallengeAuthority:

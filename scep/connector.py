@@ -17,7 +17,6 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -47,7 +46,7 @@ from pkigate.scep.authorization import (
     ChallengeAuthority,
     ChallengePolicy,
     challenge_password,
-    load_or_create_static_challenge,
+    shared_static_challenge,
 )
 from pkigate.scep.cms import DigestAlgorithm, NoMatchingRecipient, build_signed_data
 from pkigate.scep.messages import (
@@ -86,6 +85,7 @@ ACCEPTED_POST_TYPES = frozenset(
     {PKI_MESSAGE_TYPE, "application/octet-stream", "application/pkcs7-mime", ""}
 )
 STATIC_CHALLENGE_FILE = "scep-{name}-challenge"
+"""Where earlier versions generated the static challenge, per data directory."""
 WEBHOOK_CHALLENGE = "webhook"
 
 
@@ -94,9 +94,9 @@ class ScepSettings:
     """One SCEP connector instance's settings (the ``[connectors.settings]`` table)."""
 
     challenge: str | None
-    """The static challenge; by default one is generated into the data directory."""
-    challenge_file: Path | None
-    """Where the generated static challenge is (None when configured or switched off)."""
+    """The configured static challenge (None when generated, or switched off)."""
+    generated_challenge: bool
+    """The static challenge is generated, and kept in the store (shared by every host)."""
     dynamic_challenges: bool
     """Accept one-time challenges issued through the management API."""
     dynamic_challenge_ttl: timedelta
@@ -186,14 +186,9 @@ class ScepSettings:
         elif challenge is not None and (not isinstance(challenge, str) or len(challenge) < 8):
             raise ConnectorSettingsError("challenge", "must be a string of at least 8 characters")
         static = webhook is None and flag("static_challenge", True)
-        challenge_file = None
-        if static and challenge is None:
-            challenge_file = context.core.data_dir / STATIC_CHALLENGE_FILE.format(
-                name=context.name.replace("/", "_")
-            )
         return cls(
             challenge=challenge if static else None,
-            challenge_file=challenge_file,
+            generated_challenge=static and challenge is None,
             dynamic_challenges=webhook is None and flag("dynamic_challenges", True),
             dynamic_challenge_ttl=timedelta(
                 seconds=positive("dynamic_challenge_ttl_seconds", 3600)
@@ -265,8 +260,12 @@ class ScepConnector(Connector):
                     "ca_decrypts", f"the CA's key is {record.key_algorithm}; SCEP needs RSA"
                 )
         static = self.options.challenge
-        if self.options.challenge_file is not None:
-            static = load_or_create_static_challenge(self.options.challenge_file)
+        if self.options.generated_challenge:
+            # Where earlier versions kept it, in each data directory: imported once.
+            legacy = context.core.data_dir / STATIC_CHALLENGE_FILE.format(
+                name=context.name.replace("/", "_")
+            )
+            static = shared_static_challenge(context.core, context.name, legacy)
         self.authority = ChallengeAuthority(
             context.core,
             context.name,
@@ -301,8 +300,11 @@ class ScepConnector(Connector):
     def startup_notes(self) -> list[str]:
         if self.options.webhook is not None:
             return [f"challenges validated by the webhook {self.options.webhook.url}"]
-        if self.options.challenge_file is not None:
-            return [f"static challenge in {self.options.challenge_file}"]
+        if self.options.generated_challenge:
+            return [
+                "generated static challenge kept in the store: `pkigate scep static-challenge "
+                f"--connector {self.context.name}` prints it"
+            ]
         if self.options.challenge is not None:
             return ["static challenge from the configuration"]
         return ["no static challenge: one-time challenges from the management API only"]

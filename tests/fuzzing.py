@@ -68,7 +68,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from helpers import key_usage  # noqa: E402
+from helpers import key_usage, scep_static_challenge  # noqa: E402
 from serving import RunningServer, start_server  # noqa: E402
 
 from pkigate.acme import jws  # noqa: E402
@@ -374,7 +374,7 @@ class Fuzzer:
         url = f"{self.server.http_url}/scep"
         client = ScepClient(url, self.plain, timeout=TIMEOUT)
         ca = client.get_ca_cert()
-        challenge = (self.server.data_dir / f"scep-{SCEP_CONNECTOR}-challenge").read_text().strip()
+        challenge = scep_static_challenge(self.server.config, SCEP_CONNECTOR)
         devices = []
         for index in range(3):
             key = new_key()

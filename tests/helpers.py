@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -144,3 +147,17 @@ def raw_csr(key: rsa.RSAPrivateKey, subject: bytes, attributes: bytes = b"") -> 
     signature = key.sign(info, padding.PKCS1v15(), hashes.SHA256())
     sha256_rsa = bytes.fromhex("300d06092a864886f70d01010b0500")
     return tlv(0x30, info, sha256_rsa, tlv(0x03, b"\x00", signature))
+
+
+def scep_static_challenge(config: Path, connector: str = "scep") -> str:
+    """A SCEP connector's static challenge, read as an operator reads it: `pkigate scep
+    static-challenge` on the server's configuration (generated ones live in the store)."""
+    pkigate = str(Path(sys.executable).parent / "pkigate")
+    done = subprocess.run(
+        [pkigate, "scep", "--config", str(config), "static-challenge", "--connector", connector],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.strip()

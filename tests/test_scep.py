@@ -32,6 +32,7 @@ from pkigate.gateways.app import create_app
 from pkigate.gateways.auth import Role
 from pkigate.gateways.config import ConfigError, parse_config
 from pkigate.gateways.runtime import Gateway
+from pkigate.scep.authorization import static_challenge_secret_name
 from pkigate.scep.connector import ScepConnector
 from pkigate.scep.messages import (
     CertRep,
@@ -63,7 +64,8 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     gateway = Gateway.open(parse_config(f"data_dir = '{tmp_path / 'data'}'"), bootstrap=True)
-    challenge = (gateway.core.data_dir / "scep-scep-challenge").read_text().strip()
+    challenge = gateway.core.secrets.get(static_challenge_secret_name("scep"))
+    assert challenge is not None
     yield Env(
         gateway,
         create_app(gateway, "http").test_client(),
@@ -749,7 +751,8 @@ def test_a_request_for_an_ra_certificate_another_process_issued_is_answered(
     connector_b.ra._issue(second.core.clock(), connector_b.ra.signer().ca_chain[0])
     ra_b = connector_b.ra.signer(reload=True).certificate
     assert ra_b != ra_a
-    challenge = (second.core.data_dir / "scep-scep-challenge").read_text().strip()
+    challenge = second.core.secrets.get(static_challenge_secret_name("scep"))
+    assert challenge is not None
     device = Device.new()
     reply = client_a.post(
         f"{SCEP}?operation=PKIOperation", data=device.message(ra_b, device.csr(challenge))

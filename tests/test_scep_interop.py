@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from helpers import scep_static_challenge
 from serving import RunningServer, start_server
 
 SCEPCLIENT = shutil.which("scepclient")
@@ -57,7 +58,7 @@ def scep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scep]:
     server = start_server(tmp_path_factory.mktemp("scep") / "data")
     try:
         url = f"{server.http_url}/scep"
-        challenge = (server.data_dir / "scep-scep-challenge").read_text().strip()
+        challenge = scep_static_challenge(server.config)
         response = requests.get(f"{url}?operation=GetCACert", timeout=10)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # RA first: not DER SET order

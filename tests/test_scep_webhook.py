@@ -26,6 +26,7 @@ from pkigate.core.store import scep as scep_store
 from pkigate.gateways.app import create_app
 from pkigate.gateways.config import ConfigError, parse_config
 from pkigate.gateways.runtime import Gateway
+from pkigate.scep.authorization import static_challenge_secret_name
 from pkigate.scep.messages import CertRep, FailInfo, PkiStatus, parse_cert_rep
 
 CHALLENGE = "intune-challenge-1"
@@ -278,6 +279,7 @@ webhook_notify_url = "{mdm.url}/outcomes"
     assert env.run_jobs() == RunCounts(completed=1)
     assert [r.body["status"] for r in mdm.sent("/outcomes")] == ["success"]
     assert not (gateway.core.data_dir / "scep-mdm-challenge").exists()
+    assert gateway.core.secrets.get(static_challenge_secret_name("mdm")) is None
     gateway.close()
 
 

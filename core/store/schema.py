@@ -42,6 +42,17 @@ ca_keys = Table(
     Column("destroyed_at", Timestamp, nullable=True),
 )
 
+# Generated secrets that every gateway process and host must agree on (a connector's
+# generated static challenge): sealed under the KEK like a CA key, the name bound into the
+# ciphertext. A row is written once, by whichever process first needs it.
+sealed_secrets = Table(
+    "sealed_secrets",
+    metadata,
+    Column("name", String(256), primary_key=True),
+    Column("sealed", LargeBinary, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+)
+
 authorities = Table(
     "authorities",
     metadata,
