@@ -23,7 +23,7 @@ from cryptography.x509.oid import AttributeOID, NameOID
 from flask import Flask
 from sqlalchemy import select
 
-from pkigate.core import Actor
+from pkigate.core import Actor, Core
 from pkigate.core.store import schema
 from pkigate.gateways.app import create_app
 from pkigate.gateways.config import parse_config
@@ -217,3 +217,32 @@ def test_a_locked_address_still_enrolls_with_a_valid_one_time_challenge(env: Env
     # A spent, or someone else's, one-time challenge is a guess like any other.
     rep = attacker.send(env, attacker.message(env, issued.secret), "192.0.2.70")
     assert rep.fail_info_text == TOO_MANY
+
+
+def test_an_attempt_taken_back_leaves_the_counter_as_it_was(core: Core) -> None:
+    # What the webhook path does with an allowed (or unanswered) attempt.
+    from pkigate.core.store import scep as scep_store
+
+    now, window = core.clock(), timedelta(minutes=10)
+
+    def count() -> datetime | None:
+        with core.store.write() as conn:
+            return scep_store.count_attempt(
+                conn, "mdm", "address", "192.0.2.1", limit=2, now=now, window=window
+            )
+
+    first = count()
+    assert first is not None and count() == first
+    assert count() is None  # at the limit: not counted
+    with core.store.write() as conn:
+        scep_store.uncount_attempt(conn, "mdm", "address", "192.0.2.1", first)
+    assert count() == first  # room for one again
+    assert count() is None
+    # A window that has passed starts over.
+    with core.store.write() as conn:
+        assert (
+            scep_store.count_attempt(
+                conn, "mdm", "address", "192.0.2.1", limit=2, now=now + window, window=window
+            )
+            == now + window
+        )
