@@ -5,12 +5,14 @@ SIGHUP restarts the workers; every line the server writes is JSON."""
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -333,3 +335,35 @@ def test_every_line_the_server_writes_after_its_banner_is_json(tmp_path: Path) -
     assert after_banner, "the server wrote nothing after its banner"
     records = [json.loads(line) for line in after_banner]  # each one parses
     assert any(str(worker) in record["msg"] for record in records), records
+
+
+def test_a_worker_waiting_for_the_sqlite_write_lock_goes_on_serving(tmp_path: Path) -> None:
+    running = start_server(tmp_path / "data", workers=1)
+    try:
+        lock = os.open(running.data_dir / "pkigate.db-writer.lock", os.O_RDWR)
+        admin = running.session()
+        finished: list[int] = []
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # as another process writing for a while
+            writer = threading.Thread(
+                target=lambda: finished.append(
+                    admin.post(
+                        f"{running.https_url}/api/v1/tokens",
+                        json={"name": "waits", "role": "auditor"},
+                        timeout=60,
+                    ).status_code
+                )
+            )
+            writer.start()
+            time.sleep(1.0)  # the write is now waiting for the lock, in the only worker
+            assert not finished
+            began = time.monotonic()
+            assert requests.get(f"{running.http_url}/healthz", timeout=5).status_code == 200
+            assert time.monotonic() - began < 2
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            os.close(lock)
+        writer.join(30)
+        assert finished == [201]
+    finally:
+        running.stop()

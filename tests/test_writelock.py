@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from pkigate.core.store import writelock
 from pkigate.core.store.writelock import WriterLock
 
 
@@ -74,3 +76,40 @@ def _exit_code(pid: int, timeout: float = 20.0) -> int:
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     raise AssertionError("the child never got the lock")
+
+
+def test_a_wait_for_another_holder_runs_in_the_blocking_runner_and_an_uncontended_one_not(
+    tmp_path: Path,
+) -> None:
+    # Two locks on one file (two open file descriptions) exclude each other as two
+    # processes' locks do.
+    holder, waiter = WriterLock(tmp_path / "w.lock"), WriterLock(tmp_path / "w.lock")
+    waits: list[str] = []
+
+    def runner(call: Callable[[], None]) -> None:
+        waits.append(threading.current_thread().name)
+        worker = threading.Thread(target=call, name="waiting-thread")
+        worker.start()
+        worker.join()
+
+    writelock.set_blocking_runner(runner)
+    try:
+        with waiter.held():
+            pass
+        assert waits == []  # nobody else held it: no wait, no runner
+        entered = threading.Event()
+        with holder.held():
+            thread = threading.Thread(target=lambda: _enter(waiter, entered))
+            thread.start()
+            time.sleep(0.2)
+            assert not entered.is_set()  # it waits while the other holds the lock
+        thread.join(5)
+        assert entered.is_set()
+        assert len(waits) == 1
+    finally:
+        writelock.set_blocking_runner(lambda call: call())
+
+
+def _enter(lock: WriterLock, entered: threading.Event) -> None:
+    with lock.held():
+        entered.set()
