@@ -42,6 +42,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -55,6 +56,9 @@ from pkigate.gateways.logs import JsonFormatter, configure_logging
 METRICS_DIR = "metrics"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 SETTINGS_ENV = "PKIGATE_SERVER_SETTINGS"
+# After a 413 the rest of the upload is read (and dropped) for this long, at most this much.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 log = logging.getLogger("pkigate.server")
@@ -243,6 +247,19 @@ def make_worker_class() -> type[Any]:
                 return bool(super().handle_request(listener_name, req, sock, addr))
             finally:
                 self.in_flight -= 1
+                if getattr(req, "pkigate_unread_body", False):
+                    self._linger(sock)
+
+        def _linger(self, sock: Any) -> None:
+            """After answering a request whose body was not read to its end (too large),
+            read on for a moment before the close: a close with unread data sends a
+            reset, which can destroy the answer before the client reads it."""
+            with contextlib.suppress(OSError, ValueError):
+                sock.shutdown(socket.SHUT_WR)
+                drained = 0
+                with gevent.Timeout(LINGER_SECONDS, False):
+                    while drained < LINGER_BYTES and (chunk := sock.recv(65536)):
+                        drained += len(chunk)
 
         def _read_body(self, req: Any) -> bytes | None:
             """Replace the request's body by its bytes, read under the body deadline;
@@ -270,6 +287,7 @@ def make_worker_class() -> type[Any]:
                 return _plain_answer("400 Bad Request", "the request body is shorter than declared")
             if len(data) > self.max_body:
                 req.must_close = True  # the rest of the body is never read
+                req.pkigate_unread_body = True
             # The app sees a plain body of known length (the declared one when over the
             # limit, so that it answers 413 in its own protocol's terms).
             req.headers = [

@@ -5,6 +5,7 @@ SIGHUP restarts the workers; every line the server writes is JSON."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -367,3 +368,29 @@ def test_a_worker_waiting_for_the_sqlite_write_lock_goes_on_serving(tmp_path: Pa
         assert finished == [201]
     finally:
         running.stop()
+
+
+def test_a_large_upload_over_the_limit_gets_its_413_not_a_reset(server: RunningServer) -> None:
+    body = b"\0" * (4 * 1024 * 1024)  # far over max_body_bytes (64 KiB here)
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
+        sending = threading.Thread(
+            target=lambda: _send_quietly(
+                sock,
+                b"POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/x-pki-message\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body,
+            )
+        )
+        sending.start()
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        sending.join(30)
+    assert _status(answer) == 413
+    assert "connection: close" in _headers(answer)
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # the server stops reading after its answer
+        sock.sendall(data)
