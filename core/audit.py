@@ -8,6 +8,7 @@ neither edit, insert nor delete an event without :meth:`AuditLog.verify` saying 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import hmac
 import io
@@ -22,7 +23,20 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from pkigate.core.errors import PkigateError
+from pkigate.core.anchor import (
+    AnchorCorruptError,
+    AnchoredEvent,
+    AuditAnchor,
+    anchor_path,
+    certificate_row,
+    event_row,
+)
+from pkigate.core.errors import (
+    AnchorWriteError,
+    BadRequestError,
+    PkigateError,
+    StoreIntegrityError,
+)
 from pkigate.core.keys import KeyEncryptionKey
 from pkigate.core.store import AuditEventRecord, CertificateRecord, Store
 
@@ -48,12 +62,58 @@ class AuditEntry:
     at: datetime
     result: str = "success"
     parameters: Mapping[str, Any] | None = None
+    # The row of the certificate this event issued: the anchor keeps it, so that a store
+    # that lost it can be given it back.
+    certificate: Mapping[str, Any] | None = None
 
 
 log = logging.getLogger("pkigate.audit")
 HEAD_GUARD = Actor("system:audit", "core")
 HEAD_TAMPERED = "audit.head_tampered"
 HEAD_SIGNED = "audit.head_signed"
+# Recorded when an anchor file is started: a store that has it and no anchor file lost
+# the file (an upgrade from before anchors has neither).
+ANCHOR_STARTED = "audit.anchor_started"
+RECOVERED = "audit.recover"
+REANCHORED = "audit.reanchor"
+
+
+@dataclass(frozen=True)
+class AnchorStatus:
+    """How the store compares with its audit anchor.
+
+    ``state``: ``none`` (PostgreSQL: no anchor), ``unanchored`` (no anchor yet: started at
+    the next write), ``ok``, ``anchor-behind`` (a crash between the store's commit and the
+    anchor's write: caught up at the next write), and the states in which the store is not
+    trusted, each with its ``message``: ``store-behind``, ``diverged``, ``missing``,
+    ``corrupt``."""
+
+    state: str
+    message: str | None = None
+    detail: str | None = None  # the one line `audit verify` prints
+    lost_from: int = 0
+    lost_to: int = 0
+    certificates: int = 0
+
+    @property
+    def trusted(self) -> bool:
+        return self.message is None
+
+
+@dataclass(frozen=True)
+class RecoveryResult:
+    events: int
+    certificates: int
+    revocations: int
+    first_seq: int = 0
+    last_seq: int = 0
+    not_restored: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _AnchorPlan:
+    start: bool  # a new anchor file begins with this transaction's events
+    catch_up: list[bytes]  # lines for events committed but not anchored (a crash between)
 
 
 @dataclass(frozen=True)
@@ -112,7 +172,21 @@ class AuditLog:
     def __init__(self, store: Store, kek: KeyEncryptionKey) -> None:
         self._store = store
         self._key = kek.derive(b"pkigate audit chain v1")
+        path = anchor_path(store.sqlite_database)
+        # PostgreSQL has no anchor: its writers are processes on several hosts with no file
+        # system in common, and the database keeps its own write-ahead log and replicas.
+        self._anchor = (
+            AuditAnchor(path, kek.derive(b"pkigate audit anchor v1")) if path is not None else None
+        )
         self._sign_unsigned_head()
+
+    @property
+    def anchor(self) -> AuditAnchor | None:
+        return self._anchor
+
+    def close(self) -> None:
+        if self._anchor is not None:
+            self._anchor.close()
 
     def _head_ok(self, head: tuple[int, str, str | None]) -> bool:
         seq, mac, signed = head
@@ -165,9 +239,21 @@ class AuditLog:
             conn, [AuditEntry(actor, action, resource, at, result, parameters)]
         )[0]
 
-    def record_many(self, conn: Connection, entries: Sequence[AuditEntry]) -> list[str]:
-        """Append events in order, in the caller's write transaction; returns their ids."""
-        if not entries:
+    def record_many(
+        self,
+        conn: Connection,
+        entries: Sequence[AuditEntry],
+        *,
+        settle_anchor: bool = False,
+        new_anchor: bool = False,
+    ) -> list[str]:
+        """Append events in order, in the caller's write transaction; returns their ids.
+
+        Once the transaction commits they are appended to the anchor, before the writer
+        lock is released. ``settle_anchor`` writes even without entries when the anchor
+        must be started or caught up; ``new_anchor`` starts a new anchor file although
+        the store had one (``reanchor``)."""
+        if not entries and not settle_anchor:
             return []
         locked = self._store.lock_audit_head(conn, GENESIS)
         head_seq, head_mac = (0, GENESIS) if locked is None else locked[:2]
@@ -186,6 +272,20 @@ class AuditLog:
                 ),
                 *entries,
             ]
+        plan = None
+        if self._anchor is not None:
+            plan = self._anchor_plan(conn, head_seq, head_mac, new_anchor)
+            if plan.start:
+                started = AuditEntry(
+                    HEAD_GUARD,
+                    ANCHOR_STARTED,
+                    "audit",
+                    entries[0].at if entries else datetime.now(UTC),
+                    parameters={"anchor": self._anchor.path.name, "first_seq": head_seq + 1},
+                )
+                entries = [started, *entries]
+            if not entries and not plan.catch_up:
+                return []
         rows = []
         for entry in entries:
             head_seq += 1
@@ -222,8 +322,306 @@ class AuditLog:
                 }
             )
             head_mac = mac
-        self._store.append_audit_events(conn, rows, self._head_mac(head_seq, head_mac))
+        if rows:
+            self._store.append_audit_events(conn, rows, self._head_mac(head_seq, head_mac))
+        if plan is not None and self._anchor is not None:
+            anchor = self._anchor
+            lines = plan.catch_up + [
+                anchor.encode(row, entry.certificate)
+                for row, entry in zip(rows, entries, strict=True)
+            ]
+            start = plan.start
+            self._store.after_commit(conn, lambda: self._write_anchor(lines, start))
         return [str(row["event_id"]) for row in rows]
+
+    # -- the anchor ---------------------------------------------------------------------
+
+    def _anchor_plan(
+        self, conn: Connection, head_seq: int, head_mac: str, new_anchor: bool
+    ) -> _AnchorPlan:
+        """Compare the locked head with the anchor's last line: refuse to extend a store
+        that is behind its anchor (new events would take the lost events' numbers)."""
+        assert self._anchor is not None
+        try:
+            exists, last = self._anchor.last_for_append()
+        except AnchorCorruptError as exc:
+            raise StoreIntegrityError(exc.message + _REANCHOR_HINT) from None
+        if last is None:
+            if not new_anchor and self._anchored(conn):
+                raise StoreIntegrityError(self._missing_message())
+            if exists:
+                # Created by a process that died before its first line: start it again.
+                self._anchor.path.unlink()
+                self._anchor.close()
+            return _AnchorPlan(True, [])
+        if last.mac == head_mac:
+            return _AnchorPlan(False, [])
+        if last.seq < head_seq:
+            stored = self._store.audit_event(conn, last.seq)
+            if stored is not None and stored.mac == last.mac:
+                return _AnchorPlan(False, self._lines_from_store(conn, last.seq))
+        raise StoreIntegrityError(self.anchor_status().message or "the store and its anchor differ")
+
+    def _anchored(self, conn: Connection) -> bool:
+        return self._store.audit_action_recorded(conn, ANCHOR_STARTED, HEAD_GUARD.principal)
+
+    def _write_anchor(self, lines: list[bytes], start: bool) -> None:
+        assert self._anchor is not None
+        try:
+            self._anchor.append(lines, create=start)
+        except OSError as exc:
+            log.error("the audit anchor %s cannot be written: %s", self._anchor.path, exc)
+            raise AnchorWriteError(
+                f"stored, but the audit anchor cannot be written ({exc.strerror or exc}); "
+                "the answer is withheld"
+            ) from None
+
+    def _lines_from_store(self, conn: Connection, after_seq: int) -> list[bytes]:
+        """Anchor lines for the store's events after ``after_seq``, with their certificates."""
+        assert self._anchor is not None
+        lines = []
+        for event in self._store.iter_audit_events(conn, after=after_seq):
+            certificate = None
+            if event.action == "certificate.issue" and event.result == "success":
+                serial = json.loads(event.parameters).get("serial")
+                record = self._store.get_certificate(
+                    conn, event.resource.removeprefix("ca/"), str(serial)
+                )
+                if record is not None:
+                    certificate = _certificate_row(record)
+            lines.append(self._anchor.encode(_event_row(event), certificate))
+        return lines
+
+    def settle_anchor(self) -> None:
+        """At start: begin the anchor (a new store, or one from before anchors: audited) or
+        catch it up after a crash between a commit and its anchor write."""
+        if self._anchor is None:
+            return
+        with self._store.write() as conn:
+            self.record_many(conn, [], settle_anchor=True)
+
+    def anchor_status(self) -> AnchorStatus:
+        """Compare the store's chain head with the anchor's last line (no lock taken)."""
+        anchor = self._anchor
+        if anchor is None:
+            return AnchorStatus("none")
+        with self._store.read() as conn:
+            head = self._store.audit_head(conn)
+            head_seq, head_mac = (0, GENESIS) if head is None else head[:2]
+            try:
+                last = anchor.tail() if anchor.exists() else None
+            except (AnchorCorruptError, FileNotFoundError) as exc:
+                message = getattr(exc, "message", str(exc))
+                return AnchorStatus("corrupt", message + _REANCHOR_HINT, message)
+            if last is None:
+                if self._anchored(conn):
+                    message = self._missing_message()
+                    return AnchorStatus(
+                        "missing", message, f"the audit anchor {anchor.path} is gone"
+                    )
+                return AnchorStatus("unanchored")
+            if last.mac == head_mac:
+                return AnchorStatus("ok")
+            if last.seq < head_seq:
+                stored = self._store.audit_event(conn, last.seq)
+                if stored is not None and stored.mac == last.mac:
+                    return AnchorStatus("anchor-behind")
+        return self._store_behind_status(head_seq, head_mac, last)
+
+    def _store_behind_status(
+        self, head_seq: int, head_mac: str, last: AnchoredEvent
+    ) -> AnchorStatus:
+        anchor = self._anchor
+        assert anchor is not None
+        database = self._store.sqlite_database
+        at_head: AnchoredEvent | None = None
+        first: AnchoredEvent | None = None
+        certificates = 0
+        try:
+            for event in anchor.events():
+                first = first or event
+                if event.seq == head_seq:
+                    at_head = event
+                elif event.seq > head_seq and event.issued_certificate:
+                    certificates += 1
+        except AnchorCorruptError as exc:
+            return AnchorStatus("corrupt", exc.message + _REANCHOR_HINT, exc.message)
+        starts_after = first is not None and first.seq > head_seq + 1
+        prefix = (at_head is not None and at_head.mac == head_mac) or (
+            first is not None and first.seq == head_seq + 1 and first.event["prev_mac"] == head_mac
+        )
+        if last.seq > head_seq and (prefix or starts_after):
+            lost = f"audit events {head_seq + 1}..{last.seq}"
+            detail = (
+                f"{lost} ({certificates} issued certificates among them) are in the audit "
+                f"anchor {anchor.path.name} but missing from the store"
+            )
+            if starts_after:
+                assert first is not None
+                how = (
+                    f"The anchor starts at event {first.seq}, so events {head_seq + 1}.."
+                    f"{first.seq - 1} are in neither: put back a newer copy of the database "
+                    "if there is one; otherwise run `pkigate audit recover` to restore what "
+                    "the anchor holds, or `pkigate audit reanchor` to give it up (audited)."
+                )
+            else:
+                how = (
+                    "Run `pkigate audit recover` to put those events and certificates back "
+                    "(audited), then start again. If an older copy of the database was put "
+                    "back on purpose and what came after it is to be given up, run `pkigate "
+                    "audit reanchor` instead (audited; the old anchor file is kept)."
+                )
+            message = (
+                f"The store {database} is behind its audit anchor: {detail}. The database "
+                "lost its latest writes (a cut-off write-ahead log, a failing disk) or an "
+                "older copy of it was put back; pkigate does not serve or write from it. " + how
+            )
+            return AnchorStatus(
+                "store-behind", message, detail, head_seq + 1, last.seq, certificates
+            )
+        detail = (
+            f"the store's audit chain (head at event {head_seq}) and its audit anchor "
+            f"{anchor.path.name} (last event {last.seq}) are different histories"
+        )
+        message = (
+            f"The store {database} does not match its audit anchor: {detail}. The database "
+            "was replaced by another one or written by something other than pkigate; "
+            "pkigate does not serve or write from it. Put back the database this anchor "
+            "belongs to, or run `pkigate audit reanchor` to start a new anchor from this "
+            "store (audited; the old anchor file is kept)."
+        )
+        return AnchorStatus("diverged", message, detail, head_seq + 1, last.seq)
+
+    def _missing_message(self) -> str:
+        assert self._anchor is not None
+        return (
+            f"The audit anchor {self._anchor.path} is missing, but the store "
+            f"{self._store.sqlite_database} was anchored: without the anchor a lost tail of "
+            "the store cannot be detected; pkigate does not serve or write from it. Put "
+            "the anchor file back from a backup, or run `pkigate audit reanchor` to start "
+            "a new one from the store's current head (audited)."
+        )
+
+    def recover(self, actor: Actor, now: datetime) -> RecoveryResult:
+        """Put back into the store what its anchor holds and it lost: the audit events
+        (unchanged, so the chain verifies), the certificates issued and revocations among
+        them; then audit the recovery. Nothing to do is not an error (idempotent)."""
+        anchor = self._anchor
+        if anchor is None:
+            raise BadRequestError("only a SQLite store has an audit anchor to recover from")
+        if not anchor.exists():
+            raise StoreIntegrityError(f"there is no audit anchor {anchor.path} to recover from")
+        with self._store.write() as conn:
+            locked = self._store.lock_audit_head(conn, GENESIS)
+            head_seq, head_mac = (0, GENESIS) if locked is None else locked[:2]
+            lost = [e for e in anchor.events() if e.seq > head_seq]
+            if not lost:
+                return RecoveryResult(0, 0, 0)
+            expected = head_seq + 1
+            previous = head_mac
+            rows = []
+            for event in lost:
+                row = event_row(event.event)
+                if event.seq != expected or row["prev_mac"] != previous:
+                    raise StoreIntegrityError(
+                        f"the audit anchor does not continue the store's chain at event "
+                        f"{expected}; nothing was recovered" + _REANCHOR_HINT
+                    )
+                record = AuditEventRecord(**row)
+                if not self._mac_ok(record, record.seq):
+                    raise StoreIntegrityError(
+                        f"event {event.seq} in the audit anchor does not verify under the "
+                        "audit key; nothing was recovered"
+                    )
+                rows.append(row)
+                expected, previous = event.seq + 1, event.mac
+            self._store.append_audit_events(conn, rows, self._head_mac(lost[-1].seq, previous))
+            certificates, revocations, not_restored = self._restore_certificates(conn, lost)
+            self.record(
+                conn,
+                actor,
+                RECOVERED,
+                "audit",
+                at=now,
+                parameters={
+                    "first_seq": lost[0].seq,
+                    "last_seq": lost[-1].seq,
+                    "certificates": certificates,
+                    "revocations": revocations,
+                    "not_restored": list(not_restored),
+                },
+            )
+        return RecoveryResult(
+            len(rows), certificates, revocations, lost[0].seq, lost[-1].seq, not_restored
+        )
+
+    def _restore_certificates(
+        self, conn: Connection, lost: Sequence[AnchoredEvent]
+    ) -> tuple[int, int, tuple[str, ...]]:
+        restored, revoked, missing_ca = 0, 0, []
+        for event in lost:
+            if event.issued_certificate:
+                assert event.certificate is not None
+                row = certificate_row(event.certificate)
+                if self._store.get_certificate(conn, row["ca_id"], row["serial"]) is not None:
+                    continue
+                if self._store.get_ca(conn, row["ca_id"]) is None:
+                    # Its CA was created in the lost range too: its key is not in the anchor.
+                    missing_ca.append(f"{row['ca_id']}/{row['serial']}")
+                    continue
+                self._store.insert_certificate(conn, **{**row, "sans": json.loads(row["sans"])})
+                restored += 1
+            elif (
+                event.event["action"] == "certificate.revoke" and event.event["result"] == "success"
+            ):
+                parameters = json.loads(event.event["parameters"])
+                ca_id = str(event.event["resource"]).removeprefix("ca/")
+                record = self._store.get_certificate(conn, ca_id, str(parameters.get("serial")))
+                if record is not None and record.status != "REVOKED":
+                    self._store.update_certificate(
+                        conn,
+                        record.id,
+                        status="REVOKED",
+                        revoked_at=datetime.fromisoformat(event.event["at"]),
+                        revocation_reason=parameters.get("reason"),
+                    )
+                    revoked += 1
+        return restored, revoked, tuple(missing_ca)
+
+    def reanchor(self, actor: Actor, now: datetime) -> AnchorStatus:
+        """Give up what the anchor holds beyond the store: the old anchor file is kept
+        beside it under another name, and a new one starts from the store's head."""
+        anchor = self._anchor
+        if anchor is None:
+            raise BadRequestError("only a SQLite store has an audit anchor")
+        status = self.anchor_status()
+        with self._store.write() as conn:
+            kept = None
+            if anchor.exists():
+                kept = anchor.path.with_name(
+                    f"{anchor.path.name}.superseded-{now.strftime('%Y%m%dT%H%M%S%fZ')}"
+                )
+                anchor.path.rename(kept)
+            self.record_many(
+                conn,
+                [
+                    AuditEntry(
+                        actor,
+                        REANCHORED,
+                        "audit",
+                        now,
+                        parameters={
+                            "previous_state": status.state,
+                            "superseded": kept.name if kept else None,
+                            "given_up_from": status.lost_from or None,
+                            "given_up_to": status.lost_to or None,
+                            "certificates": status.certificates,
+                        },
+                    )
+                ],
+                new_anchor=True,
+            )
+        return status
 
     def record_alone(
         self,
@@ -377,6 +775,18 @@ class AuditLog:
                         f"events after {head[0]} were added outside the audit log",
                     )
                 )
+        anchored = self.anchor_status()
+        if not anchored.trusted:
+            kind = {"store-behind": "truncated", "diverged": "edited"}.get(
+                anchored.state, "deleted"
+            )
+            hint = {
+                "store-behind": "run `pkigate audit recover` to restore them",
+                "diverged": "see `pkigate serve` or /readyz for how to proceed",
+            }.get(anchored.state, "restore it, or run `pkigate audit reanchor`")
+            problems.append(
+                VerificationProblem(anchored.lost_from, kind, f"{anchored.detail}; {hint}")
+            )
         return VerificationResult(count, tuple(problems))
 
     def _mac_ok(self, event: AuditEventRecord, seq: int) -> bool:
@@ -407,6 +817,23 @@ class AuditLog:
     def events(self) -> list[AuditEventRecord]:
         with self._store.read() as conn:
             return list(self._store.iter_audit_events(conn))
+
+
+_REANCHOR_HINT = (
+    "; put back the anchor from a backup, or run `pkigate audit reanchor` to start a new one "
+    "from the store's head (audited)"
+)
+
+
+def _event_row(event: AuditEventRecord) -> dict[str, Any]:
+    return dataclasses.asdict(event)
+
+
+def _certificate_row(record: CertificateRecord) -> dict[str, Any]:
+    row = dataclasses.asdict(record)
+    del row["id"]
+    row["sans"] = json.dumps(list(record.sans))
+    return row
 
 
 def _pairs(

@@ -102,3 +102,18 @@ class ConflictError(PkigateError):
     """The operation conflicts with the current state (already revoked, duplicate)."""
 
     code = "conflict"
+
+
+class StoreIntegrityError(PkigateError):
+    """The store is not what its audit anchor or its own integrity check says it must be
+    (a lost tail, a damaged page): nothing is served from it or written to it until an
+    operator has acted on the message."""
+
+    code = "storeIntegrity"
+
+
+class AnchorWriteError(PkigateError):
+    """The database committed but the audit anchor could not be written: the answer is
+    withheld (the anchor catches up from the store at the next write)."""
+
+    code = "anchorWriteFailed"

@@ -33,6 +33,7 @@ from pkigate.core.authorities import (
     effective_status,
 )
 from pkigate.core.errors import (
+    AnchorWriteError,
     BadCSRError,
     CANotActiveError,
     IdempotencyConflictError,
@@ -396,6 +397,7 @@ class Issuer:
                 "correlation_id": request.correlation_id,
                 **request.requester.evidence,
             },
+            certificate=row,
         )
         return _Prepared(request, material, certificate, row, sans, audit, token_hash)
 
@@ -408,6 +410,7 @@ class Issuer:
         event = replace(
             prepared.audit,
             result="failure",
+            certificate=None,
             parameters={
                 **(prepared.audit.parameters or {}),
                 "error": type(exc).__name__,
@@ -428,6 +431,8 @@ class Issuer:
         try:
             with self._store.write() as conn:
                 return self._store_batch(conn, batch)
+        except AnchorWriteError:
+            raise  # committed: trying the items again would store them twice
         except Exception:
             if len(batch) == 1:
                 raise
@@ -457,6 +462,7 @@ class Issuer:
                     replace(
                         prepared.audit,
                         result="failure",
+                        certificate=None,
                         parameters={
                             **(prepared.audit.parameters or {}),
                             "error": "staleAuthority",
@@ -477,6 +483,7 @@ class Issuer:
                         replace(
                             prepared.audit,
                             result="failure",
+                            certificate=None,
                             parameters={
                                 **(prepared.audit.parameters or {}),
                                 "error": "duplicateToken",

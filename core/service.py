@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 
 from pkigate.core.audit import Actor, AuditLog
 from pkigate.core.authorities import AuthorityService
+from pkigate.core.errors import StoreIntegrityError
 from pkigate.core.issuance import IssuanceRequest, IssuedCertificate, Issuer, Requester
 from pkigate.core.jobs import JobQueue
 from pkigate.core.keys import KeyEncryptionKey, SoftwareKeyBackend
@@ -24,6 +25,7 @@ from pkigate.core.store import Store, sqlite_url
 from pkigate.core.templates import TemplateCatalogue
 
 DATA_DIR_ENV = "PKIGATE_HOME"
+_MAX_CHECK_REPORT = 300
 DATABASE_URL_ENV = "PKIGATE_DATABASE_URL"
 
 
@@ -33,6 +35,18 @@ def default_data_dir() -> Path:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def damaged_store_message(database: str | None, problem: str) -> str:
+    """One line for a database whose own consistency check fails, or that cannot be read."""
+    if len(problem) > _MAX_CHECK_REPORT:
+        problem = problem[:_MAX_CHECK_REPORT] + "..."
+    where = f" {database}" if database else ""
+    return (
+        f"the database{where} is damaged ({problem}); pkigate does not serve from it: put "
+        "back a copy from a backup, then run `pkigate audit verify` and `pkigate audit "
+        "recover` to restore what its audit anchor holds"
+    )
 
 
 @dataclass
@@ -111,7 +125,22 @@ class Core:
 
     def close(self) -> None:
         self.ocsp.close()
+        self.audit.close()
         self.store.close()
+
+    def check_store(self) -> None:
+        """Before serving from the store: its own integrity check, then its audit anchor.
+
+        Raises StoreIntegrityError saying what is wrong and what to do; otherwise starts
+        the anchor (a new store, or one from before anchors) or catches it up."""
+        database = self.store.sqlite_database
+        problem = self.store.integrity_problem()
+        if problem is not None:
+            raise StoreIntegrityError(damaged_store_message(database, problem))
+        status = self.audit.anchor_status()
+        if status.message is not None:
+            raise StoreIntegrityError(status.message)
+        self.audit.settle_anchor()
 
     def _sign_subordinate(
         self, parent_id: str, csr: bytes, path_length: int, validity: Validity, actor: Actor

@@ -55,6 +55,9 @@ def readyz() -> Response:
     problems = []
     try:
         gw.core.store.ping()
+        anchored = gw.core.audit.anchor_status()
+        if anchored.message is not None:
+            problems.append(anchored.message)
     except Exception as exc:
         problems.append(f"store: {type(exc).__name__}")
     for name, ca_id in gw.ca_ids.items():

@@ -11,6 +11,7 @@ server through its management API (:mod:`pkigate.gateways.remote`); both print t
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import os
@@ -20,11 +21,12 @@ from contextlib import AbstractContextManager
 from datetime import timedelta
 from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy.exc import DatabaseError
 
 from pkigate.core import (
     Actor,
@@ -42,11 +44,11 @@ from pkigate.core import (
     Validity,
 )
 from pkigate.core.audit import render_report, report_rows
-from pkigate.core.errors import BadRequestError, NotFoundError, PkigateError
+from pkigate.core.errors import BadRequestError, NotFoundError, PkigateError, StoreIntegrityError
 from pkigate.core.model import RevocationReason, parse_enum
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
-from pkigate.core.service import utc_now
+from pkigate.core.service import damaged_store_message, utc_now
 from pkigate.core.store import CertificateRecord
 from pkigate.core.templates import describe as describe_template
 from pkigate.gateways.auth import Role, TokenService
@@ -91,6 +93,14 @@ class State:
         return self._core
 
     @property
+    def audit_core(self) -> Core:
+        """The core without the housekeeping writes: the audit verbs must open a store
+        that is behind its anchor (where every write is refused) to say so or repair it."""
+        if self._core is None:
+            self._core = Core.open(self.data_dir, self.database_url)
+        return self._core
+
+    @property
     def tokens(self) -> TokenService:
         core = self.core
         return TokenService(core.store, core.audit, core.issuer._clock)
@@ -123,8 +133,18 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
             where = f": {exc.filename}" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             sys.exit(EXIT_ERROR)
+        except DatabaseError as exc:
+            _database_error(exc)
 
     return wrapper
+
+
+def _database_error(exc: DatabaseError) -> NoReturn:
+    """A database that cannot be read (a damaged page, not a database at all): one line,
+    never a traceback."""
+    reason = str(exc.orig) if exc.orig is not None else type(exc).__name__
+    click.echo(f"error: {damaged_store_message(None, reason)} [storeIntegrity]", err=True)
+    sys.exit(EXIT_ERROR)
 
 
 def _audited(
@@ -883,7 +903,11 @@ def audit_verify(state: State) -> None:
     if state.remote is not None:
         data = state.remote.verify_audit()
     else:
-        result = state.core.audit.verify()
+        core = state.audit_core
+        problem = core.store.integrity_problem()
+        if problem is not None:
+            raise StoreIntegrityError(damaged_store_message(core.store.sqlite_database, problem))
+        result = core.audit.verify()
         data = {
             "ok": result.ok,
             "events": result.events,
@@ -902,6 +926,61 @@ def audit_verify(state: State) -> None:
     )
     if not data["ok"]:
         sys.exit(EXIT_ERROR)
+
+
+@audit.command("recover")
+@pass_state
+@reports_errors
+def audit_recover(state: State) -> None:
+    """Put back what the audit anchor holds and the store lost (events, certificates)."""
+    if state.remote is not None:
+        raise BadRequestError("`pkigate audit recover` works on a local data directory")
+    core = state.audit_core
+    result = core.audit.recover(state.actor, core.clock())
+    data = dataclasses.asdict(result)
+
+    def human() -> str:
+        if not result.events:
+            return "nothing to recover: the store holds every event its audit anchor holds"
+        lines = [
+            f"recovered audit events {result.first_seq}..{result.last_seq} "
+            f"({result.events} events), {result.certificates} certificates, "
+            f"{result.revocations} revocations"
+        ]
+        if result.not_restored:
+            lines.append(
+                "not restored (their CA is not in the store): " + ", ".join(result.not_restored)
+            )
+        return "\n".join(lines)
+
+    state.emit(data, human)
+
+
+@audit.command("reanchor")
+@click.option("--yes", is_flag=True, help="Confirm: what only the old anchor holds is given up.")
+@pass_state
+@reports_errors
+def audit_reanchor(state: State, yes: bool) -> None:
+    """Start a new audit anchor from the store's head (after restoring an older database
+    on purpose, or when the anchor is lost); the old anchor file is kept beside it."""
+    if state.remote is not None:
+        raise BadRequestError("`pkigate audit reanchor` works on a local data directory")
+    if not yes:
+        raise BadRequestError(
+            "this gives up what only the audit anchor holds; run `pkigate audit recover` "
+            "first if that is wanted, or confirm with --yes"
+        )
+    core = state.audit_core
+    status = core.audit.reanchor(state.actor, core.clock())
+    given_up = f"; gave up events {status.lost_from}..{status.lost_to}" if status.lost_from else ""
+    state.emit(
+        {
+            "previous_state": status.state,
+            "given_up_from": status.lost_from or None,
+            "given_up_to": status.lost_to or None,
+        },
+        f"started a new audit anchor (it was {status.state}){given_up}",
+    )
 
 
 @audit.command("report")
@@ -961,6 +1040,8 @@ def serve_command(ctx: click.Context, config_path: Path | None, workers: int | N
     except PkigateError as exc:
         click.echo(f"error: {exc.message} [{exc.code}]", err=True)
         sys.exit(EXIT_ERROR)
+    except DatabaseError as exc:
+        _database_error(exc)
 
 
 # -- demo --------------------------------------------------------------------------------------

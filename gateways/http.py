@@ -17,6 +17,7 @@ from werkzeug.routing import BaseConverter
 
 from pkigate.core.audit import Actor
 from pkigate.core.errors import (
+    AnchorWriteError,
     BadRequestError,
     ConflictError,
     IdempotencyConflictError,
@@ -26,6 +27,7 @@ from pkigate.core.errors import (
     NotFoundError,
     PkigateError,
     PolicyViolationError,
+    StoreIntegrityError,
 )
 from pkigate.gateways.auth import AuthenticationError, ForbiddenError, Principal, Role
 
@@ -53,7 +55,7 @@ def status_for(error: PkigateError) -> int:
         return 422
     if isinstance(error, BadRequestError):
         return 400
-    if isinstance(error, KeyBackendError):
+    if isinstance(error, KeyBackendError | StoreIntegrityError | AnchorWriteError):
         return 503
     return 500
 

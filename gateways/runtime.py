@@ -62,8 +62,17 @@ class Gateway:
 
     @classmethod
     def open(cls, config: GatewayConfig, *, bootstrap: bool = False) -> Gateway:
-        """Open the core; with ``bootstrap``, create what the configuration names."""
+        """Open the core; with ``bootstrap``, check the store (StoreIntegrityError) and
+        create what the configuration names."""
         core = Core.open(config.data_dir, config.database_url)
+        if bootstrap:
+            # Before anything is created or written: a damaged store, or one behind its
+            # audit anchor, is not served (the error says what was lost and what to do).
+            try:
+                core.check_store()
+            except BaseException:
+                core.close()
+                raise
         tokens = TokenService(core.store, core.audit, core.clock)
         gateway = cls(config, core, tokens, {})
         gateway.ca_ids = gateway._ensure_cas(create=bootstrap)

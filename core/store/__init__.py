@@ -9,17 +9,29 @@ a whole.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from pkigate.core.store import schema
 from pkigate.core.store.engine import (
+    after_commit,
     create_store_engine,
     migrate,
     read_transaction,
@@ -230,6 +242,32 @@ class Store:
     def ping(self) -> None:
         with self.read() as conn:
             conn.execute(select(1))
+
+    @property
+    def sqlite_database(self) -> str | None:
+        """The SQLite database file's path (None for PostgreSQL and in-memory SQLite)."""
+        database = self.engine.url.database
+        if self.dialect != "sqlite" or not database or database == ":memory:":
+            return None
+        return database
+
+    def after_commit(self, conn: Connection, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once this write transaction has committed, still under its
+        writer lock; an error it raises reaches the writer's caller."""
+        after_commit(conn, callback)
+
+    def integrity_problem(self) -> str | None:
+        """What the database's own consistency check says is wrong, or None.
+
+        SQLite: ``PRAGMA quick_check`` (every page and index structure, without matching
+        index entries to rows: seconds for gigabytes). PostgreSQL checks a page's checksum
+        whenever it reads the page (clusters initialised with data checksums) and has no
+        cheap whole-database check (amcheck is an extension needing privileges): None."""
+        if self.dialect != "sqlite":
+            return None
+        with self.engine.connect() as conn:
+            rows = [str(r[0]) for r in conn.execute(text("PRAGMA quick_check(5)"))]
+        return None if rows == ["ok"] else "; ".join(rows)
 
     # -- CA keys -------------------------------------------------------------------------
 
@@ -611,8 +649,19 @@ class Store:
         )
         return bool(result.rowcount)
 
-    def iter_audit_events(self, conn: Connection, batch: int = 5000) -> Iterator[AuditEventRecord]:
-        last = -1
+    def audit_event(self, conn: Connection, seq: int) -> AuditEventRecord | None:
+        c = schema.audit_events.c
+        row = conn.execute(select(schema.audit_events).where(c.seq == seq)).first()
+        if row is None:
+            return None
+        values = dict(row._mapping)
+        values["at"] = _utc(values["at"])
+        return AuditEventRecord(**values)
+
+    def iter_audit_events(
+        self, conn: Connection, batch: int = 5000, after: int = -1
+    ) -> Iterator[AuditEventRecord]:
+        last = after
         c = schema.audit_events.c
         while True:
             rows = conn.execute(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SCHEMA_HEAD = "0011"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _WRITE = "pkigate_write"
+_AFTER_COMMIT = "pkigate_after_commit"
 # The WriterLock of each SQLite engine (see writelock.py); PostgreSQL engines have none.
 _WRITER_LOCKS: weakref.WeakKeyDictionary[Engine, WriterLock] = weakref.WeakKeyDictionary()
 
@@ -78,8 +79,20 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     lock = _WRITER_LOCKS.get(engine)
     with lock.held() if lock is not None else nullcontext(), engine.connect() as conn:
         conn = conn.execution_options(**{_WRITE: True})
-        with conn.begin():
-            yield conn
+        try:
+            with conn.begin():
+                yield conn
+            # Still under the writer lock: what follows a commit happens in commit order.
+            for callback in conn.info.pop(_AFTER_COMMIT, ()):
+                callback()
+        finally:
+            conn.info.pop(_AFTER_COMMIT, None)
+
+
+def after_commit(conn: Connection, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once this write transaction has committed, before its writer lock
+    is released (not at all if it rolls back). An error it raises reaches the caller."""
+    conn.info.setdefault(_AFTER_COMMIT, []).append(callback)
 
 
 @contextmanager
