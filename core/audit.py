@@ -209,6 +209,8 @@ class AuditLog:
             if self._store.audit_action_recorded(conn, HEAD_SIGNED, HEAD_GUARD.principal):
                 log.error("the audit chain head was unsigned outside pkigate; not re-signed")
                 return
+            if not self._anchor_allows(conn, head[0], head[1]):
+                return
             signed = self._head_mac(head[0], head[1])
             if self._store.sign_audit_head(conn, head[0], head[1], signed):
                 self.record(
@@ -361,6 +363,18 @@ class AuditLog:
             if stored is not None and stored.mac == last.mac:
                 return _AnchorPlan(False, self._lines_from_store(conn, last.seq))
         raise StoreIntegrityError(self.anchor_status().message or "the store and its anchor differ")
+
+    def _anchor_allows(self, conn: Connection, head_seq: int, head_mac: str) -> bool:
+        """Whether the store may be written as the anchor sees it; when not, opening the
+        store still works (`audit verify` and `audit recover` must), the write does not."""
+        if self._anchor is None:
+            return True
+        try:
+            self._anchor_plan(conn, head_seq, head_mac, False)
+        except StoreIntegrityError as exc:
+            log.error("%s", exc.message)
+            return False
+        return True
 
     def _anchored(self, conn: Connection) -> bool:
         return self._store.audit_action_recorded(conn, ANCHOR_STARTED, HEAD_GUARD.principal)
