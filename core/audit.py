@@ -790,10 +790,15 @@ class AuditLog:
                     )
                 )
         anchored = self.anchor_status()
+        if anchored.trusted and self._anchor is not None and self._anchor.exists():
+            try:
+                for _line in self._anchor.events():  # every line, not only the last
+                    pass
+            except AnchorCorruptError as exc:
+                anchored = AnchorStatus("corrupt", exc.message, exc.message)
         if not anchored.trusted:
-            kind = {"store-behind": "truncated", "diverged": "edited"}.get(
-                anchored.state, "deleted"
-            )
+            kinds = {"store-behind": "truncated", "diverged": "edited"}
+            kind = kinds.get(anchored.state, "deleted")
             hint = {
                 "store-behind": "run `pkigate audit recover` to restore them",
                 "diverged": "see `pkigate serve` or /readyz for how to proceed",
