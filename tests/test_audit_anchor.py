@@ -7,19 +7,19 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 from helpers import make_csr
-from serving import PKIGATE, start_server
+from serving import start_server
 
 from pkigate.core import Core, IssuanceRequest, Requester, Validity
 from pkigate.core.errors import PkigateError
-from pkigate.devsim.spawn import configuration_only_environment
 from pkigate.gateways.app import create_app
+from pkigate.gateways.cli import main
 from pkigate.gateways.config import load_config, parse_config
 from pkigate.gateways.runtime import Gateway
 
@@ -27,14 +27,10 @@ ISSUING = "CN=pkigate Issuing CA,O=pkigate"
 ANCHOR = "pkigate-audit-anchor.jsonl"  # beside pkigate.db
 
 
-def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PKIGATE, "--data-dir", str(data_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=configuration_only_environment(),
-    )
+def _cli(data_dir: Path, *args: str) -> Result:
+    """The command line, in this process (what `pkigate` runs, without its start-up cost)."""
+    runner = CliRunner(env={"PKIGATE_DATABASE_URL": None, "PKIGATE_HOME": None})
+    return runner.invoke(main, ["--data-dir", str(data_dir), *args])
 
 
 def _anchor(data_dir: Path) -> Path:
@@ -46,9 +42,10 @@ def _anchored_seqs(data_dir: Path) -> list[int]:
     return [json.loads(line.rpartition(b"\t")[0])["event"]["seq"] for line in lines]
 
 
-def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+def _one_line_error(result: Result) -> str:
+    assert result.exit_code != 0, result.stdout
+    # Only the CLI's own exit: any other exception would have been a traceback.
+    assert isinstance(result.exception, SystemExit), result.exception
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
@@ -122,16 +119,16 @@ def test_a_cut_off_wal_after_delivered_certificates_is_refused_named_and_recover
     assert "pkigate audit recover" in log
 
     verify = _cli(data_dir, "audit", "verify")
-    assert verify.returncode == 1
+    assert verify.exit_code == 1
     assert f"event {head[0] + 1}: truncated: {span}" in verify.stdout, verify.stdout
 
     recover = _cli(data_dir, "audit", "recover")
-    assert recover.returncode == 0, recover.stderr
+    assert recover.exit_code == 0, recover.stderr
     assert f"recovered {span}" in recover.stdout
     assert f"{len(lost)} certificates" in recover.stdout
     again = _cli(data_dir, "audit", "recover")
-    assert again.returncode == 0 and "nothing to recover" in again.stdout
-    assert _cli(data_dir, "audit", "verify").returncode == 0
+    assert again.exit_code == 0 and "nothing to recover" in again.stdout
+    assert _cli(data_dir, "audit", "verify").exit_code == 0
 
     # Ready again: what `pkigate serve` checks at start, and what its workers answer.
     gateway = Gateway.open(load_config(data_dir.parent / "data.toml"), bootstrap=True)
@@ -213,7 +210,7 @@ def test_an_older_backup_put_back_is_not_ready_until_recovered_or_reanchored(
 
     assert "--yes" in _one_line_error(_cli(data_dir, "audit", "reanchor"))
     result = _cli(data_dir, "audit", "reanchor", "--yes")
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert "gave up events" in result.stdout
     assert list(data_dir.glob(f"{ANCHOR}.superseded-*"))  # kept, not deleted
     gateway = Gateway.open(config, bootstrap=True)
@@ -297,8 +294,8 @@ def test_a_store_from_before_anchors_starts_one_and_a_deleted_anchor_is_flagged(
         assert not deleted.audit.verify().ok
     finally:
         deleted.close()
-    assert _cli(data_dir, "audit", "reanchor", "--yes").returncode == 0
-    assert _cli(data_dir, "audit", "verify").returncode == 0
+    assert _cli(data_dir, "audit", "reanchor", "--yes").exit_code == 0
+    assert _cli(data_dir, "audit", "verify").exit_code == 0
 
 
 def test_a_torn_last_anchor_line_is_ignored_and_a_damaged_middle_line_is_not(
