@@ -27,7 +27,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DatabaseError, IntegrityError
 
 from pkigate.core.store import schema
 from pkigate.core.store.engine import (
@@ -265,8 +265,11 @@ class Store:
         cheap whole-database check (amcheck is an extension needing privileges): None."""
         if self.dialect != "sqlite":
             return None
-        with self.engine.connect() as conn:
-            rows = [str(r[0]) for r in conn.execute(text("PRAGMA quick_check(5)"))]
+        try:
+            with self.engine.connect() as conn:
+                rows = [str(r[0]) for r in conn.execute(text("PRAGMA quick_check(5)"))]
+        except DatabaseError as exc:  # too damaged for the check to walk it
+            return str(exc.orig or exc)
         return None if rows == ["ok"] else "; ".join(rows)
 
     # -- CA keys -------------------------------------------------------------------------
