@@ -180,17 +180,21 @@ class AuditAnchor:
                     )
                 yield self.decode(line, f"line {number}")
 
-    def _last_line(self, fd: int, size: int) -> tuple[int, AnchoredEvent | None]:
-        """(where the complete lines end, the last complete line)."""
+    def _last_line(
+        self, fd: int, size: int, boundary: int = 0, known: AnchoredEvent | None = None
+    ) -> tuple[int, AnchoredEvent | None]:
+        """(where the complete lines end, the last complete line); ``boundary`` is where a
+        line is known to start, with ``known`` the line before it (what other processes
+        appended since this one last looked is all that is read)."""
         chunk = _TAIL_CHUNK
         while True:
-            start = max(0, size - chunk)
+            start = max(boundary, size - chunk)
             data = os.pread(fd, size - start, start)
             end = data.rfind(b"\n")
-            if end < 0 and start == 0:
-                return 0, None
+            if end < 0 and start == boundary:
+                return boundary, known
             begin = data.rfind(b"\n", 0, end) if end >= 0 else -1
-            if begin >= 0 or start == 0:
+            if begin >= 0 or start == boundary:
                 line = data[begin + 1 : end + 1]
                 return start + end + 1, self.decode(line, "its last line")
             if chunk >= MAX_LINE_BYTES * 2:
@@ -208,11 +212,13 @@ class AuditAnchor:
             self.close()
             return False, None
         if self._fd is None or stat.st_ino != self._inode or stat.st_size != self._size:
-            if self._fd is None or stat.st_ino != self._inode:
+            boundary, known = self._size, self._last  # appended to since: read only that
+            if self._fd is None or stat.st_ino != self._inode or stat.st_size < self._size:
                 self.close()
                 self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
                 self._inode = stat.st_ino
-            end, self._last = self._last_line(self._fd, stat.st_size)
+                boundary, known = 0, None
+            end, self._last = self._last_line(self._fd, stat.st_size, boundary, known)
             if end != stat.st_size:
                 os.ftruncate(self._fd, end)
                 os.fsync(self._fd)
