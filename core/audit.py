@@ -415,32 +415,38 @@ class AuditLog:
             self.record_many(conn, [], settle_anchor=True)
 
     def anchor_status(self) -> AnchorStatus:
-        """Compare the store's chain head with the anchor's last line (no lock taken)."""
+        """Compare the store's chain head with the anchor's last line (no lock taken).
+
+        The anchor is read first: its lines are written after their commit, so a head read
+        after it is never behind it unless the store lost events."""
         anchor = self._anchor
         if anchor is None:
             return AnchorStatus("none")
-        with self._store.read() as conn:
-            head = self._store.audit_head(conn)
-            head_seq, head_mac = (0, GENESIS) if head is None else head[:2]
+        for _attempt in range(2):
             try:
                 last = anchor.tail() if anchor.exists() else None
             except (AnchorCorruptError, FileNotFoundError) as exc:
                 message = getattr(exc, "message", str(exc))
                 return AnchorStatus("corrupt", message + _REANCHOR_HINT, message)
-            if last is None:
-                if self._anchored(conn):
+            with self._store.read() as conn:
+                head = self._store.audit_head(conn)
+                head_seq, head_mac = (0, GENESIS) if head is None else head[:2]
+                if last is None:
+                    if not self._anchored(conn):
+                        return AnchorStatus("unanchored")
+                    if anchor.exists() and _attempt == 0:
+                        continue  # created meanwhile by the writer that recorded the start
                     message = self._missing_message()
-                    return AnchorStatus(
-                        "missing", message, f"the audit anchor {anchor.path} is gone"
-                    )
-                return AnchorStatus("unanchored")
-            if last.mac == head_mac:
-                return AnchorStatus("ok")
-            if last.seq < head_seq:
-                stored = self._store.audit_event(conn, last.seq)
-                if stored is not None and stored.mac == last.mac:
-                    return AnchorStatus("anchor-behind")
-        return self._store_behind_status(head_seq, head_mac, last)
+                    gone = f"the audit anchor {anchor.path} is gone"
+                    return AnchorStatus("missing", message, gone)
+                if last.mac == head_mac:
+                    return AnchorStatus("ok")
+                if last.seq < head_seq:
+                    stored = self._store.audit_event(conn, last.seq)
+                    if stored is not None and stored.mac == last.mac:
+                        return AnchorStatus("anchor-behind")
+            return self._store_behind_status(head_seq, head_mac, last)
+        raise AssertionError("unreachable: the second attempt returns")
 
     def _store_behind_status(
         self, head_seq: int, head_mac: str, last: AnchoredEvent

@@ -351,3 +351,32 @@ def test_a_damaged_page_is_named_in_one_line_by_serve_verify_and_cert_list(
         _cli(data_dir, "audit", "verify")
     )
     assert "is damaged" in _one_line_error(_cli(data_dir, "cert", "list", "--ca", ca_id))
+
+
+def test_readiness_polled_while_certificates_are_issued_never_sees_a_store_behind(
+    sqlite_core: Core,
+) -> None:
+    """Found while writing the check: reading the head before the anchor, a commit and
+    its anchor line landing in between looked like a store behind its anchor."""
+    import threading
+
+    from helpers import create_root, create_sub
+
+    core = sqlite_core
+    ca_id = create_sub(core, create_root(core)).record.id
+    done = threading.Event()
+
+    def issue() -> None:
+        while not done.is_set():
+            _issue(core, ca_id, 1)
+
+    writers = [threading.Thread(target=issue) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    try:
+        states = {core.audit.anchor_status().state for _ in range(150)}
+    finally:
+        done.set()
+        for writer in writers:
+            writer.join()
+    assert states <= {"ok", "anchor-behind"}, states
