@@ -380,3 +380,21 @@ def test_readiness_polled_while_certificates_are_issued_never_sees_a_store_behin
         for writer in writers:
             writer.join()
     assert states <= {"ok", "anchor-behind"}, states
+
+
+def test_a_crash_between_a_commit_and_its_anchor_line_is_caught_up_from_the_store(
+    sqlite_core: Core,
+) -> None:
+    from helpers import create_root, create_sub
+
+    core = sqlite_core
+    ca_id = create_sub(core, create_root(core)).record.id
+    serials = _issue(core, ca_id, 2)
+    anchor = _anchor(core.data_dir)
+    lines = anchor.read_bytes().splitlines(keepends=True)
+    anchor.write_bytes(b"".join(lines[:-2]))  # committed, never anchored, never answered
+    assert core.audit.anchor_status().state == "anchor-behind"
+    core.check_store()  # what `pkigate serve` does at start
+    caught_up = [json.loads(line.rpartition(b"\t")[0]) for line in anchor.read_bytes().splitlines()]
+    assert [c["certificate"]["serial"] for c in caught_up[-2:]] == serials
+    assert core.audit.anchor_status().state == "ok" and core.audit.verify().ok
