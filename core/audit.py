@@ -531,6 +531,9 @@ class AuditLog:
             raise BadRequestError("only a SQLite store has an audit anchor to recover from")
         if not anchor.exists():
             raise StoreIntegrityError(f"there is no audit anchor {anchor.path} to recover from")
+        status = self.anchor_status()
+        if status.message is not None and status.state != "store-behind":
+            raise StoreIntegrityError(status.message)  # nothing in the anchor fits this store
         with self._store.write() as conn:
             locked = self._store.lock_audit_head(conn, GENESIS)
             head_seq, head_mac = (0, GENESIS) if locked is None else locked[:2]

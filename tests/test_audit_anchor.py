@@ -398,3 +398,35 @@ def test_a_crash_between_a_commit_and_its_anchor_line_is_caught_up_from_the_stor
     caught_up = [json.loads(line.rpartition(b"\t")[0]) for line in anchor.read_bytes().splitlines()]
     assert [c["certificate"]["serial"] for c in caught_up[-2:]] == serials
     assert core.audit.anchor_status().state == "ok" and core.audit.verify().ok
+
+
+def test_a_store_that_went_another_way_than_its_anchor_is_named_as_a_different_history(
+    sqlite_core: Core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from helpers import ACTOR, create_root, create_sub
+
+    from pkigate.core import audit
+
+    core = sqlite_core
+    ca_id = create_sub(core, create_root(core)).record.id
+    _backup(core.data_dir / "pkigate.db", tmp_path / "backup.db")
+    _issue(core, ca_id, 1)
+    core.close()
+    _put_back(tmp_path / "backup.db", core.data_dir / "pkigate.db")
+    # Written on by something that does not know the anchor (an older pkigate).
+    monkeypatch.setattr(audit, "anchor_path", lambda _database: None)
+    elsewhere = Core.open(core.data_dir)
+    _issue(elsewhere, ca_id, 2)
+    elsewhere.close()
+    monkeypatch.undo()
+
+    reopened = Core.open(core.data_dir)
+    try:
+        with pytest.raises(PkigateError, match="different histories") as refused:
+            reopened.check_store()
+        assert "pkigate audit reanchor" in refused.value.message
+        assert [p.kind for p in reopened.audit.verify().problems] == ["edited"]
+        with pytest.raises(PkigateError, match="different histories"):
+            reopened.audit.recover(ACTOR, reopened.clock())
+    finally:
+        reopened.close()
