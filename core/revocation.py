@@ -10,7 +10,8 @@ appending entries one by one is quadratic in ``cryptography``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
 
+from pkigate.core import crl as crl_der
 from pkigate.core.audit import Actor, AuditLog
 from pkigate.core.authorities import (
     AuthorityService,
@@ -39,6 +41,7 @@ from pkigate.core.store import ocsp as ocsp_store
 
 CRL_JOB = "crl.generate"
 MAX_CRL_PARTITION = 2**31 - 1  # the partition column's range
+CRL_CACHE_BYTES = 128 * 2**20  # published CRLs kept per process (a million entries: ~40 MiB)
 # A disabled CA issues nothing, and an expired one can issue nothing valid, but what they
 # issued can still be revoked: their CRLs go on (as their OCSP answers do).
 _PUBLISHING = (CAStatus.ACTIVE, CAStatus.DISABLED, CAStatus.EXPIRED)
@@ -88,6 +91,8 @@ class RevocationService:
         self._audit = audit
         self._jobs = jobs
         self._clock = clock
+        self._crl_cache: dict[tuple[str, int], PublishedCRL] = {}
+        self._crl_cache_lock = threading.Lock()
 
     # -- revoke --------------------------------------------------------------------------
 
@@ -251,7 +256,7 @@ class RevocationService:
                 # An entry stays until one CRL has been published after its certificate
                 # expired.
                 keep_after = previous.this_update if previous else None
-                revoked = self._store.revoked_entries(
+                revoked = self._store.revoked_entry_stamps(
                     conn, ca_id, partition if settings.partitioned else None, keep_after
                 )
             if reuse_fresh and previous is not None and previous.next_update > now:
@@ -259,7 +264,7 @@ class RevocationService:
             number = (previous.number + 1) if previous else 1
             this_update = now.replace(microsecond=0)
             next_update = this_update + timedelta(days=settings.crl_validity_days)
-            der = self._sign_crl(
+            der, entries = sign_crl(
                 material, settings, partition, number, this_update, next_update, revoked
             )
             try:
@@ -274,7 +279,7 @@ class RevocationService:
                         crl_number=number,
                         this_update=this_update,
                         next_update=next_update,
-                        entries=len(revoked),
+                        entries=entries,
                         der=der,
                     )
                     self._audit.record(
@@ -286,7 +291,7 @@ class RevocationService:
                         parameters={
                             "partition": partition,
                             "crl_number": number,
-                            "entries": len(revoked),
+                            "entries": entries,
                             "next_update": next_update,
                             "key_id": material.key_id,
                         },
@@ -299,71 +304,42 @@ class RevocationService:
                 # Another process stored this number first (PostgreSQL takes no write
                 # lock up front, so both saw the same latest CRL): build on its CRL.
                 continue
-            return PublishedCRL(
-                ca_id, partition, number, this_update, next_update, len(revoked), der
+            published = PublishedCRL(
+                ca_id, partition, number, this_update, next_update, entries, der
             )
+            self._remember(published)
+            return published
         raise ConflictError(f"CRL for CA {ca_id} partition {partition} keeps changing")
 
-    @staticmethod
-    def _sign_crl(
-        material: SigningMaterial,
-        settings: CASettings,
-        partition: int,
-        number: int,
-        this_update: datetime,
-        next_update: datetime,
-        revoked: Sequence[tuple[str, datetime, str | None]],
-    ) -> bytes:
-        reasons: dict[str | None, x509.CRLReason | None] = {
-            r.value: x509.CRLReason(f) if (f := reason_flag(r)) else None for r in RevocationReason
-        }
-        entries = []
-        for serial, revoked_at, reason in revoked:
-            builder = x509.RevokedCertificateBuilder(
-                serial_number=int(serial, 16), revocation_date=revoked_at
-            )
-            extension = reasons.get(reason)
-            if extension is not None:
-                builder = builder.add_extension(extension, critical=False)
-            entries.append(builder.build())
-        extensions = [
-            x509.Extension(ExtensionOID.CRL_NUMBER, False, x509.CRLNumber(number)),
-            next(
-                e
-                for e in material.issued_extensions
-                if e.oid == ExtensionOID.AUTHORITY_KEY_IDENTIFIER
-            ),
-        ]
-        if settings.partitioned:
-            url = settings.crl_distribution_url(partition)
-            extensions.append(
-                x509.Extension(
-                    ExtensionOID.ISSUING_DISTRIBUTION_POINT,
-                    True,
-                    x509.IssuingDistributionPoint(
-                        full_name=[x509.UniformResourceIdentifier(url)] if url else None,
-                        relative_name=None,
-                        only_contains_user_certs=False,
-                        only_contains_ca_certs=False,
-                        only_some_reasons=None,
-                        indirect_crl=False,
-                        only_contains_attribute_certs=False,
-                    ),
-                )
-            )
-        crl_builder = x509.CertificateRevocationListBuilder(
-            issuer_name=material.certificate.subject,
-            last_update=this_update,
-            next_update=next_update,
-            extensions=extensions,
-            revoked_certificates=entries,
-        )
-        crl = crl_builder.sign(material.private_key, material.signing_algorithm.hash_algorithm())
-        return crl.public_bytes(serialization.Encoding.DER)
-
     def latest_crl(self, ca_id: str, partition: int = 0) -> PublishedCRL | None:
+        """The latest CRL; its DER (tens of MiB for a million entries) is read from the
+        store once per process and CRL number, since a number's CRL never changes."""
+        key = (ca_id, partition)
         with self._store.read() as conn:
-            return self._store.latest_crl(conn, ca_id, partition)
+            number = self._store.latest_crl_number(conn, ca_id, partition)
+            if number is None:
+                return None
+            with self._crl_cache_lock:
+                cached = self._crl_cache.get(key)
+            if cached is not None and cached.number == number:
+                return cached
+            latest = self._store.latest_crl(conn, ca_id, partition)
+        if latest is not None:
+            self._remember(latest)
+        return latest
+
+    def _remember(self, published: PublishedCRL) -> None:
+        key = (published.ca_id, published.partition)
+        with self._crl_cache_lock:
+            current = self._crl_cache.pop(key, None)
+            if current is not None and current.number > published.number:
+                published = current  # a newer one arrived meanwhile
+            total = sum(len(c.der) for c in self._crl_cache.values())
+            while self._crl_cache and total + len(published.der) > CRL_CACHE_BYTES:
+                evicted = self._crl_cache.pop(next(iter(self._crl_cache)))
+                total -= len(evicted.der)
+            if len(published.der) <= CRL_CACHE_BYTES:
+                self._crl_cache[key] = published
 
     def current_crl(self, ca_id: str, partition: int = 0) -> PublishedCRL:
         """The CRL to serve: the latest, generated now if there is none or it has lapsed.
@@ -377,3 +353,57 @@ class RevocationService:
         if partition not in self.partitions(ca_id):
             raise NotFoundError(f"CA {ca_id} has no CRL partition {partition}")
         return self.generate_crl(ca_id, partition, reuse_fresh=True)
+
+
+_REASON_EXTENSIONS = crl_der.reason_extensions(
+    {reason.value: flag for reason, flag in _REASON_FLAGS.items()}
+)
+
+
+def sign_crl(
+    material: SigningMaterial,
+    settings: CASettings,
+    partition: int,
+    number: int,
+    this_update: datetime,
+    next_update: datetime,
+    revoked: Iterable[tuple[str, str, str | None]],
+) -> tuple[bytes, int]:
+    """The signed CRL's DER and its entry count, for entries as
+    :meth:`Store.revoked_entry_stamps` reads them (see :mod:`pkigate.core.crl` for why the
+    entries are encoded by hand)."""
+    extensions = [
+        x509.Extension(ExtensionOID.CRL_NUMBER, False, x509.CRLNumber(number)),
+        next(
+            e for e in material.issued_extensions if e.oid == ExtensionOID.AUTHORITY_KEY_IDENTIFIER
+        ),
+    ]
+    if settings.partitioned:
+        url = settings.crl_distribution_url(partition)
+        extensions.append(
+            x509.Extension(
+                ExtensionOID.ISSUING_DISTRIBUTION_POINT,
+                True,
+                x509.IssuingDistributionPoint(
+                    full_name=[x509.UniformResourceIdentifier(url)] if url else None,
+                    relative_name=None,
+                    only_contains_user_certs=False,
+                    only_contains_ca_certs=False,
+                    only_some_reasons=None,
+                    indirect_crl=False,
+                    only_contains_attribute_certs=False,
+                ),
+            )
+        )
+    hash_algorithm = material.signing_algorithm.hash_algorithm()
+    template = x509.CertificateRevocationListBuilder(
+        issuer_name=material.certificate.subject,
+        last_update=this_update,
+        next_update=next_update,
+        extensions=extensions,
+    ).sign(material.private_key, hash_algorithm)
+    revoked_der, count = crl_der.revoked_certificates(revoked, _REASON_EXTENSIONS)
+    tbs, algorithm = crl_der.splice_entries(
+        template.public_bytes(serialization.Encoding.DER), revoked_der
+    )
+    return crl_der.sign_tbs(tbs, algorithm, material.private_key, hash_algorithm), count

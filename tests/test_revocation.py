@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import subprocess
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
 from helpers import ACTOR, create_root, create_sub, make_csr
 
@@ -18,8 +20,8 @@ from pkigate.core.errors import (
     NotFoundError,
 )
 from pkigate.core.jobs import JobRunner
-from pkigate.core.model import CAStatus, RevocationReason
-from pkigate.core.revocation import CRL_JOB
+from pkigate.core.model import CAStatus, KeyAlgorithm, RevocationReason
+from pkigate.core.revocation import CRL_JOB, reason_flag
 
 CRL_SETTINGS = CASettings(
     crl_url="http://pki.test/crl/issuing.crl", crl_validity_days=3, crl_regenerate_delay_seconds=0
@@ -367,3 +369,109 @@ def test_a_deleted_ca_publishes_no_crl(core: Core, crl_ca) -> None:
     core.authorities.delete(ca_id, 7, ACTOR)
     with pytest.raises(CANotActiveError, match="publishes no CRLs"):
         core.revocation.generate_crl(ca_id)
+
+
+def _revoked_rows(ca_id: str, now: datetime) -> list[dict[str, object]]:
+    """Rows that exercise every shape of a hand-encoded entry: serials with and without
+    the top bit set (a leading zero octet), every stored reason (``unspecified`` has no
+    extension), and revocation times either side of 2050 (UTCTime, then GeneralizedTime)."""
+    serials = [0x01, 0x7F, 0x80, 0xFF00, 0x7FFF_FFFF_FFFF_FFFF, (1 << 159) | 12345, 2**158 + 1]
+    times = [
+        datetime(1999, 12, 31, 23, 59, 59, tzinfo=UTC),
+        datetime(2049, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2050, 1, 1, tzinfo=UTC),
+        now,
+    ]
+    reasons = list(RevocationReason)
+    rows = []
+    for i in range(60):
+        serial = format(serials[i % len(serials)] + (i // len(serials)) * 2, "x")
+        rows.append(
+            {
+                "ca_id": ca_id,
+                "serial": serial,
+                "subject": f"CN=entry {i}",
+                "sans": "[]",
+                "not_before": now - timedelta(days=1),
+                "not_after": now + timedelta(days=30),
+                "issued_at": now - timedelta(days=1),
+                "template": "EndEntityCertificate/V1",
+                "requester": "bulk",
+                "connector": "test",
+                "correlation_id": None,
+                "status": "REVOKED",
+                "revoked_at": times[i % len(times)],
+                "revocation_reason": reasons[i % len(reasons)].value,
+                "fingerprint_sha256": serial.rjust(64, "0")[:64],
+                "der": b"x",
+                "crl_partition": None,
+            }
+        )
+    return rows
+
+
+@pytest.mark.parametrize("algorithm", [KeyAlgorithm.RSA_2048, KeyAlgorithm.EC_prime256v1])
+def test_a_crl_is_what_cryptographys_builder_makes_byte_for_byte(
+    core: Core, algorithm: KeyAlgorithm
+) -> None:
+    """The revoked-certificate list is encoded by hand (pkigate.core.crl): the TBSCertList
+    must be exactly what cryptography's builder makes of the same entries, and the whole
+    CRL too where the signature is deterministic (RSA PKCS#1 v1.5)."""
+    ca = create_root(core, key_algorithm=algorithm, settings=CRL_SETTINGS)
+    now = core.clock()
+    rows = _revoked_rows(ca.record.id, now)
+    with core.store.write() as conn:
+        core.store.insert_certificates(conn, rows)
+    published = core.revocation.generate_crl(ca.record.id)
+    crl = _crl(published.der)
+    assert published.entries == len(crl) == len(rows)
+
+    material = core.authorities.signing_material(ca.record.id, now)
+    entries = []
+    for row in rows:
+        builder = x509.RevokedCertificateBuilder(
+            serial_number=int(str(row["serial"]), 16),
+            revocation_date=row["revoked_at"],  # type: ignore[arg-type]
+        )
+        flag = reason_flag(RevocationReason(row["revocation_reason"]))
+        if flag is not None:
+            builder = builder.add_extension(x509.CRLReason(flag), critical=False)
+        entries.append(builder.build())
+    # The store may hand the rows back in another order than inserted: compare in the
+    # order the CRL lists them.
+    order = [r.serial_number for r in crl]
+    expected = x509.CertificateRevocationListBuilder(
+        issuer_name=material.certificate.subject,
+        last_update=crl.last_update_utc,
+        next_update=crl.next_update_utc,
+        extensions=list(crl.extensions),
+        revoked_certificates=sorted(entries, key=lambda e: order.index(e.serial_number)),
+    ).sign(material.private_key, material.signing_algorithm.hash_algorithm())
+    assert crl.tbs_certlist_bytes == expected.tbs_certlist_bytes
+    assert crl.signature_algorithm_oid == expected.signature_algorithm_oid
+    assert crl.is_signature_valid(material.certificate.public_key())  # type: ignore[arg-type]
+    if algorithm.family == "RSA":
+        assert published.der == expected.public_bytes(serialization.Encoding.DER)
+    # And OpenSSL reads it the same way.
+    text = subprocess.run(
+        ["openssl", "crl", "-inform", "DER", "-noout", "-text"],
+        input=published.der,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    assert text.count("Serial Number:") == len(rows)
+    assert "Dec 31 23:59:59 2049 GMT" in text and "Jan  1 00:00:00 2050 GMT" in text
+
+
+def test_a_published_crl_is_read_from_the_store_once_per_number(core: Core, crl_ca) -> None:
+    first = core.revocation.current_crl(crl_ca.record.id)
+    again = core.revocation.current_crl(crl_ca.record.id)
+    assert again is first  # the same object: no second read of its DER
+    certificate = _issue(core, crl_ca.record.id)
+    core.revocation.revoke(
+        crl_ca.record.id, _serial(certificate), RevocationReason.superseded, ACTOR
+    )
+    newer = core.revocation.generate_crl(crl_ca.record.id)
+    latest = core.revocation.latest_crl(crl_ca.record.id)
+    assert latest is not None and latest.number == newer.number == first.number + 1
+    assert len(_crl(latest.der)) == 1

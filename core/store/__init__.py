@@ -506,8 +506,39 @@ class Store:
             query = query.where(c.not_after > expired_before_kept_after)
         return [(str(s), _utc(r), reason) for s, r, reason in conn.execute(query)]
 
+    def revoked_entry_stamps(
+        self,
+        conn: Connection,
+        ca_id: str,
+        partition: int | None,
+        expired_before_kept_after: datetime | None,
+    ) -> list[tuple[str, str, str | None]]:
+        """What :meth:`revoked_entries` reads, in the shape a CRL is encoded from: (serial,
+        revocation time as ``YYYYMMDDHHMMSS`` in UTC, reason). The time is formatted by the
+        database, so that a million-entry CRL makes no datetime object per entry."""
+        c = schema.certificates.c
+        if conn.dialect.name == "sqlite":
+            # SQLite keeps timestamps as UTC text ('YYYY-MM-DD HH:MM:SS.ffffff').
+            stamp = func.strftime("%Y%m%d%H%M%S", c.revoked_at)
+        else:
+            stamp = func.to_char(func.timezone("UTC", c.revoked_at), "YYYYMMDDHH24MISS")
+        query = select(c.serial, stamp.label("stamp"), c.revocation_reason).where(
+            c.ca_id == ca_id, c.status == "REVOKED"
+        )
+        if partition is not None:
+            query = query.where(c.crl_partition == partition)
+        if expired_before_kept_after is not None:
+            query = query.where(c.not_after > expired_before_kept_after)
+        return list(conn.execute(query))  # type: ignore[arg-type]
+
     def insert_crl(self, conn: Connection, **values: Any) -> None:
         conn.execute(insert(schema.crls).values(**values))
+
+    def latest_crl_number(self, conn: Connection, ca_id: str, partition: int) -> int | None:
+        c = schema.crls.c
+        return conn.execute(
+            select(func.max(c.crl_number)).where(c.ca_id == ca_id, c.crl_partition == partition)
+        ).scalar_one_or_none()
 
     def latest_crl(self, conn: Connection, ca_id: str, partition: int) -> CRLRecord | None:
         c = schema.crls.c
