@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from cryptography import x509
@@ -29,7 +28,7 @@ from sqlalchemy import Connection
 
 from pkigate.acme import jws
 from pkigate.acme.identifiers import IdentifierPolicy, parse_identifiers
-from pkigate.acme.nonces import NonceMinter, spent_nonces
+from pkigate.acme.nonces import Nonces, NonceTicket, Spend, nonce_book
 from pkigate.acme.problems import AcmeProblem
 from pkigate.acme.renewal import stamp
 from pkigate.acme.service import (
@@ -72,7 +71,7 @@ class AcmeRequest:
 
     parsed: jws.ParsedJWS
     account: AccountRecord | None
-    nonce_expires: datetime
+    nonce: NonceTicket
     extra_headers: dict[str, str] = field(default_factory=dict)
 
     def payload(self) -> dict[str, Any]:
@@ -91,8 +90,8 @@ class AcmeConnector(Connector):
         super().__init__(context, settings)
         self.options = AcmeSettings.parse(settings, context)
         kek: KeyEncryptionKey = context.core.kek
-        self.nonces = NonceMinter(kek)
-        self.spent_nonces = spent_nonces(context.core.store, context.core.data_dir)
+        store = context.core.store
+        self.nonces = Nonces(kek, store, nonce_book(store, context.core.data_dir))
         self._eab_seal = _EabSealer(kek)
         self.service = AcmeService(context, self.options, self._eab_seal.unseal)
         self._chain_cache: dict[str, tuple[float, str]] = {}
@@ -114,8 +113,11 @@ class AcmeConnector(Connector):
     def job_handlers(self) -> Mapping[str, Callable[[dict[str, Any]], None]]:
         return {VALIDATE_JOB: self.service.run_validation}
 
+    def start(self) -> None:
+        self.nonces.start()
+
     def maintenance(self) -> None:
-        spent = self.spent_nonces.purge(self.context.core.clock())
+        spent = self.nonces.purge(self.context.core.clock())
         log.info("ACME spent nonces purged", extra={"connector": self.context.name, "count": spent})
         self.service.maintenance()
 
@@ -421,8 +423,8 @@ class AcmeConnector(Connector):
         if not parsed.nonce:
             raise AcmeProblem("badNonce", "the JWS carries no nonce")
         now = self.context.core.clock()
-        expires = self.nonces.expiry(parsed.nonce, now)
-        if expires is None:
+        ticket = self.nonces.open(parsed.nonce, now)
+        if ticket is None:
             raise AcmeProblem("badNonce", "the nonce is unknown or expired; use the new one")
         account: AccountRecord | None = None
         if parsed.jwk is not None:
@@ -435,7 +437,7 @@ class AcmeConnector(Connector):
             account = self._account_for_kid(parsed.kid or "")
             key = self._account_key(account)
         jws.verify(parsed, key)
-        return AcmeRequest(parsed, account, expires)
+        return AcmeRequest(parsed, account, ticket)
 
     def _account_key(self, account: AccountRecord) -> jws.PublicKey:
         """The account's public key, decoded from its JWK once per key (by thumbprint)."""
@@ -464,9 +466,13 @@ class AcmeConnector(Connector):
     def _spend(self, acme_request: AcmeRequest) -> None:
         """Spend the request's nonce, whatever the handler then makes of the request (a
         replayed read is refused like any replay)."""
-        assert acme_request.parsed.nonce is not None
-        if not self.spent_nonces.spend(acme_request.parsed.nonce, acme_request.nonce_expires):
+        spent = self.nonces.spend(acme_request.nonce)
+        if spent is Spend.REPLAYED:
             raise AcmeProblem("badNonce", "the nonce was used before; use the new one")
+        if spent is Spend.STALE:
+            raise AcmeProblem(
+                "badNonce", "the nonce is from before the service restarted; use the new one"
+            )
 
     def _transaction(self, *, writes: bool) -> AbstractContextManager[Connection]:
         store = self.context.core.store

@@ -124,6 +124,11 @@ class Connector(ABC):
         """Background job kinds this connector processes (see pkigate.core.jobs)."""
         return {}
 
+    def start(self) -> None:
+        """Once per start of the service, in the process that bootstraps it (before any
+        worker serves a request). Nothing by default."""
+        return None
+
     def maintenance(self) -> None:
         """Housekeeping (expired nonces, old counters), run by the gateway's periodic
         maintenance job in whichever process picks it up. Nothing by default."""

@@ -77,6 +77,9 @@ class Gateway:
         gateway = cls(config, core, tokens, {})
         gateway.ca_ids = gateway._ensure_cas(create=bootstrap)
         gateway.connectors = gateway._build_connectors()
+        if bootstrap:
+            for connector in gateway.connectors:
+                connector.start()
         return gateway
 
     # -- CAs ----------------------------------------------------------------------------

@@ -1336,51 +1336,124 @@ def test_directory_and_errors_carry_a_fresh_nonce(env: Env) -> None:
     assert huge.headers["Replay-Nonce"]
 
 
-def test_spent_nonces_are_single_use_in_every_process_and_purged_when_expired(
-    tmp_path: Path, database_url: str | None
-) -> None:
-    """SQLite store: a spent-nonce file of its own beside it; PostgreSQL: a store table."""
-    from pkigate.acme.connector import AcmeConnector
-    from pkigate.acme.nonces import SPENT_NONCES_FILE, LocalSpentNonces, StoreSpentNonces
+def _nonce_gateway(tmp_path: Path, database_url: str | None, *, bootstrap: bool = True) -> Any:
     from pkigate.gateways.config import parse_config
     from pkigate.gateways.runtime import Gateway
 
+    return Gateway.open(parse_config(_nonce_config(tmp_path, database_url)), bootstrap=bootstrap)
+
+
+def _nonce_config(tmp_path: Path, database_url: str | None) -> str:
     text = f"data_dir = '{tmp_path / 'data'}'"
     if database_url:
         text += f"\ndatabase_url = '{database_url}'"
-    gateway = Gateway.open(parse_config(text), bootstrap=True)
+    return text
+
+
+def _acme_connector(gateway: Any) -> Any:
+    from pkigate.acme.connector import AcmeConnector
+
+    (connector,) = [c for c in gateway.connectors if isinstance(c, AcmeConnector)]
+    return connector
+
+
+def test_a_nonce_is_spent_once_in_every_process_and_purged_when_expired(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    """SQLite store: the nonce book is a file of this boot beside it; PostgreSQL: unlogged
+    tables of the store. Another process (a second gunicorn worker, another host) sees the
+    same spends."""
+    from pkigate.acme.nonces import (
+        NONCE_BOOK_PREFIX,
+        NONCE_LIFETIME,
+        LocalNonceBook,
+        Spend,
+        UnloggedNonceBook,
+    )
+
+    gateway = _nonce_gateway(tmp_path, database_url)
     try:
-        (connector,) = [c for c in gateway.connectors if isinstance(c, AcmeConnector)]
-        spent = connector.spent_nonces
-        expected = StoreSpentNonces if database_url else LocalSpentNonces
-        assert isinstance(spent, expected)
+        nonces = _acme_connector(gateway).nonces
+        assert isinstance(nonces.book, UnloggedNonceBook if database_url else LocalNonceBook)
         now = gateway.core.clock()
-        assert spent.spend("old", now - timedelta(minutes=1))
-        assert spent.spend("live", now + timedelta(minutes=10))
-        assert not spent.spend("live", now + timedelta(minutes=10))
-        # Another process (a second gunicorn worker, say) sees both.
+        live, spent_elsewhere = nonces.mint(now), nonces.mint(now)
+        assert nonces.spend(nonces.open(live, now)) is Spend.SPENT
+        assert nonces.spend(nonces.open(live, now)) is Spend.REPLAYED
         script = (
-            "from datetime import UTC, datetime, timedelta\n"
+            "from datetime import UTC, datetime\n"
             "from pkigate.gateways.config import parse_config\n"
             "from pkigate.gateways.runtime import Gateway\n"
             "from pkigate.acme.connector import AcmeConnector\n"
-            f"gateway = Gateway.open(parse_config({text!r}))\n"
+            f"gateway = Gateway.open(parse_config({_nonce_config(tmp_path, database_url)!r}))\n"
             "(c,) = [c for c in gateway.connectors if isinstance(c, AcmeConnector)]\n"
-            "print(c.spent_nonces.spend('live', datetime.now(UTC)),"
-            " c.spent_nonces.spend('fresh', datetime.now(UTC) - timedelta(minutes=1)))\n"
+            "now = datetime.now(UTC)\n"
+            f"print(c.nonces.spend(c.nonces.open({live!r}, now)).value,"
+            f" c.nonces.spend(c.nonces.open({spent_elsewhere!r}, now)).value)\n"
             "gateway.close()\n"
         )
         other = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
         )
-        assert other.stdout.split() == ["False", "True"], other.stderr
-        assert not spent.spend("fresh", now + timedelta(minutes=10))
-        connector.maintenance()
-        # Forgotten once expired ("old", "fresh"), still spent otherwise ("live").
-        assert spent.spend("old", now + timedelta(minutes=10))
-        assert spent.spend("fresh", now + timedelta(minutes=10))
-        assert not spent.spend("live", now + timedelta(minutes=10))
-        assert (gateway.core.data_dir / SPENT_NONCES_FILE).exists() is (database_url is None)
+        assert other.stdout.split() == ["replayed", "spent"], other.stderr
+        assert nonces.spend(nonces.open(spent_elsewhere, now)) is Spend.REPLAYED
+        # Expired spends are forgotten (they are refused as expired anyway).
+        later = now + NONCE_LIFETIME + timedelta(minutes=1)
+        assert nonces.purge(later) == 2
+        if database_url is None:
+            assert list(gateway.core.data_dir.glob(f"{NONCE_BOOK_PREFIX}*.sqlite3"))
+    finally:
+        gateway.close()
+
+
+def test_a_nonce_from_before_a_restart_is_refused_after_it(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    from pkigate.acme.nonces import Spend
+
+    gateway = _nonce_gateway(tmp_path, database_url)
+    now = gateway.core.clock()
+    try:
+        before = _acme_connector(gateway).nonces.mint(now)
+    finally:
+        gateway.close()
+    restarted = _nonce_gateway(tmp_path, database_url)
+    try:
+        nonces = _acme_connector(restarted).nonces
+        assert nonces.spend(nonces.open(before, now)) is Spend.STALE
+        fresh = nonces.mint(now)
+        assert nonces.spend(nonces.open(fresh, now)) is Spend.SPENT
+    finally:
+        restarted.close()
+
+
+def test_a_lost_nonce_book_refuses_every_earlier_nonce(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    """What a crash can cost the non-durable book (a reboot under a SQLite store; crash
+    recovery emptying PostgreSQL's unlogged tables) takes the live generation with it: a
+    nonce spent before the loss, or handed out and not spent, is never accepted after."""
+    from sqlalchemy import text
+
+    from pkigate.acme.nonces import LocalNonceBook, Spend
+
+    gateway = _nonce_gateway(tmp_path, database_url)
+    try:
+        nonces = _acme_connector(gateway).nonces
+        now = gateway.core.clock()
+        spent, unspent = nonces.mint(now), nonces.mint(now)
+        assert nonces.spend(nonces.open(spent, now)) is Spend.SPENT
+        if database_url is None:
+            # The next boot has another boot id, hence another (empty) book file.
+            nonces.book = LocalNonceBook(gateway.core.data_dir, boot="0" * 32)
+        else:
+            with gateway.core.store.write() as conn:
+                conn.execute(text("TRUNCATE acme_spent_nonces, acme_nonce_epoch"))
+        # A worker that has not noticed yet refuses them as stale, like any other.
+        assert nonces.spend(nonces.open(spent, now)) is Spend.STALE
+        assert nonces.spend(nonces.open(unspent, now)) is Spend.STALE
+        fresh = nonces.mint(now)
+        assert nonces.spend(nonces.open(fresh, now)) is Spend.SPENT
+        assert nonces.spend(nonces.open(spent, now)) is Spend.STALE
     finally:
         gateway.close()
 
@@ -1536,16 +1609,17 @@ def test_nonces_expire_and_only_their_own_spelling_is_accepted() -> None:
 
     now = datetime.now(UTC)
     minter = NonceMinter(KeyEncryptionKey(os.urandom(32)))
-    nonce = minter.mint(now)
-    assert minter.expiry(nonce, now) is not None
-    assert minter.expiry(nonce, now + NONCE_LIFETIME + timedelta(seconds=1)) is None
+    nonce = minter.mint(now, 7)
+    ticket = minter.open(nonce, now)
+    assert ticket is not None and ticket.generation == 7
+    assert minter.open(nonce, now + NONCE_LIFETIME + timedelta(seconds=1)) is None
     # Another key (another deployment) does not accept it.
-    assert NonceMinter(KeyEncryptionKey(os.urandom(32))).expiry(nonce, now) is None
+    assert NonceMinter(KeyEncryptionKey(os.urandom(32))).open(nonce, now) is None
     # The unused low bits of the last character give other spellings of the same bytes.
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     spellings = [nonce[:-1] + c for c in alphabet]
-    assert [s for s in spellings if minter.expiry(s, now) is not None] == [nonce]
-    assert minter.expiry(nonce[:-2], now) is None
+    assert [s for s in spellings if minter.open(s, now) is not None] == [nonce]
+    assert minter.open(nonce[:-2], now) is None
 
 
 def test_an_order_being_finalized_says_retry_after(env: Env) -> None:

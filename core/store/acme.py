@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 
@@ -40,21 +41,69 @@ def _utc(moment: datetime | None) -> datetime:
 # -- nonces ------------------------------------------------------------------------------
 
 
-def spend_nonce(conn: Connection, nonce: str, expires_at: datetime) -> bool:
-    """Record ``nonce`` as used; False when it was used before (a replay)."""
-    try:
-        with conn.begin_nested():
-            conn.execute(
-                insert(schema.acme_spent_nonces).values(nonce=nonce, expires_at=expires_at)
-            )
-    except IntegrityError:
-        return False
-    return True
+def next_nonce_generation(conn: Connection) -> int:
+    """Bump the durable nonce generation counter (the caller's commit makes it durable)."""
+    g = schema.acme_nonce_generations.c
+    bumped = conn.execute(
+        update(schema.acme_nonce_generations)
+        .where(g.id == 1)
+        .values(generation=g.generation + 1)
+        .returning(g.generation)
+    ).scalar_one_or_none()
+    if bumped is not None:
+        return int(bumped)
+    conn.execute(insert(schema.acme_nonce_generations).values(id=1, generation=1))
+    return 1
+
+
+def live_nonce_generation(conn: Connection) -> int | None:
+    e = schema.acme_nonce_epoch.c
+    value = conn.execute(select(e.generation).where(e.id == 1)).scalar_one_or_none()
+    return int(value) if value is not None else None
+
+
+def install_nonce_generation(conn: Connection, generation: int, *, replace: bool) -> int:
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    e = schema.acme_nonce_epoch.c
+    statement = pg_insert(schema.acme_nonce_epoch).values(id=1, generation=generation)
+    if replace:
+        statement = statement.on_conflict_do_update(
+            index_elements=[e.id], set_={"generation": generation}
+        )
+    else:
+        statement = statement.on_conflict_do_nothing(index_elements=[e.id])
+    conn.execute(statement)
+    live = live_nonce_generation(conn)
+    assert live is not None
+    return live
+
+
+_SPEND_NONCE = text(
+    "INSERT INTO acme_spent_nonces (nonce, generation, expires_at)"
+    " SELECT :nonce, :generation, :expires_at WHERE EXISTS"
+    " (SELECT 1 FROM acme_nonce_epoch WHERE id = 1 AND generation = :generation)"
+    " ON CONFLICT (nonce) DO NOTHING"
+)
+
+
+def spend_nonce(conn: Connection, nonce: str, generation: int, expires_at: datetime) -> bool:
+    """Record ``nonce`` as used if ``generation`` is live; False when it is not, or when the
+    nonce was used before (a replay). PostgreSQL."""
+    result = conn.execute(
+        _SPEND_NONCE, {"nonce": nonce, "generation": generation, "expires_at": expires_at}
+    )
+    return result.rowcount == 1
 
 
 def purge_spent_nonces(conn: Connection, now: datetime) -> int:
-    c = schema.acme_spent_nonces.c
-    return conn.execute(delete(schema.acme_spent_nonces).where(c.expires_at < now)).rowcount
+    c, e = schema.acme_spent_nonces.c, schema.acme_nonce_epoch.c
+    live = select(e.generation).where(e.id == 1).scalar_subquery()
+    return conn.execute(
+        delete(schema.acme_spent_nonces).where(
+            (c.expires_at < now) | (c.generation != func.coalesce(live, -1))
+        )
+    ).rowcount
 
 
 # -- accounts ----------------------------------------------------------------------------

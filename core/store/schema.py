@@ -313,13 +313,29 @@ scep_failures = Table(
 # -- ACME (RFC 8555) -----------------------------------------------------------------------
 # Rows are scoped by connector instance name: two ACME connectors share nothing.
 
-# Nonces are HMAC-authenticated tokens that need no row to be handed out; a nonce is spent
-# by inserting it here (the primary key makes a replay fail in every process). Rows are
-# purged once the nonce would have expired anyway.
+# Nonces (see pkigate.acme.nonces): the durable counter of nonce generations, bumped once
+# per start; and, on PostgreSQL, the nonce book: the live generation and the spent nonces,
+# in UNLOGGED tables (created so by migration 0012; plain tables on SQLite, where the book
+# is a file of its own and these two stay empty).
+acme_nonce_generations = Table(
+    "acme_nonce_generations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("generation", BigInteger, nullable=False),
+)
+
+acme_nonce_epoch = Table(
+    "acme_nonce_epoch",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("generation", BigInteger, nullable=False),
+)
+
 acme_spent_nonces = Table(
     "acme_spent_nonces",
     metadata,
     Column("nonce", String(64), primary_key=True),
+    Column("generation", BigInteger, nullable=False),
     Column("expires_at", Timestamp, nullable=False, index=True),
 )
 
