@@ -1458,6 +1458,42 @@ def test_a_lost_nonce_book_refuses_every_earlier_nonce(
         gateway.close()
 
 
+def test_after_a_restart_an_earlier_nonce_is_bad_and_the_answer_carries_a_usable_one(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = start_server(data, workers=2)
+    try:
+        before = AcmeClient(f"{server.https_url}/acme/directory", key, server.session())
+        nonce = before.new_nonce()
+    finally:
+        server.stop()
+    server = start_server(data, workers=2)
+    try:
+        client = AcmeClient(f"{server.https_url}/acme/directory", key, server.session())
+        url = client.directory["newAccount"]
+        payload = {"termsOfServiceAgreed": True}
+        stale = client.session.post(
+            url,
+            data=client.signed_body(url, payload, nonce=nonce),
+            headers={"Content-Type": jws_type()},
+            timeout=10,
+        )
+        assert stale.status_code == 400, stale.text
+        assert stale.json()["type"] == "urn:ietf:params:acme:error:badNonce"
+        fresh = stale.headers["Replay-Nonce"]
+        created = client.session.post(
+            url,
+            data=client.signed_body(url, payload, nonce=fresh),
+            headers={"Content-Type": jws_type()},
+            timeout=10,
+        )
+        assert created.status_code == 201, created.text
+    finally:
+        server.stop()
+
+
 def _cross_sign(issuing: x509.Certificate) -> tuple[x509.Certificate, x509.Certificate]:
     """A second root and a cross-certificate for the issuing CA's name and key."""
     import datetime

@@ -529,7 +529,7 @@ class Store:
             query = query.where(c.crl_partition == partition)
         if expired_before_kept_after is not None:
             query = query.where(c.not_after > expired_before_kept_after)
-        return list(conn.execute(query))  # type: ignore[arg-type]
+        return list(conn.execute(query))
 
     def insert_crl(self, conn: Connection, **values: Any) -> None:
         conn.execute(insert(schema.crls).values(**values))
