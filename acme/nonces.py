@@ -63,6 +63,7 @@ NONCE_LIFETIME = timedelta(minutes=30)
 GENERATION_RECHECK = 2.0  # seconds a process trusts its idea of the live generation
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 NONCE_BOOK_PREFIX = "acme-nonces-"
+_LEGACY_SPENT_NONCES = "acme-spent-nonces.sqlite3"  # before 0012: durable, one fsync a spend
 _MAC_BYTES = 16
 _RANDOM_BYTES = 16
 _HEAD = struct.Struct(">QQ")  # generation, expiry (Unix seconds)
@@ -223,6 +224,8 @@ class LocalNonceBook:
         for stale in data_dir.glob(f"{NONCE_BOOK_PREFIX}*.sqlite3*"):
             if not stale.name.startswith(self.path.name):
                 stale.unlink(missing_ok=True)  # an earlier boot's: nothing in it counts
+        for legacy in data_dir.glob(f"{_LEGACY_SPENT_NONCES}*"):
+            legacy.unlink(missing_ok=True)  # spent nonces of the old format, refused anyway
         with self._writer.held():
             conn = self._open()
             try:
