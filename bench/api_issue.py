@@ -57,6 +57,11 @@ def main() -> int:
         server = start_server(Path(scratch) / "data", workers=args.workers)
         try:
             session = server.session(server.admin_token)
+            token = session.post(
+                f"{server.https_url}/api/v1/tokens",
+                json={"name": "api-bench", "role": "issuer"},
+                timeout=30,
+            ).json()["secret"]
             cas = session.get(f"{server.https_url}/api/v1/cas", timeout=30).json()["cas"]
             issuing = next(c["id"] for c in cas if c["type"] == "SUBORDINATE")
             url = f"{server.https_url}/api/v1/cas/{issuing}/certificates"
@@ -67,7 +72,7 @@ def main() -> int:
             queue = iter(csrs)
 
             def client(count: int | None) -> None:
-                own = server.session(server.admin_token)
+                own = server.session(token)
                 done = 0
                 while count is None or done < count:
                     with lock:

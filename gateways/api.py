@@ -188,7 +188,7 @@ def _check_object(data: Mapping[str, Any], fields: tuple[Field, ...], where: str
     result: dict[str, Any] = {}
     for field in fields:
         name = where + field.name
-        schema = field.json_schema()
+        schema = field.checked_schema
         if data.get(field.name) is None:
             if field.required:
                 raise BadRequestError(f"field {name!r} is required")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
+from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
@@ -105,8 +107,18 @@ class Field:
         return {**self.schema, "description": self.description}
 
     def python_types(self) -> tuple[type, ...]:
+        return self._python_types
+
+    # Made once per field: request bodies are checked against these on every request.
+    @cached_property
+    def _python_types(self) -> tuple[type, ...]:
         types = {"object"} if self.fields is not None else json_types(self.json_schema())
         return tuple(t for kind in sorted(types) for t in _PYTHON_TYPES[kind])
+
+    @cached_property
+    def checked_schema(self) -> Mapping[str, Any]:
+        """:meth:`json_schema`, read-only, for checking values."""
+        return MappingProxyType(self.json_schema())
 
 
 def object_schema(fields: Iterable[Field]) -> dict[str, Any]:

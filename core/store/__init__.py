@@ -152,7 +152,7 @@ class ApiTokenRecord:
 
 
 def _api_token(row: Any) -> ApiTokenRecord:
-    values = dict(row._mapping)
+    values = row._asdict()  # a SQLAlchemy Row or a FastSelect row
     values["created_at"] = _utc(values["created_at"])
     values["revoked_at"] = as_utc(values["revoked_at"])
     return ApiTokenRecord(**values)
@@ -182,6 +182,10 @@ def _certificate(row: Any) -> CertificateRecord:
 
 
 _CA_BY_ID = FastSelect(select(schema.authorities).where(schema.authorities.c.id == bindparam("id")))
+# Read on every management API request (bearer token authentication).
+_API_TOKEN_BY_ID = FastSelect(
+    select(schema.api_tokens).where(schema.api_tokens.c.id == bindparam("id"))
+)
 _IDEMPOTENCY_ENTRY = FastSelect(
     select(schema.idempotency.c.request_hash, schema.idempotency.c.result_ref).where(
         schema.idempotency.c.scope == bindparam("scope"),
@@ -619,9 +623,7 @@ class Store:
         conn.execute(insert(schema.api_tokens).values(**values))
 
     def get_api_token(self, conn: Connection, token_id: str) -> ApiTokenRecord | None:
-        row = conn.execute(
-            select(schema.api_tokens).where(schema.api_tokens.c.id == token_id)
-        ).first()
+        row = _API_TOKEN_BY_ID.first(conn, id=token_id)
         return _api_token(row) if row is not None else None
 
     def list_api_tokens(self, conn: Connection) -> list[ApiTokenRecord]:
