@@ -67,28 +67,32 @@ def revoked_certificates(
     """The DER of revokedCertificates and its entry count; empty bytes for no entry (the
     field is then absent, as ``cryptography`` leaves it).
 
-    ``entries`` are (serial in hex, revocation time as ``YYYYMMDDHHMMSS`` in UTC, stored
-    reason name): the store hands them over in this shape straight from SQL, so that no
-    datetime is made per entry. RFC 5280 4.1.2.5: UTCTime for 1950 to 2049, else
-    GeneralizedTime."""
+    ``entries`` are (serial in hex, revocation time as UTC text ``YYYY-MM-DD HH:MM:SS``
+    perhaps followed by a fraction, stored reason name): the store hands them over in this
+    shape straight from its driver, so that no datetime is made per entry. A revocation
+    time is encoded once per distinct second (revocations come in bursts). RFC 5280
+    4.1.2.5: UTCTime for 1950 to 2049, else GeneralizedTime; no fraction of a second."""
     parts: list[bytes] = []
     append = parts.append
+    get_extension = extensions.get
+    times: dict[str, bytes] = {}
+    get_time = times.get
     count = 0
-    for serial, stamp, reason in entries:
+    for serial, at, reason in entries:
         number = int(serial, 16)
         # A positive INTEGER: one more octet than the bits need when the top bit is set.
         serial_der = number.to_bytes(number.bit_length() // 8 + 1, "big")
-        if 1950 <= int(stamp[:4]) < 2050:
-            time_der = b"\x17\x0d" + stamp[2:].encode() + b"Z"
-        else:
-            time_der = b"\x18\x0f" + stamp.encode() + b"Z"
-        extension = extensions.get(reason, b"") if reason is not None else b""
+        second = at[:19]
+        time_der = get_time(second)
+        if time_der is None:
+            time_der = times[second] = _time_der(second)
+        extension = get_extension(reason, b"")  # type: ignore[arg-type]
         length = 2 + len(serial_der) + len(time_der) + len(extension)
-        if length < 0x80 and len(serial_der) < 0x80:
+        if length < 0x80:
             append(bytes((_SEQUENCE, length, 0x02, len(serial_der))))
         else:  # a serial of more than 20 octets, never issued here but not worth a crash
-            append(_header(_SEQUENCE, length - 2 + len(_header(0x02, len(serial_der)))))
-            append(_header(0x02, len(serial_der)))
+            integer = _header(0x02, len(serial_der))
+            append(_header(_SEQUENCE, length - 2 + len(integer)) + integer)
         append(serial_der)
         append(time_der)
         append(extension)
@@ -97,6 +101,18 @@ def revoked_certificates(
         return b"", 0
     body = b"".join(parts)
     return _header(_SEQUENCE, len(body)) + body, count
+
+
+_DIGITS_ONLY = str.maketrans("", "", "-: T")
+
+
+def _time_der(second: str) -> bytes:
+    digits = second.translate(_DIGITS_ONLY)  # YYYYMMDDHHMMSS
+    if len(digits) != 14 or not digits.isdigit():
+        raise ValueError(f"not a revocation time: {second!r}")
+    if "1950" <= digits[:4] < "2050":  # four digits: text order is number order
+        return b"\x17\x0d" + digits[2:].encode() + b"Z"
+    return b"\x18\x0f" + digits.encode() + b"Z"
 
 
 def _element(data: bytes, offset: int) -> tuple[int, int, int]:

@@ -23,6 +23,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     select,
     text,
     update,
@@ -182,6 +183,24 @@ def _certificate(row: Any) -> CertificateRecord:
 
 
 _CA_BY_ID = FastSelect(select(schema.authorities).where(schema.authorities.c.id == bindparam("id")))
+
+
+def _revoked_stamps_query(dialect: str, by_partition: bool, kept_after: bool) -> FastSelect:
+    c = schema.certificates.c
+    if dialect == "sqlite":
+        stamp: Any = c.revoked_at  # stored as UTC text, 'YYYY-MM-DD HH:MM:SS.ffffff'
+    else:
+        stamp = func.to_char(func.timezone("UTC", c.revoked_at), "YYYY-MM-DD HH24:MI:SS")
+    query = select(c.serial, stamp.label("stamp"), c.revocation_reason).where(
+        c.ca_id == bindparam("ca_id"), c.status == literal("REVOKED")
+    )
+    if by_partition:
+        query = query.where(c.crl_partition == bindparam("partition"))
+    if kept_after:
+        query = query.where(c.not_after > bindparam("kept_after", type_=c.not_after.type))
+    return FastSelect(query)
+
+
 # Read on every management API request (bearer token authentication).
 _API_TOKEN_BY_ID = FastSelect(
     select(schema.api_tokens).where(schema.api_tokens.c.id == bindparam("id"))
@@ -213,6 +232,7 @@ class Store:
             dialect,
             parameters=[h.seq, h.mac, h.head_mac],
         )
+        self._revoked_stamps: dict[tuple[str, bool, bool], FastSelect] = {}
         self._fast_ca_state = FastQuery(
             "SELECT status, updated_at FROM authorities WHERE id = ?",
             dialect,
@@ -518,22 +538,19 @@ class Store:
         expired_before_kept_after: datetime | None,
     ) -> list[tuple[str, str, str | None]]:
         """What :meth:`revoked_entries` reads, in the shape a CRL is encoded from: (serial,
-        revocation time as ``YYYYMMDDHHMMSS`` in UTC, reason). The time is formatted by the
-        database, so that a million-entry CRL makes no datetime object per entry."""
-        c = schema.certificates.c
-        if conn.dialect.name == "sqlite":
-            # SQLite keeps timestamps as UTC text ('YYYY-MM-DD HH:MM:SS.ffffff').
-            stamp = func.strftime("%Y%m%d%H%M%S", c.revoked_at)
-        else:
-            stamp = func.to_char(func.timezone("UTC", c.revoked_at), "YYYYMMDDHH24MISS")
-        query = select(c.serial, stamp.label("stamp"), c.revocation_reason).where(
-            c.ca_id == ca_id, c.status == "REVOKED"
-        )
+        revocation time as UTC text ``YYYY-MM-DD HH:MM:SS``, perhaps with a fraction,
+        reason), straight from the driver's cursor, so that a million-entry CRL makes no
+        datetime object or SQLAlchemy row per entry."""
+        key = (conn.dialect.name, partition is not None, expired_before_kept_after is not None)
+        query = self._revoked_stamps.get(key)
+        if query is None:
+            query = self._revoked_stamps[key] = _revoked_stamps_query(*key)
+        values: dict[str, Any] = {"ca_id": ca_id}
         if partition is not None:
-            query = query.where(c.crl_partition == partition)
+            values["partition"] = partition
         if expired_before_kept_after is not None:
-            query = query.where(c.not_after > expired_before_kept_after)
-        return list(conn.execute(query))
+            values["kept_after"] = expired_before_kept_after
+        return query.driver_rows(conn, **values)
 
     def insert_crl(self, conn: Connection, **values: Any) -> None:
         conn.execute(insert(schema.crls).values(**values))
