@@ -1,7 +1,7 @@
 """acme nonces: a durable generation counter, and the nonce book in UNLOGGED tables
 
 Revision ID: 0012
-Revises: 0009
+Revises: 0011
 Create Date: 2026-12-07 05:00:00
 
 Spent nonces no longer need a durable write: they live in an unlogged table beside the
