@@ -10,9 +10,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import sys  # noqa: E402
-
 from pkigate.gateways.server import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
