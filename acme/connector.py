@@ -36,11 +36,17 @@ from pkigate.acme.service import (
     AcmeService,
     AuthorizationView,
     OrderView,
+    problem_for,
     spki,
 )
 from pkigate.acme.settings import AcmeSettings
 from pkigate.core import Actor
-from pkigate.core.errors import BadCSRError, BadRequestError, NotFoundError
+from pkigate.core.errors import (
+    BadCSRError,
+    BadRequestError,
+    NotFoundError,
+    StoreUnavailableError,
+)
 from pkigate.core.issuance import parse_csr
 from pkigate.core.keys import KeyEncryptionKey
 from pkigate.core.store import acme as acme_store
@@ -383,6 +389,13 @@ class AcmeConnector(Connector):
                 acme_request = self._authenticate(uses_jwk, jwk_required)
                 self._spend(acme_request)
                 return handler(acme_request, **kwargs)
+            except StoreUnavailableError as exc:
+                log.warning(
+                    "ACME request refused: %s",
+                    exc.message,
+                    extra={"connector": self.context.name, "path": request.path},
+                )
+                return self._problem(problem_for(exc))
             except AcmeProblem as problem:
                 if problem.http_status >= 500:
                     log.error("ACME request failed: %s", problem.detail)

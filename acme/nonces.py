@@ -57,6 +57,7 @@ from sqlalchemy import text
 from pkigate.core.keys import KeyEncryptionKey
 from pkigate.core.store import Store
 from pkigate.core.store import acme as acme_store
+from pkigate.core.store.engine import storage_full_as_error
 from pkigate.core.store.writelock import WriterLock
 
 NONCE_LIFETIME = timedelta(minutes=30)
@@ -238,6 +239,7 @@ class LocalNonceBook:
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=OFF")  # see the module's docstring
+        conn.execute("PRAGMA mmap_size=0")  # as the store's (engine.py): no SIGBUS on a full disk
         return conn
 
     def _conn(self) -> sqlite3.Connection:
@@ -254,7 +256,7 @@ class LocalNonceBook:
 
     def install(self, generation: int, *, replace: bool) -> int:
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-        with self._writer.held():
+        with storage_full_as_error(), self._writer.held():
             conn = self._conn()
             conn.execute(
                 f"{verb} INTO live_generation (id, generation) VALUES (1, ?)", (generation,)
@@ -263,7 +265,7 @@ class LocalNonceBook:
         return int(row[0])
 
     def spend(self, ticket: NonceTicket) -> Spend:
-        with self._writer.held():
+        with storage_full_as_error(), self._writer.held():
             conn = self._conn()
             inserted = conn.execute(
                 "INSERT OR IGNORE INTO spent_nonces (nonce, generation, expires_at)"
@@ -282,7 +284,7 @@ class LocalNonceBook:
         return Spend.REPLAYED if live and live[0] == ticket.generation else Spend.STALE
 
     def purge(self, now: datetime) -> int:
-        with self._writer.held():
+        with storage_full_as_error(), self._writer.held():
             cursor = self._conn().execute(
                 "DELETE FROM spent_nonces WHERE expires_at < ? OR generation <>"
                 " (SELECT generation FROM live_generation)",

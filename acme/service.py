@@ -9,6 +9,7 @@ the certificate's names are the order's, handed to the core as API passthrough.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import secrets
@@ -37,6 +38,7 @@ from pkigate.core.errors import (
     NotFoundError,
     PkigateError,
     PolicyViolationError,
+    StoreUnavailableError,
     UnsupportedAlgorithmError,
     WeakKeyError,
 )
@@ -788,8 +790,17 @@ class AcmeService:
                 idempotency_token=f"acme-order-{order.id}",
                 record_with=record,
             )
+        except StoreUnavailableError:
+            # Nothing was issued and the client may finalize again later: the order goes
+            # back to "ready" (and if even that cannot be written, it is repaired as an
+            # interrupted finalization once it is PROCESSING_STALE).
+            with contextlib.suppress(StoreUnavailableError), self.core.store.write() as conn:
+                acme_store.update_order(
+                    conn, order.id, self.now(), status="ready", expected_status="processing"
+                )
+            raise
         except PkigateError as exc:
-            problem = _problem_for(exc)
+            problem = problem_for(exc)
             with self.core.store.write() as conn:
                 acme_store.update_order(
                     conn,
@@ -912,7 +923,16 @@ class AcmeService:
         log.info("ACME maintenance", extra={"connector": self.name, "counters": counters})
 
 
-def _problem_for(exc: PkigateError) -> AcmeProblem:
+def problem_for(exc: PkigateError) -> AcmeProblem:
+    """The core's typed errors as ACME problems: the one place that mapping lives."""
+    if isinstance(exc, StoreUnavailableError):
+        # RFC 8555 6.6 / 6.7: a server error the client may retry, after Retry-After.
+        return AcmeProblem(
+            "serverInternal",
+            f"temporarily unavailable: {exc.message}",
+            status=503,
+            retry_after=exc.retry_after_seconds,
+        )
     if isinstance(exc, (BadCSRError, WeakKeyError, UnsupportedAlgorithmError)):
         return AcmeProblem("badCSR", exc.message)
     if isinstance(exc, PolicyViolationError):

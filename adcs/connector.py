@@ -28,7 +28,7 @@ from pkigate.adcs.policy import EnrollmentRefused, RequestContext
 from pkigate.adcs.principals import Principal
 from pkigate.adcs.service import AdcsService, Outcome, attributes_from, load_settings
 from pkigate.core import Actor
-from pkigate.core.errors import BadRequestError
+from pkigate.core.errors import BadRequestError, StoreUnavailableError
 from pkigate.gateways.auth import Role
 from pkigate.gateways.connectors import Connector, ConnectorContext
 from pkigate.gateways.http import (
@@ -45,7 +45,9 @@ log = logging.getLogger("pkigate.adcs")
 MAX_JSON_BYTES = 64 * 1024
 _REQUEST_ID = re.compile(r"[0-9]{1,18}")  # what the store's 64-bit ids can hold
 # Refusal codes and the HTTP status the JSON endpoint answers them with.
+STORE_UNAVAILABLE = "storeUnavailable"
 _STATUS = {
+    STORE_UNAVAILABLE: 503,
     "badCredentials": 401,
     "authenticationRequired": 401,
     "unsupportedAuthentication": 401,
@@ -293,6 +295,8 @@ class AdcsConnector(Connector):
             return _json_error(refusal)
         except DirectoryError as exc:
             return _json_error(_unavailable(exc))
+        except StoreUnavailableError as exc:
+            return _json_error(_store_unavailable(exc))
 
     def _json_status(self, request_id: int) -> tuple[Response, int]:
         principal: Principal | None = None
@@ -370,6 +374,9 @@ class AdcsConnector(Connector):
             return _soap_fault(_fault_for(refusal), relates_to)
         except DirectoryError as exc:
             return _soap_fault(_fault_for(_unavailable(exc)), relates_to)
+        except StoreUnavailableError as exc:
+            # Nothing to audit it in: answered as the Receiver's fault, to retry later.
+            return _soap_fault(_fault_for(_store_unavailable(exc)), relates_to)
 
     def _soap_principal(self, parsed: soap.SoapRequest, allow_certificate: bool) -> Principal:
         if allow_certificate:
@@ -482,6 +489,10 @@ def _unavailable(exc: Exception) -> EnrollmentRefused:
     )
 
 
+def _store_unavailable(exc: StoreUnavailableError) -> EnrollmentRefused:
+    return EnrollmentRefused(STORE_UNAVAILABLE, f"temporarily unavailable: {exc.message}")
+
+
 def _json_error(refusal: EnrollmentRefused) -> tuple[Response, int]:
     body: dict[str, Any] = {"error": refusal.code, "message": refusal.message}
     if refusal.attack:
@@ -490,6 +501,8 @@ def _json_error(refusal: EnrollmentRefused) -> tuple[Response, int]:
     response = jsonify(body)
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Basic realm="pkigate"'
+    if refusal.code == STORE_UNAVAILABLE:
+        response.headers["Retry-After"] = str(StoreUnavailableError.retry_after_seconds)
     return response, status
 
 
@@ -501,6 +514,8 @@ CERTSRV_E_BAD_REQUESTSUBJECT = 0x80094001
 E_ACCESSDENIED = 0x80070005
 E_INVALIDARG = 0x80070057
 ERROR_DS_UNAVAILABLE = 0x80072009
+# HRESULT_FROM_WIN32(ERROR_DISK_FULL): Windows shows "There is not enough space on the disk".
+ERROR_DISK_FULL = 0x80070070
 _HRESULTS = {
     "accessDenied": CERTSRV_E_TEMPLATE_DENIED,
     "autoenrollmentDisabled": CERTSRV_E_TEMPLATE_DENIED,
@@ -524,6 +539,7 @@ _HRESULTS = {
     "badCertificate": E_ACCESSDENIED,
     "directoryUnavailable": ERROR_DS_UNAVAILABLE,
     "caNotPublished": ERROR_DS_UNAVAILABLE,
+    STORE_UNAVAILABLE: ERROR_DISK_FULL,
 }
 _AUTHENTICATION_CODES = frozenset(
     {"badCredentials", "authenticationRequired", "unsupportedAuthentication", "badCertificate"}
@@ -536,7 +552,7 @@ def _fault_for(refusal: EnrollmentRefused, request_id: str | None = None) -> soa
     reason = f"{refusal.code}: {refusal.message}"
     if refusal.code in _AUTHENTICATION_CODES:
         return soap.SoapFault("Sender", "wsse:FailedAuthentication", reason)
-    unavailable = refusal.code in ("directoryUnavailable", "caNotPublished")
+    unavailable = refusal.code in ("directoryUnavailable", "caNotPublished", STORE_UNAVAILABLE)
     return soap.SoapFault(
         "Receiver" if unavailable else "Sender",
         None,
@@ -556,11 +572,14 @@ def _soap_fault(fault: soap.SoapFault, relates_to: str | None) -> Response:
         status = 401
     else:
         status = 400
-    return Response(
+    response = Response(
         soap.build_fault(fault, relates_to),
         status=status,
         content_type="application/soap+xml; charset=utf-8",
     )
+    if status == 503:
+        response.headers["Retry-After"] = str(StoreUnavailableError.retry_after_seconds)
+    return response
 
 
 __all__ = ["AdcsConnector", "DirectoryUnavailable"]

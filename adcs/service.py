@@ -7,6 +7,7 @@ The SOAP endpoints (MS-XCEP, MS-WSTEP) and the JSON endpoint in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import uuid
@@ -41,7 +42,13 @@ from pkigate.adcs.principals import Principal
 from pkigate.adcs.security import enroll_rights
 from pkigate.adcs.templates import KEY_USAGE_NAMES, CertificateTemplate
 from pkigate.core import Actor, IssuedCertificate, Requester, Validity
-from pkigate.core.errors import BadCSRError, ConflictError, NotFoundError, PkigateError
+from pkigate.core.errors import (
+    BadCSRError,
+    ConflictError,
+    NotFoundError,
+    PkigateError,
+    StoreUnavailableError,
+)
 from pkigate.core.issuance import parse_csr
 from pkigate.core.model import ValidityType
 from pkigate.core.store import adcs as adcs_store
@@ -416,6 +423,20 @@ class AdcsService:
                 idempotency_token=f"adcs-request-{self.name}-{request_id}",
                 record_with=record,
             )
+        except StoreUnavailableError:
+            # Nothing issued: the request is settled FAILED if that can still be written
+            # (the client asks again later, as a new request).
+            with contextlib.suppress(StoreUnavailableError), self.core.store.write() as conn:
+                adcs_store.settle_request(
+                    conn,
+                    request_id,
+                    self.core.clock(),
+                    status=adcs_store.FAILED,
+                    expected_status=adcs_store.PENDING,
+                    reason="the CA's storage was full",
+                    decided_by=decided_by,
+                )
+            raise
         except PkigateError as exc:
             with self.core.store.write() as conn:
                 adcs_store.settle_request(

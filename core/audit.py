@@ -36,6 +36,7 @@ from pkigate.core.errors import (
     BadRequestError,
     PkigateError,
     StoreIntegrityError,
+    StoreUnavailableError,
 )
 from pkigate.core.keys import KeyEncryptionKey
 from pkigate.core.store import AuditEventRecord, CertificateRecord, Store
@@ -667,6 +668,11 @@ class AuditLog:
         """Audit a refusal: a typed error raised inside is recorded, then raised again."""
         try:
             yield
+        except StoreUnavailableError:
+            # Nothing was done and there is no room to say so: the front-end answers
+            # "try again later" and logs it (a signature that was made and then discarded
+            # has its own record, written in the storage reserve).
+            raise
         except PkigateError as exc:
             self.record_alone(
                 actor,

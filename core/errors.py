@@ -117,3 +117,18 @@ class AnchorWriteError(PkigateError):
     withheld (the anchor catches up from the store at the next write)."""
 
     code = "anchorWriteFailed"
+
+
+class StoreUnavailableError(PkigateError):
+    """The store cannot take a write now; nothing was changed, and the same request can be
+    sent again later. Front-ends answer their protocol's "temporarily unavailable"."""
+
+    code = "storeUnavailable"
+    retry_after_seconds = 30
+
+
+class StorageFullError(StoreUnavailableError):
+    """The disk holding the store (or the data directory) is full: SQLITE_FULL, ENOSPC,
+    PostgreSQL's disk_full (SQLSTATE 53100), or less free space than signing needs."""
+
+    code = "storageFull"

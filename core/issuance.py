@@ -39,6 +39,7 @@ from pkigate.core.errors import (
     IdempotencyConflictError,
     PkigateError,
     PolicyViolationError,
+    StoreUnavailableError,
 )
 from pkigate.core.groupcommit import GroupCommit
 from pkigate.core.model import CAStatus, CertificateStatus, SigningAlgorithm, Validity
@@ -328,6 +329,9 @@ class Issuer:
         extensions += material.issued_extensions
         if template.kind == TemplateKind.SUBORDINATE_CA:
             extensions += _inherited_name_constraints(material, extensions)
+        # The last moment to refuse without a trace: once the key signs, the certificate
+        # must be stored, or its discard recorded (store/space.py).
+        self._store.space.check_before_signing()
         partition = None
         if material.settings.partitioned:
             # The certificate names its CRL partition, so the slot is taken before signing.
@@ -404,8 +408,11 @@ class Issuer:
     def _audit_discarded(self, prepared: _Prepared, exc: Exception) -> None:
         """The CA key signed, but storing failed (the front-end's ``record_with`` refused,
         or the store did): the signature is audited as discarded. Typed refusals are
-        audited by the caller's refusal context already."""
-        if isinstance(exc, PkigateError):
+        audited by the caller's refusal context already; a full store is not (it has no
+        room for that), so its discard is recorded here, in the space of the storage
+        reserve (store/space.py)."""
+        out_of_space = isinstance(exc, StoreUnavailableError)
+        if isinstance(exc, PkigateError) and not out_of_space:
             return
         event = replace(
             prepared.audit,
@@ -413,12 +420,15 @@ class Issuer:
             certificate=None,
             parameters={
                 **(prepared.audit.parameters or {}),
-                "error": type(exc).__name__,
+                "error": exc.code if isinstance(exc, PkigateError) else type(exc).__name__,
                 "message": "not stored; certificate discarded",
             },
         )
         try:
             with self._store.write() as conn:
+                if out_of_space:
+                    # Under the writer lock: no other writer of the store takes this space.
+                    self._store.space.release_reserve()
                 self._audit.record_many(conn, [event])
         except Exception:
             log.exception(

@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from pkigate.core.errors import InvalidStateError
+from pkigate.core.errors import InvalidStateError, StoreUnavailableError
 from pkigate.core.store import Store
 from pkigate.core.store import jobs as jobs_sql
 from pkigate.core.store.jobs import JobRecord, JobStatus
@@ -345,6 +345,7 @@ class JobRunner:
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._store_unavailable = threading.Event()  # said once in the log per outage
 
     def __enter__(self) -> JobRunner:
         self.start()
@@ -416,11 +417,19 @@ class JobRunner:
         while not stopping.is_set():
             try:
                 claimed = self.queue.claim(worker_id, self.kinds, 1, self.lease)
+                if self._store_unavailable.is_set():
+                    self._store_unavailable.clear()
+                    logger.warning("job worker %s: the store takes writes again", worker_id)
                 if claimed:
                     # A claimed job is run even if stop() was called meanwhile: abandoning
                     # it would leave it waiting for its lease to expire.
                     self._process(claimed[0], worker_id)
                     continue
+            except StoreUnavailableError as exc:
+                # A full disk: nothing was claimed; try again after the poll interval.
+                if not self._store_unavailable.is_set():
+                    self._store_unavailable.set()
+                    logger.warning("job worker %s: %s", worker_id, exc.message)
             except Exception:
                 # The store is unreachable, say; the job (if any) is retried after its
                 # lease, and this thread tries again after the poll interval.

@@ -71,14 +71,21 @@ class Core:
         data_dir: Path | None = None,
         database_url: str | None = None,
         clock: Callable[[], datetime] = utc_now,
+        *,
+        signing_margin_bytes: int | None = None,
     ) -> Core:
-        """Open (creating on first use) the data directory and database."""
+        """Open (creating on first use) the data directory and database.
+
+        ``signing_margin_bytes``: the free space a SQLite store's filesystem must have for
+        the CA key to sign (see ``store/space.py``)."""
         data_dir = (data_dir or default_data_dir()).resolve()
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         url = (
             database_url or os.environ.get(DATABASE_URL_ENV) or sqlite_url(data_dir / "pkigate.db")
         )
         store = Store.open(url)
+        if signing_margin_bytes is not None:
+            store.space.margin = signing_margin_bytes
         database = data_dir / "pkigate.db"
         if url == sqlite_url(database) and database.exists():
             # Sealed keys, audit log, certificates: for the service's user only (SQLite

@@ -14,9 +14,9 @@ from pkigate.gateways import metrics
 from pkigate.gateways.http import (
     AnyText,
     assign_request_id,
+    error_reply,
     error_response,
     gateway,
-    status_for,
 )
 from pkigate.gateways.runtime import Gateway
 
@@ -97,9 +97,7 @@ def create_app(gw: Gateway, listener: Literal["http", "https"]) -> Flask:
         response.headers["X-Request-Id"] = getattr(g, "request_id", "")
         elapsed = time.perf_counter() - getattr(g, "started", time.perf_counter())
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.REQUEST_SECONDS.labels(listener, endpoint, str(response.status_code)).observe(
-            elapsed
-        )
+        metrics.observe_request(listener, endpoint, response.status_code, elapsed)
         log.info(
             "request",
             extra={
@@ -114,7 +112,7 @@ def create_app(gw: Gateway, listener: Literal["http", "https"]) -> Flask:
 
     @app.errorhandler(PkigateError)
     def pkigate_error(exc: PkigateError) -> Response:
-        return error_response(status_for(exc), exc.code, exc.message)
+        return error_reply(exc)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

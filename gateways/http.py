@@ -28,6 +28,7 @@ from pkigate.core.errors import (
     PkigateError,
     PolicyViolationError,
     StoreIntegrityError,
+    StoreUnavailableError,
 )
 from pkigate.gateways.auth import AuthenticationError, ForbiddenError, Principal, Role
 
@@ -55,9 +56,20 @@ def status_for(error: PkigateError) -> int:
         return 422
     if isinstance(error, BadRequestError):
         return 400
-    if isinstance(error, KeyBackendError | StoreIntegrityError | AnchorWriteError):
+    if isinstance(
+        error, KeyBackendError | StoreIntegrityError | AnchorWriteError | StoreUnavailableError
+    ):
         return 503
     return 500
+
+
+def error_reply(error: PkigateError) -> Response:
+    """The core's typed error as the API's JSON error: the one place it is mapped."""
+    headers = {}
+    if isinstance(error, StoreUnavailableError):
+        # RFC 9110 10.2.3: when to try again; nothing was changed, the request may be resent.
+        headers["Retry-After"] = str(error.retry_after_seconds)
+    return error_response(status_for(error), error.code, error.message, headers)
 
 
 def error_response(

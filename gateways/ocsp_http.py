@@ -103,9 +103,7 @@ class OCSPMiddleware:
             ("X-Request-Id", supplied if _REQUEST_ID.match(supplied) else os.urandom(16).hex()),
         ]
         start_response(_STATUS_LINES[status], headers)
-        metrics.REQUEST_SECONDS.labels(self._listener, ENDPOINT, str(status)).observe(
-            time.perf_counter() - started
-        )
+        metrics.observe_request(self._listener, ENDPOINT, status, time.perf_counter() - started)
         # HEAD: the headers GET would send, no body (RFC 9110 9.3.2).
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 

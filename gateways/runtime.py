@@ -23,7 +23,7 @@ from pkigate.core import (
     Requester,
     Validity,
 )
-from pkigate.core.errors import PkigateError
+from pkigate.core.errors import PkigateError, StoreUnavailableError
 from pkigate.core.jobs import JobHandler, JobRunner
 from pkigate.core.names import parse_dn
 from pkigate.gateways import metrics
@@ -295,7 +295,12 @@ class Gateway:
             runner = JobRunner(self.core.jobs, group, threads=self.config.job_threads)
             runner.start()
             self._runners.append(runner)
-        self.core.jobs.enqueue(MAINTENANCE_JOB, {}, dedupe_key=MAINTENANCE_JOB)
+        try:
+            self.core.jobs.enqueue(MAINTENANCE_JOB, {}, dedupe_key=MAINTENANCE_JOB)
+        except StoreUnavailableError as exc:
+            # A worker starting on a full disk serves what needs no write; maintenance is
+            # queued by the next process that starts, or by the job that runs now.
+            log.warning("maintenance not queued at start: %s", exc.message)
 
     def _maintenance(self, _payload: dict[str, Any]) -> None:
         """Hourly: drop finished jobs, destroy keys past their restore window, settle CAs

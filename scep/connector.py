@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from pkigate.core.errors import (
     NotFoundError,
     PkigateError,
     PolicyViolationError,
+    StoreUnavailableError,
     UnsupportedAlgorithmError,
     WeakKeyError,
 )
@@ -489,12 +491,21 @@ class ScepConnector(Connector):
             return _plain_error(400, f"not a SCEP pkiMessage: {exc.message}")
         except ScepError as exc:
             assert exc.reply_to is not None
-            self.authority.refuse(exc.reply_to.transaction_id, address, str(exc))
+            # On a full store the refusal cannot be recorded; it is answered all the same.
+            with contextlib.suppress(StoreUnavailableError):
+                self.authority.refuse(exc.reply_to.transaction_id, address, str(exc))
             return self._failure(signer, exc.reply_to, exc)
         try:
             return self._handle(signer, message, address)
         except ScepError as exc:
             return self._failure(signer, exc.reply_to or message.reply_to, exc)
+        except StoreUnavailableError as exc:
+            # A write the request needed (a challenge spent, a refusal recorded) found the
+            # store full: still a CertRep (RFC 8894 3.3.2), so the client retries later.
+            reply_to = message.reply_to
+            return self._failure(
+                signer, reply_to, ScepError(_fail_info_for(exc), exc.message, reply_to)
+            )
 
     def _audit_unreadable(self, address: str, reason: str) -> None:
         core = self.context.core
@@ -946,6 +957,9 @@ def decode_get_message(query_string: bytes) -> bytes:
 
 def _fail_info_for(error: PkigateError) -> FailInfo:
     """The core's refusals as SCEP failInfo: the one place where that mapping lives."""
+    if isinstance(error, StoreUnavailableError):
+        # RFC 8894 3.2.1.4.5 has no "try later": badRequest, with failInfoText saying so.
+        return FailInfo.BAD_REQUEST
     if isinstance(error, UnsupportedAlgorithmError | WeakKeyError):
         return FailInfo.BAD_ALG
     if isinstance(error, NotFoundError):

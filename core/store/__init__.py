@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -40,6 +41,7 @@ from pkigate.core.store.engine import (
     write_transaction,
 )
 from pkigate.core.store.fastpath import FastInsert, FastQuery, FastSelect
+from pkigate.core.store.space import SpaceGuard
 
 __all__ = [
     "ApiTokenRecord",
@@ -220,6 +222,8 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         dialect = engine.dialect
+        database = engine.url.database if dialect.name == "sqlite" else None
+        self.space = SpaceGuard(Path(database) if database and database != ":memory:" else None)
         a, h, c = schema.authorities.c, schema.audit_head.c, schema.certificates
         self._fast_certificates = FastInsert(c, dialect, generated="id")
         self._fast_audit_events = FastInsert(schema.audit_events, dialect)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import weakref
 from collections.abc import Callable, Iterator
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy.exc import DBAPIError
 
+from pkigate.core.errors import StorageFullError
 from pkigate.core.store.writelock import WriterLock
 
 if TYPE_CHECKING:
@@ -26,6 +29,41 @@ _WRITE = "pkigate_write"
 _AFTER_COMMIT = "pkigate_after_commit"
 # The WriterLock of each SQLite engine (see writelock.py); PostgreSQL engines have none.
 _WRITER_LOCKS: weakref.WeakKeyDictionary[Engine, WriterLock] = weakref.WeakKeyDictionary()
+
+
+# SQLite's result codes for a full disk: SQLITE_FULL (an ENOSPC while writing the database
+# or its WAL), and SQLITE_IOERR_SHMSIZE (the WAL index could not grow).
+_SQLITE_FULL_CODES = frozenset({13, 4874})
+_POSTGRES_DISK_FULL = "53100"
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+STORAGE_FULL_MESSAGE = "the CA's storage is full; nothing was changed; try again later"
+
+
+def storage_full(exc: BaseException) -> StorageFullError | None:
+    """The typed error for an exception that means "the disk is full", else None: SQLite's
+    and PostgreSQL's own errors (bare or wrapped by SQLAlchemy) and an OSError ENOSPC."""
+    if isinstance(exc, StorageFullError):
+        return exc
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    if isinstance(cause, sqlite3.Error):
+        full = getattr(cause, "sqlite_errorcode", None) in _SQLITE_FULL_CODES
+    elif isinstance(cause, OSError):
+        full = cause.errno in _NO_SPACE_ERRNOS
+    else:
+        full = getattr(cause, "sqlstate", None) == _POSTGRES_DISK_FULL
+    return StorageFullError(STORAGE_FULL_MESSAGE) if full else None
+
+
+@contextmanager
+def storage_full_as_error() -> Iterator[None]:
+    """Raise :class:`StorageFullError` for whatever inside means "the disk is full"."""
+    try:
+        yield
+    except Exception as exc:
+        full = storage_full(exc)
+        if full is None or full is exc:
+            raise
+        raise full from exc
 
 
 def sqlite_url(path: Path) -> str:
@@ -61,6 +99,10 @@ def _sqlite_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode = WAL")
     cursor.execute("PRAGMA synchronous = FULL")
     cursor.execute("PRAGMA foreign_keys = ON")
+    # Reads through write(2)/read(2), never a memory map of the database: a page mapped
+    # from a file that cannot be allocated (a full tmpfs, a truncated file) is a SIGBUS
+    # that kills the process. This is SQLite's default; a build may change it.
+    cursor.execute("PRAGMA mmap_size = 0")
     cursor.close()
 
 
@@ -77,7 +119,11 @@ def _sqlite_begin(connection: Connection) -> None:
 def write_transaction(engine: Engine) -> Iterator[Connection]:
     """A transaction that may write; serialized against other writers on SQLite."""
     lock = _WRITER_LOCKS.get(engine)
-    with lock.held() if lock is not None else nullcontext(), engine.connect() as conn:
+    with (
+        storage_full_as_error(),
+        lock.held() if lock is not None else nullcontext(),
+        engine.connect() as conn,
+    ):
         conn = conn.execution_options(**{_WRITE: True})
         try:
             with conn.begin():
@@ -97,8 +143,16 @@ def after_commit(conn: Connection, callback: Callable[[], None]) -> None:
 
 @contextmanager
 def read_transaction(engine: Engine) -> Iterator[Connection]:
-    with engine.connect() as conn, conn.begin():
+    # A reader can meet a full disk too: the first connection to a WAL database creates
+    # its index (-shm) file.
+    with storage_full_as_error(), engine.connect() as conn, conn.begin():
         yield conn
+
+
+def writer_lock(engine: Engine) -> WriterLock | None:
+    """The lock that serializes this SQLite engine's writers across processes (None for
+    PostgreSQL)."""
+    return _WRITER_LOCKS.get(engine)
 
 
 def _alembic_config(conn: Connection) -> Config:
