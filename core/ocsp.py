@@ -39,7 +39,7 @@ from cryptography.x509.oid import NameOID
 
 from pkigate.core.audit import AuditLog
 from pkigate.core.authorities import AuthorityService, CASettings, effective_status
-from pkigate.core.errors import NotFoundError, PkigateError
+from pkigate.core.errors import NotFoundError, PkigateError, StoreUnavailableError
 from pkigate.core.issuance import (
     OCSP_RESPONDER_TEMPLATE,
     IssuanceRequest,
@@ -409,8 +409,10 @@ class OCSPResponder:
             with self._store.write() as conn:
                 if ocsp_store.certificate_state(conn, ca_id, serial, lock=True) == signed:
                     ocsp_store.put_response(conn, ca_id, serial, der, this_update, next_update)
-        except Exception:
+        except StoreUnavailableError as exc:
             # The response itself is right; it is only not kept for the next request.
+            log.warning("could not cache an OCSP response: %s", exc.message)
+        except Exception:
             log.warning("could not cache an OCSP response", exc_info=True)
 
     def _authority(self, ca_id: str, version: datetime) -> _Authority | None:

@@ -10,6 +10,7 @@ appending entries one by one is quadratic in ``cryptography``.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
@@ -33,12 +34,14 @@ from pkigate.core.errors import (
     ConflictError,
     InvalidStateError,
     NotFoundError,
+    StoreUnavailableError,
 )
 from pkigate.core.jobs import JobHandler, JobQueue
 from pkigate.core.model import CAStatus, CertificateStatus, RevocationReason
 from pkigate.core.store import CertificateRecord, CRLRecord, IntegrityError, Store
 from pkigate.core.store import ocsp as ocsp_store
 
+log = logging.getLogger("pkigate.revocation")
 CRL_JOB = "crl.generate"
 MAX_CRL_PARTITION = 2**31 - 1  # the partition column's range
 CRL_CACHE_BYTES = 128 * 2**20  # published CRLs kept per process (a million entries: ~40 MiB)
@@ -264,6 +267,8 @@ class RevocationService:
             number = (previous.number + 1) if previous else 1
             this_update = now.replace(microsecond=0)
             next_update = this_update + timedelta(days=settings.crl_validity_days)
+            # A CRL the store cannot keep is a use of the CA key with no record: not signed.
+            self._store.space.check_before_signing()
             der, entries = sign_crl(
                 material, settings, partition, number, this_update, next_update, revoked
             )
@@ -352,7 +357,15 @@ class RevocationService:
             return latest  # only a partition that exists has CRLs
         if partition not in self.partitions(ca_id):
             raise NotFoundError(f"CA {ca_id} has no CRL partition {partition}")
-        return self.generate_crl(ca_id, partition, reuse_fresh=True)
+        try:
+            return self.generate_crl(ca_id, partition, reuse_fresh=True)
+        except StoreUnavailableError:
+            if latest is None:
+                raise
+            # The next CRL cannot be stored now: the last one is still what the CA says
+            # (relying parties judge its nextUpdate themselves).
+            log.warning("serving a lapsed CRL: the store is full", extra={"ca_id": ca_id})
+            return latest
 
 
 _REASON_EXTENSIONS = crl_der.reason_extensions(

@@ -43,12 +43,19 @@ class AllocatedMmapedDict(MmapedDict):
     an ``OSError`` (ENOSPC) then leaves the file as it was, instead of a SIGBUS."""
 
     def __init__(self, filename: str) -> None:
-        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            if os.fstat(fd).st_size == 0:
+        if not os.path.exists(filename):
+            # Made under another name and renamed once allocated: the collector reads every
+            # *.db file, and an empty one (allocation failed) would break /metrics.
+            partial = f"{filename}.partial"
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
                 os.posix_fallocate(fd, 0, mmap.PAGESIZE)
-        finally:
-            os.close(fd)
+            except OSError:
+                os.unlink(partial)
+                raise
+            finally:
+                os.close(fd)
+            os.replace(partial, filename)
         super().__init__(filename)
 
     def _init_value(self, key: str) -> None:

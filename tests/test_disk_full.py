@@ -1,0 +1,368 @@
+"""A full disk under a real `pkigate serve`: writes are refused in each protocol's terms,
+reads that need no write keep answering, no worker dies, and issuance resumes by itself
+when space returns; no certificate exists that the store and the audit log do not know.
+
+The data directory is a small tmpfs of its own (mounting needs root, as in CI)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
+from helpers import create_root
+from serving import PKIGATE, RunningServer, start_server
+
+from pkigate.core import Core, IssuanceRequest, Requester, Validity
+from pkigate.core.errors import StorageFullError
+from pkigate.devsim.acme_client import AcmeClient, AcmeClientError
+from pkigate.devsim.scep_client import (
+    ScepClient,
+    certificate_request,
+    new_key,
+    new_transaction_id,
+    self_signed,
+)
+from pkigate.scep.messages import FailInfo, PkiStatus
+
+TMPFS_SIZE = "16m"
+ISSUE = "EndEntityCertificate/V1"
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = TMPFS_SIZE) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs for the data directory needs root (CI runs as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path, leave: int = 0) -> Path:
+    """Take every free byte of the filesystem but ``leave`` with a filler file."""
+    filler = directory / "filler"
+    stat = os.statvfs(directory)
+    wanted = max(0, stat.f_bavail * stat.f_frsize - leave)
+    chunk = b"\0" * (1 << 16)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while wanted > 0:
+            wanted -= os.write(fd, chunk[: min(len(chunk), wanted)])
+        if leave == 0:
+            while True:  # to the last byte, whatever statvfs did not count
+                os.write(fd, chunk[:512])
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def csr_pem(name: str) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+
+
+def listener_processes(server: RunningServer) -> set[int]:
+    """The gunicorn arbiters and workers of the server (its process group)."""
+    assert server.process is not None
+    leader = server.process.pid
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[2]) == leader and b"--listener" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+class Issuing:
+    """The management API as an issuer would use it, remembering every certificate received."""
+
+    def __init__(self, server: RunningServer) -> None:
+        admin = server.session()
+        made = admin.post(
+            f"{server.https_url}/api/v1/tokens", json={"name": "issuer", "role": "issuer"}
+        )
+        assert made.status_code == 201, made.text
+        self.session = server.session(made.json()["secret"])
+        cas = admin.get(f"{server.https_url}/api/v1/cas").json()["cas"]
+        self.ca_id = next(c["id"] for c in cas if c["type"] == "SUBORDINATE")
+        self.url = f"{server.https_url}/api/v1/cas/{self.ca_id}/certificates"
+        self.received: list[x509.Certificate] = []
+        self.count = 0
+
+    def issue(self) -> requests.Response:
+        self.count += 1
+        body = {"csr": csr_pem(f"disk-{self.count}.example"), "validity": "1d", "template": ISSUE}
+        response = self.session.post(self.url, json=body, timeout=60)
+        if response.status_code == 201:
+            pem = response.json()["certificate_pem"].encode()
+            self.received.append(x509.load_pem_x509_certificate(pem))
+        return response
+
+
+def assert_try_later(response: requests.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "storageFull"
+    assert int(response.headers["Retry-After"]) > 0
+
+
+def scep_enroll(server: RunningServer, name: str) -> tuple[int, object]:
+    """One PKCSReq with the static challenge: (HTTP status, CertRep)."""
+    session = requests.Session()
+    session.trust_env = False
+    client = ScepClient(f"{server.http_url}/scep", session)
+    ca = client.get_ca_cert()
+    challenge = (server.data_dir / "scep-scep-challenge").read_text().strip()
+    key = new_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    reply = client.enroll(
+        ca,
+        self_signed(key, subject),
+        key,
+        certificate_request(key, subject, challenge),
+        new_transaction_id(),
+    )
+    return 200, reply
+
+
+def acme_new_account(server: RunningServer) -> object:
+    session = requests.Session()
+    session.verify = str(server.tls_bundle)
+    client = AcmeClient(
+        f"{server.https_url}/acme/directory", ec.generate_private_key(ec.SECP256R1()), session
+    )
+    try:
+        return client.post(
+            client.directory["newAccount"], {"termsOfServiceAgreed": True}, use_jwk=True
+        )
+    except AcmeClientError as exc:
+        return exc
+
+
+def ocsp_status(server: RunningServer, ca_id: str, issued: x509.Certificate) -> int:
+    issuer = x509.load_der_x509_certificate(
+        requests.get(f"{server.http_url}/ca/{ca_id}.cer", timeout=30).content
+    )
+    request = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(issued, issuer, hashes.SHA1())  # noqa: S303 - RFC 5019 CertID
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    answer = requests.post(
+        f"{server.http_url}/ocsp/{ca_id}",
+        data=request,
+        headers={"Content-Type": "application/ocsp-request"},
+        timeout=30,
+    )
+    assert answer.status_code == 200
+    parsed = ocsp.load_der_ocsp_response(answer.content)
+    assert parsed.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    return int(parsed.certificate_status.value)
+
+
+def test_full_disk_refuses_writes_keeps_reads_and_workers_and_recovers(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "data") as data_dir:
+        server = start_server(data_dir, workers=2)
+        filler: Path | None = None
+        try:
+            api = Issuing(server)
+            first = api.issue()
+            assert first.status_code == 201, first.text
+            # What must keep answering is made while there is room: the CRL, a cached
+            # OCSP response.
+            crl_url = f"{server.http_url}/crl/{api.ca_id}.crl"
+            assert requests.get(crl_url, timeout=30).status_code == 200
+            assert ocsp_status(server, api.ca_id, api.received[0]) == 0  # GOOD
+            _, reply = scep_enroll(server, "scep-before")  # the SCEP RA is made at first use
+            assert reply.status is PkiStatus.SUCCESS  # type: ignore[attr-defined]
+            api.received.append(reply.certificates[0])  # type: ignore[attr-defined]
+            workers = listener_processes(server)
+            assert len(workers) >= 6  # two arbiters, two workers each
+
+            # Issue until the disk is (nearly) full.
+            filler = fill(data_dir, leave=3 << 20)
+            for _ in range(400):
+                response = api.issue()
+                if response.status_code != 201:
+                    break
+            assert_try_later(response)
+            fill(data_dir)  # every last byte
+            assert os.statvfs(data_dir).f_bavail == 0
+
+            # Writes: refused in each protocol's terms, nothing half-written.
+            assert_try_later(api.issue())
+            status, reply = scep_enroll(server, "scep-while-full")
+            assert status == 200
+            assert reply.status is PkiStatus.FAILURE  # type: ignore[attr-defined]
+            assert reply.fail_info is FailInfo.BAD_REQUEST  # type: ignore[attr-defined]
+            assert "full" in (reply.fail_info_text or "")  # type: ignore[attr-defined]
+            refused = acme_new_account(server)
+            assert isinstance(refused, AcmeClientError), refused
+            assert refused.status == 503
+            assert refused.type == "serverInternal"
+
+            # Reads that need no write keep answering.
+            assert requests.get(f"{server.http_url}/healthz", timeout=30).status_code == 200
+            assert requests.get(crl_url, timeout=30).status_code == 200
+            ca_cert = requests.get(f"{server.http_url}/ca/{api.ca_id}.cer", timeout=30)
+            assert ca_cert.status_code == 200
+            assert ocsp_status(server, api.ca_id, api.received[0]) == 0
+            assert requests.get(f"{server.http_url}/metrics", timeout=30).status_code == 200
+
+            # No worker died of it; and one started now, on the full disk, boots and serves.
+            assert listener_processes(server) == workers
+            victim = max(workers)
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                now = listener_processes(server)
+                if victim not in now and len(now) == len(workers):
+                    break
+                time.sleep(0.2)
+            time.sleep(3)  # long enough for a replacement that fails to boot to be seen
+            assert server.process is not None and server.process.poll() is None
+            assert len(listener_processes(server)) == len(workers)
+            for _ in range(4):  # reaches every worker of the listener, the new one too
+                assert requests.get(f"{server.http_url}/healthz", timeout=30).status_code == 200
+                assert_try_later(api.issue())
+
+            # Space returns: writes resume without a restart.
+            filler.unlink()
+            filler = None
+            resumed = api.issue()
+            assert resumed.status_code == 201, resumed.text
+            status, reply = scep_enroll(server, "scep-after")
+            assert reply.status is PkiStatus.SUCCESS  # type: ignore[attr-defined]
+            api.received.append(reply.certificates[0])  # type: ignore[attr-defined]
+            account = acme_new_account(server)
+            assert not isinstance(account, AcmeClientError), account
+        finally:
+            if filler is not None:
+                filler.unlink(missing_ok=True)
+            server.stop()
+        log = server.log.read_text()
+        assert "SIGBUS" not in log
+        assert "could not audit" not in log
+        assert "Worker failed to boot" not in log
+
+        # Every certificate a client received is in the store and in the audit log.
+        core = Core.open(data_dir)
+        try:
+            with core.store.read() as conn:
+                for certificate in api.received:
+                    serial = format(certificate.serial_number, "x")
+                    stored = core.store.get_certificate(conn, api.ca_id, serial)
+                    assert stored is not None
+                    assert stored.der == certificate.public_bytes(serialization.Encoding.DER)
+            issued = {
+                e.parameters
+                for e in core.audit.events()
+                if e.action == "certificate.issue" and e.result == "success"
+            }
+            for certificate in api.received:
+                assert any(f'"serial":"{certificate.serial_number:x}"' in p for p in issued)
+        finally:
+            core.close()
+        verified = subprocess.run(
+            [PKIGATE, "--data-dir", str(data_dir), "audit", "verify"],
+            capture_output=True,
+            text=True,
+        )
+        assert verified.returncode == 0, verified.stderr
+        assert verified.stdout.startswith("audit log OK:")
+
+
+def test_a_signature_the_full_store_cannot_keep_is_discarded_and_recorded(
+    tmp_path: Path,
+) -> None:
+    """Free space was checked and the commit failed all the same (something else took the
+    space): the certificate is not handed out, and its discard is in the audit log,
+    written in the space of the storage reserve."""
+    with small_tmpfs(tmp_path / "data", "8m") as data_dir:
+        core = Core.open(data_dir, signing_margin_bytes=0)
+        filler: Path | None = None
+        try:
+            root = create_root(core).record.id
+            csr = csr_pem("discarded.example").encode()
+            warm = core.issue(IssuanceRequest(root, csr, Validity.parse("1d"), Requester("t")))
+            assert core.store.space.reserve_path is not None
+            assert core.store.space.reserve_path.exists()  # made before the first signature
+            filler = fill(data_dir)
+            with pytest.raises(StorageFullError):
+                core.issue(
+                    IssuanceRequest(
+                        root, csr_pem("lost.example").encode(), Validity.parse("1d"), Requester("t")
+                    )
+                )
+            with core.store.read() as conn:
+                stored = core.store.list_certificates(conn, ca_id=root)
+            assert [c.serial for c in stored] == [warm.serial]
+            discarded = [
+                e
+                for e in core.audit.events()
+                if e.action == "certificate.issue" and e.result == "failure"
+            ]
+            assert len(discarded) == 1
+            assert "certificate discarded" in discarded[0].parameters
+            assert '"error":"storageFull"' in discarded[0].parameters
+            assert not core.store.space.reserve_path.exists()  # spent on that record
+            # No reserve and no room for one: the key does not sign again.
+            with pytest.raises(StorageFullError):
+                core.issue(
+                    IssuanceRequest(
+                        root,
+                        csr_pem("again.example").encode(),
+                        Validity.parse("1d"),
+                        Requester("t"),
+                    )
+                )
+            assert len([e for e in core.audit.events() if e.result == "failure"]) == 1
+            filler.unlink()
+            filler = None
+            again = core.issue(
+                IssuanceRequest(
+                    root, csr_pem("later.example").encode(), Validity.parse("1d"), Requester("t")
+                )
+            )
+            assert again.serial
+            assert core.store.space.reserve_path.exists()
+            assert core.audit.verify().ok
+        finally:
+            if filler is not None:
+                filler.unlink(missing_ok=True)
+            core.close()
