@@ -42,6 +42,7 @@ import binascii
 import enum
 import hashlib
 import hmac
+import logging
 import os
 import sqlite3
 import struct
@@ -54,12 +55,14 @@ from typing import Protocol
 
 from sqlalchemy import text
 
+from pkigate.core.errors import StorageFullError
 from pkigate.core.keys import KeyEncryptionKey
 from pkigate.core.store import Store
 from pkigate.core.store import acme as acme_store
 from pkigate.core.store.engine import storage_full_as_error
 from pkigate.core.store.writelock import WriterLock
 
+log = logging.getLogger("pkigate.acme")
 NONCE_LIFETIME = timedelta(minutes=30)
 GENERATION_RECHECK = 2.0  # seconds a process trusts its idea of the live generation
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -227,25 +230,45 @@ class LocalNonceBook:
                 stale.unlink(missing_ok=True)  # an earlier boot's: nothing in it counts
         for legacy in data_dir.glob(f"{_LEGACY_SPENT_NONCES}*"):
             legacy.unlink(missing_ok=True)  # spent nonces of the old format, refused anyway
-        with self._writer.held():
-            conn = self._open()
-            try:
+        self._schema_ready = False
+        try:
+            self._create_schema()
+        except StorageFullError as exc:
+            # A process starting on a full disk (the file's -wal and -shm cannot be made):
+            # it starts all the same, and ACME requests are refused until there is room.
+            log.warning("ACME nonce book not opened yet: %s", exc.message)
+
+    def _create_schema(self) -> None:
+        # Without the writer lock (a spend that finds no schema yet holds it already):
+        # the statements are idempotent and SQLite serializes them across processes.
+        conn = self._open()
+        try:
+            with storage_full_as_error():
                 for statement in self._SCHEMA:
                     conn.execute(statement)
-            finally:
-                conn.close()
+        finally:
+            conn.close()
+        self._schema_ready = True
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=OFF")  # see the module's docstring
-        conn.execute("PRAGMA mmap_size=0")  # as the store's (engine.py): no SIGBUS on a full disk
+        try:
+            with storage_full_as_error():
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=OFF")  # see the module's docstring
+            # As the store's (engine.py): no memory map, no SIGBUS on a full disk.
+            conn.execute("PRAGMA mmap_size=0")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _conn(self) -> sqlite3.Connection:
         held: tuple[int, sqlite3.Connection] | None = getattr(self._local, "held", None)
         if held is not None and held[0] == os.getpid():
             return held[1]
+        if not self._schema_ready:
+            self._create_schema()
         conn = self._open()
         self._local.held = (os.getpid(), conn)
         return conn

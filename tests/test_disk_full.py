@@ -34,6 +34,8 @@ from pkigate.devsim.scep_client import (
     new_transaction_id,
     self_signed,
 )
+from pkigate.gateways.config import parse_config
+from pkigate.gateways.runtime import MAINTENANCE_JOB, Gateway
 from pkigate.scep.messages import FailInfo, PkiStatus
 
 TMPFS_SIZE = "16m"
@@ -366,3 +368,52 @@ def test_a_signature_the_full_store_cannot_keep_is_discarded_and_recorded(
             if filler is not None:
                 filler.unlink(missing_ok=True)
             core.close()
+
+
+def test_a_gateway_process_starts_on_a_full_disk(tmp_path: Path) -> None:
+    """What a gunicorn worker does when it starts (open the core and the connectors, start
+    the job threads, queue the maintenance job) succeeds on a full disk: a replacement
+    worker that cannot start takes its whole listener down (gunicorn halts on a boot
+    error). The maintenance job is running in another process, so queueing it again is an
+    insert; that process (a sibling worker) keeps the database open."""
+    with small_tmpfs(tmp_path / "data", "8m") as data_dir:
+        config = parse_config(f'data_dir = "{data_dir}"\n')
+        Gateway.open(config, bootstrap=True).close()
+        sibling = Core.open(data_dir)
+        filler: Path | None = None
+        try:
+            sibling.jobs.enqueue(MAINTENANCE_JOB, {}, dedupe_key=MAINTENANCE_JOB)
+            assert sibling.jobs.claim("another-process", {MAINTENANCE_JOB})
+            filler = fill(data_dir)
+            gateway = Gateway.open(config)
+            try:
+                gateway.start_background_work()
+                assert gateway._runners  # the job threads run, and wait for space
+            finally:
+                gateway.close()
+            assert sibling.store.space.reserve_path is not None
+            assert sibling.store.space.reserve_path.exists()  # not needed for that
+        finally:
+            if filler is not None:
+                filler.unlink()
+            sibling.close()
+
+
+def test_the_store_opens_on_a_full_disk_with_nothing_else_running(tmp_path: Path) -> None:
+    """The last connection to close deletes the database's -wal and -shm files; on a full
+    disk they cannot be made again, and a cold start could not even read. The storage
+    reserve gives up its room for them."""
+    with small_tmpfs(tmp_path / "data", "8m") as data_dir:
+        config = parse_config(f'data_dir = "{data_dir}"\n')
+        Gateway.open(config, bootstrap=True).close()
+        assert not (data_dir / "pkigate.db-shm").exists()
+        filler = fill(data_dir)
+        try:
+            gateway = Gateway.open(config)
+            try:
+                assert len(gateway.core.authorities.list_cas()) == 2
+            finally:
+                gateway.close()
+            assert not (data_dir / "pkigate.db-reserve").exists()
+        finally:
+            filler.unlink()

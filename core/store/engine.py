@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import sqlite3
 import weakref
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError
 
 from pkigate.core.errors import StorageFullError
+from pkigate.core.store.space import release_reserve
 from pkigate.core.store.writelock import WriterLock
 
 if TYPE_CHECKING:
@@ -80,10 +82,11 @@ def create_store_engine(url: str) -> Engine:
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, pool_size=8, max_overflow=24)
-        event.listen(engine, "connect", _sqlite_connect)
-        event.listen(engine, "begin", _sqlite_begin)
         database = engine.url.database
-        if database and database != ":memory:":
+        on_disk = Path(database) if database and database != ":memory:" else None
+        event.listen(engine, "connect", functools.partial(_sqlite_connect, on_disk))
+        event.listen(engine, "begin", _sqlite_begin)
+        if on_disk is not None:
             _WRITER_LOCKS[engine] = WriterLock(Path(f"{database}-writer.lock"))
         return engine
     if url.startswith("postgresql://"):
@@ -91,12 +94,22 @@ def create_store_engine(url: str) -> Engine:
     return create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=True)
 
 
-def _sqlite_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+def _sqlite_connect(
+    database: Path | None, dbapi_connection: sqlite3.Connection, _record: Any
+) -> None:
     # Let SQLAlchemy's begin event, not the driver, decide how transactions start.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode = WAL")
+    try:
+        cursor.execute("PRAGMA journal_mode = WAL")
+    except sqlite3.OperationalError as exc:
+        # The last connection to close deletes the -wal and -shm files; on a full disk the
+        # next one to open cannot make them again, and then nothing can even be read. The
+        # storage reserve (space.py) gives up its room for them.
+        if database is None or storage_full(exc) is None or not release_reserve(database):
+            raise
+        cursor.execute("PRAGMA journal_mode = WAL")
     cursor.execute("PRAGMA synchronous = FULL")
     cursor.execute("PRAGMA foreign_keys = ON")
     # Reads through write(2)/read(2), never a memory map of the database: a page mapped

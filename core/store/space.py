@@ -83,16 +83,7 @@ class SpaceGuard:
         before the write that needs it); whether there was one."""
         if self.reserve_path is None:
             return False
-        try:
-            self.reserve_path.unlink()
-        except FileNotFoundError:
-            return False
-        log.warning(
-            "storage reserve released to record a discarded signature; signing resumes "
-            "once %d bytes are free again",
-            self.margin + self.reserve_bytes,
-        )
-        return True
+        return _release(self.reserve_path, "record a discarded signature")
 
     def _reserve_in_place(self) -> bool:
         assert self.reserve_path is not None
@@ -121,3 +112,22 @@ class SpaceGuard:
                 f"the CA's storage reserve cannot be made ({exc.strerror}); nothing was "
                 "signed or changed; try again later"
             ) from exc
+
+
+def release_reserve(database: Path) -> bool:
+    """Give up the reserve of the SQLite database at ``database`` so that it can be opened
+    at all (its -wal and -shm files need room); whether there was one."""
+    return _release(database.with_name(database.name + RESERVE_SUFFIX), "open the database")
+
+
+def _release(path: Path, purpose: str) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    log.warning(
+        "storage reserve %s released to %s; signing resumes once the disk has room again",
+        path,
+        purpose,
+    )
+    return True
