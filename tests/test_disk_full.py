@@ -11,19 +11,23 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from adcs_directory_fixture import make_dev_directory_fixture
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from helpers import create_root
 from serving import PKIGATE, RunningServer, start_server
 
+from pkigate.adcs import soap
+from pkigate.adcs.directory import DevDirectory
 from pkigate.core import Core, IssuanceRequest, Requester, Validity
 from pkigate.core.errors import StorageFullError
 from pkigate.devsim.acme_client import AcmeClient, AcmeClientError
@@ -417,3 +421,87 @@ def test_the_store_opens_on_a_full_disk_with_nothing_else_running(tmp_path: Path
             assert not (data_dir / "pkigate.db-reserve").exists()
         finally:
             filler.unlink()
+
+
+dev_directory = make_dev_directory_fixture()
+
+
+def test_wstep_enrollment_on_a_full_disk_is_a_receiver_fault_to_retry(
+    dev_directory: DevDirectory, tmp_path: Path
+) -> None:
+    with small_tmpfs(tmp_path / "data") as data_dir:
+        server = start_server(
+            data_dir,
+            extra_config=f"""
+[[connectors]]
+type = "adcs"
+name = "adcs"
+mount = "/adcs"
+[connectors.settings]
+directory_url = "{dev_directory.url}"
+base = "{dev_directory.base}"
+bind_dn = "{dev_directory.admin_dn}"
+bind_password = "{dev_directory.admin_password}"
+ca_name = "pkigate-issuing"
+""",
+        )
+        filler: Path | None = None
+        try:
+            published = subprocess.run(
+                [
+                    *(PKIGATE, "--data-dir", str(data_dir), "adcs", "--config", str(server.config)),
+                    *("publish", "--connector", "adcs", "--template", "Machine"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert published.returncode == 0, published.stderr
+            machine = next(a for n, a in dev_directory.accounts.items() if n.lower() == "ws01$")
+            session = requests.Session()
+            session.trust_env = False
+            session.verify = str(server.tls_bundle)
+
+            def enroll() -> tuple[requests.Response, soap.RstrResult]:
+                key = rsa.generate_private_key(65537, 2048)
+                der = (
+                    x509.CertificateSigningRequestBuilder()
+                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ws01")]))
+                    .sign(key, hashes.SHA256())
+                    .public_bytes(serialization.Encoding.DER)
+                )
+                url = f"{server.https_url}/adcs/ces"
+                body = soap.build_rst_issue(
+                    url,
+                    der,
+                    f"urn:uuid:{uuid.uuid4()}",
+                    "ws01$",
+                    str(machine.password),
+                    additional_context=(("CertificateTemplate", "Machine"),),
+                )
+                response = session.post(
+                    url,
+                    data=body,
+                    headers={"Content-Type": "application/soap+xml; charset=utf-8"},
+                    timeout=60,
+                )
+                return response, soap.parse_rstr(response.content)
+
+            response, result = enroll()
+            assert response.status_code == 200 and result.status == "issued", response.text
+            filler = fill(data_dir)
+            response, result = enroll()
+            assert response.status_code == 503, response.text
+            assert int(response.headers["Retry-After"]) > 0
+            assert result.status == "fault"
+            assert "storeUnavailable" in (result.fault_reason or "")
+            assert b"Receiver" in response.content
+            assert str(0x80070070 - (1 << 32)).encode() in response.content  # ERROR_DISK_FULL
+            filler.unlink()
+            filler = None
+            response, result = enroll()
+            assert response.status_code == 200 and result.status == "issued", response.text
+        finally:
+            if filler is not None:
+                filler.unlink(missing_ok=True)
+            server.stop()
