@@ -13,6 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
-from helpers import create_root
+from helpers import ACTOR, Clock, create_root
 from serving import PKIGATE, RunningServer, start_server
 
 from pkigate.adcs import soap
 from pkigate.adcs.directory import DevDirectory
-from pkigate.core import Core, IssuanceRequest, Requester, Validity
+from pkigate.core import CASettings, Core, IssuanceRequest, Requester, Validity
 from pkigate.core.errors import StorageFullError
 from pkigate.devsim.acme_client import AcmeClient, AcmeClientError
 from pkigate.devsim.scep_client import (
@@ -505,3 +506,27 @@ ca_name = "pkigate-issuing"
             if filler is not None:
                 filler.unlink(missing_ok=True)
             server.stop()
+
+
+def test_a_lapsed_crl_is_served_while_the_next_cannot_be_stored(tmp_path: Path) -> None:
+    """The next CRL cannot be kept (nor is it signed): the last one is served, not an error."""
+    with small_tmpfs(tmp_path / "data", "8m") as data_dir:
+        clock = Clock()
+        core = Core.open(data_dir, clock=clock)
+        filler: Path | None = None
+        try:
+            root = create_root(core).record.id
+            core.authorities.update_settings(root, CASettings(crl_enabled=True), ACTOR)
+            first = core.revocation.current_crl(root)
+            clock.advance(timedelta(days=8))  # past its nextUpdate (seven days)
+            filler = fill(data_dir)
+            served = core.revocation.current_crl(root)
+            assert served.der == first.der
+            filler.unlink()
+            filler = None
+            fresh = core.revocation.current_crl(root)
+            assert fresh.der != first.der and fresh.next_update > clock()
+        finally:
+            if filler is not None:
+                filler.unlink(missing_ok=True)
+            core.close()
