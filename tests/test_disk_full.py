@@ -14,10 +14,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 import requests
+from acme_support import Http01Responder
 from adcs_directory_fixture import make_dev_directory_fixture
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -530,3 +532,70 @@ def test_a_lapsed_crl_is_served_while_the_next_cannot_be_stored(tmp_path: Path) 
             if filler is not None:
                 filler.unlink(missing_ok=True)
             core.close()
+
+
+def test_an_acme_order_refused_for_space_stays_ready_for_a_later_finalize(
+    tmp_path: Path,
+) -> None:
+    """Finalize while the disk has too little room to sign: 503 serverInternal with
+    Retry-After, the order still "ready" (not "invalid"), and the same finalize succeeds
+    once there is room."""
+    http01 = Http01Responder()
+    try:
+        with small_tmpfs(tmp_path / "data") as data_dir:
+            server = start_server(
+                data_dir,
+                extra_config=f"""
+[[connectors]]
+type = "acme"
+name = "acme"
+mount = "/acme"
+[connectors.settings]
+http01_port = {http01.port}
+""",
+            )
+            filler: Path | None = None
+            try:
+                client = AcmeClient(
+                    f"{server.https_url}/acme/directory",
+                    ec.generate_private_key(ec.SECP256R1()),
+                    server.session(),
+                )
+                client.register()
+                order = client.new_order([("ip", "127.0.0.1")])
+                authorization = client.get(order.body["authorizations"][0])
+                challenge = next(
+                    c for c in authorization.body["challenges"] if c["type"] == "http-01"
+                )
+                http01.tokens[challenge["token"]] = f"{challenge['token']}.{client.thumbprint}"
+                client.respond(challenge["url"])
+                assert order.location is not None
+                ready = client.wait(order.location, ("ready", "invalid"))
+                assert ready.body["status"] == "ready", ready.body
+                key = ec.generate_private_key(ec.SECP256R1())
+                csr = (
+                    x509.CertificateSigningRequestBuilder()
+                    .subject_name(x509.Name([]))
+                    .add_extension(
+                        x509.SubjectAlternativeName([x509.IPAddress(ip_address("127.0.0.1"))]),
+                        critical=False,
+                    )
+                    .sign(key, hashes.SHA256())
+                )
+                filler = fill(data_dir, leave=1 << 20)  # room to write, not to sign
+                with pytest.raises(AcmeClientError) as refused:
+                    client.finalize(ready, csr)
+                assert refused.value.status == 503
+                assert refused.value.type == "serverInternal"
+                assert client.get(order.location).body["status"] == "ready"
+                filler.unlink()
+                filler = None
+                client.finalize(ready, csr)
+                done = client.wait(order.location, ("valid", "invalid"))
+                assert done.body["status"] == "valid", done.body
+            finally:
+                if filler is not None:
+                    filler.unlink(missing_ok=True)
+                server.stop()
+    finally:
+        http01.close()
