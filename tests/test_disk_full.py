@@ -98,11 +98,11 @@ def csr_pem(name: str) -> str:
     )
 
 
-def listener_processes(server: RunningServer) -> set[int]:
-    """The gunicorn arbiters and workers of the server (its process group)."""
+def listener_processes(server: RunningServer) -> dict[int, int]:
+    """The gunicorn arbiters and workers of the server (its process group): pid -> ppid."""
     assert server.process is not None
     leader = server.process.pid
-    found = set()
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -113,7 +113,7 @@ def listener_processes(server: RunningServer) -> set[int]:
             continue
         fields = stat.rpartition(")")[2].split()
         if int(fields[2]) == leader and b"--listener" in cmdline:
-            found.add(int(entry.name))
+            found[int(entry.name)] = int(fields[1])
     return found
 
 
@@ -149,13 +149,15 @@ def assert_try_later(response: requests.Response) -> None:
     assert int(response.headers["Retry-After"]) > 0
 
 
-def scep_enroll(server: RunningServer, name: str) -> tuple[int, object]:
-    """One PKCSReq with the static challenge: (HTTP status, CertRep)."""
+def scep_enroll(
+    server: RunningServer, name: str, challenge: str | None = None
+) -> tuple[int, object]:
+    """One PKCSReq with the static challenge (or ``challenge``): (HTTP status, CertRep)."""
     session = requests.Session()
     session.trust_env = False
     client = ScepClient(f"{server.http_url}/scep", session)
     ca = client.get_ca_cert()
-    challenge = (server.data_dir / "scep-scep-challenge").read_text().strip()
+    challenge = challenge or (server.data_dir / "scep-scep-challenge").read_text().strip()
     key = new_key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     reply = client.enroll(
@@ -240,6 +242,9 @@ def test_full_disk_refuses_writes_keeps_reads_and_workers_and_recovers(tmp_path:
             assert reply.status is PkiStatus.FAILURE  # type: ignore[attr-defined]
             assert reply.fail_info is FailInfo.BAD_REQUEST  # type: ignore[attr-defined]
             assert "full" in (reply.fail_info_text or "")  # type: ignore[attr-defined]
+            # A refusal that cannot be recorded (a wrong challenge) is still a CertRep.
+            status, reply = scep_enroll(server, "scep-wrong-challenge", challenge="wrong")
+            assert reply.status is PkiStatus.FAILURE  # type: ignore[attr-defined]
             refused = acme_new_account(server)
             assert isinstance(refused, AcmeClientError), refused
             assert refused.status == 503
@@ -255,7 +260,7 @@ def test_full_disk_refuses_writes_keeps_reads_and_workers_and_recovers(tmp_path:
 
             # No worker died of it; and one started now, on the full disk, boots and serves.
             assert listener_processes(server) == workers
-            victim = max(workers)
+            victim = next(pid for pid, parent in workers.items() if parent in workers)
             os.kill(victim, signal.SIGKILL)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
