@@ -298,8 +298,9 @@ class Gateway:
         try:
             self.core.jobs.enqueue(MAINTENANCE_JOB, {}, dedupe_key=MAINTENANCE_JOB)
         except StoreUnavailableError as exc:
-            # A worker starting on a full disk serves what needs no write; maintenance is
-            # queued by the next process that starts, or by the job that runs now.
+            # A worker starting on a full disk serves what needs no write. Maintenance is
+            # queued again by each process that starts with room, and by the maintenance
+            # job itself when it runs.
             log.warning("maintenance not queued at start: %s", exc.message)
 
     def _maintenance(self, _payload: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ The data directory is a small tmpfs of its own (mounting needs root, as in CI)."
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from datetime import timedelta
 from ipaddress import ip_address
 from pathlib import Path
 
+import psycopg.errors
 import pytest
 import requests
 from acme_support import Http01Responder
@@ -28,11 +30,13 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from helpers import ACTOR, Clock, create_root
 from serving import PKIGATE, RunningServer, start_server
+from sqlalchemy.exc import OperationalError
 
 from pkigate.adcs import soap
 from pkigate.adcs.directory import DevDirectory
 from pkigate.core import CASettings, Core, IssuanceRequest, Requester, Validity
 from pkigate.core.errors import StorageFullError
+from pkigate.core.store.engine import storage_full
 from pkigate.devsim.acme_client import AcmeClient, AcmeClientError
 from pkigate.devsim.scep_client import (
     ScepClient,
@@ -604,3 +608,15 @@ http01_port = {http01.port}
                 server.stop()
     finally:
         http01.close()
+
+
+def test_what_each_database_says_for_a_full_disk_is_storage_full() -> None:
+    """PostgreSQL's disk_full (SQLSTATE 53100, as psycopg raises it, bare or wrapped by
+    SQLAlchemy) and an OSError ENOSPC are the same typed error as SQLite's SQLITE_FULL (which
+    the tests above meet on a real full tmpfs); other database errors are not."""
+    disk_full = psycopg.errors.DiskFull("could not extend file: No space left on device")
+    assert isinstance(storage_full(disk_full), StorageFullError)
+    assert isinstance(storage_full(OperationalError("INSERT", {}, disk_full)), StorageFullError)
+    assert isinstance(storage_full(OSError(errno.ENOSPC, "No space")), StorageFullError)
+    assert storage_full(psycopg.errors.UniqueViolation("duplicate key")) is None
+    assert storage_full(OSError(errno.EACCES, "Permission denied")) is None
