@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 
 from pkigate.core.errors import StorageFullError
@@ -35,6 +36,9 @@ log = logging.getLogger("pkigate.store")
 SIGNING_MARGIN_BYTES = 2 * 1024 * 1024
 RESERVE_BYTES = 1024 * 1024
 RESERVE_SUFFIX = "-reserve"
+# With this many times the margin and reserve free, the check is skipped for a moment.
+ROOMY_FACTOR = 16
+ROOMY_RECHECK_SECONDS = 0.25
 LOW_SPACE_MESSAGE = (
     "the CA's storage is nearly full ({free} bytes free, {needed} needed to sign); nothing "
     "was signed or changed; try again later"
@@ -54,6 +58,7 @@ class SpaceGuard:
     ) -> None:
         self.margin = margin
         self.reserve_bytes = reserve
+        self._roomy_until = 0.0
         self.reserve_path = (
             None if database is None else database.with_name(database.name + RESERVE_SUFFIX)
         )
@@ -67,22 +72,27 @@ class SpaceGuard:
     def check_before_signing(self) -> None:
         """StorageFullError unless a signature made now can be stored, or its discard
         recorded: the margin is free and the reserve exists (made here when missing)."""
-        free = self.free_bytes()
-        if free is None:
+        if self.reserve_path is None or time.monotonic() < self._roomy_until:
             return
-        assert self.reserve_path is not None
+        free = self.free_bytes()
+        assert free is not None
         has_reserve = self._reserve_in_place()
         needed = self.margin + (0 if has_reserve else self.reserve_bytes)
         if free < needed:
             raise StorageFullError(LOW_SPACE_MESSAGE.format(free=free, needed=needed))
         if not has_reserve:
             self._make_reserve()
+        if free >= ROOMY_FACTOR * (self.margin + self.reserve_bytes):
+            # Far from full: two system calls per signature are not worth it (they cost
+            # more than the rest of the check); look again a moment later.
+            self._roomy_until = time.monotonic() + ROOMY_RECHECK_SECONDS
 
     def release_reserve(self) -> bool:
         """Give the reserve's space back (call with the store's writer lock held, just
         before the write that needs it); whether there was one."""
         if self.reserve_path is None:
             return False
+        self._roomy_until = 0.0
         return _release(self.reserve_path, "record a discarded signature")
 
     def _reserve_in_place(self) -> bool:
