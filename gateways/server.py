@@ -237,7 +237,7 @@ def make_worker_class() -> type[Any]:
             state.requests = getattr(state, "requests", 0) + 1
             if state.requests >= self.keepalive_requests:
                 req.must_close = True
-            refusal = self._read_body(req)
+            refusal = self._read_body(req, sock)
             if refusal is not None:
                 with contextlib.suppress(OSError):
                     sock.sendall(refusal)
@@ -261,7 +261,7 @@ def make_worker_class() -> type[Any]:
                     while drained < LINGER_BYTES and (chunk := sock.recv(65536)):
                         drained += len(chunk)
 
-        def _read_body(self, req: Any) -> bytes | None:
+        def _read_body(self, req: Any, sock: Any) -> bytes | None:
             """Replace the request's body by its bytes, read under the body deadline;
             the answer to send instead of running the app, if the body is unusable."""
             headers = dict(req.headers)
@@ -270,6 +270,18 @@ def make_worker_class() -> type[Any]:
             declared = None if chunked else int(headers.get("CONTENT-LENGTH", "0") or 0)
             if declared == 0:
                 return None
+            if declared is not None and declared > self.max_body:
+                # Answered from the headers (the app says 413 in its protocol's terms):
+                # such a body is never read, and the connection closes after the answer.
+                req.must_close = True
+                req.pkigate_unread_body = True
+                req.body = io.BytesIO(b"")
+                return None
+            if req._expected_100_continue:
+                # The client waits for this before it sends the body (gunicorn would send
+                # it when the app starts; here the body is read before the app).
+                req._expected_100_continue = False
+                sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             try:
                 with gevent.Timeout(self.body_timeout):
                     data = req.body.read(self.max_body + 1)
