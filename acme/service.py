@@ -44,6 +44,7 @@ from pkigate.core.errors import (
 )
 from pkigate.core.model import RevocationReason
 from pkigate.core.passthrough import ApiPassthrough
+from pkigate.core.readable import UNREADABLE
 from pkigate.core.store import CertificateRecord
 from pkigate.core.store import acme as acme_store
 from pkigate.core.store.acme import (
@@ -847,7 +848,7 @@ class AcmeService:
         certificate = x509.load_der_x509_certificate(record.der)
         try:
             san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
+        except (x509.ExtensionNotFound, *UNREADABLE):
             return False
         if any(not isinstance(n, x509.DNSName | x509.IPAddress) for n in san):
             return False  # names no ACME account can hold an authorization for
@@ -857,7 +858,7 @@ class AcmeService:
         names += [("ip", a.compressed) for a in san.get_values_for_type(x509.IPAddress)]
         try:
             common_names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        except ValueError:
+        except UNREADABLE:
             return False
         for cn in common_names:
             value = str(cn.value).lower()

@@ -27,6 +27,7 @@ from pkigate.adcs.security import enroll_rights
 from pkigate.adcs.templates import CertificateTemplate
 from pkigate.core.names import upn_other_name
 from pkigate.core.passthrough import ApiPassthrough, CustomExtension
+from pkigate.core.readable import UNREADABLE
 
 # Microsoft extensions (MS-WCCE 2.2.2.7).
 TEMPLATE_NAME_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2")  # V1: BMPString name
@@ -136,7 +137,7 @@ def _requested_extensions(
 ) -> list[x509.Extension[x509.ExtensionType]]:
     try:
         return list(csr.extensions)
-    except (ValueError, x509.DuplicateExtension) as exc:
+    except UNREADABLE as exc:
         raise EnrollmentRefused(
             "badRequest", f"the request's extensions cannot be read: {exc}"
         ) from None

@@ -46,6 +46,7 @@ from pkigate.core.model import CAStatus, CertificateStatus, SigningAlgorithm, Va
 from pkigate.core.names import NamePolicy, format_dn, format_general_name
 from pkigate.core.passthrough import ApiPassthrough
 from pkigate.core.policy import check_contents, check_public_key, compute_validity
+from pkigate.core.readable import check_readable
 from pkigate.core.store import CertificateRecord, Store
 from pkigate.core.templates import Template, TemplateCatalogue, TemplateKind, resolve_contents
 
@@ -145,19 +146,6 @@ def parse_csr(data: bytes | x509.CertificateSigningRequest) -> x509.CertificateS
         raise BadCSRError("CSR signature does not verify")
     check_readable(csr)
     return csr
-
-
-def check_readable(csr: x509.CertificateSigningRequest) -> None:
-    """BadCSRError unless the CSR's subject and extensions can be read: cryptography parses
-    them lazily, so an empty RDN or an extension twice raises only when they are used."""
-    try:
-        csr.subject  # noqa: B018
-    except ValueError as exc:
-        raise BadCSRError(f"CSR subject cannot be read: {exc}") from None
-    try:
-        csr.extensions  # noqa: B018
-    except (ValueError, x509.DuplicateExtension) as exc:
-        raise BadCSRError(f"CSR extensions cannot be read: {exc}") from None
 
 
 def csr_der(csr: x509.CertificateSigningRequest) -> bytes:

@@ -57,6 +57,7 @@ from pkigate.core.model import (
     Validity,
     ValidityType,
 )
+from pkigate.core.readable import UNREADABLE
 from pkigate.core.revocation import reason_flag
 from pkigate.core.store import CARecord, IntegrityError, Store
 from pkigate.core.store import ocsp as ocsp_store
@@ -172,7 +173,7 @@ def _parse_request(der: bytes) -> _Request:
             if isinstance(extension.value, x509.OCSPNonce):
                 nonce = extension.value.nonce
         name_hash, key_hash = request.issuer_name_hash, request.issuer_key_hash
-    except (ValueError, UnsupportedAlgorithm, NotImplementedError, x509.DuplicateExtension):
+    except (UnsupportedAlgorithm, NotImplementedError, *UNREADABLE):
         # Truncated or garbage DER, more than one certificate, an unknown hash algorithm,
         # an extension twice.
         raise _Malformed from None

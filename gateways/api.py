@@ -47,6 +47,7 @@ from pkigate.core.errors import BadRequestError, NotAuthorizedError, NotFoundErr
 from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
+from pkigate.core.readable import UNREADABLE
 from pkigate.core.templates import Template
 from pkigate.core.templates import describe as describe_template
 from pkigate.gateways import metrics
@@ -968,7 +969,7 @@ def _signs_for_the_ca(template_name: str, der: bytes) -> bool:
             return True
     except x509.ExtensionNotFound:
         pass
-    except (ValueError, x509.DuplicateExtension):
+    except UNREADABLE:
         templates = gateway().core.templates
         return template_name not in templates or _privileged_template(templates.get(template_name))
     try:

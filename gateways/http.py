@@ -6,6 +6,7 @@ The core's typed errors map onto HTTP status codes here and only here.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -171,13 +172,44 @@ class MalformedJson(ValueError):
     """A request body that is not JSON a handler can use."""
 
 
+# No field takes a number anywhere near this long; Python's own limit (4,300 digits) would
+# raise a bare ValueError from inside the decoder.
+MAX_JSON_NUMBER_CHARS = 100
+
+
+def _json_integer(text: str) -> int:
+    if len(text) > MAX_JSON_NUMBER_CHARS:
+        raise MalformedJson(f"malformed JSON: a number of {len(text)} characters")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    """A float that is finite: 1e999 reads as infinity, which no field can use (and
+    int(inf) raises OverflowError wherever a handler converts it)."""
+    if len(text) > MAX_JSON_NUMBER_CHARS:
+        raise MalformedJson(f"malformed JSON: a number of {len(text)} characters")
+    value = float(text)
+    if not math.isfinite(value):
+        raise MalformedJson(f"malformed JSON: {text} is out of range")
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise MalformedJson(f"malformed JSON: {name} is not JSON (RFC 8259 6)")
+
+
 def parse_json(data: bytes) -> Any:
     """JSON (RFC 8259) from a request body, refused with :class:`MalformedJson` when it does
     not parse, is nested deeper than the parser's recursion limit, or holds a string that is
     not Unicode text (a lone surrogate escape such as ``\\ud800``, RFC 8259 8.2), which
     would fail later wherever the string is encoded."""
     try:
-        value = json.loads(data)
+        value = json.loads(
+            data,
+            parse_int=_json_integer,
+            parse_float=_json_float,
+            parse_constant=_json_constant,
+        )
     except RecursionError:
         raise MalformedJson("malformed JSON: nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -12,7 +12,8 @@ import functools
 import hashlib
 import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -30,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.hazmat.primitives.ciphers import BlockCipherAlgorithm, Cipher, algorithms, modes
 
 from pkigate.core.der import encode_length, tlv
+from pkigate.core.errors import InvalidCertificateError
+from pkigate.core.readable import UNREADABLE, check_certificate_readable
 
 
 class CmsError(Exception):
@@ -217,6 +220,8 @@ def _parse_content_info(data: bytes, content_type: str) -> Any:
     found = info["content_type"].native
     if found != content_type:
         raise MalformedCms(f"a CMS {found} where {content_type} was expected")
+    if isinstance(info["content"], core.Void):  # [0] EXPLICIT content is optional in ASN.1
+        raise MalformedCms(f"a CMS {content_type} without its content")
     info.native  # noqa: B018 - forces the lazy parse of every nested value
     return info
 
@@ -347,9 +352,15 @@ def embedded_certificates(signed_data: Any) -> list[x509.Certificate]:
     for choice in signed_data["certificates"]:
         if choice.name == "certificate":
             try:
-                found.append(x509.load_der_x509_certificate(choice.chosen.dump()))
+                certificate = x509.load_der_x509_certificate(choice.chosen.dump())
+                # Its names are read on first use (the signer's issuer when matching the
+                # sid, its subject in the connector): refused here rather than there.
+                check_certificate_readable(certificate)
             except (ValueError, x509.InvalidVersion) as exc:
                 raise MalformedCms(f"an unreadable certificate: {exc}") from exc
+            except InvalidCertificateError as exc:
+                raise MalformedCms(f"an unreadable certificate: {exc.message}") from exc
+            found.append(certificate)
     return found
 
 
@@ -426,7 +437,13 @@ def _signed_attribute_encodings(signed_attrs: Any) -> list[bytes]:
     # tag. Try the octets as received first (what the signer hashed, if it sorted them
     # differently or used BER), then a DER re-encoding.
     as_received = b"\x31" + encode_length(len(signed_attrs.contents)) + signed_attrs.contents
-    reencoded = signed_attrs.untag().dump(force=True)
+    try:
+        reencoded = signed_attrs.untag().dump(force=True)
+    except _ASN1_ERRORS:
+        # asn1crypto re-encodes from the native value, and some it read it cannot write
+        # back (an OID whose last arc never ends reads as "1.2." and int('') fails): the
+        # octets as received are all there is to check.
+        return [as_received]
     return [as_received] if reencoded == as_received else [as_received, reencoded]
 
 
@@ -471,6 +488,21 @@ def _public_key(certificate: x509.Certificate) -> CertificatePublicKeyTypes:
 
 
 def _pss_padding(parameters: Any) -> tuple[asym_padding.PSS, hashes.HashAlgorithm]:
+    with _algorithm_parameters("RSASSA-PSS"):
+        return _read_pss_padding(parameters)
+
+
+@contextmanager
+def _algorithm_parameters(what: str) -> Iterator[None]:
+    """asn1crypto types an AlgorithmIdentifier's parameters by its OID but reads them only
+    when used: absent ones are a Void (not subscriptable) and a wrong type fails there."""
+    try:
+        yield
+    except _ASN1_ERRORS as exc:
+        raise MalformedCms(f"{what} parameters cannot be read: {exc}") from exc
+
+
+def _read_pss_padding(parameters: Any) -> tuple[asym_padding.PSS, hashes.HashAlgorithm]:
     hash_name = parameters["hash_algorithm"]["algorithm"].native
     mgf = parameters["mask_gen_algorithm"]
     if mgf["algorithm"].native != "mgf1":
@@ -538,6 +570,11 @@ def _unwrap_key(ktri: Any, key: rsa.RSAPrivateKey, key_size: int) -> tuple[KeyTr
 
 
 def _oaep_padding(parameters: Any) -> asym_padding.OAEP:
+    with _algorithm_parameters("RSAES-OAEP"):
+        return _read_oaep_padding(parameters)
+
+
+def _read_oaep_padding(parameters: Any) -> asym_padding.OAEP:
     if parameters.native is None:  # absent parameters: the RFC 4055 defaults (SHA-1)
         parameters = algos.RSAESOAEPParams.load(b"\x30\x00")
     hash_algorithm = _hash_named(parameters["hash_algorithm"]["algorithm"].native)
@@ -572,7 +609,7 @@ def _identifies(kind: str, identifier: Any, certificate: x509.Certificate) -> bo
     """Whether an issuerAndSerialNumber or subjectKeyIdentifier names `certificate`."""
     try:
         return _names_certificate(kind, identifier, certificate)
-    except (ValueError, x509.DuplicateExtension, CryptographyUnsupportedAlgorithm):
+    except (*UNREADABLE, CryptographyUnsupportedAlgorithm):
         return False  # a certificate too broken to compare names nothing
 
 

@@ -28,7 +28,7 @@ from cryptography.exceptions import UnsupportedAlgorithm as CryptographyUnsuppor
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pkigate.core.errors import BadCSRError
-from pkigate.core.issuance import check_readable
+from pkigate.core.readable import check_readable
 from pkigate.scep.cms import (
     CmsError,
     ContentCipher,

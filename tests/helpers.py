@@ -161,3 +161,49 @@ def scep_static_challenge(config: Path, connector: str = "scep") -> str:
         check=True,
     )
     return done.stdout.strip()
+
+
+# -- names cryptography loads but refuses when they are read ----------------------------------
+
+OID_COMMON_NAME = bytes.fromhex("0603550403")
+
+
+def name_der(*rdns: tuple[bytes, ...]) -> bytes:
+    """A Name from RDNs given as tuples of whole AttributeTypeAndValue encodings."""
+    return tlv(0x30, *(tlv(0x31, *rdn) for rdn in rdns))
+
+
+def common_name(value: bytes) -> bytes:
+    """AttributeTypeAndValue for the common name with ``value`` (a whole TLV, of any type)."""
+    return tlv(0x30, OID_COMMON_NAME, value)
+
+
+# A BIT STRING is allowed only in x500UniqueIdentifier: anywhere else cryptography raises
+# TypeError (not ValueError) when the name is read.
+BIT_STRING_CN = name_der((common_name(tlv(0x03, b"\x00abc")),))
+# X.501: the attributes of one RDN have distinct types; cryptography raises ValueError.
+CN_TWICE_IN_ONE_RDN = name_der((common_name(tlv(0x0C, b"a")), common_name(tlv(0x0C, b"a"))))
+
+
+def extension_request(*extensions: bytes) -> bytes:
+    """A PKCS#10 extensionRequest attribute holding ``extensions`` (whole DER Extensions)."""
+    oid = bytes.fromhex("06092a864886f70d01090e")
+    return tlv(0x30, oid, tlv(0x31, tlv(0x30, *extensions)))
+
+
+def san_extension(*general_names: bytes) -> bytes:
+    return tlv(0x30, bytes.fromhex("0603551d11"), tlv(0x04, tlv(0x30, *general_names)))
+
+
+def with_subject(certificate: x509.Certificate, subject: bytes, key: rsa.RSAPrivateKey) -> bytes:
+    """``certificate`` (DER) with its subject replaced by ``subject`` and signed again by
+    ``key``: for certificates whose names the builders refuse to write."""
+    tbs = certificate.tbs_certificate_bytes
+    old = certificate.subject.public_bytes()
+    header = 2 if tbs[1] < 0x80 else 2 + (tbs[1] & 0x7F)
+    body = tbs[header:]
+    at = body.rindex(old)  # the subject follows the validity; the issuer comes before
+    tbs = tlv(0x30, body[:at] + subject + body[at + len(old) :])
+    signature = key.sign(tbs, padding.PKCS1v15(), hashes.SHA256())
+    sha256_rsa = bytes.fromhex("300d06092a864886f70d01010b0500")
+    return tlv(0x30, tbs, sha256_rsa, tlv(0x03, b"\x00", signature))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -10,7 +11,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
-from helpers import ACTOR, make_csr, raw_csr
+from flask.testing import FlaskClient
+from helpers import (
+    ACTOR,
+    BIT_STRING_CN,
+    CN_TWICE_IN_ONE_RDN,
+    common_name,
+    extension_request,
+    make_csr,
+    name_der,
+    raw_csr,
+    san_extension,
+    with_subject,
+)
 
 from pkigate.core import Core, IssuanceRequest, Requester, SigningAlgorithm, Validity
 from pkigate.core.der import tlv
@@ -27,6 +40,24 @@ from pkigate.core.errors import (
 )
 from pkigate.core.model import CAStatus
 from pkigate.core.names import parse_dn
+from pkigate.devsim.scep_client import (
+    certificate_request,
+    new_transaction_id,
+    self_signed,
+)
+from pkigate.gateways.app import create_app
+from pkigate.gateways.auth import Role
+from pkigate.gateways.config import parse_config
+from pkigate.gateways.runtime import Gateway
+from pkigate.scep.cms import embedded_certificates, load_content_info
+from pkigate.scep.messages import (
+    CertRep,
+    FailInfo,
+    MessageType,
+    PkiStatus,
+    build_pki_message,
+    parse_cert_rep,
+)
 
 
 def _weak_rsa_csr(bits: int = 1024, exponent: int = 65537) -> bytes:
@@ -115,6 +146,29 @@ CASES: dict[str, tuple[Callable[[], dict[str, object]], type[PkigateError], str]
     ),
     "empty RDN in the subject": (
         lambda: {"csr": _csr_with_an_empty_rdn()},
+        BadCSRError,
+        "subject cannot be read",
+    ),
+    # Found by the fuzzer: cryptography raises TypeError, not ValueError, for these, and
+    # each front-end answered 500.
+    "a BIT STRING common name": (
+        lambda: {"csr": raw_csr(rsa.generate_private_key(65537, 2048), BIT_STRING_CN)},
+        BadCSRError,
+        "subject cannot be read",
+    ),
+    "a directoryName subjectAltName with a BIT STRING common name": (
+        lambda: {
+            "csr": raw_csr(
+                rsa.generate_private_key(65537, 2048),
+                name_der((common_name(tlv(0x0C, b"x")),)),
+                extension_request(san_extension(tlv(0xA4, BIT_STRING_CN))),
+            )
+        },
+        BadCSRError,
+        "extensions cannot be read",
+    ),
+    "an attribute twice in one RDN": (
+        lambda: {"csr": raw_csr(rsa.generate_private_key(65537, 2048), CN_TWICE_IN_ONE_RDN)},
         BadCSRError,
         "subject cannot be read",
     ),
@@ -267,3 +321,132 @@ def test_names_that_cannot_be_encoded_are_refused_when_parsed(text: str) -> None
     traceback, and DC/emailAddress were signed as invalid IA5String DER."""
     with pytest.raises(BadRequestError):
         parse_dn(text)
+
+
+# -- through each front-end: the protocol's own error, not a 500 ----------------------------------
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    opened = Gateway.open(parse_config(f"data_dir = '{tmp_path / 'data'}'"), bootstrap=True)
+    yield opened
+    opened.close()
+
+
+def _issuing_ca(gateway: Gateway) -> str:
+    return next(
+        c.record.id for c in gateway.core.authorities.list_cas() if c.record.type == "SUBORDINATE"
+    )
+
+
+def _api(gateway: Gateway) -> tuple[FlaskClient, dict[str, str]]:
+    secret = gateway.tokens.create("issuer", Role("issuer"), ACTOR).secret
+    return create_app(gateway, "https").test_client(), {"Authorization": f"Bearer {secret}"}
+
+
+def _certificates(gateway: Gateway) -> int:
+    with gateway.core.store.read() as conn:
+        return gateway.core.store.count_certificates(conn)
+
+
+def _pem_csr(der: bytes) -> str:
+    return x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_api_answers_a_csr_with_a_bit_string_common_name_with_bad_csr(gateway: Gateway) -> None:
+    client, auth = _api(gateway)
+    csr = raw_csr(rsa.generate_private_key(65537, 2048), BIT_STRING_CN)
+    before = _certificates(gateway)
+    response = client.post(
+        f"/api/v1/cas/{_issuing_ca(gateway)}/certificates",
+        json={"csr": _pem_csr(csr), "validity": {"type": "DAYS", "value": 10}},
+        headers=auth,
+    )
+    assert response.status_code == 400, response.text
+    assert response.get_json()["error"]["code"] == "badCSR"
+    assert _certificates(gateway) == before
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["1" + "0" * 100_000, "-" + "9" * 5000, "1e999", "-1e999", "NaN", "Infinity"],
+    ids=["100001 digits", "5001 digits", "1e999", "-1e999", "NaN", "Infinity"],
+)
+def test_api_answers_numbers_no_field_can_hold_with_a_json_400(
+    gateway: Gateway, number: str
+) -> None:
+    """Found by the fuzzer: Python's int() refuses over 4,300 digits with a ValueError from
+    inside json.loads (a 500); 1e999 reads as infinity."""
+    client, auth = _api(gateway)
+    body = '{"csr": "x", "validity": {"type": "DAYS", "value": NUMBER}}'.replace("NUMBER", number)
+    response = client.post(
+        f"/api/v1/cas/{_issuing_ca(gateway)}/certificates",
+        data=body,
+        headers={**auth, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.get_json()["error"]["code"] == "badRequest"
+    assert "malformed JSON" in response.get_json()["error"]["message"]
+
+
+def _scep_device() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = rsa.generate_private_key(65537, 2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")])
+    return key, self_signed(key, name)
+
+
+def _scep_reply(gateway: Gateway, body: bytes, key: rsa.RSAPrivateKey) -> CertRep:
+    client = create_app(gateway, "http").test_client()
+    response = client.post(
+        "/scep?operation=PKIOperation",
+        data=body,
+        headers={"Content-Type": "application/x-pki-message"},
+    )
+    assert response.status_code == 200, response.text
+    return parse_cert_rep(response.data, key, _scep_certificates(gateway))
+
+
+def _scep_certificates(gateway: Gateway) -> list[x509.Certificate]:
+    """GetCACert's certificates, the RA (the recipient of requests) first."""
+    client = create_app(gateway, "http").test_client()
+    answer = client.get("/scep?operation=GetCACert").data
+    return embedded_certificates(load_content_info(answer, "signed_data"))
+
+
+def _scep_recipient(gateway: Gateway) -> x509.Certificate:
+    return _scep_certificates(gateway)[0]
+
+
+def _challenge(gateway: Gateway) -> str:
+    return (gateway.core.data_dir / "scep-scep-challenge").read_text().strip()
+
+
+def test_scep_answers_a_signer_certificate_with_an_attribute_twice_in_an_rdn_with_bad_request(
+    gateway: Gateway,
+) -> None:
+    key, good = _scep_device()
+    signer = x509.load_der_x509_certificate(with_subject(good, CN_TWICE_IN_ONE_RDN, key))
+    csr = certificate_request(key, good.subject, _challenge(gateway))
+    body = build_pki_message(
+        MessageType.PKCS_REQ, csr, new_transaction_id(), signer, key, _scep_recipient(gateway)
+    )
+    reply = _scep_reply(gateway, body, key)
+    assert (reply.status, reply.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_REQUEST)
+    assert "subject cannot be read" in (reply.fail_info_text or "")
+
+
+def test_scep_answers_a_request_with_a_bit_string_common_name_with_bad_request(
+    gateway: Gateway,
+) -> None:
+    key, signer = _scep_device()
+    challenge = tlv(0x13, _challenge(gateway).encode())
+    challenge_attribute = tlv(0x30, bytes.fromhex("06092a864886f70d010907"), tlv(0x31, challenge))
+    csr = raw_csr(key, BIT_STRING_CN, challenge_attribute)
+    body = build_pki_message(
+        MessageType.PKCS_REQ, csr, new_transaction_id(), signer, key, _scep_recipient(gateway)
+    )
+    before = _certificates(gateway)
+    reply = _scep_reply(gateway, body, key)
+    assert (reply.status, reply.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_REQUEST)
+    assert "subject cannot be read" in (reply.fail_info_text or "")
+    assert _certificates(gateway) == before

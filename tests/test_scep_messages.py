@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
+from pkigate.core.der import tlv
 from pkigate.scep import cms
 from pkigate.scep.messages import (
     SCEP_MAX_MESSAGE_BYTES,
@@ -987,3 +988,71 @@ def test_cms_nested_beyond_the_parsers_recursion_is_malformed() -> None:
     )
     with pytest.raises(cms.MalformedCms):
         cms.load_content_info(content_info, "signed_data")
+
+
+def _with_signature_algorithm(pki: Pki, algorithm: bytes) -> bytes:
+    """A PKCSReq whose SignerInfo names ``algorithm`` (DER AlgorithmIdentifier)."""
+    info = asn1_cms.ContentInfo.load(pkcs_req(pki))
+    info["content"]["signer_infos"][0]["signature_algorithm"] = asn1_cms.SignedDigestAlgorithm.load(
+        algorithm
+    )
+    return info.dump(force=True)
+
+
+RSASSA_PSS = bytes.fromhex("06092a864886f70d01010a")
+MGF1 = bytes.fromhex("06092a864886f70d010108")
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        pytest.param(tlv(0x30, RSASSA_PSS), id="no parameters"),
+        pytest.param(
+            tlv(0x30, RSASSA_PSS, tlv(0x30, tlv(0xA1, tlv(0x30, MGF1)))),
+            id="MGF1 without its hash",
+        ),
+    ],
+)
+def test_pss_signature_without_its_parameters_is_bad_request(pki: Pki, algorithm: bytes) -> None:
+    """Found by the fuzzer: asn1crypto gives absent parameters as a Void, and reading the
+    hash from it raised TypeError ('Void' object is not subscriptable): a 500."""
+    data = _with_signature_algorithm(pki, algorithm)
+    error = raises_scep(FailInfo.BAD_REQUEST, lambda: parse_pki_message(data, pki.recipients))
+    assert "RSASSA-PSS parameters cannot be read" in error.message
+
+
+def test_oaep_key_transport_with_mgf1_without_its_hash_is_bad_request(pki: Pki) -> None:
+    envelope = asn1_cms.ContentInfo.load(
+        cms.build_enveloped_data(
+            pki.csr.public_bytes(DER), pki.ra.cert, ContentCipher.AES128, KeyTransport.OAEP
+        )
+    )
+    ktri = envelope["content"]["recipient_infos"][0].chosen
+    ktri["key_encryption_algorithm"] = asn1_cms.KeyEncryptionAlgorithm.load(
+        tlv(0x30, bytes.fromhex("06092a864886f70d010107"), tlv(0x30, tlv(0xA1, tlv(0x30, MGF1))))
+    )
+    data = sign_pki_message(
+        MessageType.PKCS_REQ, envelope.dump(force=True), "7", pki.device.cert, pki.device.key
+    )
+    error = raises_scep(FailInfo.BAD_REQUEST, lambda: parse_pki_message(data, pki.recipients))
+    assert "RSAES-OAEP parameters cannot be read" in error.message
+
+
+def test_content_info_without_its_content_is_unreadable(pki: Pki) -> None:
+    """Found by the fuzzer: the absent [0] content read as a Void, and indexing it raised
+    TypeError (a 500)."""
+    content_info = tlv(0x30, bytes.fromhex("06092a864886f70d010702"))  # signedData, no [0]
+    with pytest.raises(UnreadableMessage, match="without its content"):
+        parse_pki_message(content_info, pki.recipients)
+
+
+def test_signed_attribute_whose_oid_never_ends_is_bad_message_check(pki: Pki) -> None:
+    """Found by the fuzzer: asn1crypto reads an OID whose arc never ends (every octet has
+    its continuation bit set) as "", and re-encoding the signed attributes then raised
+    int('') (a 500)."""
+    message_type = bytes.fromhex("060a6086480186f84501090 2".replace(" ", ""))
+    data = pkcs_req(pki)
+    assert data.count(message_type) == 1
+    data = data.replace(message_type, message_type[:2] + b"\xff" * 10)
+    error = raises_scep(FailInfo.BAD_MESSAGE_CHECK, lambda: parse_pki_message(data, pki.recipients))
+    assert error.reply_to is not None
