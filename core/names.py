@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
+from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from pkigate.core.der import tlv
@@ -68,6 +69,19 @@ _PRINTABLE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 
 UPN_OID = ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 
+_STRING_TYPES = frozenset(
+    {
+        _ASN1Type.UTF8String,
+        _ASN1Type.PrintableString,
+        _ASN1Type.T61String,
+        _ASN1Type.UniversalString,
+        _ASN1Type.BMPString,
+        _ASN1Type.IA5String,
+        _ASN1Type.VisibleString,
+        _ASN1Type.NumericString,
+    }
+)
+
 
 def parse_dn(text: str) -> x509.Name:
     """Parse an RFC 4514 distinguished name, with a clear error and RFC 5280 bounds checked."""
@@ -86,6 +100,14 @@ def check_dn(name: x509.Name) -> None:
         value = attribute.value
         if not isinstance(value, str):
             continue
+        if attribute._type not in _STRING_TYPES:
+            # cryptography reads a time or an OCTET STRING in a name as text, and a
+            # certificate would carry it as received: found by the fuzzer (a CN of
+            # GeneralizedTime was signed, and clients could not parse the certificate).
+            raise BadRequestError(
+                f"{attribute.oid._name} is a {attribute._type.name}, which is not a string "
+                "type (X.520 DirectoryString, or IA5String or PrintableString)"
+            )
         if not value:
             raise BadRequestError(f"empty value for {attribute.oid._name} in subject")
         if attribute.oid == NameOID.COUNTRY_NAME and (len(value) != 2 or not value.isalpha()):

@@ -172,6 +172,25 @@ CASES: dict[str, tuple[Callable[[], dict[str, object]], type[PkigateError], str]
         BadCSRError,
         "subject cannot be read",
     ),
+    "a GeneralizedTime common name": (
+        lambda: {
+            "csr": raw_csr(
+                rsa.generate_private_key(65537, 2048),
+                name_der((common_name(tlv(0x18, b"20260101000000Z")),)),
+            )
+        },
+        BadRequestError,
+        "not a string type",
+    ),
+    "an OCTET STRING common name": (
+        lambda: {
+            "csr": raw_csr(
+                rsa.generate_private_key(65537, 2048), name_der((common_name(tlv(0x04, b"x")),))
+            )
+        },
+        BadRequestError,
+        "not a string type",
+    ),
     "the same extension twice": (
         lambda: {"csr": _csr_with_two_san_extensions()},
         BadCSRError,
