@@ -20,7 +20,13 @@ Valid requests made by pkigate's own clients are mutated and sent over HTTP(S):
   Machine template): the envelope's bytes, the CSR inside a valid envelope, a DOCTYPE
   (external entity, entity expansion, external DTD), LDAP filter and XML metacharacters
   as user name, password or template; MS-XCEP GetPolicies the same way; and the JSON
-  enrollment endpoint's body.
+  enrollment endpoint's body;
+* the GETs of the plain listener: CRLs, CA certificates, SCEP operations, OCSP;
+* HTTP framing over a raw socket (tests/rawhttp.py) to every POST endpoint.
+
+Besides byte-level edits, the structure-aware mutations of tests/mutations.py: DER edited
+with its lengths kept right (and CSRs and SCEP signer certificates signed again, so that
+the names inside get read), JSON text Python would not write, XML edited element-wise.
 
 Each answer must be what the protocol says for bad input (or, when a mutation left the
 request valid, the normal answer): never a 5xx; SCEP a CertRep or a 4xx; ACME a
@@ -32,30 +38,37 @@ be ready, its log must hold no traceback, every certificate in the store must be
 an answer delivered (a SCEP SUCCESS, an API 201, an issued RSTR), and the audit chain
 must verify.
 
-    .venv/bin/python tests/fuzzing.py [--iterations N] [--seed S] [--database-url URL]
+    .venv/bin/python tests/fuzzing.py [--total N | --iterations N] [--seed S]
+        [--database-url URL] [--targets a,b] [--concurrency C]
 
-``--iterations`` is per target (default 2000; CI runs a bounded 60 through
-``tests/test_fuzz.py``). The seed is printed; the same seed replays the same mutations.
+``--iterations`` is per target (default 2000); ``--total`` is shared among the targets in
+the proportions of CI_COUNTS, what ``tests/test_fuzz.py`` runs. Targets run ``--concurrency``
+at once, each from its own random sequence derived from the seed, which is printed: the
+same seed replays the same mutations.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import ipaddress
 import json
 import random
 import re
+import ssl
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 from cryptography import x509
@@ -69,6 +82,14 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from helpers import key_usage, scep_static_challenge  # noqa: E402
+from mutations import (  # noqa: E402
+    ODD_VALUES,
+    mutate_der,
+    mutate_json_text,
+    mutate_signed,
+    mutate_xml,
+)
+from rawhttp import RAW_HTTP_CASES, SERVING_LAYER_CASES, raw_http_case  # noqa: E402
 from serving import RunningServer, start_server  # noqa: E402
 
 from pkigate.acme import jws  # noqa: E402
@@ -87,8 +108,17 @@ from pkigate.devsim.scep_client import (  # noqa: E402
     new_transaction_id,
     self_signed,
 )
-from pkigate.scep.cms import ContentCipher, KeyTransport, build_enveloped_data  # noqa: E402
+from pkigate.scep.cms import (  # noqa: E402
+    ContentCipher,
+    DigestAlgorithm,
+    KeyTransport,
+    build_enveloped_data,
+    build_signed_data,
+)
 from pkigate.scep.messages import (  # noqa: E402
+    OID_MESSAGE_TYPE,
+    OID_SENDER_NONCE,
+    OID_TRANSACTION_ID,
     MessageType,
     PkiStatus,
     build_pki_message,
@@ -315,6 +345,13 @@ class Results:
     findings: list[Finding] = field(default_factory=list)
     delivered: set[tuple[str, str]] = field(default_factory=set)  # (ca_id, serial hex)
     store_problems: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # per target
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def tally(self, target: str, status: int | None) -> None:
+        with self.lock:  # targets run in threads
+            self.sent[target] += 1
+            self.statuses[f"{target} {status}"] += 1
 
     @property
     def ok(self) -> bool:
@@ -344,7 +381,8 @@ class Fuzzer:
             timeout=TIMEOUT,
         )
         token.raise_for_status()
-        self.api = server.session(token.json()["secret"])
+        self.api_secret = token.json()["secret"]
+        self.api = server.session(self.api_secret)
         cas = admin.get(f"{server.https_url}/api/v1/cas", timeout=TIMEOUT).json()["cas"]
         self.issuing = next(c for c in cas if c["type"] == "SUBORDINATE")
         self.issuing_cert = x509.load_pem_x509_certificate(
@@ -358,9 +396,19 @@ class Fuzzer:
     def find(self, target: str, mutation: str, problem: str) -> None:
         self.results.findings.append(Finding(target, mutation, problem))
 
+    def for_target(self, name: str) -> Fuzzer:
+        """A fuzzer for one target, run in a thread beside the others: its own sessions, and
+        its own random sequence (from the seed and the target's name, so that a run
+        replays whatever order the threads take)."""
+        twin = copy.copy(self)
+        twin.rng = random.Random(f"{self.results.seed}:{name}")
+        twin.plain = requests.Session()
+        twin.plain.trust_env = False
+        twin.api = self.server.session(self.api_secret)
+        return twin
+
     def count(self, target: str, response: requests.Response) -> None:
-        self.results.sent[target] += 1
-        self.results.statuses[f"{target} {response.status_code}"] += 1
+        self.results.tally(target, response.status_code)
 
     def server_error(self, target: str, mutation: str, response: requests.Response) -> bool:
         if response.status_code >= 500:
@@ -392,7 +440,7 @@ class Fuzzer:
                 self.server_error("scep", f"GET {operation} message={message[:20]!r}", response)
                 continue
             key, signer, csr = self.rng.choice(devices)
-            body, mutation = self._scep_message(ca.recipient, key, signer, csr)
+            body, mutation, signer = self._scep_message(ca.recipient, key, signer, csr)
             if self.rng.random() < 0.25:
                 response = self.plain.get(
                     url,
@@ -436,19 +484,26 @@ class Fuzzer:
         key: Any,
         signer: x509.Certificate,
         csr: bytes,
-    ) -> tuple[bytes, str]:
+    ) -> tuple[bytes, str, x509.Certificate]:
         """A mutated pkiMessage: its bytes; or a correctly signed and encrypted one around a
         mutated request (any message type, any transactionID); or a correctly signed one
-        around a mutated envelope. The last two get past the signature check."""
+        around a mutated envelope (the last two get past the signature check); or one of
+        the structure-aware mutations of _scep_structured. With the signer certificate
+        the message names (a SUCCESS is encrypted to it)."""
         rng = self.rng
-        how = rng.randrange(3)
+        how = rng.randrange(8)
         transaction = new_transaction_id()
+        if how >= 3:
+            structured = self._scep_structured(how, recipient, key, signer, csr, transaction)
+            if structured is not None:
+                return structured
+            how = 1  # a signer certificate cryptography refuses outright: mutate the request
         if how == 0:
             message = build_pki_message(
                 MessageType.PKCS_REQ, csr, transaction, signer, key, recipient
             )
             body, mutation = mutate_bytes(rng, message)
-            return body, f"message {mutation}"
+            return body, f"message {mutation}", signer
         kind = rng.choice(
             (MessageType.PKCS_REQ,) * 4
             + (MessageType.RENEWAL_REQ, MessageType.CERT_POLL, MessageType.GET_CERT)
@@ -460,13 +515,70 @@ class Fuzzer:
             payload, mutation = mutate_bytes(rng, csr)
             cipher = rng.choice(list(ContentCipher))
             message = build_pki_message(kind, payload, transaction, signer, key, recipient, cipher)
-            return message, f"{kind.name} {cipher} request {mutation} txid {transaction[:12]!r}"
+            return (
+                message,
+                f"{kind.name} {cipher} request {mutation} txid {transaction[:12]!r}",
+                signer,
+            )
         envelope = build_enveloped_data(
             csr, recipient, rng.choice(list(ContentCipher)), rng.choice(list(KeyTransport))
         )
         envelope, mutation = mutate_bytes(rng, envelope)
         message = sign_pki_message(kind, envelope, transaction, signer, key)
-        return message, f"{kind.name} envelope {mutation}"
+        return message, f"{kind.name} envelope {mutation}", signer
+
+    def _scep_structured(
+        self,
+        how: int,
+        recipient: x509.Certificate,
+        key: Any,
+        signer: x509.Certificate,
+        csr: bytes,
+        transaction: str,
+    ) -> tuple[bytes, str, x509.Certificate] | None:
+        """Structure-aware: the message's DER edited with lengths kept right; the request
+        or the signer certificate edited and signed again (so that names the signature
+        covers get read); a signed attribute of an odd type; the envelope's DER edited
+        inside a correct signature. None when the edit left nothing to send."""
+        rng = self.rng
+        if how == 3:
+            message = build_pki_message(
+                MessageType.PKCS_REQ, csr, transaction, signer, key, recipient
+            )
+            return (*mutate_der(rng, message), signer)
+        if how == 4:
+            request, mutation = mutate_signed(rng, csr, key)
+            kind = rng.choice((MessageType.PKCS_REQ,) * 3 + (MessageType.RENEWAL_REQ,))
+            message = build_pki_message(kind, request, transaction, signer, key, recipient)
+            return message, f"{kind.name} request {mutation}", signer
+        if how == 5:
+            der, mutation = mutate_signed(rng, signer.public_bytes(serialization.Encoding.DER), key)
+            try:
+                odd_signer = x509.load_der_x509_certificate(der)
+                message = build_pki_message(
+                    MessageType.PKCS_REQ, csr, transaction, odd_signer, key, recipient
+                )
+            except ValueError:  # cryptography refuses it outright, or cannot name its issuer
+                return None
+            return message, f"signer certificate {mutation}", odd_signer
+        envelope = build_enveloped_data(csr, recipient, ContentCipher.AES128, KeyTransport.PKCS1V15)
+        if how == 6:
+            label, value = rng.choice(ODD_VALUES)
+            attributes: list[tuple[str, Any]] = [
+                (OID_MESSAGE_TYPE, _Raw(b"\x13\x0219")),
+                (OID_TRANSACTION_ID, _Raw(b"\x13\x04fuzz")),
+                (OID_SENDER_NONCE, _Raw(b"\x04\x10" + bytes(16))),
+            ]
+            at = rng.randrange(len(attributes))
+            attributes[at] = (attributes[at][0], _Raw(value))
+            message = build_signed_data(
+                envelope, signer, key, DigestAlgorithm.SHA256, attributes, [signer]
+            )
+            return message, f"signed attribute {attributes[at][0]} as {label}", signer
+        envelope, mutation = mutate_der(rng, envelope)
+        kind = rng.choice((MessageType.PKCS_REQ, MessageType.GET_CERT, MessageType.CERT_POLL))
+        message = sign_pki_message(kind, envelope, transaction, signer, key)
+        return message, f"envelope {mutation}", signer
 
     # -- ACME ----------------------------------------------------------------------------------
 
@@ -533,10 +645,14 @@ class Fuzzer:
             else:
                 protected["kid"] = account
             content_type = "application/jose+json"
-            how = self.rng.randrange(4)
+            how = self.rng.randrange(5)
             if how == 0:
                 mutated, mutation = mutate_json(self.rng, payload)
                 body = signed(protected, mutated)
+                mutation = f"payload {mutation}"
+            elif how == 4:  # JSON text Python would not write, signed correctly
+                text, mutation = mutate_json_text(self.rng, payload)
+                body = signed(protected, payload, raw=text)
                 mutation = f"payload {mutation}"
             elif how == 1:
                 mutated, mutation = mutate_json(self.rng, protected)
@@ -598,8 +714,7 @@ class Fuzzer:
             response = client.raw_post(
                 url, client.signed_body(url, {"csr": jws.b64url_encode(csr_der)})
             )
-            self.results.sent["acme-finalize"] += 1
-            self.results.statuses[f"acme-finalize {response.status}"] += 1
+            self.results.tally("acme-finalize", response.status)
             if response.status >= 500:
                 self.find("acme-finalize", mutation, f"HTTP {response.status}: {response.text}")
                 continue
@@ -662,7 +777,8 @@ class Fuzzer:
             if kind == 1:
                 payload: Any = {"certificate": jws.b64url_encode(leaf_der), "reason": 4}
                 if rng.random() < 0.6:
-                    der, mutation = mutate_bytes(rng, leaf_der)
+                    mutate = mutate_der if rng.random() < 0.5 else mutate_bytes
+                    der, mutation = mutate(rng, leaf_der)
                     payload["certificate"] = jws.b64url_encode(der)
                     mutation = f"revokeCert certificate {mutation}"
                 else:
@@ -681,8 +797,7 @@ class Fuzzer:
                     inner_header = {"protected": inner_header}
                 payload = json.loads(jws.sign(new_key, inner_header, dumps(inner_payload)))
             answer = client.raw_post(url, client.signed_body(url, payload))
-            self.results.sent["acme-more"] += 1
-            self.results.statuses[f"acme-more {answer.status}"] += 1
+            self.results.tally("acme-more", answer.status)
             if answer.status >= 500:
                 self.find("acme-more", mutation, f"HTTP {answer.status}: {answer.text[:300]}")
                 continue
@@ -736,7 +851,10 @@ class Fuzzer:
             builder = builder.add_extension(extension, critical=critical)
         der = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
         if how == 0:
-            der, mutation = mutate_bytes(rng, der)
+            if rng.random() < 0.6:  # signed again, so that the names inside get read
+                der, mutation = mutate_signed(rng, der, key)
+            else:
+                der, mutation = mutate_bytes(rng, der)
             return der, key, f"csr {mutation}"
         described = f"names {[str(n.value) for n in names]} cn {[a.value for a in subject]}"
         if how == 2:
@@ -768,7 +886,8 @@ class Fuzzer:
             .public_bytes(serialization.Encoding.DER)
         )
         for _ in range(iterations):
-            body, mutation = mutate_bytes(self.rng, request)
+            mutate = mutate_der if self.rng.random() < 0.5 else mutate_bytes
+            body, mutation = mutate(self.rng, request)
             if self.rng.random() < 0.25:
                 encoded = base64.b64encode(body).decode()
                 response = self.plain.get(f"{url}/{encoded}", timeout=TIMEOUT)
@@ -816,12 +935,22 @@ class Fuzzer:
                 response = _send_json(self.api, "POST", url, body)
                 mutation = f"revoke {mutation}"
             elif kind == 1:
-                tags, mutation = mutate_json(rng, {"tags": {"team": "pki", "env": "fuzz"}})
-                response = _send_json(admin, "PUT", f"{base}/cas/{ca}/tags", tags)
+                seed: Any = {"tags": {"team": "pki", "env": "fuzz"}}
+                raw = None
+                if rng.random() < 0.4:
+                    raw, mutation = mutate_json_text(rng, seed)
+                else:
+                    seed, mutation = mutate_json(rng, seed)
+                response = _send_json(admin, "PUT", f"{base}/cas/{ca}/tags", seed, raw)
                 mutation = f"tags {mutation}"
             elif kind == 2:
-                token, mutation = mutate_json(rng, {"name": "fuzz-token", "role": "auditor"})
-                response = _send_json(admin, "POST", f"{base}/tokens", token)
+                seed = {"name": "fuzz-token", "role": "auditor"}
+                raw = None
+                if rng.random() < 0.4:
+                    raw, mutation = mutate_json_text(rng, seed)
+                else:
+                    seed, mutation = mutate_json(rng, seed)
+                response = _send_json(admin, "POST", f"{base}/tokens", seed, raw)
                 mutation = f"token {mutation}"
             else:
                 name = rng.choice(("limit", "cursor", "status", "expiring_within", "colour"))
@@ -841,6 +970,14 @@ class Fuzzer:
     # -- AD-style (MS-WSTEP) -------------------------------------------------------------------
 
     def adcs(self, iterations: int) -> None:
+        """MS-WSTEP enrollment (RequestSecurityToken for the Machine template)."""
+        self._adcs_soap(iterations, "adcs", policies=False)
+
+    def adcs_cep(self, iterations: int) -> None:
+        """MS-XCEP GetPolicies."""
+        self._adcs_soap(iterations, "adcs-cep", policies=True)
+
+    def _adcs_soap(self, iterations: int, target_name: str, policies: bool) -> None:
         if self.machine is None:
             return
         url = f"{self.server.https_url}/adcs/ces"
@@ -856,17 +993,16 @@ class Fuzzer:
         )
         machine = self.machine
         rng = self.rng
-        pem = x509.load_der_x509_csr(csr).public_bytes(serialization.Encoding.PEM).decode()
         for _ in range(iterations):
-            if rng.random() < 0.2:
-                self._adcs_json(session, machine, pem)
-                continue
             username, password, template = machine.name, machine.password, "Machine"
             der = csr
-            how = rng.randrange(4)
+            how = rng.randrange(6)
             mutation = ""
-            if how == 1:
+            if how == 1 and not policies:
                 der, mutation = mutate_bytes(rng, csr)
+                mutation = f"csr {mutation}"
+            elif how == 4 and not policies:  # signed again: the names inside get read
+                der, mutation = mutate_signed(rng, csr, key)
                 mutation = f"csr {mutation}"
             elif how == 3:
                 weird = rng.choice(LDAP_AND_XML_STRINGS)
@@ -876,7 +1012,7 @@ class Fuzzer:
                 template = weird if field_name == "template" else template
                 mutation = f"{field_name} {weird[:24]!r}"
             target = url
-            if rng.random() < 0.15:  # MS-XCEP GetPolicies instead of an enrollment
+            if policies:
                 target = f"{self.server.https_url}/adcs/cep"
                 body = soap.build_get_policies_request(
                     target, f"urn:uuid:{uuid.uuid4()}", username, password
@@ -897,17 +1033,24 @@ class Fuzzer:
             elif how == 2:
                 body, mutated = _with_doctype(rng, body)
                 mutation = f"{mutation} {mutated}"
+            elif how == 5:
+                body, mutated = mutate_xml(rng, body)
+                mutation = f"{mutation} {mutated}"
             response = session.post(
                 target, data=body, headers={"Content-Type": SOAP_TYPE}, timeout=TIMEOUT
             )
-            self.count("adcs", response)
+            self.count(target_name, response)
             if b"root:x:0:0" in response.content:
-                self.find("adcs", mutation, "the answer holds /etc/passwd: an external entity")
-            if response.status_code not in (200, 400, 401, 403):
-                self.find("adcs", mutation, f"HTTP {response.status_code}: {response.text[:300]}")
+                self.find(target_name, mutation, "the answer holds /etc/passwd: an external entity")
+            if response.status_code not in (200, 400, 401, 403, 413):
+                self.find(
+                    target_name, mutation, f"HTTP {response.status_code}: {response.text[:300]}"
+                )
                 continue
             if not response.headers.get("Content-Type", "").startswith("application/soap+xml"):
-                self.find("adcs", mutation, f"answer as {response.headers.get('Content-Type')}")
+                self.find(
+                    target_name, mutation, f"answer as {response.headers.get('Content-Type')}"
+                )
                 continue
             if response.status_code == 200 and target == url:
                 result = soap.parse_rstr(response.content)
@@ -917,12 +1060,38 @@ class Fuzzer:
                         (self.issuing["id"], format(issued.serial_number, "x"))
                     )
 
-    def _adcs_json(self, session: requests.Session, machine: MachineAccount, pem: str) -> None:
-        """The JSON enrollment endpoint, its body mutated (as JSON or as bytes)."""
-        seed = {"template": "Machine", "csr": pem}
-        if self.rng.random() < 0.7:
+    def adcs_json(self, iterations: int) -> None:
+        """The AD-style JSON enrollment endpoint, its body mutated (as JSON, as JSON text,
+        as bytes, or its CSR signed again after a structure-aware edit)."""
+        if self.machine is None:
+            return
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = str(self.server.tls_bundle)
+        key = new_key()
+        der = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ignored")]))
+            .sign(key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.DER)
+        )
+        for _ in range(iterations):
+            self._adcs_json(session, self.machine, der, key)
+
+    def _adcs_json(
+        self, session: requests.Session, machine: MachineAccount, der: bytes, key: Any
+    ) -> None:
+        seed = {"template": "Machine", "csr": _pem("CERTIFICATE REQUEST", der)}
+        draw = self.rng.random()
+        if draw < 0.4:
             mutated, mutation = mutate_json(self.rng, seed)
             body = dumps(mutated)
+        elif draw < 0.6:
+            body, mutation = mutate_json_text(self.rng, seed)
+        elif draw < 0.8:
+            csr, mutation = mutate_signed(self.rng, der, key)
+            body = dumps({**seed, "csr": _pem("CERTIFICATE REQUEST", csr)})
+            mutation = f"csr {mutation}"
         else:
             body, mutation = mutate_bytes(self.rng, dumps(seed))
         response = session.post(
@@ -932,20 +1101,126 @@ class Fuzzer:
             auth=(machine.name, machine.password),
             timeout=TIMEOUT,
         )
-        self.count("adcs", response)
+        self.count("adcs-json", response)
         mutation = f"json {mutation}"
         if response.status_code not in (200, 202, 400, 401, 403, 404, 413):
-            self.find("adcs", mutation, f"HTTP {response.status_code}: {response.text[:300]}")
+            self.find("adcs-json", mutation, f"HTTP {response.status_code}: {response.text[:300]}")
         elif response.status_code == 200:
             issued = x509.load_pem_x509_certificate(response.json()["certificate"].encode())
             self.results.delivered.add((self.issuing["id"], format(issued.serial_number, "x")))
         elif "json" not in response.headers.get("Content-Type", ""):
-            self.find("adcs", mutation, f"answer as {response.headers.get('Content-Type')}")
+            self.find("adcs-json", mutation, f"answer as {response.headers.get('Content-Type')}")
+
+    # -- CRL, CA certificate and SCEP GETs -----------------------------------------------------
+
+    def gets(self, iterations: int) -> None:
+        """The GET endpoints of the plain HTTP listener: CRLs (complete and partitioned), CA
+        certificates (DER and PEM), SCEP's GET operations and OCSP GET, with mutated CA ids,
+        partitions, operations and messages, odd methods and percent-encodings."""
+        rng = self.rng
+        http = self.server.http_url
+        ca = self.issuing["id"]
+        for _ in range(iterations):
+            raw, mutated = mutate_bytes(rng, ca.encode())
+            odd_id = quote(raw.decode("latin-1"), safe="") if rng.random() < 0.7 else ca
+            odd = rng.choice((*QUERY_VALUES, "%2e%2e", "%00", "%ff", "..%2f..%2fetc%2fpasswd"))
+            kind = rng.randrange(6)
+            if kind == 0:
+                path, mutation = f"/crl/{odd_id}.crl", f"crl id {mutated}"
+            elif kind == 1:
+                partition = rng.choice(("0", "1", "-1", "99999999999999999999", "1" * 5000, odd))
+                path = f"/crl/{rng.choice((ca, odd_id))}/{partition}.crl"
+                mutation = f"crl partition {partition[:20]!r} id {mutated}"
+            elif kind == 2:
+                suffix = rng.choice((".cer", ".pem", ".der", "", ".cer/", ".pem%00"))
+                path, mutation = f"/ca/{odd_id}{suffix}", f"ca {suffix} id {mutated}"
+            elif kind == 3:
+                operation = rng.choice((*SCEP_OPERATIONS, "GetCACaps%00", "A" * 3000))
+                path = f"/scep?operation={quote(operation)}&message={quote(odd)}"
+                mutation = f"scep GET {operation[:20]!r} message={odd[:20]!r}"
+            elif kind == 4:
+                text = base64.b64encode(rng.randbytes(rng.choice((0, 1, 40, 3000)))).decode()
+                text = rng.choice((text, quote(text, safe=""), text.replace("+", " "), odd))
+                path, mutation = f"/ocsp/{ca}/{text}", f"ocsp GET {text[:20]!r}"
+            else:
+                path = rng.choice((f"/crl/{ca}.crl", f"/ca/{ca}.cer", "/scep?operation=GetCACert"))
+                path += rng.choice(("?" + "a=1&" * 2000, "#x", "%", "?%zz", ";x"))
+                mutation = f"suffix {path[-20:]!r}"
+            method = rng.choice(("GET",) * 6 + ("HEAD", "POST", "DELETE", "OPTIONS"))
+            response = self.plain.request(method, f"{http}{path}", timeout=TIMEOUT)
+            self.count("get", response)
+            self.server_error("get", f"{method} {mutation}", response)
+
+    # -- HTTP framing over a raw socket -----------------------------------------------------------
+
+    def raw_http(self, iterations: int) -> None:
+        self._raw_http(iterations, "http", RAW_HTTP_CASES)
+
+    def raw_http_serving(self, iterations: int) -> None:
+        # A shorter wait: what hangs today hangs for ever, and holds a thread meanwhile.
+        self._raw_http(iterations, "http-serving", SERVING_LAYER_CASES, timeout=3.0)
+
+    def _raw_http(
+        self, iterations: int, target: str, cases: dict[str, Any], timeout: float = 8.0
+    ) -> None:
+        """Every POST endpoint, its body framed oddly (rawhttp): a 4xx or the connection
+        closed is right; a 5xx, or no answer, is a finding. The bodies are refused by the
+        endpoints themselves, so that nothing is issued whatever the framing does."""
+        plain = urlsplit(self.server.http_url)
+        secure = urlsplit(self.server.https_url)
+        tls = ssl.create_default_context(cafile=str(self.server.tls_bundle))
+        ca = self.issuing["id"]
+        api_auth = {"Authorization": self.api.headers["Authorization"]}
+        endpoints: list[tuple[bool, str, str, bytes, dict[str, str]]] = [
+            (False, "/scep?operation=PKIOperation", PKI_MESSAGE_TYPE, b"\x30\x03\x02\x01\x00", {}),
+            (False, f"/ocsp/{ca}", "application/ocsp-request", b"\x30\x00", {}),
+            (True, "/acme/new-account", "application/jose+json", b"{}", {}),
+            (True, f"/api/v1/cas/{ca}/certificates", "application/json", b'{"csr": 1}', api_auth),
+        ]
+        if self.machine is not None:
+            basic = base64.b64encode(f"{self.machine.name}:{self.machine.password}".encode())
+            endpoints += [
+                (
+                    True,
+                    "/adcs/enroll",
+                    "application/json",
+                    b'{"template": "Machine", "csr": "x"}',
+                    {"Authorization": f"Basic {basic.decode()}"},
+                ),
+                (True, "/adcs/cep", SOAP_TYPE, b"<x/>", {}),
+                (True, "/adcs/ces", SOAP_TYPE, b"<x/>", {}),
+            ]
+        for _ in range(iterations):
+            secured, path, content_type, body, headers = self.rng.choice(endpoints)
+            where = secure if secured else plain
+            name, answer = raw_http_case(
+                self.rng,
+                cases,
+                where.hostname or "127.0.0.1",
+                where.port or 0,
+                tls if secured else None,
+                "POST",
+                path,
+                content_type,
+                body,
+                headers,
+                timeout,
+            )
+            self.results.tally(target, answer.status)
+            mutation = f"{name} to {path.split('?')[0]}"
+            if answer.timed_out:
+                self.find(target, mutation, f"no answer in {answer.seconds:.0f} s")
+            elif answer.status is not None and answer.status >= 500:
+                self.find(target, mutation, f"HTTP {answer.status}")
 
     # -- management API ------------------------------------------------------------------------
 
     @staticmethod
     def api_seed() -> dict[str, Any]:
+        return Fuzzer.api_seed_and_key()[0]
+
+    @staticmethod
+    def api_seed_and_key() -> tuple[dict[str, Any], Any]:
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (
             x509.CertificateSigningRequestBuilder()
@@ -955,7 +1230,7 @@ class Fuzzer:
             .public_bytes(serialization.Encoding.PEM)
             .decode()
         )
-        return {
+        seed = {
             "csr": csr,
             "template": "EndEntityCertificate_APIPassthrough/V1",
             "validity": {"type": "DAYS", "value": 10},
@@ -964,22 +1239,26 @@ class Fuzzer:
                 "sans": [{"dns": "api.fuzz.test"}, {"ip": "192.0.2.1"}],
             },
         }
+        return seed, key
 
     def api_issue(self, iterations: int) -> None:
         url = f"{self.server.https_url}/api/v1/cas/{self.issuing['id']}/certificates"
-        seed = self.api_seed()
+        seed, key = self.api_seed_and_key()
         csr_der = x509.load_pem_x509_csr(seed["csr"].encode()).public_bytes(
             serialization.Encoding.DER
         )
         for _ in range(iterations):
             draw = self.rng.random()
-            if draw < 0.3:
-                der, mutation = mutate_bytes(self.rng, csr_der)
-                pem = "-----BEGIN CERTIFICATE REQUEST-----\n"
-                pem += base64.encodebytes(der).decode() + "-----END CERTIFICATE REQUEST-----\n"
-                body = dumps({**seed, "csr": pem})
+            if draw < 0.45:
+                if draw < 0.15:
+                    der, mutation = mutate_bytes(self.rng, csr_der)
+                else:  # signed again: the names inside get read
+                    der, mutation = mutate_signed(self.rng, csr_der, key)
+                body = dumps({**seed, "csr": _pem("CERTIFICATE REQUEST", der)})
                 mutation = f"csr {mutation}"
-            elif draw < 0.8:
+            elif draw < 0.6:
+                body, mutation = mutate_json_text(self.rng, seed)
+            elif draw < 0.85:
                 mutated, mutation = mutate_json(self.rng, seed)
                 body = dumps(mutated)
             else:
@@ -997,6 +1276,16 @@ class Fuzzer:
                 "Content-Type", ""
             ):
                 self.find("api", mutation, f"error as {response.headers.get('Content-Type')}")
+
+
+class _Raw:
+    """An attribute value given as its DER (build_signed_data calls ``dump()``)."""
+
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+
+    def dump(self) -> bytes:
+        return self.der
 
 
 class Directory:
@@ -1030,10 +1319,20 @@ def connectors_config(http01_port: int, directory: Directory | None) -> str:
     return text
 
 
-def _send_json(session: requests.Session, method: str, url: str, body: Any) -> requests.Response:
+def _send_json(
+    session: requests.Session, method: str, url: str, body: Any, raw: bytes | None = None
+) -> requests.Response:
     return session.request(
-        method, url, data=dumps(body), headers={"Content-Type": "application/json"}, timeout=TIMEOUT
+        method,
+        url,
+        data=dumps(body) if raw is None else raw,
+        headers={"Content-Type": "application/json"},
+        timeout=TIMEOUT,
     )
+
+
+def _pem(label: str, der: bytes) -> str:
+    return f"-----BEGIN {label}-----\n{base64.encodebytes(der).decode()}-----END {label}-----\n"
 
 
 SCEP_OPERATIONS = (
@@ -1119,18 +1418,64 @@ TARGETS: dict[str, Callable[[Fuzzer, int], None]] = {
     "api": Fuzzer.api_issue,
     "api-more": Fuzzer.api_more,
     "adcs": Fuzzer.adcs,
+    "adcs-cep": Fuzzer.adcs_cep,
+    "adcs-json": Fuzzer.adcs_json,
+    "get": Fuzzer.gets,
+    "http": Fuzzer.raw_http,
 }
+# The serving layer's own failures (see rawhttp.SERVING_LAYER_CASES): a run of its own, as a
+# hung request holds a worker thread for as long as the server runs.
+SERVING_LAYER_TARGETS: dict[str, Callable[[Fuzzer, int], None]] = {
+    "http-serving": Fuzzer.raw_http_serving,
+}
+
+
+CONCURRENCY = 4  # targets fuzzed at once: the server's two workers are never idle
+
+# Mutations per target in one bounded run (tests/test_fuzz.py runs it on SQLite and on
+# PostgreSQL): each endpoint gets at least 1,000 per CI run, where ACME's three targets
+# share ACME's thousand and the API's two share the API's. --total N splits N the same way.
+CI_COUNTS: dict[str, int] = {
+    "scep": 500,
+    "acme": 200,
+    "acme-finalize": 100,
+    "acme-more": 200,
+    "ocsp": 500,
+    "api": 250,
+    "api-more": 250,
+    "adcs": 500,
+    "adcs-cep": 500,
+    "adcs-json": 500,
+    "get": 500,
+    "http": 150,
+}
+
+
+def split_total(total: int, targets: tuple[str, ...]) -> dict[str, int]:
+    """``total`` mutations shared among ``targets`` in CI_COUNTS' proportions."""
+    weights = {name: CI_COUNTS.get(name, 100) for name in targets}
+    scale = total / sum(weights.values())
+    return {name: max(1, round(weight * scale)) for name, weight in weights.items()}
 
 
 def run(
     data_dir: Path,
-    iterations: int,
+    iterations: int | dict[str, int],
     seed: int,
     database_url: str | None = None,
     targets: tuple[str, ...] = tuple(TARGETS),
+    concurrency: int = CONCURRENCY,
 ) -> Results:
-    results = Results(seed, iterations)
-    directory = Directory(data_dir.parent / "directory") if "adcs" in targets else None
+    """Fuzz ``targets`` (``iterations`` each, or as many as the dict says), ``concurrency``
+    of them at once, each in its own thread from its own random sequence."""
+    counts = iterations if isinstance(iterations, dict) else dict.fromkeys(targets, iterations)
+    results = Results(seed, max(counts.values(), default=0))
+    setup_began = time.monotonic()
+    directory = (
+        Directory(data_dir.parent / "directory")
+        if any(t.startswith("adcs") or t == "http" for t in targets)
+        else None
+    )
     responder = Http01Responder()
     try:
         server = start_server(
@@ -1144,9 +1489,21 @@ def run(
                 server.publish("adcs", "Machine")  # the CA enrolls for Machine
             machine = directory.machine if directory else None
             fuzzer = Fuzzer(server, random.Random(seed), results, machine, responder)
-            for name in targets:
-                TARGETS[name](fuzzer, iterations)
+            every = {**TARGETS, **SERVING_LAYER_TARGETS}
+            results.seconds["(setup)"] = time.monotonic() - setup_began
+
+            def fuzz(name: str) -> None:
+                began = time.monotonic()
+                every[name](fuzzer.for_target(name), counts[name])
+                results.seconds[name] = time.monotonic() - began
+
+            with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                # Slowest first, so that the last thread is not left with a long target.
+                for done in [pool.submit(fuzz, name) for name in targets]:
+                    done.result()
+            began = time.monotonic()
             check_server_and_store(server, results, database_url)
+            results.seconds["(checks)"] = time.monotonic() - began
         finally:
             server.stop()
     finally:
@@ -1158,8 +1515,9 @@ def run(
 
 def report(results: Results, seconds: float) -> str:
     lines = [
-        f"fuzzing seed {results.seed}: {results.iterations} mutations per target in "
+        f"fuzzing seed {results.seed}: {sum(results.sent.values())} mutations in "
         f"{seconds:.0f} s; certificates delivered {len(results.delivered)}",
+        "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results.seconds.items()),
         "  answers: "
         + ", ".join(f"{key} x{count}" for key, count in sorted(results.statuses.items())),
     ]
@@ -1174,7 +1532,11 @@ def report(results: Results, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="per target")
+    parser.add_argument(
+        "--total", type=int, help="mutations in all, shared among the targets (not --iterations)"
+    )
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--database-url")
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated")
@@ -1182,12 +1544,14 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pkigate-fuzz-") as scratch:
+        targets = tuple(args.targets.split(","))
         results = run(
             Path(scratch) / "data",
-            args.iterations,
+            split_total(args.total, targets) if args.total else args.iterations,
             seed,
             args.database_url,
-            tuple(args.targets.split(",")),
+            targets,
+            args.concurrency,
         )
     print(report(results, time.monotonic() - began))
     return 0 if results.ok else 1

@@ -1,23 +1,42 @@
-"""The protocol fuzzer (tests/fuzzing.py), bounded: a fixed seed, a few hundred mutations
-per target, against `pkigate serve` on SQLite and on PostgreSQL. The long run is its own
-command (see the README): ``.venv/bin/python tests/fuzzing.py --iterations 20000``."""
+"""The protocol fuzzer (tests/fuzzing.py), bounded: a fixed seed and CI_COUNTS mutations per
+target (at least 1,000 per endpoint over the SQLite and PostgreSQL runs together), against
+`pkigate serve`. The long run is its own command (see the README's Fuzzing section):
+``.venv/bin/python tests/fuzzing.py --total 100000``."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from fuzzing import TARGETS, report, run
+import pytest
+from fuzzing import CI_COUNTS, SERVING_LAYER_TARGETS, TARGETS, report, run
 
 SEED = int(os.environ.get("PKIGATE_FUZZ_SEED", "20261123"))
-ITERATIONS = int(os.environ.get("PKIGATE_FUZZ_ITERATIONS", "300"))
+# PKIGATE_FUZZ_ITERATIONS=N runs N per target instead (a quicker local run).
+ITERATIONS = os.environ.get("PKIGATE_FUZZ_ITERATIONS")
 
 
 def test_mutated_requests_get_protocol_errors_and_change_nothing(
     tmp_path: Path, database_url: str | None
 ) -> None:
-    results = run(tmp_path / "data", ITERATIONS, SEED, database_url)
+    counts = dict.fromkeys(TARGETS, int(ITERATIONS)) if ITERATIONS else CI_COUNTS
+    results = run(tmp_path / "data", counts, SEED, database_url)
     # Every target ran every mutation.
-    assert sum(results.sent.values()) == len(TARGETS) * ITERATIONS
+    assert {t: results.sent[t] for t in TARGETS} == counts, report(results, 0)
     assert results.delivered  # some mutations left requests valid: the store check has work
+    assert results.ok, report(results, 0)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="serving layer: gunicorn gthread workers answer an invalid chunk size or a chunk "
+    "without its CRLF with a 500 and a traceback, log NoMoreData's traceback for a chunked "
+    "body cut short, and never answer a chunk of 2^64-1 octets or a body shorter than its "
+    "Content-Length on an open connection (tests/rawhttp.py SERVING_LAYER_CASES); the "
+    "gevent workers replacing them must pass this",
+)
+def test_http_framing_the_serving_layer_fails_today_gets_a_4xx(tmp_path: Path) -> None:
+    """Apart from the run above: each hung request holds one of the server's threads."""
+    counts = dict.fromkeys(SERVING_LAYER_TARGETS, 12)
+    results = run(tmp_path / "data", counts, SEED, None, tuple(SERVING_LAYER_TARGETS))
     assert results.ok, report(results, 0)
