@@ -44,13 +44,11 @@ from pkigate.core import Actor
 from pkigate.core.errors import (
     BadCSRError,
     BadRequestError,
-    InvalidCertificateError,
     NotFoundError,
     StoreUnavailableError,
 )
 from pkigate.core.issuance import parse_csr
 from pkigate.core.keys import KeyEncryptionKey
-from pkigate.core.readable import check_certificate_readable
 from pkigate.core.store import acme as acme_store
 from pkigate.core.store.acme import (
     AccountRecord,
@@ -832,10 +830,6 @@ class AcmeConnector(Connector):
             certificate = x509.load_der_x509_certificate(jws.b64url_decode(text))
         except (ValueError, x509.InvalidVersion) as exc:
             raise AcmeProblem("malformed", f"the certificate cannot be parsed: {exc}") from None
-        try:
-            check_certificate_readable(certificate)
-        except InvalidCertificateError as exc:
-            raise AcmeProblem("malformed", exc.message) from None
         with self.context.core.store.write() as conn:
             record = self.service.locate_certificate(conn, certificate)
             if acme_request.account is not None:

@@ -87,7 +87,8 @@ class IdempotencyConflictError(PkigateError):
 
 
 class InvalidCertificateError(BadRequestError):
-    """An imported CA certificate or chain that cannot be accepted."""
+    """A certificate that cannot be accepted: an imported CA certificate or chain, or one a
+    peer sent whose names cannot be read."""
 
     code = "invalidCertificate"
 

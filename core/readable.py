@@ -33,7 +33,7 @@ def check_readable(csr: x509.CertificateSigningRequest) -> None:
 
 def check_certificate_readable(certificate: x509.Certificate) -> None:
     """InvalidCertificateError unless the certificate's subject, issuer and extensions can
-    be read (a SCEP signer certificate, a certificate to revoke)."""
+    be read (a SCEP signer certificate and any other a message carries)."""
     for part in ("subject", "issuer", "extensions"):
         try:
             getattr(certificate, part)
