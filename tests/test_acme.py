@@ -26,13 +26,22 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
-from helpers import wait_for
+from helpers import (
+    BIT_STRING_CN,
+    common_name,
+    extension_request,
+    name_der,
+    raw_csr,
+    san_extension,
+    wait_for,
+)
 from serving import RunningServer, start_server
 from sqlalchemy import func, select
 
 from pkigate.acme import jws
 from pkigate.acme.renewal import cert_id
 from pkigate.core import Core
+from pkigate.core.der import tlv
 from pkigate.core.store import schema
 from pkigate.devsim.acme_client import AcmeClient, AcmeClientError
 
@@ -709,6 +718,25 @@ def test_a_csr_that_cannot_be_parsed_is_bad_csr(env: Env) -> None:
         with pytest.raises(AcmeClientError) as refused:
             client.post(ready.body["finalize"], {"csr": jws.b64url_encode(bad)})
         assert refused.value.type == "badCSR" and refused.value.status == 400
+    assert client.get(order.location or "").body["status"] == "ready"
+
+
+def test_a_csr_whose_names_cannot_be_read_is_bad_csr(env: Env) -> None:
+    """Found by the fuzzer: a BIT STRING common name, in the subject or in a directoryName
+    subjectAltName, made cryptography raise TypeError where the names were read (a 500)."""
+    names = [("dns", "bitstring.example.test")]
+    client, order, ready = _ready_order(env, names)
+    key = rsa.generate_private_key(65537, 2048)
+    san = san_extension(tlv(0x82, b"bitstring.example.test"))
+    odd_san = san_extension(tlv(0x82, b"bitstring.example.test"), tlv(0xA4, BIT_STRING_CN))
+    for csr in (
+        raw_csr(key, BIT_STRING_CN, extension_request(san)),
+        raw_csr(key, name_der((common_name(tlv(0x0C, b"x")),)), extension_request(odd_san)),
+    ):
+        with pytest.raises(AcmeClientError) as refused:
+            client.post(ready.body["finalize"], {"csr": jws.b64url_encode(csr)})
+        assert refused.value.type == "badCSR" and refused.value.status == 400
+        assert "cannot be read" in refused.value.problem["detail"]
     assert client.get(order.location or "").body["status"] == "ready"
 
 
