@@ -45,5 +45,8 @@ def configure_logging(level: str = "INFO") -> None:
     handler.setFormatter(JsonFormatter())
     root.handlers = [handler]
     root.setLevel(level.upper())
+    # Python warnings (cryptography's for a name attribute over its RFC 5280 bound, which
+    # the core then refuses) would be written to stderr as two lines of plain text.
+    logging.captureWarnings(True)
     # Migrations announce themselves at every worker start; only problems are news.
     logging.getLogger("alembic").setLevel(logging.WARNING)

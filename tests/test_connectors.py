@@ -243,3 +243,25 @@ def test_a_connectors_jobs_cannot_hold_up_the_cas_own(tmp_path: Path) -> None:
     finally:
         release.set()
         gateway.close()
+
+
+def test_python_warnings_are_json_log_lines() -> None:
+    """cryptography warns (to stderr, as plain text over two lines) when it reads a name
+    attribute over its RFC 5280 bound, as the fuzzer's CSRs made it do in the server."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import warnings\n"
+        "from pkigate.gateways.logs import configure_logging\n"
+        "configure_logging()\n"
+        'warnings.warn("Attribute\'s length must be >= 1 and <= 64", UserWarning)\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    logged = json.loads(lines[0])
+    assert logged["logger"] == "py.warnings" and "length must be" in logged["msg"]
