@@ -202,7 +202,8 @@ def parse_json(data: bytes) -> Any:
     """JSON (RFC 8259) from a request body, refused with :class:`MalformedJson` when it does
     not parse, is nested deeper than the parser's recursion limit, or holds a string that is
     not Unicode text (a lone surrogate escape such as ``\\ud800``, RFC 8259 8.2), which
-    would fail later wherever the string is encoded."""
+    would fail later wherever the string is encoded, or a NUL, which no field takes; or a
+    number longer than any field takes, or out of a float's range."""
     try:
         value = json.loads(
             data,
@@ -229,6 +230,10 @@ def parse_json(data: bytes) -> Any:
                 raise MalformedJson(
                     "malformed JSON: a string is not Unicode text (a lone surrogate)"
                 ) from None
+            if "\x00" in node:
+                # No field takes a NUL, and PostgreSQL text cannot store one (a DataError
+                # wherever the string reaches a column, found by the fuzzer).
+                raise MalformedJson("malformed JSON: a string holds NUL (\\u0000)")
     return value
 
 

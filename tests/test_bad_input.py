@@ -469,3 +469,23 @@ def test_scep_answers_a_request_with_a_bit_string_common_name_with_bad_request(
     assert (reply.status, reply.fail_info) == (PkiStatus.FAILURE, FailInfo.BAD_REQUEST)
     assert "subject cannot be read" in (reply.fail_info_text or "")
     assert _certificates(gateway) == before
+
+
+def test_a_ca_id_with_a_nul_is_not_found(core: Core) -> None:
+    """Found by the fuzzer: GET /crl/<id>.crl with %00 in the id was a 500 on PostgreSQL,
+    whose text cannot hold NUL (psycopg DataError)."""
+    with pytest.raises(NotFoundError):
+        core.authorities.describe("ca\x00id")
+
+
+def test_api_answers_a_json_string_with_a_nul_with_a_json_400(gateway: Gateway) -> None:
+    """No field takes a NUL, and on PostgreSQL a tag value with one was a DataError (500)."""
+    secret = gateway.tokens.create("admin", Role("admin"), ACTOR).secret
+    client = create_app(gateway, "https").test_client()
+    response = client.put(
+        f"/api/v1/cas/{_issuing_ca(gateway)}/tags",
+        data='{"tags": {"team": "a\\u0000b"}}',
+        headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert "NUL" in response.get_json()["error"]["message"]

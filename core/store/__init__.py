@@ -357,6 +357,8 @@ class Store:
         )
 
     def get_ca(self, conn: Connection, ca_id: str) -> CARecord | None:
+        if "\x00" in ca_id:  # from a URL; PostgreSQL text cannot hold NUL (a DataError)
+            return None
         row = _CA_BY_ID.first(conn, id=ca_id)
         return _ca(row) if row is not None else None
 
