@@ -398,7 +398,7 @@ class Fuzzer:
         self.results.findings.append(Finding(target, mutation, problem))
 
     def reset(self, target: str, mutation: str, body: bytes, exc: Exception) -> None:
-        """A connection closed under a request. The plain listener answers a body over its
+        """A connection closed under a request. The listeners answer a body over their
         limit (413) or a URL too long (414) before reading it, and gunicorn then closes
         without draining what the client still sends (no lingering close): the client
         may see the reset instead of the answer. That is the serving layer's (noted in
@@ -1056,9 +1056,13 @@ class Fuzzer:
             elif how == 5:
                 body, mutated = mutate_xml(rng, body)
                 mutation = f"{mutation} {mutated}"
-            response = session.post(
-                target, data=body, headers={"Content-Type": SOAP_TYPE}, timeout=TIMEOUT
-            )
+            try:
+                response = session.post(
+                    target, data=body, headers={"Content-Type": SOAP_TYPE}, timeout=TIMEOUT
+                )
+            except requests.ConnectionError as exc:
+                self.reset(target_name, mutation, body, exc)
+                continue
             self.count(target_name, response)
             if b"root:x:0:0" in response.content:
                 self.find(target_name, mutation, "the answer holds /etc/passwd: an external entity")
@@ -1114,13 +1118,17 @@ class Fuzzer:
             mutation = f"csr {mutation}"
         else:
             body, mutation = mutate_bytes(self.rng, dumps(seed))
-        response = session.post(
-            f"{self.server.https_url}/adcs/enroll",
-            data=body,
-            headers={"Content-Type": "application/json"},
-            auth=(machine.name, machine.password),
-            timeout=TIMEOUT,
-        )
+        try:
+            response = session.post(
+                f"{self.server.https_url}/adcs/enroll",
+                data=body,
+                headers={"Content-Type": "application/json"},
+                auth=(machine.name, machine.password),
+                timeout=TIMEOUT,
+            )
+        except requests.ConnectionError as exc:
+            self.reset("adcs-json", mutation, body, exc)
+            return
         self.count("adcs-json", response)
         mutation = f"json {mutation}"
         if response.status_code not in (200, 202, 400, 401, 403, 404, 413):
@@ -1178,7 +1186,7 @@ class Fuzzer:
 
     def raw_http_serving(self, iterations: int) -> None:
         # A shorter wait: what hangs today hangs for ever, and holds a thread meanwhile.
-        self._raw_http(iterations, "http-serving", SERVING_LAYER_CASES, timeout=3.0)
+        self._raw_http(iterations, "http-serving", SERVING_LAYER_CASES, timeout=2.0)
 
     def _raw_http(
         self, iterations: int, target: str, cases: dict[str, Any], timeout: float = 8.0
@@ -1284,9 +1292,13 @@ class Fuzzer:
             else:
                 body, mutation = mutate_bytes(self.rng, dumps(seed))
                 mutation = f"bytes {mutation}"
-            response = self.api.post(
-                url, data=body, headers={"Content-Type": "application/json"}, timeout=TIMEOUT
-            )
+            try:
+                response = self.api.post(
+                    url, data=body, headers={"Content-Type": "application/json"}, timeout=TIMEOUT
+                )
+            except requests.ConnectionError as exc:
+                self.reset("api", mutation, body, exc)
+                continue
             self.count("api", response)
             if self.server_error("api", mutation, response):
                 continue

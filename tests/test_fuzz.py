@@ -37,6 +37,6 @@ def test_mutated_requests_get_protocol_errors_and_change_nothing(
 )
 def test_http_framing_the_serving_layer_fails_today_gets_a_4xx(tmp_path: Path) -> None:
     """Apart from the run above: each hung request holds one of the server's threads."""
-    counts = dict.fromkeys(SERVING_LAYER_TARGETS, 12)
+    counts = dict.fromkeys(SERVING_LAYER_TARGETS, 8)
     results = run(tmp_path / "data", counts, SEED, None, tuple(SERVING_LAYER_TARGETS))
     assert results.ok, report(results, 0)
