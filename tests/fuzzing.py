@@ -383,7 +383,7 @@ class Fuzzer:
         )
         token.raise_for_status()
         self.api_secret = token.json()["secret"]
-        self.api = server.session(self.api_secret)
+        self.api = _own_connections(server.session(self.api_secret))
         cas = admin.get(f"{server.https_url}/api/v1/cas", timeout=TIMEOUT).json()["cas"]
         self.issuing = next(c for c in cas if c["type"] == "SUBORDINATE")
         self.issuing_cert = x509.load_pem_x509_certificate(
@@ -416,7 +416,7 @@ class Fuzzer:
         twin = copy.copy(self)
         twin.rng = random.Random(f"{self.results.seed}:{name}")
         twin.plain = _plain_session()
-        twin.api = self.server.session(self.api_secret)
+        twin.api = _own_connections(self.server.session(self.api_secret))
         return twin
 
     def count(self, target: str, response: requests.Response) -> None:
@@ -599,10 +599,7 @@ class Fuzzer:
     # -- ACME ----------------------------------------------------------------------------------
 
     def acme(self, iterations: int) -> None:
-        verify = str(self.server.tls_bundle)
-        session = requests.Session()
-        session.trust_env = False
-        session.verify = verify
+        session = _tls_session(self.server)
         directory = session.get(f"{self.server.https_url}/acme/directory", timeout=TIMEOUT).json()
         key = ec.generate_private_key(ec.SECP256R1())
         nonce = [session.head(directory["newNonce"], timeout=TIMEOUT).headers["Replay-Nonce"]]
@@ -705,9 +702,7 @@ class Fuzzer:
         certify exactly 127.0.0.1, the CSR's key, and no CA."""
         if self.responder is None:
             return
-        session = requests.Session()
-        session.trust_env = False
-        session.verify = str(self.server.tls_bundle)
+        session = _tls_session(self.server)
 
         def new_account() -> tuple[Any, AcmeClient]:
             key = ec.generate_private_key(ec.SECP256R1())
@@ -753,9 +748,7 @@ class Fuzzer:
     def acme_more(self, iterations: int) -> None:
         """renewalInfo with mutated certificate IDs, revokeCert with a mutated certificate
         or payload, keyChange with a mutated inner JWS."""
-        session = requests.Session()
-        session.trust_env = False
-        session.verify = str(self.server.tls_bundle)
+        session = _tls_session(self.server)
         client = AcmeClient(
             f"{self.server.https_url}/acme/directory",
             ec.generate_private_key(ec.SECP256R1()),
@@ -931,7 +924,7 @@ class Fuzzer:
         and tokens (admin), and certificate listings with mutated query parameters."""
         base = f"{self.server.https_url}/api/v1"
         ca = self.issuing["id"]
-        admin = self.server.session()
+        admin = _own_connections(self.server.session())
         rng = self.rng
         for _ in range(iterations):
             kind = rng.randrange(4)
@@ -1001,9 +994,7 @@ class Fuzzer:
         if self.machine is None:
             return
         url = f"{self.server.https_url}/adcs/ces"
-        session = requests.Session()
-        session.trust_env = False
-        session.verify = str(self.server.tls_bundle)
+        session = _tls_session(self.server)
         key = new_key()
         csr = (
             x509.CertificateSigningRequestBuilder()
@@ -1089,9 +1080,7 @@ class Fuzzer:
         as bytes, or its CSR signed again after a structure-aware edit)."""
         if self.machine is None:
             return
-        session = requests.Session()
-        session.trust_env = False
-        session.verify = str(self.server.tls_bundle)
+        session = _tls_session(self.server)
         key = new_key()
         der = (
             x509.CertificateSigningRequestBuilder()
@@ -1364,11 +1353,24 @@ def _send_json(
 
 
 def _plain_session() -> requests.Session:
-    """A session for the plain listener, one connection per request: a kept-alive
-    connection the server closes as idle (5 s) while a request is on its way answers
-    nothing, and that must not pass for the server dropping a request it read."""
     session = requests.Session()
     session.trust_env = False
+    return _own_connections(session)
+
+
+def _tls_session(server: RunningServer) -> requests.Session:
+    """A session for the HTTPS listener without the admin token of server.session()."""
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(server.tls_bundle)
+    return _own_connections(session)
+
+
+def _own_connections(session: requests.Session) -> requests.Session:
+    """One connection per request: a kept-alive connection the server closes as idle (5 s)
+    while a request is on its way answers nothing (a thread of the fuzzer can stall that
+    long on a loaded machine), and that must not pass for the server dropping a request
+    it read."""
     session.headers["Connection"] = "close"
     return session
 
