@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pkigate.core.der import encode_length
@@ -42,11 +42,6 @@ class Node:
             body = self.content
         length = self.raw_length if self.raw_length is not None else encode_length(len(body))
         return self.tag + length + body
-
-
-@dataclass
-class _Walk:
-    nodes: list[tuple[Node, list[Node] | None]] = field(default_factory=list)
 
 
 _MAX_DEPTH = 40
