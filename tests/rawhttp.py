@@ -79,12 +79,13 @@ RAW_HTTP_CASES: dict[str, Case] = {
     ),
 }
 
-# What the serving layer (gunicorn gthread workers, being replaced) is known to fail, each
-# measured against it: an invalid chunk size or a chunk without its CRLF is a 500 with
-# gunicorn's traceback (InvalidChunkSize, ChunkMissingTerminator); a chunked body cut short
-# is NoMoreData's traceback; a chunk of 2^64-1 octets, or a body shorter than its
-# Content-Length on a connection kept open, gets no answer while a worker thread waits.
-# They run apart (tests/test_fuzz.py, xfail), as a hung request holds that thread.
+# What the gunicorn gthread workers of an earlier serving layer failed, each measured
+# against them: an invalid chunk size or a chunk without its CRLF was a 500 with gunicorn's
+# traceback (InvalidChunkSize, ChunkMissingTerminator); a chunked body cut short was
+# NoMoreData's traceback; a chunk of 2^64-1 octets, or a body shorter than its
+# Content-Length on a connection kept open, got no answer while a worker thread waited.
+# Now each is a 400 (or a 408 at the body deadline). They run apart (tests/test_fuzz.py),
+# as most of them wait out that deadline.
 SERVING_LAYER_CASES: dict[str, Case] = {
     "chunked, size not hex": lambda body: (
         {"Transfer-Encoding": "chunked"},
