@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,11 @@ def process_tree(root_pid: int) -> list[int]:
     return tree
 
 
+def trees(root_pids: Sequence[int]) -> list[int]:
+    """The process trees of several roots (servers started side by side), now."""
+    return list(dict.fromkeys(pid for root in root_pids for pid in process_tree(root)))
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     """utime + stime of ``pids`` (processes that have exited count nothing)."""
     ticks = 0
@@ -103,12 +109,12 @@ def memory_mib(pids: Sequence[int]) -> tuple[float, float]:
 
 
 class RssSampler:
-    """Samples the RSS and PSS sums of a process tree (re-read each time) every
+    """Samples the RSS and PSS sums of a process tree, or of several (re-read each time), every
     ``interval`` seconds in a thread; :attr:`peak_mib` (RSS) and :attr:`peak_pss_mib` are
     the largest sums seen."""
 
-    def __init__(self, root_pid: int, interval: float = 0.2) -> None:
-        self.root_pid = root_pid
+    def __init__(self, root_pid: int | Sequence[int], interval: float = 0.2) -> None:
+        self.roots = [root_pid] if isinstance(root_pid, int) else list(root_pid)
         self.interval = interval
         self.peak_mib = 0.0
         self.peak_pss_mib = 0.0
@@ -117,7 +123,7 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def _sample(self) -> None:
-        pids = process_tree(self.root_pid)
+        pids = trees(self.roots)
         self.processes = max(self.processes, len(pids))
         rss, pss = memory_mib(pids)
         self.peak_mib = max(self.peak_mib, rss)
@@ -249,27 +255,9 @@ ca_name = "{ADCS_CA_NAME}"
 """
 
 
-class PkigateServer(ServeProcess):
-    """``pkigate serve --config FILE`` in ``base_dir`` with the benchmark's configuration;
-    :meth:`start` waits for both listeners, writes the TLS root to :attr:`tls_bundle` and
-    publishes the CA for the Machine template in the directory (``pkigate adcs publish``)."""
-
-    def __init__(self, base_dir: Path, workers: int, **config: str | int) -> None:
-        super().__init__(base_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(
-            pkigate_config(
-                self.data_dir,
-                self.http_port,
-                self.https_port,
-                workers=workers,
-                **config,  # type: ignore[arg-type]
-            )
-        )
-
-    def start(self) -> None:
-        super().start()
-        self.publish("adcs", MACHINE_TEMPLATE)
+class ApiServer(ServeProcess):
+    """A ``pkigate serve`` whose configuration the subclass writes, reached through its
+    management API with the first admin token."""
 
     def _admin_call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
         with plain_session(str(self.tls_bundle)) as session:
@@ -294,6 +282,29 @@ class PkigateServer(ServeProcess):
         """The secret of a new management-API token with the issuer role (the role that
         issues; an admin token may not)."""
         return str(self._admin_call("POST", "/tokens", {"name": name, "role": "issuer"})["secret"])
+
+
+class PkigateServer(ApiServer):
+    """``pkigate serve --config FILE`` in ``base_dir`` with the benchmark's configuration;
+    :meth:`start` waits for both listeners, writes the TLS root to :attr:`tls_bundle` and
+    publishes the CA for the Machine template in the directory (``pkigate adcs publish``)."""
+
+    def __init__(self, base_dir: Path, workers: int, **config: str | int) -> None:
+        super().__init__(base_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            pkigate_config(
+                self.data_dir,
+                self.http_port,
+                self.https_port,
+                workers=workers,
+                **config,  # type: ignore[arg-type]
+            )
+        )
+
+    def start(self) -> None:
+        super().start()
+        self.publish("adcs", MACHINE_TEMPLATE)
 
 
 # -- micromdm scepserver ------------------------------------------------------------------
@@ -637,3 +648,119 @@ class OpenBaoServer:
         digits = digits.rjust(len(digits) + len(digits) % 2, "0")
         serial = ":".join(digits[i : i + 2] for i in range(0, len(digits), 2))
         self._call(session, "POST", "pki/revoke", {"serial_number": serial})
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+PG_BIN = Path("/usr/lib/postgresql")
+
+
+def postgres_bindir() -> Path | None:
+    """The newest installed PostgreSQL's bin directory (Debian layout), or None."""
+    if not PG_BIN.is_dir():
+        return None
+    versions = sorted(
+        (p for p in PG_BIN.iterdir() if (p / "bin" / "initdb").exists()),
+        key=lambda p: int(p.name) if p.name.isdigit() else 0,
+    )
+    return versions[-1] / "bin" if versions else None
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster on a free loopback port, as tests/conftest.py starts
+    one, but durable (``fsync`` on: the benchmarks measure durable commits). Run as the
+    ``postgres`` user when this process is root (initdb refuses root)."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.data = base_dir / "data"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}"
+        self.bindir = postgres_bindir()
+        self._as_user: list[str] = []
+        self.started = False
+
+    @property
+    def command(self) -> str:
+        return f"postgres -D {self.data} -h 127.0.0.1 -p {self.port} (initdb --auth=trust)"
+
+    def start(self) -> None:
+        if self.bindir is None:
+            raise RuntimeError("PostgreSQL is not installed (scripts/setup --test installs it)")
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.base_dir, "postgres")
+        subprocess.run(
+            [
+                *self._as_user,
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *self._as_user,
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.base_dir / "log"),
+                "-w",
+                "-o",
+                f"-h 127.0.0.1 -p {self.port} -k {self.base_dir} -c max_connections=200",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self.started = True
+
+    @property
+    def pid(self) -> int:
+        """The postmaster's PID (its backends are its children)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def stop(self) -> None:
+        if not self.started or self.bindir is None:
+            return
+        subprocess.run(
+            [
+                *self._as_user,
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-m",
+                "fast",
+                "stop",
+            ],
+            capture_output=True,
+            check=False,
+        )
+        self.started = False
+
+
+def fresh_database(server: str) -> str:
+    """A new, empty database on ``server`` (postgresql://USER@HOST:PORT); its URL."""
+    import psycopg
+
+    name = f"bench_{secrets.token_hex(6)}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{server}/{name}"
+
+
+def drop_database(server: str, url: str) -> None:
+    import psycopg
+
+    name = url.rpartition("/")[2]
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -105,6 +105,7 @@ from _peers import (  # noqa: E402
     API_VALIDITY,
     MACHINE_TEMPLATE,
     SCEP_MOUNT,
+    ApiServer,
     OpenBaoServer,
     PkigateServer,
     RssSampler,
@@ -112,7 +113,7 @@ from _peers import (  # noqa: E402
     cpu_seconds,
     openbao_binary,
     plain_session,
-    process_tree,
+    trees,
 )
 from acme_peers import PebbleServer  # noqa: E402
 from core_issue import RawSigner, make_csrs, rate  # noqa: E402
@@ -221,9 +222,12 @@ class Load(Generic[Item, Worker]):
     close_worker: Callable[[Worker], None] = lambda worker: None
 
 
-def drive(load: Load[Item, Worker], clients: int, server_pid: int) -> Run:
+def drive(load: Load[Item, Worker], clients: int, server_pid: int | Sequence[int]) -> Run:
     """``clients`` threads take the items in turn; each opens its state and does its
-    share of the warm-up first, then all start the timed part together."""
+    share of the warm-up first, then all start the timed part together. Server CPU and
+    memory are summed over the process trees of ``server_pid`` (one root, or several
+    servers side by side)."""
+    roots = [server_pid] if isinstance(server_pid, int) else list(server_pid)
     lock = threading.Lock()
     next_index = [0]
     latencies: list[float] = []
@@ -274,11 +278,11 @@ def drive(load: Load[Item, Worker], clients: int, server_pid: int) -> Run:
         finally:
             load.close_worker(state)
 
-    with RssSampler(server_pid) as rss:
+    with RssSampler(roots) as rss:
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
         for thread in threads:
             thread.start()
-        pids = process_tree(server_pid)
+        pids = trees(roots)
         start.wait()
         server_before, client_before = cpu_seconds(pids), os.times()
         began = time.perf_counter()
@@ -536,23 +540,39 @@ def acme_load(
     return Load(protocol, server, orders, warmup, open_worker, one, close)
 
 
+@dataclass
+class ApiClient:
+    """One client thread of the management-API row: its keep-alive session and the issue
+    URL of the server it talks to."""
+
+    session: requests.Session
+    url: str
+
+
 def pkigate_api_load(
-    server: PkigateServer, ca_id: str, orders: Sequence[AcmeOrder], warmup: Sequence[AcmeOrder]
-) -> Load[AcmeOrder, requests.Session]:
+    server: ApiServer,
+    ca_id: str,
+    orders: Sequence[AcmeOrder],
+    warmup: Sequence[AcmeOrder],
+    hosts: Sequence[ApiServer] = (),
+) -> Load[AcmeOrder, ApiClient]:
     """``POST /api/v1/cas/<id>/certificates`` with each CSR (EndEntityCertificate/V1, one
-    day), one keep-alive TLS session per thread with an issuer token."""
-    url = f"{server.https_url}/api/v1/cas/{ca_id}/certificates"
+    day), one keep-alive TLS session per thread with an issuer token (made on ``server``).
+    Thread k talks to ``hosts[k % len(hosts)]`` (default: ``server`` alone), so clients are
+    spread evenly over servers that share one database."""
     token = server.issuer_token("bench")
+    targets = list(hosts) or [server]
 
-    def open_session(k: int) -> requests.Session:
-        session = plain_session(str(server.tls_bundle))
+    def open_client(k: int) -> ApiClient:
+        target = targets[k % len(targets)]
+        session = plain_session(str(target.tls_bundle))
         session.headers["Authorization"] = f"Bearer {token}"
-        return session
+        return ApiClient(session, f"{target.https_url}/api/v1/cas/{ca_id}/certificates")
 
-    def one(session: requests.Session, order: AcmeOrder) -> x509.Certificate:
+    def one(client: ApiClient, order: AcmeOrder) -> x509.Certificate:
         pem = order.csr.public_bytes(serialization.Encoding.PEM).decode()
-        response = session.post(
-            url, json={"csr": pem, "validity": API_VALIDITY}, timeout=REQUEST_TIMEOUT
+        response = client.session.post(
+            client.url, json={"csr": pem, "validity": API_VALIDITY}, timeout=REQUEST_TIMEOUT
         )
         if response.status_code != 201:
             raise OperationFailed(f"HTTP {response.status_code}: {response.text[:160]}")
@@ -561,7 +581,11 @@ def pkigate_api_load(
         chain = x509.load_pem_x509_certificates(body["chain_pem"].encode())
         return check_issued(leaf, chain, order)
 
-    return Load(API_PROTOCOL, "pkigate", orders, warmup, open_session, one, close_session)
+    def close(client: ApiClient | None) -> None:
+        if client is not None:
+            client.session.close()
+
+    return Load(API_PROTOCOL, "pkigate", orders, warmup, open_client, one, close)
 
 
 def openbao_api_load(

@@ -189,6 +189,8 @@ class ServeProcess:
             self.tls_bundle = tls_bundle  # the caller's: it stays with the data it belongs to
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        # Added to the server's environment (PKIGATE_KEK for hosts that share a database).
+        self.environment: dict[str, str] = {}
 
     @property
     def token(self) -> str:
@@ -211,7 +213,7 @@ class ServeProcess:
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(
             self.command,
-            env=configuration_only_environment(),
+            env={**configuration_only_environment(), **self.environment},
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
