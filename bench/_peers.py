@@ -24,6 +24,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -669,11 +670,13 @@ def postgres_bindir() -> Path | None:
 class PostgresServer:
     """A private PostgreSQL cluster on a free loopback port, as tests/conftest.py starts
     one, but durable (``fsync`` on: the benchmarks measure durable commits). Run as the
-    ``postgres`` user when this process is root (initdb refuses root)."""
+    ``postgres`` user when this process is root (initdb refuses root), in a temporary
+    directory of its own (that user cannot enter the caller's 0700 one), removed by
+    :meth:`stop`."""
 
-    def __init__(self, base_dir: Path) -> None:
-        self.base_dir = base_dir
-        self.data = base_dir / "data"
+    def __init__(self) -> None:
+        self.base_dir = Path(tempfile.mkdtemp(prefix="pkigate-bench-pg-"))
+        self.data = self.base_dir / "data"
         self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}"
         self.bindir = postgres_bindir()
@@ -687,7 +690,6 @@ class PostgresServer:
     def start(self) -> None:
         if self.bindir is None:
             raise RuntimeError("PostgreSQL is not installed (scripts/setup --test installs it)")
-        self.base_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             self._as_user = ["runuser", "-u", "postgres", "--"]
             shutil.chown(self.base_dir, "postgres")
@@ -730,8 +732,12 @@ class PostgresServer:
         return int((self.data / "postmaster.pid").read_text().split()[0])
 
     def stop(self) -> None:
-        if not self.started or self.bindir is None:
-            return
+        if self.started and self.bindir is not None:
+            self._stop()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def _stop(self) -> None:
+        assert self.bindir is not None
         subprocess.run(
             [
                 *self._as_user,

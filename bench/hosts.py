@@ -100,9 +100,16 @@ class Host(ApiServer):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.environment = {"PKIGATE_KEK": kek}
         self.database_url = database_url
+        # Only the host that made the store writes the first admin token; the others are
+        # driven with that one (the tokens are in the shared database).
+        self.admin_token: str | None = None
         self.config.write_text(
             host_config(self.data_dir, self.http_port, self.https_port, database_url)
         )
+
+    @property
+    def token(self) -> str:
+        return self.admin_token or super().token
 
 
 def audit_verify(host: Host) -> tuple[bool, str]:
@@ -204,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = args.database_url
         postgres_pid = None
         if not server:
-            cluster = PostgresServer(scratch / "postgres")
+            cluster = PostgresServer()
             stack.callback(cluster.stop)
             progress("starting a private PostgreSQL cluster")
             cluster.start()
@@ -228,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(row("one host", one_run, one_pg))
 
         second = Host(scratch / "host2", database_url, kek)
+        second.admin_token = first.token
         stack.callback(second.stop)
         progress("starting the second host on the same database")
         second.start()

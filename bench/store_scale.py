@@ -305,7 +305,7 @@ def databases(args: argparse.Namespace, scratch: Path) -> Iterator[tuple[str | N
     with ExitStack() as stack:
         server = args.database_url
         if args.postgres:
-            cluster = PostgresServer(scratch / "postgres")
+            cluster = PostgresServer()
             stack.callback(cluster.stop)
             cluster.start()
             server = cluster.url
