@@ -22,8 +22,10 @@ from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
+import hosts
 import protocols
 import revocation
+import store_scale
 from _peers import OpenBaoServer, openbao_binary, plain_session
 
 needs_openbao = pytest.mark.skipif(
@@ -149,3 +151,76 @@ def test_the_quick_rows_give_figures_for_openbao_beside_pkigate(tmp_path: Path) 
         ratios = figures[f"{name}_ratios_pkigate_to_openbao"]
         assert set(ratios) == {"per_s", "server_cpu_ms_per_op", "peak_pss_mib"}
     assert "openbao" in figures["commands"]
+
+
+def test_store_scale_gives_both_rates_and_the_ratio_and_the_loaded_rows_are_readable(
+    tmp_path: Path,
+) -> None:
+    """Sized down from --quick: every issuance is stored once, the bulk-loaded rows are
+    counted by the store and listed by the CRL, and both audit chains verify."""
+    figures_path = tmp_path / "figures.json"
+    arguments = ["--rows", "3000", "--count", "16", "--threads", "2", "--rounds", "2"]
+    assert store_scale.main([*arguments, "--json", str(figures_path)]) == 0
+    figures = json.loads(figures_path.read_text())
+    assert figures["rows"] == 3000
+    assert figures["empty_per_s"] > 0 and figures["loaded_per_s"] > 0
+    assert figures["ratio"] > 0 and figures["ratio_min"] <= figures["ratio"] <= figures["ratio_max"]
+    empty, loaded = figures["verification"]
+    assert (empty["loaded"], loaded["loaded"]) == (0, 3000)
+    for check in (empty, loaded):
+        assert check["ok"] and check["audit_chain_ok"]
+        # The N CSRs, the warm-up, and (in the loaded store) the sample whose DER is loaded.
+        assert check["stored"] == check["loaded"] + check["issued"]
+        assert check["issued"] == check["distinct_serials"] >= 16 + store_scale.WARM_UP_ISSUES
+    # One audit event per loaded certificate and per loaded revocation, chained.
+    assert loaded["audit_events"] >= 3000 + figures["load_seconds"]["revoked"]
+    crl = figures["crl"]
+    assert crl["ok"] and crl["crl_entries"] == figures["load_seconds"]["revoked"] > 0
+
+
+def test_store_scale_bulk_loads_postgresql_with_copy(postgres_server: str, tmp_path: Path) -> None:
+    figures_path = tmp_path / "figures.json"
+    arguments = ["--rows", "2000", "--count", "8", "--threads", "2", "--rounds", "2"]
+    status = store_scale.main(
+        [*arguments, "--database-url", postgres_server, "--json", str(figures_path)]
+    )
+    assert status == 0
+    figures = json.loads(figures_path.read_text())
+    assert figures["database"].startswith("postgresql")
+    assert all(check["ok"] for check in figures["verification"])
+    assert figures["verification"][1]["stored"] == 2000 + figures["verification"][1]["issued"]
+    assert figures["crl"]["ok"]
+
+
+def test_hosts_gives_figures_for_one_host_and_two_hosts_on_one_postgresql(
+    postgres_server: str, tmp_path: Path
+) -> None:
+    """Two `pkigate serve` processes with their own data directories share the database
+    and the KEK: both rows issue every certificate, serials stay distinct, and the audit
+    chain both wrote verifies."""
+    figures_path = tmp_path / "figures.json"
+    status = hosts.main(
+        [
+            "--operations",
+            "6",
+            "--clients",
+            "2",
+            "--database-url",
+            postgres_server,
+            "--json",
+            str(figures_path),
+        ]
+    )
+    assert status == 0
+    figures = json.loads(figures_path.read_text())
+    one, two = figures["rows"]
+    assert (one["label"], two["label"]) == ("one host", "two hosts")
+    for row in (one, two):
+        assert (row["succeeded"], row["failed"], row["duplicate_serials"]) == (6, 0, 0)
+        assert row["per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
+        assert row["server_cpu_ms_per_op"] > 0
+    # Two pkigate process trees are watched in the second row.
+    assert two["processes"] > one["processes"]
+    assert figures["ratio_two_to_one"] > 0
+    assert figures["stored"] == figures["distinct_serials"] >= 12
+    assert figures["audit_chain_ok"]
