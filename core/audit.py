@@ -14,6 +14,8 @@ import hmac
 import io
 import json
 import logging
+import os
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -169,6 +171,19 @@ def _canonical(
     ).encode()
 
 
+def time_ordered_event_id() -> str:
+    """A UUID version 7 (RFC 9562 5.7): 48 bits of Unix milliseconds, then 74 random bits.
+
+    Event ids are unique by an index; random (version 4) ids land on a random leaf of
+    it, so with a million events every append dirties a page of its own that the next
+    commit must write again (measured by bench/store_scale.py). Ids that grow with time
+    land on the index's last page, as the sequence numbers do."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # the RFC 9562 variant
+    return str(uuid.UUID(int=value))
+
+
 class AuditLog:
     def __init__(self, store: Store, kek: KeyEncryptionKey) -> None:
         self._store = store
@@ -292,7 +307,7 @@ class AuditLog:
         rows = []
         for entry in entries:
             head_seq += 1
-            event_id = str(uuid.uuid4())
+            event_id = time_ordered_event_id()
             params = _PARAMETERS_JSON.encode(dict(entry.parameters or {}))
             actor = entry.actor
             mac = self._mac(
