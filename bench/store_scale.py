@@ -26,7 +26,7 @@ audit chains must verify.
         [--rounds K] [--postgres | --database-url postgresql://USER@HOST:PORT] [--json FILE]
 
 Full run: R=1,000,000, N=2000, T=8 (the load takes most of it: ~25 min on a busy 2-CPU VM);
-``--quick``: R=50,000, N=200 (under a minute). ``--postgres`` starts a private PostgreSQL
+``--quick``: R=50,000, N=300 (about a minute). ``--postgres`` starts a private PostgreSQL
 cluster for the run (as tests/conftest.py does); ``--database-url`` names a server on which
 the run creates, then drops, two databases. These are figures, not a test: the script exits
 non-zero only when a store or an audit chain disagrees with what was issued.
@@ -53,6 +53,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import event
 
 from pkigate.core import Core, IssuanceRequest, Requester, Validity
 from pkigate.core.audit import Actor, AuditEntry
@@ -62,13 +63,19 @@ from pkigate.core.store import schema
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "tests"))
 from _peers import PostgresServer, drop_database, fresh_database  # noqa: E402
-from core_issue import create_hierarchy, describe_database, make_csrs, rate  # noqa: E402
+from core_issue import (  # noqa: E402
+    create_hierarchy,
+    describe_database,
+    make_csrs,
+    rate,
+    run_threads,
+)
 
 TARGET_RATIO = 0.9  # the [serving] issue: issued/s on 1M certificates >= 0.9x an empty store
 FULL_ROWS, QUICK_ROWS = 1_000_000, 50_000
-FULL_COUNT, QUICK_COUNT = 2000, 200
+FULL_COUNT, QUICK_COUNT = 2000, 300
 DEFAULT_THREADS = 8
-DEFAULT_ROUNDS = 5
+DEFAULT_ROUNDS = 10  # short paired rounds: on a shared machine, more of them
 KEY_TYPE = "EC_prime256v1"
 VALIDITY = "30d"
 LOAD_BATCH = 20_000  # rows per executemany / audit append: bounded memory, few statements
@@ -303,6 +310,38 @@ class Verification:
         )
 
 
+WAL_SAMPLE = 200  # issuances over which SQLite's WAL pages are counted
+
+
+def wal_pages_per_issue(
+    store: Store, csrs: Sequence[x509.CertificateSigningRequest], threads: int
+) -> float:
+    """SQLite only: pages written to the WAL per certificate issued (checkpoints held off
+    meanwhile). Unlike a rate, this does not move with the machine's load: it is what an
+    index on a random key costs as the store grows (each append dirties a page of its
+    own instead of sharing the last one)."""
+    engine = store.core.store.engine
+
+    def hold_checkpoints(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA wal_autocheckpoint = 0")
+
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine.dispose()
+    event.listen(engine, "connect", hold_checkpoints)
+    try:
+        run_threads(csrs, threads, store.issue)
+        with engine.connect() as conn:
+            # PASSIVE answers (busy, frames in the WAL, frames checkpointed).
+            row = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        event.remove(engine, "connect", hold_checkpoints)
+        engine.dispose()
+    assert row is not None
+    return float(row[1]) / len(csrs)
+
+
 def verify(store: Store, loaded: int) -> Verification:
     began = time.perf_counter()
     with store.core.store.read() as conn:
@@ -373,8 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_before": load_average(),
     }
     began = time.perf_counter()
-    progress(f"generating {count * 2 + WARM_UP_ISSUES * 2} CSRs")
+    progress(f"generating {count * 2 + WARM_UP_ISSUES * 2 + min(WAL_SAMPLE, count) * 2} CSRs")
     csrs = make_csrs(count * 2 + WARM_UP_ISSUES * 2)
+    wal_sample = min(WAL_SAMPLE, count)
+    wal_csrs = make_csrs(wal_sample * 2)
     with (
         tempfile.TemporaryDirectory(prefix="pkigate-bench-scale-") as scratch_name,
         ExitStack() as stack,
@@ -412,6 +453,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratio_max=round(max(ratios), 3),
             target_ratio=TARGET_RATIO,
         )
+        if empty_url is None:
+            progress(f"counting WAL pages over {wal_sample} issuances per store")
+            figures["wal_sample"] = wal_sample
+            figures["wal_pages_per_issue"] = {
+                store.name: round(wal_pages_per_issue(store, sample, args.threads), 2)
+                for store, sample in (
+                    (empty, wal_csrs[:wal_sample]),
+                    (loaded, wal_csrs[wal_sample:]),
+                )
+            }
         progress("verifying both stores and audit chains")
         # Warm-up issues (and the loaded store's sample) count as issued: they are in
         # store.serials.
@@ -450,6 +501,12 @@ def report(figures: dict[str, Any], checks: Sequence[Verification]) -> None:
         f"  loaded/empty: {figures['ratio']:.3f} (rounds {figures['ratio_min']:.3f}-"
         f"{figures['ratio_max']:.3f}; target >= {TARGET_RATIO}: {verdict})"
     )
+    wal = figures.get("wal_pages_per_issue")
+    if wal:
+        print(
+            f"  WAL pages written per certificate issued ({figures['wal_sample']} issuances, "
+            f"{figures['threads']} threads): empty {wal['empty']}, loaded {wal['loaded']}"
+        )
     for v in checks:
         print(
             f"  {v.store}: stored {v.stored} = loaded {v.loaded} + issued {v.issued}, distinct "

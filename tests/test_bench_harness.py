@@ -176,6 +176,8 @@ def test_store_scale_gives_both_rates_and_the_ratio_and_the_loaded_rows_are_read
     assert loaded["audit_events"] >= 3000 + figures["load_seconds"]["revoked"]
     crl = figures["crl"]
     assert crl["ok"] and crl["crl_entries"] == figures["load_seconds"]["revoked"] > 0
+    wal = figures["wal_pages_per_issue"]
+    assert wal["empty"] > 0 and wal["loaded"] > 0
 
 
 def test_store_scale_bulk_loads_postgresql_with_copy(postgres_server: str, tmp_path: Path) -> None:
