@@ -282,14 +282,15 @@ def report(figures: dict[str, Any]) -> None:
     )
     print(
         f"  {'':10} {'ok/N':>9} {'ops/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'srv ms/op':>9} "
-        f"{'pg ms/op':>8} {'srv CPU%':>8}"
+        f"{'pg ms/op':>8} {'srv CPU%':>8} {'cli ms/op':>9}"
     )
     for r in figures["rows"]:
         pg = r["postgres_cpu_ms_per_op"]
         print(
             f"  {r['label']:10} {r['succeeded']:>4}/{r['attempted']:<4} {r['per_s']:>7.1f} "
             f"{r['p50_ms']:>7.0f} {r['p95_ms']:>7.0f} {r['server_cpu_ms_per_op']:>9.1f} "
-            f"{'-' if pg is None else f'{pg:.1f}':>8} {r['server_cpu_percent']:>8.0f}"
+            f"{'-' if pg is None else f'{pg:.1f}':>8} {r['server_cpu_percent']:>8.0f} "
+            f"{r['client_cpu_ms_per_op']:>9.1f}"
         )
         for name, count in r["failures"].items():
             print(f"    FAILED: {count} x {name}")
@@ -299,7 +300,8 @@ def report(figures: dict[str, Any]) -> None:
         f"(CA, serial); audit chain "
         f"{'verifies' if figures['audit_chain_ok'] else 'DOES NOT VERIFY'}"
     )
-    print("  srv ms/op: CPU of the pkigate process trees per issuance; pg: PostgreSQL's")
+    print("  srv ms/op: CPU of the pkigate process trees per issuance; pg: PostgreSQL's;")
+    print("  cli: this process (TLS clients, checks), on the same CPUs")
     print("Commands:")
     for name, command in figures["commands"].items():
         print(f"  {name}: {command}")
