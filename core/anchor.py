@@ -14,24 +14,34 @@ the next write. The writers of one SQLite database take turns under its writer l
 lines from every process are in sequence order. A final line without its newline is a
 write the crash cut short: it is ignored, and cut off before the next append. A damaged
 line before the last is never ignored.
+
+A PostgreSQL store is written by processes on several hosts with no file system in
+common, so each host keeps a journal of its own (:class:`HostJournal`, same lines, same
+MAC): the events its processes committed. Lost events of the store are a suffix of its
+sequence, so a host that wrote any of them finds its highest journaled event missing or
+different in the store; events of other hosts in between need not be known.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import hmac
 import json
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pkigate.core.errors import AnchorWriteError, StoreIntegrityError
 
 ANCHOR_SUFFIX = "-audit-anchor.jsonl"
+# In each host's data directory, for a PostgreSQL store (a SQLite anchor keeps its name).
+HOST_JOURNAL_NAME = "pkigate-audit-journal.jsonl"
 _TAIL_CHUNK = 64 * 1024
 # A certificate of a few KiB, base64 and JSON: far below this. A longer "line" is damage.
 MAX_LINE_BYTES = 1024 * 1024
@@ -253,3 +263,82 @@ def _sync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class HostJournal(AuditAnchor):
+    """One host's journal of a PostgreSQL store: the events this host's processes committed.
+
+    No writer lock is shared by the processes of a host (the database's locks are not held
+    while they append), so lines of concurrent transactions land out of sequence order: a
+    reader goes by each line's sequence number, never by its position. Each append is one
+    ``O_APPEND`` write taken under ``flock`` (so a line torn by a crash is cut off before
+    the next one lands after it), then synced outside the lock."""
+
+    def __init__(self, path: Path, key: bytes) -> None:
+        super().__init__(path, key)
+        self._scan_lock = threading.Lock()
+        self._scan_inode: int | None = None
+        self._scan_offset = 0
+        self._highest: AnchoredEvent | None = None
+
+    def _forget(self) -> None:
+        super()._forget()
+        self._scan_inode, self._scan_offset, self._highest = None, 0, None
+
+    def append(self, lines: list[bytes], create: bool = False) -> None:
+        """Append lines (one write) and make them durable; the file is created if needed."""
+        if not lines:
+            return
+        if self._fd is None or not self._same_file():
+            self.close()
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            self._fd = os.open(self.path, flags, 0o600)
+            self._inode = os.fstat(self._fd).st_ino
+            _sync_directory(self.path.parent)
+        fd = self._fd
+        data = b"".join(lines)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                end, _last = self._last_line(fd, size)
+                os.ftruncate(fd, end)  # a line a crash cut short: never acknowledged
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.fdatasync(fd)
+
+    def _same_file(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == self._inode
+        except FileNotFoundError:
+            return False
+
+    def highest(self) -> AnchoredEvent | None:
+        """The journaled event with the highest sequence number (None: no journal, or an
+        empty one). Reads only what was appended since the last call."""
+        with self._scan_lock:
+            try:
+                with open(self.path, "rb") as handle:
+                    return self._scan(handle)
+            except FileNotFoundError:
+                self._scan_inode, self._scan_offset, self._highest = None, 0, None
+                return None
+
+    def _scan(self, handle: BinaryIO) -> AnchoredEvent | None:
+        stat = os.fstat(handle.fileno())
+        if stat.st_ino != self._scan_inode or stat.st_size < self._scan_offset:
+            self._scan_inode, self._scan_offset, self._highest = stat.st_ino, 0, None
+        handle.seek(self._scan_offset)
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break  # being written, or torn: read again next time
+            if len(line) > MAX_LINE_BYTES:
+                raise AnchorCorruptError(f"the audit journal {self.path} is damaged")
+            event = self.decode(line, f"offset {self._scan_offset}")
+            if self._highest is None or event.seq > self._highest.seq:
+                self._highest = event
+            self._scan_offset += len(line)
+        return self._highest

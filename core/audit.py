@@ -21,14 +21,17 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection
 
 from pkigate.core.anchor import (
+    HOST_JOURNAL_NAME,
     AnchorCorruptError,
     AnchoredEvent,
     AuditAnchor,
+    HostJournal,
     anchor_path,
     certificate_row,
     event_row,
@@ -85,7 +88,7 @@ REANCHORED = "audit.reanchor"
 class AnchorStatus:
     """How the store compares with its audit anchor.
 
-    ``state``: ``none`` (PostgreSQL: no anchor), ``unanchored`` (no anchor yet: started at
+    ``state``: ``none`` (no anchor: in-memory SQLite), ``unanchored`` (no anchor yet: started at
     the next write), ``ok``, ``anchor-behind`` (a crash between the store's commit and the
     anchor's write: caught up at the next write), and the states in which the store is not
     trusted, each with its ``message``: ``store-behind``, ``diverged``, ``missing``,
@@ -111,6 +114,9 @@ class RecoveryResult:
     first_seq: int = 0
     last_seq: int = 0
     not_restored: tuple[str, ...] = ()
+    # PostgreSQL: lost events of this host that could not go back at their numbers (another
+    # host's lost event came first, or other events took them): their certificates did.
+    outside_chain: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,24 +191,31 @@ def time_ordered_event_id() -> str:
 
 
 class AuditLog:
-    def __init__(self, store: Store, kek: KeyEncryptionKey) -> None:
+    def __init__(self, store: Store, kek: KeyEncryptionKey, data_dir: Path | None = None) -> None:
         self._store = store
         self._key = kek.derive(b"pkigate audit chain v1")
+        anchor_key = kek.derive(b"pkigate audit anchor v1")
         path = anchor_path(store.sqlite_database)
-        # PostgreSQL has no anchor: its writers are processes on several hosts with no file
-        # system in common, and the database keeps its own write-ahead log and replicas.
-        self._anchor = (
-            AuditAnchor(path, kek.derive(b"pkigate audit anchor v1")) if path is not None else None
+        self._anchor = AuditAnchor(path, anchor_key) if path is not None else None
+        # PostgreSQL: written from several hosts with no file system in common, each
+        # keeping the events its own processes committed (see anchor.py).
+        self._journal = (
+            HostJournal(data_dir / HOST_JOURNAL_NAME, anchor_key)
+            if data_dir is not None and store.dialect == "postgresql"
+            else None
         )
         self._sign_unsigned_head()
 
     @property
     def anchor(self) -> AuditAnchor | None:
-        return self._anchor
+        """The SQLite anchor, or the PostgreSQL store's journal of this host."""
+        return self._anchor or self._journal
 
     def close(self) -> None:
         if self._anchor is not None:
             self._anchor.close()
+        if self._journal is not None:
+            self._journal.close()
 
     def _head_ok(self, head: tuple[int, str, str | None]) -> bool:
         seq, mac, signed = head
@@ -264,13 +277,16 @@ class AuditLog:
         *,
         settle_anchor: bool = False,
         new_anchor: bool = False,
+        past_journal: bool = False,
     ) -> list[str]:
         """Append events in order, in the caller's write transaction; returns their ids.
 
         Once the transaction commits they are appended to the anchor, before the writer
         lock is released. ``settle_anchor`` writes even without entries when the anchor
         must be started or caught up; ``new_anchor`` starts a new anchor file although
-        the store had one (``reanchor``)."""
+        the store had one (``reanchor``). On PostgreSQL, a store behind this host's
+        journal is not written, but by a recovery (``past_journal``) that gives up putting
+        the rest back in the chain."""
         if not entries and not settle_anchor:
             return []
         locked = self._store.lock_audit_head(conn, GENESIS)
@@ -304,6 +320,13 @@ class AuditLog:
                 entries = [started, *entries]
             if not entries and not plan.catch_up:
                 return []
+        if self._journal is not None and not past_journal:
+            highest = self._journal_highest()
+            if highest is not None and highest.seq > head_seq:
+                # New events would take the numbers of events this host committed.
+                raise StoreIntegrityError(
+                    self.anchor_status().message or "the store is behind this host's journal"
+                )
         rows = []
         for entry in entries:
             head_seq += 1
@@ -350,6 +373,13 @@ class AuditLog:
             ]
             start = plan.start
             self._store.after_commit(conn, lambda: self._write_anchor(lines, start))
+        if self._journal is not None and rows:
+            journal = self._journal
+            entered = [
+                journal.encode(row, entry.certificate)
+                for row, entry in zip(rows, entries, strict=True)
+            ]
+            self._store.after_commit(conn, lambda: self._write_journal(entered))
         return [str(row["event_id"]) for row in rows]
 
     # -- the anchor ---------------------------------------------------------------------
@@ -406,6 +436,24 @@ class AuditLog:
                 "the answer is withheld"
             ) from None
 
+    def _write_journal(self, lines: list[bytes]) -> None:
+        assert self._journal is not None
+        try:
+            self._journal.append(lines)
+        except OSError as exc:
+            log.error("the audit journal %s cannot be written: %s", self._journal.path, exc)
+            raise AnchorWriteError(
+                f"stored, but this host's audit journal cannot be written "
+                f"({exc.strerror or exc}); the answer is withheld"
+            ) from None
+
+    def _journal_highest(self) -> AnchoredEvent | None:
+        assert self._journal is not None
+        try:
+            return self._journal.highest()
+        except AnchorCorruptError as exc:
+            raise StoreIntegrityError(exc.message + _REJOURNAL_HINT) from None
+
     def _lines_from_store(self, conn: Connection, after_seq: int) -> list[bytes]:
         """Anchor lines for the store's events after ``after_seq``, with their certificates."""
         assert self._anchor is not None
@@ -435,6 +483,8 @@ class AuditLog:
 
         The anchor is read first: its lines are written after their commit, so a head read
         after it is never behind it unless the store lost events."""
+        if self._journal is not None:
+            return self._journal_status()
         anchor = self._anchor
         if anchor is None:
             return AnchorStatus("none")
@@ -528,6 +578,85 @@ class AuditLog:
         )
         return AnchorStatus("diverged", message, detail, head_seq + 1, last.seq)
 
+    def _journal_status(self) -> AnchorStatus:
+        """PostgreSQL: compare this host's highest journaled event with the store's event
+        at that number (journal read first: its lines follow their commits). The store's
+        lost events are a suffix of its sequence, so if it holds that one as journaled,
+        it lost nothing this host wrote."""
+        journal = self._journal
+        assert journal is not None
+        try:
+            highest = journal.highest()
+        except AnchorCorruptError as exc:
+            return AnchorStatus("corrupt", exc.message + _REJOURNAL_HINT, exc.message)
+        if highest is None:
+            return AnchorStatus("ok")
+        with self._store.read() as conn:
+            head = self._store.audit_head(conn)
+            head_seq = 0 if head is None else head[0]
+            if head is not None and head[1] == highest.mac:
+                return AnchorStatus("ok")  # as for SQLite: the chain names what is below
+            try:
+                lost = self._journal_lost(conn, head_seq, [highest])
+                if lost:
+                    lost = self._journal_lost(conn, head_seq)
+            except AnchorCorruptError as exc:
+                return AnchorStatus("corrupt", exc.message + _REJOURNAL_HINT, exc.message)
+        if not lost:
+            return AnchorStatus("ok")
+        last = lost[-1].seq
+        certificates = sum(1 for event in lost if event.issued_certificate)
+        held = f"this host's journal {journal.path.name} holds {len(lost)} of them"
+        if lost[0].seq > head_seq:
+            detail = (
+                f"audit events {head_seq + 1}..{last} ({certificates} issued certificates "
+                f"among them) are missing from the store; {held}"
+            )
+            message = (
+                f"The store is behind this host's audit journal: {detail}. The database "
+                "lost its latest writes (a failover to a replica that lagged, an older "
+                "backup restored); pkigate does not serve or write from it here. Run "
+                "`pkigate audit recover` on this host to put back what its journal holds "
+                "(audited), and on every other host that wrote to this database: events "
+                "only other hosts wrote are in their journals, not in this one."
+            )
+            return AnchorStatus("store-behind", message, detail, head_seq + 1, last, certificates)
+        detail = (
+            f"{len(lost)} audit events this host committed, {lost[0].seq}..{last} "
+            f"({certificates} issued certificates among them), are not the store's: it "
+            "lost them and other events took their numbers"
+        )
+        message = (
+            f"The store does not match this host's audit journal {journal.path.name}: "
+            f"{detail}. pkigate does not serve or write from it here. Run `pkigate audit "
+            "recover` on this host to put back their certificates and revocations (audited; "
+            "the events stay in the journal), and on every other host that wrote to this "
+            "database."
+        )
+        return AnchorStatus("diverged", message, detail, lost[0].seq, last, certificates)
+
+    def _journal_lost(
+        self, conn: Connection, head_seq: int, events: Iterable[AnchoredEvent] | None = None
+    ) -> list[AnchoredEvent]:
+        """The journaled events (``events``: every one) the store lost, in order: from the
+        highest down, as long as the store ends before it or holds another event at its
+        number (what was lost is a suffix of the store's sequence). An event missing
+        below the head was deleted, not lost: the chain's verification names that."""
+        journaled = {e.seq: e for e in events} if events is not None else self._journaled()
+        lost: list[AnchoredEvent] = []
+        for seq in sorted(journaled, reverse=True):
+            if seq <= head_seq:
+                stored = self._store.audit_event(conn, seq)
+                if stored is None or stored.mac == journaled[seq].mac:
+                    break
+            lost.append(journaled[seq])
+        lost.reverse()
+        return lost
+
+    def _journaled(self) -> dict[int, AnchoredEvent]:
+        assert self._journal is not None
+        return {event.seq: event for event in self._journal.events()}
+
     def _missing_message(self) -> str:
         assert self._anchor is not None
         return (
@@ -542,9 +671,11 @@ class AuditLog:
         """Put back into the store what its anchor holds and it lost: the audit events
         (unchanged, so the chain verifies), the certificates issued and revocations among
         them; then audit the recovery. Nothing to do is not an error (idempotent)."""
+        if self._journal is not None:
+            return self._recover_from_journal(actor, now)
         anchor = self._anchor
         if anchor is None:
-            raise BadRequestError("only a SQLite store has an audit anchor to recover from")
+            raise BadRequestError("an in-memory store has no audit anchor to recover from")
         if not anchor.exists():
             raise StoreIntegrityError(f"there is no audit anchor {anchor.path} to recover from")
         status = self.anchor_status()
@@ -594,6 +725,90 @@ class AuditLog:
             len(rows), certificates, revocations, lost[0].seq, lost[-1].seq, not_restored
         )
 
+    def _recover_from_journal(self, actor: Actor, now: datetime) -> RecoveryResult:
+        """PostgreSQL: put back the events this host committed and the store lost. Those
+        that continue the store's chain from its head go back at their numbers; the others
+        (another host's lost event comes first, or other events took their numbers) stay
+        in the journal, which is then kept under another name (a new one starts with the
+        recovery), and their certificates and revocations are put back. Audited."""
+        journal = self._journal
+        assert journal is not None
+        status = self.anchor_status()
+        if status.state not in ("store-behind", "diverged"):
+            if status.message is not None:
+                raise StoreIntegrityError(status.message)
+            return RecoveryResult(0, 0, 0)
+        with self._store.write() as conn:
+            locked = self._store.lock_audit_head(conn, GENESIS)
+            head_seq, head_mac = (0, GENESIS) if locked is None else locked[:2]
+            lost = self._journal_lost(conn, head_seq)
+            if not lost:
+                return RecoveryResult(0, 0, 0)  # recovered meanwhile by another process
+            rows, run = self._chain_run(lost, head_seq, head_mac)
+            if rows:
+                self._store.append_audit_events(
+                    conn, rows, self._head_mac(run[-1].seq, run[-1].mac)
+                )
+            certificates, revocations, not_restored = self._restore_certificates(conn, lost)
+            outside = lost[len(run) :]
+            kept = None
+            if outside:
+                kept = journal.path.with_name(
+                    f"{journal.path.name}.superseded-{now.strftime('%Y%m%dT%H%M%S%fZ')}"
+                )
+                superseded = kept
+                # Renamed once committed, before the recovery's own line starts a new one.
+                self._store.after_commit(conn, lambda: _rename(journal.path, superseded))
+            recovered = AuditEntry(
+                actor,
+                RECOVERED,
+                "audit",
+                now,
+                parameters={
+                    "first_seq": run[0].seq if run else None,
+                    "last_seq": run[-1].seq if run else None,
+                    "certificates": certificates,
+                    "revocations": revocations,
+                    "not_restored": list(not_restored),
+                    "journal": journal.path.name,
+                    "superseded": kept.name if kept else None,
+                    # Still only in the journal: (number, event id) of each.
+                    "outside_chain": [[e.seq, e.event["event_id"]] for e in outside],
+                },
+            )
+            self.record_many(conn, [recovered], past_journal=True)
+        return RecoveryResult(
+            len(rows),
+            certificates,
+            revocations,
+            run[0].seq if run else 0,
+            run[-1].seq if run else 0,
+            not_restored,
+            tuple(event.seq for event in outside),
+        )
+
+    def _chain_run(
+        self, lost: Sequence[AnchoredEvent], head_seq: int, head_mac: str
+    ) -> tuple[list[dict[str, Any]], list[AnchoredEvent]]:
+        """The first lost events that continue the store's chain from its head, as rows
+        (each checked under the audit key)."""
+        rows: list[dict[str, Any]] = []
+        run: list[AnchoredEvent] = []
+        seq, previous = head_seq + 1, head_mac
+        for event in lost:
+            row = event_row(event.event)
+            if event.seq != seq or row["prev_mac"] != previous:
+                break
+            if not self._mac_ok(AuditEventRecord(**row), seq):
+                raise StoreIntegrityError(
+                    f"event {seq} in this host's audit journal does not verify under the "
+                    "audit key; nothing was recovered"
+                )
+            rows.append(row)
+            run.append(event)
+            seq, previous = seq + 1, event.mac
+        return rows, run
+
     def _restore_certificates(
         self, conn: Connection, lost: Sequence[AnchoredEvent]
     ) -> tuple[int, int, tuple[str, ...]]:
@@ -630,9 +845,9 @@ class AuditLog:
     def reanchor(self, actor: Actor, now: datetime) -> AnchorStatus:
         """Give up what the anchor holds beyond the store: the old anchor file is kept
         beside it under another name, and a new one starts from the store's head."""
-        anchor = self._anchor
+        anchor = self._anchor or self._journal
         if anchor is None:
-            raise BadRequestError("only a SQLite store has an audit anchor")
+            raise BadRequestError("an in-memory store has no audit anchor")
         status = self.anchor_status()
         with self._store.write() as conn:
             kept = None
@@ -868,6 +1083,14 @@ class AuditLog:
             return list(self._store.iter_audit_events(conn))
 
 
+def _rename(path: Path, to: Path) -> None:
+    path.rename(to)
+
+
+_REJOURNAL_HINT = (
+    "; move the damaged journal aside (keep it) and run `pkigate audit reanchor --yes` on "
+    "this host to start a new one (audited)"
+)
 _REANCHOR_HINT = (
     "; put back the anchor from a backup, or run `pkigate audit reanchor` to start a new one "
     "from the store's head (audited)"

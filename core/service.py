@@ -96,7 +96,7 @@ class Core:
             sample = store.any_key_blob(conn)
         # A new key-encryption key beside keys sealed under a lost one would open nothing.
         kek = KeyEncryptionKey.load_or_create(data_dir, create=sample is None)
-        audit = AuditLog(store, kek)
+        audit = AuditLog(store, kek, data_dir)
         keys = SoftwareKeyBackend(kek)
         if sample is not None:
             keys.check_kek(sample)

@@ -940,13 +940,28 @@ def audit_recover(state: State) -> None:
     data = dataclasses.asdict(result)
 
     def human() -> str:
-        if not result.events:
+        lines = []
+        if result.events or result.certificates or result.revocations:
+            events = (
+                f"audit events {result.first_seq}..{result.last_seq} ({result.events} events)"
+                if result.events
+                else "no audit events"
+            )
+            lines.append(
+                f"recovered {events}, {result.certificates} certificates, "
+                f"{result.revocations} revocations"
+            )
+        if result.outside_chain:
+            lines.append(
+                f"{len(result.outside_chain)} events of this host could not go back into the "
+                "audit chain (another host's lost event comes before them, or other events "
+                "took their numbers): their certificates and revocations were put back, the "
+                "events stay in this host's journal. Events only other hosts wrote are in "
+                "their journals: run `pkigate audit recover` on each host that wrote to "
+                "this database."
+            )
+        if not lines:
             return "nothing to recover: the store holds every event its audit anchor holds"
-        lines = [
-            f"recovered audit events {result.first_seq}..{result.last_seq} "
-            f"({result.events} events), {result.certificates} certificates, "
-            f"{result.revocations} revocations"
-        ]
         if result.not_restored:
             lines.append(
                 "not restored (their CA is not in the store): " + ", ".join(result.not_restored)

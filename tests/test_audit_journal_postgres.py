@@ -1,0 +1,169 @@
+"""A PostgreSQL store's audit journals: each host keeps the events its processes committed,
+so a store that lost its tail (a failover to a replica that lagged, an older backup put
+back) is refused on the hosts that wrote what was lost, named by `audit verify`, and put
+back by `audit recover` on each of them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from click.testing import CliRunner, Result
+from helpers import ACTOR, Clock, create_root, create_sub, fresh_postgres_database, make_csr
+
+from pkigate.core import Core, IssuanceRequest, Requester, Validity
+from pkigate.core.errors import PkigateError
+from pkigate.gateways.cli import main
+
+JOURNAL = "pkigate-audit-journal.jsonl"  # in each host's data directory
+
+
+@dataclass
+class Hosts:
+    url: str
+    a: Core
+    b: Core
+    ca_id: str
+
+
+@pytest.fixture
+def hosts(postgres_server: str, tmp_path: Path, clock: Clock) -> Iterator[Hosts]:
+    """Two hosts (data directories) on one database, sharing the key-encryption key."""
+    url = fresh_postgres_database(postgres_server)
+    a = Core.open(tmp_path / "a", url, clock=clock)
+    ca_id = create_sub(a, create_root(a)).record.id
+    (tmp_path / "b").mkdir(mode=0o700)
+    shutil.copy2(tmp_path / "a" / "kek", tmp_path / "b" / "kek")
+    b = Core.open(tmp_path / "b", url, clock=clock)
+    yield Hosts(url, a, b, ca_id)
+    a.close()
+    b.close()
+
+
+def _issue(core: Core, ca_id: str, count: int) -> list[str]:
+    return [
+        core.issue(
+            IssuanceRequest(ca_id, make_csr(), Validity.parse("1d"), Requester("tester"))
+        ).serial
+        for _ in range(count)
+    ]
+
+
+def _head(url: str) -> tuple[int, str, str]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT seq, mac, head_mac FROM audit_head").fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1]), str(row[2])
+
+
+def _lose_tail(url: str, head: tuple[int, str, str], serials: list[str]) -> None:
+    """What a replica that lagged at ``head`` lacks: the later events, their certificates."""
+    with psycopg.connect(url) as conn:
+        conn.execute("DELETE FROM certificates WHERE serial = ANY(%s)", (serials,))
+        conn.execute("DELETE FROM audit_events WHERE seq > %s", (head[0],))
+        conn.execute("UPDATE audit_head SET seq = %s, mac = %s, head_mac = %s", head)
+
+
+def _cli(core: Core, url: str, *args: str) -> Result:
+    runner = CliRunner(env={"PKIGATE_DATABASE_URL": None, "PKIGATE_HOME": None})
+    return runner.invoke(main, ["--data-dir", str(core.data_dir), "--database-url", url, *args])
+
+
+def _stored(core: Core, ca_id: str, serials: list[str]) -> bool:
+    with core.store.read() as conn:
+        return all(core.store.get_certificate(conn, ca_id, s) is not None for s in serials)
+
+
+def _journaled_seqs(core: Core) -> set[int]:
+    lines = (core.data_dir / JOURNAL).read_bytes().splitlines()
+    return {json.loads(line.rpartition(b"\t")[0])["event"]["seq"] for line in lines}
+
+
+def test_the_host_whose_events_a_lagging_replica_lacks_is_refused_named_and_recovered(
+    hosts: Hosts,
+) -> None:
+    a, b, ca_id = hosts.a, hosts.b, hosts.ca_id
+    _issue(a, ca_id, 2)
+    _issue(b, ca_id, 2)
+    replica = _head(hosts.url)
+    lost = _issue(b, ca_id, 3)
+    last = _head(hosts.url)[0]
+    assert set(range(replica[0] + 1, last + 1)) <= _journaled_seqs(b)
+    _lose_tail(hosts.url, replica, lost)
+    span = f"audit events {replica[0] + 1}..{last}"
+
+    # Host A wrote none of the lost events: nothing to say, and it keeps serving.
+    a.check_store()
+    assert a.audit.anchor_status().trusted and a.audit.verify().ok
+
+    with pytest.raises(PkigateError, match="behind this host's audit journal") as refused:
+        b.check_store()
+    assert span in refused.value.message
+    assert "(3 issued certificates among them)" in refused.value.message
+    assert "pkigate audit recover" in refused.value.message
+    assert b.audit.anchor_status().message == refused.value.message  # what /readyz says
+    with pytest.raises(PkigateError, match="behind this host's audit journal"):
+        _issue(b, ca_id, 1)  # not written over the lost events' numbers from this host
+
+    verify = _cli(b, hosts.url, "audit", "verify")
+    assert verify.exit_code == 1
+    assert f"event {replica[0] + 1}: truncated: {span}" in verify.stdout, verify.stdout
+
+    recover = _cli(b, hosts.url, "audit", "recover")
+    assert recover.exit_code == 0, recover.stderr
+    assert f"recovered {span}" in recover.stdout and "3 certificates" in recover.stdout
+    again = _cli(b, hosts.url, "audit", "recover")
+    assert again.exit_code == 0 and "nothing to recover" in again.stdout, again.stdout
+    assert _cli(b, hosts.url, "audit", "verify").exit_code == 0
+
+    b.check_store()
+    a.check_store()
+    assert _stored(b, ca_id, lost)
+    recovery = [e for e in b.audit.events() if e.action == "audit.recover"]
+    assert len(recovery) == 1 and json.loads(recovery[0].parameters)["certificates"] == 3
+    assert _issue(b, ca_id, 1) and _issue(a, ca_id, 1)
+    assert a.audit.verify().ok and b.audit.verify().ok
+
+
+def test_lost_events_of_two_hosts_are_recovered_on_each_and_the_certificates_all_come_back(
+    hosts: Hosts,
+) -> None:
+    a, b, ca_id = hosts.a, hosts.b, hosts.ca_id
+    _issue(a, ca_id, 1)
+    replica = _head(hosts.url)
+    first_b = _issue(b, ca_id, 1)
+    lost_a = _issue(a, ca_id, 1)
+    second_b = _issue(b, ca_id, 1)
+    _lose_tail(hosts.url, replica, first_b + lost_a + second_b)
+
+    for host in (a, b):
+        with pytest.raises(PkigateError, match="behind this host's audit journal"):
+            host.check_store()
+
+    # B's first event follows the store's head: back in the chain. Its second comes after
+    # A's: only its certificate goes back, and the recovery says so.
+    on_b = b.audit.recover(ACTOR, b.clock())
+    assert on_b.events >= 1 and on_b.first_seq == replica[0] + 1
+    assert on_b.certificates == 2 and on_b.outside_chain
+    b.check_store()
+
+    # B's recovery took the numbers of A's lost events: A puts back its certificate.
+    with pytest.raises(PkigateError, match="not the store's"):
+        a.check_store()
+    on_a = a.audit.recover(ACTOR, a.clock())
+    assert (on_a.events, on_a.certificates) == (0, 1) and on_a.outside_chain
+    a.check_store()
+    b.check_store()
+
+    assert _stored(a, ca_id, first_b + lost_a + second_b)
+    assert a.audit.verify().ok and b.audit.verify().ok
+    recoveries = [json.loads(e.parameters) for e in a.audit.events() if e.action == "audit.recover"]
+    assert all(r["outside_chain"] and r["superseded"] for r in recoveries)
+    for host in (a, b):  # kept, not deleted: what went back only as certificates
+        assert list(host.data_dir.glob(f"{JOURNAL}.superseded-*"))
+    assert _issue(a, ca_id, 1) and _issue(b, ca_id, 1)
