@@ -14,11 +14,14 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
-from helpers import ACTOR, Clock, create_root, create_sub, fresh_postgres_database, make_csr
+from helpers import ACTOR, fresh_postgres_database, make_csr
 
 from pkigate.core import Core, IssuanceRequest, Requester, Validity
 from pkigate.core.errors import PkigateError
+from pkigate.gateways.app import create_app
 from pkigate.gateways.cli import main
+from pkigate.gateways.config import GatewayConfig, parse_config
+from pkigate.gateways.runtime import Gateway
 
 JOURNAL = "pkigate-audit-journal.jsonl"  # in each host's data directory
 
@@ -31,17 +34,21 @@ class Hosts:
     ca_id: str
 
 
+def _config(data_dir: Path, url: str) -> GatewayConfig:
+    return parse_config(f"data_dir = '{data_dir}'\ndatabase_url = '{url}'")
+
+
 @pytest.fixture
-def hosts(postgres_server: str, tmp_path: Path, clock: Clock) -> Iterator[Hosts]:
+def hosts(postgres_server: str, tmp_path: Path) -> Iterator[Hosts]:
     """Two hosts (data directories) on one database, sharing the key-encryption key."""
     url = fresh_postgres_database(postgres_server)
-    a = Core.open(tmp_path / "a", url, clock=clock)
-    ca_id = create_sub(a, create_root(a)).record.id
+    config = _config(tmp_path / "a", url)
+    first = Gateway.open(config, bootstrap=True)  # what `pkigate serve` does on host A
     (tmp_path / "b").mkdir(mode=0o700)
     shutil.copy2(tmp_path / "a" / "kek", tmp_path / "b" / "kek")
-    b = Core.open(tmp_path / "b", url, clock=clock)
-    yield Hosts(url, a, b, ca_id)
-    a.close()
+    b = Core.open(tmp_path / "b", url)
+    yield Hosts(url, first.core, b, first.ca_ids[config.cas[-1].name])
+    first.close()
     b.close()
 
 
@@ -96,6 +103,13 @@ def test_the_host_whose_events_a_lagging_replica_lacks_is_refused_named_and_reco
     assert set(range(replica[0] + 1, last + 1)) <= _journaled_seqs(b)
     _lose_tail(hosts.url, replica, lost)
     span = f"audit events {replica[0] + 1}..{last}"
+    # Worker processes of one host append without a common lock: lines out of sequence
+    # order, and a last line a crash cut short, are read as they come.
+    journal = b.data_dir / JOURNAL
+    lines = journal.read_bytes().splitlines(keepends=True)
+    shuffled = journal.with_name("shuffled")
+    shuffled.write_bytes(b"".join(reversed(lines)) + b'{"event":{"seq":')
+    shuffled.replace(journal)
 
     # Host A wrote none of the lost events: nothing to say, and it keeps serving.
     a.check_store()
@@ -106,7 +120,13 @@ def test_the_host_whose_events_a_lagging_replica_lacks_is_refused_named_and_reco
     assert span in refused.value.message
     assert "(3 issued certificates among them)" in refused.value.message
     assert "pkigate audit recover" in refused.value.message
-    assert b.audit.anchor_status().message == refused.value.message  # what /readyz says
+    worker = Gateway.open(_config(b.data_dir, hosts.url))  # a worker of `pkigate serve`
+    try:
+        ready = create_app(worker, "http").test_client().get("/readyz")
+        assert ready.status_code == 503
+        assert span in ready.json["error"]["message"]
+    finally:
+        worker.close()
     with pytest.raises(PkigateError, match="behind this host's audit journal"):
         _issue(b, ca_id, 1)  # not written over the lost events' numbers from this host
 
@@ -123,7 +143,13 @@ def test_the_host_whose_events_a_lagging_replica_lacks_is_refused_named_and_reco
 
     b.check_store()
     a.check_store()
+    worker = Gateway.open(_config(b.data_dir, hosts.url))
+    try:
+        assert create_app(worker, "http").test_client().get("/readyz").status_code == 200
+    finally:
+        worker.close()
     assert _stored(b, ca_id, lost)
+    assert journal.read_bytes().endswith(b"\n")  # the torn line was cut off, not continued
     recovery = [e for e in b.audit.events() if e.action == "audit.recover"]
     assert len(recovery) == 1 and json.loads(recovery[0].parameters)["certificates"] == 3
     assert _issue(b, ca_id, 1) and _issue(a, ca_id, 1)
