@@ -92,7 +92,9 @@ class AnchorStatus:
     the next write), ``ok``, ``anchor-behind`` (a crash between the store's commit and the
     anchor's write: caught up at the next write), and the states in which the store is not
     trusted, each with its ``message``: ``store-behind``, ``diverged``, ``missing``,
-    ``corrupt``."""
+    ``corrupt``. PostgreSQL, compared with this host's journal: ``ok``, ``store-behind``
+    (events this host committed are past the store's head), ``diverged`` (other events
+    took their numbers), ``corrupt``."""
 
     state: str
     message: str | None = None
@@ -1035,9 +1037,10 @@ class AuditLog:
                     )
                 )
         anchored = self.anchor_status()
-        if anchored.trusted and self._anchor is not None and self._anchor.exists():
+        anchor = self.anchor
+        if anchored.trusted and anchor is not None and anchor.exists():
             try:
-                for _line in self._anchor.events():  # every line, not only the last
+                for _line in anchor.events():  # every line, not only the last
                     pass
             except AnchorCorruptError as exc:
                 anchored = AnchorStatus("corrupt", exc.message, exc.message)

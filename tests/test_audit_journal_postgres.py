@@ -193,3 +193,15 @@ def test_lost_events_of_two_hosts_are_recovered_on_each_and_the_certificates_all
     for host in (a, b):  # kept, not deleted: what went back only as certificates
         assert list(host.data_dir.glob(f"{JOURNAL}.superseded-*"))
     assert _issue(a, ca_id, 1) and _issue(b, ca_id, 1)
+
+
+def test_a_journal_line_damaged_after_it_was_read_is_named_by_verify(hosts: Hosts) -> None:
+    a = hosts.a
+    _issue(a, hosts.ca_id, 2)
+    assert a.audit.anchor_status().trusted  # read once: readiness reads only what is new
+    journal = a.data_dir / JOURNAL
+    content = journal.read_bytes()
+    with open(journal, "r+b") as handle:  # in place, as a failing disk would
+        handle.write(content.replace(b'"result":"success"', b'"result":"failure"', 1))
+    problems = a.audit.verify().problems
+    assert any("damaged" in p.detail for p in problems), problems
