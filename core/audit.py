@@ -1091,8 +1091,8 @@ def _rename(path: Path, to: Path) -> None:
 
 
 _REJOURNAL_HINT = (
-    "; move the damaged journal aside (keep it) and run `pkigate audit reanchor --yes` on "
-    "this host to start a new one (audited)"
+    "; run `pkigate audit reanchor --yes` on this host to start a new journal (audited; the "
+    "damaged one is kept beside it)"
 )
 _REANCHOR_HINT = (
     "; put back the anchor from a backup, or run `pkigate audit reanchor` to start a new one "

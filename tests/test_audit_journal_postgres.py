@@ -205,3 +205,10 @@ def test_a_journal_line_damaged_after_it_was_read_is_named_by_verify(hosts: Host
         handle.write(content.replace(b'"result":"success"', b'"result":"failure"', 1))
     problems = a.audit.verify().problems
     assert any("damaged" in p.detail for p in problems), problems
+
+    refused = _cli(a, hosts.url, "audit", "verify")  # what a host starting again reads
+    assert refused.exit_code != 0 and "is damaged" in refused.output, refused.output
+    assert _cli(a, hosts.url, "audit", "reanchor", "--yes").exit_code == 0
+    assert list(a.data_dir.glob(f"{JOURNAL}.superseded-*"))  # kept, not deleted
+    assert _cli(a, hosts.url, "audit", "verify").exit_code == 0
+    a.check_store()
