@@ -323,12 +323,7 @@ class AuditLog:
             if not entries and not plan.catch_up:
                 return []
         if self._journal is not None and not past_journal:
-            highest = self._journal_highest()
-            if highest is not None and highest.seq > head_seq:
-                # New events would take the numbers of events this host committed.
-                raise StoreIntegrityError(
-                    self.anchor_status().message or "the store is behind this host's journal"
-                )
+            self._check_journal(conn, head_seq, head_mac)
         rows = []
         for entry in entries:
             head_seq += 1
@@ -449,12 +444,23 @@ class AuditLog:
                 f"({exc.strerror or exc}); the answer is withheld"
             ) from None
 
-    def _journal_highest(self) -> AnchoredEvent | None:
+    def _check_journal(self, conn: Connection, head_seq: int, head_mac: str) -> None:
+        """Refuse to write a store that lost events this host committed: new events would
+        take their numbers, or bury the ones that already did (the alarm would be gone)."""
         assert self._journal is not None
         try:
-            return self._journal.highest()
+            highest = self._journal.highest()
         except AnchorCorruptError as exc:
             raise StoreIntegrityError(exc.message + _REJOURNAL_HINT) from None
+        if highest is None or (highest.seq == head_seq and highest.mac == head_mac):
+            return
+        if highest.seq < head_seq:
+            stored = self._store.audit_event(conn, highest.seq)
+            if stored is None or stored.mac == highest.mac:
+                return
+        raise StoreIntegrityError(
+            self.anchor_status().message or "the store lost events this host committed"
+        )
 
     def _lines_from_store(self, conn: Connection, after_seq: int) -> list[bytes]:
         """Anchor lines for the store's events after ``after_seq``, with their certificates."""

@@ -181,6 +181,8 @@ def test_lost_events_of_two_hosts_are_recovered_on_each_and_the_certificates_all
     # B's recovery took the numbers of A's lost events: A puts back its certificate.
     with pytest.raises(PkigateError, match="not the store's"):
         a.check_store()
+    with pytest.raises(PkigateError, match="not the store's"):
+        _issue(a, ca_id, 1)  # a new event would bury the lost ones: the alarm would be gone
     on_a = a.audit.recover(ACTOR, a.clock())
     assert (on_a.events, on_a.certificates) == (0, 1) and on_a.outside_chain
     a.check_store()
