@@ -49,6 +49,7 @@ from pkigate.gateways.app import create_app
 from pkigate.gateways.auth import Role
 from pkigate.gateways.config import parse_config
 from pkigate.gateways.runtime import Gateway
+from pkigate.scep.authorization import static_challenge_secret_name
 from pkigate.scep.cms import embedded_certificates, load_content_info
 from pkigate.scep.messages import (
     CertRep,
@@ -437,7 +438,9 @@ def _scep_recipient(gateway: Gateway) -> x509.Certificate:
 
 
 def _challenge(gateway: Gateway) -> str:
-    return (gateway.core.data_dir / "scep-scep-challenge").read_text().strip()
+    challenge = gateway.core.secrets.get(static_challenge_secret_name("scep"))
+    assert challenge is not None
+    return challenge
 
 
 def test_scep_answers_a_signer_certificate_with_an_attribute_twice_in_an_rdn_with_bad_request(
