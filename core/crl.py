@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from pkigate.core.der import element as der_element
 from pkigate.core.der import tlv
 from pkigate.core.model import CAPrivateKey
 
@@ -115,27 +116,17 @@ def _time_der(second: str) -> bytes:
     return b"\x18\x0f" + digits.encode() + b"Z"
 
 
-def _element(data: bytes, offset: int) -> tuple[int, int, int]:
-    """(tag, content offset, end offset) of the DER element at ``offset``."""
-    tag, length, start = data[offset], data[offset + 1], offset + 2
-    if length & 0x80:
-        octets = length & 0x7F
-        length = int.from_bytes(data[start : start + octets], "big")
-        start += octets
-    return tag, start, start + length
-
-
 def splice_entries(template_der: bytes, revoked: bytes) -> tuple[bytes, bytes]:
     """(TBSCertList, signatureAlgorithm) of ``template_der`` (a CRL without entries) with
     ``revoked`` inserted after nextUpdate, where RFC 5280 5.1 places revokedCertificates."""
-    _, content, _ = _element(template_der, 0)
-    _, tbs_content, tbs_end = _element(template_der, content)
-    _, _, algorithm_end = _element(template_der, tbs_end)
+    _, content, _ = der_element(template_der, 0)
+    _, tbs_content, tbs_end = der_element(template_der, content)
+    _, _, algorithm_end = der_element(template_der, tbs_end)
     algorithm = template_der[tbs_end:algorithm_end]
     position = tbs_content
     fields: list[tuple[int, int, int]] = []
     while position < tbs_end:
-        tag, _, stop = _element(template_der, position)
+        tag, _, stop = der_element(template_der, position)
         fields.append((tag, position, stop))
         position = stop
     # version, signature, issuer, thisUpdate, nextUpdate, then [0] crlExtensions.

@@ -39,6 +39,7 @@ from cryptography.x509.oid import NameOID
 
 from pkigate.core.audit import AuditLog
 from pkigate.core.authorities import AuthorityService, CASettings, effective_status
+from pkigate.core.der import element as der_element
 from pkigate.core.errors import NotFoundError, PkigateError, StoreUnavailableError
 from pkigate.core.issuance import (
     OCSP_RESPONDER_TEMPLATE,
@@ -188,22 +189,12 @@ def _parse_request(der: bytes) -> _Request:
     )
 
 
-def _der_element(data: bytes, offset: int) -> tuple[int, int, int]:
-    """(tag, content offset, end offset) of the DER element starting at ``offset``."""
-    tag, length, start = data[offset], data[offset + 1], offset + 2
-    if length & 0x80:
-        octets = length & 0x7F
-        length = int.from_bytes(data[start : start + octets], "big")
-        start += octets
-    return tag, start, start + length
-
-
 def _tbs_fields(data: bytes) -> list[tuple[int, int, int, int]]:
     """(tag, element offset, content offset, end) of each field of a TBSCertificate."""
-    _, position, end = _der_element(data, 0)
+    _, position, end = der_element(data, 0)
     fields = []
     while position < end:
-        tag, content, stop = _der_element(data, position)
+        tag, content, stop = der_element(data, position)
         fields.append((tag, position, content, stop))
         position = stop
     return fields
@@ -223,8 +214,8 @@ def issuer_identity(certificate: x509.Certificate) -> tuple[bytes, bytes]:
     # serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo, ...
     _, subject_at, _, subject_end = fields[4]
     _, _, spki_content, _ = fields[5]
-    _, _, algorithm_end = _der_element(tbs, spki_content)
-    tag, bits_start, bits_end = _der_element(tbs, algorithm_end)
+    _, _, algorithm_end = der_element(tbs, spki_content)
+    tag, bits_start, bits_end = der_element(tbs, algorithm_end)
     if tag != 0x03:
         raise ValueError("subjectPublicKeyInfo without a BIT STRING")
     # The first content octet counts unused bits; the key is what follows.
