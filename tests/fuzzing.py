@@ -33,10 +33,9 @@ request valid, the normal answer): never a 5xx; SCEP a CertRep or a 4xx; ACME a
 ``urn:ietf:params:acme:error:*`` problem document with a fresh Replay-Nonce; OCSP an
 OCSPResponse that parses, or a 4xx; the API a JSON error; MS-WSTEP a SOAP answer or fault
 with 400/401/403 (503 would say the directory is down, and it is not), never the content
-of a file. At the end the server must still
-be ready, its log must hold no traceback, every certificate in the store must be one that
-an answer delivered (a SCEP SUCCESS, an API 201, an issued RSTR), and the audit chain
-must verify.
+of a file. At the end the server must still be ready, its log must hold no traceback and no
+worker death, every certificate in the store must be one that an answer delivered (a SCEP
+SUCCESS, an API 201, an issued RSTR), and the audit chain must verify.
 
     .venv/bin/python tests/fuzzing.py [--total N | --iterations N] [--seed S]
         [--database-url URL] [--targets a,b] [--concurrency C]
@@ -1408,13 +1407,19 @@ QUERY_VALUES = (
 def check_server_and_store(
     server: RunningServer, results: Results, database_url: str | None = None
 ) -> None:
-    """After the run: ready, no traceback in the log, the store holds exactly what was
-    delivered (beyond what the server made for itself), the audit chain verifies."""
+    """After the run: ready, no worker death and no traceback in the log, the store holds
+    exactly what was delivered (beyond what the server made for itself), the audit chain
+    verifies."""
     ready = requests.get(f"{server.http_url}/readyz", timeout=TIMEOUT)
     if ready.status_code != 200:
         results.store_problems.append(f"/readyz answered {ready.status_code} after the run")
     errors: Counter[str] = Counter()
     for line in server.log.read_text(errors="replace").splitlines():
+        # The arbiter reports a worker that died ("was sent SIGKILL", "exited with code"),
+        # was killed at its timeout, or failed to boot.
+        if "Worker (pid:" in line or "WORKER TIMEOUT" in line or "Worker failed to boot" in line:
+            results.store_problems.append(f"a worker died: {line[:200]}")
+            continue
         if "Traceback (most recent call last)" not in line:
             continue
         try:
