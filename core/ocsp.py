@@ -86,6 +86,11 @@ RETRY_REFUSED_SECONDS = 300.0
 RETRY_CLAIMED_SECONDS = 5.0
 # Cached responses are replaced when less than this share of their validity remains.
 REFRESH_REMAINING_FRACTION = 1 / 10
+# thisUpdate is set this far before the moment of signing. A relying party compares it
+# with its own idea of "now" (pyhanko-certvalidator takes that moment before it fetches,
+# with a one-second tolerance): a client whose clock runs a little behind ours, or one that
+# waited on a busy responder, would otherwise hold a response "from the future" and drop it.
+THIS_UPDATE_ALLOWANCE = timedelta(seconds=60)
 REQUESTER = Requester("system:ocsp", "ocsp")
 ACTOR = REQUESTER.actor
 
@@ -365,7 +370,7 @@ class OCSPResponder:
         if responder is None:
             return TRY_LATER
         state = found.certificate
-        this_update = now.replace(microsecond=0)
+        this_update = now.replace(microsecond=0) - THIS_UPDATE_ALLOWANCE
         next_update = this_update + timedelta(
             seconds=authority.settings.ocsp_response_validity_seconds
         )
