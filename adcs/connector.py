@@ -68,6 +68,7 @@ _STATUS = {
     "requestDenied": 403,
     "directoryUnavailable": 503,
     "caNotPublished": 503,
+    "keyUnavailable": 503,
     "issuanceFailed": 400,
     "payloadTooLarge": 413,
 }
@@ -552,7 +553,12 @@ def _fault_for(refusal: EnrollmentRefused, request_id: str | None = None) -> soa
     reason = f"{refusal.code}: {refusal.message}"
     if refusal.code in _AUTHENTICATION_CODES:
         return soap.SoapFault("Sender", "wsse:FailedAuthentication", reason)
-    unavailable = refusal.code in ("directoryUnavailable", "caNotPublished", STORE_UNAVAILABLE)
+    unavailable = refusal.code in (
+        "directoryUnavailable",
+        "caNotPublished",
+        "keyUnavailable",
+        STORE_UNAVAILABLE,
+    )
     return soap.SoapFault(
         "Receiver" if unavailable else "Sender",
         None,

@@ -45,6 +45,7 @@ from pkigate.core import Actor, IssuedCertificate, Requester, Validity
 from pkigate.core.errors import (
     BadCSRError,
     ConflictError,
+    KeyBackendError,
     NotFoundError,
     PkigateError,
     StoreUnavailableError,
@@ -438,6 +439,8 @@ class AdcsService:
                 )
             raise
         except PkigateError as exc:
+            # An unreachable CA key (its token away) is the server's problem, retried later.
+            code = "keyUnavailable" if isinstance(exc, KeyBackendError) else "issuanceFailed"
             with self.core.store.write() as conn:
                 adcs_store.settle_request(
                     conn,
@@ -449,7 +452,7 @@ class AdcsService:
                     decided_by=decided_by,
                 )
             # The core audited its refusal.
-            raise EnrollmentRefused("issuanceFailed", exc.message, audited=True) from exc
+            raise EnrollmentRefused(code, exc.message, audited=True) from exc
         log.info(
             "AD-style certificate issued",
             extra={

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -29,9 +30,8 @@ from pkigate.core.errors import (
     PkigateError,
     PolicyViolationError,
 )
-from pkigate.core.keys import KeyBackend
+from pkigate.core.keys import KeyBackends, KeyStorage
 from pkigate.core.model import (
-    CAPrivateKey,
     CAStatus,
     CAType,
     CertificateStatus,
@@ -42,8 +42,11 @@ from pkigate.core.model import (
     ValidityType,
 )
 from pkigate.core.names import NamePolicy, check_dn, format_dn
+from pkigate.core.signing import CASigningKey, sign_certificate, sign_csr
 from pkigate.core.store import CARecord, CertificateRecord, Store
 from pkigate.core.templates import key_usage_extension
+
+log = logging.getLogger(__name__)
 
 MAX_HIERARCHY_DEPTH = 5
 RESTORE_DAYS_MIN, RESTORE_DAYS_MAX = 7, 30
@@ -198,6 +201,7 @@ class CASpec:
     path_length: int | None = None
     settings: CASettings = field(default_factory=CASettings)
     tags: Mapping[str, str] = field(default_factory=dict)
+    key_storage: KeyStorage = KeyStorage.SOFTWARE
 
     def fingerprint(self) -> str:
         return hashlib.sha256(
@@ -213,6 +217,7 @@ class CASpec:
                     self.path_length,
                     self.settings,
                     sorted(self.tags.items()),
+                    self.key_storage,
                 )
             ).encode()
         ).hexdigest()
@@ -225,6 +230,9 @@ class CAView:
     record: CARecord
     tags: Mapping[str, str]
     status: CAStatus
+    key_storage: str = KeyStorage.SOFTWARE.value
+    # Where on the token the key is (token_label, label, id): PKCS#11 keys only.
+    token_key: Mapping[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         r = self.record
@@ -252,6 +260,8 @@ class CAView:
             if r.certificate_der
             else None,
             "tags": dict(self.tags),
+            "key_storage": self.key_storage,
+            "token_key": dict(self.token_key) if self.token_key else None,
         }
 
 
@@ -264,7 +274,7 @@ class SigningMaterial:
     key_algorithm: KeyAlgorithm
     signing_algorithm: SigningAlgorithm
     usage_mode: UsageMode
-    private_key: CAPrivateKey
+    private_key: CASigningKey  # a software key, or a handle on a token key
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]  # this CA first, then its issuers up to the root
     path_length: int | None
@@ -391,7 +401,7 @@ def check_idempotency_token(token: str | None) -> None:
 
 class AuthorityService:
     def __init__(
-        self, store: Store, keys: KeyBackend, audit: AuditLog, clock: Callable[[], datetime]
+        self, store: Store, keys: KeyBackends, audit: AuditLog, clock: Callable[[], datetime]
     ) -> None:
         self._store = store
         self._keys = keys
@@ -416,13 +426,27 @@ class AuthorityService:
             if record is None:
                 raise NotFoundError(f"no CA with id {ca_id}")
             tags = self._store.tags_of(conn, ca_id)
-        return CAView(record, tags, effective_status(record, self._clock()))
+            return self._view(conn, record, tags, self._clock())
+
+    def _view(
+        self, conn: Connection, record: CARecord, tags: Mapping[str, str], now: datetime
+    ) -> CAView:
+        entry = self._store.key_entry(conn, record.key_id)
+        backend, blob = entry if entry is not None else (KeyStorage.SOFTWARE.value, None)
+        reference = self._keys.reference(blob)
+        return CAView(
+            record,
+            tags,
+            effective_status(record, now),
+            key_storage=backend,
+            token_key=reference.to_json() if reference else None,
+        )
 
     def list_cas(self, status: CAStatus | None = None) -> list[CAView]:
         now = self._clock()
         with self._store.read() as conn:
             views = [
-                CAView(r, self._store.tags_of(conn, r.id), effective_status(r, now))
+                self._view(conn, r, self._store.tags_of(conn, r.id), now)
                 for r in self._store.list_cas(conn)
             ]
         return [v for v in views if status is None or v.status == status]
@@ -458,6 +482,7 @@ class AuthorityService:
     def _validate_spec(self, spec: CASpec, now: datetime) -> SigningAlgorithm:
         signing = spec.signing_algorithm or SigningAlgorithm.default_for(spec.key_algorithm)
         signing.check_key(spec.key_algorithm)
+        self._keys.check_storage(spec.key_storage)
         if not len(spec.subject):
             raise BadRequestError("a CA needs a subject with at least one attribute")
         check_dn(spec.subject)
@@ -484,7 +509,7 @@ class AuthorityService:
             if token:
                 self._claim_token(conn, token, spec, ca_id, now)
             self._store.insert_key(
-                conn, key_id, self._keys.name, spec.key_algorithm.value, None, now
+                conn, key_id, spec.key_storage.value, spec.key_algorithm.value, None, now
             )
             self._store.insert_ca(
                 conn,
@@ -504,7 +529,12 @@ class AuthorityService:
             )
             self._store.set_tags(conn, ca_id, spec.tags)
         try:
-            blob = self._keys.generate(key_id, spec.key_algorithm)
+            blob = self._keys.generate(
+                key_id,
+                spec.key_algorithm,
+                spec.key_storage,
+                f"pkigate CA {format_dn(spec.subject)}",
+            )
             key = self._keys.load(key_id, blob)
             with self._store.write() as conn:
                 self._store.set_key_blob(conn, key_id, blob)
@@ -549,6 +579,7 @@ class AuthorityService:
             "usage_mode": spec.usage_mode.value,
             "parent": spec.parent_ca_id,
             "key_id": key_id,
+            "key_storage": spec.key_storage.value,
             "key_use": key_use,
             "tags": dict(spec.tags),
         }
@@ -601,7 +632,7 @@ class AuthorityService:
         key_id: str,
         spec: CASpec,
         signing: SigningAlgorithm,
-        key: CAPrivateKey,
+        key: CASigningKey,
         actor: Actor,
         now: datetime,
     ) -> None:
@@ -631,7 +662,7 @@ class AuthorityService:
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False
             )
         )
-        certificate = builder.sign(key, signing.hash_algorithm())
+        certificate = sign_certificate(builder, key, signing.hash_algorithm())
         with self._store.write() as conn:
             self._store.update_ca(
                 conn,
@@ -656,7 +687,7 @@ class AuthorityService:
                 },
             )
 
-    def _make_csr(self, spec: CASpec, signing: SigningAlgorithm, key: CAPrivateKey) -> bytes:
+    def _make_csr(self, spec: CASpec, signing: SigningAlgorithm, key: CASigningKey) -> bytes:
         builder = (
             x509.CertificateSigningRequestBuilder()
             .subject_name(spec.subject)
@@ -664,7 +695,7 @@ class AuthorityService:
                 x509.BasicConstraints(ca=True, path_length=spec.path_length), critical=True
             )
         )
-        csr = builder.sign(key, signing.hash_algorithm())
+        csr = sign_csr(builder, key, signing.hash_algorithm())
         return csr.public_bytes(serialization.Encoding.DER)
 
     def _sign_by_parent(
@@ -756,6 +787,79 @@ class AuthorityService:
                     "not_after": certificate.not_valid_after_utc,
                 },
             )
+
+    def import_token_ca(
+        self,
+        certificate_data: bytes,
+        chain_data: bytes | None,
+        token_label: str | None,
+        token_id: bytes | None,
+        actor: Actor,
+        tags: Mapping[str, str] | None = None,
+    ) -> CAView:
+        """A CA whose certificate was made elsewhere and whose key already sits on the
+        configured token (found by CKA_LABEL or CKA_ID): bring your own root, say, whose
+        key lives in an HSM. The key must sign what the certificate's public key verifies;
+        the store keeps only the reference."""
+        now = self._clock()
+        tags = dict(tags or {})
+        with self._audit.refusals(actor, "ca.import", "ca/-", now):
+            check_tags(tags)
+            certificates = load_certificates(certificate_data)
+            if len(certificates) != 1:
+                raise InvalidCertificateError("give exactly one CA certificate (the chain apart)")
+            certificate = certificates[0]
+            chain = load_certificates(chain_data)
+            self_signed = certificate.issuer == certificate.subject and not chain
+            if not self_signed and not chain:
+                raise InvalidCertificateError("the chain up to the root is required")
+            validate_ca_chain(certificate, chain, now)
+            key_algorithm = KeyAlgorithm.of_key(certificate.public_key())
+            blob = self._keys.adopt(certificate, token_label, token_id)
+            ca_id, key_id = str(uuid.uuid4()), uuid.uuid4().hex
+            signing = SigningAlgorithm.default_for(key_algorithm)
+            with self._store.write() as conn:
+                self._store.insert_key(
+                    conn, key_id, KeyStorage.PKCS11.value, key_algorithm.value, blob, now
+                )
+                self._store.insert_ca(
+                    conn,
+                    id=ca_id,
+                    type=(CAType.ROOT if self_signed else CAType.SUBORDINATE).value,
+                    status=CAStatus.ACTIVE.value,
+                    key_id=key_id,
+                    key_algorithm=key_algorithm.value,
+                    signing_algorithm=signing.value,
+                    usage_mode=UsageMode.GENERAL_PURPOSE.value,
+                    subject=format_dn(certificate.subject),
+                    subject_der=certificate.subject.public_bytes(),
+                    parent_id=None,
+                    settings=CASettings().to_json(),
+                    certificate_der=certificate.public_bytes(serialization.Encoding.DER),
+                    chain_pem=_pem(chain),
+                    not_before=certificate.not_valid_before_utc,
+                    not_after=certificate.not_valid_after_utc,
+                    created_at=now,
+                    updated_at=now,
+                )
+                self._store.set_tags(conn, ca_id, tags)
+                reference = self._keys.reference(blob)
+                assert reference is not None
+                self._audit.record(
+                    conn,
+                    actor,
+                    "ca.import",
+                    f"ca/{ca_id}",
+                    at=now,
+                    parameters={
+                        "subject": format_dn(certificate.subject),
+                        "serial": format(certificate.serial_number, "x"),
+                        "key_id": key_id,
+                        "key_storage": KeyStorage.PKCS11.value,
+                        "token_key": reference.to_json(),
+                    },
+                )
+        return self.describe(ca_id)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -962,25 +1066,36 @@ class AuthorityService:
         return settled
 
     def purge_expired_deletions(self, actor: Actor) -> list[str]:
-        """Destroy the keys of CAs whose restore window has ended; returns their ids."""
+        """Destroy the keys of CAs whose restore window has ended; returns their ids.
+
+        A key on a token is destroyed there first; while the token cannot be reached (or
+        this process has none configured) the CA waits for a later purge, its reference
+        kept, so that no token object is left behind unaccounted for."""
         now = self._clock()
         purged = []
         with self._store.write() as conn:
             for record in self._store.list_cas(conn, status=CAStatus.DELETED.value):
                 if record.restore_until is None or record.restore_until > now:
                     continue
-                if self._store.key_blob(conn, record.key_id) is None:
+                blob = self._store.key_blob(conn, record.key_id)
+                if blob is None:
+                    continue
+                try:
+                    on_token = self._keys.destroy(record.key_id, blob)
+                except KeyBackendError as exc:
+                    log.warning(
+                        "cannot destroy a deleted CA's key yet",
+                        extra={"ca_id": record.id, "reason": exc.message},
+                    )
                     continue
                 key_ids = [record.key_id, *self._store.responder_key_ids(conn, record.id)]
                 for key_id in key_ids:
                     self._store.destroy_key(conn, key_id, now)
+                parameters: dict[str, Any] = {"key_ids": key_ids}
+                if on_token is not None:
+                    parameters["token_key"] = on_token.to_json()
                 self._audit.record(
-                    conn,
-                    actor,
-                    "ca.key.destroy",
-                    f"ca/{record.id}",
-                    at=now,
-                    parameters={"key_ids": key_ids},
+                    conn, actor, "ca.key.destroy", f"ca/{record.id}", at=now, parameters=parameters
                 )
                 purged.append(record.id)
         for record_id in purged:
@@ -1012,7 +1127,7 @@ class AuthorityService:
 
     # -- signing -------------------------------------------------------------------------
 
-    def _load_key(self, record: CARecord) -> CAPrivateKey:
+    def _load_key(self, record: CARecord) -> CASigningKey:
         with self._store.read() as conn:
             blob = self._store.key_blob(conn, record.key_id)
         if not blob:

@@ -18,11 +18,10 @@ from collections.abc import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from pkigate.core.der import element as der_element
 from pkigate.core.der import tlv
-from pkigate.core.model import CAPrivateKey
+from pkigate.core.signing import CASigningKey, assemble, signature
 
 _SEQUENCE = 0x30
 _UTC_TIME = 0x17
@@ -141,14 +140,10 @@ def splice_entries(template_der: bytes, revoked: bytes) -> tuple[bytes, bytes]:
 def sign_tbs(
     tbs: bytes,
     algorithm: bytes,
-    key: CAPrivateKey,
+    key: CASigningKey,
     hash_algorithm: hashes.SHA256 | hashes.SHA384 | hashes.SHA512,
 ) -> bytes:
-    """CertificateList: ``tbs`` signed by ``key`` as ``algorithm`` (the template's
-    signatureAlgorithm, which ``cryptography`` chose for this key and hash)."""
-    if isinstance(key, rsa.RSAPrivateKey):
-        signature = key.sign(tbs, padding.PKCS1v15(), hash_algorithm)
-    else:
-        signature = key.sign(tbs, ec.ECDSA(hash_algorithm))
-    bits = tlv(0x03, b"\x00", signature)
-    return _header(_SEQUENCE, len(tbs) + len(algorithm) + len(bits)) + tbs + algorithm + bits
+    """CertificateList: ``tbs`` signed by ``key`` (in software or on a token) as
+    ``algorithm`` (the template's signatureAlgorithm, which ``cryptography`` chose for
+    this key's family and hash)."""
+    return assemble(tbs, algorithm, signature(key, tbs, hash_algorithm))

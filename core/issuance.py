@@ -47,6 +47,7 @@ from pkigate.core.names import NamePolicy, format_dn, format_general_name
 from pkigate.core.passthrough import ApiPassthrough
 from pkigate.core.policy import check_contents, check_public_key, compute_validity
 from pkigate.core.readable import check_readable
+from pkigate.core.signing import sign_certificate
 from pkigate.core.store import CertificateRecord, Store
 from pkigate.core.templates import Template, TemplateCatalogue, TemplateKind, resolve_contents
 
@@ -342,15 +343,19 @@ class Issuer:
             raise PolicyViolationError("the certificate would carry an extension twice")
         # Built in one step from the extension list: add_extension copies the builder and
         # re-checks every extension each time, a cost per certificate for nothing.
-        certificate = x509.CertificateBuilder(
-            issuer_name=issuer.name,
-            subject_name=contents.subject,
-            public_key=public_key,
-            serial_number=x509.random_serial_number(),
-            not_valid_before=window.not_before,
-            not_valid_after=window.not_after,
-            extensions=extensions,
-        ).sign(material.private_key, signing_algorithm.hash_algorithm())
+        certificate = sign_certificate(
+            x509.CertificateBuilder(
+                issuer_name=issuer.name,
+                subject_name=contents.subject,
+                public_key=public_key,
+                serial_number=x509.random_serial_number(),
+                not_valid_before=window.not_before,
+                not_valid_after=window.not_after,
+                extensions=extensions,
+            ),
+            material.private_key,
+            signing_algorithm.hash_algorithm(),
+        )
         der = certificate.public_bytes(serialization.Encoding.DER)
         serial = format(certificate.serial_number, "x")
         subject = format_dn(contents.subject)

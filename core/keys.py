@@ -6,8 +6,13 @@ PKCS#8 DER sealed with AES-256-GCM under a key-encryption key (KEK) the operator
 data directory, created on first use. The sealed blob is what the store keeps; the key id
 is bound into the ciphertext as associated data so a blob cannot be swapped between CAs.
 
-A PKCS#11 backend implements the same :class:`KeyBackend` protocol and stores a token
-label as its blob instead of key material.
+A CA's key may instead be generated on a PKCS#11 token (:mod:`pkigate.core.pkcs11`),
+chosen per CA (:class:`KeyStorage`); the store then keeps a reference to it. Keys of the
+connectors (SCEP RA, OCSP responders) are always software keys. :class:`KeyBackends`
+routes each key to the backend that holds it.
+
+:class:`Sealer` is the one sealed-blob format (magic, KEK id, nonce, AES-GCM with the
+blob's name as associated data) for CA keys here and for the store's shared secrets.
 """
 
 from __future__ import annotations
@@ -21,22 +26,31 @@ import os
 import secrets
 import stat
 import threading
+from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from pkigate.core.errors import KeyBackendError
+from pkigate.core.errors import BadRequestError, KeyBackendError
 from pkigate.core.model import CAPrivateKey, KeyAlgorithm
+from pkigate.core.signing import CASigningKey
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from pkigate.core.pkcs11 import Pkcs11Backend, TokenReference
 
 KEK_ENV = "PKIGATE_KEK"
 KEK_FILE = "kek"
-_BLOB_MAGIC = b"PKG1"
 _KEK_ID_LEN = 8
 _NONCE_LEN = 12
+# What a token key's reference in the store starts with (pkigate.core.pkcs11), known here
+# without importing the PKCS#11 binding where no token is configured.
+TOKEN_REFERENCE_MAGIC = b"PKCS11:"
 
 
 class KeyEncryptionKey:
@@ -101,16 +115,57 @@ class KeyEncryptionKey:
             raise KeyBackendError(f"{path} must hold 32 bytes as 64 hex digits or base64") from None
 
 
+class Sealer:
+    """AES-256-GCM under one subkey of the KEK: ``magic``, the KEK's id, a nonce, then
+    the ciphertext, with ``aad_prefix`` + the blob's name as associated data (a blob
+    cannot be moved to another name)."""
+
+    def __init__(self, kek: KeyEncryptionKey, purpose: bytes, magic: bytes, aad_prefix: bytes):
+        self._kek = kek
+        self._aead = AESGCM(kek.derive(purpose))
+        self.magic = magic
+        self._aad_prefix = aad_prefix
+
+    def seal(self, name: str, plain: bytes) -> bytes:
+        nonce = os.urandom(_NONCE_LEN)
+        sealed = self._aead.encrypt(nonce, plain, self._aad_prefix + name.encode("utf-8"))
+        return self.magic + self._kek.key_id + nonce + sealed
+
+    def sealed_kek_id(self, blob: bytes) -> bytes | None:
+        """The id of the KEK ``blob`` was sealed under; None if it is not such a blob."""
+        if not blob.startswith(self.magic):
+            return None
+        return blob[len(self.magic) : len(self.magic) + _KEK_ID_LEN]
+
+    def kek_matches(self, blob: bytes) -> bool:
+        kek_id = self.sealed_kek_id(blob)
+        return kek_id is not None and hmac.compare_digest(kek_id, self._kek.key_id)
+
+    def unseal(self, name: str, blob: bytes, what: str) -> bytes:
+        """The plaintext; KeyBackendError naming ``what`` if another KEK sealed it or
+        it was altered."""
+        kek_id = self.sealed_kek_id(blob)
+        if kek_id is None or not hmac.compare_digest(kek_id, self._kek.key_id):
+            mine = self._kek.key_id.hex()
+            found = f" ({kek_id.hex()}, this process has {mine})" if kek_id else ""
+            raise KeyBackendError(f"{what} was sealed under another key-encryption key{found}")
+        nonce_at = len(self.magic) + _KEK_ID_LEN
+        nonce = blob[nonce_at : nonce_at + _NONCE_LEN]
+        try:
+            return self._aead.decrypt(
+                nonce, blob[nonce_at + _NONCE_LEN :], self._aad_prefix + name.encode("utf-8")
+            )
+        except InvalidTag:
+            raise KeyBackendError(f"{what} failed its integrity check") from None
+
+
 class KeyBackend(Protocol):
     """Where CA private keys live. The store keeps only the opaque ``blob`` it returns."""
 
     name: str
 
-    def generate(self, key_id: str, algorithm: KeyAlgorithm) -> bytes:
-        """Create a key and return the blob by which this backend finds it again."""
-
-    def load(self, key_id: str, blob: bytes) -> CAPrivateKey:
-        """The private key, usable by ``cryptography`` builders for signing."""
+    def load(self, key_id: str, blob: bytes) -> CASigningKey:
+        """The key, to sign with through :mod:`pkigate.core.signing`."""
 
 
 class SoftwareKeyBackend:
@@ -120,7 +175,7 @@ class SoftwareKeyBackend:
 
     def __init__(self, kek: KeyEncryptionKey) -> None:
         self._kek = kek
-        self._aead = AESGCM(kek.derive(b"pkigate ca-key sealing v1"))
+        self._sealer = Sealer(kek, b"pkigate ca-key sealing v1", b"PKG1", b"pkigate-ca-key:")
         self._cache: dict[str, CAPrivateKey] = {}
         self._lock = threading.Lock()
 
@@ -137,17 +192,15 @@ class SoftwareKeyBackend:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        nonce = os.urandom(_NONCE_LEN)
-        sealed = self._aead.encrypt(nonce, der, _aad(key_id))
-        return _BLOB_MAGIC + self._kek.key_id + nonce + sealed
+        return self._sealer.seal(key_id, der)
+
+    def holds(self, blob: bytes) -> bool:
+        return blob.startswith(self._sealer.magic)
 
     def check_kek(self, blob: bytes) -> None:
         """Refuse to run with a KEK other than the one this blob was sealed under."""
-        if not blob.startswith(_BLOB_MAGIC):
-            return
-        header = len(_BLOB_MAGIC)
-        kek_id = blob[header : header + _KEK_ID_LEN]
-        if not hmac.compare_digest(kek_id, self._kek.key_id):
+        kek_id = self._sealer.sealed_kek_id(blob)
+        if kek_id is not None and not self._sealer.kek_matches(blob):
             raise KeyBackendError(
                 f"the CA keys here were sealed under another key-encryption key "
                 f"({kek_id.hex()}; this process has {self._kek.key_id.hex()}): set "
@@ -158,21 +211,9 @@ class SoftwareKeyBackend:
         cached = self._cache.get(key_id)
         if cached is not None:
             return cached
-        if not blob.startswith(_BLOB_MAGIC):
+        if not self.holds(blob):
             raise KeyBackendError(f"key {key_id} is not a sealed software key")
-        header = len(_BLOB_MAGIC)
-        kek_id = blob[header : header + _KEK_ID_LEN]
-        if not hmac.compare_digest(kek_id, self._kek.key_id):
-            raise KeyBackendError(
-                f"key {key_id} was sealed under another key-encryption key "
-                f"({kek_id.hex()}, this process has {self._kek.key_id.hex()})"
-            )
-        nonce_at = header + _KEK_ID_LEN
-        nonce = blob[nonce_at : nonce_at + _NONCE_LEN]
-        try:
-            der = self._aead.decrypt(nonce, blob[nonce_at + _NONCE_LEN :], _aad(key_id))
-        except InvalidTag:
-            raise KeyBackendError(f"key {key_id} failed its integrity check") from None
+        der = self._sealer.unseal(key_id, blob, f"key {key_id}")
         key = serialization.load_der_private_key(der, password=None)
         if not isinstance(key, CAPrivateKey):
             raise KeyBackendError(f"key {key_id} is a {type(key).__name__}, not a CA key type")
@@ -186,5 +227,72 @@ class SoftwareKeyBackend:
             self._cache.pop(key_id, None)
 
 
-def _aad(key_id: str) -> bytes:
-    return b"pkigate-ca-key:" + key_id.encode()
+class KeyStorage(StrEnum):
+    """Where a CA's key is generated and kept (the store's key backend column)."""
+
+    SOFTWARE = "software"
+    PKCS11 = "pkcs11"
+
+
+class KeyBackends:
+    """The software backend for every key, and the PKCS#11 token for the CA keys kept
+    there (None when this process has no ``[pkcs11]`` configuration)."""
+
+    def __init__(self, software: SoftwareKeyBackend, token: Pkcs11Backend | None) -> None:
+        self.software = software
+        self.token = token
+
+    def _token(self) -> Pkcs11Backend:
+        if self.token is None:
+            raise KeyBackendError(
+                "this CA's key is on a PKCS#11 token, and no [pkcs11] token is configured "
+                "here (the gateway configuration's [pkcs11] table; --config for the CLI)"
+            )
+        return self.token
+
+    def check_storage(self, storage: KeyStorage) -> None:
+        """Refuse, before anything is stored, a storage this process cannot use."""
+        if storage == KeyStorage.PKCS11 and self.token is None:
+            raise BadRequestError(
+                "key_storage pkcs11 needs a [pkcs11] token in the gateway configuration"
+            )
+
+    def generate(
+        self, key_id: str, algorithm: KeyAlgorithm, storage: KeyStorage, label: str
+    ) -> bytes:
+        if storage == KeyStorage.PKCS11:
+            return self._token().generate(key_id, algorithm, label)
+        return self.software.generate(key_id, algorithm)
+
+    def adopt(
+        self, certificate: x509.Certificate, label: str | None, token_id: bytes | None
+    ) -> bytes:
+        return self._token().adopt(certificate, label, token_id)
+
+    def load(self, key_id: str, blob: bytes) -> CASigningKey:
+        if self.software.holds(blob):
+            return self.software.load(key_id, blob)
+        if blob.startswith(TOKEN_REFERENCE_MAGIC):
+            return self._token().load(key_id, blob)
+        raise KeyBackendError(f"key {key_id} is held by no backend this process knows")
+
+    def reference(self, blob: bytes | None) -> TokenReference | None:
+        """Where on the token a key is (None for a software or destroyed key)."""
+        if blob is None or not blob.startswith(TOKEN_REFERENCE_MAGIC):
+            return None
+        from pkigate.core.pkcs11 import TokenReference
+
+        return TokenReference.from_blob(blob)
+
+    def destroy(self, key_id: str, blob: bytes) -> TokenReference | None:
+        """Destroy what holds the key outside the store: the token's objects (raises
+        KeyBackendError if the token cannot be reached); a software key is only in the
+        store, whose blob the caller drops."""
+        self.software.forget(key_id)
+        if blob.startswith(TOKEN_REFERENCE_MAGIC):
+            return self._token().destroy(blob)
+        return None
+
+    def close(self) -> None:
+        if self.token is not None:
+            self.token.close()

@@ -47,7 +47,7 @@ from pkigate.core.issuance import (
     IssuedCertificate,
     Requester,
 )
-from pkigate.core.keys import KeyBackend
+from pkigate.core.keys import SoftwareKeyBackend
 from pkigate.core.model import (
     CAPrivateKey,
     CAStatus,
@@ -287,7 +287,7 @@ class OCSPResponder:
         self,
         store: Store,
         authorities: AuthorityService,
-        keys: KeyBackend,
+        keys: SoftwareKeyBackend,
         audit: AuditLog,
         issue: Callable[[IssuanceRequest], IssuedCertificate],
         clock: Callable[[], datetime],

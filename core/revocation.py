@@ -38,6 +38,7 @@ from pkigate.core.errors import (
 )
 from pkigate.core.jobs import JobHandler, JobQueue
 from pkigate.core.model import CAStatus, CertificateStatus, RevocationReason
+from pkigate.core.signing import builder_key
 from pkigate.core.store import CertificateRecord, CRLRecord, IntegrityError, Store
 from pkigate.core.store import ocsp as ocsp_store
 
@@ -414,7 +415,7 @@ def sign_crl(
         last_update=this_update,
         next_update=next_update,
         extensions=extensions,
-    ).sign(material.private_key, hash_algorithm)
+    ).sign(builder_key(material.private_key), hash_algorithm)
     revoked_der, count = crl_der.revoked_certificates(revoked, _REASON_EXTENSIONS)
     tbs, algorithm = crl_der.splice_entries(
         template.public_bytes(serialization.Encoding.DER), revoked_der

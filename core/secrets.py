@@ -9,23 +9,14 @@ first process to need one creates it for all.
 
 from __future__ import annotations
 
-import hmac
-import os
 from collections.abc import Callable
 from datetime import datetime
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from pkigate.core.audit import Actor, AuditLog
-from pkigate.core.errors import KeyBackendError
-from pkigate.core.keys import KeyEncryptionKey
+from pkigate.core.keys import KeyEncryptionKey, Sealer
 from pkigate.core.store import Store
 from pkigate.core.store import secrets as secrets_store
 
-_MAGIC = b"PKS1"
-_KEK_ID_LEN = 8
-_NONCE_LEN = 12
 SECRET_NAME_MAX = 256
 
 
@@ -36,8 +27,7 @@ class SharedSecrets:
         self, store: Store, kek: KeyEncryptionKey, audit: AuditLog, clock: Callable[[], datetime]
     ) -> None:
         self._store = store
-        self._kek = kek
-        self._aead = AESGCM(kek.derive(b"pkigate shared-secret sealing v1"))
+        self._sealer = Sealer(kek, b"pkigate shared-secret sealing v1", b"PKS1", b"pkigate-secret:")
         self._audit = audit
         self._clock = clock
 
@@ -65,26 +55,8 @@ class SharedSecrets:
         return self._unseal(name, sealed)
 
     def _seal(self, name: str, value: str) -> bytes:
-        nonce = os.urandom(_NONCE_LEN)
-        sealed = self._aead.encrypt(nonce, value.encode("utf-8"), _aad(name))
-        return _MAGIC + self._kek.key_id + nonce + sealed
+        return self._sealer.seal(name, value.encode("utf-8"))
 
     def _unseal(self, name: str, blob: bytes) -> str:
-        header = len(_MAGIC)
-        kek_id = blob[header : header + _KEK_ID_LEN]
-        if not blob.startswith(_MAGIC) or not hmac.compare_digest(kek_id, self._kek.key_id):
-            raise KeyBackendError(
-                f"the secret {name} was sealed under another key-encryption key: every host "
-                f"sharing this store needs the same one"
-            )
-        nonce_at = header + _KEK_ID_LEN
-        nonce = blob[nonce_at : nonce_at + _NONCE_LEN]
-        try:
-            plain = self._aead.decrypt(nonce, blob[nonce_at + _NONCE_LEN :], _aad(name))
-        except InvalidTag:
-            raise KeyBackendError(f"the secret {name} failed its integrity check") from None
-        return plain.decode("utf-8")
-
-
-def _aad(name: str) -> bytes:
-    return b"pkigate-secret:" + name.encode("utf-8")
+        # Every host sharing this store needs the same key-encryption key.
+        return self._sealer.unseal(name, blob, f"the secret {name}").decode("utf-8")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 
@@ -16,7 +17,7 @@ from pkigate.core.authorities import AuthorityService
 from pkigate.core.errors import StoreIntegrityError
 from pkigate.core.issuance import IssuanceRequest, IssuedCertificate, Issuer, Requester
 from pkigate.core.jobs import JobQueue
-from pkigate.core.keys import KeyEncryptionKey, SoftwareKeyBackend
+from pkigate.core.keys import KeyBackends, KeyEncryptionKey, SoftwareKeyBackend
 from pkigate.core.model import Validity
 from pkigate.core.ocsp import OCSPResponder
 from pkigate.core.revocation import RevocationService
@@ -24,9 +25,20 @@ from pkigate.core.secrets import SharedSecrets
 from pkigate.core.store import Store, sqlite_url
 from pkigate.core.templates import TemplateCatalogue
 
+if TYPE_CHECKING:
+    from pkigate.core.pkcs11 import Pkcs11Backend, Pkcs11Settings
+
 DATA_DIR_ENV = "PKIGATE_HOME"
 _MAX_CHECK_REPORT = 300
 DATABASE_URL_ENV = "PKIGATE_DATABASE_URL"
+
+
+def _token_backend(settings: Pkcs11Settings | None) -> Pkcs11Backend | None:
+    if settings is None:
+        return None
+    from pkigate.core.pkcs11 import Pkcs11Backend
+
+    return Pkcs11Backend(settings)
 
 
 def default_data_dir() -> Path:
@@ -64,6 +76,7 @@ class Core:
     revocation: RevocationService
     ocsp: OCSPResponder
     secrets: SharedSecrets
+    keys: KeyBackends
 
     @classmethod
     def open(
@@ -73,11 +86,13 @@ class Core:
         clock: Callable[[], datetime] = utc_now,
         *,
         signing_margin_bytes: int | None = None,
+        pkcs11: Pkcs11Settings | None = None,
     ) -> Core:
         """Open (creating on first use) the data directory and database.
 
         ``signing_margin_bytes``: the free space a SQLite store's filesystem must have for
-        the CA key to sign (see ``store/space.py``)."""
+        the CA key to sign (see ``store/space.py``). ``pkcs11``: the token that holds the
+        keys of CAs with ``key_storage`` pkcs11 (opened on first use, in this process)."""
         data_dir = (data_dir or default_data_dir()).resolve()
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         url = (
@@ -97,15 +112,17 @@ class Core:
         # A new key-encryption key beside keys sealed under a lost one would open nothing.
         kek = KeyEncryptionKey.load_or_create(data_dir, create=sample is None)
         audit = AuditLog(store, kek, data_dir)
-        keys = SoftwareKeyBackend(kek)
+        software = SoftwareKeyBackend(kek)
         if sample is not None:
-            keys.check_kek(sample)
+            software.check_kek(sample)
+        keys = KeyBackends(software, _token_backend(pkcs11))
         authorities = AuthorityService(store, keys, audit, clock)
         templates = TemplateCatalogue()
         issuer = Issuer(store, authorities, templates, audit, clock)
         jobs = JobQueue(store, clock)
         revocation = RevocationService(store, authorities, audit, jobs, clock)
-        ocsp = OCSPResponder(store, authorities, keys, audit, issuer.issue, clock)
+        # Responder keys are software keys, whatever holds the CA's.
+        ocsp = OCSPResponder(store, authorities, software, audit, issuer.issue, clock)
         secrets = SharedSecrets(store, kek, audit, clock)
         core = cls(
             data_dir,
@@ -119,6 +136,7 @@ class Core:
             revocation,
             ocsp,
             secrets,
+            keys,
         )
         authorities.subordinate_signer = core._sign_subordinate
         return core
@@ -131,6 +149,7 @@ class Core:
         return self.issuer.issue(request)
 
     def close(self) -> None:
+        self.keys.close()
         self.ocsp.close()
         self.audit.close()
         self.store.close()

@@ -44,6 +44,7 @@ from pkigate.core import (
 )
 from pkigate.core.audit import render_report, report_rows
 from pkigate.core.errors import BadRequestError, NotAuthorizedError, NotFoundError, PkigateError
+from pkigate.core.keys import KeyStorage
 from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
@@ -389,6 +390,12 @@ CA_CREATE_FIELDS = (
         {"type": "string", "enum": enum_values(KeyAlgorithm), "default": "EC_prime256v1"},
     ),
     Field(
+        "key_storage",
+        "software (sealed under the KEK) or pkcs11 (generated on the gateway's [pkcs11] "
+        "token, never leaving it)",
+        {"type": "string", "enum": enum_values(KeyStorage), "default": "software"},
+    ),
+    Field(
         "signing_algorithm",
         "Default: SHA-2 of the key's size with the key's family",
         {"type": "string", "enum": enum_values(SigningAlgorithm)},
@@ -448,6 +455,7 @@ def create_ca(body: dict[str, Any]) -> Response:
         path_length=body.get("path_length"),
         settings=checked_settings(body.get("settings")),
         tags=checked_tags(body.get("tags") or {}, "tags"),
+        key_storage=KeyStorage(body["key_storage"]),
     )
     view = gateway().core.authorities.create(spec, actor(), body.get("idempotency_token"))
     return reply(view.to_json(), 201, url_for(".getCA", ca_id=view.record.id))

@@ -65,6 +65,11 @@ def readyz() -> Response:
             gw.core.authorities.signing_material(ca_id, gw.core.clock())
         except PkigateError as exc:
             problems.append(f"ca {name}: {exc.message}")
+    if gw.core.keys.token is not None:
+        try:
+            gw.core.keys.token.check()
+        except PkigateError as exc:
+            problems.append(f"pkcs11: {exc.message}")
     if problems:
         return error_response(503, "notReady", "; ".join(problems))
     return Response('{"status":"ready"}', mimetype="application/json")

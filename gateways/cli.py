@@ -45,6 +45,7 @@ from pkigate.core import (
 )
 from pkigate.core.audit import render_report, report_rows
 from pkigate.core.errors import BadRequestError, NotFoundError, PkigateError, StoreIntegrityError
+from pkigate.core.keys import KeyStorage
 from pkigate.core.model import RevocationReason, parse_enum
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
@@ -84,10 +85,23 @@ class State:
         self.config_path: Path | None = None  # the gateway configuration (`scep` verbs)
         self._core: Core | None = None
 
+    def _open_core(self) -> Core:
+        """The core, with the configuration's [pkcs11] token if one is named (for CAs
+        whose keys are on it)."""
+        pkcs11 = None
+        if self.config_path is not None:
+            from pkigate.gateways.config import ConfigError, load_config
+
+            try:
+                pkcs11 = load_config(self.config_path).pkcs11
+            except ConfigError as exc:
+                raise BadRequestError(str(exc)) from None
+        return Core.open(self.data_dir, self.database_url, pkcs11=pkcs11)
+
     @property
     def core(self) -> Core:
         if self._core is None:
-            self._core = Core.open(self.data_dir, self.database_url)
+            self._core = self._open_core()
             self._core.authorities.purge_expired_deletions(self.actor)
             self._core.authorities.settle_interrupted_creations(self.actor)
         return self._core
@@ -97,7 +111,7 @@ class State:
         """The core without the housekeeping writes: the audit verbs must open a store
         that is behind its anchor (where every write is refused) to say so or repair it."""
         if self._core is None:
-            self._core = Core.open(self.data_dir, self.database_url)
+            self._core = self._open_core()
         return self._core
 
     @property
@@ -271,8 +285,11 @@ def _ca_line(data: dict[str, Any]) -> str:
 
 def _ca_details(data: dict[str, Any]) -> str:
     lines = [
-        f"{key + ':':<20}{value}" for key, value in data.items() if key not in ("settings", "tags")
+        f"{key + ':':<20}{value}"
+        for key, value in data.items()
+        if key not in ("settings", "tags", "token_key")
     ]
+    lines += [f"{'token ' + k + ':':<20}{v}" for k, v in (data.get("token_key") or {}).items()]
     lines += [f"{'tag ' + k + ':':<20}{v}" for k, v in data["tags"].items()]
     lines += [f"{k + ':':<20}{v}" for k, v in data["settings"].items() if v not in (None, False)]
     return "\n".join(lines)
@@ -321,8 +338,18 @@ def _parse_duration(text: str) -> timedelta:
 
 
 @main.group()
-def ca() -> None:
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="PKIGATE_CONFIG",
+    help="The server's TOML configuration: its [pkcs11] token holds the keys of CAs "
+    "created with --key-storage pkcs11.",
+)
+@pass_state
+def ca(state: State, config_path: Path | None) -> None:
     """Create and manage certificate authorities."""
+    state.config_path = config_path
 
 
 def _choices(values: Sequence[Any]) -> click.Choice[str]:
@@ -334,6 +361,14 @@ def _choices(values: Sequence[Any]) -> click.Choice[str]:
 @click.option("--subject", required=True, help='RFC 4514 DN, e.g. "CN=Example Root,O=Example"')
 @click.option(
     "--key-algorithm", type=_choices(list(KeyAlgorithm)), default="EC_prime256v1", show_default=True
+)
+@click.option(
+    "--key-storage",
+    type=_choices(list(KeyStorage)),
+    default="software",
+    show_default=True,
+    help="software: sealed under the KEK; pkcs11: generated on the [pkcs11] token of "
+    "--config, never leaving it.",
 )
 @click.option(
     "--signing-algorithm",
@@ -369,6 +404,7 @@ def ca_create(
     ca_type: str,
     subject: str,
     key_algorithm: str,
+    key_storage: str,
     signing_algorithm: str | None,
     usage_mode: str,
     validity: str | None,
@@ -406,6 +442,7 @@ def ca_create(
             "type": ca_type,
             "subject": subject,
             "key_algorithm": key_algorithm,
+            "key_storage": key_storage,
             "signing_algorithm": signing_algorithm,
             "usage_mode": usage_mode,
             "validity": validity,
@@ -431,8 +468,54 @@ def ca_create(
             path_length=path_length,
             settings=CASettings.from_json(settings_json()),
             tags=_key_values(tags, "--tag"),
+            key_storage=KeyStorage(key_storage),
         )
     _emit_ca(state, state.core.authorities.create(spec, state.actor, idempotency_token))
+
+
+@ca.command("import-token-key")
+@click.option(
+    "--certificate",
+    "certificate_path",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="The CA certificate (PEM or DER), made elsewhere for the key on the token.",
+)
+@click.option(
+    "--chain",
+    "chain_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Its issuers up to the root (PEM); none for a self-signed root.",
+)
+@click.option("--label", help="The private key's CKA_LABEL on the token.")
+@click.option("--id", "token_id", help="The private key's CKA_ID on the token, in hex.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
+@pass_state
+@reports_errors
+def ca_import_token_key(
+    state: State,
+    certificate_path: str,
+    chain_path: str | None,
+    label: str | None,
+    token_id: str | None,
+    tags: tuple[str, ...],
+) -> None:
+    """Make a CA of a certificate whose key already sits on the [pkcs11] token of --config
+    (bring your own root or issuing CA whose key is in an HSM). The key must match the
+    certificate; the store keeps only where it is on the token."""
+    try:
+        id_bytes = bytes.fromhex(token_id) if token_id else None
+    except ValueError:
+        raise BadRequestError(f"--id must be hex, not {token_id!r}") from None
+    view = state.core.authorities.import_token_ca(
+        Path(certificate_path).read_bytes(),
+        Path(chain_path).read_bytes() if chain_path else None,
+        label,
+        id_bytes,
+        state.actor,
+        _key_values(tags, "--tag"),
+    )
+    _emit_ca(state, view)
 
 
 @ca.command("list")

@@ -17,11 +17,17 @@ Example (every key optional; without a file `pkigate serve` runs the embedded de
     tls_from_ca = "issuing"           # or tls_certificate / tls_key files
     public_http_url = "http://pki.example.com"    # what goes into CDP/AIA URLs
 
+    [pkcs11]                          # a token for CA keys (key_storage = "pkcs11")
+    module = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label = "pkigate"
+    pin_env = "PKIGATE_PKCS11_PIN"    # or pin_file = "/etc/pkigate/pin" (mode 0600)
+
     [[cas]]
     name = "root"
     type = "ROOT"
     subject = "CN=Example Root"
     key_algorithm = "EC_secp384r1"
+    key_storage = "pkcs11"            # generated on the token; default "software"
 
     [[cas]]
     name = "issuing"
@@ -52,8 +58,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pkigate.core.keys import KeyStorage
 from pkigate.core.model import CAType, KeyAlgorithm, SigningAlgorithm, UsageMode, Validity
 from pkigate.core.names import parse_dn
+from pkigate.core.pkcs11 import Pkcs11Settings
 
 DEFAULT_HTTP = "127.0.0.1:8080"
 DEFAULT_HTTPS = "127.0.0.1:8443"
@@ -103,6 +111,7 @@ class CAConfig:
     path_length: int | None = None
     validity: Validity | None = None
     publish_revocation: bool = True
+    key_storage: KeyStorage = KeyStorage.SOFTWARE
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,7 @@ class GatewayConfig:
     listeners: Listeners = field(default_factory=Listeners)
     cas: tuple[CAConfig, ...] = ()
     connectors: tuple[ConnectorConfig, ...] | None = None  # None: every installed type
+    pkcs11: Pkcs11Settings | None = None
     source: str = "embedded default"
 
 
@@ -293,8 +303,10 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
             "listeners",
             "cas",
             "connectors",
+            "pkcs11",
         ],
     )
+    pkcs11 = _parse_pkcs11(reader, data)
     listeners_data = data.get("listeners", {})
     if not isinstance(listeners_data, dict):
         raise reader.error("listeners", "must be a table")
@@ -349,6 +361,11 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
             raise reader.error(
                 f"cas[{i}].parent", f"{ca.parent!r} is not a CA defined before this one"
             )
+    for i, ca in enumerate(cas):
+        if ca.key_storage == KeyStorage.PKCS11 and pkcs11 is None:
+            raise reader.error(
+                f"cas[{i}].key_storage", "pkcs11 needs a [pkcs11] table naming the token"
+            )
     cas = cas or default_cas()
     names = [c.name for c in cas]
     if listeners.tls_from_ca and listeners.tls_from_ca not in names:
@@ -395,7 +412,32 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
         listeners=listeners,
         cas=cas,
         connectors=connectors,
+        pkcs11=pkcs11,
         source=source,
+    )
+
+
+def _parse_pkcs11(reader: _Reader, data: Mapping[str, Any]) -> Pkcs11Settings | None:
+    """The ``[pkcs11]`` table: the token, never its PIN (from ``pin_env`` or the 0600
+    ``pin_file``, read when the token is opened)."""
+    if "pkcs11" not in data:
+        return None
+    table = data["pkcs11"]
+    if not isinstance(table, dict):
+        raise reader.error("pkcs11", "must be a table")
+    reader.table(table, "pkcs11", ["module", "token_label", "pin_env", "pin_file"])
+    module = reader.string(table, "module", "pkcs11.module", required=True) or ""
+    if not Path(module).is_absolute():
+        raise reader.error("pkcs11.module", f"must be an absolute path, not {module!r}")
+    pin_env = reader.string(table, "pin_env", "pkcs11.pin_env")
+    pin_file = reader.string(table, "pin_file", "pkcs11.pin_file")
+    if (pin_env is None) == (pin_file is None):
+        raise reader.error("pkcs11", "set exactly one of pin_env and pin_file")
+    return Pkcs11Settings(
+        module=Path(module),
+        token_label=reader.string(table, "token_label", "pkcs11.token_label", required=True) or "",
+        pin_env=pin_env,
+        pin_file=Path(pin_file) if pin_file else None,
     )
 
 
@@ -422,6 +464,7 @@ def _parse_ca(reader: _Reader, item: dict[str, Any], index: int) -> CAConfig:
             "path_length",
             "validity",
             "publish_revocation",
+            "key_storage",
         ],
     )
     name = reader.string(item, "name", f"{where}.name", required=True) or ""
@@ -466,6 +509,9 @@ def _parse_ca(reader: _Reader, item: dict[str, Any], index: int) -> CAConfig:
         else None,
         validity=parsed_validity,
         publish_revocation=bool(item.get("publish_revocation", True)),
+        key_storage=reader.choice(
+            item, "key_storage", f"{where}.key_storage", KeyStorage, KeyStorage.SOFTWARE
+        ),
     )
 
 

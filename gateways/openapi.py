@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from pkigate.core.audit import REPORT_FIELDS
+from pkigate.core.keys import KeyStorage
 from pkigate.core.model import (
     CAStatus,
     CAType,
@@ -324,6 +325,26 @@ _CA: dict[str, JSON] = {
     "settings": ref("CASettings"),
     "serial": {**_OPTIONAL_STRING, "description": "The CA certificate's serial (hex)"},
     "tags": _STRING_MAP,
+    "key_storage": {
+        "type": "string",
+        "enum": enum_values(KeyStorage),
+        "description": "software: sealed under the KEK in the store; pkcs11: on the token",
+    },
+    "token_key": {
+        "oneOf": [
+            {"type": "null"},
+            {
+                "type": "object",
+                "description": "Where the key is on the PKCS#11 token (the store keeps only this)",
+                "properties": {
+                    "token_label": _STRING,
+                    "label": {**_STRING, "description": "The key's CKA_LABEL"},
+                    "id": {**_STRING, "description": "The key's CKA_ID, hex"},
+                },
+                "required": ["token_label", "label", "id"],
+            },
+        ]
+    },
 }
 
 _CERTIFICATE: dict[str, JSON] = {

@@ -64,12 +64,16 @@ class Gateway:
     def open(cls, config: GatewayConfig, *, bootstrap: bool = False) -> Gateway:
         """Open the core; with ``bootstrap``, check the store (StoreIntegrityError) and
         create what the configuration names."""
-        core = Core.open(config.data_dir, config.database_url)
+        core = Core.open(config.data_dir, config.database_url, pkcs11=config.pkcs11)
         if bootstrap:
             # Before anything is created or written: a damaged store, or one behind its
             # audit anchor, is not served (the error says what was lost and what to do).
             try:
                 core.check_store()
+                if core.keys.token is not None:
+                    # A wrong PIN, a missing module or an absent token: one line at start
+                    # (this process execs into the arbiter: its session goes with it).
+                    core.keys.token.check()
             except BaseException:
                 core.close()
                 raise
@@ -112,6 +116,7 @@ class Gateway:
                     parent_ca_id=ids[ca.parent] if ca.parent else None,
                     path_length=ca.path_length,
                     tags={CONFIG_NAME_TAG: ca.name},
+                    key_storage=ca.key_storage,
                 ),
                 SYSTEM,
             )

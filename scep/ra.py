@@ -118,7 +118,8 @@ class RegistrationAuthority:
         if self._ca_decrypts:
             key = material.private_key
             if not isinstance(key, rsa.RSAPrivateKey):
-                raise ValueError("ca_decrypts needs a CA with an RSA key")
+                # A token key signs only: it never decrypts SCEP's envelopes.
+                raise ValueError("ca_decrypts needs a CA with an RSA key kept in software")
             return Signer(
                 material.certificate,
                 key,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import Clock, create_root, create_sub, fresh_postgres_database
+from softhsm import softhsm  # noqa: F401 - the SoftHSM2 token fixture, for every test
 
 from pkigate.core import CAView, Core
 

@@ -325,10 +325,21 @@ class Store:
             select(schema.ca_keys.c.blob).where(schema.ca_keys.c.id == key_id)
         ).scalar_one_or_none()
 
+    def key_entry(self, conn: Connection, key_id: str) -> tuple[str, bytes | None] | None:
+        """(backend, blob) of a key: its blob is None once destroyed."""
+        row = conn.execute(
+            select(schema.ca_keys.c.backend, schema.ca_keys.c.blob).where(
+                schema.ca_keys.c.id == key_id
+            )
+        ).one_or_none()
+        return None if row is None else (row[0], row[1])
+
     def any_key_blob(self, conn: Connection) -> bytes | None:
-        """One live sealed key, to check the key-encryption key against at start-up."""
+        """One live sealed key, to check the key-encryption key against at start-up (a
+        token key's reference is not sealed)."""
+        keys = schema.ca_keys.c
         return conn.execute(
-            select(schema.ca_keys.c.blob).where(schema.ca_keys.c.blob.is_not(None)).limit(1)
+            select(keys.blob).where(keys.blob.is_not(None), keys.backend != "pkcs11").limit(1)
         ).scalar_one_or_none()
 
     def responder_key_ids(self, conn: Connection, ca_id: str) -> list[str]:
