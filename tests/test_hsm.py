@@ -4,15 +4,17 @@ used there for everything a CA signs, never in the store or the data directory."
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from helpers import ACTOR, Clock, create_root, create_sub, make_csr
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
@@ -20,10 +22,23 @@ from softhsm import SoftHsm, private_key_objects
 from sqlalchemy import select
 from test_ocsp import enable_ocsp, ocsp_request, signed_by_responder
 
-from pkigate.core import CASettings, CAView, Core, IssuanceRequest, Requester, Validity
+from pkigate.core import (
+    CASettings,
+    CASpec,
+    CAStatus,
+    CAType,
+    CAView,
+    Core,
+    IssuanceRequest,
+    Requester,
+    Validity,
+)
+from pkigate.core.errors import BadRequestError, InvalidCertificateError, KeyBackendError
 from pkigate.core.keys import KeyStorage
 from pkigate.core.model import KeyAlgorithm, RevocationReason
-from pkigate.core.pkcs11 import TokenReference
+from pkigate.core.names import parse_dn
+from pkigate.core.pkcs11 import Pkcs11Backend, TokenKey, TokenReference, TokenUnavailableError
+from pkigate.core.signing import sign_certificate
 from pkigate.core.store import schema
 
 PKCS11 = KeyStorage.PKCS11
@@ -231,3 +246,177 @@ def _pem_blocks(data: bytes) -> list[bytes]:
 
 def _pem_private(block: bytes) -> ec.EllipticCurvePrivateKey:
     return serialization.load_pem_private_key(block, password=None)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [KeyAlgorithm.EC_prime256v1, KeyAlgorithm.EC_secp521r1, KeyAlgorithm.RSA_2048],
+)
+def test_a_root_of_each_family_is_generated_on_the_token_and_self_signed(
+    hsm_core: Core, softhsm: SoftHsm, algorithm: KeyAlgorithm
+) -> None:
+    root = create_root(hsm_core, f"Family {algorithm}", key_algorithm=algorithm, key_storage=PKCS11)
+    certificate = ca_certificate(hsm_core, root)
+    certificate.verify_directly_issued_by(certificate)
+    assert KeyAlgorithm.of_key(certificate.public_key()) == algorithm
+    assert root.token_key is not None and root.token_key["label"] in private_key_objects(
+        softhsm.objects()
+    )
+
+
+def test_a_subordinate_for_a_parent_elsewhere_has_a_csr_signed_on_the_token(
+    hsm_core: Core, tmp_path: Path
+) -> None:
+    """Bring your own parent: the CSR carries the token key and verifies; the certificate
+    the parent signs is imported and the CA issues with the token key."""
+    pending = hsm_core.authorities.create(
+        CASpec(CAType.SUBORDINATE, parse_dn("CN=BYO Parent Sub"), key_storage=PKCS11), ACTOR
+    )
+    csr = x509.load_pem_x509_csr(hsm_core.authorities.csr_pem(pending.record.id).encode())
+    assert csr.is_signature_valid
+    assert pending.token_key is not None
+    reference = hsm_core.keys.reference(_key_blob(hsm_core, pending))
+    assert reference is not None
+    assert _spki(csr.public_key()) == reference.public_key_der
+    # The parent: an ordinary software root of another pkigate.
+    parent_core = Core.open(tmp_path / "parent")
+    parent = create_root(parent_core, "Outside Root")
+    signed = parent_core.issue(
+        IssuanceRequest(
+            parent.record.id,
+            csr.public_bytes(serialization.Encoding.PEM),
+            Validity.parse("1y"),
+            Requester("test"),
+            template="SubordinateCACertificate_PathLen0/V1",
+        )
+    )
+    parent_core.close()
+    hsm_core.authorities.import_certificate(
+        pending.record.id,
+        signed.certificate.public_bytes(serialization.Encoding.PEM),
+        signed.chain_pem().encode(),
+        ACTOR,
+    )
+    leaf = issue_leaf(hsm_core, pending)
+    parent_certificate = x509.load_pem_x509_certificate(signed.chain_pem().encode())
+    openssl_verify(tmp_path, parent_certificate, leaf, signed.certificate)
+
+
+def test_an_existing_token_key_is_imported_by_label_or_id_for_its_certificate(
+    hsm_core: Core, softhsm: SoftHsm, tmp_path: Path
+) -> None:
+    """Bring your own root whose key is in the HSM: the key made with pkcs11-tool, the
+    root certificate signed with it outside pkigate's CA code, then imported by label
+    (and again by id); a certificate for another key is refused."""
+    softhsm.tool(
+        "--keypairgen", "--key-type", "EC:prime256v1", "--label", "byo-root", "--id", "0b0e"
+    )
+    softhsm.tool(
+        "--read-object", "--type", "pubkey", "--id", "0b0e", "-o", str(tmp_path / "pub.der")
+    )
+    public_der = (tmp_path / "pub.der").read_bytes()
+    token = hsm_core.keys.token
+    assert token is not None
+    outside = TokenKey(
+        token, TokenReference(softhsm.token_label, "byo-root", b"\x0b\x0e", public_der)
+    )
+    subject = parse_dn("CN=BYO HSM Root")
+    ski = x509.SubjectKeyIdentifier.from_public_key(outside.public_key())
+    root_certificate = sign_certificate(
+        x509.CertificateBuilder(
+            issuer_name=subject,
+            subject_name=subject,
+            public_key=outside.public_key(),
+            serial_number=x509.random_serial_number(),
+            not_valid_before=datetime.now(UTC) - timedelta(minutes=5),
+            not_valid_after=datetime.now(UTC) + timedelta(days=365),
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(ski, False),
+        outside,
+        hashes.SHA256(),
+    )
+    root_pem = pem(root_certificate)
+    by_label = hsm_core.authorities.import_token_ca(root_pem, None, "byo-root", None, ACTOR)
+    assert by_label.key_storage == "pkcs11"
+    assert by_label.token_key == {
+        "token_label": softhsm.token_label,
+        "label": "byo-root",
+        "id": "0b0e",
+    }
+    leaf = issue_leaf(hsm_core, by_label)
+    openssl_verify(tmp_path, root_certificate, leaf)
+    by_id = hsm_core.authorities.import_token_ca(root_pem, None, None, b"\x0b\x0e", ACTOR)
+    assert by_id.token_key is not None and by_id.token_key["label"] == "byo-root"
+
+    other = create_root(hsm_core, "Other Root")  # a software key: not the token's
+    with pytest.raises(InvalidCertificateError, match="does not belong"):
+        hsm_core.authorities.import_token_ca(
+            pem(ca_certificate(hsm_core, other)), None, "byo-root", None, ACTOR
+        )
+    with pytest.raises(BadRequestError, match="no private key with label 'absent'"):
+        hsm_core.authorities.import_token_ca(root_pem, None, "absent", None, ACTOR)
+
+
+def test_purging_a_deleted_ca_destroys_its_token_objects_audited(
+    hsm_core: Core, softhsm: SoftHsm, clock: Clock
+) -> None:
+    root = create_root(hsm_core, "Purged Root", key_storage=PKCS11)
+    assert root.token_key is not None
+    label = root.token_key["label"]
+    assert label in private_key_objects(softhsm.objects())
+    hsm_core.authorities.update_status(root.record.id, CAStatus.DISABLED, ACTOR)
+    hsm_core.authorities.delete(root.record.id, 7, ACTOR)
+    assert hsm_core.authorities.purge_expired_deletions(ACTOR) == []  # within the window
+    assert label in private_key_objects(softhsm.objects())
+    clock.advance(timedelta(days=8))
+    assert hsm_core.authorities.purge_expired_deletions(ACTOR) == [root.record.id]
+    listing = softhsm.objects()
+    assert label not in listing and root.token_key["id"] not in listing
+    (event,) = [e for e in hsm_core.audit.events() if e.action == "ca.key.destroy"]
+    assert json.loads(event.parameters)["token_key"] == root.token_key
+    assert hsm_core.authorities.describe(root.record.id).token_key is None
+
+
+def test_a_wrong_pin_a_missing_module_or_token_is_one_clear_error(
+    tmp_path: Path, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WRONG_PIN", "000000")
+    cases = [
+        (softhsm.settings(pin_env="WRONG_PIN"), "the PIN of PKCS#11 token 'pkigate-test' is wrong"),
+        (
+            softhsm.settings(module=Path("/nonexistent/libpkcs11.so")),
+            "the PKCS#11 module /nonexistent/libpkcs11.so does not exist",
+        ),
+        (softhsm.settings(token_label="absent"), "no PKCS#11 token labelled 'absent'"),
+        (softhsm.settings(pin_env="UNSET_PIN"), "UNSET_PIN is empty"),
+    ]
+    for settings, message in cases:
+        backend = Pkcs11Backend(settings)
+        with pytest.raises(TokenUnavailableError, match=re.escape(message)):
+            backend.check()
+    # A CA whose key is on a token this process cannot open: issuance is refused with
+    # the same error (a 503 in every front-end), nothing is issued.
+    good = Core.open(tmp_path / "data", pkcs11=softhsm.settings())
+    issuing = create_root(good, "Refusing Root", key_storage=PKCS11)
+    good.close()
+    wrong = Core.open(tmp_path / "data", pkcs11=softhsm.settings(pin_env="WRONG_PIN"))
+    with pytest.raises(TokenUnavailableError, match="is wrong"):
+        issue_leaf(wrong, issuing)
+    wrong.close()
+    without = Core.open(tmp_path / "data")
+    with pytest.raises(KeyBackendError, match="no \\[pkcs11\\] token is configured"):
+        issue_leaf(without, issuing)
+    with pytest.raises(BadRequestError, match="needs a \\[pkcs11\\] token"):
+        create_root(without, "No Token Root", key_storage=PKCS11)
+    without.close()
+
+
+def _key_blob(core: Core, view: CAView) -> bytes:
+    with core.store.read() as conn:
+        blob = core.store.key_blob(conn, view.record.key_id)
+    assert blob is not None
+    return blob
