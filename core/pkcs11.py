@@ -76,8 +76,14 @@ _PUBLIC_TEMPLATE = {
     Attribute.ENCRYPT: False,
     Attribute.WRAP: False,
 }
-# Errors after which the session is gone and a new one may work (the token was pulled and
-# put back, the library restarted); anything else is reported as it is.
+class _KeyNotFound(p11.PKCS11Error):
+    """A CA key missing from the session's view of the token: looked for once more on a
+    new session (a token put back is seen only by one), then reported."""
+
+
+# Errors after which the session (or an object handle) is gone and a new one may work:
+# the token was pulled and put back, the library restarted. Anything else is reported as
+# it is.
 _RECONNECT_AFTER = (
     p11.DeviceRemoved,
     p11.DeviceError,
@@ -85,7 +91,12 @@ _RECONNECT_AFTER = (
     p11.TokenNotRecognised,
     p11.SessionClosed,
     p11.SessionHandleInvalid,
+    p11.ObjectHandleInvalid,
+    p11.KeyHandleInvalid,
+    p11.UserNotLoggedIn,
+    p11.SlotIDInvalid,
     p11.GeneralError,
+    _KeyNotFound,
 )
 
 
@@ -180,6 +191,10 @@ class TokenKey:
     def sign(self, data: bytes, hash_algorithm: HashAlgorithm) -> bytes:
         return self._backend.sign(self.reference, data, hash_algorithm)
 
+    def check(self) -> None:
+        """Whether the key can be used now (``/readyz``)."""
+        self._backend.check_key(self.reference)
+
 
 class Pkcs11Backend:
     """CA keys on the configured token."""
@@ -191,6 +206,7 @@ class Pkcs11Backend:
         self._session: Any = None
         self._keys: dict[bytes, Any] = {}  # CKA_ID -> private key object, per session
         self._lock = threading.Lock()
+        self._lost = False  # the last session failed: initialise the library afresh
         os.register_at_fork(after_in_child=self._drop_after_fork)
 
     def _drop_after_fork(self) -> None:
@@ -204,13 +220,18 @@ class Pkcs11Backend:
 
     # -- the session -----------------------------------------------------------------------
 
-    def _open(self) -> Any:
+    def _open(self, reinitialize: bool) -> Any:
+        """A logged-in session. ``reinitialize`` after the token went away: the library
+        is finalised and initialised again, since a library may keep no longer valid
+        slots until then (SoftHSM does)."""
         settings = self.settings
         if not settings.module.exists():
             raise TokenUnavailableError(f"the PKCS#11 module {settings.module} does not exist")
         try:
             library = pkcs11.lib(str(settings.module))
-            if self._forked:  # initialised by the parent: this process initialises its own
+            # After a fork the library was initialised by the parent: this process
+            # initialises its own.
+            if self._forked or reinitialize:
                 library.reinitialize()
                 self._forked = False
             token = library.get_token(token_label=settings.token_label)
@@ -238,12 +259,18 @@ class Pkcs11Backend:
         with self._lock:
             for attempt in (1, 2):
                 if self._session is None:
-                    self._session = self._open()
+                    reinitialize = self._lost or attempt == 2
+                    self._lost = True  # until this open succeeds
+                    self._session = self._open(reinitialize)
+                    self._lost = False
                     self._keys = {}
                 try:
                     return operation(self._session)
                 except _RECONNECT_AFTER as exc:
                     self._session = None
+                    self._lost = True
+                    if attempt == 2 and isinstance(exc, _KeyNotFound):
+                        raise TokenUnavailableError(str(exc)) from None
                     if attempt == 2:
                         raise TokenUnavailableError(
                             f"PKCS#11 token {self.settings.token_label!r} is unavailable: "
@@ -258,6 +285,15 @@ class Pkcs11Backend:
     def check(self) -> None:
         """Open (or keep) the session: raises TokenUnavailableError saying why not."""
         self._use(lambda session: None)
+
+    def check_key(self, reference: TokenReference) -> None:
+        """The key is on the token now (looked up afresh): TokenUnavailableError if not."""
+
+        def find(session: Any) -> None:
+            self._keys.pop(reference.id, None)
+            self._key(session, reference)
+
+        self._use(find)
 
     def close(self) -> None:
         with self._lock:
@@ -366,19 +402,23 @@ class Pkcs11Backend:
         public_key = reference.public_key()
 
         def sign(session: Any) -> bytes:
-            key = self._keys.get(reference.id)
-            if key is None:
-                try:
-                    key = session.get_key(ObjectClass.PRIVATE_KEY, id=reference.id)
-                except p11.NoSuchKey:
-                    raise TokenUnavailableError(
-                        f"the CA key {reference.label!r} (id {reference.id.hex()}) is not on "
-                        f"PKCS#11 token {reference.token_label!r}"
-                    ) from None
-                self._keys[reference.id] = key
-            return _sign_with(key, public_key, data, hash_algorithm)
+            return _sign_with(self._key(session, reference), public_key, data, hash_algorithm)
 
         return self._use(sign)
+
+    def _key(self, session: Any, reference: TokenReference) -> Any:
+        """The private key object (found once per session)."""
+        key = self._keys.get(reference.id)
+        if key is None:
+            try:
+                key = session.get_key(ObjectClass.PRIVATE_KEY, id=reference.id)
+            except p11.NoSuchKey:
+                raise _KeyNotFound(
+                    f"the CA key {reference.label!r} (id {reference.id.hex()}) is not on "
+                    f"PKCS#11 token {reference.token_label!r}"
+                ) from None
+            self._keys[reference.id] = key
+        return key
 
     def destroy(self, blob: bytes) -> TokenReference:
         """Destroy the key pair's objects on the token (gone already: nothing to do)."""

@@ -35,6 +35,8 @@ class SpawnOptions:
     """Fault mode: SIGKILL and restart the server after each this many seconds of uptime."""
     max_kills: int | None = None
     """Fault mode: stop killing after this many kills (None: until the fleet is done)."""
+    extra_config: str = ""
+    """Tables appended to the server's configuration (a [pkcs11] token and CAs on it)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ def _spawned(
         database_url=options.database_url,
         base_dir=options.base_dir,
         machines=settings.machines > 0,
+        extra_config=options.extra_config,
     )
     cleanup.callback(server.remove)
     cleanup.callback(server.stop)

@@ -357,6 +357,7 @@ class SpawnedServer(ServeProcess):
         base_dir: Path | None = None,
         ready_timeout: float = 120.0,
         machines: bool = False,
+        extra_config: str = "",
     ) -> None:
         self._temporary = base_dir is None
         super().__init__(
@@ -380,6 +381,7 @@ class SpawnedServer(ServeProcess):
                 workers=workers,
                 directory=self.directory,
             )
+            + extra_config
         )
         self.http01_port = http01_port
         self.dns_resolver = dns_resolver

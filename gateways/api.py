@@ -437,7 +437,7 @@ CA_CREATE_FIELDS = (
         ADMIN,
         (json_reply(201, "The CA (the earlier one on an idempotent repeat)", ref("CA")),),
         body=CA_CREATE_FIELDS,
-        errors=(404, 409, 422),
+        errors=(404, 409, 422, 503),
     )
 )
 def create_ca(body: dict[str, Any]) -> Response:

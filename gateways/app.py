@@ -10,6 +10,7 @@ from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from pkigate.core.errors import PkigateError
+from pkigate.core.pkcs11 import TokenKey
 from pkigate.gateways import metrics
 from pkigate.gateways.http import (
     AnyText,
@@ -62,14 +63,11 @@ def readyz() -> Response:
         problems.append(f"store: {type(exc).__name__}")
     for name, ca_id in gw.ca_ids.items():
         try:
-            gw.core.authorities.signing_material(ca_id, gw.core.clock())
+            key = gw.core.authorities.signing_material(ca_id, gw.core.clock()).private_key
+            if isinstance(key, TokenKey):  # on the token now, not just in the store
+                key.check()
         except PkigateError as exc:
             problems.append(f"ca {name}: {exc.message}")
-    if gw.core.keys.token is not None:
-        try:
-            gw.core.keys.token.check()
-        except PkigateError as exc:
-            problems.append(f"pkcs11: {exc.message}")
     if problems:
         return error_response(503, "notReady", "; ".join(problems))
     return Response('{"status":"ready"}', mimetype="application/json")

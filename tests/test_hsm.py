@@ -8,16 +8,19 @@ import json
 import re
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import requests
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from helpers import ACTOR, Clock, create_root, create_sub, make_csr
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
+from serving import PKIGATE, RunningServer, start_server
 from softhsm import SoftHsm, private_key_objects
 from sqlalchemy import select
 from test_ocsp import enable_ocsp, ocsp_request, signed_by_responder
@@ -40,6 +43,10 @@ from pkigate.core.names import parse_dn
 from pkigate.core.pkcs11 import Pkcs11Backend, TokenKey, TokenReference, TokenUnavailableError
 from pkigate.core.signing import sign_certificate
 from pkigate.core.store import schema
+from pkigate.devsim.challenges import ChallengeDns
+from pkigate.devsim.config import FleetSettings
+from pkigate.devsim.simulation import Outputs, SpawnOptions, simulate
+from pkigate.devsim.spawn import free_port
 
 PKCS11 = KeyStorage.PKCS11
 
@@ -420,3 +427,178 @@ def _key_blob(core: Core, view: CAView) -> bytes:
         blob = core.store.key_blob(conn, view.record.key_id)
     assert blob is not None
     return blob
+
+
+# -- served: two workers, every front-end ---------------------------------------------------------
+
+TOKEN_CAS = """
+[[cas]]
+name = "root"
+type = "ROOT"
+subject = "CN=pkigate HSM Root,O=pkigate tests"
+key_algorithm = "EC_secp384r1"
+key_storage = "pkcs11"
+
+[[cas]]
+name = "issuing"
+type = "SUBORDINATE"
+parent = "root"
+subject = "CN=pkigate HSM Issuing,O=pkigate tests"
+path_length = 0
+key_storage = "pkcs11"
+"""
+
+
+def _issuer(server: RunningServer) -> requests.Session:
+    created = server.session().post(
+        f"{server.https_url}/api/v1/tokens", json={"name": "hsm", "role": "issuer"}, timeout=30
+    )
+    assert created.status_code == 201, created.text
+    return server.session(created.json()["secret"])
+
+
+def _api_issue(
+    server: RunningServer, issuer: requests.Session, ca_id: str, cn: str
+) -> requests.Response:
+    return issuer.post(
+        f"{server.https_url}/api/v1/cas/{ca_id}/certificates",
+        json={"csr": make_csr(cn).decode()},
+        timeout=60,
+    )
+
+
+def test_two_workers_issue_through_the_api_and_answer_503_while_the_token_is_away(
+    tmp_path: Path, softhsm: SoftHsm
+) -> None:
+    server = start_server(tmp_path / "data", workers=2, extra_config=softhsm.config() + TOKEN_CAS)
+    try:
+        session = server.session()
+        issuer = _issuer(server)
+        listed = session.get(f"{server.https_url}/api/v1/cas", timeout=30).json()["cas"]
+        cas = {ca["subject"]: ca for ca in listed}
+        issuing = cas["CN=pkigate HSM Issuing,O=pkigate tests"]
+        root = cas["CN=pkigate HSM Root,O=pkigate tests"]
+        for ca in (root, issuing):
+            assert ca["key_storage"] == "pkcs11"
+            assert ca["token_key"]["token_label"] == softhsm.token_label
+        # A CA created through the API, on the token.
+        created = session.post(
+            f"{server.https_url}/api/v1/cas",
+            json={"type": "ROOT", "subject": "CN=API HSM Root", "key_storage": "pkcs11"},
+            timeout=60,
+        )
+        assert created.status_code == 201, created.text
+        assert created.json()["key_storage"] == "pkcs11"
+        assert created.json()["token_key"]["label"] == "pkigate CA CN=API HSM Root"
+
+        # Both workers sign (each with its own session): several requests in parallel.
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(
+                pool.map(
+                    lambda n: _api_issue(server, issuer, issuing["id"], f"w{n}.test"), range(8)
+                )
+            )
+        assert [a.status_code for a in answers] == [201] * 8, [a.text for a in answers]
+        root_certificate = x509.load_pem_x509_certificate(
+            session.get(f"{server.http_url}/ca/{root['id']}.pem").content
+        )
+        issued = answers[0].json()
+        leaf = x509.load_pem_x509_certificate(issued["certificate_pem"].encode())
+        chain = x509.load_pem_x509_certificates(issued["chain_pem"].encode())
+        openssl_verify(tmp_path, root_certificate, leaf, *chain[:1])
+        pyhanko_verify(root_certificate, leaf, *chain[:1])
+        assert session.get(f"{server.http_url}/readyz").status_code == 200
+
+        # The token goes away: a clean 503 per request and /readyz says why.
+        away = softhsm.tokens.with_name("tokens.away")
+        softhsm.tokens.rename(away)
+        try:
+            refused = _api_issue(server, issuer, issuing["id"], "away.example.test")
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "tokenUnavailable"
+            ready = session.get(f"{server.http_url}/readyz")
+            assert ready.status_code == 503
+            assert "PKCS#11 token 'pkigate-test'" in ready.json()["error"]["message"]
+        finally:
+            away.rename(softhsm.tokens)
+        # Back: each worker reconnects.
+        again = [_api_issue(server, issuer, issuing["id"], f"back{n}.test") for n in range(4)]
+        assert [a.status_code for a in again] == [201] * 4, [a.text for a in again]
+        assert "Traceback" not in server.log.read_text()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"pin_env": "PKIGATE_TEST_WRONG_PIN"}, "the PIN of PKCS#11 token 'pkigate-test' is wrong"),
+        ({"module": Path("/nonexistent/pkcs11.so")}, "the PKCS#11 module /nonexistent/pkcs11.so"),
+        ({"token_label": "removed"}, "no PKCS#11 token labelled 'removed'"),
+    ],
+)
+def test_serve_refuses_to_start_with_one_line_on_a_wrong_pin_a_missing_module_or_token(
+    tmp_path: Path,
+    softhsm: SoftHsm,
+    monkeypatch: pytest.MonkeyPatch,
+    change: dict[str, object],
+    message: str,
+) -> None:
+    monkeypatch.setenv("PKIGATE_TEST_WRONG_PIN", "111111")
+    settings = softhsm.settings(**change)
+    table = (
+        f'[pkcs11]\nmodule = "{settings.module}"\ntoken_label = "{settings.token_label}"\n'
+        f'pin_env = "{settings.pin_env}"\n'
+    )
+    config = tmp_path / "pkigate.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[listeners]\nhttp = "127.0.0.1:{free_port()}"\n'
+        f'https = "127.0.0.1:{free_port()}"\n' + table + TOKEN_CAS
+    )
+    result = subprocess.run(
+        [PKIGATE, "serve", "--config", str(config)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0] and "[tokenUnavailable]" in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not ChallengeDns.available(), reason="pebble-challtestsrv is not installed")
+def test_phones_servers_and_machines_enroll_from_a_token_held_hierarchy(
+    tmp_path: Path, softhsm: SoftHsm
+) -> None:
+    """SCEP, ACME and AD-style enrollment against two workers whose CAs sign on the token:
+    every certificate checked by the simulator (pyhanko path validation to the token-held
+    root, OCSP and CRL for the revoked ones), and the store afterwards."""
+    phones, servers, machines = 3, 2, 2
+    simulation = simulate(
+        FleetSettings(
+            phones=phones,
+            servers=servers,
+            machines=machines,
+            renewals=1,
+            revoke_fraction=1.0,
+            pending_fraction=0.0,
+            seed=16,
+        ),
+        spawn=SpawnOptions(
+            workers=2, base_dir=tmp_path / "server", extra_config=softhsm.config() + TOKEN_CAS
+        ),
+        outputs=Outputs(progress=False),
+    )
+    report = simulation.report
+    assert report.ok, report.failures
+    total = (phones + servers + machines) * 2
+    assert report.certificates["received"] == report.certificates["verified"] == total
+    assert report.certificates["revoked_verified"] == servers
+    core = Core.open(tmp_path / "server" / "data")
+    try:
+        storages = {view.record.subject: view.key_storage for view in core.authorities.list_cas()}
+    finally:
+        core.close()
+    assert storages == {
+        "CN=pkigate HSM Root,O=pkigate tests": "pkcs11",
+        "CN=pkigate HSM Issuing,O=pkigate tests": "pkcs11",
+    }
