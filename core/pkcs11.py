@@ -76,6 +76,8 @@ _PUBLIC_TEMPLATE = {
     Attribute.ENCRYPT: False,
     Attribute.WRAP: False,
 }
+
+
 class _KeyNotFound(p11.PKCS11Error):
     """A CA key missing from the session's view of the token: looked for once more on a
     new session (a token put back is seen only by one), then reported."""
