@@ -11,16 +11,23 @@ directory) this pre-generates N CSRs (P-256 keys, CN + DNS SAN; not timed), then
   same CA private key and hash), with the same thread counts;
 
 and prints both and the ratio issued/raw for every thread count, then the best thread
-count. Because ``cryptography`` holds the GIL while it builds a certificate, raw/s does
-not grow with threads (it falls); so the summary also divides the best issued/s by the
-best raw/s at any thread count, the stricter comparison. Each thread count issues the N
+count. A key type ``ALGORITHM@pkcs11`` (by default ``EC_prime256v1@pkcs11``) puts the
+root and issuing CA keys on a SoftHSM2 token made for the run in the scratch directory;
+raw/s is then ``cryptography`` building the certificate and the token signing it, and the
+summary gives the token row's best issued/s as a ratio of the same algorithm in software
+(the row is left out, saying so, where SoftHSM2 is not installed).
+
+Because ``cryptography`` holds the GIL while it builds a certificate, raw/s does not grow
+with threads (it falls); so the summary also divides the best issued/s by the best raw/s
+at any thread count, the stricter comparison. Each thread count issues the N
 CSRs in R paired rounds (issue a slice, then raw-sign the same slice), and the ratio is the
 median of the per-round ratios, which is much steadier on a shared VM than either rate. At
 the end it checks that the store holds exactly the certificates issued, with distinct
 serials, and that the audit chain verifies.
 
     .venv/bin/python bench/core_issue.py [--count N] [--threads T[,T...]] [--database-url URL]
-        [--rounds R] [--data-dir DIR] [--key-types EC_prime256v1,RSA_2048] [--json]
+        [--rounds R] [--data-dir DIR] [--key-types EC_prime256v1,RSA_2048,EC_prime256v1@pkcs11]
+        [--json]
 
 These are figures, not a test: the script exits non-zero only when the store or the audit
 chain disagrees with what was issued.
@@ -32,8 +39,11 @@ import argparse
 import json
 import os
 import platform
+import secrets
+import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -60,12 +70,18 @@ from pkigate.core import (
     Requester,
     Validity,
 )
+from pkigate.core.keys import KeyStorage
 from pkigate.core.names import parse_dn
+from pkigate.core.pkcs11 import Pkcs11Settings
+from pkigate.core.signing import sign_certificate
 
 DEFAULT_COUNT = 2000
 DEFAULT_THREADS = (1, 8, 32)
 DEFAULT_ROUNDS = 5
-DEFAULT_KEY_TYPES = ("EC_prime256v1", "RSA_2048")
+DEFAULT_KEY_TYPES = ("EC_prime256v1", "RSA_2048", "EC_prime256v1@pkcs11")
+TOKEN_SUFFIX = "@pkcs11"  # noqa: S105 - a key type's suffix, not a password
+SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
+TOKEN_PIN_ENV = "PKIGATE_BENCH_PKCS11_PIN"  # noqa: S105 - the variable's name
 RAW_MIN_SECONDS = 0.2  # per round; raw signing is fast, so repeat the slice until this long
 TARGET_RATIO = 0.25  # issue 2: issued/raw for EC_prime256v1 on SQLite
 WARM_UP_ISSUES = 5  # load the CA's signing material and the store's connections first
@@ -252,7 +268,7 @@ class RawSigner:
         )
         for oid, critical in self._layout:
             builder = builder.add_extension(per_request.get(oid) or self._fixed[oid], critical)
-        certificate = builder.sign(self._private_key, self._hash)
+        certificate = sign_certificate(builder, self._private_key, self._hash)
         certificate.public_bytes(serialization.Encoding.DER)
         return certificate
 
@@ -271,10 +287,17 @@ class RawSigner:
 
 
 def create_hierarchy(core: Core, key_type: str) -> str:
-    algorithm = KeyAlgorithm(key_type)
+    algorithm = KeyAlgorithm(key_type.removesuffix(TOKEN_SUFFIX))
+    storage = KeyStorage.PKCS11 if key_type.endswith(TOKEN_SUFFIX) else KeyStorage.SOFTWARE
     actor = Actor("bench")
     root = core.authorities.create(
-        CASpec(CAType.ROOT, parse_dn(f"CN=bench root {key_type}"), key_algorithm=algorithm), actor
+        CASpec(
+            CAType.ROOT,
+            parse_dn(f"CN=bench root {key_type}"),
+            key_algorithm=algorithm,
+            key_storage=storage,
+        ),
+        actor,
     )
     issuing = core.authorities.create(
         CASpec(
@@ -282,10 +305,33 @@ def create_hierarchy(core: Core, key_type: str) -> str:
             parse_dn(f"CN=bench issuing {key_type}"),
             key_algorithm=algorithm,
             parent_ca_id=root.record.id,
+            key_storage=storage,
         ),
         actor,
     )
     return issuing.record.id
+
+
+def softhsm_token(scratch: Path) -> Pkcs11Settings | None:
+    """A SoftHSM2 token of the run's own (its configuration in ``scratch``, set in this
+    process's environment before the library is first loaded); None without SoftHSM2."""
+    if not SOFTHSM_MODULE.exists() or shutil.which("softhsm2-util") is None:
+        return None
+    tokens = scratch / "softhsm-tokens"
+    tokens.mkdir()
+    conf = scratch / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    os.environ[TOKEN_PIN_ENV] = pin = secrets.token_hex(4)
+    subprocess.run(
+        [
+            *("softhsm2-util", "--init-token", "--free", "--label", "pkigate-bench"),
+            *("--pin", pin, "--so-pin", secrets.token_hex(4)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return Pkcs11Settings(SOFTHSM_MODULE, "pkigate-bench", pin_env=TOKEN_PIN_ENV)
 
 
 def bench_key_type(
@@ -296,8 +342,9 @@ def bench_key_type(
     data_dir: Path,
     database_url: str | None,
     progress: Callable[[str], None],
+    pkcs11: Pkcs11Settings | None = None,
 ) -> tuple[list[Measurement], Verification]:
-    core = Core.open(data_dir, database_url=database_url)
+    core = Core.open(data_dir, database_url=database_url, pkcs11=pkcs11)
     try:
         ca_id = create_hierarchy(core, key_type)
         validity = Validity.parse(VALIDITY)
@@ -391,14 +438,14 @@ def print_table(
     print("Rates are medians of the rounds; ratios are medians of per-round ratios (min-max).")
     print()
     print(
-        f"{'CA key':<15} {'threads':>7} {'issued/s':>9} {'raw/s':>8} {'issued/raw':>11} "
+        f"{'CA key':<20} {'threads':>7} {'issued/s':>9} {'raw/s':>8} {'issued/raw':>11} "
         f"{'(min-max)':>13} {'raw+csr/s':>10} {'issued/raw+csr':>15}"
     )
-    print("-" * 94)
+    print("-" * 99)
     for m in measurements:
         spread = f"({m.ratio_min:.3f}-{m.ratio_max:.3f})"
         print(
-            f"{m.key_type:<15} {m.threads:>7} {m.issued_per_s:>9.0f} {m.raw_per_s:>8.0f} "
+            f"{m.key_type:<20} {m.threads:>7} {m.issued_per_s:>9.0f} {m.raw_per_s:>8.0f} "
             f"{m.ratio:>11.3f} {spread:>13} {m.raw_with_csr_check_per_s:>10.0f} "
             f"{m.ratio_with_csr_check:>15.3f}"
         )
@@ -411,12 +458,22 @@ def print_table(
                 f"thread(s): {m.ratio:.3f} {verdict}"
             )
     print()
-    for b in best_of(measurements):
+    best = best_of(measurements)
+    for b in best:
         print(
             f"{b.key_type}: best thread count {b.threads} (issued/raw {b.ratio:.3f}); best "
             f"issued/s {b.issued_per_s:.0f} ({b.issued_threads} threads) / best raw/s "
             f"{b.raw_per_s:.0f} ({b.raw_threads} threads) = {b.ratio_to_best_raw:.3f}"
         )
+    software = {b.key_type: b for b in best}
+    for b in best:
+        beside = software.get(b.key_type.removesuffix(TOKEN_SUFFIX))
+        if b.key_type.endswith(TOKEN_SUFFIX) and beside is not None:
+            print(
+                f"{b.key_type} on the token: best issued/s {b.issued_per_s:.0f} = "
+                f"{b.issued_per_s / beside.issued_per_s:.3f} x the software key's "
+                f"{beside.issued_per_s:.0f}"
+            )
     print()
     for v in verifications:
         print(
@@ -488,6 +545,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     measurements: list[Measurement] = []
     verifications: list[Verification] = []
     with tempfile.TemporaryDirectory(prefix="pkigate-bench-") as scratch:
+        token = None
+        if any(k.endswith(TOKEN_SUFFIX) for k in key_types):
+            token = softhsm_token(Path(scratch))
+            if token is None:
+                progress("SoftHSM2 is not installed: the @pkcs11 rows are left out")
+                key_types = [k for k in key_types if not k.endswith(TOKEN_SUFFIX)]
         for key_type in key_types:
             # SQLite: a fresh data directory (and database) per key type. An external
             # database is shared, so every key type must use the same key-encryption key
@@ -499,7 +562,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 data_dir = Path(scratch) / key_type
             results, verification = bench_key_type(
-                key_type, csrs, thread_counts, args.rounds, data_dir, args.database_url, progress
+                key_type,
+                csrs,
+                thread_counts,
+                args.rounds,
+                data_dir,
+                args.database_url,
+                progress,
+                token if key_type.endswith(TOKEN_SUFFIX) else None,
             )
             measurements += results
             verifications.append(verification)
