@@ -24,11 +24,25 @@ import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from enum import Enum
 
 from pkigate.adcs import layout
-from pkigate.adcs.encoding import interval_to_filetime, key_usage_to_bytes, to_ad_int32
+from pkigate.adcs.catalogue import (
+    EDITED_TEMPLATE,
+    ENHANCED_PROVIDER,
+    OID_CLIENT_AUTH,
+    OID_EMAIL_PROTECTION,
+    SIGNING_AND_ENCRYPTION,
+    TEMPLATE_OID_ARC,
+    USER_NAME_FLAGS,
+    AttributeValue,
+    TemplateDefinition,
+    machine_template,
+    readers,
+    user_template,
+    web_server_template,
+)
+from pkigate.adcs.encoding import to_ad_int32
 from pkigate.adcs.flags import (
     RID_ADMINISTRATOR,
     RID_DOMAIN_ADMINS,
@@ -37,42 +51,22 @@ from pkigate.adcs.flags import (
     CertificateNameFlag,
     EnrollmentFlag,
     GroupType,
-    KeyUsage,
     PrivateKeyFlag,
-    TemplateFlag,
     UserAccountControl,
 )
 from pkigate.adcs.security import (
-    AUTHENTICATED_USERS,
     AUTOENROLL_RIGHT,
     ENROLL_RIGHT,
-    FULL_CONTROL,
-    GENERIC_READ_DS,
-    Ace,
     InvalidSid,
     Sid,
     allow,
-    build_security_descriptor,
     deny,
 )
 
 DEFAULT_BASE = "DC=example,DC=test"
 
-OID_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
-OID_CLIENT_AUTH = "1.3.6.1.5.5.7.3.2"
-OID_EMAIL_PROTECTION = "1.3.6.1.5.5.7.3.4"
-OID_EFS = "1.3.6.1.4.1.311.10.3.4"
-OID_KEY_USAGE_EXTENSION = "2.5.29.15"
-# Template OIDs live under Microsoft's enterprise OID arc ([MS-CRTD] 2.21): 1.3.6.1.4.1.311.21.8
-# followed by numbers random per forest, then per template.
-TEMPLATE_OID_ARC = "1.3.6.1.4.1.311.21.8"
-
-TEMPLATE_VALIDITY = timedelta(days=365)
-TEMPLATE_RENEWAL_OVERLAP = timedelta(weeks=6)
 GLOBAL_SECURITY_GROUP = GroupType.SECURITY_ENABLED | GroupType.ACCOUNT_GROUP
 GENERATED_PASSWORD_BYTES = 18
-
-AttributeValue = str | bytes | int
 
 
 class AccountKind(Enum):
@@ -165,20 +159,6 @@ def _domain_sid(text: str | None) -> Sid:
     if sid.authority != 5 or len(sid.sub_authorities) != 4 or sid.sub_authorities[0] != 21:
         raise InvalidSid(f"a domain SID has the form S-1-5-21-x-y-z, not {text}")
     return sid
-
-
-@dataclass(frozen=True)
-class _TemplateSpec:
-    name: str
-    display_name: str
-    extended_key_usages: tuple[str, ...]
-    key_usage: KeyUsage
-    name_flags: CertificateNameFlag
-    enrollment_flags: EnrollmentFlag
-    private_key_flags: PrivateKeyFlag
-    general_flags: TemplateFlag
-    provider: str
-    aces: tuple[Ace, ...]
 
 
 class _SeedBuilder:
@@ -347,131 +327,69 @@ class _SeedBuilder:
         self._group("Web Admins", 1102, "May enroll for web server certificates", [dn["alice"]])
         self._group("Denied Users", 1103, "Denied user certificates", [dn["carol"]])
 
-    def _templates(self) -> list[_TemplateSpec]:
+    def _templates(self) -> list[TemplateDefinition]:
         sid = self.groups
-        readers = (
-            allow(AUTHENTICATED_USERS, mask=GENERIC_READ_DS),
-            allow(sid["Domain Admins"].sid, mask=FULL_CONTROL),
-        )
-        user_name_flags = (
-            CertificateNameFlag.SUBJECT_ALT_REQUIRE_UPN
-            | CertificateNameFlag.SUBJECT_ALT_REQUIRE_EMAIL
-            | CertificateNameFlag.SUBJECT_REQUIRE_EMAIL
-            | CertificateNameFlag.SUBJECT_REQUIRE_DIRECTORY_PATH
-        )
-        user_flags = TemplateFlag.ADD_TEMPLATE_NAME | TemplateFlag.IS_MODIFIED
-        signing_and_encryption = KeyUsage.DIGITAL_SIGNATURE | KeyUsage.KEY_ENCIPHERMENT
-        schannel = "1,Microsoft RSA SChannel Cryptographic Provider"
-        enhanced = "1,Microsoft Enhanced Cryptographic Provider v1.0"
+        read = readers(sid["Domain Admins"].sid)
         specs = [
-            _TemplateSpec(
-                name="Machine",
-                display_name="Computer",
-                extended_key_usages=(OID_CLIENT_AUTH, OID_SERVER_AUTH),
-                key_usage=signing_and_encryption,
-                name_flags=CertificateNameFlag.SUBJECT_ALT_REQUIRE_DNS
-                | CertificateNameFlag.SUBJECT_REQUIRE_DNS_AS_CN,
-                enrollment_flags=EnrollmentFlag.AUTO_ENROLLMENT,
-                private_key_flags=PrivateKeyFlag(0),
-                general_flags=TemplateFlag.MACHINE_TYPE | TemplateFlag.AUTO_ENROLLMENT | user_flags,
-                provider=schannel,
-                aces=(
-                    *readers,
+            machine_template(
+                (
+                    *read,
                     allow(sid["Domain Computers"].sid, ENROLL_RIGHT),
                     allow(sid["Domain Computers"].sid, AUTOENROLL_RIGHT),
-                ),
+                )
             ),
-            _TemplateSpec(
-                name="User",
-                display_name="User",
-                extended_key_usages=(OID_CLIENT_AUTH, OID_EMAIL_PROTECTION, OID_EFS),
-                key_usage=signing_and_encryption,
-                name_flags=user_name_flags,
-                enrollment_flags=EnrollmentFlag.INCLUDE_SYMMETRIC_ALGORITHMS
-                | EnrollmentFlag.PUBLISH_TO_DS
-                | EnrollmentFlag.AUTO_ENROLLMENT,
-                private_key_flags=PrivateKeyFlag.EXPORTABLE_KEY,
-                general_flags=user_flags | TemplateFlag.AUTO_ENROLLMENT,
-                provider=enhanced,
-                # Canonical order, as AD's tools write it: the explicit deny first.
-                aces=(
+            # Canonical order, as AD's tools write it: the explicit deny first.
+            user_template(
+                (
                     deny(sid["Denied Users"].sid, ENROLL_RIGHT),
-                    *readers,
+                    *read,
                     allow(sid["Domain Users"].sid, ENROLL_RIGHT),
-                ),
+                )
             ),
-            _TemplateSpec(
-                name="WebServer",
-                display_name="Web Server",
-                extended_key_usages=(OID_SERVER_AUTH,),
-                key_usage=signing_and_encryption,
-                name_flags=CertificateNameFlag.ENROLLEE_SUPPLIES_SUBJECT,
-                enrollment_flags=EnrollmentFlag(0),
-                private_key_flags=PrivateKeyFlag(0),
-                general_flags=user_flags,
-                provider=schannel,
-                aces=(*readers, allow(sid["Web Admins"].sid, ENROLL_RIGHT)),
-            ),
-            _TemplateSpec(
+            web_server_template((*read, allow(sid["Web Admins"].sid, ENROLL_RIGHT))),
+            TemplateDefinition(
                 name="UserPending",
                 display_name="User (manager approval)",
                 extended_key_usages=(OID_CLIENT_AUTH, OID_EMAIL_PROTECTION),
-                key_usage=signing_and_encryption,
-                name_flags=user_name_flags,
+                key_usage=SIGNING_AND_ENCRYPTION,
+                name_flags=USER_NAME_FLAGS,
                 enrollment_flags=EnrollmentFlag.PEND_ALL_REQUESTS
                 | EnrollmentFlag.INCLUDE_SYMMETRIC_ALGORITHMS,
                 private_key_flags=PrivateKeyFlag(0),
-                general_flags=user_flags,
-                provider=enhanced,
-                aces=(*readers, allow(sid["PKI Users"].sid, ENROLL_RIGHT)),
+                general_flags=EDITED_TEMPLATE,
+                provider=ENHANCED_PROVIDER,
+                aces=(*read, allow(sid["PKI Users"].sid, ENROLL_RIGHT)),
             ),
             # ESC1: any domain user may ask for a client-authentication certificate in any
             # name, with no approval: the security tests must see the connector refuse it.
-            _TemplateSpec(
+            TemplateDefinition(
                 name="ESC1Vulnerable",
                 display_name="ESC1 vulnerable (tests only)",
                 extended_key_usages=(OID_CLIENT_AUTH,),
-                key_usage=signing_and_encryption,
+                key_usage=SIGNING_AND_ENCRYPTION,
                 name_flags=CertificateNameFlag.ENROLLEE_SUPPLIES_SUBJECT,
                 enrollment_flags=EnrollmentFlag(0),
                 private_key_flags=PrivateKeyFlag.EXPORTABLE_KEY,
-                general_flags=user_flags,
-                provider=enhanced,
-                aces=(*readers, allow(sid["Domain Users"].sid, ENROLL_RIGHT)),
+                general_flags=EDITED_TEMPLATE,
+                provider=ENHANCED_PROVIDER,
+                aces=(*read, allow(sid["Domain Users"].sid, ENROLL_RIGHT)),
             ),
         ]
         for index, spec in enumerate(specs, start=1):
             self._template(spec, f"{self.template_oid_base}.{index}.1")
         return specs
 
-    def _template(self, spec: _TemplateSpec, oid: str) -> None:
-        owner = self.groups["Domain Admins"].sid
-        self.add(
-            layout.template_dn(self.base, spec.name),
-            objectClass=["top", "pKICertificateTemplate"],
-            cn=spec.name,
-            displayName=spec.display_name,
-            flags=to_ad_int32(int(spec.general_flags)),
-            revision=100,
-            msPKI_Template_Schema_Version=2,
-            msPKI_Template_Minor_Revision=1,
-            msPKI_Cert_Template_OID=oid,
-            pKIDefaultKeySpec=1,  # AT_KEYEXCHANGE
-            pKIMaxIssuingDepth=0,
-            pKIDefaultCSPs=spec.provider,
-            pKIExpirationPeriod=interval_to_filetime(TEMPLATE_VALIDITY),
-            pKIOverlapPeriod=interval_to_filetime(TEMPLATE_RENEWAL_OVERLAP),
-            pKIKeyUsage=key_usage_to_bytes(spec.key_usage),
-            pKICriticalExtensions=OID_KEY_USAGE_EXTENSION,
-            pKIExtendedKeyUsage=list(spec.extended_key_usages),
-            msPKI_Certificate_Application_Policy=list(spec.extended_key_usages),
-            msPKI_Certificate_Name_Flag=to_ad_int32(int(spec.name_flags)),
-            msPKI_Enrollment_Flag=to_ad_int32(int(spec.enrollment_flags)),
-            msPKI_Private_Key_Flag=to_ad_int32(int(spec.private_key_flags)),
-            msPKI_Minimal_Key_Size=2048,
-            msPKI_RA_Signature=0,
-            objectGUID=_guid(),
-            nTSecurityDescriptor=build_security_descriptor(owner, spec.aces, group_sid=owner),
+    def _template(self, spec: TemplateDefinition, oid: str) -> None:
+        attributes = spec.attributes(oid, owner_sid=self.groups["Domain Admins"].sid)
+        self.entries.append(
+            LdifEntry(
+                layout.template_dn(self.base, spec.name),
+                (
+                    ("objectClass", ("top", "pKICertificateTemplate")),
+                    *attributes.items(),
+                    ("objectGUID", (_guid(),)),
+                ),
+            )
         )
 
 
