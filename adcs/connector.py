@@ -26,6 +26,7 @@ from pkigate.adcs import soap
 from pkigate.adcs.ldapdir import DirectoryError, DirectoryUnavailable
 from pkigate.adcs.policy import EnrollmentRefused, RequestContext
 from pkigate.adcs.principals import Principal
+from pkigate.adcs.publish import PKIGATE_TEMPLATE_NAMES, PublishRequest, UnknownTemplates, publish
 from pkigate.adcs.service import AdcsService, Outcome, attributes_from, load_settings
 from pkigate.core import Actor
 from pkigate.core.errors import BadRequestError, StoreUnavailableError
@@ -110,39 +111,55 @@ class AdcsConnector(Connector):
             notes.append(f"directory {self.options.directory_url} is unavailable: {problem}")
         return notes
 
-    def publish(self, templates: list[str] | None, dns_host_name: str | None) -> dict[str, Any]:
-        """Register this CA in the directory (pKIEnrollmentService), as `pkigate adcs
-        publish` does: by default offering every template the directory holds."""
+    def publish(
+        self,
+        templates: list[str] | None,
+        dns_host_name: str | None,
+        *,
+        keep_existing_templates: bool = False,
+    ) -> dict[str, Any]:
+        """Register this CA in the directory's Configuration partition, as an AD CS
+        installation does (see :mod:`pkigate.adcs.publish`): by default with pkigate's
+        templates. Audited, whether it succeeds or the directory refuses."""
         from urllib.parse import urlsplit
 
-        directory = self.service.directory
-        names = templates or sorted(directory.templates())
-        known = {n.lower() for n in directory.templates()}
-        unknown = [n for n in names if n.lower() not in known]
-        if unknown:
-            raise BadRequestError(f"no such template in the directory: {', '.join(unknown)}")
         host = dns_host_name or urlsplit(self.context.base_url).hostname or "localhost"
         ca = self.context.core.authorities.get(self.context.ca_id)
         assert ca.certificate_der is not None
-        result = directory.publish_enrollment_service(
-            self.options.ca_name, host, bytes(ca.certificate_der), names
+        request = PublishRequest(
+            ca_name=self.options.ca_name,
+            dns_host_name=host,
+            ca_certificate_der=bytes(ca.certificate_der),
+            templates=tuple(templates or PKIGATE_TEMPLATE_NAMES),
+            keep_existing_templates=keep_existing_templates,
         )
+        parameters: dict[str, Any] = {
+            "ca_name": request.ca_name,
+            "templates": list(request.templates),
+            "host": host,
+            "keep_existing_templates": keep_existing_templates,
+        }
+        try:
+            result = publish(self.service.directory, request)
+        except UnknownTemplates as exc:
+            self._audit_publish("failure", {**parameters, "error": str(exc)})
+            raise BadRequestError(str(exc)) from None
+        except DirectoryError as exc:
+            self._audit_publish("failure", {**parameters, "error": str(exc)})
+            raise
+        data = result.to_json()
+        self._audit_publish("success", {**parameters, **data})
+        return {**data, "ca_name": request.ca_name, "dns_host_name": host}
+
+    def _audit_publish(self, result: str, parameters: dict[str, Any]) -> None:
         self.context.core.audit.record_alone(
             Actor("cli", self.context.name),
             "adcs.publish",
             f"connector/{self.context.name}",
-            result="success",
-            parameters={"ca_name": self.options.ca_name, "templates": names, "host": host},
+            result=result,
+            parameters=parameters,
             at=self.context.core.clock(),
         )
-        service = directory.enrollment_service(self.options.ca_name)
-        return {
-            "result": result,
-            "dn": service.dn if service else "",
-            "ca_name": self.options.ca_name,
-            "dns_host_name": host,
-            "templates": names,
-        }
 
     # -- routes --------------------------------------------------------------------------
 

@@ -23,10 +23,9 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from cryptography import x509
-from ldap3 import LEVEL, MODIFY_REPLACE, NONE, Connection, Server, Tls
+from ldap3 import LEVEL, NONE, Connection, Server, Tls
 from ldap3.core.exceptions import (
     LDAPException,
     LDAPPasswordIsMandatoryError,
@@ -87,15 +86,12 @@ ENROLLMENT_SERVICE_ATTRIBUTES = (
 LDAP_SUCCESS = 0
 LDAP_NO_SUCH_OBJECT = 32
 LDAP_INVALID_CREDENTIALS = 49
-LDAP_ENTRY_ALREADY_EXISTS = 68
 LDAP_UNAVAILABLE_RESULTS = frozenset({3, 51, 52, 80})  # timeLimit, busy, unavailable, other
 
 # One message for an unknown account, a wrong password and an empty one: the answer must not
 # tell which names exist.
 INVALID_CREDENTIALS_MESSAGE = "unknown account or wrong password"
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-
-PublishOutcome = Literal["created", "updated"]
 
 
 class DirectoryError(RuntimeError):
@@ -157,7 +153,7 @@ class Directory:
         ca_file: str | None = None,
     ) -> None:
         """``bind_dn``/``bind_password``: the service account that reads the directory (and
-        writes enrollment services for :meth:`publish_enrollment_service`).
+        writes the CA's objects through :meth:`writer`).
 
         ``netbios_domain``: the name accepted before a backslash in DOMAIN\\name; by default
         the first DC label of ``base`` in upper case (DC=example,DC=test -> EXAMPLE).
@@ -180,7 +176,7 @@ class Directory:
         self.dns_domain = layout.dns_domain(base)
         self._tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
         self._lock = threading.Lock()
-        # Bumped by invalidate() and publish: a load that began before must not be cached.
+        # Bumped by invalidate(): a load that began before must not be cached.
         self._generation = 0
         self._templates: _TemplateSnapshot | None = None
         self._services: dict[str, tuple[float, EnrollmentService | None]] = {}
@@ -281,54 +277,16 @@ class Directory:
             raise DirectoryError(f"{len(entries)} enrollment services are named {ca_name!r}")
         return _enrollment_service(*entries[0])
 
-    def publish_enrollment_service(
-        self,
-        ca_name: str,
-        dns_host_name: str,
-        ca_certificate_der: bytes,
-        template_names: Sequence[str],
-    ) -> PublishOutcome:
-        """Create or update the pKIEnrollmentService of ``ca_name``.
-
-        Returns "created" or "updated". The service account needs write access to
-        CN=Enrollment Services (in AD: Enterprise Admins, or delegated).
-        """
-        if not ca_name or not dns_host_name:
-            raise ValueError("an enrollment service needs a CA name and a DNS host name")
-        try:
-            x509.load_der_x509_certificate(ca_certificate_der)
-        except ValueError:
-            raise ValueError("ca_certificate_der is not a DER X.509 certificate") from None
-        names = list(dict.fromkeys(template_names))
-        if any(not name for name in names):
-            raise ValueError("a template name is empty")
-        dn = layout.enrollment_service_dn(self.base, ca_name)
-        attributes: dict[str, Any] = {
-            "dNSHostName": [dns_host_name],
-            CA_CERTIFICATE_ATTRIBUTE: [ca_certificate_der],
-            "certificateTemplates": names,
-        }
+    @contextmanager
+    def writer(self) -> Iterator[Connection]:
+        """A connection bound as the service account that may write, for `pkigate adcs
+        publish` (:mod:`pkigate.adcs.publish`). The caches are dropped afterwards, whatever
+        was written: the next read sees the directory as it is now."""
         try:
             with self._service(read_only=False) as connection:
-                created = connection.add(
-                    dn,
-                    ["top", "pKIEnrollmentService"],
-                    {"cn": ca_name, "displayName": ca_name, **_without_empty(attributes)},
-                )
-                if not created:
-                    if connection.result.get("result") != LDAP_ENTRY_ALREADY_EXISTS:
-                        raise DirectoryError(f"cannot add {dn}: {_describe(connection)}")
-                    changes = {
-                        name: [(MODIFY_REPLACE, values)] for name, values in attributes.items()
-                    }
-                    if not connection.modify(dn, changes):
-                        raise DirectoryError(f"cannot update {dn}: {_describe(connection)}")
+                yield connection
         finally:
-            with self._lock:
-                self._generation += 1
-                self._services.pop(ca_name.casefold(), None)
-        logger.info("%s enrollment service %s", "published" if created else "updated", dn)
-        return "created" if created else "updated"
+            self.invalidate()
 
     # --- principals -------------------------------------------------------------------------
 
@@ -498,11 +456,6 @@ def _enrollment_service(dn: str, raw: Mapping[str, list[bytes]]) -> EnrollmentSe
         certificate_templates=texts("certificateTemplates"),
         ca_certificate_der=bytes(certificates[0]) if certificates else None,
     )
-
-
-def _without_empty(attributes: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
-    """An LDAP add takes no attribute without values."""
-    return {name: values for name, values in attributes.items() if values}
 
 
 def _describe(connection: Connection) -> str:

@@ -322,6 +322,8 @@ class ServeProcess:
                 connector,
                 "--template",
                 template,
+                # The development directory's seeded templates are the fixture.
+                "--keep-existing-templates",
             ],
             env=configuration_only_environment(),
             capture_output=True,

@@ -1447,21 +1447,46 @@ _add_dev_directory()
     "--template",
     "templates",
     multiple=True,
-    help="A template this CA offers (repeat); default: every template in the directory.",
+    help="A template this CA offers (repeat): one of pkigate's (Machine, User, WebServer), "
+    "written to the directory, or one the directory holds; default: pkigate's three.",
 )
 @click.option("--dns-host-name", help="The CA's host name (default: the HTTPS listener's host).")
+@click.option(
+    "--keep-existing-templates",
+    is_flag=True,
+    help="Leave a template that already exists as it is, even one pkigate defines.",
+)
 @pass_state
 @reports_errors
 def adcs_publish(
-    state: State, connector_name: str, templates: tuple[str, ...], dns_host_name: str | None
+    state: State,
+    connector_name: str,
+    templates: tuple[str, ...],
+    dns_host_name: str | None,
+    keep_existing_templates: bool,
 ) -> None:
-    """Create or update the CA's pKIEnrollmentService object, as an enterprise CA
-    registers itself: its name, host, certificate and the templates it issues."""
+    """Register the CA in the directory's Configuration partition as an enterprise CA does:
+    pkigate's templates with their OIDs, the pKIEnrollmentService (name, host, certificate,
+    templates), and the CA certificate in NTAuthCertificates and AIA. Safe to run again."""
+    from pkigate.adcs.ldapdir import DirectoryError
+
     connector = _adcs_connector(state, connector_name)
-    data = connector.publish(list(templates) or None, dns_host_name)
+    try:
+        data = connector.publish(
+            list(templates) or None, dns_host_name, keep_existing_templates=keep_existing_templates
+        )
+    except DirectoryError as exc:  # audited by the connector; one line here, no traceback
+        raise click.ClickException(str(exc)) from None
     state.emit(
         data,
-        lambda: f"{data['result']} {data['dn']}: templates {', '.join(data['templates'])}",
+        lambda: "\n".join(
+            (
+                f"{data['result']} {data['dn']}",
+                *(f"template {name}: {how}" for name, how in data["template_outcomes"].items()),
+                f"NTAuthCertificates: {data['ntauth']}",
+                f"AIA: {data['aia']}",
+            )
+        ),
     )
 
 

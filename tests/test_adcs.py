@@ -283,6 +283,7 @@ cache_ttl_seconds = 0
             "publish",
             "--connector",
             "adcs",
+            "--keep-existing-templates",
             *[arg for name in PUBLISHED for arg in ("--template", name)],
         )
         assert published.returncode == 0, published.stderr
@@ -1541,6 +1542,7 @@ directory_url = "ldap://127.0.0.1:{port}"
                     "--config",
                     str(tmp_path / "data.toml"),
                     "publish",
+                    "--keep-existing-templates",
                     "--template",
                     "User",
                 ],
@@ -1677,6 +1679,7 @@ def test_publishing_again_updates_the_enrollment_service(env: Env) -> None:
         "adcs",
         "--dns-host-name",
         "ca2.example.test",
+        "--keep-existing-templates",
         *[arg for name in PUBLISHED for arg in ("--template", name)],
     )
     assert republished.returncode == 0, republished.stderr

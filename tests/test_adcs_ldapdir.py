@@ -5,15 +5,11 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from adcs_directory_fixture import make_dev_directory_fixture
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from ldap3 import MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 
 from pkigate.adcs import layout
@@ -512,68 +508,6 @@ def test_concurrent_authentications_from_many_threads(
     with ThreadPoolExecutor(max_workers=8) as pool:
         sids = list(pool.map(login, accounts))
     assert sids == [dev_directory.accounts[account].sid for account in accounts]
-
-
-# --- enrollment services ----------------------------------------------------------------------
-
-
-def ca_certificate(name: str) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return certificate.public_bytes(serialization.Encoding.DER)
-
-
-def test_publish_creates_then_updates_the_enrollment_service(
-    ldap: Directory, dev_directory: DevDirectory
-) -> None:
-    assert ldap.enrollment_service("pkigate Issuing CA") is None
-    first, second = ca_certificate("first"), ca_certificate("second")
-    outcome = ldap.publish_enrollment_service(
-        "pkigate Issuing CA", "ca.example.test", first, ["Machine", "User"]
-    )
-    assert outcome == "created"
-    service = ldap.enrollment_service("pkigate Issuing CA")  # not the cached None
-    assert service is not None
-    assert service.cn == "pkigate Issuing CA"
-    assert (
-        service.dn.lower()
-        == layout.enrollment_service_dn(dev_directory.base, "pkigate Issuing CA").lower()
-    )
-    assert service.dns_host_name == "ca.example.test"
-    assert service.certificate_templates == ("Machine", "User")
-    assert service.ca_certificate_der == first
-
-    outcome = ldap.publish_enrollment_service(
-        "pkigate Issuing CA", "ca2.example.test", second, ["WebServer"]
-    )
-    assert outcome == "updated"
-    service = ldap.enrollment_service("PKIGATE issuing ca")
-    assert service is not None
-    assert (service.dns_host_name, service.certificate_templates) == (
-        "ca2.example.test",
-        ("WebServer",),
-    )
-    assert service.ca_certificate_der == second
-    # Another reader, with its own cache, sees the same entry.
-    assert connect(dev_directory).enrollment_service("pkigate Issuing CA") == service
-
-
-def test_publish_refuses_what_is_not_a_certificate(ldap: Directory) -> None:
-    with pytest.raises(ValueError, match="not a DER X"):
-        ldap.publish_enrollment_service("Bad CA", "ca.example.test", b"\x30\x03junk", [])
-    assert ldap.enrollment_service("Bad CA") is None
 
 
 # --- an unreachable directory -----------------------------------------------------------------

@@ -454,7 +454,14 @@ ca_name = "pkigate-issuing"
             published = subprocess.run(
                 [
                     *(PKIGATE, "--data-dir", str(data_dir), "adcs", "--config", str(server.config)),
-                    *("publish", "--connector", "adcs", "--template", "Machine"),
+                    *(
+                        "publish",
+                        "--connector",
+                        "adcs",
+                        "--keep-existing-templates",
+                        "--template",
+                        "Machine",
+                    ),
                 ],
                 capture_output=True,
                 text=True,
