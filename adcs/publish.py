@@ -85,9 +85,11 @@ EMPTY_REVOCATION_LIST = b"\x00"
 # the value it keeps in CN=OID's msPKI-Cert-Template-OID.
 FOREST_OID_NUMBERS = 6
 OID_NUMBER_BOUND = 1 << 24
-# slapd refuses certificate-syntax values without the ;binary transfer option (RFC 4522);
-# AD accepts and ignores it.
-CA_CERTIFICATE = "cACertificate;binary"
+# Announced in the root DSE's supportedCapabilities by AD and Samba ([MS-ADTS] 3.1.1.3.4.3.1).
+LDAP_CAP_ACTIVE_DIRECTORY_OID = "1.2.840.113556.1.4.800"
+# Certificate and CRL attributes: slapd refuses their values without the ;binary transfer
+# option (RFC 4522), Samba refuses the option as an attribute it does not know.
+BINARY_ATTRIBUTES = ("cACertificate", "authorityRevocationList", "certificateRevocationList")
 
 TemplateOutcome = Literal["created", "updated", "kept", "existing"]
 """created/updated: pkigate's definition written; kept: pkigate's template already there and
@@ -235,6 +237,10 @@ class _Writer:
         self._forest_oid: str | None = None
         self._definitions: dict[str, TemplateDefinition] | None = None
         self._owner_sid = ""
+        root = self.read("", ["supportedCapabilities"]) or {}
+        is_ad = LDAP_CAP_ACTIVE_DIRECTORY_OID.encode() in root.get("supportedcapabilities", [])
+        option = "" if is_ad else ";binary"
+        self.binary = {name: name + option for name in BINARY_ATTRIBUTES}
 
     # --- reading -------------------------------------------------------------------------
 
@@ -318,7 +324,7 @@ class _Writer:
         oid = existing[1] if existing and existing[1] else self.new_template_oid()
         attributes = definition.attributes(oid, owner_sid=self._owner_sid)
         self.enterprise_oid(oid, definition.display_name)
-        sd_control = [security_descriptor_control(sdflags=SD_FLAGS_OWNER_GROUP_DACL)]
+        sd_control = security_descriptor_control(sdflags=SD_FLAGS_OWNER_GROUP_DACL)
         if existing is None:
             dn = layout.template_dn(self.base, definition.name)
             values = {name: list(value) for name, value in attributes.items()}
@@ -402,7 +408,7 @@ class _Writer:
         attributes: dict[str, list[Any]] = {
             "displayName": [request.ca_name],
             "dNSHostName": [request.dns_host_name],
-            CA_CERTIFICATE: [request.ca_certificate_der],
+            self.binary["cACertificate"]: [request.ca_certificate_der],
             "cACertificateDN": [windows_dn(certificate.subject)],
             "flags": [ENTERPRISE_CA_FLAGS],
         }
@@ -430,14 +436,15 @@ class _Writer:
         if entry is not None:
             if certificate_der in (bytes(v) for v in entry.get("cacertificate", [])):
                 return "present"
-            if not self.connection.modify(dn, {CA_CERTIFICATE: [(MODIFY_ADD, [certificate_der])]}):
+            change = {self.binary["cACertificate"]: [(MODIFY_ADD, [certificate_der])]}
+            if not self.connection.modify(dn, change):
                 raise PublishError(f"cannot add the CA certificate to {dn}: {self._describe()}")
             return "added"
         attributes = {
             "cn": cn,
-            CA_CERTIFICATE: [certificate_der],
-            "authorityRevocationList;binary": [EMPTY_REVOCATION_LIST],
-            "certificateRevocationList;binary": [EMPTY_REVOCATION_LIST],
+            self.binary["cACertificate"]: [certificate_der],
+            self.binary["authorityRevocationList"]: [EMPTY_REVOCATION_LIST],
+            self.binary["certificateRevocationList"]: [EMPTY_REVOCATION_LIST],
         }
         if self.connection.add(dn, ["top", "certificationAuthority"], attributes):
             logger.info("published the CA certificate in %s", dn)
