@@ -189,3 +189,21 @@ def web_server_template(aces: Sequence[Ace]) -> TemplateDefinition:
         provider=SCHANNEL_PROVIDER,
         aces=tuple(aces),
     )
+
+
+def esc1_vulnerable_template(aces: Sequence[Ace]) -> TemplateDefinition:
+    """ESC1, deliberately: client authentication with the subject the enrollee names. Not
+    pkigate's and never published by it: the development directory seeds it and tests add it
+    to Samba, so that the connector's refusal (and certipy's finding) can be seen."""
+    return TemplateDefinition(
+        name="ESC1Vulnerable",
+        display_name="ESC1 vulnerable (tests only)",
+        extended_key_usages=(OID_CLIENT_AUTH,),
+        key_usage=SIGNING_AND_ENCRYPTION,
+        name_flags=CertificateNameFlag.ENROLLEE_SUPPLIES_SUBJECT,
+        enrollment_flags=EnrollmentFlag(0),
+        private_key_flags=PrivateKeyFlag.EXPORTABLE_KEY,
+        general_flags=EDITED_TEMPLATE,
+        provider=ENHANCED_PROVIDER,
+        aces=tuple(aces),
+    )

@@ -37,6 +37,7 @@ from pkigate.adcs.catalogue import (
     USER_NAME_FLAGS,
     AttributeValue,
     TemplateDefinition,
+    esc1_vulnerable_template,
     machine_template,
     readers,
     user_template,
@@ -48,7 +49,6 @@ from pkigate.adcs.flags import (
     RID_DOMAIN_ADMINS,
     RID_DOMAIN_COMPUTERS,
     RID_DOMAIN_USERS,
-    CertificateNameFlag,
     EnrollmentFlag,
     GroupType,
     PrivateKeyFlag,
@@ -362,18 +362,7 @@ class _SeedBuilder:
             ),
             # ESC1: any domain user may ask for a client-authentication certificate in any
             # name, with no approval: the security tests must see the connector refuse it.
-            TemplateDefinition(
-                name="ESC1Vulnerable",
-                display_name="ESC1 vulnerable (tests only)",
-                extended_key_usages=(OID_CLIENT_AUTH,),
-                key_usage=SIGNING_AND_ENCRYPTION,
-                name_flags=CertificateNameFlag.ENROLLEE_SUPPLIES_SUBJECT,
-                enrollment_flags=EnrollmentFlag(0),
-                private_key_flags=PrivateKeyFlag.EXPORTABLE_KEY,
-                general_flags=EDITED_TEMPLATE,
-                provider=ENHANCED_PROVIDER,
-                aces=(*read, allow(sid["Domain Users"].sid, ENROLL_RIGHT)),
-            ),
+            esc1_vulnerable_template((*read, allow(sid["Domain Users"].sid, ENROLL_RIGHT))),
         ]
         for index, spec in enumerate(specs, start=1):
             self._template(spec, f"{self.template_oid_base}.{index}.1")

@@ -85,6 +85,32 @@ class PortTaken(RuntimeError):
     pass
 
 
+def adcs_connector_config(
+    directory_url: str,
+    base: str,
+    bind_dn: str,
+    bind_password: str,
+    *,
+    ca_name: str = "pkigate-issuing",
+    cache_ttl_seconds: int | None = None,
+) -> str:
+    """The `[[connectors]]` table of an AD-style connector at /adcs reading ``directory_url``
+    (the development directory or a Samba DC), for ``start_server(extra_config=...)``."""
+    ttl = "" if cache_ttl_seconds is None else f"cache_ttl_seconds = {cache_ttl_seconds}\n"
+    return f"""
+[[connectors]]
+type = "adcs"
+name = "adcs"
+mount = "/adcs"
+[connectors.settings]
+directory_url = "{directory_url}"
+base = "{base}"
+bind_dn = "{bind_dn}"
+bind_password = "{bind_password}"
+ca_name = "{ca_name}"
+{ttl}"""
+
+
 def _start_server(
     data_dir: Path,
     workers: int,

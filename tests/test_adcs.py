@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from helpers import raw_csr
 from ldap3 import MODIFY_REPLACE
-from serving import RunningServer, start_server
+from serving import RunningServer, adcs_connector_config, start_server
 from sqlalchemy import func, select
 
 from pkigate.adcs import soap
@@ -262,19 +262,13 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
     )
     server = start_server(
         base / "data",
-        extra_config=f"""
-[[connectors]]
-type = "adcs"
-name = "adcs"
-mount = "/adcs"
-[connectors.settings]
-directory_url = "{dev_directory.url}"
-base = "{dev_directory.base}"
-bind_dn = "{dev_directory.admin_dn}"
-bind_password = "{dev_directory.admin_password}"
-ca_name = "pkigate-issuing"
-cache_ttl_seconds = 0
-""",
+        extra_config=adcs_connector_config(
+            dev_directory.url,
+            dev_directory.base,
+            dev_directory.admin_dn,
+            dev_directory.admin_password,
+            cache_ttl_seconds=0,
+        ),
     )
     config = base / "data.toml"
     env = Env(server, dev_directory, Core.open(base / "data"), config)

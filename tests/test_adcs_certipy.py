@@ -32,25 +32,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from ldap3 import BASE, LEVEL, MODIFY_REPLACE
 from samba_dc import SambaDC, samba_dc  # noqa: F401  (the session's one DC)
-from serving import RunningServer, start_server
+from serving import RunningServer, adcs_connector_config, start_server
 from sqlalchemy import select
 
 from pkigate.adcs import layout
-from pkigate.adcs.catalogue import (
-    EDITED_TEMPLATE,
-    ENHANCED_PROVIDER,
-    OID_CLIENT_AUTH,
-    SIGNING_AND_ENCRYPTION,
-    TemplateDefinition,
-    readers,
-)
-from pkigate.adcs.flags import (
-    RID_DOMAIN_ADMINS,
-    RID_DOMAIN_USERS,
-    CertificateNameFlag,
-    EnrollmentFlag,
-    PrivateKeyFlag,
-)
+from pkigate.adcs.catalogue import esc1_vulnerable_template, readers
+from pkigate.adcs.flags import RID_DOMAIN_ADMINS, RID_DOMAIN_USERS
 from pkigate.adcs.ldapdir import Directory
 from pkigate.adcs.publish import CERT_OID_TYPE_TEMPLATE, ENTERPRISE_CA_FLAGS
 from pkigate.adcs.security import ENROLL_RIGHT, Sid, allow
@@ -104,18 +91,8 @@ def _dangerous_template(dc: SambaDC) -> None:
         conn.search(dc.base, "(objectClass=*)", BASE, attributes=["objectSid"])
         domain = Sid.from_bytes(conn.response[0]["raw_attributes"]["objectSid"][0])
     admins, users = str(domain.with_rid(RID_DOMAIN_ADMINS)), str(domain.with_rid(RID_DOMAIN_USERS))
-    definition = TemplateDefinition(
-        name=DANGEROUS,
-        display_name="ESC1 vulnerable (tests only)",
-        extended_key_usages=(OID_CLIENT_AUTH,),
-        key_usage=SIGNING_AND_ENCRYPTION,
-        name_flags=CertificateNameFlag.ENROLLEE_SUPPLIES_SUBJECT,
-        enrollment_flags=EnrollmentFlag(0),
-        private_key_flags=PrivateKeyFlag.EXPORTABLE_KEY,
-        general_flags=EDITED_TEMPLATE,
-        provider=ENHANCED_PROVIDER,
-        aces=(*readers(admins), allow(users, ENROLL_RIGHT)),
-    )
+    definition = esc1_vulnerable_template((*readers(admins), allow(users, ENROLL_RIGHT)))
+    assert definition.name == DANGEROUS
     attributes = definition.attributes("1.3.6.1.4.1.311.21.8.1.2.3.4.5.6.99.1", owner_sid=admins)
     dn = layout.template_dn(dc.base, DANGEROUS)
     with dc.admin_connection() as conn:
@@ -133,19 +110,14 @@ def published(samba_dc: SambaDC, tmp_path_factory: pytest.TempPathFactory) -> It
     _dangerous_template(samba_dc)
     server = start_server(
         base / "data",
-        extra_config=f"""
-[[connectors]]
-type = "adcs"
-name = "adcs"
-mount = "/adcs"
-[connectors.settings]
-directory_url = "{samba_dc.url}"
-base = "{samba_dc.base}"
-bind_dn = "{samba_dc.admin_dn}"
-bind_password = "{samba_dc.admin_password}"
-ca_name = "{CA_NAME}"
-cache_ttl_seconds = 0
-""",
+        extra_config=adcs_connector_config(
+            samba_dc.url,
+            samba_dc.base,
+            samba_dc.admin_dn,
+            samba_dc.admin_password,
+            ca_name=CA_NAME,
+            cache_ttl_seconds=0,
+        ),
     )
     try:
         env = Published(samba_dc, server, base / "data.toml", {})

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from helpers import ACTOR, Clock, create_root, scep_static_challenge
-from serving import PKIGATE, RunningServer, child_pids, start_server
+from serving import PKIGATE, RunningServer, adcs_connector_config, child_pids, start_server
 from sqlalchemy.exc import OperationalError
 
 from pkigate.adcs import soap
@@ -436,18 +436,12 @@ def test_wstep_enrollment_on_a_full_disk_is_a_receiver_fault_to_retry(
     with small_tmpfs(tmp_path / "data") as data_dir:
         server = start_server(
             data_dir,
-            extra_config=f"""
-[[connectors]]
-type = "adcs"
-name = "adcs"
-mount = "/adcs"
-[connectors.settings]
-directory_url = "{dev_directory.url}"
-base = "{dev_directory.base}"
-bind_dn = "{dev_directory.admin_dn}"
-bind_password = "{dev_directory.admin_password}"
-ca_name = "pkigate-issuing"
-""",
+            extra_config=adcs_connector_config(
+                dev_directory.url,
+                dev_directory.base,
+                dev_directory.admin_dn,
+                dev_directory.admin_password,
+            ),
         )
         filler: Path | None = None
         try:
