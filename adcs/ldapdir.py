@@ -23,9 +23,9 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from ldap3 import LEVEL, NONE, Connection, Server, Tls
+from ldap3 import BASE, LEVEL, NONE, Connection, Server, Tls
 from ldap3.core.exceptions import (
     LDAPException,
     LDAPPasswordIsMandatoryError,
@@ -60,6 +60,7 @@ __all__ = [
     "InvalidCredentials",
     "Principal",
     "PrincipalDisabled",
+    "RootDse",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,14 +74,16 @@ MAX_ACCOUNT_NAME_CHARS = 256
 # without SeSecurityPrivilege unless the request asks for less than the default 0xF
 # ([MS-ADTS] 3.1.1.3.4.1.11). Not critical, so slapd ignores it.
 SD_FLAGS_OWNER_GROUP_DACL = 0x07
-# slapd refuses certificate-syntax values without the ;binary transfer option (RFC 4522);
-# AD accepts and ignores it.
-CA_CERTIFICATE_ATTRIBUTE = "cACertificate;binary"
-ENROLLMENT_SERVICE_ATTRIBUTES = (
-    "cn",
-    "dNSHostName",
-    "certificateTemplates",
-    CA_CERTIFICATE_ATTRIBUTE,
+# cACertificate is written with the ;binary option to slapd only (pkigate.adcs.publish), and
+# read by its plain name, which both return (slapd with ;binary, merged when read).
+ENROLLMENT_SERVICE_ATTRIBUTES = ("cn", "dNSHostName", "certificateTemplates", "cACertificate")
+
+# LDAP_CAP_ACTIVE_DIRECTORY_OID in the root DSE's supportedCapabilities: AD or Samba AD.
+ACTIVE_DIRECTORY_CAPABILITY = "1.2.840.113556.1.4.800"
+ROOT_DSE_ATTRIBUTES = (
+    "defaultNamingContext",
+    "configurationNamingContext",
+    "supportedCapabilities",
 )
 
 LDAP_SUCCESS = 0
@@ -92,6 +95,13 @@ LDAP_UNAVAILABLE_RESULTS = frozenset({3, 51, 52, 80})  # timeLimit, busy, unavai
 # tell which names exist.
 INVALID_CREDENTIALS_MESSAGE = "unknown account or wrong password"
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+BindOutcome = Literal["bound", "disabled", "refused"]
+# AD (and Samba) refuse a disabled account's bind even with the right password, saying so in
+# the diagnostic message: "AcceptSecurityContext error, data 533" (ERROR_ACCOUNT_DISABLED).
+# A wrong password says "data 52e" whatever the account's state, so this discloses nothing
+# to one who lacks the password.
+AD_ACCOUNT_DISABLED = re.compile(r"\bdata 533\b")
 
 
 class DirectoryError(RuntimeError):
@@ -127,6 +137,16 @@ class EnrollmentService:
     """Names (cn) of the templates the CA issues from."""
     ca_certificate_der: bytes | None
     """cACertificate: the CA's own certificate."""
+
+
+@dataclass(frozen=True)
+class RootDse:
+    """What the directory's root DSE says about itself."""
+
+    default_naming_context: str | None
+    configuration_naming_context: str | None
+    active_directory: bool
+    """An AD domain controller (Windows or Samba), as against the development directory."""
 
 
 @dataclass(frozen=True)
@@ -180,9 +200,34 @@ class Directory:
         self._generation = 0
         self._templates: _TemplateSnapshot | None = None
         self._services: dict[str, tuple[float, EnrollmentService | None]] = {}
+        self._root_dse: RootDse | None = None
 
     def __repr__(self) -> str:
         return f"Directory({self.url!r}, {self.base!r}, bind_dn={self.bind_dn!r})"
+
+    def root_dse(self) -> RootDse:
+        """The root DSE's naming contexts and kind, read once (they do not change)."""
+        with self._lock:
+            if self._root_dse is not None:
+                return self._root_dse
+        with self._service() as connection:
+            entries = _search(connection, "", "(objectClass=*)", BASE, ROOT_DSE_ATTRIBUTES)
+        raw = entries[0][1] if entries else {}
+
+        def single(attribute: str) -> str | None:
+            values = raw.get(attribute) or []
+            return bytes(values[0]).decode(errors="replace") if len(values) == 1 else None
+
+        capabilities = {bytes(value).decode(errors="replace") for value in
+                        raw.get("supportedCapabilities") or []}  # fmt: skip
+        root = RootDse(
+            default_naming_context=single("defaultNamingContext"),
+            configuration_naming_context=single("configurationNamingContext"),
+            active_directory=ACTIVE_DIRECTORY_CAPABILITY in capabilities,
+        )
+        with self._lock:
+            self._root_dse = root
+        return root
 
     # --- certificate templates --------------------------------------------------------------
 
@@ -300,7 +345,8 @@ class Directory:
         Raises :class:`InvalidCredentials` for an unknown account, a wrong or an empty password
         (an empty password would make an unauthenticated bind, which succeeds), then
         :class:`PrincipalDisabled` for a disabled account: slapd does not enforce
-        userAccountControl, and disclosing it only to the holder of the password is harmless.
+        userAccountControl, AD refuses the bind saying why (:data:`AD_ACCOUNT_DISABLED`), and
+        disclosing it only to the holder of the password is harmless.
         """
         if not password:
             raise InvalidCredentials(INVALID_CREDENTIALS_MESSAGE)
@@ -312,9 +358,12 @@ class Directory:
             except PrincipalLookupError as exc:
                 logger.warning("refusing to authenticate %r: %s", username, exc)
                 principal = None
-            if principal is None or not self._password_binds(principal.dn, password):
+            if principal is None:
                 raise InvalidCredentials(INVALID_CREDENTIALS_MESSAGE)
-            if principal.disabled:
+            bind = self._password_bind(principal.dn, password)
+            if bind == "refused":
+                raise InvalidCredentials(INVALID_CREDENTIALS_MESSAGE)
+            if bind == "disabled" or principal.disabled:
                 raise PrincipalDisabled(f"the account {principal.sam_account_name} is disabled")
             return resolve_token(connection, self.base, principal)
 
@@ -352,19 +401,23 @@ class Directory:
             return principal
         return find_principal(connection, self.base, name)
 
-    def _password_binds(self, dn: str, password: str) -> bool:
+    def _password_bind(self, dn: str, password: str) -> BindOutcome:
         connection = self._connection(dn, password)
         try:
             if connection.bind():
-                return True
+                return "bound"
             result = connection.result.get("result")
             if result in LDAP_UNAVAILABLE_RESULTS:
                 raise DirectoryUnavailable(f"{self.url} did not verify a password: {result}")
-            return False  # invalidCredentials, or any other refusal
+            if result == LDAP_INVALID_CREDENTIALS and AD_ACCOUNT_DISABLED.search(
+                connection.result.get("message") or ""
+            ):
+                return "disabled"
+            return "refused"  # invalidCredentials, or any other refusal
         except (LDAPSASLPrepError, LDAPPasswordIsMandatoryError):
             # RFC 4013: a password SASLprep prohibits (or maps to nothing) is no password
             # of any account: wrong credentials, not an unavailable directory.
-            return False
+            return "refused"
         except LDAPException as exc:
             raise DirectoryUnavailable(f"{self.url}: {exc}") from None
         finally:

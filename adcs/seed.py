@@ -145,6 +145,21 @@ def build_seed(
     return builder.build()
 
 
+def template_entries(base: str, group_sids: Mapping[str, str]) -> tuple[LdifEntry, ...]:
+    """The example domain's certificate templates alone, for a domain that has its own
+    accounts and groups (a Samba or Windows DC in tests).
+
+    ``group_sids``: the SIDs of the groups the templates' security descriptors name, by
+    sAMAccountName: Domain Admins, Domain Users, Domain Computers, PKI Users, Web Admins and
+    Denied Users. The entries carry an objectGUID, which a DC assigns itself: leave it out.
+    """
+    domain = Sid.parse(group_sids["Domain Users"])
+    builder = _SeedBuilder(base, Sid(domain.authority, domain.sub_authorities[:-1]), {})
+    builder.groups = {name: SeedGroup(name, "", sid, ()) for name, sid in group_sids.items()}
+    builder._templates()
+    return tuple(builder.entries)
+
+
 def ssha512(password: str) -> str:
     """A userPassword value slapd verifies with its pw-sha2 module: {SSHA512}."""
     salt = os.urandom(16)

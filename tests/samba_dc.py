@@ -6,13 +6,15 @@ directory (slapd, :mod:`pkigate.adcs.directory`).
 
 Each DC runs in its own temporary directory with its own smb.conf, private, lock, state and
 cache directories and krb5.conf, and listens on a loopback address of its own
-(:func:`loopback_address`): Samba's ports are fixed (LDAP 389/636, Kerberos 88/464), so two DCs
-(pytest-xdist workers, other developers' runs) can only live side by side on different
-addresses. It is started as ``samba -i`` in a session of its own and stopped by that PID.
+(:func:`loopback_address`, from the PID): Samba's ports are fixed (LDAP 389/636, Kerberos
+88/464), so two DCs (pytest-xdist workers, other developers' runs) can only live side by
+side on different addresses. It is started as ``samba -i`` in a session of its own and
+stopped by that PID.
 
 Provisioning takes about half a minute, so a provisioned domain (with its accounts, made with
 ``samba-tool``) is kept in a cache shared by every run on the machine and copied for each DC;
-its key covers the Samba version and this file, so a change to either provisions anew.
+its key covers the Samba version and the provisioning recipe, so a change to either
+provisions anew.
 
 Pytest: ``from samba_dc import samba_dc`` gives a session-scoped running :class:`SambaDC`
 (skipped where Samba is missing or the run is not root; :func:`make_samba_dc_fixture` makes
@@ -30,6 +32,8 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import inspect
+import itertools
 import os
 import shutil
 import signal
@@ -45,6 +49,9 @@ from typing import Any, Literal, Self
 
 import pytest
 from ldap3 import BASE, Connection, Server
+from ldap3.utils.conv import escape_filter_chars
+
+from pkigate.adcs.seed import LdifEntry, template_entries
 
 REALM = "SAMBA.TEST"
 NETBIOS_DOMAIN = "SAMBA"
@@ -69,6 +76,11 @@ GROUPS = {
     "Denied Users": ("Denied user certificates", ("carol",)),
 }
 DISABLED_USERS = ("bob",)
+# The groups the example templates' security descriptors name.
+TEMPLATE_GROUPS = (
+    "Domain Admins", "Domain Users", "Domain Computers", "PKI Users", "Web Admins", "Denied Users"
+)  # fmt: skip
+DC_ASSIGNED_ATTRIBUTES = frozenset({"objectguid"})
 # The KDC stays for Kerberos tests; DNS, SMB, NetBIOS and the rest are not needed and would
 # only take ports and time. Pass services= to start more (e.g. "dns" for clients that
 # resolve the DC's SRV records).
@@ -81,6 +93,7 @@ STOP_TIMEOUT_SECONDS = 15.0
 TOOL_TIMEOUT_SECONDS = 180.0
 LOG_TAIL_BYTES = 4000
 PROVISION_REQUIREMENT = Path("/usr/share/samba/setup/ad-schema")
+MAX_DCS_PER_PROCESS = 3
 DEFAULT_CACHE_ROOT = Path(tempfile.gettempdir()) / f"pkigate-samba-dc-{os.getuid()}"
 CONF = "etc/smb.conf"
 
@@ -102,14 +115,22 @@ def samba_unavailable_reason() -> str | None:
     return None
 
 
-def loopback_address(pid: int | None = None) -> str:
+def loopback_address(pid: int | None = None, index: int | None = None) -> str:
     """A 127.x.y.z address no other live process picks: it is derived from the PID.
 
-    PIDs are below 2**22 on Linux, which the last 22 bits carry; the second octet starts at 64
-    to stay clear of 127.0.0.1 and the low addresses other tools use.
+    PIDs are below 2**22 on Linux, which the last 22 bits carry; ``index`` (0-2, by default
+    the next unused in this process) tells apart the DCs of one process. The second octet
+    starts at 64 to stay clear of 127.0.0.1 and the low addresses other tools use.
     """
     pid = os.getpid() if pid is None else pid
-    return f"127.{64 + ((pid >> 16) & 0x3F)}.{(pid >> 8) & 0xFF}.{pid & 0xFF}"
+    if index is None:
+        index = next(_address_indexes)
+    if not 0 <= index < MAX_DCS_PER_PROCESS:
+        raise SambaError(f"at most {MAX_DCS_PER_PROCESS} DCs per process")
+    return f"127.{64 + index * 64 + ((pid >> 16) & 0x3F)}.{(pid >> 8) & 0xFF}.{pid & 0xFF}"
+
+
+_address_indexes = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -235,6 +256,29 @@ class SambaDC:
             receive_timeout=30,
         )
 
+    def group_sids(self, names: Sequence[str]) -> dict[str, str]:
+        """objectSid of the groups named (sAMAccountName), by name."""
+        wanted = "".join(f"(sAMAccountName={escape_filter_chars(name)})" for name in names)
+        with self.admin_connection() as connection:
+            connection.search(BASE_DN, f"(&(objectClass=group)(|{wanted}))", attributes=["*"])
+            found = {e.sAMAccountName.value: str(e.objectSid.value) for e in connection.entries}
+        if missing := set(names) - set(found):
+            raise SambaError(f"no such groups: {sorted(missing)}")
+        return found
+
+    def add_example_templates(self) -> tuple[str, ...]:
+        """Add the development directory's certificate templates (Machine, User, WebServer,
+        UserPending, ESC1Vulnerable; :mod:`pkigate.adcs.seed`) with this domain's group SIDs
+        in their security descriptors; their names.
+
+        Samba ships no AD CS templates. Done per DC rather than in the cached domain, so that
+        tests of ``pkigate adcs publish`` can start from the empty container.
+        """
+        entries = template_entries(self.base, self.group_sids(TEMPLATE_GROUPS))
+        with self.admin_connection() as connection:
+            add_entries(connection, entries)
+        return tuple(entry.dn.split(",", 1)[0].removeprefix("CN=") for entry in entries)
+
     def tool(self, *args: str) -> str:
         """Run ``samba-tool args -s <smb.conf>`` on this DC's databases; its output."""
         return _run(["samba-tool", *args, "-s", str(self.conf_path)], self.env)
@@ -311,13 +355,29 @@ class SambaDC:
         return ""
 
 
+def add_entries(connection: Connection, entries: Sequence[LdifEntry]) -> None:
+    """Add entries built for the development directory to an AD over LDAP, leaving out the
+    attributes a DC assigns itself (objectGUID)."""
+    for entry in entries:
+        attributes = {
+            name: [str(value) if isinstance(value, int) else value for value in values]
+            for name, values in entry.attributes
+            if name.lower() not in DC_ASSIGNED_ATTRIBUTES
+        }
+        classes = attributes.pop("objectClass")
+        if not connection.add(entry.dn, classes, attributes):
+            raise SambaError(f"cannot add {entry.dn}: {connection.result}")
+
+
 # --- provisioning -------------------------------------------------------------------------------
 
 
 def _cached_domain(cache_root: Path) -> Path:
     """A provisioned, seeded domain in the cache, made once per Samba version and fixture."""
     version = _run(["samba", "-V"], dict(os.environ)).strip()
-    key = hashlib.sha256(version.encode() + Path(__file__).read_bytes()).hexdigest()[:16]
+    domain = (REALM, NETBIOS_DOMAIN, HOST_NAME, ADMIN_PASSWORD, USER_PASSWORDS, COMPUTER_PASSWORDS)
+    recipe = f"{version} {domain} {GROUPS} {DISABLED_USERS} {inspect.getsource(_provision_domain)}"
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     cache_root.mkdir(mode=0o700, parents=True, exist_ok=True)
     template = cache_root / key
     # Other workers and other runs wait for one provisioning rather than each doing it.
@@ -398,6 +458,8 @@ def _configure(root: Path, address: str, services: Sequence[str]) -> None:
         "interfaces": f"{address}/8",
         "server services": " ".join(services),
         "log file": str(root / "log.%m"),
+        # Not /run/samba: another DC on the machine would make this one refuse to start.
+        "pid directory": str(root / "run"),
         # Simple binds on ldap:// to a loopback DC, as the connector makes (provisioning does
         # not keep this setting, hence here).
         "ldap server require strong auth": "no",
@@ -476,9 +538,14 @@ def _root_dse_answers(address: str) -> bool:
 
 
 def make_samba_dc_fixture(
-    scope: Scope = "session", *, services: Sequence[str] = DEFAULT_SERVICES
+    scope: Scope = "session",
+    *,
+    services: Sequence[str] = DEFAULT_SERVICES,
+    templates: bool = True,
 ) -> Callable[..., Any]:
     """A fixture yielding a running :class:`SambaDC`, stopped when its scope ends.
+
+    ``templates``: add the example certificate templates (:meth:`SambaDC.add_example_templates`).
 
     Skipped where Samba cannot run, except under scripts/test (PKIGATE_TOOLS_INSTALLED), where
     a missing tool is a failure.
@@ -491,6 +558,8 @@ def make_samba_dc_fixture(
                 pytest.fail(reason)
             pytest.skip(reason)
         with SambaDC(tmp_path_factory.mktemp("samba-dc"), services=services) as dc:
+            if templates:
+                dc.add_example_templates()
             yield dc
 
     return samba_dc
@@ -509,10 +578,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--services", default=" ".join(DEFAULT_SERVICES), help="Samba server services"
     )
+    parser.add_argument(
+        "--no-templates", action="store_true", help="leave CN=Certificate Templates empty"
+    )
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         root = args.dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         dc = stack.enter_context(SambaDC(root, args.address, services=args.services.split()))
+        templates = () if args.no_templates else dc.add_example_templates()
         print(f"Samba AD DC {dc.host_name} (pid {dc.pid}) in {dc.root}")
         print(f"  provisioned in {dc.provision_seconds:.1f}s, started in {dc.start_seconds:.1f}s")
         print(f"  LDAP {dc.url}  base {dc.base}  config {dc.configuration_dn}")
@@ -521,6 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             account = dc.account(name)
             state = " (disabled)" if account.disabled else ""
             print(f"  {name}{state}: {account.password}  {account.upn or account.dn}")
+        print(f"  templates: {', '.join(templates) or 'none'}")
         print(f"  KRB5_CONFIG={dc.krb5_conf_path} kinit alice@{dc.realm}")
         print(f"  samba-tool ... -s {dc.conf_path}")
         print("Ctrl-C stops it.")

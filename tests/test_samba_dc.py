@@ -15,8 +15,9 @@ samba_dc = make_samba_dc_fixture()
 
 
 def test_loopback_addresses_differ_per_process_and_avoid_127_0_0_1() -> None:
-    addresses = {loopback_address(pid) for pid in (1, 255, 256, 65536, 4_194_303)}
-    assert len(addresses) == 5
+    pids = (1, 255, 256, 65536, 4_194_303)
+    addresses = {loopback_address(pid, index) for pid in pids for index in range(3)}
+    assert len(addresses) == 15
     assert "127.0.0.1" not in addresses
     assert all(address.startswith("127.") for address in addresses)
 

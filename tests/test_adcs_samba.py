@@ -1,0 +1,128 @@
+"""The AD-style connector's directory reading against a real AD: a Samba AD DC
+(tests/samba_dc.py) with the example templates added to its Configuration partition."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from samba_dc import SambaDC, make_samba_dc_fixture
+
+from pkigate.adcs.flags import CertificateNameFlag, EnrollmentFlag
+from pkigate.adcs.ldapdir import Directory, InvalidCredentials, PrincipalDisabled
+from pkigate.adcs.publish import PublishRequest, publish
+from pkigate.adcs.security import enroll_rights
+
+samba_dc = make_samba_dc_fixture("module")
+
+
+@pytest.fixture(scope="module")
+def directory(samba_dc: SambaDC) -> Iterator[Directory]:
+    yield Directory(samba_dc.url, samba_dc.base, samba_dc.admin_dn, samba_dc.admin_password)
+
+
+def test_templates_are_read_from_the_configuration_partition(directory: Directory) -> None:
+    templates = directory.templates()
+    assert set(templates) >= {"Machine", "User", "WebServer", "UserPending", "ESC1Vulnerable"}
+    assert directory.template_errors() == {}
+    machine = templates["Machine"]
+    assert machine.dn.lower().endswith(
+        "cn=certificate templates,cn=public key services,cn=services,"
+        "cn=configuration,dc=samba,dc=test"
+    )
+    assert CertificateNameFlag.SUBJECT_ALT_REQUIRE_DNS in machine.name_flags
+    assert EnrollmentFlag.PEND_ALL_REQUESTS in templates["UserPending"].enrollment_flags
+    # The security descriptor came back (LDAP_SERVER_SD_FLAGS: owner, group and DACL).
+    assert machine.security_descriptor
+
+
+@pytest.mark.parametrize("form", ["alice", "alice@samba.test", "SAMBA\\alice", "samba.test\\alice"])
+def test_a_user_authenticates_in_every_name_form(
+    samba_dc: SambaDC, directory: Directory, form: str
+) -> None:
+    alice = samba_dc.account("alice")
+    principal = directory.authenticate(form, alice.password)
+    assert principal.sid == alice.sid
+    assert principal.user_principal_name == "alice@samba.test"
+    assert principal.mail == "alice@samba.test"
+    with pytest.raises(InvalidCredentials):
+        directory.authenticate(form, "not-the-password")
+
+
+def test_token_holds_nested_groups_and_the_primary_group(
+    samba_dc: SambaDC, directory: Directory
+) -> None:
+    alice = directory.authenticate("alice", samba_dc.account("alice").password)
+    groups = samba_dc.group_sids(["Web Admins", "PKI Users", "Domain Users", "Denied Users"])
+    assert {groups["Web Admins"], groups["PKI Users"], groups["Domain Users"]} <= alice.token_sids
+    assert groups["Denied Users"] not in alice.token_sids
+    assert {"Web Admins", "PKI Users", "Domain Users"} <= alice.group_names
+
+
+def test_enroll_rights_follow_the_security_descriptors_with_nesting_and_deny(
+    samba_dc: SambaDC, directory: Directory
+) -> None:
+    templates = directory.templates()
+    alice = directory.authenticate("alice", samba_dc.account("alice").password)
+    carol = directory.authenticate("carol", samba_dc.account("carol").password)
+    eve = directory.authenticate("eve", samba_dc.account("eve").password)
+
+    def may_enroll(template: str, principal_token: frozenset[str]) -> bool:
+        return enroll_rights(templates[template].security_descriptor, principal_token).enroll
+
+    assert may_enroll("UserPending", alice.token_sids)  # alice ∈ Web Admins ∈ PKI Users
+    assert may_enroll("WebServer", alice.token_sids)
+    assert not may_enroll("WebServer", eve.token_sids)
+    assert may_enroll("User", eve.token_sids)
+    assert not may_enroll("User", carol.token_sids)  # the deny ACE for Denied Users wins
+
+
+def test_a_disabled_account_is_refused(samba_dc: SambaDC, directory: Directory) -> None:
+    with pytest.raises(PrincipalDisabled):
+        directory.authenticate("bob", samba_dc.account("bob").password)
+
+
+def test_a_computer_is_found_by_its_sid_with_its_dns_host_name(
+    samba_dc: SambaDC, directory: Directory
+) -> None:
+    ws01 = samba_dc.account("WS01$")
+    principal = directory.principal_by_sid(ws01.sid)
+    assert principal is not None
+    assert principal.kind == "computer"
+    assert principal.dns_host_name == "ws01.samba.test"
+    assert directory.authenticate("WS01$", ws01.password).sid == ws01.sid
+    groups = samba_dc.group_sids(["Domain Computers"])
+    assert groups["Domain Computers"] in principal.token_sids
+
+
+def test_an_enrollment_service_is_published_and_read_back(directory: Directory) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pkigate Samba test CA")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    # The example templates are this module's fixture: kept as they are.
+    request = PublishRequest(
+        "pkigate Samba CA", "pkigate.samba.test", der, ("Machine", "User"), True
+    )
+    outcome = publish(directory, request).enrollment_service
+    assert outcome in ("created", "updated")
+    service = directory.enrollment_service("pkigate Samba CA")
+    assert service is not None
+    assert service.certificate_templates == ("Machine", "User")
+    assert service.ca_certificate_der == der
+    assert service.dns_host_name == "pkigate.samba.test"
