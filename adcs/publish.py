@@ -85,8 +85,6 @@ EMPTY_REVOCATION_LIST = b"\x00"
 # the value it keeps in CN=OID's msPKI-Cert-Template-OID.
 FOREST_OID_NUMBERS = 6
 OID_NUMBER_BOUND = 1 << 24
-# Announced in the root DSE's supportedCapabilities by AD and Samba ([MS-ADTS] 3.1.1.3.4.3.1).
-LDAP_CAP_ACTIVE_DIRECTORY_OID = "1.2.840.113556.1.4.800"
 # Certificate and CRL attributes: slapd refuses their values without the ;binary transfer
 # option (RFC 4522), Samba refuses the option as an attribute it does not know.
 BINARY_ATTRIBUTES = ("cACertificate", "authorityRevocationList", "certificateRevocationList")
@@ -186,8 +184,9 @@ def publish(directory: Directory, request: PublishRequest) -> PublishResult:
     offered = list(dict.fromkeys(request.templates))
     if any(not name for name in offered):
         raise ValueError("a template name is empty")
+    active_directory = directory.root_dse().active_directory
     with directory.writer() as connection:
-        writer = _Writer(connection, directory.base)
+        writer = _Writer(connection, directory.base, active_directory)
         existing = writer.existing_templates()
         ours = {name.casefold() for name in PKIGATE_TEMPLATE_NAMES}
         unknown = [n for n in offered if n.casefold() not in ours | set(existing)]
@@ -229,7 +228,7 @@ def enterprise_oid_cn(oid: str) -> str:
 class _Writer:
     """The writes of one publish, over one connection bound as the service account."""
 
-    def __init__(self, connection: Connection, base: str) -> None:
+    def __init__(self, connection: Connection, base: str, active_directory: bool) -> None:
         self.connection = connection
         self.base = base
         self.pks = layout.public_key_services_dn(base)
@@ -237,9 +236,7 @@ class _Writer:
         self._forest_oid: str | None = None
         self._definitions: dict[str, TemplateDefinition] | None = None
         self._owner_sid = ""
-        root = self.read("", ["supportedCapabilities"]) or {}
-        is_ad = LDAP_CAP_ACTIVE_DIRECTORY_OID.encode() in root.get("supportedcapabilities", [])
-        option = "" if is_ad else ";binary"
+        option = "" if active_directory else ";binary"
         self.binary = {name: name + option for name in BINARY_ATTRIBUTES}
 
     # --- reading -------------------------------------------------------------------------

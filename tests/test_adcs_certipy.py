@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from ldap3 import BASE, LEVEL, MODIFY_REPLACE
-from samba_dc import SambaDC, samba_dc  # noqa: F401  (the session's one DC)
+from samba_dc import SambaDC, make_samba_dc_fixture
 from serving import RunningServer, adcs_connector_config, start_server
 from sqlalchemy import select
 
@@ -51,6 +51,9 @@ CA_NAME = "pkigate-issuing"
 PKIGATE_TEMPLATES = ("Machine", "User", "WebServer")
 DANGEROUS = "ESC1Vulnerable"
 COMMAND_TIMEOUT = 180
+
+# A DC of this module's own, with no template: publish starts from Samba's empty container.
+samba_dc = make_samba_dc_fixture("module", templates=False)
 
 
 @dataclass
@@ -96,7 +99,6 @@ def _dangerous_template(dc: SambaDC) -> None:
     attributes = definition.attributes("1.3.6.1.4.1.311.21.8.1.2.3.4.5.6.99.1", owner_sid=admins)
     dn = layout.template_dn(dc.base, DANGEROUS)
     with dc.admin_connection() as conn:
-        conn.delete(dn)  # left by an earlier module on this session's DC, if any
         assert conn.add(
             dn,
             ["top", "pKICertificateTemplate"],
@@ -105,7 +107,7 @@ def _dangerous_template(dc: SambaDC) -> None:
 
 
 @pytest.fixture(scope="module")
-def published(samba_dc: SambaDC, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:  # noqa: F811
+def published(samba_dc: SambaDC, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
     base = tmp_path_factory.mktemp("adcs-samba")
     _dangerous_template(samba_dc)
     server = start_server(
@@ -163,8 +165,7 @@ def _templates(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_publish_writes_the_objects_an_enterprise_ca_registers(published: Published) -> None:
     env, dc = published, published.dc
     outcomes = env.publish_output["template_outcomes"]
-    # "updated" where another module published on this session's DC first.
-    assert all(outcomes[name] in ("created", "updated") for name in PKIGATE_TEMPLATES)
+    assert [outcomes[name] for name in PKIGATE_TEMPLATES] == ["created"] * 3
     assert outcomes[DANGEROUS] == "existing"  # offered as the directory defines it
     issuing = x509.load_der_x509_certificate(
         env.read(env.publish_output["dn"], "cACertificate")["cacertificate"][0]
