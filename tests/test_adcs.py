@@ -1693,3 +1693,26 @@ def test_publishing_again_updates_the_enrollment_service(env: Env) -> None:
     assert {t.decode() for t in entry["certificateTemplates"]} == set(PUBLISHED)
     issuing = env.core.authorities.get(_issuing_id(env))
     assert entry["cACertificate;binary"] == [bytes(issuing.certificate_der or b"")]
+
+
+def test_publishing_a_template_nobody_defines_is_refused_audited_and_writes_nothing(
+    env: Env,
+) -> None:
+    every = [arg for name in PUBLISHED for arg in ("--template", name)]
+    refused = env.cli("publish", *every, "--template", "NoSuchTemplate")
+    assert refused.returncode == 1
+    assert "no such template in the directory: NoSuchTemplate" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    failures = [f for f in env.refusals() if f["action"] == "adcs.publish"]
+    assert failures and "NoSuchTemplate" in failures[-1]["error"]
+    conn = env.directory.admin_connection()
+    try:
+        conn.search(
+            enrollment_services_dn(env.directory.base),
+            "(cn=pkigate-issuing)",
+            attributes=["certificateTemplates"],
+        )
+        offered = {t.decode() for t in conn.response[0]["raw_attributes"]["certificateTemplates"]}
+    finally:
+        conn.unbind()
+    assert offered == set(PUBLISHED)  # as the fixture published it
