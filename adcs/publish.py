@@ -72,9 +72,9 @@ LDAP_ENTRY_ALREADY_EXISTS = 68
 # nTSecurityDescriptor is written as owner, group and DACL: without the SD_FLAGS control AD
 # would also expect the SACL, which only SeSecurityPrivilege may set ([MS-ADTS] 3.1.1.3.4.1.11).
 SD_FLAGS_OWNER_GROUP_DACL = 0x07
-# pKIEnrollmentService flags an enterprise CA writes: CA_FLAG_SUPPORTS_NT_AUTHENTICATION (2,
-# the CA authenticates requesters against the domain) | CA_FLAG_CA_SERVERTYPE_ADVANCED (8, it
-# issues from version 2 templates).
+# pKIEnrollmentService flags an enterprise CA writes (certca.h): CA_FLAG_SUPPORTS_NT_AUTHENTICATION
+# (2, the CA authenticates requesters against the domain) | CA_FLAG_CA_SERVERTYPE_ADVANCED (8,
+# an advanced server: clients offer it version 2 and later templates).
 ENTERPRISE_CA_FLAGS = 0x2 | 0x8
 # msPKI-Enterprise-Oid flags: the OID names a certificate template ([MS-CRTD] 2.20).
 CERT_OID_TYPE_TEMPLATE = 1
