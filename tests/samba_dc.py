@@ -33,7 +33,6 @@ import contextlib
 import fcntl
 import hashlib
 import inspect
-import itertools
 import os
 import shutil
 import signal
@@ -119,18 +118,22 @@ def loopback_address(pid: int | None = None, index: int | None = None) -> str:
     """A 127.x.y.z address no other live process picks: it is derived from the PID.
 
     PIDs are below 2**22 on Linux, which the last 22 bits carry; ``index`` (0-2, by default
-    the next unused in this process) tells apart the DCs of one process. The second octet
-    starts at 64 to stay clear of 127.0.0.1 and the low addresses other tools use.
+    the first no running DC of this process holds) tells apart the DCs of one process. The
+    second octet starts at 64 to stay clear of 127.0.0.1 and the low addresses other tools use.
     """
     pid = os.getpid() if pid is None else pid
     if index is None:
-        index = next(_address_indexes)
+        free = [i for i in range(MAX_DCS_PER_PROCESS) if i not in _indexes_in_use]
+        if not free:
+            raise SambaError(f"at most {MAX_DCS_PER_PROCESS} DCs run at once in a process")
+        index = free[0]
     if not 0 <= index < MAX_DCS_PER_PROCESS:
-        raise SambaError(f"at most {MAX_DCS_PER_PROCESS} DCs per process")
+        raise SambaError(f"the index of a DC's address is below {MAX_DCS_PER_PROCESS}")
     return f"127.{64 + index * 64 + ((pid >> 16) & 0x3F)}.{(pid >> 8) & 0xFF}.{pid & 0xFF}"
 
 
-_address_indexes = itertools.count()
+# Indexes (see loopback_address) of the DCs this process runs, taken from start to stop.
+_indexes_in_use: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,13 @@ class SambaDC:
         """``cache_root``: where provisioned domains are kept between runs (None: provision
         every time, in ``root``)."""
         self.root = root.resolve()
-        self.address = address or loopback_address()
+        self._index: int | None = None
+        if address is None:
+            # Held until stop(): the next DC of this process takes another address.
+            address = loopback_address()
+            self._index = int(address.split(".")[1]) // 64 - 1
+            _indexes_in_use.add(self._index)
+        self.address = address
         self.services = tuple(services)
         self.cache_root = cache_root
         self._process: subprocess.Popen[bytes] | None = None
@@ -302,6 +311,9 @@ class SambaDC:
     def stop(self) -> None:
         """Stop Samba (its whole process group, which it alone leads) and wait for it."""
         process, self._process = self._process, None
+        if self._index is not None:
+            _indexes_in_use.discard(self._index)
+            self._index = None
         if process is None or process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):

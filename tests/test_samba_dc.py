@@ -22,6 +22,16 @@ def test_loopback_addresses_differ_per_process_and_avoid_127_0_0_1() -> None:
     assert all(address.startswith("127.") for address in addresses)
 
 
+def test_the_dcs_of_one_process_take_different_addresses(tmp_path: Path) -> None:
+    first, second = SambaDC(tmp_path / "first"), SambaDC(tmp_path / "second")
+    assert first.address != second.address
+    first.stop()  # gives its address back, unstarted as it is
+    third = SambaDC(tmp_path / "third")
+    assert third.address == first.address
+    third.stop()
+    second.stop()
+
+
 def test_root_dse_names_the_naming_contexts(samba_dc: SambaDC) -> None:
     with Connection(Server(samba_dc.address), auto_bind=True) as connection:
         connection.search("", "(objectClass=*)", BASE, attributes=["*"])
