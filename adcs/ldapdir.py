@@ -365,7 +365,7 @@ class Directory:
                 raise InvalidCredentials(INVALID_CREDENTIALS_MESSAGE)
             if bind == "disabled" or principal.disabled:
                 raise PrincipalDisabled(f"the account {principal.sam_account_name} is disabled")
-            return resolve_token(connection, self.base, principal)
+            return self._with_token(connection, principal)
 
     def principal_by_sid(self, sid: str) -> Principal | None:
         """The account whose objectSid is ``sid``, with its token; None if none (or not a SID).
@@ -374,13 +374,17 @@ class Directory:
         """
         with self._service() as connection:
             principal = find_principal_by_sid(connection, self.base, sid)
-            return None if principal is None else resolve_token(connection, self.base, principal)
+            return None if principal is None else self._with_token(connection, principal)
 
     def principal_by_name(self, name: str) -> Principal | None:
         """The account ``name`` names (any form :meth:`authenticate` takes), with its token."""
         with self._service() as connection:
             principal = self._find(connection, name)
-            return None if principal is None else resolve_token(connection, self.base, principal)
+            return None if principal is None else self._with_token(connection, principal)
+
+    def _with_token(self, connection: Connection, principal: Principal) -> Principal:
+        token_groups = self.root_dse().active_directory
+        return resolve_token(connection, self.base, principal, token_groups=token_groups)
 
     def _find(self, connection: Connection, name: str) -> Principal | None:
         if not name or len(name) > MAX_ACCOUNT_NAME_CHARS or _CONTROL_CHARACTERS.search(name):

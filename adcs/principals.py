@@ -1,7 +1,8 @@
 """Security principals read from the directory, and the SIDs of their tokens.
 
-AD computes a logged-on principal's groups (tokenGroups); over plain LDAP, as against the
-development directory, they are found by following `member` upwards: every group whose
+AD computes a logged-on principal's groups (tokenGroups), which is read where the directory
+is AD (:func:`token_group_memberships`); over plain LDAP, as against the development
+directory, they are found by following `member` upwards: every group whose
 `member` names the principal, then every group naming one of those, and so on. As in AD the
 primary group (primaryGroupID, a RID in the principal's domain) does not list its members,
 so it is added by SID and its own parents are followed from its DN.
@@ -16,7 +17,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ldap3 import SUBTREE
+from ldap3 import BASE, SUBTREE
 from ldap3.utils.conv import escape_bytes, escape_filter_chars
 
 from pkigate.adcs.encoding import MalformedAttributeValue, from_ad_int32
@@ -38,6 +39,8 @@ PRINCIPAL_ATTRIBUTES = (
     "cn",
 )
 GROUP_ATTRIBUTES = ("objectSid", "sAMAccountName", "cn", "groupType")
+# SIDs per search when naming a token's groups: keeps each filter well under AD's limits.
+TOKEN_NAME_BATCH = 100
 
 PrincipalKind = Literal["user", "computer"]
 
@@ -198,9 +201,47 @@ def principal_token(connection: Any, base: str, principal: Principal) -> frozens
     return token_sids(principal.sid, group_sids(connection, base, principal))
 
 
-def resolve_token(connection: Any, base: str, principal: Principal) -> Principal:
-    """``principal`` with its token SIDs and group names read from the directory."""
-    groups = group_memberships(connection, base, principal)
+def token_group_memberships(connection: Any, base: str, principal: Principal) -> GroupMemberships:
+    """The groups AD itself puts in ``principal``'s token: its constructed tokenGroups.
+
+    AD computes it (nested security groups, the primary group, domain-local and BUILTIN groups
+    of the DC's domain) and returns it only on a base-scope read of the account. Names are
+    looked up for audit records; a SID the domain does not name keeps the SID as its name.
+    """
+    if not connection.search(principal.dn, "(objectClass=*)", BASE, attributes=["tokenGroups"]):
+        raise DirectorySearchFailed(f"tokenGroups of {principal.dn}: {connection.result}")
+    entries = [item for item in connection.response or [] if item.get("type") == "searchResEntry"]
+    raw: dict[str, list[bytes]] = entries[0]["raw_attributes"] if entries else {}
+    values = raw.get("tokenGroups") or []
+    if len(values) > MAX_TOKEN_GROUPS:
+        raise PrincipalLookupError(f"{principal.dn} is in more than 1024 groups")
+    try:
+        sids = frozenset(str(Sid.from_bytes(value)) for value in values)
+    except InvalidSid as exc:
+        raise PrincipalLookupError(f"{principal.dn} has a malformed tokenGroups: {exc}") from None
+    names = {sid: sid for sid in sids}
+    for start in range(0, len(values), TOKEN_NAME_BATCH):
+        chunk = values[start : start + TOKEN_NAME_BATCH]
+        batch = "".join(f"(objectSid={escape_bytes(value)})" for value in chunk)
+        for dn, group in _search(
+            connection, base, f"(&(objectClass=group)(|{batch}))", GROUP_ATTRIBUTES
+        ):
+            names[_sid(group, dn)] = _group_name(dn, group)
+    return GroupMemberships(sids, frozenset(names.values()))
+
+
+def resolve_token(
+    connection: Any, base: str, principal: Principal, *, token_groups: bool = False
+) -> Principal:
+    """``principal`` with its token SIDs and group names read from the directory.
+
+    ``token_groups``: ask the directory for the token (AD's tokenGroups, see
+    :func:`token_group_memberships`) instead of following `member` upwards, which is all the
+    development directory offers.
+    """
+    groups = (token_group_memberships if token_groups else group_memberships)(
+        connection, base, principal
+    )
     return replace(
         principal,
         token_sids=token_sids(principal.sid, groups.sids),

@@ -11,14 +11,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from ldap3 import BASE
 from samba_dc import SambaDC, make_samba_dc_fixture
 
 from pkigate.adcs.flags import CertificateNameFlag, EnrollmentFlag
 from pkigate.adcs.ldapdir import Directory, InvalidCredentials, PrincipalDisabled
 from pkigate.adcs.publish import PublishRequest, publish
-from pkigate.adcs.security import enroll_rights
+from pkigate.adcs.security import Sid, enroll_rights, token_sids
 
 samba_dc = make_samba_dc_fixture("module")
+BUILTIN_USERS = "S-1-5-32-545"
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +128,15 @@ def test_an_enrollment_service_is_published_and_read_back(directory: Directory) 
     assert service.certificate_templates == ("Machine", "User")
     assert service.ca_certificate_der == der
     assert service.dns_host_name == "pkigate.samba.test"
+
+
+def test_the_token_is_the_one_ad_computes(samba_dc: SambaDC, directory: Directory) -> None:
+    """tokenGroups, not a walk over `member`: AD's own answer, BUILTIN groups included."""
+    alice = directory.authenticate("alice", samba_dc.account("alice").password)
+    with samba_dc.admin_connection() as connection:
+        connection.search(alice.dn, "(objectClass=*)", BASE, attributes=["tokenGroups"])
+        raw = connection.entries[0].tokenGroups.raw_values
+    computed = {str(Sid.from_bytes(value)) for value in raw}
+    assert alice.token_sids == token_sids(alice.sid, computed)
+    assert BUILTIN_USERS in alice.token_sids  # Domain Users (the primary group) is a member
+    assert "Users" in alice.group_names
