@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import hashlib
 import inspect
 import os
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -74,6 +75,7 @@ GROUPS = {
     "Web Admins": ("May enroll for web server certificates", ("alice",)),
     "Denied Users": ("Denied user certificates", ("carol",)),
 }
+_PASSWORDS = {"Administrator": ADMIN_PASSWORD, **USER_PASSWORDS, **COMPUTER_PASSWORDS}
 DISABLED_USERS = ("bob",)
 # The groups the example templates' security descriptors name.
 TEMPLATE_GROUPS = (
@@ -233,9 +235,14 @@ class SambaDC:
         """The environment for Kerberos clients (kinit, GSSAPI) of this DC."""
         return {**os.environ, "KRB5_CONFIG": str(self.krb5_conf_path)}
 
+    @functools.cached_property
+    def accounts(self) -> Mapping[str, Account]:
+        """Every seeded account (Administrator, users, computers) by sAMAccountName, as the
+        development directory's ``accounts``."""
+        return {name: self.account(name) for name in _PASSWORDS}
+
     def account(self, name: str) -> Account:
         """A seeded account by sAMAccountName ("alice", "WS01$", "Administrator")."""
-        password = {"Administrator": ADMIN_PASSWORD, **USER_PASSWORDS, **COMPUTER_PASSWORDS}
         with self.admin_connection() as connection:
             connection.search(
                 BASE_DN,
@@ -248,7 +255,7 @@ class SambaDC:
             upn = entry.userPrincipalName.value if "userPrincipalName" in entry else None
             return Account(
                 name,
-                password[name],
+                _PASSWORDS[name],
                 entry.entry_dn,
                 str(entry.objectSid.value),
                 upn,

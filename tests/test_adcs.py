@@ -13,11 +13,12 @@ import ssl
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import pytest
@@ -30,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from helpers import raw_csr
-from ldap3 import MODIFY_REPLACE
+from ldap3 import MODIFY_REPLACE, Connection
+from samba_dc import SambaDC, make_samba_dc_fixture
 from serving import RunningServer, adcs_connector_config, start_server
 from sqlalchemy import func, select
 
@@ -58,6 +60,7 @@ from pkigate.core.names import UPN_OID, decode_upn
 from pkigate.core.store import schema
 
 dev_directory = make_dev_directory_fixture("module")
+samba_dc = make_samba_dc_fixture("module")
 
 PKIGATE = str(Path(sys.executable).parent / "pkigate")
 ANY_PURPOSE = "2.5.29.37.0"
@@ -85,10 +88,31 @@ PUBLISHED = (
 """The templates the test CA offers (its pKIEnrollmentService certificateTemplates)."""
 
 
+class Directory(Protocol):
+    """What the tests use of the development directory and of the Samba DC alike."""
+
+    url: str
+    base: str
+    admin_dn: str
+    admin_password: str
+
+    @property
+    def accounts(self) -> Mapping[str, Any]: ...
+
+    def admin_connection(self) -> Connection: ...
+
+
+# Attributes a copied template does not take over: its name, and what an AD assigns itself.
+NOT_COPIED = frozenset(
+    {"cn", "name", "distinguishedname", "objectguid", "instancetype", "objectcategory",
+     "whencreated", "whenchanged", "usncreated", "usnchanged", "dscorepropagationdata"}
+)  # fmt: skip
+
+
 @dataclass
 class Env:
     server: RunningServer
-    directory: DevDirectory
+    directory: Directory
     core: Core
     config: Path
 
@@ -149,14 +173,16 @@ class Env:
         return [f for f in found if attack is None or f.get("attack") == attack]
 
 
-def _add_template(directory: DevDirectory, name: str, base_template: str, **changes: Any) -> None:
+def _add_template(directory: Directory, name: str, base_template: str, **changes: Any) -> None:
     """A copy of a seeded template under another name, with some attributes replaced."""
     conn = directory.admin_connection()
     try:
         source = template_dn(directory.base, base_template)
-        conn.search(source, "(objectClass=*)", search_scope="BASE", attributes=["*"])
+        # An AD returns the security descriptor only when asked for it by name.
+        attributes_read = ["*", "nTSecurityDescriptor"]
+        conn.search(source, "(objectClass=*)", search_scope="BASE", attributes=attributes_read)
         entry = conn.response[0]["raw_attributes"]
-        attributes = {k: v for k, v in entry.items() if k.lower() not in ("cn", "name")}
+        attributes = {k: v for k, v in entry.items() if k.lower() not in NOT_COPIED}
         attributes["cn"] = [name.encode()]
         attributes["msPKI-Cert-Template-OID"] = [
             f"1.3.6.1.4.1.311.21.8.99.{uuid.uuid4().int % 10**6}".encode()
@@ -171,12 +197,13 @@ def _add_template(directory: DevDirectory, name: str, base_template: str, **chan
         conn.unbind()
 
 
-@pytest.fixture(scope="module")
-def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    base = tmp_path_factory.mktemp("adcs")
+@contextmanager
+def _running_env(directory: Directory, base: Path) -> Iterator[Env]:
+    """pkigate serve with the AD-style connector on ``directory``, the templates the tests
+    use added to it and published."""
     agent_flags = str(int(EnrollmentFlag(0))).encode()
     _add_template(
-        dev_directory,
+        directory,
         "AnyPurpose",
         "ESC1Vulnerable",
         pKIExtendedKeyUsage=[ANY_PURPOSE.encode()],
@@ -186,14 +213,14 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
         },
     )
     _add_template(
-        dev_directory,
+        directory,
         "NoEku",
         "User",
         pKIExtendedKeyUsage=[],
         **{"msPKI-Certificate-Application-Policy": []},
     )
     _add_template(
-        dev_directory,
+        directory,
         "EnrollmentAgent",
         "User",
         pKIExtendedKeyUsage=[REQUEST_AGENT.encode()],
@@ -203,25 +230,25 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
         },
     )
     _add_template(
-        dev_directory,
+        directory,
         "NoSidExtension",
         "User",
         **{"msPKI-Enrollment-Flag": [str(int(EnrollmentFlag.NO_SECURITY_EXTENSION)).encode()]},
     )
-    _add_template(dev_directory, "Unpublished", "User")
+    _add_template(directory, "Unpublished", "User")
     _add_template(
-        dev_directory,
+        directory,
         "MachinePending",
         "Machine",
         **{"msPKI-Enrollment-Flag": [str(int(EnrollmentFlag.PEND_ALL_REQUESTS)).encode()]},
     )
     # Domain Computers hold AutoEnroll on it, but the template is not enabled for it.
-    _add_template(dev_directory, "MachineManual", "Machine", **{"msPKI-Enrollment-Flag": [b"0"]})
+    _add_template(directory, "MachineManual", "Machine", **{"msPKI-Enrollment-Flag": [b"0"]})
     # Validity, version and (by schema version) the EKU source come from the template.
     client_auth, email = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.EMAIL_PROTECTION
     for name, schema_version in (("ThirtyDaysV1", 1), ("ThirtyDaysV2", 2)):
         _add_template(
-            dev_directory,
+            directory,
             name,
             "User",
             pKIExpirationPeriod=[interval_to_filetime(timedelta(days=30))],
@@ -236,12 +263,10 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
             },
         )
     # ESC1's template, but each request must be countersigned by an enrollment agent.
-    _add_template(
-        dev_directory, "ESC1AgentSigned", "ESC1Vulnerable", **{"msPKI-RA-Signature": [b"1"]}
-    )
+    _add_template(directory, "ESC1AgentSigned", "ESC1Vulnerable", **{"msPKI-RA-Signature": [b"1"]})
     # Client authentication where the enrollee may supply alternative names only.
     _add_template(
-        dev_directory,
+        directory,
         "ClientSuppliedAltNames",
         "ESC1Vulnerable",
         **{
@@ -251,7 +276,7 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
         },
     )
     _add_template(
-        dev_directory,
+        directory,
         "Archival",
         "User",
         **{
@@ -263,15 +288,15 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
     server = start_server(
         base / "data",
         extra_config=adcs_connector_config(
-            dev_directory.url,
-            dev_directory.base,
-            dev_directory.admin_dn,
-            dev_directory.admin_password,
+            directory.url,
+            directory.base,
+            directory.admin_dn,
+            directory.admin_password,
             cache_ttl_seconds=0,
         ),
     )
     config = base / "data.toml"
-    env = Env(server, dev_directory, Core.open(base / "data"), config)
+    env = Env(server, directory, Core.open(base / "data"), config)
     try:
         published = env.cli(
             "publish",
@@ -286,6 +311,30 @@ def env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -
     finally:
         env.core.close()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def dev_env(dev_directory: DevDirectory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    with _running_env(dev_directory, tmp_path_factory.mktemp("adcs")) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def samba_env(samba_dc: SambaDC, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    with _running_env(samba_dc, tmp_path_factory.mktemp("adcs-samba")) as env:
+        yield env
+
+
+@pytest.fixture
+def env(request: pytest.FixtureRequest) -> Env:
+    """The server over the development directory; over a Samba AD DC for the tests marked
+    :data:`both_directories`."""
+    directory = getattr(request, "param", "dev")
+    return cast(Env, request.getfixturevalue(f"{directory}_env"))
+
+
+both_directories = pytest.mark.parametrize("env", ["dev", "samba"], indirect=True)
+"""Run a test against the development directory and against a real AD (Samba)."""
 
 
 def _csr(
@@ -941,6 +990,7 @@ def test_a_sid_another_way_of_issuing_carried_does_not_log_in(env: Env, tmp_path
 # -- the ADCS abuse classes ------------------------------------------------------------------
 
 
+@both_directories
 def test_esc1_enrollee_supplied_subject_on_a_client_auth_template_is_refused(env: Env) -> None:
     from pkigate.core.names import upn_other_name
 
@@ -953,6 +1003,7 @@ def test_esc1_enrollee_supplied_subject_on_a_client_auth_template_is_refused(env
     assert env.refusals("ESC1")
 
 
+@both_directories
 def test_esc1_a_template_requiring_agent_signatures_refuses_a_plain_request(env: Env) -> None:
     """msPKI-RA-Signature exempts a template from the ESC1 rule only because an enrollment
     agent must countersign each request; a plain PKCS#10 has no such signature."""
@@ -974,6 +1025,7 @@ def test_esc1_a_template_requiring_agent_signatures_refuses_a_plain_request(env:
     assert [r["code"] for r in refusals] == ["raSignatureRequired"] * 2
 
 
+@both_directories
 def test_enrollee_supplied_alt_names_alone_do_not_name_the_certificate(env: Env) -> None:
     """Only ENROLLEE_SUPPLIES_SUBJECT (guarded by the ESC1 rule) lets the request name the
     certificate; with ENROLLEE_SUPPLIES_SUBJECT_ALT_NAME alone, the names still come from
@@ -994,6 +1046,7 @@ def test_enrollee_supplied_alt_names_alone_do_not_name_the_certificate(env: Env)
     assert sid_from_certificate(certificate) == env.sid("eve")
 
 
+@both_directories
 @pytest.mark.parametrize("template", ["AnyPurpose", "NoEku"])
 def test_esc2_any_purpose_and_no_eku_templates_are_refused(env: Env, template: str) -> None:
     response = _json_enroll(env, "alice", template, _csr()[0])
@@ -1002,6 +1055,7 @@ def test_esc2_any_purpose_and_no_eku_templates_are_refused(env: Env, template: s
     assert env.refusals("ESC2")
 
 
+@both_directories
 def test_esc3_an_agent_requesting_on_behalf_of_another_is_refused(env: Env) -> None:
     # An enrollment agent (Certificate Request Agent EKU) signs a request for someone else:
     # a CMS-wrapped PKCS#10. No published template requires RA signatures that pkigate
@@ -1028,6 +1082,7 @@ def test_esc3_an_agent_requesting_on_behalf_of_another_is_refused(env: Env) -> N
     assert env.counts() == before
 
 
+@both_directories
 def test_esc6_names_in_request_attributes_are_refused(env: Env) -> None:
     response = _json_enroll(
         env, "alice", "User", _csr()[0], attributes={"SAN": "upn=Administrator@example.test"}
@@ -1044,6 +1099,7 @@ def test_esc6_names_in_request_attributes_are_refused(env: Env) -> None:
     assert len(env.refusals("ESC6")) >= 2
 
 
+@both_directories
 def test_esc8_plain_http_and_ntlm_are_not_offered(env: Env) -> None:
     before, audited = env.counts(), len(env.refusals("ESC8"))
     over_http = requests.post(
@@ -1077,6 +1133,7 @@ def test_esc8_plain_http_and_ntlm_are_not_offered(env: Env) -> None:
     assert env.refusals("ESC8")
 
 
+@both_directories
 def test_esc9_and_esc16_every_certificate_carries_the_sid_extension(env: Env) -> None:
     # The template asks for no security extension (CT_FLAG_NO_SECURITY_EXTENSION): ignored.
     certificate = _certificate(_json_enroll(env, "alice", "NoSidExtension", _csr()[0]))
@@ -1090,6 +1147,7 @@ def test_esc9_and_esc16_every_certificate_carries_the_sid_extension(env: Env) ->
     assert env.refusals("ESC9")
 
 
+@both_directories
 def test_esc9_a_sid_in_the_requested_alternative_names_is_refused(env: Env) -> None:
     """Where the request may supply names (WebServer lets Web Admins name their sites), a
     SID in them, as the KB5014754 SID URL or an objectSid otherName, is not a name: Windows
@@ -1113,6 +1171,7 @@ def test_esc9_a_sid_in_the_requested_alternative_names_is_refused(env: Env) -> N
         assert env.counts() == before
 
 
+@both_directories
 def test_esc15_application_policies_in_the_request_are_refused(env: Env) -> None:
     policies = x509.UnrecognizedExtension(
         APPLICATION_POLICIES_OID, bytes.fromhex("300c300a06082b06010505070302")
