@@ -30,6 +30,7 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 
+from pkigate.core.blocking import run_blocking
 from pkigate.core.errors import BadRequestError, InvalidCertificateError, KeyBackendError
 from pkigate.core.keys import TOKEN_REFERENCE_MAGIC as REFERENCE_MAGIC
 from pkigate.core.model import KeyAlgorithm
@@ -267,7 +269,9 @@ class Pkcs11Backend:
                     self._lost = False
                     self._keys = {}
                 try:
-                    return operation(self._session)
+                    # Under the lock (one operation at a time on the session), in a thread
+                    # of its own in a gevent worker (core/blocking.py).
+                    return run_blocking(partial(operation, self._session))
                 except _RECONNECT_AFTER as exc:
                     self._session = None
                     self._lost = True

@@ -156,7 +156,7 @@ def make_worker_class() -> type[Any]:
     from gunicorn.workers.base_async import AsyncWorker
     from gunicorn.workers.ggevent import GeventWorker
 
-    from pkigate.core.store import writelock
+    from pkigate.core import blocking
 
     class PkigateWorker(GeventWorker):  # type: ignore[misc]
         """gunicorn's gevent worker with pkigate's deadlines, TLS on the HTTPS listener
@@ -176,9 +176,10 @@ def make_worker_class() -> type[Any]:
             # end a slow request quietly before the socket's own timeout would raise.
             self.io_timeout = max(self.header_timeout, self.body_timeout) + 5.0
             self.in_flight = 0
-            # A wait for another worker's SQLite write lock runs in a thread of gevent's
-            # pool, not on this worker's only thread: the worker serves on meanwhile.
-            writelock.set_blocking_runner(lambda call: gevent.get_hub().threadpool.apply(call))
+            # A wait for another worker's SQLite write lock, and a signature on a PKCS#11
+            # token, run in a thread of gevent's pool, not on this worker's only thread:
+            # the worker serves on meanwhile.
+            blocking.set_blocking_runner(lambda call: gevent.get_hub().threadpool.apply(call))
             super().init_process()  # monkey-patches, then loads the app (and the core)
 
         def timeout_ctx(self) -> Any:

@@ -49,23 +49,7 @@ class SoftHsm:
 
     def objects(self) -> str:
         """pkcs11-tool's listing of the token's objects, logged in (private ones too)."""
-        return subprocess.run(
-            [
-                "pkcs11-tool",
-                "--module",
-                str(MODULE),
-                "--token-label",
-                self.token_label,
-                "--login",
-                "--pin",
-                self.pin,
-                "--list-objects",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "SOFTHSM2_CONF": str(self.conf)},
-        ).stdout
+        return self.tool("--list-objects").stdout
 
     def tool(self, *arguments: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

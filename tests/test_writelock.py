@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pkigate.core.store import writelock
+from pkigate.core import blocking
 from pkigate.core.store.writelock import WriterLock
 
 
@@ -86,13 +86,15 @@ def test_a_wait_for_another_holder_runs_in_the_blocking_runner_and_an_uncontende
     holder, waiter = WriterLock(tmp_path / "w.lock"), WriterLock(tmp_path / "w.lock")
     waits: list[str] = []
 
-    def runner(call: Callable[[], None]) -> None:
+    def runner(call: Callable[[], object]) -> object:
         waits.append(threading.current_thread().name)
-        worker = threading.Thread(target=call, name="waiting-thread")
+        returned: list[object] = []
+        worker = threading.Thread(target=lambda: returned.append(call()), name="waiting-thread")
         worker.start()
         worker.join()
+        return returned[0]
 
-    writelock.set_blocking_runner(runner)
+    blocking.set_blocking_runner(runner)
     try:
         with waiter.held():
             pass
@@ -107,7 +109,7 @@ def test_a_wait_for_another_holder_runs_in_the_blocking_runner_and_an_uncontende
         assert entered.is_set()
         assert len(waits) == 1
     finally:
-        writelock.set_blocking_runner(lambda call: call())
+        blocking.set_blocking_runner(lambda call: call())
 
 
 def _enter(lock: WriterLock, entered: threading.Event) -> None:

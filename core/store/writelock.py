@@ -14,27 +14,11 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-BlockingRunner = Callable[[Callable[[], None]], None]
-
-
-def _run_here(call: Callable[[], None]) -> None:
-    call()
-
-
-_run_blocking: BlockingRunner = _run_here
-
-
-def set_blocking_runner(runner: BlockingRunner) -> None:
-    """Where a wait for another process's write lock runs. A server whose requests share
-    one thread (gevent's workers) passes a runner that waits in a thread of its own, so
-    that the process goes on serving while another process writes; the default waits in
-    the calling thread."""
-    global _run_blocking
-    _run_blocking = runner
+from pkigate.core.blocking import run_blocking
 
 
 class WriterLock:
@@ -61,7 +45,9 @@ class WriterLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # another process writes: wait off this thread
-                _run_blocking(lambda: fcntl.flock(fd, fcntl.LOCK_EX))
+                # In a thread of its own where the server says so (core/blocking.py): the
+                # process goes on serving while another process writes.
+                run_blocking(lambda: fcntl.flock(fd, fcntl.LOCK_EX))
             try:
                 yield
             finally:
