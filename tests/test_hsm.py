@@ -23,6 +23,7 @@ from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from serving import PKIGATE, RunningServer, start_server
 from softhsm import SoftHsm, private_key_objects
 from sqlalchemy import select
+from test_cli import Cli
 from test_ocsp import enable_ocsp, ocsp_request, signed_by_responder
 
 from pkigate.core import (
@@ -602,3 +603,52 @@ def test_phones_servers_and_machines_enroll_from_a_token_held_hierarchy(
         "CN=pkigate HSM Root,O=pkigate tests": "pkcs11",
         "CN=pkigate HSM Issuing,O=pkigate tests": "pkcs11",
     }
+
+
+def test_the_cli_creates_describes_and_imports_token_keys_with_the_configured_token(
+    tmp_path: Path, softhsm: SoftHsm
+) -> None:
+    config = tmp_path / "pkigate.toml"
+    config.write_text(softhsm.config())
+    cli = Cli(tmp_path / "home")
+    created = cli.json(
+        "ca",
+        "--config",
+        str(config),
+        "create",
+        "--type",
+        "ROOT",
+        "--subject",
+        "CN=CLI HSM Root",
+        "--key-storage",
+        "pkcs11",
+    )
+    assert isinstance(created, dict)
+    assert created["key_storage"] == "pkcs11"
+    assert created["token_key"]["label"] == "pkigate CA CN=CLI HSM Root"
+    described = cli.run("ca", "--config", str(config), "describe", created["id"]).stdout
+    assert "key_storage:        pkcs11" in described
+    assert f"token id:           {created['token_key']['id']}" in described
+    # Its certificate, imported again as a CA of the key found on the token by its id.
+    certificate = tmp_path / "root.pem"
+    certificate.write_text(cli.run("ca", "certificate", created["id"]).stdout)
+    imported = cli.json(
+        "ca",
+        "--config",
+        str(config),
+        "import-token-key",
+        "--certificate",
+        str(certificate),
+        "--id",
+        created["token_key"]["id"],
+    )
+    assert isinstance(imported, dict)
+    assert imported["token_key"] == created["token_key"] and imported["status"] == "ACTIVE"
+    # Without the configuration the token's CA keys cannot be used: one line, no traceback.
+    refused = cli.run(
+        "ca", "create", "--type", "ROOT", "--subject", "CN=X", "--key-storage", "pkcs11", ok=False
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        "error: key_storage pkcs11 needs a [pkcs11] token in the gateway configuration [badRequest]"
+    ]
