@@ -1,4 +1,4 @@
-"""CA private keys: generation, encryption at rest, and the key-backend interface.
+"""CA private keys: generation, encryption at rest, and routing to the backend that holds them.
 
 CA keys never leave a key backend in clear. The software backend keeps each key as
 PKCS#8 DER sealed with AES-256-GCM under a key-encryption key (KEK) the operator controls:
@@ -28,7 +28,7 @@ import stat
 import threading
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -157,15 +157,6 @@ class Sealer:
             )
         except InvalidTag:
             raise KeyBackendError(f"{what} failed its integrity check") from None
-
-
-class KeyBackend(Protocol):
-    """Where CA private keys live. The store keeps only the opaque ``blob`` it returns."""
-
-    name: str
-
-    def load(self, key_id: str, blob: bytes) -> CASigningKey:
-        """The key, to sign with through :mod:`pkigate.core.signing`."""
 
 
 class SoftwareKeyBackend:
