@@ -546,6 +546,47 @@ def import_ca_certificate(ca_id: str, body: dict[str, Any]) -> Response:
 
 @route(
     Operation(
+        "POST",
+        "/cas/import-token-key",
+        "importTokenKeyCA",
+        "Make a CA of a certificate whose key is already on the [pkcs11] token",
+        "CAs",
+        ADMIN,
+        (json_reply(201, "The CA, ACTIVE, its key on the token", ref("CA")),),
+        body=(
+            Field("certificate_pem", "The CA's certificate (PEM)", _STRING, required=True),
+            Field(
+                "chain_pem",
+                "The issuers, the direct issuer first, up to the root; none for a root",
+                _STRING,
+            ),
+            Field("label", "The private key's CKA_LABEL on the token", _STRING),
+            Field("id", "The private key's CKA_ID on the token, hex", _STRING),
+            Field("tags", "Key/value labels (keys 'pkigate:*' are reserved)", _TAGS),
+        ),
+        errors=(422, 503),
+    )
+)
+def import_token_key_ca(body: dict[str, Any]) -> Response:
+    with field_errors("id"):
+        try:
+            token_id = bytes.fromhex(body["id"]) if body.get("id") else None
+        except ValueError:
+            raise BadRequestError("id: must be hex") from None
+    chain = body.get("chain_pem")
+    view = gateway().core.authorities.import_token_ca(
+        body["certificate_pem"].encode(),
+        chain.encode() if chain else None,
+        body.get("label"),
+        token_id,
+        actor(),
+        checked_tags(body.get("tags") or {}, "tags"),
+    )
+    return reply(view.to_json(), 201, url_for(".getCA", ca_id=view.record.id))
+
+
+@route(
+    Operation(
         "GET",
         "/cas/{ca_id}/certificate",
         "getCACertificate",

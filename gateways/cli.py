@@ -507,9 +507,20 @@ def ca_import_token_key(
         id_bytes = bytes.fromhex(token_id) if token_id else None
     except ValueError:
         raise BadRequestError(f"--id must be hex, not {token_id!r}") from None
+    certificate, chain = _read(certificate_path), _read(chain_path) if chain_path else None
+    if state.remote is not None:
+        body = {
+            "certificate_pem": certificate.decode(),
+            "chain_pem": chain.decode() if chain else None,
+            "label": label,
+            "id": token_id,
+            "tags": _key_values(tags, "--tag"),
+        }
+        _emit_ca(state, state.remote.import_token_key_ca({k: v for k, v in body.items() if v}))
+        return
     view = state.core.authorities.import_token_ca(
-        Path(certificate_path).read_bytes(),
-        Path(chain_path).read_bytes() if chain_path else None,
+        certificate,
+        chain,
         label,
         id_bytes,
         state.actor,

@@ -125,6 +125,9 @@ class RemoteClient:
             body["chain_pem"] = chain_pem
         return dict(self.json("POST", f"/cas/{_segment(ca_id)}/certificate", body=body))
 
+    def import_token_key_ca(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(self.json("POST", "/cas/import-token-key", body=body))
+
     def ca_certificate(self, ca_id: str) -> dict[str, str]:
         return dict(self.json("GET", f"/cas/{_segment(ca_id)}/certificate"))
 

@@ -491,6 +491,23 @@ def test_two_workers_issue_through_the_api_and_answer_503_while_the_token_is_awa
         assert created.status_code == 201, created.text
         assert created.json()["key_storage"] == "pkcs11"
         assert created.json()["token_key"]["label"] == "pkigate CA CN=API HSM Root"
+        # Its certificate and key again, as a CA imported with the key found on the token.
+        certificate_pem = session.get(
+            f"{server.https_url}/api/v1/cas/{created.json()['id']}/certificate", timeout=30
+        ).json()["certificate_pem"]
+        imported = session.post(
+            f"{server.https_url}/api/v1/cas/import-token-key",
+            json={"certificate_pem": certificate_pem, "id": created.json()["token_key"]["id"]},
+            timeout=60,
+        )
+        assert imported.status_code == 201, imported.text
+        assert imported.json()["token_key"] == created.json()["token_key"]
+        unknown = session.post(
+            f"{server.https_url}/api/v1/cas/import-token-key",
+            json={"certificate_pem": certificate_pem, "label": "absent"},
+            timeout=60,
+        )
+        assert unknown.status_code == 400 and "no private key with label" in unknown.text
 
         # Both workers sign (each with its own session): several requests in parallel.
         with ThreadPoolExecutor(4) as pool:
