@@ -1,11 +1,11 @@
 """The AD-style enrollment connector: MS-XCEP policy and MS-WSTEP enrollment over SOAP,
 a JSON endpoint for scripts, and the administrator's pending-request resources.
 
-Routes live on the HTTPS listener only: enrollment over plain HTTP, and NTLM or Negotiate
-authentication that a relay could replay (ESC8), are not offered. Who asks is proved by
-a directory password (WS-Security UsernameToken or HTTP Basic) or by a TLS client
-certificate that this CA issued; what they may get is decided in
-:mod:`pkigate.adcs.policy`.
+Routes live on the HTTPS listener only: enrollment over plain HTTP, and NTLM that a relay
+could replay (ESC8), are not offered. Who asks is proved by a directory password
+(WS-Security UsernameToken or HTTP Basic), by Kerberos (HTTP Negotiate, when a keytab is
+configured: :mod:`pkigate.adcs.negotiate`) or by a TLS client certificate that this CA
+issued; what they may get is decided in :mod:`pkigate.adcs.policy`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,18 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from pkigate.adcs import soap
 from pkigate.adcs.ldapdir import DirectoryError, DirectoryUnavailable
+from pkigate.adcs.negotiate import (
+    KerberosSettings,
+    KerberosUnavailable,
+    NegotiateAcceptor,
+    NegotiateRefused,
+    reply_header,
+)
 from pkigate.adcs.policy import EnrollmentRefused, RequestContext
 from pkigate.adcs.principals import Principal
 from pkigate.adcs.publish import PKIGATE_TEMPLATE_NAMES, PublishRequest, UnknownTemplates, publish
@@ -31,7 +38,7 @@ from pkigate.adcs.service import AdcsService, Outcome, attributes_from, load_set
 from pkigate.core import Actor
 from pkigate.core.errors import BadRequestError, StoreUnavailableError
 from pkigate.gateways.auth import Role
-from pkigate.gateways.connectors import Connector, ConnectorContext
+from pkigate.gateways.connectors import Connector, ConnectorContext, ConnectorSettingsError
 from pkigate.gateways.http import (
     MalformedJson,
     actor,
@@ -68,6 +75,7 @@ _STATUS = {
     "unknownRequest": 404,
     "requestDenied": 403,
     "directoryUnavailable": 503,
+    "kerberosUnavailable": 503,
     "caNotPublished": 503,
     "keyUnavailable": 503,
     "issuanceFailed": 400,
@@ -87,6 +95,7 @@ class AdcsConnector(Connector):
         super().__init__(context, settings)
         self.options = load_settings(settings, context)
         self.service = AdcsService(context, self.options)
+        self.negotiate = _negotiate_acceptor(self.options.kerberos)
 
     # -- contract ------------------------------------------------------------------------
 
@@ -99,6 +108,9 @@ class AdcsConnector(Connector):
             "policy": self.url("/cep"),
             "enrollment": self.url("/ces"),
             "directory": self.options.directory_url,
+            "kerberos": (
+                self.options.kerberos.service_principal if self.options.kerberos else None
+            ),
         }
 
     def startup_notes(self) -> list[str]:
@@ -106,6 +118,8 @@ class AdcsConnector(Connector):
             f"MS-XCEP policy {self.url('/cep')}, MS-WSTEP {self.url('/ces')} "
             f"(client certificate: {self.url('/ces-certificate')}), JSON {self.url('/enroll')}"
         ]
+        if self.options.kerberos is not None:
+            notes.append(f"Kerberos (Negotiate) for {self.options.kerberos.service_principal}")
         problem = self.service.directory_problem()
         if problem:
             notes.append(f"directory {self.options.directory_url} is unavailable: {problem}")
@@ -175,7 +189,20 @@ class AdcsConnector(Connector):
         )
         bp.add_url_rule("/enroll", "enroll", self._json_enroll, methods=["POST"])
         bp.add_url_rule("/requests/<int:request_id>", "status", self._json_status, methods=["GET"])
+        bp.after_request(self._authentication_headers)
         return bp
+
+    def _authentication_headers(self, response: Response) -> Response:
+        """RFC 4559: the AP-REP of an accepted Negotiate token goes back with the answer,
+        whatever it is (the client checks the server's identity with it); a 401 lists
+        the schemes a client may use (RFC 9110 section 11.6.1)."""
+        accepted = g.pop("negotiate_result", None)
+        if accepted is not None:
+            response.headers["WWW-Authenticate"] = reply_header(accepted)
+        elif response.status_code == 401:
+            schemes = ["Negotiate"] if self.negotiate is not None else []
+            response.headers.setlist("WWW-Authenticate", [*schemes, 'Basic realm="pkigate"'])
+        return response
 
     def elsewhere_blueprint(self) -> Blueprint:
         """Plain HTTP: every path under the mount is refused, audited as ESC8 (enrollment
@@ -247,21 +274,27 @@ class AdcsConnector(Connector):
         der = request.environ.get("pkigate.client_certificate")
         return None if der is None else x509.load_der_x509_certificate(der)
 
-    def _basic_principal(self) -> Principal:
+    def _header_principal(self) -> Principal:
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
+        if scheme.lower() == "negotiate" and self.negotiate is not None:
+            return self._negotiate_principal(self.negotiate, value)
         if scheme.lower() in ("ntlm", "negotiate"):
             refusal = EnrollmentRefused(
                 "unsupportedAuthentication",
                 f"{scheme} authentication is not accepted (relayable, ESC8); use a password "
-                "over TLS or a client certificate",
+                "over TLS or a client certificate"
+                + ("" if scheme.lower() == "ntlm" else " (no Kerberos keytab is configured)"),
                 attack="ESC8",
             )
             self.service.refuse_audit(f"adcs-client:{self._address()}", "authenticate", refusal)
             raise refusal
         if scheme.lower() != "basic":
             raise EnrollmentRefused(
-                "authenticationRequired", "authenticate with HTTP Basic or a client certificate"
+                "authenticationRequired",
+                "authenticate with "
+                + ("Kerberos (Negotiate), " if self.negotiate is not None else "")
+                + "HTTP Basic or a client certificate",
             )
         try:
             username, _, password = base64.b64decode(value, validate=True).decode().partition(":")
@@ -271,11 +304,32 @@ class AdcsConnector(Connector):
             ) from None
         return self.service.authenticate_password(username, password, self._address())
 
+    def _negotiate_principal(self, acceptor: NegotiateAcceptor, token: str) -> Principal:
+        try:
+            accepted = acceptor.accept(token)
+        except KerberosUnavailable as exc:
+            log.error("Kerberos authentication is unavailable: %s", exc)
+            raise EnrollmentRefused(
+                "kerberosUnavailable", f"Kerberos authentication is unavailable: {exc}"
+            ) from None
+        except NegotiateRefused as exc:
+            refusal = EnrollmentRefused(
+                "unsupportedAuthentication" if exc.relayable else "badCredentials",
+                exc.message,
+                attack="ESC8" if exc.relayable else None,
+            )
+            self.service.refuse_audit(
+                f"adcs-client:{self._address()}", "authenticate", refusal, kerberos=exc.code
+            )
+            raise refusal from None
+        g.negotiate_result = accepted
+        return self.service.authenticate_kerberos(accepted.client_principal, self._address())
+
     def _principal(self, allow_certificate: bool = True) -> Principal:
         certificate = self._client_certificate() if allow_certificate else None
         if certificate is not None and not request.headers.get("Authorization"):
             return self.service.authenticate_certificate(certificate, self._address())
-        return self._basic_principal()
+        return self._header_principal()
 
     # -- JSON ---------------------------------------------------------------------------------
 
@@ -406,7 +460,7 @@ class AdcsConnector(Connector):
             return self.service.authenticate_password(
                 token.username, token.password, self._address()
             )
-        return self._basic_principal()
+        return self._header_principal()
 
     def _get_policies(self, parsed: soap.SoapRequest, principal: Principal) -> bytes:
         soap.parse_get_policies(parsed)
@@ -414,6 +468,13 @@ class AdcsConnector(Connector):
             principal,
             relates_to=parsed.message_id,
             ces_urls={
+                # Kerberos and passwords are both accepted on /ces: Windows picks the CES
+                # whose authentication matches the policy server's (AD CS has one per kind).
+                **(
+                    {soap.ClientAuthentication.KERBEROS: self.url("/ces")}
+                    if self.negotiate is not None
+                    else {}
+                ),
                 soap.ClientAuthentication.USERNAME_PASSWORD: self.url("/ces"),
                 soap.ClientAuthentication.CERTIFICATE: self.url("/ces-certificate"),
             },
@@ -460,6 +521,20 @@ class AdcsConnector(Connector):
             certificate_der=outcome.certificate.public_bytes(serialization.Encoding.DER),
             pkcs7_chain_der=soap.pkcs7_certs_only([outcome.certificate, *outcome.chain]),
         )
+
+
+def _negotiate_acceptor(settings: KerberosSettings | None) -> NegotiateAcceptor | None:
+    if settings is None:
+        return None
+    try:
+        return NegotiateAcceptor(settings)
+    except ImportError:
+        raise ConnectorSettingsError(
+            "kerberos_keytab",
+            "Kerberos needs the gssapi package: pip install 'pkigate[kerberos]'",
+        ) from None
+    except KerberosUnavailable as exc:
+        raise ConnectorSettingsError("kerberos_keytab", str(exc)) from None
 
 
 def _soap_body() -> bytes:
@@ -517,8 +592,6 @@ def _json_error(refusal: EnrollmentRefused) -> tuple[Response, int]:
         body["attack"] = refusal.attack
     status = _STATUS.get(refusal.code, 400)
     response = jsonify(body)
-    if status == 401:
-        response.headers["WWW-Authenticate"] = 'Basic realm="pkigate"'
     if refusal.code == STORE_UNAVAILABLE:
         response.headers["Retry-After"] = str(StoreUnavailableError.retry_after_seconds)
     return response, status
@@ -556,6 +629,7 @@ _HRESULTS = {
     "httpsRequired": E_ACCESSDENIED,
     "badCertificate": E_ACCESSDENIED,
     "directoryUnavailable": ERROR_DS_UNAVAILABLE,
+    "kerberosUnavailable": E_ACCESSDENIED,
     "caNotPublished": ERROR_DS_UNAVAILABLE,
     STORE_UNAVAILABLE: ERROR_DISK_FULL,
 }
@@ -572,6 +646,7 @@ def _fault_for(refusal: EnrollmentRefused, request_id: str | None = None) -> soa
         return soap.SoapFault("Sender", "wsse:FailedAuthentication", reason)
     unavailable = refusal.code in (
         "directoryUnavailable",
+        "kerberosUnavailable",
         "caNotPublished",
         "keyUnavailable",
         STORE_UNAVAILABLE,

@@ -30,6 +30,7 @@ from pkigate.adcs.ldapdir import (
     InvalidCredentials,
     PrincipalDisabled,
 )
+from pkigate.adcs.negotiate import KerberosSettings
 from pkigate.adcs.policy import (
     Decision,
     EnrollmentRefused,
@@ -38,7 +39,7 @@ from pkigate.adcs.policy import (
     decide,
     sid_from_certificate,
 )
-from pkigate.adcs.principals import Principal
+from pkigate.adcs.principals import DirectorySearchFailed, Principal, PrincipalLookupError
 from pkigate.adcs.security import enroll_rights
 from pkigate.adcs.templates import KEY_USAGE_NAMES, CertificateTemplate
 from pkigate.core import Actor, IssuedCertificate, Requester, Validity
@@ -71,6 +72,8 @@ class AdcsSettings:
     policy_id: str
     next_update_hours: int
     credentials_file: Path | None = None
+    kerberos: KerberosSettings | None = None
+    """Set when HTTP Negotiate (Kerberos) is accepted beside passwords and certificates."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,46 @@ class AdcsService:
             refusal = EnrollmentRefused("badCredentials", str(exc))
             self.refuse_audit(f"adcs-client:{address}", "authenticate", refusal)
             raise refusal from None
+
+    def authenticate_kerberos(self, client_principal: str, address: str) -> Principal:
+        """The account a Kerberos client principal names: ``name@REALM`` with REALM this
+        directory's domain and name a sAMAccountName (``alice``, ``WS01$``). The directory
+        is asked on every request: a ticket outlives the disabling of its account."""
+        name, _, realm = client_principal.rpartition("@")
+        domain = self.directory.dns_domain
+        refusal: EnrollmentRefused | None = None
+        principal: Principal | None = None
+        if not name or "/" in name or "\\" in name or realm.casefold() != domain.casefold():
+            refusal = EnrollmentRefused(
+                "badCredentials",
+                f"the Kerberos principal {client_principal[:128]} is not an account of "
+                f"{domain.upper()}",
+            )
+        else:
+            try:
+                principal = self.directory.principal_by_name(name)
+            except DirectorySearchFailed as exc:
+                raise DirectoryUnavailable(str(exc)) from None
+            except PrincipalLookupError as exc:
+                refusal = EnrollmentRefused("badCredentials", str(exc))
+            if principal is None and refusal is None:
+                refusal = EnrollmentRefused(
+                    "badCredentials", f"no account {name[:64]} in the directory"
+                )
+            elif principal is not None and principal.disabled:
+                refusal = EnrollmentRefused(
+                    "accountDisabled", f"account {principal.sam_account_name} is disabled"
+                )
+        if refusal is not None:
+            self.refuse_audit(
+                f"adcs-client:{address}",
+                "authenticate",
+                refusal,
+                kerberos_principal=client_principal[:128],
+            )
+            raise refusal
+        assert principal is not None
+        return principal
 
     def authenticate_certificate(self, certificate: x509.Certificate, address: str) -> Principal:
         """A TLS client certificate this CA issued, mapped to its principal by the SID in
@@ -626,6 +669,8 @@ def load_settings(settings: Mapping[str, Any], context: ConnectorContext) -> Adc
         "cache_ttl_seconds",
         "policy_id",
         "next_update_hours",
+        "kerberos_keytab",
+        "kerberos_service_principal",
     }
     for key in settings:
         if key not in known:
@@ -667,6 +712,13 @@ def load_settings(settings: Mapping[str, Any], context: ConnectorContext) -> Adc
     hours = settings.get("next_update_hours", 8)
     if isinstance(hours, bool) or not isinstance(hours, int) or not 1 <= hours <= 720:
         raise ConnectorSettingsError("next_update_hours", "expected 1 to 720")
+    keytab = text("kerberos_keytab")
+    service_principal = text("kerberos_service_principal")
+    if (keytab is None) != (service_principal is None):
+        raise ConnectorSettingsError(
+            "kerberos_keytab" if keytab is None else "kerberos_service_principal",
+            "give kerberos_keytab and kerberos_service_principal together",
+        )
     return AdcsSettings(
         directory_url=url,
         base=base or DEFAULT_BASE,
@@ -677,6 +729,11 @@ def load_settings(settings: Mapping[str, Any], context: ConnectorContext) -> Adc
         policy_id=text("policy_id", "{" + _uuid_for(context.name) + "}") or "",
         next_update_hours=hours,
         credentials_file=credentials_file,
+        kerberos=(
+            KerberosSettings(Path(keytab), service_principal)
+            if keytab is not None and service_principal is not None
+            else None
+        ),
     )
 
 

@@ -1,0 +1,208 @@
+"""HTTP Negotiate (RFC 4559) with Kerberos: how domain-joined Windows machines and
+cepces authenticate to AD CS web enrollment ("Windows integrated authentication").
+
+The client sends ``Authorization: Negotiate <SPNEGO token>`` holding a Kerberos AP-REQ for
+``HTTP/<pkigate host>``; MIT krb5's GSSAPI checks it against the service's keytab (ticket
+decrypted by our key, authenticator fresh, not replayed) and names the client
+(``alice@REALM``, ``WS01$@REALM``). Each request is accepted on its own, in one leg: a
+Kerberos exchange needs no more, and nothing of a half-done exchange is kept between
+requests (a gateway has many workers). NTLM, inside SPNEGO or alone, is refused: it can be
+relayed (ESC8).
+
+No web framework here: :mod:`pkigate.adcs.connector` reads the header and writes the reply.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pkigate.adcs")
+
+KERBEROS_MECH = "1.2.840.113554.1.2.2"
+# Windows names Kerberos by a mistyped OID as well (RFC 4178 section 3.2 note).
+KERBEROS_MECH_MICROSOFT = "1.2.840.48018.1.2.2"
+NTLMSSP_SIGNATURE = b"NTLMSSP\x00"
+# An AP-REQ with a ticket and a PAC is a few kilobytes; a token larger than this is refused
+# before any parsing (the gateway's header limit bounds it too).
+MAX_TOKEN_BYTES = 64 * 1024
+
+# MIT krb5 error codes (krb5_err.et, table base -1765328384) that GSSAPI reports as the
+# minor status of a refused AP-REQ, and what each means to whoever sent it.
+_KRB5_BASE = -1765328384
+_TICKET_EXPIRED = _KRB5_BASE + 32
+_TICKET_NOT_YET_VALID = _KRB5_BASE + 33
+_REPLAY = _KRB5_BASE + 34
+_NOT_US = _KRB5_BASE + 35
+_BAD_MATCH = _KRB5_BASE + 36
+_SKEW = _KRB5_BASE + 37
+_MODIFIED = _KRB5_BASE + 41
+_WRONG_PRINCIPAL = _KRB5_BASE + 42
+_BAD_KEY_VERSION = _KRB5_BASE + 44
+_NO_KEY = _KRB5_BASE + 45
+_KEYTAB_ENTRY_NOT_FOUND = -1765328203  # KRB5_KT_NOTFOUND (another table)
+_REASONS = {
+    _TICKET_EXPIRED: ("ticketExpired", "the Kerberos ticket has expired; get a new one (kinit)"),
+    _TICKET_NOT_YET_VALID: ("ticketNotYetValid", "the Kerberos ticket is not valid yet"),
+    _REPLAY: ("replayedToken", "the Negotiate token was already used (a replay)"),
+    _SKEW: (
+        "clockSkew",
+        "the Kerberos authenticator is outside the allowed clock skew: a stale or replayed "
+        "token, or clocks that differ",
+    ),
+}
+_OTHER_SERVICE = (
+    "wrongService",
+    "the Kerberos ticket is not for {service}: a ticket for another service, or one "
+    "encrypted with a key this server's keytab does not hold",
+)
+for _code in (_NOT_US, _BAD_MATCH, _MODIFIED, _WRONG_PRINCIPAL, _BAD_KEY_VERSION, _NO_KEY):
+    _REASONS[_code] = _OTHER_SERVICE
+_REASONS[_KEYTAB_ENTRY_NOT_FOUND] = _OTHER_SERVICE
+
+
+@dataclass(frozen=True)
+class KerberosSettings:
+    """How the AD-style connector accepts Kerberos."""
+
+    keytab: Path
+    """A keytab holding the key of :attr:`service_principal` (``samba-tool domain
+    exportkeytab --principal HTTP/host``, or ktpass on Windows)."""
+    service_principal: str
+    """The only service whose tickets are accepted, ``HTTP/host`` or ``HTTP/host@REALM``
+    (without a realm, the default realm of krb5.conf)."""
+
+
+class NegotiateRefused(Exception):
+    """A Negotiate token that names nobody: ``code`` says why, ``message`` says it to the
+    client (never the token)."""
+
+    def __init__(self, code: str, message: str, *, relayable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.relayable = relayable
+        """NTLM: refused because it can be relayed (ESC8), not because it failed."""
+
+
+@dataclass(frozen=True)
+class NegotiateResult:
+    client_principal: str
+    """The authenticated Kerberos principal, ``name@REALM``."""
+    reply_token: bytes | None
+    """The AP-REP for mutual authentication, sent back in ``WWW-Authenticate: Negotiate``."""
+
+
+class NegotiateAcceptor:
+    """Accepts Negotiate tokens for one service principal, from one keytab.
+
+    GSSAPI calls are short C calls that do not yield to gevent: a worker spends well under a
+    millisecond per token (an AES decryption and a replay-cache write). The replay cache is
+    MIT's file in ``KRB5RCACHEDIR``, shared by the workers of one host.
+    """
+
+    def __init__(self, settings: KerberosSettings) -> None:
+        import gssapi
+        import gssapi.raw
+
+        self.settings = settings
+        self._raw: Any = gssapi.raw
+        self._gss_error: type[Exception] = gssapi.raw.GSSError
+        self._kerberos = gssapi.OID.from_int_seq(KERBEROS_MECH)
+        self._spnego = gssapi.OID.from_int_seq("1.3.6.1.5.5.2")
+        self._name = gssapi.Name(settings.service_principal, gssapi.NameType.kerberos_principal)
+        self.credentials()  # a missing keytab or key is a configuration error, at start
+
+    def credentials(self) -> Any:
+        """Acceptor credentials for our principal, read from the keytab (again for each
+        request: a rotated keytab is used without a restart)."""
+        try:
+            result = self._raw.acquire_cred_from(
+                {b"keytab": str(self.settings.keytab).encode()},
+                name=self._name,
+                mechs=[self._kerberos, self._spnego],
+                usage="accept",
+            )
+        except self._gss_error as exc:
+            raise KerberosUnavailable(
+                f"no key for {self.settings.service_principal} in {self.settings.keytab}: "
+                f"{_gss_message(exc)}"
+            ) from None
+        # SPNEGO may offer Kerberos and nothing else: no NTLM through a GSSAPI plugin.
+        self._raw.set_neg_mechs(result.creds, [self._kerberos])
+        return result.creds
+
+    def accept(self, header_value: str) -> NegotiateResult:
+        """The client named by the token in ``Authorization: Negotiate <token>``."""
+        token = _decode(header_value)
+        if token.startswith(NTLMSSP_SIGNATURE):
+            raise NegotiateRefused(
+                "unsupportedAuthentication",
+                "NTLM is not accepted (it can be relayed, ESC8): use Kerberos",
+                relayable=True,
+            )
+        try:
+            result = self._raw.accept_sec_context(token, acceptor_creds=self.credentials())
+        except self._gss_error as exc:
+            raise self._refusal(exc) from None
+        if result.more_steps:
+            # SPNEGO asking for another leg: the client's first choice was not Kerberos.
+            raise NegotiateRefused(
+                "unsupportedAuthentication",
+                "Negotiate is accepted with Kerberos only, in one request; NTLM is not "
+                "accepted (it can be relayed, ESC8)",
+                relayable=True,
+            )
+        if result.mech.dotted_form not in (KERBEROS_MECH, KERBEROS_MECH_MICROSOFT):
+            raise NegotiateRefused(
+                "unsupportedAuthentication",
+                f"Negotiate chose mechanism {result.mech.dotted_form}; only Kerberos is accepted",
+                relayable=True,
+            )
+        client = str(result.initiator_name)
+        return NegotiateResult(client, result.token or None)
+
+    def _refusal(self, exc: Exception) -> NegotiateRefused:
+        minor = getattr(exc, "min_code", 0) or 0
+        if minor >= 2**31:
+            minor -= 2**32  # OM_uint32 as GSSAPI returns it; krb5 codes are negative
+        code, message = _REASONS.get(minor, ("badToken", "the Negotiate token was refused"))
+        message = message.format(service=self.settings.service_principal)
+        if code == "badToken":
+            message = f"{message}: {_gss_message(exc)}"
+        return NegotiateRefused(code, message)
+
+
+class KerberosUnavailable(RuntimeError):
+    """The keytab cannot be read or holds no key for the service principal."""
+
+
+def _decode(header_value: str) -> bytes:
+    text = header_value.strip()
+    if not text:
+        raise NegotiateRefused("badToken", "the Negotiate header carries no token")
+    if len(text) > MAX_TOKEN_BYTES * 4 // 3 + 4:
+        raise NegotiateRefused("badToken", f"the Negotiate token exceeds {MAX_TOKEN_BYTES} bytes")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise NegotiateRefused("badToken", "the Negotiate token is not base64") from None
+
+
+def _gss_message(exc: Exception) -> str:
+    """GSSAPI's own words (major and minor status), on one line."""
+    gen_message = getattr(exc, "gen_message", None)
+    text = gen_message() if callable(gen_message) else str(exc)
+    return " ".join(str(text).split())[:300]
+
+
+def reply_header(result: NegotiateResult | None) -> str:
+    """The WWW-Authenticate value of a reply: the AP-REP when there is one (RFC 4559
+    section 5), else the bare scheme that asks for a token."""
+    if result is None or result.reply_token is None:
+        return "Negotiate"
+    return "Negotiate " + base64.b64encode(result.reply_token).decode()
