@@ -45,6 +45,7 @@ _WRONG_PRINCIPAL = _KRB5_BASE + 42
 _BAD_KEY_VERSION = _KRB5_BASE + 44
 _NO_KEY = _KRB5_BASE + 45
 _KEYTAB_ENTRY_NOT_FOUND = -1765328203  # KRB5_KT_NOTFOUND (another table)
+_GSS_S_BAD_MECH = 1  # a GSSAPI routine error (RFC 2744 section 3.9.1)
 _REASONS = {
     _TICKET_EXPIRED: ("ticketExpired", "the Kerberos ticket has expired; get a new one (kinit)"),
     _TICKET_NOT_YET_VALID: ("ticketNotYetValid", "the Kerberos ticket is not valid yet"),
@@ -167,6 +168,16 @@ class NegotiateAcceptor:
         return NegotiateResult(client, result.token or None)
 
     def _refusal(self, exc: Exception) -> NegotiateRefused:
+        routine_error = (getattr(exc, "maj_code", 0) >> 16) & 0xFF
+        if routine_error == _GSS_S_BAD_MECH:
+            # SPNEGO offering NTLM (or anything else) and not Kerberos: our credentials
+            # let it negotiate Kerberos only.
+            return NegotiateRefused(
+                "unsupportedAuthentication",
+                "Negotiate offered no Kerberos mechanism; NTLM is not accepted (it can be "
+                "relayed, ESC8)",
+                relayable=True,
+            )
         minor = getattr(exc, "min_code", 0) or 0
         if minor >= 2**31:
             minor -= 2**32  # OM_uint32 as GSSAPI returns it; krb5 codes are negative

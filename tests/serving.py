@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import requests
@@ -60,6 +61,7 @@ def start_server(
     extra_config: str = "",  # tables, after [listeners]
     top_config: str = "",  # top-level keys
     timeout: float = 60.0,
+    environment: Mapping[str, str] | None = None,  # added to the server's environment
 ) -> RunningServer:
     # A free port can be taken by another process (another xdist worker's server) before
     # gunicorn binds it: then the start is tried again on other ports. A fresh data
@@ -69,7 +71,9 @@ def start_server(
     fresh = not data_dir.exists()
     for attempt in range(START_ATTEMPTS):
         try:
-            return _start_server(data_dir, workers, database_url, extra_config, top_config, timeout)
+            return _start_server(
+                data_dir, workers, database_url, extra_config, top_config, timeout, environment
+            )
         except PortTaken:
             if attempt == START_ATTEMPTS - 1:
                 raise
@@ -118,9 +122,11 @@ def _start_server(
     extra_config: str,
     top_config: str,
     timeout: float,
+    environment: Mapping[str, str] | None,
 ) -> RunningServer:
     data_dir.mkdir(parents=True, exist_ok=True)
     server = RunningServer(data_dir, timeout)
+    server.environment.update(environment or {})
     server.config.write_text(
         f'data_dir = "{data_dir}"\n'
         + (f'database_url = "{database_url}"\n' if database_url else "")
