@@ -31,39 +31,31 @@ NTLMSSP_SIGNATURE = b"NTLMSSP\x00"
 # before any parsing (the gateway's header limit bounds it too).
 MAX_TOKEN_BYTES = 64 * 1024
 
-# MIT krb5 error codes (krb5_err.et, table base -1765328384) that GSSAPI reports as the
-# minor status of a refused AP-REQ, and what each means to whoever sent it.
-_KRB5_BASE = -1765328384
-_TICKET_EXPIRED = _KRB5_BASE + 32
-_TICKET_NOT_YET_VALID = _KRB5_BASE + 33
-_REPLAY = _KRB5_BASE + 34
-_NOT_US = _KRB5_BASE + 35
-_BAD_MATCH = _KRB5_BASE + 36
-_SKEW = _KRB5_BASE + 37
-_MODIFIED = _KRB5_BASE + 41
-_WRONG_PRINCIPAL = _KRB5_BASE + 42
-_BAD_KEY_VERSION = _KRB5_BASE + 44
-_NO_KEY = _KRB5_BASE + 45
-_KEYTAB_ENTRY_NOT_FOUND = -1765328203  # KRB5_KT_NOTFOUND (another table)
 _GSS_S_BAD_MECH = 1  # a GSSAPI routine error (RFC 2744 section 3.9.1)
-_REASONS = {
-    _TICKET_EXPIRED: ("ticketExpired", "the Kerberos ticket has expired; get a new one (kinit)"),
-    _TICKET_NOT_YET_VALID: ("ticketNotYetValid", "the Kerberos ticket is not valid yet"),
-    _REPLAY: ("replayedToken", "the Negotiate token was already used (a replay)"),
-    _SKEW: (
-        "clockSkew",
-        "the Kerberos authenticator is outside the allowed clock skew: a stale or replayed "
-        "token, or clocks that differ",
-    ),
-}
+# Why MIT refused an AP-REQ, told by its krb5 error message: the mechglue renumbers the minor
+# status of a mechanism reached through SPNEGO (100005 instead of KRB5KRB_AP_ERR_REPEAT), so
+# the code says nothing stable and the com_err text (krb5_err.et) is what tells.
 _OTHER_SERVICE = (
     "wrongService",
     "the Kerberos ticket is not for {service}: a ticket for another service, or one "
     "encrypted with a key this server's keytab does not hold",
 )
-for _code in (_NOT_US, _BAD_MATCH, _MODIFIED, _WRONG_PRINCIPAL, _BAD_KEY_VERSION, _NO_KEY):
-    _REASONS[_code] = _OTHER_SERVICE
-_REASONS[_KEYTAB_ENTRY_NOT_FOUND] = _OTHER_SERVICE
+_REASONS = (
+    ("ticket expired", "ticketExpired", "the Kerberos ticket has expired; get a new one"),
+    ("ticket not yet valid", "ticketNotYetValid", "the Kerberos ticket is not valid yet"),
+    ("request is a replay", "replayedToken", "the Negotiate token was already used (a replay)"),
+    (
+        "clock skew too great",
+        "clockSkew",
+        "the Kerberos authenticator is outside the allowed clock skew: a stale token, or "
+        "clocks that differ",
+    ),
+    ("cannot decrypt ticket", *_OTHER_SERVICE),
+    ("wrong principal in request", *_OTHER_SERVICE),
+    ("key version", *_OTHER_SERVICE),
+    ("not found in keytab", *_OTHER_SERVICE),
+    ("no key table entry", *_OTHER_SERVICE),
+)
 
 
 @dataclass(frozen=True)
@@ -164,7 +156,7 @@ class NegotiateAcceptor:
                 f"Negotiate chose mechanism {result.mech.dotted_form}; only Kerberos is accepted",
                 relayable=True,
             )
-        client = str(result.initiator_name)
+        client = self._raw.display_name(result.initiator_name).name.decode()
         return NegotiateResult(client, result.token or None)
 
     def _refusal(self, exc: Exception) -> NegotiateRefused:
@@ -178,14 +170,13 @@ class NegotiateAcceptor:
                 "relayed, ESC8)",
                 relayable=True,
             )
-        minor = getattr(exc, "min_code", 0) or 0
-        if minor >= 2**31:
-            minor -= 2**32  # OM_uint32 as GSSAPI returns it; krb5 codes are negative
-        code, message = _REASONS.get(minor, ("badToken", "the Negotiate token was refused"))
-        message = message.format(service=self.settings.service_principal)
-        if code == "badToken":
-            message = f"{message}: {_gss_message(exc)}"
-        return NegotiateRefused(code, message)
+        said = _gss_message(exc)
+        for words, code, message in _REASONS:
+            if words in said.casefold():
+                return NegotiateRefused(
+                    code, message.format(service=self.settings.service_principal)
+                )
+        return NegotiateRefused("badToken", f"the Negotiate token was refused: {said}")
 
 
 class KerberosUnavailable(RuntimeError):
