@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from ldap3 import MODIFY_REPLACE
 from samba_dc import SambaDC, samba_dc
 from serving import RunningServer, start_server
 from sqlalchemy import select
@@ -181,6 +182,7 @@ SERVER_CLOCK_SKEW_SECONDS = 5
 # on a TGT with less than about two minutes left).
 SHORT_TICKET_SECONDS = 130
 DAVE_PASSWORD = "D4ve-pkigate-Kerberos!"
+AES_ONLY = 0x18  # msDS-SupportedEncryptionTypes: AES128 | AES256 ([MS-KILE] 2.2.7)
 
 
 @dataclass
@@ -265,8 +267,16 @@ def domain(samba_dc: SambaDC, tmp_path_factory: pytest.TempPathFactory) -> Itera
     ):
         samba_dc.tool("user", "create", account, "--random-password")
         samba_dc.tool("spn", "add", f"HTTP/{host}", account)
+        with samba_dc.admin_connection() as connection:
+            # AES tickets, and AES keys in the keytab (without this, AD issues RC4).
+            assert connection.modify(
+                f"CN={account},CN=Users,{samba_dc.base}",
+                {"msDS-SupportedEncryptionTypes": [(MODIFY_REPLACE, [str(AES_ONLY)])]},
+            ), connection.result
     keytab = work / "http.keytab"
     samba_dc.tool("domain", "exportkeytab", str(keytab), "--principal", f"HTTP/{SERVICE_HOST}")
+    listed = subprocess.run(["klist", "-k", "-e", str(keytab)], capture_output=True, text=True)
+    assert "aes256-cts" in listed.stdout and "arcfour" not in listed.stdout, listed.stdout
     samba_dc.tool(
         "user", "create", "dave", DAVE_PASSWORD, f"--mail-address=dave@{samba_dc.dns_domain}"
     )
