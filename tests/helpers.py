@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -15,10 +16,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from sqlalchemy import select
 
 from pkigate.core import Actor, CASpec, CAType, CAView, Core
 from pkigate.core.der import tlv
 from pkigate.core.names import parse_dn
+from pkigate.core.store import schema
 
 
 class Clock:
@@ -207,3 +210,16 @@ def with_subject(certificate: x509.Certificate, subject: bytes, key: rsa.RSAPriv
     signature = key.sign(tbs, padding.PKCS1v15(), hashes.SHA256())
     sha256_rsa = bytes.fromhex("300d06092a864886f70d01010b0500")
     return tlv(0x30, tbs, sha256_rsa, tlv(0x03, b"\x00", signature))
+
+
+def adcs_refusals(core: Core) -> list[dict[str, Any]]:
+    """The AD-style connectors' audited refusals, oldest first: each event's parameters with
+    its action and actor."""
+    c = schema.audit_events.c
+    with core.store.read() as conn:
+        rows = conn.execute(
+            select(c.action, c.parameters, c.actor)
+            .where(c.action.like("adcs.%"), c.result == "failure")
+            .order_by(c.seq)
+        ).all()
+    return [{**json.loads(r.parameters), "action": r.action, "actor": r.actor} for r in rows]

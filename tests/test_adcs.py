@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from helpers import raw_csr
+from helpers import adcs_refusals, raw_csr
 from ldap3 import MODIFY_REPLACE, Connection
 from samba_dc import SambaDC, make_samba_dc_fixture
 from serving import RunningServer, adcs_connector_config, start_server
@@ -162,14 +162,7 @@ class Env:
             }
 
     def refusals(self, attack: str | None = None) -> list[dict[str, Any]]:
-        c = schema.audit_events.c
-        with self.core.store.read() as conn:
-            rows = conn.execute(
-                select(c.action, c.parameters, c.actor)
-                .where(c.action.like("adcs.%"), c.result == "failure")
-                .order_by(c.seq)
-            ).all()
-        found = [{**json.loads(r.parameters), "action": r.action, "actor": r.actor} for r in rows]
+        found = adcs_refusals(self.core)
         return [f for f in found if attack is None or f.get("attack") == attack]
 
 
