@@ -306,15 +306,14 @@ class AdcsConnector(Connector):
 
     def _negotiate_principal(self, acceptor: NegotiateAcceptor, token: str) -> Principal:
         try:
-            accepted = acceptor.accept(token)
+            accepted = acceptor.accept(token, request.environ.get("pkigate.tls_server_end_point"))
         except KerberosUnavailable as exc:
-            log.error("Kerberos authentication is unavailable: %s", exc)
             raise EnrollmentRefused(
                 "kerberosUnavailable", f"Kerberos authentication is unavailable: {exc}"
             ) from None
         except NegotiateRefused as exc:
             refusal = EnrollmentRefused(
-                "unsupportedAuthentication" if exc.relayable else "badCredentials",
+                exc.code if exc.code == "unsupportedAuthentication" else "badCredentials",
                 exc.message,
                 attack="ESC8" if exc.relayable else None,
             )

@@ -31,7 +31,9 @@ NTLMSSP_SIGNATURE = b"NTLMSSP\x00"
 # before any parsing (the gateway's header limit bounds it too).
 MAX_TOKEN_BYTES = 64 * 1024
 
-_GSS_S_BAD_MECH = 1  # a GSSAPI routine error (RFC 2744 section 3.9.1)
+# GSSAPI routine errors (RFC 2744 section 3.9.1).
+_GSS_S_BAD_MECH = 1
+_GSS_S_BAD_BINDINGS = 4
 # Why MIT refused an AP-REQ, told by its krb5 error message: the mechglue renumbers the minor
 # status of a mechanism reached through SPNEGO (100005 instead of KRB5KRB_AP_ERR_REPEAT), so
 # the code says nothing stable and the com_err text (krb5_err.et) is what tells.
@@ -129,8 +131,16 @@ class NegotiateAcceptor:
         self._raw.set_neg_mechs(result.creds, [self._kerberos])
         return result.creds
 
-    def accept(self, header_value: str) -> NegotiateResult:
-        """The client named by the token in ``Authorization: Negotiate <token>``."""
+    def accept(
+        self, header_value: str, tls_server_end_point: bytes | None = None
+    ) -> NegotiateResult:
+        """The client named by the token in ``Authorization: Negotiate <token>``.
+
+        ``tls_server_end_point``: our TLS certificate's hash (RFC 5929). A client that binds
+        its token to the TLS channel it sees (Windows with Extended Protection, requests-gssapi
+        with channel_bindings) is refused when that channel is not ours: a token relayed
+        from another server's TLS session. A token without bindings is accepted (MIT's rule;
+        most Linux clients send none)."""
         token = _decode(header_value)
         if token.startswith(NTLMSSP_SIGNATURE):
             raise NegotiateRefused(
@@ -139,7 +149,17 @@ class NegotiateAcceptor:
                 relayable=True,
             )
         try:
-            result = self._raw.accept_sec_context(token, acceptor_creds=self.credentials())
+            result = self._raw.accept_sec_context(
+                token,
+                acceptor_creds=self.credentials(),
+                channel_bindings=(
+                    None
+                    if tls_server_end_point is None
+                    else self._raw.ChannelBindings(
+                        application_data=b"tls-server-end-point:" + tls_server_end_point
+                    )
+                ),
+            )
         except self._gss_error as exc:
             raise self._refusal(exc) from None
         if result.more_steps:
@@ -168,6 +188,13 @@ class NegotiateAcceptor:
                 "unsupportedAuthentication",
                 "Negotiate offered no Kerberos mechanism; NTLM is not accepted (it can be "
                 "relayed, ESC8)",
+                relayable=True,
+            )
+        if routine_error == _GSS_S_BAD_BINDINGS:
+            return NegotiateRefused(
+                "channelBindingMismatch",
+                "the Negotiate token is bound to another TLS channel than this server's (a "
+                "relayed token, ESC8)",
                 relayable=True,
             )
         said = _gss_message(exc)

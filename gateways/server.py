@@ -109,16 +109,23 @@ def server_tls_context(settings: ServerSettings) -> ssl.SSLContext:
 class ListenerApps:
     """The WSGI app a worker serves: the plain-HTTP or the HTTPS app, by the socket the
     request came in on. It tells the app the listener's scheme and, on TLS, the client
-    certificate (``pkigate.client_certificate``: DER, or absent)."""
+    certificate (``pkigate.client_certificate``: DER, or absent) and the RFC 5929
+    tls-server-end-point channel binding of our certificate
+    (``pkigate.tls_server_end_point``: the hash, for Kerberos channel bindings)."""
 
-    def __init__(self, http: WSGIApp, https: WSGIApp) -> None:
+    def __init__(self, http: WSGIApp, https: WSGIApp, tls_certificate: str | None = None) -> None:
         self.http = http
         self.https = https
+        self.tls_server_end_point = (
+            None if tls_certificate is None else tls_server_end_point(Path(tls_certificate))
+        )
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         sock = environ.get("gunicorn.socket")
         if isinstance(sock, ssl.SSLSocket):
             environ["wsgi.url_scheme"] = "https"
+            if self.tls_server_end_point is not None:
+                environ["pkigate.tls_server_end_point"] = self.tls_server_end_point
             with contextlib.suppress(ValueError, ssl.SSLError):
                 der = sock.getpeercert(binary_form=True)
                 if der:
@@ -126,6 +133,21 @@ class ListenerApps:
             return self.https(environ, start_response)
         environ["wsgi.url_scheme"] = "http"
         return self.http(environ, start_response)
+
+
+def tls_server_end_point(certificate_file: Path) -> bytes:
+    """RFC 5929 section 4.1: the hash of our (leaf) certificate, by its signature's hash
+    algorithm, SHA-256 in place of MD5 and SHA-1."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    certificate = x509.load_pem_x509_certificates(certificate_file.read_bytes())[0]
+    algorithm = certificate.signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(certificate.public_bytes(serialization.Encoding.DER))
+    return digest.finalize()
 
 
 def _die_with_parent(expected_parent: int) -> None:
@@ -405,7 +427,11 @@ def run_server(settings: ServerSettings) -> None:
             )
             gateway = Gateway.open(config)
             gateway.start_background_work()
-            return ListenerApps(create_app(gateway, "http"), create_app(gateway, "https"))
+            return ListenerApps(
+                create_app(gateway, "http"),
+                create_app(gateway, "https"),
+                settings.tls_certificate,
+            )
 
     PkigateApplication().run()
     sys.exit(0)

@@ -7,6 +7,7 @@ audited."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import subprocess
 import sys
@@ -21,13 +22,11 @@ import pytest
 import requests
 from adcs_directory_fixture import make_dev_directory_fixture
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+from helpers import adcs_refusals, make_csr, make_key
 from ldap3 import MODIFY_REPLACE
 from samba_dc import SambaDC, samba_dc
 from serving import RunningServer, start_server
-from sqlalchemy import select
 
 from pkigate.adcs import soap
 from pkigate.adcs.directory import DevDirectory
@@ -35,7 +34,6 @@ from pkigate.adcs.policy import sid_from_certificate
 from pkigate.core import Core
 from pkigate.core.der import tlv
 from pkigate.core.names import UPN_OID, decode_upn
-from pkigate.core.store import schema
 
 dev_directory = make_dev_directory_fixture("module")
 __all__ = ["samba_dc"]
@@ -56,7 +54,9 @@ def write_keytab(path: Path, principal: str) -> None:
     assert path.stat().st_size > 0
 
 
-def adcs_config(directory: DevDirectory, keytab: Path, service_principal: str) -> str:
+def adcs_config(directory: DevDirectory | SambaDC, keytab: Path, service_principal: str) -> str:
+    """The adcs connector on ``directory`` (the development one or the Samba DC), with
+    Kerberos for ``service_principal`` from ``keytab``."""
     return f"""
 [[connectors]]
 type = "adcs"
@@ -90,14 +90,7 @@ class Served:
         return session
 
     def refusals(self) -> list[dict[str, Any]]:
-        c = schema.audit_events.c
-        with self.core.store.read() as conn:
-            rows = conn.execute(
-                select(c.action, c.parameters, c.actor)
-                .where(c.action.like("adcs.%"), c.result == "failure")
-                .order_by(c.seq)
-            ).all()
-        return [{**json.loads(r.parameters), "action": r.action, "actor": r.actor} for r in rows]
+        return adcs_refusals(self.core)
 
 
 @pytest.fixture(scope="module")
@@ -243,15 +236,26 @@ def negotiate(ccache: Path, host: str = SERVICE_HOST) -> Any:
     )
 
 
-def negotiate_token(ccache: Path, host: str = SERVICE_HOST) -> str:
-    """One Negotiate token, made now, to send when the test chooses."""
+def negotiate_token(
+    ccache: Path, host: str = SERVICE_HOST, tls_server_end_point: bytes | None = None
+) -> str:
+    """One Negotiate token, made now, to send when the test chooses; bound to the TLS
+    channel whose certificate hash is ``tls_server_end_point`` (RFC 5929), if given."""
     import gssapi
+    import gssapi.raw
 
     context = gssapi.SecurityContext(
         name=gssapi.Name(f"HTTP@{host}", gssapi.NameType.hostbased_service),
         creds=gssapi.Credentials(usage="initiate", store={"ccache": f"FILE:{ccache}"}),
         mech=gssapi.Mechanism.from_sasl_name("SPNEGO"),
         usage="initiate",
+        channel_bindings=(
+            None
+            if tls_server_end_point is None
+            else gssapi.raw.ChannelBindings(
+                application_data=b"tls-server-end-point:" + tls_server_end_point
+            )
+        ),
     )
     return base64.b64encode(context.step()).decode()
 
@@ -288,7 +292,7 @@ def domain(samba_dc: SambaDC, tmp_path_factory: pytest.TempPathFactory) -> Itera
     )
     server = start_server(
         work / "data",
-        extra_config=adcs_config_for(samba_dc, keytab),
+        extra_config=adcs_config(samba_dc, keytab, f"HTTP/{SERVICE_HOST}@{samba_dc.realm}"),
         environment={"KRB5_CONFIG": str(server_krb5), "KRB5RCACHEDIR": str(work)},
     )
     served = Served(server, Core.open(work / "data"))
@@ -313,24 +317,6 @@ def domain(samba_dc: SambaDC, tmp_path_factory: pytest.TempPathFactory) -> Itera
         server.stop()
 
 
-def adcs_config_for(dc: SambaDC, keytab: Path) -> str:
-    return f"""
-[[connectors]]
-type = "adcs"
-name = "adcs"
-mount = "/adcs"
-[connectors.settings]
-directory_url = "{dc.url}"
-base = "{dc.base}"
-bind_dn = "{dc.admin_dn}"
-bind_password = "{dc.admin_password}"
-ca_name = "pkigate-issuing"
-cache_ttl_seconds = 0
-kerberos_keytab = "{keytab}"
-kerberos_service_principal = "HTTP/{SERVICE_HOST}@{dc.realm}"
-"""
-
-
 def enroll_over_soap(domain: Domain, auth: Any, template: str) -> tuple[requests.Response, Any]:
     """MS-XCEP GetPolicies, then MS-WSTEP RequestSecurityToken for ``template`` at the CES
     the policy lists for Kerberos, as a Windows client does."""
@@ -352,12 +338,8 @@ def enroll_over_soap(domain: Domain, auth: Any, template: str) -> tuple[requests
         for uri in ca.uris
         if uri.client_authentication == soap.ClientAuthentication.KERBEROS
     ]
-    key = rsa.generate_private_key(65537, 2048)
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "from the CSR")]))
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.DER)
+    csr = x509.load_pem_x509_csr(make_csr("from the CSR", key=make_key("rsa"))).public_bytes(
+        serialization.Encoding.DER
     )
     answer = session.post(
         ces,
@@ -407,14 +389,7 @@ def test_a_machine_with_its_keytab_enrolls_for_machine_over_xcep_and_wstep(domai
 
 def test_curl_negotiate_enrolls_over_the_json_endpoint(domain: Domain) -> None:
     ccache = domain.kinit("alice")
-    key = rsa.generate_private_key(65537, 2048)
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alice")]))
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
-        .decode()
-    )
+    csr = make_csr("alice", key=make_key("rsa")).decode()
     port = domain.served.server.https_port
     # curl names the service after the URL's host: pkigate.samba.test, resolved to loopback.
     # The gateway's TLS certificate names 127.0.0.1, so curl's check of it is left out here;
@@ -493,3 +468,27 @@ def test_an_expired_ticket_is_refused_and_audited(domain: Domain) -> None:
     answer, audited = _refused(domain, {"Authorization": f"Negotiate {domain.stale_token}"})
     assert answer.status_code == 401 and "expired" in answer.json()["message"]
     assert audited["kerberos"] == "ticketExpired"
+
+
+def test_a_token_bound_to_our_tls_channel_is_accepted(domain: Domain) -> None:
+    from requests_gssapi import HTTPSPNEGOAuth
+
+    auth = negotiate(domain.kinit("alice"))
+    bound = HTTPSPNEGOAuth(
+        creds=auth.creds,
+        target_name=auth.target_name,
+        mech=auth.mech,
+        channel_bindings="tls-server-end-point",  # computed from the certificate it sees
+    )
+    answer = domain.served.session().post(f"{domain.served.url}/enroll", json={}, auth=bound)
+    assert answer.json()["error"] == "badRequest"  # authenticated; the empty body is refused
+
+
+def test_a_token_bound_to_another_tls_channel_is_refused_as_relayed(domain: Domain) -> None:
+    # What a relay holds: a token the victim bound to the relay's own TLS session.
+    elsewhere = hashlib.sha256(b"the relay's certificate").digest()
+    token = negotiate_token(domain.kinit("alice"), tls_server_end_point=elsewhere)
+    answer, audited = _refused(domain, {"Authorization": f"Negotiate {token}"})
+    assert answer.status_code == 401 and answer.json()["attack"] == "ESC8"
+    assert "another TLS channel" in answer.json()["message"]
+    assert audited["kerberos"] == "channelBindingMismatch" and audited["attack"] == "ESC8"
