@@ -67,7 +67,7 @@ directory_url = "{directory.url}"
 base = "{directory.base}"
 bind_dn = "{directory.admin_dn}"
 bind_password = "{directory.admin_password}"
-ca_name = "pkigate-issuing"
+ca_name = "pkigate-kerberos"
 cache_ttl_seconds = 0
 kerberos_keytab = "{keytab}"
 kerberos_service_principal = "{service_principal}"
@@ -186,6 +186,8 @@ class Domain:
     served: Served
     config: Path
     work: Path
+    dave: str
+    """A user of this module's own, disabled by a test (the DC is shared by the session)."""
     stale_token: str
     """A token made at the start from a TGT of SHORT_TICKET_SECONDS, sent only once expired."""
     stale_ticket_end: float
@@ -281,9 +283,7 @@ def domain(samba_dc: SambaDC, tmp_path_factory: pytest.TempPathFactory) -> Itera
     samba_dc.tool("domain", "exportkeytab", str(keytab), "--principal", f"HTTP/{SERVICE_HOST}")
     listed = subprocess.run(["klist", "-k", "-e", str(keytab)], capture_output=True, text=True)
     assert "aes256-cts" in listed.stdout and "arcfour" not in listed.stdout, listed.stdout
-    samba_dc.tool(
-        "user", "create", "dave", DAVE_PASSWORD, f"--mail-address=dave@{samba_dc.dns_domain}"
-    )
+    samba_dc.tool("user", "create", f"dave-{suffix}", DAVE_PASSWORD)
     server_krb5 = work / "krb5.conf"
     server_krb5.write_text(
         samba_dc.krb5_conf_path.read_text().replace(
@@ -303,14 +303,15 @@ def domain(samba_dc: SambaDC, tmp_path_factory: pytest.TempPathFactory) -> Itera
     try:
         published = subprocess.run(
             [PKIGATE, "--json", "--data-dir", str(work / "data"), "adcs", "--config", str(config),
-             "publish", "--connector", "adcs", "--dns-host-name", SERVICE_HOST],
+             "publish", "--connector", "adcs", "--dns-host-name", SERVICE_HOST,
+             "--keep-existing-templates"],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert published.returncode == 0, published.stderr
-        partial = Domain(samba_dc, served, config, work, "", 0.0)
+        partial = Domain(samba_dc, served, config, work, f"dave-{suffix}", "", 0.0)
         short = partial.kinit("alice", lifetime=f"{SHORT_TICKET_SECONDS}s")
         stale = negotiate_token(short)
-        yield Domain(samba_dc, served, config, work, stale, partial.ticket_end(short))
+        yield Domain(samba_dc, served, config, work, partial.dave, stale, partial.ticket_end(short))
     finally:
         environment.undo()
         served.core.close()
@@ -450,15 +451,15 @@ def test_a_replayed_token_is_refused_and_audited(domain: Domain) -> None:
 
 
 def test_a_ticket_of_an_account_disabled_since_is_refused_and_audited(domain: Domain) -> None:
-    ccache = domain.kinit("dave", password=DAVE_PASSWORD)
+    ccache = domain.kinit(domain.dave, password=DAVE_PASSWORD)
     # The service ticket is had while the account is enabled: the KDC gives a disabled
     # account none, but one it holds stays valid until it expires.
     negotiate_token(ccache)
-    domain.dc.tool("user", "disable", "dave")
+    domain.dc.tool("user", "disable", domain.dave)
     answer, audited = _refused(domain, auth=negotiate(ccache))
     assert answer.status_code == 403 and answer.json()["error"] == "accountDisabled"
     assert audited["code"] == "accountDisabled"
-    assert audited["kerberos_principal"] == f"dave@{domain.dc.realm}"
+    assert audited["kerberos_principal"] == f"{domain.dave}@{domain.dc.realm}"
 
 
 def test_an_expired_ticket_is_refused_and_audited(domain: Domain) -> None:
