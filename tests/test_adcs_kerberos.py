@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -34,6 +35,8 @@ from pkigate.adcs.policy import sid_from_certificate
 from pkigate.core import Core
 from pkigate.core.der import tlv
 from pkigate.core.names import UPN_OID, decode_upn
+from pkigate.gateways.config import ConfigError, parse_config
+from pkigate.gateways.runtime import Gateway
 
 dev_directory = make_dev_directory_fixture("module")
 __all__ = ["samba_dc"]
@@ -111,6 +114,42 @@ def served(
     finally:
         served.core.close()
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("settings", "complaint"),
+    [
+        (
+            'kerberos_keytab = "{keytab}"',
+            "settings.kerberos_service_principal: give kerberos_keytab and "
+            "kerberos_service_principal together",
+        ),
+        (
+            'kerberos_keytab = "{keytab}"\n'
+            'kerberos_service_principal = "HTTP/elsewhere.example.test@EXAMPLE.TEST"',
+            "settings.kerberos_keytab: no key for HTTP/elsewhere.example.test@EXAMPLE.TEST in",
+        ),
+        (
+            'kerberos_keytab = "{keytab}.missing"\n'
+            'kerberos_service_principal = "HTTP/pkigate.example.test@EXAMPLE.TEST"',
+            "not found",
+        ),
+    ],
+    ids=["no-principal", "no-key-for-the-principal", "no-keytab"],
+)
+def test_kerberos_settings_that_cannot_work_stop_the_start(
+    tmp_path: Path, settings: str, complaint: str
+) -> None:
+    keytab = tmp_path / "http.keytab"
+    write_keytab(keytab, "HTTP/pkigate.example.test@EXAMPLE.TEST")
+    config = parse_config(
+        f"data_dir = '{tmp_path / 'data'}'\n"
+        "[[connectors]]\ntype = 'adcs'\nname = 'adcs'\nmount = '/adcs'\n"
+        "[connectors.settings]\n" + settings.format(keytab=keytab) + "\n"
+    )
+    with pytest.raises(ConfigError, match=re.escape("connectors[0].")) as raised:
+        Gateway.open(config, bootstrap=True)
+    assert complaint in str(raised.value)
 
 
 def spnego_offering_ntlm() -> bytes:
