@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from helpers import adcs_refusals, make_csr, make_key
 from ldap3 import MODIFY_REPLACE
 from samba_dc import SambaDC, samba_dc
-from serving import RunningServer, start_server
+from serving import RunningServer, adcs_connector_config, start_server
 
 from pkigate.adcs import soap
 from pkigate.adcs.directory import DevDirectory
@@ -60,21 +60,14 @@ def write_keytab(path: Path, principal: str) -> None:
 def adcs_config(directory: DevDirectory | SambaDC, keytab: Path, service_principal: str) -> str:
     """The adcs connector on ``directory`` (the development one or the Samba DC), with
     Kerberos for ``service_principal`` from ``keytab``."""
-    return f"""
-[[connectors]]
-type = "adcs"
-name = "adcs"
-mount = "/adcs"
-[connectors.settings]
-directory_url = "{directory.url}"
-base = "{directory.base}"
-bind_dn = "{directory.admin_dn}"
-bind_password = "{directory.admin_password}"
-ca_name = "pkigate-kerberos"
-cache_ttl_seconds = 0
-kerberos_keytab = "{keytab}"
-kerberos_service_principal = "{service_principal}"
-"""
+    return adcs_connector_config(
+        directory.url,
+        directory.base,
+        directory.admin_dn,
+        directory.admin_password,
+        ca_name="pkigate-kerberos",
+        cache_ttl_seconds=0,
+    ) + (f'kerberos_keytab = "{keytab}"\nkerberos_service_principal = "{service_principal}"\n')
 
 
 @dataclass
