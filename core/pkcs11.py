@@ -203,14 +203,13 @@ class TokenKey:
 class Pkcs11Backend:
     """CA keys on the configured token."""
 
-    name = "pkcs11"
-
     def __init__(self, settings: Pkcs11Settings) -> None:
         self.settings = settings
         self._session: Any = None
         self._keys: dict[bytes, Any] = {}  # CKA_ID -> private key object, per session
         self._lock = threading.Lock()
         self._lost = False  # the last session failed: initialise the library afresh
+        self._forked = False  # the library was initialised by the parent process
         os.register_at_fork(after_in_child=self._drop_after_fork)
 
     def _drop_after_fork(self) -> None:
@@ -219,8 +218,6 @@ class Pkcs11Backend:
         self._session = None
         self._keys = {}
         self._forked = True
-
-    _forked = False
 
     # -- the session -----------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -669,3 +670,27 @@ def test_the_cli_creates_describes_and_imports_token_keys_with_the_configured_to
     assert refused.stderr.strip().splitlines() == [
         "error: key_storage pkcs11 needs a [pkcs11] token in the gateway configuration [badRequest]"
     ]
+
+
+def test_a_forked_process_opens_its_own_session_and_signs(hsm_core: Core) -> None:
+    """A session opened before a fork is not the child's: the child initialises the
+    library and logs in again, and its signatures verify (the parent's still work)."""
+    root = create_root(hsm_core, "Forked Root", key_storage=PKCS11)
+    issue_leaf(hsm_core, root, "parent-before.example.test")  # the parent's session is open
+    token = hsm_core.keys.token
+    assert token is not None
+    parents = token._session
+    assert parents is not None
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if it issued a verifying certificate
+        status = 1
+        try:
+            leaf = issue_leaf(hsm_core, root, "child.example.test")
+            leaf.verify_directly_issued_by(ca_certificate(hsm_core, root))
+            # On a session of its own (SoftHSM would let it use the parent's copy).
+            status = 0 if token._session is not None and token._session is not parents else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    issue_leaf(hsm_core, root, "parent-after.example.test")
