@@ -49,6 +49,7 @@ from pkigate.devsim.challenges import ChallengeDns
 from pkigate.devsim.config import FleetSettings
 from pkigate.devsim.simulation import Outputs, SpawnOptions, simulate
 from pkigate.devsim.spawn import free_port
+from pkigate.gateways.config import ConfigError, parse_config
 
 PKCS11 = KeyStorage.PKCS11
 
@@ -694,3 +695,47 @@ def test_a_forked_process_opens_its_own_session_and_signs(hsm_core: Core) -> Non
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     issue_leaf(hsm_core, root, "parent-after.example.test")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            '[pkcs11]\nmodule = "/m.so"\ntoken_label = "t"\npin_env = "P"\npin = "1234"\n',
+            "pkcs11.pin: unknown key; expected one of module, pin_env, pin_file, token_label",
+        ),
+        (
+            '[pkcs11]\nmodule = "/m.so"\ntoken_label = "t"\npin_env = "P"\npin_file = "/p"\n',
+            "pkcs11: set exactly one of pin_env and pin_file",
+        ),
+        (
+            '[pkcs11]\nmodule = "m.so"\ntoken_label = "t"\npin_env = "P"\n',
+            "pkcs11.module: must be an absolute path",
+        ),
+        (
+            '[[cas]]\nname = "r"\ntype = "ROOT"\nsubject = "CN=R"\nkey_storage = "pkcs11"\n',
+            "cas[0].key_storage: pkcs11 needs a [pkcs11] table naming the token",
+        ),
+        (
+            '[[cas]]\nname = "r"\ntype = "ROOT"\nsubject = "CN=R"\nkey_storage = "hsm"\n',
+            "cas[0].key_storage: must be one of software, pkcs11",
+        ),
+    ],
+)
+def test_the_pkcs11_configuration_is_checked_with_where_the_problem_is(
+    text: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        parse_config(text)
+
+
+def test_the_pin_file_must_be_private(tmp_path: Path, softhsm: SoftHsm) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(softhsm.pin + "\n")
+    pin_file.chmod(0o644)
+    backend = Pkcs11Backend(softhsm.settings(pin_env=None, pin_file=pin_file))
+    with pytest.raises(TokenUnavailableError, match="readable by others"):
+        backend.check()
+    pin_file.chmod(0o600)
+    backend.check()
+    backend.close()
