@@ -69,3 +69,8 @@ def test_wheel_carries_every_package_and_the_migrations(tmp_path: Path) -> None:
     ):
         assert expected in names
     assert not any(n.startswith(("acme/", "core/", "tests/")) for n in names)
+    # PEP 639: the license as an SPDX expression; the TOML table form stops building with
+    # setuptools after 2027-02-18 (it warns until then).
+    (metadata,) = (n for n in names if n.endswith(".dist-info/METADATA"))
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(metadata).decode()
+    assert "project.license` as a TOML table" not in build.stderr
