@@ -246,7 +246,7 @@ class AuditAnchor:
             self._fd = os.open(self.path, flags, 0o600)
             self._inode = os.fstat(self._fd).st_ino
             self._size = 0
-            _sync_directory(self.path.parent)
+            sync_directory(self.path.parent)
         data = b"".join(lines)
         written = 0
         while written < len(data):
@@ -256,7 +256,7 @@ class AuditAnchor:
         self._last = self.decode(lines[-1], "the line just written")
 
 
-def _sync_directory(directory: Path) -> None:
+def sync_directory(directory: Path) -> None:
     # A new file's name is durable only once its directory is.
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -294,7 +294,7 @@ class HostJournal(AuditAnchor):
             flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self._fd = os.open(self.path, flags, 0o600)
             self._inode = os.fstat(self._fd).st_ino
-            _sync_directory(self.path.parent)
+            sync_directory(self.path.parent)
         fd = self._fd
         data = b"".join(lines)
         fcntl.flock(fd, fcntl.LOCK_EX)

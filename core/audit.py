@@ -922,8 +922,9 @@ class AuditLog:
             )
             raise
 
-    def verify(self) -> VerificationResult:
-        """Walk the chain and say which events were edited, inserted or deleted."""
+    def verify_chain(self) -> VerificationResult:
+        """Walk the chain alone (not its anchor: a backup being restored has none yet) and
+        say which events were edited, inserted or deleted."""
         problems: list[VerificationProblem] = []
         count = 0
         shift = 0  # how far later events were renumbered to hide an insertion or deletion
@@ -1042,6 +1043,13 @@ class AuditLog:
                         f"events after {head[0]} were added outside the audit log",
                     )
                 )
+        return VerificationResult(count, tuple(problems))
+
+    def verify(self) -> VerificationResult:
+        """Walk the chain and say which events were edited, inserted or deleted, then
+        compare it with its audit anchor (events the store lost)."""
+        chain = self.verify_chain()
+        problems = list(chain.problems)
         anchored = self.anchor_status()
         anchor = self.anchor
         if anchored.trusted and anchor is not None and anchor.exists():
@@ -1060,7 +1068,7 @@ class AuditLog:
             problems.append(
                 VerificationProblem(anchored.lost_from, kind, f"{anchored.detail}; {hint}")
             )
-        return VerificationResult(count, tuple(problems))
+        return VerificationResult(chain.events, tuple(problems))
 
     def _mac_ok(self, event: AuditEventRecord, seq: int) -> bool:
         expected = self._mac(

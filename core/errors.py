@@ -113,6 +113,14 @@ class StoreIntegrityError(PkigateError):
     code = "storeIntegrity"
 
 
+class SchemaOutdatedError(PkigateError):
+    """The store's schema is older than this pkigate's (an upgrade of pkigate, not yet of
+    its database) or newer (pkigate was downgraded): nothing is read or written until an
+    operator migrates it explicitly (`pkigate db upgrade`)."""
+
+    code = "schemaOutdated"
+
+
 class AnchorWriteError(PkigateError):
     """The database committed but the audit anchor could not be written: the answer is
     withheld (the anchor catches up from the store at the next write)."""

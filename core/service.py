@@ -45,6 +45,12 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or "pkigate-data").resolve()
 
 
+def store_url(data_dir: Path, database_url: str | None = None) -> str:
+    """The database a data directory's pkigate uses: the URL given, else
+    ``$PKIGATE_DATABASE_URL``, else SQLite ``pkigate.db`` in the data directory."""
+    return database_url or os.environ.get(DATABASE_URL_ENV) or sqlite_url(data_dir / "pkigate.db")
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -87,18 +93,19 @@ class Core:
         *,
         signing_margin_bytes: int | None = None,
         pkcs11: Pkcs11Settings | None = None,
+        upgrade_schema: bool = False,
     ) -> Core:
         """Open (creating on first use) the data directory and database.
 
         ``signing_margin_bytes``: the free space a SQLite store's filesystem must have for
         the CA key to sign (see ``store/space.py``). ``pkcs11``: the token that holds the
-        keys of CAs with ``key_storage`` pkcs11 (opened on first use, in this process)."""
+        keys of CAs with ``key_storage`` pkcs11 (opened on first use, in this process).
+        ``upgrade_schema``: migrate a store at an older schema (otherwise
+        SchemaOutdatedError says to run `pkigate db upgrade`)."""
         data_dir = (data_dir or default_data_dir()).resolve()
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        url = (
-            database_url or os.environ.get(DATABASE_URL_ENV) or sqlite_url(data_dir / "pkigate.db")
-        )
-        store = Store.open(url)
+        url = store_url(data_dir, database_url)
+        store = Store.open(url, upgrade_schema=upgrade_schema)
         if signing_margin_bytes is not None:
             store.space.margin = signing_margin_bytes
         database = data_dir / "pkigate.db"

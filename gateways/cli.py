@@ -44,13 +44,15 @@ from pkigate.core import (
     Validity,
 )
 from pkigate.core.audit import render_report, report_rows
+from pkigate.core.backup import backup_sqlite, restore_sqlite
 from pkigate.core.errors import BadRequestError, NotFoundError, PkigateError, StoreIntegrityError
 from pkigate.core.keys import KeyStorage
 from pkigate.core.model import RevocationReason, parse_enum
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
-from pkigate.core.service import damaged_store_message, utc_now
-from pkigate.core.store import CertificateRecord
+from pkigate.core.service import damaged_store_message, default_data_dir, store_url, utc_now
+from pkigate.core.store import CertificateRecord, Store
+from pkigate.core.store.engine import SCHEMA_HEAD, read_revisions, schema_problem, sqlite_file
 from pkigate.core.templates import describe as describe_template
 from pkigate.gateways.auth import Role, TokenService
 from pkigate.gateways.openapi import token_json
@@ -1118,6 +1120,135 @@ def audit_report(state: State, ca_id: str, fmt: str, out: str | None) -> None:
         click.echo(text.rstrip())
 
 
+# -- db ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """The store itself: backups, restores and explicit schema migrations."""
+
+
+def _local_store(state: State, verb: str) -> tuple[Path, str]:
+    """The data directory and database URL a `db` verb acts on (never a --server)."""
+    if state.remote is not None:
+        raise BadRequestError(f"`pkigate db {verb}` works on a local data directory")
+    data_dir = (state.data_dir or default_data_dir()).resolve()
+    return data_dir, store_url(data_dir, state.database_url)
+
+
+def _sqlite_store(state: State, verb: str, postgres_hint: str) -> tuple[Path, Path]:
+    data_dir, url = _local_store(state, verb)
+    database = sqlite_file(url)
+    if database is None:
+        raise BadRequestError(
+            f'the store is PostgreSQL: {postgres_hint} (README, "Running in production")'
+        )
+    return data_dir, database
+
+
+@db.command("backup")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The backup file to write (a new file; mode 0600).",
+)
+@pass_state
+@reports_errors
+def db_backup(state: State, out: Path) -> None:
+    """Copy the SQLite store into FILE while pkigate runs (a consistent snapshot, SQLite's
+    online backup API). The KEK is not in it: keep a copy of the key-encryption key apart.
+
+    Example: pkigate db backup --out /var/backups/pkigate/$(date +%F).db
+    """
+    _data_dir, database = _sqlite_store(state, "backup", "back it up with pg_dump")
+    _check_writable(str(out))
+    summary = backup_sqlite(database, out)
+    state.emit(
+        {"backup": str(out), "revision": summary.revision, "audit_head": summary.audit_head},
+        f"backed up {database} to {out} (schema {summary.revision}, audit events "
+        f"1..{summary.audit_head}); the key-encryption key is not in it: keep it apart",
+    )
+
+
+@db.command("restore")
+@click.argument("backup", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace the store already in the data directory.")
+@pass_state
+@reports_errors
+def db_restore(state: State, backup: Path, force: bool) -> None:
+    """Put a backup made by `pkigate db backup` in the data directory, after checking that
+    the KEK opens its CA keys and its audit chain verifies. Stop pkigate first.
+
+    Example: pkigate --data-dir /var/lib/pkigate db restore /var/backups/pkigate/2026-12-01.db
+    """
+    data_dir, database = _sqlite_store(state, "restore", "put a pg_dump back with pg_restore")
+    result = restore_sqlite(
+        backup, database, data_dir, force=force, actor=state.actor, now=utc_now()
+    )
+    anchor = {
+        "kept": "the audit anchor matches it",
+        "started": "a new audit anchor starts from its head (audited)",
+        "later": f"then run `pkigate db upgrade` (it is at schema {result.backup.revision})",
+    }[result.anchor]
+    state.emit(
+        {
+            "database": str(result.database),
+            "revision": result.backup.revision,
+            "audit_head": result.backup.audit_head,
+            "keys_checked": result.keys_checked,
+            "events_verified": result.events_verified,
+            "anchor": result.anchor,
+            "upgrade_needed": result.upgrade_needed,
+        },
+        f"restored {backup} into {result.database}: {result.keys_checked} CA keys open with "
+        f"this KEK, audit chain OK ({result.events_verified} events); {anchor}",
+    )
+
+
+@db.command("current")
+@pass_state
+@reports_errors
+def db_current(state: State) -> None:
+    """Show the store's schema revision and whether `pkigate db upgrade` is due.
+
+    Example: pkigate db current
+    """
+    data_dir, url = _local_store(state, "current")
+    database = sqlite_file(url)
+    revisions = [] if database is not None and not database.exists() else read_revisions(url)
+    problem = schema_problem(revisions, url if database is None else str(database))
+    state.emit(
+        {"revisions": revisions, "head": SCHEMA_HEAD, "up_to_date": problem is None},
+        problem
+        or (
+            f"schema revision {SCHEMA_HEAD} (the newest this pkigate knows)"
+            if revisions
+            else f"no store yet in {data_dir}: it is created at {SCHEMA_HEAD} on first use"
+        ),
+    )
+
+
+@db.command("upgrade")
+@pass_state
+@reports_errors
+def db_upgrade(state: State) -> None:
+    """Migrate the store to this pkigate's schema (back it up first; on PostgreSQL, with
+    every host's pkigate stopped or already upgraded).
+
+    Example: pkigate db backup --out before-upgrade.db && pkigate db upgrade
+    """
+    _data_dir, url = _local_store(state, "upgrade")
+    before = read_revisions(url)
+    Store.open(url, upgrade_schema=True).close()
+    state.emit(
+        {"from": before, "to": SCHEMA_HEAD},
+        f"schema revision {', '.join(before) or '(new store)'} -> {SCHEMA_HEAD}"
+        if before != [SCHEMA_HEAD]
+        else f"already at schema revision {SCHEMA_HEAD}",
+    )
+
+
 # -- serve -------------------------------------------------------------------------------------
 
 
@@ -1134,15 +1265,24 @@ def audit_report(state: State, ca_id: str, fmt: str, out: str | None) -> None:
     type=click.IntRange(1, 64),
     help="gunicorn worker processes per listener (default 1, or the config's).",
 )
+@click.option(
+    "--migrate",
+    is_flag=True,
+    help="Upgrade a store at an older schema first (as `pkigate db upgrade`); a new store "
+    "is created at the newest schema without it.",
+)
 @click.pass_context
-def serve_command(ctx: click.Context, config_path: Path | None, workers: int | None) -> None:
+def serve_command(
+    ctx: click.Context, config_path: Path | None, workers: int | None, migrate: bool
+) -> None:
     """Run the HTTP and HTTPS listeners (CA certificates, SCEP, ACME, API, ...)."""
     from pkigate.gateways.config import ConfigError
     from pkigate.gateways.serve import serve
 
     state: State = ctx.obj
     try:
-        serve(config_path, state.data_dir, state.database_url, workers)  # becomes the supervisor
+        # becomes the supervisor
+        serve(config_path, state.data_dir, state.database_url, workers, migrate=migrate)
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_ERROR)

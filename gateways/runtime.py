@@ -61,10 +61,17 @@ class Gateway:
     _runners: list[JobRunner] = field(default_factory=list)
 
     @classmethod
-    def open(cls, config: GatewayConfig, *, bootstrap: bool = False) -> Gateway:
+    def open(
+        cls, config: GatewayConfig, *, bootstrap: bool = False, upgrade_schema: bool = False
+    ) -> Gateway:
         """Open the core; with ``bootstrap``, check the store (StoreIntegrityError) and
-        create what the configuration names."""
-        core = Core.open(config.data_dir, config.database_url, pkcs11=config.pkcs11)
+        create what the configuration names. ``upgrade_schema``: `serve --migrate`."""
+        core = Core.open(
+            config.data_dir,
+            config.database_url,
+            pkcs11=config.pkcs11,
+            upgrade_schema=upgrade_schema,
+        )
         if bootstrap:
             # Before anything is created or written: a damaged store, or one behind its
             # audit anchor, is not served (the error says what was lost and what to do).

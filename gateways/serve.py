@@ -64,13 +64,18 @@ def banner(gateway: Any, token_path: Path | None, tls: tuple[Path, Path]) -> str
 
 
 def serve(
-    config_path: Path | None, data_dir: Path | None, database_url: str | None, workers: int | None
+    config_path: Path | None,
+    data_dir: Path | None,
+    database_url: str | None,
+    workers: int | None,
+    *,
+    migrate: bool = False,
 ) -> NoReturn:
     from pkigate.gateways.runtime import CLIENT_CA_FILE, Gateway
 
     config = effective_config(config_path, data_dir, database_url, workers)
     configure_logging(config.log_level)
-    gateway = Gateway.open(config, bootstrap=True)
+    gateway = Gateway.open(config, bootstrap=True, upgrade_schema=migrate)
     tls = gateway.ensure_tls_certificate()
     gateway.ensure_client_ca_bundle()
     token_path = gateway.ensure_admin_token()

@@ -245,9 +245,15 @@ class Store:
         )
 
     @classmethod
-    def open(cls, url: str) -> Store:
+    def open(cls, url: str, *, upgrade_schema: bool = False) -> Store:
+        """Open the store: a new, empty one is created at the newest schema; an older one
+        is migrated only with ``upgrade_schema``, else SchemaOutdatedError (engine.migrate)."""
         engine = create_store_engine(url)
-        migrate(engine)
+        try:
+            migrate(engine, upgrade=upgrade_schema)
+        except BaseException:
+            engine.dispose()
+            raise
         return cls(engine)
 
     @property
@@ -341,6 +347,15 @@ class Store:
         return conn.execute(
             select(keys.blob).where(keys.blob.is_not(None), keys.backend != "pkcs11").limit(1)
         ).scalar_one_or_none()
+
+    def live_keys(self, conn: Connection, backend: str) -> list[tuple[str, bytes]]:
+        """Every live key of one key backend, as (key id, blob): a restore checks that the
+        key-encryption key opens them all."""
+        k = schema.ca_keys.c
+        rows = conn.execute(
+            select(k.id, k.blob).where(k.backend == backend, k.blob.is_not(None)).order_by(k.id)
+        )
+        return [(str(key_id), bytes(blob)) for key_id, blob in rows]
 
     def responder_key_ids(self, conn: Connection, ca_id: str) -> list[str]:
         """Keys of a CA's delegated OCSP responders (destroyed with the CA's own key)."""

@@ -11,10 +11,10 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.exc import DBAPIError
 
-from pkigate.core.errors import StorageFullError
+from pkigate.core.errors import SchemaOutdatedError, StorageFullError
 from pkigate.core.store.space import release_reserve
 from pkigate.core.store.writelock import WriterLock
 
@@ -72,6 +72,20 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for PostgreSQL and in-memory SQLite)."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
+def writer_lock_path(database: Path) -> Path:
+    """The lock file beside a SQLite database that its writers take turns on."""
+    return Path(f"{database}-writer.lock")
+
+
 def create_store_engine(url: str) -> Engine:
     """An engine whose write transactions serialize correctly across processes.
 
@@ -87,7 +101,7 @@ def create_store_engine(url: str) -> Engine:
         event.listen(engine, "connect", functools.partial(_sqlite_connect, on_disk))
         event.listen(engine, "begin", _sqlite_begin)
         if on_disk is not None:
-            _WRITER_LOCKS[engine] = WriterLock(Path(f"{database}-writer.lock"))
+            _WRITER_LOCKS[engine] = WriterLock(writer_lock_path(on_disk))
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -184,11 +198,60 @@ def schema_revisions(conn: Connection) -> list[str]:
     return [str(v) for v in conn.execute(text("SELECT version_num FROM alembic_version")).scalars()]
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (no-op when already there)."""
+def read_revisions(url: str) -> list[str]:
+    """The schema revisions of the store at ``url`` (none when it is new), without
+    creating its tables or migrating it (`pkigate db current`)."""
+    engine = create_store_engine(url)
+    try:
+        with engine.connect() as conn:
+            return schema_revisions(conn)
+    finally:
+        engine.dispose()
+
+
+def known_revision(revision: str) -> bool:
+    """Whether ``revision`` is one of this pkigate's migrations (not one from a newer
+    release)."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return ScriptDirectory(str(MIGRATIONS_DIR)).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def schema_problem(revisions: list[str], where: str) -> str | None:
+    """Why a store at ``revisions`` cannot be used without an explicit migration (None for
+    a new, empty store or one at the newest revision). ``where`` names the store."""
+    if not revisions or revisions == [SCHEMA_HEAD]:
+        return None
+    found = ", ".join(revisions)
+    if all(known_revision(r) for r in revisions):
+        return (
+            f"the store {where} is at schema revision {found} and this pkigate needs "
+            f"{SCHEMA_HEAD}: back it up (`pkigate db backup`), then run `pkigate db upgrade` "
+            "(or start with `pkigate serve --migrate`)"
+        )
+    return (
+        f"the store {where} is at schema revision {found}, which this pkigate does not know "
+        f"(its newest is {SCHEMA_HEAD}): it was written by a newer pkigate; run that version"
+    )
+
+
+def migrate(engine: Engine, *, upgrade: bool = False) -> None:
+    """Create a new, empty store at the newest revision; bring an older one there only
+    with ``upgrade`` (`pkigate db upgrade`, `serve --migrate`): otherwise raise
+    SchemaOutdatedError with the command to run, so that no command changes the schema
+    behind the operator's back (it wants a backup first, and every host's pkigate
+    upgraded). A schema newer than this pkigate's is never touched."""
     with engine.connect() as conn:
-        if schema_revisions(conn) == [SCHEMA_HEAD]:
-            return
+        revisions = schema_revisions(conn)
+    problem = schema_problem(revisions, engine.url.render_as_string(hide_password=True))
+    if problem is not None and not (upgrade and all(known_revision(r) for r in revisions)):
+        raise SchemaOutdatedError(problem)
+    if revisions == [SCHEMA_HEAD]:
+        return
     from alembic import command
 
     with write_transaction(engine) as conn:
