@@ -2,9 +2,11 @@
 
 CA keys never leave a key backend in clear. The software backend keeps each key as
 PKCS#8 DER sealed with AES-256-GCM under a key-encryption key (KEK) the operator controls:
-``PKIGATE_KEK`` in the environment (32 bytes, base64 or hex) or a 0600 file ``kek`` in the
-data directory, created on first use. The sealed blob is what the store keeps; the key id
-is bound into the ciphertext as associated data so a blob cannot be swapped between CAs.
+``PKIGATE_KEK`` in the environment (32 bytes, base64 or hex), a systemd credential
+``pkigate-kek`` (``LoadCredential=``, read from ``$CREDENTIALS_DIRECTORY``), or a 0600 file
+``kek`` in the data directory, created on first use. The sealed blob is what the store
+keeps; the key id is bound into the ciphertext as associated data so a blob cannot be
+swapped between CAs.
 
 A CA's key may instead be generated on a PKCS#11 token (:mod:`pkigate.core.pkcs11`),
 chosen per CA (:class:`KeyStorage`); the store then keeps a reference to it. Keys of the
@@ -46,6 +48,8 @@ if TYPE_CHECKING:
 
 KEK_ENV = "PKIGATE_KEK"
 KEK_FILE = "kek"
+KEK_CREDENTIAL = "pkigate-kek"
+CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"
 _KEK_ID_LEN = 8
 _NONCE_LEN = 12
 # What a token key's reference in the store starts with (pkigate.core.pkcs11), known here
@@ -82,10 +86,20 @@ class KeyEncryptionKey:
 
     @classmethod
     def load_or_create(cls, data_dir: Path, create: bool = True) -> KeyEncryptionKey:
-        """The KEK from the environment, else from ``data_dir/kek`` (created 0600 if absent
-        and ``create``)."""
+        """The KEK from the environment, else from the service's systemd credential, else
+        from ``data_dir/kek`` (created 0600 if absent and ``create``)."""
         if os.environ.get(KEK_ENV):
             return cls.from_text(os.environ[KEK_ENV])
+        credentials = os.environ.get(CREDENTIALS_DIRECTORY_ENV)
+        credential = Path(credentials) / KEK_CREDENTIAL if credentials else None
+        if credential is not None and credential.is_file():
+            # systemd made it readable by this service only, in a directory of its own.
+            try:
+                return cls.from_text(credential.read_text())
+            except KeyBackendError:
+                raise KeyBackendError(
+                    f"the credential {credential} must hold 32 bytes as 64 hex digits or base64"
+                ) from None
         path = data_dir / KEK_FILE
         if not path.exists() and not create:
             raise KeyBackendError(

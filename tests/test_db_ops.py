@@ -3,6 +3,7 @@ restore that checks the KEK and the audit chain, and schema migrations only when
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import sqlite3
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.config import Config
-from helpers import make_csr
+from helpers import fresh_postgres_database, make_csr
 from serving import PKIGATE, RunningServer, start_server
 
 from pkigate.core import Core
@@ -286,3 +287,49 @@ def test_a_postgresql_store_points_to_pg_dump(tmp_path: Path, verb: str) -> None
     )
     assert result.returncode == 1
     assert "PostgreSQL" in result.stderr and "Running in production" in result.stderr
+
+
+def _postgres_tool(name: str) -> str:
+    """The newest cluster's own pg_dump / pg_restore (Debian's /usr/bin wrappers pick a
+    version by a cluster configuration the test cluster does not have)."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not found:
+        pytest.skip("PostgreSQL is not installed (scripts/setup --test installs it)")
+    return str(found[-1])
+
+
+def test_the_documented_pg_dump_holds_no_kek_and_restores_a_verifying_store(
+    postgres_server: str, tmp_path: Path
+) -> None:
+    url = fresh_postgres_database(postgres_server)
+    data = tmp_path / "data"
+    created = subprocess.run(
+        [PKIGATE, "--data-dir", str(data), "--database-url", url, "demo"],
+        capture_output=True,
+        text=True,
+    )
+    assert created.returncode == 0, created.stderr
+    # README, "Running in production": the procedure as documented.
+    dump = tmp_path / "pkigate.dump"
+    subprocess.run(
+        [_postgres_tool("pg_dump"), "--format=custom", "--file", str(dump), "--dbname", url],
+        check=True,
+    )
+    plain = subprocess.run(
+        [_postgres_tool("pg_restore"), "--file", "-", str(dump)], capture_output=True, check=True
+    ).stdout
+    kek = bytes.fromhex((data / "kek").read_text().strip())
+    assert b"ca_keys" in plain and b"PKG1".hex().encode() in plain  # the sealed keys are there
+    for form in (kek, kek.hex().encode(), base64.b64encode(kek)):
+        assert form not in plain and form.upper() not in plain
+
+    restored = fresh_postgres_database(postgres_server)
+    subprocess.run(
+        [_postgres_tool("pg_restore"), "--no-owner", "--dbname", restored, str(dump)], check=True
+    )
+    verified = subprocess.run(
+        [PKIGATE, "--data-dir", str(data), "--database-url", restored, "audit", "verify"],
+        capture_output=True,
+        text=True,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
