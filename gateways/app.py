@@ -75,11 +75,7 @@ def readyz() -> Response:
 
 @publication.get("/metrics")
 def prometheus_metrics() -> Response:
-    return Response(
-        metrics.render(gateway().core),
-        mimetype="text/plain",
-        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-    )
+    return Response(metrics.render(gateway().core), content_type=metrics.CONTENT_TYPE)
 
 
 def create_app(gw: Gateway, listener: Literal["http", "https"]) -> Flask:

@@ -92,10 +92,12 @@ class OCSPMiddleware:
             return self._app(environ, start_response)
         started = time.perf_counter()
         try:
-            status, headers, body = self._handle(environ, path[len(PREFIX) :])
+            status, headers, answer = self._handle(environ, path[len(PREFIX) :])
         except Exception:
             log.exception("OCSP request failed", extra={"path": path[:200]})
-            status, headers, body = 200, [], INTERNAL_ERROR.der
+            status, headers, answer = 200, [], INTERNAL_ERROR
+        metrics.record_ocsp(answer.status.value, answer.cached)
+        body = answer.der
         supplied = environ.get("HTTP_X_REQUEST_ID", "")
         headers += [
             ("Content-Type", RESPONSE_TYPE),
@@ -107,24 +109,23 @@ class OCSPMiddleware:
         # HEAD: the headers GET would send, no body (RFC 9110 9.3.2).
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
-    def _handle(self, environ: WSGIEnvironment, rest: str) -> tuple[int, Headers, bytes]:
+    def _handle(self, environ: WSGIEnvironment, rest: str) -> tuple[int, Headers, OCSPAnswer]:
         method = environ.get("REQUEST_METHOD", "GET")
         ca_id, _, encoded = rest.partition("/")
         if method == "POST":
             if encoded:  # POST /ocsp/<ca id>/something: not a form RFC 6960 defines
-                return 404, [], MALFORMED.der
+                return 404, [], MALFORMED
             request = self._read_body(environ)
             if request is None:
-                return 413, [], MALFORMED.der
-            answer = self._answer(ca_id, request)
-            return 200, [("Cache-Control", "no-store")], answer.der
+                return 413, [], MALFORMED
+            return 200, [("Cache-Control", "no-store")], self._answer(ca_id, request)
         if method in ("GET", "HEAD"):
             decoded = decode_get_request(encoded) if encoded else None
             if decoded is None:
-                return 200, [("Cache-Control", "no-store")], MALFORMED.der
+                return 200, [("Cache-Control", "no-store")], MALFORMED
             answer = self._answer(ca_id, decoded)
-            return 200, _cache_headers(answer), answer.der
-        return 405, [("Allow", "GET, HEAD, POST"), ("Cache-Control", "no-store")], MALFORMED.der
+            return 200, _cache_headers(answer), answer
+        return 405, [("Allow", "GET, HEAD, POST"), ("Cache-Control", "no-store")], MALFORMED
 
     def _answer(self, ca_id: str, request: bytes) -> OCSPAnswer:
         if not _CA_ID.match(ca_id):

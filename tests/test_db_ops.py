@@ -22,7 +22,7 @@ from pkigate.core.store import sqlite_url
 from pkigate.core.store.engine import MIGRATIONS_DIR, SCHEMA_HEAD, create_store_engine
 
 # The revision before the newest: an older pkigate's store, made by alembic itself.
-OLDER_REVISION = "0011"
+OLDER_REVISION = "0012"
 LOAD_THREADS = 3
 
 

@@ -84,8 +84,8 @@ def test_the_listeners_open_no_gunicorn_control_socket_and_log_no_error(
 def test_metrics_and_readiness(server: RunningServer) -> None:
     assert requests.get(f"{server.http_url}/readyz", timeout=5).json() == {"status": "ready"}
     text = requests.get(f"{server.http_url}/metrics", timeout=5).text
-    assert "pkigate_ca_expiry_days{" in text
-    assert "pkigate_certificates_expiring_30d{" in text
+    assert "pkigate_ca_not_after_timestamp_seconds{" in text
+    assert "pkigate_certificates_expiring{" in text
     assert "pkigate_http_request_duration_seconds_bucket{" in text
 
 

@@ -118,6 +118,24 @@ certificates = Table(
     Index("ix_certificates_not_after", "not_after"),
 )
 
+# Kept by triggers on `certificates` (migration 0013), read by /metrics instead of counting
+# a table of millions at every scrape: certificates per CA and status, and unrevoked ones
+# per CA and UTC day of notAfter ('YYYY-MM-DD').
+certificate_counts = Table(
+    "certificate_counts",
+    metadata,
+    Column("ca_id", String(64), primary_key=True),
+    Column("status", String(16), primary_key=True),
+    Column("count", BigInteger, nullable=False),
+)
+certificate_expiry_days = Table(
+    "certificate_expiry_days",
+    metadata,
+    Column("ca_id", String(64), primary_key=True),
+    Column("day", String(10), primary_key=True),
+    Column("count", BigInteger, nullable=False),
+)
+
 idempotency = Table(
     "idempotency",
     metadata,
