@@ -53,6 +53,17 @@ class RunningServer(ServeProcess):
         return super()._exited_early()
 
 
+def issuer_token_and_issuing_ca(server: RunningServer, name: str) -> tuple[str, str]:
+    """A new issuer token (made with the admin token) and the id of the server's
+    subordinate (issuing) CA."""
+    admin = server.session()
+    token = admin.post(
+        f"{server.https_url}/api/v1/tokens", json={"name": name, "role": "issuer"}, timeout=10
+    ).json()["secret"]
+    cas = admin.get(f"{server.https_url}/api/v1/cas", timeout=10).json()["cas"]
+    return str(token), next(str(ca["id"]) for ca in cas if ca["type"] == "SUBORDINATE")
+
+
 def start_server(
     data_dir: Path,
     *,

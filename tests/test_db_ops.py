@@ -15,7 +15,7 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from helpers import fresh_postgres_database, make_csr
-from serving import PKIGATE, RunningServer, start_server
+from serving import PKIGATE, RunningServer, issuer_token_and_issuing_ca, start_server
 
 from pkigate.core import Core
 from pkigate.core.store import sqlite_url
@@ -30,15 +30,6 @@ def pkigate(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PKIGATE, "--data-dir", str(data_dir), *args], capture_output=True, text=True, timeout=300
     )
-
-
-def _issuer_session(server: RunningServer) -> tuple[str, str]:
-    admin = server.session()
-    token = admin.post(
-        f"{server.https_url}/api/v1/tokens", json={"name": "load", "role": "issuer"}, timeout=10
-    ).json()["secret"]
-    cas = admin.get(f"{server.https_url}/api/v1/cas", timeout=10).json()["cas"]
-    return token, next(ca["id"] for ca in cas if ca["type"] == "SUBORDINATE")
 
 
 def _certificates_the_audit_names(database: Path) -> set[tuple[str, str]]:
@@ -61,7 +52,7 @@ def test_backup_while_serving_under_load_restores_every_certificate_its_audit_na
     stop = threading.Event()
     server = start_server(data)
     try:
-        token, ca_id = _issuer_session(server)
+        token, ca_id = issuer_token_and_issuing_ca(server, "load")
 
         def issue_until_stopped(worker: int) -> None:
             session = server.session(token)

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from helpers import ACTOR, create_root, create_sub, make_csr
 from prometheus_client.parser import text_string_to_metric_families
-from serving import RunningServer, start_server
+from serving import RunningServer, issuer_token_and_issuing_ca, start_server
 from sqlalchemy import event
 
 from pkigate.core import Core, IssuanceRequest, Requester, Validity
@@ -51,15 +51,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def _issuing(server: RunningServer) -> tuple[str, str]:
-    admin = server.session()
-    token = admin.post(
-        f"{server.https_url}/api/v1/tokens", json={"name": "metrics", "role": "issuer"}, timeout=10
-    ).json()["secret"]
-    cas = admin.get(f"{server.https_url}/api/v1/cas", timeout=10).json()["cas"]
-    return token, next(ca["id"] for ca in cas if ca["type"] == "SUBORDINATE")
-
-
 def _ocsp_get(server: RunningServer, ca_id: str, leaf_pem: str) -> bytes:
     leaf = x509.load_pem_x509_certificate(leaf_pem.encode())
     issuer = x509.load_der_x509_certificate(
@@ -75,7 +66,7 @@ def _ocsp_get(server: RunningServer, ca_id: str, leaf_pem: str) -> bytes:
 def test_metrics_follow_the_exposition_format_and_report_what_happened(
     server: RunningServer,
 ) -> None:
-    token, ca_id = _issuing(server)
+    token, ca_id = issuer_token_and_issuing_ca(server, "metrics")
     session = server.session(token)
     certificates = f"{server.https_url}/api/v1/cas/{ca_id}/certificates"
     _, before = scrape(server)
@@ -142,21 +133,29 @@ def test_metrics_follow_the_exposition_format_and_report_what_happened(
     assert not [name for name in families if re.search(r"_\d+d\b|_days\b", name)]
 
 
+def _issue_for_days(core: Core, ca_id: str, days: list[int]) -> list[str]:
+    """Certificates from ``ca_id`` valid for each number of days; their serials."""
+    serials = []
+    for number, lifetime in enumerate(days):
+        issued = core.issue(
+            IssuanceRequest(
+                ca_id=ca_id,
+                csr=make_csr(f"n{number}.counted.test"),
+                validity=Validity(ValidityType.DAYS, lifetime),
+                template="EndEntityCertificate/V1",
+                requester=Requester("test", "test"),
+            )
+        )
+        serials.append(format(issued.certificate.serial_number, "x"))
+    return serials
+
+
 def test_a_scrape_never_reads_the_certificates_table(core: Core) -> None:
     """What keeps /metrics cheap on a store of millions: every statement of a scrape, on
     SQLite and PostgreSQL, reads the trigger-kept counters, never `certificates`."""
     root = create_root(core)
     sub = create_sub(core, root)
-    for number in range(3):
-        core.issue(
-            IssuanceRequest(
-                ca_id=sub.record.id,
-                csr=make_csr(f"n{number}.counted.test"),
-                validity=Validity(ValidityType.DAYS, 5 + 40 * number),
-                template="EndEntityCertificate/V1",
-                requester=Requester("test", "test"),
-            )
-        )
+    _issue_for_days(core, sub.record.id, [5, 45, 85])
     statements: list[str] = []
 
     def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
@@ -178,18 +177,7 @@ def test_a_scrape_never_reads_the_certificates_table(core: Core) -> None:
 def test_the_counters_follow_every_write_of_the_certificates_table(core: Core) -> None:
     root = create_root(core)
     sub = create_sub(core, root)
-    serials = []
-    for number in range(4):
-        issued = core.issue(
-            IssuanceRequest(
-                ca_id=sub.record.id,
-                csr=make_csr(f"c{number}.counted.test"),
-                validity=Validity(ValidityType.DAYS, 3 + 30 * number),
-                template="EndEntityCertificate/V1",
-                requester=Requester("test", "test"),
-            )
-        )
-        serials.append(format(issued.certificate.serial_number, "x"))
+    serials = _issue_for_days(core, sub.record.id, [3, 33, 63, 93])
     core.revocation.revoke(sub.record.id, serials[0], RevocationReason.superseded, ACTOR)
     now = core.clock()
     with core.store.read() as conn:

@@ -20,41 +20,30 @@ down_revision = "0012"
 branch_labels = None
 depends_on = None
 
+# SQLite: what a row adds to the counters (NEW) and takes from them (OLD).
+_SQLITE_COUNT_NEW = """
+  INSERT INTO certificate_counts (ca_id, status, count) VALUES (NEW.ca_id, NEW.status, 1)
+    ON CONFLICT (ca_id, status) DO UPDATE SET count = count + 1;
+  INSERT INTO certificate_expiry_days (ca_id, day, count)
+    SELECT NEW.ca_id, substr(NEW.not_after, 1, 10), 1 WHERE NEW.status = 'ISSUED'
+    ON CONFLICT (ca_id, day) DO UPDATE SET count = count + 1;
+"""
+_SQLITE_UNCOUNT_OLD = """
+  UPDATE certificate_counts SET count = count - 1
+    WHERE ca_id = OLD.ca_id AND status = OLD.status;
+  UPDATE certificate_expiry_days SET count = count - 1
+    WHERE OLD.status = 'ISSUED' AND ca_id = OLD.ca_id AND day = substr(OLD.not_after, 1, 10);
+"""
 _SQLITE_TRIGGERS = [
-    """
-    CREATE TRIGGER certificates_counted_insert AFTER INSERT ON certificates BEGIN
-      INSERT INTO certificate_counts (ca_id, status, count) VALUES (NEW.ca_id, NEW.status, 1)
-        ON CONFLICT (ca_id, status) DO UPDATE SET count = count + 1;
-      INSERT INTO certificate_expiry_days (ca_id, day, count)
-        SELECT NEW.ca_id, substr(NEW.not_after, 1, 10), 1 WHERE NEW.status = 'ISSUED'
-        ON CONFLICT (ca_id, day) DO UPDATE SET count = count + 1;
-    END
-    """,
-    """
-    CREATE TRIGGER certificates_counted_update AFTER UPDATE OF ca_id, status, not_after
+    f"CREATE TRIGGER certificates_counted_insert AFTER INSERT ON certificates "
+    f"BEGIN {_SQLITE_COUNT_NEW} END",
+    f"""CREATE TRIGGER certificates_counted_update AFTER UPDATE OF ca_id, status, not_after
     ON certificates
     WHEN OLD.ca_id IS NOT NEW.ca_id OR OLD.status IS NOT NEW.status
       OR OLD.not_after IS NOT NEW.not_after
-    BEGIN
-      UPDATE certificate_counts SET count = count - 1
-        WHERE ca_id = OLD.ca_id AND status = OLD.status;
-      UPDATE certificate_expiry_days SET count = count - 1
-        WHERE OLD.status = 'ISSUED' AND ca_id = OLD.ca_id AND day = substr(OLD.not_after, 1, 10);
-      INSERT INTO certificate_counts (ca_id, status, count) VALUES (NEW.ca_id, NEW.status, 1)
-        ON CONFLICT (ca_id, status) DO UPDATE SET count = count + 1;
-      INSERT INTO certificate_expiry_days (ca_id, day, count)
-        SELECT NEW.ca_id, substr(NEW.not_after, 1, 10), 1 WHERE NEW.status = 'ISSUED'
-        ON CONFLICT (ca_id, day) DO UPDATE SET count = count + 1;
-    END
-    """,
-    """
-    CREATE TRIGGER certificates_counted_delete AFTER DELETE ON certificates BEGIN
-      UPDATE certificate_counts SET count = count - 1
-        WHERE ca_id = OLD.ca_id AND status = OLD.status;
-      UPDATE certificate_expiry_days SET count = count - 1
-        WHERE OLD.status = 'ISSUED' AND ca_id = OLD.ca_id AND day = substr(OLD.not_after, 1, 10);
-    END
-    """,
+    BEGIN {_SQLITE_UNCOUNT_OLD} {_SQLITE_COUNT_NEW} END""",
+    f"CREATE TRIGGER certificates_counted_delete AFTER DELETE ON certificates "
+    f"BEGIN {_SQLITE_UNCOUNT_OLD} END",
 ]
 
 _POSTGRES_TRIGGER = [
