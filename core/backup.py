@@ -15,7 +15,8 @@ The audit anchor (anchor.py) beside the database is handled so the restored stor
 served, or so the operator is told exactly what to decide:
 
 - no anchor there (a new directory): a new anchor starts from the restored chain's head,
-  recorded as an audited ``audit.reanchor``;
+  recorded as an audited ``audit.reanchor`` (or ``audit.anchor_started`` for a store from
+  before anchors);
 - an anchor that matches the restored chain: kept;
 - an anchor ahead of the restored chain (the backup is older than the last writes of this
   directory): kept, and the restore fails with the store's own message: `pkigate audit
@@ -216,6 +217,9 @@ def _settle_anchor(database: Path, data_dir: Path, actor: Actor, now: datetime) 
         status = core.audit.anchor_status()
         if status.state == "missing":
             core.audit.reanchor(actor, now)
+            return "started"
+        if status.state == "unanchored":  # a backup from before anchors: begin one (audited)
+            core.audit.settle_anchor()
             return "started"
         if status.message is not None:
             raise StoreIntegrityError(

@@ -52,7 +52,13 @@ from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
 from pkigate.core.service import damaged_store_message, default_data_dir, store_url, utc_now
 from pkigate.core.store import CertificateRecord, Store
-from pkigate.core.store.engine import SCHEMA_HEAD, read_revisions, schema_problem, sqlite_file
+from pkigate.core.store.engine import (
+    SCHEMA_HEAD,
+    printable_url,
+    read_revisions,
+    schema_problem,
+    sqlite_file,
+)
 from pkigate.core.templates import describe as describe_template
 from pkigate.gateways.auth import Role, TokenService
 from pkigate.gateways.openapi import token_json
@@ -1217,7 +1223,7 @@ def db_current(state: State) -> None:
     data_dir, url = _local_store(state, "current")
     database = sqlite_file(url)
     revisions = [] if database is not None and not database.exists() else read_revisions(url)
-    problem = schema_problem(revisions, url if database is None else str(database))
+    problem = schema_problem(revisions, printable_url(url) if database is None else str(database))
     state.emit(
         {"revisions": revisions, "head": SCHEMA_HEAD, "up_to_date": problem is None},
         problem

@@ -195,8 +195,8 @@ def test_a_tampered_backup_is_refused_before_anything_is_replaced(tmp_path: Path
     assert (data / "pkigate.db").stat().st_mtime_ns == before
 
 
-def _downgrade(data_dir: Path, revision: str) -> None:
-    engine = create_store_engine(sqlite_url(data_dir / "pkigate.db"))
+def _downgrade(url: str, revision: str) -> None:
+    engine = create_store_engine(url)
     try:
         with engine.begin() as conn:
             config = Config()
@@ -205,6 +205,11 @@ def _downgrade(data_dir: Path, revision: str) -> None:
             command.downgrade(config, revision)
     finally:
         engine.dispose()
+
+
+def _old_sqlite_store(data_dir: Path) -> None:
+    Core.open(data_dir).close()
+    _downgrade(sqlite_url(data_dir / "pkigate.db"), OLDER_REVISION)
 
 
 class ServerAt(RunningServer):
@@ -226,8 +231,7 @@ class ServerAt(RunningServer):
 
 def test_an_older_schema_is_refused_until_db_upgrade(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    Core.open(data).close()
-    _downgrade(data, OLDER_REVISION)
+    _old_sqlite_store(data)
 
     refused = pkigate(data, "ca", "list")
     assert refused.returncode == 1
@@ -252,12 +256,28 @@ def test_an_older_schema_is_refused_until_db_upgrade(tmp_path: Path) -> None:
 
 def test_serve_migrate_upgrades_an_older_schema(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    Core.open(data).close()
-    _downgrade(data, OLDER_REVISION)
+    _old_sqlite_store(data)
     with ServerAt(data, "--migrate"):
         pass  # started: both listeners answered /readyz
     current = json.loads(pkigate(data, "--json", "db", "current").stdout)
     assert current["revisions"] == [SCHEMA_HEAD]
+
+
+def test_db_upgrade_migrates_an_older_postgresql_store(
+    postgres_server: str, tmp_path: Path
+) -> None:
+    url = fresh_postgres_database(postgres_server)
+    data = tmp_path / "data"
+    Core.open(data, url).close()
+    _downgrade(url, OLDER_REVISION)
+    on_postgres = ("--database-url", url)
+    refused = pkigate(data, *on_postgres, "ca", "list")
+    assert refused.returncode == 1 and "pkigate db upgrade" in refused.stderr
+    upgraded = pkigate(data, *on_postgres, "db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    current = json.loads(pkigate(data, *on_postgres, "--json", "db", "current").stdout)
+    assert current["revisions"] == [SCHEMA_HEAD]
+    assert pkigate(data, *on_postgres, "ca", "list").returncode == 0
 
 
 def test_a_new_store_is_created_at_the_newest_schema_without_a_step(tmp_path: Path) -> None:

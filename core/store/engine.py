@@ -72,6 +72,11 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def printable_url(url: str) -> str:
+    """The URL as it may be shown: its password masked."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def sqlite_file(url: str) -> Path | None:
     """The database file of a SQLite URL (None for PostgreSQL and in-memory SQLite)."""
     parsed = make_url(url)
