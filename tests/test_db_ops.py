@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from helpers import fresh_postgres_database, make_csr
 from serving import PKIGATE, RunningServer, issuer_token_and_issuing_ca, start_server
 
@@ -22,7 +23,7 @@ from pkigate.core.store import sqlite_url
 from pkigate.core.store.engine import MIGRATIONS_DIR, SCHEMA_HEAD, create_store_engine
 
 # The revision before the newest: an older pkigate's store, made by alembic itself.
-OLDER_REVISION = "0012"
+OLDER_REVISION = str(ScriptDirectory(str(MIGRATIONS_DIR)).get_revision(SCHEMA_HEAD).down_revision)
 LOAD_THREADS = 3
 
 
