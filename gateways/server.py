@@ -315,7 +315,7 @@ def make_worker_class() -> type[Any]:
             except (http_errors.ParseException, OSError, ValueError) as exc:
                 # Invalid chunk sizes, missing terminators, a body shorter than its
                 # Content-Length (the client closed): answered, never a 500.
-                log.info("unreadable request body: %s", type(exc).__name__)
+                log.info("unreadable request body: %s: %s", type(exc).__name__, exc)
                 return _plain_answer("400 Bad Request", "the request body is malformed")
             if declared is not None and len(data) < min(declared, self.max_body + 1):
                 # The client closed before its Content-Length was complete.
