@@ -30,6 +30,7 @@ from typing import Any, Self
 from ldap3 import Connection, Server
 from ldap3.core.exceptions import LDAPException
 
+from pkigate.adcs import layout
 from pkigate.adcs.layout import domain_components
 from pkigate.adcs.seed import DEFAULT_BASE, AccountKind, SeedAccount, SeedGroup, build_seed, ssha512
 
@@ -39,6 +40,9 @@ SYSTEM_SCHEMAS = ("core.schema", "cosine.schema", "inetorgperson.schema")
 PACKAGED_SCHEMA = "ad-pki.schema"
 MODULE_PATH = Path("/usr/lib/ldap")
 CREDENTIALS_FILE = "credentials.json"
+ROOT_DSE_FILE = "root-dse.ldif"
+# The account ldapServiceName names as the DC's (AD: the DC's computer account).
+DEV_DC_ACCOUNT = "pkigate-dev$"
 STARTUP_TIMEOUT_SECONDS = 20.0
 STOP_TIMEOUT_SECONDS = 10.0
 # A port picked as free can be taken before slapd binds it (parallel test workers).
@@ -294,6 +298,7 @@ class DevDirectory:
             "loglevel 0",
             # As AD: no anonymous reads; any authenticated principal reads the directory.
             "disallow bind_anon",
+            f"rootDSE {_quote(data / ROOT_DSE_FILE)}",
             "",
             "database mdb",
             "maxsize 67108864",
@@ -313,6 +318,7 @@ class DevDirectory:
             "",
         ]
         _write_private(data / "slapd.conf", "\n".join(lines))
+        _write_private(data / ROOT_DSE_FILE, root_dse_ldif(state.base))
 
     def _launch(self, port: int) -> bool:
         """Start slapd on ``port``; True once it answers a bind, False if it exited."""
@@ -355,6 +361,22 @@ class DevDirectory:
                 return log.read().decode(errors="replace")
         except OSError:
             return "(no log)"
+
+
+def root_dse_ldif(base: str) -> str:
+    """What AD's root DSE says of its naming contexts, for slapd's ``rootDSE`` file.
+
+    The development directory holds one domain, the forest root, with its configuration
+    partition inside it (AD keeps that one apart; the DNs are the same).
+    """
+    domain = layout.dns_domain(base)
+    return (
+        "dn:\n"
+        f"defaultNamingContext: {base}\n"
+        f"rootDomainNamingContext: {base}\n"
+        f"configurationNamingContext: {layout.configuration_dn(base)}\n"
+        f"ldapServiceName: {domain}:{DEV_DC_ACCOUNT}@{domain.upper()}\n"
+    )
 
 
 def _bind_works(url: str, dn: str, password: str) -> bool:

@@ -8,7 +8,7 @@ CT_FLAG_SUBJECT_REQUIRE_DIRECTORY_PATH) reads back negative. Use
 
 from __future__ import annotations
 
-from enum import IntFlag
+from enum import IntEnum, IntFlag
 
 
 class CertificateNameFlag(IntFlag):
@@ -105,6 +105,15 @@ class GroupType(IntFlag):
     """Domain-local scope."""
     UNIVERSAL_GROUP = 0x00000008
     SECURITY_ENABLED = 0x80000000
+
+
+class SamAccountType(IntEnum):
+    """sAMAccountType values ([MS-ADTS] 2.2.14): what kind of account an entry is."""
+
+    GROUP_OBJECT = 0x10000000
+    """A global or universal security group."""
+    USER_OBJECT = 0x30000000
+    MACHINE_ACCOUNT = 0x30000001
 
 
 class KeyUsage(IntFlag):

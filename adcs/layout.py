@@ -35,23 +35,26 @@ def configuration_dn(base: str) -> str:
     return f"CN=Configuration,{base}"
 
 
-def public_key_services_dn(base: str) -> str:
-    return f"CN=Public Key Services,CN=Services,{configuration_dn(base)}"
+def public_key_services_dn(base: str, configuration: str | None = None) -> str:
+    """``configuration``: the forest's configuration naming context, as the root DSE names it
+    (configurationNamingContext); by default CN=Configuration under ``base``, which is right
+    for the forest root domain only."""
+    return f"CN=Public Key Services,CN=Services,{configuration or configuration_dn(base)}"
 
 
-def certificate_templates_dn(base: str) -> str:
+def certificate_templates_dn(base: str, configuration: str | None = None) -> str:
     """The container of pKICertificateTemplate objects."""
-    return f"CN=Certificate Templates,{public_key_services_dn(base)}"
+    return f"CN=Certificate Templates,{public_key_services_dn(base, configuration)}"
 
 
-def enrollment_services_dn(base: str) -> str:
+def enrollment_services_dn(base: str, configuration: str | None = None) -> str:
     """The container of pKIEnrollmentService objects (one per issuing CA)."""
-    return f"CN=Enrollment Services,{public_key_services_dn(base)}"
+    return f"CN=Enrollment Services,{public_key_services_dn(base, configuration)}"
 
 
-def template_dn(base: str, name: str) -> str:
-    return f"{rdn(name)},{certificate_templates_dn(base)}"
+def template_dn(base: str, name: str, configuration: str | None = None) -> str:
+    return f"{rdn(name)},{certificate_templates_dn(base, configuration)}"
 
 
-def enrollment_service_dn(base: str, name: str) -> str:
-    return f"{rdn(name)},{enrollment_services_dn(base)}"
+def enrollment_service_dn(base: str, name: str, configuration: str | None = None) -> str:
+    return f"{rdn(name)},{enrollment_services_dn(base, configuration)}"

@@ -229,6 +229,10 @@ class Directory:
             self._root_dse = root
         return root
 
+    def configuration_naming_context(self) -> str | None:
+        """The configuration naming context the root DSE names (None: derive it from base)."""
+        return self.root_dse().configuration_naming_context
+
     # --- certificate templates --------------------------------------------------------------
 
     def templates(self) -> dict[str, CertificateTemplate]:
@@ -262,7 +266,7 @@ class Directory:
         return fresh
 
     def _load_templates(self, previous: _TemplateSnapshot | None) -> _TemplateSnapshot:
-        container = layout.certificate_templates_dn(self.base)
+        container = layout.certificate_templates_dn(self.base, self.configuration_naming_context())
         with self._service() as connection:
             entries = _search(
                 connection,
@@ -311,7 +315,7 @@ class Directory:
         with self._service() as connection:
             entries = _search(
                 connection,
-                layout.enrollment_services_dn(self.base),
+                layout.enrollment_services_dn(self.base, self.configuration_naming_context()),
                 f"(&(objectClass=pKIEnrollmentService)(cn={escape_filter_chars(ca_name)}))",
                 LEVEL,
                 ENROLLMENT_SERVICE_ATTRIBUTES,

@@ -185,8 +185,9 @@ def publish(directory: Directory, request: PublishRequest) -> PublishResult:
     if any(not name for name in offered):
         raise ValueError("a template name is empty")
     active_directory = directory.root_dse().active_directory
+    configuration = directory.configuration_naming_context()
     with directory.writer() as connection:
-        writer = _Writer(connection, directory.base, active_directory)
+        writer = _Writer(connection, directory.base, active_directory, configuration)
         existing = writer.existing_templates()
         ours = {name.casefold() for name in PKIGATE_TEMPLATE_NAMES}
         unknown = [n for n in offered if n.casefold() not in ours | set(existing)]
@@ -194,7 +195,7 @@ def publish(directory: Directory, request: PublishRequest) -> PublishResult:
             raise UnknownTemplates(unknown)
         outcomes = writer.templates(offered, existing, request.keep_existing_templates)
         service = writer.enrollment_service(request, certificate)
-        pks = layout.public_key_services_dn(directory.base)
+        pks = layout.public_key_services_dn(directory.base, configuration)
         ntauth = writer.ca_certificate_holder(
             f"CN=NTAuthCertificates,{pks}", "NTAuthCertificates", request.ca_certificate_der
         )
@@ -205,7 +206,9 @@ def publish(directory: Directory, request: PublishRequest) -> PublishResult:
         )
     return PublishResult(
         enrollment_service=service,
-        enrollment_service_dn=layout.enrollment_service_dn(directory.base, request.ca_name),
+        enrollment_service_dn=layout.enrollment_service_dn(
+            directory.base, request.ca_name, configuration
+        ),
         templates=outcomes,
         ntauth=ntauth,
         aia=aia,
@@ -228,10 +231,13 @@ def enterprise_oid_cn(oid: str) -> str:
 class _Writer:
     """The writes of one publish, over one connection bound as the service account."""
 
-    def __init__(self, connection: Connection, base: str, active_directory: bool) -> None:
+    def __init__(
+        self, connection: Connection, base: str, active_directory: bool, configuration: str | None
+    ) -> None:
         self.connection = connection
         self.base = base
-        self.pks = layout.public_key_services_dn(base)
+        self.configuration = configuration
+        self.pks = layout.public_key_services_dn(base, configuration)
         self.oid_container = f"CN=OID,{self.pks}"
         self._forest_oid: str | None = None
         self._definitions: dict[str, TemplateDefinition] | None = None
@@ -268,7 +274,7 @@ class _Writer:
         """Templates in the directory: folded name -> (DN, msPKI-Cert-Template-OID)."""
         found: dict[str, tuple[str, str | None]] = {}
         for dn, raw in self.search(
-            layout.certificate_templates_dn(self.base),
+            layout.certificate_templates_dn(self.base, self.configuration),
             "(objectClass=pKICertificateTemplate)",
             LEVEL,
             ["cn", "msPKI-Cert-Template-OID"],
@@ -323,7 +329,7 @@ class _Writer:
         self.enterprise_oid(oid, definition.display_name)
         sd_control = security_descriptor_control(sdflags=SD_FLAGS_OWNER_GROUP_DACL)
         if existing is None:
-            dn = layout.template_dn(self.base, definition.name)
+            dn = layout.template_dn(self.base, definition.name, self.configuration)
             values = {name: list(value) for name, value in attributes.items()}
             if not self.connection.add(
                 dn, ["top", "pKICertificateTemplate"], values, controls=sd_control
@@ -401,7 +407,7 @@ class _Writer:
     def enrollment_service(
         self, request: PublishRequest, certificate: x509.Certificate
     ) -> Literal["created", "updated"]:
-        dn = layout.enrollment_service_dn(self.base, request.ca_name)
+        dn = layout.enrollment_service_dn(self.base, request.ca_name, self.configuration)
         attributes: dict[str, list[Any]] = {
             "displayName": [request.ca_name],
             "dNSHostName": [request.dns_host_name],

@@ -52,6 +52,7 @@ from pkigate.adcs.flags import (
     EnrollmentFlag,
     GroupType,
     PrivateKeyFlag,
+    SamAccountType,
     UserAccountControl,
 )
 from pkigate.adcs.security import (
@@ -221,9 +222,11 @@ class _SeedBuilder:
     def _containers(self) -> None:
         self.add(
             self.base,
-            objectClass=["top", "domain"],
+            objectClass=["top", "domain", "domainDNS"],
             dc=layout.domain_components(self.base)[0],
             description=f"pkigate development domain {self.domain}",
+            objectSid=self.domain_sid.to_bytes(),
+            objectGUID=_guid(),
         )
         configuration = layout.configuration_dn(self.base)
         for dn in (
@@ -264,6 +267,7 @@ class _SeedBuilder:
             mail=f"{name}@{self.domain}",
             objectSid=Sid.parse(account.sid).to_bytes(),
             objectGUID=_guid(),
+            sAMAccountType=int(SamAccountType.USER_OBJECT),
             userAccountControl=int(control),
             primaryGroupID=primary_group,
             userPassword=ssha512(password),
@@ -285,6 +289,7 @@ class _SeedBuilder:
             dNSHostName=f"{host.lower()}.{self.domain}",
             objectSid=Sid.parse(account.sid).to_bytes(),
             objectGUID=_guid(),
+            sAMAccountType=int(SamAccountType.MACHINE_ACCOUNT),
             userAccountControl=int(UserAccountControl.WORKSTATION_TRUST_ACCOUNT),
             primaryGroupID=RID_DOMAIN_COMPUTERS,
             userPassword=ssha512(password),
@@ -325,6 +330,7 @@ class _SeedBuilder:
             groupType=to_ad_int32(int(GLOBAL_SECURITY_GROUP)),
             objectSid=Sid.parse(group.sid).to_bytes(),
             objectGUID=_guid(),
+            sAMAccountType=int(SamAccountType.GROUP_OBJECT),
             member=list(members),
         )
         self.groups[name] = group

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from ldap3 import MODIFY_ADD, MODIFY_DELETE
 
 from pkigate.adcs import layout
 from pkigate.adcs.directory import DevDirectory
@@ -28,7 +29,7 @@ from pkigate.adcs.publish import (
     publish,
     windows_dn,
 )
-from pkigate.adcs.security import enroll_rights
+from pkigate.adcs.security import Sid, enroll_rights
 
 dev_directory = make_dev_directory_fixture(scope="module")
 
@@ -132,14 +133,22 @@ def test_publish_refuses_a_template_nobody_defines_before_writing(ldap: Director
 
 
 def test_writing_pkigate_templates_needs_the_domain_sid_and_writes_nothing_without_it(
-    ldap: Directory,
+    ldap: Directory, dev_directory: DevDirectory
 ) -> None:
-    """The development directory's domain entry has no objectSid: pkigate's templates
-    cannot name Domain Users there, so publish stops before writing anything."""
-    request = PublishRequest("Sidless CA", "ca.example.test", ca_certificate("s"), ("Machine",))
-    with pytest.raises(PublishError, match="objectSid"):
-        publish(ldap, request)
-    assert ldap.enrollment_service("Sidless CA") is None
+    """A domain entry without objectSid (as development directories made before it had
+    one): pkigate's templates cannot name Domain Users there, so publish stops before
+    writing anything."""
+    sid = Sid.parse(dev_directory.domain_sid).to_bytes()
+    admin = dev_directory.admin_connection()
+    try:
+        assert admin.modify(dev_directory.base, {"objectSid": [(MODIFY_DELETE, [])]})
+        request = PublishRequest("Sidless CA", "ca.example.test", ca_certificate("s"), ("Machine",))
+        with pytest.raises(PublishError, match="objectSid"):
+            publish(ldap, request)
+        assert ldap.enrollment_service("Sidless CA") is None
+    finally:
+        assert admin.modify(dev_directory.base, {"objectSid": [(MODIFY_ADD, [sid])]})
+        admin.unbind()
 
 
 def test_publish_refuses_what_is_not_a_certificate(ldap: Directory) -> None:

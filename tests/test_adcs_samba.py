@@ -1,12 +1,15 @@
 """The AD-style connector's directory reading against a real AD: a Samba AD DC
-(tests/samba_dc.py) with the example templates added to its Configuration partition."""
+(tests/samba_dc.py) with the example templates added to its Configuration partition; and
+what the development directory must show alike (root DSE, domain SID, account types)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from adcs_directory_fixture import make_dev_directory_fixture
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -14,12 +17,14 @@ from cryptography.x509.oid import NameOID
 from ldap3 import BASE
 from samba_dc import SambaDC, make_samba_dc_fixture
 
-from pkigate.adcs.flags import CertificateNameFlag, EnrollmentFlag
+from pkigate.adcs import layout
+from pkigate.adcs.flags import CertificateNameFlag, EnrollmentFlag, SamAccountType
 from pkigate.adcs.ldapdir import Directory, InvalidCredentials, PrincipalDisabled
 from pkigate.adcs.publish import PublishRequest, publish
 from pkigate.adcs.security import Sid, enroll_rights, token_sids
 
 samba_dc = make_samba_dc_fixture("module")
+dev_directory = make_dev_directory_fixture("module")
 BUILTIN_USERS = "S-1-5-32-545"
 
 
@@ -140,3 +145,51 @@ def test_the_token_is_the_one_ad_computes(samba_dc: SambaDC, directory: Director
     assert alice.token_sids == token_sids(alice.sid, computed)
     assert BUILTIN_USERS in alice.token_sids  # Domain Users (the primary group) is a member
     assert "Users" in alice.group_names
+
+
+# -- the same reading on both directories --------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["dev", "samba"])
+def either(request: pytest.FixtureRequest) -> tuple[Any, Directory]:
+    """The development directory or the Samba DC, and the connector's Directory on it."""
+    if request.param == "dev":
+        held: Any = request.getfixturevalue("dev_directory")
+    else:
+        held = request.getfixturevalue("samba_dc")
+    return held, Directory(held.url, held.base, held.admin_dn, held.admin_password)
+
+
+def test_the_root_dse_names_the_naming_contexts_on_both(either: tuple[Any, Directory]) -> None:
+    held, directory = either
+    root = directory.root_dse()
+    assert root.default_naming_context == held.base
+    assert root.configuration_naming_context == f"CN=Configuration,{held.base}"
+    assert root.active_directory == isinstance(held, SambaDC)
+    with held.admin_connection() as connection:
+        connection.search("", "(objectClass=*)", BASE, attributes=["*"])
+        service = connection.entries[0].ldapServiceName.value
+    domain = layout.dns_domain(held.base)
+    assert service.startswith(f"{domain}:") and service.endswith(f"$@{domain.upper()}")
+
+
+def test_the_domain_and_its_accounts_look_alike_on_both(either: tuple[Any, Directory]) -> None:
+    """objectSid and objectGUID on the domain, sAMAccountType on users, computers, groups."""
+    held, _ = either
+    with held.admin_connection() as connection:
+        connection.search(
+            held.base, "(objectClass=*)", BASE, attributes=["objectSid", "objectGUID"]
+        )
+        domain = connection.entries[0]
+        alice = held.accounts["alice"]
+        assert str(domain.objectSid.value) == alice.sid.rsplit("-", 1)[0]
+        assert len(domain.objectGUID.raw_values[0]) == 16
+        kinds = {}
+        for name in ("alice", "WS01$", "Web Admins"):
+            connection.search(held.base, f"(sAMAccountName={name})", attributes=["sAMAccountType"])
+            kinds[name] = int(connection.entries[0].sAMAccountType.value)
+    assert kinds == {
+        "alice": SamAccountType.USER_OBJECT,
+        "WS01$": SamAccountType.MACHINE_ACCOUNT,
+        "Web Admins": SamAccountType.GROUP_OBJECT,
+    }
