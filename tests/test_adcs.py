@@ -45,7 +45,7 @@ from pkigate.adcs.flags import (
     PrivateKeyFlag,
     UserAccountControl,
 )
-from pkigate.adcs.layout import enrollment_services_dn, template_dn
+from pkigate.adcs.layout import dns_domain, enrollment_services_dn, template_dn
 from pkigate.adcs.policy import (
     APPLICATION_POLICIES_OID,
     SECURITY_EXTENSION_OID,
@@ -119,6 +119,11 @@ class Env:
     @property
     def url(self) -> str:
         return f"{self.server.https_url}/adcs"
+
+    @property
+    def domain(self) -> str:
+        """The directory's DNS domain (example.test, samba.test)."""
+        return dns_domain(self.directory.base)
 
     def account(self, name: str) -> Any:
         # sAMAccountName matches without case, as in AD ("ws01$" is "WS01$").
@@ -327,7 +332,8 @@ def env(request: pytest.FixtureRequest) -> Env:
 
 
 both_directories = pytest.mark.parametrize("env", ["dev", "samba"], indirect=True)
-"""Run a test against the development directory and against a real AD (Samba)."""
+"""Run a test against the development directory and against a real AD (Samba): the ESC
+tests, and those where names and rights come from the directory."""
 
 
 def _csr(
@@ -446,6 +452,7 @@ def _sans(certificate: x509.Certificate) -> x509.SubjectAlternativeName:
 # -- enrollment ----------------------------------------------------------------------------
 
 
+@both_directories
 def test_machine_enrolls_over_wstep_with_its_directory_names(env: Env) -> None:
     der, _ = _csr(cn="evil.example.test", sans=[x509.DNSName("evil.example.test")])
     response, result = _wstep(env, "ws01$", der, template="Machine")
@@ -453,8 +460,8 @@ def test_machine_enrolls_over_wstep_with_its_directory_names(env: Env) -> None:
     assert result.status == "issued" and result.request_id
     assert result.certificate_der is not None
     certificate = x509.load_der_x509_certificate(result.certificate_der)
-    assert certificate.subject.rfc4514_string() == "CN=ws01.example.test"
-    assert _sans(certificate).get_values_for_type(x509.DNSName) == ["ws01.example.test"]
+    assert certificate.subject.rfc4514_string() == f"CN=ws01.{env.domain}"
+    assert _sans(certificate).get_values_for_type(x509.DNSName) == [f"ws01.{env.domain}"]
     assert sid_from_certificate(certificate) == env.sid("ws01$")
     _check_chain(
         env,
@@ -467,6 +474,7 @@ def test_machine_enrolls_over_wstep_with_its_directory_names(env: Env) -> None:
     assert result.chain_der and len(pkcs7.load_der_pkcs7_certificates(result.chain_der)) >= 2
 
 
+@both_directories
 def test_user_enrolls_over_json_and_the_csr_names_are_ignored(env: Env) -> None:
     der, _ = _csr(cn="Administrator", sans=[x509.RFC822Name("administrator@example.test")])
     certificate = _certificate(_json_enroll(env, "alice", "User", der))
@@ -478,8 +486,8 @@ def test_user_enrolls_over_json_and_the_csr_names_are_ignored(env: Env) -> None:
         for n in sans.get_values_for_type(x509.OtherName)
         if n.type_id == UPN_OID
     ]
-    assert upns == ["alice@example.test"]
-    assert sans.get_values_for_type(x509.RFC822Name) == ["alice@example.test"]
+    assert upns == [f"alice@{env.domain}"]
+    assert sans.get_values_for_type(x509.RFC822Name) == [f"alice@{env.domain}"]
     assert sid_from_certificate(certificate) == env.sid("alice")
     assert (
         ExtendedKeyUsageOID.CLIENT_AUTH
@@ -487,6 +495,7 @@ def test_user_enrolls_over_json_and_the_csr_names_are_ignored(env: Env) -> None:
     )
 
 
+@both_directories
 def test_policy_lists_the_templates_the_caller_may_enroll_in(env: Env) -> None:
     def templates(user: str) -> dict[str, soap.PolicyTemplate]:
         body = soap.build_get_policies_request(
@@ -523,6 +532,7 @@ def test_policy_lists_the_templates_the_caller_may_enroll_in(env: Env) -> None:
     assert machines["Machine"].permission_enroll and machines["Machine"].permission_autoenroll
 
 
+@both_directories
 def test_nested_group_rights_and_the_enrollee_supplied_subject_of_webserver(env: Env) -> None:
     der, _ = _csr(cn="intranet.example.test", sans=[x509.DNSName("intranet.example.test")])
     # alice is in Web Admins; eve is not.
@@ -533,6 +543,7 @@ def test_nested_group_rights_and_the_enrollee_supplied_subject_of_webserver(env:
     assert refused.status_code == 403 and refused.json()["error"] == "accessDenied"
 
 
+@both_directories
 def test_a_deny_ace_wins_and_a_disabled_account_is_refused(env: Env) -> None:
     der, _ = _csr()
     before = env.counts()["certificates"]
@@ -544,6 +555,7 @@ def test_a_deny_ace_wins_and_a_disabled_account_is_refused(env: Env) -> None:
     assert any(r["code"] == "accountDisabled" for r in env.refusals())
 
 
+@both_directories
 @pytest.mark.parametrize(
     ("user", "password", "template", "status", "error"),
     [
