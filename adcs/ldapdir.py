@@ -80,6 +80,8 @@ ENROLLMENT_SERVICE_ATTRIBUTES = ("cn", "dNSHostName", "certificateTemplates", "c
 
 # LDAP_CAP_ACTIVE_DIRECTORY_OID in the root DSE's supportedCapabilities: AD or Samba AD.
 ACTIVE_DIRECTORY_CAPABILITY = "1.2.840.113556.1.4.800"
+# A well-formed base for a Directory that only reads the root DSE (see Directory.discover).
+DISCOVERY_BASE = "DC=invalid"
 ROOT_DSE_ATTRIBUTES = (
     "defaultNamingContext",
     "configurationNamingContext",
@@ -201,6 +203,22 @@ class Directory:
         self._templates: _TemplateSnapshot | None = None
         self._services: dict[str, tuple[float, EnrollmentService | None]] = {}
         self._root_dse: RootDse | None = None
+
+    @classmethod
+    def discover(cls, url: str, bind_dn: str, bind_password: str, **options: Any) -> Directory:
+        """A Directory on the domain the root DSE names (defaultNamingContext), as AD
+        clients find it; ``options`` as for the constructor.
+
+        Raises :class:`DirectoryUnavailable` when the directory does not answer, and
+        :class:`DirectoryError` when its root DSE names no domain.
+        """
+        probe = cls(url, DISCOVERY_BASE, bind_dn, bind_password, **options)
+        root = probe.root_dse()  # reads only the root DSE, never under the placeholder base
+        if root.default_naming_context is None:
+            raise DirectoryError(f"{url} names no defaultNamingContext in its root DSE: set base")
+        directory = cls(url, root.default_naming_context, bind_dn, bind_password, **options)
+        directory._root_dse = root
+        return directory
 
     def __repr__(self) -> str:
         return f"Directory({self.url!r}, {self.base!r}, bind_dn={self.bind_dn!r})"

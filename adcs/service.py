@@ -64,7 +64,8 @@ ISSUING_TEMPLATE = "BlankEndEntityCertificate_APIPassthrough/V1"
 @dataclass(frozen=True)
 class AdcsSettings:
     directory_url: str
-    base: str
+    base: str | None
+    """None: the domain the directory's root DSE names (defaultNamingContext)."""
     bind_dn: str
     bind_password: str
     ca_name: str
@@ -111,13 +112,22 @@ class AdcsService:
                         "bind_dn and bind_password"
                     ) from None
                 bind_dn, password, base = state.admin_dn, state.admin_password, state.base
-            self._directory = Directory(
-                self.settings.directory_url,
-                base or self.settings.base,
-                bind_dn,
-                password,
-                cache_ttl=self.settings.cache_ttl,
-            )
+            base = base or self.settings.base
+            if base is None:
+                self._directory = Directory.discover(
+                    self.settings.directory_url,
+                    bind_dn,
+                    password,
+                    cache_ttl=self.settings.cache_ttl,
+                )
+            else:
+                self._directory = Directory(
+                    self.settings.directory_url,
+                    base,
+                    bind_dn,
+                    password,
+                    cache_ttl=self.settings.cache_ttl,
+                )
         return self._directory
 
     # -- who is asking ----------------------------------------------------------------------
@@ -721,7 +731,9 @@ def load_settings(settings: Mapping[str, Any], context: ConnectorContext) -> Adc
         )
     return AdcsSettings(
         directory_url=url,
-        base=base or DEFAULT_BASE,
+        # The development directory's credentials file names its base; a directory of one's
+        # own (bind_dn) names it in its root DSE unless base says otherwise.
+        base=base or (None if credentials_file is None else DEFAULT_BASE),
         bind_dn=bind_dn or "",
         bind_password=password or "",
         ca_name=text("ca_name", context.name) or context.name,

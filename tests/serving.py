@@ -102,7 +102,7 @@ class PortTaken(RuntimeError):
 
 def adcs_connector_config(
     directory_url: str,
-    base: str,
+    base: str | None,
     bind_dn: str,
     bind_password: str,
     *,
@@ -110,8 +110,10 @@ def adcs_connector_config(
     cache_ttl_seconds: int | None = None,
 ) -> str:
     """The `[[connectors]]` table of an AD-style connector at /adcs reading ``directory_url``
-    (the development directory or a Samba DC), for ``start_server(extra_config=...)``."""
+    (the development directory or a Samba DC), for ``start_server(extra_config=...)``;
+    ``base`` None leaves it to the root DSE."""
     ttl = "" if cache_ttl_seconds is None else f"cache_ttl_seconds = {cache_ttl_seconds}\n"
+    base_setting = "" if base is None else f'base = "{base}"\n'
     return f"""
 [[connectors]]
 type = "adcs"
@@ -119,8 +121,7 @@ name = "adcs"
 mount = "/adcs"
 [connectors.settings]
 directory_url = "{directory_url}"
-base = "{base}"
-bind_dn = "{bind_dn}"
+{base_setting}bind_dn = "{bind_dn}"
 bind_password = "{bind_password}"
 ca_name = "{ca_name}"
 {ttl}"""

@@ -283,11 +283,12 @@ def _running_env(directory: Directory, base: Path) -> Iterator[Env]:
             ]
         },
     )
+    # Against AD, base is left out as its users would: the root DSE names the domain.
     server = start_server(
         base / "data",
         extra_config=adcs_connector_config(
             directory.url,
-            directory.base,
+            None if isinstance(directory, SambaDC) else directory.base,
             directory.admin_dn,
             directory.admin_password,
             cache_ttl_seconds=0,

@@ -193,3 +193,11 @@ def test_the_domain_and_its_accounts_look_alike_on_both(either: tuple[Any, Direc
         "WS01$": SamAccountType.MACHINE_ACCOUNT,
         "Web Admins": SamAccountType.GROUP_OBJECT,
     }
+
+
+def test_discovery_finds_the_domain_in_the_root_dse_on_both(either: tuple[Any, Directory]) -> None:
+    held, _ = either
+    found = Directory.discover(held.url, held.admin_dn, held.admin_password)
+    assert found.base == held.base
+    assert found.dns_domain == layout.dns_domain(held.base)
+    assert "User" in found.templates()
