@@ -38,10 +38,11 @@ from sqlalchemy import func, select
 
 from pkigate.adcs import soap
 from pkigate.adcs.directory import DevDirectory
-from pkigate.adcs.encoding import interval_to_filetime
+from pkigate.adcs.encoding import interval_to_filetime, to_ad_int32
 from pkigate.adcs.flags import (
     CertificateNameFlag,
     EnrollmentFlag,
+    GroupType,
     PrivateKeyFlag,
     UserAccountControl,
 )
@@ -65,6 +66,13 @@ samba_dc = make_samba_dc_fixture("module")
 PKIGATE = str(Path(sys.executable).parent / "pkigate")
 ANY_PURPOSE = "2.5.29.37.0"
 REQUEST_AGENT = "1.3.6.1.4.1.311.20.2.1"
+ESC13_POLICY_OID = "1.3.6.1.4.1.311.21.8.4121.7.1.400.1"
+ESC13_GROUP_DN = "CN=Tier0 Operators,CN=Users,{base}"
+ESC13_OID_DN = (
+    "CN=400.0F1E2D3C4B5A69788796A5B4C3D2E1F0,CN=OID,CN=Public Key Services,CN=Services,"
+    "{configuration}"
+)
+UNIVERSAL = GroupType.SECURITY_ENABLED | GroupType.UNIVERSAL_GROUP
 
 
 PUBLISHED = (
@@ -84,6 +92,7 @@ PUBLISHED = (
     "EnrollmentAgent",
     "NoSidExtension",
     "Archival",
+    "IssuancePolicyLinked",
 )
 """The templates the test CA offers (its pKIEnrollmentService certificateTemplates)."""
 
@@ -195,6 +204,30 @@ def _add_template(directory: Directory, name: str, base_template: str, **changes
         conn.unbind()
 
 
+def _link_issuance_policy_to_a_group(directory: SambaDC) -> None:
+    """ESC13 as AD holds it: a universal group (empty, as AD requires) linked from the
+    msPKI-Enterprise-Oid object of :data:`ESC13_POLICY_OID` by msDS-OIDToGroupLink."""
+    conn = directory.admin_connection()
+    try:
+        assert conn.add(
+            ESC13_GROUP_DN.format(base=directory.base),
+            ["top", "group"],
+            {"sAMAccountName": "Tier0 Operators", "groupType": str(to_ad_int32(UNIVERSAL))},
+        ), conn.result
+        assert conn.add(
+            ESC13_OID_DN.format(configuration=directory.configuration_dn),
+            ["top", "msPKI-Enterprise-Oid"],
+            {
+                "msPKI-Cert-Template-OID": ESC13_POLICY_OID,
+                "flags": "2",  # an issuance policy ([MS-CRTD] 2.5: CERT_OID_TYPE_ISSUER_POLICY)
+                "displayName": "Tier 0 logon",
+                "msDS-OIDToGroupLink": ESC13_GROUP_DN.format(base=directory.base),
+            },
+        ), conn.result
+    finally:
+        conn.unbind()
+
+
 @contextmanager
 def _running_env(directory: Directory, base: Path) -> Iterator[Env]:
     """pkigate serve with the AD-style connector on ``directory``, the templates the tests
@@ -283,6 +316,16 @@ def _running_env(directory: Directory, base: Path) -> Iterator[Env]:
             ]
         },
     )
+    # ESC13: an issuance policy whose OID object links it to a group (in AD, logging on with
+    # a certificate naming the policy adds the group to the token).
+    _add_template(
+        directory,
+        "IssuancePolicyLinked",
+        "User",
+        **{"msPKI-Certificate-Policy": [ESC13_POLICY_OID.encode()]},
+    )
+    if isinstance(directory, SambaDC):
+        _link_issuance_policy_to_a_group(directory)
     # Against AD, base is left out as its users would: the root DSE names the domain.
     server = start_server(
         base / "data",
@@ -1185,6 +1228,25 @@ def test_esc15_application_policies_in_the_request_are_refused(env: Env) -> None
     response = _json_enroll(env, "alice", "User", _csr(extensions=[(policies, False)])[0])
     assert response.status_code == 403 and response.json()["attack"] == "ESC15"
     assert env.refusals("ESC15")
+
+
+@both_directories
+def test_esc13_an_issuance_policy_linked_to_a_group_is_not_issued(env: Env) -> None:
+    """pkigate puts no issuance policy (certificatePolicies) in a certificate, so a template
+    whose policy AD links to a group (msDS-OIDToGroupLink, ESC13) cannot hand that group to
+    whoever may enroll: the certificate names no policy for the KDC to map."""
+    if isinstance(env.directory, SambaDC):
+        with env.directory.admin_connection() as conn:
+            oid = ESC13_OID_DN.format(configuration=env.directory.configuration_dn)
+            conn.search(oid, "(objectClass=msPKI-Enterprise-Oid)", "BASE", attributes=["*"])
+            group = ESC13_GROUP_DN.format(base=env.directory.base)
+            assert conn.entries[0]["msDS-OIDToGroupLink"].value.lower() == group.lower()
+    certificate = _certificate(_json_enroll(env, "eve", "IssuancePolicyLinked", _csr()[0]))
+    assert sid_from_certificate(certificate) == env.sid("eve")
+    with pytest.raises(x509.ExtensionNotFound):
+        certificate.extensions.get_extension_for_class(x509.CertificatePolicies)
+    policy = asn1_core.ObjectIdentifier(ESC13_POLICY_OID).dump()
+    assert policy not in certificate.public_bytes(serialization.Encoding.DER)
 
 
 # -- bad input ----------------------------------------------------------------------------------
