@@ -56,7 +56,7 @@ from pkigate.core.store.acme import (
     EabKeyRecord,
 )
 from pkigate.gateways.auth import Role
-from pkigate.gateways.connectors import Connector, ConnectorContext
+from pkigate.gateways.connectors import Connector, ConnectorContext, OfflineCore
 from pkigate.gateways.http import actor, json_body, requires
 
 log = logging.getLogger("pkigate.acme")
@@ -104,6 +104,12 @@ class AcmeConnector(Connector):
         self._account_keys: dict[str, jws.PublicKey] = {}
 
     # -- contract ------------------------------------------------------------------------
+
+    @classmethod
+    def check_settings(
+        cls, settings: Mapping[str, Any], context: ConnectorContext, offline: OfflineCore
+    ) -> None:
+        AcmeSettings.parse(settings, context)
 
     def startup_notes(self) -> list[str]:
         notes = [f"ACME directory {self.url('/directory')}"]

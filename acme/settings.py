@@ -12,7 +12,7 @@ from cryptography import x509
 
 from pkigate.acme.identifiers import IdentifierPolicy
 from pkigate.core import Validity
-from pkigate.gateways.connectors import ConnectorContext, ConnectorSettingsError
+from pkigate.gateways.connectors import ConnectorContext, ConnectorSettingsError, unknown_setting
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class AcmeSettings:
         }
         for key in settings:
             if key not in known:
-                raise ConnectorSettingsError(key, "unknown setting")
+                raise unknown_setting(key, known)
 
         def text(key: str) -> str | None:
             value = settings.get(key)
@@ -173,7 +173,9 @@ def _profiles(data: object, context: ConnectorContext) -> dict[str, Profile]:
             raise ConnectorSettingsError(where, "expected a table")
         unknown = set(item) - {"template", "validity", "description"}
         if unknown:
-            raise ConnectorSettingsError(f"{where}.{sorted(unknown)[0]}", "unknown setting")
+            first = sorted(unknown)[0]
+            problem = unknown_setting(first, {"template", "validity", "description"})
+            raise ConnectorSettingsError(f"{where}.{first}", problem.message)
         template = item.get("template", context.template)
         if not isinstance(template, str):
             raise ConnectorSettingsError(f"{where}.template", "expected a template name")

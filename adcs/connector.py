@@ -38,7 +38,12 @@ from pkigate.adcs.service import AdcsService, Outcome, attributes_from, load_set
 from pkigate.core import Actor
 from pkigate.core.errors import BadRequestError, StoreUnavailableError
 from pkigate.gateways.auth import Role
-from pkigate.gateways.connectors import Connector, ConnectorContext, ConnectorSettingsError
+from pkigate.gateways.connectors import (
+    Connector,
+    ConnectorContext,
+    ConnectorSettingsError,
+    OfflineCore,
+)
 from pkigate.gateways.http import (
     MalformedJson,
     actor,
@@ -98,6 +103,12 @@ class AdcsConnector(Connector):
         self.negotiate = _negotiate_acceptor(self.options.kerberos)
 
     # -- contract ------------------------------------------------------------------------
+
+    @classmethod
+    def check_settings(
+        cls, settings: Mapping[str, Any], context: ConnectorContext, offline: OfflineCore
+    ) -> None:
+        load_settings(settings, context)
 
     def url(self, path: str) -> str:
         return self.context.url + path

@@ -666,7 +666,7 @@ class AdcsService:
 def load_settings(settings: Mapping[str, Any], context: ConnectorContext) -> AdcsSettings:
     from pkigate.adcs.directory import CREDENTIALS_FILE
     from pkigate.adcs.seed import DEFAULT_BASE
-    from pkigate.gateways.connectors import ConnectorSettingsError
+    from pkigate.gateways.connectors import ConnectorSettingsError, unknown_setting
 
     known = {
         "directory_url",
@@ -684,7 +684,7 @@ def load_settings(settings: Mapping[str, Any], context: ConnectorContext) -> Adc
     }
     for key in settings:
         if key not in known:
-            raise ConnectorSettingsError(key, "unknown setting")
+            raise unknown_setting(key, known)
 
     def text(key: str, default: str | None = None) -> str | None:
         value = settings.get(key, default)

@@ -1255,6 +1255,46 @@ def db_upgrade(state: State) -> None:
     )
 
 
+# -- config ------------------------------------------------------------------------------------
+
+
+@main.group("config")
+def config_group() -> None:
+    """Check a server configuration file."""
+
+
+@config_group.command("check")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@pass_state
+@reports_errors
+def config_check(state: State, file: Path) -> None:
+    """Parse and validate FILE as `pkigate serve --config FILE` would (connector settings
+    included), touching nothing: no data directory, no store. On the first problem, one
+    line FILE:LINE: key: problem and exit status 1.
+
+    \b
+    Example:
+      pkigate config check /etc/pkigate/pkigate.toml
+    """
+    from pkigate.gateways.config import ConfigError, check_file
+
+    try:
+        config = check_file(file)
+    except ConfigError as exc:
+        raise BadRequestError(str(exc)) from None
+    connectors = config.connectors
+    state.emit(
+        {
+            "file": str(file),
+            "cas": [ca.name for ca in config.cas],
+            "connectors": None if connectors is None else [c.name for c in connectors],
+        },
+        f"{file}: OK ({len(config.cas)} CAs, "
+        + ("every installed connector" if connectors is None else f"{len(connectors)} connectors")
+        + ")",
+    )
+
+
 # -- serve -------------------------------------------------------------------------------------
 
 

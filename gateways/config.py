@@ -42,15 +42,17 @@ Example (every key optional; without a file `pkigate serve` runs the embedded de
     mount = "/scep/intune"
     ca = "issuing"
     template = "EndEntityClientAuthCertificate/V1"
-    [connectors.settings]
-    challenge = "static"
+    [connectors.settings]                 # the connector type's own settings
+    static_challenge = true           # one shared challenge, generated and kept in the store
+    dynamic_challenges = false        # no one-time challenges from the API
 
 A wrong key, type or value is reported as ``FILE:LINE: key.path: problem`` and the server
-does not start.
+does not start; `pkigate config check FILE` reports the same without starting anything.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -148,6 +150,12 @@ class GatewayConfig:
     connectors: tuple[ConnectorConfig, ...] | None = None  # None: every installed type
     pkcs11: Pkcs11Settings | None = None
     source: str = "embedded default"
+    text: str = field(default="", repr=False, compare=False)  # to locate later problems
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A problem found after parsing (a connector's settings, a stored CA that differs),
+        with the line of ``key`` in the file."""
+        return _Reader(self.text, self.source).error(key, message)
 
 
 def default_cas() -> tuple[CAConfig, ...]:
@@ -177,50 +185,47 @@ class _Reader:
         return ConfigError(message, key, self.source, self._line_of(key))
 
     def _line_of(self, key: str) -> int | None:
-        """The line where ``key`` (``a.b``, ``connectors[1].mount``) is set, if found."""
-        parts = re.findall(r"[^.\[\]]+|\[\d+\]", key)
-        leaf = parts[-1] if parts and not parts[-1].startswith("[") else None
-        tables = (
-            [p for p in parts[:-1] if not p.startswith("[")]
-            if leaf
-            else [p for p in parts if not p.startswith("[")]
-        )
-        indexes = [int(p[1:-1]) for p in parts if p.startswith("[")]
-        header = ".".join(tables)
-        seen = -1
-        in_table = header == ""
-        start = None
+        """The line where ``key`` (``a.b``, ``connectors[1].settings.mount``) is set, or else
+        the line of the nearest table that holds it (a required key that is missing).
+
+        tomllib keeps no positions and tomlkit exposes none either, so the key is found in
+        the source text: each line that opens a table or sets a key is given the path it
+        defines (with the element number inside an array of tables), and the line whose
+        path is the longest prefix of ``key``'s wins. Inline tables are found by their key."""
+        wanted = re.findall(r"[^.\[\]]+|\[\d+\]", key)
+        counters: dict[str, int] = {}
+        header: list[str] = []
+        best, best_length = None, 0
         for number, raw in enumerate(self.lines, start=1):
             line = raw.strip()
-            if line.startswith("["):
-                name = line.strip("[] ")
-                if name == header or (tables and name == tables[0] and len(tables) > 1):
-                    if line.startswith("[[") and name == tables[0]:
-                        seen += 1
-                    in_table = not indexes or seen == indexes[0]
-                    if in_table and start is None:
-                        start = number
+            table = re.match(r"^(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", line)
+            if table:
+                names = _dotted(table.group(2))
+                if table.group(1) == "[[":
+                    counters[".".join(names)] = counters.get(".".join(names), -1) + 1
+                header = _with_indexes(names, counters)
+                path = header
+            else:
+                assignment = re.match(r"^([A-Za-z0-9_\-.\"' ]+?)\s*=", line)
+                if not assignment:
                     continue
-                if not (tables and name.startswith(tables[0] + ".") and in_table):
-                    in_table = False
-                continue
-            if in_table and leaf and re.match(rf"^{re.escape(leaf)}\s*=", line):
-                return number
-        if leaf and start is not None:  # the key may name a sub-table: [connectors.settings]
-            sub_table = f"[{'.'.join([*tables, leaf])}]"
-            for number, raw in enumerate(self.lines[start:], start=start + 1):
-                if raw.strip() == sub_table:
-                    return number
-        return start
+                path = [*header, *_dotted(assignment.group(1))]
+            length = len(path)
+            if length > best_length and wanted[:length] == path:
+                best, best_length = number, length
+        return best
 
     # typed getters -------------------------------------------------------------------
 
     def table(self, data: Mapping[str, Any], key: str, allowed: Sequence[str]) -> None:
         unknown = sorted(set(data) - set(allowed))
         if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
             raise self.error(
                 f"{key}.{unknown[0]}" if key else unknown[0],
-                f"unknown key; expected one of {', '.join(sorted(allowed))}",
+                f"unknown key; did you mean {close[0]!r}?"
+                if close
+                else f"unknown key; expected one of {', '.join(sorted(allowed))}",
             )
 
     def string(
@@ -266,6 +271,23 @@ class _Reader:
             raise self.error(
                 key, f"must be one of {', '.join(m.value for m in enum)}, not {raw!r}"
             ) from None
+
+
+def _dotted(text: str) -> list[str]:
+    """The parts of a TOML dotted key (``a."b.c"`` is two parts)."""
+    return [part.strip().strip("\"'") for part in re.findall(r'"[^"]*"|\'[^\']*\'|[^.]+', text)]
+
+
+def _with_indexes(names: list[str], counters: Mapping[str, int]) -> list[str]:
+    """A table's path with the current element number after each array of tables in it
+    (``connectors.settings`` inside the second ``[[connectors]]``: connectors, [1], settings)."""
+    path: list[str] = []
+    for position, name in enumerate(names):
+        path.append(name)
+        prefix = ".".join(names[: position + 1])
+        if prefix in counters:
+            path.append(f"[{counters[prefix]}]")
+    return path
 
 
 def _address(reader: _Reader, value: str | None, key: str, default: str) -> str:
@@ -414,6 +436,7 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
         connectors=connectors,
         pkcs11=pkcs11,
         source=source,
+        text=text,
     )
 
 
@@ -561,6 +584,77 @@ def load_config(path: Path) -> GatewayConfig:
     return parse_config(text, str(path))
 
 
-def locate(config_text: str, source: str, key: str) -> ConfigError:
-    """An error for ``key`` found by a later stage (a connector's own settings check)."""
-    return _Reader(config_text, source).error(key, "")
+def connector_configs(
+    config: GatewayConfig, installed: Sequence[str]
+) -> tuple[ConnectorConfig, ...]:
+    """The configured connectors; without a ``[[connectors]]`` array, one of every installed
+    type, mounted at its type name and issuing from the last CA."""
+    if config.connectors is not None:
+        return config.connectors
+    return tuple(
+        ConnectorConfig(type=name, name=name, mount=f"/{name}", ca=config.cas[-1].name)
+        for name in sorted(installed)
+    )
+
+
+def unknown_connector_type(
+    config: GatewayConfig, index: int, name: str, installed: Sequence[str]
+) -> ConfigError:
+    close = difflib.get_close_matches(name, sorted(installed), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return config.error(
+        f"connectors[{index}].type",
+        f"unknown connector type {name!r}; {hint}installed: "
+        f"{', '.join(sorted(installed)) or 'none'}",
+    )
+
+
+def check_connectors(config: GatewayConfig) -> None:
+    """Everything a connector would refuse at start (its type, template and own settings),
+    checked before any store is opened: `pkigate config check`, and `pkigate serve` before
+    it creates or changes anything. Raises :class:`ConfigError` with the setting's line."""
+    from pkigate.core.service import default_data_dir
+    from pkigate.core.templates import TemplateCatalogue
+    from pkigate.gateways.connectors import (
+        ConnectorSettingsError,
+        OfflineCore,
+        discover,
+        offline_context,
+    )
+
+    types = discover()
+    offline = OfflineCore(
+        templates=TemplateCatalogue(),
+        data_dir=config.data_dir or default_data_dir(),
+        key_algorithms={ca.name: ca.key_algorithm.value for ca in config.cas},
+    )
+    for index, item in enumerate(connector_configs(config, list(types))):
+        where = f"connectors[{index}]"
+        connector_type = types.get(item.type)
+        if connector_type is None:
+            raise unknown_connector_type(config, index, item.type, list(types))
+        template = item.template or connector_type.default_template
+        try:
+            offline.templates.get(template)
+        except Exception as exc:  # UnknownTemplateError names the template
+            raise config.error(f"{where}.template", str(exc)) from None
+        context = offline_context(
+            item.name,
+            item.type,
+            item.mount,
+            item.ca,
+            template,
+            item.validity or Validity.parse(connector_type.default_validity),
+            offline,
+        )
+        try:
+            connector_type.check_settings(item.settings, context, offline)
+        except ConnectorSettingsError as exc:
+            raise config.error(f"{where}.settings.{exc.key}", exc.message) from None
+
+
+def check_file(path: Path) -> GatewayConfig:
+    """`pkigate config check`: the whole file, touching nothing."""
+    config = load_config(path)
+    check_connectors(config)
+    return config

@@ -12,11 +12,13 @@ it never signs and never writes the store itself.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal, cast
 
 from flask import Blueprint
 from sqlalchemy import Connection
@@ -24,6 +26,7 @@ from sqlalchemy import Connection
 from pkigate.core import Core, IssuanceRequest, IssuedCertificate, Requester, Validity
 from pkigate.core.errors import PkigateError
 from pkigate.core.passthrough import ApiPassthrough
+from pkigate.core.templates import TemplateCatalogue
 
 ENTRY_POINT_GROUP = "pkigate.connectors"
 Listener = Literal["http", "https"]
@@ -36,6 +39,50 @@ class ConnectorSettingsError(ValueError):
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+
+
+def unknown_setting(key: str, known: Iterable[str]) -> ConnectorSettingsError:
+    """An unknown setting, with the nearest known one (a typo is the usual cause)."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+    return ConnectorSettingsError(key, "unknown setting" + hint)
+
+
+@dataclass(frozen=True)
+class OfflineCore:
+    """What a connector's settings check may use before any store exists (`pkigate config
+    check`, and `pkigate serve` before it creates anything): the built-in templates, where
+    the data directory will be (never created), and each configured CA's key algorithm by
+    its configuration name."""
+
+    templates: TemplateCatalogue
+    data_dir: Path
+    key_algorithms: Mapping[str, str]
+
+
+def offline_context(
+    name: str,
+    type_name: str,
+    mount: str,
+    ca: str,
+    template: str,
+    validity: Validity,
+    offline: OfflineCore,
+) -> ConnectorContext:
+    """A context for :meth:`Connector.check_settings`: CAs are named by their configuration
+    names (there are no ids yet), and the core is an :class:`OfflineCore` (the settings
+    parsers read templates and the data directory only; anything else fails loudly)."""
+    return ConnectorContext(
+        name=name,
+        type=type_name,
+        mount=mount,
+        ca_id=ca,
+        template=template,
+        validity=validity,
+        core=cast(Core, offline),
+        base_url="",
+        ca_ids={ca_name: ca_name for ca_name in offline.key_algorithms},
+    )
 
 
 @dataclass(frozen=True)
@@ -112,6 +159,15 @@ class Connector(ABC):
         """The protocol's routes, mounted at the instance's mount path."""
 
     def admin_blueprint(self) -> Blueprint | None:
+        return None
+
+    @classmethod
+    def check_settings(
+        cls, settings: Mapping[str, Any], context: ConnectorContext, offline: OfflineCore
+    ) -> None:
+        """Raise :class:`ConnectorSettingsError` for a wrong setting, without a store
+        (``context`` is an :func:`offline_context` over ``offline``). Connector types should
+        check here everything their constructor would refuse; nothing by default."""
         return None
 
     def elsewhere_blueprint(self) -> Blueprint | None:

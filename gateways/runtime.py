@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +29,14 @@ from pkigate.core.jobs import JobHandler, JobRunner
 from pkigate.core.names import parse_dn
 from pkigate.gateways import metrics
 from pkigate.gateways.auth import Role, TokenService
-from pkigate.gateways.config import ConfigError, GatewayConfig
+from pkigate.gateways.config import (
+    CAConfig,
+    ConfigError,
+    GatewayConfig,
+    check_connectors,
+    connector_configs,
+    unknown_connector_type,
+)
 from pkigate.gateways.connectors import (
     Connector,
     ConnectorContext,
@@ -66,6 +74,9 @@ class Gateway:
     ) -> Gateway:
         """Open the core; with ``bootstrap``, check the store (StoreIntegrityError) and
         create what the configuration names. ``upgrade_schema``: `serve --migrate`."""
+        # The whole file, connectors' settings included, before anything is created or
+        # changed (a data directory, a store, the CAs the file names).
+        check_connectors(config)
         core = Core.open(
             config.data_dir,
             config.database_url,
@@ -102,9 +113,10 @@ class Gateway:
             if view.tags.get(CONFIG_NAME_TAG) and view.status.value != "DELETED"
         }
         ids: dict[str, str] = {}
-        for ca in self.config.cas:
+        for index, ca in enumerate(self.config.cas):
             if ca.name in found:
                 ids[ca.name] = found[ca.name]
+                self._refuse_drift(index, ca, ids)
                 continue
             if not create:
                 raise ConfigError(
@@ -145,29 +157,44 @@ class Gateway:
             log.info("created CA", extra={"ca": ca.name, "ca_id": view.record.id})
         return ids
 
+    def _refuse_drift(self, index: int, ca: CAConfig, ids: Mapping[str, str]) -> None:
+        """A configured CA that exists already must still be the one the file describes.
+
+        A CA's subject, key and parent are fixed once it has signed anything, so an edit
+        of them cannot be applied; serving the stored CA regardless would hide that the
+        file no longer says what runs. Refused (ConfigError at the key's line), with the
+        two ways out: restore the stored value, or give the changed CA a new name (a new
+        CA is created beside the old one, whose certificates stay valid)."""
+        record = self.core.authorities.get(ids[ca.name])
+        parent = ids.get(ca.parent) if ca.parent else None
+        differences = [
+            ("subject", record.subject_der != parse_dn(ca.subject).public_bytes(), record.subject),
+            ("key_algorithm", record.key_algorithm != ca.key_algorithm.value, record.key_algorithm),
+            ("parent", record.parent_id != parent, self._config_name(record.parent_id)),
+        ]
+        for key, differs, stored in differences:
+            if differs:
+                raise self.config.error(
+                    f"cas[{index}].{key}",
+                    f"CA {ca.name!r} exists with {key} {stored!r}; a CA's {key} cannot change. "
+                    f"Set it back, or give the changed CA a new name to create a new one",
+                )
+
+    def _config_name(self, ca_id: str | None) -> str | None:
+        if ca_id is None:
+            return None
+        view = self.core.authorities.describe(ca_id)
+        return view.tags.get(CONFIG_NAME_TAG) or ca_id
+
     # -- connectors ---------------------------------------------------------------------
 
     def _build_connectors(self) -> list[Connector]:
         types = discover()
-        if self.config.connectors is None:  # embedded default: one of every installed type
-            from pkigate.gateways.config import ConnectorConfig
-
-            configured = tuple(
-                ConnectorConfig(type=name, name=name, mount=f"/{name}", ca=self.config.cas[-1].name)
-                for name in sorted(types)
-            )
-        else:
-            configured = self.config.connectors
         built = []
-        for index, item in enumerate(configured):
+        for index, item in enumerate(connector_configs(self.config, list(types))):
             connector_type = types.get(item.type)
             if connector_type is None:
-                raise ConfigError(
-                    f"unknown connector type {item.type!r}; installed: "
-                    f"{', '.join(sorted(types)) or 'none'}",
-                    f"connectors[{index}].type",
-                    self.config.source,
-                )
+                raise unknown_connector_type(self.config, index, item.type, list(types))
             listener = self.config.listeners
             context = ConnectorContext(
                 name=item.name,
@@ -187,13 +214,11 @@ class Gateway:
                 self.core.templates.get(context.template)
                 built.append(connector_type(context, item.settings))
             except ConnectorSettingsError as exc:
-                raise ConfigError(
-                    exc.message, f"connectors[{index}].settings.{exc.key}", self.config.source
+                raise self.config.error(
+                    f"connectors[{index}].settings.{exc.key}", exc.message
                 ) from None
             except PkigateError as exc:
-                raise ConfigError(
-                    exc.message, f"connectors[{index}].template", self.config.source
-                ) from None
+                raise self.config.error(f"connectors[{index}].template", exc.message) from None
         return built
 
     # -- first start --------------------------------------------------------------------

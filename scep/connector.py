@@ -40,7 +40,13 @@ from pkigate.core.passthrough import parse_general_name
 from pkigate.core.store import IntegrityError
 from pkigate.core.store import scep as scep_store
 from pkigate.gateways.auth import Role
-from pkigate.gateways.connectors import Connector, ConnectorContext, ConnectorSettingsError
+from pkigate.gateways.connectors import (
+    Connector,
+    ConnectorContext,
+    ConnectorSettingsError,
+    OfflineCore,
+    unknown_setting,
+)
 from pkigate.gateways.http import actor, json_body, requires
 from pkigate.scep.authorization import (
     AnsweredMeanwhile,
@@ -148,9 +154,7 @@ class ScepSettings:
         }
         for key in settings:
             if key not in known:
-                raise ConnectorSettingsError(
-                    key, f"unknown setting; known: {', '.join(sorted(known))}"
-                )
+                raise unknown_setting(key, known)
 
         def flag(key: str, default: bool) -> bool:
             value = settings.get(key, default)
@@ -244,6 +248,25 @@ def _parse_webhook(settings: Mapping[str, Any], enabled: bool) -> Webhook | None
     )
 
 
+def _check_decrypting_keys(
+    options: ScepSettings, context: ConnectorContext, key_algorithm: Callable[[str], str]
+) -> None:
+    """With ``ca_decrypts`` clients encrypt to the CA itself (and to the successor CA during
+    a rollover): SCEP's envelope needs RSA keys there."""
+    if not options.ca_decrypts:
+        return
+    if not key_algorithm(context.ca_id).startswith("RSA"):
+        raise ConnectorSettingsError(
+            "ca_decrypts", f"the CA's key is {key_algorithm(context.ca_id)}; SCEP needs RSA"
+        )
+    if options.next_ca is not None:
+        successor = key_algorithm(context.ca_ids[options.next_ca])
+        if not successor.startswith("RSA"):
+            raise ConnectorSettingsError(
+                "next_ca", f"with ca_decrypts the successor CA needs an RSA key, not {successor}"
+            )
+
+
 class ScepConnector(Connector):
     """SCEP for MDM-enrolled phones, laptops and network gear."""
 
@@ -255,12 +278,9 @@ class ScepConnector(Connector):
     def __init__(self, context: ConnectorContext, settings: Mapping[str, Any]) -> None:
         super().__init__(context, settings)
         self.options = ScepSettings.parse(settings, context)
-        if self.options.ca_decrypts:
-            record = context.core.authorities.get(context.ca_id)
-            if not record.key_algorithm.startswith("RSA"):
-                raise ConnectorSettingsError(
-                    "ca_decrypts", f"the CA's key is {record.key_algorithm}; SCEP needs RSA"
-                )
+        _check_decrypting_keys(
+            self.options, context, lambda ca_id: context.core.authorities.get(ca_id).key_algorithm
+        )
         static = self.options.challenge
         if self.options.generated_challenge:
             # Where earlier versions kept it, in each data directory: imported once.
@@ -286,18 +306,17 @@ class ScepConnector(Connector):
         self.next_ra: RegistrationAuthority | None = None
         if self.options.next_ca is not None:
             next_context = replace(context, ca_id=context.ca_ids[self.options.next_ca])
-            if self.options.ca_decrypts:
-                record = context.core.authorities.get(next_context.ca_id)
-                if not record.key_algorithm.startswith("RSA"):
-                    raise ConnectorSettingsError(
-                        "next_ca",
-                        f"with ca_decrypts the successor CA needs an RSA key, not "
-                        f"{record.key_algorithm}",
-                    )
             self.next_ra = RegistrationAuthority(next_context, ca_decrypts=self.options.ca_decrypts)
         self.approvals = ApprovalQueue(context)
 
     # -- contract ------------------------------------------------------------------------
+
+    @classmethod
+    def check_settings(
+        cls, settings: Mapping[str, Any], context: ConnectorContext, offline: OfflineCore
+    ) -> None:
+        options = ScepSettings.parse(settings, context)
+        _check_decrypting_keys(options, context, lambda ca: offline.key_algorithms[ca])
 
     def startup_notes(self) -> list[str]:
         if self.options.webhook is not None:

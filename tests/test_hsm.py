@@ -702,7 +702,7 @@ def test_a_forked_process_opens_its_own_session_and_signs(hsm_core: Core) -> Non
     [
         (
             '[pkcs11]\nmodule = "/m.so"\ntoken_label = "t"\npin_env = "P"\npin = "1234"\n',
-            "pkcs11.pin: unknown key; expected one of module, pin_env, pin_file, token_label",
+            "pkcs11.pin: unknown key; did you mean 'pin_env'?",
         ),
         (
             '[pkcs11]\nmodule = "/m.so"\ntoken_label = "t"\npin_env = "P"\npin_file = "/p"\n',
