@@ -50,6 +50,10 @@ def dev_directory(data_dir: Path | None, port: int, base: str, foreground: bool)
     Listens on loopback only. The domain has users, computers, nested groups and the
     certificate templates Machine, User, WebServer, UserPending and ESC1Vulnerable (a
     deliberately dangerous one). Every password is in credentials.json in the data directory.
+
+    \b
+    Example:
+      pkigate adcs dev-directory --port 1389 --background
     """
     try:
         domain_components(base)

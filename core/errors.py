@@ -113,6 +113,13 @@ class StoreIntegrityError(PkigateError):
     code = "storeIntegrity"
 
 
+class DataDirectoryError(PkigateError):
+    """The data directory cannot be made or written (permissions, a file in its place):
+    nothing was opened."""
+
+    code = "dataDirectory"
+
+
 class SchemaOutdatedError(PkigateError):
     """The store's schema is older than this pkigate's (an upgrade of pkigate, not yet of
     its database) or newer (pkigate was downgraded): nothing is read or written until an

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from pkigate.core.audit import Actor, AuditLog
 from pkigate.core.authorities import AuthorityService
-from pkigate.core.errors import StoreIntegrityError
+from pkigate.core.errors import DataDirectoryError, StoreIntegrityError
 from pkigate.core.issuance import IssuanceRequest, IssuedCertificate, Issuer, Requester
 from pkigate.core.jobs import JobQueue
 from pkigate.core.keys import KeyBackends, KeyEncryptionKey, SoftwareKeyBackend
@@ -43,6 +43,23 @@ def _token_backend(settings: Pkcs11Settings | None) -> Pkcs11Backend | None:
 
 def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or "pkigate-data").resolve()
+
+
+def _prepare_data_dir(data_dir: Path) -> None:
+    """Make the data directory, or say in one line why it cannot be used: the database, its
+    -wal file, the KEK and the audit anchor are all written there (SQLite would otherwise
+    report "unable to open database file", which reads like a damaged store)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise DataDirectoryError(
+            f"cannot create the data directory {data_dir}: {exc.strerror or exc}"
+        ) from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise DataDirectoryError(
+            f"the data directory {data_dir} is not writable by this user; give it to the "
+            "user pkigate runs as, or choose another with --data-dir or $PKIGATE_HOME"
+        )
 
 
 def store_url(data_dir: Path, database_url: str | None = None) -> str:
@@ -103,7 +120,7 @@ class Core:
         ``upgrade_schema``: migrate a store at an older schema (otherwise
         SchemaOutdatedError says to run `pkigate db upgrade`)."""
         data_dir = (data_dir or default_data_dir()).resolve()
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _prepare_data_dir(data_dir)
         url = store_url(data_dir, database_url)
         store = Store.open(url, upgrade_schema=upgrade_schema)
         if signing_margin_bytes is not None:

@@ -16,6 +16,7 @@ import getpass
 import json
 import os
 import sys
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from datetime import timedelta
@@ -141,6 +142,48 @@ class State:
 pass_state = click.make_pass_decorator(State)
 
 
+def fail(code: str, message: str, *, tagged: bool = True) -> NoReturn:
+    """Report an error and exit 1: one line on stderr (``[code]`` after it when
+    ``tagged``), or with ``--json`` the object ``{"error": {"code", "message"}}`` on stdout,
+    so a script reads the reason where it reads results."""
+    context = click.get_current_context(silent=True)
+    state = context.find_object(State) if context is not None else None
+    if state is not None and state.as_json:
+        click.echo(json.dumps({"error": {"code": code, "message": message}}))
+    else:
+        click.echo(f"error: {message}" + (f" [{code}]" if tagged else ""), err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def describe_error(exc: BaseException) -> tuple[str, str, bool] | None:
+    """The code and one-line message of an error a command may end with, and whether the
+    code is shown after a human-readable message; None for anything else (a bug)."""
+    from pkigate.gateways.config import ConfigError
+
+    if isinstance(exc, PkigateError):
+        return exc.code, exc.message, True
+    if isinstance(exc, ConfigError):
+        return "configError", str(exc), False
+    if isinstance(exc, OSError):  # a file named on the command line
+        where = f": {exc.filename}" if exc.filename else ""
+        return "fileError", f"{exc.strerror or exc}{where}", False
+    if isinstance(exc, DatabaseError):
+        # A database that cannot be read (a damaged page, not a database at all).
+        reason = str(exc.orig) if exc.orig is not None else type(exc).__name__
+        return StoreIntegrityError.code, damaged_store_message(None, reason), True
+    return None
+
+
+def report_error(exc: BaseException) -> NoReturn:
+    """One line (:func:`fail`) for the errors :func:`describe_error` knows; anything else
+    is a bug and keeps its traceback."""
+    described = describe_error(exc)
+    if described is None:
+        raise exc
+    code, message, tagged = described
+    fail(code, message, tagged=tagged)
+
+
 def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn the core's typed errors into one line on stderr and exit status 1."""
 
@@ -148,25 +191,68 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
-        except PkigateError as exc:
-            click.echo(f"error: {exc.message} [{exc.code}]", err=True)
-            sys.exit(EXIT_ERROR)
-        except OSError as exc:  # a file named on the command line
-            where = f": {exc.filename}" if exc.filename else ""
-            click.echo(f"error: {exc.strerror or exc}{where}", err=True)
-            sys.exit(EXIT_ERROR)
-        except DatabaseError as exc:
-            _database_error(exc)
+        except (PkigateError, OSError, DatabaseError) as exc:
+            report_error(exc)
 
     return wrapper
 
 
-def _database_error(exc: DatabaseError) -> NoReturn:
-    """A database that cannot be read (a damaged page, not a database at all): one line,
-    never a traceback."""
-    reason = str(exc.orig) if exc.orig is not None else type(exc).__name__
-    click.echo(f"error: {damaged_store_message(None, reason)} [storeIntegrity]", err=True)
-    sys.exit(EXIT_ERROR)
+class CAReference(click.types.StringParamType):
+    """A CA named by its id or by the name a server configuration gave it (``[[cas]]
+    name``, kept as the CA's ``pkigate:config-name`` tag); a name that more than one
+    CA carries is refused with their ids."""
+
+    name = "CA"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        try:
+            uuid.UUID(text)
+            return text
+        except ValueError:
+            pass
+        from pkigate.gateways.runtime import CONFIG_NAME_TAG
+
+        state = ctx.find_object(State) if ctx is not None else None
+        if state is None:  # pragma: no cover - every command runs under main
+            return text
+        if state.remote is not None:
+            cas = state.remote.list_cas()
+        else:
+            cas = [view.to_json() for view in state.core.authorities.list_cas()]
+        found = [
+            ca["id"]
+            for ca in cas
+            if ca["tags"].get(CONFIG_NAME_TAG) == text and ca["status"] != "DELETED"
+        ]
+        if len(found) == 1:
+            return str(found[0])
+        if not found:
+            self.fail(f"no CA has the id or configured name {text!r}", param, ctx)
+        self.fail(f"{text!r} names {len(found)} CAs ({', '.join(found)}); give its id", param, ctx)
+
+
+CA_HELP = "The CA: its id, or its name in the server configuration ([[cas]] name)."
+
+
+class PkigateGroup(click.Group):
+    """The root command: an error escaping any command or option conversion (a store
+    opened to resolve ``--ca NAME``) is reported as :func:`report_error` does, and with
+    ``--json`` a usage error is a JSON object too."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from pkigate.gateways.config import ConfigError
+
+        try:
+            return super().invoke(ctx)
+        except (PkigateError, OSError, DatabaseError, ConfigError) as exc:
+            report_error(exc)
+        except click.ClickException as exc:
+            state = ctx.find_object(State)
+            if state is None or not state.as_json:
+                raise
+            click.echo(json.dumps({"error": {"code": "usage", "message": exc.format_message()}}))
+            sys.exit(exc.exit_code)
 
 
 def _audited(
@@ -204,7 +290,7 @@ def _check_writable(*paths: str | None) -> None:
             raise BadRequestError(f"cannot write {path}: permission denied")
 
 
-@click.group()
+@click.group(cls=PkigateGroup)
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
@@ -242,7 +328,12 @@ def main(
     token: str | None,
     ca_bundle: Path | None,
 ) -> None:
-    """pkigate: a private certificate authority with enrollment gateways."""
+    """pkigate: a private certificate authority with enrollment gateways.
+
+    \b
+    Example:
+      pkigate --data-dir /var/lib/pkigate ca list
+    """
     remote = None
     if server:
         local = [
@@ -286,6 +377,34 @@ def normalize_serial(serial: str) -> str:
     return cleaned
 
 
+def _table(columns: Sequence[str], rows: Iterable[Sequence[Any]], empty: str) -> str:
+    """Rows under a header line (rich), as wide as their contents: a long subject is never
+    wrapped or cut, so the output still greps and pipes line by line."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    count = 0
+    for row in rows:
+        table.add_row(*("-" if value is None else str(value) for value in row))
+        count += 1
+    if not count:
+        return empty
+    console = Console(width=100_000, color_system=None, highlight=False)
+    with console.capture() as captured:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in captured.get().splitlines() if line.strip())
+
+
+CA_COLUMNS = ("ID", "TYPE", "STATUS", "EXPIRES", "SUBJECT")
+
+
+def _ca_row(data: dict[str, Any]) -> tuple[Any, ...]:
+    expires = data["not_after"][:10] if data["not_after"] else None
+    return data["id"], data["type"], data["status"], expires, data["subject"]
+
+
 def _ca_line(data: dict[str, Any]) -> str:
     expires = data["not_after"][:10] if data["not_after"] else "-"
     return f"{data['id']}  {data['type']:<11} {data['status']:<19} {expires}  {data['subject']}"
@@ -311,13 +430,6 @@ def _certificate_json(record: CertificateRecord, with_pem: bool = False) -> dict
     if with_pem:
         data["certificate_pem"] = certificate_pem(record)
     return data
-
-
-def _certificate_line(data: dict[str, Any]) -> str:
-    return (
-        f"{data['serial']:<40} {data['status']:<8} {data['not_after'][:10]}  "
-        f"{data['template']:<36} {data['subject']}"
-    )
 
 
 def _emit_ca(state: State, view: CAView | dict[str, Any], details: bool = True) -> None:
@@ -356,7 +468,12 @@ def _parse_duration(text: str) -> timedelta:
 )
 @pass_state
 def ca(state: State, config_path: Path | None) -> None:
-    """Create and manage certificate authorities."""
+    """Create and manage certificate authorities.
+
+    \b
+    Example:
+      pkigate ca create --type ROOT --subject 'CN=Example Root' --validity 10y
+    """
     state.config_path = config_path
 
 
@@ -365,10 +482,20 @@ def _choices(values: Sequence[Any]) -> click.Choice[str]:
 
 
 @ca.command("create")
-@click.option("--type", "ca_type", type=_choices(list(CAType)), required=True)
+@click.option(
+    "--type",
+    "ca_type",
+    type=_choices(list(CAType)),
+    required=True,
+    help="ROOT (self-signed) or SUBORDINATE (signed by --parent, or outside: `ca csr`).",
+)
 @click.option("--subject", required=True, help='RFC 4514 DN, e.g. "CN=Example Root,O=Example"')
 @click.option(
-    "--key-algorithm", type=_choices(list(KeyAlgorithm)), default="EC_prime256v1", show_default=True
+    "--key-algorithm",
+    type=_choices(list(KeyAlgorithm)),
+    default="EC_prime256v1",
+    show_default=True,
+    help="The CA's key type and size.",
 )
 @click.option(
     "--key-storage",
@@ -384,27 +511,61 @@ def _choices(values: Sequence[Any]) -> click.Choice[str]:
     help="Default: SHA-2 of the key's size with the key's family.",
 )
 @click.option(
-    "--usage-mode", type=_choices(list(UsageMode)), default="GENERAL_PURPOSE", show_default=True
+    "--usage-mode",
+    type=_choices(list(UsageMode)),
+    default="GENERAL_PURPOSE",
+    show_default=True,
+    help="SHORT_LIVED_CERTIFICATE CAs issue certificates of at most 7 days, without CRL or OCSP.",
 )
 @click.option("--validity", help="e.g. 10y, 60m, 3650d, END_DATE:20351231235959")
-@click.option("--parent", "parent_id", help="Sign the new SUBORDINATE with this pkigate CA.")
-@click.option("--path-length", type=click.IntRange(0, 3))
-@click.option("--crl-url")
-@click.option("--ocsp-url")
-@click.option("--ca-issuers-url")
+@click.option(
+    "--parent",
+    "parent_id",
+    type=CAReference(),
+    help="Sign the new SUBORDINATE with this pkigate CA (its id or configured name).",
+)
+@click.option(
+    "--path-length",
+    type=click.IntRange(0, 3),
+    help="How many CAs may follow below this one (basicConstraints pathLenConstraint).",
+)
+@click.option(
+    "--crl-url", help="CRL distribution point written into the certificates this CA issues."
+)
+@click.option(
+    "--ocsp-url", help="OCSP responder URL written into the certificates this CA issues (AIA)."
+)
+@click.option(
+    "--ca-issuers-url", help="Where this CA's certificate can be fetched (AIA caIssuers)."
+)
 @click.option(
     "--name-constraints",
     type=click.Path(exists=True, dir_okay=False),
     help="JSON file: permitted_dns, excluded_dns, permitted_ip, ...",
 )
-@click.option("--backdate-seconds", type=click.IntRange(0, 86400), default=300, show_default=True)
+@click.option(
+    "--backdate-seconds",
+    type=click.IntRange(0, 86400),
+    default=300,
+    show_default=True,
+    help="How far notBefore is set in the past, for clients with slow clocks.",
+)
 @click.option(
     "--truncate-validity",
     is_flag=True,
     help="Cut leaf validity at the CA's notAfter instead of refusing.",
 )
-@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
-@click.option("--idempotency-token")
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="KEY=VALUE tag on the new CA (repeatable).",
+)
+@click.option(
+    "--idempotency-token",
+    help="Retrying with the same token returns the CA created the first time.",
+)
 @pass_state
 @reports_errors
 def ca_create(
@@ -431,6 +592,11 @@ def ca_create(
 
     A SUBORDINATE without --parent waits in PENDING_CERTIFICATE: export its CSR with
     `pkigate ca csr`, have it signed elsewhere, then `pkigate ca import-certificate`.
+
+    \b
+    Example:
+      pkigate ca create --type SUBORDINATE --parent root --subject 'CN=Example Issuing' \\
+        --validity 5y --path-length 0
     """
 
     def settings_json() -> dict[str, Any]:
@@ -497,7 +663,13 @@ def ca_create(
 )
 @click.option("--label", help="The private key's CKA_LABEL on the token.")
 @click.option("--id", "token_id", help="The private key's CKA_ID on the token, in hex.")
-@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="KEY=VALUE tag on the new CA (repeatable).",
+)
 @pass_state
 @reports_errors
 def ca_import_token_key(
@@ -510,7 +682,13 @@ def ca_import_token_key(
 ) -> None:
     """Make a CA of a certificate whose key already sits on the [pkcs11] token of --config
     (bring your own root or issuing CA whose key is in an HSM). The key must match the
-    certificate; the store keeps only where it is on the token."""
+    certificate; the store keeps only where it is on the token.
+
+    \b
+    Example:
+      pkigate ca --config pkigate.toml import-token-key --certificate root.pem \\
+        --label root
+    """
     try:
         id_bytes = bytes.fromhex(token_id) if token_id else None
     except ValueError:
@@ -538,17 +716,22 @@ def ca_import_token_key(
 
 
 @ca.command("list")
-@click.option("--status", type=_choices(list(CAStatus)))
+@click.option("--status", type=_choices(list(CAStatus)), help="Only CAs with this status.")
 @pass_state
 @reports_errors
 def ca_list(state: State, status: str | None) -> None:
-    """List CAs with their status and expiry."""
+    """List CAs with their status and expiry.
+
+    \b
+    Example:
+      pkigate ca list --status ACTIVE
+    """
     if state.remote is not None:
         cas = state.remote.list_cas(status)
     else:
         views = state.core.authorities.list_cas(CAStatus(status) if status else None)
         cas = [v.to_json() for v in views]
-    state.emit(cas, lambda: "\n".join(_ca_line(c) for c in cas) or "no CAs")
+    state.emit(cas, lambda: _table(CA_COLUMNS, map(_ca_row, cas), "no CAs"))
 
 
 @ca.command("describe")
@@ -556,7 +739,12 @@ def ca_list(state: State, status: str | None) -> None:
 @pass_state
 @reports_errors
 def ca_describe(state: State, ca_id: str) -> None:
-    """Show one CA."""
+    """Show one CA.
+
+    \b
+    Example:
+      pkigate ca describe 94872d91-8a93-41e9-a02b-d071477df881
+    """
     if state.remote is not None:
         _emit_ca(state, state.remote.describe_ca(ca_id))
     else:
@@ -569,7 +757,12 @@ def ca_describe(state: State, ca_id: str) -> None:
 @pass_state
 @reports_errors
 def ca_csr(state: State, ca_id: str, out: str | None) -> None:
-    """Export a SUBORDINATE CA's CSR (PEM) for signing by an outside parent."""
+    """Export a SUBORDINATE CA's CSR (PEM) for signing by an outside parent.
+
+    \b
+    Example:
+      pkigate ca csr 94872d91-8a93-41e9-a02b-d071477df881 > issuing.csr
+    """
     _check_writable(out)
     pem = state.remote.ca_csr(ca_id) if state.remote else state.core.authorities.csr_pem(ca_id)
     if out:
@@ -584,6 +777,7 @@ def ca_csr(state: State, ca_id: str, out: str | None) -> None:
     "certificate_path",
     required=True,
     type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+    help="PEM file with the CA certificate, then its chain up to the root.",
 )
 @click.option(
     "--chain",
@@ -596,7 +790,12 @@ def ca_csr(state: State, ca_id: str, out: str | None) -> None:
 def ca_import_certificate(
     state: State, ca_id: str, certificate_path: str, chain_path: str | None
 ) -> None:
-    """Install a CA certificate signed elsewhere (bring your own parent)."""
+    """Install a CA certificate signed elsewhere (bring your own parent).
+
+    \b
+    Example:
+      pkigate ca import-certificate 94872d91-8a93-41e9-a02b-d071477df881 --certificate issuing.pem
+    """
     certificate, chain = _read(certificate_path), _read(chain_path) if chain_path else None
     if state.remote is not None:
         _emit_ca(
@@ -615,7 +814,12 @@ def ca_import_certificate(
 @pass_state
 @reports_errors
 def ca_certificate(state: State, ca_id: str) -> None:
-    """Print the CA's certificate followed by its chain (PEM)."""
+    """Print the CA's certificate followed by its chain (PEM).
+
+    \b
+    Example:
+      pkigate ca certificate 94872d91-8a93-41e9-a02b-d071477df881 > chain.pem
+    """
     if state.remote is not None:
         data = state.remote.ca_certificate(ca_id)
         certificate, chain = data["certificate_pem"], data["chain_pem"]
@@ -638,7 +842,12 @@ def ca_certificate(state: State, ca_id: str) -> None:
 @pass_state
 @reports_errors
 def ca_crl(state: State, ca_id: str, partition: int, generate: bool, out: str | None) -> None:
-    """Fetch (or with --generate, sign) a CA's CRL."""
+    """Fetch (or with --generate, sign) a CA's CRL.
+
+    \b
+    Example:
+      pkigate ca crl 94872d91-8a93-41e9-a02b-d071477df881 --generate
+    """
     _check_writable(out)
     revocation = state.core.revocation
     published = (
@@ -661,11 +870,21 @@ def ca_crl(state: State, ca_id: str, partition: int, generate: bool, out: str | 
 
 @ca.command("update")
 @click.argument("ca_id")
-@click.option("--status", type=click.Choice(["ACTIVE", "DISABLED"]), required=True)
+@click.option(
+    "--status",
+    type=click.Choice(["ACTIVE", "DISABLED"]),
+    required=True,
+    help="ACTIVE to enable the CA, DISABLED to stop it issuing.",
+)
 @pass_state
 @reports_errors
 def ca_update(state: State, ca_id: str, status: str) -> None:
-    """Enable or disable a CA."""
+    """Enable or disable a CA.
+
+    \b
+    Example:
+      pkigate ca update 94872d91-8a93-41e9-a02b-d071477df881 --status DISABLED
+    """
     if state.remote is not None:
         _emit_ca(state, state.remote.update_ca(ca_id, {"status": status}), details=False)
         return
@@ -685,7 +904,12 @@ def ca_update(state: State, ca_id: str, status: str) -> None:
 @pass_state
 @reports_errors
 def ca_delete(state: State, ca_id: str, restore_days: int) -> None:
-    """Delete a CA that is not ACTIVE; its key is destroyed after the restore window."""
+    """Delete a CA that is not ACTIVE; its key is destroyed after the restore window.
+
+    \b
+    Example:
+      pkigate ca delete 94872d91-8a93-41e9-a02b-d071477df881 --restore-days 7
+    """
     if state.remote is not None:
         _emit_ca(state, state.remote.delete_ca(ca_id, restore_days), details=False)
         return
@@ -697,7 +921,12 @@ def ca_delete(state: State, ca_id: str, restore_days: int) -> None:
 @pass_state
 @reports_errors
 def ca_restore(state: State, ca_id: str) -> None:
-    """Undo a deletion within its restore window."""
+    """Undo a deletion within its restore window.
+
+    \b
+    Example:
+      pkigate ca restore 94872d91-8a93-41e9-a02b-d071477df881
+    """
     if state.remote is not None:
         _emit_ca(state, state.remote.restore_ca(ca_id), details=False)
         return
@@ -707,11 +936,16 @@ def ca_restore(state: State, ca_id: str) -> None:
 @ca.command("tag")
 @click.argument("ca_id")
 @click.argument("tags", nargs=-1, metavar="[KEY=VALUE]...")
-@click.option("--remove", multiple=True, metavar="KEY")
+@click.option("--remove", multiple=True, metavar="KEY", help="Remove this tag (repeatable).")
 @pass_state
 @reports_errors
 def ca_tag(state: State, ca_id: str, tags: tuple[str, ...], remove: tuple[str, ...]) -> None:
-    """Add, change or remove tags on a CA; with no arguments, list them."""
+    """Add, change or remove tags on a CA; with no arguments, list them.
+
+    \b
+    Example:
+      pkigate ca tag 94872d91-8a93-41e9-a02b-d071477df881 team=pki --remove old
+    """
     remote = state.remote
     if remote is not None:
         current = remote.tags(ca_id) if not (tags or remove) else {}
@@ -737,26 +971,49 @@ def ca_tag(state: State, ca_id: str, tags: tuple[str, ...], remove: tuple[str, .
 
 @main.group()
 def cert() -> None:
-    """Issue and look up certificates."""
+    """Issue and look up certificates.
+
+    \b
+    Example:
+      pkigate cert issue --ca issuing --csr www.csr --template EndEntityServerAuthCertificate/V1
+    """
 
 
 @cert.command("issue")
-@click.option("--ca", "ca_id", required=True)
+@click.option("--ca", "ca_id", type=CAReference(), required=True, help=CA_HELP)
 @click.option(
     "--csr",
     "csr_path",
     required=True,
     type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+    help="PKCS#10 request file, PEM or DER ('-' for stdin).",
 )
-@click.option("--template", default="EndEntityCertificate/V1", show_default=True)
-@click.option("--validity", default="30d", show_default=True)
+@click.option(
+    "--template",
+    default="EndEntityCertificate/V1",
+    show_default=True,
+    help="Certificate template (see `pkigate template list`).",
+)
+@click.option(
+    "--validity",
+    default="30d",
+    show_default=True,
+    help="Lifetime (30d, 1y) or an end date (2027-01-31).",
+)
 @click.option(
     "--api-passthrough",
     type=click.Path(exists=True, dir_okay=False),
     help="JSON file with subject, sans, key_usage, extended_key_usage, ...",
 )
-@click.option("--signing-algorithm", type=_choices(list(SigningAlgorithm)))
-@click.option("--idempotency-token")
+@click.option(
+    "--signing-algorithm",
+    type=_choices(list(SigningAlgorithm)),
+    help="Signature algorithm; default: the CA's.",
+)
+@click.option(
+    "--idempotency-token",
+    help="Retrying with the same token returns the certificate issued the first time.",
+)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the certificate (PEM).")
 @click.option(
     "--chain-out", type=click.Path(dir_okay=False), help="Write the chain (issuing CA first, PEM)."
@@ -775,7 +1032,13 @@ def cert_issue(
     out: str | None,
     chain_out: str | None,
 ) -> None:
-    """Issue a certificate from a PKCS#10 request."""
+    """Issue a certificate from a PKCS#10 request.
+
+    \b
+    Example:
+      pkigate cert issue --ca issuing --csr www.csr \\
+        --template EndEntityServerAuthCertificate/V1 --validity 90d --out www.pem
+    """
     _check_writable(out, chain_out)
     passthrough_json = None
     if api_passthrough:
@@ -847,13 +1110,20 @@ def _issue_locally(
 
 
 @cert.command("get")
-@click.option("--ca", "ca_id", required=True)
-@click.option("--serial", required=True)
+@click.option("--ca", "ca_id", type=CAReference(), required=True, help=CA_HELP)
+@click.option(
+    "--serial", required=True, help="The certificate's serial number in hex (colons allowed)."
+)
 @click.option("--pem", "as_pem", is_flag=True, help="Print only the certificate PEM.")
 @pass_state
 @reports_errors
 def cert_get(state: State, ca_id: str, serial: str, as_pem: bool) -> None:
-    """Show one certificate by CA and serial."""
+    """Show one certificate by CA and serial.
+
+    \b
+    Example:
+      pkigate cert get --ca issuing --serial 23b85c99415819
+    """
     if state.remote is not None:
         data = state.remote.certificate(ca_id, normalize_serial(serial))
         data.pop("chain_pem", None)  # the same fields as a local lookup
@@ -880,18 +1150,26 @@ def cert_get(state: State, ca_id: str, serial: str, as_pem: bool) -> None:
 
 
 @cert.command("revoke")
-@click.option("--ca", "ca_id", required=True)
-@click.option("--serial", required=True)
+@click.option("--ca", "ca_id", type=CAReference(), required=True, help=CA_HELP)
+@click.option(
+    "--serial", required=True, help="The certificate's serial number in hex (colons allowed)."
+)
 @click.option(
     "--reason",
     type=click.Choice([r.value for r in RevocationReason]),
     default="unspecified",
     show_default=True,
+    help="RFC 5280 revocation reason.",
 )
 @pass_state
 @reports_errors
 def cert_revoke(state: State, ca_id: str, serial: str, reason: str) -> None:
-    """Revoke a certificate (CRLs follow shortly; OCSP answers 'revoked' at once)."""
+    """Revoke a certificate (CRLs follow shortly; OCSP answers 'revoked' at once).
+
+    \b
+    Example:
+      pkigate cert revoke --ca issuing --serial 23b85c99415819 --reason keyCompromise
+    """
     if state.remote is not None:
         data = state.remote.revoke(ca_id, normalize_serial(serial), reason)
         data.pop("chain_pem", None)
@@ -904,11 +1182,21 @@ def cert_revoke(state: State, ca_id: str, serial: str, reason: str) -> None:
 
 
 @cert.command("list")
-@click.option("--ca", "ca_id")
-@click.option("--status", type=click.Choice(["ISSUED", "REVOKED"]))
+@click.option("--ca", "ca_id", type=CAReference(), help=CA_HELP + " Default: every CA.")
+@click.option(
+    "--status",
+    type=click.Choice(["ISSUED", "REVOKED"]),
+    help="Only ISSUED or only REVOKED certificates.",
+)
 @click.option("--expiring-within", help="e.g. 30d: only those whose notAfter is that close.")
-@click.option("--include-expired", is_flag=True)
-@click.option("--limit", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--include-expired", is_flag=True, help="Also list certificates past their notAfter.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=1000,
+    show_default=True,
+    help="At most this many certificates.",
+)
 @pass_state
 @reports_errors
 def cert_list(
@@ -919,7 +1207,12 @@ def cert_list(
     include_expired: bool,
     limit: int,
 ) -> None:
-    """List issued certificates, filtered by CA, status and expiry window."""
+    """List issued certificates, filtered by CA, status and expiry window.
+
+    \b
+    Example:
+      pkigate cert list --ca issuing --status ISSUED --expiring-within 30d
+    """
     if state.remote is not None:
         certificates = _list_remotely(
             state.remote, ca_id, status, expiring_within, include_expired, limit
@@ -939,7 +1232,14 @@ def cert_list(
         certificates = [_certificate_json(r) for r in records]
     state.emit(
         certificates,
-        lambda: "\n".join(_certificate_line(c) for c in certificates) or "no certificates",
+        lambda: _table(
+            ("SERIAL", "STATUS", "EXPIRES", "TEMPLATE", "SUBJECT"),
+            (
+                (c["serial"], c["status"], c["not_after"][:10], c["template"], c["subject"])
+                for c in certificates
+            ),
+            "no certificates",
+        ),
     )
 
 
@@ -972,20 +1272,35 @@ def _list_remotely(
 
 @main.group()
 def template() -> None:
-    """The certificate template catalogue."""
+    """The certificate template catalogue.
+
+    \b
+    Example:
+      pkigate template list
+    """
 
 
 @template.command("list")
 @pass_state
 @reports_errors
 def template_list(state: State) -> None:
-    """List the templates by name."""
+    """List the templates by name.
+
+    \b
+    Example:
+      pkigate --json template list
+    """
     if state.remote is not None:
         templates = state.remote.templates()
     else:
         templates = [describe_template(t) for t in state.core.templates]
     state.emit(
-        templates, lambda: "\n".join(f"{t['name']:<62} {t['description']}" for t in templates)
+        templates,
+        lambda: _table(
+            ("NAME", "DESCRIPTION"),
+            ((t["name"], t["description"]) for t in templates),
+            "no templates",
+        ),
     )
 
 
@@ -994,14 +1309,24 @@ def template_list(state: State) -> None:
 
 @main.group()
 def audit() -> None:
-    """Verify the audit log and export reports."""
+    """Verify the audit log and export reports.
+
+    \b
+    Example:
+      pkigate audit verify
+    """
 
 
 @audit.command("verify")
 @pass_state
 @reports_errors
 def audit_verify(state: State) -> None:
-    """Check the hash chain; name every edited, inserted or deleted event."""
+    """Check the hash chain; name every edited, inserted or deleted event.
+
+    \b
+    Example:
+      pkigate audit verify
+    """
     if state.remote is not None:
         data = state.remote.verify_audit()
     else:
@@ -1034,7 +1359,12 @@ def audit_verify(state: State) -> None:
 @pass_state
 @reports_errors
 def audit_recover(state: State) -> None:
-    """Put back what the audit anchor holds and the store lost (events, certificates)."""
+    """Put back what the audit anchor holds and the store lost (events, certificates).
+
+    \b
+    Example:
+      pkigate audit recover
+    """
     if state.remote is not None:
         raise BadRequestError("`pkigate audit recover` works on a local data directory")
     core = state.audit_core
@@ -1079,7 +1409,12 @@ def audit_recover(state: State) -> None:
 @reports_errors
 def audit_reanchor(state: State, yes: bool) -> None:
     """Start a new audit anchor from the store's head (after restoring an older database
-    on purpose, or when the anchor is lost); the old anchor file is kept beside it."""
+    on purpose, or when the anchor is lost); the old anchor file is kept beside it.
+
+    \b
+    Example:
+      pkigate audit reanchor --yes
+    """
     if state.remote is not None:
         raise BadRequestError("`pkigate audit reanchor` works on a local data directory")
     if not yes:
@@ -1101,15 +1436,29 @@ def audit_reanchor(state: State, yes: bool) -> None:
 
 
 @audit.command("report")
-@click.option("--ca", "ca_id", required=True)
+@click.option("--ca", "ca_id", type=CAReference(), required=True, help=CA_HELP)
 @click.option(
-    "--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "csv"]),
+    default="json",
+    show_default=True,
+    help="json or csv.",
 )
-@click.option("--out", type=click.Path(dir_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Write the report to this file instead of stdout.",
+)
 @pass_state
 @reports_errors
 def audit_report(state: State, ca_id: str, fmt: str, out: str | None) -> None:
-    """Every certificate a CA issued or revoked, as JSON or CSV."""
+    """Every certificate a CA issued or revoked, as JSON or CSV.
+
+    \b
+    Example:
+      pkigate audit report --ca issuing --format csv --out issued.csv
+    """
     _check_writable(out)
     if state.remote is not None:
         rows = state.remote.audit_report_rows(ca_id)
@@ -1131,7 +1480,12 @@ def audit_report(state: State, ca_id: str, fmt: str, out: str | None) -> None:
 
 @main.group()
 def db() -> None:
-    """The store itself: backups, restores and explicit schema migrations."""
+    """The store itself: backups, restores and explicit schema migrations.
+
+    \b
+    Example:
+      pkigate db backup --out /var/backups/pkigate.db
+    """
 
 
 def _local_store(state: State, verb: str) -> tuple[Path, str]:
@@ -1165,7 +1519,9 @@ def db_backup(state: State, out: Path) -> None:
     """Copy the SQLite store into FILE while pkigate runs (a consistent snapshot, SQLite's
     online backup API). The KEK is not in it: keep a copy of the key-encryption key apart.
 
-    Example: pkigate db backup --out /var/backups/pkigate/$(date +%F).db
+    \b
+    Example:
+      pkigate db backup --out /var/backups/pkigate/$(date +%F).db
     """
     _data_dir, database = _sqlite_store(state, "backup", "back it up with pg_dump")
     _check_writable(str(out))
@@ -1186,7 +1542,9 @@ def db_restore(state: State, backup: Path, force: bool) -> None:
     """Put a backup made by `pkigate db backup` in the data directory, after checking that
     the KEK opens its CA keys and its audit chain verifies. Stop pkigate first.
 
-    Example: pkigate --data-dir /var/lib/pkigate db restore /var/backups/pkigate/2026-12-01.db
+    \b
+    Example:
+      pkigate --data-dir /var/lib/pkigate db restore /var/backups/pkigate/2026-12-01.db
     """
     data_dir, database = _sqlite_store(state, "restore", "put a pg_dump back with pg_restore")
     result = restore_sqlite(
@@ -1218,7 +1576,9 @@ def db_restore(state: State, backup: Path, force: bool) -> None:
 def db_current(state: State) -> None:
     """Show the store's schema revision and whether `pkigate db upgrade` is due.
 
-    Example: pkigate db current
+    \b
+    Example:
+      pkigate db current
     """
     data_dir, url = _local_store(state, "current")
     database = sqlite_file(url)
@@ -1242,7 +1602,10 @@ def db_upgrade(state: State) -> None:
     """Migrate the store to this pkigate's schema (back it up first; on PostgreSQL, with
     every host's pkigate stopped or already upgraded).
 
-    Example: pkigate db backup --out before-upgrade.db && pkigate db upgrade
+    \b
+    Example:
+      pkigate db backup --out before-upgrade.db
+      pkigate db upgrade
     """
     _data_dir, url = _local_store(state, "upgrade")
     before = read_revisions(url)
@@ -1260,7 +1623,12 @@ def db_upgrade(state: State) -> None:
 
 @main.group("config")
 def config_group() -> None:
-    """Check a server configuration file."""
+    """Check a server configuration file.
+
+    \b
+    Example:
+      pkigate config check /etc/pkigate/pkigate.toml
+    """
 
 
 @config_group.command("check")
@@ -1317,26 +1685,62 @@ def config_check(state: State, file: Path) -> None:
     help="Upgrade a store at an older schema first (as `pkigate db upgrade`); a new store "
     "is created at the newest schema without it.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "text"]),
+    envvar="PKIGATE_LOG_FORMAT",
+    help="json: one JSON object per line (default when stderr is not a terminal); text: "
+    "plain lines for a person (default on a terminal).",
+)
 @click.pass_context
 def serve_command(
-    ctx: click.Context, config_path: Path | None, workers: int | None, migrate: bool
+    ctx: click.Context,
+    config_path: Path | None,
+    workers: int | None,
+    migrate: bool,
+    log_format: str | None,
 ) -> None:
-    """Run the HTTP and HTTPS listeners (CA certificates, SCEP, ACME, API, ...)."""
+    """Run the HTTP and HTTPS listeners (CA certificates, SCEP, ACME, API, ...).
+
+    \b
+    Example:
+      pkigate serve --config /etc/pkigate/pkigate.toml --workers 4
+    """
     from pkigate.gateways.config import ConfigError
+    from pkigate.gateways.logs import default_log_format
     from pkigate.gateways.serve import serve
 
     state: State = ctx.obj
+    log_format = log_format or default_log_format()
     try:
         # becomes the supervisor
-        serve(config_path, state.data_dir, state.database_url, workers, migrate=migrate)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_ERROR)
-    except PkigateError as exc:
-        click.echo(f"error: {exc.message} [{exc.code}]", err=True)
-        sys.exit(EXIT_ERROR)
-    except DatabaseError as exc:
-        _database_error(exc)
+        serve(
+            config_path,
+            state.data_dir,
+            state.database_url,
+            workers,
+            migrate=migrate,
+            log_format=log_format,
+        )
+    except (ConfigError, PkigateError, DatabaseError) as exc:
+        if log_format == "json" and not state.as_json:
+            _log_start_error(exc)
+        report_error(exc)
+
+
+def _log_start_error(exc: BaseException) -> NoReturn:
+    """A refused start as the server's one JSON log line (what a log collector reads)."""
+    import logging
+
+    from pkigate.gateways.logs import configure_logging
+
+    described = describe_error(exc)
+    if described is None:
+        raise exc
+    code, message, _ = described
+    configure_logging("INFO", "json")
+    logging.getLogger("pkigate.serve").error(message, extra={"code": code})
+    sys.exit(EXIT_ERROR)
 
 
 # -- demo --------------------------------------------------------------------------------------
@@ -1346,7 +1750,12 @@ def serve_command(
 @pass_state
 @reports_errors
 def demo(state: State) -> None:
-    """Create a demo root and issuing CA (once) and issue a server certificate for localhost."""
+    """Create a demo root and issuing CA (once) and issue a server certificate for localhost.
+
+    \b
+    Example:
+      pkigate --data-dir ./demo-data demo
+    """
     from pkigate.gateways.demo import run_demo
 
     if state.remote is not None:
@@ -1361,21 +1770,40 @@ def demo(state: State) -> None:
 
 @main.group()
 def token() -> None:
-    """Management API tokens (roles: admin, issuer, auditor)."""
+    """Management API tokens (roles: admin, issuer, auditor).
+
+    \b
+    Example:
+      pkigate token create --name ci --role issuer
+    """
+
+
+def _token_row(data: dict[str, Any]) -> tuple[str, str, str, str]:
+    state = f"revoked {data['revoked_at'][:10]}" if data["revoked_at"] else "active"
+    return data["id"], data["role"], state, data["name"]
 
 
 def _token_line(data: dict[str, Any]) -> str:
-    state = f"revoked {data['revoked_at'][:10]}" if data["revoked_at"] else "active"
-    return f"{data['id']}  {data['role']:<8} {state:<18} {data['name']}"
+    return "  ".join(_token_row(data))
 
 
 @token.command("create")
 @click.option("--name", required=True, help="Who or what will use the token.")
-@click.option("--role", type=_choices(list(Role)), required=True)
+@click.option(
+    "--role",
+    type=_choices(list(Role)),
+    required=True,
+    help="admin (everything), issuer (issue and revoke) or auditor (read only).",
+)
 @pass_state
 @reports_errors
 def token_create(state: State, name: str, role: str) -> None:
-    """Create a token; its secret is printed this once and never stored."""
+    """Create a token; its secret is printed this once and never stored.
+
+    \b
+    Example:
+      pkigate token create --name ci --role issuer
+    """
     if state.remote is not None:
         data = state.remote.create_token(name, role)
     else:
@@ -1394,12 +1822,20 @@ def token_create(state: State, name: str, role: str) -> None:
 @pass_state
 @reports_errors
 def token_list(state: State) -> None:
-    """List tokens (never their secrets)."""
+    """List tokens (never their secrets).
+
+    \b
+    Example:
+      pkigate token list
+    """
     if state.remote is not None:
         tokens = state.remote.list_tokens()
     else:
         tokens = [token_json(t) for t in state.tokens.list()]
-    state.emit(tokens, lambda: "\n".join(_token_line(t) for t in tokens) or "no tokens")
+    state.emit(
+        tokens,
+        lambda: _table(("ID", "ROLE", "STATE", "NAME"), map(_token_row, tokens), "no tokens"),
+    )
 
 
 @token.command("revoke")
@@ -1407,7 +1843,12 @@ def token_list(state: State) -> None:
 @pass_state
 @reports_errors
 def token_revoke(state: State, token_id: str) -> None:
-    """Revoke a token by id; the API refuses it from then on."""
+    """Revoke a token by id; the API refuses it from then on.
+
+    \b
+    Example:
+      pkigate token revoke 3f2a9c1e-0b6d-4f43-9a57-1c2e8d7b6a10
+    """
     if state.remote is not None:
         data = state.remote.revoke_token(token_id)
     else:
@@ -1434,7 +1875,12 @@ connectors_config_option = click.option(
 @connectors_config_option
 @pass_state
 def scep(state: State, config_path: Path | None) -> None:
-    """SCEP connectors: requests pending approval, Apple configuration profiles."""
+    """SCEP connectors: requests pending approval, Apple configuration profiles.
+
+    \b
+    Example:
+      pkigate scep --config pkigate.toml static-challenge --connector mdm
+    """
     state.config_path = config_path
 
 
@@ -1463,14 +1909,19 @@ def _scep_connector(state: State, name: str) -> ScepConnector:
     return _configured_connector(state, name, ScepConnector, "SCEP")
 
 
-def _pending_line(data: dict[str, Any]) -> str:
+def _pending_row(data: dict[str, Any]) -> tuple[str, str, str, str]:
     kind = data.get("evidence", {}).get("challenge", "")
-    return f"{data['transaction_id']}  {data['received_at'][:19]}  {kind:<8} {data['subject']}"
+    return data["transaction_id"], data["received_at"][:19], kind, data["subject"]
 
 
 @scep.group("pending")
 def scep_pending() -> None:
-    """Requests waiting for approval on a connector with `pending = true`."""
+    """Requests waiting for approval on a connector with `pending = true`.
+
+    \b
+    Example:
+      pkigate scep --config pkigate.toml pending list --connector mdm
+    """
 
 
 @scep_pending.command("list")
@@ -1478,14 +1929,24 @@ def scep_pending() -> None:
 @pass_state
 @reports_errors
 def scep_pending_list(state: State, connector_name: str) -> None:
-    """List the requests waiting for approval."""
+    """List the requests waiting for approval.
+
+    \b
+    Example:
+      pkigate scep --config pkigate.toml pending list --connector mdm
+    """
     if state.remote is not None:
         requests = state.remote.scep_pending(connector_name)
     else:
         queue = _scep_connector(state, connector_name).approvals
         requests = [p.to_json() for p in queue.pending()]
     state.emit(
-        requests, lambda: "\n".join(_pending_line(r) for r in requests) or "no pending requests"
+        requests,
+        lambda: _table(
+            ("TRANSACTION", "RECEIVED", "CHALLENGE", "SUBJECT"),
+            map(_pending_row, requests),
+            "no pending requests",
+        ),
     )
 
 
@@ -1495,7 +1956,12 @@ def scep_pending_list(state: State, connector_name: str) -> None:
 @pass_state
 @reports_errors
 def scep_pending_approve(state: State, connector_name: str, transaction_id: str) -> None:
-    """Issue the request's certificate; the device collects it at its next poll."""
+    """Issue the request's certificate; the device collects it at its next poll.
+
+    \b
+    Example:
+      pkigate scep --config pkigate.toml pending approve --connector mdm 2f6c0e41
+    """
     if state.remote is not None:
         data = state.remote.scep_approve(connector_name, transaction_id)
     else:
@@ -1520,7 +1986,12 @@ def scep_pending_approve(state: State, connector_name: str, transaction_id: str)
 def scep_pending_reject(
     state: State, connector_name: str, transaction_id: str, reason: str
 ) -> None:
-    """Refuse the request; the device's next poll gets FAILURE."""
+    """Refuse the request; the device's next poll gets FAILURE.
+
+    \b
+    Example:
+      pkigate scep --config pkigate.toml pending reject --connector mdm 2f6c0e41
+    """
     if state.remote is not None:
         data = state.remote.scep_reject(connector_name, transaction_id, reason)
     else:
@@ -1535,7 +2006,12 @@ def scep_pending_reject(
 @reports_errors
 def scep_static_challenge(state: State, connector_name: str) -> None:
     """Print the connector's static challenge (generated ones are kept in the store, the
-    same for every host sharing it)."""
+    same for every host sharing it).
+
+    \b
+    Example:
+      pkigate scep --config pkigate.toml static-challenge --connector mdm
+    """
     if state.remote is not None:
         raise BadRequestError("`pkigate scep static-challenge` works on a local data directory")
     challenge = _scep_connector(state, connector_name).authority.policy.static_secret
@@ -1574,7 +2050,12 @@ def scep_profile(
     identifier: str,
     out: Path | None,
 ) -> None:
-    """Write an Apple configuration profile (com.apple.security.scep) that an MDM can push."""
+    """Write an Apple configuration profile (com.apple.security.scep) that an MDM can push.
+
+    \b
+    Example:
+      pkigate scep --config pkigate.toml profile --connector mdm --out mdm.mobileconfig
+    """
     from pkigate.scep.profile import ScepProfile, build_profile
 
     if state.remote is not None:
@@ -1619,7 +2100,12 @@ def scep_profile(
 @connectors_config_option
 @pass_state
 def adcs(state: State, config_path: Path | None) -> None:
-    """AD-style connectors: the development directory, CA publication, pending requests."""
+    """AD-style connectors: the development directory, CA publication, pending requests.
+
+    \b
+    Example:
+      pkigate adcs --config pkigate.toml publish --keep-existing-templates
+    """
     state.config_path = config_path
 
 
@@ -1639,7 +2125,13 @@ _add_dev_directory()
 
 
 @adcs.command("publish")
-@click.option("--connector", "connector_name", default="adcs", show_default=True)
+@click.option(
+    "--connector",
+    "connector_name",
+    default="adcs",
+    show_default=True,
+    help="The AD-style connector's name in the configuration.",
+)
 @click.option(
     "--template",
     "templates",
@@ -1664,7 +2156,12 @@ def adcs_publish(
 ) -> None:
     """Register the CA in the directory's Configuration partition as an enterprise CA does:
     pkigate's templates with their OIDs, the pKIEnrollmentService (name, host, certificate,
-    templates), and the CA certificate in NTAuthCertificates and AIA. Safe to run again."""
+    templates), and the CA certificate in NTAuthCertificates and AIA. Safe to run again.
+
+    \b
+    Example:
+      pkigate adcs --config pkigate.toml publish --connector adcs --keep-existing-templates
+    """
     from pkigate.adcs.ldapdir import DirectoryError
 
     connector = _adcs_connector(state, connector_name)
@@ -1689,35 +2186,65 @@ def adcs_publish(
 
 @adcs.group("pending")
 def adcs_pending() -> None:
-    """Requests held by templates that pend all requests (CT_FLAG_PEND_ALL_REQUESTS)."""
+    """Requests held by templates that pend all requests (CT_FLAG_PEND_ALL_REQUESTS).
+
+    \b
+    Example:
+      pkigate adcs --config pkigate.toml pending list
+    """
 
 
 @adcs_pending.command("list")
-@click.option("--connector", "connector_name", default="adcs", show_default=True)
+@click.option(
+    "--connector",
+    "connector_name",
+    default="adcs",
+    show_default=True,
+    help="The AD-style connector's name in the configuration.",
+)
 @pass_state
 @reports_errors
 def adcs_pending_list(state: State, connector_name: str) -> None:
-    """List the requests waiting for approval."""
+    """List the requests waiting for approval.
+
+    \b
+    Example:
+      pkigate adcs --config pkigate.toml pending list --connector adcs
+    """
     if state.remote is not None:
         requests = state.remote.scep_pending(connector_name)
     else:
         requests = [r.to_json() for r in _adcs_connector(state, connector_name).service.pending()]
 
-    def line(r: dict[str, Any]) -> str:
-        return (
-            f"{r['request_id']:>6}  {r['received_at'][:19]}  {r['template']:<20} {r['principal']}"
-        )
-
-    state.emit(requests, lambda: "\n".join(line(r) for r in requests) or "no pending requests")
+    rows = (
+        (r["request_id"], r["received_at"][:19], r["template"], r["principal"]) for r in requests
+    )
+    state.emit(
+        requests,
+        lambda: _table(
+            ("REQUEST", "RECEIVED", "TEMPLATE", "PRINCIPAL"), rows, "no pending requests"
+        ),
+    )
 
 
 @adcs_pending.command("approve")
-@click.option("--connector", "connector_name", default="adcs", show_default=True)
+@click.option(
+    "--connector",
+    "connector_name",
+    default="adcs",
+    show_default=True,
+    help="The AD-style connector's name in the configuration.",
+)
 @click.argument("request_id", type=int)
 @pass_state
 @reports_errors
 def adcs_pending_approve(state: State, connector_name: str, request_id: int) -> None:
-    """Issue the held request (deciding again from the directory as it is now)."""
+    """Issue the held request (deciding again from the directory as it is now).
+
+    \b
+    Example:
+      pkigate adcs --config pkigate.toml pending approve --connector adcs 17
+    """
     if state.remote is not None:
         data = state.remote.scep_approve(connector_name, str(request_id))
     else:
@@ -1739,13 +2266,24 @@ def adcs_pending_approve(state: State, connector_name: str, request_id: int) -> 
 
 
 @adcs_pending.command("reject")
-@click.option("--connector", "connector_name", default="adcs", show_default=True)
+@click.option(
+    "--connector",
+    "connector_name",
+    default="adcs",
+    show_default=True,
+    help="The AD-style connector's name in the configuration.",
+)
 @click.option("--reason", required=True, help="Why (recorded in the audit log).")
 @click.argument("request_id", type=int)
 @pass_state
 @reports_errors
 def adcs_pending_reject(state: State, connector_name: str, request_id: int, reason: str) -> None:
-    """Refuse the held request."""
+    """Refuse the held request.
+
+    \b
+    Example:
+      pkigate adcs --config pkigate.toml pending reject --connector adcs 17
+    """
     if state.remote is not None:
         data = state.remote.scep_reject(connector_name, str(request_id), reason)
     else:

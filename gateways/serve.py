@@ -10,6 +10,7 @@ sharing a PostgreSQL database) serve the same state.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import replace
@@ -63,6 +64,17 @@ def banner(gateway: Any, token_path: Path | None, tls: tuple[Path, Path]) -> str
     return "\n".join(lines)
 
 
+def announce(text: str, log_format: str) -> None:
+    """The banner: as it is on a terminal (text), else one log record per line, so that
+    every line the server writes is a JSON object."""
+    if log_format == "text":
+        print(text, flush=True)
+        return
+    log = logging.getLogger("pkigate.serve")
+    for line in text.splitlines():
+        log.info(line.strip())
+
+
 def serve(
     config_path: Path | None,
     data_dir: Path | None,
@@ -70,16 +82,17 @@ def serve(
     workers: int | None,
     *,
     migrate: bool = False,
+    log_format: str = "json",
 ) -> NoReturn:
     from pkigate.gateways.runtime import CLIENT_CA_FILE, Gateway
 
     config = effective_config(config_path, data_dir, database_url, workers)
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, log_format)
     gateway = Gateway.open(config, bootstrap=True, upgrade_schema=migrate)
     tls = gateway.ensure_tls_certificate()
     gateway.ensure_client_ca_bundle()
     token_path = gateway.ensure_admin_token()
-    print(banner(gateway, token_path, tls), flush=True)
+    announce(banner(gateway, token_path, tls), log_format)
     resolved = replace(config, data_dir=gateway.core.data_dir)
     client_cas = gateway.core.data_dir / "tls" / CLIENT_CA_FILE
     settings = ServerSettings(
@@ -92,6 +105,7 @@ def serve(
         keepalive_requests=config.keepalive_requests,
         max_body_bytes=config.max_body_bytes,
         log_level=config.log_level,
+        log_format=log_format,
         data_dir=str(gateway.core.data_dir),
         tls_certificate=str(tls[0]),
         tls_key=str(tls[1]),

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pkigate.gateways.logs import JsonFormatter, configure_logging
+from pkigate.gateways.logs import configure_logging, make_formatter
 
 METRICS_DIR = "metrics"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -80,6 +80,7 @@ class ServerSettings:
     keepalive_requests: int
     max_body_bytes: int
     log_level: str
+    log_format: str  # json or text (logs.py)
     data_dir: str
     tls_certificate: str  # the HTTPS listener's certificate (with its chain) and key
     tls_key: str
@@ -336,18 +337,18 @@ def make_worker_class() -> type[Any]:
     return PkigateWorker
 
 
-def gunicorn_logger_class() -> type[Any]:
+def gunicorn_logger_class(log_format: str) -> type[Any]:
     from gunicorn.glogging import Logger
 
-    class JsonLogger(Logger):  # type: ignore[misc]
-        """gunicorn's own lines (worker boots, deaths, timeouts) as JSON like ours."""
+    class PkigateLogger(Logger):  # type: ignore[misc]
+        """gunicorn's own lines (worker boots, deaths, timeouts) formatted as ours."""
 
         def setup(self, cfg: Any) -> None:
             super().setup(cfg)
             for handler in (*self.error_log.handlers, *self.access_log.handlers):
-                handler.setFormatter(JsonFormatter())
+                handler.setFormatter(make_formatter(log_format))
 
-    return JsonLogger
+    return PkigateLogger
 
 
 def preload_worker_modules() -> None:
@@ -369,7 +370,7 @@ def preload_worker_modules() -> None:
 
 def run_server(settings: ServerSettings) -> None:
     """The arbiter: both listeners, ``settings.workers`` gevent workers, until stopped."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     # prometheus_client's multiprocess mode: one file set per worker, fresh for each start.
     # The variable must be set before prometheus_client is first imported (it picks its
     # value store then), here and so in every worker.
@@ -394,7 +395,7 @@ def run_server(settings: ServerSettings) -> None:
         "accesslog": None,
         "errorlog": "-",
         "loglevel": "warning",
-        "logger_class": gunicorn_logger_class(),
+        "logger_class": gunicorn_logger_class(settings.log_format),
         "proc_name": "pkigate",
         "limit_request_line": 8190,
         "do_handshake_on_connect": True,  # our worker completes the handshake itself

@@ -3,6 +3,7 @@ every problem with its FILE:LINE, a "did you mean" for typos, nothing touched.""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -189,10 +190,13 @@ def test_serve_checks_the_whole_file_before_it_creates_or_changes_anything(
     )
     assert result.returncode == 1
     wrong = _line(text, 'dns_resolvr = "127.0.0.1:5353"')
-    assert result.stderr.startswith(
-        f"error: {path}:{wrong}: connectors[0].settings.dns_resolvr: unknown setting"
-    ), result.stderr
-    assert len(result.stderr.splitlines()) == 1
+    # Not on a terminal: the refusal is the server's one JSON log line.
+    (line,) = result.stderr.splitlines()
+    record = json.loads(line)
+    assert (record["level"], record["code"]) == ("ERROR", "configError")
+    assert record["msg"].startswith(
+        f"{path}:{wrong}: connectors[0].settings.dns_resolvr: unknown setting"
+    ), record
     assert _store_state(data) == before
 
 

@@ -165,7 +165,10 @@ def test_a_bad_configuration_stops_the_start_with_the_place_of_the_error(tmp_pat
     config = tmp_path / "bad.toml"
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n\n[listeners]\nhttps = "nowhere"\n')
     result = subprocess.run(
-        [PKIGATE, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+        [PKIGATE, "serve", "--log-format", "text", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1
     assert result.stderr.strip() == (

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -316,26 +317,57 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-def test_every_line_the_server_writes_after_its_banner_is_json(tmp_path: Path) -> None:
+def _new_workers(running: RunningServer, old: set[int]) -> set[int]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        new = set(child_pids(running.process.pid)) - old
+        if new:
+            return new
+        time.sleep(0.2)
+    raise AssertionError("the arbiter started no new worker")
+
+
+def test_every_line_the_server_writes_is_a_json_object(tmp_path: Path) -> None:
+    """Not on a terminal, the default: the banner, request errors, a killed worker, a
+    SIGHUP restart and the shutdown, every line of stdout and stderr parses."""
     running = start_server(tmp_path / "data", workers=1)
     try:
+        assert requests.get(f"{running.http_url}/nope", timeout=10).status_code == 404
+        malformed = requests.post(f"{running.http_url}/ocsp/nope", data=b"junk", timeout=10)
+        assert malformed.content == b"0\x03\n\x01\x01"  # OCSP malformedRequest
+        unauthorized = requests.get(
+            f"{running.https_url}/api/v1/cas", timeout=10, verify=str(running.tls_bundle)
+        )
+        assert unauthorized.status_code == 401
         (worker,) = child_pids(running.process.pid)
         os.kill(worker, signal.SIGKILL)  # the arbiter reports the death of its worker
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not [
-            pid for pid in child_pids(running.process.pid) if pid != worker
-        ]:
-            time.sleep(0.2)
+        replacement = _new_workers(running, {worker})
         assert eventually_ok(f"{running.http_url}/healthz")
+        os.kill(running.process.pid, signal.SIGHUP)  # graceful restart of the workers
+        _new_workers(running, {worker, *replacement})
+        assert eventually_ok(f"{running.http_url}/readyz")
+    finally:
+        assert running.stop() == 0
+    lines = running.log.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # each one parses
+    assert all(isinstance(record, dict) and record["msg"] for record in records)
+    messages = [record["msg"] for record in records]
+    assert any(message.startswith("HTTP  http://127.0.0.1:") for message in messages)
+    assert any(str(worker) in message for message in messages), messages
+
+
+def test_the_text_log_format_is_for_a_terminal(tmp_path: Path) -> None:
+    running = start_server(tmp_path / "data", environment={"PKIGATE_LOG_FORMAT": "text"})
+    try:
+        (worker,) = child_pids(running.process.pid)
+        os.kill(worker, signal.SIGKILL)
+        _new_workers(running, {worker})
     finally:
         running.stop()
-    lines = running.log.read_text().splitlines()
-    after_banner = lines[
-        next(i for i, line in enumerate(lines) if "first admin token" in line) + 1 :
-    ]
-    assert after_banner, "the server wrote nothing after its banner"
-    records = [json.loads(line) for line in after_banner]  # each one parses
-    assert any(str(worker) in record["msg"] for record in records), records
+    text = running.log.read_text()
+    assert f"\n  HTTP  {running.http_url} " in text  # the banner as it is
+    assert re.search(rf"^\d\d:\d\d:\d\d ERROR   gunicorn.error: .*{worker}", text, re.M), text
+    assert not [line for line in text.splitlines() if line.startswith("{")]
 
 
 def test_a_worker_waiting_for_the_sqlite_write_lock_goes_on_serving(tmp_path: Path) -> None:
