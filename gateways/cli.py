@@ -810,7 +810,7 @@ def ca_import_certificate(
 
 
 @ca.command("certificate")
-@click.argument("ca_id")
+@click.argument("ca_id", type=CAReference())
 @pass_state
 @reports_errors
 def ca_certificate(state: State, ca_id: str) -> None:
@@ -818,7 +818,7 @@ def ca_certificate(state: State, ca_id: str) -> None:
 
     \b
     Example:
-      pkigate ca certificate 94872d91-8a93-41e9-a02b-d071477df881 > chain.pem
+      pkigate ca certificate issuing > chain.pem
     """
     if state.remote is not None:
         data = state.remote.ca_certificate(ca_id)

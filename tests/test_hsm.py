@@ -576,7 +576,10 @@ def test_serve_refuses_to_start_with_one_line_on_a_wrong_pin_a_missing_module_or
         f'https = "127.0.0.1:{free_port()}"\n' + table + TOKEN_CAS
     )
     result = subprocess.run(
-        [PKIGATE, "serve", "--config", str(config)], capture_output=True, text=True, timeout=120
+        [PKIGATE, "serve", "--log-format", "text", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
