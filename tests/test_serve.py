@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,7 +76,8 @@ def test_the_listeners_open_no_gunicorn_control_socket_and_log_no_error(
     try:
         assert requests.get(f"{running.http_url}/healthz", timeout=5).status_code == 200
         assert list(runtime.iterdir()) == []
-        errors = [line for line in running.log.read_text().splitlines() if "[ERROR]" in line]
+        records = [json.loads(line) for line in running.log.read_text().splitlines()]
+        errors = [record for record in records if record["level"] == "ERROR"]
         assert errors == []
     finally:
         running.stop()
