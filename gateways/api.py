@@ -49,6 +49,7 @@ from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
 from pkigate.core.readable import UNREADABLE
+from pkigate.core.store import CertificateRecord
 from pkigate.core.templates import Template
 from pkigate.core.templates import describe as describe_template
 from pkigate.gateways import metrics
@@ -957,16 +958,7 @@ REVOKE_FIELDS = (
 )
 def revoke_certificate(ca_id: str, serial: str, body: dict[str, Any]) -> Response:
     core = gateway().core
-    with core.store.read() as conn:
-        target = core.store.get_certificate(conn, ca_id, normalize_serial(serial))
-    if target is not None:
-        _check_ca_operation(
-            _signs_for_the_ca(target.template, target.der),
-            f"certificate {target.serial} is a CA or OCSP responder certificate",
-        )
-    record = core.revocation.revoke(
-        ca_id, normalize_serial(serial), RevocationReason(body["reason"]), actor()
-    )
+    record = revoke(ca_id, normalize_serial(serial), RevocationReason(body["reason"]))
     ca_certificate, above = core.authorities.certificate_pem(ca_id)
     return reply(
         {
@@ -975,6 +967,20 @@ def revoke_certificate(ca_id: str, serial: str, body: dict[str, Any]) -> Respons
             "chain_pem": ca_certificate + above,
         }
     )
+
+
+def revoke(ca_id: str, serial: str, reason: RevocationReason) -> CertificateRecord:
+    """Revoke as the authenticated principal (the API's and the console's path): a CA or
+    OCSP responder certificate only where CA operations are enabled."""
+    core = gateway().core
+    with core.store.read() as conn:
+        target = core.store.get_certificate(conn, ca_id, serial)
+    if target is not None:
+        _check_ca_operation(
+            _signs_for_the_ca(target.template, target.der),
+            f"certificate {target.serial} is a CA or OCSP responder certificate",
+        )
+    return core.revocation.revoke(ca_id, serial, reason, actor())  # type: ignore[no-any-return]
 
 
 def _check_ca_operation(privileged: bool, what: str) -> None:

@@ -146,6 +146,9 @@ def create_app(gw: Gateway, listener: Literal["http", "https"]) -> Flask:
         from pkigate.gateways.api import api
 
         app.register_blueprint(api, url_prefix="/api/v1")
+        from pkigate.gateways import console
+
+        console.install(app)
     for connector in gw.connectors:
         if connector.listener == listener:
             app.register_blueprint(

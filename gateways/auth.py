@@ -123,6 +123,19 @@ class TokenService:
         expected = record.secret_sha256 if record else _digest("x" * 43)
         if not hmac.compare_digest(expected, _digest(secret)) or record is None:
             raise AuthenticationError("invalid bearer token")
+        return self._active(record)
+
+    def principal(self, token_id: str) -> Principal:
+        """The principal of a token that authenticated earlier (a console session's), as
+        long as it is not revoked."""
+        with self._store.read() as conn:
+            record = self._store.get_api_token(conn, token_id)
+        if record is None:
+            raise AuthenticationError("this token no longer exists")
+        return self._active(record)
+
+    @staticmethod
+    def _active(record: ApiTokenRecord) -> Principal:
         if record.revoked_at is not None:
             raise AuthenticationError("this token has been revoked")
         return Principal(record.id, record.name, Role(record.role))

@@ -2056,36 +2056,10 @@ def scep_profile(
     Example:
       pkigate scep --config pkigate.toml profile --connector mdm --out mdm.mobileconfig
     """
-    from pkigate.scep.profile import ScepProfile, build_profile
-
     if state.remote is not None:
         raise BadRequestError("`pkigate scep profile` works on a local data directory")
     connector = _scep_connector(state, connector_name)
-    if one_time:
-        if not connector.options.dynamic_challenges:
-            raise BadRequestError("this connector does not accept one-time challenges")
-        challenge: str | None = connector.authority.create_challenge(
-            # Bound to the profile's subject: the challenge enrolls only that name.
-            state.actor,
-            ttl=connector.options.dynamic_challenge_ttl,
-            subject=subject,
-        ).secret
-    else:
-        challenge = connector.authority.policy.static_secret
-        if challenge is None:
-            raise BadRequestError("this connector has no static challenge; use --one-time")
-    authorities = connector.context.core.authorities
-    certificate_pem, _chain = authorities.certificate_pem(connector.context.ca_id)
-    document = build_profile(
-        ScepProfile(
-            url=connector.context.url,
-            name=connector.context.name,
-            subject=parse_dn(subject),
-            challenge=challenge,
-            ca_certificate=x509.load_pem_x509_certificate(certificate_pem.encode()),
-            identifier=identifier,
-        )
-    )
+    document = connector.profile(state.actor, subject, one_time, identifier)
     if out is None:
         click.echo(document.decode(), nl=False)
         return

@@ -103,14 +103,22 @@ def actor() -> Actor:
     return principal().actor(g.request_id)
 
 
-def requires(*roles: Role) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Authenticate the bearer token and allow only these roles; refusals are audited."""
+def bearer_principal() -> Principal:
+    """Who sent this request, by its bearer token (the API's authentication)."""
+    return gateway().tokens.authenticate(request.headers.get("Authorization"))  # type: ignore[no-any-return]
+
+
+def requires(
+    *roles: Role, authenticate: Callable[[], Principal] = bearer_principal
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Authenticate (by bearer token, unless ``authenticate`` says otherwise: the console
+    signs in with a session) and allow only these roles; refusals and reads are audited."""
 
     def decorate(view: Callable[P, R]) -> Callable[P, R]:
         @wraps(view)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             gw = gateway()
-            who = gw.tokens.authenticate(request.headers.get("Authorization"))
+            who = authenticate()
             g.principal = who
             resource = f"{request.method} {request.path}"[:256]
             if who.role not in roles:

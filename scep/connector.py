@@ -36,6 +36,7 @@ from pkigate.core.errors import (
     UnsupportedAlgorithmError,
     WeakKeyError,
 )
+from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_general_name
 from pkigate.core.store import IntegrityError
 from pkigate.core.store import scep as scep_store
@@ -72,6 +73,7 @@ from pkigate.scep.messages import (
     parse_pki_message,
 )
 from pkigate.scep.pending import ISSUED, REJECTED, ApprovalQueue
+from pkigate.scep.profile import ScepProfile, build_profile
 from pkigate.scep.ra import RegistrationAuthority, Signer
 from pkigate.scep.webhook import (
     NOTIFY_JOB,
@@ -416,6 +418,32 @@ class ScepConnector(Connector):
             return jsonify({**rejected.to_json(), "status": REJECTED})
 
         return bp
+
+    def profile(self, actor: Actor, subject: str, one_time: bool, identifier: str) -> bytes:
+        """An Apple configuration profile (com.apple.security.scep) for devices named
+        ``subject``: with a fresh one-time challenge bound to that subject, or the
+        connector's static challenge. For the CLI and the console."""
+        if one_time:
+            if not self.options.dynamic_challenges:
+                raise BadRequestError("this connector does not accept one-time challenges")
+            challenge: str | None = self.authority.create_challenge(
+                actor, ttl=self.options.dynamic_challenge_ttl, subject=subject
+            ).secret
+        else:
+            challenge = self.authority.policy.static_secret
+            if challenge is None:
+                raise BadRequestError("this connector has no static challenge; use --one-time")
+        certificate_pem, _chain = self.context.core.authorities.certificate_pem(self.context.ca_id)
+        return build_profile(
+            ScepProfile(
+                url=self.context.url,
+                name=self.context.name,
+                subject=parse_dn(subject),
+                challenge=challenge,
+                ca_certificate=x509.load_pem_x509_certificate(certificate_pem.encode()),
+                identifier=identifier,
+            )
+        )
 
     # -- HTTP ----------------------------------------------------------------------------
 

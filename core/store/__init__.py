@@ -25,6 +25,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     update,
@@ -469,13 +470,37 @@ class Store:
         not_expired_at: datetime | None = None,
         limit: int | None = None,
         after_id: int = 0,
+        text: str | None = None,
+        serial: str | None = None,
+        template: str | None = None,
+        requester: str | None = None,
     ) -> list[CertificateRecord]:
+        """Certificates by id; ``text`` is found in the subject or a SAN, ``requester`` in
+        the requester or the connector (both case-insensitive substrings)."""
         c = schema.certificates.c
         query = select(schema.certificates).where(c.id > after_id).order_by(c.id)
         if ca_id:
             query = query.where(c.ca_id == ca_id)
         if status:
             query = query.where(c.status == status)
+        if text:
+            query = query.where(
+                or_(
+                    c.subject.icontains(text, autoescape=True),
+                    c.sans.icontains(text, autoescape=True),
+                )
+            )
+        if serial:
+            query = query.where(c.serial == serial)
+        if template:
+            query = query.where(c.template == template)
+        if requester:
+            query = query.where(
+                or_(
+                    c.requester.icontains(requester, autoescape=True),
+                    c.connector.icontains(requester, autoescape=True),
+                )
+            )
         if expiring_before is not None:
             query = query.where(c.not_after <= expiring_before)
         if not_expired_at is not None:
@@ -742,6 +767,49 @@ class Store:
         values = dict(row._mapping)
         values["at"] = _utc(values["at"])
         return AuditEventRecord(**values)
+
+    def find_audit_events(
+        self,
+        conn: Connection,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        resource: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        request_id: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[AuditEventRecord]:
+        """Events newest first: ``actor`` and ``resource`` are case-insensitive substrings,
+        ``action`` an exact action or a prefix ending in "." (``certificate.``), the time
+        range [since, until)."""
+        c = schema.audit_events.c
+        query = select(schema.audit_events).order_by(c.seq.desc()).limit(limit)
+        if actor:
+            query = query.where(c.actor.icontains(actor, autoescape=True))
+        if action:
+            query = query.where(
+                c.action.startswith(action, autoescape=True)
+                if action.endswith(".")
+                else c.action == action
+            )
+        if resource:
+            query = query.where(c.resource.icontains(resource, autoescape=True))
+        if since is not None:
+            query = query.where(c.at >= since)
+        if until is not None:
+            query = query.where(c.at < until)
+        if request_id:
+            query = query.where(c.request_id == request_id)
+        if before_seq is not None:
+            query = query.where(c.seq < before_seq)
+        found = []
+        for row in conn.execute(query):
+            values = dict(row._mapping)
+            values["at"] = _utc(values["at"])
+            found.append(AuditEventRecord(**values))
+        return found
 
     def iter_audit_events(
         self, conn: Connection, batch: int = 5000, after: int = -1

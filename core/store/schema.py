@@ -193,6 +193,19 @@ api_tokens = Table(
     Column("revoked_at", Timestamp, nullable=True),
 )
 
+# Web console sign-ins (gateways/console.py): in the store so that every worker and host
+# behind one name knows them, and a sign-out or a revoked token ends them everywhere. The
+# cookie carries the session id; only its SHA-256 is kept (like the tokens' secrets).
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("id_sha256", String(64), primary_key=True),
+    Column("token_id", String(32), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("last_seen_at", Timestamp, nullable=False),
+    Index("ix_console_sessions_last_seen_at", "last_seen_at"),
+)
+
 # Background work (CRL regeneration, ACME validation, webhook retries): claimed by worker
 # threads in any gateway process, so nothing depends on one process's memory.
 jobs = Table(

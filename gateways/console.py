@@ -1,0 +1,687 @@
+"""The web console at /console/ on the HTTPS listener: server-rendered pages for the API's
+three roles.
+
+* Sign-in is with an API token; it starts a server-side session kept in the store (so
+  every worker and host sees it, and a sign-out, a revoked token or a timeout ends it
+  everywhere). The browser holds a signed cookie (HttpOnly, Secure, SameSite=Strict, path
+  /console) with the session id and Flask-WTF's CSRF secret; the signing key is a shared
+  secret in the store (core/secrets.py), the same on every host.
+* Roles are enforced by the API's own decorator (``http.requires`` with the session as the
+  way to authenticate): the same refusals, the same audit events, and each page allows
+  what the matching API operation allows.
+* Every POST carries a CSRF token (Flask-WTF); every page is a Jinja template with
+  autoescaping, under a Content-Security-Policy that allows nothing but pkigate's own
+  stylesheet (there is no script at all: confirmations are pages of their own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, ParamSpec, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from flask.sessions import SecureCookieSessionInterface
+from flask.typing import ResponseReturnValue
+from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
+from wtforms.validators import ValidationError
+
+from pkigate.core import CAStatus
+from pkigate.core.errors import BadRequestError, PkigateError
+from pkigate.core.model import CertificateStatus, RevocationReason
+from pkigate.core.store import CertificateRecord
+from pkigate.core.store import console as console_store
+from pkigate.gateways.auth import AuthenticationError, Principal, Role
+from pkigate.gateways.http import gateway, principal, requires, status_for
+
+log = logging.getLogger("pkigate.console")
+
+PREFIX = "/console"
+COOKIE = "pkigate_console"
+SECRET_NAME = "console:cookie-signing-key"  # noqa: S105 - the name, not the secret
+# A session ends after this long without a request, and this long after sign-in at most.
+IDLE_TIMEOUT = timedelta(minutes=30)
+ABSOLUTE_TIMEOUT = timedelta(hours=8)
+# last_seen_at is written at most this often: a page view is not a store write each time.
+TOUCH_EVERY = timedelta(seconds=30)
+PAGE = 50
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+
+ALL_ROLES = (Role.ADMIN, Role.ISSUER, Role.AUDITOR)
+# As the API: certificates are read by issuers and auditors, revoked by issuers; SCEP
+# approvals and challenges by admins and issuers (scep/connector.py's admin routes).
+CERTIFICATE_READERS = (Role.ISSUER, Role.AUDITOR)
+ENROLLMENT = (Role.ADMIN, Role.ISSUER)
+AUDIT_READERS = (Role.AUDITOR, Role.ADMIN)
+
+console = Blueprint(
+    "console",
+    __name__,
+    template_folder="console_templates",
+    static_folder="console_static",
+    static_url_path="/static",
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class ConsoleCookies(SecureCookieSessionInterface):
+    """Flask's signed-cookie session for /console only (the API, ACME and the rest never
+    open one), signed with a key every host reads from the store."""
+
+    def open_session(self, app: Flask, request: Any) -> Any:
+        if not request.path.startswith(PREFIX + "/"):
+            return None  # a null session: nothing outside the console reads or sets one
+        if app.secret_key is None:
+            from pkigate.core.audit import Actor
+
+            app.secret_key = app.config["PKIGATE_GATEWAY"].core.secrets.get_or_create(
+                SECRET_NAME, lambda: secrets.token_urlsafe(32), Actor("pkigate", "console")
+            )
+        return super().open_session(app, request)
+
+
+def install(app: Flask) -> None:
+    """Mount the console on the HTTPS app."""
+    app.session_interface = ConsoleCookies()
+    app.config.update(
+        SESSION_COOKIE_NAME=COOKIE,
+        SESSION_COOKIE_PATH=PREFIX,
+        SESSION_COOKIE_SECURE=True,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        # The CSRF token lives as long as the session may; the session decides.
+        WTF_CSRF_TIME_LIMIT=int(ABSOLUTE_TIMEOUT.total_seconds()),
+    )
+    app.register_blueprint(console, url_prefix=PREFIX)
+
+
+# -- sessions --------------------------------------------------------------------------------
+
+
+def _digest(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode()).hexdigest()
+
+
+def session_principal() -> Principal:
+    """Who holds this console session: its token, while the session is within both
+    timeouts and the token is not revoked (the console's ``authenticate`` for
+    ``http.requires``)."""
+    session_id = session.get("sid")
+    if not isinstance(session_id, str):
+        raise AuthenticationError("sign in to use the console")
+    gw = gateway()
+    now = gw.core.clock()
+    digest = _digest(session_id)
+    with gw.core.store.read() as conn:
+        record = console_store.get_session(conn, digest)
+    if record is None:
+        raise AuthenticationError("this session has ended; sign in again")
+    if now - record.last_seen_at > IDLE_TIMEOUT or now - record.created_at > ABSOLUTE_TIMEOUT:
+        with gw.core.store.write() as conn:
+            console_store.delete_session(conn, digest)
+        raise AuthenticationError("this session has expired; sign in again")
+    who: Principal = gw.tokens.principal(record.token_id)
+    if now - record.last_seen_at > TOUCH_EVERY:
+        with gw.core.store.write() as conn:
+            console_store.touch_session(conn, digest, now)
+    return who
+
+
+def allowed(*roles: Role) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """The API's role check (and audit), with the console session as the credential."""
+    return requires(*roles, authenticate=session_principal)
+
+
+@console.before_request
+def check_csrf() -> None:
+    """Every state-changing request carries the form's CSRF token (Flask-WTF)."""
+    if request.method in ("GET", "HEAD"):
+        return
+    try:
+        validate_csrf(request.form.get("csrf_token"))
+    except ValidationError as exc:
+        log.warning("console request refused: %s", exc, extra={"path": request.path})
+        raise CSRFError(str(exc)) from None
+
+
+@console.after_request
+def security_headers(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Frame-Options"] = "DENY"
+    if request.endpoint != "console.static":
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@console.errorhandler(CSRFError)
+def csrf_refused(exc: CSRFError) -> tuple[str, int]:
+    return page("error.html", title="Refused", message=f"Refused: {exc.description}"), 400
+
+
+@console.errorhandler(PkigateError)
+def pkigate_error(exc: PkigateError) -> ResponseReturnValue:
+    if isinstance(exc, AuthenticationError) and request.method == "GET":
+        session.pop("sid", None)
+        return redirect(
+            url_for("console.signin", next=request.full_path.rstrip("?"), reason=exc.message)
+        )
+    status = status_for(exc)
+    return page("error.html", title="Refused" if status < 500 else "Error", message=exc.message), (
+        status
+    )
+
+
+@console.app_template_global()
+def csrf_token() -> str:
+    return generate_csrf()  # type: ignore[no-any-return]
+
+
+def page(template: str, **context: Any) -> str:
+    """A console page, with the signed-in principal (if any) and the navigation its role
+    may follow."""
+    who: Principal | None = getattr(g, "principal", None)
+    navigation = []
+    if who is not None:
+        for endpoint, label, roles in NAVIGATION:
+            if who.role in roles:
+                navigation.append((url_for(endpoint), label, request.endpoint == endpoint))
+    return render_template(template, who=who, navigation=navigation, **context)
+
+
+NAVIGATION = (
+    ("console.cas", "CAs", ALL_ROLES),
+    ("console.certificates", "Certificates", CERTIFICATE_READERS),
+    ("console.enrollment", "Enrollment", ENROLLMENT),
+    ("console.audit", "Audit", AUDIT_READERS),
+    ("console.tokens", "Tokens", (Role.ADMIN,)),
+)
+
+
+# -- sign in and out -------------------------------------------------------------------------
+
+
+@console.get("/")
+@allowed(*ALL_ROLES)
+def home() -> ResponseReturnValue:
+    first = next(e for e, _label, roles in NAVIGATION if principal().role in roles)
+    return redirect(url_for(first))
+
+
+@console.route("/signin", methods=["GET", "POST"])
+def signin() -> ResponseReturnValue:
+    reason = request.args.get("reason", "")[:200]
+    if request.method == "GET":
+        return page("signin.html", title="Sign in", reason=reason)
+    gw = gateway()
+    token = request.form.get("token", "").strip()
+    try:
+        who: Principal = gw.tokens.authenticate(f"Bearer {token}")
+    except AuthenticationError as exc:
+        log.info("console sign-in refused: %s", exc.message)
+        return page("signin.html", title="Sign in", reason=exc.message), 401
+    now = gw.core.clock()
+    session_id = secrets.token_urlsafe(32)
+    with gw.core.store.write() as conn:
+        console_store.delete_stale_sessions(conn, now - IDLE_TIMEOUT, now - ABSOLUTE_TIMEOUT)
+        console_store.insert_session(conn, _digest(session_id), who.token_id, now)
+        gw.core.audit.record(
+            conn, who.actor(g.request_id), "console.signin", f"token/{who.token_id}", at=now
+        )
+    # A new session, a new CSRF secret: nothing from before sign-in carries over.
+    session.clear()
+    session["sid"] = session_id
+    target = request.args.get("next", "")
+    if not target.startswith(PREFIX + "/") or target.startswith("//"):
+        target = url_for("console.home")
+    return redirect(target)
+
+
+@console.post("/signout")
+@allowed(*ALL_ROLES)
+def signout() -> ResponseReturnValue:
+    gw = gateway()
+    now = gw.core.clock()
+    with gw.core.store.write() as conn:
+        console_store.delete_session(conn, _digest(session["sid"]))
+        gw.core.audit.record(
+            conn,
+            principal().actor(g.request_id),
+            "console.signout",
+            f"token/{principal().token_id}",
+            at=now,
+        )
+    session.clear()
+    return redirect(url_for("console.signin"))
+
+
+# -- CAs -------------------------------------------------------------------------------------
+
+
+def _tree(views: list[Any]) -> list[tuple[int, Any]]:
+    """CAs in hierarchy order with their depth (roots first, each followed by its
+    subordinates)."""
+    children: dict[str | None, list[Any]] = {}
+    ids = {v.record.id for v in views}
+    for view in views:
+        parent = view.record.parent_id if view.record.parent_id in ids else None
+        children.setdefault(parent, []).append(view)
+
+    def walk(parent: str | None, depth: int) -> Iterator[tuple[int, Any]]:
+        for view in sorted(children.get(parent, []), key=lambda v: v.record.subject):
+            yield depth, view
+            yield from walk(view.record.id, depth + 1)
+
+    return list(walk(None, 0))
+
+
+@console.get("/cas")
+@allowed(*ALL_ROLES)
+def cas() -> str:
+    core = gateway().core
+    now = core.clock()
+    rows = [
+        (depth, view, (view.record.not_after - now).days if view.record.not_after else None)
+        for depth, view in _tree(core.authorities.list_cas())
+    ]
+    return page("cas.html", title="CAs", rows=rows)
+
+
+def decode(der: bytes) -> dict[str, Any]:
+    """A certificate's fields as the pages show them."""
+    certificate = x509.load_der_x509_certificate(der)
+    extensions = []
+    for extension in certificate.extensions:
+        name = getattr(extension.oid, "_name", None) or extension.oid.dotted_string
+        value = extension.value
+        if isinstance(value, x509.SubjectAlternativeName | x509.IssuerAlternativeName):
+            text = ", ".join(str(n.value) for n in value)
+        elif isinstance(value, x509.ExtendedKeyUsage):
+            text = ", ".join(getattr(u, "_name", u.dotted_string) for u in value)
+        else:
+            text = repr(value).removeprefix("<").removesuffix(">")
+        extensions.append((name, "critical" if extension.critical else "", text))
+    key = certificate.public_key()
+    return {
+        "subject": certificate.subject.rfc4514_string(),
+        "issuer": certificate.issuer.rfc4514_string(),
+        "serial": format(certificate.serial_number, "x"),
+        "not_before": certificate.not_valid_before_utc,
+        "not_after": certificate.not_valid_after_utc,
+        "public_key": f"{type(key).__name__.removeprefix('_')} "
+        f"{getattr(key, 'key_size', '')}".strip(),
+        "signature_algorithm": getattr(certificate.signature_algorithm_oid, "_name", "unknown"),
+        "sha256": certificate.fingerprint(hashes.SHA256()).hex(":").upper(),
+        "pem": certificate.public_bytes(serialization.Encoding.PEM).decode(),
+        "extensions": extensions,
+    }
+
+
+@console.get("/cas/<ca_id>")
+@allowed(*ALL_ROLES)
+def ca_page(ca_id: str) -> str:
+    core = gateway().core
+    view = core.authorities.describe(ca_id)
+    with core.store.read() as conn:
+        partitions = core.store.current_crl_partition(conn, ca_id) or 0
+    crls = [
+        published
+        for partition in range(partitions + 1)
+        if (published := core.revocation.latest_crl(ca_id, partition)) is not None
+    ]
+    decoded = decode(view.record.certificate_der) if view.record.certificate_der else None
+    return page(
+        "ca.html",
+        title=f"CA {view.record.subject}",
+        view=view,
+        certificate=decoded,
+        crls=crls,
+        settings=sorted(view.record.settings.items()),
+    )
+
+
+@console.route("/cas/<ca_id>/<any(disable,enable,delete,restore):action>", methods=["GET", "POST"])
+@allowed(Role.ADMIN)
+def ca_action(ca_id: str, action: str) -> ResponseReturnValue:
+    """A confirmation page naming the CA (GET), then the change (POST) once the operator
+    has typed the CA's id."""
+    authorities = gateway().core.authorities
+    view = authorities.describe(ca_id)
+    if request.method == "GET":
+        return page("confirm_ca.html", title=f"{action.title()} CA", view=view, action=action)
+    if not secrets.compare_digest(request.form.get("confirm", "").strip(), ca_id):
+        raise BadRequestError(f"type the CA's id ({ca_id}) to confirm")
+    who = principal().actor(g.request_id)
+    if action == "disable":
+        authorities.update_status(ca_id, CAStatus.DISABLED, who)
+    elif action == "enable":
+        authorities.update_status(ca_id, CAStatus.ACTIVE, who)
+    elif action == "delete":
+        authorities.delete(ca_id, 30, who)
+    else:
+        authorities.restore(ca_id, who)
+    return redirect(url_for("console.ca_page", ca_id=ca_id))
+
+
+# -- certificates ----------------------------------------------------------------------------
+
+FILTERS = ("ca", "status", "q", "serial", "template", "requester", "expiring_within")
+
+
+@console.get("/certificates")
+@allowed(*CERTIFICATE_READERS)
+def certificates() -> str:
+    from pkigate.gateways.api import normalize_serial, parse_duration
+
+    core = gateway().core
+    now = core.clock()
+    wanted = {name: request.args.get(name, "").strip() for name in FILTERS}
+    status = wanted["status"].upper()
+    if status and status not in {s.value for s in CertificateStatus}:
+        raise BadRequestError(f"unknown status {wanted['status']!r}")
+    within = wanted["expiring_within"]
+    try:
+        after = max(0, int(request.args.get("after", "0")))
+    except ValueError:
+        raise BadRequestError("'after' must be a number") from None
+    with core.store.read() as conn:
+        found = core.store.list_certificates(
+            conn,
+            ca_id=wanted["ca"] or None,
+            status=status or None,
+            text=wanted["q"] or None,
+            serial=normalize_serial(wanted["serial"]) if wanted["serial"] else None,
+            template=wanted["template"] or None,
+            requester=wanted["requester"] or None,
+            expiring_before=now + parse_duration(within, "expiring_within") if within else None,
+            not_expired_at=now if within else None,
+            limit=PAGE + 1,
+            after_id=after,
+        )
+    shown = found[:PAGE]
+    next_page = None
+    if len(found) > PAGE:
+        arguments: dict[str, Any] = {k: v for k, v in wanted.items() if v}
+        next_page = url_for("console.certificates", after=shown[-1].id, **arguments)
+    return page(
+        "certificates.html",
+        title="Certificates",
+        certificates=shown,
+        wanted=wanted,
+        next_page=next_page,
+        authorities=core.authorities.list_cas(),
+        statuses=[s.value for s in CertificateStatus],
+    )
+
+
+def certificate_events(record: CertificateRecord) -> list[Any]:
+    """The audit events about this certificate (its issuance and revocation)."""
+    core = gateway().core
+    with core.store.read() as conn:
+        events = core.store.find_audit_events(
+            conn, action="certificate.", resource=f"ca/{record.ca_id}", limit=1000
+        )
+    mine = []
+    for event in events:
+        parameters = json.loads(event.parameters or "{}")
+        if parameters.get("serial") == record.serial or (
+            record.correlation_id and parameters.get("correlation_id") == record.correlation_id
+        ):
+            mine.append(event)
+    return mine
+
+
+@console.get("/certificates/<ca_id>/<serial>")
+@allowed(*CERTIFICATE_READERS)
+def certificate_page(ca_id: str, serial: str) -> str:
+    core = gateway().core
+    with core.store.read() as conn:
+        record = core.store.get_certificate(conn, ca_id, serial)
+    if record is None:
+        abort(404)
+    ca_pem, above = core.authorities.certificate_pem(ca_id)
+    return page(
+        "certificate.html",
+        title=f"Certificate {record.subject}",
+        record=record,
+        certificate=decode(record.der),
+        chain=ca_pem + above,
+        events=certificate_events(record),
+        reasons=[r.value for r in RevocationReason if r.value != "removeFromCRL"],
+        may_revoke=principal().role is Role.ISSUER,
+    )
+
+
+@console.post("/certificates/<ca_id>/<serial>/revoke")
+@allowed(Role.ISSUER)
+def revoke_certificate(ca_id: str, serial: str) -> ResponseReturnValue:
+    from pkigate.gateways.api import revoke
+
+    try:
+        reason = RevocationReason(request.form.get("reason", ""))
+    except ValueError:
+        raise BadRequestError("choose a revocation reason") from None
+    revoke(ca_id, serial, reason)
+    return redirect(url_for("console.certificate_page", ca_id=ca_id, serial=serial))
+
+
+# -- enrollment ------------------------------------------------------------------------------
+
+
+def scep_connectors() -> dict[str, Any]:
+    from pkigate.scep.connector import ScepConnector
+
+    return {c.context.name: c for c in gateway().connectors if isinstance(c, ScepConnector)}
+
+
+def scep_connector(name: str) -> Any:
+    found = scep_connectors().get(name)
+    if found is None:
+        abort(404)
+    return found
+
+
+def enrollment_page(challenge: tuple[str, Any] | None = None) -> str:
+    scep = scep_connectors()
+    pending = [(name, held) for name, c in scep.items() for held in c.approvals.pending()]
+    return page(
+        "enrollment.html",
+        title="Enrollment",
+        connectors=gateway().connectors,
+        scep=scep,
+        pending=pending,
+        challenge=challenge,
+    )
+
+
+@console.get("/enrollment")
+@allowed(*ENROLLMENT)
+def enrollment() -> str:
+    return enrollment_page()
+
+
+@console.post("/enrollment/scep/<name>/pending/approve")
+@allowed(*ENROLLMENT)
+def approve(name: str) -> ResponseReturnValue:
+    transaction_id = request.form.get("transaction_id", "")
+    scep_connector(name).approvals.approve(transaction_id, principal().actor(g.request_id))
+    return redirect(url_for("console.enrollment"))
+
+
+@console.post("/enrollment/scep/<name>/pending/reject")
+@allowed(*ENROLLMENT)
+def reject(name: str) -> ResponseReturnValue:
+    transaction_id = request.form.get("transaction_id", "")
+    reason = request.form.get("reason", "")
+    scep_connector(name).approvals.reject(transaction_id, principal().actor(g.request_id), reason)
+    return redirect(url_for("console.enrollment"))
+
+
+@console.post("/enrollment/scep/<name>/challenges")
+@allowed(*ENROLLMENT)
+def create_challenge(name: str) -> str:
+    connector = scep_connector(name)
+    if not connector.options.dynamic_challenges:
+        raise BadRequestError("this connector does not accept one-time challenges")
+    subject = request.form.get("subject", "").strip() or None
+    issued = connector.authority.create_challenge(
+        principal().actor(g.request_id),
+        ttl=connector.options.dynamic_challenge_ttl,
+        subject=subject,
+    )
+    return enrollment_page((name, issued))
+
+
+@console.post("/enrollment/scep/<name>/profile")
+@allowed(*ENROLLMENT)
+def download_profile(name: str) -> Response:
+    connector = scep_connector(name)
+    subject = request.form.get("subject", "").strip() or "CN=device"
+    document = connector.profile(
+        principal().actor(g.request_id),
+        subject,
+        request.form.get("one_time") == "on",
+        "org.pkigate.scep",
+    )
+    return Response(
+        document,
+        mimetype="application/x-apple-aspen-config",
+        headers={"Content-Disposition": f'attachment; filename="{name}.mobileconfig"'},
+    )
+
+
+# -- audit -----------------------------------------------------------------------------------
+
+
+def _moment(text: str, name: str) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequestError(f"{name}: not a date and time (YYYY-MM-DDTHH:MM)") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+AUDIT_FILTERS = ("actor", "action", "resource", "since", "until", "request_id")
+
+
+@console.get("/audit")
+@allowed(*AUDIT_READERS)
+def audit() -> str:
+    core = gateway().core
+    wanted = {name: request.args.get(name, "").strip() for name in AUDIT_FILTERS}
+    try:
+        before = int(request.args["before"]) if request.args.get("before") else None
+    except ValueError:
+        raise BadRequestError("'before' must be a number") from None
+    with core.store.read() as conn:
+        events = core.store.find_audit_events(
+            conn,
+            actor=wanted["actor"] or None,
+            action=wanted["action"] or None,
+            resource=wanted["resource"] or None,
+            since=_moment(wanted["since"], "since"),
+            until=_moment(wanted["until"], "until"),
+            request_id=wanted["request_id"] or None,
+            before_seq=before,
+            limit=PAGE + 1,
+        )
+    shown = events[:PAGE]
+    next_page = None
+    if len(events) > PAGE:
+        arguments: dict[str, Any] = {k: v for k, v in wanted.items() if v}
+        next_page = url_for("console.audit", before=shown[-1].seq, **arguments)
+    verification = None
+    if request.args.get("verify") and principal().role is Role.AUDITOR:
+        verification = core.audit.verify()
+    return page(
+        "audit.html",
+        title="Audit",
+        events=shown,
+        wanted=wanted,
+        next_page=next_page,
+        verification=verification,
+        is_auditor=principal().role is Role.AUDITOR,
+        authorities=core.authorities.list_cas(),
+    )
+
+
+@console.get("/audit/report")
+@allowed(Role.AUDITOR)
+def audit_report() -> Response:
+    from pkigate.core.audit import render_report, report_rows
+
+    core = gateway().core
+    ca_id = request.args.get("ca", "")
+    kind = request.args.get("format", "json")
+    if kind not in ("json", "csv"):
+        raise BadRequestError("format is json or csv")
+    core.authorities.get(ca_id)
+    with core.store.read() as conn:
+        rows = report_rows(core.store.list_certificates(conn, ca_id=ca_id))
+    body = (
+        render_report(rows, "csv")
+        if kind == "csv"
+        else json.dumps({"ca_id": ca_id, "certificates": rows}, indent=2, default=str)
+    )
+    return Response(
+        body,
+        mimetype="text/csv" if kind == "csv" else "application/json",
+        headers={"Content-Disposition": f'attachment; filename="audit-{ca_id}.{kind}"'},
+    )
+
+
+# -- tokens ----------------------------------------------------------------------------------
+
+
+@console.route("/tokens", methods=["GET", "POST"])
+@allowed(Role.ADMIN)
+def tokens() -> str:
+    service = gateway().tokens
+    created = None
+    if request.method == "POST":
+        try:
+            role = Role(request.form.get("role", ""))
+        except ValueError:
+            raise BadRequestError("choose a role") from None
+        created = service.create(
+            request.form.get("name", "").strip(), role, principal().actor(g.request_id)
+        )
+    return page(
+        "tokens.html",
+        title="Tokens",
+        tokens=service.list(),
+        created=created,
+        roles=[r.value for r in Role],
+    )
+
+
+@console.post("/tokens/<token_id>/revoke")
+@allowed(Role.ADMIN)
+def revoke_token(token_id: str) -> ResponseReturnValue:
+    gateway().tokens.revoke(token_id, principal().actor(g.request_id))
+    return redirect(url_for("console.tokens"))
