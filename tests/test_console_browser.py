@@ -1,0 +1,523 @@
+"""The web console in a real browser: Debian's Chromium, headless, driven by Selenium through
+Debian's chromedriver, against a real `pkigate serve`.
+
+One server and one browser for the module. Chromium trusts the server's TLS certificate
+through --ignore-certificate-errors: the loopback test server's root is made per run, and
+Chromium reads trust anchors from an NSS database, not from a file it could be given.
+Each test asserts on what the page shows and on the store or the audit log afterwards.
+Screenshots of each page at 1280x800 go to $PKIGATE_CONSOLE_SCREENSHOTS, by default
+.cache/console-screenshots/ (the README names it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import plistlib
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from serving import RunningServer, start_server
+from test_ocsp import openssl_ocsp
+from test_scep import Device, load_certs_only
+
+from pkigate.scep.messages import (
+    CertRep,
+    MessageType,
+    PkiStatus,
+    encode_issuer_and_subject,
+    parse_cert_rep,
+)
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = Path(
+    os.environ.get("PKIGATE_CONSOLE_SCREENSHOTS", ROOT / ".cache" / "console-screenshots")
+)
+STATIC_CHALLENGE = "console-static-challenge"
+HELD_CHALLENGE = "console-held-challenge"
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists())
+    and not os.environ.get("PKIGATE_TOOLS_INSTALLED"),
+    reason="Chromium is not installed (Debian packages chromium, chromium-driver)",
+)
+
+CONNECTORS = f"""
+[[connectors]]
+type = "scep"
+name = "scep"
+mount = "/scep"
+[connectors.settings]
+challenge = "{STATIC_CHALLENGE}"
+
+[[connectors]]
+type = "scep"
+name = "mdm"
+mount = "/mdm"
+[connectors.settings]
+pending = true
+challenge = "{HELD_CHALLENGE}"
+"""
+
+
+class Console:
+    """The browser, the server, and the tokens of the three roles."""
+
+    def __init__(self, server: RunningServer, driver: Any, downloads: Path) -> None:
+        self.server = server
+        self.driver = driver
+        self.downloads = downloads
+        admin = server.session()
+        self.tokens: dict[str, str] = {"admin": server.admin_token}
+        for role in ("issuer", "auditor"):
+            created = admin.post(
+                f"{server.https_url}/api/v1/tokens",
+                json={"name": f"console-{role}", "role": role},
+                timeout=10,
+            )
+            assert created.status_code == 201, created.text
+            self.tokens[role] = created.json()["secret"]
+        cas = admin.get(f"{server.https_url}/api/v1/cas", timeout=10).json()["cas"]
+        self.issuing = next(ca["id"] for ca in cas if ca["type"] == "SUBORDINATE")
+
+    def url(self, path: str) -> str:
+        return f"{self.server.https_url}/console{path}"
+
+    def open(self, path: str) -> None:
+        self.driver.get(self.url(path))
+
+    def sign_in(self, role: str) -> None:
+        self.driver.delete_all_cookies()
+        self.open("/signin")
+        self.driver.find_element(By.ID, "token").send_keys(self.tokens[role])
+        self.press("signin")
+        assert self.text("#who").endswith(f"({role})"), self.driver.page_source
+
+    def click(self, element: Any) -> None:
+        """Click what submits a form or follows a link, and wait for the next page."""
+        page = self.driver.find_element(By.TAG_NAME, "html")
+        element.click()
+        WebDriverWait(self.driver, 30).until(staleness_of(page))
+
+    def press(self, element_id: str) -> None:
+        self.click(self.driver.find_element(By.ID, element_id))
+
+    def text(self, selector: str) -> str:
+        return str(self.driver.find_element(By.CSS_SELECTOR, selector).text)
+
+    def texts(self, selector: str) -> list[str]:
+        return [e.text for e in self.driver.find_elements(By.CSS_SELECTOR, selector)]
+
+    def screenshot(self, name: str) -> None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        self.driver.set_window_size(1280, 800)
+        assert self.driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+
+    def cookie(self) -> dict[str, Any]:
+        found = self.driver.get_cookie("pkigate_console")
+        assert found is not None
+        return dict(found)
+
+    def store_audit(self, action: str) -> list[dict[str, Any]]:
+        with self.database() as db:
+            rows = db.execute(
+                "SELECT actor, resource, parameters, result FROM audit_events "
+                "WHERE action = ? ORDER BY seq",
+                (action,),
+            ).fetchall()
+        return [
+            {"actor": a, "resource": r, "parameters": json.loads(p), "result": res}
+            for a, r, p, res in rows
+        ]
+
+    def database(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.server.data_dir / "pkigate.db")
+
+    def certificate(self, serial: str) -> tuple[str, str | None]:
+        with self.database() as db:
+            row = db.execute(
+                "SELECT status, revocation_reason FROM certificates WHERE serial = ?", (serial,)
+            ).fetchone()
+        assert row is not None
+        return str(row[0]), row[1]
+
+
+class Scep:
+    """A device talking SCEP to the server's plain-HTTP listener."""
+
+    def __init__(self, server: RunningServer, mount: str) -> None:
+        self.url = f"{server.http_url}{mount}"
+
+    def ca_certs(self) -> list[x509.Certificate]:
+        return load_certs_only(requests.get(f"{self.url}?operation=GetCACert", timeout=10).content)
+
+    def send(self, device: Device, payload: bytes, kind: MessageType, tid: str) -> CertRep:
+        certs = self.ca_certs()
+        body = device.message(certs[0], payload, kind=kind, transaction_id=tid)
+        answer = requests.post(
+            f"{self.url}?operation=PKIOperation",
+            data=body,
+            headers={"Content-Type": "application/x-pki-message"},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        return parse_cert_rep(answer.content, device.key, certs[:1])
+
+    def enroll(self, device: Device, challenge: str, cn: str, tid: str) -> CertRep:
+        return self.send(device, device.csr(challenge, cn=cn), MessageType.PKCS_REQ, tid)
+
+    def poll(self, device: Device, cn: str, tid: str) -> CertRep:
+        issuing = self.ca_certs()[1]
+        subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)])
+        payload = encode_issuer_and_subject(issuing.subject, subject)
+        return self.send(device, payload, MessageType.CERT_POLL, tid)
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+    base = tmp_path_factory.mktemp("console")
+    server = start_server(base / "data", extra_config=CONNECTORS)
+    downloads = base / "downloads"
+    downloads.mkdir()
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        # Without these Chromium reaches for Google's services, which the closed network
+        # refuses (and which a test has no business calling).
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={base / 'chromium-profile'}",
+        # The loopback server's TLS root is made per run (see the module docstring).
+        "--ignore-certificate-errors",
+        "--window-size=1280,800",
+    ):
+        options.add_argument(flag)
+    options.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
+    )
+    service = webdriver.ChromeService(executable_path=str(CHROMEDRIVER))
+    try:
+        driver = webdriver.Chrome(options=options, service=service)
+    except WebDriverException:
+        server.stop()
+        raise
+    try:
+        driver.set_page_load_timeout(60)
+        yield Console(server, driver, downloads)
+    finally:
+        driver.quit()
+        server.stop()
+
+
+def test_each_role_sees_only_what_it_may(console: Console) -> None:
+    allowed = {
+        "admin": ["CAs", "Enrollment", "Audit", "Tokens"],
+        "issuer": ["CAs", "Certificates", "Enrollment"],
+        "auditor": ["CAs", "Certificates", "Audit"],
+    }
+    refused = {"admin": "/certificates", "issuer": "/tokens", "auditor": "/enrollment"}
+    for role, pages in allowed.items():
+        console.sign_in(role)
+        assert console.texts("header nav a") == pages
+        console.open("/cas")
+        tree = console.texts("#cas tbody td:first-child")
+        assert any("Root" in t for t in tree) and len(tree) == 2, tree
+        console.open(refused[role])
+        assert f"role {role} may not do this" in console.text("#message")
+    # Each refusal is audited by the API's own check, naming the role.
+    denied = [e for e in console.store_audit("api.denied") if "/console/" in e["resource"]]
+    assert {e["parameters"]["role"] for e in denied} == {"admin", "issuer", "auditor"}
+    assert len(console.store_audit("console.signin")) >= 3
+
+
+def test_admin_pages_tokens_and_a_ca_confirmation_that_names_it(console: Console) -> None:
+    console.sign_in("admin")
+    console.open("/cas")
+    console.screenshot("cas")
+    console.click(console.driver.find_elements(By.CSS_SELECTOR, "#cas tbody a")[1])
+    ca_id = console.text("#ca-id")
+    assert re.fullmatch(r"[0-9A-F]{2}(:[0-9A-F]{2}){31}", console.text("#fingerprint"))
+    console.screenshot("ca")
+    pem = requests.get(f"{console.server.http_url}/ca/{ca_id}.pem", timeout=10).text
+    assert (
+        console.text("#subject")
+        == x509.load_pem_x509_certificate(pem.encode()).subject.rfc4514_string()
+    )
+    # Disable asks for the CA's id, and a wrong one changes nothing.
+    console.click(console.driver.find_element(By.LINK_TEXT, "Disable"))
+    assert console.text("#confirm-subject") == "CN=pkigate Issuing CA,O=pkigate"
+    console.driver.find_element(By.ID, "confirm").send_keys("not-the-id")
+    console.press("do")
+    assert "to confirm" in console.text("#message")
+    console.open(f"/cas/{ca_id}")
+    assert console.text("#ca-status") == "ACTIVE"
+    console.click(console.driver.find_element(By.LINK_TEXT, "Disable"))
+    console.driver.find_element(By.ID, "confirm").send_keys(ca_id)
+    console.press("do")
+    assert console.text("#ca-status") == "DISABLED"
+    console.click(console.driver.find_element(By.LINK_TEXT, "Enable"))
+    console.driver.find_element(By.ID, "confirm").send_keys(ca_id)
+    console.press("do")
+    assert console.text("#ca-status") == "ACTIVE"
+    changes = [
+        e["parameters"] for e in console.store_audit("ca.update") if e["resource"] == f"ca/{ca_id}"
+    ]
+    assert [(c["from"], c["status"]) for c in changes[-2:]] == [
+        ("ACTIVE", "DISABLED"),
+        ("DISABLED", "ACTIVE"),
+    ], changes
+
+    # A token, its secret shown once; it works on the API, then is revoked.
+    console.open("/tokens")
+    console.driver.find_element(By.ID, "token-name").send_keys("made-in-console")
+    Select(console.driver.find_element(By.ID, "token-role")).select_by_visible_text("auditor")
+    console.press("create")
+    secret = console.text("#new-secret")
+    console.screenshot("tokens")
+    api = console.server.session(secret)
+    assert api.get(f"{console.server.https_url}/api/v1/audit/verify", timeout=10).ok
+    console.open("/tokens")
+    assert secret not in console.driver.page_source
+    row = next(
+        r
+        for r in console.driver.find_elements(By.CSS_SELECTOR, "#tokens tbody tr")
+        if r.text.startswith("made-in-console")
+    )
+    console.click(row.find_element(By.CSS_SELECTOR, "button"))
+    assert api.get(f"{console.server.https_url}/api/v1/audit/verify", timeout=10).status_code == 401
+
+
+def test_scep_issued_certificate_found_by_subject_and_revoked(
+    console: Console, tmp_path: Path
+) -> None:
+    cn = f"console-device-{uuid.uuid4().hex[:8]}"
+    scep = Scep(console.server, "/scep")
+    device = Device.new(cn)
+    answer = scep.enroll(device, STATIC_CHALLENGE, cn, uuid.uuid4().hex)
+    assert answer.status is PkiStatus.SUCCESS, answer.fail_info_text
+    leaf = answer.certificates[0]
+    serial = format(leaf.serial_number, "x")
+
+    console.sign_in("issuer")
+    console.open("/certificates")
+    console.driver.find_element(By.ID, "q").send_keys(cn)
+    console.press("search")
+    assert console.texts("#certificates tbody td:first-child") == [f"CN={cn}"]
+    console.screenshot("certificates")
+    console.click(console.driver.find_element(By.LINK_TEXT, f"CN={cn}"))
+    assert console.text("#serial") == serial
+    assert console.text("#connector") == "scep"
+    assert "certificate.issue" in console.texts("#events td")
+    console.screenshot("certificate")
+    Select(console.driver.find_element(By.ID, "revoke-reason")).select_by_visible_text(
+        "keyCompromise"
+    )
+    console.press("revoke")
+    assert console.text("#status") == "REVOKED"
+    assert console.text("#reason") == "keyCompromise"
+    assert console.certificate(serial) == ("REVOKED", "keyCompromise")
+
+    issuing, root = scep.ca_certs()[1], scep.ca_certs()[-1]
+    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    output = openssl_ocsp(
+        tmp_path,
+        f"{console.server.http_url}/ocsp/{console.issuing}",
+        issuing,
+        root,
+        "-cert",
+        "leaf.pem",
+    )
+    assert "Response verify OK" in output and "leaf.pem: revoked" in output, output
+    assert "Reason: keyCompromise" in output, output
+
+    # The auditor finds the revocation by its actor.
+    console.sign_in("auditor")
+    console.open("/audit")
+    console.driver.find_element(By.ID, "actor").send_keys("console-issuer")
+    console.driver.find_element(By.ID, "action").send_keys("certificate.revoke")
+    console.press("filter")
+    rows = console.texts("#events tbody tr")
+    assert len(rows) == 1 and serial in rows[0] and "keyCompromise" in rows[0], rows
+    console.screenshot("audit")
+    console.press("verify")
+    assert "is intact" in console.text("#verification")
+
+
+def test_pending_requests_approved_and_rejected_in_the_console(console: Console) -> None:
+    scep = Scep(console.server, "/mdm")
+    waiting = {}
+    for name in ("approve", "reject"):
+        cn = f"held-{name}-{uuid.uuid4().hex[:6]}"
+        device, tid = Device.new(cn), uuid.uuid4().hex
+        assert scep.enroll(device, HELD_CHALLENGE, cn, tid).status is PkiStatus.PENDING
+        waiting[name] = (cn, device, tid)
+
+    console.sign_in("issuer")
+    console.open("/enrollment")
+    console.screenshot("enrollment")
+
+    def row(cn: str) -> Any:
+        return next(
+            r
+            for r in console.driver.find_elements(By.CSS_SELECTOR, "#pending tbody tr")
+            if f"CN={cn}" in r.text
+        )
+
+    cn, device, tid = waiting["approve"]
+    console.click(row(cn).find_element(By.CSS_SELECTOR, "button.approve"))
+    assert not [r for r in console.texts("#pending tbody tr") if cn in r]
+    collected = scep.poll(device, cn, tid)
+    assert collected.status is PkiStatus.SUCCESS, collected.fail_info_text
+    assert collected.certificates[0].public_key() == device.key.public_key()
+    issued = [
+        e["parameters"]
+        for e in console.store_audit("certificate.issue")
+        if e["parameters"].get("correlation_id") == tid
+    ]
+    assert issued and issued[0]["approved_by"].startswith("token:console-issuer(")
+
+    cn, device, tid = waiting["reject"]
+    form = row(cn)
+    form.find_element(By.CSS_SELECTOR, "input.reason").send_keys("not one of ours")
+    console.click(form.find_element(By.CSS_SELECTOR, "button.reject"))
+    assert not [r for r in console.texts("#pending tbody tr") if cn in r]
+    refused = scep.poll(device, cn, tid)
+    assert refused.status is PkiStatus.FAILURE
+    assert "not one of ours" in (refused.fail_info_text or "")
+    with console.database() as db:
+        status, evidence = db.execute(
+            "SELECT status, evidence FROM scep_transactions WHERE transaction_id = ?", (tid,)
+        ).fetchone()
+    assert status == "REJECTED" and json.loads(evidence)["rejection_reason"] == "not one of ours"
+
+
+def test_one_time_challenge_and_apple_profile(console: Console) -> None:
+    console.sign_in("issuer")
+    console.open("/enrollment")
+    console.click(console.driver.find_elements(By.CSS_SELECTOR, "button.create-challenge")[0])
+    challenge = console.text("#challenge")
+    assert len(challenge) >= 20
+    # The challenge enrolls a device at once on the non-pending connector.
+    cn = f"one-time-{uuid.uuid4().hex[:6]}"
+    answer = Scep(console.server, "/scep").enroll(Device.new(cn), challenge, cn, uuid.uuid4().hex)
+    assert answer.status is PkiStatus.SUCCESS, answer.fail_info_text
+
+    console.open("/enrollment")
+    before = set(console.downloads.iterdir())
+    console.driver.find_elements(By.CSS_SELECTOR, "button.profile")[0].click()
+    deadline = time.monotonic() + 30  # the download finishes in the browser's own time
+    found: list[Path] = []
+    while not found and time.monotonic() < deadline:
+        found = [
+            p for p in set(console.downloads.iterdir()) - before if p.suffix == ".mobileconfig"
+        ]
+        time.sleep(0.2)
+    assert found, list(console.downloads.iterdir())
+    profile = plistlib.loads(found[0].read_bytes())
+    payload = profile["PayloadContent"][0]
+    assert payload["PayloadType"] == "com.apple.security.scep"
+    content = payload["PayloadContent"]
+    assert content["URL"] == f"{console.server.http_url}/scep"
+    assert content["Challenge"] != STATIC_CHALLENGE  # a fresh one-time challenge
+    created = console.store_audit("scep.challenge.create")
+    assert len(created) == 2 and all(
+        e["actor"].startswith("token:console-issuer(") for e in created
+    )
+
+
+def test_forged_post_and_expired_session_are_refused(console: Console) -> None:
+    console.sign_in("admin")
+    cookie = console.cookie()
+    assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+    # A cross-site form carries the session cookie (were SameSite to let it) but no token.
+    forged = requests.post(
+        console.url("/tokens"),
+        data={"name": "forged", "role": "admin"},
+        cookies={"pkigate_console": cookie["value"]},
+        headers={"Origin": "https://evil.example"},
+        verify=str(console.server.tls_bundle),
+        timeout=10,
+    )
+    assert forged.status_code == 400 and "CSRF token is missing" in forged.text
+    with console.database() as db:
+        assert not db.execute("SELECT 1 FROM api_tokens WHERE name = 'forged'").fetchall()
+
+    # The session's last use moved back past the idle timeout, as if the operator left.
+    with console.database() as db:
+        (sessions,) = db.execute("SELECT count(*) FROM console_sessions").fetchone()
+        db.execute(
+            "UPDATE console_sessions SET last_seen_at = ?",
+            ((datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S.%f"),),
+        )
+    console.open("/tokens")
+    assert console.driver.current_url.startswith(console.url("/signin"))
+    assert "expired" in console.text("#message")
+    with console.database() as db:
+        # That one is forgotten; the others (earlier tests' sign-ins) go at the next sign-in.
+        assert db.execute("SELECT count(*) FROM console_sessions").fetchone() == (sessions - 1,)
+    console.sign_in("auditor")
+    with console.database() as db:
+        assert db.execute("SELECT count(*) FROM console_sessions").fetchone() == (1,)
+
+
+def test_a_subject_with_markup_is_shown_as_text(console: Console) -> None:
+    cn = "<script>document.title='owned'</script>"
+    answer = Scep(console.server, "/scep").enroll(
+        Device.new("markup"), STATIC_CHALLENGE, cn, uuid.uuid4().hex
+    )
+    assert answer.status is PkiStatus.SUCCESS, answer.fail_info_text
+    serial = format(answer.certificates[0].serial_number, "x")
+    console.sign_in("auditor")
+    console.open(f"/certificates/{console.issuing}/{serial}")
+    with console.database() as db:
+        (stored,) = db.execute(
+            "SELECT subject FROM certificates WHERE serial = ?", (serial,)
+        ).fetchone()
+    assert "<script>" in stored.replace("\\", "")
+    assert console.text("#subject") == console.text("h1").removeprefix("Certificate ") == stored
+    assert console.driver.title != "owned"
+    assert console.driver.find_elements(By.TAG_NAME, "script") == []
+    assert "&lt;script" in console.driver.page_source
+
+
+def test_pages_fit_a_phone_and_come_with_a_strict_policy(console: Console) -> None:
+    console.sign_in("auditor")
+    console.driver.set_window_size(390, 844)
+    try:
+        for path in ("/cas", "/certificates", "/audit"):
+            console.open(path)
+            overflow = console.driver.execute_script(
+                "return document.documentElement.scrollWidth - window.innerWidth"
+            )
+            assert overflow <= 0, (path, overflow)
+    finally:
+        console.driver.set_window_size(1280, 800)
+    answer = requests.get(console.url("/signin"), verify=str(console.server.tls_bundle), timeout=10)
+    policy = answer.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "style-src 'self'" in policy
+    assert "unsafe-inline" not in policy and "script-src" not in policy
