@@ -16,10 +16,11 @@ anything is changed.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from importlib import metadata
 from typing import Any
@@ -49,7 +50,7 @@ from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
 from pkigate.core.readable import UNREADABLE
-from pkigate.core.store import CertificateRecord
+from pkigate.core.store import AuditEventRecord, CertificateRecord, Store
 from pkigate.core.templates import Template
 from pkigate.core.templates import describe as describe_template
 from pkigate.gateways import metrics
@@ -368,6 +369,7 @@ def checked_settings(settings: Mapping[str, Any] | None) -> CASettings:
 # -- CAs -------------------------------------------------------------------------------------
 
 _STRING = {"type": "string"}
+_DATE_TIME = {"type": "string", "format": "date-time", "examples": ["2026-12-01T00:00:00Z"]}
 _TOKEN_FIELD = {"type": "string", "minLength": 1, "maxLength": 128}
 _TAGS = {"type": "object", "additionalProperties": {"type": "string"}}
 _CA_ID = "The CA's id"
@@ -888,20 +890,24 @@ def list_certificates(ca_id: str, query: dict[str, Any]) -> Response:
             after_id=after,
         )
     page = records[:limit]
-    next_cursor = encode_cursor(page[-1].id) if len(records) > limit else None
+    return paged_reply(
+        "certificates",
+        [certificate_json(r) for r in page],
+        page[-1].id if len(records) > limit else None,
+    )
+
+
+def paged_reply(name: str, items: list[Any], last: int | None) -> Response:
+    """One page of ``items``; when ``last`` (the row the next page starts after) is given,
+    the next page's cursor and URL, also as a Link header (RFC 8288)."""
+    next_cursor = encode_cursor(last) if last is not None else None
     next_url = None
     if next_cursor:
         arguments = [(k, v) for k, v in request.args.items(multi=True) if k != "cursor"]
         next_url = f"{request.script_root}{request.path}?" + urlencode(
             [*arguments, ("cursor", next_cursor)]
         )
-    response = reply(
-        {
-            "certificates": [certificate_json(r) for r in page],
-            "next": next_url,
-            "next_cursor": next_cursor,
-        }
-    )
+    response = reply({name: items, "next": next_url, "next_cursor": next_cursor})
     if next_url:
         response.headers["Link"] = f'<{next_url}>; rel="next"'
     return response
@@ -1080,6 +1086,99 @@ def verify_audit() -> Response:
                 {"seq": p.seq, "kind": p.kind, "detail": p.detail} for p in result.problems
             ],
         }
+    )
+
+
+AUDIT_READERS = (Role.AUDITOR, Role.ADMIN)
+
+
+def parse_moment(text: str | None, name: str) -> datetime | None:
+    """An ISO 8601 date and time (UTC when it names no offset), or None."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequestError(f"{name}: not an ISO 8601 date and time") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def find_audit_events(
+    store: Store, filters: Mapping[str, str | None], limit: int, before: int | None = None
+) -> list[AuditEventRecord]:
+    """Audit events newest first by the filters the API, the console and the CLI share."""
+    with store.read() as conn:
+        return store.find_audit_events(
+            conn,
+            actor=filters.get("actor") or None,
+            action=filters.get("action") or None,
+            resource=filters.get("resource") or None,
+            since=parse_moment(filters.get("since"), "since"),
+            until=parse_moment(filters.get("until"), "until"),
+            request_id=filters.get("request_id") or None,
+            before_seq=before,
+            limit=limit,
+        )
+
+
+def audit_event_json(event: AuditEventRecord) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "event_id": event.event_id,
+        "at": event.at.isoformat().replace("+00:00", "Z"),
+        "actor": event.actor,
+        "connector": event.connector,
+        "action": event.action,
+        "resource": event.resource,
+        "parameters": json.loads(event.parameters or "{}"),
+        "result": event.result,
+        "request_id": event.request_id,
+    }
+
+
+AUDIT_FILTERS = (
+    Param("actor", "Events whose actor contains this (case-insensitive)", _STRING),
+    Param(
+        "action",
+        'This action, or every action under a prefix ending in "." (certificate.)',
+        _STRING,
+    ),
+    Param("resource", "Events whose resource contains this (case-insensitive)", _STRING),
+    Param("since", "From this time (ISO 8601; UTC without an offset)", _DATE_TIME),
+    Param("until", "Before this time (ISO 8601; UTC without an offset)", _DATE_TIME),
+    Param("request_id", "The X-Request-Id of the request that caused them", _STRING),
+)
+
+
+@route(
+    Operation(
+        "GET",
+        "/audit/events",
+        "listAuditEvents",
+        "Audit events, newest first, filtered, a page at a time",
+        "Audit",
+        AUDIT_READERS,
+        (json_reply(200, "One page; follow `next` (or the Link header)", ref("AuditEventPage")),),
+        query=(
+            *AUDIT_FILTERS,
+            Param(
+                "limit",
+                "Page size",
+                {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100},
+            ),
+            Param("cursor", "Opaque: the next_cursor of the previous page", _STRING),
+        ),
+    )
+)
+def list_audit_events(query: dict[str, Any]) -> Response:
+    limit: int = query["limit"]
+    before = decode_cursor(query["cursor"]) if query["cursor"] else None
+    events = find_audit_events(gateway().core.store, query, limit + 1, before)
+    page = events[:limit]
+    return paged_reply(
+        "events",
+        [audit_event_json(e) for e in page],
+        page[-1].seq if len(events) > limit else None,
     )
 
 

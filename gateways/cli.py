@@ -1355,6 +1355,54 @@ def audit_verify(state: State) -> None:
         sys.exit(EXIT_ERROR)
 
 
+@audit.command("list")
+@click.option("--actor", help="Events whose actor contains this (case-insensitive).")
+@click.option("--action", help='This action, or all under a prefix ending in "." (certificate.).')
+@click.option("--resource", help="Events whose resource contains this (case-insensitive).")
+@click.option("--since", help="From this time (ISO 8601; UTC without an offset).")
+@click.option("--until", help="Before this time (ISO 8601; UTC without an offset).")
+@click.option("--request-id", help="The X-Request-Id of the request that caused them.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@pass_state
+@reports_errors
+def audit_list(
+    state: State,
+    actor: str | None,
+    action: str | None,
+    resource: str | None,
+    since: str | None,
+    until: str | None,
+    request_id: str | None,
+    limit: int,
+) -> None:
+    """Audit events, newest first, filtered (as GET /api/v1/audit/events)."""
+    from pkigate.gateways.api import audit_event_json, find_audit_events
+
+    filters = {
+        "actor": actor,
+        "action": action,
+        "resource": resource,
+        "since": since,
+        "until": until,
+        "request_id": request_id,
+    }
+    if state.remote is not None:
+        events = state.remote.audit_events(filters, limit)
+    else:
+        found = find_audit_events(state.audit_core.store, filters, limit)
+        events = [audit_event_json(e) for e in found]
+    state.emit(
+        {"events": events},
+        lambda: (
+            "\n".join(
+                f"{e['seq']:>8} {e['at']} {e['actor']} {e['action']} {e['resource']} {e['result']}"
+                for e in events
+            )
+            or "no event matches"
+        ),
+    )
+
+
 @audit.command("recover")
 @pass_state
 @reports_errors

@@ -21,7 +21,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from cryptography import x509
@@ -48,6 +48,7 @@ from pkigate.core.errors import BadRequestError, PkigateError
 from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.store import CertificateRecord
 from pkigate.core.store import console as console_store
+from pkigate.gateways import api
 from pkigate.gateways.auth import AuthenticationError, Principal, Role
 from pkigate.gateways.http import gateway, principal, requires, status_for
 
@@ -72,7 +73,6 @@ ALL_ROLES = (Role.ADMIN, Role.ISSUER, Role.AUDITOR)
 # approvals and challenges by admins and issuers (scep/connector.py's admin routes).
 CERTIFICATE_READERS = (Role.ISSUER, Role.AUDITOR)
 ENROLLMENT = (Role.ADMIN, Role.ISSUER)
-AUDIT_READERS = (Role.AUDITOR, Role.ADMIN)
 
 console = Blueprint(
     "console",
@@ -216,7 +216,7 @@ NAVIGATION = (
     ("console.cas", "CAs", ALL_ROLES),
     ("console.certificates", "Certificates", CERTIFICATE_READERS),
     ("console.enrollment", "Enrollment", ENROLLMENT),
-    ("console.audit", "Audit", AUDIT_READERS),
+    ("console.audit", "Audit", api.AUDIT_READERS),
     ("console.tokens", "Tokens", (Role.ADMIN,)),
 )
 
@@ -394,8 +394,6 @@ FILTERS = ("ca", "status", "q", "serial", "template", "requester", "expiring_wit
 @console.get("/certificates")
 @allowed(*CERTIFICATE_READERS)
 def certificates() -> str:
-    from pkigate.gateways.api import normalize_serial, parse_duration
-
     core = gateway().core
     now = core.clock()
     wanted = {name: request.args.get(name, "").strip() for name in FILTERS}
@@ -413,10 +411,10 @@ def certificates() -> str:
             ca_id=wanted["ca"] or None,
             status=status or None,
             text=wanted["q"] or None,
-            serial=normalize_serial(wanted["serial"]) if wanted["serial"] else None,
+            serial=api.normalize_serial(wanted["serial"]) if wanted["serial"] else None,
             template=wanted["template"] or None,
             requester=wanted["requester"] or None,
-            expiring_before=now + parse_duration(within, "expiring_within") if within else None,
+            expiring_before=now + api.parse_duration(within, "expiring_within") if within else None,
             not_expired_at=now if within else None,
             limit=PAGE + 1,
             after_id=after,
@@ -478,13 +476,11 @@ def certificate_page(ca_id: str, serial: str) -> str:
 @console.post("/certificates/<ca_id>/<serial>/revoke")
 @allowed(Role.ISSUER)
 def revoke_certificate(ca_id: str, serial: str) -> ResponseReturnValue:
-    from pkigate.gateways.api import revoke
-
     try:
         reason = RevocationReason(request.form.get("reason", ""))
     except ValueError:
         raise BadRequestError("choose a revocation reason") from None
-    revoke(ca_id, serial, reason)
+    api.revoke(ca_id, serial, reason)
     return redirect(url_for("console.certificate_page", ca_id=ca_id, serial=serial))
 
 
@@ -576,21 +572,11 @@ def download_profile(name: str) -> Response:
 # -- audit -----------------------------------------------------------------------------------
 
 
-def _moment(text: str, name: str) -> datetime | None:
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise BadRequestError(f"{name}: not a date and time (YYYY-MM-DDTHH:MM)") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
 AUDIT_FILTERS = ("actor", "action", "resource", "since", "until", "request_id")
 
 
 @console.get("/audit")
-@allowed(*AUDIT_READERS)
+@allowed(*api.AUDIT_READERS)
 def audit() -> str:
     core = gateway().core
     wanted = {name: request.args.get(name, "").strip() for name in AUDIT_FILTERS}
@@ -598,18 +584,7 @@ def audit() -> str:
         before = int(request.args["before"]) if request.args.get("before") else None
     except ValueError:
         raise BadRequestError("'before' must be a number") from None
-    with core.store.read() as conn:
-        events = core.store.find_audit_events(
-            conn,
-            actor=wanted["actor"] or None,
-            action=wanted["action"] or None,
-            resource=wanted["resource"] or None,
-            since=_moment(wanted["since"], "since"),
-            until=_moment(wanted["until"], "until"),
-            request_id=wanted["request_id"] or None,
-            before_seq=before,
-            limit=PAGE + 1,
-        )
+    events = api.find_audit_events(core.store, wanted, PAGE + 1, before)
     shown = events[:PAGE]
     next_page = None
     if len(events) > PAGE:

@@ -437,6 +437,30 @@ SCHEMAS: dict[str, JSON] = {
         }
     ),
     "TemplateList": _closed({"templates": {"type": "array", "items": ref("Template")}}),
+    "AuditEvent": _closed(
+        {
+            "seq": {"type": "integer"},
+            "event_id": _STRING,
+            "at": {"type": "string", "format": "date-time"},
+            "actor": _STRING,
+            "connector": _STRING,
+            "action": _STRING,
+            "resource": _STRING,
+            "parameters": {"type": "object"},
+            "result": _STRING,
+            "request_id": _OPTIONAL_STRING,
+        }
+    ),
+    "AuditEventPage": _closed(
+        {
+            "events": {"type": "array", "items": ref("AuditEvent")},
+            "next": {
+                **_OPTIONAL_STRING,
+                "description": "URL of the next (older) page (also in the Link header), or null",
+            },
+            "next_cursor": {**_OPTIONAL_STRING, "description": "Opaque; pass as ?cursor="},
+        }
+    ),
     "AuditVerification": _closed(
         {
             "ok": {"type": "boolean"},

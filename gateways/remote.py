@@ -189,6 +189,10 @@ class RemoteClient:
     def verify_audit(self) -> dict[str, Any]:
         return dict(self.json("GET", "/audit/verify"))
 
+    def audit_events(self, filters: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v} | {"limit": limit}
+        return list(self.json("GET", "/audit/events", params=params)["events"])
+
     def audit_report_rows(self, ca_id: str) -> list[dict[str, str | None]]:
         data = self.json("GET", "/audit/report", params={"ca": ca_id, "format": "json"})
         return list(data["certificates"])

@@ -614,6 +614,57 @@ def test_templates_are_listed_for_every_role(service: Service) -> None:
 # -- audit -------------------------------------------------------------------------------------
 
 
+def test_audit_events_are_filtered_paged_newest_first_for_auditors_and_admins(
+    service: Service,
+) -> None:
+    first, second = _issue(service, "one.example.test"), _issue(service, "two.example.test")
+    revoked = service.call(
+        "POST",
+        f"/cas/{service.issuing_id}/certificates/{second['serial']}/revoke",
+        "issuer",
+        json={"reason": "keyCompromise"},
+        expect=200,
+    )
+    found = service.call(
+        "GET", "/audit/events?action=certificate.revoke", "auditor", expect=200
+    ).get_json()
+    assert [e["parameters"]["serial"] for e in found["events"]] == [second["serial"]]
+    assert found["events"][0]["actor"] == service.principal("issuer")
+    assert found["next"] is None
+    # An action prefix and an actor substring; newest first.
+    query = "/audit/events?action=certificate.&actor=issuer-token"
+    events = service.call("GET", query, "admin", expect=200).get_json()["events"]
+    assert [(e["action"], e["parameters"].get("serial")) for e in events] == [
+        ("certificate.revoke", second["serial"]),
+        ("certificate.issue", second["serial"]),
+        ("certificate.issue", first["serial"]),
+    ]
+    # A page at a time, by the cursor (and the Link header).
+    page = service.call("GET", query + "&limit=2", "auditor", expect=200)
+    assert [e["seq"] for e in page.get_json()["events"]] == [e["seq"] for e in events[:2]]
+    assert page.headers["Link"].endswith('>; rel="next"')
+    rest = service.call(
+        "GET", f"{query}&limit=2&cursor={page.get_json()['next_cursor']}", "auditor", expect=200
+    ).get_json()
+    assert [e["seq"] for e in rest["events"]] == [events[2]["seq"]] and rest["next"] is None
+    # By the request that caused them, and by time.
+    request_id = revoked.headers["X-Request-Id"]
+    by_request = service.call(
+        "GET", f"/audit/events?request_id={request_id}", "auditor", expect=200
+    ).get_json()["events"]
+    assert {e["action"] for e in by_request} >= {"certificate.revoke"}
+    assert all(e["request_id"] == request_id for e in by_request)
+    later = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert (
+        service.call("GET", f"/audit/events?since={later}", "auditor", expect=200).get_json()[
+            "events"
+        ]
+        == []
+    )
+    service.call("GET", "/audit/events?until=yesterday", "auditor", expect=400)
+    service.call("GET", "/audit/events", "issuer", expect=403)
+
+
 def test_auditor_verifies_the_log_and_exports_reports_as_json_and_csv(service: Service) -> None:
     serial = _issue(service)["serial"]
     verified = service.call("GET", "/audit/verify", "auditor", expect=200).get_json()

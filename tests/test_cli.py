@@ -357,6 +357,18 @@ def test_lifecycle_and_tags_through_the_cli(cli: Cli, hierarchy: tuple[str, str]
     assert cli.json("ca", "tag", sub_id, "--remove", "env") == {"owner": "me"}
 
 
+def test_audit_list_filters_events_newest_first(cli: Cli, hierarchy: tuple[str, str]) -> None:
+    listed = cli.json("audit", "list", "--action", "ca.create")
+    assert isinstance(listed, dict)
+    events = listed["events"]
+    assert [e["action"] for e in events] == ["ca.create", "ca.create"]
+    assert events[0]["seq"] > events[1]["seq"]
+    assert events[1]["resource"] == f"ca/{hierarchy[0]}"
+    text = cli.run("audit", "list", "--resource", hierarchy[1], "--limit", "1").stdout
+    assert len(text.splitlines()) == 1 and hierarchy[1] in text
+    assert "no event matches" in cli.run("audit", "list", "--actor", "nobody-at-all").stdout
+
+
 def test_audit_verify_and_report(cli: Cli, hierarchy: tuple[str, str], tmp_path: Path) -> None:
     _, sub_id = hierarchy
     cli.run("cert", "issue", "--ca", sub_id, "--csr", str(_csr(tmp_path)))
