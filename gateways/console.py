@@ -50,6 +50,7 @@ from pkigate.core.store import CertificateRecord
 from pkigate.core.store import console as console_store
 from pkigate.gateways import api
 from pkigate.gateways.auth import AuthenticationError, Principal, Role
+from pkigate.gateways.connectors import Connector
 from pkigate.gateways.http import gateway, principal, requires, status_for
 
 log = logging.getLogger("pkigate.console")
@@ -216,6 +217,7 @@ NAVIGATION = (
     ("console.cas", "CAs", ALL_ROLES),
     ("console.certificates", "Certificates", CERTIFICATE_READERS),
     ("console.enrollment", "Enrollment", ENROLLMENT),
+    ("console.acme", "ACME", (Role.ADMIN, Role.AUDITOR)),
     ("console.audit", "Audit", api.AUDIT_READERS),
     ("console.tokens", "Tokens", (Role.ADMIN,)),
 )
@@ -319,6 +321,10 @@ def decode(der: bytes) -> dict[str, Any]:
         value = extension.value
         if isinstance(value, x509.SubjectAlternativeName | x509.IssuerAlternativeName):
             text = ", ".join(str(n.value) for n in value)
+        elif isinstance(value, x509.SubjectKeyIdentifier):
+            text = value.digest.hex(":").upper()
+        elif isinstance(value, x509.AuthorityKeyIdentifier) and value.key_identifier:
+            text = value.key_identifier.hex(":").upper()
         elif isinstance(value, x509.ExtendedKeyUsage):
             text = ", ".join(getattr(u, "_name", u.dotted_string) for u in value)
         else:
@@ -487,17 +493,29 @@ def revoke_certificate(ca_id: str, serial: str) -> ResponseReturnValue:
 # -- enrollment ------------------------------------------------------------------------------
 
 
-def scep_connectors() -> dict[str, Any]:
-    from pkigate.scep.connector import ScepConnector
+def connectors_of(kind: type[Connector]) -> dict[str, Any]:
+    """The configured connectors of one type, by name."""
+    found: list[Connector] = gateway().connectors
+    return {c.context.name: c for c in found if isinstance(c, kind)}
 
-    return {c.context.name: c for c in gateway().connectors if isinstance(c, ScepConnector)}
 
-
-def scep_connector(name: str) -> Any:
-    found = scep_connectors().get(name)
+def connector_named(kind: type[Connector], name: str) -> Any:
+    found = connectors_of(kind).get(name)
     if found is None:
         abort(404)
     return found
+
+
+def scep_connectors() -> dict[str, Any]:
+    from pkigate.scep.connector import ScepConnector
+
+    return connectors_of(ScepConnector)
+
+
+def scep_connector(name: str) -> Any:
+    from pkigate.scep.connector import ScepConnector
+
+    return connector_named(ScepConnector, name)
 
 
 def enrollment_page(challenge: tuple[str, Any] | None = None) -> str:
@@ -567,6 +585,50 @@ def download_profile(name: str) -> Response:
         mimetype="application/x-apple-aspen-config",
         headers={"Content-Disposition": f'attachment; filename="{name}.mobileconfig"'},
     )
+
+
+def acme_connector(name: str) -> Any:
+    from pkigate.acme.connector import AcmeConnector
+
+    return connector_named(AcmeConnector, name)
+
+
+@console.get("/acme")
+@allowed(Role.ADMIN, Role.AUDITOR)
+def acme() -> str:
+    """ACME accounts and EAB keys, as the EAB API allows them to be read (admins and
+    auditors)."""
+    return acme_page()
+
+
+def acme_page(created: tuple[str, Any, str] | None = None) -> str:
+    from pkigate.acme.connector import AcmeConnector
+    from pkigate.core.store import acme as acme_store
+
+    core = gateway().core
+    with core.store.read() as conn:
+        listed = [
+            (connector, acme_store.accounts(conn, name, PAGE), acme_store.eab_keys(conn, name))
+            for name, connector in connectors_of(AcmeConnector).items()
+        ]
+    return page("acme.html", title="ACME", connectors=listed, created=created)
+
+
+@console.post("/acme/<name>/eab-keys")
+@allowed(Role.ADMIN)
+def create_eab_key(name: str) -> str:
+    label = request.form.get("label", "").strip()[:256] or None
+    record, secret = acme_connector(name).create_eab_key(
+        principal().actor(g.request_id), label=label, allowed=None, default_profile=None
+    )
+    return acme_page((name, record, secret))
+
+
+@console.post("/acme/<name>/eab-keys/<kid>/revoke")
+@allowed(Role.ADMIN)
+def revoke_eab_key(name: str, kid: str) -> ResponseReturnValue:
+    acme_connector(name).revoke_eab_key(principal().actor(g.request_id), kid)
+    return redirect(url_for("console.acme"))
 
 
 # -- audit -----------------------------------------------------------------------------------

@@ -75,6 +75,11 @@ mount = "/mdm"
 [connectors.settings]
 pending = true
 challenge = "{HELD_CHALLENGE}"
+
+[[connectors]]
+type = "acme"
+name = "acme"
+mount = "/acme"
 """
 
 
@@ -236,11 +241,11 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
 
 def test_each_role_sees_only_what_it_may(console: Console) -> None:
     allowed = {
-        "admin": ["CAs", "Enrollment", "Audit", "Tokens"],
+        "admin": ["CAs", "Enrollment", "ACME", "Audit", "Tokens"],
         "issuer": ["CAs", "Certificates", "Enrollment"],
-        "auditor": ["CAs", "Certificates", "Audit"],
+        "auditor": ["CAs", "Certificates", "ACME", "Audit"],
     }
-    refused = {"admin": "/certificates", "issuer": "/tokens", "auditor": "/enrollment"}
+    refused = {"admin": "/certificates", "issuer": "/acme", "auditor": "/enrollment"}
     for role, pages in allowed.items():
         console.sign_in(role)
         assert console.texts("header nav a") == pages
@@ -310,6 +315,39 @@ def test_admin_pages_tokens_and_a_ca_confirmation_that_names_it(console: Console
     )
     console.click(row.find_element(By.CSS_SELECTOR, "button"))
     assert api.get(f"{console.server.https_url}/api/v1/audit/verify", timeout=10).status_code == 401
+
+
+def test_acme_eab_key_created_once_shown_and_revoked_by_an_admin(console: Console) -> None:
+    console.sign_in("admin")
+    console.open("/acme")
+    assert console.texts(".accounts tbody td") == ["No account yet."]
+    console.driver.find_element(By.CSS_SELECTOR, ".eab-label").send_keys("for <b>lab</b>")
+    console.click(console.driver.find_element(By.CSS_SELECTOR, "button.create-eab"))
+    kid, hmac_key = console.text("#new-kid"), console.text("#new-hmac")
+    assert kid.startswith("kid-") and len(hmac_key) >= 40
+    console.screenshot("acme")
+    with console.database() as db:
+        label, revoked = db.execute(
+            "SELECT label, revoked_at FROM acme_eab_keys WHERE id = ?", (kid,)
+        ).fetchone()
+    assert (label, revoked) == ("for <b>lab</b>", None)
+    console.open("/acme")
+    assert hmac_key not in console.driver.page_source
+    row = next(
+        r
+        for r in console.driver.find_elements(By.CSS_SELECTOR, ".eab-keys tbody tr")
+        if kid in r.text
+    )
+    assert "for <b>lab</b>" in row.text
+    console.click(row.find_element(By.CSS_SELECTOR, "button.revoke-eab"))
+    with console.database() as db:
+        (revoked,) = db.execute(
+            "SELECT revoked_at FROM acme_eab_keys WHERE id = ?", (kid,)
+        ).fetchone()
+    assert revoked is not None
+    assert [e["resource"] for e in console.store_audit("acme.eab_key.revoke")] == [
+        f"connector/acme/eab-key/{kid}"
+    ]
 
 
 def test_scep_issued_certificate_found_by_subject_and_revoked(

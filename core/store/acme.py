@@ -157,6 +157,18 @@ def account_by_thumbprint(
     return None if row is None else _account(row)
 
 
+def accounts(conn: Connection, connector: str, limit: int) -> list[AccountRecord]:
+    """A connector's newest accounts first (the console's list)."""
+    c = schema.acme_accounts.c
+    rows = conn.execute(
+        select(schema.acme_accounts)
+        .where(c.connector == connector)
+        .order_by(c.created_at.desc())
+        .limit(limit)
+    )
+    return [_account(row) for row in rows]
+
+
 def insert_account(conn: Connection, record: AccountRecord) -> None:
     conn.execute(
         insert(schema.acme_accounts).values(
