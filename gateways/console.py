@@ -214,6 +214,7 @@ def page(template: str, **context: Any) -> str:
 
 
 NAVIGATION = (
+    ("console.home", "Dashboard", ALL_ROLES),
     ("console.cas", "CAs", ALL_ROLES),
     ("console.certificates", "Certificates", CERTIFICATE_READERS),
     ("console.enrollment", "Enrollment", ENROLLMENT),
@@ -226,11 +227,52 @@ NAVIGATION = (
 # -- sign in and out -------------------------------------------------------------------------
 
 
+EXPIRY_WINDOWS = (7, 30, 90)
+CHART_DAYS = 14
+
+
 @console.get("/")
 @allowed(*ALL_ROLES)
-def home() -> ResponseReturnValue:
-    first = next(e for e, _label, roles in NAVIGATION if principal().role in roles)
-    return redirect(url_for(first))
+def home() -> str:
+    """The dashboard: counts only (no certificate's details), so every role sees it, as
+    /metrics shows the same figures without a token."""
+    from pkigate.core.store.jobs import JobStatus
+
+    gw = gateway()
+    core = gw.core
+    now = core.clock()
+    start = (now - timedelta(days=CHART_DAYS - 1)).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+    with core.store.read() as conn:
+        expiring = [
+            (
+                days,
+                core.store.count_certificates(
+                    conn,
+                    status=CertificateStatus.ISSUED.value,
+                    not_expired_at=now,
+                    expiring_before=now + timedelta(days=days),
+                ),
+            )
+            for days in EXPIRY_WINDOWS
+        ]
+        per_day = core.store.issued_per_day(conn, start)
+    days = [(start + timedelta(days=i)).date().isoformat() for i in range(CHART_DAYS)]
+    highest = max(per_day.values(), default=0) or 1
+    # Bar lengths in twentieths: the stylesheet has a class for each (no inline styles).
+    chart = [(day, per_day.get(day, 0), round(20 * per_day.get(day, 0) / highest)) for day in days]
+    pending = sum(len(c.approvals.pending()) for c in scep_connectors().values())
+    return page(
+        "dashboard.html",
+        title="Dashboard",
+        rows=ca_rows(),
+        expiring=expiring,
+        chart=chart,
+        pending=pending,
+        failed_jobs=core.jobs.counts()[JobStatus.FAILED],
+        anchor=core.audit.anchor_status(),
+    )
 
 
 @console.route("/signin", methods=["GET", "POST"])
@@ -300,16 +342,20 @@ def _tree(views: list[Any]) -> list[tuple[int, Any]]:
     return list(walk(None, 0))
 
 
-@console.get("/cas")
-@allowed(*ALL_ROLES)
-def cas() -> str:
+def ca_rows() -> list[tuple[int, Any, int | None]]:
+    """The CAs in hierarchy order: depth, view, and days until the certificate expires."""
     core = gateway().core
     now = core.clock()
-    rows = [
+    return [
         (depth, view, (view.record.not_after - now).days if view.record.not_after else None)
         for depth, view in _tree(core.authorities.list_cas())
     ]
-    return page("cas.html", title="CAs", rows=rows)
+
+
+@console.get("/cas")
+@allowed(*ALL_ROLES)
+def cas() -> str:
+    return page("cas.html", title="CAs", rows=ca_rows())
 
 
 def decode(der: bytes) -> dict[str, Any]:

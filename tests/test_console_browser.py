@@ -241,9 +241,9 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
 
 def test_each_role_sees_only_what_it_may(console: Console) -> None:
     allowed = {
-        "admin": ["CAs", "Enrollment", "ACME", "Audit", "Tokens"],
-        "issuer": ["CAs", "Certificates", "Enrollment"],
-        "auditor": ["CAs", "Certificates", "ACME", "Audit"],
+        "admin": ["Dashboard", "CAs", "Enrollment", "ACME", "Audit", "Tokens"],
+        "issuer": ["Dashboard", "CAs", "Certificates", "Enrollment"],
+        "auditor": ["Dashboard", "CAs", "Certificates", "ACME", "Audit"],
     }
     refused = {"admin": "/certificates", "issuer": "/acme", "auditor": "/enrollment"}
     for role, pages in allowed.items():
@@ -543,11 +543,46 @@ def test_a_subject_with_markup_is_shown_as_text(console: Console) -> None:
     assert "&lt;script" in console.driver.page_source
 
 
+def test_dashboard_counts_match_the_store(console: Console) -> None:
+    # Something to count: one certificate now, one request held for approval.
+    cn = f"dashboard-{uuid.uuid4().hex[:6]}"
+    issued = Scep(console.server, "/scep").enroll(Device.new(cn), STATIC_CHALLENGE, cn, cn)
+    assert issued.status is PkiStatus.SUCCESS, issued.fail_info_text
+    held = Scep(console.server, "/mdm").enroll(Device.new(cn), HELD_CHALLENGE, cn, cn)
+    assert held.status is PkiStatus.PENDING
+    console.sign_in("auditor")
+    console.open("/")
+    console.screenshot("dashboard")
+    today = datetime.now(UTC).date().isoformat()
+    with console.database() as db:
+        (issued_today,) = db.execute(
+            "SELECT count(*) FROM certificates WHERE substr(issued_at, 1, 10) = ?", (today,)
+        ).fetchone()
+        (pending,) = db.execute(
+            "SELECT count(*) FROM scep_transactions WHERE status = 'PENDING'"
+        ).fetchone()
+        (within_90,) = db.execute(
+            "SELECT count(*) FROM certificates WHERE status = 'ISSUED' AND not_after > ? "
+            "AND not_after <= ?",
+            (
+                datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                (datetime.now(UTC) + timedelta(days=90)).strftime("%Y-%m-%d %H:%M:%S"),
+            ),
+        ).fetchone()
+    chart = dict((row.split()[0], int(row.split()[-1])) for row in console.texts("#chart tbody tr"))
+    assert len(chart) == 14 and chart[today] == issued_today >= 1, chart
+    assert int(console.text("#pending-count")) == pending >= 1
+    assert int(console.text(".expiring-90")) == within_90
+    assert console.text("#failed-jobs") == "0"
+    assert console.text("#audit-state") == "ok"
+    assert len(console.texts("#cas tbody tr")) == 2
+
+
 def test_pages_fit_a_phone_and_come_with_a_strict_policy(console: Console) -> None:
     console.sign_in("auditor")
     console.driver.set_window_size(390, 844)
     try:
-        for path in ("/cas", "/certificates", "/audit"):
+        for path in ("/", "/cas", "/certificates", "/audit"):
             console.open(path)
             overflow = console.driver.execute_script(
                 "return document.documentElement.scrollWidth - window.innerWidth"

@@ -66,6 +66,10 @@ def test_wheel_carries_every_package_and_the_migrations(tmp_path: Path) -> None:
         "pkigate/core/store/migrations/env.py",
         "pkigate/core/store/migrations/script.py.mako",
         "pkigate/core/store/migrations/versions/0001_initial_schema.py",
+        # The console's pages and stylesheet (package data).
+        "pkigate/gateways/console_templates/base.html",
+        "pkigate/gateways/console_templates/_forms.html",
+        "pkigate/gateways/console_static/console.css",
     ):
         assert expected in names
     assert not any(n.startswith(("acme/", "core/", "tests/")) for n in names)

@@ -153,3 +153,45 @@ def test_fast_select_reads_exactly_what_sqlalchemy_reads(core: Core) -> None:
             "authz-1",
         ]
         assert acme_store.authorization_by_id(conn, "acme", "authz-1") == authorizations[1]
+
+
+def test_console_queries_search_certificates_count_days_and_find_events(
+    core: Core, issuing, clock
+) -> None:
+    """The console's and the audit API's queries, on SQLite and PostgreSQL alike."""
+    from datetime import timedelta
+
+    from helpers import make_csr
+
+    from pkigate.core import IssuanceRequest, Requester, Validity
+
+    def issue(cn: str, requester: str) -> str:
+        request = IssuanceRequest(
+            issuing.record.id, make_csr(cn), Validity.parse("30d"), Requester(requester)
+        )
+        return core.issue(request).serial
+
+    with core.store.read() as conn:
+        before = core.store.issued_per_day(conn, clock() - timedelta(days=7))  # the CAs'
+    first = issue("Printer-7.example.test", "mdm-fleet")
+    clock.advance(timedelta(days=1))
+    second = issue("laptop_%.example.test", "helpdesk")
+    with core.store.read() as conn:
+
+        def serials(**filters: str) -> list[str]:
+            return [r.serial for r in core.store.list_certificates(conn, **filters)]
+
+        assert serials(text="printer-7") == [first]  # subject and SANs, any case
+        assert serials(text="_%") == [second]  # LIKE wildcards are literal
+        assert serials(requester="FLEET") == [first]
+        assert serials(serial=second) == [second]
+        days = core.store.issued_per_day(conn, clock() - timedelta(days=7))
+        today, yesterday = clock().date(), (clock() - timedelta(days=1)).date()
+        assert days == {yesterday.isoformat(): sum(before.values()) + 1, today.isoformat(): 1}
+        newest = core.store.find_audit_events(conn, action="certificate.", limit=2)
+        assert [e.action for e in newest] == ["certificate.issue", "certificate.issue"]
+        assert newest[0].seq > newest[1].seq
+        assert core.store.find_audit_events(conn, actor="helpdesk", limit=10)[0].seq == (
+            newest[0].seq
+        )
+        assert core.store.find_audit_events(conn, since=clock() + timedelta(hours=1)) == []

@@ -530,6 +530,17 @@ class Store:
             query = query.where(c.not_after <= expiring_before)
         return int(conn.execute(query).scalar_one())
 
+    def issued_per_day(self, conn: Connection, since: datetime) -> dict[str, int]:
+        """Certificates issued on each UTC day (YYYY-MM-DD) since ``since``; days without
+        any are absent."""
+        c = schema.certificates.c
+        stamp: Any = c.issued_at  # SQLite: UTC text; PostgreSQL: in the session's zone
+        day = func.date(stamp if self.dialect == "sqlite" else func.timezone("UTC", stamp))
+        rows = conn.execute(
+            select(day, func.count()).where(c.issued_at >= since).group_by(day)
+        ).all()
+        return {str(found): int(count) for found, count in rows}
+
     def insert_certificates(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> list[int]:
         """Insert many certificate rows in one round trip; ids in the order given."""
         return self._fast_certificates.execute(conn, rows) if rows else []
