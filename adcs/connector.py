@@ -251,19 +251,15 @@ class AdcsConnector(Connector):
         @requires(Role.ADMIN, Role.ISSUER)
         def approve(request_id: int) -> Response:
             try:
-                outcome = self.service.approve(request_id, actor())
-            except EnrollmentRefused as refusal:
-                raise BadRequestError(f"{refusal.code}: {refusal.message}") from None
+                certificate = self.approve_pending(request_id, actor())
             except DirectoryError as exc:
-                # Nothing was decided: the request stays pending for a later approval.
-                return error_response(503, "directoryUnavailable", _unavailable(exc).message)
-            assert outcome.certificate is not None
+                return error_response(503, "directoryUnavailable", unavailable_message(exc))
             return jsonify(
                 {
                     "request_id": request_id,
                     "status": "issued",
-                    "serial": format(outcome.certificate.serial_number, "x"),
-                    "certificate": _pem(outcome.certificate),
+                    "serial": format(certificate.serial_number, "x"),
+                    "certificate": _pem(certificate),
                 }
             )
 
@@ -274,6 +270,17 @@ class AdcsConnector(Connector):
             return jsonify(self.service.reject(request_id, actor(), body["reason"]).to_json())
 
         return bp
+
+    def approve_pending(self, request_id: int, who: Actor) -> x509.Certificate:
+        """Issue a held request (the API's and the console's path); a refusal is a
+        BadRequestError. A DirectoryError goes to the caller: nothing was decided, and the
+        request stays pending for a later approval."""
+        try:
+            outcome = self.service.approve(request_id, who)
+        except EnrollmentRefused as refusal:
+            raise BadRequestError(f"{refusal.code}: {refusal.message}") from None
+        assert outcome.certificate is not None
+        return outcome.certificate
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -585,11 +592,12 @@ def _pem(certificate: x509.Certificate) -> str:
     return certificate.public_bytes(serialization.Encoding.PEM).decode()
 
 
+def unavailable_message(exc: Exception) -> str:
+    return f"the directory is unavailable ({exc}); nothing can be enrolled until it answers"
+
+
 def _unavailable(exc: Exception) -> EnrollmentRefused:
-    return EnrollmentRefused(
-        "directoryUnavailable",
-        f"the directory is unavailable ({exc}); nothing can be enrolled until it answers",
-    )
+    return EnrollmentRefused("directoryUnavailable", unavailable_message(exc))
 
 
 def _store_unavailable(exc: StoreUnavailableError) -> EnrollmentRefused:

@@ -564,15 +564,27 @@ def scep_connector(name: str) -> Any:
     return connector_named(ScepConnector, name)
 
 
+def adcs_connectors() -> dict[str, Any]:
+    from pkigate.adcs.connector import AdcsConnector
+
+    return connectors_of(AdcsConnector)
+
+
 def enrollment_page(challenge: tuple[str, Any] | None = None) -> str:
     scep = scep_connectors()
     pending = [(name, held) for name, c in scep.items() for held in c.approvals.pending()]
+    held_adcs = [
+        (name, held.to_json())
+        for name, c in adcs_connectors().items()
+        for held in c.service.pending()
+    ]
     return page(
         "enrollment.html",
         title="Enrollment",
         connectors=gateway().connectors,
         scep=scep,
         pending=pending,
+        adcs_pending=held_adcs,
         challenge=challenge,
     )
 
@@ -597,6 +609,39 @@ def reject(name: str) -> ResponseReturnValue:
     transaction_id = request.form.get("transaction_id", "")
     reason = request.form.get("reason", "")
     scep_connector(name).approvals.reject(transaction_id, principal().actor(g.request_id), reason)
+    return redirect(url_for("console.enrollment"))
+
+
+def adcs_request(name: str) -> tuple[Any, int]:
+    connector = adcs_connectors().get(name)
+    if connector is None:
+        abort(404)
+    try:
+        return connector, int(request.form.get("request_id", ""))
+    except ValueError:
+        raise BadRequestError("request_id must be a number") from None
+
+
+@console.post("/enrollment/adcs/<name>/pending/approve")
+@allowed(*ENROLLMENT)
+def approve_adcs(name: str) -> ResponseReturnValue:
+    from pkigate.adcs.connector import unavailable_message
+    from pkigate.adcs.ldapdir import DirectoryError
+
+    connector, request_id = adcs_request(name)
+    try:
+        connector.approve_pending(request_id, principal().actor(g.request_id))
+    except DirectoryError as exc:
+        return page("error.html", title="Unavailable", message=unavailable_message(exc)), 503
+    return redirect(url_for("console.enrollment"))
+
+
+@console.post("/enrollment/adcs/<name>/pending/reject")
+@allowed(*ENROLLMENT)
+def reject_adcs(name: str) -> ResponseReturnValue:
+    connector, request_id = adcs_request(name)
+    reason = request.form.get("reason", "")
+    connector.service.reject(request_id, principal().actor(g.request_id), reason)
     return redirect(url_for("console.enrollment"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import time
@@ -62,6 +63,23 @@ def issuer_token_and_issuing_ca(server: RunningServer, name: str) -> tuple[str, 
     ).json()["secret"]
     cas = admin.get(f"{server.https_url}/api/v1/cas", timeout=10).json()["cas"]
     return str(token), next(str(ca["id"]) for ca in cas if ca["type"] == "SUBORDINATE")
+
+
+def console_signin(server: RunningServer, token: str) -> tuple[requests.Session, str]:
+    """A web console session signed in with ``token`` (as the sign-in form does it) and a
+    CSRF token for its forms."""
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(server.tls_bundle)
+    url = f"{server.https_url}/console/signin"
+    form = session.get(url, timeout=10)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert csrf is not None, form.text
+    signed_in = session.post(url, data={"token": token, "csrf_token": csrf.group(1)}, timeout=10)
+    assert signed_in.status_code == 200 and "Sign out" in signed_in.text, signed_in.text
+    fresh = re.search(r'name="csrf_token" value="([^"]+)"', signed_in.text)
+    assert fresh is not None
+    return session, fresh.group(1)
 
 
 def start_server(

@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from helpers import adcs_refusals, raw_csr
 from ldap3 import MODIFY_REPLACE, Connection
 from samba_dc import SambaDC, make_samba_dc_fixture
-from serving import RunningServer, adcs_connector_config, start_server
+from serving import RunningServer, adcs_connector_config, console_signin, start_server
 from sqlalchemy import func, select
 
 from pkigate.adcs import soap
@@ -942,6 +942,45 @@ def test_pending_requests_are_approved_or_rejected_by_an_administrator(env: Env)
     )
     assert after_cli.status_code == 403 and after_cli.json()["error"] == "requestDenied"
     assert fourth not in [r["request_id"] for r in env.server.session().get(api, timeout=10).json()]
+
+
+def test_pending_requests_are_decided_in_the_web_console(env: Env) -> None:
+    approve_id = _json_enroll(env, "alice", "UserPending", _csr()[0]).json()["request_id"]
+    reject_id = _json_enroll(env, "alice", "UserPending", _csr()[0]).json()["request_id"]
+    session, csrf = console_signin(env.server, env.server.admin_token)
+    console = f"{env.server.https_url}/console/enrollment"
+    listed = session.get(console, timeout=10).text
+    for request_id in (approve_id, reject_id):
+        assert f'<td class="request-id">{request_id}</td>' in listed
+    approved = session.post(
+        f"{console}/adcs/adcs/pending/approve",
+        data={"csrf_token": csrf, "request_id": approve_id},
+        timeout=30,
+    )
+    assert approved.status_code == 200, approved.text
+    issued = env.plain().get(
+        f"{env.url}/requests/{approve_id}", auth=("alice", env.password("alice")), timeout=30
+    )
+    assert sid_from_certificate(_certificate(issued)) == env.sid("alice")
+    rejected = session.post(
+        f"{console}/adcs/adcs/pending/reject",
+        data={"csrf_token": csrf, "request_id": reject_id, "reason": "not from the console"},
+        timeout=30,
+    )
+    assert rejected.status_code == 200, rejected.text
+    assert f'<td class="request-id">{reject_id}</td>' not in rejected.text
+    final = env.plain().get(
+        f"{env.url}/requests/{reject_id}", auth=("alice", env.password("alice")), timeout=30
+    )
+    assert final.status_code == 403 and final.json()["error"] == "requestDenied"
+    # Without the form's CSRF token nothing is decided.
+    third = _json_enroll(env, "alice", "UserPending", _csr()[0]).json()["request_id"]
+    forged = session.post(
+        f"{console}/adcs/adcs/pending/approve", data={"request_id": third}, timeout=30
+    )
+    assert forged.status_code == 400
+    api = f"{env.server.https_url}/api/v1/connectors/adcs/pending"
+    assert third in [r["request_id"] for r in env.server.session().get(api, timeout=10).json()]
 
 
 def test_a_pending_request_over_wstep_answers_with_its_request_id(env: Env) -> None:
