@@ -574,7 +574,9 @@ def test_dashboard_counts_match_the_store(console: Console) -> None:
     assert int(console.text("#pending-count")) == pending >= 1
     assert int(console.text(".expiring-90")) == within_90
     assert console.text("#failed-jobs") == "0"
-    assert console.text("#audit-state") == "ok"
+    # Background jobs (CRLs after the revocation) may have committed an event whose anchor
+    # line is still being written: "anchor-behind" is that moment, not a fault.
+    assert console.text("#audit-state") in ("ok", "anchor-behind")
     assert len(console.texts("#cas tbody tr")) == 2
 
 
