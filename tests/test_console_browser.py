@@ -27,7 +27,7 @@ import pytest
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from serving import RunningServer, start_server
+from serving import RunningServer, console_signin, start_server
 from test_ocsp import openssl_ocsp
 from test_scep import Device, load_certs_only
 
@@ -521,6 +521,22 @@ def test_forged_post_and_expired_session_are_refused(console: Console) -> None:
     console.sign_in("auditor")
     with console.database() as db:
         assert db.execute("SELECT count(*) FROM console_sessions").fetchone() == (1,)
+
+
+def test_revoking_the_token_ends_its_console_sessions(console: Console) -> None:
+    admin = console.server.session()
+    created = admin.post(
+        f"{console.server.https_url}/api/v1/tokens",
+        json={"name": "short-lived", "role": "auditor"},
+        timeout=10,
+    ).json()
+    session, _csrf = console_signin(console.server, created["secret"])
+    assert session.get(console.url("/audit"), timeout=10).status_code == 200
+    revoked = admin.delete(f"{console.server.https_url}/api/v1/tokens/{created['id']}", timeout=10)
+    assert revoked.status_code == 200
+    refused = session.get(console.url("/audit"), timeout=10, allow_redirects=False)
+    assert refused.status_code == 302
+    assert "revoked" in refused.headers["Location"]
 
 
 def test_a_subject_with_markup_is_shown_as_text(console: Console) -> None:
