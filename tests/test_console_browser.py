@@ -120,7 +120,10 @@ class Console:
         """Click what submits a form or follows a link, and wait for the next page."""
         page = self.driver.find_element(By.TAG_NAME, "html")
         element.click()
-        WebDriverWait(self.driver, 30).until(staleness_of(page))
+        wait = WebDriverWait(self.driver, 30)
+        wait.until(staleness_of(page))
+        # The old page is gone when the new one starts loading, not when it has loaded.
+        wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
 
     def press(self, element_id: str) -> None:
         self.click(self.driver.find_element(By.ID, element_id))
