@@ -1362,7 +1362,13 @@ def audit_verify(state: State) -> None:
 @click.option("--since", help="From this time (ISO 8601; UTC without an offset).")
 @click.option("--until", help="Before this time (ISO 8601; UTC without an offset).")
 @click.option("--request-id", help="The X-Request-Id of the request that caused them.")
-@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=100,
+    show_default=True,
+    help="At most this many events, newest first.",
+)
 @pass_state
 @reports_errors
 def audit_list(
@@ -1375,7 +1381,12 @@ def audit_list(
     request_id: str | None,
     limit: int,
 ) -> None:
-    """Audit events, newest first, filtered (as GET /api/v1/audit/events)."""
+    """Audit events, newest first, filtered (as GET /api/v1/audit/events).
+
+    \b
+    Example:
+      pkigate audit list --action certificate.revoke --since 2026-12-01T00:00:00
+    """
     from pkigate.gateways.api import audit_event_json, find_audit_events
 
     filters = {
