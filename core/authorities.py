@@ -30,6 +30,7 @@ from pkigate.core.errors import (
     PkigateError,
     PolicyViolationError,
 )
+from pkigate.core.events import DEFAULT_EXPIRY_NOTICE_DAYS, Event, EventLog, EventType
 from pkigate.core.keys import KeyBackends, KeyStorage
 from pkigate.core.model import (
     CAStatus,
@@ -82,6 +83,10 @@ class CASettings:
     crl_regenerate_delay_seconds: int = 10
     ocsp_enabled: bool = False
     ocsp_response_validity_seconds: int = 3600
+    # certificate.expiring and ca.expiring are emitted this many days before notAfter;
+    # a template named here has lead times of its own for what this CA issues with it.
+    expiry_notice_days: tuple[int, ...] = DEFAULT_EXPIRY_NOTICE_DAYS
+    expiry_notice_days_by_template: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     _KEYS = (
         "crl_url",
@@ -97,6 +102,8 @@ class CASettings:
         "crl_regenerate_delay_seconds",
         "ocsp_enabled",
         "ocsp_response_validity_seconds",
+        "expiry_notice_days",
+        "expiry_notice_days_by_template",
     )
     _BOUNDS = {
         "backdate_seconds": (0, 86400),
@@ -151,8 +158,20 @@ class CASettings:
             crl_enabled=bool(crl_url) if crl_enabled is None else bool(crl_enabled),
             crl_mode=mode,
             ocsp_enabled=bool(data.get("ocsp_enabled")),
+            expiry_notice_days=_notice_days(
+                data.get("expiry_notice_days", DEFAULT_EXPIRY_NOTICE_DAYS), "expiry_notice_days"
+            ),
+            expiry_notice_days_by_template=_notice_days_by_template(
+                data.get("expiry_notice_days_by_template") or {}
+            ),
             **numbers,
         )
+
+    def notice_days(self, template: str | None) -> tuple[int, ...]:
+        """Lead times in days, longest first, for a certificate of ``template``."""
+        if template is not None and template in self.expiry_notice_days_by_template:
+            return self.expiry_notice_days_by_template[template]
+        return self.expiry_notice_days
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -171,6 +190,10 @@ class CASettings:
             "crl_regenerate_delay_seconds": self.crl_regenerate_delay_seconds,
             "ocsp_enabled": self.ocsp_enabled,
             "ocsp_response_validity_seconds": self.ocsp_response_validity_seconds,
+            "expiry_notice_days": list(self.expiry_notice_days),
+            "expiry_notice_days_by_template": {
+                name: list(days) for name, days in self.expiry_notice_days_by_template.items()
+            },
         }
 
     @property
@@ -185,6 +208,28 @@ class CASettings:
             if self.partitioned
             else self.crl_url
         )
+
+
+_MAX_NOTICE_DAYS = 3650
+
+
+def _notice_days(value: Any, key: str) -> tuple[int, ...]:
+    """A list of distinct lead times (1 to 3650 days), kept longest first."""
+    if not isinstance(value, list | tuple) or len(value) > 16:
+        raise BadRequestError(f"{key} must be a list of at most 16 numbers of days")
+    for day in value:
+        if isinstance(day, bool) or not isinstance(day, int) or not 1 <= day <= _MAX_NOTICE_DAYS:
+            raise BadRequestError(f"{key}: each lead time is 1 to {_MAX_NOTICE_DAYS} days")
+    return tuple(sorted(set(value), reverse=True))
+
+
+def _notice_days_by_template(value: Any) -> dict[str, tuple[int, ...]]:
+    if not isinstance(value, Mapping):
+        raise BadRequestError("expiry_notice_days_by_template maps template names to lists")
+    return {
+        str(name): _notice_days(days, f"expiry_notice_days_by_template[{name}]")
+        for name, days in value.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -401,12 +446,18 @@ def check_idempotency_token(token: str | None) -> None:
 
 class AuthorityService:
     def __init__(
-        self, store: Store, keys: KeyBackends, audit: AuditLog, clock: Callable[[], datetime]
+        self,
+        store: Store,
+        keys: KeyBackends,
+        audit: AuditLog,
+        clock: Callable[[], datetime],
+        events: EventLog,
     ) -> None:
         self._store = store
         self._keys = keys
         self._audit = audit
         self._clock = clock
+        self._events = events
         self._cache: dict[str, tuple[datetime, SigningMaterial]] = {}
         self._cache_lock = threading.Lock()
         self.subordinate_signer: SubordinateSigner | None = None
@@ -1019,6 +1070,23 @@ class AuthorityService:
                 raise NotFoundError(f"no CA with id {ca_id}")
             values = change(record, conn)
             self._store.update_ca(conn, ca_id, updated_at=now, **values)
+            if values.get("status", record.status) != record.status:
+                self._events.emit(
+                    conn,
+                    [
+                        Event(
+                            EventType.CA_STATUS_CHANGED,
+                            now,
+                            ca_id=ca_id,
+                            data={
+                                "from": record.status,
+                                "to": values["status"],
+                                "subject": record.subject,
+                                "by": actor.principal,
+                            },
+                        )
+                    ],
+                )
             self._audit.record(
                 conn,
                 actor,

@@ -41,6 +41,7 @@ from pkigate.core.errors import (
     PolicyViolationError,
     StoreUnavailableError,
 )
+from pkigate.core.events import Event, EventLog, EventType
 from pkigate.core.groupcommit import GroupCommit
 from pkigate.core.model import CAStatus, CertificateStatus, SigningAlgorithm, Validity
 from pkigate.core.names import NamePolicy, format_dn, format_general_name
@@ -213,11 +214,13 @@ class Issuer:
         templates: TemplateCatalogue,
         audit: AuditLog,
         clock: Callable[[], datetime],
+        events: EventLog,
     ) -> None:
         self._store = store
         self._authorities = authorities
         self._templates = templates
         self._audit = audit
+        self._events = events
         self._clock = clock
         self._commits: GroupCommit[_Prepared, IssuedCertificate] = GroupCommit(self._commit_batch)
         self._issuers: dict[str, _IssuerFacts] = {}
@@ -516,6 +519,8 @@ class Issuer:
             if prepared.request.record_with is not None:
                 prepared.request.record_with(conn, issued)
             outcomes[index] = issued
+        # One row per certificate, in the batch's transaction and one round trip.
+        self._events.emit(conn, [_issued_event(batch[i]) for i in accepted])
         self._audit.record_many(conn, [*(batch[i].audit for i in accepted), *discarded])
         return [o for o in outcomes if o is not None]
 
@@ -570,6 +575,26 @@ class Issuer:
         assert record is not None
         material = self._authorities.signing_material(request.ca_id, now, require_active=False)
         return IssuedCertificate(x509.load_der_x509_certificate(record.der), material.chain, record)
+
+
+def _issued_event(prepared: _Prepared) -> Event:
+    row = prepared.row
+    return Event(
+        EventType.CERTIFICATE_ISSUED,
+        row["issued_at"],
+        ca_id=row["ca_id"],
+        serial=row["serial"],
+        template=row["template"],
+        data={
+            "subject": row["subject"],
+            "sans": prepared.sans,
+            "not_before": row["not_before"],
+            "not_after": row["not_after"],
+            "requester": row["requester"],
+            "connector": row["connector"],
+            "correlation_id": row["correlation_id"],
+        },
+    )
 
 
 def _scope(request: IssuanceRequest) -> str:

@@ -36,6 +36,7 @@ from pkigate.core.errors import (
     NotFoundError,
     StoreUnavailableError,
 )
+from pkigate.core.events import Event, EventLog, EventType
 from pkigate.core.jobs import JobHandler, JobQueue
 from pkigate.core.model import CAStatus, CertificateStatus, RevocationReason
 from pkigate.core.signing import builder_key
@@ -89,12 +90,14 @@ class RevocationService:
         audit: AuditLog,
         jobs: JobQueue,
         clock: Callable[[], datetime],
+        events: EventLog,
     ) -> None:
         self._store = store
         self._authorities = authorities
         self._audit = audit
         self._jobs = jobs
         self._clock = clock
+        self._events = events
         self._crl_cache: dict[tuple[str, int], PublishedCRL] = {}
         self._crl_cache_lock = threading.Lock()
 
@@ -162,6 +165,26 @@ class RevocationService:
                 at=now,
                 parameters={"serial": serial, "reason": reason.value, "subject": record.subject},
             )
+            self._events.emit(
+                conn,
+                [
+                    Event(
+                        EventType.CERTIFICATE_REVOKED,
+                        now,
+                        ca_id=ca_id,
+                        serial=serial,
+                        template=record.template,
+                        data={
+                            "subject": record.subject,
+                            "sans": list(record.sans),
+                            "reason": reason.value,
+                            "revoked_by": actor.principal,
+                            "requester": record.requester,
+                            "not_after": record.not_after,
+                        },
+                    )
+                ],
+            )
             updated = self._store.get_certificate(conn, ca_id, serial)
         assert updated is not None
         return updated
@@ -222,7 +245,20 @@ class RevocationService:
         return {CRL_JOB: self._crl_job}
 
     def _crl_job(self, payload: dict[str, Any]) -> None:
-        self.generate_crl(str(payload["ca_id"]), int(payload["partition"]))
+        ca_id, partition = str(payload["ca_id"]), int(payload["partition"])
+        try:
+            self.generate_crl(ca_id, partition)
+        except Exception as exc:
+            # Nothing was stored for the CRL: the event stands alone. The job is retried.
+            self._events.emit_alone(
+                Event(
+                    EventType.CRL_PUBLISH_FAILED,
+                    self._clock(),
+                    ca_id=ca_id,
+                    data={"partition": partition, "error": str(exc)[:500]},
+                )
+            )
+            raise
 
     def partitions(self, ca_id: str) -> list[int]:
         """The partitions a CA has CRLs for: [0] when complete, [1..n] when partitioned."""

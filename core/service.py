@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from pkigate.core.audit import Actor, AuditLog
 from pkigate.core.authorities import AuthorityService
 from pkigate.core.errors import DataDirectoryError, StoreIntegrityError
+from pkigate.core.events import EventLog
+from pkigate.core.expiry import ExpiryScanner
 from pkigate.core.issuance import IssuanceRequest, IssuedCertificate, Issuer, Requester
 from pkigate.core.jobs import JobQueue
 from pkigate.core.keys import KeyBackends, KeyEncryptionKey, SoftwareKeyBackend
@@ -100,6 +102,8 @@ class Core:
     ocsp: OCSPResponder
     secrets: SharedSecrets
     keys: KeyBackends
+    events: EventLog
+    expiry: ExpiryScanner
 
     @classmethod
     def open(
@@ -140,11 +144,12 @@ class Core:
         if sample is not None:
             software.check_kek(sample)
         keys = KeyBackends(software, _token_backend(pkcs11))
-        authorities = AuthorityService(store, keys, audit, clock)
+        events = EventLog(store, clock)
+        authorities = AuthorityService(store, keys, audit, clock, events)
         templates = TemplateCatalogue()
-        issuer = Issuer(store, authorities, templates, audit, clock)
+        issuer = Issuer(store, authorities, templates, audit, clock, events)
         jobs = JobQueue(store, clock)
-        revocation = RevocationService(store, authorities, audit, jobs, clock)
+        revocation = RevocationService(store, authorities, audit, jobs, clock, events)
         # Responder keys are software keys, whatever holds the CA's.
         ocsp = OCSPResponder(store, authorities, software, audit, issuer.issue, clock)
         secrets = SharedSecrets(store, kek, audit, clock)
@@ -161,6 +166,8 @@ class Core:
             ocsp,
             secrets,
             keys,
+            events,
+            ExpiryScanner(store, events, clock),
         )
         authorities.subordinate_signer = core._sign_subordinate
         return core

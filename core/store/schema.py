@@ -515,3 +515,45 @@ adcs_requests = Table(
     Index("ix_adcs_requests_status", "connector", "status"),
     Index("ix_adcs_requests_certificate", "ca_id", "serial"),
 )
+
+# The outbox of events (core/events.py): each row written in the transaction of the change
+# it reports, so a rollback leaves none. ``once_key`` makes an event that a periodic job
+# finds (a certificate 30 days from expiry) unique however many workers and hosts look.
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("type", String(64), nullable=False),
+    Column("occurred_at", Timestamp, nullable=False),
+    Column("ca_id", String(64), nullable=True),
+    Column("serial", String(64), nullable=True),
+    Column("template", String(128), nullable=True),
+    Column("once_key", String(200), nullable=True, unique=True),
+    # JSON: the event's data (subject, not_after, requester, ...).
+    Column("data", Text, nullable=False),
+    Index("ix_events_type_id", "type", "id"),
+)
+
+# One row per event and destination that wants it; the delivery job updates it.
+event_deliveries = Table(
+    "event_deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), ForeignKey("events.event_id"), nullable=False),
+    Column("destination", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | delivered | dead
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("updated_at", Timestamp, nullable=False),
+    UniqueConstraint("event_id", "destination", name="uq_event_deliveries_event_destination"),
+    Index("ix_event_deliveries_status", "status"),
+)
+
+# How far each destination's dispatcher has looked (events.id), so none is looked at twice.
+event_cursors = Table(
+    "event_cursors",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("last_id", Integer, nullable=False),
+)
