@@ -294,7 +294,7 @@ def _addresses_of(
     host: str, ip: IPAddress | None, settings: ValidationSettings, deadline: _Deadline
 ) -> tuple[str, ...]:
     found = (ip.compressed,) if ip is not None else _resolve_addresses(host, settings, deadline)
-    usable = tuple(a for a in found if _may_connect(a))
+    usable = tuple(a for a in found if may_connect(a))
     if not usable:
         raise AcmeProblem(
             "connection",
@@ -304,7 +304,7 @@ def _addresses_of(
     return usable
 
 
-def _may_connect(address: str) -> bool:
+def may_connect(address: str) -> bool:
     """Private and loopback addresses are where a private CA's servers are; link-local
     ones (169.254.169.254 is a cloud's metadata service) and the unroutable are not."""
     ip = ipaddress.ip_address(address)

@@ -27,7 +27,6 @@ from pkigate.core.store import events as events_sql
 log = logging.getLogger("pkigate.core.events")
 
 EXPIRY_JOB = "events:expiry"
-EXPIRY_INTERVAL = timedelta(hours=1)
 # certificate.expired is emitted for certificates that expired at most this long ago: a
 # store that gains events holds years of expired certificates nobody needs told about.
 EXPIRED_LOOKBACK = timedelta(days=30)

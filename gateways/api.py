@@ -45,6 +45,7 @@ from pkigate.core import (
 )
 from pkigate.core.audit import render_report, report_rows
 from pkigate.core.errors import BadRequestError, NotAuthorizedError, NotFoundError, PkigateError
+from pkigate.core.events import EventType
 from pkigate.core.keys import KeyStorage
 from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.names import parse_dn
@@ -1221,6 +1222,54 @@ def audit_report(query: dict[str, Any]) -> Response:
             headers={"Content-Disposition": f'attachment; filename="audit-{ca_id}.csv"'},
         )
     return reply({"ca_id": ca_id, "certificates": rows})
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+@route(
+    Operation(
+        "GET",
+        "/events",
+        "listEvents",
+        "Events from the outbox, oldest first, with their delivery to each destination",
+        "Events",
+        (Role.ADMIN, Role.AUDITOR),
+        (json_reply(200, "One page; pass next_after as ?after= for the next", ref("EventPage")),),
+        query=(
+            Param(
+                "type",
+                "Only events of this type",
+                {"type": "string", "enum": enum_values(EventType)},
+            ),
+            Param("ca", "Only events about this CA (id)", _STRING),
+            Param(
+                "after",
+                "Only events after this position",
+                {"type": "integer", "minimum": 0, "default": 0},
+            ),
+            Param(
+                "limit",
+                "Page size",
+                {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100},
+            ),
+        ),
+    )
+)
+def list_events(query: dict[str, Any]) -> Response:
+    limit: int = query["limit"]
+    found = gateway().core.events.list(
+        after=query["after"],
+        types=[query["type"]] if query["type"] else (),
+        ca_id=query["ca"],
+        limit=limit,
+    )
+    return reply(
+        {
+            "events": [stored.to_json() for stored in found],
+            "next_after": found[-1].id if len(found) == limit else None,
+        }
+    )
 
 
 # -- tokens ----------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from pkigate.core import (
 from pkigate.core.audit import render_report, report_rows
 from pkigate.core.backup import backup_sqlite, restore_sqlite
 from pkigate.core.errors import BadRequestError, NotFoundError, PkigateError, StoreIntegrityError
+from pkigate.core.events import EventType
 from pkigate.core.keys import KeyStorage
 from pkigate.core.model import RevocationReason, parse_enum
 from pkigate.core.names import parse_dn
@@ -1917,6 +1918,44 @@ def token_revoke(state: State, token_id: str) -> None:
     state.emit(data, lambda: _token_line(data))
 
 
+# -- events ------------------------------------------------------------------------------------
+
+
+def _event_line(data: dict[str, Any]) -> str:
+    states = ", ".join(
+        f"{d['destination']}={d['status']}" + (f"({d['attempts']})" if d["attempts"] else "")
+        for d in data["deliveries"]
+    )
+    what = data["serial"] or data["ca_id"] or ""
+    return f"{data['position']:>6}  {data['occurred_at'][:19]}  {data['type']:<22} {what}  {states}"
+
+
+@main.group()
+def events() -> None:
+    """The events outbox: what happened, and its delivery to each notification."""
+
+
+@events.command("list")
+@click.option("--type", "event_type", type=_choices(list(EventType)))
+@click.option("--ca", "ca_id", help="Only events about this CA (id).")
+@click.option("--after", type=click.IntRange(0), default=0, help="Only events after this position.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@pass_state
+@reports_errors
+def events_list(
+    state: State, event_type: str | None, ca_id: str | None, after: int, limit: int
+) -> None:
+    if state.remote is not None:
+        query = {"type": event_type, "ca": ca_id, "after": after, "limit": limit}
+        found = state.remote.events(query)["events"]
+    else:
+        stored = state.audit_core.events.list(
+            after=after, types=[event_type] if event_type else (), ca_id=ca_id, limit=limit
+        )
+        found = [s.to_json() for s in stored]
+    state.emit(found, lambda: "\n".join(_event_line(e) for e in found) or "no events")
+
+
 # The --config of the connector groups (scep, adcs): which connectors the server declares.
 connectors_config_option = click.option(
     "--config",
@@ -1925,6 +1964,62 @@ connectors_config_option = click.option(
     envvar="PKIGATE_CONFIG",
     help="The server's TOML configuration, which declares the connectors (default: embedded).",
 )
+
+
+# -- notifications -------------------------------------------------------------------------
+
+
+@main.group()
+@connectors_config_option
+@pass_state
+def notifications(state: State, config_path: Path | None) -> None:
+    """The [[notifications]] of the server's configuration."""
+    state.config_path = config_path
+
+
+@notifications.command("test")
+@click.argument("name")
+@pass_state
+@reports_errors
+def notifications_test(state: State, name: str) -> None:
+    """Send a notification.test event to NAME now; says what the receiver answered."""
+    from pkigate.gateways.config import ConfigError
+    from pkigate.gateways.runtime import Gateway
+    from pkigate.gateways.serve import effective_config
+
+    try:
+        config = effective_config(state.config_path, state.data_dir, state.database_url, None)
+        gateway = Gateway.open(config)
+    except ConfigError as exc:
+        raise BadRequestError(str(exc)) from None
+    notifier = gateway.notifier
+    if notifier is None or name not in notifier.destinations:
+        configured = ", ".join(notifier.destinations) if notifier else ""
+        raise NotFoundError(f"no notification {name!r}; configured: {configured or 'none'}")
+    try:
+        event = notifier.test(name)
+    except Exception as exc:
+        raise BadRequestError(f"notification {name} failed: {exc}") from None
+    data = {"destination": name, "event_id": event.event_id, "delivered": True}
+    state.emit(data, f"delivered test event {event.event_id} to {name}")
+
+
+@notifications.command("status")
+@pass_state
+@reports_errors
+def notifications_status(state: State) -> None:
+    """Deliveries by notification and state (pending, delivered, dead)."""
+    from pkigate.gateways.notifications import deliveries_by_status
+
+    counts = deliveries_by_status(state.audit_core)
+    data = [{"destination": d, "status": s, "count": n} for (d, s), n in sorted(counts.items())]
+    state.emit(
+        data,
+        lambda: (
+            "\n".join(f"{r['destination']:<20} {r['status']:<10} {r['count']}" for r in data)
+            or "no deliveries"
+        ),
+    )
 
 
 # -- scep --------------------------------------------------------------------------------------

@@ -46,6 +46,20 @@ Example (every key optional; without a file `pkigate serve` runs the embedded de
     static_challenge = true           # one shared challenge, generated and kept in the store
     dynamic_challenges = false        # no one-time challenges from the API
 
+    notifications_poll_seconds = 5    # how soon a new event is handed to its destinations
+    expiry_scan_seconds = 3600        # how often expiring certificates and CAs are looked for
+
+    [[notifications]]                 # events to a webhook (gateways/notifications.py)
+    name = "chat"
+    type = "webhook"
+    url = "https://hooks.example.com/pki"
+    secret_env = "PKIGATE_CHAT_SECRET"   # or secret_file; signs the body (HMAC-SHA256)
+    events = ["certificate.expiring", "ca.expiring"]   # filters; empty or absent: all
+    cas = ["issuing"]
+    templates = []
+    timeout_seconds = 10
+    max_attempts = 8                  # then the delivery is dead-lettered
+
 A wrong key, type or value is reported as ``FILE:LINE: key.path: problem`` and the server
 does not start; `pkigate config check FILE` reports the same without starting anything.
 """
@@ -60,10 +74,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pkigate.core.events import EventType
 from pkigate.core.keys import KeyStorage
 from pkigate.core.model import CAType, KeyAlgorithm, SigningAlgorithm, UsageMode, Validity
 from pkigate.core.names import parse_dn
 from pkigate.core.pkcs11 import Pkcs11Settings
+from pkigate.gateways.notifications import check_webhook_url
 
 DEFAULT_HTTP = "127.0.0.1:8080"
 DEFAULT_HTTPS = "127.0.0.1:8443"
@@ -128,6 +144,24 @@ class ConnectorConfig:
 
 
 @dataclass(frozen=True)
+class NotificationConfig:
+    """A ``[[notifications]]`` entry: where events go (gateways/notifications.py)."""
+
+    name: str
+    type: str  # "webhook"
+    url: str
+    secret_file: Path | None = None
+    secret_env: str | None = None
+    timeout_seconds: int = 10
+    max_attempts: int = 8
+    allow_reserved_addresses: bool = False
+    # Filters (empty: everything): event types, CA names from [[cas]], template names.
+    events: tuple[str, ...] = ()
+    cas: tuple[str, ...] = ()
+    templates: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     data_dir: Path | None = None
     database_url: str | None = None
@@ -149,6 +183,11 @@ class GatewayConfig:
     cas: tuple[CAConfig, ...] = ()
     connectors: tuple[ConnectorConfig, ...] | None = None  # None: every installed type
     pkcs11: Pkcs11Settings | None = None
+    notifications: tuple[NotificationConfig, ...] = ()
+    # How often the outbox is looked at for events to deliver.
+    notifications_poll_seconds: int = 5
+    # How often certificates and CAs are looked at for expiry events (core/expiry.py).
+    expiry_scan_seconds: int = 3600
     source: str = "embedded default"
     text: str = field(default="", repr=False, compare=False)  # to locate later problems
 
@@ -326,6 +365,9 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
             "cas",
             "connectors",
             "pkcs11",
+            "notifications",
+            "notifications_poll_seconds",
+            "expiry_scan_seconds",
         ],
     )
     pkcs11 = _parse_pkcs11(reader, data)
@@ -408,6 +450,15 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
                     f"connectors[{i}].name", f"duplicate connector name {connector.name!r}"
                 )
             seen.add(connector.name)
+    notifications = tuple(
+        _parse_notification(reader, item, i, names)
+        for i, item in enumerate(_array(reader, data, "notifications"))
+    )
+    for i, notification in enumerate(notifications):
+        if [n.name for n in notifications].count(notification.name) > 1:
+            raise reader.error(
+                f"notifications[{i}].name", f"duplicate notification name {notification.name!r}"
+            )
     data_dir = reader.string(data, "data_dir", "data_dir")
     return GatewayConfig(
         data_dir=Path(data_dir) if data_dir else None,
@@ -435,6 +486,13 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
         cas=cas,
         connectors=connectors,
         pkcs11=pkcs11,
+        notifications=notifications,
+        notifications_poll_seconds=reader.integer(
+            data, "notifications_poll_seconds", "notifications_poll_seconds", 5, 1, 3600
+        ),
+        expiry_scan_seconds=reader.integer(
+            data, "expiry_scan_seconds", "expiry_scan_seconds", 3600, 1, 86400
+        ),
         source=source,
         text=text,
     )
@@ -573,6 +631,81 @@ def _parse_connector(
         template=reader.string(item, "template", f"{where}.template"),
         validity=parsed_validity,
         settings=settings,
+    )
+
+
+def _strings(reader: _Reader, item: Mapping[str, Any], name: str, key: str) -> tuple[str, ...]:
+    value = item.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise reader.error(key, "must be a list of strings")
+    return tuple(value)
+
+
+def _parse_notification(
+    reader: _Reader, item: dict[str, Any], index: int, ca_names: Sequence[str]
+) -> NotificationConfig:
+    where = f"notifications[{index}]"
+    reader.table(
+        item,
+        where,
+        [
+            "name",
+            "type",
+            "url",
+            "secret_file",
+            "secret_env",
+            "timeout_seconds",
+            "max_attempts",
+            "allow_reserved_addresses",
+            "events",
+            "cas",
+            "templates",
+        ],
+    )
+    name = reader.string(item, "name", f"{where}.name", required=True) or ""
+    if not _NAME.match(name):
+        raise reader.error(f"{where}.name", "use letters, digits, '.', '_' or '-'")
+    kind = reader.string(item, "type", f"{where}.type", required=True)
+    if kind != "webhook":
+        raise reader.error(f"{where}.type", f"must be webhook, not {kind!r}")
+    url = reader.string(item, "url", f"{where}.url", required=True) or ""
+    allow_reserved = reader.boolean(
+        item, "allow_reserved_addresses", f"{where}.allow_reserved_addresses", False
+    )
+    try:
+        check_webhook_url(url, allow_reserved)
+    except ValueError as exc:
+        raise reader.error(f"{where}.url", str(exc)) from None
+    secret_file = reader.string(item, "secret_file", f"{where}.secret_file")
+    secret_env = reader.string(item, "secret_env", f"{where}.secret_env")
+    if bool(secret_file) == bool(secret_env):
+        raise reader.error(f"{where}.secret_file", "name exactly one of secret_file and secret_env")
+    events = _strings(reader, item, "events", f"{where}.events")
+    known = {t.value for t in EventType}
+    for event in events:
+        if event not in known:
+            raise reader.error(
+                f"{where}.events",
+                f"unknown event type {event!r}; known: {', '.join(sorted(known))}",
+            )
+    cas = _strings(reader, item, "cas", f"{where}.cas")
+    for ca in cas:
+        if ca not in ca_names:
+            raise reader.error(f"{where}.cas", f"no CA named {ca!r}")
+    return NotificationConfig(
+        name=name,
+        type=kind,
+        url=url,
+        secret_file=Path(secret_file) if secret_file else None,
+        secret_env=secret_env,
+        timeout_seconds=reader.integer(
+            item, "timeout_seconds", f"{where}.timeout_seconds", 10, 1, 120
+        ),
+        max_attempts=reader.integer(item, "max_attempts", f"{where}.max_attempts", 8, 1, 50),
+        allow_reserved_addresses=allow_reserved,
+        events=events,
+        cas=cas,
+        templates=_strings(reader, item, "templates", f"{where}.templates"),
     )
 
 

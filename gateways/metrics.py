@@ -43,6 +43,7 @@ from pkigate.core.authorities import effective_status
 from pkigate.core.model import CAStatus
 from pkigate.core.service import utc_now
 from pkigate.core.store import CARecord, counts
+from pkigate.core.store import events as events_sql
 from pkigate.core.store.jobs import JobStatus
 
 log = logging.getLogger("pkigate.metrics")
@@ -242,6 +243,7 @@ class StoreCollector(Collector):
             )
             crls = counts.latest_crls(conn)
             jobs = counts.unfinished_jobs(conn)
+            deliveries = events_sql.count_deliveries(conn, ("pending", "dead"))
         build = GaugeMetricFamily(
             "pkigate_build_info", "pkigate's version (value 1)", labels=["version"]
         )
@@ -251,6 +253,15 @@ class StoreCollector(Collector):
         yield from _certificate_families(cas, certificates, expiring, today)
         yield from _crl_families(crls)
         yield from _job_families(jobs)
+        unsettled = GaugeMetricFamily(
+            "pkigate_notification_deliveries",
+            "Event deliveries not (yet) made, by notification and status: pending (being "
+            "retried) or dead (gave up after max_attempts; see `pkigate events list`)",
+            labels=["destination", "status"],
+        )
+        for (destination, status), count in sorted(deliveries.items()):
+            unsettled.add_metric([destination, status], count)
+        yield unsettled
 
 
 def _ca_families(cas: list[CARecord], now: datetime) -> Iterator[GaugeMetricFamily]:

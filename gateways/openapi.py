@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from pkigate.core.audit import REPORT_FIELDS
+from pkigate.core.events import EventType
 from pkigate.core.keys import KeyStorage
 from pkigate.core.model import (
     CAStatus,
@@ -236,6 +237,13 @@ NAME_CONSTRAINT_FIELDS = (
     Field("allow_wildcards", "Whether wildcard DNS names may be issued", {"type": "boolean"}),
 )
 
+_NOTICE_DAYS = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 1, "maximum": 3650},
+    "maxItems": 16,
+    "default": [45, 30, 7, 1],
+}
+
 SETTINGS_FIELDS = (
     Field("crl_url", "CRL distribution point put in issued certificates", _STRING),
     Field("ocsp_url", "OCSP responder URL put in issued certificates (AIA)", _STRING),
@@ -286,6 +294,16 @@ SETTINGS_FIELDS = (
         "Lifetime of a signed OCSP response",
         {"type": "integer", "minimum": 60, "maximum": 604800},
     ),
+    Field(
+        "expiry_notice_days",
+        "Days before notAfter that certificate.expiring and ca.expiring are emitted",
+        _NOTICE_DAYS,
+    ),
+    Field(
+        "expiry_notice_days_by_template",
+        "Lead times of their own for the certificates of the templates named",
+        {"type": "object", "additionalProperties": _NOTICE_DAYS},
+    ),
 )
 
 _SETTINGS_OUT = {
@@ -304,6 +322,8 @@ _SETTINGS_OUT = {
         "crl_regenerate_delay_seconds": {"type": "integer"},
         "ocsp_enabled": {"type": "boolean"},
         "ocsp_response_validity_seconds": {"type": "integer"},
+        "expiry_notice_days": _NOTICE_DAYS,
+        "expiry_notice_days_by_template": {"type": "object", "additionalProperties": _NOTICE_DAYS},
     },
 }
 
@@ -386,6 +406,56 @@ def _closed(properties: Mapping[str, JSON], description: str = "") -> dict[str, 
 
 
 SCHEMAS: dict[str, JSON] = {
+    "Event": {
+        **_closed(
+            {
+                "version": {"type": "integer", "const": 1},
+                "id": {**_STRING, "description": "Unique (UUIDv7): de-duplicate by it"},
+                "type": {"type": "string", "enum": enum_values(EventType)},
+                "occurred_at": _TIME,
+                "ca_id": _OPTIONAL_STRING,
+                "serial": _OPTIONAL_STRING,
+                "template": _OPTIONAL_STRING,
+                "data": {
+                    "type": "object",
+                    "description": "By type: subject, sans, not_after, requester, connector "
+                    "(certificates); days_before (expiring, 0 when expired); reason, "
+                    "revoked_by (revoked); from, to (ca.status_changed); partition, error "
+                    "(crl.publish_failed)",
+                },
+            },
+            "What a webhook receives as its POST body (version 1), signed in the "
+            "X-Pkigate-Signature header (sha256=HMAC-SHA256 of the body, hex) and named "
+            "in X-Pkigate-Event-Id. Delivery is at least once.",
+        ),
+    },
+    "StoredEvent": {
+        "allOf": [ref("Event")],
+        "properties": {
+            "position": {"type": "integer"},
+            "deliveries": {
+                "type": "array",
+                "items": _closed(
+                    {
+                        "destination": _STRING,
+                        "status": {"type": "string", "enum": ["pending", "delivered", "dead"]},
+                        "attempts": {"type": "integer"},
+                        "last_error": _OPTIONAL_STRING,
+                        "updated_at": _TIME,
+                    }
+                ),
+            },
+        },
+    },
+    "EventPage": _closed(
+        {
+            "events": {"type": "array", "items": ref("StoredEvent")},
+            "next_after": {
+                **nullable({"type": "integer"}),
+                "description": "Pass as ?after= for the next page",
+            },
+        }
+    ),
     "Error": _closed(
         {
             "error": _closed(
@@ -636,7 +706,15 @@ def build_document(
         "servers": [{"url": API_PREFIX}],
         "tags": [
             {"name": name}
-            for name in ("CAs", "Certificates", "Templates", "Audit", "Tokens", "Meta")
+            for name in (
+                "CAs",
+                "Certificates",
+                "Templates",
+                "Audit",
+                "Events",
+                "Tokens",
+                "Meta",
+            )
         ]
         + ([{"name": "Connectors"}] if any(True for _ in foreign) else []),
         "paths": dict(sorted(paths.items())),

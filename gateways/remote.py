@@ -186,6 +186,10 @@ class RemoteClient:
     def templates(self) -> list[dict[str, Any]]:
         return list(self.json("GET", "/templates")["templates"])
 
+    def events(self, query: Mapping[str, Any]) -> dict[str, Any]:
+        params = {k: v for k, v in query.items() if v is not None}
+        return dict(self.json("GET", "/events", params=params))
+
     def verify_audit(self) -> dict[str, Any]:
         return dict(self.json("GET", "/audit/verify"))
 

@@ -25,6 +25,7 @@ from pkigate.core import (
     Validity,
 )
 from pkigate.core.errors import PkigateError, StoreUnavailableError
+from pkigate.core.expiry import EXPIRY_JOB
 from pkigate.core.jobs import JobHandler, JobRunner
 from pkigate.core.names import parse_dn
 from pkigate.gateways import metrics
@@ -43,6 +44,7 @@ from pkigate.gateways.connectors import (
     ConnectorSettingsError,
     discover,
 )
+from pkigate.gateways.notifications import Destination, Notifier, WebhookTarget
 
 log = logging.getLogger("pkigate.gateway")
 CONFIG_NAME_TAG = "pkigate:config-name"
@@ -66,6 +68,7 @@ class Gateway:
     tokens: TokenService
     ca_ids: dict[str, str]
     connectors: list[Connector] = field(default_factory=list)
+    notifier: Notifier | None = None
     _runners: list[JobRunner] = field(default_factory=list)
 
     @classmethod
@@ -99,6 +102,7 @@ class Gateway:
         gateway = cls(config, core, tokens, {})
         gateway.ca_ids = gateway._ensure_cas(create=bootstrap)
         gateway.connectors = gateway._build_connectors()
+        gateway.notifier = gateway._build_notifier()
         if bootstrap:
             for connector in gateway.connectors:
                 connector.start()
@@ -221,6 +225,29 @@ class Gateway:
                 raise self.config.error(f"connectors[{index}].template", exc.message) from None
         return built
 
+    def _build_notifier(self) -> Notifier:
+        destinations = {
+            item.name: Destination(
+                name=item.name,
+                type=item.type,
+                webhook=WebhookTarget(
+                    url=item.url,
+                    secret_file=item.secret_file,
+                    secret_env=item.secret_env,
+                    timeout_seconds=item.timeout_seconds,
+                    allow_reserved_addresses=item.allow_reserved_addresses,
+                ),
+                events=frozenset(item.events),
+                ca_ids=frozenset(self.ca_ids[name] for name in item.cas),
+                templates=frozenset(item.templates),
+                max_attempts=item.max_attempts,
+            )
+            for item in self.config.notifications
+        }
+        return Notifier(
+            self.core, destinations, timedelta(seconds=self.config.notifications_poll_seconds)
+        )
+
     # -- first start --------------------------------------------------------------------
 
     def ensure_admin_token(self) -> Path | None:
@@ -308,8 +335,15 @@ class Gateway:
     def job_handler_groups(self) -> list[dict[str, JobHandler]]:
         """The CA's own job handlers, then each connector's (kinds prefixed by its name)."""
         groups: list[dict[str, JobHandler]] = [
-            {MAINTENANCE_JOB: self._maintenance, **self.core.revocation.job_handlers()}
+            {
+                MAINTENANCE_JOB: self._maintenance,
+                EXPIRY_JOB: self._expiry_scan,
+                **self.core.revocation.job_handlers(),
+            }
         ]
+        if self.notifier is not None and self.notifier.job_handlers():
+            # Threads of their own: a slow receiver never holds up a CRL.
+            groups.append(self.notifier.job_handlers())
         for connector in self.connectors:
             own = {
                 f"{connector.context.name}:{kind}": handler
@@ -334,6 +368,9 @@ class Gateway:
             self._runners.append(runner)
         try:
             self.core.jobs.enqueue(MAINTENANCE_JOB, {}, dedupe_key=MAINTENANCE_JOB)
+            self.core.jobs.enqueue(EXPIRY_JOB, {}, dedupe_key=EXPIRY_JOB)
+            if self.notifier is not None:
+                self.notifier.start()
         except StoreUnavailableError as exc:
             # A worker starting on a full disk serves what needs no write. Maintenance is
             # queued again by each process that starts with room, and by the maintenance
@@ -357,6 +394,20 @@ class Gateway:
             dedupe_key=MAINTENANCE_JOB,
             run_at=self.core.clock() + MAINTENANCE_INTERVAL,
         )
+
+    def _expiry_scan(self, _payload: dict[str, Any]) -> None:
+        """Every expiry_scan_seconds: certificate and CA expiry events (core/expiry.py).
+        Two of these running at once (a process starting while another's runs) write
+        each event once."""
+        try:
+            self.core.expiry.scan()
+        finally:
+            self.core.jobs.enqueue(
+                EXPIRY_JOB,
+                {},
+                dedupe_key=EXPIRY_JOB,
+                run_at=self.core.clock() + timedelta(seconds=self.config.expiry_scan_seconds),
+            )
 
     def close(self) -> None:
         for runner in self._runners:

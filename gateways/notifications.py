@@ -1,0 +1,319 @@
+"""Notifications: events from the core's outbox delivered to webhooks.
+
+Two jobs, run by any worker on any host:
+
+- ``events:dispatch`` looks at the events written since it last looked (a cursor per
+  destination, kept in the store) and, for each destination whose filter matches, writes
+  a pending delivery (unique per event and destination) and queues its delivery job. It
+  looks again every ``poll`` seconds. On PostgreSQL an event's position is taken before
+  its transaction commits, so the cursor stays ``_SETTLE`` behind the newest event: a
+  transaction committing late is still seen (its delivery row is unique, looking twice
+  is harmless).
+- ``events:deliver`` posts one event to one destination. A failure is retried by the job
+  queue with its backoff; after ``max_attempts`` the delivery is dead (the API, the CLI
+  and /metrics show it). Delivery is at least once: receivers de-duplicate by event id.
+
+Webhook targets are checked like ACME http-01 targets (acme/validation.py): link-local
+(a cloud's metadata service), multicast and reserved addresses are refused unless the
+destination says ``allow_reserved_addresses``, the connection goes to the address that
+was checked, and redirects are never followed (a 3xx answer is a failure).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pkigate.acme.validation import may_connect
+from pkigate.core import Core
+from pkigate.core.events import Event, EventType
+from pkigate.core.jobs import JobHandler
+from pkigate.core.store import events as events_sql
+
+log = logging.getLogger("pkigate.notifications")
+
+DISPATCH_JOB = "events:dispatch"
+DELIVER_JOB = "events:deliver"
+SIGNATURE_HEADER = "X-Pkigate-Signature"
+EVENT_ID_HEADER = "X-Pkigate-Event-Id"
+# What of a receiver's answer is kept in the delivery's last error: enough to see what
+# went wrong, never a page of someone else's HTML.
+MAX_SNIPPET_CHARS = 200
+_READ_AT_MOST = 4096
+_SETTLE = timedelta(seconds=30)
+_DISPATCH_BATCH = 500
+
+
+class WebhookError(Exception):
+    """A delivery attempt that did not succeed (the message is safe to store and show)."""
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """Where and how a webhook destination posts."""
+
+    url: str
+    #: Where the HMAC-SHA256 key comes from: a file's content or an environment variable.
+    secret_file: Path | None = None
+    secret_env: str | None = None
+    timeout_seconds: int = 10
+    allow_reserved_addresses: bool = False
+
+    def secret(self) -> bytes:
+        if self.secret_file is not None:
+            return self.secret_file.read_bytes().strip()
+        value = os.environ.get(self.secret_env or "", "")
+        if not value:
+            raise WebhookError(f"environment variable {self.secret_env} is empty or unset")
+        return value.encode()
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A ``[[notifications]]`` entry."""
+
+    name: str
+    type: str  # "webhook"
+    webhook: WebhookTarget
+    #: Deliver only these event types / CAs (ids) / templates; empty: all.
+    events: frozenset[str] = frozenset()
+    ca_ids: frozenset[str] = frozenset()
+    templates: frozenset[str] = frozenset()
+    max_attempts: int = 8
+
+    def wants(self, event: Event) -> bool:
+        return (
+            (not self.events or event.type.value in self.events)
+            and (not self.ca_ids or event.ca_id in self.ca_ids)
+            and (not self.templates or event.template in self.templates)
+        )
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The signature header's value: ``sha256=`` and the HMAC-SHA256 of the body in hex."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def check_webhook_url(url: str, allow_reserved: bool) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path) of an http(s) URL; ValueError saying what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("a webhook URL is http:// or https:// with a host")
+    if parts.username or parts.password:
+        raise ValueError("a webhook URL carries no credentials (sign with a secret instead)")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError("the webhook URL's port is not a number") from None
+    try:
+        literal = ipaddress.ip_address(parts.hostname)
+    except ValueError:
+        literal = None
+    if literal is not None and not allow_reserved and not may_connect(literal.compressed):
+        raise ValueError(
+            f"{literal} is link-local, multicast, unspecified or reserved "
+            "(set allow_reserved_addresses to post there anyway)"
+        )
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return parts.scheme, parts.hostname, port, path
+
+
+def _address(host: str, port: int, allow_reserved: bool) -> str:
+    """The first address of ``host`` that may be connected to (checked, then used: a
+    second lookup could answer otherwise)."""
+    try:
+        found = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    except OSError as exc:
+        raise WebhookError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    usable = [str(a) for a in found if allow_reserved or may_connect(str(a))]
+    if not usable:
+        raise WebhookError(
+            f"{host} has only link-local, multicast, unspecified or reserved addresses"
+        )
+    return usable[0]
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to an address checked beforehand, the certificate verified for the host."""
+
+    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+def post_webhook(target: WebhookTarget, body: bytes, event_id: str) -> int:
+    """POST ``body`` signed; the status code, or WebhookError (never a response body
+    beyond MAX_SNIPPET_CHARS)."""
+    scheme, host, port, path = check_webhook_url(target.url, target.allow_reserved_addresses)
+    address = _address(host, port, target.allow_reserved_addresses)
+    connection: http.client.HTTPConnection
+    if scheme == "https":
+        connection = _PinnedHTTPSConnection(host, address, port, target.timeout_seconds)
+    else:
+        connection = http.client.HTTPConnection(address, port, timeout=target.timeout_seconds)
+    headers = {
+        "Host": host if port in (80, 443) else f"{host}:{port}",
+        "Content-Type": "application/json",
+        "User-Agent": "pkigate-notifications/1",
+        SIGNATURE_HEADER: sign(target.secret(), body),
+        EVENT_ID_HEADER: event_id,
+    }
+    try:
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        answer = response.read(_READ_AT_MOST)
+    except (OSError, http.client.HTTPException) as exc:
+        raise WebhookError(f"{type(exc).__name__}: {exc}"[:MAX_SNIPPET_CHARS]) from None
+    finally:
+        connection.close()
+    if not 200 <= response.status < 300:
+        snippet = answer.decode("utf-8", "replace")[:MAX_SNIPPET_CHARS]
+        raise WebhookError(f"HTTP {response.status}: {snippet!r}")
+    return response.status
+
+
+def event_body(event: Event) -> bytes:
+    return json.dumps(event.payload(), sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass
+class Notifier:
+    """This process's side of notifications: the destinations and the two job handlers."""
+
+    core: Core
+    destinations: Mapping[str, Destination]
+    poll: timedelta = timedelta(seconds=5)
+
+    def job_handlers(self) -> dict[str, JobHandler]:
+        if not self.destinations:
+            return {}
+        return {DISPATCH_JOB: self._dispatch_job, DELIVER_JOB: self._deliver_job}
+
+    def start(self) -> None:
+        """Queue the dispatcher (once however many processes start)."""
+        if self.destinations:
+            self.core.jobs.enqueue(DISPATCH_JOB, {}, dedupe_key=DISPATCH_JOB)
+
+    def _dispatch_job(self, _payload: dict[str, Any]) -> None:
+        try:
+            self.dispatch()
+        finally:
+            self.core.jobs.enqueue(
+                DISPATCH_JOB, {}, dedupe_key=DISPATCH_JOB, run_at=self.core.clock() + self.poll
+            )
+
+    def dispatch(self) -> int:
+        """Queue deliveries of the events written since the last look; how many."""
+        queued = 0
+        now = self.core.clock()
+        for name, destination in self.destinations.items():
+            with self.core.store.write() as conn:
+                position = events_sql.cursor(conn, name)
+                rows = events_sql.list_events(conn, after_id=position, limit=_DISPATCH_BATCH)
+                settled = position
+                for row in rows:
+                    if row.occurred_at < now - _SETTLE or self.core.store.dialect == "sqlite":
+                        # SQLite has one writer: positions commit in order.
+                        settled = row.id
+                    if not destination.wants(Event.from_row(row)):
+                        continue
+                    delivery = events_sql.insert_delivery(conn, row.event_id, name, now)
+                    if delivery is not None:
+                        self.core.jobs.enqueue(
+                            DELIVER_JOB,
+                            {"delivery": delivery},
+                            max_attempts=destination.max_attempts,
+                            conn=conn,
+                        )
+                        queued += 1
+                if settled != position:
+                    events_sql.move_cursor(conn, name, settled)
+        if queued:
+            self.core.jobs.notify()
+        return queued
+
+    def _deliver_job(self, payload: dict[str, Any]) -> None:
+        delivery_id = int(payload["delivery"])
+        with self.core.store.read() as conn:
+            delivery = events_sql.get_delivery(conn, delivery_id)
+            row = events_sql.get_event(conn, delivery.event_id) if delivery else None
+        if delivery is None or row is None or delivery.status != "pending":
+            return
+        destination = self.destinations.get(delivery.destination)
+        if destination is None:
+            return  # removed from the configuration: left pending, shown as such
+        attempts = delivery.attempts + 1
+        try:
+            _send(destination, Event.from_row(row))
+        except Exception as exc:
+            message = str(exc)[: MAX_SNIPPET_CHARS + 50]
+            dead = attempts >= destination.max_attempts
+            with self.core.store.write() as conn:
+                events_sql.settle_delivery(
+                    conn,
+                    delivery_id,
+                    status="dead" if dead else "pending",
+                    attempts=attempts,
+                    last_error=message,
+                    now=self.core.clock(),
+                )
+            log.warning(
+                "notification %s of event %s failed (attempt %d of %d%s): %s",
+                destination.name,
+                row.event_id,
+                attempts,
+                destination.max_attempts,
+                ", dead-lettered" if dead else "",
+                message,
+            )
+            if not dead:
+                raise WebhookError(message) from None  # the job queue retries with backoff
+            return
+        with self.core.store.write() as conn:
+            events_sql.settle_delivery(
+                conn,
+                delivery_id,
+                status="delivered",
+                attempts=attempts,
+                last_error=None,
+                now=self.core.clock(),
+            )
+
+    def test(self, name: str) -> Event:
+        """Send a notification.test event to one destination now (not kept in the outbox)."""
+        destination = self.destinations[name]
+        event = Event(
+            EventType.NOTIFICATION_TEST,
+            self.core.clock(),
+            data={"destination": name, "message": "a test event from pkigate"},
+        )
+        _send(destination, event)
+        return event
+
+
+def _send(destination: Destination, event: Event) -> None:
+    post_webhook(destination.webhook, event_body(event), event.event_id)
+
+
+def deliveries_by_status(core: Core) -> dict[tuple[str, str], int]:
+    with core.store.read() as conn:
+        return events_sql.count_deliveries(conn)

@@ -1,0 +1,277 @@
+"""Notifications: events delivered to a loopback webhook by a real `pkigate serve`."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import make_csr, wait_for
+from serving import RunningServer, issuer_token_and_issuing_ca, start_server
+
+from pkigate.core import Core, IssuanceRequest, Requester, Validity
+from pkigate.gateways.config import ConfigError, parse_config
+
+SECRET = "webhook-secret-for-tests"
+
+
+class Receiver:
+    """A loopback webhook: keeps what it is sent; ``answer`` decides each reply."""
+
+    def __init__(self, answer: Callable[[int], int] = lambda _n: 200, delay: float = 0) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.attempts = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.attempts += 1
+                number = receiver.attempts
+                if delay and number == 1:
+                    time.sleep(delay)  # longer than the destination's timeout
+                status = answer(number)
+                if status == 200:
+                    receiver.received.append((dict(self.headers), body))
+                payload = b"<html>" + b"x" * 5000 + b"</html>"  # never quoted whole
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except BrokenPipeError:
+                    pass  # the slow attempt: pkigate gave up waiting
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def events(self) -> list[dict[str, Any]]:
+        found = []
+        for headers, body in self.received:
+            expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(headers["X-Pkigate-Signature"], expected)
+            event = json.loads(body)
+            assert headers["X-Pkigate-Event-Id"] == event["id"]
+            found.append(event)
+        return found
+
+
+@pytest.fixture
+def receivers() -> Iterator[list[Receiver]]:
+    made: list[Receiver] = []
+    yield made
+    for receiver in made:
+        receiver.close()
+
+
+def _destination(name: str, url: str, events: str, extra: str = "") -> str:
+    return f"""
+[[notifications]]
+name = "{name}"
+type = "webhook"
+url = "{url}"
+secret_env = "HOOK_SECRET"
+events = [{events}]
+{extra}
+"""
+
+
+def _start(data_dir: Path, config: str, workers: int = 1) -> RunningServer:
+    return start_server(
+        data_dir,
+        workers=workers,
+        top_config="notifications_poll_seconds = 1\n",
+        extra_config=config,
+        environment={"HOOK_SECRET": SECRET},
+    )
+
+
+def _events(server: RunningServer, event_type: str) -> list[dict[str, Any]]:
+    response = server.session().get(
+        f"{server.https_url}/api/v1/events", params={"type": event_type}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    return list(response.json()["events"])
+
+
+def _issue_twenty_days_ago(data_dir: Path, ca_id: str) -> str:
+    """A 40-day certificate issued 20 days ago (by a core whose clock is behind, on the
+    server's store): it crossed its 30-day lead time 10 days ago. That core scans for
+    expiry too, as a third host would, racing the server's two workers."""
+
+    def clock() -> datetime:
+        return datetime.now(UTC) - timedelta(days=20)
+
+    core = Core.open(data_dir, clock=clock)
+    try:
+        issued = core.issue(
+            IssuanceRequest(
+                ca_id, make_csr("old.example.test"), Validity.parse("40d"), Requester("ops")
+            )
+        )
+    finally:
+        core.close()
+    other = Core.open(data_dir)
+    try:
+        other.expiry.scan()
+    finally:
+        other.close()
+    return issued.serial
+
+
+def test_expiring_is_delivered_once_under_two_workers(
+    tmp_path: Path, receivers: list[Receiver]
+) -> None:
+    data_dir = tmp_path / "data"
+    receiver = Receiver()
+    receivers.append(receiver)
+    server = start_server(
+        data_dir,
+        workers=2,
+        # Both workers scan for expiry every second: they race on every certificate.
+        top_config="notifications_poll_seconds = 1\nexpiry_scan_seconds = 1\n",
+        extra_config=_destination("hook", receiver.url, '"certificate.expiring"'),
+        environment={"HOOK_SECRET": SECRET},
+    )
+    try:
+        _token, ca_id = issuer_token_and_issuing_ca(server, "expiry")
+        serial = _issue_twenty_days_ago(data_dir, ca_id)
+
+        def delivered() -> bool:
+            found = _events(server, "certificate.expiring")
+            return bool(found) and all(
+                e["deliveries"] and all(d["status"] == "delivered" for d in e["deliveries"])
+                for e in found
+            )
+
+        wait_for(delivered, timeout=60)
+        time.sleep(3)  # three more rounds of both workers' scans and dispatches
+        stored = _events(server, "certificate.expiring")
+        assert [(e["serial"], e["data"]["days_before"]) for e in stored] == [(serial, 30)]
+        sent = receiver.events()
+        assert [e["id"] for e in sent] == [stored[0]["id"]]
+        event = sent[0]
+        assert event["version"] == 1 and event["type"] == "certificate.expiring"
+        assert event["data"]["subject"] == "CN=old.example.test"
+        assert event["data"]["requester"] == "ops"
+        assert event["template"] == "EndEntityCertificate/V1"
+    finally:
+        server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_failing_receivers_get_the_event_later_or_dead_letter_it(
+    tmp_path: Path, receivers: list[Receiver]
+) -> None:
+    flaky = Receiver(answer=lambda n: 500 if n <= 2 else 200)
+    slow = Receiver(delay=3)
+    never = Receiver(answer=lambda _n: 500)
+    receivers.extend([flaky, slow, never])
+    down_port = _free_port()
+    issued = '"certificate.issued"'
+    # Not the server's own TLS certificate (EndEntityServerAuthCertificate/V1).
+    only_api = 'templates = ["EndEntityCertificate/V1"]\n'
+    config = (
+        _destination("flaky", flaky.url, issued, only_api)
+        + _destination("slow", slow.url, issued, only_api + "timeout_seconds = 1")
+        + _destination("never", never.url, issued, only_api + "max_attempts = 2")
+        + _destination("down", f"http://127.0.0.1:{down_port}/hook", issued, only_api)
+    )
+    server = _start(tmp_path / "data", config)
+    try:
+        token, ca_id = issuer_token_and_issuing_ca(server, "notify")
+        response = server.session(token).post(
+            f"{server.https_url}/api/v1/cas/{ca_id}/certificates",
+            json={"csr": make_csr("notify.example.test").decode(), "validity": "30d"},
+            timeout=30,
+        )
+        assert response.status_code == 201, response.text
+        serial = response.json()["serial"]
+
+        def states() -> dict[str, tuple[str, int]]:
+            (event,) = [e for e in _events(server, "certificate.issued") if e["serial"] == serial]
+            return {d["destination"]: (d["status"], d["attempts"]) for d in event["deliveries"]}
+
+        wait_for(lambda: states().get("down", ("", 0))[1] >= 1, timeout=60)
+        down = Receiver()  # the receiver that was down comes up on its port
+        down.server.server_close()
+        down.server = ThreadingHTTPServer(("127.0.0.1", down_port), down.server.RequestHandlerClass)
+        down.thread = threading.Thread(target=down.server.serve_forever, daemon=True)
+        down.thread.start()
+        receivers.append(down)
+        wait_for(
+            lambda: all(
+                states().get(name, ("",))[0] == want
+                for name, want in (
+                    ("flaky", "delivered"),
+                    ("slow", "delivered"),
+                    ("never", "dead"),
+                    ("down", "delivered"),
+                )
+            ),
+            timeout=120,
+        )
+        final = states()
+        assert final["flaky"] == ("delivered", 3)
+        assert final["slow"] == ("delivered", 2)
+        assert final["never"] == ("dead", 2)
+        for receiver in (flaky, down):
+            assert [e["serial"] for e in receiver.events()] == [serial]
+        # The slow receiver took the first attempt in after pkigate gave up on it: at least
+        # once, it has the event twice, under one id to de-duplicate by.
+        copies = slow.events()
+        assert [e["serial"] for e in copies] == [serial, serial]
+        assert copies[0]["id"] == copies[1]["id"]
+        assert never.received == []
+        (event,) = [e for e in _events(server, "certificate.issued") if e["serial"] == serial]
+        error = next(d["last_error"] for d in event["deliveries"] if d["destination"] == "never")
+        assert error.startswith("HTTP 500") and len(error) < 300  # a snippet, not the page
+        metrics = server.session().get(f"{server.http_url}/metrics", timeout=10).text
+        assert 'pkigate_notification_deliveries{destination="never",status="dead"} 1.0' in metrics
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ('url = "http://169.254.169.254/latest"', "link-local"),
+        ('url = "ftp://hooks.example.test/"', "http:// or https://"),
+        ('url = "https://hooks.example.test/"\ncolour = "red"', "unknown key"),
+    ],
+)
+def test_a_bad_destination_is_a_config_error(entry: str, problem: str) -> None:
+    text = f'[[notifications]]\nname = "n"\ntype = "webhook"\nsecret_env = "S"\n{entry}\n'
+    with pytest.raises(ConfigError, match=problem):
+        parse_config(text)
+
+
+def test_a_reserved_address_may_be_allowed_explicitly() -> None:
+    config = parse_config(
+        '[[notifications]]\nname = "n"\ntype = "webhook"\nsecret_env = "S"\n'
+        'url = "http://169.254.10.10/"\nallow_reserved_addresses = true\n'
+    )
+    assert config.notifications[0].allow_reserved_addresses
