@@ -32,9 +32,9 @@ import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pkigate.acme.validation import may_connect
@@ -42,6 +42,9 @@ from pkigate.core import Core
 from pkigate.core.events import Event, EventType
 from pkigate.core.jobs import JobHandler
 from pkigate.core.store import events as events_sql
+
+if TYPE_CHECKING:
+    from pkigate.gateways.config import NotificationConfig
 
 log = logging.getLogger("pkigate.notifications")
 
@@ -100,6 +103,25 @@ class Destination:
             and (not self.ca_ids or event.ca_id in self.ca_ids)
             and (not self.templates or event.template in self.templates)
         )
+
+
+def destination_from_config(item: NotificationConfig, ca_ids: Mapping[str, str]) -> Destination:
+    """A ``[[notifications]]`` entry, its CA names turned into ids (``ca_ids``)."""
+    return Destination(
+        name=item.name,
+        type=item.type,
+        webhook=WebhookTarget(
+            url=item.url,
+            secret_file=item.secret_file,
+            secret_env=item.secret_env,
+            timeout_seconds=item.timeout_seconds,
+            allow_reserved_addresses=item.allow_reserved_addresses,
+        ),
+        events=frozenset(item.events),
+        ca_ids=frozenset(ca_ids.get(name, name) for name in item.cas),
+        templates=frozenset(item.templates),
+        max_attempts=item.max_attempts,
+    )
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -298,16 +320,17 @@ class Notifier:
                 now=self.core.clock(),
             )
 
-    def test(self, name: str) -> Event:
-        """Send a notification.test event to one destination now (not kept in the outbox)."""
-        destination = self.destinations[name]
-        event = Event(
-            EventType.NOTIFICATION_TEST,
-            self.core.clock(),
-            data={"destination": name, "message": "a test event from pkigate"},
-        )
-        _send(destination, event)
-        return event
+
+def send_test(destination: Destination) -> Event:
+    """Send a notification.test event to ``destination`` now (never kept in the outbox:
+    `pkigate notifications test NAME` works without a server and without the store)."""
+    event = Event(
+        EventType.NOTIFICATION_TEST,
+        datetime.now(UTC),
+        data={"destination": destination.name, "message": "a test event from pkigate"},
+    )
+    _send(destination, event)
+    return event
 
 
 def _send(destination: Destination, event: Event) -> None:

@@ -44,7 +44,7 @@ from pkigate.gateways.connectors import (
     ConnectorSettingsError,
     discover,
 )
-from pkigate.gateways.notifications import Destination, Notifier, WebhookTarget
+from pkigate.gateways.notifications import Notifier, destination_from_config
 
 log = logging.getLogger("pkigate.gateway")
 CONFIG_NAME_TAG = "pkigate:config-name"
@@ -227,21 +227,7 @@ class Gateway:
 
     def _build_notifier(self) -> Notifier:
         destinations = {
-            item.name: Destination(
-                name=item.name,
-                type=item.type,
-                webhook=WebhookTarget(
-                    url=item.url,
-                    secret_file=item.secret_file,
-                    secret_env=item.secret_env,
-                    timeout_seconds=item.timeout_seconds,
-                    allow_reserved_addresses=item.allow_reserved_addresses,
-                ),
-                events=frozenset(item.events),
-                ca_ids=frozenset(self.ca_ids[name] for name in item.cas),
-                templates=frozenset(item.templates),
-                max_attempts=item.max_attempts,
-            )
+            item.name: destination_from_config(item, self.ca_ids)
             for item in self.config.notifications
         }
         return Notifier(
