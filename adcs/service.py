@@ -51,8 +51,10 @@ from pkigate.core.errors import (
     PkigateError,
     StoreUnavailableError,
 )
+from pkigate.core.events import enrollment_pending
 from pkigate.core.issuance import parse_csr
 from pkigate.core.model import ValidityType
+from pkigate.core.names import format_dn
 from pkigate.core.store import adcs as adcs_store
 from pkigate.gateways.connectors import ConnectorContext
 
@@ -427,6 +429,16 @@ class AdcsService:
                     at=now,
                     parameters={**decision.evidence, "address": address},
                 )
+                pending = enrollment_pending(
+                    now,
+                    connector=self.name,
+                    request=str(request_id),
+                    ca_id=self.context.ca_id,
+                    template=template.name,
+                    subject=format_dn(csr.subject),
+                    requester=principal.sam_account_name,
+                )
+                self.core.events.emit(conn, [pending])
         if decision.pending:
             log.info(
                 "AD-style request held for approval",

@@ -101,6 +101,31 @@ class Event:
         )
 
 
+def enrollment_pending(
+    at: datetime,
+    *,
+    connector: str,
+    request: str,
+    ca_id: str,
+    template: str,
+    subject: str,
+    requester: str,
+) -> Event:
+    """A request a connector holds for an administrator's approval (SCEP, AD-style)."""
+    return Event(
+        EventType.ENROLLMENT_PENDING,
+        at,
+        ca_id=ca_id,
+        template=template,
+        data={
+            "connector": connector,
+            "request": request,
+            "subject": subject,
+            "requester": requester,
+        },
+    )
+
+
 @dataclass(frozen=True)
 class StoredEvent:
     """An event from the outbox with its position and its delivery to each destination."""

@@ -41,6 +41,7 @@ from pkigate.core.audit import AuditLog
 from pkigate.core.authorities import AuthorityService, CASettings, effective_status
 from pkigate.core.der import element as der_element
 from pkigate.core.errors import NotFoundError, PkigateError, StoreUnavailableError
+from pkigate.core.events import Event, EventLog, EventType
 from pkigate.core.issuance import (
     OCSP_RESPONDER_TEMPLATE,
     IssuanceRequest,
@@ -291,8 +292,10 @@ class OCSPResponder:
         audit: AuditLog,
         issue: Callable[[IssuanceRequest], IssuedCertificate],
         clock: Callable[[], datetime],
+        events: EventLog,
         responder_lifetime: timedelta = RESPONDER_LIFETIME,
     ) -> None:
+        self._events = events
         self._store = store
         self._authorities = authorities
         self._keys = keys
@@ -648,6 +651,20 @@ class OCSPResponder:
                     "replaces": previous.id if previous else None,
                 },
             )
+            if previous is not None:
+                self._events.emit(
+                    conn,
+                    [
+                        Event(
+                            EventType.OCSP_RESPONDER_RENEWED,
+                            now,
+                            ca_id=ca_id,
+                            serial=issued.serial,
+                            template=OCSP_RESPONDER_TEMPLATE,
+                            data={"not_after": record.not_after, "replaces": previous.id},
+                        )
+                    ],
+                )
         log.info(
             "OCSP responder certificate issued",
             extra={"ca_id": ca_id, "serial": issued.serial, "not_after": str(record.not_after)},

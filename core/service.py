@@ -151,7 +151,7 @@ class Core:
         jobs = JobQueue(store, clock)
         revocation = RevocationService(store, authorities, audit, jobs, clock, events)
         # Responder keys are software keys, whatever holds the CA's.
-        ocsp = OCSPResponder(store, authorities, software, audit, issuer.issue, clock)
+        ocsp = OCSPResponder(store, authorities, software, audit, issuer.issue, clock, events)
         secrets = SharedSecrets(store, kek, audit, clock)
         core = cls(
             data_dir,

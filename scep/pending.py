@@ -24,6 +24,7 @@ from sqlalchemy import Connection
 
 from pkigate.core import Actor, Requester
 from pkigate.core.errors import BadRequestError, ConflictError, NotFoundError, PkigateError
+from pkigate.core.events import enrollment_pending
 from pkigate.core.issuance import IssuedCertificate
 from pkigate.core.store import scep as scep_store
 from pkigate.gateways.connectors import ConnectorContext
@@ -107,6 +108,16 @@ class ApprovalQueue:
                 parameters={"transaction_id": transaction_id, "subject": subject},
                 at=now,
             )
+            pending = enrollment_pending(
+                now,
+                connector=self.context.name,
+                request=transaction_id,
+                ca_id=self.context.ca_id,
+                template=self.context.template,
+                subject=subject,
+                requester=client.principal,
+            )
+            core.events.emit(conn, [pending])
 
     def pending(self) -> list[PendingRequest]:
         with self.context.core.store.read() as conn:

@@ -888,6 +888,13 @@ def test_pending_requests_are_approved_or_rejected_by_an_administrator(env: Env)
     # The approver sees what the request asks for (the template decides what is used).
     assert waiting[request_id]["requested_subject"] == "CN=CN from the request"
     assert waiting[request_id]["requested_sans"] == []
+    (event,) = [
+        s.event
+        for s in env.core.events.list(types=["enrollment.pending"])
+        if s.event.data["request"] == str(request_id)
+    ]
+    assert (event.data["connector"], event.data["requester"]) == ("adcs", "alice")
+    assert event.data["subject"] == "CN=CN from the request"
     approved = env.cli("pending", "approve", "--connector", "adcs", str(request_id))
     assert approved.returncode == 0, approved.stderr
     issued = env.plain().get(

@@ -404,6 +404,8 @@ def test_responder_is_renewed_when_a_third_of_its_lifetime_remains(
     assert renewed.serial_number != first.serial_number
     assert renewed.not_valid_after_utc > first.not_valid_after_utc + timedelta(days=20)
     assert responder_rows(core, ca_id) == 2
+    (event,) = [s.event for s in core.events.list(types=["ocsp.responder_renewed"])]
+    assert (event.ca_id, event.serial) == (ca_id, format(renewed.serial_number, "x"))
     # Another process (a second worker) finds the renewed responder instead of making one.
     other = Core.open(core.data_dir, database_url, clock=clock)
     try:

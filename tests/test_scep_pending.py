@@ -107,6 +107,9 @@ def test_pkcsreq_on_a_pending_connector_is_answered_pending_and_nothing_is_issue
     assert row is not None and (row.status, row.serial) == ("PENDING", None)
     assert not [e for e in env.audit("certificate.issue") if e.get("correlation_id") == "tid-1"]
     assert [e["transaction_id"] for e in env.audit("scep.pending")] == ["tid-1"]
+    (held,) = env.gateway.core.events.list(types=["enrollment.pending"])
+    assert (held.event.data["connector"], held.event.data["request"]) == ("mdm", "tid-1")
+    assert held.event.ca_id == env.gateway.ca_ids["issuing"]
     # The client polls while it waits.
     assert env.poll(device, "tid-1").status is PkiStatus.PENDING
 
