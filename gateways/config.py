@@ -60,6 +60,18 @@ Example (every key optional; without a file `pkigate serve` runs the embedded de
     timeout_seconds = 10
     max_attempts = 8                  # then the delivery is dead-lettered
 
+    [[notifications]]                 # the same events by mail
+    name = "pki-team"
+    type = "email"
+    smtp_host = "smtp.example.com"
+    smtp_port = 587
+    tls = "starttls"                  # or "implicit" (port 465)
+    from = "pkigate@example.com"
+    to = ["pki-team@example.com"]
+    username = "pkigate"
+    password_env = "PKIGATE_SMTP_PASSWORD"   # or password_file
+    events = ["certificate.expiring"]
+
 A wrong key, type or value is reported as ``FILE:LINE: key.path: problem`` and the server
 does not start; `pkigate config check FILE` reports the same without starting anything.
 """
@@ -79,6 +91,7 @@ from pkigate.core.keys import KeyStorage
 from pkigate.core.model import CAType, KeyAlgorithm, SigningAlgorithm, UsageMode, Validity
 from pkigate.core.names import parse_dn
 from pkigate.core.pkcs11 import Pkcs11Settings
+from pkigate.gateways.mail import EmailTarget
 from pkigate.gateways.notifications import check_webhook_url
 
 DEFAULT_HTTP = "127.0.0.1:8080"
@@ -148,8 +161,10 @@ class NotificationConfig:
     """A ``[[notifications]]`` entry: where events go (gateways/notifications.py)."""
 
     name: str
-    type: str  # "webhook"
-    url: str
+    type: str  # "webhook" or "email"
+    url: str = ""
+    #: type "email": the SMTP server, sender and recipients (gateways/mail.py).
+    email: EmailTarget | None = None
     secret_file: Path | None = None
     secret_env: str | None = None
     timeout_seconds: int = 10
@@ -641,45 +656,94 @@ def _strings(reader: _Reader, item: Mapping[str, Any], name: str, key: str) -> t
     return tuple(value)
 
 
+_COMMON_NOTIFICATION_KEYS = (
+    "name",
+    "type",
+    "timeout_seconds",
+    "max_attempts",
+    "events",
+    "cas",
+    "templates",
+)
+_NOTIFICATION_KEYS = {
+    "webhook": ("url", "secret_file", "secret_env", "allow_reserved_addresses"),
+    "email": (
+        "smtp_host",
+        "smtp_port",
+        "tls",
+        "from",
+        "to",
+        "username",
+        "password_file",
+        "password_env",
+        "tls_ca_file",
+    ),
+}
+
+
+def _parse_email(reader: _Reader, item: Mapping[str, Any], where: str) -> EmailTarget:
+    tls = reader.string(item, "tls", f"{where}.tls", "starttls")
+    if tls not in ("starttls", "implicit"):
+        raise reader.error(f"{where}.tls", f"must be starttls or implicit, not {tls!r}")
+    recipients = _strings(reader, item, "to", f"{where}.to")
+    sender = reader.string(item, "from", f"{where}.from", required=True) or ""
+    for address in (sender, *recipients):
+        if "@" not in address or any(c in address for c in "\r\n"):
+            raise reader.error(f"{where}.to", f"{address!r} is not an email address")
+    if not recipients:
+        raise reader.error(f"{where}.to", "name at least one recipient")
+    password_file = reader.string(item, "password_file", f"{where}.password_file")
+    password_env = reader.string(item, "password_env", f"{where}.password_env")
+    if password_file and password_env:
+        raise reader.error(f"{where}.password_file", "name password_file or password_env")
+    ca_file = reader.string(item, "tls_ca_file", f"{where}.tls_ca_file")
+    return EmailTarget(
+        host=reader.string(item, "smtp_host", f"{where}.smtp_host", required=True) or "",
+        port=reader.integer(
+            item, "smtp_port", f"{where}.smtp_port", 465 if tls == "implicit" else 587, 1, 65535
+        ),
+        tls=tls,
+        sender=sender,
+        recipients=recipients,
+        username=reader.string(item, "username", f"{where}.username"),
+        password_file=Path(password_file) if password_file else None,
+        password_env=password_env,
+        tls_ca_file=Path(ca_file) if ca_file else None,
+        timeout_seconds=reader.integer(
+            item, "timeout_seconds", f"{where}.timeout_seconds", 10, 1, 120
+        ),
+    )
+
+
 def _parse_notification(
     reader: _Reader, item: dict[str, Any], index: int, ca_names: Sequence[str]
 ) -> NotificationConfig:
     where = f"notifications[{index}]"
-    reader.table(
-        item,
-        where,
-        [
-            "name",
-            "type",
-            "url",
-            "secret_file",
-            "secret_env",
-            "timeout_seconds",
-            "max_attempts",
-            "allow_reserved_addresses",
-            "events",
-            "cas",
-            "templates",
-        ],
-    )
     name = reader.string(item, "name", f"{where}.name", required=True) or ""
     if not _NAME.match(name):
         raise reader.error(f"{where}.name", "use letters, digits, '.', '_' or '-'")
     kind = reader.string(item, "type", f"{where}.type", required=True)
-    if kind != "webhook":
-        raise reader.error(f"{where}.type", f"must be webhook, not {kind!r}")
-    url = reader.string(item, "url", f"{where}.url", required=True) or ""
-    allow_reserved = reader.boolean(
-        item, "allow_reserved_addresses", f"{where}.allow_reserved_addresses", False
-    )
-    try:
-        check_webhook_url(url, allow_reserved)
-    except ValueError as exc:
-        raise reader.error(f"{where}.url", str(exc)) from None
-    secret_file = reader.string(item, "secret_file", f"{where}.secret_file")
-    secret_env = reader.string(item, "secret_env", f"{where}.secret_env")
-    if bool(secret_file) == bool(secret_env):
-        raise reader.error(f"{where}.secret_file", "name exactly one of secret_file and secret_env")
+    if kind not in ("webhook", "email"):
+        raise reader.error(f"{where}.type", f"must be webhook or email, not {kind!r}")
+    reader.table(item, where, [*_COMMON_NOTIFICATION_KEYS, *_NOTIFICATION_KEYS[kind]])
+    url, secret_file, secret_env, allow_reserved, email = "", None, None, False, None
+    if kind == "webhook":
+        url = reader.string(item, "url", f"{where}.url", required=True) or ""
+        allow_reserved = reader.boolean(
+            item, "allow_reserved_addresses", f"{where}.allow_reserved_addresses", False
+        )
+        try:
+            check_webhook_url(url, allow_reserved)
+        except ValueError as exc:
+            raise reader.error(f"{where}.url", str(exc)) from None
+        secret_file = reader.string(item, "secret_file", f"{where}.secret_file")
+        secret_env = reader.string(item, "secret_env", f"{where}.secret_env")
+        if bool(secret_file) == bool(secret_env):
+            raise reader.error(
+                f"{where}.secret_file", "name exactly one of secret_file and secret_env"
+            )
+    else:
+        email = _parse_email(reader, item, where)
     events = _strings(reader, item, "events", f"{where}.events")
     known = {t.value for t in EventType}
     for event in events:
@@ -696,6 +760,7 @@ def _parse_notification(
         name=name,
         type=kind,
         url=url,
+        email=email,
         secret_file=Path(secret_file) if secret_file else None,
         secret_env=secret_env,
         timeout_seconds=reader.integer(

@@ -1,4 +1,4 @@
-"""Notifications: events from the core's outbox delivered to webhooks.
+"""Notifications: events from the core's outbox delivered to webhooks and by email.
 
 Two jobs, run by any worker on any host:
 
@@ -28,6 +28,7 @@ import ipaddress
 import json
 import logging
 import os
+import smtplib
 import socket
 import ssl
 from collections.abc import Mapping
@@ -42,6 +43,7 @@ from pkigate.core import Core
 from pkigate.core.events import Event, EventType
 from pkigate.core.jobs import JobHandler
 from pkigate.core.store import events as events_sql
+from pkigate.gateways.mail import EmailTarget, send_email
 
 if TYPE_CHECKING:
     from pkigate.gateways.config import NotificationConfig
@@ -61,7 +63,8 @@ _DISPATCH_BATCH = 500
 
 
 class WebhookError(Exception):
-    """A delivery attempt that did not succeed (the message is safe to store and show)."""
+    """A delivery attempt that did not succeed (the message is safe to store and show),
+    by webhook or by email."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,9 @@ class Destination:
     """A ``[[notifications]]`` entry."""
 
     name: str
-    type: str  # "webhook"
-    webhook: WebhookTarget
+    type: str  # "webhook" or "email"
+    webhook: WebhookTarget | None = None
+    email: EmailTarget | None = None
     #: Deliver only these event types / CAs (ids) / templates; empty: all.
     events: frozenset[str] = frozenset()
     ca_ids: frozenset[str] = frozenset()
@@ -116,7 +120,10 @@ def destination_from_config(item: NotificationConfig, ca_ids: Mapping[str, str])
             secret_env=item.secret_env,
             timeout_seconds=item.timeout_seconds,
             allow_reserved_addresses=item.allow_reserved_addresses,
-        ),
+        )
+        if item.type == "webhook"
+        else None,
+        email=item.email,
         events=frozenset(item.events),
         ca_ids=frozenset(ca_ids.get(name, name) for name in item.cas),
         templates=frozenset(item.templates),
@@ -334,6 +341,13 @@ def send_test(destination: Destination) -> Event:
 
 
 def _send(destination: Destination, event: Event) -> None:
+    if destination.email is not None:
+        try:
+            send_email(destination.email, event)
+        except (OSError, smtplib.SMTPException) as exc:
+            raise WebhookError(f"{type(exc).__name__}: {exc}"[:MAX_SNIPPET_CHARS]) from None
+        return
+    assert destination.webhook is not None
     post_webhook(destination.webhook, event_body(event), event.event_id)
 
 
