@@ -6,7 +6,7 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from helpers import Clock, create_root, make_csr
+from cryptography.hazmat.primitives import serialization
+from helpers import Clock, create_root, make_csr, make_key
 
 from pkigate.core import Core, IssuanceRequest, Requester, Validity
 from pkigate.core.jobs import JobRunner
@@ -34,27 +33,25 @@ class _Mailbox:
         return "250 OK"
 
 
-def _tls_files(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "smtp.test")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
+def _tls_files(core: Core, directory: Path) -> tuple[Path, Path, Path]:
+    """The SMTP server's certificate and key, from a pkigate CA (whose root is returned
+    for the client to trust)."""
+    root = create_root(core, cn="SMTP Test Root")
+    key = make_key()
+    issued = core.issue(
+        IssuanceRequest(
+            root.record.id,
+            make_csr(
+                "smtp.test", sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], key=key
+            ),
+            Validity.parse("90d"),
+            Requester("tests"),
+            template="EndEntityServerAuthCertificate/V1",
         )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = directory / "smtp.pem", directory / "smtp.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    cert_path, key_path, root_path = (directory / n for n in ("smtp.pem", "smtp.key", "root.pem"))
+    cert_path.write_text(issued.pem())
+    root_path.write_text(core.authorities.certificate_pem(root.record.id)[0])
     key_path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -62,12 +59,12 @@ def _tls_files(directory: Path) -> tuple[Path, Path]:
             serialization.NoEncryption(),
         )
     )
-    return cert_path, key_path
+    return cert_path, key_path, root_path
 
 
 @pytest.fixture
-def smtp(tmp_path: Path) -> Iterator[tuple[_Mailbox, int, Path]]:
-    cert_path, key_path = _tls_files(tmp_path)
+def smtp(sqlite_core: Core, tmp_path: Path) -> Iterator[tuple[_Mailbox, int, Path]]:
+    cert_path, key_path, root_path = _tls_files(sqlite_core, tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_path, key_path)
     with socket.socket() as probe:
@@ -79,7 +76,7 @@ def smtp(tmp_path: Path) -> Iterator[tuple[_Mailbox, int, Path]]:
     )
     controller.start()
     try:
-        yield mailbox, port, cert_path
+        yield mailbox, port, root_path
     finally:
         controller.stop()
 

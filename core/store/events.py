@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, exists, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from pkigate.core.store import CertificateRecord, _certificate, as_utc, schema
+from pkigate.core.store import CertificateRecord, _certificate, _utc, schema
 
 _events = schema.events
 _deliveries = schema.event_deliveries
@@ -49,31 +49,23 @@ class DeliveryRow:
 
 
 def _event(row: Any) -> EventRow:
-    occurred = as_utc(row.occurred_at)
-    assert occurred is not None
+    data = json.loads(row.data)
     return EventRow(
         row.id,
         row.event_id,
         row.type,
-        occurred,
+        _utc(row.occurred_at),
         row.ca_id,
         row.serial,
         row.template,
-        json.loads(row.data),
+        data,
     )
 
 
 def _delivery(row: Any) -> DeliveryRow:
-    updated = as_utc(row.updated_at)
-    assert updated is not None
+    when = _utc(row.updated_at)
     return DeliveryRow(
-        row.id,
-        row.event_id,
-        row.destination,
-        row.status,
-        row.attempts,
-        row.last_error,
-        updated,
+        row.id, row.event_id, row.destination, row.status, row.attempts, row.last_error, when
     )
 
 
