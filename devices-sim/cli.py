@@ -132,6 +132,11 @@ def main() -> None:
     help="Write latency and throughput plots (PNG).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--server-events",
+    is_flag=True,
+    help="Report the events the fleet caused on the server (needs an admin or auditor token).",
+)
 def run(
     fleet_file: Path | None,
     spawn: bool,
@@ -152,6 +157,7 @@ def run(
     json_path: Path | None,
     plot_path: Path | None,
     quiet: bool,
+    server_events: bool,
     **fleet_options: Any,
 ) -> None:
     """Run a fleet: enroll, verify, renew, revoke; print the summary per protocol."""
@@ -192,7 +198,9 @@ def run(
             settings,
             spawn=spawn_options,
             external=external,
-            outputs=Outputs(json=json_path, plot=plot_path, progress=not quiet),
+            outputs=Outputs(
+                json=json_path, plot=plot_path, progress=not quiet, server_events=server_events
+            ),
             console=console,
         )
     except FleetConfigError as exc:

@@ -70,6 +70,8 @@ class Report:
     server_kills: list[float] = field(default_factory=list)
     """Seconds into the run at which fault mode killed the server."""
     postconditions: dict[str, Any] | None = None
+    server_events: dict[str, dict[str, int]] | None = None
+    """With --server-events: the events the run caused, by type and by delivery state."""
 
     @property
     def ok(self) -> bool:
@@ -242,6 +244,14 @@ def print_summary(report: Report, console: Console) -> None:
             f"store: {post['certificates_checked']} certificates checked, "
             f"{post['audit_events']} audit events, "
             + ("all post-conditions hold" if post["ok"] else "POST-CONDITIONS FAIL")
+        )
+    if report.server_events is not None:
+        caused = report.server_events
+        console.print(
+            "events: "
+            + (", ".join(f"{k} {v}" for k, v in caused["by_type"].items()) or "none")
+            + "; deliveries: "
+            + (", ".join(f"{k} {v}" for k, v in caused["deliveries"].items()) or "none")
         )
     for failure in report.failures:
         console.print(f"[red]{failure}[/red]", markup=True, highlight=False)

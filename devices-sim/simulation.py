@@ -8,7 +8,7 @@ before it returns, whatever happens.
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -19,6 +19,7 @@ from pkigate.devsim.config import FleetConfigError, FleetSettings, Target
 from pkigate.devsim.fleet import FleetRun, check_kinds, run_fleet
 from pkigate.devsim.postconditions import check_store
 from pkigate.devsim.report import Report, build_report, plot
+from pkigate.devsim.server_events import events_since, outbox_position
 from pkigate.devsim.spawn import ServerKiller, SpawnedServer
 
 
@@ -63,6 +64,8 @@ class Outputs:
     json: Path | None = None
     plot: Path | None = None
     progress: bool = True
+    #: Report the events the run caused (the server's outbox, before and after).
+    server_events: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ def simulate(
             assert external is not None
             target, http01, dns = _external(settings, external, cleanup)
             killer = None
+        position = outbox_position(target) if outputs.server_events else None
         run = run_fleet(
             settings,
             target,
@@ -111,7 +115,8 @@ def simulate(
                 run.certificates,
                 tuple(run.duplicate_serials),
             )
-    report = build_report(run, postconditions)
+        caused = events_since(target, position) if position is not None else None
+    report = replace(build_report(run, postconditions), server_events=caused)
     if outputs.json is not None:
         report.write_json(outputs.json)
     if outputs.plot is not None:

@@ -428,6 +428,7 @@ def test_pkigate_sim_run_spawn_prints_the_summary_and_writes_json_and_plot(
             str(tmp_path / "report.json"),
             "--plot",
             str(tmp_path / "run.png"),
+            "--server-events",
             "--quiet",
         ],
         capture_output=True,
@@ -447,6 +448,16 @@ def test_pkigate_sim_run_spawn_prints_the_summary_and_writes_json_and_plot(
     }
     assert data["certificates"]["received"] == 8
     assert data["certificates"]["revoked"] == data["certificates"]["revoked_verified"] == 2
+    # The events the fleet caused: one per certificate the devices got (phones by SCEP,
+    # servers by ACME; the server may issue its own too, an OCSP responder, say) and per
+    # revocation.
+    caused = data["server_events"]
+    issued = caused["issued_by_template"]
+    assert issued["EndEntityClientAuthCertificate/V1"] == 4, caused
+    assert issued["EndEntityServerAuthCertificate_APIPassthrough/V1"] == 4, caused
+    assert caused["by_type"]["certificate.issued"] == sum(issued.values())
+    assert caused["by_type"]["certificate.revoked"] == 2, caused
+    assert f"certificate.issued {sum(issued.values())}" in run.stdout
     assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "run.png").stat().st_size > 20_000
 
