@@ -9,8 +9,10 @@ import pytest
 from helpers import ACTOR, Clock, create_root, create_sub, make_csr
 
 from pkigate.core import CASettings, Core, IssuanceRequest, Requester, Validity
+from pkigate.core.errors import BadRequestError
 from pkigate.core.events import EventType
 from pkigate.core.model import CAStatus, RevocationReason
+from pkigate.core.revocation import CRL_JOB
 
 
 def _types(core: Core) -> list[str]:
@@ -124,3 +126,13 @@ def test_a_revoked_certificate_is_not_told_to_expire(sqlite_core: Core, clock: C
     sqlite_core.revocation.revoke(root.record.id, issued.serial, RevocationReason.superseded, ACTOR)
     clock.advance(timedelta(days=20))
     assert sqlite_core.expiry.scan() == 0
+
+
+def test_a_crl_job_that_fails_emits_crl_publish_failed(sqlite_core: Core) -> None:
+    root = create_root(sqlite_core, settings=CASettings(crl_url="http://pki.test/root.crl"))
+    job = sqlite_core.revocation.job_handlers()[CRL_JOB]
+    with pytest.raises(BadRequestError):  # a COMPLETE CA has no partition 3
+        job({"ca_id": root.record.id, "partition": 3})
+    (failed,) = [s.event for s in sqlite_core.events.list(types=["crl.publish_failed"])]
+    assert failed.ca_id == root.record.id and failed.data["partition"] == 3
+    assert "one complete CRL" in failed.data["error"]
