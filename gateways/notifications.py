@@ -258,10 +258,14 @@ class Notifier:
             with self.core.store.write() as conn:
                 position = events_sql.cursor(conn, name)
                 rows = events_sql.list_events(conn, after_id=position, limit=_DISPATCH_BATCH)
-                settled = position
+                settled, settling = position, True
                 for row in rows:
-                    if row.occurred_at < now - _SETTLE or self.core.store.dialect == "sqlite":
-                        # SQLite has one writer: positions commit in order.
+                    # SQLite has one writer: positions commit in order. Elsewhere the
+                    # cursor stops at the first event that may have company still to come.
+                    settling = settling and (
+                        self.core.store.dialect == "sqlite" or row.occurred_at < now - _SETTLE
+                    )
+                    if settling:
                         settled = row.id
                     if not destination.wants(Event.from_row(row)):
                         continue
@@ -270,7 +274,10 @@ class Notifier:
                         self.core.jobs.enqueue(
                             DELIVER_JOB,
                             {"delivery": delivery},
-                            max_attempts=destination.max_attempts,
+                            # The delivery counts its own attempts and gives up
+                            # at max_attempts; the job's margin covers attempts a dying
+                            # worker never got to count.
+                            max_attempts=destination.max_attempts + 2,
                             conn=conn,
                         )
                         queued += 1
