@@ -10,6 +10,8 @@ Example (every key optional; without a file `pkigate serve` runs the embedded de
     header_timeout_seconds = 10       # TLS handshake + request line + headers; idle keep-alive
     body_timeout_seconds = 30         # the whole request body
     keepalive_requests = 1000         # requests served on one connection
+    notifications_poll_seconds = 5    # how soon a new event is handed to its destinations
+    expiry_scan_seconds = 3600        # how often expiring certificates and CAs are looked for
 
     [listeners]
     http = "127.0.0.1:8080"           # CA certificates, CRLs, OCSP, SCEP
@@ -45,9 +47,6 @@ Example (every key optional; without a file `pkigate serve` runs the embedded de
     [connectors.settings]                 # the connector type's own settings
     static_challenge = true           # one shared challenge, generated and kept in the store
     dynamic_challenges = false        # no one-time challenges from the API
-
-    notifications_poll_seconds = 5    # how soon a new event is handed to its destinations
-    expiry_scan_seconds = 3600        # how often expiring certificates and CAs are looked for
 
     [[notifications]]                 # events to a webhook (gateways/notifications.py)
     name = "chat"
