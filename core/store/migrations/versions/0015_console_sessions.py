@@ -1,7 +1,7 @@
 """console sessions
 
 Revision ID: 0015
-Revises: 0013
+Revises: 0014
 Create Date: 2026-12-07 12:00:00
 
 The web console's sign-ins (gateways/console.py), kept in the store so that every worker
