@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 
@@ -81,3 +82,17 @@ def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
     logging.captureWarnings(True)
     # Migrations announce themselves at every worker start; only problems are news.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def log_gevent_errors() -> None:
+    """Send an exception that escapes a greenlet through logging, as one record of the
+    configured format: gevent's hub would print it itself, as plain text on stderr."""
+    import gevent
+
+    gevent.get_hub().print_exception = _log_greenlet_failure
+
+
+def _log_greenlet_failure(context: object, kind: Any, value: Any, traceback: Any) -> None:
+    logging.getLogger("pkigate.server").error(
+        "uncaught exception in %s", context, exc_info=(kind, value, traceback)
+    )

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pkigate.gateways.logs import configure_logging, make_formatter
+from pkigate.gateways.logs import configure_logging, log_gevent_errors, make_formatter
 
 METRICS_DIR = "metrics"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -203,6 +203,7 @@ def make_worker_class() -> type[Any]:
             # token, run in a thread of gevent's pool, not on this worker's only thread:
             # the worker serves on meanwhile.
             blocking.set_blocking_runner(lambda call: gevent.get_hub().threadpool.apply(call))
+            log_gevent_errors()  # the hub is the arbiter's, reinitialised; say it again
             super().init_process()  # monkey-patches, then loads the app (and the core)
 
         def timeout_ctx(self) -> Any:
@@ -371,6 +372,7 @@ def preload_worker_modules() -> None:
 def run_server(settings: ServerSettings) -> None:
     """The arbiter: both listeners, ``settings.workers`` gevent workers, until stopped."""
     configure_logging(settings.log_level, settings.log_format)
+    log_gevent_errors()
     # prometheus_client's multiprocess mode: one file set per worker, fresh for each start.
     # The variable must be set before prometheus_client is first imported (it picks its
     # value store then), here and so in every worker.

@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -368,6 +369,28 @@ def test_the_text_log_format_is_for_a_terminal(tmp_path: Path) -> None:
     assert f"\n  HTTP  {running.http_url} " in text  # the banner as it is
     assert re.search(rf"^\d\d:\d\d:\d\d ERROR   gunicorn.error: .*{worker}", text, re.M), text
     assert not [line for line in text.splitlines() if line.startswith("{")]
+
+
+def test_an_exception_escaping_a_greenlet_is_one_json_record() -> None:
+    # What the workers and the arbiter install: gevent's hub would print the traceback
+    # itself, as plain text among the JSON records.
+    program = (
+        "import gevent\n"
+        "from pkigate.gateways.logs import configure_logging, log_gevent_errors\n"
+        "configure_logging('INFO', 'json')\n"
+        "log_gevent_errors()\n"
+        "def fails():\n"
+        "    raise ValueError('escaped')\n"
+        "gevent.spawn(fails).join()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    (line,) = done.stderr.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "ERROR"
+    assert "fails" in record["msg"]
+    assert "ValueError: escaped" in record["exception"]
 
 
 def test_a_worker_waiting_for_the_sqlite_write_lock_goes_on_serving(tmp_path: Path) -> None:
