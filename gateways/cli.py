@@ -1932,19 +1932,38 @@ def _event_line(data: dict[str, Any]) -> str:
 
 @main.group()
 def events() -> None:
-    """The events outbox: what happened, and its delivery to each notification."""
+    """The events outbox: what happened, and its delivery to each notification.
+
+    \b
+    Example:
+      pkigate events list --type certificate.revoked
+    """
 
 
 @events.command("list")
-@click.option("--type", "event_type", type=_choices(list(EventType)))
+@click.option(
+    "--type", "event_type", type=_choices(list(EventType)), help="Only events of this type."
+)
 @click.option("--ca", "ca_id", help="Only events about this CA (id).")
 @click.option("--after", type=click.IntRange(0), default=0, help="Only events after this position.")
-@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=100,
+    show_default=True,
+    help="At most this many events, oldest first.",
+)
 @pass_state
 @reports_errors
 def events_list(
     state: State, event_type: str | None, ca_id: str | None, after: int, limit: int
 ) -> None:
+    """Events in the order they happened, with each notification's delivery state.
+
+    \b
+    Example:
+      pkigate events list --type certificate.expiring --limit 20
+    """
     if state.remote is not None:
         query = {"type": event_type, "ca": ca_id, "after": after, "limit": limit}
         found = state.remote.events(query)["events"]
@@ -1973,7 +1992,12 @@ connectors_config_option = click.option(
 @connectors_config_option
 @pass_state
 def notifications(state: State, config_path: Path | None) -> None:
-    """The [[notifications]] of the server's configuration."""
+    """The [[notifications]] of the server's configuration.
+
+    \b
+    Example:
+      pkigate notifications --config pkigate.toml test ops-webhook
+    """
     state.config_path = config_path
 
 
@@ -1982,7 +2006,12 @@ def notifications(state: State, config_path: Path | None) -> None:
 @pass_state
 @reports_errors
 def notifications_test(state: State, name: str) -> None:
-    """Send a notification.test event to NAME now; says what the receiver answered."""
+    """Send a notification.test event to NAME now; says what the receiver answered.
+
+    \b
+    Example:
+      pkigate notifications --config pkigate.toml test ops-webhook
+    """
     from pkigate.gateways.config import ConfigError
     from pkigate.gateways.notifications import destination_from_config, send_test
     from pkigate.gateways.serve import effective_config
@@ -2008,7 +2037,12 @@ def notifications_test(state: State, name: str) -> None:
 @pass_state
 @reports_errors
 def notifications_status(state: State) -> None:
-    """Deliveries by notification and state (pending, delivered, dead)."""
+    """Deliveries by notification and state (pending, delivered, dead).
+
+    \b
+    Example:
+      pkigate notifications status
+    """
     from pkigate.gateways.notifications import deliveries_by_status
 
     counts = deliveries_by_status(state.audit_core)
