@@ -233,10 +233,15 @@ def _check_leaf(name: str, schema: Mapping[str, Any], value: Any) -> None:
         for key, item in value.items():
             if not isinstance(item, str):
                 raise BadRequestError(f"field {name + '.' + key!r} must be a string")
-    if isinstance(value, list) and schema.get("items") == {"type": "string"}:
-        for index, item in enumerate(value):
-            if not isinstance(item, str):
-                raise BadRequestError(f"field {name}[{index}] must be a string")
+    if isinstance(value, list):
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            raise BadRequestError(f"field {name!r} has over {schema['maxItems']} items")
+        items = schema.get("items")
+        if isinstance(items, Mapping) and items.get("type") == "string":
+            for index, item in enumerate(value):
+                if not isinstance(item, str):
+                    raise BadRequestError(f"field {name}[{index}] must be a string")
+                _check_leaf(f"{name}[{index}]", items, item)
 
 
 def parse_query(params: tuple[Param, ...]) -> dict[str, Any]:
@@ -1384,3 +1389,7 @@ def _version() -> str:
 )
 def openapi_document() -> Response:
     return reply(build_document(OPERATIONS, foreign_routes(), _version()))
+
+
+# Resources in modules of their own, registered on this blueprint when it is imported.
+from pkigate.gateways import api_notifications  # noqa: E402, F401

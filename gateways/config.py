@@ -80,10 +80,12 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from pkigate.core.events import EventType
 from pkigate.core.keys import KeyStorage
@@ -166,6 +168,8 @@ class NotificationConfig:
     email: EmailTarget | None = None
     secret_file: Path | None = None
     secret_env: str | None = None
+    #: The HMAC key itself: a destination made through the API (unsealed from the store).
+    secret: str | None = field(default=None, repr=False)
     timeout_seconds: int = 10
     max_attempts: int = 8
     allow_reserved_addresses: bool = False
@@ -465,7 +469,7 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
                 )
             seen.add(connector.name)
     notifications = tuple(
-        _parse_notification(reader, item, i, names)
+        _parse_notification(reader, item, f"notifications[{i}]", names)
         for i, item in enumerate(_array(reader, data, "notifications"))
     )
     for i, notification in enumerate(notifications):
@@ -665,96 +669,124 @@ _COMMON_NOTIFICATION_KEYS = (
     "templates",
 )
 _NOTIFICATION_KEYS = {
-    "webhook": ("url", "secret_file", "secret_env", "allow_reserved_addresses"),
-    "email": (
-        "smtp_host",
-        "smtp_port",
-        "tls",
-        "from",
-        "to",
-        "username",
-        "password_file",
-        "password_env",
-        "tls_ca_file",
-    ),
+    "webhook": ("url", "allow_reserved_addresses"),
+    "email": ("smtp_host", "smtp_port", "tls", "from", "to", "username"),
 }
+# In the TOML a secret is named (a file, an environment variable); through the API it is
+# sent, then sealed in the store (gateways/destinations.py). So is the SMTP server's CA.
+_NAMED_SECRET_KEYS = {
+    "webhook": ("secret_file", "secret_env"),
+    "email": ("password_file", "password_env", "tls_ca_file"),
+}
+_SENT_SECRET_KEYS = {"webhook": ("secret",), "email": ("password", "tls_ca_pem")}
 
 
-def _parse_email(reader: _Reader, item: Mapping[str, Any], where: str) -> EmailTarget:
-    tls = reader.string(item, "tls", f"{where}.tls", "starttls")
+def _under(where: str) -> Callable[[str], str]:
+    """How a key inside an entry is named: ``notifications[0].url`` in the TOML, ``url``
+    in an API body."""
+    return lambda name: f"{where}.{name}" if where else name
+
+
+def _parse_email(
+    reader: _Reader, item: Mapping[str, Any], where: str, sent_secrets: bool
+) -> EmailTarget:
+    at = _under(where)
+    tls = reader.string(item, "tls", at("tls"), "starttls")
     if tls not in ("starttls", "implicit"):
-        raise reader.error(f"{where}.tls", f"must be starttls or implicit, not {tls!r}")
-    recipients = _strings(reader, item, "to", f"{where}.to")
-    sender = reader.string(item, "from", f"{where}.from", required=True) or ""
+        raise reader.error(at("tls"), f"must be starttls or implicit, not {tls!r}")
+    recipients = _strings(reader, item, "to", at("to"))
+    sender = reader.string(item, "from", at("from"), required=True) or ""
     for address in (sender, *recipients):
         if "@" not in address or any(c in address for c in "\r\n"):
-            raise reader.error(f"{where}.to", f"{address!r} is not an email address")
+            raise reader.error(at("to"), f"{address!r} is not an email address")
     if not recipients:
-        raise reader.error(f"{where}.to", "name at least one recipient")
-    password_file = reader.string(item, "password_file", f"{where}.password_file")
-    password_env = reader.string(item, "password_env", f"{where}.password_env")
-    if password_file and password_env:
-        raise reader.error(f"{where}.password_file", "name password_file or password_env")
-    ca_file = reader.string(item, "tls_ca_file", f"{where}.tls_ca_file")
+        raise reader.error(at("to"), "name at least one recipient")
+    password_file, password_env, ca_file, password, ca_pem = None, None, None, None, None
+    if sent_secrets:
+        password = reader.string(item, "password", at("password"))
+        ca_pem = reader.string(item, "tls_ca_pem", at("tls_ca_pem"))
+        if ca_pem is not None:
+            try:
+                x509.load_pem_x509_certificates(ca_pem.encode())
+            except ValueError:
+                raise reader.error(at("tls_ca_pem"), "is not PEM certificates") from None
+    else:
+        password_file = reader.string(item, "password_file", at("password_file"))
+        password_env = reader.string(item, "password_env", at("password_env"))
+        if password_file and password_env:
+            raise reader.error(at("password_file"), "name password_file or password_env")
+        ca_file = reader.string(item, "tls_ca_file", at("tls_ca_file"))
     return EmailTarget(
-        host=reader.string(item, "smtp_host", f"{where}.smtp_host", required=True) or "",
+        host=reader.string(item, "smtp_host", at("smtp_host"), required=True) or "",
         port=reader.integer(
-            item, "smtp_port", f"{where}.smtp_port", 465 if tls == "implicit" else 587, 1, 65535
+            item, "smtp_port", at("smtp_port"), 465 if tls == "implicit" else 587, 1, 65535
         ),
         tls=tls,
         sender=sender,
         recipients=recipients,
-        username=reader.string(item, "username", f"{where}.username"),
+        username=reader.string(item, "username", at("username")),
         password_file=Path(password_file) if password_file else None,
         password_env=password_env,
+        password_value=password,
         tls_ca_file=Path(ca_file) if ca_file else None,
-        timeout_seconds=reader.integer(
-            item, "timeout_seconds", f"{where}.timeout_seconds", 10, 1, 120
-        ),
+        tls_ca_pem=ca_pem,
+        timeout_seconds=reader.integer(item, "timeout_seconds", at("timeout_seconds"), 10, 1, 120),
     )
 
 
 def _parse_notification(
-    reader: _Reader, item: dict[str, Any], index: int, ca_names: Sequence[str]
+    reader: _Reader,
+    item: Mapping[str, Any],
+    where: str,
+    ca_names: Collection[str],
+    *,
+    sent_secrets: bool = False,
+    secret_kept: bool = False,
 ) -> NotificationConfig:
-    where = f"notifications[{index}]"
-    name = reader.string(item, "name", f"{where}.name", required=True) or ""
+    """One destination, from the TOML (secrets named) or from an API body
+    (``sent_secrets``; ``secret_kept``: an update that leaves the stored secret as it is)."""
+    at = _under(where)
+    name = reader.string(item, "name", at("name"), required=True) or ""
     if not _NAME.match(name):
-        raise reader.error(f"{where}.name", "use letters, digits, '.', '_' or '-'")
-    kind = reader.string(item, "type", f"{where}.type", required=True)
+        raise reader.error(at("name"), "use letters, digits, '.', '_' or '-'")
+    kind = reader.string(item, "type", at("type"), required=True)
     if kind not in ("webhook", "email"):
-        raise reader.error(f"{where}.type", f"must be webhook or email, not {kind!r}")
-    reader.table(item, where, [*_COMMON_NOTIFICATION_KEYS, *_NOTIFICATION_KEYS[kind]])
-    url, secret_file, secret_env, allow_reserved, email = "", None, None, False, None
+        raise reader.error(at("type"), f"must be webhook or email, not {kind!r}")
+    secret_keys = (_SENT_SECRET_KEYS if sent_secrets else _NAMED_SECRET_KEYS)[kind]
+    reader.table(item, where, [*_COMMON_NOTIFICATION_KEYS, *_NOTIFICATION_KEYS[kind], *secret_keys])
+    url, secret_file, secret_env, secret, allow_reserved, email = "", None, None, None, False, None
     if kind == "webhook":
-        url = reader.string(item, "url", f"{where}.url", required=True) or ""
+        url = reader.string(item, "url", at("url"), required=True) or ""
         allow_reserved = reader.boolean(
-            item, "allow_reserved_addresses", f"{where}.allow_reserved_addresses", False
+            item, "allow_reserved_addresses", at("allow_reserved_addresses"), False
         )
         try:
             check_webhook_url(url, allow_reserved)
         except ValueError as exc:
-            raise reader.error(f"{where}.url", str(exc)) from None
-        secret_file = reader.string(item, "secret_file", f"{where}.secret_file")
-        secret_env = reader.string(item, "secret_env", f"{where}.secret_env")
-        if bool(secret_file) == bool(secret_env):
-            raise reader.error(
-                f"{where}.secret_file", "name exactly one of secret_file and secret_env"
-            )
+            raise reader.error(at("url"), str(exc)) from None
+        if sent_secrets:
+            secret = reader.string(item, "secret", at("secret"), required=not secret_kept)
+        else:
+            secret_file = reader.string(item, "secret_file", at("secret_file"))
+            secret_env = reader.string(item, "secret_env", at("secret_env"))
+            if bool(secret_file) == bool(secret_env):
+                raise reader.error(
+                    at("secret_file"), "name exactly one of secret_file and secret_env"
+                )
     else:
-        email = _parse_email(reader, item, where)
-    events = _strings(reader, item, "events", f"{where}.events")
+        email = _parse_email(reader, item, where, sent_secrets)
+    events = _strings(reader, item, "events", at("events"))
     known = {t.value for t in EventType}
     for event in events:
         if event not in known:
             raise reader.error(
-                f"{where}.events",
+                at("events"),
                 f"unknown event type {event!r}; known: {', '.join(sorted(known))}",
             )
-    cas = _strings(reader, item, "cas", f"{where}.cas")
+    cas = _strings(reader, item, "cas", at("cas"))
     for ca in cas:
         if ca not in ca_names:
-            raise reader.error(f"{where}.cas", f"no CA named {ca!r}")
+            raise reader.error(at("cas"), f"no CA named {ca!r}")
     return NotificationConfig(
         name=name,
         type=kind,
@@ -762,14 +794,23 @@ def _parse_notification(
         email=email,
         secret_file=Path(secret_file) if secret_file else None,
         secret_env=secret_env,
-        timeout_seconds=reader.integer(
-            item, "timeout_seconds", f"{where}.timeout_seconds", 10, 1, 120
-        ),
-        max_attempts=reader.integer(item, "max_attempts", f"{where}.max_attempts", 8, 1, 50),
+        secret=secret,
+        timeout_seconds=reader.integer(item, "timeout_seconds", at("timeout_seconds"), 10, 1, 120),
+        max_attempts=reader.integer(item, "max_attempts", at("max_attempts"), 8, 1, 50),
         allow_reserved_addresses=allow_reserved,
         events=events,
         cas=cas,
-        templates=_strings(reader, item, "templates", f"{where}.templates"),
+        templates=_strings(reader, item, "templates", at("templates")),
+    )
+
+
+def check_sent_notification(
+    item: Mapping[str, Any], ca_names: Collection[str], *, secret_kept: bool = False
+) -> NotificationConfig:
+    """A destination sent to the API (its secrets in it), checked by the TOML's rules;
+    ConfigError naming the field (``key``) otherwise."""
+    return _parse_notification(
+        _Reader("", ""), item, "", ca_names, sent_secrets=True, secret_kept=secret_kept
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import smtplib
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
@@ -41,11 +41,17 @@ class EmailTarget:
     username: str | None = None
     password_file: Path | None = None
     password_env: str | None = None
-    #: CA certificates that the SMTP server's certificate chains to (default: the system's).
+    #: The password itself: a destination made through the API (unsealed from the store).
+    password_value: str | None = field(default=None, repr=False)
+    #: CA certificates that the SMTP server's certificate chains to (default: the system's),
+    #: in a file (TOML) or as PEM text (API).
     tls_ca_file: Path | None = None
+    tls_ca_pem: str | None = None
     timeout_seconds: int = 10
 
     def password(self) -> str | None:
+        if self.password_value is not None:
+            return self.password_value
         if self.password_file is not None:
             return self.password_file.read_text().strip()
         if self.password_env is not None:
@@ -110,7 +116,7 @@ def send_email(target: EmailTarget, event: Event) -> None:
     message["From"] = target.sender
     message["To"] = ", ".join(target.recipients)
     context = ssl.create_default_context(
-        cafile=str(target.tls_ca_file) if target.tls_ca_file else None
+        cafile=str(target.tls_ca_file) if target.tls_ca_file else None, cadata=target.tls_ca_pem
     )
     client: smtplib.SMTP
     if target.tls == "implicit":

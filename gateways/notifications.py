@@ -13,6 +13,9 @@ Two jobs, run by any worker on any host:
   queue with its backoff; after ``max_attempts`` the delivery is dead (the API, the CLI
   and /metrics show it). Delivery is at least once: receivers de-duplicate by event id.
 
+Destinations are the TOML's ``[[notifications]]`` and those an administrator made through
+the API (gateways/destinations.py), which every worker re-reads when their version moves.
+
 Webhook targets are checked like ACME http-01 targets (acme/validation.py): link-local
 (a cloud's metadata service), multicast and reserved addresses are refused unless the
 destination says ``allow_reserved_addresses``, the connection goes to the address that
@@ -31,8 +34,8 @@ import os
 import smtplib
 import socket
 import ssl
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,13 +75,17 @@ class WebhookTarget:
     """Where and how a webhook destination posts."""
 
     url: str
-    #: Where the HMAC-SHA256 key comes from: a file's content or an environment variable.
+    #: Where the HMAC-SHA256 key comes from: a file's content or an environment variable
+    #: (TOML), or the key itself (a destination made through the API).
     secret_file: Path | None = None
     secret_env: str | None = None
+    secret_value: bytes | None = field(default=None, repr=False)
     timeout_seconds: int = 10
     allow_reserved_addresses: bool = False
 
     def secret(self) -> bytes:
+        if self.secret_value is not None:
+            return self.secret_value
         if self.secret_file is not None:
             return self.secret_file.read_bytes().strip()
         value = os.environ.get(self.secret_env or "", "")
@@ -118,6 +125,7 @@ def destination_from_config(item: NotificationConfig, ca_ids: Mapping[str, str])
             url=item.url,
             secret_file=item.secret_file,
             secret_env=item.secret_env,
+            secret_value=item.secret.encode() if item.secret is not None else None,
             timeout_seconds=item.timeout_seconds,
             allow_reserved_addresses=item.allow_reserved_addresses,
         )
@@ -229,35 +237,59 @@ class Notifier:
     """This process's side of notifications: the destinations and the two job handlers."""
 
     core: Core
+    #: The TOML's destinations.
     destinations: Mapping[str, Destination]
     poll: timedelta = timedelta(seconds=5)
+    #: The TOML's and the store's destinations as they are now (gateways/destinations.py),
+    #: given the TOML's: destinations made through the API come and go while it runs.
+    stored: Callable[[Mapping[str, Destination]], Mapping[str, Destination]] | None = None
+
+    def current(self) -> Mapping[str, Destination]:
+        return self.destinations if self.stored is None else self.stored(self.destinations)
 
     def job_handlers(self) -> dict[str, JobHandler]:
-        if not self.destinations:
+        if not self.destinations and self.stored is None:
             return {}
         return {DISPATCH_JOB: self._dispatch_job, DELIVER_JOB: self._deliver_job}
 
     def start(self) -> None:
         """Queue the dispatcher (once however many processes start)."""
-        if self.destinations:
+        if self.job_handlers():
             self.core.jobs.enqueue(DISPATCH_JOB, {}, dedupe_key=DISPATCH_JOB)
 
     def _dispatch_job(self, _payload: dict[str, Any]) -> None:
+        resting = False
         try:
-            self.dispatch()
+            # With nowhere to deliver to the dispatcher rests: making a destination
+            # through the API queues it again.
+            resting = self.stored is not None and not self.current()
+            if not resting:
+                self.dispatch()
         finally:
-            self.core.jobs.enqueue(
-                DISPATCH_JOB, {}, dedupe_key=DISPATCH_JOB, run_at=self.core.clock() + self.poll
-            )
+            if not resting:
+                self.core.jobs.enqueue(
+                    DISPATCH_JOB,
+                    {},
+                    dedupe_key=DISPATCH_JOB,
+                    run_at=self.core.clock() + self.poll,
+                )
 
     def dispatch(self) -> int:
-        """Queue deliveries of the events written since the last look; how many."""
+        """Queue deliveries of the events written since the last look; how many.
+
+        The newest event is looked up before the destinations are: an event is matched
+        against destinations read after it was written, so a destination changed before
+        an event is written is used for it as changed."""
         queued = 0
         now = self.core.clock()
-        for name, destination in self.destinations.items():
+        with self.core.store.read() as conn:
+            ceiling = events_sql.last_event_position(conn)
+        for name, destination in self.current().items():
             with self.core.store.write() as conn:
                 position = events_sql.cursor(conn, name)
-                rows = events_sql.list_events(conn, after_id=position, limit=_DISPATCH_BATCH)
+                rows = events_sql.list_events(
+                    conn, after_id=position, until_id=ceiling, limit=_DISPATCH_BATCH
+                )
                 settled, settling = position, True
                 for row in rows:
                     # SQLite has one writer: positions commit in order. Elsewhere the
@@ -294,7 +326,7 @@ class Notifier:
             row = events_sql.get_event(conn, delivery.event_id) if delivery else None
         if delivery is None or row is None or delivery.status != "pending":
             return
-        destination = self.destinations.get(delivery.destination)
+        destination = self.current().get(delivery.destination)
         if destination is None:
             return  # removed from the configuration: left pending, shown as such
         attempts = delivery.attempts + 1

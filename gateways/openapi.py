@@ -438,7 +438,10 @@ SCHEMAS: dict[str, JSON] = {
                 "items": _closed(
                     {
                         "destination": _STRING,
-                        "status": {"type": "string", "enum": ["pending", "delivered", "dead"]},
+                        "status": {
+                            "type": "string",
+                            "enum": ["pending", "delivered", "dead", "cancelled"],
+                        },
                         "attempts": {"type": "integer"},
                         "last_error": _OPTIONAL_STRING,
                         "updated_at": _TIME,
@@ -556,6 +559,64 @@ SCHEMAS: dict[str, JSON] = {
             },
         }
     ),
+    "NotificationDestination": _closed(
+        {
+            "name": _STRING,
+            "type": {"type": "string", "enum": ["webhook", "email"]},
+            "source": {
+                "type": "string",
+                "enum": ["config", "api"],
+                "description": "config: a [[notifications]] entry of the server's "
+                "configuration (read-only here); api: made through this API",
+            },
+            "read_only": {"type": "boolean"},
+            "url": _OPTIONAL_STRING,
+            "allow_reserved_addresses": nullable({"type": "boolean"}),
+            "smtp_host": _OPTIONAL_STRING,
+            "smtp_port": nullable({"type": "integer"}),
+            "tls": _OPTIONAL_STRING,
+            "from": _OPTIONAL_STRING,
+            "to": {"type": ["array", "null"], "items": _STRING},
+            "username": _OPTIONAL_STRING,
+            "tls_ca_pem": _OPTIONAL_STRING,
+            "timeout_seconds": {"type": "integer"},
+            "max_attempts": {"type": "integer"},
+            "events": {"type": "array", "items": _STRING},
+            "cas": {"type": "array", "items": _STRING},
+            "templates": {"type": "array", "items": _STRING},
+            "secret_set": {
+                "type": "boolean",
+                "description": "webhook: it has an HMAC secret (never shown)",
+            },
+            "password_set": {
+                "type": "boolean",
+                "description": "email: it has an SMTP password (never shown)",
+            },
+            "version": {
+                **nullable({"type": "integer"}),
+                "description": "One more with each change; null for the configuration's",
+            },
+            "created_at": _OPTIONAL_TIME,
+            "created_by": _OPTIONAL_STRING,
+            "updated_at": _OPTIONAL_TIME,
+            "updated_by": _OPTIONAL_STRING,
+            "deliveries": {
+                **_closed(
+                    {
+                        state: {"type": "integer"}
+                        for state in ("pending", "delivered", "dead", "cancelled")
+                    }
+                ),
+                "description": "Its deliveries by state; dead: dead-lettered",
+            },
+        },
+        "Where events are delivered: a webhook (the Event schema is its POST body) or an "
+        "email address list",
+    ),
+    "NotificationDestinationList": _closed(
+        {"notifications": {"type": "array", "items": ref("NotificationDestination")}}
+    ),
+    "DeletedNotification": _closed({"name": _STRING, "deleted": {"type": "boolean"}}),
     "Token": _closed(_TOKEN),
     "NewToken": _closed(
         {**_TOKEN, "secret": {"type": "string", "description": "The bearer token; shown once"}}
@@ -712,6 +773,7 @@ def build_document(
                 "Templates",
                 "Audit",
                 "Events",
+                "Notifications",
                 "Tokens",
                 "Meta",
             )

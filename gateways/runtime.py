@@ -44,6 +44,7 @@ from pkigate.gateways.connectors import (
     ConnectorSettingsError,
     discover,
 )
+from pkigate.gateways.destinations import NotificationDestinations
 from pkigate.gateways.notifications import Notifier, destination_from_config
 
 log = logging.getLogger("pkigate.gateway")
@@ -69,6 +70,7 @@ class Gateway:
     ca_ids: dict[str, str]
     connectors: list[Connector] = field(default_factory=list)
     notifier: Notifier | None = None
+    destinations: NotificationDestinations | None = None
     _runners: list[JobRunner] = field(default_factory=list)
 
     @classmethod
@@ -226,12 +228,28 @@ class Gateway:
         return built
 
     def _build_notifier(self) -> Notifier:
+        """The TOML's destinations and the store's (made through the API); a name in both
+        is refused at start (a TOML entry added after the API made one of its name)."""
+        self.destinations = NotificationDestinations(
+            self.core, self.config.notifications, self.ca_ids
+        )
+        stored = {view["name"] for view in self.destinations.list() if view["source"] == "api"}
+        for index, item in enumerate(self.config.notifications):
+            if item.name in stored:
+                raise self.config.error(
+                    f"notifications[{index}].name",
+                    f"a notification named {item.name!r} was made through the API; delete "
+                    "it there (`pkigate notifications delete`) or give this one another name",
+                )
         destinations = {
             item.name: destination_from_config(item, self.ca_ids)
             for item in self.config.notifications
         }
         return Notifier(
-            self.core, destinations, timedelta(seconds=self.config.notifications_poll_seconds)
+            self.core,
+            destinations,
+            timedelta(seconds=self.config.notifications_poll_seconds),
+            stored=self.destinations.current,
         )
 
     # -- first start --------------------------------------------------------------------

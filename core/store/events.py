@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, exists, func, insert, literal, select, update
+from sqlalchemy import Connection, delete, exists, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pkigate.core.store import CertificateRecord, _certificate, _utc, schema
@@ -137,11 +137,14 @@ def list_events(
     conn: Connection,
     *,
     after_id: int = 0,
+    until_id: int | None = None,
     types: Collection[str] = (),
     ca_id: str | None = None,
     limit: int = 100,
 ) -> list[EventRow]:
     query = select(_events).where(_events.c.id > after_id)
+    if until_id is not None:
+        query = query.where(_events.c.id <= until_id)
     if types:
         query = query.where(_events.c.type.in_(sorted(types)))
     if ca_id is not None:
@@ -174,6 +177,21 @@ def move_cursor(conn: Connection, destination: str, last_id: int) -> None:
         statement.on_conflict_do_update(
             index_elements=[_cursors.c.destination], set_={"last_id": last_id}
         )
+    )
+
+
+def last_event_position(conn: Connection) -> int:
+    return int(conn.execute(select(func.max(_events.c.id))).scalar() or 0)
+
+
+def forget_destination(conn: Connection, destination: str, now: datetime) -> None:
+    """A deleted destination: its cursor goes (a new one of that name starts at the
+    head) and its pending deliveries are cancelled (never sent, never counted as dead)."""
+    conn.execute(delete(_cursors).where(_cursors.c.destination == destination))
+    conn.execute(
+        update(_deliveries)
+        .where(_deliveries.c.destination == destination, _deliveries.c.status == "pending")
+        .values(status="cancelled", last_error="the destination was deleted", updated_at=now)
     )
 
 

@@ -542,7 +542,7 @@ event_deliveries = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("event_id", String(36), ForeignKey("events.event_id"), nullable=False),
     Column("destination", String(64), nullable=False),
-    Column("status", String(16), nullable=False),  # pending | delivered | dead
+    Column("status", String(16), nullable=False),  # pending | delivered | dead | cancelled
     Column("attempts", Integer, nullable=False),
     Column("last_error", Text, nullable=True),
     Column("updated_at", Timestamp, nullable=False),
@@ -556,4 +556,23 @@ event_cursors = Table(
     metadata,
     Column("destination", String(64), primary_key=True),
     Column("last_id", Integer, nullable=False),
+)
+
+# Notification destinations created through the API (gateways/destinations.py); the TOML's
+# are not stored. ``version`` grows with each change: workers compare it to reload.
+notification_destinations = Table(
+    "notification_destinations",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("type", String(16), nullable=False),  # webhook | email
+    Column("settings", Text, nullable=False),  # JSON: url, smtp_host, timeout_seconds, ...
+    Column("filters", Text, nullable=False),  # JSON: events, cas, templates
+    # AES-256-GCM under the KEK (core/keys.Sealer), the name as associated data: JSON of
+    # the webhook's HMAC secret or the SMTP password. Never returned by a read.
+    Column("sealed_secret", LargeBinary, nullable=True),
+    Column("version", Integer, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("created_by", String(256), nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    Column("updated_by", String(256), nullable=False),
 )
