@@ -1992,7 +1992,9 @@ connectors_config_option = click.option(
 @connectors_config_option
 @pass_state
 def notifications(state: State, config_path: Path | None) -> None:
-    """The [[notifications]] of the server's configuration.
+    """Where events go: the [[notifications]] of the server's configuration, and the
+    destinations made in the store (create, update, delete; as the API's POST, PATCH and
+    DELETE /api/v1/notifications do).
 
     \b
     Example:
@@ -2012,21 +2014,15 @@ def notifications_test(state: State, name: str) -> None:
     Example:
       pkigate notifications --config pkigate.toml test ops-webhook
     """
-    from pkigate.gateways.config import ConfigError
+    from pkigate.gateways.cli_notifications import destination_service
     from pkigate.gateways.notifications import destination_from_config, send_test
-    from pkigate.gateways.serve import effective_config
 
+    service, config = destination_service(state)
+    # The CA filter plays no part in a test: the names need not be resolved.
+    configured = {item.name: destination_from_config(item, {}) for item in config.notifications}
+    destination = service.find(name, configured)
     try:
-        config = effective_config(state.config_path, state.data_dir, state.database_url, None)
-    except ConfigError as exc:
-        raise BadRequestError(str(exc)) from None
-    found = [item for item in config.notifications if item.name == name]
-    if not found:
-        configured = ", ".join(item.name for item in config.notifications)
-        raise NotFoundError(f"no notification {name!r}; configured: {configured or 'none'}")
-    try:
-        # The CA filter plays no part in a test: the names need not be resolved.
-        event = send_test(destination_from_config(found[0], {}))
+        event = send_test(destination)
     except Exception as exc:
         raise BadRequestError(f"notification {name} failed: {exc}") from None
     data = {"destination": name, "event_id": event.event_id, "delivered": True}
@@ -2456,3 +2452,7 @@ def adcs_pending_reject(state: State, connector_name: str, request_id: int, reas
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# Verb groups in modules of their own, registered on the groups above when this is imported.
+from pkigate.gateways import cli_notifications  # noqa: E402, F401
