@@ -230,11 +230,11 @@ class NotificationDestinations:
                 else:
                     entry[key] = value
             sent = {k: body[k] for k in SECRET_KEYS[row.type] if body.get(k) is not None}
-            config = self._check(entry, secret_kept=row.sealed_secret is not None)
-            secrets = {**self._unseal(row), **sent}
-            for key in SECRET_KEYS[row.type]:
-                if key in body and body[key] is None:
-                    secrets.pop(key, None)
+            removed = {k for k in SECRET_KEYS[row.type] if k in body and body[k] is None}
+            # A webhook's secret may be replaced, never removed (its check then asks for it).
+            kept = row.sealed_secret is not None and "secret" not in removed
+            config = self._check(entry, secret_kept=kept)
+            secrets = {k: v for k, v in {**self._unseal(row), **sent}.items() if k not in removed}
             with self._core.store.write() as conn:
                 changed = destinations_sql.update_row(
                     conn,

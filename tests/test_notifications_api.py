@@ -281,6 +281,7 @@ def test_a_bad_change_is_refused_and_the_destination_kept_as_it_was(served: _Ser
         ({"type": "email"}, "type"),
         ({"smtp_host": "smtp.example.test"}, "smtp_host"),
         ({"max_attempts": [1]}, "max_attempts"),
+        ({"secret": None}, "secret"),
     ):
         response = served.call("PATCH", "/notifications/kept", json=change)
         assert response.status_code == 400, response.text

@@ -6,21 +6,30 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
+import ssl
 from pathlib import Path
+from typing import Any
 
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from alembic import command
 from alembic.config import Config
 from click.testing import CliRunner, Result
-from helpers import create_root, make_csr
+from helpers import Clock, create_root, make_csr
 from sqlalchemy import inspect
+from test_notifications_email import _Mailbox, _tls_files
 from webhook_receiver import SECRET, Receiver
 
 from pkigate.core import Actor, Core, IssuanceRequest, Requester, Validity
+from pkigate.core.jobs import JobRunner
+from pkigate.core.model import RevocationReason
 from pkigate.core.store import events as events_sql
 from pkigate.core.store import sqlite_url
 from pkigate.core.store.engine import MIGRATIONS_DIR, create_store_engine
 from pkigate.gateways.cli import main
 from pkigate.gateways.destinations import NotificationDestinations
+from pkigate.gateways.notifications import Notifier
 
 OTHER_SECRET = "a-second-secret-for-the-update"
 
@@ -151,3 +160,73 @@ def test_migration_0016_upgrades_a_0015_store_keeping_its_events(tmp_path: Path)
         assert set(upgraded.audit.verify_chain().problems) == set()
     finally:
         upgraded.close()
+
+
+SMTP_PASSWORD = "smtp-password-for-the-store"
+
+
+def test_an_email_destination_from_the_store_logs_in_with_its_sealed_password(
+    sqlite_core: Core, clock: Clock, tmp_path: Path
+) -> None:
+    """aiosmtpd with STARTTLS and a required login; the server's CA is sent as PEM."""
+    core = sqlite_core
+    cert_path, key_path, root_path = _tls_files(core, tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticate(
+        _server: Any, _session: Any, _envelope: Any, _mechanism: str, data: Any
+    ) -> AuthResult:
+        logins.append((data.login, data.password))
+        return AuthResult(success=data.password == SMTP_PASSWORD.encode())
+
+    mailbox = _Mailbox()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    controller = Controller(
+        mailbox,
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=context,
+        require_starttls=True,
+        authenticator=authenticate,
+        auth_required=True,
+    )
+    controller.start()
+    try:
+        service = NotificationDestinations(core)
+        notifier = Notifier(core, {}, stored=service.current)
+        service.create(
+            {
+                "name": "pki-team",
+                "type": "email",
+                "smtp_host": "127.0.0.1",
+                "smtp_port": port,
+                "tls_ca_pem": root_path.read_text(),
+                "from": "pkigate@example.test",
+                "to": ["pki-team@example.test"],
+                "username": "pkigate",
+                "password": SMTP_PASSWORD,
+                "events": ["certificate.revoked"],
+            },
+            Actor("tests"),
+        )
+        root = create_root(core)
+        issued = core.issue(
+            IssuanceRequest(root.record.id, make_csr(), Validity.parse("30d"), Requester("ops"))
+        )
+        core.revocation.revoke(
+            root.record.id, issued.serial, RevocationReason.keyCompromise, Actor("ops")
+        )
+        assert notifier.dispatch() == 1  # the revocation, not the issuance
+        # The dispatcher the creation queued (finding nothing more), then the delivery.
+        assert JobRunner(core.jobs, notifier.job_handlers()).run_once().completed == 2
+    finally:
+        controller.stop()
+    assert logins == [(b"pkigate", SMTP_PASSWORD.encode())]
+    ((message, tls),) = mailbox.messages
+    assert tls is not None and message["To"] == "pki-team@example.test"
+    assert message["Subject"].startswith("[pkigate] certificate.revoked")
+    assert service.get("pki-team")["deliveries"]["delivered"] == 1

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from pkigate.core.store import _utc, schema
 
@@ -69,8 +69,21 @@ def list_all(conn: Connection) -> list[DestinationRow]:
     return [_row(row) for row in conn.execute(select(_table).order_by(_table.c.name))]
 
 
-def count(conn: Connection) -> int:
-    return int(conn.execute(select(func.count()).select_from(_table)).scalar_one())
+def _state(
+    settings: Mapping[str, Any],
+    filters: Mapping[str, Any],
+    sealed_secret: bytes | None,
+    at: datetime,
+    by: str,
+) -> dict[str, Any]:
+    """The columns a creation and an update both write."""
+    return {
+        "settings": _json(settings),
+        "filters": _json(filters),
+        "sealed_secret": sealed_secret,
+        "updated_at": at,
+        "updated_by": by,
+    }
 
 
 def insert_row(
@@ -84,18 +97,10 @@ def insert_row(
     at: datetime,
     by: str,
 ) -> None:
+    state = _state(settings, filters, sealed_secret, at, by)
     conn.execute(
         insert(_table).values(
-            name=name,
-            type=kind,
-            settings=_json(settings),
-            filters=_json(filters),
-            sealed_secret=sealed_secret,
-            version=1,
-            created_at=at,
-            created_by=by,
-            updated_at=at,
-            updated_by=by,
+            name=name, type=kind, version=1, created_at=at, created_by=by, **state
         )
     )
 
@@ -113,17 +118,11 @@ def update_row(
 ) -> bool:
     """Write the new state if the row is still at ``version`` (no lost update between
     two administrators); True if it was."""
+    state = _state(settings, filters, sealed_secret, at, by)
     result = conn.execute(
         update(_table)
         .where(_table.c.name == name, _table.c.version == version)
-        .values(
-            settings=_json(settings),
-            filters=_json(filters),
-            sealed_secret=sealed_secret,
-            version=version + 1,
-            updated_at=at,
-            updated_by=by,
-        )
+        .values(version=version + 1, **state)
     )
     return bool(result.rowcount == 1)
 
