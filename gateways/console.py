@@ -220,6 +220,7 @@ NAVIGATION = (
     ("console.enrollment", "Enrollment", ENROLLMENT),
     ("console.acme", "ACME", (Role.ADMIN, Role.AUDITOR)),
     ("console.audit", "Audit", api.AUDIT_READERS),
+    ("console.notifications", "Notifications", (Role.ADMIN,)),
     ("console.tokens", "Tokens", (Role.ADMIN,)),
 )
 
@@ -780,6 +781,21 @@ def audit_report() -> Response:
         body,
         mimetype="text/csv" if kind == "csv" else "application/json",
         headers={"Content-Disposition": f'attachment; filename="audit-{ca_id}.{kind}"'},
+    )
+
+
+# -- notifications ---------------------------------------------------------------------------
+
+
+@console.get("/notifications")
+@allowed(Role.ADMIN)
+def notifications() -> str:
+    """Where events go, read-only: the configuration's and the API's destinations (made and
+    changed with the API or `pkigate notifications`), with their delivery counts."""
+    return page(
+        "notifications.html",
+        title="Notifications",
+        destinations=gateway().destinations.list(),
     )
 
 

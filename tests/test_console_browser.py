@@ -244,7 +244,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
 
 def test_each_role_sees_only_what_it_may(console: Console) -> None:
     allowed = {
-        "admin": ["Dashboard", "CAs", "Enrollment", "ACME", "Audit", "Tokens"],
+        "admin": ["Dashboard", "CAs", "Enrollment", "ACME", "Audit", "Notifications", "Tokens"],
         "issuer": ["Dashboard", "CAs", "Certificates", "Enrollment"],
         "auditor": ["Dashboard", "CAs", "Certificates", "ACME", "Audit"],
     }

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 from helpers import make_csr, wait_for
-from serving import RunningServer, issuer_token_and_issuing_ca, start_server
+from serving import RunningServer, console_signin, issuer_token_and_issuing_ca, start_server
 from webhook_receiver import SECRET, Receiver
 
 API_SECRET = "api-destination-secret-7f3a9c"
@@ -198,6 +198,10 @@ def test_a_destination_made_through_the_api_is_delivered_to_changed_and_deleted(
     actions = [e["action"] for e in audit.json()["events"]]
     for action in ("notification.create", "notification.update", "notification.delete"):
         assert action in actions
+    console, _csrf = console_signin(served.server, served.server.admin_token)
+    page = console.get(f"{served.server.https_url}/console/notifications", timeout=10)
+    assert page.status_code == 200 and "witness" in page.text and "api-hook" not in page.text
+    served.responses.append(page.text)
     assert all(API_SECRET not in text for text in served.responses)
     assert API_SECRET not in served.server.log_path.read_text()
 
