@@ -14,6 +14,7 @@ deletion is seen at the next poll, without a restart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -397,6 +398,9 @@ def _audited(config: NotificationConfig, secrets: Collection[str]) -> dict[str, 
         **_stored_settings(config),
         **_filters_of(config),
     }
+    if "tls_ca_pem" in parameters:  # up to 64 KiB of PEM: the record names it by digest
+        digest = hashlib.sha256(parameters["tls_ca_pem"].encode()).hexdigest()
+        parameters["tls_ca_pem"] = f"sha256:{digest}"
     if secrets:
         parameters["secrets_set"] = sorted(secrets)
     return parameters
