@@ -195,3 +195,148 @@ def test_console_queries_search_certificates_count_days_and_find_events(
             newest[0].seq
         )
         assert core.store.find_audit_events(conn, since=clock() + timedelta(hours=1)) == []
+
+
+def test_scep_transactions_recorded_on_the_driver_cursor_read_back_as_written(
+    core: Core,
+) -> None:
+    """record_transaction (driver cursor) inserts, then updates a renewal in place: what
+    SQLAlchemy reads back is what was recorded, created_at kept from the first."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from pkigate.core.store import scep as scep_store
+    from pkigate.core.store import schema
+
+    first, later = core.clock(), core.clock() + timedelta(hours=1)
+    recorded = {
+        "connector": "scep",
+        "transaction_id": "tx-1",
+        "csr_sha256": "a" * 64,
+        "csr_der": b"\x30\x00",
+        "evidence": '{"challenge": "static"}',
+        "subject": "CN=device",
+        "status": "ISSUED",
+        "ca_id": "ca-1",
+        "serial": "1f",
+    }
+    with core.store.write() as conn:
+        scep_store.record_transaction(conn, **recorded, now=first)
+    with core.store.read() as conn:
+        found = scep_store.get_transaction(conn, "scep", "tx-1")
+    assert found == scep_store.TransactionRecord(**recorded, created_at=first, updated_at=first)
+    renewal = {**recorded, "csr_sha256": "b" * 64, "csr_der": b"\x30\x01", "serial": None}
+    with core.store.write() as conn:
+        scep_store.record_transaction(conn, **renewal, now=later)
+    with core.store.read() as conn:
+        rows = conn.execute(select(schema.scep_transactions)).all()
+        found = scep_store.get_transaction(conn, "scep", "tx-1")
+    assert len(rows) == 1
+    assert (bytes(rows[0].csr_der), rows[0].serial) == (b"\x30\x01", None)
+    assert found == scep_store.TransactionRecord(**renewal, created_at=first, updated_at=later)
+
+
+def test_scep_challenge_found_by_its_secret_digest_only_on_its_connector(core: Core) -> None:
+    from datetime import timedelta
+
+    from pkigate.core.store import scep as scep_store
+
+    now = core.clock()
+    with core.store.write() as conn:
+        scep_store.insert_challenge(
+            conn,
+            challenge_id="ch-1",
+            connector="scep",
+            secret_sha256="c" * 64,
+            subject="CN=device",
+            device_id="dev-1",
+            created_at=now,
+            created_by="admin",
+            expires_at=now + timedelta(hours=1),
+            sans=("dns:device.example.test",),
+        )
+    with core.store.read() as conn:
+        found = scep_store.challenge_by_secret(conn, "scep", "c" * 64)
+        assert scep_store.challenge_by_secret(conn, "other", "c" * 64) is None
+        assert scep_store.challenge_by_secret(conn, "scep", "d" * 64) is None
+    assert found == scep_store.ChallengeRecord(
+        "ch-1",
+        "scep",
+        "CN=device",
+        "dev-1",
+        now,
+        "admin",
+        now + timedelta(hours=1),
+        None,
+        ("dns:device.example.test",),
+    )
+
+
+def test_a_scep_transaction_recorded_twice_concurrently_fails_the_second_on_postgres(
+    tmp_path, postgres_server: str
+) -> None:
+    """Two requests with one new transactionID on PostgreSQL: neither sees the other's
+    row, the second INSERT waits on the key and then fails with SQLAlchemy's
+    IntegrityError (what the connector answers with the first's result), never an
+    overwrite of the first's record."""
+    import threading
+
+    from helpers import fresh_postgres_database, wait_for
+    from sqlalchemy import text
+
+    from pkigate.core.store import IntegrityError
+    from pkigate.core.store import scep as scep_store
+
+    core = Core.open(tmp_path / "data", fresh_postgres_database(postgres_server))
+    try:
+        now = core.clock()
+
+        def values(serial: str) -> dict[str, object]:
+            return {
+                "connector": "scep",
+                "transaction_id": "tx-race",
+                "csr_sha256": "a" * 64,
+                "csr_der": b"\x30\x00",
+                "evidence": "{}",
+                "subject": "CN=device",
+                "status": "ISSUED",
+                "ca_id": "ca-1",
+                "serial": serial,
+                "now": now,
+            }
+
+        outcome: list[BaseException | None] = []
+
+        def second() -> None:
+            try:
+                with core.store.write() as conn:
+                    scep_store.record_transaction(conn, **values("2"))  # type: ignore[arg-type]
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        with core.store.write() as conn:
+            scep_store.record_transaction(conn, **values("1"))  # type: ignore[arg-type]
+            racer = threading.Thread(target=second)
+            racer.start()
+
+            def second_waits_on_the_key() -> bool:
+                with core.store.read() as other:
+                    return bool(
+                        other.execute(
+                            text(
+                                "SELECT count(*) FROM pg_stat_activity"
+                                " WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT%'"
+                            )
+                        ).scalar_one()
+                    )
+
+            wait_for(second_waits_on_the_key)
+        racer.join(10)
+        assert len(outcome) == 1 and isinstance(outcome[0], IntegrityError)
+        with core.store.read() as conn:
+            kept = scep_store.get_transaction(conn, "scep", "tx-race")
+        assert kept is not None and kept.serial == "1"
+    finally:
+        core.close()

@@ -129,6 +129,15 @@ class FastQuery:
             cursor.close()
         return [_convert(row, self.results) for row in fetched]
 
+    def changed(self, conn: Connection, *values: Any) -> int:
+        """Run a statement that returns no rows (an UPDATE); the number of rows changed."""
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(self.sql, _convert(values, self.parameters))
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
 
 class FastSelect:
     """A fixed SELECT written with SQLAlchemy (named ``bindparam``s), compiled once per

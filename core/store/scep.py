@@ -14,9 +14,10 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import IntegrityError
 
 from pkigate.core.store import as_utc, schema
-from pkigate.core.store.fastpath import FastQuery, FastSelect
+from pkigate.core.store.fastpath import FastInsert, FastQuery, FastSelect
 
 
 def _utc(moment: datetime | None) -> datetime:
@@ -122,15 +123,19 @@ def insert_challenge(
     )
 
 
+_CHALLENGE_BY_SECRET = FastSelect(
+    select(schema.scep_challenges).where(
+        schema.scep_challenges.c.connector == bindparam("connector"),
+        schema.scep_challenges.c.secret_sha256 == bindparam("secret_sha256"),
+    )
+)
+
+
 def challenge_by_secret(
     conn: Connection, connector: str, secret_sha256: str
 ) -> ChallengeRecord | None:
-    c = schema.scep_challenges.c
-    row = conn.execute(
-        select(schema.scep_challenges).where(
-            c.connector == connector, c.secret_sha256 == secret_sha256
-        )
-    ).first()
+    # Asked for every enrollment whose connector takes one-time challenges.
+    row = _CHALLENGE_BY_SECRET.first(conn, connector=connector, secret_sha256=secret_sha256)
     if row is None:
         return None
     return ChallengeRecord(
@@ -248,6 +253,40 @@ def settle_transaction(
     return result.rowcount == 1
 
 
+# Recorded for every enrollment, in the issuance transaction: on the driver cursor (see
+# fastpath), since SQLAlchemy's statement building costs more than the two statements.
+_TRANSACTION_VALUES = (
+    "csr_sha256",
+    "csr_der",
+    "evidence",
+    "subject",
+    "status",
+    "ca_id",
+    "serial",
+    "updated_at",
+)
+_UPDATE_TRANSACTION: dict[str, FastQuery] = {}
+_INSERT_TRANSACTION: dict[str, FastInsert] = {}
+
+
+def _transaction_writes(dialect: Dialect) -> tuple[FastQuery, FastInsert]:
+    update_query = _UPDATE_TRANSACTION.get(dialect.name)
+    insert_query = _INSERT_TRANSACTION.get(dialect.name)
+    if update_query is None or insert_query is None:
+        c = schema.scep_transactions.c
+        assignments = ", ".join(f"{name} = ?" for name in _TRANSACTION_VALUES)
+        update_query = _UPDATE_TRANSACTION[dialect.name] = FastQuery(
+            f"UPDATE scep_transactions SET {assignments}"  # noqa: S608 - names from this module
+            " WHERE connector = ? AND transaction_id = ?",
+            dialect,
+            parameters=[*(c[name] for name in _TRANSACTION_VALUES), c.connector, c.transaction_id],
+        )
+        insert_query = _INSERT_TRANSACTION[dialect.name] = FastInsert(
+            schema.scep_transactions, dialect
+        )
+    return update_query, insert_query
+
+
 def record_transaction(
     conn: Connection,
     *,
@@ -262,29 +301,21 @@ def record_transaction(
     serial: str | None,
     now: datetime,
 ) -> None:
-    """Insert the transaction, or update it (a renewal within the same transactionID)."""
-    c = schema.scep_transactions.c
-    values = {
-        "csr_sha256": csr_sha256,
-        "csr_der": csr_der,
-        "evidence": evidence,
-        "subject": subject,
-        "status": status,
-        "ca_id": ca_id,
-        "serial": serial,
-        "updated_at": now,
-    }
-    updated = conn.execute(
-        update(schema.scep_transactions)
-        .where(c.connector == connector, c.transaction_id == transaction_id)
-        .values(**values)
-    )
-    if updated.rowcount == 0:
-        conn.execute(
-            insert(schema.scep_transactions).values(
-                connector=connector, transaction_id=transaction_id, created_at=now, **values
-            )
-        )
+    """Insert the transaction, or update it (a renewal within the same transactionID).
+
+    Not an upsert: two requests with one new transactionID racing on PostgreSQL must not
+    both be recorded, so the second INSERT fails on the key (IntegrityError) and its
+    caller answers with what the first recorded."""
+    values = (csr_sha256, csr_der, evidence, subject, status, ca_id, serial, now)
+    update_query, insert_query = _transaction_writes(conn.dialect)
+    if update_query.changed(conn, *values, connector, transaction_id) == 0:
+        row = dict(zip(_TRANSACTION_VALUES, values, strict=True))
+        row.update(connector=connector, transaction_id=transaction_id, created_at=now)
+        try:
+            insert_query.execute(conn, [row])
+        except conn.dialect.loaded_dbapi.IntegrityError as exc:
+            # The driver's error, as SQLAlchemy would have raised it: what callers catch.
+            raise IntegrityError(insert_query.sql, None, exc) from exc
 
 
 # -- failed-attempt counters -------------------------------------------------------------
