@@ -12,7 +12,7 @@ import functools
 import hashlib
 import importlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -222,8 +222,27 @@ def _parse_content_info(data: bytes, content_type: str) -> Any:
         raise MalformedCms(f"a CMS {found} where {content_type} was expected")
     if isinstance(info["content"], core.Void):  # [0] EXPLICIT content is optional in ASN.1
         raise MalformedCms(f"a CMS {content_type} without its content")
-    info.native  # noqa: B018 - forces the lazy parse of every nested value
+    _parse_fully(info, content_type)
     return info
+
+
+def _parse_fully(info: Any, content_type: str) -> None:
+    """Force asn1crypto's lazy parse of every nested value, except the inside of the
+    certificates a SignedData carries: :func:`embedded_certificates` hands those to
+    ``cryptography``, which reads and checks them itself, and building asn1crypto's native
+    form of a certificate (every name and extension) was a third of a SCEP request's
+    parse."""
+    if content_type != "signed_data":
+        info.native  # noqa: B018
+        return
+    signed_data = info["content"]
+    for name, *_ in signed_data._fields:
+        value = signed_data[name]
+        if name != "certificates":
+            value.native  # noqa: B018
+        elif not isinstance(value, core.Void):
+            for choice in value:
+                choice.chosen  # noqa: B018 - which kind of certificate it is, at least
 
 
 _MAX_BER_DEPTH = 64
@@ -347,7 +366,7 @@ def find_signer_certificate(
 def embedded_certificates(signed_data: Any) -> list[x509.Certificate]:
     """The X.509 certificates carried in a SignedData (other choices are skipped)."""
     found: list[x509.Certificate] = []
-    if signed_data["certificates"].native is None:
+    if isinstance(signed_data["certificates"], core.Void):  # absent
         return found
     for choice in signed_data["certificates"]:
         if choice.name == "certificate":
@@ -404,7 +423,7 @@ def verify_signed_data(
     elif not isinstance(content, bytes):
         raise MalformedCms("the encapsulated content is not an OCTET STRING")
     attributes = signed_attributes(signer_info)
-    signed_bytes: list[bytes]
+    signed_bytes: Iterable[bytes]
     if attributes:
         _check_content_attributes(attributes, content_type, _digest(digest, content))
         signed_bytes = _signed_attribute_encodings(signer_info["signed_attrs"])
@@ -432,19 +451,22 @@ def _check_content_attributes(
         raise SignatureInvalid("the message-digest attribute does not match the content")
 
 
-def _signed_attribute_encodings(signed_attrs: Any) -> list[bytes]:
+def _signed_attribute_encodings(signed_attrs: Any) -> Iterator[bytes]:
     # RFC 5652 5.4: the signature covers the DER encoding of the attributes with a SET OF
     # tag. Try the octets as received first (what the signer hashed, if it sorted them
-    # differently or used BER), then a DER re-encoding.
+    # differently or used BER), then a DER re-encoding, made only if those fail to verify
+    # (asn1crypto's re-encoding costs more than the signature check).
     as_received = b"\x31" + encode_length(len(signed_attrs.contents)) + signed_attrs.contents
+    yield as_received
     try:
         reencoded = signed_attrs.untag().dump(force=True)
     except _ASN1_ERRORS:
         # asn1crypto re-encodes from the native value, and some it read it cannot write
         # back (an OID whose last arc never ends reads as "1.2." and int('') fails): the
         # octets as received are all there is to check.
-        return [as_received]
-    return [as_received] if reencoded == as_received else [as_received, reencoded]
+        return
+    if reencoded != as_received:
+        yield reencoded
 
 
 def _signature_ok(

@@ -895,6 +895,36 @@ def test_signed_data_is_canonical_der_with_sorted_attributes(pki: Pki) -> None:
     assert verified.content == b"content"
 
 
+def test_signed_attributes_sent_out_of_der_order_verify_against_their_der_encoding(
+    pki: Pki,
+) -> None:
+    """A signer that hashed the DER SET OF its signed attributes but sent them in another
+    order: the octets as received fail, the DER re-encoding (made only then) verifies; a
+    signature over neither is refused."""
+    data = cms.build_signed_data(
+        b"content",
+        pki.ra.cert,
+        pki.ra.key,
+        DigestAlgorithm.SHA256,
+        [SENDER_NONCE, TRANSACTION_ID, MESSAGE_TYPE_19],
+        [pki.ra.cert],
+    )
+    signed_attrs = asn1_cms.ContentInfo.load(data)["content"]["signer_infos"][0]["signed_attrs"]
+    attributes = [attribute.dump() for attribute in signed_attrs]
+    assert attributes != attributes[::-1]
+    reordered = data.replace(b"".join(attributes), b"".join(attributes[::-1]))
+    assert reordered != data
+
+    verified = cms.verify_signed_data(
+        cms.load_content_info(reordered, "signed_data"), [pki.ra.cert]
+    )
+
+    assert verified.content == b"content"
+    tampered = _flip_last_byte_of(reordered, attributes[0])
+    with pytest.raises(cms.SignatureInvalid):
+        cms.verify_signed_data(cms.load_content_info(tampered, "signed_data"), [pki.ra.cert])
+
+
 def test_certs_only_keeps_the_order_given_and_carries_crls(pki: Pki) -> None:
     now = datetime.now(UTC)
     crl = (
