@@ -7,6 +7,11 @@
 
 A token reads ``pkigate_<id>_<secret>``; the store keeps the id, role and SHA-256 of the
 secret, and the comparison is constant-time.
+
+A process remembers a token's record for :data:`TOKEN_RECORD_SECONDS` after reading it, so
+that a client's requests do not each read the store to authenticate. A revocation takes
+effect at once in the process that made it and within that bound in every other process
+(worker or host): the bound is the price of not reading the store per request.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +30,8 @@ from pkigate.core.audit import Actor, AuditLog
 from pkigate.core.errors import BadRequestError, NotAuthorizedError, NotFoundError
 from pkigate.core.store import ApiTokenRecord, Store
 
+# How long a token's record read from the store is trusted (see the module's docstring).
+TOKEN_RECORD_SECONDS = 1.0
 _TOKEN = re.compile(r"^pkigate_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 
 
@@ -66,10 +74,20 @@ def _digest(secret: str) -> str:
 
 
 class TokenService:
-    def __init__(self, store: Store, audit: AuditLog, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        audit: AuditLog,
+        clock: Callable[[], datetime],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._audit = audit
         self._clock = clock
+        self._monotonic = monotonic
+        # token id -> (when read, its record): tokens that exist only, so that a token
+        # made by another process is usable at once.
+        self._records: dict[str, tuple[float, ApiTokenRecord]] = {}
 
     def create(self, name: str, role: Role, actor: Actor) -> IssuedToken:
         if not name or len(name) > 128:
@@ -109,6 +127,7 @@ class TokenService:
             if not self._store.revoke_api_token(conn, token_id, now):
                 raise NotFoundError(f"no active token with id {token_id}")
             self._audit.record(conn, actor, "token.revoke", f"token/{token_id}", at=now)
+        self._records.pop(token_id, None)
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization or not authorization.startswith("Bearer "):
@@ -117,8 +136,7 @@ class TokenService:
         if match is None:
             raise AuthenticationError("malformed bearer token")
         token_id, secret = match.groups()
-        with self._store.read() as conn:
-            record = self._store.get_api_token(conn, token_id)
+        record = self._record(token_id)
         # Compare even when the id is unknown, so timing says nothing about which ids exist.
         expected = record.secret_sha256 if record else _digest("x" * 43)
         if not hmac.compare_digest(expected, _digest(secret)) or record is None:
@@ -133,6 +151,20 @@ class TokenService:
         if record is None:
             raise AuthenticationError("this token no longer exists")
         return self._active(record)
+
+    def _record(self, token_id: str) -> ApiTokenRecord | None:
+        """The token's record, read from the store at most TOKEN_RECORD_SECONDS ago."""
+        now = self._monotonic()
+        remembered = self._records.get(token_id)
+        if remembered is not None and now - remembered[0] < TOKEN_RECORD_SECONDS:
+            return remembered[1]
+        with self._store.read() as conn:
+            record = self._store.get_api_token(conn, token_id)
+        if record is None:
+            self._records.pop(token_id, None)
+        else:
+            self._records[token_id] = (now, record)
+        return record
 
     @staticmethod
     def _active(record: ApiTokenRecord) -> Principal:

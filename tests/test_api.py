@@ -34,7 +34,7 @@ from pkigate.core import Actor
 from pkigate.core.store import AuditEventRecord
 from pkigate.gateways import runtime
 from pkigate.gateways.app import create_app
-from pkigate.gateways.auth import Role
+from pkigate.gateways.auth import TOKEN_RECORD_SECONDS, AuthenticationError, Role, TokenService
 from pkigate.gateways.config import parse_config
 from pkigate.gateways.connectors import Connector
 from pkigate.gateways.http import requires
@@ -726,6 +726,32 @@ def test_tokens_are_created_listed_without_secrets_and_revoked(service: Service)
         ("token.create", service.principal("admin")),
         ("token.revoke", service.principal("admin")),
     ]
+
+
+def test_a_token_revoked_through_another_worker_is_refused_once_the_bound_has_passed(
+    shared: Service,
+) -> None:
+    """Each worker (or host) remembers a token's record for TOKEN_RECORD_SECONDS instead of
+    reading the store per request; a revocation made elsewhere is seen within that bound."""
+    core = shared.gw.core
+    now = [0.0]
+    other_worker = TokenService(core.store, core.audit, core.clock, monotonic=lambda: now[0])
+    issued = shared.gw.tokens.create("elsewhere", Role.ISSUER, Actor("test"))
+    bearer = f"Bearer {issued.secret}"
+    assert other_worker.authenticate(bearer).token_id == issued.record.id
+    with pytest.raises(AuthenticationError, match="invalid"):  # the secret is checked each time
+        other_worker.authenticate(bearer[:-1] + ("A" if bearer[-1] != "A" else "B"))
+
+    shared.gw.tokens.revoke(issued.record.id, Actor("test"))
+    with pytest.raises(AuthenticationError, match="revoked"):  # where it was revoked: at once
+        shared.gw.tokens.authenticate(bearer)
+    now[0] = TOKEN_RECORD_SECONDS / 2
+    assert other_worker.authenticate(bearer).token_id == issued.record.id  # its record
+    now[0] = TOKEN_RECORD_SECONDS
+    with pytest.raises(AuthenticationError, match="revoked"):
+        other_worker.authenticate(bearer)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        other_worker.principal(issued.record.id)
 
 
 # -- separation of duties ----------------------------------------------------------------------
