@@ -26,12 +26,10 @@ import base64
 import contextlib
 import json
 import os
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pkcs11
@@ -45,6 +43,7 @@ from pkigate.core.blocking import run_blocking
 from pkigate.core.errors import BadRequestError, InvalidCertificateError, KeyBackendError
 from pkigate.core.keys import TOKEN_REFERENCE_MAGIC as REFERENCE_MAGIC
 from pkigate.core.model import KeyAlgorithm
+from pkigate.core.pkcs11_settings import Pkcs11Settings, TokenUnavailableError
 from pkigate.core.signing import CAPublicKey, HashAlgorithm, verify
 
 LABEL_MAX = 64
@@ -102,46 +101,6 @@ _RECONNECT_AFTER = (
     p11.GeneralError,
     _KeyNotFound,
 )
-
-
-class TokenUnavailableError(KeyBackendError):
-    """The token cannot be used now (absent, locked, wrong PIN): a 503, retried later."""
-
-    code = "tokenUnavailable"
-
-
-@dataclass(frozen=True)
-class Pkcs11Settings:
-    """The gateway's ``[pkcs11]`` table. The PIN is read when the token is opened, from
-    the environment variable ``pin_env`` or the 0600 file ``pin_file``: it is in no
-    configuration file and no object's repr."""
-
-    module: Path
-    token_label: str
-    pin_env: str | None = None
-    pin_file: Path | None = None
-
-    def pin(self) -> str:
-        if self.pin_env is not None:
-            value = os.environ.get(self.pin_env)
-            if not value:
-                raise TokenUnavailableError(
-                    f"the PIN of token {self.token_label!r} is not set: {self.pin_env} is empty"
-                )
-            return value
-        assert self.pin_file is not None  # the configuration requires one of the two
-        try:
-            mode = stat.S_IMODE(self.pin_file.stat().st_mode)
-            text = self.pin_file.read_text().strip()
-        except OSError as exc:
-            raise TokenUnavailableError(
-                f"cannot read the PIN file {self.pin_file}: {exc.strerror}"
-            ) from None
-        if mode & 0o077:
-            raise TokenUnavailableError(
-                f"{self.pin_file} is readable by others (mode {mode:o}); chmod 600 it"
-            )
-        return text
 
 
 @dataclass(frozen=True)

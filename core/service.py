@@ -28,7 +28,8 @@ from pkigate.core.store import Store, sqlite_url
 from pkigate.core.templates import TemplateCatalogue
 
 if TYPE_CHECKING:
-    from pkigate.core.pkcs11 import Pkcs11Backend, Pkcs11Settings
+    from pkigate.core.pkcs11 import Pkcs11Backend
+    from pkigate.core.pkcs11_settings import Pkcs11Settings
 
 DATA_DIR_ENV = "PKIGATE_HOME"
 _MAX_CHECK_REPORT = 300

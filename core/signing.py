@@ -43,6 +43,9 @@ class TokenKey(Protocol):
     def sign(self, data: bytes, hash_algorithm: HashAlgorithm) -> bytes:
         """A signature over ``data``: PKCS#1 v1.5 for RSA, DER ECDSA-Sig-Value for EC."""
 
+    def check(self) -> None:
+        """Whether the key can be used now (``/readyz``): raises if not."""
+
 
 # What a CA signs with: the key itself (software), or a handle on a token.
 CASigningKey = CAPrivateKey | TokenKey

@@ -10,7 +10,7 @@ from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from pkigate.core.errors import PkigateError
-from pkigate.core.pkcs11 import TokenKey
+from pkigate.core.signing import is_software
 from pkigate.gateways import metrics
 from pkigate.gateways.http import (
     AnyText,
@@ -64,7 +64,7 @@ def readyz() -> Response:
     for name, ca_id in gw.ca_ids.items():
         try:
             key = gw.core.authorities.signing_material(ca_id, gw.core.clock()).private_key
-            if isinstance(key, TokenKey):  # on the token now, not just in the store
+            if not is_software(key):  # on the token now, not just in the store
                 key.check()
         except PkigateError as exc:
             problems.append(f"ca {name}: {exc.message}")

@@ -91,7 +91,7 @@ from pkigate.core.events import EventType
 from pkigate.core.keys import KeyStorage
 from pkigate.core.model import CAType, KeyAlgorithm, SigningAlgorithm, UsageMode, Validity
 from pkigate.core.names import parse_dn
-from pkigate.core.pkcs11 import Pkcs11Settings
+from pkigate.core.pkcs11_settings import Pkcs11Settings
 from pkigate.gateways.mail import EmailTarget
 from pkigate.gateways.notifications import check_webhook_url
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pkigate.core.pkcs11 import Pkcs11Settings
+from pkigate.core.pkcs11_settings import Pkcs11Settings
 
 MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 PIN_ENV = "PKIGATE_TEST_PKCS11_PIN"
