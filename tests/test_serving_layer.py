@@ -394,24 +394,44 @@ def test_an_exception_escaping_a_greenlet_is_one_json_record() -> None:
 
 
 def test_a_worker_waiting_for_the_sqlite_write_lock_goes_on_serving(tmp_path: Path) -> None:
+    """A write waits for the lock in a thread of the worker's pool, and so does an issuance,
+    whose group commit runs there whole: the worker answers meanwhile, and each write
+    completes once the lock is free."""
     running = start_server(tmp_path / "data", workers=1)
     try:
-        lock = os.open(running.data_dir / "pkigate.db-writer.lock", os.O_RDWR)
         admin = running.session()
+        issuer = running.session(
+            admin.post(
+                f"{running.https_url}/api/v1/tokens",
+                json={"name": "issues", "role": "issuer"},
+                timeout=60,
+            ).json()["secret"]
+        )
+        cas = admin.get(f"{running.https_url}/api/v1/cas", timeout=60).json()["cas"]
+        issuing = next(c["id"] for c in cas if c["type"] == "SUBORDINATE")
+        lock = os.open(running.data_dir / "pkigate.db-writer.lock", os.O_RDWR)
         finished: list[int] = []
+        writes = [
+            lambda: admin.post(
+                f"{running.https_url}/api/v1/tokens",
+                json={"name": "waits", "role": "auditor"},
+                timeout=60,
+            ),
+            lambda: issuer.post(
+                f"{running.https_url}/api/v1/cas/{issuing}/certificates",
+                json={"csr": make_csr("waits.example.test").decode()},
+                timeout=60,
+            ),
+        ]
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # as another process writing for a while
-            writer = threading.Thread(
-                target=lambda: finished.append(
-                    admin.post(
-                        f"{running.https_url}/api/v1/tokens",
-                        json={"name": "waits", "role": "auditor"},
-                        timeout=60,
-                    ).status_code
-                )
-            )
-            writer.start()
-            time.sleep(1.0)  # the write is now waiting for the lock, in the only worker
+            writers = [
+                threading.Thread(target=lambda w=w: finished.append(w().status_code))
+                for w in writes
+            ]
+            for writer in writers:
+                writer.start()
+            time.sleep(1.0)  # the writes are now waiting for the lock, in the only worker
             assert not finished
             began = time.monotonic()
             assert requests.get(f"{running.http_url}/healthz", timeout=5).status_code == 200
@@ -419,10 +439,32 @@ def test_a_worker_waiting_for_the_sqlite_write_lock_goes_on_serving(tmp_path: Pa
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
             os.close(lock)
-        writer.join(30)
-        assert finished == [201]
+        for writer in writers:
+            writer.join(30)
+        assert sorted(finished) == [201, 201]
     finally:
         running.stop()
+
+
+def test_a_worker_without_a_token_loads_no_pkcs11_binding_and_no_plotting(tmp_path: Path) -> None:
+    """What the arbiter preloads and a worker opens, in the embedded default: neither the
+    PKCS#11 binding (only a configured token needs it) nor the simulator's plotting."""
+    probe = (
+        "import sys; from pathlib import Path\n"
+        "from pkigate.gateways.server import preload_worker_modules\n"
+        "from pkigate.gateways.config import parse_config\n"
+        "from pkigate.gateways.runtime import Gateway\n"
+        "preload_worker_modules()\n"
+        f"config = parse_config(\"data_dir = '{tmp_path / 'data'}'\")\n"
+        "gateway = Gateway.open(config, bootstrap=True)\n"
+        "gateway.close()\n"
+        "heavy = {'pkcs11', 'matplotlib', 'numpy', 'PIL'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
 def test_a_large_upload_over_the_limit_gets_its_413_not_a_reset(server: RunningServer) -> None:
