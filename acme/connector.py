@@ -55,9 +55,9 @@ from pkigate.core.store.acme import (
     ChallengeRecord,
     EabKeyRecord,
 )
-from pkigate.gateways.auth import Role
 from pkigate.gateways.connectors import Connector, ConnectorContext, OfflineCore
 from pkigate.gateways.http import actor, json_body, requires
+from pkigate.gateways.roles import Permission
 
 log = logging.getLogger("pkigate.acme")
 
@@ -201,7 +201,7 @@ class AcmeConnector(Connector):
         bp = Blueprint(f"acme_admin_{self.context.name}", __name__)
 
         @bp.post("/eab-keys")
-        @requires(Role.ADMIN)
+        @requires(Permission.MANAGE_EAB)
         def create_eab_key() -> tuple[Response, int]:
             body = json_body({"label": str, "allowed_identifiers": dict, "default_profile": str})
             try:
@@ -227,13 +227,13 @@ class AcmeConnector(Connector):
             return jsonify({**record.to_json(), "hmac_key": secret}), 201
 
         @bp.get("/eab-keys")
-        @requires(Role.ADMIN, Role.AUDITOR)
+        @requires(Permission.READ_EAB)
         def list_eab_keys() -> Response:
             with self.context.core.store.read() as conn:
                 return jsonify([k.to_json() for k in acme_store.eab_keys(conn, self.context.name)])
 
         @bp.delete("/eab-keys/<kid>")
-        @requires(Role.ADMIN)
+        @requires(Permission.MANAGE_EAB)
         def revoke_eab_key(kid: str) -> Response:
             return jsonify(self.revoke_eab_key(actor(), kid).to_json())
 

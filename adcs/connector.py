@@ -37,7 +37,6 @@ from pkigate.adcs.publish import PKIGATE_TEMPLATE_NAMES, PublishRequest, Unknown
 from pkigate.adcs.service import AdcsService, Outcome, attributes_from, load_settings
 from pkigate.core import Actor
 from pkigate.core.errors import BadRequestError, StoreUnavailableError
-from pkigate.gateways.auth import Role
 from pkigate.gateways.connectors import (
     Connector,
     ConnectorContext,
@@ -52,6 +51,7 @@ from pkigate.gateways.http import (
     parse_json,
     requires,
 )
+from pkigate.gateways.roles import Permission
 
 log = logging.getLogger("pkigate.adcs")
 
@@ -243,12 +243,12 @@ class AdcsConnector(Connector):
         bp = Blueprint(f"adcs_admin_{self.context.name}", __name__)
 
         @bp.get("/pending")
-        @requires(Role.ADMIN, Role.ISSUER)
+        @requires(Permission.APPROVE)
         def list_pending() -> Response:
             return jsonify([r.to_json() for r in self.service.pending()])
 
         @bp.post("/pending/<int:request_id>/approve")
-        @requires(Role.ADMIN, Role.ISSUER)
+        @requires(Permission.APPROVE)
         def approve(request_id: int) -> Response:
             try:
                 certificate = self.approve_pending(request_id, actor())
@@ -264,7 +264,7 @@ class AdcsConnector(Connector):
             )
 
         @bp.post("/pending/<int:request_id>/reject")
-        @requires(Role.ADMIN, Role.ISSUER)
+        @requires(Permission.APPROVE)
         def reject(request_id: int) -> Response:
             body = json_body({"reason": str}, required=("reason",))
             return jsonify(self.service.reject(request_id, actor(), body["reason"]).to_json())

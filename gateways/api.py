@@ -1,8 +1,9 @@
 """The management REST API under /api/v1: the CLI's verbs as resources, behind role tokens.
 
-Roles separate duties: ``admin`` runs the CA lifecycle and the tokens, ``issuer`` issues,
-``auditor`` verifies and exports the audit log; every role may read CAs and templates,
-and issuers and auditors may read certificates. Each route is declared once as an
+Roles separate duties: each operation needs one permission, and gateways/roles.py says
+which roles grant it (``ca-admin`` creates and changes CAs, ``ca-deleter`` deletes them,
+``issuer`` issues, ``revoker`` revokes, ``auditor`` reads the audit log, ``admin`` holds
+every administrative power...). Each route is declared once as an
 :class:`~pkigate.gateways.openapi.Operation`; :func:`route` turns the declaration into the
 Flask view (authentication, role check, strict parsing of the body and query) and into
 the operation of the OpenAPI document served at /api/v1/openapi.json.
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 from cryptography import x509
@@ -55,7 +56,7 @@ from pkigate.core.store import AuditEventRecord, CertificateRecord, Store
 from pkigate.core.templates import Template
 from pkigate.core.templates import describe as describe_template
 from pkigate.gateways import metrics
-from pkigate.gateways.auth import Role
+from pkigate.gateways.auth import parse_networks, parse_span
 from pkigate.gateways.http import (
     UnsupportedMediaType,
     actor,
@@ -83,17 +84,12 @@ from pkigate.gateways.openapi import (
     ref,
     token_json,
 )
+from pkigate.gateways.roles import LEGACY_ROLES, Permission, Role, parse_roles
 
 api = Blueprint("api", __name__)
 
 # Every declared operation, in declaration order: the OpenAPI document is built from this.
 OPERATIONS: list[Operation] = []
-
-ALL_ROLES = (Role.ADMIN, Role.ISSUER, Role.AUDITOR)
-ADMIN = (Role.ADMIN,)
-ISSUER = (Role.ISSUER,)
-AUDITOR = (Role.AUDITOR,)
-CERTIFICATE_READERS = (Role.ISSUER, Role.AUDITOR)
 
 # Tags under this prefix are how the gateway finds the CAs its configuration names
 # (runtime.CONFIG_NAME_TAG); changing them remotely would make the next start create new
@@ -104,6 +100,7 @@ MAX_PAGE = 1000
 _CURSOR = re.compile(r"^after:(\d{1,18})$")
 
 View = Callable[..., Response]
+T = TypeVar("T")
 
 
 # -- declaration -> view ---------------------------------------------------------------------
@@ -125,7 +122,7 @@ def route(operation: Operation) -> Callable[[View], View]:
                 refuse_body()
             return view(**arguments)
 
-        endpoint = requires(*operation.roles)(handle) if operation.roles else handle
+        endpoint = requires(operation.permission)(handle) if operation.permission else handle
         api.add_url_rule(
             operation.flask_rule, operation.operation_id, endpoint, methods=[operation.method]
         )
@@ -443,7 +440,7 @@ CA_CREATE_FIELDS = (
         "createCA",
         "Create a ROOT or SUBORDINATE CA",
         "CAs",
-        ADMIN,
+        Permission.CREATE_CAS,
         (json_reply(201, "The CA (the earlier one on an idempotent repeat)", ref("CA")),),
         body=CA_CREATE_FIELDS,
         errors=(404, 409, 422, 503),
@@ -477,7 +474,7 @@ def create_ca(body: dict[str, Any]) -> Response:
         "listCAs",
         "List CAs with their status and expiry",
         "CAs",
-        ALL_ROLES,
+        Permission.READ_CAS,
         (json_reply(200, "The CAs", ref("CAList")),),
         query=(
             Param(
@@ -501,7 +498,7 @@ def list_cas(query: dict[str, Any]) -> Response:
         "getCA",
         "Describe one CA",
         "CAs",
-        ALL_ROLES,
+        Permission.READ_CAS,
         (json_reply(200, "The CA", ref("CA")),),
     )
 )
@@ -516,7 +513,7 @@ def get_ca(ca_id: str) -> Response:
         "getCACSR",
         "A SUBORDINATE CA's CSR, for signing by an outside parent",
         "CAs",
-        ALL_ROLES,
+        Permission.READ_CAS,
         (json_reply(200, "The CSR", ref("CACSR")),),
         errors=(409,),
     )
@@ -532,7 +529,7 @@ def get_ca_csr(ca_id: str) -> Response:
         "importCACertificate",
         "Install a CA certificate signed elsewhere (bring your own parent)",
         "CAs",
-        ADMIN,
+        Permission.CREATE_CAS,
         (json_reply(200, "The CA, now ACTIVE", ref("CA")),),
         body=(
             Field("certificate_pem", "The CA's certificate (PEM)", _STRING, required=True),
@@ -560,7 +557,7 @@ def import_ca_certificate(ca_id: str, body: dict[str, Any]) -> Response:
         "importTokenKeyCA",
         "Make a CA of a certificate whose key is already on the [pkcs11] token",
         "CAs",
-        ADMIN,
+        Permission.CREATE_CAS,
         (json_reply(201, "The CA, ACTIVE, its key on the token", ref("CA")),),
         body=(
             Field("certificate_pem", "The CA's certificate (PEM)", _STRING, required=True),
@@ -601,7 +598,7 @@ def import_token_key_ca(body: dict[str, Any]) -> Response:
         "getCACertificate",
         "The CA's certificate and the chain above it",
         "CAs",
-        ALL_ROLES,
+        Permission.READ_CAS,
         (json_reply(200, "PEM certificate and chain", ref("CACertificate")),),
         errors=(409,),
     )
@@ -618,7 +615,7 @@ def get_ca_certificate(ca_id: str) -> Response:
         "updateCA",
         "Enable or disable a CA, or change its settings",
         "CAs",
-        ADMIN,
+        Permission.MANAGE_CAS,
         (json_reply(200, "The CA", ref("CA")),),
         body=(
             Field(
@@ -660,7 +657,7 @@ def update_ca(ca_id: str, body: dict[str, Any]) -> Response:
         "deleteCA",
         "Delete a CA that is not ACTIVE (restorable for restore_days)",
         "CAs",
-        ADMIN,
+        Permission.DELETE_CAS,
         (json_reply(200, "The CA, DELETED, with restore_until", ref("CA")),),
         query=(
             Param(
@@ -684,7 +681,7 @@ def delete_ca(ca_id: str, query: dict[str, Any]) -> Response:
         "restoreCA",
         "Undo a deletion within its restore window",
         "CAs",
-        ADMIN,
+        Permission.DELETE_CAS,
         (json_reply(200, "The CA in its state before deletion", ref("CA")),),
         errors=(409,),
     )
@@ -700,7 +697,7 @@ def restore_ca(ca_id: str) -> Response:
         "getCATags",
         "A CA's tags",
         "CAs",
-        ALL_ROLES,
+        Permission.READ_CAS,
         (json_reply(200, "The tags", ref("Tags")),),
     )
 )
@@ -715,7 +712,7 @@ def get_ca_tags(ca_id: str) -> Response:
         "setCATags",
         "Add or change tags (tags not named keep their values)",
         "CAs",
-        ADMIN,
+        Permission.MANAGE_CAS,
         (json_reply(200, "All the CA's tags afterwards", ref("Tags")),),
         body=(Field("tags", "Tags to set", _TAGS, required=True),),
     )
@@ -733,7 +730,7 @@ def set_ca_tags(ca_id: str, body: dict[str, Any]) -> Response:
         "removeCATags",
         "Remove tags by key",
         "CAs",
-        ADMIN,
+        Permission.MANAGE_CAS,
         (json_reply(200, "The tags that remain", ref("Tags")),),
         query=(
             Param(
@@ -796,7 +793,7 @@ ISSUE_FIELDS = (
         "issueCertificate",
         "Issue a certificate from a PKCS#10 request",
         "Certificates",
-        ISSUER,
+        Permission.ISSUE,
         (json_reply(201, "The certificate and its chain", ref("Certificate")),),
         body=ISSUE_FIELDS,
         errors=(409, 422, 503),
@@ -822,7 +819,7 @@ def issue_certificate(ca_id: str, body: dict[str, Any]) -> Response:
         requester=Requester(
             actor().principal,
             API_CONNECTOR,
-            {"token_id": who.token_id, "role": who.role.value},
+            {"token_id": who.token_id, "roles": " ".join(who.role_names)},
             g.request_id,
         ),
         template=template,
@@ -851,7 +848,7 @@ def issue_certificate(ca_id: str, body: dict[str, Any]) -> Response:
         "listCertificates",
         "List a CA's certificates, oldest first, a page at a time",
         "Certificates",
-        CERTIFICATE_READERS,
+        Permission.READ_CERTIFICATES,
         (json_reply(200, "One page; follow `next` (or the Link header)", ref("CertificatePage")),),
         query=(
             Param(
@@ -926,7 +923,7 @@ def paged_reply(name: str, items: list[Any], last: int | None) -> Response:
         "getCertificate",
         "One certificate by serial (hex; colons and a 0x prefix allowed)",
         "Certificates",
-        CERTIFICATE_READERS,
+        Permission.READ_CERTIFICATES,
         (json_reply(200, "The certificate, its PEM and chain", ref("Certificate")),),
     )
 )
@@ -962,7 +959,7 @@ REVOKE_FIELDS = (
         "revokeCertificate",
         "Revoke a certificate; CRLs are regenerated and OCSP answers 'revoked' at once",
         "Certificates",
-        ISSUER,
+        Permission.REVOKE,
         (json_reply(200, "The revoked certificate", ref("Certificate")),),
         body=REVOKE_FIELDS,
         errors=(409,),
@@ -996,7 +993,7 @@ def revoke(ca_id: str, serial: str, reason: RevocationReason) -> CertificateReco
 
 
 def _check_ca_operation(privileged: bool, what: str) -> None:
-    """CA powers through an issuer token only where the operator enabled them."""
+    """CA powers through an API token only where the operator enabled them."""
     gw = gateway()
     if privileged and not gw.config.api_ca_operations:
         gw.core.audit.record_alone(
@@ -1008,7 +1005,7 @@ def _check_ca_operation(privileged: bool, what: str) -> None:
             at=gw.core.clock(),
         )
         raise NotAuthorizedError(
-            f"{what}: issuer tokens may not do this unless the gateway configuration sets "
+            f"{what}: API tokens may not do this unless the gateway configuration sets "
             "api_ca_operations = true (use `pkigate ca` on the CA host otherwise)"
         )
 
@@ -1056,7 +1053,7 @@ def _signs_for_the_ca(template_name: str, der: bytes) -> bool:
         "listTemplates",
         "The certificate template catalogue",
         "Templates",
-        ALL_ROLES,
+        Permission.READ_CAS,
         (json_reply(200, "Every template by name", ref("TemplateList")),),
     )
 )
@@ -1074,7 +1071,7 @@ def list_templates() -> Response:
         "verifyAudit",
         "Check the audit log's hash chain; name every edited, inserted or deleted event",
         "Audit",
-        AUDITOR,
+        Permission.AUDIT_REPORTS,
         (
             json_reply(
                 200, "The verification (ok is false when tampered)", ref("AuditVerification")
@@ -1093,9 +1090,6 @@ def verify_audit() -> Response:
             ],
         }
     )
-
-
-AUDIT_READERS = (Role.AUDITOR, Role.ADMIN)
 
 
 def parse_moment(text: str | None, name: str) -> datetime | None:
@@ -1163,7 +1157,7 @@ AUDIT_FILTERS = (
         "listAuditEvents",
         "Audit events, newest first, filtered, a page at a time",
         "Audit",
-        AUDIT_READERS,
+        Permission.READ_AUDIT,
         (json_reply(200, "One page; follow `next` (or the Link header)", ref("AuditEventPage")),),
         query=(
             *AUDIT_FILTERS,
@@ -1195,7 +1189,7 @@ def list_audit_events(query: dict[str, Any]) -> Response:
         "auditReport",
         "Every certificate a CA issued or revoked, as JSON or CSV",
         "Audit",
-        AUDITOR,
+        Permission.AUDIT_REPORTS,
         (
             Reply(
                 200,
@@ -1239,7 +1233,7 @@ def audit_report(query: dict[str, Any]) -> Response:
         "listEvents",
         "Events from the outbox, oldest first, with their delivery to each destination",
         "Events",
-        (Role.ADMIN, Role.AUDITOR),
+        Permission.READ_EVENTS,
         (json_reply(200, "One page; pass next_after as ?after= for the next", ref("EventPage")),),
         query=(
             Param(
@@ -1280,6 +1274,10 @@ def list_events(query: dict[str, Any]) -> Response:
 # -- tokens ----------------------------------------------------------------------------------
 
 
+_ROLE_NAMES = {"type": "string", "enum": enum_values(Role)}
+_SPAN_FIELD = {"type": "string", "pattern": r"^\d{1,9}(s|min|h|d)$", "examples": ["90d", "12h"]}
+
+
 @route(
     Operation(
         "POST",
@@ -1287,28 +1285,103 @@ def list_events(query: dict[str, Any]) -> Response:
         "createToken",
         "Create an API token; its secret is in this response only",
         "Tokens",
-        ADMIN,
+        Permission.MANAGE_TOKENS,
         (json_reply(201, "The token with its secret", ref("NewToken")),),
         body=(
             Field("name", "Who or what will use it", _TOKEN_FIELD, required=True),
             Field(
+                "roles",
+                "Its roles; roles that separation_of_duties keeps apart are refused (400)",
+                {"type": "array", "items": _ROLE_NAMES, "minItems": 1},
+            ),
+            Field(
                 "role",
-                "admin, issuer or auditor",
-                {"type": "string", "enum": enum_values(Role)},
-                required=True,
+                "Instead of roles, one role as before roles were fine-grained: admin, "
+                "auditor, or issuer (which is issuer + approver)",
+                {"type": "string", "enum": sorted(LEGACY_ROLES)},
+            ),
+            Field(
+                "expires_in",
+                "Lifetime (90d, 12h, 30min, 3600s); default and maximum from [tokens] "
+                "in the configuration",
+                _SPAN_FIELD,
+            ),
+            Field(
+                "allow_from",
+                "Client networks it may be used from (CIDRs); default: anywhere",
+                {"type": "array", "items": _STRING, "maxItems": 32},
             ),
         ),
     )
 )
 def create_token(body: dict[str, Any]) -> Response:
-    issued = gateway().tokens.create(body["name"], Role(body["role"]), actor())
+    if (body.get("roles") is None) == (body.get("role") is None):
+        raise BadRequestError("give 'roles' (a list) or the single legacy 'role'")
+    roles = (
+        LEGACY_ROLES[body["role"]]
+        if body.get("role") is not None
+        else parsed("roles", _role_names, body["roles"])
+    )
+    expires_in = (
+        parsed("expires_in", parse_span, body["expires_in"]) if body.get("expires_in") else None
+    )
+    issued = gateway().tokens.create(
+        body["name"],
+        roles,
+        actor(),
+        expires_in=expires_in,
+        allow_from=parsed("allow_from", parse_networks, body.get("allow_from") or ()),
+    )
+    return _secret_reply(issued, 201)
+
+
+def _role_names(names: list[Any]) -> tuple[Role, ...]:
+    if not all(isinstance(name, str) for name in names):
+        raise ValueError("must be a list of role names")
+    return parse_roles(names)
+
+
+def parsed(name: str, parse: Callable[[Any], T], value: Any) -> T:
+    """``parse(value)``, its ValueError a 400 naming the field."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise BadRequestError(f"field {name!r}: {exc}") from None
+
+
+def _secret_reply(issued: Any, status: int) -> Response:
+    """A token with its secret: never cached anywhere."""
     response = reply(
-        {**token_json(issued.record), "secret": issued.secret},
-        201,
-        url_for(".listTokens"),
+        {**token_json(issued.record), "secret": issued.secret}, status, url_for(".listTokens")
     )
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+@route(
+    Operation(
+        "POST",
+        "/tokens/{token_id}/rotate",
+        "rotateToken",
+        "A new secret for a token; the old one works for the overlap, then stops",
+        "Tokens",
+        Permission.MANAGE_TOKENS,
+        (json_reply(200, "The token with its new secret", ref("NewToken")),),
+        body=(
+            Field(
+                "overlap",
+                "How long the old secret keeps working (at most [tokens] "
+                "max_rotation_overlap); 0s stops it at once",
+                {**_SPAN_FIELD, "default": "0s"},
+            ),
+        ),
+        errors=(409,),
+    )
+)
+def rotate_token(token_id: str, body: dict[str, Any]) -> Response:
+    overlap = parsed("overlap", parse_span, body["overlap"])
+    issued = gateway().tokens.rotate(token_id, overlap, actor())
+    return _secret_reply(issued, 200)
 
 
 @route(
@@ -1318,7 +1391,7 @@ def create_token(body: dict[str, Any]) -> Response:
         "listTokens",
         "API tokens (never their secrets)",
         "Tokens",
-        ADMIN,
+        Permission.MANAGE_TOKENS,
         (json_reply(200, "Every token, revoked ones included", ref("TokenList")),),
     )
 )
@@ -1333,7 +1406,7 @@ def list_tokens() -> Response:
         "revokeToken",
         "Revoke a token; it is refused from then on",
         "Tokens",
-        ADMIN,
+        Permission.MANAGE_TOKENS,
         (json_reply(200, "The revoked token", ref("Token")),),
     )
 )
@@ -1383,7 +1456,7 @@ def _version() -> str:
         "getOpenAPI",
         "This OpenAPI 3.1 document",
         "Meta",
-        (),
+        None,
         (json_reply(200, "The document", {"type": "object"}),),
     )
 )

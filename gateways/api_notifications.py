@@ -13,9 +13,10 @@ from typing import Any
 from flask import Response, url_for
 
 from pkigate.core.events import EventType
-from pkigate.gateways.api import ADMIN, reply, route
+from pkigate.gateways.api import reply, route
 from pkigate.gateways.http import actor, gateway
 from pkigate.gateways.openapi import Field, Operation, enum_values, json_reply, ref
+from pkigate.gateways.roles import Permission
 
 _TAG = "Notifications"
 _NAME = {
@@ -113,7 +114,7 @@ CREATE_FIELDS = (
         "createNotification",
         "Create a webhook or email destination for events",
         _TAG,
-        ADMIN,
+        Permission.MANAGE_NOTIFICATIONS,
         (json_reply(201, "The destination (without its secret)", ref("NotificationDestination")),),
         body=CREATE_FIELDS,
         errors=(409,),
@@ -134,7 +135,7 @@ def create_notification(body: dict[str, Any]) -> Response:
         "listNotifications",
         "Every destination, the configuration's (read-only) and the API's, with delivery counts",
         _TAG,
-        ADMIN,
+        Permission.MANAGE_NOTIFICATIONS,
         (json_reply(200, "By name", ref("NotificationDestinationList")),),
     )
 )
@@ -149,7 +150,7 @@ def list_notifications() -> Response:
         "getNotification",
         "One destination with its delivery counts",
         _TAG,
-        ADMIN,
+        Permission.MANAGE_NOTIFICATIONS,
         (json_reply(200, "The destination", ref("NotificationDestination")),),
     )
 )
@@ -164,7 +165,7 @@ def get_notification(name: str) -> Response:
         "updateNotification",
         "Change a destination made through the API (null: back to the default)",
         _TAG,
-        ADMIN,
+        Permission.MANAGE_NOTIFICATIONS,
         (
             json_reply(
                 200, "The destination, its version one higher", ref("NotificationDestination")
@@ -187,7 +188,7 @@ def update_notification(name: str, body: dict[str, Any]) -> Response:
         "deleteNotification",
         "Delete a destination made through the API; its pending deliveries are cancelled",
         _TAG,
-        ADMIN,
+        Permission.MANAGE_NOTIFICATIONS,
         (json_reply(200, "What was deleted", ref("DeletedNotification")),),
         errors=(409,),
     )

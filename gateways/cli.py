@@ -62,7 +62,14 @@ from pkigate.core.store.engine import (
     sqlite_file,
 )
 from pkigate.core.templates import describe as describe_template
-from pkigate.gateways.auth import Role, TokenService
+from pkigate.gateways.auth import (
+    Role,
+    TokenService,
+    Violations,
+    describe_separated,
+    parse_span,
+    separated_tokens,
+)
 from pkigate.gateways.openapi import token_json
 
 if TYPE_CHECKING:
@@ -126,8 +133,17 @@ class State:
 
     @property
     def tokens(self) -> TokenService:
+        """Tokens under the rules of the configuration, when `token --config` names one."""
         core = self.core
-        return TokenService(core.store, core.audit, core.issuer._clock)
+        policy = None
+        if self.config_path is not None:
+            from pkigate.gateways.config import ConfigError, load_config
+
+            try:
+                policy = load_config(self.config_path).token_policy
+            except ConfigError as exc:
+                raise BadRequestError(str(exc)) from None
+        return TokenService(core.store, core.audit, core.issuer._clock, policy)
 
     @property
     def actor(self) -> Actor:
@@ -458,14 +474,22 @@ def _parse_duration(text: str) -> timedelta:
 # -- ca ----------------------------------------------------------------------------------------
 
 
+def config_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--config FILE`` (or ``$PKIGATE_CONFIG``): the server's TOML configuration, for a
+    group whose verbs need part of it."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        envvar="PKIGATE_CONFIG",
+        help=help_text,
+    )
+
+
 @main.group()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    envvar="PKIGATE_CONFIG",
-    help="The server's TOML configuration: its [pkcs11] token holds the keys of CAs "
-    "created with --key-storage pkcs11.",
+@config_option(
+    "The server's TOML configuration: its [pkcs11] token holds the keys of CAs "
+    "created with --key-storage pkcs11."
 )
 @pass_state
 def ca(state: State, config_path: Path | None) -> None:
@@ -1697,8 +1721,9 @@ def config_group() -> None:
 @reports_errors
 def config_check(state: State, file: Path) -> None:
     """Parse and validate FILE as `pkigate serve --config FILE` would (connector settings
-    included), touching nothing: no data directory, no store. On the first problem, one
-    line FILE:LINE: key: problem and exit status 1.
+    included), changing nothing: no data directory is made, no store written. On the first
+    problem, one line FILE:LINE: key: problem and exit status 1. When the store it names
+    exists, its tokens that break separation_of_duties are named in one warning.
 
     \b
     Example:
@@ -1711,16 +1736,46 @@ def config_check(state: State, file: Path) -> None:
     except ConfigError as exc:
         raise BadRequestError(str(exc)) from None
     connectors = config.connectors
+    separated = _separated_tokens(config, state.data_dir)
+    if separated:
+        click.echo(
+            f"warning: {len(separated)} token(s) hold roles that separation_of_duties keeps "
+            f"apart and are refused at use: {describe_separated(separated)}",
+            err=True,
+        )
     state.emit(
         {
             "file": str(file),
             "cas": [ca.name for ca in config.cas],
             "connectors": None if connectors is None else [c.name for c in connectors],
+            "separated_tokens": [record.id for record, _ in separated],
         },
         f"{file}: OK ({len(config.cas)} CAs, "
         + ("every installed connector" if connectors is None else f"{len(connectors)} connectors")
         + ")",
     )
+
+
+def _separated_tokens(config: Any, data_dir: Path | None) -> Violations:
+    """The tokens of the store the configuration names that break its separation of
+    duties, read without creating or migrating anything (none when there is no such store
+    yet, or it is at another schema revision)."""
+    from pkigate.core.store.engine import create_store_engine
+
+    if not config.token_policy.separated:
+        return []
+    directory = (data_dir or config.data_dir or default_data_dir()).resolve()
+    url = store_url(directory, config.database_url)
+    database = sqlite_file(url)
+    if (database is not None and not database.exists()) or read_revisions(url) != [SCHEMA_HEAD]:
+        return []
+    engine = create_store_engine(url)
+    try:
+        with engine.connect() as conn:
+            records = Store(engine).list_api_tokens(conn)
+    finally:
+        engine.dispose()
+    return separated_tokens(records, config.token_policy.separated)
 
 
 # -- serve -------------------------------------------------------------------------------------
@@ -1829,60 +1884,103 @@ def demo(state: State) -> None:
 
 
 @main.group()
-def token() -> None:
-    """Management API tokens (roles: admin, issuer, auditor).
+@config_option(
+    "The server's TOML configuration: its separation_of_duties and [tokens] rules "
+    "apply to tokens made here too (default: none)."
+)
+@pass_state
+def token(state: State, config_path: Path | None) -> None:
+    """Management API tokens: roles, expiry, client networks, rotation.
+
+    Roles: admin (every administrative power), ca-admin, ca-deleter, issuer, revoker,
+    approver, auditor, token-admin; a token may hold several.
 
     \b
     Example:
-      pkigate token create --name ci --role issuer
+      pkigate token create --name ci --role issuer --expires-in 90d --allow-from 10.0.0.0/8
     """
+    state.config_path = config_path
 
 
-def _token_row(data: dict[str, Any]) -> tuple[str, str, str, str]:
-    state = f"revoked {data['revoked_at'][:10]}" if data["revoked_at"] else "active"
-    return data["id"], data["role"], state, data["name"]
+def _token_row(data: dict[str, Any]) -> tuple[str, ...]:
+    if data["revoked_at"]:
+        status = f"revoked {data['revoked_at'][:10]}"
+    else:
+        status = f"expires {data['expires_at'][:16]}" if data["expires_at"] else "active"
+    last_used = data["last_used_at"][:16] if data["last_used_at"] else "never"
+    return data["id"], ",".join(data["roles"]), status, last_used, data["name"]
 
 
 def _token_line(data: dict[str, Any]) -> str:
     return "  ".join(_token_row(data))
 
 
+def _with_secret(data: dict[str, Any]) -> str:
+    return (
+        f"{data['secret']}\n"
+        f"(token {data['id']}, roles {', '.join(data['roles'])}: keep the secret, it is not "
+        "shown again)"
+    )
+
+
 @token.command("create")
 @click.option("--name", required=True, help="Who or what will use the token.")
 @click.option(
     "--role",
+    "roles",
     type=_choices(list(Role)),
+    multiple=True,
     required=True,
-    help="admin (everything), issuer (issue and revoke) or auditor (read only).",
+    help="A role it holds; repeat for several (admin, ca-admin, ca-deleter, issuer, "
+    "revoker, approver, auditor, token-admin).",
+)
+@click.option(
+    "--expires-in",
+    help="Lifetime: 90d, 12h, 30min or 3600s (default and maximum: [tokens] in the config).",
+)
+@click.option(
+    "--allow-from",
+    multiple=True,
+    help="A client network (CIDR) it may be used from; repeat for several (default: any).",
 )
 @pass_state
 @reports_errors
-def token_create(state: State, name: str, role: str) -> None:
+def token_create(
+    state: State,
+    name: str,
+    roles: tuple[str, ...],
+    expires_in: str | None,
+    allow_from: tuple[str, ...],
+) -> None:
     """Create a token; its secret is printed this once and never stored.
 
     \b
     Example:
-      pkigate token create --name ci --role issuer
+      pkigate token create --name ci --role issuer --role revoker --expires-in 90d
     """
     if state.remote is not None:
-        data = state.remote.create_token(name, role)
+        data = state.remote.create_token(name, list(roles), expires_in, list(allow_from))
     else:
-        issued = state.tokens.create(name, Role(role), state.actor)
+        try:
+            lifetime = parse_span(expires_in) if expires_in else None
+        except ValueError as exc:
+            raise BadRequestError(f"--expires-in: {exc}") from None
+        issued = state.tokens.create(
+            name,
+            [Role(r) for r in roles],
+            state.actor,
+            expires_in=lifetime,
+            allow_from=allow_from,
+        )
         data = {**token_json(issued.record), "secret": issued.secret}
-    state.emit(
-        data,
-        lambda: (
-            f"{data['secret']}\n"
-            f"(token {data['id']}, role {data['role']}: keep the secret, it is not shown again)"
-        ),
-    )
+    state.emit(data, lambda: _with_secret(data))
 
 
 @token.command("list")
 @pass_state
 @reports_errors
 def token_list(state: State) -> None:
-    """List tokens (never their secrets).
+    """List tokens with their roles, expiry and last use (never their secrets).
 
     \b
     Example:
@@ -1894,8 +1992,39 @@ def token_list(state: State) -> None:
         tokens = [token_json(t) for t in state.tokens.list()]
     state.emit(
         tokens,
-        lambda: _table(("ID", "ROLE", "STATE", "NAME"), map(_token_row, tokens), "no tokens"),
+        lambda: _table(
+            ("ID", "ROLES", "STATE", "LAST USED", "NAME"), map(_token_row, tokens), "no tokens"
+        ),
     )
+
+
+@token.command("rotate")
+@click.argument("token_id")
+@click.option(
+    "--overlap",
+    default="0s",
+    show_default=True,
+    help="How long the old secret keeps working (at most [tokens] max_rotation_overlap).",
+)
+@pass_state
+@reports_errors
+def token_rotate(state: State, token_id: str, overlap: str) -> None:
+    """Give a token a new secret, printed this once; the old one stops after the overlap.
+
+    \b
+    Example:
+      pkigate token rotate 3f2a9c1e0b6d4f43 --overlap 1h
+    """
+    if state.remote is not None:
+        data = state.remote.rotate_token(token_id, overlap)
+    else:
+        try:
+            window = parse_span(overlap)
+        except ValueError as exc:
+            raise BadRequestError(f"--overlap: {exc}") from None
+        issued = state.tokens.rotate(token_id, window, state.actor)
+        data = {**token_json(issued.record), "secret": issued.secret}
+    state.emit(data, lambda: _with_secret(data))
 
 
 @token.command("revoke")
@@ -1907,7 +2036,7 @@ def token_revoke(state: State, token_id: str) -> None:
 
     \b
     Example:
-      pkigate token revoke 3f2a9c1e-0b6d-4f43-9a57-1c2e8d7b6a10
+      pkigate token revoke 3f2a9c1e0b6d4f43
     """
     if state.remote is not None:
         data = state.remote.revoke_token(token_id)
@@ -1976,12 +2105,8 @@ def events_list(
 
 
 # The --config of the connector groups (scep, adcs): which connectors the server declares.
-connectors_config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    envvar="PKIGATE_CONFIG",
-    help="The server's TOML configuration, which declares the connectors (default: embedded).",
+connectors_config_option = config_option(
+    "The server's TOML configuration, which declares the connectors (default: embedded)."
 )
 
 

@@ -12,6 +12,13 @@ Example (every key optional; without a file `pkigate serve` runs the embedded de
     keepalive_requests = 1000         # requests served on one connection
     notifications_poll_seconds = 5    # how soon a new event is handed to its destinations
     expiry_scan_seconds = 3600        # how often expiring certificates and CAs are looked for
+    # Roles that one API token may not hold together (gateways/roles.py); default none.
+    separation_of_duties = ["ca-admin:ca-deleter", "issuer:approver"]
+
+    [tokens]                          # API token hygiene (every key optional)
+    default_lifetime = "90d"          # a token created without expires_in; default: none
+    max_lifetime = "365d"             # the longest expires_in; default: no limit
+    max_rotation_overlap = "7d"       # how long a rotated-out secret may keep working
 
     [listeners]
     http = "127.0.0.1:8080"           # CA certificates, CRLs, OCSP, SCEP
@@ -82,6 +89,7 @@ import re
 import tomllib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +100,10 @@ from pkigate.core.keys import KeyStorage
 from pkigate.core.model import CAType, KeyAlgorithm, SigningAlgorithm, UsageMode, Validity
 from pkigate.core.names import parse_dn
 from pkigate.core.pkcs11_settings import Pkcs11Settings
+from pkigate.gateways.auth import TokenPolicy, parse_span
 from pkigate.gateways.mail import EmailTarget
 from pkigate.gateways.notifications import check_webhook_url
+from pkigate.gateways.roles import Role, parse_roles
 
 DEFAULT_HTTP = "127.0.0.1:8080"
 DEFAULT_HTTPS = "127.0.0.1:8443"
@@ -206,6 +216,8 @@ class GatewayConfig:
     notifications_poll_seconds: int = 5
     # How often certificates and CAs are looked at for expiry events (core/expiry.py).
     expiry_scan_seconds: int = 3600
+    # separation_of_duties and [tokens]: the rules for API tokens (gateways/auth.py).
+    token_policy: TokenPolicy = field(default_factory=TokenPolicy)
     source: str = "embedded default"
     text: str = field(default="", repr=False, compare=False)  # to locate later problems
 
@@ -386,6 +398,8 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
             "notifications",
             "notifications_poll_seconds",
             "expiry_scan_seconds",
+            "separation_of_duties",
+            "tokens",
         ],
     )
     pkcs11 = _parse_pkcs11(reader, data)
@@ -511,8 +525,55 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
         expiry_scan_seconds=reader.integer(
             data, "expiry_scan_seconds", "expiry_scan_seconds", 3600, 1, 86400
         ),
+        token_policy=_parse_token_policy(reader, data),
         source=source,
         text=text,
+    )
+
+
+def _parse_token_policy(reader: _Reader, data: Mapping[str, Any]) -> TokenPolicy:
+    """``separation_of_duties`` (pairs "role:role") and the ``[tokens]`` table."""
+    pairs = data.get("separation_of_duties", [])
+    if not isinstance(pairs, list):
+        raise reader.error("separation_of_duties", 'must be a list of "role:role" pairs')
+    separated: list[tuple[Role, Role]] = []
+    for index, pair in enumerate(pairs):
+        key = f"separation_of_duties[{index}]"
+        names = pair.split(":") if isinstance(pair, str) else []
+        if len(names) != 2:
+            raise reader.error(
+                key, f'must be "role:role" (e.g. "ca-admin:ca-deleter"), not {pair!r}'
+            )
+        try:
+            first, second = parse_roles(names[:1]) + parse_roles(names[1:])
+        except ValueError as exc:
+            raise reader.error(key, str(exc)) from None
+        if first is second:
+            raise reader.error(key, f"names {first.value} twice")
+        if {first, second} in [set(p) for p in separated]:
+            raise reader.error(key, f"{pair!r} is given twice")
+        separated.append((first, second))
+    table = data.get("tokens", {})
+    if not isinstance(table, dict):
+        raise reader.error("tokens", "must be a table")
+    reader.table(table, "tokens", ["default_lifetime", "max_lifetime", "max_rotation_overlap"])
+
+    def span(name: str) -> timedelta | None:
+        text = reader.string(table, name, f"tokens.{name}")
+        try:
+            return parse_span(text) if text is not None else None
+        except ValueError as exc:
+            raise reader.error(f"tokens.{name}", str(exc)) from None
+
+    default, longest = span("default_lifetime"), span("max_lifetime")
+    if default is not None and longest is not None and default > longest:
+        raise reader.error("tokens.default_lifetime", "is longer than max_lifetime")
+    overlap = span("max_rotation_overlap")
+    return TokenPolicy(
+        separated=tuple(separated),
+        default_lifetime=default,
+        max_lifetime=longest,
+        max_rotation_overlap=TokenPolicy.max_rotation_overlap if overlap is None else overlap,
     )
 
 

@@ -49,9 +49,16 @@ from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.store import CertificateRecord
 from pkigate.core.store import console as console_store
 from pkigate.gateways import api
-from pkigate.gateways.auth import AuthenticationError, Principal, Role
+from pkigate.gateways.auth import (
+    AuthenticationError,
+    Principal,
+    format_span,
+    parse_networks,
+    parse_span,
+)
 from pkigate.gateways.connectors import Connector
 from pkigate.gateways.http import gateway, principal, requires, status_for
+from pkigate.gateways.roles import Permission, Role, parse_roles
 
 log = logging.getLogger("pkigate.console")
 
@@ -68,12 +75,6 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
-
-ALL_ROLES = (Role.ADMIN, Role.ISSUER, Role.AUDITOR)
-# As the API: certificates are read by issuers and auditors, revoked by issuers; SCEP
-# approvals and challenges by admins and issuers (scep/connector.py's admin routes).
-CERTIFICATE_READERS = (Role.ISSUER, Role.AUDITOR)
-ENROLLMENT = (Role.ADMIN, Role.ISSUER)
 
 console = Blueprint(
     "console",
@@ -143,16 +144,17 @@ def session_principal() -> Principal:
         with gw.core.store.write() as conn:
             console_store.delete_session(conn, digest)
         raise AuthenticationError("this session has expired; sign in again")
-    who: Principal = gw.tokens.principal(record.token_id)
+    who: Principal = gw.tokens.principal(record.token_id, request.remote_addr, g.request_id)
     if now - record.last_seen_at > TOUCH_EVERY:
         with gw.core.store.write() as conn:
             console_store.touch_session(conn, digest, now)
     return who
 
 
-def allowed(*roles: Role) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """The API's role check (and audit), with the console session as the credential."""
-    return requires(*roles, authenticate=session_principal)
+def allowed(*permissions: Permission) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """The API's role check (and audit), with the console session as the credential: a
+    page allows what the matching API operation allows (gateways/roles.py)."""
+    return requires(*permissions, authenticate=session_principal)
 
 
 @console.before_request
@@ -207,22 +209,31 @@ def page(template: str, **context: Any) -> str:
     who: Principal | None = getattr(g, "principal", None)
     navigation = []
     if who is not None:
-        for endpoint, label, roles in NAVIGATION:
-            if who.role in roles:
+        for endpoint, label, permissions in NAVIGATION:
+            if any(who.may(p) for p in permissions):
                 navigation.append((url_for(endpoint), label, request.endpoint == endpoint))
     return render_template(template, who=who, navigation=navigation, **context)
 
 
+# The enrollment page: held requests for approvers, challenges and profiles for issuers.
+ENROLLMENT = (Permission.APPROVE, Permission.ENROLL)
 NAVIGATION = (
-    ("console.home", "Dashboard", ALL_ROLES),
-    ("console.cas", "CAs", ALL_ROLES),
-    ("console.certificates", "Certificates", CERTIFICATE_READERS),
+    ("console.home", "Dashboard", (Permission.READ_CAS,)),
+    ("console.cas", "CAs", (Permission.READ_CAS,)),
+    ("console.certificates", "Certificates", (Permission.READ_CERTIFICATES,)),
     ("console.enrollment", "Enrollment", ENROLLMENT),
-    ("console.acme", "ACME", (Role.ADMIN, Role.AUDITOR)),
-    ("console.audit", "Audit", api.AUDIT_READERS),
-    ("console.notifications", "Notifications", (Role.ADMIN,)),
-    ("console.tokens", "Tokens", (Role.ADMIN,)),
+    ("console.acme", "ACME", (Permission.READ_EAB,)),
+    ("console.audit", "Audit", (Permission.READ_AUDIT,)),
+    ("console.notifications", "Notifications", (Permission.MANAGE_NOTIFICATIONS,)),
+    ("console.tokens", "Tokens", (Permission.MANAGE_TOKENS,)),
 )
+
+
+@console.app_template_global()
+def may(permission: str) -> bool:
+    """Whether the signed-in token may do this (what a page shows it), by permission name."""
+    who: Principal | None = getattr(g, "principal", None)
+    return who is not None and who.may(Permission(permission))
 
 
 # -- sign in and out -------------------------------------------------------------------------
@@ -233,7 +244,7 @@ CHART_DAYS = 14
 
 
 @console.get("/")
-@allowed(*ALL_ROLES)
+@allowed(Permission.READ_CAS)
 def home() -> str:
     """The dashboard: counts only (no certificate's details), so every role sees it, as
     /metrics shows the same figures without a token."""
@@ -306,7 +317,7 @@ def signin() -> ResponseReturnValue:
 
 
 @console.post("/signout")
-@allowed(*ALL_ROLES)
+@allowed(Permission.READ_CAS)
 def signout() -> ResponseReturnValue:
     gw = gateway()
     now = gw.core.clock()
@@ -354,7 +365,7 @@ def ca_rows() -> list[tuple[int, Any, int | None]]:
 
 
 @console.get("/cas")
-@allowed(*ALL_ROLES)
+@allowed(Permission.READ_CAS)
 def cas() -> str:
     return page("cas.html", title="CAs", rows=ca_rows())
 
@@ -394,7 +405,7 @@ def decode(der: bytes) -> dict[str, Any]:
 
 
 @console.get("/cas/<ca_id>")
-@allowed(*ALL_ROLES)
+@allowed(Permission.READ_CAS)
 def ca_page(ca_id: str) -> str:
     core = gateway().core
     view = core.authorities.describe(ca_id)
@@ -416,11 +427,22 @@ def ca_page(ca_id: str) -> str:
     )
 
 
-@console.route("/cas/<ca_id>/<any(disable,enable,delete,restore):action>", methods=["GET", "POST"])
-@allowed(Role.ADMIN)
+@console.route("/cas/<ca_id>/<any(disable,enable):action>", methods=["GET", "POST"])
+@allowed(Permission.MANAGE_CAS)
+def ca_status_action(ca_id: str, action: str) -> ResponseReturnValue:
+    return ca_action(ca_id, action)
+
+
+@console.route("/cas/<ca_id>/<any(delete,restore):action>", methods=["GET", "POST"])
+@allowed(Permission.DELETE_CAS)
+def ca_delete_action(ca_id: str, action: str) -> ResponseReturnValue:
+    return ca_action(ca_id, action)
+
+
 def ca_action(ca_id: str, action: str) -> ResponseReturnValue:
     """A confirmation page naming the CA (GET), then the change (POST) once the operator
-    has typed the CA's id."""
+    has typed the CA's id. Disabling and enabling is a ca-admin's, deleting and restoring
+    a ca-deleter's."""
     authorities = gateway().core.authorities
     view = authorities.describe(ca_id)
     if request.method == "GET":
@@ -445,7 +467,7 @@ FILTERS = ("ca", "status", "q", "serial", "template", "requester", "expiring_wit
 
 
 @console.get("/certificates")
-@allowed(*CERTIFICATE_READERS)
+@allowed(Permission.READ_CERTIFICATES)
 def certificates() -> str:
     core = gateway().core
     now = core.clock()
@@ -506,7 +528,7 @@ def certificate_events(record: CertificateRecord) -> list[Any]:
 
 
 @console.get("/certificates/<ca_id>/<serial>")
-@allowed(*CERTIFICATE_READERS)
+@allowed(Permission.READ_CERTIFICATES)
 def certificate_page(ca_id: str, serial: str) -> str:
     core = gateway().core
     with core.store.read() as conn:
@@ -522,12 +544,12 @@ def certificate_page(ca_id: str, serial: str) -> str:
         chain=ca_pem + above,
         events=certificate_events(record),
         reasons=[r.value for r in RevocationReason if r.value != "removeFromCRL"],
-        may_revoke=principal().role is Role.ISSUER,
+        may_revoke=principal().may(Permission.REVOKE),
     )
 
 
 @console.post("/certificates/<ca_id>/<serial>/revoke")
-@allowed(Role.ISSUER)
+@allowed(Permission.REVOKE)
 def revoke_certificate(ca_id: str, serial: str) -> ResponseReturnValue:
     try:
         reason = RevocationReason(request.form.get("reason", ""))
@@ -597,7 +619,7 @@ def enrollment() -> str:
 
 
 @console.post("/enrollment/scep/<name>/pending/approve")
-@allowed(*ENROLLMENT)
+@allowed(Permission.APPROVE)
 def approve(name: str) -> ResponseReturnValue:
     transaction_id = request.form.get("transaction_id", "")
     scep_connector(name).approvals.approve(transaction_id, principal().actor(g.request_id))
@@ -605,7 +627,7 @@ def approve(name: str) -> ResponseReturnValue:
 
 
 @console.post("/enrollment/scep/<name>/pending/reject")
-@allowed(*ENROLLMENT)
+@allowed(Permission.APPROVE)
 def reject(name: str) -> ResponseReturnValue:
     transaction_id = request.form.get("transaction_id", "")
     reason = request.form.get("reason", "")
@@ -624,7 +646,7 @@ def adcs_request(name: str) -> tuple[Any, int]:
 
 
 @console.post("/enrollment/adcs/<name>/pending/approve")
-@allowed(*ENROLLMENT)
+@allowed(Permission.APPROVE)
 def approve_adcs(name: str) -> ResponseReturnValue:
     from pkigate.adcs.connector import unavailable_message
     from pkigate.adcs.ldapdir import DirectoryError
@@ -638,7 +660,7 @@ def approve_adcs(name: str) -> ResponseReturnValue:
 
 
 @console.post("/enrollment/adcs/<name>/pending/reject")
-@allowed(*ENROLLMENT)
+@allowed(Permission.APPROVE)
 def reject_adcs(name: str) -> ResponseReturnValue:
     connector, request_id = adcs_request(name)
     reason = request.form.get("reason", "")
@@ -647,7 +669,7 @@ def reject_adcs(name: str) -> ResponseReturnValue:
 
 
 @console.post("/enrollment/scep/<name>/challenges")
-@allowed(*ENROLLMENT)
+@allowed(Permission.ENROLL)
 def create_challenge(name: str) -> str:
     connector = scep_connector(name)
     if not connector.options.dynamic_challenges:
@@ -662,7 +684,7 @@ def create_challenge(name: str) -> str:
 
 
 @console.post("/enrollment/scep/<name>/profile")
-@allowed(*ENROLLMENT)
+@allowed(Permission.ENROLL)
 def download_profile(name: str) -> Response:
     connector = scep_connector(name)
     subject = request.form.get("subject", "").strip() or "CN=device"
@@ -686,7 +708,7 @@ def acme_connector(name: str) -> Any:
 
 
 @console.get("/acme")
-@allowed(Role.ADMIN, Role.AUDITOR)
+@allowed(Permission.READ_EAB)
 def acme() -> str:
     """ACME accounts and EAB keys, as the EAB API allows them to be read (admins and
     auditors)."""
@@ -707,7 +729,7 @@ def acme_page(created: tuple[str, Any, str] | None = None) -> str:
 
 
 @console.post("/acme/<name>/eab-keys")
-@allowed(Role.ADMIN)
+@allowed(Permission.MANAGE_EAB)
 def create_eab_key(name: str) -> str:
     label = request.form.get("label", "").strip()[:256] or None
     record, secret = acme_connector(name).create_eab_key(
@@ -717,7 +739,7 @@ def create_eab_key(name: str) -> str:
 
 
 @console.post("/acme/<name>/eab-keys/<kid>/revoke")
-@allowed(Role.ADMIN)
+@allowed(Permission.MANAGE_EAB)
 def revoke_eab_key(name: str, kid: str) -> ResponseReturnValue:
     acme_connector(name).revoke_eab_key(principal().actor(g.request_id), kid)
     return redirect(url_for("console.acme"))
@@ -730,7 +752,7 @@ AUDIT_FILTERS = ("actor", "action", "resource", "since", "until", "request_id")
 
 
 @console.get("/audit")
-@allowed(*api.AUDIT_READERS)
+@allowed(Permission.READ_AUDIT)
 def audit() -> str:
     core = gateway().core
     wanted = {name: request.args.get(name, "").strip() for name in AUDIT_FILTERS}
@@ -745,7 +767,7 @@ def audit() -> str:
         arguments: dict[str, Any] = {k: v for k, v in wanted.items() if v}
         next_page = url_for("console.audit", before=shown[-1].seq, **arguments)
     verification = None
-    if request.args.get("verify") and principal().role is Role.AUDITOR:
+    if request.args.get("verify") and principal().may(Permission.AUDIT_REPORTS):
         verification = core.audit.verify()
     return page(
         "audit.html",
@@ -754,13 +776,13 @@ def audit() -> str:
         wanted=wanted,
         next_page=next_page,
         verification=verification,
-        is_auditor=principal().role is Role.AUDITOR,
+        is_auditor=principal().may(Permission.AUDIT_REPORTS),
         authorities=core.authorities.list_cas(),
     )
 
 
 @console.get("/audit/report")
-@allowed(Role.AUDITOR)
+@allowed(Permission.AUDIT_REPORTS)
 def audit_report() -> Response:
     from pkigate.core.audit import render_report, report_rows
 
@@ -788,7 +810,7 @@ def audit_report() -> Response:
 
 
 @console.get("/notifications")
-@allowed(Role.ADMIN)
+@allowed(Permission.MANAGE_NOTIFICATIONS)
 def notifications() -> str:
     """Where events go, read-only: the configuration's and the API's destinations (made and
     changed with the API or `pkigate notifications`), with their delivery counts."""
@@ -803,29 +825,58 @@ def notifications() -> str:
 
 
 @console.route("/tokens", methods=["GET", "POST"])
-@allowed(Role.ADMIN)
+@allowed(Permission.MANAGE_TOKENS)
 def tokens() -> str:
+    """Tokens with their roles, expiry and last use; a new one with one or more roles, a
+    lifetime and client networks (the API's createToken)."""
     service = gateway().tokens
     created = None
     if request.method == "POST":
+        form = request.form
         try:
-            role = Role(request.form.get("role", ""))
-        except ValueError:
-            raise BadRequestError("choose a role") from None
+            roles = parse_roles(form.getlist("roles"))
+            lifetime = form.get("expires_in", "").strip()
+            expires_in = parse_span(lifetime) if lifetime else None
+            allow_from = parse_networks(form.get("allow_from", "").replace(",", " ").split())
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
         created = service.create(
-            request.form.get("name", "").strip(), role, principal().actor(g.request_id)
+            form.get("name", "").strip(),
+            roles,
+            principal().actor(g.request_id),
+            expires_in=expires_in,
+            allow_from=allow_from,
         )
+    return tokens_page(created)
+
+
+def tokens_page(created: Any = None) -> str:
+    service = gateway().tokens
     return page(
         "tokens.html",
         title="Tokens",
         tokens=service.list(),
         created=created,
         roles=[r.value for r in Role],
+        now=gateway().core.clock(),
+        max_overlap=format_span(service.policy.max_rotation_overlap),
     )
 
 
+@console.post("/tokens/<token_id>/rotate")
+@allowed(Permission.MANAGE_TOKENS)
+def rotate_token(token_id: str) -> str:
+    """A new secret, shown once; the old one works for the overlap asked for."""
+    try:
+        overlap = parse_span(request.form.get("overlap", "").strip() or "0s")
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+    rotated = gateway().tokens.rotate(token_id, overlap, principal().actor(g.request_id))
+    return tokens_page(rotated)
+
+
 @console.post("/tokens/<token_id>/revoke")
-@allowed(Role.ADMIN)
+@allowed(Permission.MANAGE_TOKENS)
 def revoke_token(token_id: str) -> ResponseReturnValue:
     gateway().tokens.revoke(token_id, principal().actor(g.request_id))
     return redirect(url_for("console.tokens"))

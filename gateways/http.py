@@ -31,7 +31,8 @@ from pkigate.core.errors import (
     StoreIntegrityError,
     StoreUnavailableError,
 )
-from pkigate.gateways.auth import AuthenticationError, ForbiddenError, Principal, Role
+from pkigate.gateways.auth import AuthenticationError, ForbiddenError, Principal
+from pkigate.gateways.roles import Permission, roles_with
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -104,15 +105,21 @@ def actor() -> Actor:
 
 
 def bearer_principal() -> Principal:
-    """Who sent this request, by its bearer token (the API's authentication)."""
-    return gateway().tokens.authenticate(request.headers.get("Authorization"))  # type: ignore[no-any-return]
+    """Who sent this request, by its bearer token (the API's authentication), from the
+    connection's peer address (no proxy header is trusted)."""
+    return gateway().tokens.authenticate(  # type: ignore[no-any-return]
+        request.headers.get("Authorization"), request.remote_addr, g.request_id
+    )
 
 
 def requires(
-    *roles: Role, authenticate: Callable[[], Principal] = bearer_principal
+    *permissions: Permission, authenticate: Callable[[], Principal] = bearer_principal
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Authenticate (by bearer token, unless ``authenticate`` says otherwise: the console
-    signs in with a session) and allow only these roles; refusals and reads are audited."""
+    signs in with a session) and allow only tokens whose roles grant one of
+    ``permissions`` (gateways/roles.py); refusals and reads are audited."""
+    roles = tuple(dict.fromkeys(r for p in permissions for r in roles_with(p)))
+    needs = " or ".join(p.value for p in permissions)
 
     def decorate(view: Callable[P, R]) -> Callable[P, R]:
         @wraps(view)
@@ -121,18 +128,22 @@ def requires(
             who = authenticate()
             g.principal = who
             resource = f"{request.method} {request.path}"[:256]
-            if who.role not in roles:
+            if not any(who.may(p) for p in permissions):
                 gw.core.audit.record_alone(
                     who.actor(g.request_id),
                     "api.denied",
                     resource,
                     result="failure",
-                    parameters={"role": who.role.value, "allowed": [r.value for r in roles]},
+                    parameters={
+                        "roles": who.role_names,
+                        "needs": needs,
+                        "allowed": [r.value for r in roles],
+                    },
                     at=gw.core.clock(),
                 )
                 raise ForbiddenError(
-                    f"role {who.role.value} may not do this; it needs "
-                    f"{' or '.join(r.value for r in roles)}"
+                    f"roles {', '.join(who.role_names)} may not do this ({needs}); "
+                    f"it needs {' or '.join(r.value for r in roles)}"
                 )
             if request.method not in ("GET", "HEAD"):
                 return view(*args, **kwargs)  # changes are audited by the core as they happen

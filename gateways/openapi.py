@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
@@ -41,7 +42,7 @@ from pkigate.core.model import (
 from pkigate.core.names import NAME_CONSTRAINT_LISTS
 from pkigate.core.store import ApiTokenRecord, CertificateRecord
 from pkigate.core.templates import TemplateKind
-from pkigate.gateways.auth import Role
+from pkigate.gateways.roles import Permission, Role, roles_with
 
 JSON = Mapping[str, Any]
 API_PREFIX = "/api/v1"
@@ -168,12 +169,17 @@ class Operation:
     operation_id: str  # also the Flask endpoint name
     summary: str
     tag: str
-    roles: tuple[Role, ...]  # who may call it; () = no token needed
+    permission: Permission | None  # what it needs (gateways/roles.py); None: no token
     replies: tuple[Reply, ...]
     body: tuple[Field, ...] | None = None
     query: tuple[Param, ...] = ()
     errors: tuple[int, ...] = ()  # statuses beyond those the declaration implies
     description: str = ""
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        """The roles that may call it; () = no token needed."""
+        return roles_with(self.permission) if self.permission else ()
 
     @property
     def path_parameters(self) -> list[str]:
@@ -387,10 +393,24 @@ _CERTIFICATE: dict[str, JSON] = {
 _TOKEN: dict[str, JSON] = {
     "id": _STRING,
     "name": _STRING,
-    "role": {"type": "string", "enum": enum_values(Role)},
+    "roles": {"type": "array", "items": {"type": "string", "enum": enum_values(Role)}},
     "created_at": _TIME,
     "created_by": _STRING,
     "revoked_at": _OPTIONAL_TIME,
+    "expires_at": {**_OPTIONAL_TIME, "description": "null: it does not expire"},
+    "last_used_at": {
+        **_OPTIONAL_TIME,
+        "description": "When it was last used, to the minute (null: never)",
+    },
+    "allow_from": {
+        "type": "array",
+        "items": _STRING,
+        "description": "Client networks it may be used from (empty: anywhere)",
+    },
+    "overlap_until": {
+        **_OPTIONAL_TIME,
+        "description": "Until when the one replaced by the last rotation still works",
+    },
 }
 
 
@@ -626,8 +646,9 @@ SCHEMAS: dict[str, JSON] = {
 
 _ERRORS = {
     400: "Malformed JSON, an unknown or mistyped field or parameter (named in the message)",
-    401: "No bearer token, or one that is malformed, unknown or revoked",
-    403: "The token's role may not do this (the refusal is audited as api.denied)",
+    401: "No bearer token, or one that is malformed, unknown, revoked or expired",
+    403: "The token's roles may not do this (audited as api.denied), or the token is used "
+    "from outside its allowed networks or holds roles kept apart (audited as token.refused)",
     404: "No such resource",
     409: "The resource's state does not allow this, or an idempotency token conflicts",
     413: "The body is over the server's max_body_bytes",
@@ -830,8 +851,16 @@ def token_json(record: ApiTokenRecord) -> dict[str, Any]:
     return {
         "id": record.id,
         "name": record.name,
-        "role": record.role,
+        "roles": list(record.roles),
         "created_at": record.created_at.isoformat(),
         "created_by": record.created_by,
-        "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
+        "revoked_at": _moment(record.revoked_at),
+        "expires_at": _moment(record.expires_at),
+        "last_used_at": _moment(record.last_used_at),
+        "allow_from": list(record.allow_from),
+        "overlap_until": _moment(record.previous_secret_until),
     }
+
+
+def _moment(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None

@@ -204,8 +204,20 @@ class RemoteClient:
     def audit_report_csv(self, ca_id: str) -> str:
         return self.call("GET", "/audit/report", params={"ca": ca_id, "format": "csv"}).text
 
-    def create_token(self, name: str, role: str) -> dict[str, Any]:
-        return dict(self.json("POST", "/tokens", body={"name": name, "role": role}))
+    def create_token(
+        self, name: str, roles: list[str], expires_in: str | None, allow_from: list[str]
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "roles": roles}
+        if expires_in:
+            body["expires_in"] = expires_in
+        if allow_from:
+            body["allow_from"] = allow_from
+        return dict(self.json("POST", "/tokens", body=body))
+
+    def rotate_token(self, token_id: str, overlap: str) -> dict[str, Any]:
+        return dict(
+            self.json("POST", f"/tokens/{_segment(token_id)}/rotate", body={"overlap": overlap})
+        )
 
     def list_tokens(self) -> list[dict[str, Any]]:
         return list(self.json("GET", "/tokens")["tokens"])

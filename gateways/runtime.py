@@ -29,7 +29,7 @@ from pkigate.core.expiry import EXPIRY_JOB
 from pkigate.core.jobs import JobHandler, JobRunner
 from pkigate.core.names import parse_dn
 from pkigate.gateways import metrics
-from pkigate.gateways.auth import Role, TokenService
+from pkigate.gateways.auth import Role, TokenService, describe_separated
 from pkigate.gateways.config import (
     CAConfig,
     ConfigError,
@@ -46,6 +46,7 @@ from pkigate.gateways.connectors import (
 )
 from pkigate.gateways.destinations import NotificationDestinations
 from pkigate.gateways.notifications import Notifier, destination_from_config
+from pkigate.gateways.roles import separation_violations
 
 log = logging.getLogger("pkigate.gateway")
 CONFIG_NAME_TAG = "pkigate:config-name"
@@ -100,7 +101,7 @@ class Gateway:
             except BaseException:
                 core.close()
                 raise
-        tokens = TokenService(core.store, core.audit, core.clock)
+        tokens = TokenService(core.store, core.audit, core.clock, config.token_policy)
         gateway = cls(config, core, tokens, {})
         gateway.ca_ids = gateway._ensure_cas(create=bootstrap)
         gateway.connectors = gateway._build_connectors()
@@ -255,15 +256,31 @@ class Gateway:
     # -- first start --------------------------------------------------------------------
 
     def ensure_admin_token(self) -> Path | None:
-        """Write a first admin token (0600) if no token exists; returns where it is."""
+        """Write a first admin token (0600) if no token exists; returns where it is. Where
+        separation_of_duties keeps powers that ``admin`` holds apart, the first token is a
+        ``token-admin``, which makes the tokens that each hold one of them."""
         path = self.core.data_dir / ADMIN_TOKEN_FILE
         if self.tokens.has_tokens():
             return path if path.exists() else None
-        issued = self.tokens.create("first-admin", Role.ADMIN, SYSTEM)
+        separated = separation_violations((Role.ADMIN,), self.config.token_policy.separated)
+        first = Role.TOKEN_ADMIN if separated else Role.ADMIN
+        issued = self.tokens.create("first-admin", first, SYSTEM)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(issued.secret + "\n")
         return path
+
+    def warn_separated_tokens(self) -> None:
+        """One warning naming the tokens that hold roles separation_of_duties keeps apart
+        (made before the rule): they are refused at use until replaced."""
+        found = self.tokens.violating()
+        if found:
+            log.warning(
+                "%d API token(s) hold roles that separation_of_duties keeps apart and are "
+                "refused at use; replace them with tokens that each hold one: %s",
+                len(found),
+                describe_separated(found),
+            )
 
     def ensure_tls_certificate(self) -> tuple[Path, Path]:
         """The HTTPS listener's certificate: configured files, or one from our own CA."""

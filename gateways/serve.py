@@ -92,6 +92,7 @@ def serve(
     tls = gateway.ensure_tls_certificate()
     gateway.ensure_client_ca_bundle()
     token_path = gateway.ensure_admin_token()
+    gateway.warn_separated_tokens()
     announce(banner(gateway, token_path, tls), log_format)
     resolved = replace(config, data_dir=gateway.core.data_dir)
     client_cas = gateway.core.data_dir / "tls" / CLIENT_CA_FILE

@@ -40,7 +40,6 @@ from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_general_name
 from pkigate.core.store import IntegrityError
 from pkigate.core.store import scep as scep_store
-from pkigate.gateways.auth import Role
 from pkigate.gateways.connectors import (
     Connector,
     ConnectorContext,
@@ -49,6 +48,7 @@ from pkigate.gateways.connectors import (
     unknown_setting,
 )
 from pkigate.gateways.http import actor, json_body, requires
+from pkigate.gateways.roles import Permission
 from pkigate.scep.authorization import (
     AnsweredMeanwhile,
     Authorization,
@@ -354,7 +354,7 @@ class ScepConnector(Connector):
         bp = Blueprint(f"scep_admin_{self.context.name}", __name__)
 
         @bp.post("/challenges")
-        @requires(Role.ADMIN, Role.ISSUER)
+        @requires(Permission.ENROLL)
         def create_challenge() -> tuple[Response, int]:
             body = json_body({"subject": str, "device_id": str, "ttl_seconds": int, "sans": list})
             if not self.options.dynamic_challenges:
@@ -390,12 +390,12 @@ class ScepConnector(Connector):
         # Transaction ids may hold '/' and '+' (micromdm's scepclient sends the base64 SHA-1
         # of the key), so they are read as a path (percent-encoded or not).
         @bp.get("/pending")
-        @requires(Role.ADMIN, Role.ISSUER)
+        @requires(Permission.APPROVE)
         def list_pending() -> Response:
             return jsonify([p.to_json() for p in self.approvals.pending()])
 
         @bp.post("/pending/<anytext:transaction_id>/approve", merge_slashes=False)
-        @requires(Role.ADMIN, Role.ISSUER)
+        @requires(Permission.APPROVE)
         def approve_pending(transaction_id: str) -> Response:
             issued = self.approvals.approve(transaction_id, actor())
             return jsonify(
@@ -411,7 +411,7 @@ class ScepConnector(Connector):
             )
 
         @bp.post("/pending/<anytext:transaction_id>/reject", merge_slashes=False)
-        @requires(Role.ADMIN, Role.ISSUER)
+        @requires(Permission.APPROVE)
         def reject_pending(transaction_id: str) -> Response:
             body = json_body({"reason": str}, required=("reason",))
             rejected = self.approvals.reject(transaction_id, actor(), body["reason"])

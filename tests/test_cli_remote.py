@@ -26,8 +26,8 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from pkigate.core import Actor
 from pkigate.devsim.spawn import free_port
 from pkigate.gateways.app import create_app
-from pkigate.gateways.auth import Role
 from pkigate.gateways.config import parse_config
+from pkigate.gateways.roles import LEGACY_ROLES
 from pkigate.gateways.runtime import Gateway
 
 PKIGATE = str(Path(sys.executable).parent / "pkigate")
@@ -110,7 +110,8 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
     bundle = base / "root.pem"
     bundle.write_text(gw.core.authorities.certificate_pem(gw.ca_ids["root"])[0])
     secrets = {
-        role: gw.tokens.create(f"{role}-cli", Role(role), Actor("test")).secret
+        # The roles as before they were fine-grained (an issuer also approves).
+        role: gw.tokens.create(f"{role}-cli", LEGACY_ROLES[role], Actor("test")).secret
         for role in ("admin", "issuer", "auditor")
     }
     work = base / "work"
@@ -238,15 +239,40 @@ def test_audit_is_verified_and_reported_through_the_server(remote: RemoteServer)
 
 
 def test_tokens_are_managed_remotely_and_locally(remote: RemoteServer) -> None:
-    created = remote.json("token", "create", "--name", "ci", "--role", "issuer")
-    assert created["role"] == "issuer"
-    secret = created["secret"]
-    connection = ("--server", remote.url, "--ca-bundle", str(remote.bundle), "--token", secret)
+    created = remote.json(
+        "token",
+        "create",
+        "--name",
+        "ci",
+        "--role",
+        "issuer",
+        "--role",
+        "revoker",
+        "--expires-in",
+        "90d",
+        "--allow-from",
+        "127.0.0.0/8",
+    )
+    assert created["roles"] == ["issuer", "revoker"]
+    assert created["expires_at"] is not None and created["allow_from"] == ["127.0.0.0/8"]
+    old_secret = created["secret"]
+    connection = ("--server", remote.url, "--ca-bundle", str(remote.bundle), "--token", old_secret)
     remote.run("template", "list", connection=connection)
 
     listed = remote.run("--json", "token", "list").stdout
-    assert secret.removeprefix(f"pkigate_{created['id']}_") not in listed
-    assert created["id"] in {t["id"] for t in json.loads(listed)}
+    assert old_secret.removeprefix(f"pkigate_{created['id']}_") not in listed
+    (shown,) = [t for t in json.loads(listed) if t["id"] == created["id"]]
+    assert shown["last_used_at"] is not None
+    table = remote.run("token", "list").stdout
+    assert "issuer,revoker" in table and "LAST USED" in table
+
+    # A rotation: the new secret works, and the old one for the overlap asked for.
+    rotated = remote.json("token", "rotate", created["id"], "--overlap", "1h")
+    secret = rotated["secret"]
+    assert secret != old_secret and rotated["overlap_until"] is not None
+    remote.run("template", "list", connection=connection)
+    connection = ("--server", remote.url, "--ca-bundle", str(remote.bundle), "--token", secret)
+    remote.run("template", "list", connection=connection)
     revoked = remote.json("token", "revoke", created["id"])
     assert revoked["revoked_at"] is not None
     refused = remote.run("template", "list", connection=connection, ok=False)

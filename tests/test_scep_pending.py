@@ -1,4 +1,4 @@
-"""SCEP pending mode: requests wait for an issuer's approval; clients collect with CertPoll."""
+"""SCEP pending mode: requests wait for an approver's approval; clients collect with CertPoll."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class PendingEnv:
         payload = encode_issuer_and_subject(issuing.subject, device.certificate.subject)
         return self.send(device, payload, MessageType.CERT_POLL, tid)
 
-    def headers(self, role: Role = Role.ISSUER) -> dict[str, str]:
+    def headers(self, role: Role = Role.APPROVER) -> dict[str, str]:
         secret = self.gateway.tokens.create(f"approver-{role}", role, Actor("test")).secret
         return {"Authorization": f"Bearer {secret}"}
 
@@ -195,7 +195,7 @@ def test_approved_request_is_collected_by_cert_poll_with_a_certificate_for_the_c
     assert format(issued.serial_number, "x") == approved.json["serial"]
     issue = [e for e in env.audit("certificate.issue") if e.get("correlation_id") == "tid-2"]
     assert len(issue) == 1 and issue[0]["result"] == "success"
-    assert issue[0]["approved_by"].startswith("token:approver-issuer(")
+    assert issue[0]["approved_by"].startswith("token:approver-approver(")
     assert issue[0]["challenge"] == "static"
     # Approving twice is a conflict, not a second certificate.
     again = env.api.post(f"{PENDING_API}/tid-2/approve", headers=headers)
@@ -225,14 +225,18 @@ def test_rejected_request_gets_failure_bad_request_on_cert_poll(env: PendingEnv)
     assert env.api.post(f"{PENDING_API}/tid-3/approve", headers=headers).status_code == 409
 
 
-def test_pending_api_needs_the_issuer_or_admin_role(env: PendingEnv) -> None:
+def test_pending_api_needs_the_approver_or_admin_role(env: PendingEnv) -> None:
     device = Device.new()
     env.enroll(device, "tid-4")
-    auditor = env.headers(Role.AUDITOR)
-    assert env.api.get(PENDING_API, headers=auditor).status_code == 403
-    assert env.api.post(f"{PENDING_API}/tid-4/approve", headers=auditor).status_code == 403
-    refused = env.api.post(f"{PENDING_API}/tid-4/reject", json={"reason": "x"}, headers=auditor)
-    assert refused.status_code == 403
+    for role in (Role.AUDITOR, Role.ISSUER):  # an issuer does not approve its own requests
+        refused_role = env.headers(role)
+        assert env.api.get(PENDING_API, headers=refused_role).status_code == 403
+        approve = env.api.post(f"{PENDING_API}/tid-4/approve", headers=refused_role)
+        assert approve.status_code == 403
+        refused = env.api.post(
+            f"{PENDING_API}/tid-4/reject", json={"reason": "x"}, headers=refused_role
+        )
+        assert refused.status_code == 403
     assert env.api.get(PENDING_API).status_code == 401
     unknown = env.api.post(f"{PENDING_API}/nope/approve", headers=env.headers())
     assert unknown.status_code == 404

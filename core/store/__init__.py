@@ -148,17 +148,25 @@ class AuditEventRecord:
 class ApiTokenRecord:
     id: str
     name: str
-    role: str
+    roles: tuple[str, ...]
     secret_sha256: str
     created_at: datetime
     created_by: str
     revoked_at: datetime | None
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    allow_from: tuple[str, ...]  # client networks (CIDRs); empty: from anywhere
+    previous_secret_sha256: str | None  # the secret a rotation replaced
+    previous_secret_until: datetime | None  # ... which works until then
 
 
 def _api_token(row: Any) -> ApiTokenRecord:
     values = row._asdict()  # a SQLAlchemy Row or a FastSelect row
     values["created_at"] = _utc(values["created_at"])
-    values["revoked_at"] = as_utc(values["revoked_at"])
+    for name in ("revoked_at", "expires_at", "last_used_at", "previous_secret_until"):
+        values[name] = as_utc(values[name])
+    values["roles"] = tuple(values["roles"].split())
+    values["allow_from"] = tuple((values["allow_from"] or "").split())
     return ApiTokenRecord(**values)
 
 
@@ -715,13 +723,25 @@ class Store:
         rows = conn.execute(select(schema.api_tokens).order_by(schema.api_tokens.c.created_at))
         return [_api_token(row) for row in rows]
 
-    def revoke_api_token(self, conn: Connection, token_id: str, now: datetime) -> bool:
+    def update_api_token(self, conn: Connection, token_id: str, **values: Any) -> bool:
+        """Change an active (not revoked) token's columns; False if there is none."""
+        t = schema.api_tokens
         result = conn.execute(
-            update(schema.api_tokens)
-            .where(schema.api_tokens.c.id == token_id, schema.api_tokens.c.revoked_at.is_(None))
-            .values(revoked_at=now)
+            update(t).where(t.c.id == token_id, t.c.revoked_at.is_(None)).values(**values)
         )
         return bool(result.rowcount)
+
+    def touch_api_token(self, conn: Connection, token_id: str, now: datetime) -> None:
+        """Record a use, unless another worker recorded a later one meanwhile."""
+        t = schema.api_tokens
+        conn.execute(
+            update(t)
+            .where(t.c.id == token_id, or_(t.c.last_used_at.is_(None), t.c.last_used_at < now))
+            .values(last_used_at=now)
+        )
+
+    def revoke_api_token(self, conn: Connection, token_id: str, now: datetime) -> bool:
+        return self.update_api_token(conn, token_id, revoked_at=now)
 
     # -- Audit ---------------------------------------------------------------------------
 

@@ -186,11 +186,20 @@ api_tokens = Table(
     metadata,
     Column("id", String(32), primary_key=True),
     Column("name", String(128), nullable=False),
-    Column("role", String(16), nullable=False),
+    # Role names separated by spaces (gateways/roles.py), at least one.
+    Column("roles", String(256), nullable=False),
     Column("secret_sha256", String(64), nullable=False),
     Column("created_at", Timestamp, nullable=False),
     Column("created_by", String(256), nullable=False),
     Column("revoked_at", Timestamp, nullable=True),
+    Column("expires_at", Timestamp, nullable=True),  # None: never
+    # Written at most once a minute per token (gateways/auth.py LAST_USED_RESOLUTION).
+    Column("last_used_at", Timestamp, nullable=True),
+    # Client networks (CIDRs) separated by spaces; None: from anywhere.
+    Column("allow_from", Text, nullable=True),
+    # After a rotation, the replaced secret's digest and until when it still works.
+    Column("previous_secret_sha256", String(64), nullable=True),
+    Column("previous_secret_until", Timestamp, nullable=True),
 )
 
 # Web console sign-ins (gateways/console.py): in the store so that every worker and host
