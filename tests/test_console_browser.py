@@ -635,3 +635,41 @@ def test_pages_fit_a_phone_and_come_with_a_strict_policy(console: Console) -> No
     policy = answer.headers["Content-Security-Policy"]
     assert "default-src 'none'" in policy and "style-src 'self'" in policy
     assert "unsafe-inline" not in policy and "script-src" not in policy
+
+
+def test_console_makes_a_token_of_several_roles_and_rotates_it_with_an_overlap(
+    console: Console,
+) -> None:
+    session, csrf = console_signin(console.server, console.tokens["admin"])
+    made = session.post(
+        console.url("/tokens"),
+        data={
+            "csrf_token": csrf,
+            "name": "two-roles",
+            "roles": ["revoker", "auditor"],
+            "allow_from": "127.0.0.0/8, ::1",
+        },
+        timeout=10,
+    )
+    assert made.status_code == 200, made.text
+    secret = re.search(r'id="new-secret" class="wrap">([^<]+)<', made.text)
+    assert secret is not None and "(revoker, auditor)" in made.text
+    token_id = secret.group(1).split("_")[1]
+    api = f"{console.server.https_url}/api/v1/cas"
+    assert console.server.session(secret.group(1)).get(api, timeout=10).ok
+    rotated = session.post(
+        console.url(f"/tokens/{token_id}/rotate"),
+        data={"csrf_token": csrf, "overlap": "1h"},
+        timeout=10,
+    )
+    assert rotated.status_code == 200, rotated.text
+    new_secret = re.search(r'id="new-secret" class="wrap">([^<]+)<', rotated.text)
+    assert new_secret is not None and new_secret.group(1) != secret.group(1)
+    for usable in (secret.group(1), new_secret.group(1)):  # the old one within the hour
+        assert console.server.session(usable).get(api, timeout=10).ok
+    refused = session.post(
+        console.url(f"/tokens/{token_id}/rotate"),
+        data={"csrf_token": csrf, "overlap": "30d"},
+        timeout=10,
+    )
+    assert refused.status_code == 400 and "max_rotation_overlap" in refused.text
