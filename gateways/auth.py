@@ -200,8 +200,8 @@ class TokenService:
         store: Store,
         audit: AuditLog,
         clock: Callable[[], datetime],
-        monotonic: Callable[[], float] = time.monotonic,
         policy: TokenPolicy | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._audit = audit
