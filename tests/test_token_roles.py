@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from conftest import fresh_postgres_database
 from flask.testing import FlaskClient
 
 from pkigate.core import Core
@@ -254,10 +255,16 @@ def test_tokens_hold_several_roles_and_the_legacy_issuer_role_keeps_approving(
 # -- a 0015 store's tokens -----------------------------------------------------------------
 
 
-def test_migration_0017_keeps_every_old_tokens_powers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_migration_0017_keeps_every_old_tokens_powers(
+    tmp_path: Path, request: pytest.FixtureRequest, database: str
+) -> None:
     data = tmp_path / "data"
-    Core.open(data).close()
-    url = sqlite_url(data / "pkigate.db")
+    database_url = None
+    if database == "postgres":
+        database_url = fresh_postgres_database(request.getfixturevalue("postgres_server"))
+    Core.open(data, database_url).close()
+    url = database_url or sqlite_url(data / "pkigate.db")
     engine = create_store_engine(url)
     secrets = {}
     try:
@@ -285,7 +292,8 @@ def test_migration_0017_keeps_every_old_tokens_powers(tmp_path: Path) -> None:
                 )
     finally:
         engine.dispose()
-    service = _open(data, bootstrap=True, upgrade_schema=True)
+    extra = f"database_url = '{database_url}'\n" if database_url else ""
+    service = _open(data, extra, bootstrap=True, upgrade_schema=True)
     try:
         roles = {t.name: t.roles for t in service.gw.tokens.list()}
         assert roles == {
