@@ -474,8 +474,8 @@ class AcmeConnector(Connector):
             raise AcmeProblem(
                 "accountDoesNotExist", "the 'kid' is not an account URL of this server"
             )
-        with self.context.core.store.read() as conn:
-            account = self.service.find_account(conn, kid.removeprefix(prefix))
+        # Every request but newAccount's: one SELECT, without a transaction around it.
+        account = self.service.find_account_alone(kid.removeprefix(prefix))
         if account is None:
             raise AcmeProblem("accountDoesNotExist", "no account with that 'kid'")
         if account.status != "valid":

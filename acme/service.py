@@ -125,6 +125,10 @@ class AcmeService:
     def find_account(self, conn: Connection, account_id: str) -> AccountRecord | None:
         return acme_store.account_by_id(conn, self.name, account_id)
 
+    def find_account_alone(self, account_id: str) -> AccountRecord | None:
+        """The account, read on its own (outside any transaction of the caller's)."""
+        return acme_store.account_by_id_alone(self.core.store.engine, self.name, account_id)
+
     def account_by_key(self, conn: Connection, thumbprint: str) -> AccountRecord | None:
         return acme_store.account_by_thumbprint(conn, self.name, thumbprint)
 

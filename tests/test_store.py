@@ -340,3 +340,20 @@ def test_a_scep_transaction_recorded_twice_concurrently_fails_the_second_on_post
         assert kept is not None and kept.serial == "1"
     finally:
         core.close()
+
+
+def test_an_acme_account_read_alone_is_what_the_transactional_read_finds(core: Core) -> None:
+    """FastSelect.first_alone (a pooled driver connection, no transaction) reads exactly
+    what first() reads inside a transaction; a missing account is None."""
+    from pkigate.core.store import acme as acme_store
+
+    account = acme_store.AccountRecord(
+        "acct-alone", "acme", "thumb-alone", {"kty": "EC"}, "valid", (), None, core.clock()
+    )
+    with core.store.write() as conn:
+        acme_store.insert_account(conn, account)
+    with core.store.read() as conn:
+        assert acme_store.account_by_id(conn, "acme", "acct-alone") == account
+    assert acme_store.account_by_id_alone(core.store.engine, "acme", "acct-alone") == account
+    assert acme_store.account_by_id_alone(core.store.engine, "other", "acct-alone") is None
+    assert acme_store.account_by_id_alone(core.store.engine, "acme", "no-such") is None

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Engine,
     Table,
     Update,
     and_,
@@ -144,6 +145,12 @@ _ACCOUNT_BY_ID = FastSelect(
 
 def account_by_id(conn: Connection, connector: str, account_id: str) -> AccountRecord | None:
     row = _ACCOUNT_BY_ID.first(conn, id=account_id, connector=connector)
+    return None if row is None else _account(row)
+
+
+def account_by_id_alone(engine: Engine, connector: str, account_id: str) -> AccountRecord | None:
+    """:func:`account_by_id` as a read of its own (every JWS request signed with a kid)."""
+    row = _ACCOUNT_BY_ID.first_alone(engine, id=account_id, connector=connector)
     return None if row is None else _account(row)
 
 

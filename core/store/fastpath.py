@@ -11,7 +11,7 @@ from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
-from sqlalchemy import Column, Connection, Select, Table, UniqueConstraint
+from sqlalchemy import Column, Connection, Engine, Select, Table, UniqueConstraint
 from sqlalchemy.engine import Dialect
 
 Processor = Callable[[Any], Any] | None
@@ -152,11 +152,30 @@ class FastSelect:
         self._compiled: dict[str, _CompiledSelect] = {}
 
     def rows(self, conn: Connection, **values: Any) -> list[Any]:
-        dialect = conn.dialect
+        return self._rows(conn.connection, conn.dialect, values)
+
+    def first(self, conn: Connection, **values: Any) -> Any | None:
+        found = self.rows(conn, **values)
+        return found[0] if found else None
+
+    def first_alone(self, engine: Engine, **values: Any) -> Any | None:
+        """:meth:`first` outside any transaction, on a pooled driver connection: for a
+        read that is one SELECT on its own (consistent by itself), where SQLAlchemy's
+        connection and transaction cost twice the query. SQLite runs it in autocommit
+        mode; whatever PostgreSQL's driver began is rolled back when the connection goes
+        back to the pool (as the OCSP responder's ``single_read``)."""
+        driver = engine.raw_connection()
+        try:
+            found = self._rows(driver, engine.dialect, values)
+        finally:
+            driver.close()
+        return found[0] if found else None
+
+    def _rows(self, driver: Any, dialect: Dialect, values: Mapping[str, Any]) -> list[Any]:
         compiled = self._compiled.get(dialect.name)
         if compiled is None:
             compiled = self._compiled[dialect.name] = _CompiledSelect(self.statement, dialect)
-        cursor = conn.connection.cursor()
+        cursor = driver.cursor()
         try:
             cursor.execute(compiled.sql, compiled.parameters(values))
             fetched = cursor.fetchall()
@@ -164,10 +183,6 @@ class FastSelect:
             cursor.close()
         row = self._row
         return [row(*_convert(r, compiled.results)) for r in fetched]
-
-    def first(self, conn: Connection, **values: Any) -> Any | None:
-        found = self.rows(conn, **values)
-        return found[0] if found else None
 
     def driver_rows(self, conn: Connection, **values: Any) -> list[tuple[Any, ...]]:
         """The rows as the driver returns them, no value converted: for bulk reads whose
