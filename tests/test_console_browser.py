@@ -429,6 +429,36 @@ def test_scep_issued_certificate_found_by_subject_and_revoked(
     assert "is intact" in console.text("#verification")
 
 
+def test_an_admin_revokes_and_an_auditor_may_not(console: Console) -> None:
+    """Revocation is the issuers' and the admins' (the issue's words); an auditor reads the
+    same page without the form (the server's refusal of the POST is the role matrix's, in
+    test_token_roles.py: the console's routes take the API's permissions)."""
+    cn = f"console-admin-revokes-{uuid.uuid4().hex[:8]}"
+    scep = Scep(console.server, "/scep")
+    answer = scep.enroll(Device.new(cn), STATIC_CHALLENGE, cn, uuid.uuid4().hex)
+    assert answer.status is PkiStatus.SUCCESS, answer.fail_info_text
+    serial = format(answer.certificates[0].serial_number, "x")
+
+    console.sign_in("auditor")
+    console.open("/certificates")
+    console.driver.find_element(By.ID, "q").send_keys(cn)
+    console.press("search")
+    console.click(console.driver.find_element(By.LINK_TEXT, f"CN={cn}"))
+    assert console.text("#status") == "ISSUED"
+    assert not console.driver.find_elements(By.ID, "revoke-reason")
+
+    console.sign_in("admin")
+    console.open("/certificates")
+    console.driver.find_element(By.ID, "q").send_keys(cn)
+    console.press("search")
+    console.click(console.driver.find_element(By.LINK_TEXT, f"CN={cn}"))
+    Select(console.driver.find_element(By.ID, "revoke-reason")).select_by_visible_text("superseded")
+    console.press("revoke")
+    assert console.text("#status") == "REVOKED"
+    assert console.text("#reason") == "superseded"
+    assert console.certificate(serial) == ("REVOKED", "superseded")
+
+
 def test_pending_requests_approved_and_rejected_in_the_console(console: Console) -> None:
     scep = Scep(console.server, "/mdm")
     waiting = {}
