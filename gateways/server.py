@@ -378,6 +378,9 @@ def preload_worker_modules() -> None:
     import pkigate.adcs.connector
     import pkigate.gateways.api
     import pkigate.gateways.app
+    import pkigate.gateways.console  # with flask_wtf and wtforms
+    import pkigate.gateways.crl_http
+    import pkigate.gateways.ocsp_http
     import pkigate.gateways.runtime
     import pkigate.gateways.serve
     import pkigate.scep.connector  # noqa: F401
