@@ -5,13 +5,6 @@ arrive becomes the leader and commits its own item together with whatever other 
 have queued meanwhile; followers wait for their result. With one thread this is simply
 an inline commit; under concurrency, one fsync covers many certificates. Leadership passes
 to the oldest waiting thread after each batch, so no leader works for others forever.
-
-The leader commits through :func:`~pkigate.core.blocking.run_blocking`: in a server whose
-requests share one thread (gevent), the batch's transaction and its fsyncs (the database's,
-the audit anchor's) run in a thread of their own while the requests behind it parse, sign
-and queue the next batch. The leader waits for its batch's outcome before anyone is
-answered, and leads alone, so batches commit (and extend the audit chain) one at a time,
-in order.
 """
 
 from __future__ import annotations
@@ -20,8 +13,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
-
-from pkigate.core.blocking import run_blocking
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -71,8 +62,7 @@ class GroupCommit(Generic[T, R]):
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
         try:
-            items = [s.item for s in batch]
-            outcomes: Sequence[R | BaseException] = run_blocking(lambda: self._commit_batch(items))
+            outcomes: Sequence[R | BaseException] = self._commit_batch([s.item for s in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError("commit_batch returned the wrong number of outcomes")
         except BaseException as exc:  # the whole batch shares the failure

@@ -168,22 +168,6 @@ def _plain_answer(status: str, message: str) -> bytes:
     ).encode() + body
 
 
-def off_hub_runner(hub: Any) -> Callable[[Callable[[], Any]], Any]:
-    """A blocking runner (core/blocking.py) for a gevent worker: the call runs in a thread
-    of the hub's pool, or right here when it comes from one of those threads already (a
-    commit that waits for the writer lock), which has no greenlets to yield to."""
-    from gevent.monkey import get_original
-
-    native_ident = get_original("_thread", "get_ident")
-
-    def run(call: Callable[[], Any]) -> Any:
-        if native_ident() != hub.thread_ident:
-            return call()
-        return hub.threadpool.apply(call)
-
-    return run
-
-
 def make_worker_class() -> type[Any]:
     """The gevent worker class (built on demand: importing gunicorn's gevent worker
     imports gevent, which only workers need)."""
@@ -215,10 +199,10 @@ def make_worker_class() -> type[Any]:
             # end a slow request quietly before the socket's own timeout would raise.
             self.io_timeout = max(self.header_timeout, self.body_timeout) + 5.0
             self.in_flight = 0
-            # A group commit's transaction and fsyncs, a wait for another worker's SQLite
-            # write lock, and a signature on a PKCS#11 token run in a thread of gevent's
-            # pool, not on this worker's only thread: the worker serves on meanwhile.
-            blocking.set_blocking_runner(off_hub_runner(gevent.get_hub()))
+            # A wait for another worker's SQLite write lock, and a signature on a PKCS#11
+            # token, run in a thread of gevent's pool, not on this worker's only thread:
+            # the worker serves on meanwhile.
+            blocking.set_blocking_runner(lambda call: gevent.get_hub().threadpool.apply(call))
             log_gevent_errors()  # the hub is the arbiter's, reinitialised; say it again
             super().init_process()  # monkey-patches, then loads the app (and the core)
 

@@ -394,9 +394,9 @@ def test_an_exception_escaping_a_greenlet_is_one_json_record() -> None:
 
 
 def test_a_worker_waiting_for_the_sqlite_write_lock_goes_on_serving(tmp_path: Path) -> None:
-    """A write waits for the lock in a thread of the worker's pool, and so does an issuance,
-    whose group commit runs there whole: the worker answers meanwhile, and each write
-    completes once the lock is free."""
+    """A write waits for the lock in a thread of the worker's pool, an issuance's group
+    commit included: the worker answers meanwhile, and each write completes once the lock
+    is free."""
     running = start_server(tmp_path / "data", workers=1)
     try:
         admin = running.session()
