@@ -761,6 +761,26 @@ def test_a_token_revoked_through_another_worker_is_refused_once_the_bound_has_pa
         other_worker.principal(issued.record.id)
 
 
+def test_a_secret_rotated_in_elsewhere_works_at_once_in_a_worker_that_remembers_the_token(
+    shared: Service,
+) -> None:
+    """A worker that remembers a token's record re-reads it when a secret does not match,
+    so a rotation made through another worker does not turn the new secret away for the
+    remembering bound; the last use it writes does not make it write again."""
+    core = shared.gw.core
+    now = [0.0]
+    other_worker = TokenService(core.store, core.audit, core.clock, monotonic=lambda: now[0])
+    issued = shared.gw.tokens.create("rotating", Role.ISSUER, Actor("test"))
+    assert other_worker.authenticate(f"Bearer {issued.secret}").token_id == issued.record.id
+    rotated = shared.gw.tokens.rotate(issued.record.id, timedelta(0), Actor("test"))
+    assert other_worker.authenticate(f"Bearer {rotated.secret}").token_id == issued.record.id
+    with pytest.raises(AuthenticationError, match="replaced by a rotation"):
+        other_worker.authenticate(f"Bearer {issued.secret}")  # no overlap was given
+    with core.store.read() as conn:
+        record = core.store.get_api_token(conn, issued.record.id)
+    assert record is not None and record.last_used_at is not None
+
+
 # -- separation of duties ----------------------------------------------------------------------
 
 # (role that may not, method, path, body); {root}/{issuing} are filled in.
