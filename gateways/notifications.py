@@ -155,10 +155,7 @@ def check_webhook_url(url: str, allow_reserved: bool) -> tuple[str, str, int, st
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise ValueError("the webhook URL's port is not a number") from None
-    try:
-        literal = ipaddress.ip_address(parts.hostname)
-    except ValueError:
-        literal = None
+    literal = _literal_address(parts.hostname)
     if literal is not None and not allow_reserved and not may_connect(literal.compressed):
         raise ValueError(
             f"{literal} is link-local, multicast, unspecified or reserved "
@@ -168,6 +165,21 @@ def check_webhook_url(url: str, allow_reserved: bool) -> tuple[str, str, int, st
     if parts.query:
         path += "?" + parts.query
     return parts.scheme, parts.hostname, port, path
+
+
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` is written as, if it is one. The resolver reads an IPv4 address
+    the way inet_aton(3) does, so ``2852039166``, ``0xa9.0xfe.0xa9.0xfe`` and
+    ``169.254.43518`` are all the metadata service: they are checked as that address, not
+    taken for names and left to the check at delivery."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def _address(host: str, port: int, allow_reserved: bool) -> str:

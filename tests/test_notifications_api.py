@@ -247,6 +247,13 @@ _EMAIL = {
         ({**_WEBHOOK, "colour": "red"}, "colour"),
         ({**_WEBHOOK, "url": "http://169.254.169.254/latest/meta-data"}, "url"),
         ({**_WEBHOOK, "url": "http://[fe80::1]/"}, "url"),
+        # The metadata address as inet_aton(3), and so the resolver, also reads it.
+        ({**_WEBHOOK, "url": "http://2852039166/latest/meta-data"}, "url"),
+        ({**_WEBHOOK, "url": "http://0xa9.0xfe.0xa9.0xfe/"}, "url"),
+        ({**_WEBHOOK, "url": "http://0251.0376.0251.0376/"}, "url"),
+        ({**_WEBHOOK, "url": "http://169.254.43518/"}, "url"),
+        ({**_WEBHOOK, "url": "http://[::ffff:169.254.169.254]/"}, "url"),
+        ({**_WEBHOOK, "url": "http://[fe80::1%25eth0]/"}, "url"),
         ({**_WEBHOOK, "url": "ftp://hooks.example.test/"}, "url"),
         ({**_WEBHOOK, "type": "sms"}, "type"),
         ({**_WEBHOOK, "url": "https://hooks.example.test/" + "a" * 5000}, "url"),
