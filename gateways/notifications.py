@@ -24,6 +24,7 @@ was checked, and redirects are never followed (a 3xx answer is a failure).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -34,6 +35,7 @@ import os
 import smtplib
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -209,6 +211,13 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
+def _cut_off(connection: http.client.HTTPConnection, cut: threading.Event) -> None:
+    cut.set()
+    if connection.sock is not None:
+        with contextlib.suppress(OSError):  # closed meanwhile
+            connection.sock.shutdown(socket.SHUT_RDWR)
+
+
 def post_webhook(target: WebhookTarget, body: bytes, event_id: str) -> int:
     """POST ``body`` signed; the status code, or WebhookError (never a response body
     beyond MAX_SNIPPET_CHARS)."""
@@ -226,14 +235,26 @@ def post_webhook(target: WebhookTarget, body: bytes, event_id: str) -> int:
         SIGNATURE_HEADER: sign(target.secret(), body),
         EVENT_ID_HEADER: event_id,
     }
+    cut = threading.Event()
     try:
         connection.request("POST", path, body=body, headers=headers)
-        response = connection.getresponse()
-        answer = response.read(_READ_AT_MOST)
+        # The socket's timeout bounds each read, not the answer: a receiver sending a
+        # byte of it now and then would hold this worker for ever. The whole answer gets
+        # timeout_seconds, then the connection is shut under the reads.
+        timer = threading.Timer(target.timeout_seconds, _cut_off, (connection, cut))
+        timer.start()
+        try:
+            response = connection.getresponse()
+            answer = response.read(_READ_AT_MOST)
+        finally:
+            timer.cancel()
     except (OSError, http.client.HTTPException) as exc:
-        raise WebhookError(f"{type(exc).__name__}: {exc}"[:MAX_SNIPPET_CHARS]) from None
+        if not cut.is_set():
+            raise WebhookError(f"{type(exc).__name__}: {exc}"[:MAX_SNIPPET_CHARS]) from None
     finally:
         connection.close()
+    if cut.is_set():  # what was read before the cut may even look like an answer
+        raise WebhookError(f"no whole answer within {target.timeout_seconds}s")
     if not 200 <= response.status < 300:
         snippet = answer.decode("utf-8", "replace")[:MAX_SNIPPET_CHARS]
         raise WebhookError(f"HTTP {response.status}: {snippet!r}")

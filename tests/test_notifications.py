@@ -18,6 +18,7 @@ from webhook_receiver import SECRET, Receiver
 
 from pkigate.core import Core, IssuanceRequest, Requester, Validity
 from pkigate.gateways.config import ConfigError, parse_config
+from pkigate.gateways.notifications import WebhookError, WebhookTarget, post_webhook
 
 
 @pytest.fixture
@@ -221,3 +222,33 @@ def test_a_reserved_address_may_be_allowed_explicitly() -> None:
         'url = "http://169.254.10.10/"\nallow_reserved_addresses = true\n'
     )
     assert config.notifications[0].allow_reserved_addresses
+
+
+def test_a_receiver_that_never_finishes_its_answer_fails_the_attempt() -> None:
+    """A header line now and then, each well within the per-read timeout: the attempt
+    still ends after timeout_seconds instead of holding the worker."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip() -> None:
+        peer, _ = listener.accept()
+        with peer:
+            peer.recv(65536)
+            peer.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.wait(0.2):
+                try:
+                    peer.sendall(b"X-Still: coming\r\n")
+                except OSError:
+                    return
+
+    dripping = threading.Thread(target=drip, daemon=True)
+    dripping.start()
+    port = listener.getsockname()[1]
+    target = WebhookTarget(f"http://127.0.0.1:{port}/", secret_value=b"k", timeout_seconds=1)
+    try:
+        with pytest.raises(WebhookError, match="no whole answer within 1s"):
+            post_webhook(target, b"{}", "event-1")
+    finally:
+        stop.set()
+        dripping.join()
+        listener.close()
