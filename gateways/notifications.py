@@ -32,6 +32,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import smtplib
 import socket
 import ssl
@@ -65,6 +66,12 @@ MAX_SNIPPET_CHARS = 200
 _READ_AT_MOST = 4096
 _SETTLE = timedelta(seconds=30)
 _DISPATCH_BATCH = 500
+# What http.client refuses to send (InvalidURL) and urlsplit silently drops (tab, CR, LF):
+# such a URL is refused when it is configured, not at every delivery.
+_UNSENDABLE_URL_CHARS = re.compile(r"[\x00-\x20\x7f]")
+# A host name the resolver can be asked for (letters, digits, '-' and '_' in labels of at
+# most 63, after IDNA encoding).
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?$")
 
 
 class WebhookError(Exception):
@@ -148,6 +155,8 @@ def sign(secret: bytes, body: bytes) -> str:
 
 def check_webhook_url(url: str, allow_reserved: bool) -> tuple[str, str, int, str]:
     """(scheme, host, port, path) of an http(s) URL; ValueError saying what is wrong."""
+    if _UNSENDABLE_URL_CHARS.search(url):
+        raise ValueError("a webhook URL holds no spaces or control characters (encode them)")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("a webhook URL is http:// or https:// with a host")
@@ -157,7 +166,10 @@ def check_webhook_url(url: str, allow_reserved: bool) -> tuple[str, str, int, st
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise ValueError("the webhook URL's port is not a number") from None
-    literal = _literal_address(parts.hostname)
+    host = parts.hostname
+    literal = _literal_address(host)
+    if literal is None:
+        host = _ascii_host_name(host)
     if literal is not None and not allow_reserved and not may_connect(literal.compressed):
         raise ValueError(
             f"{literal} is link-local, multicast, unspecified or reserved "
@@ -166,7 +178,7 @@ def check_webhook_url(url: str, allow_reserved: bool) -> tuple[str, str, int, st
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return parts.scheme, parts.hostname, port, path
+    return parts.scheme, host, port, path
 
 
 def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -182,6 +194,18 @@ def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
         return ipaddress.IPv4Address(socket.inet_aton(host))
     except OSError:
         return None
+
+
+def _ascii_host_name(host: str) -> str:
+    """``host`` as the resolver and the Host header take it (IDNA: a Host header is
+    Latin-1, and ``bücher.example`` is ``xn--bcher-kva.example`` in DNS)."""
+    try:
+        ascii_name = host.encode("idna").decode()
+    except UnicodeError:
+        ascii_name = ""
+    if len(ascii_name) > 253 or _HOST_NAME.match(ascii_name) is None:
+        raise ValueError(f"{host!r} is neither an IP address nor a host name")
+    return ascii_name
 
 
 def _address(host: str, port: int, allow_reserved: bool) -> str:
@@ -229,7 +253,9 @@ def post_webhook(target: WebhookTarget, body: bytes, event_id: str) -> int:
     else:
         connection = http.client.HTTPConnection(address, port, timeout=target.timeout_seconds)
     headers = {
-        "Host": host if port in (80, 443) else f"{host}:{port}",
+        # An IPv6 address is bracketed in a Host header as in a URL (RFC 9110 7.2).
+        "Host": (f"[{host}]" if ":" in host else host)
+        + ("" if port == (443 if scheme == "https" else 80) else f":{port}"),
         "Content-Type": "application/json",
         "User-Agent": "pkigate-notifications/1",
         SIGNATURE_HEADER: sign(target.secret(), body),

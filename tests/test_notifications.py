@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -18,7 +18,12 @@ from webhook_receiver import SECRET, Receiver
 
 from pkigate.core import Core, IssuanceRequest, Requester, Validity
 from pkigate.gateways.config import ConfigError, parse_config
-from pkigate.gateways.notifications import WebhookError, WebhookTarget, post_webhook
+from pkigate.gateways.notifications import (
+    WebhookError,
+    WebhookTarget,
+    check_webhook_url,
+    post_webhook,
+)
 
 
 @pytest.fixture
@@ -224,31 +229,67 @@ def test_a_reserved_address_may_be_allowed_explicitly() -> None:
     assert config.notifications[0].allow_reserved_addresses
 
 
+class _RawReceiver:
+    """One connection on loopback, answered by ``answer`` (given the socket once the
+    request is read); keeps the request's bytes."""
+
+    def __init__(self, host: str, answer: Callable[[socket.socket], None]) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, 0), family=family)
+        self.port = self.listener.getsockname()[1]
+        self.request = b""
+        self.thread = threading.Thread(target=self._serve, args=(answer,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, answer: Callable[[socket.socket], None]) -> None:
+        peer, _ = self.listener.accept()
+        with peer:
+            self.request = peer.recv(65536)
+            answer(peer)
+
+    def close(self) -> None:
+        self.thread.join()
+        self.listener.close()
+
+
 def test_a_receiver_that_never_finishes_its_answer_fails_the_attempt() -> None:
     """A header line now and then, each well within the per-read timeout: the attempt
     still ends after timeout_seconds instead of holding the worker."""
-    listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
-    def drip() -> None:
-        peer, _ = listener.accept()
-        with peer:
-            peer.recv(65536)
-            peer.sendall(b"HTTP/1.1 200 OK\r\n")
-            while not stop.wait(0.2):
-                try:
-                    peer.sendall(b"X-Still: coming\r\n")
-                except OSError:
-                    return
+    def drip(peer: socket.socket) -> None:
+        peer.sendall(b"HTTP/1.1 200 OK\r\n")
+        while not stop.wait(0.2):
+            try:
+                peer.sendall(b"X-Still: coming\r\n")
+            except OSError:
+                return
 
-    dripping = threading.Thread(target=drip, daemon=True)
-    dripping.start()
-    port = listener.getsockname()[1]
-    target = WebhookTarget(f"http://127.0.0.1:{port}/", secret_value=b"k", timeout_seconds=1)
+    receiver = _RawReceiver("127.0.0.1", drip)
+    url = f"http://127.0.0.1:{receiver.port}/"
+    target = WebhookTarget(url, secret_value=b"k", timeout_seconds=1)
     try:
         with pytest.raises(WebhookError, match="no whole answer within 1s"):
             post_webhook(target, b"{}", "event-1")
     finally:
         stop.set()
-        dripping.join()
-        listener.close()
+        receiver.close()
+
+
+def test_a_webhook_on_an_ipv6_address_is_sent_a_bracketed_host_header() -> None:
+    def ok(peer: socket.socket) -> None:
+        peer.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    receiver = _RawReceiver("::1", ok)
+    target = WebhookTarget(f"http://[::1]:{receiver.port}/hook", secret_value=b"k")
+    try:
+        assert post_webhook(target, b"{}", "event-1") == 204
+    finally:
+        receiver.close()
+    assert f"\r\nHost: [::1]:{receiver.port}\r\n".encode() in receiver.request
+
+
+def test_a_webhook_host_name_is_sent_in_its_idna_form() -> None:
+    assert check_webhook_url("https://bücher.example/hook", False)[1] == "xn--bcher-kva.example"
+    with pytest.raises(ValueError, match="neither an IP address nor a host name"):
+        check_webhook_url("https://hooks!.example/", False)
