@@ -102,7 +102,7 @@ from pkigate.core.names import parse_dn
 from pkigate.core.pkcs11_settings import Pkcs11Settings
 from pkigate.gateways.auth import TokenPolicy, parse_span
 from pkigate.gateways.mail import EmailTarget
-from pkigate.gateways.notifications import check_webhook_url
+from pkigate.gateways.notifications import check_host, check_webhook_url
 from pkigate.gateways.roles import Role, parse_roles
 
 DEFAULT_HTTP = "127.0.0.1:8080"
@@ -748,6 +748,9 @@ def _under(where: str) -> Callable[[str], str]:
     return lambda name: f"{where}.{name}" if where else name
 
 
+_NOT_IN_ADDRESS = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _parse_email(
     reader: _Reader, item: Mapping[str, Any], where: str, sent_secrets: bool
 ) -> EmailTarget:
@@ -757,9 +760,10 @@ def _parse_email(
         raise reader.error(at("tls"), f"must be starttls or implicit, not {tls!r}")
     recipients = _strings(reader, item, "to", at("to"))
     sender = reader.string(item, "from", at("from"), required=True) or ""
-    for address in (sender, *recipients):
-        if "@" not in address or any(c in address for c in "\r\n"):
-            raise reader.error(at("to"), f"{address!r} is not an email address")
+    for key, address in (("from", sender), *(("to", r) for r in recipients)):
+        # No space or control character: a CR or LF would start a header of its own.
+        if "@" not in address or _NOT_IN_ADDRESS.search(address):
+            raise reader.error(at(key), f"{address!r} is not an email address")
     if not recipients:
         raise reader.error(at("to"), "name at least one recipient")
     password_file, password_env, ca_file, password, ca_pem = None, None, None, None, None
@@ -777,8 +781,13 @@ def _parse_email(
         if password_file and password_env:
             raise reader.error(at("password_file"), "name password_file or password_env")
         ca_file = reader.string(item, "tls_ca_file", at("tls_ca_file"))
+    host = reader.string(item, "smtp_host", at("smtp_host"), required=True) or ""
+    try:
+        check_host(host)
+    except ValueError as exc:
+        raise reader.error(at("smtp_host"), str(exc)) from None
     return EmailTarget(
-        host=reader.string(item, "smtp_host", at("smtp_host"), required=True) or "",
+        host=host,
         port=reader.integer(
             item, "smtp_port", at("smtp_port"), 465 if tls == "implicit" else 587, 1, 65535
         ),

@@ -196,6 +196,12 @@ def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
         return None
 
 
+def check_host(host: str) -> None:
+    """ValueError unless ``host`` is an IP address or a host name (an SMTP server's)."""
+    if _literal_address(host) is None:
+        _ascii_host_name(host)
+
+
 def _ascii_host_name(host: str) -> str:
     """``host`` as the resolver and the Host header take it (IDNA: a Host header is
     Latin-1, and ``bücher.example`` is ``xn--bcher-kva.example`` in DNS)."""
