@@ -53,6 +53,7 @@ from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
 from pkigate.core.readable import UNREADABLE
 from pkigate.core.store import AuditEventRecord, CertificateRecord, Store
+from pkigate.core.store.engine import MAX_POSITION
 from pkigate.core.templates import Template
 from pkigate.core.templates import describe as describe_template
 from pkigate.gateways import metrics
@@ -264,6 +265,15 @@ def parse_query(params: tuple[Param, ...]) -> dict[str, Any]:
         else:
             values[param.name] = _query_scalar(param.name, param.schema, raw[0])
     return values
+
+
+_POSITION = {"type": "integer", "minimum": 0, "maximum": MAX_POSITION}
+
+
+def query_position(name: str, text: str) -> int:
+    """A paging position from the query (the console's ``after``/``before``); a 400
+    naming ``name`` unless it is a whole number a store can hold."""
+    return int(_query_scalar(name, _POSITION, text))
 
 
 def _query_scalar(name: str, schema: Mapping[str, Any], text: str) -> Any:
@@ -1245,7 +1255,7 @@ def audit_report(query: dict[str, Any]) -> Response:
             Param(
                 "after",
                 "Only events after this position",
-                {"type": "integer", "minimum": 0, "default": 0},
+                {**_POSITION, "default": 0},
             ),
             Param(
                 "limit",

@@ -55,6 +55,7 @@ from pkigate.core.passthrough import parse_api_passthrough
 from pkigate.core.service import damaged_store_message, default_data_dir, store_url, utc_now
 from pkigate.core.store import CertificateRecord, Store
 from pkigate.core.store.engine import (
+    MAX_POSITION,
     SCHEMA_HEAD,
     printable_url,
     read_revisions,
@@ -2074,7 +2075,12 @@ def events() -> None:
     "--type", "event_type", type=_choices(list(EventType)), help="Only events of this type."
 )
 @click.option("--ca", "ca_id", help="Only events about this CA (id).")
-@click.option("--after", type=click.IntRange(0), default=0, help="Only events after this position.")
+@click.option(
+    "--after",
+    type=click.IntRange(0, MAX_POSITION),
+    default=0,
+    help="Only events after this position.",
+)
 @click.option(
     "--limit",
     type=click.IntRange(1, 1000),

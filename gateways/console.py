@@ -476,10 +476,7 @@ def certificates() -> str:
     if status and status not in {s.value for s in CertificateStatus}:
         raise BadRequestError(f"unknown status {wanted['status']!r}")
     within = wanted["expiring_within"]
-    try:
-        after = max(0, int(request.args.get("after", "0")))
-    except ValueError:
-        raise BadRequestError("'after' must be a number") from None
+    after = api.query_position("after", request.args.get("after", "0"))
     with core.store.read() as conn:
         found = core.store.list_certificates(
             conn,
@@ -756,10 +753,9 @@ AUDIT_FILTERS = ("actor", "action", "resource", "since", "until", "request_id")
 def audit() -> str:
     core = gateway().core
     wanted = {name: request.args.get(name, "").strip() for name in AUDIT_FILTERS}
-    try:
-        before = int(request.args["before"]) if request.args.get("before") else None
-    except ValueError:
-        raise BadRequestError("'before' must be a number") from None
+    before = (
+        api.query_position("before", request.args["before"]) if request.args.get("before") else None
+    )
     events = api.find_audit_events(core.store, wanted, PAGE + 1, before)
     shown = events[:PAGE]
     next_page = None

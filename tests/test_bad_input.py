@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -492,3 +494,34 @@ def test_api_answers_a_json_string_with_a_nul_with_a_json_400(gateway: Gateway) 
     )
     assert response.status_code == 400, response.text
     assert "NUL" in response.get_json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/events?after=99999999999999999999",
+        "/console/certificates?after=99999999999999999999",
+        "/console/audit?before=99999999999999999999",
+    ],
+)
+def test_a_paging_position_past_what_a_store_holds_is_a_400_naming_it(
+    gateway: Gateway, path: str
+) -> None:
+    """SQLite's driver cannot convert a number over 2**63 - 1 to compare it (OverflowError,
+    a 500)."""
+    secret = gateway.tokens.create("admin", Role("admin"), ACTOR).secret
+    client = create_app(gateway, "https").test_client()
+    signin = client.get("/console/signin", base_url="https://localhost")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', signin.text)
+    assert csrf is not None
+    client.post(
+        "/console/signin",
+        data={"token": secret, "csrf_token": csrf.group(1)},
+        base_url="https://localhost",
+    )
+    response = client.get(
+        path, headers={"Authorization": f"Bearer {secret}"}, base_url="https://localhost"
+    )
+    assert response.status_code == 400, response.text
+    name = "before" if "before" in path else "after"
+    assert f"query parameter '{name}'" in html.unescape(response.text)

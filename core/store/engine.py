@@ -27,6 +27,9 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # every worker process and CLI command.
 SCHEMA_HEAD = "0017"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# The largest position (row id, audit sequence) a store holds, a signed 64-bit integer in
+# SQL: a driver cannot even convert a larger one to compare with (OverflowError).
+MAX_POSITION = 2**63 - 1
 _WRITE = "pkigate_write"
 _AFTER_COMMIT = "pkigate_after_commit"
 # The WriterLock of each SQLite engine (see writelock.py); PostgreSQL engines have none.
