@@ -60,7 +60,8 @@ log = logging.getLogger("pkigate.auth")
 # How long a token's record read from the store is trusted (see the module's docstring).
 TOKEN_RECORD_SECONDS = 1.0
 _TOKEN = re.compile(r"^pkigate_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
-_SPAN = re.compile(r"^(\d{1,9})(s|min|h|d)$")
+# ASCII digits only: \d would take an Arabic-Indic one (U+0661) before "d" for a day.
+_SPAN = re.compile(r"^([0-9]{1,9})(s|min|h|d)$")
 _SPAN_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400}
 # last_used_at is this precise: the write it costs happens at most this often per token.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -80,6 +81,17 @@ def parse_span(text: str) -> timedelta:
     return span
 
 
+def _unmapped(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped network (``::ffff:10.0.0.0/104``) as the IPv4 one it stands for: a
+    client's IPv4-mapped address is compared as IPv4, so the mapped form never matched."""
+    mapped = network.network_address
+    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped and network.prefixlen >= 96:
+        return ipaddress.ip_network(f"{mapped.ipv4_mapped}/{network.prefixlen - 96}")
+    return network
+
+
 def format_span(span: timedelta) -> str:
     seconds = int(span.total_seconds())
     for unit in ("d", "h", "min"):
@@ -93,7 +105,7 @@ def parse_networks(values: Iterable[str]) -> tuple[str, ...]:
     networks = []
     for value in values:
         try:
-            networks.append(str(ipaddress.ip_network(value.strip())))
+            networks.append(str(_unmapped(ipaddress.ip_network(value.strip()))))
         except ValueError:
             raise ValueError(
                 f"{value!r} is not a network like 10.0.0.0/8 or 2001:db8::/32 "

@@ -379,7 +379,7 @@ def test_lifetimes_default_are_capped_and_an_expired_token_is_401_and_audited(
     )
     assert too_long.status_code == 400
     assert "max_lifetime = 90d" in too_long.get_json()["error"]["message"]
-    for span in ("999999999d", "90", "3m", "-1d"):
+    for span in ("999999999d", "90", "3m", "-1d", "\u0661d"):
         refused = strict.call(
             "POST", "/tokens", keeper, json={"name": "x", "roles": ["auditor"], "expires_in": span}
         )
@@ -449,6 +449,14 @@ def test_a_token_bound_to_networks_is_refused_from_elsewhere_whatever_the_header
     ).get_json()
     assert near["allow_from"] == ["127.0.0.0/8", "::1/128"]
     assert strict.call("GET", "/cas", near["secret"]).status_code == 200
+    mapped = strict.call(
+        "POST",
+        "/tokens",
+        keeper,
+        json={"name": "mapped", "roles": ["auditor"], "allow_from": ["::ffff:127.0.0.0/104"]},
+    ).get_json()
+    assert mapped["allow_from"] == ["127.0.0.0/8"]
+    assert strict.call("GET", "/cas", mapped["secret"]).status_code == 200
     refused = strict.client.get(
         f"{API}/cas",
         headers={"Authorization": f"Bearer {far['secret']}", "X-Forwarded-For": "10.1.2.3"},
