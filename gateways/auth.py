@@ -32,6 +32,7 @@ import logging
 import re
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -240,6 +241,10 @@ class TokenService:
         held = (roles,) if isinstance(roles, Role) else tuple(dict.fromkeys(roles))
         if not name or len(name) > 128:
             raise BadRequestError("token name must be 1-128 characters")
+        # A NUL is refused by PostgreSQL (a 500), a line break or a bidirectional override
+        # makes a list, a log line or an audit record read otherwise than it is.
+        if any(unicodedata.category(c).startswith("C") for c in name):
+            raise BadRequestError("token name has a control or format character")
         if not held:
             raise BadRequestError("a token needs at least one role")
         self.check_separation(held)

@@ -24,6 +24,7 @@ from flask.testing import FlaskClient
 
 from pkigate.core import Core
 from pkigate.core.audit import Actor
+from pkigate.core.errors import BadRequestError
 from pkigate.core.store import sqlite_url
 from pkigate.core.store.engine import MIGRATIONS_DIR, create_store_engine
 from pkigate.gateways.app import create_app
@@ -379,6 +380,9 @@ def test_lifetimes_default_are_capped_and_an_expired_token_is_401_and_audited(
     )
     assert too_long.status_code == 400
     assert "max_lifetime = 90d" in too_long.get_json()["error"]["message"]
+    for name in ("a\nb", "a\u202eb", "a\x00b"):  # the console's form takes a NUL
+        with pytest.raises(BadRequestError, match="control or format character"):
+            strict.gw.tokens.create(name, Role.AUDITOR, ACTOR)
     for span in ("999999999d", "90", "3m", "-1d", "\u0661d"):
         refused = strict.call(
             "POST", "/tokens", keeper, json={"name": "x", "roles": ["auditor"], "expires_in": span}
