@@ -9,7 +9,7 @@ from typing import Literal
 from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from pkigate.core.errors import PkigateError
+from pkigate.core.errors import BadRequestError, PkigateError
 from pkigate.core.signing import is_software
 from pkigate.gateways import metrics
 from pkigate.gateways.http import (
@@ -90,6 +90,11 @@ def create_app(gw: Gateway, listener: Literal["http", "https"]) -> Flask:
     def start() -> None:
         g.started = time.perf_counter()
         assign_request_id()
+        # No path segment or query value of any protocol here holds a NUL, and PostgreSQL
+        # text cannot (a DataError, a 500, where a name or filter reaches a query).
+        arguments = request.args.items(multi=True)
+        if "\x00" in request.path or any("\x00" in k + v for k, v in arguments):
+            raise BadRequestError("the URL holds a NUL (%00)")
 
     @app.after_request
     def finish(response: Response) -> Response:

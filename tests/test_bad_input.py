@@ -525,3 +525,25 @@ def test_a_paging_position_past_what_a_store_holds_is_a_400_naming_it(
     assert response.status_code == 400, response.text
     name = "before" if "before" in path else "after"
     assert f"query parameter '{name}'" in html.unescape(response.text)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/notifications/a%00b",
+        "/api/v1/audit/events?request_id=a%00b",
+        "/api/v1/cas?status=ACTIVE&x%00=1",
+        "/console/certificates?q=a%00b",
+        "/console/audit?actor=a%00b",
+    ],
+)
+def test_a_nul_anywhere_in_the_url_is_a_400(gateway: Gateway, path: str) -> None:
+    """PostgreSQL text cannot hold a NUL: a name or filter carrying one was a DataError
+    (a 500) wherever it reached a query."""
+    secret = gateway.tokens.create("admin", Role("admin"), ACTOR).secret
+    client = create_app(gateway, "https").test_client()
+    response = client.get(
+        path, headers={"Authorization": f"Bearer {secret}"}, base_url="https://localhost"
+    )
+    assert response.status_code == 400, response.text
+    assert "NUL" in response.text
