@@ -698,6 +698,7 @@ def insert_revoked(core: Core, ca_id: str, start: int, count: int, partition_siz
                     "fingerprint_sha256": serial.rjust(64, "0")[:64],
                     "der": b"\x30\x03\x02\x01\x00",
                     "crl_partition": n // partition_size + 1,
+                    "team": None,
                 }
             )
         with core.store.write() as conn:

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
 from sqlalchemy import Connection
 
+from pkigate.core.access import DEFAULT_TEAM
 from pkigate.core.audit import Actor, AuditLog
 from pkigate.core.errors import (
     BadRequestError,
@@ -247,6 +248,7 @@ class CASpec:
     settings: CASettings = field(default_factory=CASettings)
     tags: Mapping[str, str] = field(default_factory=dict)
     key_storage: KeyStorage = KeyStorage.SOFTWARE
+    team: str = DEFAULT_TEAM  # the owner (core/access.py)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(
@@ -263,6 +265,7 @@ class CASpec:
                     self.settings,
                     sorted(self.tags.items()),
                     self.key_storage,
+                    self.team,
                 )
             ).encode()
         ).hexdigest()
@@ -306,6 +309,7 @@ class CAView:
             else None,
             "tags": dict(self.tags),
             "key_storage": self.key_storage,
+            "team": r.team,
             "token_key": dict(self.token_key) if self.token_key else None,
         }
 
@@ -330,6 +334,9 @@ class SigningMaterial:
     # The CA row's updated_at this was built from: issuance re-checks it when it commits.
     version: datetime
     settings: CASettings
+    # The owner and policy version (core/access.py): a policy change moves ``version`` too.
+    team: str = DEFAULT_TEAM
+    policy_version: int = 0
 
 
 # The core hands a subordinate's CSR to its parent through this (wired by pkigate.core.Core),
@@ -557,6 +564,8 @@ class AuthorityService:
         ca_id, key_id = str(uuid.uuid4()), uuid.uuid4().hex
         subject_der = spec.subject.public_bytes()
         with self._store.write() as conn:
+            if self._store.get_team(conn, spec.team) is None:
+                raise NotFoundError(f"no team named {spec.team}")
             if token:
                 self._claim_token(conn, token, spec, ca_id, now)
             self._store.insert_key(
@@ -577,6 +586,7 @@ class AuthorityService:
                 settings=spec.settings.to_json(),
                 created_at=now,
                 updated_at=now,
+                team=spec.team,
             )
             self._store.set_tags(conn, ca_id, spec.tags)
         try:
@@ -633,6 +643,7 @@ class AuthorityService:
             "key_storage": spec.key_storage.value,
             "key_use": key_use,
             "tags": dict(spec.tags),
+            "team": spec.team,
         }
 
     def _fail(self, ca_id: str, reason: str, now: datetime) -> None:
@@ -1270,6 +1281,8 @@ class AuthorityService:
             issued_extensions=tuple(_issued_extensions(certificate, settings)),
             version=record.updated_at,
             settings=settings,
+            team=record.team,
+            policy_version=record.policy_version,
         )
 
 

@@ -24,6 +24,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
 from sqlalchemy import Connection
 
+from pkigate.core.access import (
+    AccessDeniedError,
+    Action,
+    CAFacts,
+    PrincipalFacts,
+    RequestFacts,
+    decide,
+)
 from pkigate.core.audit import Actor, AuditEntry, AuditLog
 from pkigate.core.authorities import (
     MAX_HIERARCHY_DEPTH,
@@ -51,6 +59,7 @@ from pkigate.core.readable import check_readable
 from pkigate.core.signing import sign_certificate
 from pkigate.core.store import CertificateRecord, Store
 from pkigate.core.templates import Template, TemplateCatalogue, TemplateKind, resolve_contents
+from pkigate.core.tenancy import AccessControl
 
 log = logging.getLogger("pkigate.core")
 
@@ -104,6 +113,10 @@ class IssuanceRequest:
     # The core's own OCSP responder certificate: a DISABLED CA still answers for what it
     # issued, so it may certify its responder (and nothing else) while DISABLED.
     for_ocsp_responder: bool = False
+    # The token (and its team) the request is made for: decided against the CA's owner and
+    # policy (core/access.py). None: a device enrollment or the CA host's own CLI, which
+    # act under the CA owner's authority within their connector's checks.
+    principal: PrincipalFacts | None = None
 
 
 OCSP_RESPONDER_TEMPLATE = "OCSPSigningCertificate/V1"
@@ -215,6 +228,7 @@ class Issuer:
         audit: AuditLog,
         clock: Callable[[], datetime],
         events: EventLog,
+        access: AccessControl,
     ) -> None:
         self._store = store
         self._authorities = authorities
@@ -222,6 +236,7 @@ class Issuer:
         self._audit = audit
         self._events = events
         self._clock = clock
+        self._access = access
         self._commits: GroupCommit[_Prepared, IssuedCertificate] = GroupCommit(self._commit_batch)
         self._issuers: dict[str, _IssuerFacts] = {}
 
@@ -305,6 +320,15 @@ class Issuer:
             ca_not_after=issuer.not_after,
             truncate_to_ca=material.truncate_validity,
         )
+        access = self._decide(
+            request,
+            material,
+            template,
+            contents.subject,
+            contents.sans,
+            window.not_after - now,
+            now,
+        )
         extensions = list(contents.extensions)
         if contents.sans:
             # RFC 5280 4.2.1.6: with an empty subject the SAN extension must be critical.
@@ -381,6 +405,7 @@ class Issuer:
             "fingerprint_sha256": hashlib.sha256(der).hexdigest(),
             "der": der,
             "crl_partition": partition,
+            "team": request.principal.team if request.principal else None,
         }
         audit = AuditEntry(
             request.requester.actor,
@@ -396,10 +421,49 @@ class Issuer:
                 "signing_algorithm": signing_algorithm.value,
                 "correlation_id": request.correlation_id,
                 **request.requester.evidence,
+                **access,
             },
             certificate=row,
         )
         return _Prepared(request, material, certificate, row, sans, audit, token_hash)
+
+    def _decide(
+        self,
+        request: IssuanceRequest,
+        material: SigningMaterial,
+        template: Template,
+        subject: x509.Name,
+        sans: Sequence[x509.GeneralName],
+        validity: timedelta,
+        now: datetime,
+    ) -> dict[str, Any]:
+        """The access decision for a token's request (refused: AccessDeniedError with the
+        reason); what the audit event records about it. The policy comes from the cache by
+        the material's policy version: no store read on this path."""
+        if request.principal is None:
+            return {}
+        facts = RequestFacts(
+            template=template.name,
+            subject=subject,
+            sans=sans,
+            validity=validity,
+            connector=request.requester.connector,
+            has_names=True,
+        )
+        decision = decide(request.principal, Action.ISSUE, self._ca_facts(material), facts)
+        if not decision.allowed:
+            # The cached material may predate a policy change: a refusal is decided again on
+            # the stored CA (an allowance made on a stale policy is caught at commit, where
+            # the CA's version is checked).
+            fresh = self._authorities.signing_material(request.ca_id, now)
+            if fresh.version != material.version:
+                decision = decide(request.principal, Action.ISSUE, self._ca_facts(fresh), facts)
+        if not decision.allowed:
+            raise AccessDeniedError(decision.reason)
+        return {"team": request.principal.team, "access": decision.reason}
+
+    def _ca_facts(self, material: SigningMaterial) -> CAFacts:
+        return self._access.facts_of(material.ca_id, material.team, material.policy_version)
 
     def _audit_discarded(self, prepared: _Prepared, exc: Exception) -> None:
         """The CA key signed, but storing failed (the front-end's ``record_with`` refused,

@@ -26,6 +26,7 @@ from pkigate.core.revocation import RevocationService
 from pkigate.core.secrets import SharedSecrets
 from pkigate.core.store import Store, sqlite_url
 from pkigate.core.templates import TemplateCatalogue
+from pkigate.core.tenancy import AccessControl
 
 if TYPE_CHECKING:
     from pkigate.core.pkcs11 import Pkcs11Backend
@@ -105,6 +106,7 @@ class Core:
     keys: KeyBackends
     events: EventLog
     expiry: ExpiryScanner
+    access: AccessControl
 
     @classmethod
     def open(
@@ -148,7 +150,8 @@ class Core:
         events = EventLog(store, clock)
         authorities = AuthorityService(store, keys, audit, clock, events)
         templates = TemplateCatalogue()
-        issuer = Issuer(store, authorities, templates, audit, clock, events)
+        access = AccessControl(store, audit, clock)
+        issuer = Issuer(store, authorities, templates, audit, clock, events, access)
         jobs = JobQueue(store, clock)
         revocation = RevocationService(store, authorities, audit, jobs, clock, events)
         # Responder keys are software keys, whatever holds the CA's.
@@ -169,6 +172,7 @@ class Core:
             keys,
             events,
             ExpiryScanner(store, events, clock),
+            access,
         )
         authorities.subordinate_signer = core._sign_subordinate
         return core

@@ -44,6 +44,7 @@ from pkigate.core import (
     Validity,
     ValidityType,
 )
+from pkigate.core.access import DEFAULT_TEAM, Action, RequestFacts, decide
 from pkigate.core.audit import render_report, report_rows
 from pkigate.core.errors import BadRequestError, NotAuthorizedError, NotFoundError, PkigateError
 from pkigate.core.events import EventType
@@ -52,12 +53,12 @@ from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
 from pkigate.core.readable import UNREADABLE
-from pkigate.core.store import AuditEventRecord, CertificateRecord, Store
+from pkigate.core.store import AuditEventRecord, CARecord, CertificateRecord, Store
 from pkigate.core.store.engine import MAX_POSITION
 from pkigate.core.templates import Template
 from pkigate.core.templates import describe as describe_template
 from pkigate.gateways import metrics
-from pkigate.gateways.auth import parse_networks, parse_span
+from pkigate.gateways.auth import ForbiddenError, parse_networks, parse_span
 from pkigate.gateways.http import (
     UnsupportedMediaType,
     actor,
@@ -440,6 +441,12 @@ CA_CREATE_FIELDS = (
         "The same token with the same body within 5 minutes returns the same CA",
         _TOKEN_FIELD,
     ),
+    Field(
+        "team",
+        "The team that will own the CA (default: the token's; another team only for "
+        "admins of the default team)",
+        _STRING,
+    ),
 )
 
 
@@ -472,7 +479,10 @@ def create_ca(body: dict[str, Any]) -> Response:
         settings=checked_settings(body.get("settings")),
         tags=checked_tags(body.get("tags") or {}, "tags"),
         key_storage=KeyStorage(body["key_storage"]),
+        team=acting_for_team(body.get("team")),
     )
+    if spec.parent_ca_id:
+        ca_for(spec.parent_ca_id, Action.MANAGE)
     view = gateway().core.authorities.create(spec, actor(), body.get("idempotency_token"))
     return reply(view.to_json(), 201, url_for(".getCA", ca_id=view.record.id))
 
@@ -497,7 +507,13 @@ def create_ca(body: dict[str, Any]) -> Response:
 )
 def list_cas(query: dict[str, Any]) -> Response:
     status = CAStatus(query["status"]) if query["status"] else None
-    views = gateway().core.authorities.list_cas(status)
+    core = gateway().core
+    who = principal().facts
+    views = [
+        v
+        for v in core.authorities.list_cas(status)
+        if decide(who, Action.READ, core.access.facts(v.record)).allowed
+    ]
     return reply({"cas": [v.to_json() for v in views]})
 
 
@@ -513,6 +529,7 @@ def list_cas(query: dict[str, Any]) -> Response:
     )
 )
 def get_ca(ca_id: str) -> Response:
+    ca_for(ca_id, Action.READ)
     return reply(gateway().core.authorities.describe(ca_id).to_json())
 
 
@@ -529,6 +546,7 @@ def get_ca(ca_id: str) -> Response:
     )
 )
 def get_ca_csr(ca_id: str) -> Response:
+    ca_for(ca_id, Action.READ)
     return reply({"ca_id": ca_id, "csr_pem": gateway().core.authorities.csr_pem(ca_id)})
 
 
@@ -553,6 +571,7 @@ def get_ca_csr(ca_id: str) -> Response:
     )
 )
 def import_ca_certificate(ca_id: str, body: dict[str, Any]) -> Response:
+    ca_for(ca_id, Action.MANAGE)
     chain = body.get("chain_pem")
     view = gateway().core.authorities.import_certificate(
         ca_id, body["certificate_pem"].encode(), chain.encode() if chain else None, actor()
@@ -614,6 +633,7 @@ def import_token_key_ca(body: dict[str, Any]) -> Response:
     )
 )
 def get_ca_certificate(ca_id: str) -> Response:
+    ca_for(ca_id, Action.READ)
     certificate, chain = gateway().core.authorities.certificate_pem(ca_id)
     return reply({"certificate_pem": certificate, "chain_pem": chain})
 
@@ -646,6 +666,7 @@ def get_ca_certificate(ca_id: str) -> Response:
 def update_ca(ca_id: str, body: dict[str, Any]) -> Response:
     if body.get("status") is None and body.get("settings") is None:
         raise BadRequestError("give 'status', 'settings' or both")
+    ca_for(ca_id, Action.MANAGE)
     authorities = gateway().core.authorities
     view = authorities.describe(ca_id)
     settings = None
@@ -680,6 +701,7 @@ def update_ca(ca_id: str, body: dict[str, Any]) -> Response:
     )
 )
 def delete_ca(ca_id: str, query: dict[str, Any]) -> Response:
+    ca_for(ca_id, Action.MANAGE)
     view = gateway().core.authorities.delete(ca_id, query["restore_days"], actor())
     return reply(view.to_json())
 
@@ -697,6 +719,7 @@ def delete_ca(ca_id: str, query: dict[str, Any]) -> Response:
     )
 )
 def restore_ca(ca_id: str) -> Response:
+    ca_for(ca_id, Action.MANAGE)
     return reply(gateway().core.authorities.restore(ca_id, actor()).to_json())
 
 
@@ -712,6 +735,7 @@ def restore_ca(ca_id: str) -> Response:
     )
 )
 def get_ca_tags(ca_id: str) -> Response:
+    ca_for(ca_id, Action.READ)
     return reply({"tags": dict(gateway().core.authorities.describe(ca_id).tags)})
 
 
@@ -729,6 +753,7 @@ def get_ca_tags(ca_id: str) -> Response:
 )
 def set_ca_tags(ca_id: str, body: dict[str, Any]) -> Response:
     tags = checked_tags(body["tags"], "tags")
+    ca_for(ca_id, Action.MANAGE)
     view = gateway().core.authorities.tag(ca_id, tags, [], actor())
     return reply({"tags": dict(view.tags)})
 
@@ -760,6 +785,7 @@ def remove_ca_tags(ca_id: str, query: dict[str, Any]) -> Response:
                 f"query parameter 'key': {key!r} is reserved for the gateway "
                 f"(tags starting with {RESERVED_TAG_PREFIX!r})"
             )
+    ca_for(ca_id, Action.MANAGE)
     view = gateway().core.authorities.tag(ca_id, {}, keys, actor())
     return reply({"tags": dict(view.tags)})
 
@@ -836,6 +862,7 @@ def issue_certificate(ca_id: str, body: dict[str, Any]) -> Response:
         api_passthrough=passthrough,
         signing_algorithm=SigningAlgorithm(signing) if signing else None,
         idempotency_token=body.get("idempotency_token"),
+        principal=who.facts,
     )
     try:
         issued = gateway().core.issue(issuance)
@@ -887,7 +914,7 @@ def issue_certificate(ca_id: str, body: dict[str, Any]) -> Response:
 )
 def list_certificates(ca_id: str, query: dict[str, Any]) -> Response:
     core = gateway().core
-    core.authorities.get(ca_id)  # 404 for a CA that does not exist
+    ca = ca_for(ca_id, Action.READ)
     now = core.clock()
     within = query["expiring_within"]
     limit: int = query["limit"]
@@ -901,6 +928,7 @@ def list_certificates(ca_id: str, query: dict[str, Any]) -> Response:
             not_expired_at=None if query["include_expired"] else now,
             limit=limit + 1,
             after_id=after,
+            team=None if principal().team == ca.team else principal().team,
         )
     page = records[:limit]
     return paged_reply(
@@ -939,9 +967,10 @@ def paged_reply(name: str, items: list[Any], last: int | None) -> Response:
 )
 def get_certificate(ca_id: str, serial: str) -> Response:
     core = gateway().core
+    ca = ca_for(ca_id, Action.READ)
     with core.store.read() as conn:
         record = core.store.get_certificate(conn, ca_id, normalize_serial(serial))
-    if record is None:
+    if record is None or not _own_or_owner(ca, record):
         raise NotFoundError(f"CA {ca_id} has issued no certificate with serial {serial}")
     ca_certificate, above = core.authorities.certificate_pem(ca_id)
     return reply(
@@ -992,14 +1021,87 @@ def revoke(ca_id: str, serial: str, reason: RevocationReason) -> CertificateReco
     """Revoke as the authenticated principal (the API's and the console's path): a CA or
     OCSP responder certificate only where CA operations are enabled."""
     core = gateway().core
+    ca = core.authorities.get(ca_id)
     with core.store.read() as conn:
         target = core.store.get_certificate(conn, ca_id, serial)
+    hidden = target is not None and not _own_or_owner(ca, target)
+    ca_for(ca_id, Action.REVOKE, certificate_facts(target) if target and not hidden else None)
+    if hidden:
+        # Another team's certificate on a shared CA: as if it did not exist.
+        core.audit.record_alone(
+            actor(),
+            "access.denied",
+            f"ca/{ca_id}",
+            result="failure",
+            parameters={"action": "revoke", "serial": serial, "reason": "another team's"},
+            at=core.clock(),
+        )
+        raise NotFoundError(f"CA {ca_id} has issued no certificate with serial {serial}")
     if target is not None:
         _check_ca_operation(
             _signs_for_the_ca(target.template, target.der),
             f"certificate {target.serial} is a CA or OCSP responder certificate",
         )
     return core.revocation.revoke(ca_id, serial, reason, actor())  # type: ignore[no-any-return]
+
+
+def ca_for(ca_id: str, action: Action, facts: RequestFacts | None = None) -> CARecord:
+    """The CA, if the token may do ``action`` on it: decided (and refusals audited) by the
+    core; a CA the token may not see is a 404, as if it did not exist."""
+    core = gateway().core
+    record: CARecord = core.authorities.get(ca_id)
+    if facts is None:
+        facts = RequestFacts(connector=API_CONNECTOR)
+    core.access.authorize(principal().facts, action, record, actor(), facts)
+    return record
+
+
+def certificate_facts(record: CertificateRecord) -> RequestFacts:
+    """A stored certificate's template and names, for the conditions of revoke."""
+    try:
+        certificate = x509.load_der_x509_certificate(record.der)
+        subject = certificate.subject
+        try:
+            sans = list(
+                certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            )
+        except x509.ExtensionNotFound:
+            sans = []
+    except UNREADABLE:
+        # Names that cannot be read cannot be matched: only a statement without name
+        # conditions allows it (has_names with a name nobody's patterns hold).
+        return RequestFacts(
+            template=record.template,
+            connector=API_CONNECTOR,
+            sans=[x509.UniformResourceIdentifier("unreadable:")],
+            has_names=True,
+        )
+    return RequestFacts(
+        template=record.template,
+        subject=subject,
+        sans=sans,
+        connector=API_CONNECTOR,
+        has_names=True,
+    )
+
+
+def _own_or_owner(ca: CARecord, certificate: CertificateRecord) -> bool:
+    """Tokens of the owning team see every certificate of the CA; a team it is shared with
+    sees only those its own tokens asked for."""
+    team = principal().team
+    return team == ca.team or certificate.team == team
+
+
+def acting_for_team(team: str | None) -> str:
+    """The team a new resource is for: the token's own, or (admins of the default team
+    only) another."""
+    own = principal().team
+    if team is None or team == own:
+        return own
+    if own != DEFAULT_TEAM:
+        raise ForbiddenError(f"a token of team {own} acts for its own team only, not {team}")
+    gateway().core.access.require_team(team)
+    return team
 
 
 def _check_ca_operation(privileged: bool, what: str) -> None:
@@ -1221,9 +1323,12 @@ def list_audit_events(query: dict[str, Any]) -> Response:
 def audit_report(query: dict[str, Any]) -> Response:
     core = gateway().core
     ca_id = query["ca"]
-    core.authorities.get(ca_id)
+    ca = ca_for(ca_id, Action.READ)
+    team = principal().team
     with core.store.read() as conn:
-        rows = report_rows(core.store.list_certificates(conn, ca_id=ca_id))
+        rows = report_rows(
+            core.store.list_certificates(conn, ca_id=ca_id, team=None if team == ca.team else team)
+        )
     if query["format"] == "csv":
         return Response(
             render_report(rows, "csv"),
@@ -1321,7 +1426,14 @@ _SPAN_FIELD = {"type": "string", "pattern": r"^\d{1,9}(s|min|h|d)$", "examples":
                 "Client networks it may be used from (CIDRs); default: anywhere",
                 {"type": "array", "items": _STRING, "maxItems": 32},
             ),
+            Field(
+                "team",
+                "The team it acts for (default: the caller's; another team only for admins "
+                "of the default team)",
+                _STRING,
+            ),
         ),
+        errors=(404,),
     )
 )
 def create_token(body: dict[str, Any]) -> Response:
@@ -1341,6 +1453,7 @@ def create_token(body: dict[str, Any]) -> Response:
         actor(),
         expires_in=expires_in,
         allow_from=parsed("allow_from", parse_networks, body.get("allow_from") or ()),
+        team=acting_for_team(body.get("team")),
     )
     return _secret_reply(issued, 201)
 
@@ -1390,8 +1503,18 @@ def _secret_reply(issued: Any, status: int) -> Response:
 )
 def rotate_token(token_id: str, body: dict[str, Any]) -> Response:
     overlap = parsed("overlap", parse_span, body["overlap"])
+    _check_own_token(token_id)
     issued = gateway().tokens.rotate(token_id, overlap, actor())
     return _secret_reply(issued, 200)
+
+
+def _check_own_token(token_id: str) -> None:
+    """To a token of a team other than the default, another team's token does not exist."""
+    team = principal().team
+    if team != DEFAULT_TEAM and not any(
+        t.id == token_id and t.team == team for t in gateway().tokens.list()
+    ):
+        raise NotFoundError(f"no active token with id {token_id}")
 
 
 @route(
@@ -1406,7 +1529,9 @@ def rotate_token(token_id: str, body: dict[str, Any]) -> Response:
     )
 )
 def list_tokens() -> Response:
-    return reply({"tokens": [token_json(t) for t in gateway().tokens.list()]})
+    team = principal().team
+    tokens = [t for t in gateway().tokens.list() if team == DEFAULT_TEAM or t.team == team]
+    return reply({"tokens": [token_json(t) for t in tokens]})
 
 
 @route(
@@ -1422,6 +1547,7 @@ def list_tokens() -> Response:
 )
 def revoke_token(token_id: str) -> Response:
     tokens = gateway().tokens
+    _check_own_token(token_id)
     tokens.revoke(token_id, actor())
     record = next(t for t in tokens.list() if t.id == token_id)
     return reply(token_json(record))

@@ -148,6 +148,7 @@ def create_app(gw: Gateway, listener: Literal["http", "https"]) -> Flask:
 
     install_ocsp(app, gw, listener)
     if listener == "https":
+        from pkigate.gateways import api_access  # noqa: F401 - registers its routes
         from pkigate.gateways.api import api
 
         app.register_blueprint(api, url_prefix="/api/v1")

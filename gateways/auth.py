@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from pkigate.core.access import DEFAULT_TEAM, PrincipalFacts
 from pkigate.core.audit import Actor, AuditLog
 from pkigate.core.errors import (
     BadRequestError,
@@ -149,6 +150,7 @@ class Principal:
     token_id: str
     name: str
     roles: tuple[Role, ...]
+    team: str = DEFAULT_TEAM  # core/access.py: the team the token acts for
 
     def may(self, permission: Permission) -> bool:
         return permission in permissions_of(self.roles)
@@ -159,6 +161,11 @@ class Principal:
 
     def actor(self, request_id: str | None) -> Actor:
         return Actor(f"token:{self.name}({self.token_id})", "api", request_id)
+
+    @property
+    def facts(self) -> PrincipalFacts:
+        """Who this is, as the core's access decisions see it."""
+        return PrincipalFacts(self.token_id, self.team)
 
 
 @dataclass(frozen=True)
@@ -204,7 +211,7 @@ _NO_DIGEST = _digest("x" * 43)
 
 
 def _principal(record: ApiTokenRecord) -> Principal:
-    return Principal(record.id, record.name, tuple(Role(r) for r in record.roles))
+    return Principal(record.id, record.name, tuple(Role(r) for r in record.roles), record.team)
 
 
 class TokenService:
@@ -235,6 +242,7 @@ class TokenService:
         *,
         expires_in: timedelta | None = None,
         allow_from: Sequence[str] = (),
+        team: str = DEFAULT_TEAM,
     ) -> IssuedToken:
         """A new token; BadRequestError (before anything is written) for a name, roles,
         lifetime or networks the policy refuses."""
@@ -258,6 +266,8 @@ class TokenService:
         secret = secrets.token_urlsafe(32)
         expires_at = now + lifetime if lifetime is not None else None
         with self._store.write() as conn:
+            if self._store.get_team(conn, team) is None:
+                raise NotFoundError(f"no team named {team}")
             self._store.insert_api_token(
                 conn,
                 id=token_id,
@@ -268,6 +278,7 @@ class TokenService:
                 created_by=actor.principal,
                 expires_at=expires_at,
                 allow_from=" ".join(networks) or None,
+                team=team,
             )
             self._audit.record(
                 conn,
@@ -280,6 +291,7 @@ class TokenService:
                     "roles": [r.value for r in held],
                     "expires_at": expires_at.isoformat() if expires_at else None,
                     "allow_from": list(networks),
+                    "team": team,
                 },
             )
             record = self._store.get_api_token(conn, token_id)

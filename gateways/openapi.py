@@ -351,6 +351,7 @@ _CA: dict[str, JSON] = {
     "settings": ref("CASettings"),
     "serial": {**_OPTIONAL_STRING, "description": "The CA certificate's serial (hex)"},
     "tags": _STRING_MAP,
+    "team": {**_STRING, "description": "The team that owns the CA"},
     "key_storage": {
         "type": "string",
         "enum": enum_values(KeyStorage),
@@ -411,6 +412,7 @@ _TOKEN: dict[str, JSON] = {
         **_OPTIONAL_TIME,
         "description": "Until when the one replaced by the last rotation still works",
     },
+    "team": {**_STRING, "description": "The team the token acts for"},
 }
 
 
@@ -642,6 +644,22 @@ SCHEMAS: dict[str, JSON] = {
         {**_TOKEN, "secret": {"type": "string", "description": "The bearer token; shown once"}}
     ),
     "TokenList": _closed({"tokens": {"type": "array", "items": ref("Token")}}),
+    "Team": _closed({"name": _STRING, "created_at": _TIME, "created_by": _STRING}),
+    "TeamList": _closed({"teams": {"type": "array", "items": ref("Team")}}),
+    "CAPolicy": _closed(
+        {
+            "ca_id": _STRING,
+            "version": {"type": "integer", "description": "0: no policy was ever set"},
+            "sha256": {**_OPTIONAL_STRING, "description": "SHA-256 of the canonical document"},
+            "document": {
+                "type": "object",
+                "description": "{statements: [{id, principal: {team|token}, actions, conditions}]}",
+            },
+            "created_at": _OPTIONAL_TIME,
+            "created_by": _OPTIONAL_STRING,
+        }
+    ),
+    "CAPolicyHistory": _closed({"versions": {"type": "array", "items": ref("CAPolicy")}}),
 }
 
 _ERRORS = {
@@ -796,6 +814,7 @@ def build_document(
                 "Events",
                 "Notifications",
                 "Tokens",
+                "Teams",
                 "Meta",
             )
         ]
@@ -859,6 +878,7 @@ def token_json(record: ApiTokenRecord) -> dict[str, Any]:
         "last_used_at": _moment(record.last_used_at),
         "allow_from": list(record.allow_from),
         "overlap_until": _moment(record.previous_secret_until),
+        "team": record.team,
     }
 
 

@@ -298,6 +298,7 @@ def test_large_crl_is_built_in_one_pass(sqlite_core: Core) -> None:
             "fingerprint_sha256": "0" * 64,
             "der": b"x",
             "crl_partition": None,
+            "team": None,
         }
         for i in range(5000)
     ]
@@ -407,6 +408,7 @@ def _revoked_rows(ca_id: str, now: datetime) -> list[dict[str, object]]:
                 "fingerprint_sha256": serial.rjust(64, "0")[:64],
                 "der": b"x",
                 "crl_partition": None,
+                "team": None,
             }
         )
     return rows

@@ -63,6 +63,9 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
         {"admin", "issuer", "revoker"}
     ),
     ("GET", "/cas/{ca_id}/csr"): ALL,
+    ("GET", "/cas/{ca_id}/policy"): ALL,
+    ("PUT", "/cas/{ca_id}/policy"): CA_ADMINS,
+    ("GET", "/cas/{ca_id}/policy/history"): ALL,
     ("POST", "/cas/{ca_id}/restore"): CA_DELETERS,
     ("GET", "/cas/{ca_id}/tags"): ALL,
     ("PUT", "/cas/{ca_id}/tags"): CA_ADMINS,
@@ -83,6 +86,8 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/notifications/{name}"): frozenset({"admin"}),
     ("PATCH", "/notifications/{name}"): frozenset({"admin"}),
     ("DELETE", "/notifications/{name}"): frozenset({"admin"}),
+    ("POST", "/teams"): TOKEN_ADMINS,
+    ("GET", "/teams"): ALL,
     ("GET", "/templates"): ALL,
     ("POST", "/tokens"): TOKEN_ADMINS,
     ("GET", "/tokens"): TOKEN_ADMINS,
@@ -132,8 +137,21 @@ OLD_POWERS = {
     | {("GET", "/audit/verify"), ("GET", "/audit/report"), ("GET", "/audit/events")}
     | {("GET", "/events"), ("GET", "/connectors/acme/eab-keys")},
 }
-# What the issue adds for admins: revocation, certificate reads, and the new rotation.
-ADMIN_ADDITIONS = {*_CERTIFICATE_READS, _REVOKE, ("POST", "/tokens/{token_id}/rotate")}
+# What the issue adds for admins: revocation, certificate reads, the new rotation, and
+# making teams and setting CA policies (issue 20's access routes).
+ADMIN_ADDITIONS = {
+    *_CERTIFICATE_READS,
+    _REVOKE,
+    ("POST", "/tokens/{token_id}/rotate"),
+    ("POST", "/teams"),
+    ("PUT", "/cas/{ca_id}/policy"),
+}
+# ... and for every role, as it reads CAs: the teams and the CAs' policies.
+TEAM_READS = {
+    ("GET", "/teams"),
+    ("GET", "/cas/{ca_id}/policy"),
+    ("GET", "/cas/{ca_id}/policy/history"),
+}
 
 PATH_VALUES = {"request_id": "1"}  # an integer route; every other variable names nothing
 
@@ -304,7 +322,9 @@ def test_migration_0017_keeps_every_old_tokens_powers(
         }
         operations = sorted(EXPECTED)
         for role, secret in secrets.items():
-            expected = OLD_POWERS[role] | (ADMIN_ADDITIONS if role == "admin" else set())
+            expected = (
+                OLD_POWERS[role] | TEAM_READS | (ADMIN_ADDITIONS if role == "admin" else set())
+            )
             assert _powers(service, secret, operations) == expected, role
     finally:
         service.gw.close()

@@ -51,7 +51,9 @@ __all__ = [
     "CRLRecord",
     "CertificateRecord",
     "IntegrityError",
+    "PolicyRecord",
     "Store",
+    "TeamRecord",
     "sqlite_url",
 ]
 
@@ -93,6 +95,8 @@ class CARecord:
     updated_at: datetime
     deleted_at: datetime | None
     restore_until: datetime | None
+    team: str = "default"
+    policy_version: int = 0  # 0: no policy
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class CertificateRecord:
     fingerprint_sha256: str
     der: bytes
     crl_partition: int | None = None
+    team: str | None = None  # None: the CA owner's
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,24 @@ class ApiTokenRecord:
     allow_from: tuple[str, ...]  # client networks (CIDRs); empty: from anywhere
     previous_secret_sha256: str | None  # the secret a rotation replaced
     previous_secret_until: datetime | None  # ... which works until then
+    team: str = "default"
+
+
+@dataclass(frozen=True)
+class TeamRecord:
+    name: str
+    created_at: datetime
+    created_by: str
+
+
+@dataclass(frozen=True)
+class PolicyRecord:
+    ca_id: str
+    version: int
+    document: str  # canonical JSON
+    sha256: str
+    created_at: datetime
+    created_by: str
 
 
 def _api_token(row: Any) -> ApiTokenRecord:
@@ -482,11 +505,15 @@ class Store:
         serial: str | None = None,
         template: str | None = None,
         requester: str | None = None,
+        team: str | None = None,
     ) -> list[CertificateRecord]:
         """Certificates by id; ``text`` is found in the subject or a SAN, ``requester`` in
-        the requester or the connector (both case-insensitive substrings)."""
+        the requester or the connector (both case-insensitive substrings); ``team``: only
+        those that team's tokens asked for."""
         c = schema.certificates.c
         query = select(schema.certificates).where(c.id > after_id).order_by(c.id)
+        if team is not None:
+            query = query.where(c.team == team)
         if ca_id:
             query = query.where(c.ca_id == ca_id)
         if status:
@@ -742,6 +769,35 @@ class Store:
 
     def revoke_api_token(self, conn: Connection, token_id: str, now: datetime) -> bool:
         return self.update_api_token(conn, token_id, revoked_at=now)
+
+    # -- Teams and CA policies -------------------------------------------------------------
+
+    def insert_team(self, conn: Connection, name: str, created_at: datetime, by: str) -> None:
+        conn.execute(insert(schema.teams).values(name=name, created_at=created_at, created_by=by))
+
+    def get_team(self, conn: Connection, name: str) -> TeamRecord | None:
+        row = conn.execute(select(schema.teams).where(schema.teams.c.name == name)).first()
+        return None if row is None else TeamRecord(row.name, _utc(row.created_at), row.created_by)
+
+    def list_teams(self, conn: Connection) -> list[TeamRecord]:
+        rows = conn.execute(select(schema.teams).order_by(schema.teams.c.name))
+        return [TeamRecord(r.name, _utc(r.created_at), r.created_by) for r in rows]
+
+    def insert_ca_policy(self, conn: Connection, **values: Any) -> None:
+        conn.execute(insert(schema.ca_policies).values(**values))
+
+    def ca_policies(
+        self, conn: Connection, ca_id: str, version: int | None = None
+    ) -> list[PolicyRecord]:
+        """A CA's policy versions, oldest first (only ``version``, when given)."""
+        p = schema.ca_policies.c
+        query = select(schema.ca_policies).where(p.ca_id == ca_id).order_by(p.version)
+        if version is not None:
+            query = query.where(p.version == version)
+        return [
+            PolicyRecord(**{**row._asdict(), "created_at": _utc(row.created_at)})
+            for row in conn.execute(query)
+        ]
 
     # -- Audit ---------------------------------------------------------------------------
 

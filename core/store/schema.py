@@ -80,6 +80,10 @@ authorities = Table(
     Column("updated_at", Timestamp, nullable=False),
     Column("deleted_at", Timestamp, nullable=True),
     Column("restore_until", Timestamp, nullable=True),
+    # The team that owns the CA (core/access.py), and its policy's current version in
+    # ca_policies (0: none). A policy change also moves updated_at, the CA's version.
+    Column("team", String(64), nullable=False, server_default="default"),
+    Column("policy_version", Integer, nullable=False, server_default="0"),
 )
 
 tags = Table(
@@ -113,6 +117,9 @@ certificates = Table(
     Column("der", LargeBinary, nullable=False),
     # The CRL partition named in the certificate's CDP (PARTITIONED CAs only).
     Column("crl_partition", Integer, nullable=True),
+    # The team of the token that asked (NULL: the CA owner's, as for device enrollments):
+    # a team the CA is shared with sees and revokes only its own certificates.
+    Column("team", String(64), nullable=True),
     UniqueConstraint("ca_id", "serial", name="uq_certificates_ca_serial"),
     Index("ix_certificates_ca_status", "ca_id", "status"),
     Index("ix_certificates_not_after", "not_after"),
@@ -200,6 +207,29 @@ api_tokens = Table(
     # After a rotation, the replaced secret's digest and until when it still works.
     Column("previous_secret_sha256", String(64), nullable=True),
     Column("previous_secret_until", Timestamp, nullable=True),
+    Column("team", String(64), nullable=False, server_default="default"),
+)
+
+# Teams (tenants): they hold tokens and own CAs. "default" is made by migration 0018.
+teams = Table(
+    "teams",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("created_by", String(256), nullable=False),
+)
+
+# Every version of every CA's policy document (core/access.py), as canonical JSON; the
+# current one is authorities.policy_version.
+ca_policies = Table(
+    "ca_policies",
+    metadata,
+    Column("ca_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("document", Text, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("created_by", String(256), nullable=False),
 )
 
 # Web console sign-ins (gateways/console.py): in the store so that every worker and host

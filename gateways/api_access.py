@@ -1,0 +1,149 @@
+"""The management API's teams and CA policies (core/access.py), on the API's registry.
+
+Teams are made by admins of the default team (the operator's); a CA's policy is read and
+set by its owning team, a PUT naming the version it replaces (409 on a stale one), every
+version kept. Sharing a CA with another team is a statement of its policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, url_for
+
+from pkigate.core.access import DEFAULT_TEAM, AccessDeniedError, Action
+from pkigate.core.store import CARecord, TeamRecord
+from pkigate.gateways.api import ca_for, reply, route
+from pkigate.gateways.auth import ForbiddenError
+from pkigate.gateways.http import actor, gateway, principal
+from pkigate.gateways.openapi import Field, Operation, json_reply, ref
+from pkigate.gateways.roles import Permission
+
+
+def team_json(record: TeamRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "created_at": record.created_at.isoformat(),
+        "created_by": record.created_by,
+    }
+
+
+@route(
+    Operation(
+        "POST",
+        "/teams",
+        "createTeam",
+        "Create a team (token admins of the default team)",
+        "Teams",
+        Permission.MANAGE_TOKENS,
+        (json_reply(201, "The team", ref("Team")),),
+        body=(
+            Field(
+                "name",
+                "1-64 lower-case letters, digits, '.', '_' or '-'",
+                {"type": "string", "minLength": 1, "maxLength": 64},
+                required=True,
+            ),
+        ),
+        errors=(409,),
+    )
+)
+def create_team(body: dict[str, Any]) -> Response:
+    if principal().team != DEFAULT_TEAM:
+        raise ForbiddenError(f"only tokens of team {DEFAULT_TEAM} create teams")
+    record = gateway().core.access.create_team(body["name"], actor())
+    return reply(team_json(record), 201, url_for(".listTeams"))
+
+
+@route(
+    Operation(
+        "GET",
+        "/teams",
+        "listTeams",
+        "Teams (a token of another team than the default sees its own)",
+        "Teams",
+        Permission.READ_CAS,
+        (json_reply(200, "The teams", ref("TeamList")),),
+    )
+)
+def list_teams() -> Response:
+    team = principal().team
+    teams = [t for t in gateway().core.access.list_teams() if team in (DEFAULT_TEAM, t.name)]
+    return reply({"teams": [team_json(t) for t in teams]})
+
+
+def owned_ca(ca_id: str, action: Action) -> CARecord:
+    """The CA, for its owning team's tokens that may do ``action`` on it."""
+    record = ca_for(ca_id, action)
+    if principal().team != record.team:
+        raise AccessDeniedError(
+            f"the policy of CA {ca_id} is its owner's (team {record.team}) to read and set"
+        )
+    return record
+
+
+@route(
+    Operation(
+        "GET",
+        "/cas/{ca_id}/policy",
+        "getCAPolicy",
+        "The CA's current policy (version 0 and no statements: none was set)",
+        "CAs",
+        Permission.READ_CAS,
+        (json_reply(200, "The policy", ref("CAPolicy")),),
+    )
+)
+def get_ca_policy(ca_id: str) -> Response:
+    owned_ca(ca_id, Action.READ)
+    return reply(gateway().core.access.current_policy(ca_id).to_json())
+
+
+@route(
+    Operation(
+        "PUT",
+        "/cas/{ca_id}/policy",
+        "setCAPolicy",
+        "Replace the CA's policy; `replaces` is the version read (409 if it moved on)",
+        "CAs",
+        Permission.MANAGE_CAS,
+        (json_reply(200, "The new policy version", ref("CAPolicy")),),
+        body=(
+            Field(
+                "document",
+                "{statements: [{id, principal: {team} or {token}, actions: [issue, revoke, "
+                "read, approve-pending, manage], conditions: {templates, dns_suffixes, "
+                "ip_ranges, email_domains, upn_suffixes, max_validity_days, connectors}}]}",
+                {"type": "object"},
+                required=True,
+            ),
+            Field(
+                "replaces",
+                "The version this replaces (0 for the first policy)",
+                {"type": "integer", "minimum": 0},
+                required=True,
+            ),
+        ),
+        errors=(409,),
+    )
+)
+def set_ca_policy(ca_id: str, body: dict[str, Any]) -> Response:
+    owned_ca(ca_id, Action.MANAGE)
+    version = gateway().core.access.set_policy(ca_id, body["document"], body["replaces"], actor())
+    return reply(version.to_json())
+
+
+@route(
+    Operation(
+        "GET",
+        "/cas/{ca_id}/policy/history",
+        "getCAPolicyHistory",
+        "Every version of the CA's policy, oldest first",
+        "CAs",
+        Permission.READ_CAS,
+        (json_reply(200, "The versions", ref("CAPolicyHistory")),),
+    )
+)
+def get_ca_policy_history(ca_id: str) -> Response:
+    owned_ca(ca_id, Action.READ)
+    versions = gateway().core.access.policy_history(ca_id)
+    return reply({"versions": [v.to_json() for v in versions]})

@@ -1,0 +1,620 @@
+"""Access control (core/access.py): the policy engine case by case, strict policy documents
+(fuzzed with hypothesis), teams sharing a CA end to end through the management API, and a
+store from before teams keeping every token working."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from helpers import make_csr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_api import Service, _open_service
+
+from pkigate.core import Core
+from pkigate.core.access import (
+    Action,
+    CAFacts,
+    PolicyDocumentError,
+    PrincipalFacts,
+    RequestFacts,
+    decide,
+    parse_policy,
+)
+from pkigate.core.names import parse_dn, upn_other_name
+from pkigate.gateways.auth import Role
+
+CA = "ca-a"
+A1 = PrincipalFacts("a1a1a1a1a1a1a1a1", "a")
+A2 = PrincipalFacts("a2a2a2a2a2a2a2a2", "a")
+B1 = PrincipalFacts("b1b1b1b1b1b1b1b1", "b")
+C1 = PrincipalFacts("c1c1c1c1c1c1c1c1", "c")
+
+POLICY = parse_policy(
+    {
+        "statements": [
+            {
+                "id": "share-web",
+                "principal": {"team": "b"},
+                "actions": ["issue", "read"],
+                "conditions": {
+                    "templates": ["EndEntityServerAuthCertificate/V1"],
+                    "dns_suffixes": [".web.a.example"],
+                    "ip_ranges": ["10.1.0.0/16"],
+                    "email_domains": ["a.example"],
+                    "upn_suffixes": ["corp.a.example"],
+                    "max_validity_days": 90,
+                    "connectors": ["api"],
+                },
+            },
+            {"id": "a2-read-only", "principal": {"token": A2.token_id}, "actions": ["read"]},
+        ]
+    }
+)
+FACTS = CAFacts(CA, "a", POLICY)
+WEB = "EndEntityServerAuthCertificate/V1"
+
+
+def _request(
+    cn: str | None = "x.web.a.example",
+    sans: list[x509.GeneralName] | None = None,
+    template: str = WEB,
+    days: int = 30,
+    connector: str = "api",
+) -> RequestFacts:
+    return RequestFacts(
+        template=template,
+        subject=parse_dn(f"CN={cn}") if cn else x509.Name([]),
+        sans=sans if sans is not None else [x509.DNSName(cn or "x.web.a.example")],
+        validity=timedelta(days=days),
+        connector=connector,
+        has_names=True,
+    )
+
+
+def _ip(text: str) -> x509.IPAddress:
+    return x509.IPAddress(ipaddress.ip_address(text))
+
+
+CASES: list[tuple[str, PrincipalFacts, Action, RequestFacts | None, bool, str]] = [
+    ("owner token, any action", A1, Action.MANAGE, None, True, "owns"),
+    ("owner token, any names", A1, Action.ISSUE, _request("x.evil.com"), True, "owns"),
+    ("confined owner token, its action", A2, Action.READ, None, True, "a2-read-only"),
+    ("confined owner token, other action", A2, Action.ISSUE, _request(), False, "may not issue"),
+    ("shared team, all conditions met", B1, Action.ISSUE, _request(), True, "share-web"),
+    ("shared team, action not shared", B1, Action.REVOKE, None, False, "may not revoke"),
+    ("unshared team: deny by default", C1, Action.READ, None, False, "not shared with team c"),
+    (
+        "template not shared",
+        B1,
+        Action.ISSUE,
+        _request(template="WebServer"),
+        False,
+        "template WebServer is not shared with team b",
+    ),
+    ("deeper DNS name allowed", B1, Action.ISSUE, _request("a.b.web.a.example"), True, ""),
+    (
+        "DNS outside the suffixes",
+        B1,
+        Action.ISSUE,
+        _request("web.a.example", [x509.DNSName("x.evil.com")]),
+        False,
+        "outside the allowed names",
+    ),
+    (
+        "DNS SAN outside the suffixes",
+        B1,
+        Action.ISSUE,
+        _request(None, [x509.DNSName("x.evil.com")]),
+        False,
+        "dNSName x.evil.com is outside the allowed DNS suffixes .web.a.example",
+    ),
+    (
+        "wildcard below the suffix",
+        B1,
+        Action.ISSUE,
+        _request(None, [x509.DNSName("*.web.a.example")]),
+        True,
+        "",
+    ),
+    (
+        "wildcard above the suffix",
+        B1,
+        Action.ISSUE,
+        _request(None, [x509.DNSName("*.a.example")]),
+        False,
+        "*.a.example is outside",
+    ),
+    ("IP in range", B1, Action.ISSUE, _request(None, [_ip("10.1.2.3")]), True, ""),
+    (
+        "IP out of range",
+        B1,
+        Action.ISSUE,
+        _request(None, [_ip("10.2.0.1")]),
+        False,
+        "iPAddress 10.2.0.1",
+    ),
+    ("IPv6 vs IPv4 range", B1, Action.ISSUE, _request(None, [_ip("::1")]), False, "iPAddress ::1"),
+    ("email domain", B1, Action.ISSUE, _request(None, [x509.RFC822Name("u@a.example")]), True, ""),
+    (
+        "email elsewhere",
+        B1,
+        Action.ISSUE,
+        _request(None, [x509.RFC822Name("u@evil.com")]),
+        False,
+        "rfc822Name u@evil.com",
+    ),
+    (
+        "UPN suffix",
+        B1,
+        Action.ISSUE,
+        _request(None, [upn_other_name("u@corp.a.example")]),
+        True,
+        "",
+    ),
+    (
+        "UPN elsewhere",
+        B1,
+        Action.ISSUE,
+        _request(None, [upn_other_name("u@a.example")]),
+        False,
+        "userPrincipalName u@a.example is outside the allowed UPN suffixes",
+    ),
+    (
+        "a kind of name no condition allows",
+        B1,
+        Action.ISSUE,
+        _request(None, [x509.UniformResourceIdentifier("https://x.web.a.example")]),
+        False,
+        "not among the allowed name kinds",
+    ),
+    ("validity at the maximum", B1, Action.ISSUE, _request(days=90), True, ""),
+    (
+        "validity over the maximum",
+        B1,
+        Action.ISSUE,
+        _request(days=91),
+        False,
+        "exceeds the 90 days",
+    ),
+    (
+        "connector not allowed",
+        B1,
+        Action.ISSUE,
+        _request(connector="console"),
+        False,
+        "connector console",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("principal", "action", "request_facts", "allowed", "reason"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_policy_engine_decides_each_condition(
+    principal: PrincipalFacts,
+    action: Action,
+    request_facts: RequestFacts | None,
+    allowed: bool,
+    reason: str,
+) -> None:
+    decision = decide(principal, action, FACTS, request_facts)
+    assert decision.allowed is allowed, decision.reason
+    assert reason in decision.reason
+    assert decision.reason  # every decision says why
+
+
+def test_statement_without_conditions_allows_any_names() -> None:
+    policy = parse_policy(
+        {"statements": [{"id": "all", "principal": {"team": "b"}, "actions": ["issue"]}]}
+    )
+    decision = decide(B1, Action.ISSUE, CAFacts(CA, "a", policy), _request("anything.else"))
+    assert decision.allowed and decision.statement_id == "all"
+
+
+# -- documents ---------------------------------------------------------------------------------
+
+BAD_DOCUMENTS = [
+    ([], "document: must be an object"),
+    ({"statements": [], "extra": 1}, "document.extra: unknown key"),
+    ({"statements": [{"id": "s", "actions": ["read"]}]}, "statements[0].principal: is required"),
+    (
+        {
+            "statements": [
+                {"id": "s", "principal": {"team": "b", "token": "0" * 16}, "actions": ["read"]}
+            ]
+        },
+        "statements[0].principal: names exactly one",
+    ),
+    (
+        {"statements": [{"id": "s", "principal": {"team": "b"}, "actions": ["fly"]}]},
+        "statements[0].actions[0]",
+    ),
+    (
+        {
+            "statements": [
+                {"id": "s", "principal": {"team": "b"}, "actions": ["read"]},
+                {
+                    "id": "t",
+                    "principal": {"team": "b"},
+                    "actions": ["issue"],
+                    "conditions": {"dns_suffixes": ["ok.example", "bad..example"]},
+                },
+            ]
+        },
+        "statements[1].conditions.dns_suffixes[1]",
+    ),
+    (
+        {
+            "statements": [
+                {
+                    "id": "s",
+                    "principal": {"team": "b"},
+                    "actions": ["issue"],
+                    "conditions": {"ip_ranges": ["10.0.0.1/8"]},
+                }
+            ]
+        },
+        "statements[0].conditions.ip_ranges[0]: '10.0.0.1/8' is not a CIDR range",
+    ),
+    (
+        {
+            "statements": [
+                {
+                    "id": "s",
+                    "principal": {"team": "b"},
+                    "actions": ["issue"],
+                    "conditions": {"max_validity_days": True},
+                }
+            ]
+        },
+        "statements[0].conditions.max_validity_days",
+    ),
+    (
+        {"statements": [{"id": "s", "principal": {"team": "b"}, "actions": ["read"] * 101}]},
+        "statements[0].actions: must hold 1 to 100 items",
+    ),
+    (
+        {"statements": [{"id": "s", "principal": {"team": "b"}, "actions": ["read"]}] * 2},
+        "statements[1].id: 's' is used twice",
+    ),
+]
+
+
+@pytest.mark.parametrize(("document", "path"), BAD_DOCUMENTS)
+def test_bad_policy_documents_name_the_failing_path(document: Any, path: str) -> None:
+    with pytest.raises(PolicyDocumentError) as raised:
+        parse_policy(document)
+    assert path in raised.value.message
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "statements",
+                    "id",
+                    "principal",
+                    "team",
+                    "token",
+                    "actions",
+                    "conditions",
+                    "templates",
+                    "dns_suffixes",
+                    "ip_ranges",
+                    "email_domains",
+                    "upn_suffixes",
+                    "max_validity_days",
+                    "connectors",
+                    "x",
+                ]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_JSON)
+def test_fuzzed_documents_parse_or_fail_with_a_path(document: Any) -> None:
+    try:
+        policy = parse_policy(document)
+    except PolicyDocumentError as exc:
+        assert exc.message.startswith("policy ")
+        return
+    assert parse_policy(policy.to_json()) == policy  # what is kept reads back the same
+
+
+# -- end to end through the management API ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, dict[str, str]]]:
+    """One gateway with teams a (owning the demo CAs' copies below) and b."""
+    service = _open_service(tmp_path_factory.mktemp("teams"), None)
+    service.call("POST", "/teams", "admin", json={"name": "a"}, expect=201)
+    service.call("POST", "/teams", "admin", json={"name": "b"}, expect=201)
+    tokens = {}
+    for team in ("a", "b"):
+        for role in ("admin", "issuer", "auditor"):
+            created = service.call(
+                "POST",
+                "/tokens",
+                "admin",
+                json={"name": f"{team}-{role}", "role": role, "team": team},
+                expect=201,
+            ).get_json()
+            assert created["team"] == team
+            tokens[f"{team}-{role}"] = created["secret"]
+    service.secrets.update(tokens)
+    yield service, tokens
+    service.gw.close()
+
+
+def _make_ca(service: Service, subject: str) -> str:
+    body = {
+        "type": "SUBORDINATE",
+        "subject": subject,
+        "key_algorithm": "EC_prime256v1",
+        "usage_mode": "GENERAL_PURPOSE",
+        "key_storage": "software",
+        "parent_id": None,
+    }
+    # A ROOT of team a, so that no parent of another team is involved.
+    body.update(type="ROOT", validity="365d")
+    del body["parent_id"]
+    return str(service.call("POST", "/cas", "a-admin", json=body, expect=201).get_json()["id"])
+
+
+def _issue(
+    service: Service, ca_id: str, role: str, csr: bytes, expect: int, **fields: Any
+) -> dict[str, Any]:
+    response = service.call(
+        "POST",
+        f"/cas/{ca_id}/certificates",
+        role,
+        json={"csr": csr.decode(), **fields},
+        expect=expect,
+    )
+    return dict(response.get_json())
+
+
+def test_team_b_uses_team_a_shared_ca_only_within_the_policy(
+    teams: tuple[Service, dict[str, str]],
+) -> None:
+    service, _ = teams
+    shared = _make_ca(service, "CN=A shared")
+    private = _make_ca(service, "CN=A private")
+    cas = service.call("GET", f"/cas/{shared}", "a-admin", expect=200).get_json()
+    assert cas["team"] == "a"
+    # Before sharing: team b cannot see nor use it.
+    assert service.call("GET", f"/cas/{shared}", "b-issuer", expect=404)
+    refused = _issue(service, shared, "b-issuer", make_csr("x.web.a.example"), 403)
+    assert f"CA {shared} is not shared with team b" in refused["error"]["message"]
+
+    document = {
+        "statements": [
+            {
+                "id": "share-web",
+                "principal": {"team": "b"},
+                "actions": ["issue", "read", "revoke"],
+                "conditions": {
+                    "templates": ["EndEntityServerAuthCertificate/V1"],
+                    "dns_suffixes": [".web.a.example"],
+                },
+            }
+        ]
+    }
+    # Only the owner's admin sets the policy, naming the version it replaces.
+    service.call(
+        "PUT",
+        f"/cas/{shared}/policy",
+        "b-admin",
+        json={"document": document, "replaces": 0},
+        expect=404,
+    )
+    set_ = service.call(
+        "PUT",
+        f"/cas/{shared}/policy",
+        "a-admin",
+        json={"document": document, "replaces": 0},
+        expect=200,
+    ).get_json()
+    assert set_["version"] == 1 and set_["document"]["statements"][0]["id"] == "share-web"
+    stale = service.call(
+        "PUT",
+        f"/cas/{shared}/policy",
+        "a-admin",
+        json={"document": {"statements": []}, "replaces": 0},
+        expect=409,
+    )
+    assert "version 1" in stale.get_json()["error"]["message"]
+
+    # Within the policy: allowed, and the audit event names the statement.
+    issued = _issue(service, shared, "b-issuer", make_csr("host.web.a.example"), 201, template=WEB)
+    audit = [
+        e
+        for e in service.gw.core.audit.events()
+        if e.action == "certificate.issue"
+        and e.result == "success"
+        and json.loads(e.parameters).get("serial") == issued["serial"]
+    ]
+    assert "statement share-web" in json.loads(audit[0].parameters)["access"]
+    # Outside it: 403 with the reason, audited with it.
+    wrong_template = _issue(service, shared, "b-issuer", make_csr("host.web.a.example"), 403)
+    assert (
+        "template EndEntityCertificate/V1 is not shared with team b"
+        in wrong_template["error"]["message"]
+    )
+    wrong_name = _issue(service, shared, "b-issuer", make_csr("x.evil.com"), 403, template=WEB)
+    message = wrong_name["error"]["message"]
+    assert "x.evil.com" in message and ".web.a.example" in message
+    failures = [
+        json.loads(e.parameters).get("message", "")
+        for e in service.gw.core.audit.events()
+        if e.action == "certificate.issue" and e.result == "failure"
+    ]
+    assert any("x.evil.com" in m for m in failures) and any(
+        "template EndEntityCertificate/V1" in m for m in failures
+    )
+
+    # Team b sees the shared CA and only its own certificates on it; never the private CA.
+    owner_cert = _issue(service, shared, "a-issuer", make_csr("owner.a.example"), 201)
+    listed = {
+        c["id"] for c in service.call("GET", "/cas", "b-issuer", expect=200).get_json()["cas"]
+    }
+    assert shared in listed and private not in listed and service.issuing_id not in listed
+    serials = {
+        c["serial"]
+        for c in service.call(
+            "GET", f"/cas/{shared}/certificates", "b-issuer", expect=200
+        ).get_json()["certificates"]
+    }
+    assert serials == {issued["serial"]}
+    service.call(
+        "GET", f"/cas/{shared}/certificates/{owner_cert['serial']}", "b-issuer", expect=404
+    )
+    service.call("GET", f"/cas/{private}/certificates", "b-issuer", expect=404)
+    service.call(
+        "POST",
+        f"/cas/{shared}/certificates/{owner_cert['serial']}/revoke",
+        "b-issuer",
+        json={},
+        expect=404,
+    )
+    service.call(
+        "POST",
+        f"/cas/{shared}/certificates/{issued['serial']}/revoke",
+        "b-issuer",
+        json={},
+        expect=200,
+    )
+    # Management stays the owner's; the owner's view is unchanged.
+    denied = service.call(
+        "PATCH", f"/cas/{shared}", "b-admin", json={"status": "DISABLED"}, expect=403
+    )
+    assert "may not manage" in denied.get_json()["error"]["message"]
+    assert {
+        c["id"] for c in service.call("GET", "/cas", "a-issuer", expect=200).get_json()["cas"]
+    } >= {shared, private}
+    denials = [e for e in service.gw.core.audit.events() if e.action == "access.denied"]
+    assert any("may not manage" in json.loads(e.parameters)["reason"] for e in denials)
+
+    history = service.call(
+        "GET", f"/cas/{shared}/policy/history", "a-auditor", expect=200
+    ).get_json()
+    assert [v["version"] for v in history["versions"]] == [1]
+    assert any(e.action == "ca.policy.set" for e in service.gw.core.audit.events())
+
+
+def test_owner_confines_one_of_its_tokens_by_naming_it(
+    teams: tuple[Service, dict[str, str]],
+) -> None:
+    service, tokens = teams
+    ca = _make_ca(service, "CN=A confined")
+    issuer_id = tokens["a-issuer"].split("_")[1]
+    document = {
+        "statements": [
+            {
+                "id": "only-dev",
+                "principal": {"token": issuer_id},
+                "actions": ["issue"],
+                "conditions": {"dns_suffixes": [".dev.a.example"]},
+            }
+        ]
+    }
+    service.call(
+        "PUT",
+        f"/cas/{ca}/policy",
+        "a-admin",
+        json={"document": document, "replaces": 0},
+        expect=200,
+    )
+    _issue(service, ca, "a-issuer", make_csr("x.dev.a.example"), 201)
+    refused = _issue(service, ca, "a-issuer", make_csr("x.prod.a.example"), 403)
+    assert "x.prod.a.example" in refused["error"]["message"]
+
+
+def test_bad_policy_documents_are_400_naming_the_path(
+    teams: tuple[Service, dict[str, str]],
+) -> None:
+    service, _ = teams
+    ca = _make_ca(service, "CN=A fuzzed")
+    bad = {
+        "statements": [
+            {
+                "id": "s",
+                "principal": {"team": "b"},
+                "actions": ["issue"],
+                "conditions": {"ip_ranges": ["300.0.0.0/8"]},
+            }
+        ]
+    }
+    response = service.call(
+        "PUT", f"/cas/{ca}/policy", "a-admin", json={"document": bad, "replaces": 0}, expect=400
+    )
+    assert "statements[0].conditions.ip_ranges[0]" in response.get_json()["error"]["message"]
+    for body in (
+        b'{"document": {"statements": [' * 3000 + b"",
+        b'{"document": "\xff\xfe", "replaces": 0}',
+    ):
+        raw = service.client.put(
+            f"/api/v1/cas/{ca}/policy",
+            data=body,
+            content_type="application/json",
+            headers={"Authorization": f"Bearer {service.secrets['a-admin']}"},
+        )
+        assert raw.status_code == 400, raw.get_data(as_text=True)
+
+
+# -- migration -----------------------------------------------------------------------------------
+
+
+def test_a_store_from_before_teams_keeps_every_token_and_ca(tmp_path: Path) -> None:
+    from test_db_ops import _downgrade
+
+    from pkigate.core.store import sqlite_url
+
+    data = tmp_path / "data"
+    service = _open_service(data, None)
+    before = {
+        role: service.call("GET", "/cas", role, expect=200).get_json()["cas"]
+        for role in ("admin", "issuer", "auditor")
+    }
+    service.gw.close()
+    _downgrade(sqlite_url(data / "pkigate.db"), "0017")
+    Core.open(data, upgrade_schema=True).close()
+    upgraded = _open_service(data, None)
+    try:
+        for role, secret in service.secrets.items():
+            upgraded.secrets[role] = secret  # the tokens made before the migration
+            who = upgraded.gw.tokens.authenticate(f"Bearer {secret}")
+            assert who.team == "default" and who.roles == (Role(role),)
+            after = upgraded.call("GET", "/cas", role, expect=200).get_json()["cas"]
+            assert {c["id"] for c in after} >= {c["id"] for c in before[role]}
+            assert all(c["team"] == "default" for c in after)
+        upgraded.call(
+            "POST",
+            f"/cas/{upgraded.issuing_id}/certificates",
+            "issuer",
+            json={"csr": make_csr().decode()},
+            expect=201,
+        )
+        upgraded.call("POST", "/cas", "auditor", json={}, expect=403)
+    finally:
+        upgraded.gw.close()
