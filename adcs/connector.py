@@ -36,6 +36,7 @@ from pkigate.adcs.principals import Principal
 from pkigate.adcs.publish import PKIGATE_TEMPLATE_NAMES, PublishRequest, UnknownTemplates, publish
 from pkigate.adcs.service import AdcsService, Outcome, attributes_from, load_settings
 from pkigate.core import Actor
+from pkigate.core.access import Action
 from pkigate.core.errors import BadRequestError, StoreUnavailableError
 from pkigate.gateways.connectors import (
     Connector,
@@ -46,6 +47,7 @@ from pkigate.gateways.connectors import (
 from pkigate.gateways.http import (
     MalformedJson,
     actor,
+    authorize_on_ca,
     error_response,
     json_body,
     parse_json,
@@ -245,11 +247,13 @@ class AdcsConnector(Connector):
         @bp.get("/pending")
         @requires(Permission.APPROVE)
         def list_pending() -> Response:
+            authorize_on_ca(self.context.ca_id, Action.READ, self.context.name)
             return jsonify([r.to_json() for r in self.service.pending()])
 
         @bp.post("/pending/<int:request_id>/approve")
         @requires(Permission.APPROVE)
         def approve(request_id: int) -> Response:
+            authorize_on_ca(self.context.ca_id, Action.APPROVE_PENDING, self.context.name)
             try:
                 certificate = self.approve_pending(request_id, actor())
             except DirectoryError as exc:
@@ -267,6 +271,7 @@ class AdcsConnector(Connector):
         @requires(Permission.APPROVE)
         def reject(request_id: int) -> Response:
             body = json_body({"reason": str}, required=("reason",))
+            authorize_on_ca(self.context.ca_id, Action.APPROVE_PENDING, self.context.name)
             return jsonify(self.service.reject(request_id, actor(), body["reason"]).to_json())
 
         return bp

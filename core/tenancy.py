@@ -187,8 +187,21 @@ class AccessControl:
 
     # -- decisions -----------------------------------------------------------------------
 
-    def visible_to(self, principal: PrincipalFacts, record: CARecord) -> bool:
-        return visible(principal, self.facts(record))
+    def check(
+        self,
+        principal: PrincipalFacts,
+        action: Action,
+        ca_id: str,
+        actor: Actor,
+        request: RequestFacts | None = None,
+    ) -> CARecord:
+        """The stored CA, if the principal may do ``action`` on it (see :meth:`authorize`)."""
+        with self._store.read() as conn:
+            record = self._store.get_ca(conn, ca_id)
+        if record is None:
+            raise NotFoundError(f"no CA with id {ca_id}")
+        self.authorize(principal, action, record, actor, request)
+        return record
 
     def authorize(
         self,

@@ -46,6 +46,7 @@ from pkigate.core import (
 )
 from pkigate.core.access import DEFAULT_TEAM, Action, RequestFacts, decide
 from pkigate.core.audit import render_report, report_rows
+from pkigate.core.authorities import CAView
 from pkigate.core.errors import BadRequestError, NotAuthorizedError, NotFoundError, PkigateError
 from pkigate.core.events import EventType
 from pkigate.core.keys import KeyStorage
@@ -507,14 +508,18 @@ def create_ca(body: dict[str, Any]) -> Response:
 )
 def list_cas(query: dict[str, Any]) -> Response:
     status = CAStatus(query["status"]) if query["status"] else None
+    return reply({"cas": [v.to_json() for v in readable_cas(status)]})
+
+
+def readable_cas(status: CAStatus | None = None) -> list[CAView]:
+    """The CAs the token may read (the API's and the console's listings)."""
     core = gateway().core
     who = principal().facts
-    views = [
+    return [
         v
         for v in core.authorities.list_cas(status)
         if decide(who, Action.READ, core.access.facts(v.record)).allowed
     ]
-    return reply({"cas": [v.to_json() for v in views]})
 
 
 @route(
@@ -928,7 +933,7 @@ def list_certificates(ca_id: str, query: dict[str, Any]) -> Response:
             not_expired_at=None if query["include_expired"] else now,
             limit=limit + 1,
             after_id=after,
-            team=None if principal().team == ca.team else principal().team,
+            team=team_filter(ca),
         )
     page = records[:limit]
     return paged_reply(
@@ -970,7 +975,7 @@ def get_certificate(ca_id: str, serial: str) -> Response:
     ca = ca_for(ca_id, Action.READ)
     with core.store.read() as conn:
         record = core.store.get_certificate(conn, ca_id, normalize_serial(serial))
-    if record is None or not _own_or_owner(ca, record):
+    if record is None or not own_or_owner(ca, record):
         raise NotFoundError(f"CA {ca_id} has issued no certificate with serial {serial}")
     ca_certificate, above = core.authorities.certificate_pem(ca_id)
     return reply(
@@ -1024,7 +1029,7 @@ def revoke(ca_id: str, serial: str, reason: RevocationReason) -> CertificateReco
     ca = core.authorities.get(ca_id)
     with core.store.read() as conn:
         target = core.store.get_certificate(conn, ca_id, serial)
-    hidden = target is not None and not _own_or_owner(ca, target)
+    hidden = target is not None and not own_or_owner(ca, target)
     ca_for(ca_id, Action.REVOKE, certificate_facts(target) if target and not hidden else None)
     if hidden:
         # Another team's certificate on a shared CA: as if it did not exist.
@@ -1048,12 +1053,8 @@ def revoke(ca_id: str, serial: str, reason: RevocationReason) -> CertificateReco
 def ca_for(ca_id: str, action: Action, facts: RequestFacts | None = None) -> CARecord:
     """The CA, if the token may do ``action`` on it: decided (and refusals audited) by the
     core; a CA the token may not see is a 404, as if it did not exist."""
-    core = gateway().core
-    record: CARecord = core.authorities.get(ca_id)
-    if facts is None:
-        facts = RequestFacts(connector=API_CONNECTOR)
-    core.access.authorize(principal().facts, action, record, actor(), facts)
-    return record
+    facts = facts or RequestFacts(connector=API_CONNECTOR)
+    return gateway().core.access.check(principal().facts, action, ca_id, actor(), facts)  # type: ignore[no-any-return]
 
 
 def certificate_facts(record: CertificateRecord) -> RequestFacts:
@@ -1085,11 +1086,17 @@ def certificate_facts(record: CertificateRecord) -> RequestFacts:
     )
 
 
-def _own_or_owner(ca: CARecord, certificate: CertificateRecord) -> bool:
+def own_or_owner(ca: CARecord, certificate: CertificateRecord) -> bool:
     """Tokens of the owning team see every certificate of the CA; a team it is shared with
     sees only those its own tokens asked for."""
     team = principal().team
     return team == ca.team or certificate.team == team
+
+
+def team_filter(ca: CARecord) -> str | None:
+    """Which team's certificates of the CA the token sees: all (None) for the owner's."""
+    team = principal().team
+    return None if team == ca.team else team
 
 
 def acting_for_team(team: str | None) -> str:
@@ -1324,11 +1331,8 @@ def audit_report(query: dict[str, Any]) -> Response:
     core = gateway().core
     ca_id = query["ca"]
     ca = ca_for(ca_id, Action.READ)
-    team = principal().team
     with core.store.read() as conn:
-        rows = report_rows(
-            core.store.list_certificates(conn, ca_id=ca_id, team=None if team == ca.team else team)
-        )
+        rows = report_rows(core.store.list_certificates(conn, ca_id=ca_id, team=team_filter(ca)))
     if query["format"] == "csv":
         return Response(
             render_report(rows, "csv"),

@@ -44,6 +44,7 @@ from pkigate.core import (
     UsageMode,
     Validity,
 )
+from pkigate.core.access import DEFAULT_TEAM
 from pkigate.core.audit import render_report, report_rows
 from pkigate.core.backup import backup_sqlite, restore_sqlite
 from pkigate.core.errors import BadRequestError, NotFoundError, PkigateError, StoreIntegrityError
@@ -592,6 +593,11 @@ def _choices(values: Sequence[Any]) -> click.Choice[str]:
     "--idempotency-token",
     help="Retrying with the same token returns the CA created the first time.",
 )
+@click.option(
+    "--team",
+    help='The team that owns the CA; by default "default" on the CA host, the calling '
+    "token's with --server.",
+)
 @pass_state
 @reports_errors
 def ca_create(
@@ -613,6 +619,7 @@ def ca_create(
     truncate_validity: bool,
     tags: tuple[str, ...],
     idempotency_token: str | None,
+    team: str | None,
 ) -> None:
     """Create a ROOT (self-signed) or SUBORDINATE CA.
 
@@ -651,6 +658,7 @@ def ca_create(
             "settings": settings_json(),
             "tags": _key_values(tags, "--tag"),
             "idempotency_token": idempotency_token,
+            "team": team,
         }
         _emit_ca(state, state.remote.create_ca({k: v for k, v in body.items() if v is not None}))
         return
@@ -669,6 +677,7 @@ def ca_create(
             settings=CASettings.from_json(settings_json()),
             tags=_key_values(tags, "--tag"),
             key_storage=KeyStorage(key_storage),
+            team=team or DEFAULT_TEAM,
         )
     _emit_ca(state, state.core.authorities.create(spec, state.actor, idempotency_token))
 
@@ -1944,6 +1953,11 @@ def _with_secret(data: dict[str, Any]) -> str:
     multiple=True,
     help="A client network (CIDR) it may be used from; repeat for several (default: any).",
 )
+@click.option(
+    "--team",
+    help='The team it acts for (see `pkigate team list`); by default "default" on the '
+    "CA host, the calling token's with --server.",
+)
 @pass_state
 @reports_errors
 def token_create(
@@ -1952,6 +1966,7 @@ def token_create(
     roles: tuple[str, ...],
     expires_in: str | None,
     allow_from: tuple[str, ...],
+    team: str | None,
 ) -> None:
     """Create a token; its secret is printed this once and never stored.
 
@@ -1960,7 +1975,7 @@ def token_create(
       pkigate token create --name ci --role issuer --role revoker --expires-in 90d
     """
     if state.remote is not None:
-        data = state.remote.create_token(name, list(roles), expires_in, list(allow_from))
+        data = state.remote.create_token(name, list(roles), expires_in, list(allow_from), team)
     else:
         try:
             lifetime = parse_span(expires_in) if expires_in else None
@@ -1972,6 +1987,7 @@ def token_create(
             state.actor,
             expires_in=lifetime,
             allow_from=allow_from,
+            team=team or DEFAULT_TEAM,
         )
         data = {**token_json(issued.record), "secret": issued.secret}
     state.emit(data, lambda: _with_secret(data))
@@ -2586,4 +2602,4 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 # Verb groups in modules of their own, registered on the groups above when this is imported.
-from pkigate.gateways import cli_notifications  # noqa: E402, F401
+from pkigate.gateways import cli_access, cli_notifications  # noqa: E402, F401

@@ -44,6 +44,7 @@ from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
 from wtforms.validators import ValidationError
 
 from pkigate.core import CAStatus
+from pkigate.core.access import Action
 from pkigate.core.errors import BadRequestError, PkigateError
 from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.store import CertificateRecord
@@ -57,7 +58,7 @@ from pkigate.gateways.auth import (
     parse_span,
 )
 from pkigate.gateways.connectors import Connector
-from pkigate.gateways.http import gateway, principal, requires, status_for
+from pkigate.gateways.http import authorize_on_ca, gateway, principal, requires, status_for
 from pkigate.gateways.roles import Permission, Role, parse_roles
 
 log = logging.getLogger("pkigate.console")
@@ -360,7 +361,7 @@ def ca_rows() -> list[tuple[int, Any, int | None]]:
     now = core.clock()
     return [
         (depth, view, (view.record.not_after - now).days if view.record.not_after else None)
-        for depth, view in _tree(core.authorities.list_cas())
+        for depth, view in _tree(api.readable_cas())
     ]
 
 
@@ -408,6 +409,7 @@ def decode(der: bytes) -> dict[str, Any]:
 @allowed(Permission.READ_CAS)
 def ca_page(ca_id: str) -> str:
     core = gateway().core
+    api.ca_for(ca_id, Action.READ)
     view = core.authorities.describe(ca_id)
     with core.store.read() as conn:
         partitions = core.store.current_crl_partition(conn, ca_id) or 0
@@ -417,6 +419,8 @@ def ca_page(ca_id: str) -> str:
         if (published := core.revocation.latest_crl(ca_id, partition)) is not None
     ]
     decoded = decode(view.record.certificate_der) if view.record.certificate_der else None
+    # The policy, read-only, for its owning team (the API shows it to them alone too).
+    policy = core.access.current_policy(ca_id) if principal().team == view.record.team else None
     return page(
         "ca.html",
         title=f"CA {view.record.subject}",
@@ -424,6 +428,8 @@ def ca_page(ca_id: str) -> str:
         certificate=decoded,
         crls=crls,
         settings=sorted(view.record.settings.items()),
+        policy=policy,
+        policy_json=json.dumps(policy.policy.to_json(), indent=2) if policy else "",
     )
 
 
@@ -444,6 +450,7 @@ def ca_action(ca_id: str, action: str) -> ResponseReturnValue:
     has typed the CA's id. Disabling and enabling is a ca-admin's, deleting and restoring
     a ca-deleter's."""
     authorities = gateway().core.authorities
+    api.ca_for(ca_id, Action.MANAGE)
     view = authorities.describe(ca_id)
     if request.method == "GET":
         return page("confirm_ca.html", title=f"{action.title()} CA", view=view, action=action)
@@ -491,6 +498,12 @@ def certificates() -> str:
             limit=PAGE + 1,
             after_id=after,
         )
+    # What the token may read: the CAs it may read, and of a CA shared with its team only
+    # its team's certificates (the API's rules).
+    readable = {v.record.id: v for v in api.readable_cas()}
+    found = [
+        r for r in found if r.ca_id in readable and api.own_or_owner(readable[r.ca_id].record, r)
+    ]
     shown = found[:PAGE]
     next_page = None
     if len(found) > PAGE:
@@ -502,7 +515,7 @@ def certificates() -> str:
         certificates=shown,
         wanted=wanted,
         next_page=next_page,
-        authorities=core.authorities.list_cas(),
+        authorities=list(readable.values()),
         statuses=[s.value for s in CertificateStatus],
     )
 
@@ -528,9 +541,10 @@ def certificate_events(record: CertificateRecord) -> list[Any]:
 @allowed(Permission.READ_CERTIFICATES)
 def certificate_page(ca_id: str, serial: str) -> str:
     core = gateway().core
+    ca = api.ca_for(ca_id, Action.READ)
     with core.store.read() as conn:
         record = core.store.get_certificate(conn, ca_id, serial)
-    if record is None:
+    if record is None or not api.own_or_owner(ca, record):
         abort(404)
     ca_pem, above = core.authorities.certificate_pem(ca_id)
     return page(
@@ -619,7 +633,9 @@ def enrollment() -> str:
 @allowed(Permission.APPROVE)
 def approve(name: str) -> ResponseReturnValue:
     transaction_id = request.form.get("transaction_id", "")
-    scep_connector(name).approvals.approve(transaction_id, principal().actor(g.request_id))
+    connector = scep_connector(name)
+    authorize_on_ca(connector.context.ca_id, Action.APPROVE_PENDING, name)
+    connector.approvals.approve(transaction_id, principal().actor(g.request_id))
     return redirect(url_for("console.enrollment"))
 
 
@@ -628,7 +644,9 @@ def approve(name: str) -> ResponseReturnValue:
 def reject(name: str) -> ResponseReturnValue:
     transaction_id = request.form.get("transaction_id", "")
     reason = request.form.get("reason", "")
-    scep_connector(name).approvals.reject(transaction_id, principal().actor(g.request_id), reason)
+    connector = scep_connector(name)
+    authorize_on_ca(connector.context.ca_id, Action.APPROVE_PENDING, name)
+    connector.approvals.reject(transaction_id, principal().actor(g.request_id), reason)
     return redirect(url_for("console.enrollment"))
 
 
@@ -649,6 +667,7 @@ def approve_adcs(name: str) -> ResponseReturnValue:
     from pkigate.adcs.ldapdir import DirectoryError
 
     connector, request_id = adcs_request(name)
+    authorize_on_ca(connector.context.ca_id, Action.APPROVE_PENDING, name)
     try:
         connector.approve_pending(request_id, principal().actor(g.request_id))
     except DirectoryError as exc:
@@ -661,6 +680,7 @@ def approve_adcs(name: str) -> ResponseReturnValue:
 def reject_adcs(name: str) -> ResponseReturnValue:
     connector, request_id = adcs_request(name)
     reason = request.form.get("reason", "")
+    authorize_on_ca(connector.context.ca_id, Action.APPROVE_PENDING, name)
     connector.service.reject(request_id, principal().actor(g.request_id), reason)
     return redirect(url_for("console.enrollment"))
 
@@ -773,7 +793,7 @@ def audit() -> str:
         next_page=next_page,
         verification=verification,
         is_auditor=principal().may(Permission.AUDIT_REPORTS),
-        authorities=core.authorities.list_cas(),
+        authorities=api.readable_cas(),
     )
 
 
@@ -787,9 +807,11 @@ def audit_report() -> Response:
     kind = request.args.get("format", "json")
     if kind not in ("json", "csv"):
         raise BadRequestError("format is json or csv")
-    core.authorities.get(ca_id)
+    ca = api.ca_for(ca_id, Action.READ)
     with core.store.read() as conn:
-        rows = report_rows(core.store.list_certificates(conn, ca_id=ca_id))
+        rows = report_rows(
+            core.store.list_certificates(conn, ca_id=ca_id, team=api.team_filter(ca))
+        )
     body = (
         render_report(rows, "csv")
         if kind == "csv"

@@ -16,6 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 from flask import Response, current_app, g, jsonify, request
 from werkzeug.routing import BaseConverter
 
+from pkigate.core.access import Action, RequestFacts
 from pkigate.core.audit import Actor
 from pkigate.core.errors import (
     AnchorWriteError,
@@ -102,6 +103,14 @@ def principal() -> Principal:
 
 def actor() -> Actor:
     return principal().actor(g.request_id)
+
+
+def authorize_on_ca(ca_id: str, action: Action, connector: str) -> None:
+    """The core's access decision for this request's token on a CA, through a connector's
+    management calls (approving what it holds, say): 403 with the reason, or 404 for a
+    CA the token may not see."""
+    facts = RequestFacts(connector=connector)
+    gateway().core.access.check(principal().facts, action, ca_id, actor(), facts)
 
 
 def bearer_principal() -> Principal:

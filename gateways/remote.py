@@ -205,19 +205,42 @@ class RemoteClient:
         return self.call("GET", "/audit/report", params={"ca": ca_id, "format": "csv"}).text
 
     def create_token(
-        self, name: str, roles: list[str], expires_in: str | None, allow_from: list[str]
+        self,
+        name: str,
+        roles: list[str],
+        expires_in: str | None,
+        allow_from: list[str],
+        team: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "roles": roles}
         if expires_in:
             body["expires_in"] = expires_in
         if allow_from:
             body["allow_from"] = allow_from
+        if team:
+            body["team"] = team
         return dict(self.json("POST", "/tokens", body=body))
 
     def rotate_token(self, token_id: str, overlap: str) -> dict[str, Any]:
         return dict(
             self.json("POST", f"/tokens/{_segment(token_id)}/rotate", body={"overlap": overlap})
         )
+
+    def create_team(self, name: str) -> dict[str, Any]:
+        return dict(self.json("POST", "/teams", body={"name": name}))
+
+    def teams(self) -> list[dict[str, Any]]:
+        return list(self.json("GET", "/teams")["teams"])
+
+    def ca_policy(self, ca_id: str) -> dict[str, Any]:
+        return dict(self.json("GET", f"/cas/{_segment(ca_id)}/policy"))
+
+    def set_ca_policy(self, ca_id: str, document: Any, replaces: int) -> dict[str, Any]:
+        body = {"document": document, "replaces": replaces}
+        return dict(self.json("PUT", f"/cas/{_segment(ca_id)}/policy", body=body))
+
+    def ca_policy_history(self, ca_id: str) -> list[dict[str, Any]]:
+        return list(self.json("GET", f"/cas/{_segment(ca_id)}/policy/history")["versions"])
 
     def list_tokens(self) -> list[dict[str, Any]]:
         return list(self.json("GET", "/tokens")["tokens"])

@@ -26,6 +26,7 @@ from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import Connection
 
 from pkigate.core import Actor, IssuedCertificate, Requester
+from pkigate.core.access import Action
 from pkigate.core.errors import (
     BadCSRError,
     BadRequestError,
@@ -47,7 +48,7 @@ from pkigate.gateways.connectors import (
     OfflineCore,
     unknown_setting,
 )
-from pkigate.gateways.http import actor, json_body, requires
+from pkigate.gateways.http import actor, authorize_on_ca, json_body, requires
 from pkigate.gateways.roles import Permission
 from pkigate.scep.authorization import (
     AnsweredMeanwhile,
@@ -392,11 +393,13 @@ class ScepConnector(Connector):
         @bp.get("/pending")
         @requires(Permission.APPROVE)
         def list_pending() -> Response:
+            authorize_on_ca(self.context.ca_id, Action.READ, self.context.name)
             return jsonify([p.to_json() for p in self.approvals.pending()])
 
         @bp.post("/pending/<anytext:transaction_id>/approve", merge_slashes=False)
         @requires(Permission.APPROVE)
         def approve_pending(transaction_id: str) -> Response:
+            authorize_on_ca(self.context.ca_id, Action.APPROVE_PENDING, self.context.name)
             issued = self.approvals.approve(transaction_id, actor())
             return jsonify(
                 {
@@ -414,6 +417,7 @@ class ScepConnector(Connector):
         @requires(Permission.APPROVE)
         def reject_pending(transaction_id: str) -> Response:
             body = json_body({"reason": str}, required=("reason",))
+            authorize_on_ca(self.context.ca_id, Action.APPROVE_PENDING, self.context.name)
             rejected = self.approvals.reject(transaction_id, actor(), body["reason"])
             return jsonify({**rejected.to_json(), "status": REJECTED})
 

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 from helpers import make_csr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_api import Service, _open_service
+from werkzeug.test import TestResponse
 
 from pkigate.core import Core
 from pkigate.core.access import (
@@ -30,6 +33,7 @@ from pkigate.core.access import (
 )
 from pkigate.core.names import parse_dn, upn_other_name
 from pkigate.gateways.auth import Role
+from pkigate.gateways.cli import main
 
 CA = "ca-a"
 A1 = PrincipalFacts("a1a1a1a1a1a1a1a1", "a")
@@ -367,18 +371,23 @@ def teams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, d
 
 
 def _make_ca(service: Service, subject: str) -> str:
+    """A ROOT made by team a's admin: owned by team a (its token's team)."""
     body = {
-        "type": "SUBORDINATE",
+        "type": "ROOT",
         "subject": subject,
         "key_algorithm": "EC_prime256v1",
         "usage_mode": "GENERAL_PURPOSE",
         "key_storage": "software",
-        "parent_id": None,
+        "validity": "365d",
     }
-    # A ROOT of team a, so that no parent of another team is involved.
-    body.update(type="ROOT", validity="365d")
-    del body["parent_id"]
     return str(service.call("POST", "/cas", "a-admin", json=body, expect=201).get_json()["id"])
+
+
+def _put_policy(
+    service: Service, ca_id: str, role: str, document: Any, replaces: int, expect: int
+) -> TestResponse:
+    body = {"document": document, "replaces": replaces}
+    return service.call("PUT", f"/cas/{ca_id}/policy", role, json=body, expect=expect)
 
 
 def _issue(
@@ -421,28 +430,10 @@ def test_team_b_uses_team_a_shared_ca_only_within_the_policy(
         ]
     }
     # Only the owner's admin sets the policy, naming the version it replaces.
-    service.call(
-        "PUT",
-        f"/cas/{shared}/policy",
-        "b-admin",
-        json={"document": document, "replaces": 0},
-        expect=404,
-    )
-    set_ = service.call(
-        "PUT",
-        f"/cas/{shared}/policy",
-        "a-admin",
-        json={"document": document, "replaces": 0},
-        expect=200,
-    ).get_json()
+    _put_policy(service, shared, "b-admin", document, 0, 404)
+    set_ = _put_policy(service, shared, "a-admin", document, 0, 200).get_json()
     assert set_["version"] == 1 and set_["document"]["statements"][0]["id"] == "share-web"
-    stale = service.call(
-        "PUT",
-        f"/cas/{shared}/policy",
-        "a-admin",
-        json={"document": {"statements": []}, "replaces": 0},
-        expect=409,
-    )
+    stale = _put_policy(service, shared, "a-admin", {"statements": []}, 0, 409)
     assert "version 1" in stale.get_json()["error"]["message"]
 
     # Within the policy: allowed, and the audit event names the statement.
@@ -538,13 +529,7 @@ def test_owner_confines_one_of_its_tokens_by_naming_it(
             }
         ]
     }
-    service.call(
-        "PUT",
-        f"/cas/{ca}/policy",
-        "a-admin",
-        json={"document": document, "replaces": 0},
-        expect=200,
-    )
+    _put_policy(service, ca, "a-admin", document, 0, 200)
     _issue(service, ca, "a-issuer", make_csr("x.dev.a.example"), 201)
     refused = _issue(service, ca, "a-issuer", make_csr("x.prod.a.example"), 403)
     assert "x.prod.a.example" in refused["error"]["message"]
@@ -565,9 +550,7 @@ def test_bad_policy_documents_are_400_naming_the_path(
             }
         ]
     }
-    response = service.call(
-        "PUT", f"/cas/{ca}/policy", "a-admin", json={"document": bad, "replaces": 0}, expect=400
-    )
+    response = _put_policy(service, ca, "a-admin", bad, 0, 400)
     assert "statements[0].conditions.ip_ranges[0]" in response.get_json()["error"]["message"]
     for body in (
         b'{"document": {"statements": [' * 3000 + b"",
@@ -580,6 +563,29 @@ def test_bad_policy_documents_are_400_naming_the_path(
             headers={"Authorization": f"Bearer {service.secrets['a-admin']}"},
         )
         assert raw.status_code == 400, raw.get_data(as_text=True)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(document=_JSON)
+def test_fuzzed_documents_through_the_api_are_400_with_a_path_never_500(
+    teams: tuple[Service, dict[str, str]], document: Any
+) -> None:
+    service, _ = teams
+    ca = service.issuing_id
+    current = service.gw.core.access.current_policy(ca).version
+    response = service.call(
+        "PUT",
+        f"/cas/{ca}/policy",
+        "admin",
+        json={"document": document, "replaces": current},
+    )
+    assert response.status_code in (200, 400), response.get_data(as_text=True)
+    if response.status_code == 400:
+        message = response.get_json()["error"]["message"]
+        # A NUL in any string is refused by the API's JSON parsing before the policy's.
+        assert any(
+            part in message for part in ("policy ", "field 'document'", "a string holds NUL")
+        ), message
 
 
 # -- migration -----------------------------------------------------------------------------------
@@ -618,3 +624,77 @@ def test_a_store_from_before_teams_keeps_every_token_and_ca(tmp_path: Path) -> N
         upgraded.call("POST", "/cas", "auditor", json={}, expect=403)
     finally:
         upgraded.gw.close()
+
+
+# -- console and CLI -----------------------------------------------------------------------------
+
+
+def test_console_lists_only_what_the_team_may_read(teams: tuple[Service, dict[str, str]]) -> None:
+    service, tokens = teams
+    shared = _make_ca(service, "CN=A console shared")
+    private = _make_ca(service, "CN=A console private")
+    document = {"statements": [{"id": "read", "principal": {"team": "b"}, "actions": ["read"]}]}
+    _put_policy(service, shared, "a-admin", document, 0, 200)
+    owner_cert = _issue(service, shared, "a-issuer", make_csr("owner.a.example"), 201)
+    # A client of its own (its own cookies), over https as the console's cookies require.
+    client = service.app.test_client()
+    client.environ_base["wsgi.url_scheme"] = "https"
+    form = client.get("/console/signin").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form)
+    assert csrf is not None
+    signed_in = client.post(
+        "/console/signin",
+        data={"token": tokens["b-issuer"], "csrf_token": csrf.group(1)},
+        follow_redirects=True,
+    )
+    assert signed_in.status_code == 200, signed_in.get_data(as_text=True)
+    cas = client.get("/console/cas").get_data(as_text=True)
+    assert "CN=A console shared" in cas and "CN=A console private" not in cas
+    assert client.get(f"/console/cas/{private}").status_code == 404
+    page = client.get(f"/console/cas/{shared}").get_data(as_text=True)
+    assert 'id="ca-team">a<' in page and "ca-policy" not in page  # the policy is the owner's
+    listed = client.get("/console/certificates").get_data(as_text=True)
+    assert owner_cert["serial"] not in listed
+    assert client.get(f"/console/certificates/{shared}/{owner_cert['serial']}").status_code == 404
+
+
+def test_cli_creates_a_team_and_shares_a_ca(tmp_path: Path) -> None:
+    home = str(tmp_path / "home")
+    runner = CliRunner()
+
+    def pkigate(*args: str, ok: bool = True) -> Any:
+        result = runner.invoke(main, ["--data-dir", home, "--json", *args], prog_name="pkigate")
+        assert (result.exit_code == 0) is ok, result.output
+        return json.loads(result.stdout)
+
+    assert pkigate("team", "create", "web")["name"] == "web"
+    assert [t["name"] for t in pkigate("team", "list")] == ["default", "web"]
+    root = pkigate("ca", "create", "--type", "ROOT", "--subject", "CN=CLI Shared")
+    shared = pkigate(
+        "ca",
+        "share",
+        root["id"],
+        "--team",
+        "web",
+        "--template",
+        WEB,
+        "--dns-suffix",
+        ".web.example",
+    )
+    assert shared["version"] == 1
+    (statement,) = shared["document"]["statements"]
+    assert statement["principal"] == {"team": "web"}
+    assert statement["conditions"] == {"templates": [WEB], "dns_suffixes": [".web.example"]}
+    again = pkigate("ca", "share", root["id"], "--team", "web", "--action", "read")
+    assert again["version"] == 2 and len(again["document"]["statements"]) == 1
+    assert [v["version"] for v in pkigate("ca", "policy", "history", root["id"])] == [1, 2]
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        '{"statements": [{"id": "x", "principal": {"team": "web"}, "actions": ["fly"]}]}'
+    )
+    refused = pkigate(
+        "ca", "policy", "set", root["id"], "--file", str(bad), "--replaces", "2", ok=False
+    )
+    assert "statements[0].actions[0]" in refused["error"]["message"]
+    token = pkigate("token", "create", "--name", "w", "--role", "issuer", "--team", "web")
+    assert token["team"] == "web"

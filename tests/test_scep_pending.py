@@ -245,6 +245,32 @@ def test_pending_api_needs_the_approver_or_admin_role(env: PendingEnv) -> None:
     assert row is not None and row.status == "PENDING"
 
 
+def test_approving_needs_approve_pending_on_the_connectors_ca(env: PendingEnv) -> None:
+    """A token of another team than the CA's owner approves only what the CA's policy
+    allows it (the approve-pending action, through this connector)."""
+    device = Device.new()
+    env.enroll(device, "tid-team")
+    core = env.gateway.core
+    core.access.create_team("ops", Actor("test"))
+    secret = env.gateway.tokens.create("ops", Role.APPROVER, Actor("test"), team="ops").secret
+    ops = {"Authorization": f"Bearer {secret}"}
+    assert env.api.post(f"{PENDING_API}/tid-team/approve", headers=ops).status_code == 404
+    ca_id = next(c for c in env.gateway.connectors if c.context.name == "mdm").context.ca_id
+    statement = {"id": "ops", "principal": {"team": "ops"}, "actions": ["approve-pending"]}
+    core.access.set_policy(
+        ca_id,
+        {"statements": [{**statement, "conditions": {"connectors": ["other"]}}]},
+        0,
+        Actor("test"),
+    )
+    refused = env.api.post(f"{PENDING_API}/tid-team/approve", headers=ops)
+    assert refused.status_code == 403 and "connector mdm" in refused.json["error"]["message"]
+    core.access.set_policy(ca_id, {"statements": [statement]}, 1, Actor("test"))
+    assert env.api.post(f"{PENDING_API}/tid-team/approve", headers=ops).status_code == 200
+    denied = env.audit("access.denied")
+    assert [d["action"] for d in denied] == ["approve-pending", "approve-pending"]
+
+
 @pytest.mark.parametrize("quote", [False, True], ids=["raw", "percent-encoded"])
 def test_transaction_ids_with_slash_and_plus_are_approved_by_url(
     env: PendingEnv, quote: bool
