@@ -460,7 +460,8 @@ class Issuer:
                 decision = decide(request.principal, Action.ISSUE, self._ca_facts(fresh), facts)
         if not decision.allowed:
             raise AccessDeniedError(decision.reason)
-        return {"team": request.principal.team, "access": decision.reason}
+        # The statement that allowed it, or "owner": the owning team's implicit authority.
+        return {"team": request.principal.team, "access": decision.statement_id or "owner"}
 
     def _ca_facts(self, material: SigningMaterial) -> CAFacts:
         return self._access.facts_of(material.ca_id, material.team, material.policy_version)

@@ -390,6 +390,15 @@ def _put_policy(
     return service.call("PUT", f"/cas/{ca_id}/policy", role, json=body, expect=expect)
 
 
+def _issue_audit(service: Service, serial: str) -> dict[str, Any]:
+    """The parameters of the audit event that recorded this certificate's issuance."""
+    for event in service.gw.core.audit.events():
+        parameters = json.loads(event.parameters)
+        if event.action == "certificate.issue" and parameters.get("serial") == serial:
+            return dict(parameters)
+    raise AssertionError(f"no issuance of {serial} in the audit log")
+
+
 def _issue(
     service: Service, ca_id: str, role: str, csr: bytes, expect: int, **fields: Any
 ) -> dict[str, Any]:
@@ -438,14 +447,7 @@ def test_team_b_uses_team_a_shared_ca_only_within_the_policy(
 
     # Within the policy: allowed, and the audit event names the statement.
     issued = _issue(service, shared, "b-issuer", make_csr("host.web.a.example"), 201, template=WEB)
-    audit = [
-        e
-        for e in service.gw.core.audit.events()
-        if e.action == "certificate.issue"
-        and e.result == "success"
-        and json.loads(e.parameters).get("serial") == issued["serial"]
-    ]
-    assert "statement share-web" in json.loads(audit[0].parameters)["access"]
+    assert _issue_audit(service, issued["serial"])["access"] == "share-web"
     # Outside it: 403 with the reason, audited with it.
     wrong_template = _issue(service, shared, "b-issuer", make_csr("host.web.a.example"), 403)
     assert (
@@ -466,6 +468,7 @@ def test_team_b_uses_team_a_shared_ca_only_within_the_policy(
 
     # Team b sees the shared CA and only its own certificates on it; never the private CA.
     owner_cert = _issue(service, shared, "a-issuer", make_csr("owner.a.example"), 201)
+    assert _issue_audit(service, owner_cert["serial"])["access"] == "owner"
     listed = {
         c["id"] for c in service.call("GET", "/cas", "b-issuer", expect=200).get_json()["cas"]
     }
