@@ -11,7 +11,7 @@ import click
 
 from pkigate.core.access import Action
 from pkigate.core.errors import BadRequestError
-from pkigate.gateways.cli import State, ca, main, pass_state, reports_errors
+from pkigate.gateways.cli import CAReference, State, ca, main, pass_state, reports_errors
 
 
 @main.group()
@@ -73,7 +73,7 @@ def policy() -> None:
 
     \b
     Example:
-      pkigate ca policy show 94872d91-8a93-41e9-a02b-d071477df881
+      pkigate ca policy show issuing
     """
 
 
@@ -97,7 +97,7 @@ def _show(state: State, data: dict[str, Any]) -> None:
 
 
 @policy.command("show")
-@click.argument("ca_id")
+@click.argument("ca_id", type=CAReference())
 @pass_state
 @reports_errors
 def policy_show(state: State, ca_id: str) -> None:
@@ -111,7 +111,7 @@ def policy_show(state: State, ca_id: str) -> None:
 
 
 @policy.command("set")
-@click.argument("ca_id")
+@click.argument("ca_id", type=CAReference())
 @click.option(
     "--file",
     "path",
@@ -142,7 +142,7 @@ def policy_set(state: State, ca_id: str, path: Path, replaces: int) -> None:
 
 
 @policy.command("history")
-@click.argument("ca_id")
+@click.argument("ca_id", type=CAReference())
 @pass_state
 @reports_errors
 def policy_history(state: State, ca_id: str) -> None:
@@ -169,7 +169,7 @@ def policy_history(state: State, ca_id: str) -> None:
 
 
 @ca.command("share")
-@click.argument("ca_id")
+@click.argument("ca_id", type=CAReference())
 @click.option("--team", "team_name", required=True, help="The team to share the CA with.")
 @click.option(
     "--action",
