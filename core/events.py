@@ -180,12 +180,14 @@ class EventLog:
         after: int = 0,
         types: Collection[str] = (),
         ca_id: str | None = None,
+        ca_ids: Collection[str] | None = None,
         limit: int = 100,
     ) -> list[StoredEvent]:
-        """Events after position ``after``, oldest first, with their delivery states."""
+        """Events after position ``after``, oldest first, with their delivery states;
+        ``ca_ids``: only those about these CAs."""
         with self._store.read() as conn:
             rows = events_sql.list_events(
-                conn, after_id=after, types=types, ca_id=ca_id, limit=limit
+                conn, after_id=after, types=types, ca_id=ca_id, ca_ids=ca_ids, limit=limit
             )
             deliveries = events_sql.deliveries_of(conn, [row.event_id for row in rows])
         by_event: dict[str, list[DeliveryRow]] = {}

@@ -54,12 +54,12 @@ from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
 from pkigate.core.readable import UNREADABLE
-from pkigate.core.store import AuditEventRecord, CARecord, CertificateRecord, Store
+from pkigate.core.store import AuditEventRecord, AuditScope, CARecord, CertificateRecord, Store
 from pkigate.core.store.engine import MAX_POSITION
 from pkigate.core.templates import Template
 from pkigate.core.templates import describe as describe_template
 from pkigate.gateways import metrics
-from pkigate.gateways.auth import ForbiddenError, parse_networks, parse_span
+from pkigate.gateways.auth import ForbiddenError, Principal, parse_networks, parse_span
 from pkigate.gateways.http import (
     UnsupportedMediaType,
     actor,
@@ -1223,9 +1223,14 @@ def parse_moment(text: str | None, name: str) -> datetime | None:
 
 
 def find_audit_events(
-    store: Store, filters: Mapping[str, str | None], limit: int, before: int | None = None
+    store: Store,
+    filters: Mapping[str, str | None],
+    limit: int,
+    before: int | None = None,
+    within: AuditScope | None = None,
 ) -> list[AuditEventRecord]:
-    """Audit events newest first by the filters the API, the console and the CLI share."""
+    """Audit events newest first by the filters the API, the console and the CLI share;
+    ``within``: what a token's team may see (:func:`audit_scope`)."""
     with store.read() as conn:
         return store.find_audit_events(
             conn,
@@ -1237,7 +1242,31 @@ def find_audit_events(
             request_id=filters.get("request_id") or None,
             before_seq=before,
             limit=limit,
+            within=within,
         )
+
+
+def audit_scope() -> AuditScope | None:
+    """None for the default team's tokens (they see everything, as before teams); for
+    another team's: records about the CAs it may read and its own tokens' actions."""
+    team = principal().team
+    if team == DEFAULT_TEAM:
+        return None
+    return AuditScope(
+        frozenset(f"ca/{view.record.id}" for view in readable_cas()),
+        frozenset(
+            Principal(t.id, t.name, (), t.team).actor(None).principal
+            for t in gateway().tokens.list()
+            if t.team == team
+        ),
+    )
+
+
+def readable_ca_ids() -> set[str] | None:
+    """None for the default team's tokens; the ids of the CAs another team's may read."""
+    if principal().team == DEFAULT_TEAM:
+        return None
+    return {view.record.id for view in readable_cas()}
 
 
 def audit_event_json(event: AuditEventRecord) -> dict[str, Any]:
@@ -1292,7 +1321,7 @@ AUDIT_FILTERS = (
 def list_audit_events(query: dict[str, Any]) -> Response:
     limit: int = query["limit"]
     before = decode_cursor(query["cursor"]) if query["cursor"] else None
-    events = find_audit_events(gateway().core.store, query, limit + 1, before)
+    events = find_audit_events(gateway().core.store, query, limit + 1, before, audit_scope())
     page = events[:limit]
     return paged_reply(
         "events",
@@ -1380,6 +1409,7 @@ def list_events(query: dict[str, Any]) -> Response:
         after=query["after"],
         types=[query["type"]] if query["type"] else (),
         ca_id=query["ca"],
+        ca_ids=readable_ca_ids(),
         limit=limit,
     )
     return reply(

@@ -776,7 +776,7 @@ def audit() -> str:
     before = (
         api.query_position("before", request.args["before"]) if request.args.get("before") else None
     )
-    events = api.find_audit_events(core.store, wanted, PAGE + 1, before)
+    events = api.find_audit_events(core.store, wanted, PAGE + 1, before, api.audit_scope())
     shown = events[:PAGE]
     next_page = None
     if len(events) > PAGE:

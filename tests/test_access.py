@@ -591,6 +591,41 @@ def test_fuzzed_documents_through_the_api_are_400_with_a_path_never_500(
         ), message
 
 
+def test_another_teams_auditor_sees_no_audit_record_or_event_of_an_unshared_ca(
+    teams: tuple[Service, dict[str, str]],
+) -> None:
+    """Team b's auditor sees audit records of the CAs b may read and of b's own tokens,
+    and outbox events of those CAs only; the default team's auditor still sees everything."""
+    service, _ = teams
+    hidden = _make_ca(service, "CN=A's unshared CA")
+    service.call("PATCH", f"/cas/{hidden}", "a-admin", json={"status": "DISABLED"}, expect=200)
+    own = service.call(
+        "POST", "/tokens", "b-admin", json={"name": "b-extra", "role": "auditor"}, expect=201
+    ).get_json()
+
+    def seen(role: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        audit = service.call("GET", "/audit/events?limit=1000", role, expect=200)
+        # Unchecked by the strict schemas here: an event page's items are an allOf.
+        events = service.client.get(
+            "/api/v1/events?limit=1000",
+            headers={"Authorization": f"Bearer {service.secrets[role]}"},
+        )
+        assert events.status_code == 200, events.get_data(as_text=True)
+        return audit.get_json()["events"], events.get_json()["events"]
+
+    b_audit, b_events = seen("b-auditor")
+    assert not [e for e in b_audit if hidden in e["resource"]]
+    assert not [e for e in b_events if e["ca_id"] == hidden]
+    assert f"token/{own['id']}" in {e["resource"] for e in b_audit}  # b's own admin's act
+    assert all(
+        e["actor"].startswith("token:b-") or e["resource"].startswith("ca/") for e in b_audit
+    )
+    for role in ("auditor", "a-auditor"):  # the default team's, and the owner's
+        audit, events = seen(role)
+        assert [e for e in audit if e["resource"] == f"ca/{hidden}"], role
+        assert [e for e in events if e["ca_id"] == hidden], role
+
+
 # -- migration -----------------------------------------------------------------------------------
 
 

@@ -134,6 +134,15 @@ class CRLRecord:
 
 
 @dataclass(frozen=True)
+class AuditScope:
+    """What a team other than the default sees of the audit log: records about these
+    resources (its readable CAs, ``ca/ID``) or made by these actors (its tokens)."""
+
+    resources: frozenset[str]
+    actors: frozenset[str]
+
+
+@dataclass(frozen=True)
 class AuditEventRecord:
     seq: int
     event_id: str
@@ -867,12 +876,17 @@ class Store:
         request_id: str | None = None,
         before_seq: int | None = None,
         limit: int = 100,
+        within: AuditScope | None = None,
     ) -> list[AuditEventRecord]:
         """Events newest first: ``actor`` and ``resource`` are case-insensitive substrings,
         ``action`` an exact action or a prefix ending in "." (``certificate.``), the time
-        range [since, until)."""
+        range [since, until); ``within``: only those of that scope."""
         c = schema.audit_events.c
         query = select(schema.audit_events).order_by(c.seq.desc()).limit(limit)
+        if within is not None:
+            query = query.where(
+                or_(c.resource.in_(sorted(within.resources)), c.actor.in_(sorted(within.actors)))
+            )
         if actor:
             query = query.where(c.actor.icontains(actor, autoescape=True))
         if action:

@@ -140,8 +140,10 @@ def list_events(
     until_id: int | None = None,
     types: Collection[str] = (),
     ca_id: str | None = None,
+    ca_ids: Collection[str] | None = None,
     limit: int = 100,
 ) -> list[EventRow]:
+    """``ca_ids``: only events about these CAs (None: any, or none)."""
     query = select(_events).where(_events.c.id > after_id)
     if until_id is not None:
         query = query.where(_events.c.id <= until_id)
@@ -149,6 +151,8 @@ def list_events(
         query = query.where(_events.c.type.in_(sorted(types)))
     if ca_id is not None:
         query = query.where(_events.c.ca_id == ca_id)
+    if ca_ids is not None:
+        query = query.where(_events.c.ca_id.in_(sorted(ca_ids)))
     return [_event(row) for row in conn.execute(query.order_by(_events.c.id).limit(limit))]
 
 
