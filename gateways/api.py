@@ -54,7 +54,14 @@ from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
 from pkigate.core.readable import UNREADABLE
-from pkigate.core.store import AuditEventRecord, AuditScope, CARecord, CertificateRecord, Store
+from pkigate.core.store import (
+    AuditEventRecord,
+    AuditScope,
+    CARecord,
+    CertificateRecord,
+    CertificateScope,
+    Store,
+)
 from pkigate.core.store.engine import MAX_POSITION
 from pkigate.core.templates import Template
 from pkigate.core.templates import describe as describe_template
@@ -1259,6 +1266,20 @@ def audit_scope() -> AuditScope | None:
             for t in gateway().tokens.list()
             if t.team == team
         ),
+    )
+
+
+def certificate_scope() -> CertificateScope | None:
+    """None for the default team's tokens; for another team's, the certificates its
+    listings show (see :func:`_own_or_owner`)."""
+    team = principal().team
+    if team == DEFAULT_TEAM:
+        return None
+    readable = [view.record for view in readable_cas()]
+    return CertificateScope(
+        team,
+        frozenset(ca.id for ca in readable if ca.team == team),
+        frozenset(ca.id for ca in readable if ca.team != team),
     )
 
 

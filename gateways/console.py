@@ -257,6 +257,8 @@ def home() -> str:
     start = (now - timedelta(days=CHART_DAYS - 1)).replace(
         hour=0, minute=0, second=0, microsecond=0
     )
+    within = api.certificate_scope()
+    readable = {view.record.id for view in api.readable_cas()}
     with core.store.read() as conn:
         expiring = [
             (
@@ -266,16 +268,21 @@ def home() -> str:
                     status=CertificateStatus.ISSUED.value,
                     not_expired_at=now,
                     expiring_before=now + timedelta(days=days),
+                    within=within,
                 ),
             )
             for days in EXPIRY_WINDOWS
         ]
-        per_day = core.store.issued_per_day(conn, start)
+        per_day = core.store.issued_per_day(conn, start, within)
     days = [(start + timedelta(days=i)).date().isoformat() for i in range(CHART_DAYS)]
     highest = max(per_day.values(), default=0) or 1
     # Bar lengths in twentieths: the stylesheet has a class for each (no inline styles).
     chart = [(day, per_day.get(day, 0), round(20 * per_day.get(day, 0) / highest)) for day in days]
-    pending = sum(len(c.approvals.pending()) for c in scep_connectors().values())
+    pending = sum(
+        len(c.approvals.pending())
+        for c in scep_connectors().values()
+        if c.context.ca_id in readable
+    )
     return page(
         "dashboard.html",
         title="Dashboard",

@@ -677,18 +677,7 @@ def test_console_lists_only_what_the_team_may_read(teams: tuple[Service, dict[st
     document = {"statements": [{"id": "read", "principal": {"team": "b"}, "actions": ["read"]}]}
     _put_policy(service, shared, "a-admin", document, 0, 200)
     owner_cert = _issue(service, shared, "a-issuer", make_csr("owner.a.example"), 201)
-    # A client of its own (its own cookies), over https as the console's cookies require.
-    client = service.app.test_client()
-    client.environ_base["wsgi.url_scheme"] = "https"
-    form = client.get("/console/signin").get_data(as_text=True)
-    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form)
-    assert csrf is not None
-    signed_in = client.post(
-        "/console/signin",
-        data={"token": tokens["b-issuer"], "csrf_token": csrf.group(1)},
-        follow_redirects=True,
-    )
-    assert signed_in.status_code == 200, signed_in.get_data(as_text=True)
+    client = _console_client(service, tokens["b-issuer"])
     cas = client.get("/console/cas").get_data(as_text=True)
     assert "CN=A console shared" in cas and "CN=A console private" not in cas
     assert client.get(f"/console/cas/{private}").status_code == 404
@@ -697,6 +686,34 @@ def test_console_lists_only_what_the_team_may_read(teams: tuple[Service, dict[st
     listed = client.get("/console/certificates").get_data(as_text=True)
     assert owner_cert["serial"] not in listed
     assert client.get(f"/console/certificates/{shared}/{owner_cert['serial']}").status_code == 404
+
+    def issued_in_chart(dashboard: Any) -> int:
+        return sum(map(int, re.findall(r'<span class="count">(\d+)<', dashboard.get_data(True))))
+
+    # The dashboard counts as the listings show: the owner's new certificate on the shared
+    # CA is not b's, while the default team's admin counts it.
+    admin = _console_client(service, service.secrets["admin"])
+    before, admin_before = (issued_in_chart(c.get("/console/")) for c in (client, admin))
+    _issue(service, shared, "a-issuer", make_csr("owner2.a.example"), 201)
+    assert issued_in_chart(client.get("/console/")) == before
+    assert issued_in_chart(admin.get("/console/")) == admin_before + 1
+
+
+def _console_client(service: Service, secret: str) -> Any:
+    """A client of its own (its own cookies) signed in with ``secret``, over https as the
+    console's cookies require."""
+    client = service.app.test_client()
+    client.environ_base["wsgi.url_scheme"] = "https"
+    form = client.get("/console/signin").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form)
+    assert csrf is not None
+    signed_in = client.post(
+        "/console/signin",
+        data={"token": secret, "csrf_token": csrf.group(1)},
+        follow_redirects=True,
+    )
+    assert signed_in.status_code == 200, signed_in.get_data(as_text=True)
+    return client
 
 
 def test_cli_creates_a_team_and_shares_a_ca(tmp_path: Path) -> None:

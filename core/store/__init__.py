@@ -134,6 +134,23 @@ class CRLRecord:
 
 
 @dataclass(frozen=True)
+class CertificateScope:
+    """The certificates a team other than the default sees: every one of the CAs it owns,
+    and its own of the CAs shared with it."""
+
+    team: str
+    owned: frozenset[str]  # CA ids
+    shared: frozenset[str]
+
+    def clause(self) -> Any:
+        c = schema.certificates.c
+        return or_(
+            c.ca_id.in_(sorted(self.owned)),
+            and_(c.ca_id.in_(sorted(self.shared)), c.team == self.team),
+        )
+
+
+@dataclass(frozen=True)
 class AuditScope:
     """What a team other than the default sees of the audit log: records about these
     resources (its readable CAs, ``ca/ID``) or made by these actors (its tokens)."""
@@ -561,9 +578,12 @@ class Store:
         status: str | None = None,
         not_expired_at: datetime | None = None,
         expiring_before: datetime | None = None,
+        within: CertificateScope | None = None,
     ) -> int:
         c = schema.certificates.c
         query = select(func.count()).select_from(schema.certificates)
+        if within is not None:
+            query = query.where(within.clause())
         if ca_id:
             query = query.where(c.ca_id == ca_id)
         if status:
@@ -574,15 +594,18 @@ class Store:
             query = query.where(c.not_after <= expiring_before)
         return int(conn.execute(query).scalar_one())
 
-    def issued_per_day(self, conn: Connection, since: datetime) -> dict[str, int]:
+    def issued_per_day(
+        self, conn: Connection, since: datetime, within: CertificateScope | None = None
+    ) -> dict[str, int]:
         """Certificates issued on each UTC day (YYYY-MM-DD) since ``since``; days without
         any are absent."""
         c = schema.certificates.c
         stamp: Any = c.issued_at  # SQLite: UTC text; PostgreSQL: in the session's zone
         day = func.date(stamp if self.dialect == "sqlite" else func.timezone("UTC", stamp))
-        rows = conn.execute(
-            select(day, func.count()).where(c.issued_at >= since).group_by(day)
-        ).all()
+        query = select(day, func.count()).where(c.issued_at >= since)
+        if within is not None:
+            query = query.where(within.clause())
+        rows = conn.execute(query.group_by(day)).all()
         return {str(found): int(count) for found, count in rows}
 
     def insert_certificates(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> list[int]:
