@@ -276,7 +276,9 @@ class Certbot:
     ) -> subprocess.CompletedProcess[str]:
         args = ["-m", email, "--no-eff-email"] if email else ["--register-unsafely-without-email"]
         if eab_kid is not None or eab_hmac_key is not None:
-            args += ["--eab-kid", eab_kid or "", "--eab-hmac-key", eab_hmac_key or ""]
+            # One argument each: a base64url key may begin with "-", which certbot's argparse
+            # would take for an option (a 1-in-64 failure of the EAB test).
+            args += [f"--eab-kid={eab_kid or ''}", f"--eab-hmac-key={eab_hmac_key or ''}"]
         result = self._run("register", args, check=check)
         if result.returncode == 0:
             self.registered = True
