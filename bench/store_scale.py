@@ -144,6 +144,7 @@ def certificate_rows(
             "fingerprint_sha256": fingerprints[index * 32 : index * 32 + 32].hex(),
             "der": template_der,
             "crl_partition": None,
+            "team": None,  # the CA owner's (see core/tenancy.py)
         }
         yield row, LoadedRow(serial, row["subject"], not_after, revoked)
 
