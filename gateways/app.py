@@ -78,6 +78,10 @@ def prometheus_metrics() -> Response:
     return Response(metrics.render(gateway().core), content_type=metrics.CONTENT_TYPE)
 
 
+# Where a NUL in the URL is refused before routing (see start() below).
+_NUL_CHECKED = ("/api/", "/console")
+
+
 def create_app(gw: Gateway, listener: Literal["http", "https"]) -> Flask:
     app = Flask(f"pkigate-{listener}")
     app.config["PKIGATE_GATEWAY"] = gw
@@ -90,10 +94,14 @@ def create_app(gw: Gateway, listener: Literal["http", "https"]) -> Flask:
     def start() -> None:
         g.started = time.perf_counter()
         assign_request_id()
-        # No path segment or query value of any protocol here holds a NUL, and PostgreSQL
-        # text cannot (a DataError, a 500, where a name or filter reaches a query).
-        arguments = request.args.items(multi=True)
-        if "\x00" in request.path or any("\x00" in k + v for k, v in arguments):
+        # No name or filter of the management API or the console holds a NUL, and
+        # PostgreSQL text cannot (a DataError, a 500, where one reaches a query). The
+        # enrollment protocols answer a NUL in their own error formats (ACME's
+        # problem+json, SCEP's and WSTEP's), so they are left to do so.
+        if request.path.startswith(_NUL_CHECKED) and (
+            "\x00" in request.path
+            or any("\x00" in k + v for k, v in request.args.items(multi=True))
+        ):
             raise BadRequestError("the URL holds a NUL (%00)")
 
     @app.after_request

@@ -537,7 +537,7 @@ def test_a_paging_position_past_what_a_store_holds_is_a_400_naming_it(
         "/console/audit?actor=a%00b",
     ],
 )
-def test_a_nul_anywhere_in_the_url_is_a_400(gateway: Gateway, path: str) -> None:
+def test_a_nul_in_a_management_or_console_url_is_a_400(gateway: Gateway, path: str) -> None:
     """PostgreSQL text cannot hold a NUL: a name or filter carrying one was a DataError
     (a 500) wherever it reached a query."""
     secret = gateway.tokens.create("admin", Role("admin"), ACTOR).secret
