@@ -42,7 +42,6 @@ from pkigate.scep.messages import (
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -118,12 +117,18 @@ class Console:
 
     def click(self, element: Any) -> None:
         """Click what submits a form or follows a link, and wait for the next page."""
-        page = self.driver.find_element(By.TAG_NAME, "html")
+        # A mark on the old page's window: a new document has none. (Waiting for the old
+        # <html> element to go stale raced Chromium 156, which answered "Node with given id
+        # does not belong to the document" instead of a stale-element error.)
+        self.driver.execute_script("window.pkigateOldPage = true;")
         element.click()
-        wait = WebDriverWait(self.driver, 30)
-        wait.until(staleness_of(page))
-        # The old page is gone when the new one starts loading, not when it has loaded.
-        wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+        # A script run while the page changes may fail; the next poll asks the new one.
+        wait = WebDriverWait(self.driver, 30, ignored_exceptions=(WebDriverException,))
+        wait.until(
+            lambda d: d.execute_script(
+                "return window.pkigateOldPage !== true && document.readyState === 'complete';"
+            )
+        )
 
     def press(self, element_id: str) -> None:
         self.click(self.driver.find_element(By.ID, element_id))
