@@ -8,6 +8,12 @@ certificates/s, and the server's CPU seconds per certificate (utime + stime of e
 process of the server's tree, from /proc/<pid>/stat, read before and after the timed
 requests), with the load average beside it (other processes share the machine).
 
+Then, on the same sessions and server, the same number of requests that issue nothing:
+``GET /healthz`` (the serving layer alone: TLS record, HTTP parse, WSGI, logging) and
+``GET /api/v1/cas/<id>`` with the token (plus authentication and one store read). Their
+server CPU per request is the floor under the issuance figure: what a certificate costs
+beyond it is building, signing, storing and auditing it.
+
     .venv/bin/python bench/api_issue.py [--certificates N] [--clients C] [--workers W]
         [--warmup K] [--pause S]
 
@@ -22,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 from cryptography import x509
@@ -43,6 +50,34 @@ def csr_pem(name: str) -> str:
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def floor(server: Any, path: str, token: str, count: int, clients: int, pids: list[int]) -> float:
+    """Server CPU seconds per request of ``count`` GETs of ``path`` from ``clients`` threads."""
+    url = f"{server.https_url}{path}"
+    remaining = iter(range(count))
+    lock = threading.Lock()
+    failures: list[int] = []
+
+    def client() -> None:
+        own = server.session(token)  # a new connection each: one TLS handshake per client
+        while True:
+            with lock:
+                if next(remaining, None) is None:
+                    return
+            response = own.get(url, timeout=60)
+            if not response.ok:
+                failures.append(response.status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    before = cpu_seconds(pids)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise SystemExit(f"{path}: {len(failures)} failures, e.g. {failures[0]}")
+    return (cpu_seconds(pids) - before) / count
 
 
 def main() -> int:
@@ -115,6 +150,12 @@ def main() -> int:
             )
             for failure in failures[:5]:
                 print("  ", failure)
+            for label, path, auth in (
+                ("GET /healthz", "/healthz", token),
+                ("GET /api/v1/cas/<id> (token)", f"/api/v1/cas/{issuing}", token),
+            ):
+                per_request = floor(server, path, auth, args.certificates, args.clients, pids)
+                print(f"floor: {label}: server CPU {per_request * 1000:.2f} ms/request")
             return 1 if failures else 0
         finally:
             server.stop()
