@@ -321,6 +321,11 @@ class JobRunner:
     behind another), runs its handler and records the outcome. A handler's exception
     fails that attempt and is logged with the job id; it never ends the thread. Handlers
     must finish within ``lease``, or another worker will start the same job again.
+
+    With ``concurrency`` above 1, the threads claim only as many jobs as there are free
+    slots and run each in a thread of its own (a greenlet in a gevent worker), so jobs that
+    wait on the network (an ACME validation, a webhook delivery) run side by side at the
+    cost of one poller, and none waits behind another after its claim.
     """
 
     def __init__(
@@ -330,9 +335,12 @@ class JobRunner:
         threads: int = 1,
         poll_interval: float = 0.5,
         lease: timedelta = DEFAULT_LEASE,
+        concurrency: int = 1,
     ) -> None:
         if threads < 1:
             raise ValueError("a runner needs at least one thread")
+        if concurrency < 1:
+            raise ValueError("a runner runs at least one job at a time")
         if not handlers:
             raise ValueError("a runner needs at least one handler")
         self.queue = queue
@@ -341,6 +349,9 @@ class JobRunner:
         self.thread_count = threads
         self.poll_interval = poll_interval
         self.lease = lease
+        self.concurrency = concurrency
+        self._running_jobs: set[threading.Thread] = set()
+        self._running_lock = threading.Lock()
         self.worker_prefix = _default_worker_prefix()
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
@@ -387,7 +398,9 @@ class JobRunner:
         self._wakeup.set()
         self.queue.unsubscribe(self._wakeup.set)
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
+        with self._running_lock:
+            running = list(self._running_jobs)
+        for thread in [*self._threads, *running]:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 logger.warning("job worker %s is still running a job after stop()", thread.name)
@@ -416,14 +429,19 @@ class JobRunner:
     def _work(self, worker_id: str, stopping: threading.Event) -> None:
         while not stopping.is_set():
             try:
-                claimed = self.queue.claim(worker_id, self.kinds, 1, self.lease)
+                free = self._free_slots()
+                claimed = self.queue.claim(worker_id, self.kinds, free, self.lease) if free else []
                 if self._store_unavailable.is_set():
                     self._store_unavailable.clear()
                     logger.warning("job worker %s: the store takes writes again", worker_id)
                 if claimed:
                     # A claimed job is run even if stop() was called meanwhile: abandoning
                     # it would leave it waiting for its lease to expire.
-                    self._process(claimed[0], worker_id)
+                    if self.concurrency == 1:
+                        self._process(claimed[0], worker_id)
+                    else:
+                        for job in claimed:
+                            self._start_job(job, worker_id)
                     continue
             except StoreUnavailableError as exc:
                 # A full disk: nothing was claimed; try again after the poll interval.
@@ -436,6 +454,34 @@ class JobRunner:
                 logger.exception("job worker %s: could not claim or settle a job", worker_id)
             if self._wakeup.wait(self.poll_interval):
                 self._wakeup.clear()
+
+    def _free_slots(self) -> int:
+        if self.concurrency == 1:
+            return 1
+        with self._running_lock:
+            return self.concurrency - len(self._running_jobs)
+
+    def _start_job(self, job: Job, worker_id: str) -> None:
+        thread = threading.Thread(
+            target=self._run_job,
+            args=(job, worker_id),
+            name=f"pkigate-job-{job.id}",
+            daemon=True,
+        )
+        with self._running_lock:
+            self._running_jobs.add(thread)
+        thread.start()
+
+    def _run_job(self, job: Job, worker_id: str) -> None:
+        try:
+            self._process(job, worker_id)
+        except Exception:
+            # The store failed to record the outcome: the job is retried after its lease.
+            logger.exception("job worker %s: could not settle job %d", worker_id, job.id)
+        finally:
+            with self._running_lock:
+                self._running_jobs.discard(threading.current_thread())
+            self._wakeup.set()  # a slot is free: the poller claims again now
 
     def _process(self, job: Job, worker_id: str) -> _Outcome:
         handler = self.handlers[job.kind]

@@ -202,6 +202,8 @@ class GatewayConfig:
     body_timeout_seconds: int = 30
     keepalive_requests: int = 1000
     job_threads: int = 1  # per process, for the CA's own jobs and again for each connector's
+    # Jobs of each connector (and of notifications) one process runs at once.
+    job_concurrency: int = 8
     max_body_bytes: int = DEFAULT_MAX_BODY
     log_level: str = "INFO"
     # Whether issuer tokens may issue CA, OCSP responder and Blank-template certificates
@@ -388,6 +390,7 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
             "body_timeout_seconds",
             "keepalive_requests",
             "job_threads",
+            "job_concurrency",
             "max_body_bytes",
             "log_level",
             "api_ca_operations",
@@ -509,6 +512,7 @@ def parse_config(text: str, source: str = "pkigate.toml") -> GatewayConfig:
             data, "keepalive_requests", "keepalive_requests", 1000, 1, 1_000_000
         ),
         job_threads=reader.integer(data, "job_threads", "job_threads", 1, 0, 32),
+        job_concurrency=reader.integer(data, "job_concurrency", "job_concurrency", 8, 1, 256),
         max_body_bytes=reader.integer(
             data, "max_body_bytes", "max_body_bytes", DEFAULT_MAX_BODY, 1024, 64 * 1024 * 1024
         ),

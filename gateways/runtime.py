@@ -383,8 +383,15 @@ class Gateway:
         on purpose) cannot delay a CRL or another connector's work."""
         if self.config.job_threads == 0 or self._runners:
             return
-        for group in self.job_handler_groups():
-            runner = JobRunner(self.core.jobs, group, threads=self.config.job_threads)
+        for index, group in enumerate(self.job_handler_groups()):
+            # The CA's own jobs (the first group) run one at a time; the others (ACME
+            # validations, notification deliveries) wait on the network, side by side.
+            runner = JobRunner(
+                self.core.jobs,
+                group,
+                threads=self.config.job_threads,
+                concurrency=1 if index == 0 else self.config.job_concurrency,
+            )
             runner.start()
             self._runners.append(runner)
         try:

@@ -339,6 +339,39 @@ def test_two_runner_threads_run_each_of_many_jobs_exactly_once(core: Core, queue
     assert len(threads_used) == 2, "the threads did not share the work"
 
 
+def test_one_poller_runs_up_to_its_concurrency_of_jobs_side_by_side(
+    core: Core, queue: JobQueue
+) -> None:
+    # Four jobs that each wait for the other three: they finish only if all run at once.
+    together = threading.Barrier(4, timeout=20)
+    running = 0
+    most = 0
+    lock = threading.Lock()
+    ran: list[int] = []
+
+    def meet(payload: dict[str, Any]) -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        if payload["n"] < 4:
+            together.wait()
+        time.sleep(0.005)
+        with lock:
+            running -= 1
+            ran.append(payload["n"])
+
+    runner = JobRunner(queue, {"meet": meet}, threads=1, poll_interval=0.05, concurrency=4)
+    with runner:
+        with core.store.write() as conn:
+            for n in range(12):
+                queue.enqueue("meet", {"n": n}, conn=conn)
+        _wait_until(lambda: queue.counts()[JobStatus.DONE] == 12, "every job is done")
+    assert sorted(ran) == list(range(12)), "a job ran twice or not at all"
+    assert most == 4, f"at most {most} ran at once; the concurrency is 4"
+    assert queue.counts()[JobStatus.FAILED] == 0  # the barrier never broke
+
+
 # Opens the store, runs two worker threads, says it is ready, and stops when stdin closes.
 # Each handler call appends one line (a single O_APPEND write) to this process's file.
 WORKER_PROCESS = textwrap.dedent("""
