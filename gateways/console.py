@@ -117,6 +117,8 @@ def install(app: Flask) -> None:
         # The CSRF token lives as long as the session may; the session decides.
         WTF_CSRF_TIME_LIMIT=int(ABSOLUTE_TIMEOUT.total_seconds()),
     )
+    from pkigate.gateways import console_access  # noqa: F401 - registers its pages
+
     app.register_blueprint(console, url_prefix=PREFIX)
 
 
@@ -221,6 +223,7 @@ ENROLLMENT = (Permission.APPROVE, Permission.ENROLL)
 NAVIGATION = (
     ("console.home", "Dashboard", (Permission.READ_CAS,)),
     ("console.cas", "CAs", (Permission.READ_CAS,)),
+    ("console.teams", "Teams", (Permission.READ_CAS,)),
     ("console.certificates", "Certificates", (Permission.READ_CERTIFICATES,)),
     ("console.enrollment", "Enrollment", ENROLLMENT),
     ("console.acme", "ACME", (Permission.READ_EAB,)),

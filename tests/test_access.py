@@ -699,6 +699,62 @@ def test_console_lists_only_what_the_team_may_read(teams: tuple[Service, dict[st
     assert issued_in_chart(admin.get("/console/")) == admin_before + 1
 
 
+def test_console_access_pages_answer_each_token_as_the_api_does(
+    teams: tuple[Service, dict[str, str]],
+) -> None:
+    """Reading and setting a CA's policy in the console: the API's status for every token
+    (the owner's roles, another team it is shared with, a team it is not shared with)."""
+    service, _ = teams
+    shared = _make_ca(service, "CN=A console policy shared")
+    private = _make_ca(service, "CN=A console policy private")
+    document = {"statements": [{"id": "read", "principal": {"team": "b"}, "actions": ["read"]}]}
+    _put_policy(service, shared, "a-admin", document, 0, 200)
+    seen = {}
+    for role in ("admin", "a-admin", "a-issuer", "a-auditor", "b-admin", "b-auditor"):
+        client = _console_client(service, service.secrets[role])
+        teams_page = client.get("/console/teams").get_data(as_text=True)
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', teams_page)
+        assert csrf is not None
+        for ca_id in (shared, private):
+            read = service.call("GET", f"/cas/{ca_id}/policy", role).status_code
+            assert client.get(f"/console/cas/{ca_id}/policy").status_code == read, (role, ca_id)
+            # Each write sets the same statements again, as a new version.
+            current = service.gw.core.access.current_policy(ca_id)
+            body = {"document": current.policy.to_json(), "replaces": current.version}
+            written = service.call("PUT", f"/cas/{ca_id}/policy", role, json=body).status_code
+            form = {"csrf_token": csrf.group(1), "document": json.dumps(body["document"])}
+            version = service.gw.core.access.current_policy(ca_id).version
+            answer = client.post(
+                f"/console/cas/{ca_id}/policy", data={**form, "replaces": str(version)}
+            )
+            # The API answers 200 with the new version; the console redirects (302) to it.
+            assert (answer.status_code, written) in ((302, 200), (written, written)), role
+            seen[role, ca_id == shared] = (read, written)
+        # Teams are made by the default team's token admins, and listed as the API does.
+        made = client.post(
+            "/console/teams", data={"csrf_token": csrf.group(1), "name": "x-" + role}
+        )
+        api_made = service.call("POST", "/teams", role, json={"name": "y-" + role}).status_code
+        assert (made.status_code, api_made) in ((302, 201), (api_made, api_made)), role
+        listed = [t["name"] for t in service.call("GET", "/teams", role).get_json()["teams"]]
+        shown = re.findall(r'<td class="team">([^<]+)</td>', client.get("/console/teams").text)
+        assert shown == listed, role
+    assert seen == {
+        ("admin", True): (404, 404),
+        ("admin", False): (404, 404),
+        ("a-admin", True): (200, 200),
+        ("a-admin", False): (200, 200),
+        ("a-issuer", True): (200, 403),
+        ("a-issuer", False): (200, 403),
+        ("a-auditor", True): (200, 403),
+        ("a-auditor", False): (200, 403),
+        ("b-admin", True): (403, 403),
+        ("b-admin", False): (404, 404),
+        ("b-auditor", True): (403, 403),
+        ("b-auditor", False): (404, 403),  # the role is checked before the CA is looked up
+    }
+
+
 def _console_client(service: Service, secret: str) -> Any:
     """A client of its own (its own cookies) signed in with ``secret``, over https as the
     console's cookies require."""

@@ -252,6 +252,7 @@ def test_each_role_sees_only_what_it_may(console: Console) -> None:
         "admin": [
             "Dashboard",
             "CAs",
+            "Teams",
             "Certificates",
             "Enrollment",
             "ACME",
@@ -259,8 +260,8 @@ def test_each_role_sees_only_what_it_may(console: Console) -> None:
             "Notifications",
             "Tokens",
         ],
-        "issuer": ["Dashboard", "CAs", "Certificates", "Enrollment"],
-        "auditor": ["Dashboard", "CAs", "Certificates", "ACME", "Audit"],
+        "issuer": ["Dashboard", "CAs", "Teams", "Certificates", "Enrollment"],
+        "auditor": ["Dashboard", "CAs", "Teams", "Certificates", "ACME", "Audit"],
     }
     refused = {"admin": "/audit/report?ca=x", "issuer": "/acme", "auditor": "/enrollment"}
     for role, pages in allowed.items():
@@ -658,7 +659,14 @@ def test_pages_fit_a_phone_and_come_with_a_strict_policy(console: Console) -> No
     console.sign_in("auditor")
     console.driver.set_window_size(390, 844)
     try:
-        for path in ("/", "/cas", "/certificates", "/audit"):
+        for path in (
+            "/",
+            "/cas",
+            "/teams",
+            f"/cas/{console.issuing}/policy",
+            "/certificates",
+            "/audit",
+        ):
             console.open(path)
             overflow = console.driver.execute_script(
                 "return document.documentElement.scrollWidth - window.innerWidth"
@@ -708,3 +716,185 @@ def test_console_makes_a_token_of_several_roles_and_rotates_it_with_an_overlap(
         timeout=10,
     )
     assert refused.status_code == 400 and "max_rotation_overlap" in refused.text
+
+
+SHARED_TEMPLATE = "EndEntityServerAuthCertificate/V1"
+
+
+def policy_version(console: Console, ca_id: str) -> int:
+    with console.database() as db:
+        (version,) = db.execute(
+            "SELECT policy_version FROM authorities WHERE id = ?", (ca_id,)
+        ).fetchone()
+    return int(version)
+
+
+def statement_rows(console: Console) -> dict[str, dict[str, str]]:
+    """The access page's statements by id, each cell by its class."""
+    cells = ("principal", "may", "templates", "names", "max-validity", "connectors")
+    return {
+        row.find_element(By.CSS_SELECTOR, ".statement-id").text: {
+            cell: row.find_element(By.CSS_SELECTOR, f".{cell}").text for cell in cells
+        }
+        for row in console.driver.find_elements(By.CSS_SELECTOR, "#statements tbody tr")
+        if row.find_elements(By.CSS_SELECTOR, ".statement-id")
+    }
+
+
+def test_admin_makes_a_team_and_shares_the_issuing_ca_with_it_for_a_template_and_a_suffix(
+    console: Console,
+) -> None:
+    server, ca_id = console.server, console.issuing
+    admin_api = server.session()
+    console.sign_in("admin")
+    console.open("/teams")
+    console.driver.find_element(By.ID, "team-name").send_keys("console-b")
+    console.press("create")
+    teams = {
+        row.find_element(By.CSS_SELECTOR, ".team").text: row
+        for row in console.driver.find_elements(By.CSS_SELECTOR, "#teams tbody tr")
+    }
+    assert teams["console-b"].find_element(By.CSS_SELECTOR, ".tokens").text == "0"
+    assert "Issuing CA" in teams["default"].find_element(By.CSS_SELECTOR, ".owned").text
+    assert [e["resource"] for e in console.store_audit("team.create")] == ["team/console-b"]
+    console.screenshot("teams")
+
+    # Shared from the CA's page: team, actions, one template, one DNS suffix, 30 days.
+    before = policy_version(console, ca_id)
+    console.open(f"/cas/{ca_id}")
+    console.press("access-link")
+    assert console.text("#policy-version") == str(before)
+    console.driver.find_element(By.ID, "share-team").send_keys("console-b")
+    for action in ("issue", "read"):
+        console.driver.find_element(
+            By.CSS_SELECTOR, f"#share-actions input[value={action}]"
+        ).click()
+    Select(console.driver.find_element(By.ID, "share-templates")).select_by_value(SHARED_TEMPLATE)
+    console.driver.find_element(By.ID, "share-dns").send_keys(".b.example")
+    console.driver.find_element(By.ID, "share-days").send_keys("30")
+    console.press("share-button")
+    assert console.text("#saved") == f"Saved as version {before + 1}."
+    assert policy_version(console, ca_id) == before + 1
+    assert statement_rows(console)["share-console-b"] == {
+        "principal": "team console-b",
+        "may": "issue, read",
+        "templates": SHARED_TEMPLATE,
+        "names": "DNS: .b.example",
+        "max-validity": "30 days",
+        "connectors": "any",
+    }
+    console.screenshot("ca-policy")
+    change = console.store_audit("ca.policy.set")[-1]
+    assert change["resource"] == f"ca/{ca_id}" and change["result"] == "success"
+    assert change["actor"].startswith("token:")
+    assert change["parameters"]["version"] == before + 1
+    assert change["parameters"]["replaces"] == before
+
+    # It works: team B's token sees that CA and no other, and not its policy.
+    made = admin_api.post(
+        f"{server.https_url}/api/v1/tokens",
+        json={"name": "console-b-issuer", "role": "issuer", "team": "console-b"},
+        timeout=10,
+    )
+    assert made.status_code == 201, made.text
+    team_b = server.session(made.json()["secret"])
+    listed = team_b.get(f"{server.https_url}/api/v1/cas", timeout=10).json()["cas"]
+    assert [ca["id"] for ca in listed] == [ca_id]
+    b_console, _ = console_signin(server, made.json()["secret"])
+    refused = b_console.get(console.url(f"/cas/{ca_id}/policy"), timeout=10)
+    assert refused.status_code == 403 and "is its owner&#39;s" in refused.text
+
+    # A document the core refuses comes back with its failing path; nothing is written.
+    editor = console.driver.find_element(By.ID, "document")
+    sent = {
+        "statements": [
+            {
+                "id": "bad",
+                "principal": {"team": "console-b"},
+                "actions": ["read"],
+                "conditions": {"dns_suffixes": ["not a suffix"]},
+            }
+        ]
+    }
+    editor.clear()
+    editor.send_keys(json.dumps(sent))
+    console.press("save-policy")
+    assert console.text("#problem").startswith("policy statements[0].conditions.dns_suffixes[0]:")
+    assert json.loads(console.driver.find_element(By.ID, "document").get_attribute("value")) == sent
+    assert policy_version(console, ca_id) == before + 1
+
+    # A form showing an old version is refused with the conflict, not applied.
+    admin_console, csrf = console_signin(server, console.tokens["admin"])
+    stale = admin_console.post(
+        console.url(f"/cas/{ca_id}/policy"),
+        data={"csrf_token": csrf, "document": '{"statements": []}', "replaces": str(before)},
+        timeout=10,
+    )
+    assert stale.status_code == 409 and f"is at version {before + 1}" in stale.text
+
+    # The editor saves a whole document; what a policy holds is shown as text.
+    console.open(f"/cas/{ca_id}/policy")
+    current = json.loads(console.driver.find_element(By.ID, "document").get_attribute("value"))
+    current["statements"].append(
+        {
+            "id": "markup",
+            "principal": {"team": "console-b"},
+            "actions": ["read"],
+            "conditions": {"templates": ["<script>document.title='owned'</script>"]},
+        }
+    )
+    editor = console.driver.find_element(By.ID, "document")
+    editor.clear()
+    editor.send_keys(json.dumps(current))
+    console.press("save-policy")
+    assert policy_version(console, ca_id) == before + 2
+    rows = statement_rows(console)
+    assert rows["markup"]["templates"] == "<script>document.title='owned'</script>"
+    assert console.driver.find_elements(By.TAG_NAME, "script") == []
+    assert console.driver.title != "owned"
+
+    # Each statement's Remove writes a version without it; with none, team B sees nothing.
+    for statement in ("markup", "share-console-b"):
+        row = next(
+            r
+            for r in console.driver.find_elements(By.CSS_SELECTOR, "#statements tbody tr")
+            if r.find_element(By.CSS_SELECTOR, "td").text == statement
+        )
+        console.click(row.find_element(By.CSS_SELECTOR, "button.remove-statement"))
+        assert statement not in statement_rows(console)
+    assert policy_version(console, ca_id) == before + 4
+    assert console.texts("#history tbody .version")[:2] == [str(before + 4), str(before + 3)]
+    assert team_b.get(f"{server.https_url}/api/v1/cas", timeout=10).json()["cas"] == []
+    # Every change is audited, and so is every refusal, with its reason.
+    events = console.store_audit("ca.policy.set")[-6:]
+    assert [(e["result"], e["parameters"].get("version")) for e in events] == [
+        ("success", before + 1),
+        ("failure", None),
+        ("failure", None),
+        ("success", before + 2),
+        ("success", before + 3),
+        ("success", before + 4),
+    ]
+    assert [e["parameters"]["error"] for e in events[1:3]] == ["badPolicy", "conflict"]
+
+
+def test_an_auditor_reads_a_cas_policy_without_the_forms_and_may_not_set_it(
+    console: Console,
+) -> None:
+    ca_id = console.issuing
+    version = policy_version(console, ca_id)
+    console.sign_in("auditor")
+    console.open(f"/cas/{ca_id}")
+    console.press("access-link")
+    assert console.text("#policy-version") == str(version)
+    assert console.driver.find_elements(By.ID, "history")
+    for form in ("#policy-editor", "#share", "button.remove-statement"):
+        assert console.driver.find_elements(By.CSS_SELECTOR, form) == [], form
+    session, csrf = console_signin(console.server, console.tokens["auditor"])
+    refused = session.post(
+        console.url(f"/cas/{ca_id}/policy"),
+        data={"csrf_token": csrf, "document": '{"statements": []}', "replaces": str(version)},
+        timeout=10,
+    )
+    assert refused.status_code == 403 and "may not do this" in refused.text
+    assert policy_version(console, ca_id) == version
