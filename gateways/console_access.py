@@ -78,7 +78,7 @@ def create_team() -> ResponseReturnValue:
 @allowed(Permission.READ_CAS)
 def ca_policy(ca_id: str) -> str:
     saved = request.args.get("saved", "")
-    return policy_page(ca_id, saved=int(saved) if saved.isdigit() else -1)
+    return policy_page(ca_id, saved=int(saved) if saved.isdecimal() else -1)
 
 
 def policy_page(
@@ -157,7 +157,7 @@ class StatementRow:
 
 def replaces() -> int:
     text = request.form.get("replaces", "")
-    if not text.isdigit():
+    if not text.isdecimal():
         raise BadRequestError("replaces: the version the form was showing is missing")
     return int(text)
 
@@ -168,7 +168,7 @@ def save(ca_id: str, build: Callable[[], tuple[Any, str]]) -> ResponseReturnValu
     is said; a document the core refuses, or a version that moved on, comes back on the
     page with the reason and the text as it was sent."""
     owned_ca(ca_id, Action.MANAGE)
-    shown = request.form.get("document", "")
+    shown = request.form.get("document")  # None: the editor shows the current document
     try:
         document, shown = build()
         version = replace_policy(ca_id, document, replaces())
@@ -217,7 +217,7 @@ def share(ca_id: str) -> ResponseReturnValue:
     if suffixes := [s for s in _SEPARATORS.split(form.get("dns_suffixes", "")) if s]:
         conditions["dns_suffixes"] = suffixes
     if days := form.get("max_validity_days", "").strip():
-        if not days.isdigit():
+        if not days.isdecimal():
             raise BadRequestError("max validity: a whole number of days")
         conditions["max_validity_days"] = int(days)
 

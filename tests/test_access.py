@@ -739,6 +739,44 @@ def test_console_access_pages_answer_each_token_as_the_api_does(
         listed = [t["name"] for t in service.call("GET", "/teams", role).get_json()["teams"]]
         shown = re.findall(r'<td class="team">([^<]+)</td>', client.get("/console/teams").text)
         assert shown == listed, role
+    # Bad input is a 400 (or the conflict) with the reason, never a 500, and writes nothing.
+    client = _console_client(service, service.secrets["a-admin"])
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/console/teams").text)
+    assert csrf is not None
+    version = service.gw.core.access.current_policy(shared).version
+    share = {"csrf_token": csrf.group(1), "team": "b", "actions": "read"}
+    for url, form, status, said in (
+        ("policy", {"document": "{", "replaces": str(version)}, 400, "not JSON"),
+        ("policy", {"document": "[]", "replaces": str(version)}, 400, "policy document:"),
+        ("policy", {"document": "{}", "replaces": "\u00b2"}, 400, "replaces"),
+        (
+            "policy/share",
+            {**share, "replaces": str(version), "max_validity_days": "\u00b2"},
+            400,
+            "whole number",
+        ),
+        (
+            "policy/share",
+            {**share, "replaces": str(version), "max_validity_days": "9" * 30},
+            400,
+            "statements[1].conditions.max_validity_days",
+        ),
+        (
+            "policy/share",
+            {**share, "replaces": str(version), "dns_suffixes": "a..b"},
+            400,
+            "statements[1].conditions.dns_suffixes[0]",
+        ),
+        ("policy/share", {**share, "replaces": "9" * 30}, 409, "read it again"),
+        ("policy/statements/nope/remove", {"replaces": str(version)}, 409, "no statement nope"),
+    ):
+        answer = client.post(
+            f"/console/cas/{shared}/{url}", data={"csrf_token": csrf.group(1), **form}
+        )
+        assert answer.status_code == status and said in answer.text, (url, form, answer.text)
+    assert service.gw.core.access.current_policy(shared).version == version
+    assert client.get(f"/console/cas/{shared}/policy?saved=\u00b2").status_code == 200
+
     assert seen == {
         ("admin", True): (404, 404),
         ("admin", False): (404, 404),
