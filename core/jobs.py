@@ -336,6 +336,7 @@ class JobRunner:
         poll_interval: float = 0.5,
         lease: timedelta = DEFAULT_LEASE,
         concurrency: int = 1,
+        name: str = "jobs",
     ) -> None:
         if threads < 1:
             raise ValueError("a runner needs at least one thread")
@@ -352,6 +353,8 @@ class JobRunner:
         self.concurrency = concurrency
         self._running_jobs: set[threading.Thread] = set()
         self._running_lock = threading.Lock()
+        #: Its threads are ``pkigate-<name>-<index>`` (what `py-spy dump` shows).
+        self.name = name
         self.worker_prefix = _default_worker_prefix()
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
@@ -384,7 +387,7 @@ class JobRunner:
             threading.Thread(
                 target=self._work,
                 args=(f"{self.worker_prefix}/{index}", self._stopping),
-                name=f"pkigate-jobs-{index}",
+                name=f"pkigate-{self.name}-{index}",
                 daemon=True,
             )
             for index in range(self.thread_count)
@@ -465,7 +468,7 @@ class JobRunner:
         thread = threading.Thread(
             target=self._run_job,
             args=(job, worker_id),
-            name=f"pkigate-job-{job.id}",
+            name=f"pkigate-{self.name}-job-{job.id}",
             daemon=True,
         )
         with self._running_lock:

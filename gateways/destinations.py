@@ -339,6 +339,13 @@ class NotificationDestinations:
 
     # -- what the dispatcher delivers to --------------------------------------------------
 
+    def any_exist(self) -> bool:
+        """Whether there is anywhere to deliver to: a TOML entry or a stored destination."""
+        if self._configured:
+            return True
+        with self._core.store.read() as conn:
+            return destinations_sql.any_exist(conn)
+
     def current(self, configured: Mapping[str, Destination]) -> dict[str, Destination]:
         """``configured`` (the TOML's) and the store's destinations as they are now: the
         store's versions are read, and only the rows whose version moved are reloaded."""

@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 from pkigate.acme.validation import may_connect
 from pkigate.core import Core
 from pkigate.core.events import Event, EventType
-from pkigate.core.jobs import JobHandler
+from pkigate.core.jobs import JobHandler, JobQueue
 from pkigate.core.store import events as events_sql
 from pkigate.gateways.mail import EmailTarget, send_email
 
@@ -58,6 +58,9 @@ log = logging.getLogger("pkigate.notifications")
 
 DISPATCH_JOB = "events:dispatch"
 DELIVER_JOB = "events:deliver"
+# The job runner's threads are pkigate-notifications-<n>, started by this one.
+RUNNER_NAME = "notifications"
+WATCH_THREAD = "pkigate-notifications-watch"
 SIGNATURE_HEADER = "X-Pkigate-Signature"
 EVENT_ID_HEADER = "X-Pkigate-Event-Id"
 # What of a receiver's answer is kept in the delivery's last error: enough to see what
@@ -430,6 +433,64 @@ class Notifier:
                 last_error=None,
                 now=self.core.clock(),
             )
+
+
+class DestinationWatch:
+    """Starts this process's notification job runner once there is somewhere to deliver to.
+
+    With no destination (none in the TOML, none stored) a runner would ask the job queue
+    twice a second, in every worker, for jobs that never come. Instead this one thread
+    (``pkigate-notifications-watch``) asks the store every ``interval`` seconds, in one
+    small read, whether a destination exists, made by this process, another worker or
+    another host; sooner when this process queues a job (an API creation does, after its
+    commit). Once one exists it starts the runner and ends."""
+
+    def __init__(
+        self,
+        exists: Callable[[], bool],
+        start_runner: Callable[[], None],
+        queue: JobQueue,
+        interval: float,
+    ) -> None:
+        self._exists = exists
+        self._start_runner = start_runner
+        self._queue = queue
+        self._interval = interval
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: How many times the store was asked (what a test of an idle process counts).
+        self.looks = 0
+
+    def start(self) -> None:
+        self._queue.subscribe(self._wake.set)
+        self._thread = threading.Thread(target=self._watch, name=WATCH_THREAD, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _watch(self) -> None:
+        failing = False  # an unreachable store is said once per outage
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self.looks += 1
+                    if self._exists():
+                        self._start_runner()
+                        return
+                    failing = False
+                except Exception as exc:
+                    if not failing:
+                        log.warning("cannot look for notification destinations: %s", exc)
+                    failing = True
+                if self._wake.wait(self._interval):
+                    self._wake.clear()
+        finally:
+            self._queue.unsubscribe(self._wake.set)
 
 
 def send_test(destination: Destination) -> Event:

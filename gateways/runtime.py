@@ -45,7 +45,8 @@ from pkigate.gateways.connectors import (
     discover,
 )
 from pkigate.gateways.destinations import NotificationDestinations
-from pkigate.gateways.notifications import Notifier, destination_from_config
+from pkigate.gateways.notifications import RUNNER_NAME as NOTIFIER_RUNNER
+from pkigate.gateways.notifications import DestinationWatch, Notifier, destination_from_config
 from pkigate.gateways.roles import separation_violations
 
 log = logging.getLogger("pkigate.gateway")
@@ -73,6 +74,7 @@ class Gateway:
     notifier: Notifier | None = None
     destinations: NotificationDestinations | None = None
     _runners: list[JobRunner] = field(default_factory=list)
+    destination_watch: DestinationWatch | None = None
 
     @classmethod
     def open(
@@ -354,7 +356,16 @@ class Gateway:
         return {kind: h for group in self.job_handler_groups() for kind, h in group.items()}
 
     def job_handler_groups(self) -> list[dict[str, JobHandler]]:
-        """The CA's own job handlers, then each connector's (kinds prefixed by its name)."""
+        """The CA's own job handlers, the notifier's, then each connector's (kinds
+        prefixed by its name)."""
+        groups = self._service_handler_groups()
+        if self.notifier is not None and self.notifier.job_handlers():
+            # Threads of their own: a slow receiver never holds up a CRL.
+            groups.insert(1, self.notifier.job_handlers())
+        return groups
+
+    def _service_handler_groups(self) -> list[dict[str, JobHandler]]:
+        """The groups whose runners every process starts: the CA's and the connectors'."""
         groups: list[dict[str, JobHandler]] = [
             {
                 MAINTENANCE_JOB: self._maintenance,
@@ -362,9 +373,6 @@ class Gateway:
                 **self.core.revocation.job_handlers(),
             }
         ]
-        if self.notifier is not None and self.notifier.job_handlers():
-            # Threads of their own: a slow receiver never holds up a CRL.
-            groups.append(self.notifier.job_handlers())
         for connector in self.connectors:
             own = {
                 f"{connector.context.name}:{kind}": handler
@@ -380,30 +388,53 @@ class Gateway:
 
         The CA's own jobs (CRLs, maintenance) and each connector's have threads of their
         own: a flood of one connector's jobs (slow ACME validations that clients hold up
-        on purpose) cannot delay a CRL or another connector's work."""
+        on purpose) cannot delay a CRL or another connector's work. The notifier's start
+        when there is a destination to deliver to (notifications.DestinationWatch)."""
         if self.config.job_threads == 0 or self._runners:
             return
-        for index, group in enumerate(self.job_handler_groups()):
-            # The CA's own jobs (the first group) run one at a time; the others (ACME
-            # validations, notification deliveries) wait on the network, side by side.
-            runner = JobRunner(
+        for index, group in enumerate(self._service_handler_groups()):
+            # The CA's own jobs (the first group) run one at a time; the connectors' (ACME
+            # validations) wait on the network, side by side.
+            self._start_runner(group, concurrency=1 if index == 0 else None)
+        if self.notifier is not None and self.notifier.job_handlers():
+            assert self.destinations is not None  # made with the notifier
+            self.destination_watch = DestinationWatch(
+                self.destinations.any_exist,
+                self._start_notifier,
                 self.core.jobs,
-                group,
-                threads=self.config.job_threads,
-                concurrency=1 if index == 0 else self.config.job_concurrency,
+                float(self.config.notifications_poll_seconds),
             )
-            runner.start()
-            self._runners.append(runner)
+            self.destination_watch.start()
         try:
             self.core.jobs.enqueue(MAINTENANCE_JOB, {}, dedupe_key=MAINTENANCE_JOB)
             self.core.jobs.enqueue(EXPIRY_JOB, {}, dedupe_key=EXPIRY_JOB)
-            if self.notifier is not None:
-                self.notifier.start()
         except StoreUnavailableError as exc:
             # A worker starting on a full disk serves what needs no write. Maintenance is
             # queued again by each process that starts with room, and by the maintenance
             # job itself when it runs.
             log.warning("maintenance not queued at start: %s", exc.message)
+
+    def _start_runner(
+        self, handlers: dict[str, JobHandler], name: str = "jobs", concurrency: int | None = None
+    ) -> None:
+        """``concurrency``: jobs run at once (default: the configuration's job_concurrency)."""
+        runner = JobRunner(
+            self.core.jobs,
+            handlers,
+            threads=self.config.job_threads,
+            name=name,
+            concurrency=concurrency or self.config.job_concurrency,
+        )
+        runner.start()
+        self._runners.append(runner)
+
+    def _start_notifier(self) -> None:
+        """The notifier's runner and its dispatcher (queued once however many processes
+        start): there is a destination now."""
+        assert self.notifier is not None
+        if not any(runner.name == NOTIFIER_RUNNER for runner in self._runners):
+            self._start_runner(self.notifier.job_handlers(), NOTIFIER_RUNNER)
+        self.notifier.start()
 
     def _maintenance(self, _payload: dict[str, Any]) -> None:
         """Hourly: drop finished jobs, destroy keys past their restore window, settle CAs
@@ -438,6 +469,9 @@ class Gateway:
             )
 
     def close(self) -> None:
+        if self.destination_watch is not None:
+            self.destination_watch.stop()
+            self.destination_watch = None
         for runner in self._runners:
             runner.stop()
         self._runners = []

@@ -60,6 +60,11 @@ def versions(conn: Connection) -> dict[str, tuple[int, datetime]]:
     }
 
 
+def any_exist(conn: Connection) -> bool:
+    """Whether any destination is stored (what an idle worker looks at, cheaply)."""
+    return conn.execute(select(_table.c.name).limit(1)).first() is not None
+
+
 def get(conn: Connection, name: str) -> DestinationRow | None:
     row = conn.execute(select(_table).where(_table.c.name == name)).first()
     return None if row is None else _row(row)
