@@ -17,12 +17,14 @@ the same certificates, and OpenBao's (``/v1/pki/ocsp``, see ``bench/_peers.py``)
 many certificates its PKI engine issued, every fourth revoked, asked by the same clients.
 
 CRLs (in-process, a fresh data directory): inserts revoked certificate rows in bulk
-(fake DER, 159-bit serials, mixed reasons; not timed as CRL work), then times
+(fake DER, 159-bit serials, mixed reasons, each with the CRL entry a revocation stores;
+not timed as CRL work), then times
 ``core.revocation.generate_crl`` for a complete CRL of 100,000 and 1,000,000 entries and
 for the partitioned CRLs of the 1,000,000 (partitions of 100,000), with the time split
-into the store read (``Store.revoked_entry_stamps``), encoding the entries
-(``core.crl.revoked_certificates``), signing the TBSCertList (``core.crl.sign_tbs``),
-storing the CRL, and the rest (the template CRL without entries, splicing, auditing).
+into the store read (``Store.crl_entries``: the entries stored with each revocation,
+joined by the database), building the TBSCertList around them (``core.crl.splice_entries``),
+signing it (``core.crl.sign_tbs``), storing the CRL, and the rest (the template CRL without
+entries, auditing).
 
     .venv/bin/python bench/revocation.py [--quick] [--seconds S] [--workers W]
         [--clients C] [--certificates N] [--crl-sizes 100000,1000000]
@@ -650,18 +652,18 @@ class PhaseTimer:
 def timed_generate(core: Core, ca_id: str, partition: int) -> tuple[float, dict[str, float], Any]:
     timer = PhaseTimer()
     store = core.store
-    originals = (crl_der.revoked_certificates, crl_der.sign_tbs)
-    store.revoked_entry_stamps = timer.wrap("store_read_s", store.revoked_entry_stamps)  # type: ignore[method-assign]
+    originals = (crl_der.splice_entries, crl_der.sign_tbs)
+    store.crl_entries = timer.wrap("store_read_s", store.crl_entries)  # type: ignore[method-assign]
     store.insert_crl = timer.wrap("store_write_s", store.insert_crl)  # type: ignore[method-assign]
-    crl_der.revoked_certificates = timer.wrap("entries_s", crl_der.revoked_certificates)  # type: ignore[assignment]
+    crl_der.splice_entries = timer.wrap("entries_s", crl_der.splice_entries)  # type: ignore[assignment]
     crl_der.sign_tbs = timer.wrap("sign_s", crl_der.sign_tbs)  # type: ignore[assignment]
     try:
         began, cpu_began = time.perf_counter(), time.process_time()
         published = core.revocation.generate_crl(ca_id, partition)
         total, cpu = time.perf_counter() - began, time.process_time() - cpu_began
     finally:
-        crl_der.revoked_certificates, crl_der.sign_tbs = originals  # type: ignore[assignment]
-        del store.revoked_entry_stamps, store.insert_crl
+        crl_der.splice_entries, crl_der.sign_tbs = originals  # type: ignore[assignment]
+        del store.crl_entries, store.insert_crl
     phases = {k: round(v, 2) for k, v in timer.seconds.items()}
     phases["rest_s"] = round(total - sum(timer.seconds.values()), 2)
     # CPU seconds of this process: on a machine others share, wall time says little.

@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy import event
 
 from pkigate.core import Core, IssuanceRequest, Requester, Validity
+from pkigate.core import crl as crl_der
 from pkigate.core.audit import Actor, AuditEntry
 from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.store import schema
@@ -145,6 +146,8 @@ def certificate_rows(
             "der": template_der,
             "crl_partition": None,
             "team": None,  # the CA owner's (see core/tenancy.py)
+            # What a revocation stores with it (the entry its CRLs list).
+            "crl_entry": crl_der.entry(serial, *revoked) if revoked else None,
         }
         yield row, LoadedRow(serial, row["subject"], not_after, revoked)
 

@@ -840,12 +840,11 @@ class AuditLog:
                 ca_id = str(event.event["resource"]).removeprefix("ca/")
                 record = self._store.get_certificate(conn, ca_id, str(parameters.get("serial")))
                 if record is not None and record.status != "REVOKED":
-                    self._store.update_certificate(
+                    self._store.revoke_certificate(
                         conn,
-                        record.id,
-                        status="REVOKED",
-                        revoked_at=datetime.fromisoformat(event.event["at"]),
-                        revocation_reason=parameters.get("reason"),
+                        record,
+                        datetime.fromisoformat(event.event["at"]),
+                        parameters.get("reason"),
                     )
                     revoked += 1
         return restored, revoked, tuple(missing_ca)

@@ -39,6 +39,7 @@ from cryptography.x509.oid import NameOID
 
 from pkigate.core.audit import AuditLog
 from pkigate.core.authorities import AuthorityService, CASettings, effective_status
+from pkigate.core.crl import reason_flag
 from pkigate.core.der import element as der_element
 from pkigate.core.errors import NotFoundError, PkigateError, StoreUnavailableError
 from pkigate.core.events import Event, EventLog, EventType
@@ -60,7 +61,6 @@ from pkigate.core.model import (
     ValidityType,
 )
 from pkigate.core.readable import UNREADABLE
-from pkigate.core.revocation import reason_flag
 from pkigate.core.store import CARecord, IntegrityError, Store
 from pkigate.core.store import ocsp as ocsp_store
 

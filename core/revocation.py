@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -51,21 +51,6 @@ CRL_CACHE_BYTES = 128 * 2**20  # published CRLs kept per process (a million entr
 # issued can still be revoked: their CRLs go on (as their OCSP answers do).
 _PUBLISHING = (CAStatus.ACTIVE, CAStatus.DISABLED, CAStatus.EXPIRED)
 SYSTEM = Actor("system:revocation", "core")
-
-_REASON_FLAGS = {
-    RevocationReason.keyCompromise: x509.ReasonFlags.key_compromise,
-    RevocationReason.cACompromise: x509.ReasonFlags.ca_compromise,
-    RevocationReason.affiliationChanged: x509.ReasonFlags.affiliation_changed,
-    RevocationReason.superseded: x509.ReasonFlags.superseded,
-    RevocationReason.cessationOfOperation: x509.ReasonFlags.cessation_of_operation,
-    RevocationReason.privilegeWithdrawn: x509.ReasonFlags.privilege_withdrawn,
-    RevocationReason.aACompromise: x509.ReasonFlags.aa_compromise,
-}
-
-
-def reason_flag(reason: RevocationReason) -> x509.ReasonFlags | None:
-    """The CRL/OCSP reason; ``unspecified`` is expressed by leaving it out (RFC 5280 5.3.1)."""
-    return _REASON_FLAGS.get(reason)
 
 
 def parse_reason(value: str) -> RevocationReason:
@@ -140,13 +125,7 @@ class RevocationService:
                     f"{record.revoked_at.isoformat() if record.revoked_at else '?'} "
                     f"({record.revocation_reason})"
                 )
-            self._store.update_certificate(
-                conn,
-                record.id,
-                status=CertificateStatus.REVOKED.value,
-                revoked_at=now,
-                revocation_reason=reason.value,
-            )
+            self._store.revoke_certificate(conn, record, now, reason.value)
             self._store.delete_ocsp_response(conn, ca_id, serial)
             self._retire_revoked_signer(conn, ca_id, record, reason, actor, now)
             if settings.crl_enabled:
@@ -296,7 +275,7 @@ class RevocationService:
                 # An entry stays until one CRL has been published after its certificate
                 # expired.
                 keep_after = previous.this_update if previous else None
-                revoked = self._store.revoked_entry_stamps(
+                revoked = self._store.crl_entries(
                     conn, ca_id, partition if settings.partitioned else None, keep_after
                 )
             if reuse_fresh and previous is not None and previous.next_update > now:
@@ -306,9 +285,8 @@ class RevocationService:
             next_update = this_update + timedelta(days=settings.crl_validity_days)
             # A CRL the store cannot keep is a use of the CA key with no record: not signed.
             self._store.space.check_before_signing()
-            der, entries = sign_crl(
-                material, settings, partition, number, this_update, next_update, revoked
-            )
+            entries, joined = revoked
+            der = sign_crl(material, settings, partition, number, this_update, next_update, joined)
             try:
                 with self._store.write() as conn:
                     latest = self._store.latest_crl(conn, ca_id, partition)
@@ -405,11 +383,6 @@ class RevocationService:
             return latest
 
 
-_REASON_EXTENSIONS = crl_der.reason_extensions(
-    {reason.value: flag for reason, flag in _REASON_FLAGS.items()}
-)
-
-
 def sign_crl(
     material: SigningMaterial,
     settings: CASettings,
@@ -417,11 +390,11 @@ def sign_crl(
     number: int,
     this_update: datetime,
     next_update: datetime,
-    revoked: Iterable[tuple[str, str, str | None]],
-) -> tuple[bytes, int]:
-    """The signed CRL's DER and its entry count, for entries as
-    :meth:`Store.revoked_entry_stamps` reads them (see :mod:`pkigate.core.crl` for why the
-    entries are encoded by hand)."""
+    entries: bytes,
+) -> bytes:
+    """The signed CRL's DER listing ``entries`` (revokedCertificates elements joined, as
+    :meth:`Store.crl_entries` reads them; see :mod:`pkigate.core.crl` for why they are
+    encoded by hand, and when)."""
     extensions = [
         x509.Extension(ExtensionOID.CRL_NUMBER, False, x509.CRLNumber(number)),
         next(
@@ -452,8 +425,7 @@ def sign_crl(
         next_update=next_update,
         extensions=extensions,
     ).sign(builder_key(material.private_key), hash_algorithm)
-    revoked_der, count = crl_der.revoked_certificates(revoked, _REASON_EXTENSIONS)
     tbs, algorithm = crl_der.splice_entries(
-        template.public_bytes(serialization.Encoding.DER), revoked_der
+        template.public_bytes(serialization.Encoding.DER), entries
     )
-    return crl_der.sign_tbs(tbs, algorithm, material.private_key, hash_algorithm), count
+    return crl_der.sign_tbs(tbs, algorithm, material.private_key, hash_algorithm)

@@ -104,6 +104,25 @@ def fresh_postgres_database(server: str) -> str:
     return f"{server}/{name}"
 
 
+def downgrade_store(url: str, revision: str) -> None:
+    """Take the store at ``url`` back to schema ``revision`` with alembic itself: an older
+    pkigate's store, for the tests of a migration."""
+    from alembic import command
+    from alembic.config import Config
+
+    from pkigate.core.store.engine import MIGRATIONS_DIR, create_store_engine
+
+    engine = create_store_engine(url)
+    try:
+        with engine.begin() as conn:
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS_DIR))
+            config.attributes["connection"] = conn
+            command.downgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
 def stale_first_scep_transaction_lookup(monkeypatch: Any) -> None:
     """The SCEP connector's next transaction lookup answers "none yet", as it does for a
     copy of a request that looked before its concurrent twin recorded it; later lookups

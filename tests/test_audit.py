@@ -179,13 +179,7 @@ def test_report_lists_issued_and_revoked_certificates_in_json_and_csv(
 ) -> None:
     with busy_log.store.write() as conn:
         record = busy_log.store.list_certificates(conn, ca_id=issuing.record.id)[0]
-        busy_log.store.update_certificate(
-            conn,
-            record.id,
-            status="REVOKED",
-            revoked_at=datetime.now(UTC),
-            revocation_reason="keyCompromise",
-        )
+        busy_log.store.revoke_certificate(conn, record, datetime.now(UTC), "keyCompromise")
     with busy_log.store.read() as conn:
         rows = report_rows(busy_log.store.list_certificates(conn, ca_id=issuing.record.id))
     data = json.loads(render_report(rows, "json"))

@@ -12,15 +12,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.config import Config
 from alembic.script import ScriptDirectory
-from helpers import fresh_postgres_database, make_csr
+from helpers import downgrade_store, fresh_postgres_database, make_csr
 from serving import PKIGATE, RunningServer, issuer_token_and_issuing_ca, start_server
 
 from pkigate.core import Core
 from pkigate.core.store import sqlite_url
-from pkigate.core.store.engine import MIGRATIONS_DIR, SCHEMA_HEAD, create_store_engine
+from pkigate.core.store.engine import MIGRATIONS_DIR, SCHEMA_HEAD
 
 # The revision before the newest: an older pkigate's store, made by alembic itself.
 OLDER_REVISION = str(ScriptDirectory(str(MIGRATIONS_DIR)).get_revision(SCHEMA_HEAD).down_revision)
@@ -196,21 +194,9 @@ def test_a_tampered_backup_is_refused_before_anything_is_replaced(tmp_path: Path
     assert (data / "pkigate.db").stat().st_mtime_ns == before
 
 
-def _downgrade(url: str, revision: str) -> None:
-    engine = create_store_engine(url)
-    try:
-        with engine.begin() as conn:
-            config = Config()
-            config.set_main_option("script_location", str(MIGRATIONS_DIR))
-            config.attributes["connection"] = conn
-            command.downgrade(config, revision)
-    finally:
-        engine.dispose()
-
-
 def _old_sqlite_store(data_dir: Path) -> None:
     Core.open(data_dir).close()
-    _downgrade(sqlite_url(data_dir / "pkigate.db"), OLDER_REVISION)
+    downgrade_store(sqlite_url(data_dir / "pkigate.db"), OLDER_REVISION)
 
 
 class ServerAt(RunningServer):
@@ -270,7 +256,7 @@ def test_db_upgrade_migrates_an_older_postgresql_store(
     url = fresh_postgres_database(postgres_server)
     data = tmp_path / "data"
     Core.open(data, url).close()
-    _downgrade(url, OLDER_REVISION)
+    downgrade_store(url, OLDER_REVISION)
     on_postgres = ("--database-url", url)
     refused = pkigate(data, *on_postgres, "ca", "list")
     assert refused.returncode == 1 and "pkigate db upgrade" in refused.stderr

@@ -11,9 +11,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
-from helpers import ACTOR, create_root, create_sub, make_csr
+from helpers import ACTOR, create_root, create_sub, downgrade_store, make_csr
 
 from pkigate.core import CASettings, Core, IssuanceRequest, Requester, Validity
+from pkigate.core.crl import reason_flag
+from pkigate.core.der import element as der_element
 from pkigate.core.errors import (
     BadRequestError,
     CANotActiveError,
@@ -23,7 +25,8 @@ from pkigate.core.errors import (
 )
 from pkigate.core.jobs import JobRunner
 from pkigate.core.model import CAStatus, KeyAlgorithm, RevocationReason
-from pkigate.core.revocation import CRL_JOB, reason_flag
+from pkigate.core.revocation import CRL_JOB
+from pkigate.core.store import sqlite_url
 
 CRL_SETTINGS = CASettings(
     crl_url="http://pki.test/crl/issuing.crl", crl_validity_days=3, crl_regenerate_delay_seconds=0
@@ -491,3 +494,86 @@ def test_a_published_crl_is_read_from_the_store_once_per_number(core: Core, crl_
     latest = core.revocation.latest_crl(crl_ca.record.id)
     assert latest is not None and latest.number == newer.number == first.number + 1
     assert len(_crl(latest.der)) == 1
+
+
+def _entries(crl_der: bytes) -> list[bytes]:
+    """The revokedCertificates elements of a CRL as encoded, sorted (their order is the
+    store's)."""
+    _, content, _ = der_element(crl_der, 0)
+    _, position, tbs_end = der_element(crl_der, content)
+    while position < tbs_end:  # version, signature, issuer, thisUpdate, nextUpdate, ...
+        tag, start, stop = der_element(crl_der, position)
+        if tag == 0x30 and der_element(crl_der, start)[0] == 0x30:  # SEQUENCE OF SEQUENCE
+            break
+        position = stop
+    else:
+        return []
+    found = []
+    while start < stop:
+        _, _, end = der_element(crl_der, start)
+        found.append(crl_der[start:end])
+        start = end
+    return sorted(found)
+
+
+def test_migration_0019_gives_a_0018_stores_revocations_the_entries_its_crl_listed(
+    tmp_path: Path, clock, database_url: str | None
+) -> None:
+    """A store at 0018 (no stored entries) with revoked certificates of every entry shape,
+    revoked in bulk and through the service: once upgraded, its next CRL lists exactly the
+    entries (byte for byte) that the CRL before the upgrade listed."""
+    data = tmp_path / "data"
+    core = Core.open(data, database_url, clock=clock)
+    try:
+        ca = create_root(core, settings=CRL_SETTINGS)
+        ca_id = ca.record.id
+        with core.store.write() as conn:
+            core.store.insert_certificates(conn, _revoked_rows(ca_id, core.clock()))
+        for reason in (RevocationReason.keyCompromise, RevocationReason.unspecified):
+            revoked = _serial(_issue(core, ca_id))
+            core.revocation.revoke(ca_id, revoked, reason, ACTOR)
+        kept_good = _serial(_issue(core, ca_id))
+        before = core.revocation.generate_crl(ca_id)
+    finally:
+        core.close()
+    downgrade_store(database_url or sqlite_url(data / "pkigate.db"), "0018")
+
+    upgraded = Core.open(data, database_url, clock=clock, upgrade_schema=True)
+    try:
+        after = upgraded.revocation.generate_crl(ca_id)
+        material = upgraded.authorities.signing_material(ca_id, clock())
+    finally:
+        upgraded.close()
+    assert (after.number, after.entries) == (before.number + 1, before.entries)
+    assert _entries(after.der) == _entries(before.der)
+    assert len(_entries(after.der)) == before.entries == 62
+    crl = _crl(after.der)
+    assert crl.is_signature_valid(material.certificate.public_key())  # type: ignore[arg-type]
+    assert crl.get_revoked_certificate_by_serial_number(int(kept_good, 16)) is None
+
+
+def test_a_revoked_certificate_is_stored_with_the_entry_its_crl_lists(
+    sqlite_core: Core, clock
+) -> None:
+    """The entry is encoded once, with the revocation, and the CRL is those entries: a
+    revocation written without one is refused, not left out of CRLs."""
+    ca = create_root(sqlite_core, settings=CRL_SETTINGS)
+    serial = _serial(_issue(sqlite_core, ca.record.id))
+    with sqlite_core.store.write() as conn:
+        record = sqlite_core.store.get_certificate(conn, ca.record.id, serial)
+        assert record is not None
+        with pytest.raises(ValueError, match="needs its CRL entry"):
+            sqlite_core.store.update_certificate(
+                conn, record.id, status="REVOKED", revoked_at=clock(), revocation_reason=None
+            )
+    sqlite_core.revocation.revoke(ca.record.id, serial, RevocationReason.superseded, ACTOR)
+    with sqlite_core.store.read() as conn:
+        count, joined = sqlite_core.store.crl_entries(conn, ca.record.id, None, None)
+    (listed,) = _entries(sqlite_core.revocation.generate_crl(ca.record.id).der)
+    assert (count, joined) == (1, listed)
+    entry = _crl(sqlite_core.revocation.latest_crl(ca.record.id).der)[0]  # type: ignore[union-attr]
+    assert entry.serial_number == int(serial, 16)
+    assert entry.revocation_date_utc == clock().replace(microsecond=0)
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
+        x509.ReasonFlags.superseded
+    )

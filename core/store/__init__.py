@@ -24,14 +24,15 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    literal,
     or_,
     select,
     text,
     update,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DatabaseError, IntegrityError
 
+from pkigate.core import crl as crl_der
 from pkigate.core.store import schema
 from pkigate.core.store.engine import (
     after_commit,
@@ -236,6 +237,7 @@ def _ca(row: Any) -> CARecord:
 
 def _certificate(row: Any) -> CertificateRecord:
     values = dict(row._mapping)
+    values.pop("crl_entry", None)  # the CRL's business (crl_entries), not the record's
     values["sans"] = json.loads(values["sans"])
     for name in ("not_before", "not_after", "issued_at", "revoked_at"):
         values[name] = as_utc(values[name])
@@ -245,20 +247,41 @@ def _certificate(row: Any) -> CertificateRecord:
 _CA_BY_ID = FastSelect(select(schema.authorities).where(schema.authorities.c.id == bindparam("id")))
 
 
-def _revoked_stamps_query(dialect: str, by_partition: bool, kept_after: bool) -> FastSelect:
+def _crl_entries_query(dialect: Dialect, by_partition: bool, kept_after: bool) -> FastQuery:
+    """How many entries, and their DER joined, in one row: the database joins them (a
+    million-entry CRL makes no Python object per entry), reading only the covering index
+    ``ix_certificates_crl_entries`` (named on SQLite, whose planner might otherwise take
+    ``ix_certificates_ca_status`` and visit every row)."""
     c = schema.certificates.c
-    if dialect == "sqlite":
-        stamp: Any = c.revoked_at  # stored as UTC text, 'YYYY-MM-DD HH:MM:SS.ffffff'
+    if dialect.name == "sqlite":
+        # group_concat joins text: a blob is taken as its bytes (NULs included, the
+        # database being UTF-8) and the result cast back to a blob, byte for byte.
+        joined = "CAST(group_concat(crl_entry, x'') AS BLOB)"
+        source = "certificates INDEXED BY ix_certificates_crl_entries"
     else:
-        stamp = func.to_char(func.timezone("UTC", c.revoked_at), "YYYY-MM-DD HH24:MI:SS")
-    query = select(c.serial, stamp.label("stamp"), c.revocation_reason).where(
-        c.ca_id == bindparam("ca_id"), c.status == literal("REVOKED")
-    )
+        joined, source = "string_agg(crl_entry, ''::bytea)", "certificates"
+    # Table, column and index names from here and schema.py, never from input.
+    sql = f"SELECT count(*), {joined} FROM {source} WHERE ca_id = ?"  # noqa: S608
+    sql += " AND crl_entry IS NOT NULL"  # what the index holds (its WHERE)
+    parameters = [c.ca_id]
     if by_partition:
-        query = query.where(c.crl_partition == bindparam("partition"))
+        sql += " AND crl_partition = ?"
+        parameters.append(c.crl_partition)
     if kept_after:
-        query = query.where(c.not_after > bindparam("kept_after", type_=c.not_after.type))
-    return FastSelect(query)
+        sql += " AND not_after > ?"
+        parameters.append(c.not_after)
+    return FastQuery(sql, dialect, parameters=parameters, results=[c.id, c.crl_entry])
+
+
+def _with_crl_entry(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A certificate row with its ``crl_entry`` (a revoked row's entry, else None) when
+    the writer left it out (bulk loads, restores): no revoked row is stored without one."""
+    if "crl_entry" in row:
+        return row
+    entry = None
+    if row["status"] == "REVOKED":
+        entry = crl_der.entry(row["serial"], row["revoked_at"], row["revocation_reason"])
+    return {**row, "crl_entry": entry}
 
 
 # Read on every management API request (bearer token authentication).
@@ -294,7 +317,9 @@ class Store:
             dialect,
             parameters=[h.seq, h.mac, h.head_mac],
         )
-        self._revoked_stamps: dict[tuple[str, bool, bool], FastSelect] = {}
+        self._crl_entries = {
+            (p, k): _crl_entries_query(dialect, p, k) for p in (False, True) for k in (False, True)
+        }
         self._fast_ca_state = FastQuery(
             "SELECT status, updated_at FROM authorities WHERE id = ?",
             dialect,
@@ -495,7 +520,9 @@ class Store:
 
     def insert_certificate(self, conn: Connection, *, sans: Sequence[str], **values: Any) -> int:
         result = conn.execute(
-            insert(schema.certificates).values(sans=json.dumps(list(sans)), **values)
+            insert(schema.certificates).values(
+                sans=json.dumps(list(sans)), **_with_crl_entry(values)
+            )
         )
         key = result.inserted_primary_key
         assert key is not None
@@ -610,7 +637,9 @@ class Store:
 
     def insert_certificates(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> list[int]:
         """Insert many certificate rows in one round trip; ids in the order given."""
-        return self._fast_certificates.execute(conn, rows) if rows else []
+        if not rows:
+            return []
+        return self._fast_certificates.execute(conn, [_with_crl_entry(r) for r in rows])
 
     def ca_states(self, conn: Connection, ca_ids: Sequence[str]) -> dict[str, tuple[str, datetime]]:
         """Status and last change of these CAs, read inside the caller's transaction."""
@@ -643,49 +672,27 @@ class Store:
         p = schema.crl_partitions.c
         return conn.execute(select(p.current).where(p.ca_id == ca_id)).scalar_one_or_none()
 
-    def revoked_entries(
+    def crl_entries(
         self,
         conn: Connection,
         ca_id: str,
         partition: int | None,
         expired_before_kept_after: datetime | None,
-    ) -> list[tuple[str, datetime, str | None]]:
-        """(serial, revoked_at, reason) of a CA's revoked certificates for a CRL.
+    ) -> tuple[int, bytes]:
+        """How many certificates of a CA (of one ``partition``, if not None) a CRL lists,
+        and their revokedCertificates entries joined (DER, in no particular order).
 
         Certificates that expired before ``expired_before_kept_after`` (the previous CRL's
         thisUpdate) are left out: they were listed once after expiring.
         """
-        c = schema.certificates.c
-        query = select(c.serial, c.revoked_at, c.revocation_reason).where(
-            c.ca_id == ca_id, c.status == "REVOKED"
-        )
+        query = self._crl_entries[(partition is not None, expired_before_kept_after is not None)]
+        values: list[Any] = [ca_id]
         if partition is not None:
-            query = query.where(c.crl_partition == partition)
+            values.append(partition)
         if expired_before_kept_after is not None:
-            query = query.where(c.not_after > expired_before_kept_after)
-        return [(str(s), _utc(r), reason) for s, r, reason in conn.execute(query)]
-
-    def revoked_entry_stamps(
-        self,
-        conn: Connection,
-        ca_id: str,
-        partition: int | None,
-        expired_before_kept_after: datetime | None,
-    ) -> list[tuple[str, str, str | None]]:
-        """What :meth:`revoked_entries` reads, in the shape a CRL is encoded from: (serial,
-        revocation time as UTC text ``YYYY-MM-DD HH:MM:SS``, perhaps with a fraction,
-        reason), straight from the driver's cursor, so that a million-entry CRL makes no
-        datetime object or SQLAlchemy row per entry."""
-        key = (conn.dialect.name, partition is not None, expired_before_kept_after is not None)
-        query = self._revoked_stamps.get(key)
-        if query is None:
-            query = self._revoked_stamps[key] = _revoked_stamps_query(*key)
-        values: dict[str, Any] = {"ca_id": ca_id}
-        if partition is not None:
-            values["partition"] = partition
-        if expired_before_kept_after is not None:
-            values["kept_after"] = expired_before_kept_after
-        return query.driver_rows(conn, **values)
+            values.append(expired_before_kept_after)
+        ((count, joined),) = query.rows(conn, *values)
+        return int(count), bytes(joined or b"")
 
     def insert_crl(self, conn: Connection, **values: Any) -> None:
         conn.execute(insert(schema.crls).values(**values))
@@ -728,7 +735,26 @@ class Store:
         o = schema.ocsp_responses.c
         conn.execute(delete(schema.ocsp_responses).where(o.ca_id == ca_id, o.serial == serial))
 
+    def revoke_certificate(
+        self,
+        conn: Connection,
+        record: CertificateRecord,
+        revoked_at: datetime,
+        reason: str | None,
+    ) -> None:
+        """Mark ``record`` revoked, with its CRL entry (what the next CRL lists for it)."""
+        self.update_certificate(
+            conn,
+            record.id,
+            status="REVOKED",
+            revoked_at=revoked_at,
+            revocation_reason=reason,
+            crl_entry=crl_der.entry(record.serial, revoked_at, reason),
+        )
+
     def update_certificate(self, conn: Connection, row_id: int, **values: Any) -> None:
+        if values.get("status") == "REVOKED" and "crl_entry" not in values:
+            raise ValueError("a revoked certificate needs its CRL entry: use revoke_certificate")
         conn.execute(
             update(schema.certificates).where(schema.certificates.c.id == row_id).values(**values)
         )
