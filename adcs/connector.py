@@ -253,8 +253,8 @@ class AdcsConnector(Connector):
         @bp.post("/pending/<int:request_id>/approve")
         @requires(Permission.APPROVE)
         def approve(request_id: int) -> Response:
-            authorize_on_ca(self.context.ca_id, Action.APPROVE_PENDING, self.context.name)
             try:
+                self.authorize_decision(request_id)
                 certificate = self.approve_pending(request_id, actor())
             except DirectoryError as exc:
                 return error_response(503, "directoryUnavailable", unavailable_message(exc))
@@ -271,10 +271,21 @@ class AdcsConnector(Connector):
         @requires(Permission.APPROVE)
         def reject(request_id: int) -> Response:
             body = json_body({"reason": str}, required=("reason",))
-            authorize_on_ca(self.context.ca_id, Action.APPROVE_PENDING, self.context.name)
+            try:
+                self.authorize_decision(request_id)
+            except DirectoryError as exc:
+                return error_response(503, "directoryUnavailable", unavailable_message(exc))
             return jsonify(self.service.reject(request_id, actor(), body["reason"]).to_json())
 
         return bp
+
+    def authorize_decision(self, request_id: int) -> None:
+        """Whether this request's token may approve or reject the held request, decided on
+        its template and the names its certificate would carry (the API's and the
+        console's path): 403 with the reason. The names may come from the directory: a
+        DirectoryError goes to the caller, nothing decided."""
+        held = self.service.held_facts(request_id)
+        authorize_on_ca(self.context.ca_id, Action.APPROVE_PENDING, self.context.name, held)
 
     def approve_pending(self, request_id: int, who: Actor) -> x509.Certificate:
         """Issue a held request (the API's and the console's path); a refusal is a

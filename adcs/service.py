@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from pkigate.adcs.principals import DirectorySearchFailed, Principal, PrincipalL
 from pkigate.adcs.security import enroll_rights
 from pkigate.adcs.templates import KEY_USAGE_NAMES, CertificateTemplate
 from pkigate.core import Actor, IssuedCertificate, Requester, Validity
+from pkigate.core.access import RequestFacts, held_request_facts
 from pkigate.core.errors import (
     BadCSRError,
     ConflictError,
@@ -561,21 +563,9 @@ class AdcsService:
         """Issue a held request, deciding again from the directory as it is now (the
         account may have been disabled, or lost its rights, since it asked)."""
         record = self._pending_record(request_id)
-        principal = self._principal_by_sid(record.principal_sid)
         csr = x509.load_der_x509_csr(record.csr_der)
         try:
-            if principal is None:
-                raise EnrollmentRefused("unknownPrincipal", "the requester no longer exists")
-            templates, published = self.published_templates()
-            template = choose_template(
-                csr,
-                RequestContext(template_name=record.template, attributes=record.attributes),
-                templates,
-                published,
-            )
-            decision = decide(
-                template, principal, csr, RequestContext(attributes=record.attributes)
-            )
+            principal, decision = self._judge(record, csr)
         except EnrollmentRefused as refusal:
             self._settle(record, adcs_store.REJECTED, who, refusal.message)
             self.refuse_audit(who.principal, "approve", refusal, request=str(request_id))
@@ -596,6 +586,44 @@ class AdcsService:
             principal,
             "approval",
             decided_by=who.principal,
+        )
+
+    def _judge(
+        self, record: adcs_store.RequestRecord, csr: x509.CertificateSigningRequest
+    ) -> tuple[Principal, Decision]:
+        """The held request decided again from the directory as it is now."""
+        principal = self._principal_by_sid(record.principal_sid)
+        if principal is None:
+            raise EnrollmentRefused("unknownPrincipal", "the requester no longer exists")
+        templates, published = self.published_templates()
+        template = choose_template(
+            csr,
+            RequestContext(template_name=record.template, attributes=record.attributes),
+            templates,
+            published,
+        )
+        return principal, decide(
+            template, principal, csr, RequestContext(attributes=record.attributes)
+        )
+
+    def held_facts(self, request_id: int) -> RequestFacts:
+        """What deciding on the held request is about (core/access.py): its template and
+        the names and validity its certificate would carry (from the directory for a
+        template that does not take the enrollee's names). A request the directory now
+        refuses is judged on its CSR's names: approving it fails anyway."""
+        record = self._pending_record(request_id)
+        csr = x509.load_der_x509_csr(record.csr_der)
+        try:
+            _, decision = self._judge(record, csr)
+        except EnrollmentRefused:
+            return held_request_facts(csr, template=record.template, connector=self.name)
+        return held_request_facts(
+            csr,
+            template=record.template,
+            connector=self.name,
+            validity=timedelta(days=max(1, decision.template.validity.days)),
+            subject=decision.passthrough.subject,
+            sans=decision.passthrough.sans,
         )
 
     def reject(self, request_id: int, who: Actor, reason: str) -> adcs_store.RequestRecord:

@@ -307,6 +307,34 @@ class RequestFacts:
     has_names: bool = False
 
 
+def held_request_facts(
+    csr: x509.CertificateSigningRequest,
+    *,
+    template: str,
+    connector: str,
+    validity: timedelta | None = None,
+    subject: x509.Name | None = None,
+    sans: Sequence[x509.GeneralName] | None = None,
+) -> RequestFacts:
+    """The facts of a request held for approval, so that approving or rejecting it is
+    decided on what it would certify, as issuing it would be: its template and the names
+    its certificate would carry (``subject`` and ``sans`` when the connector supplies them,
+    the CSR's otherwise). Without them, a team allowed to approve ``.b.example`` only could
+    approve anyone's held request on that connector."""
+    if subject is None:
+        subject = csr.subject
+    if sans is None:
+        try:
+            sans = list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        except x509.ExtensionNotFound:
+            sans = []
+        except ValueError:
+            # Names that cannot be read cannot be matched: only a statement without name
+            # conditions allows it.
+            sans = [x509.UniformResourceIdentifier("unreadable:")]
+    return RequestFacts(template, subject, tuple(sans), validity, connector, has_names=True)
+
+
 @dataclass(frozen=True)
 class Decision:
     allowed: bool

@@ -58,7 +58,7 @@ from pkigate.gateways.auth import (
     parse_span,
 )
 from pkigate.gateways.connectors import Connector
-from pkigate.gateways.http import authorize_on_ca, gateway, principal, requires, status_for
+from pkigate.gateways.http import gateway, principal, requires, status_for
 from pkigate.gateways.roles import Permission, Role, parse_roles
 
 log = logging.getLogger("pkigate.console")
@@ -644,7 +644,7 @@ def enrollment() -> str:
 def approve(name: str) -> ResponseReturnValue:
     transaction_id = request.form.get("transaction_id", "")
     connector = scep_connector(name)
-    authorize_on_ca(connector.context.ca_id, Action.APPROVE_PENDING, name)
+    connector.authorize_decision(transaction_id)
     connector.approvals.approve(transaction_id, principal().actor(g.request_id))
     return redirect(url_for("console.enrollment"))
 
@@ -655,7 +655,7 @@ def reject(name: str) -> ResponseReturnValue:
     transaction_id = request.form.get("transaction_id", "")
     reason = request.form.get("reason", "")
     connector = scep_connector(name)
-    authorize_on_ca(connector.context.ca_id, Action.APPROVE_PENDING, name)
+    connector.authorize_decision(transaction_id)
     connector.approvals.reject(transaction_id, principal().actor(g.request_id), reason)
     return redirect(url_for("console.enrollment"))
 
@@ -677,8 +677,8 @@ def approve_adcs(name: str) -> ResponseReturnValue:
     from pkigate.adcs.ldapdir import DirectoryError
 
     connector, request_id = adcs_request(name)
-    authorize_on_ca(connector.context.ca_id, Action.APPROVE_PENDING, name)
     try:
+        connector.authorize_decision(request_id)
         connector.approve_pending(request_id, principal().actor(g.request_id))
     except DirectoryError as exc:
         return page("error.html", title="Unavailable", message=unavailable_message(exc)), 503
@@ -688,9 +688,15 @@ def approve_adcs(name: str) -> ResponseReturnValue:
 @console.post("/enrollment/adcs/<name>/pending/reject")
 @allowed(Permission.APPROVE)
 def reject_adcs(name: str) -> ResponseReturnValue:
+    from pkigate.adcs.connector import unavailable_message
+    from pkigate.adcs.ldapdir import DirectoryError
+
     connector, request_id = adcs_request(name)
     reason = request.form.get("reason", "")
-    authorize_on_ca(connector.context.ca_id, Action.APPROVE_PENDING, name)
+    try:
+        connector.authorize_decision(request_id)
+    except DirectoryError as exc:
+        return page("error.html", title="Unavailable", message=unavailable_message(exc)), 503
     connector.service.reject(request_id, principal().actor(g.request_id), reason)
     return redirect(url_for("console.enrollment"))
 

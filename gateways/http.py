@@ -105,11 +105,14 @@ def actor() -> Actor:
     return principal().actor(g.request_id)
 
 
-def authorize_on_ca(ca_id: str, action: Action, connector: str) -> None:
+def authorize_on_ca(
+    ca_id: str, action: Action, connector: str, held: RequestFacts | None = None
+) -> None:
     """The core's access decision for this request's token on a CA, through a connector's
-    management calls (approving what it holds, say): 403 with the reason, or 404 for a
-    CA the token may not see."""
-    facts = RequestFacts(connector=connector)
+    management calls: 403 with the reason, or 404 for a CA the token may not see.
+    ``held``: the facts of the held request a decision is about (approve, reject), from
+    :func:`~pkigate.core.access.held_request_facts`."""
+    facts = held or RequestFacts(connector=connector)
     gateway().core.access.check(principal().facts, action, ca_id, actor(), facts)
 
 

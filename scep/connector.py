@@ -399,7 +399,7 @@ class ScepConnector(Connector):
         @bp.post("/pending/<anytext:transaction_id>/approve", merge_slashes=False)
         @requires(Permission.APPROVE)
         def approve_pending(transaction_id: str) -> Response:
-            authorize_on_ca(self.context.ca_id, Action.APPROVE_PENDING, self.context.name)
+            self.authorize_decision(transaction_id)
             issued = self.approvals.approve(transaction_id, actor())
             return jsonify(
                 {
@@ -417,11 +417,17 @@ class ScepConnector(Connector):
         @requires(Permission.APPROVE)
         def reject_pending(transaction_id: str) -> Response:
             body = json_body({"reason": str}, required=("reason",))
-            authorize_on_ca(self.context.ca_id, Action.APPROVE_PENDING, self.context.name)
+            self.authorize_decision(transaction_id)
             rejected = self.approvals.reject(transaction_id, actor(), body["reason"])
             return jsonify({**rejected.to_json(), "status": REJECTED})
 
         return bp
+
+    def authorize_decision(self, transaction_id: str) -> None:
+        """Whether this request's token may approve or reject the held request, decided on
+        its template and names (the API's and the console's path): 403 with the reason."""
+        held = self.approvals.held_facts(transaction_id)
+        authorize_on_ca(self.context.ca_id, Action.APPROVE_PENDING, self.context.name, held)
 
     def profile(self, actor: Actor, subject: str, one_time: bool, identifier: str) -> bytes:
         """An Apple configuration profile (com.apple.security.scep) for devices named

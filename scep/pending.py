@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from cryptography import x509
 from sqlalchemy import Connection
 
 from pkigate.core import Actor, Requester
+from pkigate.core.access import RequestFacts, held_request_facts
 from pkigate.core.errors import BadRequestError, ConflictError, NotFoundError, PkigateError
 from pkigate.core.events import enrollment_pending
 from pkigate.core.issuance import IssuedCertificate
@@ -126,6 +128,22 @@ class ApprovalQueue:
             PendingRequest(r.transaction_id, r.subject, r.created_at, json.loads(r.evidence))
             for r in records
         ]
+
+    def held_facts(self, transaction_id: str) -> RequestFacts:
+        """What deciding on the held request is about (core/access.py): the connector's
+        template and validity, and the CSR's names, which its certificate carries."""
+        core = self.context.core
+        with core.store.read() as conn:
+            record = scep_store.get_transaction(conn, self.context.name, transaction_id)
+        if record is None:
+            raise NotFoundError(f"no SCEP request {transaction_id!r} on {self.context.name}")
+        now = core.clock()
+        return held_request_facts(
+            x509.load_der_x509_csr(record.csr_der),
+            template=self.context.template,
+            connector=self.context.name,
+            validity=self.context.validity.not_after(now) - now,
+        )
 
     def approve(self, transaction_id: str, approver: Actor) -> IssuedCertificate:
         """Issue the held request's certificate; the client collects it with CertPoll."""

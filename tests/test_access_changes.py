@@ -1,0 +1,134 @@
+"""Access control after the first cut of issue 20: held requests approved on their own
+facts, tokens changed after creation, teams deleted, and what a team sharing a CA sees of
+its audit log. Through the management API (and the console, the CLI where they offer it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from helpers import make_csr
+from test_access import _console_client
+from test_api import Service, _open_service
+
+from pkigate.core.audit import Actor
+from pkigate.core.store import scep as scep_store
+
+PENDING_CONNECTOR = """
+[[connectors]]
+type = "scep"
+name = "mdm"
+mount = "/mdm"
+[connectors.settings]
+pending = true
+challenge = "correct horse battery"
+"""
+PENDING = "/connectors/mdm/pending"
+
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A gateway whose SCEP connector "mdm" holds requests, on the default team's issuing
+    CA, shared with teams a and b for approving requests of their own names only."""
+    service = _open_service(tmp_path_factory.mktemp("held"), None, PENDING_CONNECTOR)
+    for team in ("a", "b"):
+        service.call("POST", "/teams", "admin", json={"name": team}, expect=201)
+        for role in ("approver", "admin", "issuer", "auditor"):
+            created = service.call(
+                "POST",
+                "/tokens",
+                "admin",
+                json={"name": f"{team}-{role}", "roles": [role], "team": team},
+                expect=201,
+            ).get_json()
+            service.secrets[f"{team}-{role}"] = created["secret"]
+    statements = [
+        {
+            "id": f"approve-{team}",
+            "principal": {"team": team},
+            "actions": ["approve-pending", "read"],
+            "conditions": {"dns_suffixes": [f".{team}.example"], "connectors": ["mdm"]},
+        }
+        for team in ("a", "b")
+    ]
+    body = {"document": {"statements": statements}, "replaces": 0}
+    service.call("PUT", f"/cas/{service.issuing_id}/policy", "admin", json=body, expect=200)
+    yield service
+    service.gw.close()
+
+
+def _hold(service: Service, transaction_id: str, name: str) -> None:
+    """A request held by the connector, as a device's PKCSReq leaves it."""
+    (connector,) = (c for c in service.gw.connectors if c.context.name == "mdm")
+    der = x509.load_pem_x509_csr(make_csr(name)).public_bytes(serialization.Encoding.DER)
+    connector.approvals.hold(
+        transaction_id=transaction_id,
+        csr_sha256=hashlib.sha256(der).hexdigest(),
+        csr_der=der,
+        subject=f"CN={name}",
+        evidence={"challenge": "static"},
+        client=Actor("scep:device", "mdm"),
+    )
+
+
+def _status(service: Service, transaction_id: str) -> str:
+    with service.gw.core.store.read() as conn:
+        row = scep_store.get_transaction(conn, "mdm", transaction_id)
+    assert row is not None
+    return row.status
+
+
+def _denials(service: Service, response: Any) -> list[dict[str, Any]]:
+    return [
+        json.loads(e.parameters) for e in service.events(response) if e.action == "access.denied"
+    ]
+
+
+def _decide(service: Service, role: str, transaction_id: str, decision: str) -> Any:
+    """The connector's own route (its replies are outside the API's document)."""
+    return service.client.post(
+        f"/api/v1{PENDING}/{transaction_id}/{decision}",
+        headers={"Authorization": f"Bearer {service.secrets[role]}"},
+        json={"reason": "not expected"} if decision == "reject" else {},
+    )
+
+
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+def test_a_team_decides_only_held_requests_for_its_own_names(held: Service, decision: str) -> None:
+    foreign, own = f"a-www-{decision}", f"b-www-{decision}"
+    _hold(held, foreign, "www.a.example")
+    _hold(held, own, "www.b.example")
+    refused = _decide(held, "b-approver", foreign, decision)
+    assert refused.status_code == 403
+    message = refused.get_json()["error"]["message"]
+    assert "www.a.example" in message and ".b.example" in message
+    (denial,) = _denials(held, refused)  # audited once, with the reason
+    assert denial["action"] == "approve-pending" and "www.a.example" in denial["reason"]
+    assert _status(held, foreign) == "PENDING"  # nothing decided
+
+    assert _decide(held, "b-approver", own, decision).status_code == 200
+    assert _status(held, own) == ("ISSUED" if decision == "approve" else "REJECTED")
+    # The team the names belong to decides its own.
+    assert _decide(held, "a-approver", foreign, decision).status_code == 200
+    assert _status(held, foreign) == ("ISSUED" if decision == "approve" else "REJECTED")
+
+
+def test_the_console_decides_held_requests_on_their_facts_too(held: Service) -> None:
+    _hold(held, "a-console", "console.a.example")
+    client = _console_client(held, held.secrets["b-approver"])
+    page = client.get("/console/enrollment").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert csrf is not None
+    refused = client.post(
+        "/console/enrollment/scep/mdm/pending/approve",
+        data={"transaction_id": "a-console", "csrf_token": csrf.group(1)},
+    )
+    assert refused.status_code == 403
+    assert "console.a.example" in refused.get_data(as_text=True)
+    assert _status(held, "a-console") == "PENDING"
