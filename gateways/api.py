@@ -1255,12 +1255,14 @@ def find_audit_events(
 
 def audit_scope() -> AuditScope | None:
     """None for the default team's tokens (they see everything, as before teams); for
-    another team's: records about the CAs it may read and its own tokens' actions."""
+    another team's: records about the CAs it owns and its own tokens' actions. On a CA
+    shared with it, that is its own actions only: what the owner (or a third team) did
+    there is the owner's (issue 20: "nothing else of the owner's")."""
     team = principal().team
     if team == DEFAULT_TEAM:
         return None
     return AuditScope(
-        frozenset(f"ca/{view.record.id}" for view in readable_cas()),
+        frozenset(f"ca/{ca_id}" for ca_id in owned_ca_ids() or ()),
         frozenset(
             Principal(t.id, t.name, (), t.team).actor(None).principal
             for t in gateway().tokens.list()
@@ -1283,11 +1285,13 @@ def certificate_scope() -> CertificateScope | None:
     )
 
 
-def readable_ca_ids() -> set[str] | None:
-    """None for the default team's tokens; the ids of the CAs another team's may read."""
-    if principal().team == DEFAULT_TEAM:
+def owned_ca_ids() -> set[str] | None:
+    """None for the default team's tokens; the ids of the CAs another team's own. (The
+    outbox's events carry no team: those of a CA shared with the team are the owner's.)"""
+    team = principal().team
+    if team == DEFAULT_TEAM:
         return None
-    return {view.record.id for view in readable_cas()}
+    return {view.record.id for view in readable_cas() if view.record.team == team}
 
 
 def audit_event_json(event: AuditEventRecord) -> dict[str, Any]:
@@ -1430,7 +1434,7 @@ def list_events(query: dict[str, Any]) -> Response:
         after=query["after"],
         types=[query["type"]] if query["type"] else (),
         ca_id=query["ca"],
-        ca_ids=readable_ca_ids(),
+        ca_ids=owned_ca_ids(),
         limit=limit,
     )
     return reply(

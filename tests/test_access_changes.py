@@ -132,3 +132,73 @@ def test_the_console_decides_held_requests_on_their_facts_too(held: Service) -> 
     assert refused.status_code == 403
     assert "console.a.example" in refused.get_data(as_text=True)
     assert _status(held, "a-console") == "PENDING"
+
+
+# -- what a team sharing a CA sees of the audit log ---------------------------------------------
+
+
+def test_a_team_sees_its_own_actions_on_a_shared_ca_and_nothing_of_the_owners(
+    held: Service,
+) -> None:
+    body = {
+        "type": "ROOT",
+        "subject": "CN=A audited",
+        "key_algorithm": "EC_prime256v1",
+        "usage_mode": "GENERAL_PURPOSE",
+        "key_storage": "software",
+        "validity": "365d",
+    }
+    shared = held.call("POST", "/cas", "a-admin", json=body, expect=201).get_json()["id"]
+    document = {
+        "statements": [
+            {
+                "id": "share-b",
+                "principal": {"team": "b"},
+                "actions": ["issue", "read"],
+                "conditions": {"dns_suffixes": [".b.example"]},
+            }
+        ]
+    }
+    held.call(
+        "PUT",
+        f"/cas/{shared}/policy",
+        "a-admin",
+        json={"document": document, "replaces": 0},
+        expect=200,
+    )
+
+    def issue(role: str, name: str, expect: int) -> Any:
+        body = {"csr": make_csr(name).decode()}
+        return held.call("POST", f"/cas/{shared}/certificates", role, json=body, expect=expect)
+
+    owners = issue("a-issuer", "owner.a.example", 201).get_json()["serial"]
+    own = issue("b-issuer", "mine.b.example", 201).get_json()["serial"]
+    issue("b-issuer", "theirs.a.example", 403)
+
+    def audit(role: str) -> list[dict[str, Any]]:
+        found = held.call("GET", "/audit/events?limit=1000", role, expect=200)
+        return [e for e in found.get_json()["events"] if e["resource"] == f"ca/{shared}"]
+
+    seen = audit("b-auditor")
+    actors = {e["actor"] for e in seen}
+    assert actors and all(a.startswith("token:b-") for a in actors), actors
+    issued = {
+        e["parameters"]["serial"]
+        for e in seen
+        if e["action"] == "certificate.issue" and e["result"] == "success"
+    }
+    assert issued == {own}  # its own issuance, not the owner's
+    assert any("theirs.a.example" in json.dumps(e["parameters"]) for e in seen)  # its refusal
+    # The outbox's events carry no team: a shared CA's are the owner's.
+    events = held.client.get(
+        "/api/v1/events?limit=1000",
+        headers={"Authorization": f"Bearer {held.secrets['b-auditor']}"},
+    ).get_json()["events"]
+    assert not [e for e in events if e["ca_id"] == shared]
+    # The owner sees every record of its CA, team b's included.
+    owner_issued = {
+        e["parameters"].get("serial")
+        for e in audit("a-auditor")
+        if e["action"] == "certificate.issue"
+    }
+    assert {owners, own} <= owner_issued
