@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from pkigate.core.access import (
+    DEFAULT_TEAM,
     TEAM_NAME,
     AccessDeniedError,
     Action,
@@ -84,6 +86,13 @@ class AccessControl:
                 with self._store.write() as conn:
                     if self._store.get_team(conn, name) is not None:
                         raise ConflictError(f"a team named {name} exists")
+                    if self._store.team_has_certificates(conn, name):
+                        # Certificates name their team: a new team of that name would
+                        # see and revoke what the deleted one asked for.
+                        raise ConflictError(
+                            f"certificates are recorded as a deleted team {name}'s: "
+                            "choose another name"
+                        )
                     self._store.insert_team(conn, name, now, actor.principal)
                     self._audit.record(conn, actor, "team.create", f"team/{name}", at=now)
                     record = self._store.get_team(conn, name)
@@ -91,6 +100,65 @@ class AccessControl:
                 raise ConflictError(f"a team named {name} exists") from None
         assert record is not None
         return record
+
+    def delete_team(self, name: str, actor: Actor) -> None:
+        """Delete a team that nothing depends on any more: ConflictError naming what does
+        (the CAs it owns, its live tokens, the CA policies naming it). The default team
+        is never deleted. There is no rename: CAs, tokens, certificates and policies name
+        their team."""
+        now = self._clock()
+        resource = f"team/{name}"
+        with self._audit.refusals(actor, "team.delete", resource, now):
+            if name == DEFAULT_TEAM:
+                raise ConflictError(
+                    f"team {DEFAULT_TEAM} is never deleted: it holds what was made before teams"
+                )
+            with self._store.write() as conn:
+                if self._store.get_team(conn, name) is None:
+                    raise NotFoundError(f"no team named {name}")
+                uses = self._uses_of_team(conn, name, now)
+                if uses:
+                    raise ConflictError(f"team {name} cannot be deleted: {'; '.join(uses)}")
+                self._store.delete_team(conn, name)
+                self._audit.record(conn, actor, "team.delete", resource, at=now)
+
+    def _uses_of_team(self, conn: Connection, name: str, now: datetime) -> list[str]:
+        """What still depends on the team, in words (empty: nothing)."""
+        uses = []
+        cas = self._store.list_cas(conn)
+        owned = [ca.id for ca in cas if ca.team == name]
+        if owned:
+            uses.append(f"it owns CA {', '.join(owned)} (move or delete them first)")
+        live = [
+            t.id
+            for t in self._store.list_api_tokens(conn)
+            if t.team == name
+            and t.revoked_at is None
+            and (t.expires_at is None or t.expires_at > now)
+        ]
+        if live:
+            uses.append(f"its tokens {', '.join(live)} are live (revoke them first)")
+        naming = [
+            ca.id
+            for ca in cas
+            if ca.policy_version
+            and any(
+                s.team == name for s in self._policy_in(conn, ca.id, ca.policy_version).statements
+            )
+        ]
+        if naming:
+            uses.append(f"the policies of CA {', '.join(naming)} name it")
+        return uses
+
+    def _policy_in(self, conn: Connection, ca_id: str, version: int) -> Policy:
+        """:meth:`_policy` within a transaction already open (a version above 0)."""
+        cached = self._policies.get((ca_id, version))
+        if cached is None:
+            (found,) = self._store.ca_policies(conn, ca_id, version)
+            cached = parse_policy(json.loads(found.document))
+            with self._lock:
+                self._policies[(ca_id, version)] = cached
+        return cached
 
     def list_teams(self) -> list[TeamRecord]:
         with self._store.read() as conn:
@@ -116,10 +184,7 @@ class AccessControl:
         cached = self._policies.get((ca_id, version))
         if cached is None:
             with self._store.read() as conn:
-                (found,) = self._store.ca_policies(conn, ca_id, version)
-            cached = parse_policy(json.loads(found.document))
-            with self._lock:
-                self._policies[(ca_id, version)] = cached
+                cached = self._policy_in(conn, ca_id, version)
         return cached
 
     def current_policy(self, ca_id: str) -> PolicyVersion:

@@ -55,6 +55,7 @@ from pkigate.core.names import parse_dn
 from pkigate.core.passthrough import parse_api_passthrough
 from pkigate.core.readable import UNREADABLE
 from pkigate.core.store import (
+    ApiTokenRecord,
     AuditEventRecord,
     AuditScope,
     CARecord,
@@ -1562,18 +1563,71 @@ def _secret_reply(issued: Any, status: int) -> Response:
 )
 def rotate_token(token_id: str, body: dict[str, Any]) -> Response:
     overlap = parsed("overlap", parse_span, body["overlap"])
-    _check_own_token(token_id)
+    check_own_token(token_id)
     issued = gateway().tokens.rotate(token_id, overlap, actor())
     return _secret_reply(issued, 200)
 
 
-def _check_own_token(token_id: str) -> None:
+@route(
+    Operation(
+        "PATCH",
+        "/tokens/{token_id}",
+        "updateToken",
+        "Change a token's roles, client networks or expiry (never its secret or team); "
+        "the audit record names each change, before and after",
+        "Tokens",
+        Permission.MANAGE_TOKENS,
+        (json_reply(200, "The token as changed", ref("Token")),),
+        body=(
+            Field(
+                "roles",
+                "Its roles from now on; roles that separation_of_duties keeps apart are "
+                "refused (400), and a token may not give itself powers it does not hold (403)",
+                {"type": "array", "items": _ROLE_NAMES, "minItems": 1},
+            ),
+            Field(
+                "allow_from",
+                "Client networks it may be used from from now on (CIDRs); [] for anywhere",
+                {"type": "array", "items": _STRING, "maxItems": 32},
+            ),
+            Field(
+                "expires_in",
+                "Expire this long from now (90d, 12h, 30min, 3600s); at most [tokens] max_lifetime",
+                _SPAN_FIELD,
+            ),
+        ),
+        errors=(404, 409),
+    )
+)
+def update_token(token_id: str, body: dict[str, Any]) -> Response:
+    roles = body.get("roles")
+    allow_from = body.get("allow_from")
+    expires_in = body.get("expires_in")
+    check_own_token(token_id)
+    record = gateway().tokens.update(
+        token_id,
+        actor(),
+        roles=parsed("roles", _role_names, roles) if roles is not None else None,
+        allow_from=parsed("allow_from", parse_networks, allow_from)
+        if allow_from is not None
+        else None,
+        expires_in=parsed("expires_in", parse_span, expires_in) if expires_in else None,
+        caller=principal(),
+    )
+    return reply(token_json(record))
+
+
+def check_own_token(token_id: str) -> None:
     """To a token of a team other than the default, another team's token does not exist."""
-    team = principal().team
-    if team != DEFAULT_TEAM and not any(
-        t.id == token_id and t.team == team for t in gateway().tokens.list()
-    ):
+    if not any(t.id == token_id for t in visible_tokens()):
         raise NotFoundError(f"no active token with id {token_id}")
+
+
+def visible_tokens() -> list[ApiTokenRecord]:
+    """The tokens this token manages: every one for the default team's, its own team's
+    for another's (the API's and the console's)."""
+    team = principal().team
+    return [t for t in gateway().tokens.list() if team in (DEFAULT_TEAM, t.team)]
 
 
 @route(
@@ -1588,9 +1642,7 @@ def _check_own_token(token_id: str) -> None:
     )
 )
 def list_tokens() -> Response:
-    team = principal().team
-    tokens = [t for t in gateway().tokens.list() if team == DEFAULT_TEAM or t.team == team]
-    return reply({"tokens": [token_json(t) for t in tokens]})
+    return reply({"tokens": [token_json(t) for t in visible_tokens()]})
 
 
 @route(
@@ -1606,7 +1658,7 @@ def list_tokens() -> Response:
 )
 def revoke_token(token_id: str) -> Response:
     tokens = gateway().tokens
-    _check_own_token(token_id)
+    check_own_token(token_id)
     tokens.revoke(token_id, actor())
     record = next(t for t in tokens.list() if t.id == token_id)
     return reply(token_json(record))

@@ -1,6 +1,6 @@
 """The management API's teams and CA policies (core/access.py), on the API's registry.
 
-Teams are made by admins of the default team (the operator's); a CA's policy is read and
+Teams are made and deleted by admins of the default team (the operator's); a CA's policy is read and
 set by its owning team, a PUT naming the version it replaces (409 on a stale one), every
 version kept. Sharing a CA with another team is a statement of its policy.
 """
@@ -79,6 +79,26 @@ def visible_teams() -> list[TeamRecord]:
     """Every team for tokens of the default team, a token's own team for the others."""
     team = principal().team
     return [t for t in gateway().core.access.list_teams() if team in (DEFAULT_TEAM, t.name)]
+
+
+@route(
+    Operation(
+        "DELETE",
+        "/teams/{name}",
+        "deleteTeam",
+        "Delete a team (token admins of the default team); 409 naming what still depends "
+        "on it: CAs it owns, live tokens, CA policies naming it. The default team stays.",
+        "Teams",
+        Permission.MANAGE_TOKENS,
+        (json_reply(200, "What was deleted", ref("DeletedTeam")),),
+        errors=(404, 409),
+    )
+)
+def delete_team(name: str) -> Response:
+    if principal().team != DEFAULT_TEAM:
+        raise ForbiddenError(f"only tokens of team {DEFAULT_TEAM} delete teams")
+    gateway().core.access.delete_team(name, actor())
+    return reply({"name": name, "deleted": True})
 
 
 def owned_ca(ca_id: str, action: Action) -> CARecord:

@@ -38,6 +38,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Connection
+
 from pkigate.core.access import DEFAULT_TEAM, PrincipalFacts
 from pkigate.core.audit import Actor, AuditLog
 from pkigate.core.errors import (
@@ -330,11 +332,7 @@ class TokenService:
         now = self._clock()
         secret = secrets.token_urlsafe(32)
         with self._store.write() as conn:
-            record = self._store.get_api_token(conn, token_id)
-            if record is None or record.revoked_at is not None:
-                raise NotFoundError(f"no active token with id {token_id}")
-            if record.expires_at is not None and record.expires_at <= now:
-                raise InvalidStateError(f"token {token_id} has expired; create a new one")
+            record = self._changeable(conn, token_id, now)
             self._store.update_api_token(
                 conn,
                 token_id,
@@ -354,6 +352,91 @@ class TokenService:
         assert rotated is not None
         self._records.pop(token_id, None)
         return IssuedToken(rotated, f"pkigate_{token_id}_{secret}")
+
+    def update(
+        self,
+        token_id: str,
+        actor: Actor,
+        *,
+        roles: Iterable[Role] | None = None,
+        allow_from: Sequence[str] | None = None,
+        expires_in: timedelta | None = None,
+        caller: Principal | None = None,
+    ) -> ApiTokenRecord:
+        """Change an active token's roles, client networks (empty: anywhere) or expiry
+        (from now; at most [tokens] max_lifetime), under the rules that create applies.
+        ``caller``: the token asking (None on the CA host), which may not give itself
+        powers it does not hold. The audit record names each change, before and after."""
+        held = tuple(dict.fromkeys(roles)) if roles is not None else None
+        if held is None and allow_from is None and expires_in is None:
+            raise BadRequestError("nothing to change: give roles, allow_from or expires_in")
+        if held is not None:
+            if not held:
+                raise BadRequestError("a token needs at least one role")
+            self.check_separation(held)
+            if (
+                caller is not None
+                and caller.token_id == token_id
+                and not permissions_of(held) <= permissions_of(caller.roles)
+            ):
+                raise ForbiddenError(
+                    "a token may not give itself powers it does not hold; another token admin may"
+                )
+        try:
+            networks = parse_networks(allow_from) if allow_from is not None else None
+        except ValueError as exc:
+            raise BadRequestError(f"allow_from: {exc}") from None
+        lifetime = self._lifetime(expires_in) if expires_in is not None else None
+        now = self._clock()
+        with self._store.write() as conn:
+            record = self._changeable(conn, token_id, now)
+            before: dict[str, Any] = {
+                "roles": list(record.roles),
+                "allow_from": list(record.allow_from),
+                "expires_at": record.expires_at.isoformat() if record.expires_at else None,
+            }
+            after = dict(before)
+            values: dict[str, Any] = {}
+            if held is not None:
+                ordered = [r.value for r in Role if r in held]
+                after["roles"], values["roles"] = ordered, " ".join(ordered)
+            if networks is not None:
+                after["allow_from"], values["allow_from"] = (
+                    list(networks),
+                    " ".join(networks) or None,
+                )
+            if lifetime is not None:
+                values["expires_at"] = now + lifetime
+                after["expires_at"] = values["expires_at"].isoformat()
+            self._store.update_api_token(conn, token_id, **values)
+            self._audit.record(
+                conn,
+                actor,
+                "token.update",
+                f"token/{token_id}",
+                at=now,
+                parameters={
+                    "changed": {
+                        key: {"from": before[key], "to": after[key]}
+                        for key in before
+                        if before[key] != after[key]
+                    }
+                },
+            )
+            updated = self._store.get_api_token(conn, token_id)
+        assert updated is not None
+        self._records.pop(token_id, None)
+        return updated
+
+    def _changeable(self, conn: Connection, token_id: str, now: datetime) -> ApiTokenRecord:
+        """A token that may be rotated or changed: neither revoked (404) nor expired (409:
+        it is not revived)."""
+        record = self._store.get_api_token(conn, token_id)
+        if record is None or record.revoked_at is not None:
+            raise NotFoundError(f"no active token with id {token_id}")
+        if record.expires_at is not None and record.expires_at <= now:
+            raise InvalidStateError(f"token {token_id} has expired; create a new one")
+        return record
 
     def list(self) -> list[ApiTokenRecord]:
         with self._store.read() as conn:

@@ -1,5 +1,6 @@
-"""`pkigate team` and `pkigate ca policy|share`: teams and CA policies (core/access.py),
-on the CA host's store or, with --server, through the management API."""
+"""`pkigate team`, `pkigate ca policy|share` and `pkigate token update`: teams, CA policies
+(core/access.py) and what a token may do, on the CA host's store or, with --server,
+through the management API."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import click
 
 from pkigate.core.access import Action
 from pkigate.core.errors import BadRequestError
-from pkigate.gateways.cli import CAReference, State, ca, main, pass_state, reports_errors
+from pkigate.gateways.auth import parse_span
+from pkigate.gateways.cli import CAReference, State, ca, main, pass_state, reports_errors, token
+from pkigate.gateways.openapi import token_json
+from pkigate.gateways.roles import Role
 
 
 @main.group()
@@ -48,6 +52,27 @@ def team_create(state: State, name: str) -> None:
     else:
         data = _team_json(state.core.access.create_team(name, state.actor))
     state.emit(data, lambda: f"team {data['name']} created")
+
+
+@team.command("delete")
+@click.argument("name")
+@pass_state
+@reports_errors
+def team_delete(state: State, name: str) -> None:
+    """Delete a team that nothing depends on: refused, naming why, while it owns CAs,
+    has live tokens or a CA policy names it. The default team is never deleted; teams
+    are not renamed (CAs, tokens and policies refer to them by name).
+
+    \b
+    Example:
+      pkigate team delete web
+    """
+    if state.remote is not None:
+        data = state.remote.delete_team(name)
+    else:
+        state.core.access.delete_team(name, state.actor)
+        data = {"name": name, "deleted": True}
+    state.emit(data, lambda: f"team {name} deleted")
 
 
 @team.command("list")
@@ -238,3 +263,70 @@ def ca_share(
         }
     )
     _show(state, _set(state, ca_id, {"statements": statements}, current["version"]))
+
+
+@token.command("update")
+@click.argument("token_id")
+@click.option(
+    "--role",
+    "roles",
+    type=click.Choice([r.value for r in Role]),
+    multiple=True,
+    help="Its roles from now on (repeat for several); the others it held are removed.",
+)
+@click.option(
+    "--allow-from",
+    multiple=True,
+    help="A client network (CIDR) it may be used from from now on; repeat for several.",
+)
+@click.option("--allow-anywhere", is_flag=True, help="Let it be used from any address from now on.")
+@click.option(
+    "--expires-in",
+    help="Expire this long from now: 90d, 12h, 30min or 3600s (at most [tokens] max_lifetime).",
+)
+@pass_state
+@reports_errors
+def token_update(
+    state: State,
+    token_id: str,
+    roles: tuple[str, ...],
+    allow_from: tuple[str, ...],
+    allow_anywhere: bool,
+    expires_in: str | None,
+) -> None:
+    """Change a token's roles, client networks or expiry; its secret stays as it is.
+
+    \b
+    Example:
+      pkigate token update 3f2a9c1e0b6d4f43 --role auditor --expires-in 30d
+    """
+    if allow_from and allow_anywhere:
+        raise BadRequestError("give --allow-from or --allow-anywhere, not both")
+    networks = [] if allow_anywhere else list(allow_from) or None
+    if state.remote is not None:
+        body: dict[str, Any] = {"roles": list(roles) or None, "allow_from": networks}
+        body["expires_in"] = expires_in
+        data = state.remote.update_token(
+            token_id, {key: value for key, value in body.items() if value is not None}
+        )
+    else:
+        try:
+            lifetime = parse_span(expires_in) if expires_in else None
+        except ValueError as exc:
+            raise BadRequestError(f"--expires-in: {exc}") from None
+        record = state.tokens.update(
+            token_id,
+            state.actor,
+            roles=[Role(r) for r in roles] or None,
+            allow_from=networks,
+            expires_in=lifetime,
+        )
+        data = token_json(record)
+    state.emit(
+        data,
+        lambda: (
+            f"token {data['id']}: roles {', '.join(data['roles'])}; "
+            f"from {', '.join(data['allow_from']) or 'anywhere'}; "
+            f"expires {data['expires_at'] or 'never'}"
+        ),
+    )

@@ -861,27 +861,37 @@ def notifications() -> str:
 @console.route("/tokens", methods=["GET", "POST"])
 @allowed(Permission.MANAGE_TOKENS)
 def tokens() -> str:
-    """Tokens with their roles, expiry and last use; a new one with one or more roles, a
-    lifetime and client networks (the API's createToken)."""
+    """The tokens this token manages (its team's, or every one for the default team's)
+    with their roles, expiry and last use; a new one for its team with one or more
+    roles, a lifetime and client networks (the API's createToken)."""
     service = gateway().tokens
     created = None
     if request.method == "POST":
-        form = request.form
-        try:
-            roles = parse_roles(form.getlist("roles"))
-            lifetime = form.get("expires_in", "").strip()
-            expires_in = parse_span(lifetime) if lifetime else None
-            allow_from = parse_networks(form.get("allow_from", "").replace(",", " ").split())
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from None
+        roles, expires_in, allow_from = _token_form()
         created = service.create(
-            form.get("name", "").strip(),
+            request.form.get("name", "").strip(),
             roles,
             principal().actor(g.request_id),
             expires_in=expires_in,
             allow_from=allow_from,
+            team=principal().team,
         )
     return tokens_page(created)
+
+
+def _token_form() -> tuple[tuple[Role, ...], timedelta | None, tuple[str, ...]]:
+    """The roles, lifetime (None: not given) and client networks (separated by commas or
+    spaces) of the create and change forms."""
+    form = request.form
+    try:
+        lifetime = form.get("expires_in", "").strip()
+        return (
+            parse_roles(form.getlist("roles")),
+            parse_span(lifetime) if lifetime else None,
+            parse_networks(form.get("allow_from", "").replace(",", " ").split()),
+        )
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
 
 
 def tokens_page(created: Any = None) -> str:
@@ -889,7 +899,7 @@ def tokens_page(created: Any = None) -> str:
     return page(
         "tokens.html",
         title="Tokens",
-        tokens=service.list(),
+        tokens=api.visible_tokens(),
         created=created,
         roles=[r.value for r in Role],
         now=gateway().core.clock(),
@@ -905,12 +915,32 @@ def rotate_token(token_id: str) -> str:
         overlap = parse_span(request.form.get("overlap", "").strip() or "0s")
     except ValueError as exc:
         raise BadRequestError(str(exc)) from None
+    api.check_own_token(token_id)
     rotated = gateway().tokens.rotate(token_id, overlap, principal().actor(g.request_id))
     return tokens_page(rotated)
+
+
+@console.post("/tokens/<token_id>/update")
+@allowed(Permission.MANAGE_TOKENS)
+def update_token(token_id: str) -> ResponseReturnValue:
+    """New roles, client networks (empty: anywhere) and, if given, a new expiry (the
+    API's updateToken)."""
+    roles, expires_in, allow_from = _token_form()
+    api.check_own_token(token_id)
+    gateway().tokens.update(
+        token_id,
+        principal().actor(g.request_id),
+        roles=roles,
+        allow_from=allow_from,
+        expires_in=expires_in,
+        caller=principal(),
+    )
+    return redirect(url_for("console.tokens"))
 
 
 @console.post("/tokens/<token_id>/revoke")
 @allowed(Permission.MANAGE_TOKENS)
 def revoke_token(token_id: str) -> ResponseReturnValue:
+    api.check_own_token(token_id)
     gateway().tokens.revoke(token_id, principal().actor(g.request_id))
     return redirect(url_for("console.tokens"))

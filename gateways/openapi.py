@@ -646,6 +646,7 @@ SCHEMAS: dict[str, JSON] = {
     "TokenList": _closed({"tokens": {"type": "array", "items": ref("Token")}}),
     "Team": _closed({"name": _STRING, "created_at": _TIME, "created_by": _STRING}),
     "TeamList": _closed({"teams": {"type": "array", "items": ref("Team")}}),
+    "DeletedTeam": _closed({"name": _STRING, "deleted": {"type": "boolean"}}),
     "CAPolicy": _closed(
         {
             "ca_id": _STRING,

@@ -226,11 +226,17 @@ class RemoteClient:
             self.json("POST", f"/tokens/{_segment(token_id)}/rotate", body={"overlap": overlap})
         )
 
+    def update_token(self, token_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(self.json("PATCH", f"/tokens/{_segment(token_id)}", body=body))
+
     def create_team(self, name: str) -> dict[str, Any]:
         return dict(self.json("POST", "/teams", body={"name": name}))
 
     def teams(self) -> list[dict[str, Any]]:
         return list(self.json("GET", "/teams")["teams"])
+
+    def delete_team(self, name: str) -> dict[str, Any]:
+        return dict(self.json("DELETE", f"/teams/{_segment(name)}"))
 
     def ca_policy(self, ca_id: str) -> dict[str, Any]:
         return dict(self.json("GET", f"/cas/{_segment(ca_id)}/policy"))

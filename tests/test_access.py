@@ -370,8 +370,8 @@ def teams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, d
     service.gw.close()
 
 
-def _make_ca(service: Service, subject: str) -> str:
-    """A ROOT made by team a's admin: owned by team a (its token's team)."""
+def _make_ca(service: Service, subject: str, role: str = "a-admin", team: str | None = None) -> str:
+    """A ROOT made by ``role`` (team a's admin): owned by its token's team, or ``team``."""
     body = {
         "type": "ROOT",
         "subject": subject,
@@ -379,8 +379,9 @@ def _make_ca(service: Service, subject: str) -> str:
         "usage_mode": "GENERAL_PURPOSE",
         "key_storage": "software",
         "validity": "365d",
+        **({"team": team} if team else {}),
     }
-    return str(service.call("POST", "/cas", "a-admin", json=body, expect=201).get_json()["id"])
+    return str(service.call("POST", "/cas", role, json=body, expect=201).get_json()["id"])
 
 
 def _put_policy(

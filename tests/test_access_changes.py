@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from helpers import make_csr
-from test_access import _console_client
+from test_access import _console_client, _make_ca
 from test_api import Service, _open_service
 
 from pkigate.core.audit import Actor
@@ -140,15 +140,7 @@ def test_the_console_decides_held_requests_on_their_facts_too(held: Service) -> 
 def test_a_team_sees_its_own_actions_on_a_shared_ca_and_nothing_of_the_owners(
     held: Service,
 ) -> None:
-    body = {
-        "type": "ROOT",
-        "subject": "CN=A audited",
-        "key_algorithm": "EC_prime256v1",
-        "usage_mode": "GENERAL_PURPOSE",
-        "key_storage": "software",
-        "validity": "365d",
-    }
-    shared = held.call("POST", "/cas", "a-admin", json=body, expect=201).get_json()["id"]
+    shared = _make_ca(held, "CN=A audited")
     document = {
         "statements": [
             {
@@ -202,3 +194,92 @@ def test_a_team_sees_its_own_actions_on_a_shared_ca_and_nothing_of_the_owners(
         if e["action"] == "certificate.issue"
     }
     assert {owners, own} <= owner_issued
+
+
+# -- changing another team's tokens, deleting teams -----------------------------------------------
+
+
+def test_a_team_changes_only_its_own_tokens(held: Service) -> None:
+    target = held.gw.tokens.authenticate(f"Bearer {held.secrets['a-approver']}").token_id
+    body = {"roles": ["approver", "auditor"]}
+    refused = held.call("PATCH", f"/tokens/{target}", "b-admin", json=body, expect=404)
+    assert "no active token" in refused.get_json()["error"]["message"]
+    changed = held.call("PATCH", f"/tokens/{target}", "a-admin", json=body, expect=200)
+    assert changed.get_json()["roles"] == ["approver", "auditor"]
+    assert changed.get_json()["team"] == "a"
+
+
+def test_a_team_is_deleted_only_once_nothing_depends_on_it(held: Service) -> None:
+    def delete(name: str, expect: int, role: str = "admin") -> str:
+        response = held.call("DELETE", f"/teams/{name}", role, expect=expect)
+        return str(response.get_json().get("error", {}).get("message", ""))
+
+    assert "never deleted" in delete("default", 409)
+    assert "only tokens of team default" in delete("b", 403, "a-admin")
+    assert "no team named" in delete("nobody", 404)
+    held.call("POST", "/teams", "admin", json={"name": "owner"}, expect=201)
+    owned = _make_ca(held, "CN=Owned by a team", "admin", "owner")
+    assert f"it owns CA {owned}" in delete("owner", 409)
+
+    held.call("POST", "/teams", "admin", json={"name": "c"}, expect=201)
+    issuer = held.call(
+        "POST", "/tokens", "admin", json={"name": "c-issuer", "roles": ["issuer"], "team": "c"}
+    ).get_json()
+    held.secrets["c-issuer"] = issuer["secret"]
+    ca = _make_ca(held, "CN=Shared with c", "admin")
+    share = {"statements": [{"id": "share-c", "principal": {"team": "c"}, "actions": ["issue"]}]}
+    policy = {"document": share, "replaces": 0}
+    held.call("PUT", f"/cas/{ca}/policy", "admin", json=policy, expect=200)
+    body = {"csr": make_csr("host.c.example").decode()}
+    held.call("POST", f"/cas/{ca}/certificates", "c-issuer", json=body, expect=201)
+    message = delete("c", 409)
+    assert f"its tokens {issuer['id']} are live" in message
+    assert f"the policies of CA {ca} name it" in message
+    held.call("DELETE", f"/tokens/{issuer['id']}", "admin", expect=200)
+    policy = {"document": {"statements": []}, "replaces": 1}
+    held.call("PUT", f"/cas/{ca}/policy", "admin", json=policy, expect=200)
+
+    deleted = held.call("DELETE", "/teams/c", "admin", expect=200).get_json()
+    assert deleted == {"name": "c", "deleted": True}
+    teams = held.call("GET", "/teams", "admin", expect=200).get_json()["teams"]
+    assert "c" not in {t["name"] for t in teams}
+    records = [
+        (e.result, json.loads(e.parameters).get("message", ""))
+        for e in held.gw.core.audit.events()
+        if e.action == "team.delete" and e.resource == "team/c"
+    ]
+    assert records[-1] == ("success", "") and "are live" in records[0][1]
+    # Certificates name the team that asked for them: the name is not given out again.
+    again = held.call("POST", "/teams", "admin", json={"name": "c"}, expect=409)
+    assert "deleted team c" in again.get_json()["error"]["message"]
+
+
+def test_the_console_tokens_page_is_the_teams_own_and_changes_a_token(held: Service) -> None:
+    client = _console_client(held, held.secrets["b-admin"])
+    listing = client.get("/console/tokens").get_data(as_text=True)
+    names = set(re.findall(r"<tr>\s*<td>([^<]+)</td>", listing))
+    assert "b-auditor" in names and not names & {"a-approver", "auditor-token"}, names
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', listing)
+    assert csrf is not None
+    b_auditor = held.gw.tokens.authenticate(f"Bearer {held.secrets['b-auditor']}").token_id
+    a_approver = held.gw.tokens.authenticate(f"Bearer {held.secrets['a-approver']}").token_id
+    form = {
+        "csrf_token": csrf.group(1),
+        "roles": ["auditor", "revoker"],
+        "allow_from": "127.0.0.0/8, 10.0.0.0/8",
+    }
+    changed = client.post(f"/console/tokens/{b_auditor}/update", data=form)
+    assert changed.status_code == 302, changed.get_data(as_text=True)
+    (record,) = [t for t in held.gw.tokens.list() if t.id == b_auditor]
+    assert record.roles == ("revoker", "auditor")
+    assert record.allow_from == ("127.0.0.0/8", "10.0.0.0/8")
+    assert client.post(f"/console/tokens/{a_approver}/update", data=form).status_code == 404
+    assert client.post(f"/console/tokens/{a_approver}/revoke", data=form).status_code == 404
+    assert client.post(f"/console/tokens/{b_auditor}/update", data={}).status_code == 400  # CSRF
+    # What the console creates is the team's own.
+    created = client.post(
+        "/console/tokens", data={"csrf_token": csrf.group(1), "name": "b-new", "roles": "auditor"}
+    )
+    assert created.status_code == 200
+    (new,) = [t for t in held.gw.tokens.list() if t.name == "b-new"]
+    assert new.team == "b"

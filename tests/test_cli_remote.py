@@ -404,3 +404,24 @@ def test_scep_pending_requests_are_listed_approved_and_rejected_through_the_serv
     assert not {p["transaction_id"] for p in left} & {"remote-1", "remote-2"}
     again = remote.run("scep", "pending", "approve", "--connector", name, "remote-2", ok=False)
     assert again.returncode == 1 and "not pending" in again.stderr
+
+
+def test_tokens_are_changed_and_teams_deleted_remotely_and_locally(remote: RemoteServer) -> None:
+    created = remote.json("token", "create", "--name", "changing", "--role", "auditor")
+    changed = remote.json(
+        "token", "update", created["id"], "--role", "revoker", "--allow-from", "127.0.0.0/8"
+    )
+    assert changed["roles"] == ["revoker"] and changed["allow_from"] == ["127.0.0.0/8"]
+    local = remote.local(
+        "token", "update", created["id"], "--allow-anywhere", "--expires-in", "1d"
+    ).stdout
+    assert f"token {created['id']}: roles revoker; from anywhere; expires 20" in local
+    refused = remote.run("token", "update", created["id"], ok=False)
+    assert "nothing to change" in refused.stderr
+
+    assert remote.json("team", "create", "gone")["name"] == "gone"
+    assert remote.json("team", "delete", "gone") == {"name": "gone", "deleted": True}
+    remote.local("team", "create", "gone-too")
+    assert remote.local("team", "delete", "gone-too").stdout.strip() == "team gone-too deleted"
+    kept = remote.run("team", "delete", "default", ok=False)
+    assert "team default is never deleted" in kept.stderr

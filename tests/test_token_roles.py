@@ -1,6 +1,7 @@
 """Fine-grained roles, separation of duties and token hygiene (issue 20): every API
 operation against every role, tokens that hold roles kept apart, expiry, rotation with an
-overlap, client networks, last use, and a 0015 store's tokens after migration 0017."""
+overlap, client networks, last use, changes after creation, and a 0015 store's tokens after
+migration 0017."""
 
 from __future__ import annotations
 
@@ -88,10 +89,12 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("DELETE", "/notifications/{name}"): frozenset({"admin"}),
     ("POST", "/teams"): TOKEN_ADMINS,
     ("GET", "/teams"): ALL,
+    ("DELETE", "/teams/{name}"): TOKEN_ADMINS,
     ("GET", "/templates"): ALL,
     ("POST", "/tokens"): TOKEN_ADMINS,
     ("GET", "/tokens"): TOKEN_ADMINS,
     ("DELETE", "/tokens/{token_id}"): TOKEN_ADMINS,
+    ("PATCH", "/tokens/{token_id}"): TOKEN_ADMINS,
     ("POST", "/tokens/{token_id}/rotate"): TOKEN_ADMINS,
 }
 
@@ -143,7 +146,9 @@ ADMIN_ADDITIONS = {
     *_CERTIFICATE_READS,
     _REVOKE,
     ("POST", "/tokens/{token_id}/rotate"),
+    ("PATCH", "/tokens/{token_id}"),
     ("POST", "/teams"),
+    ("DELETE", "/teams/{name}"),
     ("PUT", "/cas/{ca_id}/policy"),
 }
 # ... and for every role, as it reads CAs: the teams and the CAs' policies.
@@ -195,7 +200,7 @@ def _powers(service: Service, secret: str, operations: list[tuple[str, str]]) ->
     allowed = set()
     for method, path in operations:
         concrete = path
-        for name in ("ca_id", "serial", "kid", "request_id", "transaction_id", "token_id"):
+        for name in ("ca_id", "serial", "kid", "request_id", "transaction_id", "token_id", "name"):
             concrete = concrete.replace("{" + name + "}", PATH_VALUES.get(name, "nope"))
         body = {} if method in ("POST", "PUT", "PATCH") else None
         response = service.call(method, concrete, secret, json=body)
@@ -578,3 +583,50 @@ def test_config_check_names_the_stored_tokens_that_break_the_rule(tmp_path: Path
     (warning,) = [line for line in checked.stderr.splitlines() if line.startswith("warning:")]
     assert f"old-admin ({old.record.id}): ca-admin+ca-deleter" in warning
     assert "reader" not in warning
+
+
+def test_a_token_is_changed_after_creation_within_the_rules_and_audited(strict: Service) -> None:
+    keeper = _token_admin(strict)
+    target = strict.gw.tokens.create("changing", Role.AUDITOR, ACTOR)
+    path = f"/tokens/{target.record.id}"
+    assert strict.call("GET", "/audit/events", target.secret).status_code == 200
+
+    changed = strict.call(
+        "PATCH",
+        path,
+        keeper,
+        json={"roles": ["revoker"], "allow_from": ["127.0.0.0/8"], "expires_in": "10d"},
+    )
+    assert changed.status_code == 200, changed.get_data()
+    data = changed.get_json()
+    assert data["roles"] == ["revoker"] and data["allow_from"] == ["127.0.0.0/8"]
+    assert data["expires_at"] == (strict.clock.now + timedelta(days=10)).isoformat()
+    # At once, with the same secret: the auditor's powers are gone, the revoker's there.
+    assert strict.call("GET", "/audit/events", target.secret).status_code == 403
+    assert strict.call("GET", "/cas", target.secret).status_code == 200
+    (event,) = strict.events(changed)
+    assert (event.action, event.resource) == ("token.update", f"token/{target.record.id}")
+    recorded = json.loads(event.parameters)["changed"]
+    assert recorded["roles"] == {"from": ["auditor"], "to": ["revoker"]}
+    assert recorded["allow_from"] == {"from": [], "to": ["127.0.0.0/8"]}
+    assert set(recorded) == {"roles", "allow_from", "expires_at"}
+    assert target.secret.rsplit("_", 1)[1] not in event.parameters
+
+    def refused(body: dict[str, Any], status: int, words: str, secret: str = keeper) -> None:
+        response = strict.call("PATCH", path, secret, json=body)
+        assert response.status_code == status, response.get_data()
+        assert words in response.get_json()["error"]["message"]
+
+    refused({"roles": ["issuer", "approver"]}, 400, "both issuer and approver")
+    refused({"expires_in": "91d"}, 400, "max_lifetime = 90d")
+    refused({}, 400, "nothing to change")
+    refused({"allow_from": ["10.0.0.1/8"]}, 400, "allow_from")
+    (shown,) = [t for t in strict.gw.tokens.list() if t.id == target.record.id]
+    assert shown.roles == ("revoker",)  # the refusals changed nothing
+    # A token admin may not give itself powers it does not hold, nor another token's.
+    own = f"/tokens/{strict.gw.tokens.authenticate(f'Bearer {keeper}').token_id}"
+    raised = strict.call("PATCH", own, keeper, json={"roles": ["token-admin", "auditor"]})
+    assert raised.status_code == 403
+    assert "may not give itself" in raised.get_json()["error"]["message"]
+    strict.gw.tokens.revoke(target.record.id, ACTOR)
+    refused({"roles": ["auditor"]}, 404, "no active token")

@@ -841,6 +841,15 @@ class Store:
         rows = conn.execute(select(schema.teams).order_by(schema.teams.c.name))
         return [TeamRecord(r.name, _utc(r.created_at), r.created_by) for r in rows]
 
+    def delete_team(self, conn: Connection, name: str) -> bool:
+        result = conn.execute(delete(schema.teams).where(schema.teams.c.name == name))
+        return bool(result.rowcount)
+
+    def team_has_certificates(self, conn: Connection, name: str) -> bool:
+        """Whether certificates are recorded as ``name``'s (asked for by its tokens)."""
+        c = schema.certificates.c
+        return conn.execute(select(c.serial).where(c.team == name).limit(1)).first() is not None
+
     def insert_ca_policy(self, conn: Connection, **values: Any) -> None:
         conn.execute(insert(schema.ca_policies).values(**values))
 
