@@ -1891,3 +1891,55 @@ def test_publishing_a_template_nobody_defines_is_refused_audited_and_writes_noth
     finally:
         conn.unbind()
     assert offered == set(PUBLISHED)  # as the fixture published it
+
+
+def test_a_team_decides_a_held_request_on_the_names_the_directory_gives_it(env: Env) -> None:
+    """Approving is decided on what the certificate would carry: for a template that takes
+    its names from the directory, the directory's, not the CSR's (core/access.py)."""
+    admin = env.server.session()
+    api = f"{env.server.https_url}/api/v1"
+    secrets = {}
+    for team in ("web", "people"):
+        assert admin.post(f"{api}/teams", json={"name": team}, timeout=10).status_code == 201
+        body = {"name": f"{team}-approver", "roles": ["approver"], "team": team}
+        secrets[team] = admin.post(f"{api}/tokens", json=body, timeout=10).json()["secret"]
+    ca = _issuing_id(env)
+    version = admin.get(f"{api}/cas/{ca}/policy", timeout=10).json()["version"]
+    statements = [
+        {
+            "id": "web-approves",
+            "principal": {"team": "web"},
+            "actions": ["approve-pending"],
+            "conditions": {"dns_suffixes": [".web.example"], "connectors": ["adcs"]},
+        },
+        {
+            "id": "people-approve",
+            "principal": {"team": "people"},
+            "actions": ["approve-pending"],
+            "conditions": {"templates": ["UserPending"], "connectors": ["adcs"]},
+        },
+    ]
+
+    def set_policy(statements: list[dict[str, Any]], replaces: int) -> int:
+        body = {"document": {"statements": statements}, "replaces": replaces}
+        response = admin.put(f"{api}/cas/{ca}/policy", json=body, timeout=10)
+        assert response.status_code == 200, response.text
+        return int(response.json()["version"])
+
+    version = set_policy(statements, version)
+    try:
+        # The CSR names only what team web may approve; alice's certificate names her.
+        der = _csr(cn="host.web.example", sans=[x509.DNSName("host.web.example")])[0]
+        request_id = _json_enroll(env, "alice", "UserPending", der).json()["request_id"]
+        approve = f"{api}/connectors/adcs/pending/{request_id}/approve"
+        refused = env.server.session(secrets["web"]).post(approve, timeout=30)
+        assert refused.status_code == 403, refused.text
+        message = refused.json()["error"]["message"]
+        # The CSR's names would pass: what is refused is a name from alice's entry.
+        assert "outside the allowed names" in message and "host.web.example" not in message
+        pending = admin.get(f"{api}/connectors/adcs/pending", timeout=10).json()
+        assert request_id in [r["request_id"] for r in pending]
+        approved = env.server.session(secrets["people"]).post(approve, timeout=30)
+        assert approved.status_code == 200, approved.text
+    finally:
+        set_policy([], version)
