@@ -22,6 +22,8 @@ from alembic import command
 from alembic.config import Config
 from conftest import fresh_postgres_database
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pkigate.core import Core
 from pkigate.core.audit import Actor
@@ -621,6 +623,9 @@ def test_a_token_is_changed_after_creation_within_the_rules_and_audited(strict: 
     refused({"expires_in": "91d"}, 400, "max_lifetime = 90d")
     refused({}, 400, "nothing to change")
     refused({"allow_from": ["10.0.0.1/8"]}, 400, "allow_from")
+    refused({"roles": "admin"}, 400, "roles")
+    refused({"roles": ["root"]}, 400, "'root'")
+    refused({"expires_in": "-1d"}, 400, "expires_in")
     (shown,) = [t for t in strict.gw.tokens.list() if t.id == target.record.id]
     assert shown.roles == ("revoker",)  # the refusals changed nothing
     # A token admin may not give itself powers it does not hold, nor another token's.
@@ -630,3 +635,21 @@ def test_a_token_is_changed_after_creation_within_the_rules_and_audited(strict: 
     assert "may not give itself" in raised.get_json()["error"]["message"]
     strict.gw.tokens.revoke(target.record.id, ACTOR)
     refused({"roles": ["auditor"]}, 404, "no active token")
+
+
+_VALUES = st.none() | st.booleans() | st.integers() | st.text(max_size=12)
+_PATCH_BODIES = st.dictionaries(
+    st.sampled_from(["roles", "allow_from", "expires_in", "name", "team"]),
+    _VALUES | st.lists(_VALUES | st.sampled_from(["auditor", "revoker", "10.0.0.0/8"])),
+    max_size=4,
+)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=_PATCH_BODIES)
+def test_fuzzed_token_changes_are_answered_never_500(strict: Service, body: Any) -> None:
+    target = strict.gw.tokens.create("fuzzed", Role.AUDITOR, ACTOR).record.id
+    response = strict.call("PATCH", f"/tokens/{target}", _token_admin(strict), json=body)
+    assert response.status_code in (200, 400), response.get_data()
+    if response.status_code == 400:
+        assert response.get_json()["error"]["message"]
