@@ -271,26 +271,30 @@ class RevocationService:
         # and SQLite has one writer); the number is re-checked when the CRL is stored.
         for _attempt in range(3):
             with self._store.read() as conn:
-                previous = self._store.latest_crl(conn, ca_id, partition)
-                # An entry stays until one CRL has been published after its certificate
-                # expired.
-                keep_after = previous.this_update if previous else None
-                revoked = self._store.crl_entries(
-                    conn, ca_id, partition if settings.partitioned else None, keep_after
-                )
-            if reuse_fresh and previous is not None and previous.next_update > now:
-                return previous
+                previous = self._store.latest_crl_numbering(conn, ca_id, partition)
+                fresh = reuse_fresh and previous is not None and previous.next_update > now
+                if not fresh:
+                    # An entry stays until one CRL has been published after its certificate
+                    # expired.
+                    keep_after = previous.this_update if previous else None
+                    entries, joined = self._store.crl_entries(
+                        conn, ca_id, partition if settings.partitioned else None, keep_after
+                    )
+            if fresh:
+                served = self.latest_crl(ca_id, partition)
+                if served is not None:
+                    return served
+                continue  # gone meanwhile (its CA purged): the next attempt finds out
             number = (previous.number + 1) if previous else 1
             this_update = now.replace(microsecond=0)
             next_update = this_update + timedelta(days=settings.crl_validity_days)
             # A CRL the store cannot keep is a use of the CA key with no record: not signed.
             self._store.space.check_before_signing()
-            entries, joined = revoked
             der = sign_crl(material, settings, partition, number, this_update, next_update, joined)
             try:
                 with self._store.write() as conn:
-                    latest = self._store.latest_crl(conn, ca_id, partition)
-                    if (latest.number if latest else 0) != number - 1:
+                    latest = self._store.latest_crl_number(conn, ca_id, partition)
+                    if (latest or 0) != number - 1:
                         continue  # another process published meanwhile: build on its CRL
                     self._store.insert_crl(
                         conn,

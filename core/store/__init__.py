@@ -49,6 +49,7 @@ __all__ = [
     "ApiTokenRecord",
     "AuditEventRecord",
     "CARecord",
+    "CRLNumbering",
     "CRLRecord",
     "CertificateRecord",
     "IntegrityError",
@@ -121,6 +122,16 @@ class CertificateRecord:
     der: bytes
     crl_partition: int | None = None
     team: str | None = None  # None: the CA owner's
+
+
+@dataclass(frozen=True)
+class CRLNumbering:
+    """What the next CRL of a partition is built on: the latest one's number and times
+    (its DER, tens of MiB for a million entries, is not read for that)."""
+
+    number: int
+    this_update: datetime
+    next_update: datetime
 
 
 @dataclass(frozen=True)
@@ -702,6 +713,18 @@ class Store:
         return conn.execute(
             select(func.max(c.crl_number)).where(c.ca_id == ca_id, c.crl_partition == partition)
         ).scalar_one_or_none()
+
+    def latest_crl_numbering(
+        self, conn: Connection, ca_id: str, partition: int
+    ) -> CRLNumbering | None:
+        c = schema.crls.c
+        row = conn.execute(
+            select(c.crl_number, c.this_update, c.next_update)
+            .where(c.ca_id == ca_id, c.crl_partition == partition)
+            .order_by(c.crl_number.desc())
+            .limit(1)
+        ).first()
+        return CRLNumbering(int(row[0]), _utc(row[1]), _utc(row[2])) if row is not None else None
 
     def latest_crl(self, conn: Connection, ca_id: str, partition: int) -> CRLRecord | None:
         c = schema.crls.c
