@@ -13,10 +13,8 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from alembic import command
-from alembic.config import Config
 from click.testing import CliRunner, Result
-from helpers import Clock, create_root, make_csr
+from helpers import Clock, create_root, downgrade_store, make_csr
 from sqlalchemy import inspect
 from test_notifications_email import _Mailbox, _tls_files
 from webhook_receiver import SECRET, Receiver
@@ -26,7 +24,7 @@ from pkigate.core.jobs import JobRunner
 from pkigate.core.model import RevocationReason
 from pkigate.core.store import events as events_sql
 from pkigate.core.store import sqlite_url
-from pkigate.core.store.engine import MIGRATIONS_DIR, create_store_engine
+from pkigate.core.store.engine import create_store_engine
 from pkigate.gateways.cli import main
 from pkigate.gateways.destinations import NotificationDestinations
 from pkigate.gateways.notifications import Notifier
@@ -115,18 +113,6 @@ def test_the_cli_manages_destinations_and_never_prints_a_secret(tmp_path: Path) 
         assert SECRET.encode() not in content and OTHER_SECRET.encode() not in content
 
 
-def _alembic(url: str, revision: str, *, down: bool) -> None:
-    engine = create_store_engine(url)
-    try:
-        with engine.begin() as conn:
-            config = Config()
-            config.set_main_option("script_location", str(MIGRATIONS_DIR))
-            config.attributes["connection"] = conn
-            (command.downgrade if down else command.upgrade)(config, revision)
-    finally:
-        engine.dispose()
-
-
 def test_migration_0016_upgrades_a_0015_store_keeping_its_events(tmp_path: Path) -> None:
     home = tmp_path / "home"
     core = Core.open(home)
@@ -141,7 +127,7 @@ def test_migration_0016_upgrades_a_0015_store_keeping_its_events(tmp_path: Path)
     finally:
         core.close()
     url = sqlite_url(home / "pkigate.db")
-    _alembic(url, "0015", down=True)
+    downgrade_store(url, "0015")
     engine = create_store_engine(url)
     assert "notification_destinations" not in inspect(engine).get_table_names()
     engine.dispose()
