@@ -91,6 +91,49 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu_per_get(
+    url: str,
+    open_session: Callable[[], requests.Session],
+    count: int,
+    clients: int,
+    pids: Sequence[int],
+) -> float:
+    """Server CPU seconds (of ``pids``) per request of ``count`` GETs of ``url`` from
+    ``clients`` threads, one session each, its TLS connection made (and kept alive) before
+    the count starts, as the operations' rows are after their warm-up: the floor under any
+    operation of that server that takes one request."""
+    remaining = iter(range(count))
+    lock = threading.Lock()
+    failures: list[int] = []
+    connected = threading.Barrier(clients + 1)
+    counting = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        with open_session() as session:
+            session.get(url, timeout=60)
+            connected.wait()
+            counting.wait()
+            while True:
+                with lock:
+                    if next(remaining, None) is None:
+                        return
+                response = session.get(url, timeout=60)
+                if not response.ok:
+                    failures.append(response.status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    connected.wait()
+    before = cpu_seconds(pids)
+    counting.wait()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError(f"GET {url}: {len(failures)} failures, e.g. HTTP {failures[0]}")
+    return (cpu_seconds(pids) - before) / count
+
+
 def memory_mib(pids: Sequence[int]) -> tuple[float, float]:
     """The sums of RSS and of PSS over ``pids``, MiB. RSS counts a page shared by forked
     processes (a gunicorn arbiter and its workers) once per process; PSS divides it among

@@ -27,8 +27,8 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import requests
 from cryptography import x509
@@ -38,7 +38,7 @@ from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from _peers import cpu_seconds, process_tree  # noqa: E402
+from _peers import cpu_seconds, process_tree, server_cpu_per_get  # noqa: E402
 from serving import start_server  # noqa: E402
 
 
@@ -50,34 +50,6 @@ def csr_pem(name: str) -> str:
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def floor(server: Any, path: str, token: str, count: int, clients: int, pids: list[int]) -> float:
-    """Server CPU seconds per request of ``count`` GETs of ``path`` from ``clients`` threads."""
-    url = f"{server.https_url}{path}"
-    remaining = iter(range(count))
-    lock = threading.Lock()
-    failures: list[int] = []
-
-    def client() -> None:
-        own = server.session(token)  # a new connection each: one TLS handshake per client
-        while True:
-            with lock:
-                if next(remaining, None) is None:
-                    return
-            response = own.get(url, timeout=60)
-            if not response.ok:
-                failures.append(response.status_code)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    before = cpu_seconds(pids)
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise SystemExit(f"{path}: {len(failures)} failures, e.g. {failures[0]}")
-    return (cpu_seconds(pids) - before) / count
 
 
 def main() -> int:
@@ -154,7 +126,13 @@ def main() -> int:
                 ("GET /healthz", "/healthz", token),
                 ("GET /api/v1/cas/<id> (token)", f"/api/v1/cas/{issuing}", token),
             ):
-                per_request = floor(server, path, auth, args.certificates, args.clients, pids)
+                per_request = server_cpu_per_get(
+                    f"{server.https_url}{path}",
+                    partial(server.session, auth),
+                    args.certificates,
+                    args.clients,
+                    pids,
+                )
                 print(f"floor: {label}: server CPU {per_request * 1000:.2f} ms/request")
             return 1 if failures else 0
         finally:

@@ -113,6 +113,8 @@ from _peers import (  # noqa: E402
     cpu_seconds,
     openbao_binary,
     plain_session,
+    process_tree,
+    server_cpu_per_get,
     trees,
 )
 from acme_peers import PebbleServer  # noqa: E402
@@ -740,6 +742,11 @@ def report(figures: dict[str, Any], runs: Sequence[Run]) -> None:
                 f"{found.get('server_cpu_ms_per_op', 0):.2f}x server CPU/op, "
                 f"{found.get('peak_pss_mib', 0):.2f}x peak PSS"
             )
+    if figures.get("pkigate_healthz_server_cpu_ms") is not None:
+        print(
+            f"  floor: pkigate's server CPU per GET /healthz over TLS (no store, no audit, "
+            f"no signature): {figures['pkigate_healthz_server_cpu_ms']:.2f} ms"
+        )
     if figures.get("openbao_missing"):
         print(f"  OpenBao rows missing: {figures['openbao_missing']}")
     raw = figures.get("raw_sign_per_s")
@@ -1013,6 +1020,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
                 server.process.pid,
             )
+        if "api" in chosen:
+            # The floor under every pkigate row: what one request over TLS costs the server
+            # when it does nothing (no store, no audit, no signature).
+            progress(f"GET /healthz against pkigate: {operations} requests")
+            floor = server_cpu_per_get(
+                f"{server.https_url}/healthz",
+                lambda: plain_session(str(server.tls_bundle)),
+                operations,
+                clients,
+                process_tree(server.process.pid),
+            )
+            figures["pkigate_healthz_server_cpu_ms"] = round(floor * 1000, 2)
         if "api" in chosen and openbao is not None:
             assert openbao.process is not None
             measure(

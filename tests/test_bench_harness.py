@@ -151,6 +151,8 @@ def test_the_quick_rows_give_figures_for_openbao_beside_pkigate(tmp_path: Path) 
         ratios = figures[f"{name}_ratios_pkigate_to_openbao"]
         assert set(ratios) == {"per_s", "server_cpu_ms_per_op", "peak_pss_mib"}
     assert "openbao" in figures["commands"]
+    # The floor under the pkigate rows: one GET /healthz (jiffies: 4 requests may count 0).
+    assert figures["pkigate_healthz_server_cpu_ms"] >= 0
 
 
 def test_store_scale_gives_both_rates_and_the_ratio_and_the_loaded_rows_are_readable(
