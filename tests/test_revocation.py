@@ -566,14 +566,22 @@ def test_a_revoked_certificate_is_stored_with_the_entry_its_crl_lists(
             sqlite_core.store.update_certificate(
                 conn, record.id, status="REVOKED", revoked_at=clock(), revocation_reason=None
             )
-    sqlite_core.revocation.revoke(ca.record.id, serial, RevocationReason.superseded, ACTOR)
+    revoked = sqlite_core.revocation.revoke(
+        ca.record.id, serial, RevocationReason.superseded, ACTOR
+    )
+    assert revoked.revoked_at is not None
     with sqlite_core.store.read() as conn:
         count, joined = sqlite_core.store.crl_entries(conn, ca.record.id, None, None)
     (listed,) = _entries(sqlite_core.revocation.generate_crl(ca.record.id).der)
     assert (count, joined) == (1, listed)
     entry = _crl(sqlite_core.revocation.latest_crl(ca.record.id).der)[0]  # type: ignore[union-attr]
     assert entry.serial_number == int(serial, 16)
-    assert entry.revocation_date_utc == clock().replace(microsecond=0)
+    assert entry.revocation_date_utc == revoked.revoked_at.replace(microsecond=0)
     assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
         x509.ReasonFlags.superseded
     )
+    # Any other status takes the entry off the next CRL (no path un-revokes today; the
+    # store keeps the rule so that none can leave a stale entry behind).
+    with sqlite_core.store.write() as conn:
+        sqlite_core.store.update_certificate(conn, record.id, status="ISSUED")
+    assert len(_crl(sqlite_core.revocation.generate_crl(ca.record.id).der)) == 0

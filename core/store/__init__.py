@@ -262,7 +262,8 @@ def _crl_entries_query(dialect: Dialect, by_partition: bool, kept_after: bool) -
     """How many entries, and their DER joined, in one row: the database joins them (a
     million-entry CRL makes no Python object per entry), reading only the covering index
     ``ix_certificates_crl_entries`` (named on SQLite, whose planner might otherwise take
-    ``ix_certificates_ca_status`` and visit every row)."""
+    ``ix_certificates_ca_status`` and visit every row). Both databases cap a value at
+    1 GB, some 20 million entries: far past what one CRL should hold (partition it)."""
     c = schema.certificates.c
     if dialect.name == "sqlite":
         # group_concat joins text: a blob is taken as its bytes (NULs included, the
@@ -776,8 +777,12 @@ class Store:
         )
 
     def update_certificate(self, conn: Connection, row_id: int, **values: Any) -> None:
+        # A CRL lists exactly the rows with an entry: one is written with every revocation,
+        # and any other status takes it off the next CRL.
         if values.get("status") == "REVOKED" and "crl_entry" not in values:
             raise ValueError("a revoked certificate needs its CRL entry: use revoke_certificate")
+        if values.get("status", "REVOKED") != "REVOKED":
+            values["crl_entry"] = None
         conn.execute(
             update(schema.certificates).where(schema.certificates.c.id == row_id).values(**values)
         )
