@@ -59,6 +59,8 @@ SETTINGS_ENV = "PKIGATE_SERVER_SETTINGS"
 # After a 413 the rest of the upload is read (and dropped) for this long, at most this much.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
+# A response's writes are held up to this much, then sent together (CoalescingSocket).
+COALESCE_BYTES = 64 * 1024
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 log = logging.getLogger("pkigate.server")
@@ -123,6 +125,8 @@ class ListenerApps:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         sock = environ.get("gunicorn.socket")
+        if isinstance(sock, CoalescingSocket):
+            sock = sock.wrapped
         if isinstance(sock, ssl.SSLSocket):
             environ["wsgi.url_scheme"] = "https"
             if self.tls_server_end_point is not None:
@@ -166,6 +170,42 @@ def _plain_answer(status: str, message: str) -> bytes:
         f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
+
+
+class CoalescingSocket:
+    """A client socket as a response sees it: what the response writes is held until it
+    ends (or ``COALESCE_BYTES`` are waiting), then sent in one write. gunicorn writes a
+    response's headers and its body with two sendall calls: over TLS, two records and two
+    write(2)s, and on loopback the second write costs the server as much kernel time as
+    the first (a third of the CPU of a small answer, measured with py-spy --native)."""
+
+    __slots__ = ("_pending", "_sock")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._pending = bytearray()
+
+    @property
+    def wrapped(self) -> Any:
+        """The socket itself (an ssl.SSLSocket on the HTTPS listener)."""
+        return self._sock
+
+    def sendall(self, data: bytes) -> None:
+        self._pending += data
+        if len(self._pending) >= COALESCE_BYTES:
+            self.flush()
+
+    def sendfile(self, *args: Any, **kwargs: Any) -> Any:
+        self.flush()  # the headers go first
+        return self._sock.sendfile(*args, **kwargs)
+
+    def flush(self) -> None:
+        if self._pending:
+            data, self._pending = self._pending, bytearray()
+            self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 def make_worker_class() -> type[Any]:
@@ -268,10 +308,12 @@ def make_worker_class() -> type[Any]:
                     sock.sendall(refusal)
                 raise StopIteration  # closes the connection
             self.in_flight += 1
+            out = CoalescingSocket(sock)
             try:
-                return bool(super().handle_request(listener_name, req, sock, addr))
+                return bool(super().handle_request(listener_name, req, out, addr))
             finally:
                 self.in_flight -= 1
+                out.flush()  # before the next request is read, or the connection closed
                 if getattr(req, "pkigate_unread_body", False):
                     self._linger(sock)
 

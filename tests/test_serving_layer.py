@@ -491,3 +491,24 @@ def test_a_large_upload_over_the_limit_gets_its_413_not_a_reset(server: RunningS
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
     with contextlib.suppress(OSError):  # the server stops reading after its answer
         sock.sendall(data)
+
+
+def test_an_answer_leaves_in_one_write_and_a_long_one_whole(server: RunningServer) -> None:
+    # One TLS record holds the whole small answer: OpenSSL's read returns one record at a
+    # time, so a first read without the body means the headers went out on their own.
+    host, port = server.https_url.removeprefix("https://").rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        _tls_context(server).wrap_socket(raw) as tls,
+    ):
+        for _ in range(2):  # and again on the kept-alive connection
+            tls.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            first = tls.recv(65536)
+            head, _, body = first.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), first
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            assert len(body) == length and json.loads(body) == {"status": "ok"}, first
+    # An answer longer than what is held back (64 KiB) arrives whole: the OpenAPI document.
+    document = server.session().get(f"{server.https_url}/api/v1/openapi.json", timeout=10)
+    assert len(document.content) > 64 * 1024
+    assert document.json()["openapi"].startswith("3.")
