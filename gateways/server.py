@@ -23,8 +23,10 @@ renewal by certificate needs. Here:
   body or one shorter than its Content-Length is answered 400, a late one 408, both with
   ``Connection: close``. A body over the limit is handed on cut at the limit (the app
   answers 413 in its protocol's own format) and the connection is closed after the answer.
-* The arbiter (monkey-patched from its first line, arbiter.py) imports the modules the
-  workers run before forking them, so they share those pages; it opens nothing.
+* With several workers the arbiter (monkey-patched from its first line, arbiter.py)
+  imports the modules the workers run before forking them, so they share those pages;
+  with one, it leaves them to the worker (preload_worker_modules says why). It opens
+  nothing.
 * Workers die with the arbiter (PR_SET_PDEATHSIG), so a service manager that restarts
   ``pkigate serve`` finds the ports free. SIGHUP restarts the workers gracefully (they
   reopen the store and reload the TLS certificate and key files); the configuration file
@@ -219,8 +221,6 @@ def make_worker_class() -> type[Any]:
     from gunicorn.workers.base_async import AsyncWorker
     from gunicorn.workers.ggevent import GeventWorker
 
-    from pkigate.core import blocking
-
     class PkigateWorker(GeventWorker):  # type: ignore[misc]
         """gunicorn's gevent worker with pkigate's deadlines, TLS on the HTTPS listener
         only, whole-body reads before the app, and a graceful stop that waits for
@@ -239,6 +239,10 @@ def make_worker_class() -> type[Any]:
             # end a slow request quietly before the socket's own timeout would raise.
             self.io_timeout = max(self.header_timeout, self.body_timeout) + 5.0
             self.in_flight = 0
+            # Imported here, after the fork: the package brings the whole core, which an
+            # arbiter with one worker leaves to it.
+            from pkigate.core import blocking
+
             # A wait for another worker's SQLite write lock, and a signature on a PKCS#11
             # token, run in a thread of gevent's pool, not on this worker's only thread:
             # the worker serves on meanwhile.
@@ -395,14 +399,23 @@ def gunicorn_logger_class(log_format: str) -> type[Any]:
 
 
 def preload_worker_modules() -> None:
-    """Import what every worker runs, once, in the arbiter: the workers it forks share
-    these pages instead of each importing its own copy (about 30 MiB each). Nothing is
+    """Import what every worker runs, once, in the arbiter, when there are several: the
+    workers it forks share these pages instead of each importing its own copy. Nothing is
     opened here: no store, no key, no connection; each worker does that after the fork.
     Frozen out of the garbage collector's reach, the imported objects are not written to
-    (and so copied) by a worker's collections."""
+    (and so copied) by a worker's collections.
+
+    A worker still copies most of them as it runs (CPython 3.11 writes to the code objects
+    it executes, as it specialises them, and to the refcounts of what it touches; a new
+    object lands in a hole of an inherited page): under `bench/protocols.py --quick
+    --workers 1` the arbiter held 57 MiB of its 70 MiB heap privately, copied by its only
+    worker. So with one worker the arbiter imports none of it, and the server is the
+    worker's heap plus a small arbiter; with two or more, the pages that stay shared
+    outweigh the arbiter's copy."""
     import pkigate.acme.connector
     import pkigate.adcs.connector
     import pkigate.gateways.api
+    import pkigate.gateways.api_access
     import pkigate.gateways.app
     import pkigate.gateways.console  # with flask_wtf and wtforms
     import pkigate.gateways.crl_http
@@ -428,7 +441,8 @@ def run_server(settings: ServerSettings) -> None:
     from gunicorn.app.base import BaseApplication
     from prometheus_client import multiprocess
 
-    preload_worker_modules()
+    if settings.workers > 1:
+        preload_worker_modules()
     worker_class = make_worker_class()
     worker_class.pkigate_settings = settings  # inherited by every worker the arbiter forks
     options: dict[str, Any] = {

@@ -12,9 +12,10 @@ import base64
 import logging
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger("pkigate.scep")
 
@@ -54,6 +55,10 @@ class Webhook:
         return headers
 
     def _post(self, url: str, body: dict[str, Any], timeout: float) -> requests.Response:
+        # Imported by the first call, not with the connector: requests and urllib3 are
+        # ~3.4 MiB in every server process, and most SCEP connectors have no webhook.
+        import requests
+
         return requests.post(
             url, json=body, headers=self._headers(), timeout=timeout, allow_redirects=False
         )
@@ -70,6 +75,8 @@ class Webhook:
         """Ask the webhook: None when it allows the request, the reason when it denies it.
         Raises :class:`WebhookUnavailable` on a timeout, a connection error, a non-2xx
         status or an answer that is not ``{"allow": true|false}``."""
+        import requests
+
         body = {
             "transaction_id": transaction_id,
             "csr": base64.b64encode(csr_der).decode("ascii"),

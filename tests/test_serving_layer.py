@@ -446,9 +446,12 @@ def test_a_worker_waiting_for_the_sqlite_write_lock_goes_on_serving(tmp_path: Pa
         running.stop()
 
 
-def test_a_worker_without_a_token_loads_no_pkcs11_binding_and_no_plotting(tmp_path: Path) -> None:
+def test_a_worker_without_a_token_or_webhook_loads_no_pkcs11_no_requests_and_no_plotting(
+    tmp_path: Path,
+) -> None:
     """What the arbiter preloads and a worker opens, in the embedded default: neither the
-    PKCS#11 binding (only a configured token needs it) nor the simulator's plotting."""
+    PKCS#11 binding (only a configured token needs it), nor requests (only a SCEP
+    validation webhook does), nor the simulator's plotting."""
     probe = (
         "import sys; from pathlib import Path\n"
         "from pkigate.gateways.server import preload_worker_modules\n"
@@ -458,8 +461,29 @@ def test_a_worker_without_a_token_loads_no_pkcs11_binding_and_no_plotting(tmp_pa
         f"config = parse_config(\"data_dir = '{tmp_path / 'data'}'\")\n"
         "gateway = Gateway.open(config, bootstrap=True)\n"
         "gateway.close()\n"
-        "heavy = {'pkcs11', 'matplotlib', 'numpy', 'PIL'}\n"
+        "heavy = {'pkcs11', 'requests', 'urllib3', 'matplotlib', 'numpy', 'PIL'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_an_arbiter_of_one_worker_imports_no_core_and_no_web_framework() -> None:
+    """With one worker nothing is shared, so the arbiter's own imports (the server, its
+    worker class, gunicorn and metrics) stop short of the core, SQLAlchemy and Flask: the
+    worker imports them after the fork."""
+    probe = (
+        "import sys\n"
+        "from gevent import monkey; monkey.patch_all()\n"
+        "from gunicorn.app.base import BaseApplication\n"
+        "from prometheus_client import multiprocess\n"
+        "from pkigate.gateways.server import make_worker_class\n"
+        "make_worker_class()\n"
+        "heavy = {'sqlalchemy', 'flask', 'cryptography', 'ldap3', 'lxml'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in heavy}"
+        " | {m for m in sys.modules if m == 'pkigate.core'}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
