@@ -4,6 +4,7 @@ SIGHUP restarts the workers; every line the server writes is JSON."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
 import fcntl
@@ -446,49 +447,51 @@ def test_a_worker_waiting_for_the_sqlite_write_lock_goes_on_serving(tmp_path: Pa
         running.stop()
 
 
+def _loaded_in_a_new_process(steps: str, packages: set[str]) -> list[str]:
+    """The modules of ``packages`` (and ``pkigate.core``) a new interpreter has loaded after
+    running ``steps``."""
+    probe = (
+        f"import sys\n{steps}\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(packages)!r}"
+        " or m == 'pkigate.core'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    return list(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
+
+
 def test_a_worker_without_a_token_or_webhook_loads_no_pkcs11_no_requests_and_no_plotting(
     tmp_path: Path,
 ) -> None:
     """What the arbiter preloads and a worker opens, in the embedded default: neither the
     PKCS#11 binding (only a configured token needs it), nor requests (only a SCEP
     validation webhook does), nor the simulator's plotting."""
-    probe = (
-        "import sys; from pathlib import Path\n"
+    steps = (
         "from pkigate.gateways.server import preload_worker_modules\n"
         "from pkigate.gateways.config import parse_config\n"
         "from pkigate.gateways.runtime import Gateway\n"
         "preload_worker_modules()\n"
         f"config = parse_config(\"data_dir = '{tmp_path / 'data'}'\")\n"
-        "gateway = Gateway.open(config, bootstrap=True)\n"
-        "gateway.close()\n"
-        "heavy = {'pkcs11', 'requests', 'urllib3', 'matplotlib', 'numpy', 'PIL'}\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+        "Gateway.open(config, bootstrap=True).close()"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    heavy = {"pkcs11", "requests", "urllib3", "matplotlib", "numpy", "PIL"}
+    assert _loaded_in_a_new_process(steps, heavy) == ["pkigate.core"]
 
 
 def test_an_arbiter_of_one_worker_imports_no_core_and_no_web_framework() -> None:
     """With one worker nothing is shared, so the arbiter's own imports (the server, its
     worker class, gunicorn and metrics) stop short of the core, SQLAlchemy and Flask: the
     worker imports them after the fork."""
-    probe = (
-        "import sys\n"
+    steps = (
         "from gevent import monkey; monkey.patch_all()\n"
         "from gunicorn.app.base import BaseApplication\n"
         "from prometheus_client import multiprocess\n"
         "from pkigate.gateways.server import make_worker_class\n"
-        "make_worker_class()\n"
-        "heavy = {'sqlalchemy', 'flask', 'cryptography', 'ldap3', 'lxml'}\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in heavy}"
-        " | {m for m in sys.modules if m == 'pkigate.core'}))\n"
+        "make_worker_class()"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    heavy = {"sqlalchemy", "flask", "cryptography", "ldap3", "lxml"}
+    assert _loaded_in_a_new_process(steps, heavy) == []
 
 
 def test_a_large_upload_over_the_limit_gets_its_413_not_a_reset(server: RunningServer) -> None:
