@@ -57,7 +57,7 @@ MAX_STRING = 253  # a DNS name's length (RFC 1035 2.3.4); ample for every other 
 MAX_VALIDITY_DAYS = 36_500
 _STATEMENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _TOKEN_ID = re.compile(r"^[0-9a-f]{16}$")
-_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")  # fullmatch
 
 
 class Action(StrEnum):
@@ -189,7 +189,7 @@ def _domain_suffix(value: Any, path: str) -> str:
     """``.x.example`` (names below x.example) or ``x.example`` (it and names below)."""
     text = _string(value, path).lower()
     labels = text.removeprefix(".").split(".")
-    if not all(_LABEL.match(label) for label in labels):
+    if not all(_LABEL.fullmatch(label) for label in labels):
         raise _fail(path, f"{value!r} is not a domain name (a leading '.' means below it)")
     return text
 
@@ -434,8 +434,28 @@ def _names(subject: x509.Name | None, sans: Sequence[x509.GeneralName]) -> list[
     return names
 
 
-def _under(name: str, suffixes: Sequence[str]) -> bool:
-    name = name.lower().rstrip(".")
+def _host_name(name: str, wildcard: bool) -> str | None:
+    """The name in lower case if it is a host name as certificates carry one (ASCII labels,
+    IDNs as A-labels, a leading ``*`` label if ``wildcard``, one optional trailing dot),
+    else None. Only such a name can be below a suffix: ``evil.com\x00.b.example`` ends
+    like a name of b.example, but a client that stops at the NUL reads evil.com, and
+    ``x.\u212a.b.example`` lower-cases (Kelvin sign) to a name it is not."""
+    if not name.isascii():
+        return None
+    host = name.lower().removesuffix(".")
+    labels = host.split(".")
+    if wildcard and labels[0] == "*":
+        labels = labels[1:]
+    if not labels or len(host) > MAX_STRING:
+        return None
+    return host if all(_LABEL.fullmatch(label) for label in labels) else None
+
+
+def _under(name: str, suffixes: Sequence[str], wildcard: bool = False) -> bool:
+    host = _host_name(name, wildcard)
+    if host is None:
+        return False
+    name = host
     for suffix in suffixes:
         if suffix.startswith("."):
             if name.endswith(suffix) and len(name) > len(suffix):
@@ -464,7 +484,7 @@ def _domain_of(address: str) -> str | None:
 def _unmatched_name(conditions: Conditions, kind: str, value: Any) -> str | None:
     """Why this name is refused under name conditions, or None when a pattern allows it."""
     checks: Mapping[str, tuple[Any, Callable[[Any, Any], bool], str]] = {
-        "dNSName": (conditions.dns_suffixes, lambda v, p: _under(v, p), "DNS suffixes"),
+        "dNSName": (conditions.dns_suffixes, lambda v, p: _under(v, p, True), "DNS suffixes"),
         "iPAddress": (conditions.ip_ranges, _in_ranges, "IP ranges"),
         "rfc822Name": (
             conditions.email_domains,
@@ -477,6 +497,9 @@ def _unmatched_name(conditions: Conditions, kind: str, value: Any) -> str | None
             "UPN suffixes",
         ),
     }
+    # Shown escaped: the reason goes to the audit log (no NUL in a PostgreSQL text column)
+    # and to the client.
+    name = ascii(value)[1:-1] if isinstance(value, str) and not value.isprintable() else value
     if kind == "commonName":
         # A commonName is allowed when any kind's patterns allow it.
         if any(
@@ -489,13 +512,13 @@ def _unmatched_name(conditions: Conditions, kind: str, value: Any) -> str | None
             for patterns, _, label in checks.values()
             if patterns is not None
         )
-        return f"commonName {value} is outside the allowed names ({allowed})"
+        return f"commonName {name} is outside the allowed names ({allowed})"
     if kind not in checks:
-        return f"{kind} {value} is not among the allowed name kinds"
+        return f"{kind} {name} is not among the allowed name kinds"
     patterns, match, label = checks[kind]
     if patterns is None:
-        return f"{kind} {value} is not allowed: no {label} are allowed"
+        return f"{kind} {name} is not allowed: no {label} are allowed"
     if not match(value, patterns):
         shown = ", ".join(str(p) for p in patterns)
-        return f"{kind} {value} is outside the allowed {label} {shown}"
+        return f"{kind} {name} is outside the allowed {label} {shown}"
     return None

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from helpers import make_csr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,7 +32,7 @@ from pkigate.core.access import (
     decide,
     parse_policy,
 )
-from pkigate.core.names import parse_dn, upn_other_name
+from pkigate.core.names import upn_other_name
 from pkigate.gateways.auth import Role
 from pkigate.gateways.cli import main
 
@@ -75,7 +76,8 @@ def _request(
 ) -> RequestFacts:
     return RequestFacts(
         template=template,
-        subject=parse_dn(f"CN={cn}") if cn else x509.Name([]),
+        # Built, not parsed: a commonName may hold what no DN string could (a NUL).
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []),
         sans=sans if sans is not None else [x509.DNSName(cn or "x.web.a.example")],
         validity=timedelta(days=days),
         connector=connector,
@@ -135,6 +137,62 @@ CASES: list[tuple[str, PrincipalFacts, Action, RequestFacts | None, bool, str]] 
         _request(None, [x509.DNSName("*.a.example")]),
         False,
         "*.a.example is outside",
+    ),
+    (
+        "a NUL in a DNS name that ends like the suffix",
+        B1,
+        Action.ISSUE,
+        _request(None, [x509.DNSName("evil.com\x00.web.a.example")]),
+        False,
+        "dNSName evil.com\\x00.web.a.example is outside",
+    ),
+    (
+        "a NUL in a commonName that ends like the suffix",
+        B1,
+        Action.ISSUE,
+        _request("evil.com\x00.web.a.example", [x509.DNSName("x.web.a.example")]),
+        False,
+        "commonName evil.com\\x00.web.a.example is outside",
+    ),
+    (
+        "a DNS name with an empty label",
+        B1,
+        Action.ISSUE,
+        _request(None, [x509.DNSName("..web.a.example")]),
+        False,
+        "dNSName ..web.a.example is outside",
+    ),
+    (
+        "a DNS name with a space",
+        B1,
+        Action.ISSUE,
+        _request(None, [x509.DNSName("evil.com x.web.a.example")]),
+        False,
+        "dNSName evil.com x.web.a.example is outside",
+    ),
+    (
+        "a commonName that lower-cases into the suffix (Kelvin sign)",
+        B1,
+        Action.ISSUE,
+        _request("x.\u212a.web.a.example", [x509.DNSName("x.web.a.example")]),
+        False,
+        "commonName x.\u212a.web.a.example is outside",
+    ),
+    (
+        "a wildcard is one label, not an email domain",
+        B1,
+        Action.ISSUE,
+        _request(None, [x509.RFC822Name("u@*.a.example")]),
+        False,
+        "rfc822Name u@*.a.example is outside",
+    ),
+    (
+        "mixed case and a trailing dot",
+        B1,
+        Action.ISSUE,
+        _request(None, [x509.DNSName("X.Web.A.Example.")]),
+        True,
+        "",
     ),
     ("IP in range", B1, Action.ISSUE, _request(None, [_ip("10.1.2.3")]), True, ""),
     (
