@@ -15,8 +15,7 @@ from pkigate.core.access import DEFAULT_TEAM, AccessDeniedError, Action
 from pkigate.core.store import CARecord, TeamRecord
 from pkigate.core.tenancy import PolicyVersion
 from pkigate.gateways.api import ca_for, reply, route
-from pkigate.gateways.auth import ForbiddenError
-from pkigate.gateways.http import actor, gateway, principal
+from pkigate.gateways.http import actor, default_team_only, gateway, principal
 from pkigate.gateways.openapi import Field, Operation, json_reply, ref
 from pkigate.gateways.roles import Permission
 
@@ -55,8 +54,7 @@ def create_team(body: dict[str, Any]) -> Response:
 
 def new_team(name: str) -> TeamRecord:
     """A team made by this request's token (the API's and the console's createTeam)."""
-    if principal().team != DEFAULT_TEAM:
-        raise ForbiddenError(f"only tokens of team {DEFAULT_TEAM} create teams")
+    default_team_only("create teams")
     return gateway().core.access.create_team(name, actor())  # type: ignore[no-any-return]
 
 
@@ -95,8 +93,7 @@ def visible_teams() -> list[TeamRecord]:
     )
 )
 def delete_team(name: str) -> Response:
-    if principal().team != DEFAULT_TEAM:
-        raise ForbiddenError(f"only tokens of team {DEFAULT_TEAM} delete teams")
+    default_team_only("delete teams")
     gateway().core.access.delete_team(name, actor())
     return reply({"name": name, "deleted": True})
 

@@ -14,7 +14,7 @@ from flask import Response, url_for
 
 from pkigate.core.events import EventType
 from pkigate.gateways.api import reply, route
-from pkigate.gateways.http import actor, gateway
+from pkigate.gateways.http import actor, default_team_only, gateway
 from pkigate.gateways.openapi import Field, Operation, enum_values, json_reply, ref
 from pkigate.gateways.roles import Permission
 
@@ -123,6 +123,7 @@ CREATE_FIELDS = (
     )
 )
 def create_notification(body: dict[str, Any]) -> Response:
+    default_team_only("create notification destinations")
     created = gateway().destinations.create(body, actor())
     location = url_for(".getNotification", name=created["name"])
     return reply(created, 201, location)
@@ -140,6 +141,7 @@ def create_notification(body: dict[str, Any]) -> Response:
     )
 )
 def list_notifications() -> Response:
+    default_team_only("see notification destinations")
     return reply({"notifications": gateway().destinations.list()})
 
 
@@ -155,6 +157,7 @@ def list_notifications() -> Response:
     )
 )
 def get_notification(name: str) -> Response:
+    default_team_only("see notification destinations")
     return reply(gateway().destinations.get(name))
 
 
@@ -178,6 +181,7 @@ def get_notification(name: str) -> Response:
     )
 )
 def update_notification(name: str, body: dict[str, Any]) -> Response:
+    default_team_only("change notification destinations")
     return reply(gateway().destinations.update(name, body, actor()))
 
 
@@ -194,5 +198,6 @@ def update_notification(name: str, body: dict[str, Any]) -> Response:
     )
 )
 def delete_notification(name: str) -> Response:
+    default_team_only("delete notification destinations")
     gateway().destinations.delete(name, actor())
     return reply({"name": name, "deleted": True})

@@ -44,7 +44,7 @@ from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
 from wtforms.validators import ValidationError
 
 from pkigate.core import CAStatus
-from pkigate.core.access import Action
+from pkigate.core.access import DEFAULT_TEAM, Action
 from pkigate.core.errors import BadRequestError, PkigateError
 from pkigate.core.model import CertificateStatus, RevocationReason
 from pkigate.core.store import CertificateRecord
@@ -58,7 +58,7 @@ from pkigate.gateways.auth import (
     parse_span,
 )
 from pkigate.gateways.connectors import Connector
-from pkigate.gateways.http import gateway, principal, requires, status_for
+from pkigate.gateways.http import default_team_only, gateway, principal, requires, status_for
 from pkigate.gateways.roles import Permission, Role, parse_roles
 
 log = logging.getLogger("pkigate.console")
@@ -213,6 +213,8 @@ def page(template: str, **context: Any) -> str:
     navigation = []
     if who is not None:
         for endpoint, label, permissions in NAVIGATION:
+            if endpoint in DEFAULT_TEAM_PAGES and who.team != DEFAULT_TEAM:
+                continue
             if any(who.may(p) for p in permissions):
                 navigation.append((url_for(endpoint), label, request.endpoint == endpoint))
     return render_template(template, who=who, navigation=navigation, **context)
@@ -231,6 +233,8 @@ NAVIGATION = (
     ("console.notifications", "Notifications", (Permission.MANAGE_NOTIFICATIONS,)),
     ("console.tokens", "Tokens", (Permission.MANAGE_TOKENS,)),
 )
+# Pages of what belongs to the whole gateway (http.default_team_only).
+DEFAULT_TEAM_PAGES = frozenset({"console.notifications"})
 
 
 @console.app_template_global()
@@ -848,6 +852,7 @@ def audit_report() -> Response:
 def notifications() -> str:
     """Where events go, read-only: the configuration's and the API's destinations (made and
     changed with the API or `pkigate notifications`), with their delivery counts."""
+    default_team_only("see notification destinations")
     return page(
         "notifications.html",
         title="Notifications",

@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 from flask import Response, current_app, g, jsonify, request
 from werkzeug.routing import BaseConverter
 
-from pkigate.core.access import Action, RequestFacts
+from pkigate.core.access import DEFAULT_TEAM, Action, RequestFacts
 from pkigate.core.audit import Actor
 from pkigate.core.errors import (
     AnchorWriteError,
@@ -103,6 +103,13 @@ def principal() -> Principal:
 
 def actor() -> Actor:
     return principal().actor(g.request_id)
+
+
+def default_team_only(doing: str) -> None:
+    """What belongs to the whole gateway, not to one team (teams themselves, notification
+    destinations, which receive every CA's events), is for tokens of the default team."""
+    if principal().team != DEFAULT_TEAM:
+        raise ForbiddenError(f"only tokens of team {DEFAULT_TEAM} {doing}")
 
 
 def authorize_on_ca(

@@ -283,3 +283,25 @@ def test_the_console_tokens_page_is_the_teams_own_and_changes_a_token(held: Serv
     assert created.status_code == 200
     (new,) = [t for t in held.gw.tokens.list() if t.name == "b-new"]
     assert new.team == "b"
+
+
+def test_notification_destinations_are_the_default_teams(held: Service) -> None:
+    """A destination receives every CA's events: another team's admin neither makes one
+    (it would receive team a's issuances) nor reads or redirects the default team's."""
+    body = {"name": "ops", "type": "webhook", "url": "https://hooks.example.com/pki", "secret": "s"}
+    held.call("POST", "/notifications", "admin", json=body, expect=201)
+    before = held.gw.destinations.list()
+    for method, path, sent in (
+        ("POST", "/notifications", {**body, "name": "b-hook"}),
+        ("GET", "/notifications", None),
+        ("GET", "/notifications/ops", None),
+        ("PATCH", "/notifications/ops", {"url": "https://b.example/steal"}),
+        ("DELETE", "/notifications/ops", None),
+    ):
+        refused = held.call(method, path, "b-admin", json=sent, expect=403)
+        assert "only tokens of team default" in refused.get_json()["error"]["message"]
+    assert held.gw.destinations.list() == before
+    client = _console_client(held, held.secrets["b-admin"])
+    assert client.get("/console/notifications").status_code == 403
+    assert "/console/notifications" not in client.get("/console/").get_data(as_text=True)
+    held.call("DELETE", "/notifications/ops", "admin", expect=200)
