@@ -25,13 +25,21 @@ from pkigate.core.errors import BadRequestError, ConflictError
 from pkigate.gateways import api
 from pkigate.gateways.api_access import new_team, owned_ca, replace_policy, visible_teams
 from pkigate.gateways.console import allowed, console, page
-from pkigate.gateways.http import gateway, principal, status_for
+from pkigate.gateways.http import MalformedJson, gateway, parse_json, principal, status_for
 from pkigate.gateways.roles import Permission
 
 # What the sharing form offers: every action but manage, which stays the owner's.
 SHARED_ACTIONS = (Action.ISSUE, Action.REVOKE, Action.READ, Action.APPROVE_PENDING)
 # Patterns typed into one field, one per line or separated by commas or spaces.
 _SEPARATORS = re.compile(r"[\s,]+")
+# More digits than a policy version or a day count has (a longer number is refused as the
+# core refuses one out of range): int() raises ValueError past 4300 digits, a 500.
+_MAX_DIGITS = 100
+
+
+def whole_number(text: str) -> int | None:
+    """A whole number typed into a form or the query (None: not one)."""
+    return int(text) if text.isdecimal() and len(text) <= _MAX_DIGITS else None
 
 
 # -- teams -----------------------------------------------------------------------------------
@@ -77,8 +85,8 @@ def create_team() -> ResponseReturnValue:
 @console.get("/cas/<ca_id>/policy")
 @allowed(Permission.READ_CAS)
 def ca_policy(ca_id: str) -> str:
-    saved = request.args.get("saved", "")
-    return policy_page(ca_id, saved=int(saved) if saved.isdecimal() else -1)
+    saved = whole_number(request.args.get("saved", ""))
+    return policy_page(ca_id, saved=-1 if saved is None else saved)
 
 
 def policy_page(
@@ -156,10 +164,10 @@ class StatementRow:
 
 
 def replaces() -> int:
-    text = request.form.get("replaces", "")
-    if not text.isdecimal():
+    version = whole_number(request.form.get("replaces", ""))
+    if version is None:
         raise BadRequestError("replaces: the version the form was showing is missing")
-    return int(text)
+    return version
 
 
 def save(ca_id: str, build: Callable[[], tuple[Any, str]]) -> ResponseReturnValue:
@@ -185,9 +193,11 @@ def set_policy(ca_id: str) -> ResponseReturnValue:
     def parsed() -> tuple[Any, str]:
         text = request.form.get("document", "")
         try:
-            return json.loads(text), text
-        except ValueError as exc:
-            raise BadRequestError(f"document: not JSON: {exc}") from None
+            # The API's parser: a document nested past the recursion limit is a 400 here
+            # too (json.loads raises RecursionError), and so are NULs and lone surrogates.
+            return parse_json(text.encode()), text
+        except MalformedJson as exc:
+            raise BadRequestError(f"document: {exc}") from None
 
     return save(ca_id, parsed)
 
@@ -217,9 +227,9 @@ def share(ca_id: str) -> ResponseReturnValue:
     if suffixes := [s for s in _SEPARATORS.split(form.get("dns_suffixes", "")) if s]:
         conditions["dns_suffixes"] = suffixes
     if days := form.get("max_validity_days", "").strip():
-        if not days.isdecimal():
+        if (number := whole_number(days)) is None:
             raise BadRequestError("max validity: a whole number of days")
-        conditions["max_validity_days"] = int(days)
+        conditions["max_validity_days"] = number
 
     def append(statements: list[dict[str, Any]]) -> None:
         taken = {s["id"] for s in statements}

@@ -805,7 +805,16 @@ def test_console_access_pages_answer_each_token_as_the_api_does(
     version = service.gw.core.access.current_policy(shared).version
     share = {"csrf_token": csrf.group(1), "team": "b", "actions": "read"}
     for url, form, status, said in (
-        ("policy", {"document": "{", "replaces": str(version)}, 400, "not JSON"),
+        ("policy", {"document": "{", "replaces": str(version)}, 400, "document: malformed JSON"),
+        # Past the recursion limit, past int()'s 4300 digits: a 400, not a 500.
+        ("policy", {"document": "[" * 50_000, "replaces": str(version)}, 400, "nested too deeply"),
+        ("policy", {"document": "{}", "replaces": "9" * 5000}, 400, "replaces"),
+        (
+            "policy/share",
+            {**share, "replaces": str(version), "max_validity_days": "9" * 5000},
+            400,
+            "whole number",
+        ),
         ("policy", {"document": "[]", "replaces": str(version)}, 400, "policy document:"),
         ("policy", {"document": "{}", "replaces": "\u00b2"}, 400, "replaces"),
         (
@@ -835,6 +844,7 @@ def test_console_access_pages_answer_each_token_as_the_api_does(
         assert answer.status_code == status and said in answer.text, (url, form, answer.text)
     assert service.gw.core.access.current_policy(shared).version == version
     assert client.get(f"/console/cas/{shared}/policy?saved=\u00b2").status_code == 200
+    assert client.get(f"/console/cas/{shared}/policy?saved={'9' * 5000}").status_code == 200
 
     assert seen == {
         ("admin", True): (404, 404),
