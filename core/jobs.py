@@ -353,6 +353,7 @@ class JobRunner:
         self.concurrency = concurrency
         self._running_jobs: set[threading.Thread] = set()
         self._running_lock = threading.Lock()
+        self._claiming = threading.Lock()  # one poller counts and fills the free slots
         #: Its threads are ``pkigate-<name>-<index>`` (what `py-spy dump` shows).
         self.name = name
         self.worker_prefix = _default_worker_prefix()
@@ -401,12 +402,19 @@ class JobRunner:
         self._wakeup.set()
         self.queue.unsubscribe(self._wakeup.set)
         deadline = time.monotonic() + timeout
+
+        def join(threads: list[threading.Thread]) -> None:
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    logger.warning("job worker %s is still running a job after stop()", thread.name)
+
+        # The pollers first: one in the middle of a claim starts what it claimed, in a
+        # thread that a list taken before it ended would miss.
+        join(self._threads)
         with self._running_lock:
             running = list(self._running_jobs)
-        for thread in [*self._threads, *running]:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                logger.warning("job worker %s is still running a job after stop()", thread.name)
+        join(running)
         self._threads = [thread for thread in self._threads if thread.is_alive()]
 
     def run_once(self, limit: int | None = None) -> RunCounts:
@@ -432,8 +440,10 @@ class JobRunner:
     def _work(self, worker_id: str, stopping: threading.Event) -> None:
         while not stopping.is_set():
             try:
-                free = self._free_slots()
-                claimed = self.queue.claim(worker_id, self.kinds, free, self.lease) if free else []
+                if self.concurrency == 1:
+                    claimed = self.queue.claim(worker_id, self.kinds, 1, self.lease)
+                else:
+                    claimed = self._claim_and_start(worker_id)
                 if self._store_unavailable.is_set():
                     self._store_unavailable.clear()
                     logger.warning("job worker %s: the store takes writes again", worker_id)
@@ -442,9 +452,6 @@ class JobRunner:
                     # it would leave it waiting for its lease to expire.
                     if self.concurrency == 1:
                         self._process(claimed[0], worker_id)
-                    else:
-                        for job in claimed:
-                            self._start_job(job, worker_id)
                     continue
             except StoreUnavailableError as exc:
                 # A full disk: nothing was claimed; try again after the poll interval.
@@ -458,11 +465,17 @@ class JobRunner:
             if self._wakeup.wait(self.poll_interval):
                 self._wakeup.clear()
 
-    def _free_slots(self) -> int:
-        if self.concurrency == 1:
-            return 1
-        with self._running_lock:
-            return self.concurrency - len(self._running_jobs)
+    def _claim_and_start(self, worker_id: str) -> list[Job]:
+        """Claim as many jobs as there are free slots and start each in a thread of its
+        own. One poller at a time: two that counted the same free slots would each fill
+        them (``threads`` times ``concurrency`` jobs at once)."""
+        with self._claiming:
+            with self._running_lock:
+                free = self.concurrency - len(self._running_jobs)
+            claimed = self.queue.claim(worker_id, self.kinds, free, self.lease) if free else []
+            for job in claimed:
+                self._start_job(job, worker_id)
+        return claimed
 
     def _start_job(self, job: Job, worker_id: str) -> None:
         thread = threading.Thread(

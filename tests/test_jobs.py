@@ -372,6 +372,82 @@ def test_one_poller_runs_up_to_its_concurrency_of_jobs_side_by_side(
     assert queue.counts()[JobStatus.FAILED] == 0  # the barrier never broke
 
 
+class _MeetingQueue(JobQueue):
+    """A queue whose first claims wait (up to ``patience`` s) until ``parties`` pollers are
+    inside claim() together: what two pollers of one runner do when both counted the free
+    slots before either started a job."""
+
+    def __init__(self, queue: JobQueue, parties: int, patience: float) -> None:
+        super().__init__(queue.store, queue.clock)
+        self._meeting = threading.Barrier(parties, timeout=patience)
+
+    def claim(self, *args: Any, **kwargs: Any) -> list[Job]:
+        if not self._meeting.broken:
+            try:
+                self._meeting.wait()
+            except threading.BrokenBarrierError:
+                pass  # nobody else came: the pollers claim one at a time
+        return super().claim(*args, **kwargs)
+
+
+def test_pollers_of_one_runner_share_its_concurrency(core: Core, queue: JobQueue) -> None:
+    release = threading.Event()
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def hold(payload: dict[str, Any]) -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        release.wait(WAIT_S)
+        with lock:
+            running -= 1
+
+    with core.store.write() as conn:
+        for n in range(4):
+            queue.enqueue("hold", {"n": n}, conn=conn)
+    meeting = _MeetingQueue(queue, parties=2, patience=0.5)
+    runner = JobRunner(meeting, {"hold": hold}, threads=2, poll_interval=0.01, concurrency=2)
+    with runner:
+        # Two pollers that both claimed run all four; one poller that claimed alone (the
+        # other waiting its turn, then finding no free slot), two.
+        _wait_until(
+            lambda: running == 4 or (meeting._meeting.broken and running == 2), "jobs run"
+        )
+        release.set()
+        _wait_until(lambda: queue.counts()[JobStatus.DONE] == 4, "every job is done")
+    assert most == 2, f"{most} jobs ran at once; the runner's concurrency is 2"
+
+
+def test_stop_waits_for_a_job_claimed_while_it_was_stopping(core: Core, queue: JobQueue) -> None:
+    """A poller in the middle of a claim when stop() is called starts the job it claimed:
+    stop() returns only once that job is settled, not with it still running."""
+
+    class ClaimsAsItStops(JobQueue):
+        def claim(self, *args: Any, **kwargs: Any) -> list[Job]:
+            runner._stopping.wait(WAIT_S)
+            unsubscribed.wait(WAIT_S)
+            return super().claim(*args, **kwargs)
+
+        def unsubscribe(self, listener: Callable[[], None]) -> None:
+            super().unsubscribe(listener)
+            unsubscribed.set()
+
+    unsubscribed = threading.Event()
+    job_id = queue.enqueue("slow", {})
+    runner = JobRunner(
+        ClaimsAsItStops(queue.store, queue.clock),
+        {"slow": lambda payload: time.sleep(0.2)},
+        poll_interval=0.01,
+        concurrency=2,
+    )
+    runner.start()
+    runner.stop()
+    assert _record(queue, job_id).status is JobStatus.DONE
+
+
 # Opens the store, runs two worker threads, says it is ready, and stops when stdin closes.
 # Each handler call appends one line (a single O_APPEND write) to this process's file.
 WORKER_PROCESS = textwrap.dedent("""
