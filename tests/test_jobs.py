@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
@@ -383,10 +384,9 @@ class _MeetingQueue(JobQueue):
 
     def claim(self, *args: Any, **kwargs: Any) -> list[Job]:
         if not self._meeting.broken:
-            try:
+            # Broken: nobody else came, the pollers claim one at a time.
+            with contextlib.suppress(threading.BrokenBarrierError):
                 self._meeting.wait()
-            except threading.BrokenBarrierError:
-                pass  # nobody else came: the pollers claim one at a time
         return super().claim(*args, **kwargs)
 
 
@@ -413,9 +413,7 @@ def test_pollers_of_one_runner_share_its_concurrency(core: Core, queue: JobQueue
     with runner:
         # Two pollers that both claimed run all four; one poller that claimed alone (the
         # other waiting its turn, then finding no free slot), two.
-        _wait_until(
-            lambda: running == 4 or (meeting._meeting.broken and running == 2), "jobs run"
-        )
+        _wait_until(lambda: running == 4 or (meeting._meeting.broken and running == 2), "jobs run")
         release.set()
         _wait_until(lambda: queue.counts()[JobStatus.DONE] == 4, "every job is done")
     assert most == 2, f"{most} jobs ran at once; the runner's concurrency is 2"
