@@ -1466,7 +1466,8 @@ _SPAN_FIELD = {"type": "string", "pattern": r"^\d{1,9}(s|min|h|d)$", "examples":
             Field("name", "Who or what will use it", _TOKEN_FIELD, required=True),
             Field(
                 "roles",
-                "Its roles; roles that separation_of_duties keeps apart are refused (400)",
+                "Its roles; roles that separation_of_duties keeps apart are refused (400), "
+                "and so are roles the caller does not hold itself unless it is admin (403)",
                 {"type": "array", "items": _ROLE_NAMES, "minItems": 1},
             ),
             Field(
@@ -1514,6 +1515,7 @@ def create_token(body: dict[str, Any]) -> Response:
         expires_in=expires_in,
         allow_from=parsed("allow_from", parse_networks, body.get("allow_from") or ()),
         team=acting_for_team(body.get("team")),
+        caller=principal(),
     )
     return _secret_reply(issued, 201)
 
@@ -1582,7 +1584,8 @@ def rotate_token(token_id: str, body: dict[str, Any]) -> Response:
             Field(
                 "roles",
                 "Its roles from now on; roles that separation_of_duties keeps apart are "
-                "refused (400), and a token may not give itself powers it does not hold (403)",
+                "refused (400), and so are roles it would gain that the caller does not hold "
+                "itself (403; admin gives any, but not to itself)",
                 {"type": "array", "items": _ROLE_NAMES, "minItems": 1},
             ),
             Field(

@@ -16,6 +16,10 @@ Token hygiene lives here too:
   proxy setting, so ``X-Forwarded-For`` is never believed.
 - separation of duties: the configuration may keep pairs of roles apart; such a token
   cannot be created, and one that exists (made before the rule) is refused at use (403).
+- granting: a token gives a token (new, or one it changes) only roles it holds itself,
+  ``admin`` any (:func:`~pkigate.gateways.roles.ungrantable`); a refusal is a 403 naming
+  the roles, audited as ``api.denied``. The CLI on the CA host is the local operator and
+  gives any role (it makes the first tokens of each role under separation of duties).
 
 A process remembers a token's record for :data:`TOKEN_RECORD_SECONDS` after reading it, so
 that a client's requests do not each read the store to authenticate. A revocation or a
@@ -36,7 +40,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import Connection
 
@@ -53,8 +57,10 @@ from pkigate.core.store import ApiTokenRecord, Store
 from pkigate.gateways.roles import (
     Permission,
     Role,
+    effective_roles,
     permissions_of,
     separation_violations,
+    ungrantable,
 )
 
 __all__ = ["Principal", "Role", "TokenPolicy", "TokenService"]
@@ -245,9 +251,11 @@ class TokenService:
         expires_in: timedelta | None = None,
         allow_from: Sequence[str] = (),
         team: str = DEFAULT_TEAM,
+        caller: Principal | None = None,
     ) -> IssuedToken:
         """A new token; BadRequestError (before anything is written) for a name, roles,
-        lifetime or networks the policy refuses."""
+        lifetime or networks the policy refuses. ``caller``: the token asking (None: the
+        local operator), ForbiddenError (audited) for roles it may not give."""
         held = (roles,) if isinstance(roles, Role) else tuple(dict.fromkeys(roles))
         if not name or len(name) > 128:
             raise BadRequestError("token name must be 1-128 characters")
@@ -259,6 +267,8 @@ class TokenService:
             raise BadRequestError("a token needs at least one role")
         self.check_separation(held)
         lifetime = self._lifetime(expires_in)
+        if caller is not None and (refused := ungrantable(caller.roles, held)):
+            self._refuse_grant(caller, actor, "tokens", refused)
         try:
             networks = parse_networks(allow_from)
         except ValueError as exc:
@@ -365,8 +375,11 @@ class TokenService:
     ) -> ApiTokenRecord:
         """Change an active token's roles, client networks (empty: anywhere) or expiry
         (from now; at most [tokens] max_lifetime), under the rules that create applies.
-        ``caller``: the token asking (None on the CA host), which may not give itself
-        powers it does not hold. The audit record names each change, before and after."""
+        ``caller``: the token asking (None on the CA host), which may give the token only
+        roles it may grant (judged on the roles the token gains, so that a token admin
+        still changes the networks or expiry of a token it could not make; admin too may
+        not give itself roles it does not hold). The audit record names each change,
+        before and after."""
         held = tuple(dict.fromkeys(roles)) if roles is not None else None
         if held is None and allow_from is None and expires_in is None:
             raise BadRequestError("nothing to change: give roles, allow_from or expires_in")
@@ -374,59 +387,95 @@ class TokenService:
             if not held:
                 raise BadRequestError("a token needs at least one role")
             self.check_separation(held)
-            if (
-                caller is not None
-                and caller.token_id == token_id
-                and not permissions_of(held) <= permissions_of(caller.roles)
-            ):
-                raise ForbiddenError(
-                    "a token may not give itself powers it does not hold; another token admin may"
-                )
         try:
             networks = parse_networks(allow_from) if allow_from is not None else None
         except ValueError as exc:
             raise BadRequestError(f"allow_from: {exc}") from None
         lifetime = self._lifetime(expires_in) if expires_in is not None else None
         now = self._clock()
+        refused: tuple[Role, ...] = ()
         with self._store.write() as conn:
             record = self._changeable(conn, token_id, now)
-            before: dict[str, Any] = {
-                "roles": list(record.roles),
-                "allow_from": list(record.allow_from),
-                "expires_at": record.expires_at.isoformat() if record.expires_at else None,
-            }
-            after = dict(before)
-            values: dict[str, Any] = {}
-            if held is not None:
-                ordered = [r.value for r in Role if r in held]
-                after["roles"], values["roles"] = ordered, " ".join(ordered)
-            if networks is not None:
-                after["allow_from"], values["allow_from"] = (
-                    list(networks),
-                    " ".join(networks) or None,
-                )
-            if lifetime is not None:
-                values["expires_at"] = now + lifetime
-                after["expires_at"] = values["expires_at"].isoformat()
-            self._store.update_api_token(conn, token_id, **values)
-            self._audit.record(
-                conn,
-                actor,
-                "token.update",
-                f"token/{token_id}",
-                at=now,
-                parameters={
-                    "changed": {
-                        key: {"from": before[key], "to": after[key]}
-                        for key in before
-                        if before[key] != after[key]
-                    }
-                },
-            )
-            updated = self._store.get_api_token(conn, token_id)
-        assert updated is not None
+            if caller is not None and held is not None:
+                refused = _refused_gains(caller, record, held)
+            if not refused:
+                updated = self._change(conn, record, actor, now, held, networks, lifetime)
+        if refused:  # nothing was written; audited out of the write so it is kept
+            self._refuse_grant(caller, actor, f"token/{token_id}", refused)
         self._records.pop(token_id, None)
         return updated
+
+    def _change(
+        self,
+        conn: Connection,
+        record: ApiTokenRecord,
+        actor: Actor,
+        now: datetime,
+        held: tuple[Role, ...] | None,
+        networks: tuple[str, ...] | None,
+        lifetime: timedelta | None,
+    ) -> ApiTokenRecord:
+        """Write update's changes and their audit record (each change, before and after)."""
+        before: dict[str, Any] = {
+            "roles": list(record.roles),
+            "allow_from": list(record.allow_from),
+            "expires_at": record.expires_at.isoformat() if record.expires_at else None,
+        }
+        after = dict(before)
+        values: dict[str, Any] = {}
+        if held is not None:
+            ordered = [r.value for r in Role if r in held]
+            after["roles"], values["roles"] = ordered, " ".join(ordered)
+        if networks is not None:
+            after["allow_from"], values["allow_from"] = (
+                list(networks),
+                " ".join(networks) or None,
+            )
+        if lifetime is not None:
+            values["expires_at"] = now + lifetime
+            after["expires_at"] = values["expires_at"].isoformat()
+        self._store.update_api_token(conn, record.id, **values)
+        self._audit.record(
+            conn,
+            actor,
+            "token.update",
+            f"token/{record.id}",
+            at=now,
+            parameters={
+                "changed": {
+                    key: {"from": before[key], "to": after[key]}
+                    for key in before
+                    if before[key] != after[key]
+                }
+            },
+        )
+        updated = self._store.get_api_token(conn, record.id)
+        assert updated is not None
+        return updated
+
+    def _refuse_grant(
+        self, caller: Principal | None, actor: Actor, resource: str, refused: Sequence[Role]
+    ) -> NoReturn:
+        """Audit (as the API audits a role refusal) and raise a 403 for roles ``caller``
+        may not give."""
+        assert caller is not None
+        names = ", ".join(r.value for r in refused)
+        self._audit.record_alone(
+            actor,
+            "api.denied",
+            resource,
+            result="failure",
+            parameters={
+                "roles": caller.role_names,
+                "needs": "grant",
+                "refused": [r.value for r in refused],
+            },
+            at=self._clock(),
+        )
+        raise ForbiddenError(
+            f"roles {', '.join(caller.role_names)} may not grant {names}: a token gives only "
+            "roles it holds itself (admin gives any, but not to itself)"
+        )
 
     def _changeable(self, conn: Connection, token_id: str, now: datetime) -> ApiTokenRecord:
         """A token that may be rotated or changed: neither revoked (404) nor expired (409:
@@ -598,6 +647,18 @@ class TokenService:
             at=self._clock(),
         )
         raise error
+
+
+def _refused_gains(
+    caller: Principal, record: ApiTokenRecord, roles: Iterable[Role]
+) -> tuple[Role, ...]:
+    """The roles ``record`` would gain that ``caller`` may not give it. A token changing
+    itself gives only what it holds, admin included: otherwise an admin token would
+    reach past admin to issuer (which admin does not hold)."""
+    gained = set(roles) - {Role(r) for r in record.roles}
+    if caller.token_id == record.id:
+        return tuple(role for role in Role if role in gained - effective_roles(caller.roles))
+    return ungrantable(caller.roles, gained)
 
 
 def _matches(record: ApiTokenRecord | None, digest: str) -> tuple[bool, bool]:

@@ -880,6 +880,7 @@ def tokens() -> str:
             expires_in=expires_in,
             allow_from=allow_from,
             team=principal().team,
+            caller=principal(),
         )
     return tokens_page(created)
 

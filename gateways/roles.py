@@ -138,6 +138,19 @@ def parse_roles(names: Iterable[str]) -> tuple[Role, ...]:
     return tuple(role for role in Role if role in wanted)
 
 
+def ungrantable(granter: Iterable[Role], wanted: Iterable[Role]) -> tuple[Role, ...]:
+    """The roles among ``wanted`` that a token holding ``granter`` may not give a token (a
+    new one, or one it changes): it gives only roles it holds itself (judged on
+    :func:`effective_roles`, so ``issuer`` gives ``revoker``), except that ``admin`` gives
+    any. This is Vault's rule for child tokens: a token-admin cannot mint an admin, so
+    handing out tokens does not undo the separation of duties."""
+    held = tuple(granter)
+    if Role.ADMIN in held:
+        return ()
+    may = effective_roles(held)
+    return tuple(role for role in Role if role in set(wanted) - may)
+
+
 def separation_violations(
     roles: Iterable[Role], separated: Iterable[tuple[Role, Role]]
 ) -> list[tuple[Role, Role]]:

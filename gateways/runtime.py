@@ -260,7 +260,8 @@ class Gateway:
     def ensure_admin_token(self) -> Path | None:
         """Write a first admin token (0600) if no token exists; returns where it is. Where
         separation_of_duties keeps powers that ``admin`` holds apart, the first token is a
-        ``token-admin``, which makes the tokens that each hold one of them."""
+        ``token-admin``; it gives only its own role, so the operator makes the tokens that
+        each hold one of those powers with the CLI on the CA host."""
         path = self.core.data_dir / ADMIN_TOKEN_FILE
         if self.tokens.has_tokens():
             return path if path.exists() else None
