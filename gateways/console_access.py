@@ -21,9 +21,16 @@ from flask import redirect, request, url_for
 from flask.typing import ResponseReturnValue
 
 from pkigate.core.access import DEFAULT_TEAM, Action, Statement, decide
-from pkigate.core.errors import BadRequestError, ConflictError
+from pkigate.core.errors import BadRequestError, ConflictError, NotFoundError
 from pkigate.gateways import api
-from pkigate.gateways.api_access import new_team, owned_ca, replace_policy, visible_teams
+from pkigate.gateways.api_access import (
+    new_team,
+    owned_ca,
+    remove_team,
+    replace_policy,
+    require_default_team,
+    visible_teams,
+)
 from pkigate.gateways.console import allowed, console, page
 from pkigate.gateways.http import MalformedJson, gateway, parse_json, principal, status_for
 from pkigate.gateways.roles import Permission
@@ -67,7 +74,9 @@ def teams() -> str:
         teams=shown,
         owned=owned,
         tokens=tokens,
-        may_create=who.may(Permission.MANAGE_TOKENS) and who.team == DEFAULT_TEAM,
+        # Who the API lets create and delete teams; the default team is never deleted.
+        may_manage=who.may(Permission.MANAGE_TOKENS) and who.team == DEFAULT_TEAM,
+        default=DEFAULT_TEAM,
     )
 
 
@@ -76,6 +85,25 @@ def teams() -> str:
 def create_team() -> ResponseReturnValue:
     """The API's createTeam: token admins of the default team."""
     new_team(request.form.get("name", "").strip())
+    return redirect(url_for("console.teams"))
+
+
+@console.route("/teams/<name>/delete", methods=["GET", "POST"])
+@allowed(Permission.MANAGE_TOKENS)
+def delete_team(name: str) -> ResponseReturnValue:
+    """A confirmation page naming the team (GET), then the API's deleteTeam (POST) once the
+    operator has typed the team's name, as a CA's disabling is confirmed: a refusal shows
+    the API's reason (409: the CAs, tokens and policies that still depend on it)."""
+    require_default_team("delete teams")
+    team = next((t for t in visible_teams() if t.name == name), None)
+    if team is None:
+        raise NotFoundError(f"no team named {name}")
+    if request.method == "GET":
+        return page("confirm_team.html", title="Delete team", team=team)
+    # Not a secret: a plain comparison (compare_digest refuses non-ASCII text with a 500).
+    if request.form.get("confirm", "").strip() != name:
+        raise BadRequestError(f"type the team's name ({name}) to confirm")
+    remove_team(name)
     return redirect(url_for("console.teams"))
 
 

@@ -305,3 +305,61 @@ def test_notification_destinations_are_the_default_teams(held: Service) -> None:
     assert client.get("/console/notifications").status_code == 403
     assert "/console/notifications" not in client.get("/console/").get_data(as_text=True)
     held.call("DELETE", "/notifications/ops", "admin", expect=200)
+
+
+def test_the_console_deletes_a_team_as_the_api_does_after_its_name_is_typed(
+    held: Service,
+) -> None:
+    held.call("POST", "/teams", "admin", json={"name": "gone"}, expect=201)
+    held.call("POST", "/teams", "admin", json={"name": "kept"}, expect=201)
+    kept = held.call(
+        "POST",
+        "/tokens",
+        "admin",
+        json={"name": "kept-auditor", "roles": ["auditor"], "team": "kept"},
+    ).get_json()
+    client = _console_client(held, held.secrets["admin"])
+    listing = client.get("/console/teams").get_data(as_text=True)
+    buttons = set(re.findall(r'id="delete-team-([^"]+)"', listing))
+    assert {"a", "b", "gone", "kept"} <= buttons and "default" not in buttons
+    confirm = client.get("/console/teams/gone/delete").get_data(as_text=True)
+    assert '<strong id="confirm-team">gone</strong>' in confirm
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', confirm)
+    assert csrf is not None
+
+    def delete(name: str, typed: str, **form: str) -> Any:
+        data = {"csrf_token": csrf.group(1), "confirm": typed, **form}
+        return client.post(f"/console/teams/{name}/delete", data=data)
+
+    mistyped = delete("gone", "gon\u00e9")
+    assert mistyped.status_code == 400 and "type the team&#39;s name (gone)" in mistyped.text
+    assert client.post("/console/teams/gone/delete", data={"confirm": "gone"}).status_code == 400
+    # What the API would say, audited as the API's refusal is.
+    refused = delete("kept", "kept")
+    assert refused.status_code == 409
+    assert f"its tokens {kept['id']} are live" in refused.get_data(as_text=True)
+    assert delete("nobody", "nobody").status_code == 404
+    never = delete("default", "default")  # not offered; the API's answer if sent anyway
+    assert never.status_code == 409 and "never deleted" in never.get_data(as_text=True)
+    deleted = delete("gone", "gone")
+    assert deleted.status_code == 302, deleted.get_data(as_text=True)
+    teams = {t["name"] for t in held.call("GET", "/teams", "admin").get_json()["teams"]}
+    assert "gone" not in teams and "kept" in teams
+    records = [
+        (e.resource, e.result, e.actor)
+        for e in held.gw.core.audit.events()
+        if e.action == "team.delete" and e.resource in ("team/gone", "team/kept")
+    ]
+    admin_id = held.gw.tokens.authenticate(f"Bearer {held.secrets['admin']}").token_id
+    assert [(r, res) for r, res, _ in records] == [
+        ("team/kept", "failure"),
+        ("team/gone", "success"),
+    ]
+    assert all(admin_id in actor for _, _, actor in records)
+    # Another team's admin is offered nothing and refused as the API refuses it.
+    b_admin = _console_client(held, held.secrets["b-admin"])
+    assert "delete-team-" not in b_admin.get("/console/teams").get_data(as_text=True)
+    other = b_admin.get("/console/teams/kept/delete")
+    assert other.status_code == 403 and "only tokens of team default" in other.get_data(
+        as_text=True
+    )
