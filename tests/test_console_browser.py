@@ -901,3 +901,40 @@ def test_an_auditor_reads_a_cas_policy_without_the_forms_and_may_not_set_it(
     )
     assert refused.status_code == 403 and "may not do this" in refused.text
     assert policy_version(console, ca_id) == version
+
+
+def test_an_admin_deletes_a_team_after_typing_its_name_and_an_auditor_is_offered_none(
+    console: Console,
+) -> None:
+    server = console.server
+    admin_api = server.session()
+    for name in ("console-gone", "console-kept"):
+        made = admin_api.post(f"{server.https_url}/api/v1/teams", json={"name": name}, timeout=10)
+        assert made.status_code == 201, made.text
+    kept = admin_api.post(
+        f"{server.https_url}/api/v1/tokens",
+        json={"name": "console-kept-auditor", "role": "auditor", "team": "console-kept"},
+        timeout=10,
+    ).json()
+    console.sign_in("admin")
+    console.open("/teams")
+    assert console.driver.find_elements(By.ID, "delete-team-default") == []
+    # A team with a live token: the API's 409 reason, and the team stays.
+    console.press("delete-team-console-kept")
+    console.driver.find_element(By.ID, "confirm").send_keys("console-kept")
+    console.press("do")
+    assert f"its tokens {kept['id']} are live" in console.text("#message")
+    console.open("/teams")
+    console.press("delete-team-console-gone")
+    assert console.text("#confirm-team") == "console-gone"
+    console.screenshot("confirm-team")
+    console.driver.find_element(By.ID, "confirm").send_keys("console-gone")
+    console.press("do")
+    shown = console.texts("#teams .team")
+    assert "console-gone" not in shown and "console-kept" in shown
+    deletions = [(e["resource"], e["result"]) for e in console.store_audit("team.delete")]
+    assert deletions[-2:] == [("team/console-kept", "failure"), ("team/console-gone", "success")]
+    console.sign_in("auditor")
+    console.open("/teams")
+    assert "console-kept" in console.texts("#teams .team")
+    assert console.driver.find_elements(By.CSS_SELECTOR, ".delete-team") == []
