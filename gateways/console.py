@@ -468,8 +468,7 @@ def ca_action(ca_id: str, action: str) -> ResponseReturnValue:
     view = authorities.describe(ca_id)
     if request.method == "GET":
         return page("confirm_ca.html", title=f"{action.title()} CA", view=view, action=action)
-    if not secrets.compare_digest(request.form.get("confirm", "").strip(), ca_id):
-        raise BadRequestError(f"type the CA's id ({ca_id}) to confirm")
+    require_typed(ca_id, "the CA's id")
     who = principal().actor(g.request_id)
     if action == "disable":
         authorities.update_status(ca_id, CAStatus.DISABLED, who)
@@ -480,6 +479,14 @@ def ca_action(ca_id: str, action: str) -> ResponseReturnValue:
     else:
         authorities.restore(ca_id, who)
     return redirect(url_for("console.ca_page", ca_id=ca_id))
+
+
+def require_typed(expected: str, what: str) -> None:
+    """The confirmation form's typed text is ``expected`` (a CA's id, a team's name), or a
+    400. Not a secret, so a plain comparison: compare_digest refuses non-ASCII text with a
+    TypeError, a 500 for whoever typed an accented letter."""
+    if request.form.get("confirm", "").strip() != expected:
+        raise BadRequestError(f"type {what} ({expected}) to confirm")
 
 
 # -- certificates ----------------------------------------------------------------------------

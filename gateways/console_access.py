@@ -28,11 +28,17 @@ from pkigate.gateways.api_access import (
     owned_ca,
     remove_team,
     replace_policy,
-    require_default_team,
     visible_teams,
 )
-from pkigate.gateways.console import allowed, console, page
-from pkigate.gateways.http import MalformedJson, gateway, parse_json, principal, status_for
+from pkigate.gateways.console import allowed, console, page, require_typed
+from pkigate.gateways.http import (
+    MalformedJson,
+    default_team_only,
+    gateway,
+    parse_json,
+    principal,
+    status_for,
+)
 from pkigate.gateways.roles import Permission
 
 # What the sharing form offers: every action but manage, which stays the owner's.
@@ -94,15 +100,13 @@ def delete_team(name: str) -> ResponseReturnValue:
     """A confirmation page naming the team (GET), then the API's deleteTeam (POST) once the
     operator has typed the team's name, as a CA's disabling is confirmed: a refusal shows
     the API's reason (409: the CAs, tokens and policies that still depend on it)."""
-    require_default_team("delete teams")
+    default_team_only("delete teams")
     team = next((t for t in visible_teams() if t.name == name), None)
     if team is None:
         raise NotFoundError(f"no team named {name}")
     if request.method == "GET":
         return page("confirm_team.html", title="Delete team", team=team)
-    # Not a secret: a plain comparison (compare_digest refuses non-ASCII text with a 500).
-    if request.form.get("confirm", "").strip() != name:
-        raise BadRequestError(f"type the team's name ({name}) to confirm")
+    require_typed(name, "the team's name")
     remove_team(name)
     return redirect(url_for("console.teams"))
 

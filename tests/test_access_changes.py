@@ -363,3 +363,18 @@ def test_the_console_deletes_a_team_as_the_api_does_after_its_name_is_typed(
     assert other.status_code == 403 and "only tokens of team default" in other.get_data(
         as_text=True
     )
+
+
+def test_a_confirmation_typed_with_an_accented_letter_is_a_400_not_a_500(held: Service) -> None:
+    """A CA's id is compared as text: compare_digest raised TypeError on non-ASCII."""
+    client = _console_client(held, held.secrets["admin"])
+    page = client.get(f"/console/cas/{held.issuing_id}/disable").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert csrf is not None
+    form = {"csrf_token": csrf.group(1), "confirm": "\u00e9"}
+    refused = client.post(f"/console/cas/{held.issuing_id}/disable", data=form)
+    assert refused.status_code == 400 and "type the CA&#39;s id" in refused.get_data(as_text=True)
+    (ca,) = [
+        c for c in held.call("GET", "/cas", "admin").get_json()["cas"] if c["id"] == held.issuing_id
+    ]
+    assert ca["status"] == "ACTIVE"
