@@ -1548,7 +1548,8 @@ def _secret_reply(issued: Any, status: int) -> Response:
         "POST",
         "/tokens/{token_id}/rotate",
         "rotateToken",
-        "A new secret for a token; the old one works for the overlap, then stops",
+        "A new secret for a token; the old one works for the overlap, then stops. Another "
+        "token's only if the caller may give all its roles (403 otherwise)",
         "Tokens",
         Permission.MANAGE_TOKENS,
         (json_reply(200, "The token with its new secret", ref("NewToken")),),
@@ -1566,7 +1567,7 @@ def _secret_reply(issued: Any, status: int) -> Response:
 def rotate_token(token_id: str, body: dict[str, Any]) -> Response:
     overlap = parsed("overlap", parse_span, body["overlap"])
     check_own_token(token_id)
-    issued = gateway().tokens.rotate(token_id, overlap, actor())
+    issued = gateway().tokens.rotate(token_id, overlap, actor(), principal())
     return _secret_reply(issued, 200)
 
 

@@ -18,7 +18,8 @@ Token hygiene lives here too:
   cannot be created, and one that exists (made before the rule) is refused at use (403).
 - granting: a token gives a token (new, or one it changes) only roles it holds itself,
   ``admin`` any (:func:`~pkigate.gateways.roles.ungrantable`); a refusal is a 403 naming
-  the roles, audited as ``api.denied``. The CLI on the CA host is the local operator and
+  the roles, audited as ``api.denied``. Rotating another token hands out its secret, so
+  it is judged the same way on that token's roles. The CLI on the CA host is the local operator and
   gives any role (it makes the first tokens of each role under separation of duties).
 
 A process remembers a token's record for :data:`TOKEN_RECORD_SECONDS` after reading it, so
@@ -331,9 +332,13 @@ class TokenService:
             )
         return requested
 
-    def rotate(self, token_id: str, overlap: timedelta, actor: Actor) -> IssuedToken:
+    def rotate(
+        self, token_id: str, overlap: timedelta, actor: Actor, caller: Principal | None = None
+    ) -> IssuedToken:
         """A new secret for the token; the current one keeps working for ``overlap``
-        (a secret replaced earlier stops at once)."""
+        (a secret replaced earlier stops at once). The new secret is the caller's to hand
+        on, so ``caller`` (None: the local operator) rotates only its own token or one
+        whose roles it may give (ForbiddenError, audited, otherwise)."""
         longest = self.policy.max_rotation_overlap
         if overlap < timedelta(0) or overlap > longest:
             raise BadRequestError(
@@ -341,24 +346,32 @@ class TokenService:
             )
         now = self._clock()
         secret = secrets.token_urlsafe(32)
+        refused: tuple[Role, ...] = ()
         with self._store.write() as conn:
             record = self._changeable(conn, token_id, now)
-            self._store.update_api_token(
-                conn,
-                token_id,
-                secret_sha256=_digest(secret),
-                previous_secret_sha256=record.secret_sha256,
-                previous_secret_until=now + overlap,
+            if caller is not None and caller.token_id != token_id:
+                refused = ungrantable(caller.roles, (Role(r) for r in record.roles))
+            if not refused:
+                self._store.update_api_token(
+                    conn,
+                    token_id,
+                    secret_sha256=_digest(secret),
+                    previous_secret_sha256=record.secret_sha256,
+                    previous_secret_until=now + overlap,
+                )
+                self._audit.record(
+                    conn,
+                    actor,
+                    "token.rotate",
+                    f"token/{token_id}",
+                    at=now,
+                    parameters={"overlap_seconds": int(overlap.total_seconds())},
+                )
+                rotated = self._store.get_api_token(conn, token_id)
+        if refused:  # nothing was written; audited out of the write so it is kept
+            self._refuse_grant(
+                caller, actor, f"token/{token_id}", refused, "; a rotation hands out its secret"
             )
-            self._audit.record(
-                conn,
-                actor,
-                "token.rotate",
-                f"token/{token_id}",
-                at=now,
-                parameters={"overlap_seconds": int(overlap.total_seconds())},
-            )
-            rotated = self._store.get_api_token(conn, token_id)
         assert rotated is not None
         self._records.pop(token_id, None)
         return IssuedToken(rotated, f"pkigate_{token_id}_{secret}")
@@ -454,7 +467,12 @@ class TokenService:
         return updated
 
     def _refuse_grant(
-        self, caller: Principal | None, actor: Actor, resource: str, refused: Sequence[Role]
+        self,
+        caller: Principal | None,
+        actor: Actor,
+        resource: str,
+        refused: Sequence[Role],
+        why: str = "",
     ) -> NoReturn:
         """Audit (as the API audits a role refusal) and raise a 403 for roles ``caller``
         may not give."""
@@ -474,7 +492,7 @@ class TokenService:
         )
         raise ForbiddenError(
             f"roles {', '.join(caller.role_names)} may not grant {names}: a token gives only "
-            "roles it holds itself (admin gives any, but not to itself)"
+            f"roles it holds itself (admin gives any, but not to itself){why}"
         )
 
     def _changeable(self, conn: Connection, token_id: str, now: datetime) -> ApiTokenRecord:

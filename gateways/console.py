@@ -929,7 +929,9 @@ def rotate_token(token_id: str) -> str:
     except ValueError as exc:
         raise BadRequestError(str(exc)) from None
     api.check_own_token(token_id)
-    rotated = gateway().tokens.rotate(token_id, overlap, principal().actor(g.request_id))
+    rotated = gateway().tokens.rotate(
+        token_id, overlap, principal().actor(g.request_id), principal()
+    )
     return tokens_page(rotated)
 
 

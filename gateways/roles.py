@@ -147,8 +147,8 @@ def ungrantable(granter: Iterable[Role], wanted: Iterable[Role]) -> tuple[Role, 
     held = tuple(granter)
     if Role.ADMIN in held:
         return ()
-    may = effective_roles(held)
-    return tuple(role for role in Role if role in set(wanted) - may)
+    refused = set(wanted) - effective_roles(held)
+    return tuple(role for role in Role if role in refused)
 
 
 def separation_violations(

@@ -128,6 +128,35 @@ def test_each_role_gives_an_existing_token_exactly_the_roles_it_may_grant(
         _check_audit(records, response, caller, role, "token.update")
 
 
+def test_each_role_rotates_exactly_the_tokens_whose_roles_it_may_grant_and_its_own(
+    granting: Service,
+) -> None:
+    """A rotation hands the new secret to the caller: judged as making that token."""
+    responses, targets = {}, {}
+    for caller in GRANTS:
+        for role in ROLES:
+            target = granting.gw.tokens.create("rotated", Role(role), Actor("t"))
+            targets[caller, role] = target
+            responses[caller, role] = granting.call(
+                "POST", f"/tokens/{target.record.id}/rotate", "+".join(caller), json={}
+            )
+    assert {case: r.status_code for case, r in responses.items()} == {
+        (caller, role): 200 if role in GRANTS[caller] else 403
+        for caller in GRANTS
+        for role in ROLES
+    }
+    audit = _by_request(granting)
+    for (caller, role), response in responses.items():
+        records = audit[response.headers["X-Request-Id"]]
+        _check_audit(records, response, caller, role, "token.rotate")
+        if response.status_code == 403:  # the old secret is still the one
+            secret = targets[caller, role].secret
+            assert granting.gw.tokens.authenticate(f"Bearer {secret}").roles == (Role(role),)
+    own = granting.gw.tokens.authenticate(f"Bearer {granting.secrets['token-admin']}").token_id
+    mine = granting.call("POST", f"/tokens/{own}/rotate", "token-admin", json={}, expect=200)
+    granting.secrets["token-admin"] = mine.get_json()["secret"]
+
+
 def test_a_refusal_names_only_the_roles_refused_and_a_token_admin_still_tends_any_token(
     granting: Service,
 ) -> None:
