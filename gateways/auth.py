@@ -19,8 +19,9 @@ Token hygiene lives here too:
 - granting: a token gives a token (new, or one it changes) only roles it holds itself,
   ``admin`` any (:func:`~pkigate.gateways.roles.ungrantable`); a refusal is a 403 naming
   the roles, audited as ``api.denied``. Rotating another token hands out its secret, so
-  it is judged the same way on that token's roles. The CLI on the CA host is the local operator and
-  gives any role (it makes the first tokens of each role under separation of duties).
+  it is judged the same way on that token's roles. The CLI on the CA host is the local
+  operator and gives any role (it makes the first tokens of each role under separation
+  of duties).
 
 A process remembers a token's record for :data:`TOKEN_RECORD_SECONDS` after reading it, so
 that a client's requests do not each read the store to authenticate. A revocation or a
