@@ -689,7 +689,7 @@ def test_another_teams_auditor_sees_no_audit_record_or_event_of_an_unshared_ca(
 
 
 def test_a_store_from_before_teams_keeps_every_token_and_ca(tmp_path: Path) -> None:
-    from test_db_ops import _downgrade
+    from helpers import downgrade_store
 
     from pkigate.core.store import sqlite_url
 
@@ -700,7 +700,7 @@ def test_a_store_from_before_teams_keeps_every_token_and_ca(tmp_path: Path) -> N
         for role in ("admin", "issuer", "auditor")
     }
     service.gw.close()
-    _downgrade(sqlite_url(data / "pkigate.db"), "0017")
+    downgrade_store(sqlite_url(data / "pkigate.db"), "0017")
     Core.open(data, upgrade_schema=True).close()
     upgraded = _open_service(data, None)
     try:
