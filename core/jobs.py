@@ -486,7 +486,14 @@ class JobRunner:
         )
         with self._running_lock:
             self._running_jobs.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:
+            # No thread to be had (the process is at its limit): the slot is given back,
+            # or it would stay taken for good; the job runs again once its lease runs out.
+            with self._running_lock:
+                self._running_jobs.discard(thread)
+            logger.exception("job worker %s: no thread to run job %d in", worker_id, job.id)
 
     def _run_job(self, job: Job, worker_id: str) -> None:
         try:

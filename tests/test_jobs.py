@@ -419,6 +419,32 @@ def test_pollers_of_one_runner_share_its_concurrency(core: Core, queue: JobQueue
     assert most == 2, f"{most} jobs ran at once; the runner's concurrency is 2"
 
 
+def test_a_job_thread_that_cannot_start_gives_its_slot_back(
+    core: Core, queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start = threading.Thread.start
+    refused: list[str] = []
+
+    def start_or_refuse(thread: threading.Thread) -> None:
+        if "-job-" in thread.name and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_or_refuse)
+    together = threading.Barrier(2, timeout=5)
+    handlers = {"first": lambda payload: None, "meet": lambda payload: together.wait()}
+    first = queue.enqueue("first", {})
+    with JobRunner(queue, handlers, poll_interval=0.01, concurrency=2):
+        _wait_until(lambda: bool(refused), "the first job's thread was refused")
+        # Both slots are free again: two jobs that wait for each other both finish.
+        with core.store.write() as conn:
+            for n in range(2):
+                queue.enqueue("meet", {"n": n}, conn=conn)
+        _wait_until(lambda: queue.counts()[JobStatus.DONE] == 2, "both jobs ran", timeout=10)
+    assert _record(queue, first).status is JobStatus.RUNNING  # leased until its lease ends
+
+
 def test_stop_waits_for_a_job_claimed_while_it_was_stopping(core: Core, queue: JobQueue) -> None:
     """A poller in the middle of a claim when stop() is called starts the job it claimed:
     stop() returns only once that job is settled, not with it still running."""
