@@ -27,6 +27,7 @@ import pytest
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from helpers import make_csr
 from serving import RunningServer, console_signin, start_server
 from test_ocsp import openssl_ocsp
 from test_scep import Device, load_certs_only
@@ -938,3 +939,99 @@ def test_an_admin_deletes_a_team_after_typing_its_name_and_an_auditor_is_offered
     console.open("/teams")
     assert "console-kept" in console.texts("#teams .team")
     assert console.driver.find_elements(By.CSS_SELECTOR, ".delete-team") == []
+
+
+def test_certificate_search_paging_report_ca_deletion_and_sign_out_over_http(
+    console: Console,
+) -> None:
+    """The console's pages that a browser adds nothing to, fetched as it would (the
+    session cookie, the CSRF token): search filters and paging, a certificate's events and
+    chain, the CA's CRLs, the audit report downloads, delete and restore, sign out."""
+    from lxml import html
+
+    server = console.server
+    issuer = server.session(console.tokens["issuer"])
+    prefix = f"pages-{uuid.uuid4().hex[:6]}"
+    issue_url = f"{server.https_url}/api/v1/cas/{console.issuing}/certificates"
+    serials = []
+    for n in range(52):  # more than a page (50)
+        validity = "2d" if n == 0 else "200d"
+        made = issuer.post(
+            issue_url,
+            json={"csr": make_csr(f"{prefix}-{n}.example.test").decode(), "validity": validity},
+            timeout=30,
+        )
+        assert made.status_code == 201, made.text
+        serials.append(made.json()["serial"])
+    session, csrf = console_signin(server, console.tokens["admin"])
+
+    def fetch(path: str, **params: str) -> Any:
+        answer = session.get(console.url(path), params=params, timeout=30)
+        assert answer.status_code == 200, (path, answer.status_code, answer.text[:300])
+        return html.fromstring(answer.text)
+
+    def listed(tree: Any) -> list[str]:
+        return [
+            str(c) for c in tree.xpath("//table[@id='certificates']/tbody/tr/td[2]/code/text()")
+        ]
+
+    # Paging: 50, then the rest through the "Next page" link, each certificate once.
+    first = fetch("/certificates", q=prefix, ca=console.issuing)
+    (link,) = first.xpath("//a[@id='next']")
+    rest = html.fromstring(session.get(server.https_url + link.get("href"), timeout=30).text)
+    assert len(listed(first)) == 50 and not rest.xpath("//a[@id='next']")
+    assert sorted(listed(first) + listed(rest)) == sorted(serials)
+    # Filters: expiring within a week finds the 2-day certificate only; a serial, one.
+    assert listed(fetch("/certificates", q=prefix, expiring_within="7d")) == [serials[0]]
+    assert listed(fetch("/certificates", serial=serials[5])) == [serials[5]]
+    assert listed(fetch("/certificates", q=prefix, status="REVOKED")) == []
+    # A certificate's page: its issuance in the audit events, and the chain above it.
+    page = fetch(f"/certificates/{console.issuing}/{serials[1]}")
+    assert "certificate.issue" in page.xpath("//table[@id='events']/tbody/tr/td[2]/text()")
+    issuing_pem = requests.get(f"{server.http_url}/ca/{console.issuing}.pem", timeout=10).text
+    assert issuing_pem.strip() in page.xpath("//pre[@class='pem']/text()")[0]
+    # The CA's page lists its CRLs with their next update (one is made when first fetched).
+    assert requests.get(f"{server.http_url}/crl/{console.issuing}.crl", timeout=30).ok
+    crl_rows = fetch(f"/cas/{console.issuing}").xpath("//table[@id='crls']/tbody/tr")
+    assert crl_rows and len(crl_rows[0].xpath("td")) == 4, "no CRL listed"
+    assert datetime.fromisoformat(crl_rows[0].xpath("td")[3].text) > datetime.now(UTC)
+    # The audit report (an auditor's), as JSON and as CSV, names the certificates issued.
+    auditor, _ = console_signin(server, console.tokens["auditor"])
+    for kind in ("json", "csv"):
+        report = auditor.get(
+            console.url("/audit/report"), params={"ca": console.issuing, "format": kind}, timeout=30
+        )
+        assert report.status_code == 200
+        assert report.headers["Content-Type"].startswith(
+            "application/json" if kind == "json" else "text/csv"
+        )
+        assert "attachment" in report.headers["Content-Disposition"]
+        assert all(serial in report.text for serial in serials)
+    # Delete and restore a CA, each after typing its id.
+    admin = server.session()
+    made_ca = admin.post(
+        f"{server.https_url}/api/v1/cas",
+        json={"type": "ROOT", "subject": f"CN={prefix} Root"},
+        timeout=60,
+    )
+    assert made_ca.status_code == 201, made_ca.text
+    ca_id = made_ca.json()["id"]
+
+    def act(action: str) -> str:
+        done = session.post(
+            console.url(f"/cas/{ca_id}/{action}"),
+            data={"csrf_token": csrf, "confirm": ca_id},
+            timeout=30,
+        )
+        assert done.status_code == 200, (action, done.text[:300])
+        return str(html.fromstring(done.text).xpath("//*[@id='ca-status']/text()")[0])
+
+    assert [act(a) for a in ("disable", "delete", "restore")] == ["DISABLED", "DELETED", "DISABLED"]
+    for action in ("ca.delete", "ca.restore"):
+        assert [e["resource"] for e in console.store_audit(action)].count(f"ca/{ca_id}") == 1
+    # Sign out: the session is gone, and the next page asks to sign in again.
+    out = session.post(console.url("/signout"), data={"csrf_token": csrf}, timeout=30)
+    assert out.status_code == 200 and "/console/signin" in out.url
+    again = session.get(console.url("/"), timeout=30)
+    assert again.url.endswith("/console/signin") or "/console/signin?" in again.url
+    assert console.store_audit("console.signout")
