@@ -47,7 +47,7 @@ from pkigate.core import CAStatus
 from pkigate.core.access import DEFAULT_TEAM, Action
 from pkigate.core.errors import BadRequestError, PkigateError
 from pkigate.core.model import CertificateStatus, RevocationReason
-from pkigate.core.store import CertificateRecord
+from pkigate.core.store import CertificateRecord, CertificateScope
 from pkigate.core.store import console as console_store
 from pkigate.gateways import api
 from pkigate.gateways.auth import (
@@ -505,6 +505,15 @@ def certificates() -> str:
         raise BadRequestError(f"unknown status {wanted['status']!r}")
     within = wanted["expiring_within"]
     after = api.query_position("after", request.args.get("after", "0"))
+    # What the token may read: the CAs it may read, and of a CA shared with its team only
+    # its team's certificates (the API's rules), chosen by the query before its page limit.
+    readable = {v.record.id: v for v in api.readable_cas()}
+    team = principal().team
+    scope = CertificateScope(
+        team,
+        frozenset(ca_id for ca_id, v in readable.items() if v.record.team == team),
+        frozenset(ca_id for ca_id, v in readable.items() if v.record.team != team),
+    )
     with core.store.read() as conn:
         found = core.store.list_certificates(
             conn,
@@ -518,13 +527,8 @@ def certificates() -> str:
             not_expired_at=now if within else None,
             limit=PAGE + 1,
             after_id=after,
+            within=scope,
         )
-    # What the token may read: the CAs it may read, and of a CA shared with its team only
-    # its team's certificates (the API's rules).
-    readable = {v.record.id: v for v in api.readable_cas()}
-    found = [
-        r for r in found if r.ca_id in readable and api.own_or_owner(readable[r.ca_id].record, r)
-    ]
     shown = found[:PAGE]
     next_page = None
     if len(found) > PAGE:

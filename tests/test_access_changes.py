@@ -378,3 +378,19 @@ def test_a_confirmation_typed_with_an_accented_letter_is_a_400_not_a_500(held: S
         c for c in held.call("GET", "/cas", "admin").get_json()["cas"] if c["id"] == held.issuing_id
     ]
     assert ca["status"] == "ACTIVE"
+
+
+def test_the_console_pages_past_certificates_a_team_may_not_see(held: Service) -> None:
+    """A page of the console's certificate list is chosen among what the token may see:
+    team b's one certificate after more than a page of the default team's is listed."""
+    own_ca = _make_ca(held, "CN=B Paging Root", role="b-admin")
+    for n in range(55):
+        body = {"csr": make_csr(f"paging-{n}.example.test").decode(), "validity": "1d"}
+        held.call("POST", f"/cas/{held.issuing_id}/certificates", "issuer", json=body, expect=201)
+    body = {"csr": make_csr("paging.b.example").decode(), "validity": "1d"}
+    mine = held.call("POST", f"/cas/{own_ca}/certificates", "b-issuer", json=body)
+    assert mine.status_code == 201, mine.get_data(as_text=True)
+    listing = _console_client(held, held.secrets["b-auditor"]).get("/console/certificates")
+    page = listing.get_data(as_text=True)
+    assert listing.status_code == 200 and mine.get_json()["serial"] in page
+    assert "paging-0.example.test" not in page

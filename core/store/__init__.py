@@ -571,14 +571,18 @@ class Store:
         template: str | None = None,
         requester: str | None = None,
         team: str | None = None,
+        within: CertificateScope | None = None,
     ) -> list[CertificateRecord]:
         """Certificates by id; ``text`` is found in the subject or a SAN, ``requester`` in
         the requester or the connector (both case-insensitive substrings); ``team``: only
-        those that team's tokens asked for."""
+        those that team's tokens asked for; ``within``: only those the scope shows (in the
+        query, so that a page limit counts only what is shown)."""
         c = schema.certificates.c
         query = select(schema.certificates).where(c.id > after_id).order_by(c.id)
         if team is not None:
             query = query.where(c.team == team)
+        if within is not None:
+            query = query.where(within.clause())
         if ca_id:
             query = query.where(c.ca_id == ca_id)
         if status:
