@@ -390,7 +390,10 @@ def test_the_console_pages_past_certificates_a_team_may_not_see(held: Service) -
     body = {"csr": make_csr("paging.b.example").decode(), "validity": "1d"}
     mine = held.call("POST", f"/cas/{own_ca}/certificates", "b-issuer", json=body)
     assert mine.status_code == 201, mine.get_data(as_text=True)
-    listing = _console_client(held, held.secrets["b-auditor"]).get("/console/certificates")
+    reader = held.call(
+        "POST", "/tokens", "admin", json={"name": "b-pager", "roles": ["auditor"], "team": "b"}
+    ).get_json()["secret"]
+    listing = _console_client(held, reader).get("/console/certificates")
     page = listing.get_data(as_text=True)
     assert listing.status_code == 200 and mine.get_json()["serial"] in page
     assert "paging-0.example.test" not in page
