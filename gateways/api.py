@@ -71,6 +71,7 @@ from pkigate.gateways.auth import ForbiddenError, Principal, parse_networks, par
 from pkigate.gateways.http import (
     UnsupportedMediaType,
     actor,
+    authorize_on_ca,
     gateway,
     json_body,
     principal,
@@ -1061,8 +1062,7 @@ def revoke(ca_id: str, serial: str, reason: RevocationReason) -> CertificateReco
 def ca_for(ca_id: str, action: Action, facts: RequestFacts | None = None) -> CARecord:
     """The CA, if the token may do ``action`` on it: decided (and refusals audited) by the
     core; a CA the token may not see is a 404, as if it did not exist."""
-    facts = facts or RequestFacts(connector=API_CONNECTOR)
-    return gateway().core.access.check(principal().facts, action, ca_id, actor(), facts)  # type: ignore[no-any-return]
+    return authorize_on_ca(ca_id, action, API_CONNECTOR, facts)
 
 
 def certificate_facts(record: CertificateRecord) -> RequestFacts:

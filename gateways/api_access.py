@@ -16,16 +16,8 @@ from pkigate.core.store import CARecord, TeamRecord
 from pkigate.core.tenancy import PolicyVersion
 from pkigate.gateways.api import ca_for, reply, route
 from pkigate.gateways.http import actor, default_team_only, gateway, principal
-from pkigate.gateways.openapi import Field, Operation, json_reply, ref
+from pkigate.gateways.openapi import Field, Operation, json_reply, ref, team_json
 from pkigate.gateways.roles import Permission
-
-
-def team_json(record: TeamRecord) -> dict[str, Any]:
-    return {
-        "name": record.name,
-        "created_at": record.created_at.isoformat(),
-        "created_by": record.created_by,
-    }
 
 
 @route(

@@ -14,7 +14,7 @@ from pkigate.core.access import Action
 from pkigate.core.errors import BadRequestError
 from pkigate.gateways.auth import parse_span
 from pkigate.gateways.cli import CAReference, State, ca, main, pass_state, reports_errors, token
-from pkigate.gateways.openapi import token_json
+from pkigate.gateways.openapi import team_json, token_json
 from pkigate.gateways.roles import Role
 
 
@@ -26,14 +26,6 @@ def team() -> None:
     Example:
       pkigate team create web
     """
-
-
-def _team_json(record: Any) -> dict[str, Any]:
-    return {
-        "name": record.name,
-        "created_at": record.created_at.isoformat(),
-        "created_by": record.created_by,
-    }
 
 
 @team.command("create")
@@ -50,7 +42,7 @@ def team_create(state: State, name: str) -> None:
     if state.remote is not None:
         data = state.remote.create_team(name)
     else:
-        data = _team_json(state.core.access.create_team(name, state.actor))
+        data = team_json(state.core.access.create_team(name, state.actor))
     state.emit(data, lambda: f"team {data['name']} created")
 
 
@@ -88,7 +80,7 @@ def team_list(state: State) -> None:
     if state.remote is not None:
         teams = state.remote.teams()
     else:
-        teams = [_team_json(t) for t in state.core.access.list_teams()]
+        teams = [team_json(t) for t in state.core.access.list_teams()]
     state.emit(teams, lambda: "\n".join(t["name"] for t in teams))
 
 

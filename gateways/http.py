@@ -32,6 +32,7 @@ from pkigate.core.errors import (
     StoreIntegrityError,
     StoreUnavailableError,
 )
+from pkigate.core.store import CARecord
 from pkigate.gateways.auth import AuthenticationError, ForbiddenError, Principal
 from pkigate.gateways.roles import Permission, roles_with
 
@@ -114,13 +115,13 @@ def default_team_only(doing: str) -> None:
 
 def authorize_on_ca(
     ca_id: str, action: Action, connector: str, held: RequestFacts | None = None
-) -> None:
+) -> CARecord:
     """The core's access decision for this request's token on a CA, through a connector's
     management calls: 403 with the reason, or 404 for a CA the token may not see.
     ``held``: the facts of the held request a decision is about (approve, reject), from
-    :func:`~pkigate.core.access.held_request_facts`."""
+    :func:`~pkigate.core.access.held_request_facts`. The CA's record, when allowed."""
     facts = held or RequestFacts(connector=connector)
-    gateway().core.access.check(principal().facts, action, ca_id, actor(), facts)
+    return gateway().core.access.check(principal().facts, action, ca_id, actor(), facts)  # type: ignore[no-any-return]
 
 
 def bearer_principal() -> Principal:

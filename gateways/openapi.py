@@ -40,7 +40,7 @@ from pkigate.core.model import (
     ValidityType,
 )
 from pkigate.core.names import NAME_CONSTRAINT_LISTS
-from pkigate.core.store import ApiTokenRecord, CertificateRecord
+from pkigate.core.store import ApiTokenRecord, CertificateRecord, TeamRecord
 from pkigate.core.templates import TemplateKind
 from pkigate.gateways.roles import Permission, Role, roles_with
 
@@ -880,6 +880,15 @@ def token_json(record: ApiTokenRecord) -> dict[str, Any]:
         "allow_from": list(record.allow_from),
         "overlap_until": _moment(record.previous_secret_until),
         "team": record.team,
+    }
+
+
+def team_json(record: TeamRecord) -> dict[str, Any]:
+    """A team as ``Team``."""
+    return {
+        "name": record.name,
+        "created_at": record.created_at.isoformat(),
+        "created_by": record.created_by,
     }
 
 
