@@ -317,7 +317,11 @@ def make_worker_class() -> type[Any]:
                 return bool(super().handle_request(listener_name, req, out, addr))
             finally:
                 self.in_flight -= 1
-                out.flush()  # before the next request is read, or the connection closed
+                # Before the next request is read. After a failure gunicorn may have closed
+                # the socket already (and raised StopIteration): that must not become an
+                # OSError here, as a client gone away is not one either.
+                with contextlib.suppress(OSError):
+                    out.flush()
                 if getattr(req, "pkigate_unread_body", False):
                     self._linger(sock)
 
