@@ -120,6 +120,28 @@ def test_each_lead_time_is_emitted_once_as_time_passes(sqlite_core: Core, clock:
     assert types[expiring] == 7 and types[expired] == 3
 
 
+def test_a_ca_is_told_to_expire_at_each_lead_time_once_then_expired(
+    sqlite_core: Core, clock: Clock
+) -> None:
+    """A 40-day root crosses 30, 7 and 1 days (it starts inside the 45-day window: that
+    one is said at once), then expires; scanning twice at each moment adds nothing."""
+    core = sqlite_core
+    ca_id = create_root(core, validity=Validity.parse("40d")).record.id
+    seen: Counter[tuple[str, int]] = Counter()
+    for _day in range(42):
+        core.expiry.scan()
+        core.expiry.scan()  # a second worker looking at the same moment
+        clock.advance(timedelta(days=1))
+    for stored in core.events.list(limit=10_000):
+        event = stored.event
+        if event.type in (EventType.CA_EXPIRING, EventType.CA_EXPIRED):
+            assert event.ca_id == ca_id
+            seen[event.type.value, int(event.data["days_before"])] += 1
+    expiring, expired = EventType.CA_EXPIRING.value, EventType.CA_EXPIRED.value
+    assert seen == Counter({(expiring, 45): 1, (expiring, 30): 1, (expiring, 7): 1,
+                            (expiring, 1): 1, (expired, 0): 1})  # fmt: skip
+
+
 def test_a_revoked_certificate_is_not_told_to_expire(sqlite_core: Core, clock: Clock) -> None:
     root = create_root(sqlite_core)
     issued = _issue(sqlite_core, root.record.id, "40d")
