@@ -583,6 +583,22 @@ def test_forged_post_and_expired_session_are_refused(console: Console) -> None:
         assert db.execute("SELECT count(*) FROM console_sessions").fetchone() == (1,)
 
 
+def test_a_session_ends_after_its_absolute_lifetime_however_busy(console: Console) -> None:
+    session, _csrf = console_signin(console.server, console.tokens["auditor"])
+    assert session.get(console.url("/audit"), timeout=10).status_code == 200
+    # Signed in nine hours ago and used a moment ago: past the 8-hour absolute limit.
+    long_ago = (datetime.now(UTC) - timedelta(hours=9)).strftime("%Y-%m-%d %H:%M:%S.%f")
+    with console.database() as db:
+        # This session only, the newest: the others belong to the other tests.
+        db.execute(
+            "UPDATE console_sessions SET created_at = ? "
+            "WHERE created_at = (SELECT max(created_at) FROM console_sessions)",
+            (long_ago,),
+        )
+    refused = session.get(console.url("/audit"), timeout=10, allow_redirects=False)
+    assert refused.status_code == 302 and "/console/signin" in refused.headers["Location"]
+
+
 def test_revoking_the_token_ends_its_console_sessions(console: Console) -> None:
     admin = console.server.session()
     created = admin.post(
