@@ -293,3 +293,27 @@ def test_a_webhook_host_name_is_sent_in_its_idna_form() -> None:
     assert check_webhook_url("https://bücher.example/hook", False)[1] == "xn--bcher-kva.example"
     with pytest.raises(ValueError, match="neither an IP address nor a host name"):
         check_webhook_url("https://hooks!.example/", False)
+
+
+def test_a_redirect_is_a_failed_attempt_and_is_never_followed() -> None:
+    """A receiver answering 302 to another address: the attempt fails on the 3xx,
+    and nothing goes to where it points."""
+    followed = _RawReceiver(
+        "127.0.0.1", lambda peer: peer.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    )
+
+    def redirect(peer: socket.socket) -> None:
+        peer.sendall(
+            f"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{followed.port}/\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+
+    receiver = _RawReceiver("127.0.0.1", redirect)
+    target = WebhookTarget(f"http://127.0.0.1:{receiver.port}/", secret_value=b"k")
+    try:
+        with pytest.raises(WebhookError, match="302"):
+            post_webhook(target, b"{}", "event-1")
+    finally:
+        receiver.close()
+    assert followed.request == b""  # never connected to
+    followed.listener.close()
