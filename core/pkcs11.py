@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import json
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pkcs11
 from cryptography import x509
@@ -49,6 +50,40 @@ from pkigate.core.signing import CAPublicKey, HashAlgorithm, verify
 LABEL_MAX = 64
 
 _T = TypeVar("_T")
+
+
+def _openssl_error_queue_clearer() -> Callable[[], None]:
+    """``ERR_clear_error`` of the libcrypto that Python's ``ssl`` module uses.
+
+    A PKCS#11 module built on OpenSSL may leave errors on the calling thread's OpenSSL
+    error queue: SoftHSM2's C_Initialize leaves "DSO: could not load the shared library"
+    there (it looks for the rdrand and gost engines, which OpenSSL 3 lacks). OpenSSL's
+    SSL_get_error answers SSL_ERROR_SSL while any error is queued, so the next TLS read
+    on that thread that would merely block (every read in a gevent worker is
+    non-blocking) raised that stale error as an SSLError on an unrelated connection, and
+    the request was lost. Neither ``ssl`` nor python-pkcs11 exposes the queue, hence
+    ctypes. (cryptography links its own OpenSSL, whose queue is not this one.)"""
+    import _ssl
+
+    try:
+        library = ctypes.CDLL(getattr(_ssl, "__file__", None))  # None: _ssl is built in
+        clear = library.ERR_clear_error
+    except (OSError, AttributeError):  # no OpenSSL symbols to reach: nothing to clear
+        return lambda: None
+    clear.restype, clear.argtypes = None, []
+    return cast(Callable[[], None], clear)
+
+
+_forget_openssl_errors = _openssl_error_queue_clearer()
+
+
+def _then_forget_openssl_errors(call: Callable[[], _T]) -> _T:
+    """``call()`` (PKCS#11 calls), then the calling thread's OpenSSL error queue cleared."""
+    try:
+        return call()
+    finally:
+        _forget_openssl_errors()
+
 
 _CURVE_OIDS = {
     KeyAlgorithm.EC_prime256v1: "secp256r1",
@@ -221,13 +256,15 @@ class Pkcs11Backend:
                 if self._session is None:
                     reinitialize = self._lost or attempt == 2
                     self._lost = True  # until this open succeeds
-                    self._session = self._open(reinitialize)
+                    self._session = _then_forget_openssl_errors(partial(self._open, reinitialize))
                     self._lost = False
                     self._keys = {}
                 try:
                     # Under the lock (one operation at a time on the session), in a thread
                     # of its own in a gevent worker (core/blocking.py).
-                    return run_blocking(partial(operation, self._session))
+                    return run_blocking(
+                        partial(_then_forget_openssl_errors, partial(operation, self._session))
+                    )
                 except _RECONNECT_AFTER as exc:
                     self._session = None
                     self._lost = True
@@ -261,7 +298,7 @@ class Pkcs11Backend:
         with self._lock:
             if self._session is not None:
                 with contextlib.suppress(p11.PKCS11Error):  # a token gone: nothing to close
-                    self._session.close()
+                    _then_forget_openssl_errors(self._session.close)
                 self._session = None
                 self._keys = {}
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from helpers import ACTOR, Clock, create_root, create_sub, make_csr
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from serving import PKIGATE, RunningServer, start_server
-from softhsm import SoftHsm, private_key_objects
+from softhsm import MODULE, PIN_ENV, SoftHsm, private_key_objects
 from sqlalchemy import select
 from test_cli import Cli
 from test_ocsp import enable_ocsp, ocsp_request, signed_by_responder
@@ -698,6 +699,79 @@ def test_a_forked_process_opens_its_own_session_and_signs(hsm_core: Core) -> Non
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     issue_leaf(hsm_core, root, "parent-after.example.test")
+
+
+_TLS_AFTER_OPENING = """
+import datetime, ssl, sys, tempfile
+from pathlib import Path
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pkigate.core.pkcs11 import Pkcs11Backend
+from pkigate.core.pkcs11_settings import Pkcs11Settings
+
+key = ec.generate_private_key(ec.SECP256R1())
+name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tls.example.test")])
+now = datetime.datetime.now(datetime.UTC)
+certificate = (
+    x509.CertificateBuilder().subject_name(name).issuer_name(name)
+    .public_key(key.public_key()).serial_number(1)
+    .not_valid_before(now).not_valid_after(now + datetime.timedelta(hours=1))
+    .sign(key, hashes.SHA256())
+)
+pem = Path(tempfile.mkdtemp()) / "server.pem"
+pem.write_bytes(
+    certificate.public_bytes(serialization.Encoding.PEM)
+    + key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+)
+server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+server_context.load_cert_chain(pem)
+client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+client_context.load_verify_locations(pem)
+wires = [ssl.MemoryBIO() for _ in range(4)]  # client in, client out, server in, server out
+client = client_context.wrap_bio(wires[0], wires[1], server_hostname="tls.example.test")
+server = server_context.wrap_bio(wires[2], wires[3], server_side=True)
+for _ in range(10):  # a TLS connection, established in memory
+    for end in (client, server):
+        try:
+            end.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+    wires[2].write(wires[1].read())
+    wires[0].write(wires[3].read())
+server.write(b"first")
+wires[0].write(wires[3].read())
+assert client.read(5) == b"first"
+
+backend = Pkcs11Backend(Pkcs11Settings(Path(sys.argv[1]), sys.argv[2], pin_env=sys.argv[3]))
+backend.check()  # initialises the library and logs in, on this thread
+try:
+    client.read(5)  # nothing has come yet
+except ssl.SSLWantReadError:
+    print("would block")
+"""
+
+
+def test_opening_the_token_leaves_no_openssl_error_for_the_next_tls_read(
+    softhsm: SoftHsm,
+) -> None:
+    """SoftHSM leaves errors on the initialising thread's OpenSSL error queue, and a TLS
+    read on that thread that would block then raised them as an SSLError (in a gevent
+    worker every read is such a read: CI lost an ACME request that way). In a process
+    of its own, so that the library is initialised afresh on the test's thread."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _TLS_AFTER_OPENING, str(MODULE), softhsm.token_label, PIN_ENV],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "would block"
 
 
 @pytest.mark.parametrize(
