@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import multiprocessing
 import os
 import selectors
 import socket
@@ -192,6 +193,58 @@ class SlowLoris:
         self._thread.join()
         for sock in list(self.sockets):
             self._close(sock)
+
+
+def _attack(port: int, count: int, cafile: str | None, control: Any) -> None:
+    """A SlowLoris process's body: fill, say so, hold until told to stop, then report."""
+    tls = None
+    if cafile is not None:
+        tls = ssl.create_default_context(cafile=cafile)
+        tls.check_hostname = False
+    with SlowLoris(port, count, tls) as loris:
+        control.send(len(loris.sockets))
+        control.recv()
+        control.send(
+            {
+                "held": len(loris.sockets),
+                "closed_by_server": loris.closed_by_server,
+                "connect_failures": loris.connect_failures,
+            }
+        )
+
+
+class SlowLorisProcess:
+    """One listener's attacker in a process of its own. In the benchmark's process its loop
+    over K sockets and its TLS reconnects held the GIL that the measured clients wait for,
+    so their latencies counted the attacker's work as the server's (a real attacker runs
+    elsewhere; here it still takes the machine's CPU, as it would take the server's)."""
+
+    def __init__(self, port: int, count: int, cafile: Path | None) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._control, child = context.Pipe()
+        self._process = context.Process(
+            target=_attack,
+            args=(port, count, None if cafile is None else str(cafile), child),
+            name=f"slowloris-{port}",
+            daemon=True,
+        )
+        self.stats: dict[str, int] = {}
+
+    def __enter__(self) -> SlowLorisProcess:
+        self._process.start()
+        if not self._control.poll(FILL_SECONDS + 60):
+            self._process.kill()
+            raise RuntimeError("the slow-client process did not fill its connections")
+        self._control.recv()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._control.send("stop")
+        if self._control.poll(60):
+            self.stats = self._control.recv()
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
 
 
 # -- the normal clients ---------------------------------------------------------------------
@@ -362,18 +415,17 @@ def one_run(
     with server:
         assert server.process is not None
         prepared = prepare(server, 2000, keys)
-        tls = ssl.create_default_context(cafile=str(server.tls_bundle))
-        tls.check_hostname = False
         progress(f"K={slow}: opening {slow} slow connections on each listener")
-        with (
-            RssSampler(server.process.pid) as memory,
-            SlowLoris(server.http_port, slow, None) as http_loris,
-            SlowLoris(server.https_port, slow, tls) as https_loris,
-        ):
+        http_loris = SlowLorisProcess(server.http_port, slow, None)
+        https_loris = SlowLorisProcess(server.https_port, slow, server.tls_bundle)
+        with RssSampler(server.process.pid) as memory, http_loris, https_loris:
             progress(f"K={slow}: {args.clients} clients for {args.seconds:.0f} s")
             kinds = run_clients(server, prepared, args.clients, args.seconds)
-            held = (len(http_loris.sockets), len(https_loris.sockets))
-            closed = (http_loris.closed_by_server, https_loris.closed_by_server)
+        held = (http_loris.stats.get("held", -1), https_loris.stats.get("held", -1))
+        closed = (
+            http_loris.stats.get("closed_by_server", -1),
+            https_loris.stats.get("closed_by_server", -1),
+        )
     rows = {}
     for kind in kinds.values():
         rows[kind.name] = {
