@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -324,6 +325,27 @@ def test_rsa_modulus_with_close_primes_is_refused() -> None:
     key = rsa.RSAPublicNumbers(65537, p * q).public_key()
     with pytest.raises(WeakKeyError, match="Fermat"):
         check_public_key(key)
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 2, 37, 98, 99, 100, 101, 150, 5000])
+def test_the_fermat_check_refuses_the_moduli_its_rounds_factor_and_no_others(rounds: int) -> None:
+    """n = a^2 - d^2 with a chosen so that Fermat's method, starting at ceil(sqrt(n)),
+    reaches a after about ``rounds`` steps: refused exactly when that is within the
+    check's rounds (the check skips most rounds by their residues; none may be skipped
+    wrongly)."""
+    from pkigate.core.policy import _FERMAT_ROUNDS, _check_fermat
+
+    a = (1 << 1024) + 12345
+    d = math.isqrt(2 * a * rounds) + (rounds % 7)  # some d with about that many steps
+    n = a * a - d * d
+    start = math.isqrt(n) + (0 if math.isqrt(n) ** 2 == n else 1)
+    steps = a - start  # the round at which a^2 - n is the square d^2
+    assert abs(steps - rounds) <= 1
+    if steps < _FERMAT_ROUNDS:
+        with pytest.raises(WeakKeyError, match="Fermat"):
+            _check_fermat(n)
+    else:
+        _check_fermat(n)
 
 
 def test_rsa_modulus_with_a_small_factor_is_refused() -> None:
