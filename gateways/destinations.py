@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -97,6 +97,9 @@ class NotificationDestinations:
         # name -> ((version, updated_at), destination): this process's copy of the store's.
         self._cache: dict[str, tuple[tuple[int, datetime], Destination]] = {}
         self._lock = threading.Lock()
+        #: Called after this process made a destination (the DestinationWatch of a process
+        #: that runs no notifier yet starts one at once).
+        self.on_create: list[Callable[[], None]] = []
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -209,6 +212,8 @@ class NotificationDestinations:
             except IntegrityError:  # made at the same moment by another process
                 raise ConflictError(f"a notification named {name!r} exists") from None
         self._core.jobs.notify()
+        for listener in self.on_create:
+            listener()
         return self.get(name)
 
     def update(self, name: str, body: Mapping[str, Any], actor: Actor) -> dict[str, Any]:

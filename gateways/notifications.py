@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 from pkigate.acme.validation import may_connect
 from pkigate.core import Core
 from pkigate.core.events import Event, EventType
-from pkigate.core.jobs import JobHandler, JobQueue
+from pkigate.core.jobs import JobHandler
 from pkigate.core.store import events as events_sql
 from pkigate.gateways.mail import EmailTarget, send_email
 
@@ -442,19 +442,19 @@ class DestinationWatch:
     twice a second, in every worker, for jobs that never come. Instead this one thread
     (``pkigate-notifications-watch``) asks the store every ``interval`` seconds, in one
     small read, whether a destination exists, made by this process, another worker or
-    another host; sooner when this process queues a job (an API creation does, after its
-    commit). Once one exists it starts the runner and ends."""
+    another host; at once when this process makes one (:meth:`wake`, which
+    NotificationDestinations calls after its commit). Once one exists it starts the
+    runner and ends. It does not listen to the job queue: every ACME validation and CRL
+    job queued would cost it a look."""
 
     def __init__(
         self,
         exists: Callable[[], bool],
         start_runner: Callable[[], None],
-        queue: JobQueue,
         interval: float,
     ) -> None:
         self._exists = exists
         self._start_runner = start_runner
-        self._queue = queue
         self._interval = interval
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -462,8 +462,11 @@ class DestinationWatch:
         #: How many times the store was asked (what a test of an idle process counts).
         self.looks = 0
 
+    def wake(self) -> None:
+        """Look now: this process has just made a destination."""
+        self._wake.set()
+
     def start(self) -> None:
-        self._queue.subscribe(self._wake.set)
         self._thread = threading.Thread(target=self._watch, name=WATCH_THREAD, daemon=True)
         self._thread.start()
 
@@ -475,22 +478,19 @@ class DestinationWatch:
 
     def _watch(self) -> None:
         failing = False  # an unreachable store is said once per outage
-        try:
-            while not self._stopping.is_set():
-                try:
-                    self.looks += 1
-                    if self._exists():
-                        self._start_runner()
-                        return
-                    failing = False
-                except Exception as exc:
-                    if not failing:
-                        log.warning("cannot look for notification destinations: %s", exc)
-                    failing = True
-                if self._wake.wait(self._interval):
-                    self._wake.clear()
-        finally:
-            self._queue.unsubscribe(self._wake.set)
+        while not self._stopping.is_set():
+            try:
+                self.looks += 1
+                if self._exists():
+                    self._start_runner()
+                    return
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    log.warning("cannot look for notification destinations: %s", exc)
+                failing = True
+            if self._wake.wait(self._interval):
+                self._wake.clear()
 
 
 def send_test(destination: Destination) -> Event:

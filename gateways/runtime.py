@@ -402,9 +402,9 @@ class Gateway:
             self.destination_watch = DestinationWatch(
                 self.destinations.any_exist,
                 self._start_notifier,
-                self.core.jobs,
                 float(self.config.notifications_poll_seconds),
             )
+            self.destinations.on_create.append(self.destination_watch.wake)
             self.destination_watch.start()
         try:
             self.core.jobs.enqueue(MAINTENANCE_JOB, {}, dedupe_key=MAINTENANCE_JOB)

@@ -13,7 +13,7 @@ from webhook_receiver import SECRET, Receiver
 
 from pkigate.core import Actor, IssuanceRequest, Requester, Validity
 from pkigate.gateways.config import parse_config
-from pkigate.gateways.notifications import WATCH_THREAD
+from pkigate.gateways.notifications import WATCH_THREAD, DestinationWatch
 from pkigate.gateways.runtime import Gateway
 
 RUNNER_THREAD = "pkigate-notifications-0"  # the notifier's runner, job_threads = 1
@@ -80,3 +80,46 @@ subject = "CN=Idle Notifications Root"
             worker.close()
         receiver.close()
     assert _threads(RUNNER_THREAD) == 0 and _threads(WATCH_THREAD) == 0
+
+
+def test_the_watch_looks_when_this_process_makes_a_destination_not_when_jobs_are_queued(
+    tmp_path: Path,
+) -> None:
+    """Woken by a creation in its own process, the watch starts the notifier at once (its
+    timed look is an hour away here); the jobs this process queues (a CRL, an ACME
+    validation) do not make it look."""
+    answers = iter([False, True])
+    started = threading.Event()
+    watch = DestinationWatch(lambda: next(answers), started.set, interval=3600.0)
+    watch.start()
+    try:
+        wait_for(lambda: watch.looks == 1)
+        watch.wake()
+        assert started.wait(30)
+        assert watch.looks == 2
+    finally:
+        watch.stop()
+
+    text = f"""
+data_dir = "{tmp_path / "data"}"
+notifications_poll_seconds = 3600
+connectors = []
+[[cas]]
+name = "root"
+type = "ROOT"
+subject = "CN=Watch Root"
+"""
+    gateway = Gateway.open(parse_config(text), bootstrap=True)
+    try:
+        gateway.start_background_work()
+        assert gateway.destination_watch is not None
+        wait_for(lambda: gateway.destination_watch.looks == 1)
+        ca_id = gateway.ca_ids["root"]
+        revocation = gateway.core.revocation
+        before = revocation.latest_crl(ca_id)
+        revocation.schedule_crl(ca_id, 0, gateway.core.clock())
+        gateway.core.jobs.notify()
+        wait_for(lambda: revocation.latest_crl(ca_id) != before, timeout=30)
+        assert gateway.destination_watch.looks == 1
+    finally:
+        gateway.close()
