@@ -10,8 +10,8 @@ each) for S seconds, cycling through the certificates' requests:
 
 and prints responses/s, latency percentiles, server CPU per response, and the peak RSS of
 the server's processes. For scale, in the same run: ``cryptography``'s raw OCSP
-build+sign rate with the same responder key (the signing limit), the same gunicorn
-configuration serving a constant body (the HTTP stack's limit), and two peers that sign
+build+sign rate with the same responder key (the signing limit), stock gunicorn
+serving a constant body (a plain Python HTTP server's rate), and two peers that sign
 every response: OpenSSL's own OCSP responder (``openssl ocsp -index ... -multi W``) over
 the same certificates, and OpenBao's (``/v1/pki/ocsp``, see ``bench/_peers.py``) over as
 many certificates its PKI engine issued, every fourth revoked, asked by the same clients.
