@@ -26,6 +26,7 @@ from pkigate.core.access import (
     CAFacts,
     Decision,
     Policy,
+    PolicyDocumentError,
     PrincipalFacts,
     RequestFacts,
     decide,
@@ -225,6 +226,7 @@ class AccessControl:
                             f"the policy of CA {ca_id} is at version {record.policy_version}, "
                             f"not {replaces}: read it again and resend"
                         )
+                    self._require_named_teams(conn, policy)
                     version = replaces + 1
                     self._store.insert_ca_policy(
                         conn,
@@ -249,6 +251,16 @@ class AccessControl:
                     f"the policy of CA {ca_id} changed while this was written; read it again"
                 ) from None
         return self.current_policy(ca_id)
+
+    def _require_named_teams(self, conn: Connection, policy: Policy) -> None:
+        """Every team the policy names exists now: a statement for a name no team holds
+        would grant nothing today (a typo the owner never hears of) and everything to
+        whoever later creates a team of that name."""
+        for index, statement in enumerate(policy.statements):
+            if statement.team is not None and self._store.get_team(conn, statement.team) is None:
+                raise PolicyDocumentError(
+                    f"policy statements[{index}].principal.team: no team named {statement.team}"
+                )
 
     # -- decisions -----------------------------------------------------------------------
 

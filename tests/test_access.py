@@ -627,6 +627,27 @@ def test_bad_policy_documents_are_400_naming_the_path(
         assert raw.status_code == 400, raw.get_data(as_text=True)
 
 
+def test_a_policy_naming_a_team_that_does_not_exist_is_refused(
+    teams: tuple[Service, dict[str, str]],
+) -> None:
+    """Such a statement would grant nothing now and everything to whoever later creates a
+    team of that name: refused (400, the failing path), the policy left as it was."""
+    service, _ = teams
+    ca = _make_ca(service, "CN=A shared with a typo")
+    document = {
+        "statements": [
+            {"id": "b", "principal": {"team": "b"}, "actions": ["read"]},
+            {"id": "typo", "principal": {"team": "bb"}, "actions": ["issue"]},
+        ]
+    }
+    refused = _put_policy(service, ca, "a-admin", document, 0, 400).get_json()["error"]
+    assert refused["code"] == "badPolicy"
+    assert refused["message"] == "policy statements[1].principal.team: no team named bb"
+    assert service.gw.core.access.current_policy(ca).version == 0
+    service.call("POST", "/teams", "admin", json={"name": "bb"}, expect=201)
+    _put_policy(service, ca, "a-admin", document, 0, 200)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(document=_JSON)
 def test_fuzzed_documents_through_the_api_are_400_with_a_path_never_500(
