@@ -43,6 +43,7 @@ __all__ = [
     "JobRunner",
     "JobStatus",
     "LeaseLostError",
+    "RetryLater",
     "RunCounts",
     "retry_delay",
 ]
@@ -68,6 +69,13 @@ JobHandler = Callable[[dict[str, Any]], None]
 def retry_delay(attempts: int) -> timedelta:
     """How long a job waits after its ``attempts``-th failed attempt: 2, 4, 8 s ... 5 min."""
     return min(timedelta(seconds=2 ** min(attempts, 16)), MAX_RETRY_DELAY)
+
+
+class RetryLater(Exception):
+    """An attempt that failed in a way its handler expects and has logged already (a
+    webhook receiver that is down): the job is retried with backoff like any failure, but
+    the runner adds no error line and no traceback of its own, as the failure is logged
+    once, by the handler that knows what it means."""
 
 
 class LeaseLostError(InvalidStateError):
@@ -511,13 +519,14 @@ class JobRunner:
         try:
             handler(dict(job.payload))
         except Exception as exc:
-            logger.exception(
-                "job %d (%s) failed on attempt %d of %d",
-                job.id,
-                job.kind,
-                job.attempts,
-                job.max_attempts,
-            )
+            if not isinstance(exc, RetryLater):
+                logger.exception(
+                    "job %d (%s) failed on attempt %d of %d",
+                    job.id,
+                    job.kind,
+                    job.attempts,
+                    job.max_attempts,
+                )
             try:
                 status = self.queue.fail(job.id, worker_id, f"{type(exc).__name__}: {exc}")
             except LeaseLostError:

@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 from pkigate.acme.validation import may_connect
 from pkigate.core import Core
 from pkigate.core.events import Event, EventType
-from pkigate.core.jobs import JobHandler
+from pkigate.core.jobs import JobHandler, RetryLater
 from pkigate.core.store import events as events_sql
 from pkigate.gateways.mail import EmailTarget, send_email
 
@@ -422,7 +422,7 @@ class Notifier:
                 message,
             )
             if not dead:
-                raise WebhookError(message) from None  # the job queue retries with backoff
+                raise RetryLater(message) from None  # logged above; retried with backoff
             return
         with self.core.store.write() as conn:
             events_sql.settle_delivery(

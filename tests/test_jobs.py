@@ -25,6 +25,7 @@ from pkigate.core.jobs import (
     JobRunner,
     JobStatus,
     LeaseLostError,
+    RetryLater,
     RunCounts,
     retry_delay,
 )
@@ -569,6 +570,31 @@ def test_handler_exception_is_logged_with_the_job_id_and_the_thread_carries_on(
     assert record.last_error == "ValueError: malformed webhook answer"
     assert f"job {bad} (explode) failed on attempt 1 of 1" in caplog.text
     assert "malformed webhook answer" in caplog.text
+
+
+def test_a_retry_the_handler_has_logged_is_retried_without_a_line_of_the_runners(
+    sqlite_core: Core, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A webhook receiver that is down: the handler logs the failure once, in its terms;
+    the runner records it and retries with backoff, adding no error line or traceback."""
+    queue = JobQueue(sqlite_core.store, clock)
+    attempts: list[int] = []
+
+    def receiver_down(payload: dict[str, Any]) -> None:
+        attempts.append(1)
+        raise RetryLater("receiver answered HTTP 503")
+
+    caplog.set_level(logging.DEBUG, logger="pkigate.core.jobs")
+    with JobRunner(queue, {"deliver": receiver_down}, poll_interval=0.01):
+        job = queue.enqueue("deliver", {}, max_attempts=2)
+        _wait_until(lambda: _record(queue, job).last_error is not None, "the attempt failed")
+
+    record = _record(queue, job)
+    assert record.status is JobStatus.PENDING  # to be retried after its backoff
+    assert record.last_error == "RetryLater: receiver answered HTTP 503"
+    assert attempts == [1]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "Traceback" not in caplog.text
 
 
 def test_stop_returns_promptly_even_with_a_long_poll_interval(
