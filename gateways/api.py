@@ -232,7 +232,7 @@ def _check_leaf(name: str, schema: Mapping[str, Any], value: Any) -> None:
     if isinstance(value, int) and not isinstance(value, bool):
         low, high = schema.get("minimum"), schema.get("maximum")
         if (low is not None and value < low) or (high is not None and value > high):
-            raise BadRequestError(f"field {name!r} must be from {low} to {high}, not {value}")
+            raise BadRequestError(f"field {name!r} must be {_bounds(low, high)}, not {value}")
     if isinstance(value, str):
         if "maxLength" in schema and len(value) > schema["maxLength"]:
             raise BadRequestError(f"field {name!r} is over {schema['maxLength']} characters")
@@ -251,6 +251,15 @@ def _check_leaf(name: str, schema: Mapping[str, Any], value: Any) -> None:
                 if not isinstance(item, str):
                     raise BadRequestError(f"field {name}[{index}] must be a string")
                 _check_leaf(f"{name}[{index}]", items, item)
+
+
+def _bounds(low: int | None, high: int | None) -> str:
+    """A number's declared range in words (a field may declare one end only)."""
+    if high is None:
+        return f"at least {low}"
+    if low is None:
+        return f"at most {high}"
+    return f"from {low} to {high}"
 
 
 def parse_query(params: tuple[Param, ...]) -> dict[str, Any]:
@@ -301,7 +310,7 @@ def _query_scalar(name: str, schema: Mapping[str, Any], text: str) -> Any:
             or (high is not None and number > high)
         ):
             raise BadRequestError(
-                f"query parameter {name!r} must be an integer from {low} to {high}, not {text!r}"
+                f"query parameter {name!r} must be an integer {_bounds(low, high)}, not {text!r}"
             )
         return number
     if kind == "boolean":

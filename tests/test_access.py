@@ -627,6 +627,15 @@ def test_bad_policy_documents_are_400_naming_the_path(
         assert raw.status_code == 400, raw.get_data(as_text=True)
 
 
+def test_a_negative_policy_version_to_replace_is_refused_in_words(
+    teams: tuple[Service, dict[str, str]],
+) -> None:
+    """``replaces`` declares a minimum only: the 400 says so (it said "from 0 to None")."""
+    service, _ = teams
+    refused = _put_policy(service, service.issuing_id, "admin", {"statements": []}, -1, 400)
+    assert refused.get_json()["error"]["message"] == "field 'replaces' must be at least 0, not -1"
+
+
 def test_a_policy_naming_a_team_that_does_not_exist_is_refused(
     teams: tuple[Service, dict[str, str]],
 ) -> None:
