@@ -351,6 +351,10 @@ def make_worker_class() -> type[Any]:
                 req.must_close = True
                 req.pkigate_unread_body = True
                 req.body = io.BytesIO(b"")
+                # No "100 Continue" either (RFC 9110 10.1.1: a server that refuses from
+                # the headers answers at once): the client would send the body it waits
+                # to be invited to send, only for it to be refused unread.
+                req._expected_100_continue = False
                 return None
             if req._expected_100_continue:
                 # The client waits for this before it sends the body (gunicorn would send

@@ -515,6 +515,24 @@ def test_a_large_upload_over_the_limit_gets_its_413_not_a_reset(server: RunningS
     assert "connection: close" in _headers(answer)
 
 
+def test_an_oversized_body_announced_with_expect_100_continue_is_refused_uninvited(
+    server: RunningServer,
+) -> None:
+    """The 413 comes at once from the headers, with no "100 Continue" first: that would
+    invite the client to send the body only for it to be refused unread."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-pki-message\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 4194304\r\n\r\n"
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"100 Continue" not in answer
+
+
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
     with contextlib.suppress(OSError):  # the server stops reading after its answer
         sock.sendall(data)
