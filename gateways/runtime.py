@@ -64,6 +64,22 @@ def tls_dir(core: Core) -> Path:
     return core.data_dir / "tls"
 
 
+def _own_tls_certificate(cert_path: Path, key_path: Path) -> x509.Certificate:
+    """The HTTPS listener's own certificate, if it and the key file make a pair; else
+    ValueError saying why (one missing, unreadable, or not each other's)."""
+    for path in (cert_path, key_path):
+        if not path.exists():
+            raise ValueError(f"{path} is missing")
+    try:
+        certificate = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    except ValueError as exc:
+        raise ValueError(f"{cert_path} or {key_path} cannot be read ({exc})") from None
+    if key.public_key() != certificate.public_key():
+        raise ValueError(f"{key_path} is not the key of {cert_path}")
+    return certificate
+
+
 @dataclass
 class Gateway:
     config: GatewayConfig
@@ -293,11 +309,16 @@ class Gateway:
         directory = tls_dir(self.core)
         directory.mkdir(mode=0o700, exist_ok=True)
         cert_path, key_path = directory / "server.pem", directory / "server.key"
-        if cert_path.exists() and key_path.exists():
-            current = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
-            remaining = current.not_valid_after_utc - self.core.clock()
-            if remaining.days > 30:
-                return cert_path, key_path
+        if cert_path.exists() or key_path.exists():
+            try:
+                current = _own_tls_certificate(cert_path, key_path)
+            except ValueError as exc:
+                # A lost file, or a start killed between the two writes below: no worker
+                # could load the pair (each died at start, again and again); a new one.
+                log.warning("%s: a new TLS key and certificate are made", exc)
+            else:
+                if (current.not_valid_after_utc - self.core.clock()).days > 30:
+                    return cert_path, key_path
         host = listeners.https.rpartition(":")[0]
         names: list[x509.GeneralName] = [x509.DNSName("localhost")]
         try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,10 +16,14 @@ from pathlib import Path
 import pytest
 import requests
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from helpers import fresh_postgres_database, make_csr
 from serving import PKIGATE, RunningServer, child_pids, eventually_ok, start_server
 
 from pkigate.core import Core
+from pkigate.gateways.config import parse_config
+from pkigate.gateways.runtime import Gateway
 
 
 @pytest.fixture
@@ -61,6 +67,41 @@ def test_default_serve_prints_urls_publishes_ca_certificates_and_restarts_cleanl
         assert "first admin token" in again.log.read_text()
     finally:
         again.stop()
+
+
+@pytest.mark.parametrize("fault", ["key of another certificate", "key lost"])
+def test_a_tls_pair_that_no_longer_fits_is_replaced_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fault: str
+) -> None:
+    """A start killed between the writes of the HTTPS listener's own key and certificate,
+    or a lost key file: the next start makes a new pair and says so. The pair was used as
+    it was: every worker died loading it ("key values mismatch"), at every start."""
+    gateway = Gateway.open(
+        parse_config(f"data_dir = '{tmp_path / 'data'}'\n[listeners]\nhttps = '127.0.0.1:8443'\n"),
+        bootstrap=True,
+    )
+    try:
+        certificate, key = gateway.ensure_tls_certificate()
+        if fault == "key lost":
+            key.unlink()
+        else:
+            other = ec.generate_private_key(ec.SECP256R1())
+            key.write_bytes(
+                other.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        caplog.set_level(logging.WARNING, logger="pkigate.gateway")
+        assert gateway.ensure_tls_certificate() == (certificate, key)
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certificate, key)
+        assert "a new TLS key and certificate are made" in caplog.text
+        caplog.clear()
+        gateway.ensure_tls_certificate()  # a good pair is kept, without a word
+        assert caplog.text == ""
+    finally:
+        gateway.close()
 
 
 def test_the_listeners_open_no_gunicorn_control_socket_and_log_no_error(
