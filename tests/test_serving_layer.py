@@ -461,12 +461,13 @@ def _loaded_in_a_new_process(steps: str, packages: set[str]) -> list[str]:
     return list(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
 
 
-def test_a_worker_without_a_token_or_webhook_loads_no_pkcs11_no_requests_and_no_plotting(
+def test_a_worker_without_a_token_or_webhook_loads_no_pkcs11_no_requests_no_plotting_and_no_linter(
     tmp_path: Path,
 ) -> None:
     """What the arbiter preloads and a worker opens, in the embedded default: neither the
     PKCS#11 binding (only a configured token needs it), nor requests (only a SCEP
-    validation webhook does), nor the simulator's plotting."""
+    validation webhook does), nor the simulator's plotting, nor the certificate linter and
+    path validator the tests and the simulator use."""
     steps = (
         "from pkigate.gateways.server import preload_worker_modules\n"
         "from pkigate.gateways.config import parse_config\n"
@@ -476,6 +477,7 @@ def test_a_worker_without_a_token_or_webhook_loads_no_pkcs11_no_requests_and_no_
         "Gateway.open(config, bootstrap=True).close()"
     )
     heavy = {"pkcs11", "requests", "urllib3", "matplotlib", "numpy", "PIL"}
+    heavy |= {"pkilint", "pyhanko", "pyhanko_certvalidator", "selenium"}
     assert _loaded_in_a_new_process(steps, heavy) == ["pkigate.core"]
 
 
