@@ -55,6 +55,7 @@ SYSTEM = Actor("system:gateway", "gateway")
 MAINTENANCE_JOB = "gateway:maintenance"
 MAINTENANCE_INTERVAL = timedelta(hours=1)
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name, not a secret
+FIRST_TOKEN_NAME = "first-admin"  # noqa: S105 - a name, not a secret
 
 
 CLIENT_CA_FILE = "client-cas.pem"
@@ -280,14 +281,38 @@ class Gateway:
         each hold one of those powers with the CLI on the CA host."""
         path = self.core.data_dir / ADMIN_TOKEN_FILE
         if self.tokens.has_tokens():
-            return path if path.exists() else None
+            if path.exists():
+                return path
+            self._warn_unwritten_first_token(path)
+            return None
         separated = separation_violations((Role.ADMIN,), self.config.token_policy.separated)
         first = Role.TOKEN_ADMIN if separated else Role.ADMIN
-        issued = self.tokens.create("first-admin", first, SYSTEM)
+        issued = self.tokens.create(FIRST_TOKEN_NAME, first, SYSTEM)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(issued.secret + "\n")
         return path
+
+    def _warn_unwritten_first_token(self, path: Path) -> None:
+        """The first token is stored before its secret is written to ``path``: a first
+        start killed between the two leaves a token whose secret nobody has. Its file gone
+        and the token never used, that may be what happened, so the log says it once per
+        start (nothing is revoked: an operator may have moved the file on purpose)."""
+        for token in self.tokens.list():
+            if (
+                token.name == FIRST_TOKEN_NAME
+                and token.created_by == SYSTEM.principal
+                and token.revoked_at is None
+                and token.last_used_at is None
+            ):
+                log.warning(
+                    "the first admin token %s was never used and %s is gone: if its secret "
+                    "was lost (a first start stopped before writing it), revoke it and make "
+                    "another on this host (pkigate token revoke %s; pkigate token create)",
+                    token.id,
+                    path,
+                    token.id,
+                )
 
     def warn_separated_tokens(self) -> None:
         """One warning naming the tokens that hold roles separation_of_duties keeps apart

@@ -104,6 +104,32 @@ def test_a_tls_pair_that_no_longer_fits_is_replaced_with_a_warning(
         gateway.close()
 
 
+def test_a_first_admin_token_whose_file_is_gone_unused_is_named_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first start killed after storing its admin token but before writing the file
+    leaves a token whose secret nobody has: later starts say so (they said nothing, and
+    made no other token)."""
+    gateway = Gateway.open(
+        parse_config(f"data_dir = '{tmp_path / 'data'}'\n[listeners]\nhttps = '127.0.0.1:8443'\n"),
+        bootstrap=True,
+    )
+    try:
+        path = gateway.ensure_admin_token()
+        assert path is not None
+        caplog.set_level(logging.WARNING, logger="pkigate.gateway")
+        assert gateway.ensure_admin_token() == path
+        assert caplog.text == ""  # the file is there: nothing to say
+        path.unlink()
+        assert gateway.ensure_admin_token() is None
+        (token,) = gateway.tokens.list()
+        assert f"the first admin token {token.id} was never used and {path} is gone" in (
+            caplog.text
+        )
+    finally:
+        gateway.close()
+
+
 def test_the_listeners_open_no_gunicorn_control_socket_and_log_no_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
