@@ -295,7 +295,7 @@ def parse_pki_message(
         signer_info = only_signer(signed_data)
         attributes = signed_attributes(signer_info)
     except CmsError as exc:
-        raise UnreadableMessage(f"not a SCEP pkiMessage: {exc}") from exc
+        raise UnreadableMessage(str(exc)) from exc  # the HTTP answer says what it is not
     reply_to = _reply_address(attributes)
     with _as_scep_error(reply_to):
         reply_to = replace(reply_to, digest_algorithm=digest_algorithm_of(signer_info))

@@ -380,6 +380,8 @@ def test_garbage_and_truncated_cms_are_a_400(env: Env) -> None:
     for bad in (b"garbage", body[: len(body) // 2], b""):
         response = post(env.client, bad)
         assert response.status_code == 400, response.text
+        # Said once: the answer read "not a SCEP pkiMessage: not a SCEP pkiMessage: ...".
+        assert response.text.count("not a SCEP pkiMessage") == 1, response.text
     response = env.client.get(f"{SCEP}?operation=PKIOperation&message=%%%")
     assert response.status_code == 400
 
