@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -126,22 +127,25 @@ class JobQueue:
     def __init__(self, store: Store, clock: Callable[[], datetime]) -> None:
         self.store = store
         self.clock = clock
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[tuple[Callable[[], None], frozenset[str] | None]] = []
 
-    def subscribe(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` on :meth:`notify` (a runner in this process waking up)."""
-        self._listeners.append(listener)
+    def subscribe(self, listener: Callable[[], None], kinds: Collection[str] | None = None) -> None:
+        """Call ``listener`` on :meth:`notify` (a runner in this process waking up): for
+        every notice, or only for notices of a job of ``kinds``."""
+        self._listeners.append((listener, None if kinds is None else frozenset(kinds)))
 
     def unsubscribe(self, listener: Callable[[], None]) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+        self._listeners = [entry for entry in self._listeners if entry[0] != listener]
 
-    def notify(self) -> None:
-        """Tell this process's runners that a job is due now (after the transaction that
-        queued it committed), so that they claim it without waiting out their poll
-        interval. Runners in other processes find it at their next poll."""
-        for listener in list(self._listeners):
-            listener()
+    def notify(self, kind: str | None = None) -> None:
+        """Tell this process's runners that a job (of ``kind``, or of any kind) is due now
+        (after the transaction that queued it committed), so that they claim it without
+        waiting out their poll interval. Runners in other processes find it at their next
+        poll. A kind wakes only the runners that do it: waking the others costs each a
+        read of the queue for nothing."""
+        for listener, kinds in list(self._listeners):
+            if kind is None or kinds is None or kind in kinds:
+                listener()
 
     @contextmanager
     def _transaction(self, conn: Connection | None) -> Iterator[Connection]:
@@ -222,12 +226,15 @@ class JobQueue:
         kinds: Collection[str],
         limit: int = 1,
         lease: timedelta = DEFAULT_LEASE,
+        *,
+        told_due: bool = False,
     ) -> list[Job]:
         """Lease up to ``limit`` due jobs of ``kinds`` to ``worker_id`` for ``lease``.
 
         Due: pending with ``run_at`` reached, or running under an expired lease (a crashed
         worker's job is retried). Each claim counts as an attempt. No job is ever leased to
-        two workers at once.
+        two workers at once. ``told_due``: this process just queued one (:meth:`notify`),
+        so the read that keeps idle polls off the write lock would only cost a read.
         """
         if len(worker_id) > MAX_WORKER_ID_CHARS:
             raise ValueError(f"a worker id is at most {MAX_WORKER_ID_CHARS} characters")
@@ -236,9 +243,10 @@ class JobQueue:
         now = self.clock()
         # Idle polls stay off the write lock: on SQLite a write transaction excludes every
         # other writer, issuance included, in every process sharing the file.
-        with self.store.read() as conn:
-            if not jobs_sql.has_due(conn, kinds, now):
-                return []
+        if not told_due:
+            with self.store.read() as conn:
+                if not jobs_sql.has_due(conn, kinds, now):
+                    return []
         with self.store.write() as conn:
             records = jobs_sql.claim_due(
                 conn,
@@ -278,6 +286,19 @@ class JobQueue:
             raise LeaseLostError(f"job {job_id} is no longer leased to {worker_id}")
         return job
 
+    def complete_running(self, conn: Connection) -> None:
+        """Record the job this thread's handler is running as done, in the handler's own
+        transaction ``conn``, which then holds both its work and its completion: one
+        commit where two would do the same. :class:`LeaseLostError` (rolling the
+        handler's work back) if another worker holds the job now. Outside a job (a
+        handler called directly) nothing is recorded."""
+        running = _RUNNING.get()
+        if running is None:
+            return
+        self._held(conn, running.job_id, running.worker_id)
+        jobs_sql.mark_done(conn, running.job_id, self.clock())
+        running.completed = True
+
     def get(self, job_id: int) -> JobRecord | None:
         with self.store.read() as conn:
             return jobs_sql.get_job(conn, job_id)
@@ -291,6 +312,19 @@ class JobQueue:
         """Delete jobs that finished (done or failed) more than ``older_than`` ago."""
         with self.store.write() as conn:
             return jobs_sql.purge_finished(conn, self.clock() - older_than)
+
+
+@dataclass
+class _Running:
+    """The job a thread's handler is running, and whether the handler recorded it done."""
+
+    job_id: int
+    worker_id: str
+    completed: bool = False
+
+
+# Per thread (per greenlet under gevent): each job runs in a thread of its own, or in turn.
+_RUNNING: ContextVar[_Running | None] = ContextVar("pkigate_running_job", default=None)
 
 
 class _Outcome(Enum):
@@ -367,6 +401,10 @@ class JobRunner:
         self.worker_prefix = _default_worker_prefix()
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
+        self._told_due = threading.Event()  # notify() woke the poller: a job is due
+        # The last claim filled every free slot, so more jobs may be due: a job that ends
+        # wakes the poller to claim again (otherwise polls and notices find new ones).
+        self._short_of_slots = False
         self._threads: list[threading.Thread] = []
         self._store_unavailable = threading.Event()  # said once in the log per outage
 
@@ -391,7 +429,7 @@ class JobRunner:
         if self.running:
             raise RuntimeError("the job runner is already running")
         self._stopping = threading.Event()
-        self.queue.subscribe(self._wakeup.set)
+        self.queue.subscribe(self._told, self.kinds)
         self._threads = [
             threading.Thread(
                 target=self._work,
@@ -408,7 +446,7 @@ class JobRunner:
         """Stop claiming and wait (up to ``timeout`` s) for jobs in progress to finish."""
         self._stopping.set()
         self._wakeup.set()
-        self.queue.unsubscribe(self._wakeup.set)
+        self.queue.unsubscribe(self._told)
         deadline = time.monotonic() + timeout
 
         def join(threads: list[threading.Thread]) -> None:
@@ -424,6 +462,10 @@ class JobRunner:
             running = list(self._running_jobs)
         join(running)
         self._threads = [thread for thread in self._threads if thread.is_alive()]
+
+    def _told(self) -> None:
+        self._told_due.set()
+        self._wakeup.set()
 
     def run_once(self, limit: int | None = None) -> RunCounts:
         """Run every job that is due now (at most ``limit``) in this thread; what happened.
@@ -447,11 +489,15 @@ class JobRunner:
 
     def _work(self, worker_id: str, stopping: threading.Event) -> None:
         while not stopping.is_set():
+            told_due = self._told_due.is_set()
+            self._told_due.clear()
             try:
                 if self.concurrency == 1:
-                    claimed = self.queue.claim(worker_id, self.kinds, 1, self.lease)
+                    claimed = self.queue.claim(
+                        worker_id, self.kinds, 1, self.lease, told_due=told_due
+                    )
                 else:
-                    claimed = self._claim_and_start(worker_id)
+                    claimed = self._claim_and_start(worker_id, told_due)
                 if self._store_unavailable.is_set():
                     self._store_unavailable.clear()
                     logger.warning("job worker %s: the store takes writes again", worker_id)
@@ -460,7 +506,9 @@ class JobRunner:
                     # it would leave it waiting for its lease to expire.
                     if self.concurrency == 1:
                         self._process(claimed[0], worker_id)
-                    continue
+                        continue
+                    if self._short_of_slots:
+                        continue  # more may be due: claim again while slots are free
             except StoreUnavailableError as exc:
                 # A full disk: nothing was claimed; try again after the poll interval.
                 if not self._store_unavailable.is_set():
@@ -473,14 +521,19 @@ class JobRunner:
             if self._wakeup.wait(self.poll_interval):
                 self._wakeup.clear()
 
-    def _claim_and_start(self, worker_id: str) -> list[Job]:
+    def _claim_and_start(self, worker_id: str, told_due: bool) -> list[Job]:
         """Claim as many jobs as there are free slots and start each in a thread of its
         own. One poller at a time: two that counted the same free slots would each fill
         them (``threads`` times ``concurrency`` jobs at once)."""
         with self._claiming:
             with self._running_lock:
                 free = self.concurrency - len(self._running_jobs)
-            claimed = self.queue.claim(worker_id, self.kinds, free, self.lease) if free else []
+            claimed = (
+                self.queue.claim(worker_id, self.kinds, free, self.lease, told_due=told_due)
+                if free
+                else []
+            )
+            self._short_of_slots = len(claimed) >= free
             for job in claimed:
                 self._start_job(job, worker_id)
         return claimed
@@ -512,12 +565,22 @@ class JobRunner:
         finally:
             with self._running_lock:
                 self._running_jobs.discard(threading.current_thread())
-            self._wakeup.set()  # a slot is free: the poller claims again now
+            if self._short_of_slots:
+                self._wakeup.set()  # a slot is free for a job that may be waiting
 
     def _process(self, job: Job, worker_id: str) -> _Outcome:
         handler = self.handlers[job.kind]
+        running = _Running(job.id, worker_id)
+        token = _RUNNING.set(running)
         try:
             handler(dict(job.payload))
+        except LeaseLostError:
+            # Raised by complete_running inside the handler's transaction, which rolled
+            # back: the new holder's outcome is the one that counts.
+            logger.warning(
+                "job %d (%s): lease lost before its outcome was recorded", job.id, job.kind
+            )
+            return _Outcome.LEASE_LOST
         except Exception as exc:
             if not isinstance(exc, RetryLater):
                 logger.exception(
@@ -535,6 +598,10 @@ class JobRunner:
                 )
                 return _Outcome.LEASE_LOST
             return _Outcome.FAILED if status is JobStatus.FAILED else _Outcome.RETRIED
+        finally:
+            _RUNNING.reset(token)
+        if running.completed:
+            return _Outcome.COMPLETED
         try:
             self.queue.complete(job.id, worker_id)
         except LeaseLostError:

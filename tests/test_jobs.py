@@ -304,6 +304,68 @@ def test_expired_lease_is_reclaimed_and_the_old_worker_cannot_settle_the_job(
         queue.complete(job_id, "worker-b")
 
 
+def test_handler_records_its_work_and_the_jobs_completion_in_one_transaction(
+    core: Core, queue: JobQueue, clock: Clock
+) -> None:
+    attempts: list[int] = []
+
+    def validate(payload: dict[str, Any]) -> None:
+        attempts.append(len(attempts) + 1)
+        with core.store.write() as conn:
+            queue.enqueue("acme.issue", {"order": payload["order"]}, conn=conn)
+            queue.complete_running(conn)
+            if len(attempts) == 1:
+                raise ConnectionError("the store went away before the commit")
+
+    job_id = queue.enqueue("acme.validate", {"order": "o1"})
+    runner = JobRunner(queue, {"acme.validate": validate})
+
+    # The first attempt's transaction rolled back: neither its work nor the completion.
+    assert runner.run_once() == RunCounts(retried=1)
+    assert _record(queue, job_id).status is JobStatus.PENDING
+    assert queue.claim("w", ["acme.issue"]) == []
+
+    clock.advance(retry_delay(1))
+    assert runner.run_once() == RunCounts(completed=1)
+    record = _record(queue, job_id)
+    assert (record.status, record.attempts, record.locked_by) == (JobStatus.DONE, 2, None)
+    assert [job.payload for job in queue.claim("w", ["acme.issue"])] == [{"order": "o1"}]
+    # Outside a runner's job there is nothing to complete.
+    with core.store.write() as conn:
+        queue.complete_running(conn)
+
+
+def test_handler_whose_lease_was_taken_over_records_neither_work_nor_completion(
+    core: Core, queue: JobQueue, clock: Clock
+) -> None:
+    def validate(payload: dict[str, Any]) -> None:
+        clock.advance(timedelta(seconds=61))  # the lease ran out while it waited
+        assert [job.id for job in queue.claim("worker-b", ["acme.validate"])] == [job_id]
+        with core.store.write() as conn:
+            queue.enqueue("acme.issue", {"order": payload["order"]}, conn=conn)
+            queue.complete_running(conn)
+
+    job_id = queue.enqueue("acme.validate", {"order": "o1"})
+
+    assert JobRunner(queue, {"acme.validate": validate}).run_once() == RunCounts(lease_lost=1)
+    record = _record(queue, job_id)
+    assert (record.status, record.locked_by) == (JobStatus.RUNNING, "worker-b")
+    assert queue.claim("w", ["acme.issue"]) == []
+
+
+def test_a_notice_of_one_kind_wakes_only_the_listeners_for_it(queue: JobQueue) -> None:
+    heard: list[str] = []
+    queue.subscribe(lambda: heard.append("acme"), ["acme.validate"])
+    queue.subscribe(lambda: heard.append("crl"), ["crl.regenerate", "maintenance"])
+    queue.subscribe(lambda: heard.append("every"))
+
+    queue.notify("acme.validate")
+    assert heard == ["acme", "every"]
+    heard.clear()
+    queue.notify()
+    assert heard == ["acme", "crl", "every"]
+
+
 def test_job_whose_lease_expires_on_its_last_attempt_is_failed(
     queue: JobQueue, clock: Clock
 ) -> None:
