@@ -100,7 +100,7 @@ class AcmeConnector(Connector):
         self.nonces = Nonces(kek, store, nonce_book(store, context.core.data_dir))
         self._eab_seal = _EabSealer(kek)
         self.service = AcmeService(context, self.options, self._eab_seal.unseal)
-        self._chain_cache: dict[str, tuple[float, str]] = {}
+        self._issuer_cache: dict[str, tuple[float, _Issuer]] = {}
         self._account_keys: dict[str, jws.PublicKey] = {}
 
     # -- contract ------------------------------------------------------------------------
@@ -681,10 +681,10 @@ class AcmeConnector(Connector):
                 )
             subject, names = self.service.check_csr(order, csr, account)
             self.service.begin_finalize(conn, order)
-        self.service.issue(order, account, csr, subject, names, request.headers.get("X-Request-Id"))
-        with self.context.core.store.read() as conn:
-            view = self.service.order(conn, account, order_id)
-            body = self._order_json(view)
+        issued = self.service.issue(
+            view, account, csr, subject, names, request.headers.get("X-Request-Id")
+        )
+        body = self._order_json(OrderView(issued, view.authorization_ids))
         return self._json(body, location=self.url(f"/order/{order_id}"))
 
     def _order_json(self, view: OrderView) -> dict[str, Any]:
@@ -766,7 +766,7 @@ class AcmeConnector(Connector):
                     conn, account, challenge_id
                 )
         if queued:
-            self.context.core.jobs.notify()
+            self.context.core.jobs.notify(self.service.validation_kind)
         return self._json(
             self._challenge_json(challenge),
             links=((self.url(f"/authz/{authorization.id}"), "up"),),
@@ -787,14 +787,15 @@ class AcmeConnector(Connector):
             view = self.service.order(conn, account, order_id)
             record = self.service.certificate_of(conn, view.order)
         leaf = x509.load_der_x509_certificate(record.der).public_bytes(serialization.Encoding.PEM)
+        issuer = self._issuer(record.ca_id)
         if alternate == 0:
-            chain = self._issuer_chain_pem(record.ca_id)
+            chain = issuer.chain_pem
         else:
             chain = "".join(
                 c.public_bytes(serialization.Encoding.PEM).decode() for c in chains[alternate - 1]
             )
         response = Response(leaf.decode() + chain, content_type=PEM_CHAIN)
-        response.headers.add("Link", f'<{self._ca_certificate_url(record.ca_id)}>;rel="up"')
+        response.headers.add("Link", f'<{issuer.certificate_url}>;rel="up"')
         for index in range(len(chains) + 1):
             if index != alternate:
                 suffix = "" if index == 0 else f"/{index}"
@@ -803,26 +804,28 @@ class AcmeConnector(Connector):
                 )
         return self._headers(response)
 
-    def _ca_certificate_url(self, ca_id: str) -> str:
-        from pkigate.core.authorities import CASettings
-
-        settings = CASettings.from_json(self.context.core.authorities.get(ca_id).settings)
-        return settings.ca_issuers_url or self.url("/directory")
-
-    def _issuer_chain_pem(self, ca_id: str) -> str:
-        """The issuing CA and the CAs above it, without the self-signed root."""
-        cached = self._chain_cache.get(ca_id)
+    def _issuer(self, ca_id: str) -> _Issuer:
+        """What a certificate download says of its issuing CA, read from the store at
+        most once a minute per process (two reads per download otherwise)."""
+        cached = self._issuer_cache.get(ca_id)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        ca_pem, above = self.context.core.authorities.certificate_pem(ca_id)
+        from pkigate.core.authorities import CASettings
+
+        authorities = self.context.core.authorities
+        settings = CASettings.from_json(authorities.get(ca_id).settings)
+        ca_pem, above = authorities.certificate_pem(ca_id)
         certificates = x509.load_pem_x509_certificates((ca_pem + above).encode())
-        chain = "".join(
-            c.public_bytes(serialization.Encoding.PEM).decode()
-            for c in certificates
-            if c.issuer != c.subject
+        issuer = _Issuer(
+            chain_pem="".join(
+                c.public_bytes(serialization.Encoding.PEM).decode()
+                for c in certificates
+                if c.issuer != c.subject
+            ),
+            certificate_url=settings.ca_issuers_url or self.url("/directory"),
         )
-        self._chain_cache[ca_id] = (time.monotonic() + 60, chain)
-        return chain
+        self._issuer_cache[ca_id] = (time.monotonic() + 60, issuer)
+        return issuer
 
     def _revoke_cert(self, acme_request: AcmeRequest) -> Response:
         payload = acme_request.payload()
@@ -856,6 +859,16 @@ class AcmeConnector(Connector):
                 who = Actor(f"acme-certificate-key:{record.serial}", self.context.name)
         self.service.revoke(record, reason, who)
         return self._headers(Response(status=200))
+
+
+@dataclass(frozen=True)
+class _Issuer:
+    """A certificate download's issuer: the chain above the leaf and the "up" link."""
+
+    #: The issuing CA and the CAs above it, without the self-signed root.
+    chain_pem: str
+    #: The CA certificate's URL (its AIA caIssuers URL, or the directory without one).
+    certificate_url: str
 
 
 class _EabSealer:

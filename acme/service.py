@@ -108,6 +108,9 @@ class AcmeService:
         self.name = context.name
         self.core = context.core
         self._unseal_eab = unseal_eab
+        #: The queue's name for this connector's validation jobs (runtime.py prefixes each
+        #: connector's job kinds with its name).
+        self.validation_kind = f"{context.name}:{VALIDATE_JOB}"
 
     def now(self) -> datetime:
         return self.core.clock()
@@ -527,7 +530,7 @@ class AcmeService:
         ):
             return challenge, authorization, False
         self.core.jobs.enqueue(
-            f"{self.name}:{VALIDATE_JOB}",
+            self.validation_kind,
             {"challenge": challenge.id},
             dedupe_key=f"acme-validate:{challenge.id}",
             max_attempts=3,
@@ -539,7 +542,8 @@ class AcmeService:
 
     def run_validation(self, payload: Mapping[str, Any]) -> None:
         """The validation job: contact the client's server, then record the outcome on the
-        challenge, its authorization and the orders waiting for it, in one transaction."""
+        challenge, its authorization and the orders waiting for it, and the job's own
+        completion, in one transaction."""
         challenge_id = str(payload.get("challenge", ""))
         with self.core.store.read() as conn:
             challenge = acme_store.challenge_by_id(conn, challenge_id)
@@ -572,6 +576,7 @@ class AcmeService:
                 self._validated(conn, challenge, authorization, records, now)
             else:
                 self._failed(conn, challenge, authorization, error, now)
+            self.core.jobs.complete_running(conn)
         log.info(
             "ACME challenge %s",
             "valid" if error is None else "invalid",
@@ -744,34 +749,46 @@ class AcmeService:
 
     def issue(
         self,
-        order: OrderRecord,
+        view: OrderView,
         account: AccountRecord,
         csr: x509.CertificateSigningRequest,
         subject: x509.Name,
         names: tuple[x509.GeneralName, ...],
         request_id: str | None,
     ) -> OrderRecord:
-        """Issue the order's certificate through the core and record the outcome."""
+        """Issue the order's certificate through the core and record the outcome; the
+        order as it then is."""
+        order = view.order
         profile: Profile = self.settings.profiles.get(
             order.profile or self.settings.default_profile,
             self.settings.profiles[self.settings.default_profile],
         )
-        with self.core.store.read() as conn:
-            authz_ids = acme_store.order_authorization_ids(conn, order.id)
+        # What the core's transaction wrote, so that the order need not be read back.
+        recorded: list[OrderRecord] = []
 
         def record(conn: Connection, issued: IssuedCertificate) -> None:
             # In the core's transaction: the order is valid exactly when its certificate
             # is stored (a crash in between leaves it "processing" with nothing issued).
+            now = self.now()
             if not acme_store.update_order(
                 conn,
                 order.id,
-                self.now(),
+                now,
                 status="valid",
                 expected_status="processing",
                 ca_id=self.context.ca_id,
                 serial=issued.serial,
             ):
                 raise AcmeProblem("orderNotReady", "the order's finalization was abandoned")
+            recorded[:] = [
+                replace(
+                    order,
+                    status="valid",
+                    ca_id=self.context.ca_id,
+                    serial=issued.serial,
+                    updated_at=now,
+                )
+            ]
 
         try:
             self.context.issue(
@@ -783,7 +800,7 @@ class AcmeService:
                         "account": account.id,
                         "order": order.id,
                         "identifiers": ",".join(f"{t}:{v}" for t, v in order.identifiers),
-                        "authorizations": ",".join(authz_ids),
+                        "authorizations": ",".join(view.authorization_ids),
                         "profile": profile.name,
                     },
                     request_id=request_id,
@@ -816,6 +833,10 @@ class AcmeService:
                     error=problem.to_json(),
                 )
             raise problem from exc
+        if recorded:
+            return recorded[0]
+        # The core answered with an earlier issuance under the order's idempotency token,
+        # without a transaction of ours: what that one recorded is in the store.
         with self.core.store.read() as conn:
             updated = acme_store.order_by_id(conn, self.name, order.id)
         assert updated is not None
