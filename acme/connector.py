@@ -649,8 +649,7 @@ class AcmeConnector(Connector):
     def _order(self, acme_request: AcmeRequest, order_id: str) -> Response:
         account = self._require_account(acme_request)
         _require_post_as_get(acme_request, "an order")
-        with self.context.core.store.read() as conn:
-            view = self.service.order(conn, account, order_id)
+        view = self.service.order_alone(account, order_id)
         if self.service.interrupted(view.order):
             with self.context.core.store.write() as conn:
                 view = self.service.order(conn, account, order_id, repair=True)
@@ -711,17 +710,16 @@ class AcmeConnector(Connector):
     def _authorization(self, acme_request: AcmeRequest, authz_id: str) -> Response:
         account = self._require_account(acme_request)
         parsed = acme_request.parsed
-        with self._transaction(writes=not parsed.is_post_as_get) as conn:
-            if parsed.is_post_as_get:
-                view = self.service.authorization(conn, account, authz_id)
-            else:
-                payload = parsed.json_payload()
-                if payload != {"status": "deactivated"}:
-                    raise AcmeProblem(
-                        "malformed", 'an authorization update is {"status": "deactivated"}'
-                    )
+        if parsed.is_post_as_get:
+            view = self.service.authorization_alone(account, authz_id)
+        else:
+            if parsed.json_payload() != {"status": "deactivated"}:
+                raise AcmeProblem(
+                    "malformed", 'an authorization update is {"status": "deactivated"}'
+                )
+            with self.context.core.store.write() as conn:
                 view = self.service.deactivate_authorization(conn, account, authz_id)
-            body = self._authorization_json(view)
+        body = self._authorization_json(view)
         retry = 1 if view.authorization.status == "pending" else None
         return self._json(body, retry_after=retry)
 

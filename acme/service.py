@@ -377,13 +377,29 @@ class AcmeService:
         """The account's order. With ``repair`` (``conn`` is a write transaction), an order
         left "processing" by a process that died while finalizing is settled."""
         order = acme_store.order_by_id(conn, self.name, order_id)
-        if order is None or order.account_id != account.id:
-            raise AcmeProblem("malformed", f"no order {order_id[:40]}", status=404)
+        self._check_order(order, account, order_id)
+        assert order is not None
         if repair and self.interrupted(order):
             order = self._settle_interrupted(conn, order)
         return OrderView(
             self._with_expiry(order), tuple(acme_store.order_authorization_ids(conn, order.id))
         )
+
+    def order_alone(self, account: AccountRecord, order_id: str) -> OrderView:
+        """:meth:`order` (without repair) as one read of its own (each poll of an order)."""
+        found = acme_store.order_with_authorization_ids_alone(
+            self.core.store.engine, self.name, order_id
+        )
+        order, authorization_ids = found if found is not None else (None, [])
+        self._check_order(order, account, order_id)
+        assert order is not None
+        return OrderView(self._with_expiry(order), tuple(authorization_ids))
+
+    def _check_order(
+        self, order: OrderRecord | None, account: AccountRecord, order_id: str
+    ) -> None:
+        if order is None or order.account_id != account.id:
+            raise AcmeProblem("malformed", f"no order {order_id[:40]}", status=404)
 
     def interrupted(self, order: OrderRecord) -> bool:
         """Whether ``order`` has been "processing" for longer than a finalization takes: the
@@ -455,11 +471,32 @@ class AcmeService:
         self, conn: Connection, account: AccountRecord, authz_id: str
     ) -> AuthorizationView:
         record = acme_store.authorization_by_id(conn, self.name, authz_id)
+        self._check_authorization(record, account, authz_id)
+        assert record is not None
+        return self._authorization_view(record, acme_store.challenges_of(conn, [record.id]))
+
+    def authorization_alone(self, account: AccountRecord, authz_id: str) -> AuthorizationView:
+        """:meth:`authorization` as one read of its own (each poll of an authorization)."""
+        found = acme_store.authorization_with_challenges_alone(
+            self.core.store.engine, self.name, authz_id
+        )
+        record, challenges = found if found is not None else (None, [])
+        self._check_authorization(record, account, authz_id)
+        assert record is not None
+        return self._authorization_view(record, challenges)
+
+    def _check_authorization(
+        self, record: AuthorizationRecord | None, account: AccountRecord, authz_id: str
+    ) -> None:
         if record is None or record.account_id != account.id:
             raise AcmeProblem("malformed", f"no authorization {authz_id[:40]}", status=404)
+
+    def _authorization_view(
+        self, record: AuthorizationRecord, challenges: Sequence[ChallengeRecord]
+    ) -> AuthorizationView:
         if record.status in ("pending", "valid") and record.expires_at <= self.now():
             record = _replace_authz_status(record, "expired")
-        return AuthorizationView(record, tuple(acme_store.challenges_of(conn, [record.id])))
+        return AuthorizationView(record, tuple(challenges))
 
     def authorizations(
         self, conn: Connection, ids: Sequence[str]

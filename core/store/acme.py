@@ -402,6 +402,37 @@ def order_authorization_ids(conn: Connection, order_id: str) -> list[str]:
     return [row.authorization_id for row in _ORDER_AUTHORIZATION_IDS.rows(conn, order_id=order_id)]
 
 
+_ORDER_WITH_AUTHORIZATION_IDS = FastSelect(
+    select(
+        schema.acme_orders,
+        schema.acme_order_authorizations.c.authorization_id.label("listed_authorization_id"),
+    )
+    .select_from(
+        schema.acme_orders.outerjoin(
+            schema.acme_order_authorizations,
+            schema.acme_order_authorizations.c.order_id == schema.acme_orders.c.id,
+        )
+    )
+    .where(
+        schema.acme_orders.c.id == bindparam("id"),
+        schema.acme_orders.c.connector == bindparam("connector"),
+    )
+    .order_by(schema.acme_order_authorizations.c.position)
+)
+
+
+def order_with_authorization_ids_alone(
+    engine: Engine, connector: str, order_id: str
+) -> tuple[OrderRecord, list[str]] | None:
+    """:func:`order_by_id` and :func:`order_authorization_ids` in one statement of its
+    own, consistent without a transaction: what every poll of an order reads."""
+    rows = _ORDER_WITH_AUTHORIZATION_IDS.rows_alone(engine, id=order_id, connector=connector)
+    if not rows:
+        return None
+    listed = [row.listed_authorization_id for row in rows if row.listed_authorization_id]
+    return _order(rows[0]), listed
+
+
 def orders_of_account(
     conn: Connection, account_id: str, after: tuple[datetime, str] | None, limit: int
 ) -> list[OrderRecord]:
@@ -613,16 +644,22 @@ class ChallengeRecord:
     validation_record: list[dict[str, Any]] | None
 
 
-def _challenge(row: Any) -> ChallengeRecord:
+def _challenge(row: Any, prefix: str = "") -> ChallengeRecord:
+    """The challenge in ``row``, whose columns are named ``prefix`` + the table's."""
+
+    def value(name: str) -> Any:
+        return getattr(row, prefix + name)
+
+    error, record = value("error"), value("validation_record")
     return ChallengeRecord(
-        row.id,
-        row.authorization_id,
-        row.type,
-        row.token,
-        row.status,
-        as_utc(row.validated_at),
-        None if row.error is None else json.loads(row.error),
-        None if row.validation_record is None else json.loads(row.validation_record),
+        value("id"),
+        value("authorization_id"),
+        value("type"),
+        value("token"),
+        value("status"),
+        as_utc(value("validated_at")),
+        None if error is None else json.loads(error),
+        None if record is None else json.loads(record),
     )
 
 
@@ -664,6 +701,37 @@ def challenges_of(conn: Connection, authorization_ids: Sequence[str]) -> list[Ch
         .order_by(c.authorization_id, c.type)
     ).all()
     return [_challenge(row) for row in rows]
+
+
+_AUTHORIZATION_WITH_CHALLENGES = FastSelect(
+    select(
+        schema.acme_authorizations,
+        *(c.label(f"challenge_{c.name}") for c in schema.acme_challenges.c),
+    )
+    .select_from(
+        schema.acme_authorizations.outerjoin(
+            schema.acme_challenges,
+            schema.acme_challenges.c.authorization_id == schema.acme_authorizations.c.id,
+        )
+    )
+    .where(
+        schema.acme_authorizations.c.id == bindparam("id"),
+        schema.acme_authorizations.c.connector == bindparam("connector"),
+    )
+    .order_by(schema.acme_challenges.c.type)
+)
+
+
+def authorization_with_challenges_alone(
+    engine: Engine, connector: str, authz_id: str
+) -> tuple[AuthorizationRecord, list[ChallengeRecord]] | None:
+    """:func:`authorization_by_id` and its :func:`challenges_of` in one statement of its
+    own, consistent without a transaction: what every poll of an authorization reads."""
+    rows = _AUTHORIZATION_WITH_CHALLENGES.rows_alone(engine, id=authz_id, connector=connector)
+    if not rows:
+        return None
+    challenges = [_challenge(row, "challenge_") for row in rows if row.challenge_id is not None]
+    return _authorization(rows[0]), challenges
 
 
 def challenge_by_id(conn: Connection, challenge_id: str) -> ChallengeRecord | None:

@@ -159,17 +159,21 @@ class FastSelect:
         return found[0] if found else None
 
     def first_alone(self, engine: Engine, **values: Any) -> Any | None:
-        """:meth:`first` outside any transaction, on a pooled driver connection: for a
+        """:meth:`first` outside any transaction (see :meth:`rows_alone`)."""
+        found = self.rows_alone(engine, **values)
+        return found[0] if found else None
+
+    def rows_alone(self, engine: Engine, **values: Any) -> list[Any]:
+        """:meth:`rows` outside any transaction, on a pooled driver connection: for a
         read that is one SELECT on its own (consistent by itself), where SQLAlchemy's
         connection and transaction cost twice the query. SQLite runs it in autocommit
         mode; whatever PostgreSQL's driver began is rolled back when the connection goes
         back to the pool (as the OCSP responder's ``single_read``)."""
         driver = engine.raw_connection()
         try:
-            found = self._rows(driver, engine.dialect, values)
+            return self._rows(driver, engine.dialect, values)
         finally:
             driver.close()
-        return found[0] if found else None
 
     def _rows(self, driver: Any, dialect: Dialect, values: Mapping[str, Any]) -> list[Any]:
         compiled = self._compiled.get(dialect.name)
