@@ -261,8 +261,7 @@ class JobQueue:
     def complete(self, job_id: int, worker_id: str) -> None:
         """Record that the job's work is done; :class:`LeaseLostError` if no longer ours."""
         with self.store.write() as conn:
-            self._held(conn, job_id, worker_id)
-            jobs_sql.mark_done(conn, job_id, self.clock())
+            self._mark_done(conn, job_id, worker_id)
 
     def fail(self, job_id: int, worker_id: str, error: str) -> JobStatus:
         """Record a failed attempt: retried after :func:`retry_delay`, or failed for good.
@@ -295,9 +294,12 @@ class JobQueue:
         running = _RUNNING.get()
         if running is None:
             return
-        self._held(conn, running.job_id, running.worker_id)
-        jobs_sql.mark_done(conn, running.job_id, self.clock())
+        self._mark_done(conn, running.job_id, running.worker_id)
         running.completed = True
+
+    def _mark_done(self, conn: Connection, job_id: int, worker_id: str) -> None:
+        if not jobs_sql.mark_done_if_held(conn, job_id, worker_id, self.clock()):
+            raise LeaseLostError(f"job {job_id} is no longer leased to {worker_id}")
 
     def get(self, job_id: int) -> JobRecord | None:
         with self.store.read() as conn:

@@ -320,6 +320,21 @@ def mark_done(conn: Connection, job_id: int, now: datetime) -> None:
     conn.execute(update(_jobs).where(_c.id == job_id).values(_finished(JobStatus.DONE, now, None)))
 
 
+def mark_done_if_held(conn: Connection, job_id: int, worker_id: str, now: datetime) -> bool:
+    """:func:`mark_done` if ``worker_id`` still holds the job's lease (:func:`held_job`), in
+    one statement; whether it did."""
+    changed = conn.execute(
+        update(_jobs)
+        .where(
+            _c.id == job_id,
+            _c.status == JobStatus.RUNNING.value,
+            _c.locked_by == worker_id,
+        )
+        .values(_finished(JobStatus.DONE, now, None))
+    )
+    return changed.rowcount == 1
+
+
 def mark_failed(conn: Connection, job_id: int, now: datetime, error: str) -> None:
     conn.execute(
         update(_jobs).where(_c.id == job_id).values(_finished(JobStatus.FAILED, now, error))
