@@ -259,17 +259,15 @@ class AcmeService:
         if replaces is not None:
             self._check_replaces(conn, account, identifiers, replaces)
         limit = self.settings.orders_per_account_per_hour
-        hour = timedelta(hours=1)
-        count, window_end = acme_store.count_in_window(
-            conn, self.name, "orders", account.id, hour, now
+        taken, window_end = acme_store.take_from_window(
+            conn, self.name, "orders", account.id, timedelta(hours=1), now, limit
         )
-        if count >= limit:
+        if not taken:
             raise AcmeProblem(
                 "rateLimited",
                 f"at most {limit} new orders per account per hour",
                 retry_after=max(1, int((window_end - now).total_seconds())),
             )
-        acme_store.add_to_window(conn, self.name, "orders", account.id, hour, now)
         authorization_ids: list[str] = []
         all_valid = True
         for identifier in identifiers:
@@ -659,13 +657,8 @@ class AcmeService:
             expected_status="pending",
             expires_at=now + self.settings.valid_authorization_lifetime,
         )
-        for order_id in acme_store.orders_using_authorization(conn, authorization.id):
-            ids = acme_store.order_authorization_ids(conn, order_id)
-            states = acme_store.authorizations_by_ids(conn, ids)
-            if all(a.status == "valid" for a in states.values()):
-                acme_store.update_order(
-                    conn, order_id, now, status="ready", expected_status="pending"
-                )
+        for order_id in acme_store.orders_authorized_with(conn, authorization.id):
+            acme_store.update_order(conn, order_id, now, status="ready", expected_status="pending")
 
     def _failed(
         self,

@@ -153,6 +153,39 @@ def test_fast_select_reads_exactly_what_sqlalchemy_reads(core: Core) -> None:
             "authz-1",
         ]
         assert acme_store.authorization_by_id(conn, "acme", "authz-1") == authorizations[1]
+    # The polls' one-statement reads (no transaction) read the same records.
+    engine = core.store.engine
+    assert acme_store.order_with_authorization_ids_alone(engine, "acme", "order-1") == (
+        order,
+        ["authz-2", "authz-0", "authz-1"],
+    )
+    assert acme_store.order_with_authorization_ids_alone(engine, "other", "order-1") is None
+    challenges = [
+        acme_store.ChallengeRecord(
+            f"ch-{kind}", "authz-0", kind, "t" * 43, "pending", None, None, None
+        )
+        for kind in ("http-01", "dns-01")
+    ]
+    with core.store.write() as conn:
+        acme_store.insert_challenges(conn, challenges, now)
+    with core.store.read() as conn:
+        assert acme_store.challenges_of(conn, ["authz-0"]) == challenges[::-1]
+    assert acme_store.authorization_with_challenges_alone(engine, "acme", "authz-0") == (
+        authorizations[0],
+        challenges[::-1],
+    )
+    assert acme_store.authorization_with_challenges_alone(engine, "acme", "authz-1") == (
+        authorizations[1],
+        [],
+    )
+    assert acme_store.authorization_with_challenges_alone(engine, "other", "authz-1") is None
+    # An order is authorized once every one of its authorizations is valid.
+    for n in range(3):
+        with core.store.write() as conn:
+            assert acme_store.orders_authorized_with(conn, "authz-0") == []
+            acme_store.update_authorization(conn, f"authz-{n}", now, status="valid")
+    with core.store.read() as conn:
+        assert acme_store.orders_authorized_with(conn, "authz-0") == ["order-1"]
 
 
 def test_console_queries_search_certificates_count_days_and_find_events(

@@ -22,6 +22,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    exists,
     func,
     insert,
     select,
@@ -561,6 +562,22 @@ def authorizations_by_ids(conn: Connection, ids: Sequence[str]) -> dict[str, Aut
     return {row.id: _authorization(row) for row in rows}
 
 
+_REUSABLE_AUTHORIZATION = FastSelect(
+    select(schema.acme_authorizations)
+    .where(
+        schema.acme_authorizations.c.account_id == bindparam("account_id"),
+        schema.acme_authorizations.c.identifier_type == bindparam("identifier_type"),
+        schema.acme_authorizations.c.identifier_value == bindparam("identifier_value"),
+        schema.acme_authorizations.c.status == "valid",
+        schema.acme_authorizations.c.wildcard == bindparam("wildcard"),
+        schema.acme_authorizations.c.expires_at > bindparam("valid_after"),
+        schema.acme_authorizations.c.created_at > bindparam("created_after"),
+    )
+    .order_by(schema.acme_authorizations.c.expires_at.desc())
+    .limit(1)
+)
+
+
 def reusable_authorization(
     conn: Connection,
     account_id: str,
@@ -572,21 +589,15 @@ def reusable_authorization(
 ) -> AuthorizationRecord | None:
     """A valid authorization of the account for the identifier that is still good at
     ``valid_after`` and was created within the reuse window."""
-    c = schema.acme_authorizations.c
-    row = conn.execute(
-        select(schema.acme_authorizations)
-        .where(
-            c.account_id == account_id,
-            c.identifier_type == identifier_type,
-            c.identifier_value == identifier_value,
-            c.status == "valid",
-            c.wildcard == int(wildcard),
-            c.expires_at > valid_after,
-            c.created_at > created_after,
-        )
-        .order_by(c.expires_at.desc())
-        .limit(1)
-    ).first()
+    row = _REUSABLE_AUTHORIZATION.first(
+        conn,
+        account_id=account_id,
+        identifier_type=identifier_type,
+        identifier_value=identifier_value,
+        wildcard=int(wildcard),
+        valid_after=valid_after,
+        created_after=created_after,
+    )
     return None if row is None else _authorization(row)
 
 
@@ -625,11 +636,39 @@ def update_authorization(
     return conn.execute(query.values(**values)).rowcount == 1
 
 
+_ORDERS_USING_AUTHORIZATION = FastSelect(
+    select(schema.acme_order_authorizations.c.order_id)
+    .where(schema.acme_order_authorizations.c.authorization_id == bindparam("authorization_id"))
+    .distinct()
+)
+
+
 def orders_using_authorization(conn: Connection, authz_id: str) -> list[str]:
-    c = schema.acme_order_authorizations.c
-    return list(
-        conn.execute(select(c.order_id).where(c.authorization_id == authz_id).distinct()).scalars()
+    return [
+        row.order_id for row in _ORDERS_USING_AUTHORIZATION.rows(conn, authorization_id=authz_id)
+    ]
+
+
+_listed = schema.acme_order_authorizations.alias("listed")
+_ORDERS_AUTHORIZED_WITH = FastSelect(
+    select(schema.acme_order_authorizations.c.order_id)
+    .where(
+        schema.acme_order_authorizations.c.authorization_id == bindparam("authorization_id"),
+        ~exists()
+        .where(
+            _listed.c.order_id == schema.acme_order_authorizations.c.order_id,
+            schema.acme_authorizations.c.id == _listed.c.authorization_id,
+            schema.acme_authorizations.c.status != "valid",
+        )
+        .correlate(schema.acme_order_authorizations),
     )
+    .distinct()
+)
+
+
+def orders_authorized_with(conn: Connection, authz_id: str) -> list[str]:
+    """The orders using the authorization whose authorizations are all valid now."""
+    return [row.order_id for row in _ORDERS_AUTHORIZED_WITH.rows(conn, authorization_id=authz_id)]
 
 
 @dataclass(frozen=True)
@@ -804,13 +843,44 @@ def count_in_window(
     return int(row.count), _utc(row.window_start) + window
 
 
+def take_from_window(
+    conn: Connection,
+    connector: str,
+    scope: str,
+    value: str,
+    window: timedelta,
+    now: datetime,
+    limit: int,
+) -> tuple[bool, datetime]:
+    """Count one event unless ``limit`` are counted in the window already: whether it was
+    counted, and the end of the window (one read of the counter where
+    :func:`count_in_window` then :func:`add_to_window` make two)."""
+    row = _RATE_COUNTER.first(conn, connector=connector, scope=scope, value=value)
+    if row is not None and _utc(row.window_start) + window > now:
+        if int(row.count) >= limit:
+            return False, _utc(row.window_start) + window
+        add_to_window(conn, connector, scope, value, window, now, row=row)
+        return True, _utc(row.window_start) + window
+    add_to_window(conn, connector, scope, value, window, now, row=row)
+    return True, now + window
+
+
 def add_to_window(
-    conn: Connection, connector: str, scope: str, value: str, window: timedelta, now: datetime
+    conn: Connection,
+    connector: str,
+    scope: str,
+    value: str,
+    window: timedelta,
+    now: datetime,
+    *,
+    row: Any | None = None,
 ) -> int:
-    """Count one event; a window that ran out starts again. Returns the new count."""
+    """Count one event; a window that ran out starts again. Returns the new count.
+    ``row``: the counter's ``(count, window_start)`` as this transaction just read it."""
     c = schema.acme_rate_counters.c
     key = and_(c.connector == connector, c.scope == scope, c.value == value)
-    row = _RATE_COUNTER.first(conn, connector=connector, scope=scope, value=value)
+    if row is None:
+        row = _RATE_COUNTER.first(conn, connector=connector, scope=scope, value=value)
     if row is None:
         try:
             with conn.begin_nested():
