@@ -403,22 +403,26 @@ def order_authorization_ids(conn: Connection, order_id: str) -> list[str]:
     return [row.authorization_id for row in _ORDER_AUTHORIZATION_IDS.rows(conn, order_id=order_id)]
 
 
-_ORDER_WITH_AUTHORIZATION_IDS = FastSelect(
-    select(
-        schema.acme_orders,
-        schema.acme_order_authorizations.c.authorization_id.label("listed_authorization_id"),
+def _record_with_its_rows(
+    parent: Table, child: Table, link: Any, columns: Sequence[Any], order: Any
+) -> FastSelect:
+    """``parent``'s row (by ``id`` and ``connector``) joined with the ``columns`` of each
+    ``child`` row whose ``link`` names it, in ``order`` (NULLs for a record that lists
+    nothing): a record and what it lists in one statement."""
+    return FastSelect(
+        select(parent, *columns)
+        .select_from(parent.outerjoin(child, link == parent.c.id))
+        .where(parent.c.id == bindparam("id"), parent.c.connector == bindparam("connector"))
+        .order_by(order)
     )
-    .select_from(
-        schema.acme_orders.outerjoin(
-            schema.acme_order_authorizations,
-            schema.acme_order_authorizations.c.order_id == schema.acme_orders.c.id,
-        )
-    )
-    .where(
-        schema.acme_orders.c.id == bindparam("id"),
-        schema.acme_orders.c.connector == bindparam("connector"),
-    )
-    .order_by(schema.acme_order_authorizations.c.position)
+
+
+_ORDER_WITH_AUTHORIZATION_IDS = _record_with_its_rows(
+    schema.acme_orders,
+    schema.acme_order_authorizations,
+    schema.acme_order_authorizations.c.order_id,
+    [schema.acme_order_authorizations.c.authorization_id.label("listed_authorization_id")],
+    schema.acme_order_authorizations.c.position,
 )
 
 
@@ -742,22 +746,12 @@ def challenges_of(conn: Connection, authorization_ids: Sequence[str]) -> list[Ch
     return [_challenge(row) for row in rows]
 
 
-_AUTHORIZATION_WITH_CHALLENGES = FastSelect(
-    select(
-        schema.acme_authorizations,
-        *(c.label(f"challenge_{c.name}") for c in schema.acme_challenges.c),
-    )
-    .select_from(
-        schema.acme_authorizations.outerjoin(
-            schema.acme_challenges,
-            schema.acme_challenges.c.authorization_id == schema.acme_authorizations.c.id,
-        )
-    )
-    .where(
-        schema.acme_authorizations.c.id == bindparam("id"),
-        schema.acme_authorizations.c.connector == bindparam("connector"),
-    )
-    .order_by(schema.acme_challenges.c.type)
+_AUTHORIZATION_WITH_CHALLENGES = _record_with_its_rows(
+    schema.acme_authorizations,
+    schema.acme_challenges,
+    schema.acme_challenges.c.authorization_id,
+    [c.label(f"challenge_{c.name}") for c in schema.acme_challenges.c],
+    schema.acme_challenges.c.type,
 )
 
 
