@@ -19,6 +19,19 @@ from pkigate.gateways.runtime import Gateway
 RUNNER_THREAD = "pkigate-notifications-0"  # the notifier's runner, job_threads = 1
 
 
+def _config(tmp_path: Path, poll_seconds: int) -> str:
+    """A gateway with one root CA and no connector, looking for destinations this often."""
+    return f"""
+data_dir = "{tmp_path / "data"}"
+notifications_poll_seconds = {poll_seconds}
+connectors = []
+[[cas]]
+name = "root"
+type = "ROOT"
+subject = "CN=Idle Notifications Root"
+"""
+
+
 def _threads(name: str) -> int:
     return sum(thread.name == name for thread in threading.enumerate())
 
@@ -26,15 +39,7 @@ def _threads(name: str) -> int:
 def test_no_notifier_runner_without_a_destination_and_every_worker_starts_one_when_made(
     tmp_path: Path,
 ) -> None:
-    text = f"""
-data_dir = "{tmp_path / "data"}"
-notifications_poll_seconds = 1
-connectors = []
-[[cas]]
-name = "root"
-type = "ROOT"
-subject = "CN=Idle Notifications Root"
-"""
+    text = _config(tmp_path, poll_seconds=1)
     receiver = Receiver()
     # Two workers of one `pkigate serve`: one store, a Gateway each.
     idle = Gateway.open(parse_config(text), bootstrap=True)
@@ -100,16 +105,7 @@ def test_the_watch_looks_when_this_process_makes_a_destination_not_when_jobs_are
     finally:
         watch.stop()
 
-    text = f"""
-data_dir = "{tmp_path / "data"}"
-notifications_poll_seconds = 3600
-connectors = []
-[[cas]]
-name = "root"
-type = "ROOT"
-subject = "CN=Watch Root"
-"""
-    gateway = Gateway.open(parse_config(text), bootstrap=True)
+    gateway = Gateway.open(parse_config(_config(tmp_path, poll_seconds=3600)), bootstrap=True)
     try:
         gateway.start_background_work()
         assert gateway.destination_watch is not None
