@@ -564,7 +564,7 @@ class AuthorityService:
         ca_id, key_id = str(uuid.uuid4()), uuid.uuid4().hex
         subject_der = spec.subject.public_bytes()
         with self._store.write() as conn:
-            if self._store.get_team(conn, spec.team) is None:
+            if self._store.get_team(conn, spec.team, lock="share") is None:
                 raise NotFoundError(f"no team named {spec.team}")
             if token:
                 self._claim_token(conn, token, spec, ca_id, now)

@@ -115,7 +115,7 @@ class AccessControl:
                     f"team {DEFAULT_TEAM} is never deleted: it holds what was made before teams"
                 )
             with self._store.write() as conn:
-                if self._store.get_team(conn, name) is None:
+                if self._store.get_team(conn, name, lock="update") is None:
                     raise NotFoundError(f"no team named {name}")
                 uses = self._uses_of_team(conn, name, now)
                 if uses:
@@ -257,7 +257,10 @@ class AccessControl:
         would grant nothing today (a typo the owner never hears of) and everything to
         whoever later creates a team of that name."""
         for index, statement in enumerate(policy.statements):
-            if statement.team is not None and self._store.get_team(conn, statement.team) is None:
+            if (
+                statement.team is not None
+                and self._store.get_team(conn, statement.team, lock="share") is None
+            ):
                 raise PolicyDocumentError(
                     f"policy statements[{index}].principal.team: no team named {statement.team}"
                 )

@@ -280,7 +280,7 @@ class TokenService:
         secret = secrets.token_urlsafe(32)
         expires_at = now + lifetime if lifetime is not None else None
         with self._store.write() as conn:
-            if self._store.get_team(conn, team) is None:
+            if self._store.get_team(conn, team, lock="share") is None:
                 raise NotFoundError(f"no team named {team}")
             self._store.insert_api_token(
                 conn,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from helpers import make_csr
+from helpers import ACTOR, create_root, make_csr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_api import Service, _open_service
@@ -32,6 +33,7 @@ from pkigate.core.access import (
     decide,
     parse_policy,
 )
+from pkigate.core.errors import ConflictError
 from pkigate.core.names import upn_other_name
 from pkigate.gateways.auth import Role
 from pkigate.gateways.cli import main
@@ -655,6 +657,53 @@ def test_a_policy_naming_a_team_that_does_not_exist_is_refused(
     assert service.gw.core.access.current_policy(ca).version == 0
     service.call("POST", "/teams", "admin", json={"name": "bb"}, expect=201)
     _put_policy(service, ca, "a-admin", document, 0, 200)
+
+
+def test_a_team_is_not_deleted_while_a_policy_naming_it_is_written(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The policy's transaction holds its team's row (shared), so a delete of that team
+    waits for it and then finds the policy naming the team (409). On PostgreSQL (READ
+    COMMITTED, no lock) each saw the other's change absent: the team was deleted and the
+    policy kept naming it. The policy's write is held open inside its transaction here."""
+    core.access.create_team("b", ACTOR)
+    root = create_root(core, "Team Race Root")
+    inside, release = threading.Event(), threading.Event()
+    insert = core.store.insert_ca_policy
+
+    def insert_and_hold(conn: Any, **values: Any) -> None:
+        insert(conn, **values)
+        inside.set()
+        assert release.wait(30)
+
+    monkeypatch.setattr(core.store, "insert_ca_policy", insert_and_hold)
+    document = {"statements": [{"id": "b", "principal": {"team": "b"}, "actions": ["read"]}]}
+    outcome: dict[str, object] = {}
+
+    def run(name: str, call: Callable[[], object]) -> None:
+        try:
+            outcome[name] = call()
+        except Exception as exc:
+            outcome[name] = exc
+
+    access = core.access
+    writer = threading.Thread(
+        target=run,
+        args=("policy", lambda: access.set_policy(root.record.id, document, 0, ACTOR)),
+    )
+    writer.start()
+    assert inside.wait(30)
+    deleter = threading.Thread(target=run, args=("delete", lambda: access.delete_team("b", ACTOR)))
+    deleter.start()
+    deleter.join(0.5)  # unlocked, the delete is done by now
+    release.set()
+    writer.join(30)
+    deleter.join(30)
+    assert not isinstance(outcome["policy"], Exception), outcome["policy"]
+    refused = outcome["delete"]
+    assert isinstance(refused, ConflictError), refused
+    assert refused.message.endswith(f"the policies of CA {root.record.id} name it")
+    assert "b" in [team.name for team in access.list_teams()]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))

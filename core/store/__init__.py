@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     Connection,
@@ -865,8 +865,18 @@ class Store:
     def insert_team(self, conn: Connection, name: str, created_at: datetime, by: str) -> None:
         conn.execute(insert(schema.teams).values(name=name, created_at=created_at, created_by=by))
 
-    def get_team(self, conn: Connection, name: str) -> TeamRecord | None:
-        row = conn.execute(select(schema.teams).where(schema.teams.c.name == name)).first()
+    def get_team(
+        self, conn: Connection, name: str, lock: Literal["share", "update"] | None = None
+    ) -> TeamRecord | None:
+        """The team named ``name``. ``lock``, on PostgreSQL (SQLite has one writer at a
+        time): "share" for a write that will name the team (a token, a CA, a policy),
+        "update" to delete it. The two wait for each other, so that a team is never deleted
+        while something naming it is being written: under READ COMMITTED both would see
+        the other's change absent and commit."""
+        query = select(schema.teams).where(schema.teams.c.name == name)
+        if lock is not None:
+            query = query.with_for_update(read=lock == "share")
+        row = conn.execute(query).first()
         return None if row is None else TeamRecord(row.name, _utc(row.created_at), row.created_by)
 
     def list_teams(self, conn: Connection) -> list[TeamRecord]:
