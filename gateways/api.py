@@ -296,14 +296,15 @@ def query_position(name: str, text: str) -> int:
     return int(_query_scalar(name, _POSITION, text))
 
 
+_QUERY_INTEGER = re.compile(r"-?[0-9]{1,19}")
+
+
 def _query_scalar(name: str, schema: Mapping[str, Any], text: str) -> Any:
     kind = schema.get("type", "string")
     if kind == "integer":
         low, high = schema.get("minimum"), schema.get("maximum")
-        try:
-            number = int(text)
-        except ValueError:
-            number = None
+        # ASCII digits only: int() also takes spaces, underscores and any script's digits.
+        number = int(text) if _QUERY_INTEGER.fullmatch(text) else None
         if (
             number is None
             or (low is not None and number < low)

@@ -1042,6 +1042,11 @@ BAD_INPUT = {
     "bad-cursor": bad("issuer", "GET", _ISSUE + "?cursor=bm9wZQ", 400, "'cursor'"),
     "non-ascii-cursor": bad("issuer", "GET", _ISSUE + "?cursor=%C3%A9", 400, "'cursor'"),
     "zero-limit": bad("issuer", "GET", _ISSUE + "?limit=0", 400, "'limit'"),
+    # int() would take each of these as 10 (or 1)
+    "spaced-limit": bad("issuer", "GET", _ISSUE + "?limit=%201", 400, "'limit'"),
+    "underscored-limit": bad("issuer", "GET", _ISSUE + "?limit=1_0", 400, "'limit'"),
+    "arabic-digit-limit": bad("issuer", "GET", _ISSUE + "?limit=%D9%A1%D9%A0", 400, "'limit'"),
+    "fullwidth-digit-limit": bad("issuer", "GET", _ISSUE + "?limit=%EF%BC%91", 400, "'limit'"),
     "bad-expiring-within": bad(
         "issuer", "GET", _ISSUE + "?expiring_within=soon", 400, "'expiring_within'"
     ),
