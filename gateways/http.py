@@ -9,6 +9,7 @@ import json
 import math
 import re
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
@@ -237,15 +238,27 @@ def _json_constant(name: str) -> Any:
     raise MalformedJson(f"malformed JSON: {name} is not JSON (RFC 8259 6)")
 
 
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose names are unique (RFC 8259 4: with duplicates, what a receiver reads
+    is unpredictable; Python keeps the last, another reader of the same text the first)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        twice = next(name for name, count in Counter(n for n, _ in pairs).items() if count > 1)
+        raise MalformedJson(f"malformed JSON: the name {twice!r} appears twice in an object")
+    return value
+
+
 def parse_json(data: bytes) -> Any:
     """JSON (RFC 8259) from a request body, refused with :class:`MalformedJson` when it does
-    not parse, is nested deeper than the parser's recursion limit, or holds a string that is
-    not Unicode text (a lone surrogate escape such as ``\\ud800``, RFC 8259 8.2), which
-    would fail later wherever the string is encoded, or a NUL, which no field takes; or a
-    number longer than any field takes, or out of a float's range."""
+    not parse, is nested deeper than the parser's recursion limit, names a member twice in
+    one object, or holds a string that is not Unicode text (a lone surrogate escape such
+    as ``\\ud800``, RFC 8259 8.2), which would fail later wherever the string is encoded,
+    or a NUL, which no field takes; or a number longer than any field takes, or out of a
+    float's range."""
     try:
         value = json.loads(
             data,
+            object_pairs_hook=_json_object,
             parse_int=_json_integer,
             parse_float=_json_float,
             parse_constant=_json_constant,

@@ -1054,6 +1054,15 @@ BAD_INPUT = {
     "unknown-role": bad(
         "admin", "POST", "/tokens", 400, "'role'", json={"name": "x", "role": "root"}
     ),
+    "name-given-twice": bad(
+        "admin",
+        "POST",
+        "/tokens",
+        400,
+        "'role' appears twice",
+        data=b'{"name": "x", "role": "auditor", "role": "admin"}',
+        content_type="application/json",
+    ),
     "empty-token-name": bad(
         "admin", "POST", "/tokens", 400, "'name'", json={"name": "", "role": "issuer"}
     ),
