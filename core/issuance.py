@@ -148,6 +148,9 @@ def parse_csr(data: bytes | x509.CertificateSigningRequest) -> x509.CertificateS
             raise BadCSRError(f"CSR is {len(data)} bytes; at most {MAX_CSR_BYTES} accepted")
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
+                if (blocks := data.count(b"-----BEGIN")) > 1:
+                    # cryptography would read the first and ignore the others.
+                    raise BadCSRError(f"{blocks} PEM blocks: send exactly one request")
                 csr = x509.load_pem_x509_csr(data)
             else:
                 csr = x509.load_der_x509_csr(data)

@@ -143,6 +143,12 @@ CASES: dict[str, tuple[Callable[[], dict[str, object]], type[PkigateError], str]
         BadCSRError,
         "cannot be parsed",
     ),
+    # PEM loading reads the first block and ignores the rest: which request was meant?
+    "two PEM requests": (
+        lambda: {"csr": make_csr() + make_csr()},
+        BadCSRError,
+        "2 PEM blocks",
+    ),
     "unknown version": (
         lambda: {"csr": _csr_with_version(1)},
         BadCSRError,
