@@ -71,6 +71,11 @@ ACCOUNT_KEY_CACHE = 4096  # decoded account keys kept per process
 DRAIN_LIMIT = 8 * 1024 * 1024  # how much of an oversized body is read before answering
 
 
+def _problem_json(problem: AcmeProblem) -> str:
+    """The problem document a client reads (fields for this server's use start with _)."""
+    return json.dumps({k: v for k, v in problem.to_json().items() if not k.startswith("_")})
+
+
 @dataclass
 class AcmeRequest:
     """A verified JWS request, handed to a resource handler."""
@@ -335,9 +340,15 @@ class AcmeConnector(Connector):
     def _unknown(self, **_arguments: Any) -> Response:
         return self._problem(AcmeProblem("malformed", "no such resource", status=404))
 
+    def refusal_body(self, status: int, message: str) -> tuple[str, bytes] | None:
+        """An RFC 8555 problem document: a client reads the type, whatever the status."""
+        problem = AcmeProblem("malformed", message, status=status)
+        return PROBLEM, _problem_json(problem).encode()
+
     def _problem(self, problem: AcmeProblem) -> Response:
-        body = {k: v for k, v in problem.to_json().items() if not k.startswith("_")}
-        response = Response(json.dumps(body), status=problem.http_status, content_type=PROBLEM)
+        response = Response(
+            _problem_json(problem), status=problem.http_status, content_type=PROBLEM
+        )
         if problem.retry_after is not None:
             response.headers["Retry-After"] = str(problem.retry_after)
         holder = problem.extra.get("_location_account")

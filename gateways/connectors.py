@@ -161,6 +161,12 @@ class Connector(ABC):
     def admin_blueprint(self) -> Blueprint | None:
         return None
 
+    def refusal_body(self, status: int, message: str) -> tuple[str, bytes] | None:
+        """The content type and body of an answer that the serving layer gives, before the
+        app runs, to a request under this mount (a malformed or late body), in the
+        protocol's own terms; None: the management API's error object."""
+        return None
+
     @classmethod
     def check_settings(
         cls, settings: Mapping[str, Any], context: ConnectorContext, offline: OfflineCore

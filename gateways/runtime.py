@@ -48,6 +48,7 @@ from pkigate.gateways.destinations import NotificationDestinations
 from pkigate.gateways.notifications import RUNNER_NAME as NOTIFIER_RUNNER
 from pkigate.gateways.notifications import DestinationWatch, Notifier, destination_from_config
 from pkigate.gateways.roles import separation_violations
+from pkigate.gateways.server import plain_refusal_body
 
 log = logging.getLogger("pkigate.gateway")
 CONFIG_NAME_TAG = "pkigate:config-name"
@@ -325,6 +326,18 @@ class Gateway:
                 len(found),
                 describe_separated(found),
             )
+
+    def refusal_body(self, path: str, status: int, message: str) -> tuple[str, bytes]:
+        """What the serving layer answers a request it refuses before the app runs (a
+        malformed or late body): in the terms of the connector mounted at ``path`` (an
+        RFC 8555 problem under an ACME mount), else the management API's error object."""
+        for connector in self.connectors:
+            mount = connector.context.mount.rstrip("/")
+            if path == mount or path.startswith(mount + "/"):
+                answer = connector.refusal_body(status, message)
+                if answer is not None:
+                    return answer
+        return plain_refusal_body(path, status, message)
 
     def ensure_tls_certificate(self) -> tuple[Path, Path]:
         """The HTTPS listener's certificate: configured files, or one from our own CA."""

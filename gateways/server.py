@@ -21,7 +21,8 @@ renewal by certificate needs. Here:
 * A request body is read completely (up to ``max_body_bytes``, under its deadline) before
   the app runs, so a slow or broken upload never reaches the app: a malformed chunked
   body or one shorter than its Content-Length is answered 400, a late one 408, both with
-  ``Connection: close``. A body over the limit is handed on cut at the limit (the app
+  ``Connection: close`` and in the terms of the protocol mounted at the path (an RFC 8555
+  problem under an ACME mount; ``Gateway.refusal_body``). A body over the limit is handed on cut at the limit (the app
   answers 413 in its protocol's own format) and the connection is closed after the answer.
 * With several workers the arbiter (monkey-patched from its first line, arbiter.py)
   imports the modules the workers run before forking them, so they share those pages;
@@ -38,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import http
 import io
 import json
 import logging
@@ -111,6 +113,25 @@ def server_tls_context(settings: ServerSettings) -> ssl.SSLContext:
     return context
 
 
+RefusalBody = Callable[[str, int, str], tuple[str, bytes]]
+"""(path, status, message) -> (content type, body) of an answer the serving layer gives
+before the app runs, in the terms of the protocol served at ``path``."""
+
+
+def plain_refusal_body(_path: str, status: int, message: str) -> tuple[str, bytes]:
+    """The management API's error object (`{"error": {"code", "message"}}`)."""
+    code = http.HTTPStatus(status).phrase
+    return "application/json", json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def _refusal(status: int, content_type: str, body: bytes) -> bytes:
+    return (
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
 class ListenerApps:
     """The WSGI app a worker serves: the plain-HTTP or the HTTPS app, by the socket the
     request came in on. It tells the app the listener's scheme and, on TLS, the client
@@ -118,12 +139,20 @@ class ListenerApps:
     tls-server-end-point channel binding of our certificate
     (``pkigate.tls_server_end_point``: the hash, for Kerberos channel bindings)."""
 
-    def __init__(self, http: WSGIApp, https: WSGIApp, tls_certificate: str | None = None) -> None:
+    def __init__(
+        self,
+        http: WSGIApp,
+        https: WSGIApp,
+        tls_certificate: str | None = None,
+        refusal_body: RefusalBody = plain_refusal_body,
+    ) -> None:
         self.http = http
         self.https = https
         self.tls_server_end_point = (
             None if tls_certificate is None else tls_server_end_point(Path(tls_certificate))
         )
+        #: What a request refused before the app runs is answered with.
+        self.refusal_body = refusal_body
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         sock = environ.get("gunicorn.socket")
@@ -164,14 +193,6 @@ def _die_with_parent(expected_parent: int) -> None:
         log.warning("cannot ask to die with the arbiter: errno %d", ctypes.get_errno())
     if os.getppid() != expected_parent:  # it died before the request took effect
         os._exit(0)
-
-
-def _plain_answer(status: str, message: str) -> bytes:
-    body = json.dumps({"error": {"code": status.split(" ", 1)[1], "message": message}}).encode()
-    return (
-        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode() + body
 
 
 class CoalescingSocket:
@@ -308,8 +329,12 @@ def make_worker_class() -> type[Any]:
                 req.must_close = True
             refusal = self._read_body(req, sock)
             if refusal is not None:
+                status, message = refusal
+                content_type, body = getattr(self.wsgi, "refusal_body", plain_refusal_body)(
+                    req.path, status, message
+                )
                 with contextlib.suppress(OSError):
-                    sock.sendall(refusal)
+                    sock.sendall(_refusal(status, content_type, body))
                 raise StopIteration  # closes the connection
             self.in_flight += 1
             out = CoalescingSocket(sock)
@@ -336,9 +361,10 @@ def make_worker_class() -> type[Any]:
                     while drained < LINGER_BYTES and (chunk := sock.recv(65536)):
                         drained += len(chunk)
 
-        def _read_body(self, req: Any, sock: Any) -> bytes | None:
+        def _read_body(self, req: Any, sock: Any) -> tuple[int, str] | None:
             """Replace the request's body by its bytes, read under the body deadline;
-            the answer to send instead of running the app, if the body is unusable."""
+            the status and message to answer instead of running the app, if the body is
+            unusable."""
             headers = dict(req.headers)
             chunked = "chunked" in headers.get("TRANSFER-ENCODING", "").lower()
             # gunicorn has checked that a Content-Length is a number already.
@@ -365,17 +391,15 @@ def make_worker_class() -> type[Any]:
                 with gevent.Timeout(self.body_timeout):
                     data = req.body.read(self.max_body + 1)
             except gevent.Timeout:
-                return _plain_answer(
-                    "408 Request Timeout", f"the body did not arrive in {self.body_timeout:g} s"
-                )
+                return 408, f"the body did not arrive in {self.body_timeout:g} s"
             except (http_errors.ParseException, OSError, ValueError) as exc:
                 # Invalid chunk sizes, missing terminators, a body shorter than its
                 # Content-Length (the client closed): answered, never a 500.
                 log.info("unreadable request body: %s: %s", type(exc).__name__, exc)
-                return _plain_answer("400 Bad Request", "the request body is malformed")
+                return 400, "the request body is malformed"
             if declared is not None and len(data) < min(declared, self.max_body + 1):
                 # The client closed before its Content-Length was complete.
-                return _plain_answer("400 Bad Request", "the request body is shorter than declared")
+                return 400, "the request body is shorter than declared"
             if len(data) > self.max_body:
                 req.must_close = True  # the rest of the body is never read
                 req.pkigate_unread_body = True
@@ -506,6 +530,7 @@ def run_server(settings: ServerSettings) -> None:
                 create_app(gateway, "http"),
                 create_app(gateway, "https"),
                 settings.tls_certificate,
+                gateway.refusal_body,
             )
 
     PkigateApplication().run()

@@ -220,6 +220,43 @@ def test_a_body_shorter_than_its_content_length_is_a_400(server: RunningServer) 
     assert _status(answer) == 400
 
 
+def test_a_malformed_or_late_body_under_an_acme_mount_is_an_acme_problem(
+    server: RunningServer,
+) -> None:
+    """Refused before the app runs, and still in the protocol's terms: an ACME client
+    reads an RFC 8555 problem (urn:ietf:params:acme:error:malformed) with the status;
+    elsewhere the answer is the management API's error object."""
+    context = _tls_context(server)
+
+    def over_tls(request: bytes) -> bytes:
+        with (
+            socket.create_connection(("127.0.0.1", server.https_port), timeout=30) as raw,
+            context.wrap_socket(raw) as sock,
+        ):
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+    head = b"POST /acme/new-order HTTP/1.1\r\nHost: x\r\nContent-Type: application/jose+json\r\n"
+    malformed = over_tls(head + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
+    late = over_tls(head + b"Content-Length: 100\r\n\r\n{")
+    for answer, status in ((malformed, 400), (late, 408)):
+        assert _status(answer) == status
+        assert "application/problem+json" in _headers(answer)
+        problem = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert problem["type"] == "urn:ietf:params:acme:error:malformed"
+        assert problem["status"] == status and problem["detail"]
+    api = over_tls(
+        b"POST /api/v1/tokens HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+    )
+    assert _status(api) == 400
+    error = json.loads(api.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error == {"code": "Bad Request", "message": "the request body is malformed"}
+
+
 def test_an_oversized_body_is_refused_in_the_protocols_terms_and_the_connection_closed(
     server: RunningServer,
 ) -> None:
