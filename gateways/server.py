@@ -22,8 +22,9 @@ renewal by certificate needs. Here:
   the app runs, so a slow or broken upload never reaches the app: a malformed chunked
   body or one shorter than its Content-Length is answered 400, a late one 408, both with
   ``Connection: close`` and in the terms of the protocol mounted at the path (an RFC 8555
-  problem under an ACME mount; ``Gateway.refusal_body``). A body over the limit is handed on cut at the limit (the app
-  answers 413 in its protocol's own format) and the connection is closed after the answer.
+  problem under an ACME mount; ``Gateway.refusal_body``). A body over the limit is handed
+  on cut at the limit (the app answers 413 in its protocol's own format) and the
+  connection is closed after the answer.
 * With several workers the arbiter (monkey-patched from its first line, arbiter.py)
   imports the modules the workers run before forking them, so they share those pages;
   with one, it leaves them to the worker (preload_worker_modules says why). It opens
