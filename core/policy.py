@@ -34,9 +34,17 @@ _FERMAT_ROUNDS = 100
 # is not a square modulo one of them is not a square. Together they settle all but about
 # 1 in 120 of Fermat's rounds in small integers, without a square root of a 1000-bit one.
 _SQUARE_MODULI = (4032, 715)
-_IS_SQUARE_RESIDUE = tuple(
-    bytes(1 if r in {i * i % m for i in range(m)} else 0 for r in range(m)) for m in _SQUARE_MODULI
-)
+
+
+def _square_residues(m: int) -> bytes:
+    """A table of m bytes: 1 at each residue modulo m that is a square's, else 0."""
+    table = bytearray(m)
+    for i in range(m):
+        table[i * i % m] = 1
+    return bytes(table)
+
+
+_IS_SQUARE_RESIDUE = tuple(_square_residues(m) for m in _SQUARE_MODULI)
 
 
 @cache
