@@ -25,10 +25,11 @@ renewal by certificate needs. Here:
   problem under an ACME mount; ``Gateway.refusal_body``). A body over the limit is handed
   on cut at the limit (the app answers 413 in its protocol's own format) and the
   connection is closed after the answer.
-* With several workers the arbiter (monkey-patched from its first line, arbiter.py)
-  imports the modules the workers run before forking them, so they share those pages;
-  with one, it leaves them to the worker (preload_worker_modules says why). It opens
-  nothing.
+* The arbiter (monkey-patched from its first line, arbiter.py) imports none of the
+  modules the workers run and opens nothing. Several workers at once (at start, at a
+  SIGHUP) are forked by a zygote that imports those modules and exits, so they share its
+  pages and nobody keeps the pages they copy (ZygoteArbiter, preload_worker_modules); a
+  single worker (the only one, or a replacement) imports for itself.
 * Workers die with the arbiter (PR_SET_PDEATHSIG), so a service manager that restarts
   ``pkigate serve`` finds the ports free. SIGHUP restarts the workers gracefully (they
   reopen the store and reload the TLS certificate and key files); the configuration file
@@ -45,6 +46,7 @@ import io
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -60,6 +62,11 @@ from pkigate.gateways.logs import configure_logging, log_gevent_errors, make_for
 
 METRICS_DIR = "metrics"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PR_SET_CHILD_SUBREAPER = 36
+# A worker forked by a zygote waits this long at most for the zygote to exit.
+ZYGOTE_EXIT_SECONDS = 30.0
+# The arbiter waits this long at most for a zygote to import and fork its workers.
+ZYGOTE_START_SECONDS = 120.0
 SETTINGS_ENV = "PKIGATE_SERVER_SETTINGS"
 # After a 413 the rest of the upload is read (and dropped) for this long, at most this much.
 LINGER_SECONDS = 2.0
@@ -188,7 +195,16 @@ def tls_server_end_point(certificate_file: Path) -> bytes:
 
 
 def _die_with_parent(expected_parent: int) -> None:
-    """SIGTERM this process when its parent (the arbiter) dies, however it dies."""
+    """SIGTERM this process when its parent (the arbiter) dies, however it dies.
+
+    A worker forked by a zygote first waits for the zygote to exit and the arbiter (the
+    subreaper) to adopt it: the death signal follows whichever process is the parent
+    when it is asked for."""
+    zygote = os.getppid()
+    if zygote != expected_parent:
+        deadline = time.monotonic() + ZYGOTE_EXIT_SECONDS
+        while os.getppid() == zygote and time.monotonic() < deadline:
+            time.sleep(0.005)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         log.warning("cannot ask to die with the arbiter: errno %d", ctypes.get_errno())
@@ -417,6 +433,156 @@ def make_worker_class() -> type[Any]:
     return PkigateWorker
 
 
+def make_arbiter_class() -> type[Any]:
+    """gunicorn's arbiter, starting several workers at once from a zygote."""
+    from gevent import os as gevent_os
+    from gunicorn import util
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.errors import HaltServer
+
+    class ZygoteArbiter(Arbiter):  # type: ignore[misc]
+        """An arbiter that imports none of what its workers run. When it needs several
+        workers at once (at start, and at a SIGHUP restart) it forks a zygote, which
+        imports the workers' modules (preload_worker_modules), forks the workers, tells
+        the arbiter their PIDs and exits. The workers share the zygote's pages as they
+        would share an arbiter's preload, but once they have copied a page nobody keeps
+        the original; this process, their subreaper, adopts them and supervises them as
+        gunicorn supervises the workers it forks itself. One worker alone (the only
+        one, or a replacement for one that died) imports for itself: nothing would
+        share a zygote's pages with it, its siblings' zygote being gone."""
+
+        adopts_orphans = False  # whether this process is its descendants' subreaper
+        zygote_pipe: int | None = None  # in the zygote: where it reports its workers
+        zygote_batch: tuple[Any, ...] = ()  # in the zygote: the workers it forks
+        reload_spawns = 0  # spawn_worker calls still expected from a reload under way
+
+        def spawn_workers(self) -> None:
+            count = self.num_workers - len(self.WORKERS)
+            if count > 1 and self.adopts_orphans:
+                self.spawn_from_zygote(count)
+            else:
+                super().spawn_workers()
+
+        def reload(self) -> None:
+            # gunicorn's reload asks for the new workers by one spawn_worker call each:
+            # the first call forks them all from one zygote, the others find them forked.
+            several = self.cfg.workers > 1 and self.adopts_orphans
+            self.reload_spawns = self.cfg.workers if several else 0
+            try:
+                super().reload()
+            finally:
+                self.reload_spawns = 0
+
+        def spawn_worker(self) -> Any:
+            if not self.reload_spawns:
+                return super().spawn_worker()
+            if self.reload_spawns == self.cfg.workers:
+                self.spawn_from_zygote(self.cfg.workers)
+            self.reload_spawns -= 1
+            return None
+
+        def spawn_from_zygote(self, count: int) -> None:
+            """Start ``count`` workers from one zygote; here only once it has said their
+            PIDs (in the workers it goes on to gunicorn's worker loop, and exits)."""
+            batch = []
+            for _ in range(count):
+                self.worker_age += 1
+                worker = self.worker_class(
+                    self.worker_age,
+                    self.pid,
+                    self.LISTENERS,
+                    self.app,
+                    self.timeout / 2.0,
+                    self.cfg,
+                    self.log,
+                )
+                self.cfg.pre_fork(self, worker)
+                batch.append(worker)
+            read_end, write_end = os.pipe()
+            zygote = os.fork()
+            if zygote == 0:
+                os.close(read_end)
+                self.run_zygote(tuple(batch), write_end)  # returns only in a worker
+                return
+            os.close(write_end)
+            try:
+                report = _read_report(read_end, 4 * count, ZYGOTE_START_SECONDS)
+            finally:
+                os.close(read_end)
+            if len(report) < 4 * count:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(zygote, signal.SIGKILL)  # stuck, or gone already
+            # The zygote is reaped with the workers (reap_workers: an unknown child).
+            pids = [int.from_bytes(report[i : i + 4], "big") for i in range(0, len(report) - 3, 4)]
+            for worker, pid in zip(batch, pids, strict=False):
+                worker.pid = pid
+                self.WORKERS[pid] = worker
+                # In this monkey-patched process gunicorn hears of a child's exit only
+                # through a gevent child watcher, which gevent starts for the processes it
+                # forks itself (os.fork is its fork_and_watch); it does for these what
+                # fork_and_watch does. gevent has no public call for a child it did not
+                # fork; without one a dead worker would be found only at its timeout.
+                gevent_os._watch_child(pid)
+            for worker in batch[len(pids) :]:
+                worker.tmp.close()
+            if not pids:
+                raise HaltServer("the zygote started no worker", self.WORKER_BOOT_ERROR)
+            if len(pids) < count:
+                self.log.error("the zygote started %d of %d workers", len(pids), count)
+
+        def run_zygote(self, batch: tuple[Any, ...], pipe: int) -> None:
+            """In the zygote: import, fork the batch's workers (gunicorn's spawn_worker,
+            handed each premade worker in turn), report their PIDs, exit."""
+            zygote = os.getpid()
+            try:
+                for signum in self.SIGNALS:  # the arbiter's handlers are not the zygote's
+                    signal.signal(signum, signal.SIG_DFL)
+                _die_with_parent(self.pid)
+                util._setproctitle(f"zygote [{self.proc_name}]")
+                preload_worker_modules()
+                self.zygote_pipe, self.zygote_batch = pipe, batch
+                self.reload_spawns = 0
+                premade = iter(batch)
+                self.worker_class = lambda *_args: next(premade)
+                for _ in batch:
+                    pid = super().spawn_worker()
+                    os.write(pipe, pid.to_bytes(4, "big"))
+            except BaseException:
+                if os.getpid() != zygote:
+                    raise  # a worker ending (gunicorn ends each by SystemExit)
+                self.log.exception("the zygote failed to start the workers")
+                os._exit(1)
+            os._exit(0)
+
+        def leave_zygote(self, worker: Any) -> None:
+            """In a worker just forked by a zygote (gunicorn's post_fork hook): close what
+            the zygote holds for the arbiter and for the worker's siblings."""
+            if self.zygote_pipe is None:
+                return
+            os.close(self.zygote_pipe)
+            for sibling in self.zygote_batch:
+                if sibling is not worker:
+                    sibling.tmp.close()
+            self.zygote_pipe, self.zygote_batch = None, ()
+
+    return ZygoteArbiter
+
+
+def _read_report(fd: int, size: int, seconds: float) -> bytes:
+    """Up to ``size`` bytes from a pipe, until its writers close it or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    data = b""
+    while len(data) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            break
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def gunicorn_logger_class(log_format: str) -> type[Any]:
     from gunicorn.glogging import Logger
 
@@ -432,24 +598,22 @@ def gunicorn_logger_class(log_format: str) -> type[Any]:
 
 
 def preload_worker_modules() -> None:
-    """Import what every worker runs, once, in the arbiter, when there are several: the
-    workers it forks share these pages instead of each importing its own copy. Nothing is
+    """Import what every worker runs, once, in the zygote that forks them (ZygoteArbiter):
+    the workers share these pages instead of each importing its own copy. Nothing is
     opened here: no store, no key, no connection; each worker does that after the fork.
     Frozen out of the garbage collector's reach, the imported objects are not written to
     (and so copied) by a worker's collections.
 
     A worker still copies most of them as it runs (CPython 3.11 writes to the code objects
     it executes, as it specialises them, and to the refcounts of what it touches; a new
-    object lands in a hole of an inherited page): under `bench/protocols.py --quick
-    --workers 1` the arbiter held 57 MiB of its 70 MiB heap privately, copied by its only
-    worker. So with one worker the arbiter imports none of it, and the server is the
-    worker's heap plus a small arbiter; with two or more, the pages that stay shared
-    outweigh the arbiter's copy: `bench/protocols.py --quick --skip-peers` (two workers)
-    peaked at 150-170 MiB PSS with the preload and 168-176 without it. Both workers copy the
-    same pages (they run the same code), 50-73% of the preloaded functions, code objects
-    and classes of each large package (read from /proc/<arbiter>/pagemap), so leaving one
-    package out of the preload saves little (a package copied by both costs three pages
-    preloaded, two if each worker imports it)."""
+    object lands in a hole of an inherited page). Both workers copy the same pages (they
+    run the same code), 50-73% of the preloaded functions, code objects and classes of
+    each large package (read from /proc/<pid>/pagemap). When the arbiter itself preloaded
+    and stayed alive, it kept the originals of every page its workers had copied, 35-38
+    MiB that nobody used: `bench/protocols.py --quick --skip-peers` (two workers) peaked
+    at 154-170 MiB PSS that way, and at 168-176 MiB with no preload at all. The zygote
+    exits once its workers are forked, and with it those originals: 136-147 MiB, run back
+    to back with the arbiter's preload."""
     import pkigate.acme.connector
     import pkigate.adcs.connector
     import pkigate.gateways.api
@@ -479,8 +643,15 @@ def run_server(settings: ServerSettings) -> None:
     from gunicorn.app.base import BaseApplication
     from prometheus_client import multiprocess
 
-    if settings.workers > 1:
-        preload_worker_modules()
+    # Workers forked by a zygote are adopted by this process when the zygote exits.
+    arbiter_class = make_arbiter_class()
+    libc = ctypes.CDLL(None, use_errno=True)
+    arbiter_class.adopts_orphans = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    if not arbiter_class.adopts_orphans:
+        log.warning(
+            "cannot become the workers' subreaper (errno %d): each worker imports its own modules",
+            ctypes.get_errno(),
+        )
     worker_class = make_worker_class()
     worker_class.pkigate_settings = settings  # inherited by every worker the arbiter forks
     options: dict[str, Any] = {
@@ -499,9 +670,13 @@ def run_server(settings: ServerSettings) -> None:
         "limit_request_line": 8190,
         "do_handshake_on_connect": True,  # our worker completes the handshake itself
         "child_exit": lambda _server, worker: multiprocess.mark_process_dead(worker.pid),
+        "post_fork": lambda arbiter, worker: arbiter.leave_zygote(worker),
     }
 
     class PkigateApplication(BaseApplication):  # type: ignore[misc]
+        def run(self) -> None:
+            arbiter_class(self).run()  # gunicorn's BaseApplication.run, with our arbiter
+
         def load_config(self) -> None:
             for key, value in options.items():
                 self.cfg.set(key, value)

@@ -318,6 +318,57 @@ def test_sighup_restarts_the_workers_and_the_server_keeps_serving(tmp_path: Path
         assert running.stop() == 0
 
 
+def _maps_the_core(pid: int) -> bool:
+    """Whether a process has cryptography's and SQLAlchemy's compiled modules mapped: what
+    importing pkigate's core loads (a process that imports it cannot unload them)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return "cryptography/hazmat/bindings" in maps and "sqlalchemy/" in maps
+
+
+def _wait_for_workers(arbiter: int, count: int, unlike: set[int]) -> set[int]:
+    deadline = time.monotonic() + 30  # well inside gunicorn's 60 s worker timeout
+    found: set[int] = set()
+    while time.monotonic() < deadline:
+        found = set(child_pids(arbiter))
+        if len(found) == count and not found & unlike:
+            break
+        time.sleep(0.2)
+    return found
+
+
+def test_several_workers_come_from_a_zygote_and_the_arbiter_keeps_none_of_their_modules(
+    tmp_path: Path,
+) -> None:
+    """Two workers share the pages of a zygote that imported what they run and then
+    exited: the arbiter itself never imports the core, the workers are its children
+    (adopted), and it supervises them as its own: one killed is replaced at once (not
+    at gunicorn's worker timeout), a SIGHUP starts two new ones the same way."""
+    running = start_server(tmp_path / "data", workers=2)
+    try:
+        arbiter = running.process.pid
+        first = _wait_for_workers(arbiter, 2, set())
+        assert len(first) == 2, first  # no zygote left among the arbiter's children
+        assert all(_maps_the_core(pid) for pid in first)
+        assert not _maps_the_core(arbiter)
+
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        after_kill = _wait_for_workers(arbiter, 2, {victim})
+        assert len(after_kill) == 2 and victim not in after_kill, after_kill
+        assert eventually_ok(f"{running.http_url}/readyz")
+
+        os.kill(arbiter, signal.SIGHUP)
+        after_hup = _wait_for_workers(arbiter, 2, after_kill)
+        assert len(after_hup) == 2 and not after_hup & after_kill, (after_kill, after_hup)
+        assert eventually_ok(f"{running.http_url}/readyz")
+        assert not _maps_the_core(arbiter)
+        assert running.process.poll() is None
+    finally:
+        assert running.stop() == 0
+    log = running.log.read_text()
+    assert "was sent SIGKILL" in log and "WORKER TIMEOUT" not in log
+
+
 def test_when_the_arbiter_is_killed_no_process_remains_and_the_ports_are_free(
     tmp_path: Path,
 ) -> None:
@@ -518,16 +569,16 @@ def test_a_worker_without_a_token_or_webhook_loads_no_pkcs11_no_requests_no_plot
     assert _loaded_in_a_new_process(steps, heavy) == ["pkigate.core"]
 
 
-def test_an_arbiter_of_one_worker_imports_no_core_and_no_web_framework() -> None:
-    """With one worker nothing is shared, so the arbiter's own imports (the server, its
-    worker class, gunicorn and metrics) stop short of the core, SQLAlchemy and Flask: the
-    worker imports them after the fork."""
+def test_an_arbiter_imports_no_core_and_no_web_framework() -> None:
+    """The arbiter's own imports (the server, its arbiter and worker classes, gunicorn and
+    metrics) stop short of the core, SQLAlchemy and Flask: a zygote or the worker imports
+    them after the fork."""
     steps = (
         "from gevent import monkey; monkey.patch_all()\n"
         "from gunicorn.app.base import BaseApplication\n"
         "from prometheus_client import multiprocess\n"
-        "from pkigate.gateways.server import make_worker_class\n"
-        "make_worker_class()"
+        "from pkigate.gateways.server import make_arbiter_class, make_worker_class\n"
+        "make_arbiter_class(); make_worker_class()"
     )
     heavy = {"sqlalchemy", "flask", "cryptography", "ldap3", "lxml"}
     assert _loaded_in_a_new_process(steps, heavy) == []
