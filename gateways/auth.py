@@ -254,10 +254,13 @@ class TokenService:
         allow_from: Sequence[str] = (),
         team: str = DEFAULT_TEAM,
         caller: Principal | None = None,
+        keep: Callable[[str], None] | None = None,
     ) -> IssuedToken:
         """A new token; BadRequestError (before anything is written) for a name, roles,
         lifetime or networks the policy refuses. ``caller``: the token asking (None: the
-        local operator), ForbiddenError (audited) for roles it may not give."""
+        local operator), ForbiddenError (audited) for roles it may not give. ``keep``: put
+        the token where its holder finds it (a file), called before the token is
+        committed; if it raises, nothing is stored."""
         held = (roles,) if isinstance(roles, Role) else tuple(dict.fromkeys(roles))
         if not name or len(name) > 128:
             raise BadRequestError("token name must be 1-128 characters")
@@ -309,6 +312,8 @@ class TokenService:
                 },
             )
             record = self._store.get_api_token(conn, token_id)
+            if keep is not None:
+                keep(f"pkigate_{token_id}_{secret}")
         assert record is not None
         return IssuedToken(record, f"pkigate_{token_id}_{secret}")
 

@@ -82,6 +82,26 @@ def _own_tls_certificate(cert_path: Path, key_path: Path) -> x509.Certificate:
     return certificate
 
 
+def _write_secret_file(path: Path, secret: str) -> None:
+    """``secret`` as the whole of ``path`` (0600), on disk when this returns: written
+    under a temporary name, synced, renamed into place, the directory synced."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 @dataclass
 class Gateway:
     config: GatewayConfig
@@ -288,17 +308,18 @@ class Gateway:
             return None
         separated = separation_violations((Role.ADMIN,), self.config.token_policy.separated)
         first = Role.TOKEN_ADMIN if separated else Role.ADMIN
-        issued = self.tokens.create(FIRST_TOKEN_NAME, first, SYSTEM)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(issued.secret + "\n")
+        # The file is written (and synced) before the token is committed: a first start
+        # killed between the two leaves a file whose token was never stored, which the
+        # next start replaces, never a stored token whose secret nobody has.
+        self.tokens.create(
+            FIRST_TOKEN_NAME, first, SYSTEM, keep=lambda secret: _write_secret_file(path, secret)
+        )
         return path
 
     def _warn_unwritten_first_token(self, path: Path) -> None:
-        """The first token is stored before its secret is written to ``path``: a first
-        start killed between the two leaves a token whose secret nobody has. Its file gone
-        and the token never used, that may be what happened, so the log says it once per
-        start (nothing is revoked: an operator may have moved the file on purpose)."""
+        """The first token's file gone and the token never used: its secret may be lost
+        (the file deleted, or a disk that lost it), so the log says it once per start
+        (nothing is revoked: an operator may have moved the file on purpose)."""
         for token in self.tokens.list():
             if (
                 token.name == FIRST_TOKEN_NAME

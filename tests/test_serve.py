@@ -107,9 +107,9 @@ def test_a_tls_pair_that_no_longer_fits_is_replaced_with_a_warning(
 def test_a_first_admin_token_whose_file_is_gone_unused_is_named_at_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A first start killed after storing its admin token but before writing the file
-    leaves a token whose secret nobody has: later starts say so (they said nothing, and
-    made no other token)."""
+    """The first admin token's file deleted (or lost with a disk) before the token was
+    ever used leaves a token whose secret nobody may have: later starts say so (they said
+    nothing, and made no other token)."""
     gateway = Gateway.open(
         parse_config(f"data_dir = '{tmp_path / 'data'}'\n[listeners]\nhttps = '127.0.0.1:8443'\n"),
         bootstrap=True,
@@ -126,6 +126,34 @@ def test_a_first_admin_token_whose_file_is_gone_unused_is_named_at_start(
         assert f"the first admin token {token.id} was never used and {path} is gone" in (
             caplog.text
         )
+    finally:
+        gateway.close()
+
+
+def test_the_first_admin_token_is_stored_only_once_its_file_is_written(tmp_path: Path) -> None:
+    """The file comes first: where it cannot be written no token is stored (a later start
+    makes one, not a token whose secret nobody has), and a file left by a start that
+    stopped before its token was committed is replaced by one whose token works."""
+    gateway = Gateway.open(
+        parse_config(f"data_dir = '{tmp_path / 'data'}'\n[listeners]\nhttps = '127.0.0.1:8443'\n"),
+        bootstrap=True,
+    )
+    try:
+        path = gateway.core.data_dir / "admin-token"
+        path.mkdir()  # a file cannot be renamed over a directory
+        with pytest.raises(OSError):
+            gateway.ensure_admin_token()
+        assert gateway.tokens.list() == []
+        assert [p.name for p in gateway.core.data_dir.glob(".admin-token*")] == []
+        path.rmdir()
+
+        path.write_text("pkigate_0123456789abcdef_never-committed\n")
+        assert gateway.ensure_admin_token() == path
+        secret = path.read_text().strip()
+        assert secret != "pkigate_0123456789abcdef_never-committed"
+        assert path.stat().st_mode & 0o777 == 0o600
+        (token,) = gateway.tokens.list()
+        assert gateway.tokens.authenticate(f"Bearer {secret}").token_id == token.id
     finally:
         gateway.close()
 
