@@ -46,6 +46,7 @@ import io
 import json
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -127,9 +128,17 @@ before the app runs, in the terms of the protocol served at ``path``."""
 
 
 def plain_refusal_body(_path: str, status: int, message: str) -> tuple[str, bytes]:
-    """The management API's error object (`{"error": {"code", "message"}}`)."""
-    code = http.HTTPStatus(status).phrase
+    """The management API's error object (`{"error": {"code", "message"}}`), its code
+    the status's phrase in the API's spelling ("badRequest", "requestTimeout")."""
+    code = _API_CODES.get(status) or "".join(
+        word.capitalize() if i else word.lower()
+        for i, word in enumerate(re.findall(r"[A-Za-z]+", http.HTTPStatus(status).phrase))
+    )
     return "application/json", json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+# Where the API's own handlers (app.py) name a status otherwise than by its phrase.
+_API_CODES = {413: "payloadTooLarge", 500: "internalError"}
 
 
 def _refusal(status: int, content_type: str, body: bytes) -> bytes:
@@ -255,6 +264,7 @@ def make_worker_class() -> type[Any]:
     from gevent.local import local as greenlet_local
     from gevent.pool import Pool
     from gevent.server import StreamServer
+    from gunicorn import util as gunicorn_util
     from gunicorn.http import errors as http_errors
     from gunicorn.workers.base_async import AsyncWorker
     from gunicorn.workers.ggevent import GeventWorker
@@ -286,6 +296,9 @@ def make_worker_class() -> type[Any]:
             # the worker serves on meanwhile.
             blocking.set_blocking_runner(lambda call: gevent.get_hub().threadpool.apply(call))
             log_gevent_errors()  # the hub is the arbiter's, reinitialised; say it again
+            # gunicorn writes its own answers (to a request it cannot parse) with this
+            # function, as an HTML page; this worker process answers in protocol terms.
+            gunicorn_util.write_error = self.write_error
             super().init_process()  # monkey-patches, then loads the app (and the core)
 
         def timeout_ctx(self) -> Any:
@@ -338,6 +351,22 @@ def make_worker_class() -> type[Any]:
                     return
             self.connection_state.requests = 0
             AsyncWorker.handle(self, listener, client, addr)
+
+        def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+            # The path, where gunicorn read as far (a header error carries its request).
+            request = req if req is not None else getattr(exc, "req", None)
+            self.connection_state.error_path = getattr(request, "path", None) or ""
+            super().handle_error(req, client, addr, exc)
+
+        def write_error(self, sock: Any, status: int, reason: str, message: str) -> None:
+            """gunicorn's answer to a request it could not parse (400, 414, 431, 501...):
+            its status and message in the terms of the protocol at the path, like the
+            refusals of _read_body, instead of gunicorn's HTML page."""
+            path = getattr(self.connection_state, "error_path", "")
+            content_type, body = getattr(self.wsgi, "refusal_body", plain_refusal_body)(
+                path, status, message or reason
+            )
+            sock.sendall(_refusal(status, content_type, body))
 
         def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
             state = self.connection_state

@@ -207,6 +207,47 @@ def test_a_huge_chunk_size_or_a_short_body_waits_only_for_the_body_deadline(
     assert time.monotonic() - began < 4 * BODY_TIMEOUT + 10
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "content_type", "says"),
+    [
+        (b"GET /api/v1/cas HTTP/9.9\r\nHost: x\r\n\r\n", 400, "json", "HTTP Version"),
+        (b"GE<T / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "json", "GE<T"),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "json", "too large"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431, "json", ""),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n  folded\r\n\r\n", 400, "json", "folding"),
+        (  # a header error carries its request: the ACME mount answers in RFC 8555 terms
+            b"POST /acme/new-account HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+            b"Content-Length: 2\r\n\r\n",
+            400,
+            "problem+json",
+            "CONTENT-LENGTH",
+        ),
+    ],
+    ids=["version", "method", "line-too-long", "too-many-headers", "obs-fold", "acme-two-lengths"],
+)
+def test_what_gunicorn_cannot_parse_is_answered_in_the_protocols_terms_not_html(
+    server: RunningServer, request_bytes: bytes, status: int, content_type: str, says: str
+) -> None:
+    with (
+        socket.create_connection(("127.0.0.1", server.https_port), timeout=15) as raw,
+        _tls_context(server).wrap_socket(raw) as sock,
+    ):
+        sock.sendall(request_bytes)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert _status(answer) == status
+    headers = _headers(answer)
+    assert f"content-type: application/{content_type}" in headers
+    assert "connection: close" in headers
+    document = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    if content_type == "json":
+        assert document["error"]["code"][0].islower() and says in document["error"]["message"]
+    else:
+        assert document["type"] == "urn:ietf:params:acme:error:malformed"
+        assert document["status"] == status and says in document["detail"]
+
+
 def test_a_body_shorter_than_its_content_length_is_a_400(server: RunningServer) -> None:
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
         sock.sendall(
@@ -254,7 +295,7 @@ def test_a_malformed_or_late_body_under_an_acme_mount_is_an_acme_problem(
     )
     assert _status(api) == 400
     error = json.loads(api.split(b"\r\n\r\n", 1)[1])["error"]
-    assert error == {"code": "Bad Request", "message": "the request body is malformed"}
+    assert error == {"code": "badRequest", "message": "the request body is malformed"}
 
 
 def test_an_oversized_body_is_refused_in_the_protocols_terms_and_the_connection_closed(
