@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, exists, func, insert, literal, select, update
+from sqlalchemy import Connection, delete, exists, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pkigate.core.store import CertificateRecord, _certificate, _utc, schema
+from pkigate.core.store.fastpath import FastInsert
 
 _events = schema.events
 _deliveries = schema.event_deliveries
@@ -74,9 +75,19 @@ def _dialect_insert(conn: Connection, table: Any) -> Any:
 
 
 def insert_events(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert events in one round trip (issuance writes one per certificate, batched)."""
+    """Insert events in one round trip (issuance writes one per certificate, batched), on
+    the driver's cursor: every issuance does it."""
     if rows:
-        conn.execute(insert(_events), list(rows))
+        dialect = conn.dialect
+        fast = _INSERT_EVENTS.get(dialect.name)
+        if fast is None:
+            fast = _INSERT_EVENTS[dialect.name] = FastInsert(
+                _events, dialect, generated="id", returns_ids=False
+            )
+        fast.execute(conn, rows)
+
+
+_INSERT_EVENTS: dict[str, FastInsert] = {}
 
 
 def insert_event_once(conn: Connection, row: Mapping[str, Any]) -> bool:

@@ -41,18 +41,27 @@ def _unique_key(table: Table) -> list[str]:
 
 
 class FastInsert:
-    """``INSERT INTO table (every column but ``generated``) VALUES (...)``."""
+    """``INSERT INTO table (every column but ``generated``) VALUES (...)``; ``returns_ids``:
+    whether :meth:`execute` reads the generated ids back (one multi-row statement) or
+    leaves them (the rows in one executemany)."""
 
-    def __init__(self, table: Table, dialect: Dialect, generated: str | None = None) -> None:
+    def __init__(
+        self,
+        table: Table,
+        dialect: Dialect,
+        generated: str | None = None,
+        *,
+        returns_ids: bool = True,
+    ) -> None:
         self.columns = [c.name for c in table.columns if c.name != generated]
         marker = _marker(dialect)
         # Table and column names come from schema.py, never from input.
         names, markers = ", ".join(self.columns), ", ".join(marker for _ in self.columns)
         self.sql = f"INSERT INTO {table.name} ({names}) VALUES ({markers})"  # noqa: S608
-        self.generated = generated
+        self.generated = generated if returns_ids else None
         self._head = f"INSERT INTO {table.name} ({names}) VALUES "  # noqa: S608
         self._row_markers = f"({markers})"
-        self.key = _unique_key(table) if generated else []
+        self.key = _unique_key(table) if self.generated else []
         self._key_positions = [self.columns.index(name) for name in self.key]
         self.processors = [
             table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
