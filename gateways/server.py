@@ -469,6 +469,10 @@ def make_arbiter_class() -> type[Any]:
     from gunicorn.arbiter import Arbiter
     from gunicorn.errors import HaltServer
 
+    # gevent's own call to watch a child it forked (gevent.os), used for those it did not:
+    # without a watcher gunicorn hears of an adopted worker's exit only at its timeout.
+    watch_child: Callable[[int], None] | None = getattr(gevent_os, "_watch_child", None)
+
     class ZygoteArbiter(Arbiter):  # type: ignore[misc]
         """An arbiter that imports none of what its workers run. When it needs several
         workers at once (at start, and at a SIGHUP restart) it forks a zygote, which
@@ -481,6 +485,7 @@ def make_arbiter_class() -> type[Any]:
         share a zygote's pages with it, its siblings' zygote being gone."""
 
         adopts_orphans = False  # whether this process is its descendants' subreaper
+        watches_adopted = watch_child is not None
         zygote_pipe: int | None = None  # in the zygote: where it reports its workers
         zygote_batch: tuple[Any, ...] = ()  # in the zygote: the workers it forks
         reload_spawns = 0  # spawn_worker calls still expected from a reload under way
@@ -548,10 +553,11 @@ def make_arbiter_class() -> type[Any]:
                 self.WORKERS[pid] = worker
                 # In this monkey-patched process gunicorn hears of a child's exit only
                 # through a gevent child watcher, which gevent starts for the processes it
-                # forks itself (os.fork is its fork_and_watch); it does for these what
+                # forks itself (os.fork is its fork_and_watch); this does for these what
                 # fork_and_watch does. gevent has no public call for a child it did not
                 # fork; without one a dead worker would be found only at its timeout.
-                gevent_os._watch_child(pid)
+                assert watch_child is not None  # adopts_orphans says so
+                watch_child(pid)
             for worker in batch[len(pids) :]:
                 worker.tmp.close()
             if not pids:
@@ -675,12 +681,15 @@ def run_server(settings: ServerSettings) -> None:
     # Workers forked by a zygote are adopted by this process when the zygote exits.
     arbiter_class = make_arbiter_class()
     libc = ctypes.CDLL(None, use_errno=True)
-    arbiter_class.adopts_orphans = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    if not arbiter_class.adopts_orphans:
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         log.warning(
             "cannot become the workers' subreaper (errno %d): each worker imports its own modules",
             ctypes.get_errno(),
         )
+    elif not arbiter_class.watches_adopted:
+        log.warning("this gevent cannot watch adopted workers: each imports its own modules")
+    else:
+        arbiter_class.adopts_orphans = True
     worker_class = make_worker_class()
     worker_class.pkigate_settings = settings  # inherited by every worker the arbiter forks
     options: dict[str, Any] = {

@@ -410,6 +410,21 @@ def test_several_workers_come_from_a_zygote_and_the_arbiter_keeps_none_of_their_
     assert "was sent SIGKILL" in log and "WORKER TIMEOUT" not in log
 
 
+def test_an_arbiter_adopts_no_worker_where_gevent_cannot_watch_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The zygote rests on a private gevent call (watching a child gevent did not fork):
+    a gevent without it leaves the arbiter forking every worker itself."""
+    import gevent.os
+
+    from pkigate.gateways.server import make_arbiter_class
+
+    assert make_arbiter_class().watches_adopted
+    monkeypatch.delattr(gevent.os, "_watch_child")
+    arbiter_class = make_arbiter_class()
+    assert not arbiter_class.watches_adopted and not arbiter_class.adopts_orphans
+
+
 def test_when_the_arbiter_is_killed_no_process_remains_and_the_ports_are_free(
     tmp_path: Path,
 ) -> None:
