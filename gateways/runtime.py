@@ -24,6 +24,7 @@ from pkigate.core import (
     Requester,
     Validity,
 )
+from pkigate.core.anchor import sync_directory
 from pkigate.core.errors import PkigateError, StoreUnavailableError
 from pkigate.core.expiry import EXPIRY_JOB
 from pkigate.core.jobs import JobHandler, JobRunner
@@ -95,11 +96,7 @@ def _write_secret_file(path: Path, secret: str) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    sync_directory(path.parent)
 
 
 @dataclass
