@@ -530,8 +530,7 @@ def make_arbiter_class() -> type[Any]:
                     self.cfg,
                     self.log,
                 )
-                self.cfg.pre_fork(self, worker)
-                batch.append(worker)
+                batch.append(worker)  # pre_fork runs in the zygote, by spawn_worker
             read_end, write_end = os.pipe()
             zygote = os.fork()
             if zygote == 0:
